@@ -1,0 +1,19 @@
+#pragma once
+// The command line: `gradfix SUBCOMMAND [options]`, parsed with Boost.Program_options. Every
+// option can also come from an INI file given with --config: top-level `key = value` lines and
+// lines under a [SUBCOMMAND] section apply; a flag on the command line wins over the file.
+
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace gradfix {
+
+// Runs one command line (without the program name). Throws gradfix::Error on failure; returns
+// the exit code otherwise (0, or 1 when only help was asked for with a wrong subcommand).
+int run_command_line(const std::vector<std::string>& args, std::ostream& out);
+
+// "5GB", "512MiB", "1000000": bytes. Throws InputError on anything else.
+long long parse_byte_size(const std::string& text, const std::string& option);
+
+}  // namespace gradfix

@@ -1,0 +1,44 @@
+#pragma once
+// Errors carry enough context to act on: the file, the tensor, the rank and the two values that
+// disagree. `main` maps the two kinds to exit codes, so scripts can tell a bad input (fix the
+// command) from a failure of the machine (retry the job).
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace gradfix {
+
+constexpr int kExitBadInput = 2;
+constexpr int kExitRuntimeFailure = 3;
+
+class Error : public std::runtime_error {
+ public:
+  Error(const std::string& message, int exit_code) : std::runtime_error(message), exit_code_(exit_code) {}
+  int exit_code() const { return exit_code_; }
+
+ private:
+  int exit_code_;
+};
+
+// The user's input is wrong: a missing or corrupt file, names or shapes that do not match, an
+// option out of range.
+class InputError : public Error {
+ public:
+  explicit InputError(const std::string& message) : Error(message, kExitBadInput) {}
+};
+
+// The input was fine but the work failed: a full disk, a failed write, a communication error.
+class RuntimeFailure : public Error {
+ public:
+  explicit RuntimeFailure(const std::string& message) : Error(message, kExitRuntimeFailure) {}
+};
+
+// "[768, 3072]": the form every message uses for a shape.
+std::string format_shape(const std::vector<long long>& shape);
+
+// Lists at most `limit` names, then "and N more", so that a message about a 10,000-tensor
+// checkpoint stays readable.
+std::string format_name_list(const std::vector<std::string>& names, std::size_t limit = 8);
+
+}  // namespace gradfix

@@ -1,0 +1,26 @@
+#pragma once
+// Publishing a file only when it is complete: write under a hidden temporary name in the target
+// directory (so the final rename stays on one file system and is atomic), then rename.
+
+#include <string>
+
+namespace gradfix {
+
+// A fresh temporary name beside `final_path`: ".<name>.tmp-<pid>-<counter>".
+std::string temporary_path_for(const std::string& final_path);
+
+// Creates the directory (and its parents) when missing; returns whether it created it.
+bool ensure_directory(const std::string& directory);
+
+// rename(2), throwing RuntimeFailure with both names on failure.
+void rename_file(const std::string& from, const std::string& to);
+
+// unlink(2) that ignores a missing file: used on the error path, which must not throw.
+void remove_quietly(const std::string& path);
+
+std::string parent_directory(const std::string& path);
+std::string base_name(const std::string& path);
+bool is_directory(const std::string& path);
+bool file_exists(const std::string& path);
+
+}  // namespace gradfix

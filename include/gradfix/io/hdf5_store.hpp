@@ -1,0 +1,20 @@
+#pragma once
+// HDF5 checkpoints: one dataset per tensor, the tensor name being the dataset path. bf16 and f16
+// have no portable HDF5 type, so they are stored as uint16 with a "gradfix_dtype" attribute that
+// names the real type; the safetensors __metadata__ becomes string attributes of the root group.
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gradfix/io/tensor_store.hpp"
+
+namespace gradfix {
+
+constexpr const char* kHdf5DtypeAttribute = "gradfix_dtype";
+
+std::unique_ptr<TensorReader> open_hdf5_reader(const std::string& path);
+std::unique_ptr<TensorWriter> open_hdf5_writer(const std::string& path, const std::vector<TensorInfo>& layout,
+                                               const Metadata& metadata);
+
+}  // namespace gradfix

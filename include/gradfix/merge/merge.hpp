@@ -1,0 +1,79 @@
+#pragma once
+// Merges of n task vectors, element by element:
+//   mean  (1/n) sum_i tau_i
+//   sum   sum_i tau_i
+//   ties  TIES-merging (Yadav et al., 2023): trim each tau_i to its `fraction` largest
+//         magnitudes, elect a sign per entry, average the kept entries that agree with it.
+// The public TIES implementations differ in two choices, both selectable:
+//   scope  tensor: the top fraction is taken within each tensor (official GradFix code,
+//                  mergekit); global: over the whole task vector (the TIES paper's code)
+//   elect  count: the sign with more non-zero votes, +1 on a tie (official GradFix code);
+//          mass: the sign of the summed trimmed values (TIES paper, mergekit's default)
+// The keep count is max(1, ceil(n * fraction)) and every entry whose magnitude reaches the k-th
+// largest is kept, as the official GradFix code does.
+
+#include <string>
+#include <vector>
+
+namespace gradfix {
+
+enum class MergeMethod { kMean, kSum, kTies };
+enum class TiesElect { kCount, kMass };
+enum class TiesScope { kTensor, kGlobal };
+// How gradient-sign masks combine with a merge: none, each vector masked with its own
+// statistics before the merge, or the merged vector masked with the sum of the sign tensors.
+enum class MergeOrder { kNone, kMaskThenMerge, kMergeThenMask };
+
+// Each throws InputError listing the valid names.
+MergeMethod parse_merge_method(const std::string& name);
+TiesElect parse_ties_elect(const std::string& name);
+TiesScope parse_ties_scope(const std::string& name);
+MergeOrder parse_merge_order(const std::string& name);
+const char* merge_method_name(MergeMethod method);
+const char* merge_order_name(MergeOrder order);
+
+struct TiesOptions {
+  double fraction = 0.2;
+  TiesElect elect = TiesElect::kCount;
+  TiesScope scope = TiesScope::kTensor;
+};
+
+// How many of n entries TIES keeps: 0 for fraction <= 0, n for fraction >= 1, otherwise
+// max(1, ceil(n * fraction)).
+long long ties_keep_count(long long n, double fraction);
+
+// The k-th largest |value| (k >= 1) of values in memory; +inf for k == 0 (keep nothing), 0 for
+// k > n (keep everything).
+float kth_largest_magnitude(const float* values, long long n, long long k);
+
+// Merges `count` elements of the vectors into `out`. For ties, `thresholds[i]` is the magnitude
+// at or above which entries of vector i survive the trim.
+void merge_values(MergeMethod method, TiesElect elect, const std::vector<const float*>& vectors, long long count,
+                  const std::vector<float>& thresholds, float* out);
+
+// Exact k-th largest magnitude over values that arrive in chunks, in two passes over the data:
+// a histogram of the upper 16 bits of |x|, then of the lower 16 bits within the chosen bucket.
+// Histograms are plain counts, so ranks that each see part of the data can sum them (all-reduce)
+// before next_pass().
+class KthLargestMagnitude {
+ public:
+  explicit KthLargestMagnitude(long long k);
+  // True while another pass over all values is needed.
+  bool needs_pass() const { return pass_ < 2 && k_ > 0; }
+  void add(const float* values, long long n);
+  std::vector<long long>& histogram() { return histogram_; }
+  // Closes the current pass.
+  void next_pass();
+  float threshold() const;
+
+ private:
+  long long k_;
+  int pass_ = 0;
+  unsigned bucket_ = 0;
+  unsigned low_ = 0;
+  long long above_ = 0;  // values strictly above the chosen bucket
+  bool keep_all_ = false;
+  std::vector<long long> histogram_;
+};
+
+}  // namespace gradfix

@@ -1,0 +1,93 @@
+#pragma once
+// The jobs behind each subcommand. Each is a short sequence over the parts: open the inputs,
+// check that they fit together (names, shapes, finite values), compute tensor by tensor in fp32,
+// write through an atomic writer, print a summary. Nothing here parses flags.
+
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "gradfix/core/dtype.hpp"
+#include "gradfix/mask/compare.hpp"
+#include "gradfix/mask/mask.hpp"
+#include "gradfix/merge/merge.hpp"
+
+namespace gradfix {
+
+// Options every writing job shares.
+struct OutputOptions {
+  std::vector<std::string> include;  // regexes; empty selects every tensor
+  std::vector<std::string> exclude;
+  std::optional<DType> out_dtype;    // default: the dtype of the primary input
+  bool allow_nonfinite = false;      // accept NaN and Inf in inputs
+  long long max_shard_bytes = 5LL << 30;
+};
+
+struct TaskVectorJob {
+  std::string base;
+  std::string finetuned;
+  std::string out;
+  OutputOptions output;
+};
+
+struct ApplyJob {
+  std::string base;
+  std::string task_vector;
+  double alpha = 1.0;
+  std::string out;
+  OutputOptions output;
+};
+
+struct MaskJob {
+  std::string task_vector;
+  std::string signs;
+  MaskMode mode = MaskMode::kNormal;
+  MaskOptions mask;
+  std::string out;
+  OutputOptions output;
+};
+
+struct MergeJob {
+  std::vector<std::string> task_vectors;
+  std::vector<std::string> signs;  // one per task vector when order is not kNone
+  MergeMethod method = MergeMethod::kMean;
+  TiesOptions ties;
+  MergeOrder order = MergeOrder::kNone;
+  MaskMode mode = MaskMode::kNormal;
+  MaskOptions mask;
+  std::string out;
+  OutputOptions output;
+};
+
+struct ConvertJob {
+  std::string in;
+  std::string out;
+  OutputOptions output;
+};
+
+struct InspectJob {
+  std::string file;
+  std::string other;  // empty: list the file alone
+  std::vector<std::string> include;
+  std::vector<std::string> exclude;
+  std::string json_out;  // optional JSON copy of the report
+};
+
+// What a job did, for its summary line and for tests.
+struct JobSummary {
+  long long tensors_written = 0;
+  long long tensors_changed = 0;  // the selected tensors the operation acted on
+  long long elements = 0;         // elements of the changed tensors
+  long long bytes_written = 0;
+  PairStats stats;                // job-specific: input against statistics, or output against input
+};
+
+JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log);
+JobSummary run_apply(const ApplyJob& job, std::ostream& log);
+JobSummary run_mask(const MaskJob& job, std::ostream& log);
+JobSummary run_merge(const MergeJob& job, std::ostream& log);
+JobSummary run_convert(const ConvertJob& job, std::ostream& log);
+void run_inspect(const InspectJob& job, std::ostream& out);
+
+}  // namespace gradfix

@@ -1,0 +1,332 @@
+#include "gradfix/cli/cli.hpp"
+
+#include <boost/program_options.hpp>
+#include <cctype>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
+
+#include "gradfix/core/error.hpp"
+#include "gradfix/pipeline/jobs.hpp"
+
+namespace gradfix {
+namespace po = boost::program_options;
+
+namespace {
+
+constexpr const char* kVersion = "0.1.0";
+
+struct Subcommand {
+  const char* name;
+  const char* usage;
+  const char* summary;
+};
+
+constexpr Subcommand kSubcommands[] = {
+    {"inspect", "gradfix inspect FILE [OTHER] [options]",
+     "list tensors, dtypes, shapes and bytes; with OTHER, per-tensor sign agreement and cosine"},
+    {"taskvector", "gradfix taskvector --base B --finetuned F --out T", "tau = finetuned - base, tensor by tensor"},
+    {"mask", "gradfix mask --task-vector T --signs S --mask-mode MODE --out M",
+     "mask a task vector with gradient-sign statistics"},
+    {"merge", "gradfix merge --task-vector T1 --task-vector T2 [...] --method mean|sum|ties --out M",
+     "merge task vectors, optionally masking before or after"},
+    {"apply", "gradfix apply --base B --task-vector T --alpha A --out OUT", "write base + alpha * tau"},
+    {"convert", "gradfix convert IN OUT [--out-dtype D]",
+     "re-pack a checkpoint: safetensors <-> HDF5, single file <-> shards, dtype changes"},
+};
+
+std::string trim(const std::string& text) {
+  const auto first = text.find_first_not_of(" \t\r\n");
+  if (first == std::string::npos) return "";
+  const auto last = text.find_last_not_of(" \t\r\n");
+  return text.substr(first, last - first + 1);
+}
+
+// Reads `key = value` lines of an INI file: top-level keys, and keys in the [subcommand]
+// section. Other sections belong to other subcommands and are skipped.
+std::vector<std::pair<std::string, std::string>> read_config(const std::string& path, const std::string& subcommand) {
+  std::ifstream file(path);
+  if (!file) throw InputError(path + ": cannot open config file");
+  std::vector<std::pair<std::string, std::string>> entries;
+  std::string line, section;
+  int number = 0;
+  while (std::getline(file, line)) {
+    ++number;
+    line = trim(line);
+    if (line.empty() || line[0] == '#' || line[0] == ';') continue;
+    if (line.front() == '[') {
+      if (line.back() != ']') throw InputError(path + ":" + std::to_string(number) + ": malformed section '" + line + "'");
+      section = trim(line.substr(1, line.size() - 2));
+      continue;
+    }
+    const auto equals = line.find('=');
+    if (equals == std::string::npos)
+      throw InputError(path + ":" + std::to_string(number) + ": expected 'key = value', got '" + line + "'");
+    if (!section.empty() && section != subcommand) continue;
+    entries.emplace_back(trim(line.substr(0, equals)), trim(line.substr(equals + 1)));
+  }
+  return entries;
+}
+
+// Finds --config on the command line, without parsing anything else yet.
+std::string config_path(const std::vector<std::string>& args) {
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--config" && i + 1 < args.size()) return args[i + 1];
+    if (args[i].rfind("--config=", 0) == 0) return args[i].substr(9);
+  }
+  return "";
+}
+
+bool given_on_command_line(const std::vector<std::string>& args, const std::string& key) {
+  for (const auto& arg : args)
+    if (arg == "--" + key || arg.rfind("--" + key + "=", 0) == 0) return true;
+  return false;
+}
+
+// The command line with the config file's entries appended, except for keys the command line
+// already sets: flags win, and a repeated option on the command line replaces the file's list.
+std::vector<std::string> with_config(const std::vector<std::string>& args, const std::string& subcommand,
+                                     const po::options_description& options) {
+  const std::string path = config_path(args);
+  if (path.empty()) return args;
+  std::vector<std::string> merged = args;
+  for (const auto& [key, value] : read_config(path, subcommand)) {
+    if (options.find_nothrow(key, false) == nullptr)
+      throw InputError(path + ": option '" + key + "' is not an option of 'gradfix " + subcommand + "'");
+    if (key == "config") continue;
+    if (given_on_command_line(args, key)) continue;
+    merged.push_back("--" + key + "=" + value);
+  }
+  return merged;
+}
+
+po::options_description output_options() {
+  po::options_description options("Output");
+  options.add_options()
+      ("out", po::value<std::string>(), "output: FILE.safetensors, FILE.h5 / FILE.hdf5, or a directory for a sharded safetensors checkpoint")
+      ("out-dtype", po::value<std::string>(), "dtype of the written tensors (F32, F16, BF16, F64, ...); default: that of the primary input")
+      ("include", po::value<std::vector<std::string>>()->composing(), "act only on tensors whose name matches this regex (repeatable)")
+      ("exclude", po::value<std::vector<std::string>>()->composing(), "leave out tensors whose name matches this regex (repeatable)")
+      ("allow-nonfinite", po::bool_switch(), "accept NaN and Inf in inputs instead of failing")
+      ("max-shard-size", po::value<std::string>()->default_value("5GB"), "largest shard of a sharded safetensors output");
+  return options;
+}
+
+po::options_description mask_options() {
+  po::options_description options("Masking");
+  options.add_options()
+      ("mask-mode", po::value<std::string>()->default_value("normal"), ("mask rule: " + mask_mode_names()).c_str())
+      ("beta", po::value<double>()->default_value(5.0), "soft1 sharpness")
+      ("gamma", po::value<double>()->default_value(1.0), "soft2 sharpness")
+      ("soft-c", po::value<double>()->default_value(1.0), "soft3 constant c in |g| / (|g| + c)")
+      ("soft-input", po::value<std::string>()->default_value("sign"), "soft modes use sign(s) (as the official GradFix code) or the raw statistic: sign|raw")
+      ("seed", po::value<unsigned long long>()->default_value(0), "seed of the random mode");
+  return options;
+}
+
+po::options_description general_options() {
+  po::options_description options("General");
+  options.add_options()
+      ("help,h", "show this help")
+      ("config", po::value<std::string>(), "INI file of options (top-level keys and a [SUBCOMMAND] section); flags win");
+  return options;
+}
+
+const std::string& require(const po::variables_map& values, const char* key, const std::string& subcommand) {
+  if (!values.count(key)) throw InputError("gradfix " + subcommand + ": --" + key + " is required");
+  return values[key].as<std::string>();
+}
+
+std::vector<std::string> strings(const po::variables_map& values, const char* key) {
+  return values.count(key) ? values[key].as<std::vector<std::string>>() : std::vector<std::string>{};
+}
+
+OutputOptions parse_output(const po::variables_map& values) {
+  OutputOptions output;
+  output.include = strings(values, "include");
+  output.exclude = strings(values, "exclude");
+  if (values.count("out-dtype")) {
+    const std::string text = values["out-dtype"].as<std::string>();
+    std::string upper;
+    for (char c : text) upper += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    const auto dtype = parse_dtype(upper);
+    if (!dtype) throw InputError("unknown --out-dtype '" + text + "'; valid: F64, F32, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8, BOOL");
+    output.out_dtype = *dtype;
+  }
+  output.allow_nonfinite = values["allow-nonfinite"].as<bool>();
+  output.max_shard_bytes = parse_byte_size(values["max-shard-size"].as<std::string>(), "--max-shard-size");
+  return output;
+}
+
+MaskOptions parse_mask_options(const po::variables_map& values) {
+  MaskOptions mask;
+  mask.beta = values["beta"].as<double>();
+  mask.gamma = values["gamma"].as<double>();
+  mask.c = values["soft-c"].as<double>();
+  mask.seed = values["seed"].as<unsigned long long>();
+  for (const char* key : {"beta", "gamma", "soft-c"})
+    if (!std::isfinite(values[key].as<double>())) throw InputError(std::string("--") + key + " must be finite");
+  const std::string input = values["soft-input"].as<std::string>();
+  if (input != "sign" && input != "raw") throw InputError("unknown --soft-input '" + input + "'; valid: sign|raw");
+  mask.raw_soft_input = input == "raw";
+  return mask;
+}
+
+void print_overview(std::ostream& out) {
+  out << "gradfix " << kVersion << ": transport and merge task vectors with gradient-sign masks\n\n"
+      << "usage: gradfix SUBCOMMAND [options]   (gradfix SUBCOMMAND --help for its options)\n\n";
+  for (const auto& subcommand : kSubcommands) {
+    std::string name = subcommand.name;
+    name.resize(12, ' ');
+    out << "  " << name << subcommand.summary << "\n";
+  }
+  out << "\nExit codes: 0 success, 2 bad input, 3 runtime failure. Docs: docs/cli.md\n";
+}
+
+}  // namespace
+
+long long parse_byte_size(const std::string& text, const std::string& option) {
+  std::size_t consumed = 0;
+  double number = 0.0;
+  try {
+    number = std::stod(text, &consumed);
+  } catch (const std::exception&) {
+    throw InputError(option + ": '" + text + "' is not a size (examples: 5GB, 512MiB, 1000000)");
+  }
+  std::string unit = trim(text.substr(consumed));
+  for (auto& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  static const std::map<std::string, double> kUnits = {
+      {"", 1.0},      {"B", 1.0},           {"KB", 1e3},          {"MB", 1e6},          {"GB", 1e9},
+      {"TB", 1e12},   {"KIB", 1024.0},      {"MIB", 1048576.0},   {"GIB", 1073741824.0}, {"TIB", 1099511627776.0}};
+  const auto found = kUnits.find(unit);
+  if (found == kUnits.end() || !(number > 0.0) || !std::isfinite(number))
+    throw InputError(option + ": '" + text + "' is not a positive size (examples: 5GB, 512MiB, 1000000)");
+  return static_cast<long long>(number * found->second);
+}
+
+int run_command_line(const std::vector<std::string>& args, std::ostream& out) {
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    print_overview(out);
+    return args.empty() ? 1 : 0;
+  }
+  if (args[0] == "--version") {
+    out << "gradfix " << kVersion << "\n";
+    return 0;
+  }
+  const std::string subcommand = args[0];
+  const Subcommand* known = nullptr;
+  for (const auto& entry : kSubcommands)
+    if (subcommand == entry.name) known = &entry;
+  if (known == nullptr) {
+    std::string names;
+    for (const auto& entry : kSubcommands) names += (names.empty() ? "" : ", ") + std::string(entry.name);
+    throw InputError("unknown subcommand '" + subcommand + "'; valid: " + names + " (gradfix --help)");
+  }
+
+  po::options_description options(std::string("usage: ") + known->usage + "\n\n" + known->summary);
+  po::positional_options_description positional;
+  options.add(general_options());
+  po::options_description specific("Inputs");
+  if (subcommand == "inspect") {
+    specific.add_options()
+        ("file", po::value<std::string>(), "checkpoint to list (positional)")
+        ("other", po::value<std::string>(), "second checkpoint to compare with (positional)")
+        ("include", po::value<std::vector<std::string>>()->composing(), "only tensors matching this regex (repeatable)")
+        ("exclude", po::value<std::vector<std::string>>()->composing(), "leave out tensors matching this regex (repeatable)")
+        ("json", po::value<std::string>(), "also write the report as JSON to this file");
+    positional.add("file", 1).add("other", 1);
+  } else if (subcommand == "convert") {
+    specific.add_options()("in", po::value<std::string>(), "checkpoint to read (positional)");
+    positional.add("in", 1).add("out", 1);
+  } else if (subcommand == "taskvector") {
+    specific.add_options()
+        ("base", po::value<std::string>(), "pre-trained checkpoint A_base")
+        ("finetuned", po::value<std::string>(), "fine-tuned checkpoint A_ft");
+  } else if (subcommand == "apply") {
+    specific.add_options()
+        ("base", po::value<std::string>(), "checkpoint to add the task vector to")
+        ("task-vector", po::value<std::string>(), "task vector (may cover a subset of the base's tensors)")
+        ("alpha", po::value<double>()->default_value(1.0), "scaling coefficient");
+  } else if (subcommand == "mask") {
+    specific.add_options()
+        ("task-vector", po::value<std::string>(), "task vector to mask")
+        ("signs", po::value<std::string>(), "statistics along the descent direction: signs, vote counts or summed -gradients (for oracle: the target's own task vector)");
+  } else if (subcommand == "merge") {
+    specific.add_options()
+        ("task-vector", po::value<std::vector<std::string>>()->composing(), "task vector (repeat for each)")
+        ("signs", po::value<std::vector<std::string>>()->composing(), "statistics of each task vector, in the same order (with --order)")
+        ("method", po::value<std::string>()->default_value("mean"), "mean|sum|ties")
+        ("ties-fraction", po::value<double>()->default_value(0.2), "TIES: fraction of largest magnitudes kept")
+        ("ties-elect", po::value<std::string>()->default_value("count"), "TIES sign election: count|mass")
+        ("ties-scope", po::value<std::string>()->default_value("tensor"), "TIES trim scope: tensor|global")
+        ("order", po::value<std::string>()->default_value("none"), "none|mask-then-merge|merge-then-mask");
+  }
+  options.add(specific);
+  if (subcommand != "inspect") options.add(output_options());
+  if (subcommand == "mask" || subcommand == "merge") options.add(mask_options());
+
+  po::variables_map values;
+  try {
+    const std::vector<std::string> rest(args.begin() + 1, args.end());
+    po::store(po::command_line_parser(with_config(rest, subcommand, options)).options(options).positional(positional).run(),
+              values);
+    po::notify(values);
+  } catch (const po::error& error) {
+    throw InputError("gradfix " + subcommand + ": " + error.what() + " (gradfix " + subcommand + " --help)");
+  }
+  if (values.count("help")) {
+    out << options << "\n";
+    return 0;
+  }
+
+  if (subcommand == "inspect") {
+    InspectJob job;
+    job.file = require(values, "file", subcommand);
+    if (values.count("other")) job.other = values["other"].as<std::string>();
+    job.include = strings(values, "include");
+    job.exclude = strings(values, "exclude");
+    if (values.count("json")) job.json_out = values["json"].as<std::string>();
+    run_inspect(job, out);
+    return 0;
+  }
+  const OutputOptions output = parse_output(values);
+  if (subcommand == "convert") {
+    run_convert({require(values, "in", subcommand), require(values, "out", subcommand), output}, out);
+  } else if (subcommand == "taskvector") {
+    run_taskvector({require(values, "base", subcommand), require(values, "finetuned", subcommand),
+                    require(values, "out", subcommand), output},
+                   out);
+  } else if (subcommand == "apply") {
+    run_apply({require(values, "base", subcommand), require(values, "task-vector", subcommand),
+               values["alpha"].as<double>(), require(values, "out", subcommand), output},
+              out);
+  } else if (subcommand == "mask") {
+    MaskJob job;
+    job.task_vector = require(values, "task-vector", subcommand);
+    job.signs = require(values, "signs", subcommand);
+    job.mode = parse_mask_mode(values["mask-mode"].as<std::string>());
+    job.mask = parse_mask_options(values);
+    job.out = require(values, "out", subcommand);
+    job.output = output;
+    run_mask(job, out);
+  } else if (subcommand == "merge") {
+    MergeJob job;
+    job.task_vectors = strings(values, "task-vector");
+    job.signs = strings(values, "signs");
+    job.method = parse_merge_method(values["method"].as<std::string>());
+    job.ties.fraction = values["ties-fraction"].as<double>();
+    job.ties.elect = parse_ties_elect(values["ties-elect"].as<std::string>());
+    job.ties.scope = parse_ties_scope(values["ties-scope"].as<std::string>());
+    job.order = parse_merge_order(values["order"].as<std::string>());
+    job.mode = parse_mask_mode(values["mask-mode"].as<std::string>());
+    job.mask = parse_mask_options(values);
+    job.out = require(values, "out", subcommand);
+    job.output = output;
+    run_merge(job, out);
+  }
+  return 0;
+}
+
+}  // namespace gradfix

@@ -1,0 +1,366 @@
+#include "gradfix/io/hdf5_store.hpp"
+
+#include <hdf5.h>
+
+#include <map>
+
+#include "gradfix/core/error.hpp"
+#include "gradfix/io/atomic_file.hpp"
+
+namespace gradfix {
+namespace {
+
+// Owns one HDF5 identifier and closes it with the matching H5*close call.
+class Handle {
+ public:
+  using Closer = herr_t (*)(hid_t);
+  Handle() = default;
+  Handle(hid_t id, Closer closer) : id_(id), closer_(closer) {}
+  ~Handle() { reset(); }
+  Handle(Handle&& other) noexcept : id_(other.id_), closer_(other.closer_) { other.id_ = -1; }
+  Handle& operator=(Handle&& other) noexcept {
+    if (this != &other) {
+      reset();
+      id_ = other.id_;
+      closer_ = other.closer_;
+      other.id_ = -1;
+    }
+    return *this;
+  }
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+
+  hid_t get() const { return id_; }
+  void reset() {
+    if (id_ >= 0 && closer_ != nullptr) closer_(id_);
+    id_ = -1;
+  }
+
+ private:
+  hid_t id_ = -1;
+  Closer closer_ = nullptr;
+};
+
+// Turns a negative HDF5 return value into an error naming the file and what was being done.
+hid_t check(hid_t result, const std::string& path, const std::string& action) {
+  if (result < 0) throw InputError(path + ": HDF5 could not " + action);
+  return result;
+}
+
+// HDF5 prints its own error stack to stderr by default; gradfix reports errors itself.
+void silence_hdf5() {
+  static const bool silenced = [] {
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+    return true;
+  }();
+  (void)silenced;
+}
+
+hid_t native_type(DType dtype) {
+  switch (dtype) {
+    case DType::kF64: return H5T_NATIVE_DOUBLE;
+    case DType::kF32: return H5T_NATIVE_FLOAT;
+    case DType::kF16:
+    case DType::kBF16:
+    case DType::kU16: return H5T_NATIVE_UINT16;
+    case DType::kI64: return H5T_NATIVE_INT64;
+    case DType::kI32: return H5T_NATIVE_INT32;
+    case DType::kI16: return H5T_NATIVE_INT16;
+    case DType::kI8: return H5T_NATIVE_INT8;
+    case DType::kU64: return H5T_NATIVE_UINT64;
+    case DType::kU32: return H5T_NATIVE_UINT32;
+    case DType::kU8:
+    case DType::kBool: return H5T_NATIVE_UINT8;
+  }
+  return H5T_NATIVE_FLOAT;
+}
+
+// Little-endian file types, so that files are the same on every machine.
+hid_t file_type(DType dtype) {
+  switch (dtype) {
+    case DType::kF64: return H5T_IEEE_F64LE;
+    case DType::kF32: return H5T_IEEE_F32LE;
+    case DType::kF16:
+    case DType::kBF16:
+    case DType::kU16: return H5T_STD_U16LE;
+    case DType::kI64: return H5T_STD_I64LE;
+    case DType::kI32: return H5T_STD_I32LE;
+    case DType::kI16: return H5T_STD_I16LE;
+    case DType::kI8: return H5T_STD_I8LE;
+    case DType::kU64: return H5T_STD_U64LE;
+    case DType::kU32: return H5T_STD_U32LE;
+    case DType::kU8:
+    case DType::kBool: return H5T_STD_U8LE;
+  }
+  return H5T_IEEE_F32LE;
+}
+
+std::string read_string_attribute(hid_t object, const char* name, const std::string& path) {
+  Handle attribute(check(H5Aopen(object, name, H5P_DEFAULT), path, std::string("open attribute ") + name), H5Aclose);
+  Handle type(H5Aget_type(attribute.get()), H5Tclose);
+  if (H5Tget_class(type.get()) != H5T_STRING) throw InputError(path + ": attribute '" + name + "' is not a string");
+  if (H5Tis_variable_str(type.get()) > 0) {
+    Handle memory(H5Tcopy(H5T_C_S1), H5Tclose);
+    H5Tset_size(memory.get(), H5T_VARIABLE);
+    char* value = nullptr;
+    check(H5Aread(attribute.get(), memory.get(), &value), path, std::string("read attribute ") + name);
+    std::string text = value != nullptr ? value : "";
+    H5free_memory(value);
+    return text;
+  }
+  const std::size_t size = H5Tget_size(type.get());
+  std::string text(size, '\0');
+  Handle memory(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_size(memory.get(), size);
+  check(H5Aread(attribute.get(), memory.get(), text.data()), path, std::string("read attribute ") + name);
+  const auto end = text.find('\0');
+  return end == std::string::npos ? text : text.substr(0, end);
+}
+
+void write_string_attribute(hid_t object, const std::string& name, const std::string& value, const std::string& path) {
+  Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_size(type.get(), value.empty() ? 1 : value.size());
+  H5Tset_strpad(type.get(), H5T_STR_NULLPAD);
+  Handle space(H5Screate(H5S_SCALAR), H5Sclose);
+  Handle attribute(check(H5Acreate2(object, name.c_str(), type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT), path,
+                         "create attribute " + name),
+                   H5Aclose);
+  const std::string padded = value.empty() ? std::string(1, '\0') : value;
+  check(H5Awrite(attribute.get(), type.get(), padded.data()), path, "write attribute " + name);
+}
+
+// The gradfix dtype of a dataset: from its HDF5 type, refined by the gradfix_dtype attribute for
+// the 16-bit float types stored as uint16.
+DType dataset_dtype(hid_t dataset, const std::string& path, const std::string& name) {
+  if (H5Aexists(dataset, kHdf5DtypeAttribute) > 0) {
+    const std::string text = read_string_attribute(dataset, kHdf5DtypeAttribute, path);
+    const auto dtype = parse_dtype(text);
+    if (!dtype) throw InputError(path + ": dataset '" + name + "': unknown " + kHdf5DtypeAttribute + " '" + text + "'");
+    return *dtype;
+  }
+  Handle type(H5Dget_type(dataset), H5Tclose);
+  const std::size_t size = H5Tget_size(type.get());
+  switch (H5Tget_class(type.get())) {
+    case H5T_FLOAT:
+      if (size == 8) return DType::kF64;
+      if (size == 4) return DType::kF32;
+      break;
+    case H5T_INTEGER: {
+      const bool is_signed = H5Tget_sign(type.get()) == H5T_SGN_2;
+      if (size == 8) return is_signed ? DType::kI64 : DType::kU64;
+      if (size == 4) return is_signed ? DType::kI32 : DType::kU32;
+      if (size == 2) return is_signed ? DType::kI16 : DType::kU16;
+      if (size == 1) return is_signed ? DType::kI8 : DType::kU8;
+      break;
+    }
+    default: break;
+  }
+  throw InputError(path + ": dataset '" + name + "' has an HDF5 type gradfix cannot read (" + std::to_string(size) +
+                   "-byte, neither integer nor float)");
+}
+
+// Selects elements [begin, end) of the row-major flattening of `dims` in `space`. A flat range
+// is not one hyperslab, but it is a union of at most two partial rows per level plus one block
+// of whole rows, which is what this builds, level by level.
+void select_flat_range(hid_t space, const std::vector<hsize_t>& dims, std::vector<hsize_t> prefix, hsize_t begin,
+                       hsize_t end) {
+  const std::size_t level = prefix.size();
+  if (begin >= end) return;
+  auto add_block = [&](std::vector<hsize_t> start, std::vector<hsize_t> count) {
+    for (std::size_t i = start.size(); i < dims.size(); ++i) {
+      start.push_back(0);
+      count.push_back(dims[i]);
+    }
+    H5Sselect_hyperslab(space, H5S_SELECT_OR, start.data(), nullptr, count.data(), nullptr);
+  };
+  if (level + 1 == dims.size()) {
+    std::vector<hsize_t> start = prefix, count(prefix.size(), 1);
+    start.push_back(begin);
+    count.push_back(end - begin);
+    add_block(start, count);
+    return;
+  }
+  hsize_t stride = 1;
+  for (std::size_t i = level + 1; i < dims.size(); ++i) stride *= dims[i];
+  hsize_t first = begin / stride;
+  const hsize_t last = (end - 1) / stride;
+  auto descend = [&](hsize_t row, hsize_t from, hsize_t to) {
+    std::vector<hsize_t> next = prefix;
+    next.push_back(row);
+    select_flat_range(space, dims, next, from, to);
+  };
+  if (first == last) {
+    descend(first, begin - first * stride, end - first * stride);
+    return;
+  }
+  if (begin % stride != 0) {
+    descend(first, begin % stride, stride);
+    ++first;
+  }
+  hsize_t full_end = end / stride;
+  if (end % stride != 0) descend(full_end, 0, end % stride);
+  if (full_end > first) {
+    std::vector<hsize_t> start = prefix, count(prefix.size(), 1);
+    start.push_back(first);
+    count.push_back(full_end - first);
+    add_block(start, count);
+  }
+}
+
+Handle file_space_for_range(hid_t dataset, const TensorInfo& tensor, long long begin, long long count) {
+  Handle space(H5Dget_space(dataset), H5Sclose);
+  if (tensor.shape.empty()) {
+    H5Sselect_all(space.get());
+    return space;
+  }
+  std::vector<hsize_t> dims(tensor.shape.begin(), tensor.shape.end());
+  H5Sselect_none(space.get());
+  select_flat_range(space.get(), dims, {}, static_cast<hsize_t>(begin), static_cast<hsize_t>(begin + count));
+  return space;
+}
+
+class Hdf5Reader final : public TensorReader {
+ public:
+  explicit Hdf5Reader(const std::string& path) : path_(path) {
+    silence_hdf5();
+    if (!file_exists(path)) throw InputError(path + ": cannot open: No such file or directory");
+    if (H5Fis_hdf5(path.c_str()) <= 0) throw InputError(path + ": not an HDF5 file (bad signature or truncated)");
+    file_ = Handle(check(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), path, "open the file"), H5Fclose);
+    check(H5Ovisit(file_.get(), H5_INDEX_NAME, H5_ITER_INC, &Hdf5Reader::visit, this), path, "list the datasets");
+    read_root_attributes();
+  }
+
+  const std::string& path() const override { return path_; }
+  const std::vector<TensorInfo>& tensors() const override { return tensors_; }
+  const Metadata& metadata() const override { return metadata_; }
+
+  void read_raw(const std::string& name, long long begin, long long count, void* target) const override {
+    const TensorInfo& tensor = info(name);
+    if (begin < 0 || count < 0 || begin + count > tensor.numel())
+      throw InputError(path_ + ": tensor '" + name + "': elements [" + std::to_string(begin) + ", " +
+                       std::to_string(begin + count) + ") requested, it has " + std::to_string(tensor.numel()));
+    if (count == 0) return;
+    Handle dataset(check(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT), path_, "open dataset '" + name + "'"), H5Dclose);
+    Handle file_space = file_space_for_range(dataset.get(), tensor, begin, count);
+    const hsize_t memory_size = static_cast<hsize_t>(count);
+    Handle memory_space(H5Screate_simple(1, &memory_size, nullptr), H5Sclose);
+    check(H5Dread(dataset.get(), native_type(tensor.dtype), memory_space.get(), file_space.get(), H5P_DEFAULT, target),
+          path_, "read dataset '" + name + "' (the file may be truncated)");
+  }
+
+ private:
+  static herr_t visit(hid_t object, const char* name, const H5O_info_t* info, void* self_pointer) {
+    auto* self = static_cast<Hdf5Reader*>(self_pointer);
+    if (info->type != H5O_TYPE_DATASET) return 0;
+    try {
+      Handle dataset(H5Dopen2(object, name, H5P_DEFAULT), H5Dclose);
+      TensorInfo tensor;
+      tensor.name = name;
+      tensor.dtype = dataset_dtype(dataset.get(), self->path_, name);
+      Handle space(H5Dget_space(dataset.get()), H5Sclose);
+      const int rank = H5Sget_simple_extent_ndims(space.get());
+      std::vector<hsize_t> dims(static_cast<std::size_t>(rank > 0 ? rank : 0));
+      if (rank > 0) H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr);
+      for (hsize_t dim : dims) tensor.shape.push_back(static_cast<long long>(dim));
+      self->tensors_.push_back(tensor);
+    } catch (...) {
+      self->visit_error_ = std::current_exception();
+      return -1;
+    }
+    return 0;
+  }
+
+  void read_root_attributes() {
+    if (visit_error_) std::rethrow_exception(visit_error_);
+    H5O_info_t info;
+    check(H5Oget_info(file_.get(), &info), path_, "read the root group");
+    for (hsize_t i = 0; i < info.num_attrs; ++i) {
+      char name[1024];
+      H5Aget_name_by_idx(file_.get(), ".", H5_INDEX_NAME, H5_ITER_INC, i, name, sizeof name, H5P_DEFAULT);
+      metadata_[name] = read_string_attribute(file_.get(), name, path_);
+    }
+  }
+
+  std::string path_;
+  Handle file_;
+  std::vector<TensorInfo> tensors_;
+  Metadata metadata_;
+  std::exception_ptr visit_error_;
+};
+
+class Hdf5Writer final : public TensorWriter {
+ public:
+  Hdf5Writer(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata)
+      : path_(path), temporary_(temporary_path_for(path)), layout_(layout), tracker_(layout) {
+    silence_hdf5();
+    file_ = Handle(H5Fcreate(temporary_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
+    if (file_.get() < 0) throw RuntimeFailure(path_ + ": cannot create '" + temporary_ + "'");
+    for (const auto& [key, value] : metadata) write_string_attribute(file_.get(), key, value, path_);
+    Handle link_properties(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+    H5Pset_create_intermediate_group(link_properties.get(), 1);
+    for (const auto& tensor : layout_) {
+      Handle space = tensor.shape.empty()
+                         ? Handle(H5Screate(H5S_SCALAR), H5Sclose)
+                         : Handle(H5Screate_simple(static_cast<int>(tensor.shape.size()),
+                                                   std::vector<hsize_t>(tensor.shape.begin(), tensor.shape.end()).data(),
+                                                   nullptr),
+                                  H5Sclose);
+      Handle dataset(H5Dcreate2(file_.get(), tensor.name.c_str(), file_type(tensor.dtype), space.get(),
+                                link_properties.get(), H5P_DEFAULT, H5P_DEFAULT),
+                     H5Dclose);
+      if (dataset.get() < 0) throw RuntimeFailure(path_ + ": cannot create dataset '" + tensor.name + "'");
+      if (tensor.dtype == DType::kBF16 || tensor.dtype == DType::kF16 || tensor.dtype == DType::kBool)
+        write_string_attribute(dataset.get(), kHdf5DtypeAttribute, dtype_name(tensor.dtype), path_);
+    }
+  }
+
+  ~Hdf5Writer() override {
+    file_.reset();
+    if (!published_) remove_quietly(temporary_);
+  }
+
+  const std::string& path() const override { return path_; }
+  const std::vector<TensorInfo>& layout() const override { return layout_; }
+
+  void write_raw(const std::string& name, long long begin, long long count, const void* source) override {
+    const TensorInfo& tensor = tracker_.record(path_, name, begin, count);
+    if (count == 0) return;
+    Handle dataset(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT), H5Dclose);
+    if (dataset.get() < 0) throw RuntimeFailure(path_ + ": cannot open dataset '" + name + "'");
+    Handle file_space = file_space_for_range(dataset.get(), tensor, begin, count);
+    const hsize_t memory_size = static_cast<hsize_t>(count);
+    Handle memory_space(H5Screate_simple(1, &memory_size, nullptr), H5Sclose);
+    if (H5Dwrite(dataset.get(), native_type(tensor.dtype), memory_space.get(), file_space.get(), H5P_DEFAULT, source) < 0)
+      throw RuntimeFailure(path_ + ": cannot write dataset '" + name + "'");
+  }
+
+  void finish() override {
+    tracker_.check_complete(path_);
+    if (H5Fflush(file_.get(), H5F_SCOPE_GLOBAL) < 0) throw RuntimeFailure(path_ + ": flush failed");
+    file_.reset();
+  }
+
+  void publish() override {
+    rename_file(temporary_, path_);
+    published_ = true;
+  }
+
+ private:
+  std::string path_;
+  std::string temporary_;
+  std::vector<TensorInfo> layout_;
+  WriteTracker tracker_;
+  Handle file_;
+  bool published_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<TensorReader> open_hdf5_reader(const std::string& path) { return std::make_unique<Hdf5Reader>(path); }
+
+std::unique_ptr<TensorWriter> open_hdf5_writer(const std::string& path, const std::vector<TensorInfo>& layout,
+                                               const Metadata& metadata) {
+  return std::make_unique<Hdf5Writer>(path, layout, metadata);
+}
+
+}  // namespace gradfix

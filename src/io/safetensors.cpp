@@ -1,0 +1,493 @@
+#include "gradfix/io/safetensors.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "gradfix/core/error.hpp"
+#include "gradfix/io/atomic_file.hpp"
+
+namespace gradfix {
+namespace {
+
+using Json = nlohmann::json;
+
+// A read-only memory map of a whole file; zero-length files map nothing.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path) {
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) throw InputError(path + ": cannot open: " + std::strerror(errno));
+    struct stat status {};
+    if (::fstat(fd_, &status) != 0) throw InputError(path + ": cannot stat: " + std::strerror(errno));
+    size_ = static_cast<long long>(status.st_size);
+    if (size_ > 0) {
+      void* mapped = ::mmap(nullptr, static_cast<std::size_t>(size_), PROT_READ, MAP_SHARED, fd_, 0);
+      if (mapped == MAP_FAILED) throw RuntimeFailure(path + ": cannot memory-map: " + std::strerror(errno));
+      data_ = static_cast<const unsigned char*>(mapped);
+    }
+  }
+  ~MappedFile() {
+    if (data_ != nullptr) ::munmap(const_cast<unsigned char*>(data_), static_cast<std::size_t>(size_));
+    if (fd_ >= 0) ::close(fd_);
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  const unsigned char* data() const { return data_; }
+  long long size() const { return size_; }
+
+ private:
+  int fd_ = -1;
+  long long size_ = 0;
+  const unsigned char* data_ = nullptr;
+};
+
+std::uint64_t read_le64(const unsigned char* bytes) {
+  std::uint64_t value = 0;
+  for (int i = 7; i >= 0; --i) value = (value << 8) | bytes[i];
+  return value;
+}
+
+// Multiplies with a check: a forged shape must not wrap around to a small byte count.
+bool checked_multiply(unsigned long long a, unsigned long long b, unsigned long long* product) {
+  return !__builtin_mul_overflow(a, b, product);
+}
+
+struct StoredTensor {
+  TensorInfo info;
+  unsigned long long begin = 0;  // byte offsets within the data section
+  unsigned long long end = 0;
+};
+
+Json parse_json_without_duplicates(const std::string& text, const std::string& path, const char* what) {
+  std::set<std::string> keys;
+  std::string duplicate;
+  Json::parser_callback_t callback = [&](int depth, Json::parse_event_t event, Json& parsed) {
+    if (event == Json::parse_event_t::key && depth == 1 && duplicate.empty()) {
+      const auto& key = parsed.get_ref<const std::string&>();
+      if (!keys.insert(key).second) duplicate = key;
+    }
+    return true;
+  };
+  Json document;
+  try {
+    document = Json::parse(text, callback);
+  } catch (const Json::exception& error) {
+    throw InputError(path + ": " + what + " is not valid JSON: " + error.what());
+  }
+  if (!duplicate.empty()) throw InputError(path + ": " + what + " names '" + duplicate + "' twice");
+  return document;
+}
+
+class SafetensorsReader final : public TensorReader {
+ public:
+  explicit SafetensorsReader(const std::string& path) : path_(path), file_(path) { parse_header(); }
+
+  const std::string& path() const override { return path_; }
+  const std::vector<TensorInfo>& tensors() const override { return tensors_; }
+  const Metadata& metadata() const override { return metadata_; }
+
+  void read_raw(const std::string& name, long long begin, long long count, void* target) const override {
+    const auto found = index_.find(name);
+    if (found == index_.end()) throw InputError(path_ + ": no tensor named '" + name + "'");
+    const TensorInfo& tensor = tensors_[found->second];
+    if (begin < 0 || count < 0 || begin + count > tensor.numel())
+      throw InputError(path_ + ": tensor '" + name + "': elements [" + std::to_string(begin) + ", " +
+                       std::to_string(begin + count) + ") requested, it has " + std::to_string(tensor.numel()));
+    if (count == 0) return;
+    const std::size_t item = dtype_size(tensor.dtype);
+    const unsigned char* source = file_.data() + data_start_ + byte_begin_[found->second] + begin * item;
+    std::memcpy(target, source, static_cast<std::size_t>(count) * item);
+  }
+
+ private:
+  void parse_header() {
+    const long long size = file_.size();
+    if (size < 8)
+      throw InputError(path_ + ": file is " + std::to_string(size) +
+                       " bytes, too short for the 8-byte header length of a safetensors file");
+    const std::uint64_t header_length = read_le64(file_.data());
+    if (header_length > static_cast<std::uint64_t>(kMaxSafetensorsHeaderBytes))
+      throw InputError(path_ + ": header length " + std::to_string(header_length) + " exceeds the limit of " +
+                       std::to_string(kMaxSafetensorsHeaderBytes) + " bytes");
+    if (header_length > static_cast<std::uint64_t>(size - 8))
+      throw InputError(path_ + ": header length " + std::to_string(header_length) +
+                       " is larger than the file allows (" + std::to_string(size - 8) +
+                       " bytes after the length field); the file is truncated or not safetensors");
+    const std::string text(reinterpret_cast<const char*>(file_.data() + 8), header_length);
+    if (text.empty() || text[0] != '{')
+      throw InputError(path_ + ": header does not start with '{'; not a safetensors file");
+    const Json header = parse_json_without_duplicates(text, path_, "header");
+    if (!header.is_object()) throw InputError(path_ + ": header is not a JSON object");
+
+    data_start_ = 8 + static_cast<long long>(header_length);
+    std::vector<StoredTensor> stored;
+    for (const auto& [name, entry] : header.items()) {
+      if (name == "__metadata__") {
+        read_metadata(entry);
+        continue;
+      }
+      stored.push_back(parse_entry(name, entry));
+    }
+    check_layout(stored, static_cast<unsigned long long>(size - data_start_));
+    for (std::size_t i = 0; i < stored.size(); ++i) {
+      index_[stored[i].info.name] = i;
+      tensors_.push_back(stored[i].info);
+      byte_begin_.push_back(static_cast<long long>(stored[i].begin));
+    }
+  }
+
+  void read_metadata(const Json& entry) {
+    if (!entry.is_object()) throw InputError(path_ + ": __metadata__ is not a JSON object");
+    for (const auto& [key, value] : entry.items()) {
+      if (!value.is_string())
+        throw InputError(path_ + ": __metadata__ entry '" + key + "' is not a string (" + value.type_name() + ")");
+      metadata_[key] = value.get<std::string>();
+    }
+  }
+
+  StoredTensor parse_entry(const std::string& name, const Json& entry) const {
+    const std::string where = path_ + ": tensor '" + name + "'";
+    if (!entry.is_object()) throw InputError(where + ": entry is not a JSON object");
+    if (!entry.contains("dtype") || !entry["dtype"].is_string()) throw InputError(where + ": missing string 'dtype'");
+    const std::string dtype_text = entry["dtype"].get<std::string>();
+    const auto dtype = parse_dtype(dtype_text);
+    if (!dtype)
+      throw InputError(where + ": unknown dtype '" + dtype_text +
+                       "' (known: F64, F32, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8, BOOL)");
+    if (!entry.contains("shape") || !entry["shape"].is_array()) throw InputError(where + ": missing array 'shape'");
+    StoredTensor tensor;
+    tensor.info.name = name;
+    tensor.info.dtype = *dtype;
+    unsigned long long elements = 1;
+    for (const auto& dim : entry["shape"]) {
+      if (!dim.is_number_unsigned()) throw InputError(where + ": shape entry " + dim.dump() + " is not a non-negative integer");
+      const auto value = dim.get<unsigned long long>();
+      if (value > (1ULL << 62) || !checked_multiply(elements, value, &elements))
+        throw InputError(where + ": shape " + entry["shape"].dump() + " overflows");
+      tensor.info.shape.push_back(static_cast<long long>(value));
+    }
+    const auto& offsets = entry.contains("data_offsets") ? entry["data_offsets"] : Json();
+    if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() || !offsets[1].is_number_unsigned())
+      throw InputError(where + ": 'data_offsets' must be two non-negative integers, got " + offsets.dump());
+    tensor.begin = offsets[0].get<unsigned long long>();
+    tensor.end = offsets[1].get<unsigned long long>();
+    if (tensor.end < tensor.begin)
+      throw InputError(where + ": data_offsets end " + std::to_string(tensor.end) + " is before begin " +
+                       std::to_string(tensor.begin));
+    unsigned long long bytes = 0;
+    if (!checked_multiply(elements, dtype_size(*dtype), &bytes))
+      throw InputError(where + ": byte size of shape " + entry["shape"].dump() + " overflows");
+    if (bytes != tensor.end - tensor.begin)
+      throw InputError(where + ": shape " + entry["shape"].dump() + " of " + dtype_text + " needs " +
+                       std::to_string(bytes) + " bytes, data_offsets span " +
+                       std::to_string(tensor.end - tensor.begin));
+    return tensor;
+  }
+
+  // The data section must be covered exactly: tensors back to back from offset 0, no hole, no
+  // overlap, the last one ending at the end of the file.
+  void check_layout(std::vector<StoredTensor>& stored, unsigned long long data_bytes) const {
+    std::sort(stored.begin(), stored.end(), [](const StoredTensor& a, const StoredTensor& b) {
+      return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+    });
+    unsigned long long expected = 0;
+    for (const auto& tensor : stored) {
+      if (tensor.begin < expected)
+        throw InputError(path_ + ": tensor '" + tensor.info.name + "' starts at byte " + std::to_string(tensor.begin) +
+                         ", overlapping the previous tensor, which ends at " + std::to_string(expected));
+      if (tensor.begin > expected)
+        throw InputError(path_ + ": tensor '" + tensor.info.name + "' starts at byte " + std::to_string(tensor.begin) +
+                         ", leaving a hole after byte " + std::to_string(expected));
+      expected = tensor.end;
+    }
+    if (expected != data_bytes)
+      throw InputError(path_ + ": tensors end at data byte " + std::to_string(expected) + " but the data section has " +
+                       std::to_string(data_bytes) + " bytes" +
+                       (expected > data_bytes ? " (the file is truncated or an offset is out of range)" : ""));
+  }
+
+  std::string path_;
+  MappedFile file_;
+  long long data_start_ = 0;
+  std::vector<TensorInfo> tensors_;
+  std::vector<long long> byte_begin_;
+  std::map<std::string, std::size_t> index_;
+  Metadata metadata_;
+};
+
+class ShardedSafetensorsReader final : public TensorReader {
+ public:
+  explicit ShardedSafetensorsReader(const std::string& path) {
+    const bool is_index = path.size() > 11 && path.compare(path.size() - 11, 11, ".index.json") == 0;
+    directory_ = is_index ? parent_directory(path) : path;
+    path_ = is_index ? path : directory_ + "/" + kSafetensorsIndexName;
+    if (!file_exists(path_))
+      throw InputError(directory_ + ": not a sharded safetensors checkpoint (no " + kSafetensorsIndexName + ")");
+    const Json index = parse_json_without_duplicates(read_text(path_), path_, "index");
+    if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+      throw InputError(path_ + ": index has no 'weight_map' object");
+    std::map<std::string, std::vector<std::string>> names_by_file;
+    for (const auto& [name, file] : index["weight_map"].items()) {
+      if (!file.is_string()) throw InputError(path_ + ": weight_map entry '" + name + "' is not a file name");
+      names_by_file[file.get<std::string>()].push_back(name);
+    }
+    for (const auto& [file, names] : names_by_file) {
+      auto shard = open_safetensors_reader(directory_ + "/" + file);
+      std::set<std::string> expected(names.begin(), names.end());
+      for (const auto& tensor : shard->tensors()) {
+        if (!expected.count(tensor.name))
+          throw InputError(shard->path() + ": tensor '" + tensor.name + "' is not listed for this file in " + path_);
+        expected.erase(tensor.name);
+      }
+      if (!expected.empty())
+        throw InputError(path_ + ": lists " + format_name_list({expected.begin(), expected.end()}) + " in '" + file +
+                         "', which does not hold them");
+      const std::size_t shard_index = shards_.size();
+      for (const auto& tensor : shard->tensors()) {
+        owner_[tensor.name] = shard_index;
+        tensors_.push_back(tensor);
+      }
+      if (metadata_.empty()) metadata_ = shard->metadata();
+      shards_.push_back(std::move(shard));
+    }
+  }
+
+  const std::string& path() const override { return path_; }
+  const std::vector<TensorInfo>& tensors() const override { return tensors_; }
+  const Metadata& metadata() const override { return metadata_; }
+
+  void read_raw(const std::string& name, long long begin, long long count, void* target) const override {
+    const auto found = owner_.find(name);
+    if (found == owner_.end()) throw InputError(path_ + ": no tensor named '" + name + "'");
+    shards_[found->second]->read_raw(name, begin, count, target);
+  }
+
+ private:
+  static std::string read_text(const std::string& path) {
+    MappedFile file(path);
+    return std::string(reinterpret_cast<const char*>(file.data()), static_cast<std::size_t>(file.size()));
+  }
+
+  std::string directory_;
+  std::string path_;
+  std::vector<std::unique_ptr<TensorReader>> shards_;
+  std::map<std::string, std::size_t> owner_;
+  std::vector<TensorInfo> tensors_;
+  Metadata metadata_;
+};
+
+void write_all(int fd, const void* data, std::size_t bytes, off_t offset, const std::string& path) {
+  const auto* cursor = static_cast<const unsigned char*>(data);
+  while (bytes > 0) {
+    const ssize_t done = ::pwrite(fd, cursor, bytes, offset);
+    if (done < 0) {
+      if (errno == EINTR) continue;
+      throw RuntimeFailure(path + ": write failed: " + std::strerror(errno));
+    }
+    cursor += done;
+    bytes -= static_cast<std::size_t>(done);
+    offset += done;
+  }
+}
+
+// One safetensors file, written in place under a temporary name: the header first, the file
+// sized to its final length, then each range with pwrite at its offset.
+class SafetensorsWriter final : public TensorWriter {
+ public:
+  SafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata)
+      : path_(path), temporary_(temporary_path_for(path)), layout_(layout), tracker_(layout) {
+    Json header = Json::object();
+    if (!metadata.empty()) header["__metadata__"] = metadata;
+    unsigned long long offset = 0;
+    for (const auto& tensor : aligned_storage_order(layout)) {
+      const auto bytes = static_cast<unsigned long long>(tensor.nbytes());
+      header[tensor.name] = {{"dtype", dtype_name(tensor.dtype)}, {"shape", tensor.shape}, {"data_offsets", {offset, offset + bytes}}};
+      offset += bytes;
+    }
+    std::string text = header.dump();
+    // Padding to a multiple of 8 puts the data section, and with the storage order every tensor,
+    // on a naturally aligned address when the file is mapped.
+    text.append((8 - text.size() % 8) % 8, ' ');
+    data_start_ = 8 + static_cast<long long>(text.size());
+    for (const auto& [name, entry] : header.items())
+      if (name != "__metadata__") byte_begin_[name] = entry["data_offsets"][0].get<long long>();
+
+    fd_ = ::open(temporary_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd_ < 0) throw RuntimeFailure(path_ + ": cannot create '" + temporary_ + "': " + std::strerror(errno));
+    unsigned char length[8];
+    for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>((text.size() >> (8 * i)) & 0xFF);
+    write_all(fd_, length, 8, 0, path_);
+    write_all(fd_, text.data(), text.size(), 8, path_);
+    if (::ftruncate(fd_, static_cast<off_t>(data_start_ + static_cast<long long>(offset))) != 0)
+      throw RuntimeFailure(path_ + ": cannot size the file: " + std::strerror(errno));
+  }
+
+  ~SafetensorsWriter() override {
+    if (fd_ >= 0) ::close(fd_);
+    if (!published_) remove_quietly(temporary_);
+  }
+
+  const std::string& path() const override { return path_; }
+  const std::vector<TensorInfo>& layout() const override { return layout_; }
+
+  void write_raw(const std::string& name, long long begin, long long count, const void* source) override {
+    const TensorInfo& tensor = tracker_.record(path_, name, begin, count);
+    const long long item = static_cast<long long>(dtype_size(tensor.dtype));
+    write_all(fd_, source, static_cast<std::size_t>(count * item),
+              static_cast<off_t>(data_start_ + byte_begin_.at(name) + begin * item), path_);
+  }
+
+  void finish() override {
+    tracker_.check_complete(path_);
+    if (::fsync(fd_) != 0) throw RuntimeFailure(path_ + ": fsync failed: " + std::strerror(errno));
+    if (::close(fd_) != 0) throw RuntimeFailure(path_ + ": close failed: " + std::strerror(errno));
+    fd_ = -1;
+  }
+
+  void publish() override {
+    rename_file(temporary_, path_);
+    published_ = true;
+  }
+
+ private:
+  std::string path_;
+  std::string temporary_;
+  std::vector<TensorInfo> layout_;
+  WriteTracker tracker_;
+  std::map<std::string, long long> byte_begin_;
+  long long data_start_ = 0;
+  int fd_ = -1;
+  bool published_ = false;
+};
+
+// A directory of shards plus the index. Shards and index are written under temporary names and
+// renamed index last, so a reader never finds an index that points at a missing shard.
+class ShardedSafetensorsWriter final : public TensorWriter {
+ public:
+  ShardedSafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata,
+                           long long max_shard_bytes)
+      : path_(path), layout_(layout) {
+    if (max_shard_bytes <= 0) throw InputError("--max-shard-size must be positive, got " + std::to_string(max_shard_bytes));
+    directory_ = path.size() > 11 && path.compare(path.size() - 11, 11, ".index.json") == 0 ? parent_directory(path) : path;
+    while (directory_.size() > 1 && directory_.back() == '/') directory_.pop_back();
+    created_directory_ = ensure_directory(directory_);
+
+    std::vector<std::vector<TensorInfo>> groups(1);
+    long long group_bytes = 0;
+    for (const auto& tensor : layout) {
+      if (!groups.back().empty() && group_bytes + tensor.nbytes() > max_shard_bytes) {
+        groups.emplace_back();
+        group_bytes = 0;
+      }
+      groups.back().push_back(tensor);
+      group_bytes += tensor.nbytes();
+    }
+    const int count = static_cast<int>(groups.size());
+    long long total = 0;
+    for (int i = 0; i < count; ++i) {
+      const std::string file = shard_file_name(i + 1, count);
+      shards_.push_back(std::make_unique<SafetensorsWriter>(directory_ + "/" + file, groups[i], metadata));
+      for (const auto& tensor : groups[i]) {
+        owner_[tensor.name] = static_cast<std::size_t>(i);
+        weight_map_[tensor.name] = file;
+        total += tensor.nbytes();
+      }
+    }
+    total_size_ = total;
+  }
+
+  ~ShardedSafetensorsWriter() override {
+    shards_.clear();
+    if (!published_) {
+      if (!index_temporary_.empty()) remove_quietly(index_temporary_);
+      if (created_directory_) ::rmdir(directory_.c_str());
+    }
+  }
+
+  const std::string& path() const override { return path_; }
+  const std::vector<TensorInfo>& layout() const override { return layout_; }
+
+  void write_raw(const std::string& name, long long begin, long long count, const void* source) override {
+    const auto found = owner_.find(name);
+    if (found == owner_.end()) throw RuntimeFailure(path_ + ": tensor '" + name + "' is not in the output layout");
+    shards_[found->second]->write_raw(name, begin, count, source);
+  }
+
+  void finish() override {
+    for (auto& shard : shards_) shard->finish();
+    const std::string index_path = directory_ + "/" + kSafetensorsIndexName;
+    index_temporary_ = temporary_path_for(index_path);
+    const Json index = {{"metadata", {{"total_size", total_size_}}}, {"weight_map", weight_map_}};
+    const std::string text = index.dump(2) + "\n";
+    std::FILE* file = std::fopen(index_temporary_.c_str(), "wb");
+    if (file == nullptr) throw RuntimeFailure(index_path + ": cannot create: " + std::strerror(errno));
+    const bool written = std::fwrite(text.data(), 1, text.size(), file) == text.size();
+    if (std::fclose(file) != 0 || !written) throw RuntimeFailure(index_path + ": write failed");
+  }
+
+  void publish() override {
+    for (auto& shard : shards_) shard->publish();
+    rename_file(index_temporary_, directory_ + "/" + kSafetensorsIndexName);
+    published_ = true;
+  }
+
+ private:
+  std::string path_;
+  std::string directory_;
+  std::vector<TensorInfo> layout_;
+  std::vector<std::unique_ptr<SafetensorsWriter>> shards_;
+  std::map<std::string, std::size_t> owner_;
+  std::map<std::string, std::string> weight_map_;
+  long long total_size_ = 0;
+  std::string index_temporary_;
+  bool created_directory_ = false;
+  bool published_ = false;
+};
+
+}  // namespace
+
+std::string shard_file_name(int index, int count) {
+  char name[64];
+  std::snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", index, count);
+  return name;
+}
+
+std::vector<TensorInfo> aligned_storage_order(const std::vector<TensorInfo>& layout) {
+  std::vector<TensorInfo> order = layout;
+  std::stable_sort(order.begin(), order.end(), [](const TensorInfo& a, const TensorInfo& b) {
+    return dtype_size(a.dtype) > dtype_size(b.dtype);
+  });
+  return order;
+}
+
+std::unique_ptr<TensorReader> open_safetensors_reader(const std::string& path) {
+  return std::make_unique<SafetensorsReader>(path);
+}
+
+std::unique_ptr<TensorReader> open_sharded_safetensors_reader(const std::string& path) {
+  return std::make_unique<ShardedSafetensorsReader>(path);
+}
+
+std::unique_ptr<TensorWriter> open_safetensors_writer(const std::string& path, const std::vector<TensorInfo>& layout,
+                                                      const Metadata& metadata) {
+  return std::make_unique<SafetensorsWriter>(path, layout, metadata);
+}
+
+std::unique_ptr<TensorWriter> open_sharded_safetensors_writer(const std::string& path,
+                                                              const std::vector<TensorInfo>& layout,
+                                                              const Metadata& metadata, long long max_shard_bytes) {
+  return std::make_unique<ShardedSafetensorsWriter>(path, layout, metadata, max_shard_bytes);
+}
+
+}  // namespace gradfix

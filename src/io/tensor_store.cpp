@@ -1,0 +1,128 @@
+#include "gradfix/io/tensor_store.hpp"
+
+#include <set>
+
+#include "gradfix/core/error.hpp"
+#include "gradfix/io/atomic_file.hpp"
+#include "gradfix/io/hdf5_store.hpp"
+#include "gradfix/io/safetensors.hpp"
+
+namespace gradfix {
+namespace {
+
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+long long TensorInfo::numel() const {
+  long long count = 1;
+  for (long long dim : shape) count *= dim;
+  return count;
+}
+
+const TensorInfo* TensorReader::find(const std::string& name) const {
+  for (const auto& tensor : tensors())
+    if (tensor.name == name) return &tensor;
+  return nullptr;
+}
+
+const TensorInfo& TensorReader::info(const std::string& name) const {
+  const TensorInfo* tensor = find(name);
+  if (tensor == nullptr) throw InputError(path() + ": no tensor named '" + name + "'");
+  return *tensor;
+}
+
+std::vector<float> TensorReader::read_f32(const std::string& name, long long begin, long long count) const {
+  const TensorInfo& tensor = info(name);
+  std::vector<float> values(static_cast<std::size_t>(count));
+  if (tensor.dtype == DType::kF32) {
+    read_raw(name, begin, count, values.data());
+    return values;
+  }
+  std::vector<unsigned char> raw(static_cast<std::size_t>(count) * dtype_size(tensor.dtype));
+  read_raw(name, begin, count, raw.data());
+  convert_to_f32(tensor.dtype, raw.data(), values.data(), static_cast<std::size_t>(count));
+  return values;
+}
+
+std::vector<float> TensorReader::read_f32(const std::string& name) const {
+  return read_f32(name, 0, info(name).numel());
+}
+
+void TensorWriter::write_f32(const std::string& name, long long begin, const float* source, long long count) {
+  if (dtypes_.empty())
+    for (const auto& tensor : layout()) dtypes_[tensor.name] = tensor.dtype;
+  const auto found = dtypes_.find(name);
+  if (found == dtypes_.end()) throw RuntimeFailure(path() + ": tensor '" + name + "' is not in the output layout");
+  const DType dtype = found->second;
+  if (dtype == DType::kF32) {
+    write_raw(name, begin, count, source);
+    return;
+  }
+  std::vector<unsigned char> raw(static_cast<std::size_t>(count) * dtype_size(dtype));
+  convert_from_f32(dtype, source, raw.data(), static_cast<std::size_t>(count));
+  write_raw(name, begin, count, raw.data());
+}
+
+WriteTracker::WriteTracker(const std::vector<TensorInfo>& layout) : layout_(layout), written_(layout.size(), 0) {
+  for (std::size_t i = 0; i < layout_.size(); ++i) index_[layout_[i].name] = i;
+}
+
+const TensorInfo& WriteTracker::record(const std::string& file, const std::string& name, long long begin,
+                                       long long count) {
+  const auto found = index_.find(name);
+  if (found == index_.end()) throw RuntimeFailure(file + ": tensor '" + name + "' is not in the output layout");
+  const TensorInfo& tensor = layout_[found->second];
+  if (begin < 0 || count < 0 || begin + count > tensor.numel())
+    throw RuntimeFailure(file + ": tensor '" + name + "': write of elements [" + std::to_string(begin) + ", " +
+                         std::to_string(begin + count) + ") lies outside its " + std::to_string(tensor.numel()) +
+                         " elements");
+  written_[found->second] += count;
+  return tensor;
+}
+
+void WriteTracker::check_complete(const std::string& file) const {
+  for (std::size_t i = 0; i < layout_.size(); ++i) {
+    if (written_[i] != layout_[i].numel())
+      throw RuntimeFailure(file + ": tensor '" + layout_[i].name + "': " + std::to_string(written_[i]) + " of " +
+                           std::to_string(layout_[i].numel()) + " elements were written; refusing to publish");
+  }
+}
+
+StoreFormat format_of_path(const std::string& path) {
+  if (ends_with(path, ".safetensors")) return StoreFormat::kSafetensors;
+  if (ends_with(path, ".h5") || ends_with(path, ".hdf5")) return StoreFormat::kHdf5;
+  if (ends_with(path, ".index.json") || ends_with(path, "/") || is_directory(path))
+    return StoreFormat::kShardedSafetensors;
+  throw InputError("'" + path +
+                   "': unknown checkpoint format; expected a .safetensors file, an .h5/.hdf5 file, or a directory "
+                   "holding " + kSafetensorsIndexName);
+}
+
+std::unique_ptr<TensorReader> open_reader(const std::string& path) {
+  switch (format_of_path(path)) {
+    case StoreFormat::kSafetensors: return open_safetensors_reader(path);
+    case StoreFormat::kShardedSafetensors: return open_sharded_safetensors_reader(path);
+    case StoreFormat::kHdf5: return open_hdf5_reader(path);
+  }
+  throw InputError("'" + path + "': unknown checkpoint format");
+}
+
+std::unique_ptr<TensorWriter> open_writer(const std::string& path, const std::vector<TensorInfo>& layout,
+                                          const Metadata& metadata, const WriteOptions& options) {
+  std::set<std::string> names;
+  for (const auto& tensor : layout)
+    if (!names.insert(tensor.name).second)
+      throw InputError(path + ": tensor '" + tensor.name + "' appears twice in the output");
+  switch (format_of_path(path)) {
+    case StoreFormat::kSafetensors: return open_safetensors_writer(path, layout, metadata);
+    case StoreFormat::kShardedSafetensors:
+      return open_sharded_safetensors_writer(path, layout, metadata, options.max_shard_bytes);
+    case StoreFormat::kHdf5: return open_hdf5_writer(path, layout, metadata);
+  }
+  throw InputError("'" + path + "': unknown checkpoint format");
+}
+
+}  // namespace gradfix

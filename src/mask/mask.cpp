@@ -1,0 +1,188 @@
+#include "gradfix/mask/mask.hpp"
+
+#include <cmath>
+
+#include "gradfix/core/error.hpp"
+
+namespace gradfix {
+namespace {
+
+struct ModeName {
+  MaskMode mode;
+  const char* name;
+};
+
+constexpr ModeName kModeNames[] = {
+    {MaskMode::kNormal, "normal"},          {MaskMode::kForce, "force"},
+    {MaskMode::kRandom, "random"},          {MaskMode::kSoft1, "soft1"},
+    {MaskMode::kSoft2, "soft2"},            {MaskMode::kSoft3, "soft3"},
+    {MaskMode::kSoft1Rowwise, "soft1_rowwise"}, {MaskMode::kSoft2Rowwise, "soft2_rowwise"},
+    {MaskMode::kSoft3Rowwise, "soft3_rowwise"}, {MaskMode::kOracle, "oracle"},
+};
+
+inline float sign_of(float value) { return value > 0.0f ? 1.0f : (value < 0.0f ? -1.0f : 0.0f); }
+
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// splitmix64: a counter-based generator, so the sign of element i depends only on (seed, tensor,
+// i) and not on how the tensor was split into chunks or across ranks.
+inline std::uint64_t mix(std::uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+bool is_soft(MaskMode mode) {
+  return mode == MaskMode::kSoft1 || mode == MaskMode::kSoft2 || mode == MaskMode::kSoft3 ||
+         mode == MaskMode::kSoft1Rowwise || mode == MaskMode::kSoft2Rowwise || mode == MaskMode::kSoft3Rowwise;
+}
+
+}  // namespace
+
+MaskMode parse_mask_mode(const std::string& name) {
+  for (const auto& entry : kModeNames)
+    if (name == entry.name) return entry.mode;
+  throw InputError("unknown mask mode '" + name + "'; valid modes: " + mask_mode_names());
+}
+
+const char* mask_mode_name(MaskMode mode) {
+  for (const auto& entry : kModeNames)
+    if (entry.mode == mode) return entry.name;
+  return "?";
+}
+
+std::string mask_mode_names() {
+  std::string names;
+  for (const auto& entry : kModeNames) names += (names.empty() ? "" : "|") + std::string(entry.name);
+  return names;
+}
+
+std::uint64_t tensor_key_of(const std::string& name) {
+  std::uint64_t hash = 0xCBF29CE484222325ULL;
+  for (unsigned char c : name) {
+    hash ^= c;
+    hash *= 0x100000001B3ULL;
+  }
+  return hash;
+}
+
+MaskPlan plan_mask(MaskMode mode, const std::vector<long long>& shape) {
+  long long numel = 1;
+  for (long long dim : shape) numel *= dim;
+  MaskPlan plan;
+  plan.mode = mode;
+  const bool rowwise = shape.size() >= 2 && numel > 0;
+  // A rowwise mode on a vector or scalar falls back to its element-wise form, as the official
+  // code does.
+  if (!rowwise) {
+    if (mode == MaskMode::kSoft1Rowwise) plan.mode = MaskMode::kSoft1;
+    if (mode == MaskMode::kSoft2Rowwise) plan.mode = MaskMode::kSoft2;
+    if (mode == MaskMode::kSoft3Rowwise) plan.mode = MaskMode::kSoft3;
+  }
+  switch (plan.mode) {
+    case MaskMode::kSoft1:
+      plan.row_length = numel > 0 ? numel : 1;
+      plan.sums_per_row = 2;  // sum t^2, sum g^2
+      break;
+    case MaskMode::kSoft1Rowwise:
+    case MaskMode::kSoft2Rowwise:
+    case MaskMode::kSoft3Rowwise:
+      plan.row_length = numel / shape[0];
+      plan.sums_per_row = 3;  // soft1: t.g, t.t, g.g; soft2: t.g; soft3: agreeing signs, sum |g|
+      break;
+    default:
+      plan.row_length = 1;
+      plan.sums_per_row = 0;
+      break;
+  }
+  plan.rows = plan.sums_per_row > 0 ? (numel + plan.row_length - 1) / plan.row_length : 0;
+  return plan;
+}
+
+void accumulate_mask_sums(const MaskPlan& plan, const MaskOptions& options, const float* tau, const float* s,
+                          long long begin, long long count, double* sums) {
+  if (plan.sums_per_row == 0) return;
+  const bool raw = options.raw_soft_input;
+  for (long long i = 0; i < count; ++i) {
+    const double t = tau[i];
+    const double g = raw ? s[i] : sign_of(s[i]);
+    double* row = sums + ((begin + i) / plan.row_length) * plan.sums_per_row;
+    switch (plan.mode) {
+      case MaskMode::kSoft1:
+        row[0] += t * t;
+        row[1] += g * g;
+        break;
+      case MaskMode::kSoft1Rowwise:
+        row[0] += t * g;
+        row[1] += t * t;
+        row[2] += g * g;
+        break;
+      case MaskMode::kSoft2Rowwise: row[0] += t * g; break;
+      case MaskMode::kSoft3Rowwise:
+        row[0] += sign_of(static_cast<float>(t)) == sign_of(static_cast<float>(g)) ? 1.0 : 0.0;
+        row[1] += std::fabs(g);
+        break;
+      default: break;
+    }
+  }
+}
+
+void apply_mask(const MaskPlan& plan, const MaskOptions& options, const float* tau, const float* s, long long begin,
+                long long count, const double* sums, std::uint64_t tensor_key, float* out) {
+  const bool raw = options.raw_soft_input && is_soft(plan.mode);
+  for (long long i = 0; i < count; ++i) {
+    const float t = tau[i];
+    const float g = raw ? s[i] : sign_of(s[i]);
+    const double* row = plan.sums_per_row > 0 ? sums + ((begin + i) / plan.row_length) * plan.sums_per_row : nullptr;
+    double weight = 1.0;
+    switch (plan.mode) {
+      case MaskMode::kNormal:
+      case MaskMode::kOracle: out[i] = sign_of(t) == g ? t : 0.0f; continue;
+      case MaskMode::kForce: out[i] = std::fabs(t) * g; continue;
+      case MaskMode::kRandom: {
+        const std::uint64_t bits = mix(options.seed ^ mix(tensor_key ^ mix(static_cast<std::uint64_t>(begin + i))));
+        out[i] = (bits >> 63) != 0 ? -std::fabs(t) : std::fabs(t);
+        continue;
+      }
+      case MaskMode::kSoft1: {
+        const double denominator = std::sqrt(row[0]) * std::sqrt(row[1]) + 1e-8;
+        weight = sigmoid(options.beta * (static_cast<double>(t) * g / denominator));
+        break;
+      }
+      case MaskMode::kSoft2: weight = std::max(std::tanh(options.gamma * static_cast<double>(t) * g), 0.0); break;
+      case MaskMode::kSoft3: {
+        const double magnitude = std::fabs(static_cast<double>(g));
+        weight = sign_of(t) == sign_of(g) ? magnitude / (magnitude + options.c) : 0.0;
+        break;
+      }
+      case MaskMode::kSoft1Rowwise: {
+        const double cosine = row[0] / (std::sqrt(row[1]) * std::sqrt(row[2]) + 1e-8);
+        weight = sigmoid(options.beta * cosine);
+        break;
+      }
+      case MaskMode::kSoft2Rowwise: weight = std::max(std::tanh(options.gamma * row[0]), 0.0); break;
+      case MaskMode::kSoft3Rowwise: {
+        const double n = static_cast<double>(plan.row_length);
+        const double mean_magnitude = row[1] / n;
+        weight = (row[0] / n) * mean_magnitude / (mean_magnitude + options.c);
+        break;
+      }
+    }
+    out[i] = static_cast<float>(weight * t);
+  }
+}
+
+std::vector<float> mask_tensor(MaskMode mode, const MaskOptions& options, const std::vector<float>& tau,
+                               const std::vector<float>& s, const std::vector<long long>& shape,
+                               std::uint64_t tensor_key) {
+  const MaskPlan plan = plan_mask(mode, shape);
+  const auto count = static_cast<long long>(tau.size());
+  std::vector<double> sums(static_cast<std::size_t>(plan.rows * plan.sums_per_row), 0.0);
+  accumulate_mask_sums(plan, options, tau.data(), s.data(), 0, count, sums.data());
+  std::vector<float> out(tau.size());
+  apply_mask(plan, options, tau.data(), s.data(), 0, count, sums.data(), tensor_key, out.data());
+  return out;
+}
+
+}  // namespace gradfix

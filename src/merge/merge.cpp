@@ -1,0 +1,91 @@
+#include "gradfix/merge/merge.hpp"
+
+#include <cmath>
+
+#include "gradfix/core/error.hpp"
+
+namespace gradfix {
+namespace {
+
+template <typename Enum>
+struct NamedValue {
+  Enum value;
+  const char* name;
+};
+
+constexpr NamedValue<MergeMethod> kMethods[] = {{MergeMethod::kMean, "mean"}, {MergeMethod::kSum, "sum"}, {MergeMethod::kTies, "ties"}};
+constexpr NamedValue<TiesElect> kElects[] = {{TiesElect::kCount, "count"}, {TiesElect::kMass, "mass"}};
+constexpr NamedValue<TiesScope> kScopes[] = {{TiesScope::kTensor, "tensor"}, {TiesScope::kGlobal, "global"}};
+constexpr NamedValue<MergeOrder> kOrders[] = {
+    {MergeOrder::kNone, "none"}, {MergeOrder::kMaskThenMerge, "mask-then-merge"}, {MergeOrder::kMergeThenMask, "merge-then-mask"}};
+
+template <typename Enum, std::size_t N>
+Enum parse_named(const NamedValue<Enum> (&table)[N], const std::string& name, const char* what) {
+  std::string valid;
+  for (const auto& entry : table) {
+    if (name == entry.name) return entry.value;
+    valid += (valid.empty() ? "" : "|") + std::string(entry.name);
+  }
+  throw InputError(std::string("unknown ") + what + " '" + name + "'; valid: " + valid);
+}
+
+template <typename Enum, std::size_t N>
+const char* name_of(const NamedValue<Enum> (&table)[N], Enum value) {
+  for (const auto& entry : table)
+    if (entry.value == value) return entry.name;
+  return "?";
+}
+
+}  // namespace
+
+MergeMethod parse_merge_method(const std::string& name) { return parse_named(kMethods, name, "merge method"); }
+TiesElect parse_ties_elect(const std::string& name) { return parse_named(kElects, name, "TIES election"); }
+TiesScope parse_ties_scope(const std::string& name) { return parse_named(kScopes, name, "TIES scope"); }
+MergeOrder parse_merge_order(const std::string& name) { return parse_named(kOrders, name, "merge order"); }
+const char* merge_method_name(MergeMethod method) { return name_of(kMethods, method); }
+const char* merge_order_name(MergeOrder order) { return name_of(kOrders, order); }
+
+void merge_values(MergeMethod method, TiesElect elect, const std::vector<const float*>& vectors, long long count,
+                  const std::vector<float>& thresholds, float* out) {
+  const std::size_t n = vectors.size();
+  if (method != MergeMethod::kTies) {
+    const double scale = method == MergeMethod::kMean && n > 0 ? 1.0 / static_cast<double>(n) : 1.0;
+    for (long long i = 0; i < count; ++i) {
+      double total = 0.0;
+      for (const float* vector : vectors) total += vector[i];
+      out[i] = static_cast<float>(total * scale);
+    }
+    return;
+  }
+  for (long long i = 0; i < count; ++i) {
+    // Trim, then elect: positive and negative votes (count) or summed values (mass).
+    int positive = 0, negative = 0;
+    double mass = 0.0;
+    for (std::size_t v = 0; v < n; ++v) {
+      const float value = vectors[v][i];
+      if (value == 0.0f || std::fabs(value) < thresholds[v]) continue;
+      positive += value > 0.0f;
+      negative += value < 0.0f;
+      mass += value;
+    }
+    float elected = 0.0f;
+    if (elect == TiesElect::kCount) {
+      if (positive + negative > 0) elected = positive >= negative ? 1.0f : -1.0f;
+    } else {
+      elected = mass > 0.0 ? 1.0f : (mass < 0.0 ? -1.0f : 0.0f);
+    }
+    // Disjoint mean: the average of the surviving entries that agree with the elected sign.
+    double total = 0.0;
+    int agreeing = 0;
+    for (std::size_t v = 0; v < n; ++v) {
+      const float value = vectors[v][i];
+      if (value == 0.0f || std::fabs(value) < thresholds[v]) continue;
+      if ((value > 0.0f ? 1.0f : -1.0f) != elected) continue;
+      total += value;
+      ++agreeing;
+    }
+    out[i] = agreeing > 0 ? static_cast<float>(total / agreeing) : 0.0f;
+  }
+}
+
+}  // namespace gradfix
