@@ -225,7 +225,7 @@ int run_command_line(const std::vector<std::string>& args, std::ostream& out) {
     throw InputError("unknown subcommand '" + subcommand + "'; valid: " + names + " (gradfix --help)");
   }
 
-  po::options_description options(std::string("usage: ") + known->usage + "\n\n" + known->summary);
+  po::options_description options(std::string("usage: ") + known->usage + "\n\n" + known->summary, 110, 55);
   po::positional_options_description positional;
   options.add(general_options());
   po::options_description specific("Inputs");

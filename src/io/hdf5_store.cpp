@@ -108,7 +108,8 @@ std::string read_string_attribute(hid_t object, const char* name, const std::str
     H5free_memory(value);
     return text;
   }
-  const std::size_t size = H5Tget_size(type.get());
+  // One byte more than stored, for the terminating zero the C string type insists on.
+  const std::size_t size = H5Tget_size(type.get()) + 1;
   std::string text(size, '\0');
   Handle memory(H5Tcopy(H5T_C_S1), H5Tclose);
   H5Tset_size(memory.get(), size);
@@ -226,7 +227,9 @@ class Hdf5Reader final : public TensorReader {
     if (!file_exists(path)) throw InputError(path + ": cannot open: No such file or directory");
     if (H5Fis_hdf5(path.c_str()) <= 0) throw InputError(path + ": not an HDF5 file (bad signature or truncated)");
     file_ = Handle(check(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), path, "open the file"), H5Fclose);
-    check(H5Ovisit(file_.get(), H5_INDEX_NAME, H5_ITER_INC, &Hdf5Reader::visit, this), path, "list the datasets");
+    const herr_t listed = H5Ovisit(file_.get(), H5_INDEX_NAME, H5_ITER_INC, &Hdf5Reader::visit, this);
+    if (visit_error_) std::rethrow_exception(visit_error_);
+    check(listed, path, "list the datasets");
     read_root_attributes();
   }
 
@@ -271,7 +274,6 @@ class Hdf5Reader final : public TensorReader {
   }
 
   void read_root_attributes() {
-    if (visit_error_) std::rethrow_exception(visit_error_);
     H5O_info_t info;
     check(H5Oget_info(file_.get(), &info), path_, "read the root group");
     for (hsize_t i = 0; i < info.num_attrs; ++i) {

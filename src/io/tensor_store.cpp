@@ -94,7 +94,10 @@ void WriteTracker::check_complete(const std::string& file) const {
 StoreFormat format_of_path(const std::string& path) {
   if (ends_with(path, ".safetensors")) return StoreFormat::kSafetensors;
   if (ends_with(path, ".h5") || ends_with(path, ".hdf5")) return StoreFormat::kHdf5;
-  if (ends_with(path, ".index.json") || ends_with(path, "/") || is_directory(path))
+  // A path without an extension names a directory: an existing sharded checkpoint, or the one
+  // a writer is to create.
+  const std::string last = path.substr(path.find_last_of('/') == std::string::npos ? 0 : path.find_last_of('/') + 1);
+  if (ends_with(path, ".index.json") || ends_with(path, "/") || is_directory(path) || last.find('.') == std::string::npos)
     return StoreFormat::kShardedSafetensors;
   throw InputError("'" + path +
                    "': unknown checkpoint format; expected a .safetensors file, an .h5/.hdf5 file, or a directory "
