@@ -33,6 +33,8 @@ constexpr Subcommand kSubcommands[] = {
     {"merge", "gradfix merge --task-vector T1 --task-vector T2 [...] --method mean|sum|ties --out M",
      "merge task vectors, optionally masking before or after"},
     {"apply", "gradfix apply --base B --task-vector T --alpha A --out OUT", "write base + alpha * tau"},
+    {"generate", "gradfix generate (--mlp 784,256,10 | --shapes w=4x3,b=4 | --like FILE) --seed S --out FILE",
+     "write a synthetic checkpoint (random, or a noisy copy of another) for trials and benchmarks"},
     {"convert", "gradfix convert IN OUT [--out-dtype D]",
      "re-pack a checkpoint: safetensors <-> HDF5, single file <-> shards, dtype changes"},
 };
@@ -240,6 +242,15 @@ int run_command_line(const std::vector<std::string>& args, std::ostream& out) {
   } else if (subcommand == "convert") {
     specific.add_options()("in", po::value<std::string>(), "checkpoint to read (positional)");
     positional.add("in", 1).add("out", 1);
+  } else if (subcommand == "generate") {
+    specific.add_options()
+        ("mlp", po::value<std::string>(), "layer widths of an MLP: layers.{i}.weight and layers.{i}.bias")
+        ("shapes", po::value<std::string>(), "tensors as NAME=DIMxDIM,... (e.g. w=256x784,b=256)")
+        ("dtype", po::value<std::string>()->default_value("F32"), "dtype for --mlp and --shapes")
+        ("like", po::value<std::string>(), "take the tensors of this checkpoint, scaled by --like-scale")
+        ("like-scale", po::value<double>()->default_value(1.0), "factor on the --like values")
+        ("noise", po::value<double>()->default_value(1.0), "standard deviation of the added Gaussian noise")
+        ("seed", po::value<unsigned long long>()->default_value(0), "random seed");
   } else if (subcommand == "taskvector") {
     specific.add_options()
         ("base", po::value<std::string>(), "pre-trained checkpoint A_base")
@@ -292,7 +303,23 @@ int run_command_line(const std::vector<std::string>& args, std::ostream& out) {
     return 0;
   }
   const OutputOptions output = parse_output(values);
-  if (subcommand == "convert") {
+  if (subcommand == "generate") {
+    GenerateJob job;
+    const std::string dtype_text = values["dtype"].as<std::string>();
+    const auto dtype = parse_dtype(dtype_text);
+    if (!dtype) throw InputError("unknown --dtype '" + dtype_text + "'");
+    if (values.count("mlp") + values.count("shapes") + values.count("like") != 1)
+      throw InputError("gradfix generate: give exactly one of --mlp, --shapes and --like");
+    if (values.count("mlp")) job.layout = mlp_layout(values["mlp"].as<std::string>(), *dtype);
+    if (values.count("shapes")) job.layout = parse_shapes(values["shapes"].as<std::string>(), *dtype);
+    if (values.count("like")) job.like = values["like"].as<std::string>();
+    job.like_scale = values["like-scale"].as<double>();
+    job.noise = values["noise"].as<double>();
+    job.seed = values["seed"].as<unsigned long long>();
+    job.out = require(values, "out", subcommand);
+    job.output = output;
+    run_generate(job, out);
+  } else if (subcommand == "convert") {
     run_convert({require(values, "in", subcommand), require(values, "out", subcommand), output}, out);
   } else if (subcommand == "taskvector") {
     run_taskvector({require(values, "base", subcommand), require(values, "finetuned", subcommand),

@@ -6,6 +6,7 @@
 #include <iomanip>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <set>
 #include <sstream>
 
@@ -352,6 +353,77 @@ JobSummary run_convert(const ConvertJob& job, std::ostream& log) {
   summary.bytes_written = layout_bytes(layout);
   log << "convert: " << layout.size() << " tensors, " << summary.bytes_written << " bytes, written to " << job.out
       << "\n";
+  return summary;
+}
+
+std::vector<TensorInfo> parse_shapes(const std::string& text, DType dtype) {
+  std::vector<TensorInfo> layout;
+  std::stringstream entries(text);
+  std::string entry;
+  while (std::getline(entries, entry, ',')) {
+    const auto equals = entry.find('=');
+    if (equals == std::string::npos || equals == 0)
+      throw InputError("--shapes entry '" + entry + "' is not NAME=DIMxDIMx... (e.g. w=256x784)");
+    TensorInfo tensor{entry.substr(0, equals), dtype, {}};
+    std::stringstream dims(entry.substr(equals + 1));
+    std::string dim;
+    while (std::getline(dims, dim, 'x')) {
+      if (dim.empty() || dim.find_first_not_of("0123456789") != std::string::npos)
+        throw InputError("--shapes entry '" + entry + "': '" + dim + "' is not a dimension");
+      tensor.shape.push_back(std::stoll(dim));
+    }
+    layout.push_back(tensor);
+  }
+  if (layout.empty()) throw InputError("--shapes is empty");
+  return layout;
+}
+
+std::vector<TensorInfo> mlp_layout(const std::string& dims, DType dtype) {
+  std::vector<long long> widths;
+  std::stringstream text(dims);
+  std::string width;
+  while (std::getline(text, width, ',')) {
+    if (width.empty() || width.find_first_not_of("0123456789") != std::string::npos || std::stoll(width) == 0)
+      throw InputError("--mlp '" + dims + "': '" + width + "' is not a positive layer width");
+    widths.push_back(std::stoll(width));
+  }
+  if (widths.size() < 2) throw InputError("--mlp '" + dims + "' needs at least two widths (input and output)");
+  std::vector<TensorInfo> layout;
+  for (std::size_t i = 0; i + 1 < widths.size(); ++i) {
+    layout.push_back({"layers." + std::to_string(i) + ".weight", dtype, {widths[i + 1], widths[i]}});
+    layout.push_back({"layers." + std::to_string(i) + ".bias", dtype, {widths[i + 1]}});
+  }
+  return layout;
+}
+
+JobSummary run_generate(const GenerateJob& job, std::ostream& log) {
+  if (!std::isfinite(job.noise) || !std::isfinite(job.like_scale)) throw InputError("--noise and --like-scale must be finite");
+  Reader like;
+  std::vector<TensorInfo> layout = job.layout;
+  if (!job.like.empty()) {
+    like = open_reader(job.like);
+    layout.clear();
+    for (const auto& tensor : like->tensors()) layout.push_back(output_info(tensor, job.output));
+  }
+  if (layout.empty()) throw InputError("generate needs --mlp, --shapes or --like");
+  auto writer = open_writer(job.out, layout, like ? like->metadata() : Metadata{}, write_options(job.output));
+  JobSummary summary;
+  for (const auto& tensor : layout) {
+    std::vector<float> values(static_cast<std::size_t>(tensor.numel()), 0.0f);
+    if (like) {
+      values = load(*like, tensor.name, job.output.allow_nonfinite);
+      for (auto& value : values) value = static_cast<float>(job.like_scale * value);
+    }
+    std::mt19937_64 generator(job.seed ^ tensor_key_of(tensor.name));
+    std::normal_distribution<double> normal(0.0, 1.0);
+    for (auto& value : values) value += static_cast<float>(job.noise * normal(generator));
+    writer->write_f32(tensor.name, 0, values.data(), tensor.numel());
+    summary.elements += tensor.numel();
+  }
+  writer->commit();
+  summary.tensors_written = static_cast<long long>(layout.size());
+  summary.bytes_written = layout_bytes(layout);
+  log << "generate: " << layout.size() << " tensors, " << summary.elements << " elements, written to " << job.out << "\n";
   return summary;
 }
 

@@ -93,6 +93,21 @@ TEST_F(CliTest, FullChainSucceeds) {
   EXPECT_EQ(open_reader(f("final.h5"))->read_f32("a.bias"), reader->read_f32("a.bias"));
 }
 
+TEST_F(CliTest, GenerateIsSeededAndFollowsLike) {
+  ASSERT_EQ(gradfix("generate --mlp 5,4,3 --seed 7 --noise 0.5 --out " + f("g1.safetensors")).exit_code, 0);
+  ASSERT_EQ(gradfix("generate --mlp 5,4,3 --seed 7 --noise 0.5 --out " + f("g2.h5")).exit_code, 0);
+  const auto a = open_reader(f("g1.safetensors"));
+  EXPECT_EQ(a->info("layers.0.weight").shape, (std::vector<long long>{4, 5}));
+  EXPECT_EQ(a->info("layers.1.bias").shape, (std::vector<long long>{3}));
+  EXPECT_EQ(a->read_f32("layers.1.weight"), open_reader(f("g2.h5"))->read_f32("layers.1.weight"));
+  ASSERT_EQ(gradfix("generate --like " + f("g1.safetensors") + " --like-scale -2 --noise 0 --out " + f("g3.safetensors")).exit_code, 0);
+  const auto original = a->read_f32("layers.0.bias");
+  const auto scaled = open_reader(f("g3.safetensors"))->read_f32("layers.0.bias");
+  for (std::size_t i = 0; i < original.size(); ++i) EXPECT_EQ(scaled[i], -2.0f * original[i]);
+  expect_bad_input("generate --mlp 5 --out " + f("x.safetensors"), {"at least two widths"});
+  expect_bad_input("generate --shapes w=3xq --out " + f("x.safetensors"), {"'q' is not a dimension"});
+}
+
 TEST_F(CliTest, ConfigFileWithFlagsWinning) {
   testing::write_bytes(f("job.ini"), "# a transport job\nalpha = 0.5\n[apply]\nbase = " + f("base.safetensors") +
                                          "\ntask-vector = " + f("ft.safetensors") + "\nout = " + f("from-config.safetensors") +

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "gradfix/core/dtype.hpp"
+#include "gradfix/io/tensor_store.hpp"
 #include "gradfix/mask/compare.hpp"
 #include "gradfix/mask/mask.hpp"
 #include "gradfix/merge/merge.hpp"
@@ -74,6 +75,24 @@ struct InspectJob {
   std::string json_out;  // optional JSON copy of the report
 };
 
+// Synthetic checkpoints, for trying gradfix without a model and for benchmarks: every value is
+// like_scale * (the same tensor of `like`) + noise * N(0, 1), seeded per tensor name so that the
+// result does not depend on tensor order.
+struct GenerateJob {
+  std::vector<TensorInfo> layout;  // ignored when `like` is given
+  std::string like;
+  double like_scale = 1.0;
+  double noise = 1.0;
+  std::uint64_t seed = 0;
+  std::string out;
+  OutputOptions output;
+};
+
+// "w=256x784,b=256" into tensors of `dtype`; throws InputError on malformed text.
+std::vector<TensorInfo> parse_shapes(const std::string& text, DType dtype);
+// The tensors of an MLP with these layer widths: layers.{i}.weight [out, in] and layers.{i}.bias.
+std::vector<TensorInfo> mlp_layout(const std::string& dims, DType dtype);
+
 // What a job did, for its summary line and for tests.
 struct JobSummary {
   long long tensors_written = 0;
@@ -89,5 +108,6 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log);
 JobSummary run_merge(const MergeJob& job, std::ostream& log);
 JobSummary run_convert(const ConvertJob& job, std::ostream& log);
 void run_inspect(const InspectJob& job, std::ostream& out);
+JobSummary run_generate(const GenerateJob& job, std::ostream& log);
 
 }  // namespace gradfix
