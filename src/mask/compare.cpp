@@ -10,14 +10,24 @@ inline int sign_of(float value) { return (value > 0.0f) - (value < 0.0f); }
 }  // namespace
 
 void PairStats::add(const float* a, const float* b, long long n) {
+  long long agreements = 0, nonzero_first = 0, nonzero_second = 0;
+  double products = 0.0, squares_a = 0.0, squares_b = 0.0;
+  // These are reports, not outputs: letting the compiler reorder the sums (vector lanes) is fine.
+#pragma omp simd reduction(+ : agreements, nonzero_first, nonzero_second, products, squares_a, squares_b)
   for (long long i = 0; i < n; ++i) {
-    sign_agreements += sign_of(a[i]) == sign_of(b[i]);
-    nonzero_a += a[i] != 0.0f;
-    nonzero_b += b[i] != 0.0f;
-    dot += static_cast<double>(a[i]) * b[i];
-    norm_a_squared += static_cast<double>(a[i]) * a[i];
-    norm_b_squared += static_cast<double>(b[i]) * b[i];
+    agreements += sign_of(a[i]) == sign_of(b[i]);
+    nonzero_first += a[i] != 0.0f;
+    nonzero_second += b[i] != 0.0f;
+    products += static_cast<double>(a[i]) * b[i];
+    squares_a += static_cast<double>(a[i]) * a[i];
+    squares_b += static_cast<double>(b[i]) * b[i];
   }
+  sign_agreements += agreements;
+  nonzero_a += nonzero_first;
+  nonzero_b += nonzero_second;
+  dot += products;
+  norm_a_squared += squares_a;
+  norm_b_squared += squares_b;
   count += n;
 }
 

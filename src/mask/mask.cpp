@@ -22,6 +22,9 @@ constexpr ModeName kModeNames[] = {
 
 inline float sign_of(float value) { return value > 0.0f ? 1.0f : (value < 0.0f ? -1.0f : 0.0f); }
 
+// Block length of soft1's partial sums on vectors and scalars.
+constexpr long long kSoft1Block = 4096;
+
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 // splitmix64: a counter-based generator, so the sign of element i depends only on (seed, tensor,
@@ -82,8 +85,10 @@ MaskPlan plan_mask(MaskMode mode, const std::vector<long long>& shape) {
   }
   switch (plan.mode) {
     case MaskMode::kSoft1:
-      plan.row_length = numel > 0 ? numel : 1;
-      plan.sums_per_row = 2;  // sum t^2, sum g^2
+      // Sums of t^2 and g^2 per block (a row of a matrix, or kSoft1Block elements of a vector),
+      // folded in block order by apply_mask.
+      plan.row_length = shape.size() >= 2 && numel > 0 ? numel / shape[0] : kSoft1Block;
+      plan.sums_per_row = 2;
       break;
     case MaskMode::kSoft1Rowwise:
     case MaskMode::kSoft2Rowwise:
@@ -128,48 +133,79 @@ void accumulate_mask_sums(const MaskPlan& plan, const MaskOptions& options, cons
   }
 }
 
+namespace {
+
+// Runs `weight_of(i, t, g, row)` over the chunk with the mode fixed outside the loop, so that the
+// element-wise modes compile to straight vector code.
+template <typename Weight>
+void apply_weights(const MaskPlan& plan, bool raw, const float* tau, const float* s, long long begin, long long count,
+                   const double* sums, float* out, Weight weight_of) {
+  for (long long i = 0; i < count; ++i) {
+    const float g = raw ? s[i] : sign_of(s[i]);
+    const double* row = plan.sums_per_row > 0 ? sums + ((begin + i) / plan.row_length) * plan.sums_per_row : nullptr;
+    out[i] = static_cast<float>(weight_of(static_cast<double>(tau[i]), static_cast<double>(g), row) * tau[i]);
+  }
+}
+
+}  // namespace
+
 void apply_mask(const MaskPlan& plan, const MaskOptions& options, const float* tau, const float* s, long long begin,
                 long long count, const double* sums, std::uint64_t tensor_key, float* out) {
   const bool raw = options.raw_soft_input && is_soft(plan.mode);
-  for (long long i = 0; i < count; ++i) {
-    const float t = tau[i];
-    const float g = raw ? s[i] : sign_of(s[i]);
-    const double* row = plan.sums_per_row > 0 ? sums + ((begin + i) / plan.row_length) * plan.sums_per_row : nullptr;
-    double weight = 1.0;
-    switch (plan.mode) {
-      case MaskMode::kNormal:
-      case MaskMode::kOracle: out[i] = sign_of(t) == g ? t : 0.0f; continue;
-      case MaskMode::kForce: out[i] = std::fabs(t) * g; continue;
-      case MaskMode::kRandom: {
+  switch (plan.mode) {
+    case MaskMode::kNormal:
+    case MaskMode::kOracle:
+      for (long long i = 0; i < count; ++i) out[i] = sign_of(tau[i]) == sign_of(s[i]) ? tau[i] : 0.0f;
+      return;
+    case MaskMode::kForce:
+      for (long long i = 0; i < count; ++i) out[i] = std::fabs(tau[i]) * sign_of(s[i]);
+      return;
+    case MaskMode::kRandom:
+      for (long long i = 0; i < count; ++i) {
         const std::uint64_t bits = mix(options.seed ^ mix(tensor_key ^ mix(static_cast<std::uint64_t>(begin + i))));
-        out[i] = (bits >> 63) != 0 ? -std::fabs(t) : std::fabs(t);
-        continue;
+        out[i] = (bits >> 63) != 0 ? -std::fabs(tau[i]) : std::fabs(tau[i]);
       }
-      case MaskMode::kSoft1: {
-        const double denominator = std::sqrt(row[0]) * std::sqrt(row[1]) + 1e-8;
-        weight = sigmoid(options.beta * (static_cast<double>(t) * g / denominator));
-        break;
+      return;
+    case MaskMode::kSoft1: {
+      // The whole-tensor norms are the fold of the per-block sums, in block order, so the result
+      // does not depend on how the tensor was split.
+      double tt = 0.0, gg = 0.0;
+      for (long long r = 0; r < plan.rows; ++r) {
+        tt += sums[2 * r];
+        gg += sums[2 * r + 1];
       }
-      case MaskMode::kSoft2: weight = std::max(std::tanh(options.gamma * static_cast<double>(t) * g), 0.0); break;
-      case MaskMode::kSoft3: {
-        const double magnitude = std::fabs(static_cast<double>(g));
-        weight = sign_of(t) == sign_of(g) ? magnitude / (magnitude + options.c) : 0.0;
-        break;
-      }
-      case MaskMode::kSoft1Rowwise: {
-        const double cosine = row[0] / (std::sqrt(row[1]) * std::sqrt(row[2]) + 1e-8);
-        weight = sigmoid(options.beta * cosine);
-        break;
-      }
-      case MaskMode::kSoft2Rowwise: weight = std::max(std::tanh(options.gamma * row[0]), 0.0); break;
-      case MaskMode::kSoft3Rowwise: {
-        const double n = static_cast<double>(plan.row_length);
-        const double mean_magnitude = row[1] / n;
-        weight = (row[0] / n) * mean_magnitude / (mean_magnitude + options.c);
-        break;
-      }
+      const double denominator = std::sqrt(tt) * std::sqrt(gg) + 1e-8;
+      apply_weights(plan, raw, tau, s, begin, count, nullptr, out,
+                    [&](double t, double g, const double*) { return sigmoid(options.beta * (t * g / denominator)); });
+      return;
     }
-    out[i] = static_cast<float>(weight * t);
+    case MaskMode::kSoft2:
+      apply_weights(plan, raw, tau, s, begin, count, sums, out,
+                    [&](double t, double g, const double*) { return std::max(std::tanh(options.gamma * t * g), 0.0); });
+      return;
+    case MaskMode::kSoft3:
+      apply_weights(plan, raw, tau, s, begin, count, sums, out, [&](double t, double g, const double*) {
+        const double magnitude = std::fabs(g);
+        return sign_of(static_cast<float>(t)) == sign_of(static_cast<float>(g)) ? magnitude / (magnitude + options.c) : 0.0;
+      });
+      return;
+    case MaskMode::kSoft1Rowwise:
+      apply_weights(plan, raw, tau, s, begin, count, sums, out, [&](double, double, const double* row) {
+        return sigmoid(options.beta * row[0] / (std::sqrt(row[1]) * std::sqrt(row[2]) + 1e-8));
+      });
+      return;
+    case MaskMode::kSoft2Rowwise:
+      apply_weights(plan, raw, tau, s, begin, count, sums, out,
+                    [&](double, double, const double* row) { return std::max(std::tanh(options.gamma * row[0]), 0.0); });
+      return;
+    case MaskMode::kSoft3Rowwise: {
+      const double n = static_cast<double>(plan.row_length);
+      apply_weights(plan, raw, tau, s, begin, count, sums, out, [&](double, double, const double* row) {
+        const double mean_magnitude = row[1] / n;
+        return (row[0] / n) * mean_magnitude / (mean_magnitude + options.c);
+      });
+      return;
+    }
   }
 }
 

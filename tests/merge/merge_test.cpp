@@ -89,7 +89,9 @@ TEST(KthLargestMagnitude, MatchesSorting) {
     }
     const float expected = k > 5000 ? 0.0f : sorted[static_cast<std::size_t>(k - 1)];
     EXPECT_EQ(selection.threshold(), expected) << "k = " << k;
-    if (k <= 5000) EXPECT_EQ(kth_largest_magnitude(values.data(), 5000, k), expected);
+    if (k <= 5000) {
+      EXPECT_EQ(kth_largest_magnitude(values.data(), 5000, k), expected);
+    }
   }
   KthLargestMagnitude none(0);
   EXPECT_FALSE(none.needs_pass());

@@ -46,7 +46,7 @@ struct MaskOptions {
 // How a mode reduces over a tensor of this shape.
 struct MaskPlan {
   MaskMode mode = MaskMode::kNormal;
-  long long row_length = 1;  // elements per reduction row (the whole tensor for soft1)
+  long long row_length = 1;  // elements per reduction row (for soft1, a block of the tensor)
   int sums_per_row = 0;      // 0 for the purely element-wise modes
   long long rows = 0;
 };
