@@ -7,7 +7,9 @@
 #include <functional>
 #include <map>
 #include <set>
+#include <sstream>
 
+#include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/pipeline/jobs.hpp"
 
@@ -132,7 +134,9 @@ po::options_description general_options() {
   po::options_description options("General");
   options.add_options()
       ("help,h", "show this help")
-      ("config", po::value<std::string>(), "INI file of options (top-level keys and a [SUBCOMMAND] section); flags win");
+      ("config", po::value<std::string>(), "INI file of options (top-level keys and a [SUBCOMMAND] section); flags win")
+      ("backend", po::value<std::string>()->default_value("auto"), "communicator for statistics: auto|mpi|nccl (auto: nccl when tensors are on CUDA devices, else mpi)")
+      ("chunk-elements", po::value<long long>()->default_value(1LL << 22), "elements per processing buffer (bounds memory per rank)");
   return options;
 }
 
@@ -187,6 +191,10 @@ void print_overview(std::ostream& out) {
   out << "\nExit codes: 0 success, 2 bad input, 3 runtime failure. Docs: docs/cli.md\n";
 }
 
+// Parses the command line and returns the job to run, or a job that prints help.
+std::function<int()> prepare_subcommand(const std::vector<std::string>& args, std::ostream& out, MpiRuntime* runtime,
+                                        JobContext context);
+
 }  // namespace
 
 long long parse_byte_size(const std::string& text, const std::string& option) {
@@ -208,15 +216,32 @@ long long parse_byte_size(const std::string& text, const std::string& option) {
   return static_cast<long long>(number * found->second);
 }
 
-int run_command_line(const std::vector<std::string>& args, std::ostream& out) {
+int run_command_line(const std::vector<std::string>& args, std::ostream& out, MpiRuntime* runtime) {
+  const bool root = runtime == nullptr || runtime->world().rank() == 0;
+  std::ostringstream discard;
+  std::ostream& log = root ? out : discard;  // only rank 0 speaks
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
-    print_overview(out);
+    print_overview(log);
     return args.empty() ? 1 : 0;
   }
   if (args[0] == "--version") {
-    out << "gradfix " << kVersion << "\n";
+    log << "gradfix " << kVersion << (nccl_available() ? " (backends: mpi, nccl)" : " (backends: mpi)") << "\n";
     return 0;
   }
+  JobContext context;
+  if (runtime != nullptr) context.host = &runtime->world();
+  // Every rank parses the same command line; agreeing on the outcome prints a bad flag once.
+  // The job itself runs outside: its own steps agree where they can, and a failure in between
+  // must reach main, which ends the other ranks.
+  std::function<int()> job;
+  agree_on_outcome(context, [&] { job = prepare_subcommand(args, log, runtime, context); });
+  return job();
+}
+
+namespace {
+
+std::function<int()> prepare_subcommand(const std::vector<std::string>& args, std::ostream& out, MpiRuntime* runtime,
+                                        JobContext context) {
   const std::string subcommand = args[0];
   const Subcommand* known = nullptr;
   for (const auto& entry : kSubcommands)
@@ -289,8 +314,31 @@ int run_command_line(const std::vector<std::string>& args, std::ostream& out) {
   }
   if (values.count("help")) {
     out << options << "\n";
-    return 0;
+    return [] { return 0; };
   }
+
+  // The statistics communicator: the MPI world, or NCCL over it.
+  std::shared_ptr<Communicator> stats;
+  context.chunk_elements = values["chunk-elements"].as<long long>();
+  if (context.chunk_elements < 1) throw InputError("--chunk-elements must be positive");
+  const std::string backend = values["backend"].as<std::string>();
+  if (backend != "auto" && backend != "mpi" && backend != "nccl") throw InputError("unknown --backend '" + backend + "'; valid: auto|mpi|nccl");
+  if (runtime != nullptr) {
+    // The jobs of this version keep tensors in host memory, so auto means MPI here.
+    stats = make_communicator(backend, *runtime, false);
+    context.stats = stats.get();
+    if (runtime->world().size() > 1 || backend != "auto")
+      out << "gradfix: " << runtime->world().size() << " rank(s), statistics backend " << stats->backend()
+          << (backend == "auto" ? " (auto: tensors are in host memory)" : "") << "\n";
+  } else if (backend == "nccl") {
+    throw InputError("--backend nccl needs the MPI runtime that the gradfix program starts");
+  }
+  auto run = [stats, context, &out](auto job_function, const auto& job) {
+    return std::function<int()>([stats, context, &out, job_function, job] {
+      job_function(job, out, context);
+      return 0;
+    });
+  };
 
   if (subcommand == "inspect") {
     InspectJob job;
@@ -299,8 +347,7 @@ int run_command_line(const std::vector<std::string>& args, std::ostream& out) {
     job.include = strings(values, "include");
     job.exclude = strings(values, "exclude");
     if (values.count("json")) job.json_out = values["json"].as<std::string>();
-    run_inspect(job, out);
-    return 0;
+    return run(run_inspect, job);
   }
   const OutputOptions output = parse_output(values);
   if (subcommand == "generate") {
@@ -318,18 +365,17 @@ int run_command_line(const std::vector<std::string>& args, std::ostream& out) {
     job.seed = values["seed"].as<unsigned long long>();
     job.out = require(values, "out", subcommand);
     job.output = output;
-    run_generate(job, out);
-  } else if (subcommand == "convert") {
-    run_convert({require(values, "in", subcommand), require(values, "out", subcommand), output}, out);
-  } else if (subcommand == "taskvector") {
-    run_taskvector({require(values, "base", subcommand), require(values, "finetuned", subcommand),
-                    require(values, "out", subcommand), output},
-                   out);
-  } else if (subcommand == "apply") {
-    run_apply({require(values, "base", subcommand), require(values, "task-vector", subcommand),
-               values["alpha"].as<double>(), require(values, "out", subcommand), output},
-              out);
-  } else if (subcommand == "mask") {
+    return run(run_generate, job);
+  }
+  if (subcommand == "convert")
+    return run(run_convert, ConvertJob{require(values, "in", subcommand), require(values, "out", subcommand), output});
+  if (subcommand == "taskvector")
+    return run(run_taskvector, TaskVectorJob{require(values, "base", subcommand), require(values, "finetuned", subcommand),
+                                             require(values, "out", subcommand), output});
+  if (subcommand == "apply")
+    return run(run_apply, ApplyJob{require(values, "base", subcommand), require(values, "task-vector", subcommand),
+                                   values["alpha"].as<double>(), require(values, "out", subcommand), output});
+  if (subcommand == "mask") {
     MaskJob job;
     job.task_vector = require(values, "task-vector", subcommand);
     job.signs = require(values, "signs", subcommand);
@@ -337,23 +383,23 @@ int run_command_line(const std::vector<std::string>& args, std::ostream& out) {
     job.mask = parse_mask_options(values);
     job.out = require(values, "out", subcommand);
     job.output = output;
-    run_mask(job, out);
-  } else if (subcommand == "merge") {
-    MergeJob job;
-    job.task_vectors = strings(values, "task-vector");
-    job.signs = strings(values, "signs");
-    job.method = parse_merge_method(values["method"].as<std::string>());
-    job.ties.fraction = values["ties-fraction"].as<double>();
-    job.ties.elect = parse_ties_elect(values["ties-elect"].as<std::string>());
-    job.ties.scope = parse_ties_scope(values["ties-scope"].as<std::string>());
-    job.order = parse_merge_order(values["order"].as<std::string>());
-    job.mode = parse_mask_mode(values["mask-mode"].as<std::string>());
-    job.mask = parse_mask_options(values);
-    job.out = require(values, "out", subcommand);
-    job.output = output;
-    run_merge(job, out);
+    return run(run_mask, job);
   }
-  return 0;
+  MergeJob job;
+  job.task_vectors = strings(values, "task-vector");
+  job.signs = strings(values, "signs");
+  job.method = parse_merge_method(values["method"].as<std::string>());
+  job.ties.fraction = values["ties-fraction"].as<double>();
+  job.ties.elect = parse_ties_elect(values["ties-elect"].as<std::string>());
+  job.ties.scope = parse_ties_scope(values["ties-scope"].as<std::string>());
+  job.order = parse_merge_order(values["order"].as<std::string>());
+  job.mode = parse_mask_mode(values["mask-mode"].as<std::string>());
+  job.mask = parse_mask_options(values);
+  job.out = require(values, "out", subcommand);
+  job.output = output;
+  return run(run_merge, job);
 }
+
+}  // namespace
 
 }  // namespace gradfix

@@ -6,8 +6,11 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <csignal>
+#include <cstdlib>
 #include <cstring>
 
+#include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
 
 namespace gradfix {
@@ -55,5 +58,64 @@ void rename_file(const std::string& from, const std::string& to) {
 }
 
 void remove_quietly(const std::string& path) { ::unlink(path.c_str()); }
+
+namespace {
+
+// Fixed storage, so that the signal handler touches no allocator.
+constexpr int kMaxTemporaries = 256;
+constexpr std::size_t kMaxPath = 4096;
+char g_temporaries[kMaxTemporaries][kMaxPath];
+volatile std::sig_atomic_t g_used[kMaxTemporaries];
+
+void on_signal(int signal_number) {
+  remove_registered_temporaries();
+  std::_Exit(128 + signal_number);
+}
+
+}  // namespace
+
+void register_temporary(const std::string& path) {
+  if (path.size() >= kMaxPath) return;
+  for (int i = 0; i < kMaxTemporaries; ++i) {
+    if (!g_used[i]) {
+      std::memcpy(g_temporaries[i], path.c_str(), path.size() + 1);
+      g_used[i] = 1;
+      return;
+    }
+  }
+}
+
+void unregister_temporary(const std::string& path) {
+  for (int i = 0; i < kMaxTemporaries; ++i)
+    if (g_used[i] && path == g_temporaries[i]) g_used[i] = 0;
+}
+
+void remove_registered_temporaries() noexcept {
+  // Newest first: the files inside a directory created for a sharded output go before it.
+  for (int i = kMaxTemporaries - 1; i >= 0; --i) {
+    if (g_used[i]) {
+      ::unlink(g_temporaries[i]);
+      ::rmdir(g_temporaries[i]);  // a directory created for a sharded output
+      g_used[i] = 0;
+    }
+  }
+}
+
+void install_cleanup_signal_handlers() {
+  struct sigaction action {};
+  action.sa_handler = on_signal;
+  sigemptyset(&action.sa_mask);
+  for (int signal_number : {SIGTERM, SIGINT, SIGHUP}) ::sigaction(signal_number, &action, nullptr);
+}
+
+std::string shared_temporary_path_for(const std::string& final_path, MpiCommunicator* comm) {
+  std::string path = temporary_path_for(final_path);
+  if (comm == nullptr || comm->size() == 1) return path;
+  unsigned long long length = path.size();
+  comm->broadcast(&length, 1, DType::kU64, 0);
+  path.resize(length);
+  comm->broadcast(path.data(), length, DType::kU8, 0);
+  return path;
+}
 
 }  // namespace gradfix

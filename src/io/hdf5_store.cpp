@@ -4,6 +4,7 @@
 
 #include <map>
 
+#include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 
@@ -292,14 +293,23 @@ class Hdf5Reader final : public TensorReader {
 
 class Hdf5Writer final : public TensorWriter {
  public:
-  Hdf5Writer(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata)
-      : path_(path), temporary_(temporary_path_for(path)), layout_(layout), tracker_(layout) {
+  Hdf5Writer(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata,
+             MpiCommunicator* comm)
+      : path_(path), temporary_(shared_temporary_path_for(path, comm)), layout_(layout), tracker_(layout), comm_(comm) {
     silence_hdf5();
-    file_ = Handle(H5Fcreate(temporary_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
+    register_temporary(temporary_);
+    // Several ranks write one file through MPI-IO: the file, its datasets and attributes are
+    // created by all ranks together (collective), the data by each rank independently.
+    Handle access(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+    if (comm_ != nullptr && comm_->size() > 1) H5Pset_fapl_mpio(access.get(), comm_->native(), MPI_INFO_NULL);
+    file_ = Handle(H5Fcreate(temporary_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, access.get()), H5Fclose);
     if (file_.get() < 0) throw RuntimeFailure(path_ + ": cannot create '" + temporary_ + "'");
     for (const auto& [key, value] : metadata) write_string_attribute(file_.get(), key, value, path_);
     Handle link_properties(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
     H5Pset_create_intermediate_group(link_properties.get(), 1);
+    // No modification times in object headers: the same tensors give the same file bytes.
+    Handle dataset_properties(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
+    H5Pset_obj_track_times(dataset_properties.get(), 0);
     for (const auto& tensor : layout_) {
       Handle space = tensor.shape.empty()
                          ? Handle(H5Screate(H5S_SCALAR), H5Sclose)
@@ -308,7 +318,7 @@ class Hdf5Writer final : public TensorWriter {
                                                    nullptr),
                                   H5Sclose);
       Handle dataset(H5Dcreate2(file_.get(), tensor.name.c_str(), file_type(tensor.dtype), space.get(),
-                                link_properties.get(), H5P_DEFAULT, H5P_DEFAULT),
+                                link_properties.get(), dataset_properties.get(), H5P_DEFAULT),
                      H5Dclose);
       if (dataset.get() < 0) throw RuntimeFailure(path_ + ": cannot create dataset '" + tensor.name + "'");
       if (tensor.dtype == DType::kBF16 || tensor.dtype == DType::kF16 || tensor.dtype == DType::kBool)
@@ -318,7 +328,10 @@ class Hdf5Writer final : public TensorWriter {
 
   ~Hdf5Writer() override {
     file_.reset();
-    if (!published_) remove_quietly(temporary_);
+    if (!published_) {
+      if (is_root()) remove_quietly(temporary_);
+      unregister_temporary(temporary_);
+    }
   }
 
   const std::string& path() const override { return path_; }
@@ -337,21 +350,27 @@ class Hdf5Writer final : public TensorWriter {
   }
 
   void finish() override {
-    tracker_.check_complete(path_);
+    tracker_.check_complete(path_, comm_);
     if (H5Fflush(file_.get(), H5F_SCOPE_GLOBAL) < 0) throw RuntimeFailure(path_ + ": flush failed");
     file_.reset();
+    if (comm_ != nullptr) comm_->barrier();
   }
 
   void publish() override {
-    rename_file(temporary_, path_);
+    if (is_root()) rename_file(temporary_, path_);
+    unregister_temporary(temporary_);
     published_ = true;
+    if (comm_ != nullptr) comm_->barrier();
   }
 
  private:
+  bool is_root() const { return comm_ == nullptr || comm_->rank() == 0; }
+
   std::string path_;
   std::string temporary_;
   std::vector<TensorInfo> layout_;
   WriteTracker tracker_;
+  MpiCommunicator* comm_;
   Handle file_;
   bool published_ = false;
 };
@@ -361,8 +380,8 @@ class Hdf5Writer final : public TensorWriter {
 std::unique_ptr<TensorReader> open_hdf5_reader(const std::string& path) { return std::make_unique<Hdf5Reader>(path); }
 
 std::unique_ptr<TensorWriter> open_hdf5_writer(const std::string& path, const std::vector<TensorInfo>& layout,
-                                               const Metadata& metadata) {
-  return std::make_unique<Hdf5Writer>(path, layout, metadata);
+                                               const Metadata& metadata, MpiCommunicator* comm) {
+  return std::make_unique<Hdf5Writer>(path, layout, metadata, comm);
 }
 
 }  // namespace gradfix

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 
@@ -305,8 +306,10 @@ void write_all(int fd, const void* data, std::size_t bytes, off_t offset, const 
 // sized to its final length, then each range with pwrite at its offset.
 class SafetensorsWriter final : public TensorWriter {
  public:
-  SafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata)
-      : path_(path), temporary_(temporary_path_for(path)), layout_(layout), tracker_(layout) {
+  SafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata,
+                    MpiCommunicator* comm)
+      : path_(path), temporary_(shared_temporary_path_for(path, comm)), layout_(layout), tracker_(layout), comm_(comm) {
+    register_temporary(temporary_);
     Json header = Json::object();
     if (!metadata.empty()) header["__metadata__"] = metadata;
     unsigned long long offset = 0;
@@ -323,19 +326,33 @@ class SafetensorsWriter final : public TensorWriter {
     for (const auto& [name, entry] : header.items())
       if (name != "__metadata__") byte_begin_[name] = entry["data_offsets"][0].get<long long>();
 
-    fd_ = ::open(temporary_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd_ < 0) throw RuntimeFailure(path_ + ": cannot create '" + temporary_ + "': " + std::strerror(errno));
-    unsigned char length[8];
-    for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>((text.size() >> (8 * i)) & 0xFF);
-    write_all(fd_, length, 8, 0, path_);
-    write_all(fd_, text.data(), text.size(), 8, path_);
-    if (::ftruncate(fd_, static_cast<off_t>(data_start_ + static_cast<long long>(offset))) != 0)
-      throw RuntimeFailure(path_ + ": cannot size the file: " + std::strerror(errno));
+    // Rank 0 creates the file with its header and final size; then every rank opens it and
+    // writes its own ranges in place.
+    if (is_root()) {
+      fd_ = ::open(temporary_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+      if (fd_ < 0) throw RuntimeFailure(path_ + ": cannot create '" + temporary_ + "': " + std::strerror(errno));
+      unsigned char length[8];
+      for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>((text.size() >> (8 * i)) & 0xFF);
+      write_all(fd_, length, 8, 0, path_);
+      write_all(fd_, text.data(), text.size(), 8, path_);
+      if (::ftruncate(fd_, static_cast<off_t>(data_start_ + static_cast<long long>(offset))) != 0)
+        throw RuntimeFailure(path_ + ": cannot size the file: " + std::strerror(errno));
+    }
+    if (comm_ != nullptr) comm_->barrier();
+    if (!is_root()) {
+      fd_ = ::open(temporary_.c_str(), O_WRONLY | O_CLOEXEC);
+      if (fd_ < 0)
+        throw RuntimeFailure(path_ + ": " + describe_rank(*comm_) + " cannot open '" + temporary_ + "' made by rank 0: " +
+                             std::strerror(errno) + " (is the output directory on a file system every rank sees?)");
+    }
   }
 
   ~SafetensorsWriter() override {
     if (fd_ >= 0) ::close(fd_);
-    if (!published_) remove_quietly(temporary_);
+    if (!published_) {
+      if (is_root()) remove_quietly(temporary_);
+      unregister_temporary(temporary_);
+    }
   }
 
   const std::string& path() const override { return path_; }
@@ -349,22 +366,28 @@ class SafetensorsWriter final : public TensorWriter {
   }
 
   void finish() override {
-    tracker_.check_complete(path_);
+    tracker_.check_complete(path_, comm_);
     if (::fsync(fd_) != 0) throw RuntimeFailure(path_ + ": fsync failed: " + std::strerror(errno));
     if (::close(fd_) != 0) throw RuntimeFailure(path_ + ": close failed: " + std::strerror(errno));
     fd_ = -1;
+    if (comm_ != nullptr) comm_->barrier();
   }
 
   void publish() override {
-    rename_file(temporary_, path_);
+    if (is_root()) rename_file(temporary_, path_);
+    unregister_temporary(temporary_);
     published_ = true;
+    if (comm_ != nullptr) comm_->barrier();
   }
 
  private:
+  bool is_root() const { return comm_ == nullptr || comm_->rank() == 0; }
+
   std::string path_;
   std::string temporary_;
   std::vector<TensorInfo> layout_;
   WriteTracker tracker_;
+  MpiCommunicator* comm_;
   std::map<std::string, long long> byte_begin_;
   long long data_start_ = 0;
   int fd_ = -1;
@@ -376,12 +399,15 @@ class SafetensorsWriter final : public TensorWriter {
 class ShardedSafetensorsWriter final : public TensorWriter {
  public:
   ShardedSafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata,
-                           long long max_shard_bytes)
-      : path_(path), layout_(layout) {
+                           long long max_shard_bytes, MpiCommunicator* comm)
+      : path_(path), comm_(comm), layout_(layout) {
     if (max_shard_bytes <= 0) throw InputError("--max-shard-size must be positive, got " + std::to_string(max_shard_bytes));
     directory_ = path.size() > 11 && path.compare(path.size() - 11, 11, ".index.json") == 0 ? parent_directory(path) : path;
     while (directory_.size() > 1 && directory_.back() == '/') directory_.pop_back();
-    created_directory_ = ensure_directory(directory_);
+    if (is_root()) {
+      created_directory_ = ensure_directory(directory_);
+      if (created_directory_) register_temporary(directory_);
+    }
 
     std::vector<std::vector<TensorInfo>> groups(1);
     long long group_bytes = 0;
@@ -397,7 +423,7 @@ class ShardedSafetensorsWriter final : public TensorWriter {
     long long total = 0;
     for (int i = 0; i < count; ++i) {
       const std::string file = shard_file_name(i + 1, count);
-      shards_.push_back(std::make_unique<SafetensorsWriter>(directory_ + "/" + file, groups[i], metadata));
+      shards_.push_back(std::make_unique<SafetensorsWriter>(directory_ + "/" + file, groups[i], metadata, comm));
       for (const auto& tensor : groups[i]) {
         owner_[tensor.name] = static_cast<std::size_t>(i);
         weight_map_[tensor.name] = file;
@@ -409,10 +435,12 @@ class ShardedSafetensorsWriter final : public TensorWriter {
 
   ~ShardedSafetensorsWriter() override {
     shards_.clear();
-    if (!published_) {
+    if (!published_ && is_root()) {
       if (!index_temporary_.empty()) remove_quietly(index_temporary_);
       if (created_directory_) ::rmdir(directory_.c_str());
     }
+    if (!index_temporary_.empty()) unregister_temporary(index_temporary_);
+    if (created_directory_) unregister_temporary(directory_);
   }
 
   const std::string& path() const override { return path_; }
@@ -428,6 +456,8 @@ class ShardedSafetensorsWriter final : public TensorWriter {
     for (auto& shard : shards_) shard->finish();
     const std::string index_path = directory_ + "/" + kSafetensorsIndexName;
     index_temporary_ = temporary_path_for(index_path);
+    if (!is_root()) return;  // rank 0 writes and publishes the index
+    register_temporary(index_temporary_);
     const Json index = {{"metadata", {{"total_size", total_size_}}}, {"weight_map", weight_map_}};
     const std::string text = index.dump(2) + "\n";
     std::FILE* file = std::fopen(index_temporary_.c_str(), "wb");
@@ -438,12 +468,16 @@ class ShardedSafetensorsWriter final : public TensorWriter {
 
   void publish() override {
     for (auto& shard : shards_) shard->publish();
-    rename_file(index_temporary_, directory_ + "/" + kSafetensorsIndexName);
+    if (is_root()) rename_file(index_temporary_, directory_ + "/" + kSafetensorsIndexName);
     published_ = true;
+    if (comm_ != nullptr) comm_->barrier();
   }
 
  private:
+  bool is_root() const { return comm_ == nullptr || comm_->rank() == 0; }
+
   std::string path_;
+  MpiCommunicator* comm_;
   std::string directory_;
   std::vector<TensorInfo> layout_;
   std::vector<std::unique_ptr<SafetensorsWriter>> shards_;
@@ -480,14 +514,15 @@ std::unique_ptr<TensorReader> open_sharded_safetensors_reader(const std::string&
 }
 
 std::unique_ptr<TensorWriter> open_safetensors_writer(const std::string& path, const std::vector<TensorInfo>& layout,
-                                                      const Metadata& metadata) {
-  return std::make_unique<SafetensorsWriter>(path, layout, metadata);
+                                                      const Metadata& metadata, MpiCommunicator* comm) {
+  return std::make_unique<SafetensorsWriter>(path, layout, metadata, comm);
 }
 
 std::unique_ptr<TensorWriter> open_sharded_safetensors_writer(const std::string& path,
                                                               const std::vector<TensorInfo>& layout,
-                                                              const Metadata& metadata, long long max_shard_bytes) {
-  return std::make_unique<ShardedSafetensorsWriter>(path, layout, metadata, max_shard_bytes);
+                                                              const Metadata& metadata, long long max_shard_bytes,
+                                                              MpiCommunicator* comm) {
+  return std::make_unique<ShardedSafetensorsWriter>(path, layout, metadata, max_shard_bytes, comm);
 }
 
 }  // namespace gradfix

@@ -3,37 +3,116 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iomanip>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
-#include <random>
 #include <set>
 #include <sstream>
 
+#include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/core/select.hpp"
 #include "gradfix/io/atomic_file.hpp"
-#include "gradfix/io/tensor_store.hpp"
+#include "gradfix/shard/plan.hpp"
 
 namespace gradfix {
 namespace {
 
 using Reader = std::unique_ptr<TensorReader>;
 
-void check_finite(const std::vector<float>& values, const TensorReader& reader, const std::string& name, bool allow) {
+// This rank's view of the job: who it is, and the collective steps the jobs need.
+class Ranks {
+ public:
+  explicit Ranks(const JobContext& context) : context_(context) {}
+
+  int rank() const { return context_.host != nullptr ? context_.host->rank() : 0; }
+  int size() const { return context_.host != nullptr ? context_.host->size() : 1; }
+  bool is_root() const { return rank() == 0; }
+  MpiCommunicator* host() const { return context_.host; }
+  long long chunk_elements() const { return context_.chunk_elements; }
+
+  // Sums of statistics, through the statistics communicator (NCCL or MPI).
+  void reduce_statistics(std::vector<double>& values) const { reduce(values.data(), values.size(), DType::kF64, true); }
+  void reduce_statistics(std::vector<long long>& values) const { reduce(values.data(), values.size(), DType::kI64, true); }
+  // Sums of bookkeeping (summaries), through the host communicator.
+  void reduce_summary(PairStats& stats) const {
+    std::vector<long long> counts = {stats.count, stats.sign_agreements, stats.nonzero_a, stats.nonzero_b};
+    std::vector<double> sums = {stats.dot, stats.norm_a_squared, stats.norm_b_squared};
+    reduce(counts.data(), counts.size(), DType::kI64, false);
+    reduce(sums.data(), sums.size(), DType::kF64, false);
+    stats.count = counts[0];
+    stats.sign_agreements = counts[1];
+    stats.nonzero_a = counts[2];
+    stats.nonzero_b = counts[3];
+    stats.dot = sums[0];
+    stats.norm_a_squared = sums[1];
+    stats.norm_b_squared = sums[2];
+  }
+
+  // Runs a step on every rank and agrees on its outcome: if any rank failed, the lowest failing
+  // rank rethrows its error and the others throw a silent PeerFailure, so the error is printed
+  // once and every rank exits normally instead of waiting in a later collective.
+  template <typename Work>
+  void agree(Work work) const {
+    std::exception_ptr failure;
+    int code = 0;
+    try {
+      work();
+    } catch (const Error& error) {
+      failure = std::current_exception();
+      code = error.exit_code();
+    } catch (const std::exception& error) {
+      failure = std::make_exception_ptr(RuntimeFailure(error.what()));
+      code = kExitRuntimeFailure;
+    }
+    if (size() == 1) {
+      if (failure) std::rethrow_exception(failure);
+      return;
+    }
+    int worst = code;
+    context_.host->allreduce(&worst, &worst, 1, DType::kI32, ReduceOp::kMax);
+    if (worst == 0) return;
+    int first = failure ? rank() : size();
+    context_.host->allreduce(&first, &first, 1, DType::kI32, ReduceOp::kMin);
+    if (rank() == first) {
+      try {
+        std::rethrow_exception(failure);
+      } catch (Error& error) {
+        error.mark_agreed();
+        throw;
+      }
+    }
+    throw PeerFailure("stopped because rank " + std::to_string(first) + " failed", worst);
+  }
+
+ private:
+  void reduce(void* values, std::size_t count, DType dtype, bool statistics) const {
+    if (size() == 1 || count == 0) return;
+    Communicator& comm = statistics && context_.stats != nullptr ? *context_.stats : *context_.host;
+    allreduce_host(comm, values, count, dtype, ReduceOp::kSum);
+  }
+
+  const JobContext& context_;
+};
+
+void check_finite(const std::vector<float>& values, const TensorReader& reader, const std::string& name, long long first,
+                  bool allow) {
   if (allow) return;
   for (std::size_t i = 0; i < values.size(); ++i) {
     if (!std::isfinite(values[i])) {
-      throw InputError(reader.path() + ": tensor '" + name + "': element " + std::to_string(i) + " is " +
-                       (std::isnan(values[i]) ? "NaN" : "infinite") + "; pass --allow-nonfinite to accept such values");
+      throw InputError(reader.path() + ": tensor '" + name + "': element " + std::to_string(first + static_cast<long long>(i)) +
+                       " is " + (std::isnan(values[i]) ? "NaN" : "infinite") +
+                       "; pass --allow-nonfinite to accept such values");
     }
   }
 }
 
-// Reads a whole tensor in fp32 and refuses NaN and Inf unless they are allowed.
-std::vector<float> load(const TensorReader& reader, const std::string& name, bool allow_nonfinite) {
-  std::vector<float> values = reader.read_f32(name);
-  check_finite(values, reader, name, allow_nonfinite);
+// Reads elements [begin, begin + count) in fp32 and refuses NaN and Inf unless they are allowed.
+std::vector<float> load(const TensorReader& reader, const std::string& name, long long begin, long long count, bool allow) {
+  std::vector<float> values = reader.read_f32(name, begin, count);
+  check_finite(values, reader, name, begin, allow);
   return values;
 }
 
@@ -44,7 +123,7 @@ std::vector<std::string> selected_names(const TensorReader& reader, const Tensor
   return names;
 }
 
-// Every name must exist in `other` with the same shape; all mismatches are reported together,
+// Every name must exist in `other` with the same shape; all missing names are reported together,
 // so one run tells the user everything that is wrong.
 void require_matching(const TensorReader& primary, const std::vector<std::string>& names, const TensorReader& other) {
   std::vector<std::string> missing;
@@ -95,24 +174,39 @@ Metadata output_metadata(const Metadata& input, const std::string& operation) {
   return metadata;
 }
 
-WriteOptions write_options(const OutputOptions& output) {
+std::unique_ptr<TensorWriter> open_output(const Ranks& ranks, const std::string& path, const std::vector<TensorInfo>& layout,
+                                          const Metadata& metadata, const OutputOptions& output) {
   WriteOptions options;
   options.max_shard_bytes = output.max_shard_bytes;
-  return options;
+  options.comm = ranks.host();
+  return open_writer(path, layout, metadata, options);
 }
 
-// Copies a tensor unchanged, converting only when the output dtype differs.
-long long copy_tensor(const TensorReader& reader, const std::string& name, TensorWriter& writer, DType out_dtype) {
-  const TensorInfo& info = reader.info(name);
-  if (info.dtype == out_dtype) {
-    std::vector<unsigned char> raw(static_cast<std::size_t>(info.nbytes()));
-    reader.read_raw(name, 0, info.numel(), raw.data());
-    writer.write_raw(name, 0, info.numel(), raw.data());
-  } else {
-    const std::vector<float> values = reader.read_f32(name);
-    writer.write_f32(name, 0, values.data(), info.numel());
+// Finishes on every rank, agrees that all succeeded, then publishes.
+void commit_collectively(const Ranks& ranks, TensorWriter& writer) {
+  ranks.agree([&] { writer.finish(); });
+  writer.publish();
+}
+
+// This rank's chunks of the layout, in plan order.
+std::vector<Piece> my_chunks(const Ranks& ranks, const ShardPlan& plan, const std::vector<TensorInfo>& layout) {
+  std::vector<Piece> chunks;
+  for (const auto& piece : plan.pieces(ranks.rank()))
+    for (const auto& chunk : chunks_of(piece, split_unit(layout[piece.tensor]), ranks.chunk_elements())) chunks.push_back(chunk);
+  return chunks;
+}
+
+// Copies a chunk unchanged, converting only when the output dtype differs.
+void copy_chunk(const TensorReader& reader, const TensorInfo& out, const Piece& chunk, TensorWriter& writer, bool allow) {
+  const TensorInfo& in = reader.info(out.name);
+  if (in.dtype == out.dtype && allow) {
+    std::vector<unsigned char> raw(static_cast<std::size_t>(chunk.count) * dtype_size(in.dtype));
+    reader.read_raw(out.name, chunk.begin, chunk.count, raw.data());
+    writer.write_raw(out.name, chunk.begin, chunk.count, raw.data());
+    return;
   }
-  return info.numel() * static_cast<long long>(dtype_size(out_dtype));
+  const std::vector<float> values = load(reader, out.name, chunk.begin, chunk.count, allow);
+  writer.write_f32(out.name, chunk.begin, values.data(), chunk.count);
 }
 
 std::string percent(double fraction) {
@@ -127,232 +221,391 @@ long long layout_bytes(const std::vector<TensorInfo>& layout) {
   return bytes;
 }
 
+std::vector<TensorInfo> layout_of(const TensorReader& reader, const std::vector<std::string>& names, const OutputOptions& output) {
+  std::vector<TensorInfo> layout;
+  for (const auto& name : names) layout.push_back(output_info(reader.info(name), output));
+  return layout;
+}
+
+std::string rank_note(const Ranks& ranks) {
+  return ranks.size() > 1 ? " [" + std::to_string(ranks.size()) + " ranks]" : "";
+}
+
+// The sums a mask mode needs, per tensor this rank touches, complete: a split tensor's sums are
+// all-reduced. Each block of a tensor has exactly one contributing rank (cuts fall on blocks),
+// so these sums are exact and the masks do not depend on the number of ranks.
+using SumsByTensor = std::map<std::size_t, std::vector<double>>;
+
+template <typename Source>
+SumsByTensor mask_sums(const Ranks& ranks, const ShardPlan& plan, const std::vector<TensorInfo>& layout, MaskMode mode,
+                       const MaskOptions& options, const std::vector<Piece>& chunks, Source source) {
+  SumsByTensor sums;
+  auto buffer_for = [&](std::size_t tensor) -> std::vector<double>* {
+    const MaskPlan mask = plan_mask(mode, layout[tensor].shape);
+    if (mask.sums_per_row == 0) return nullptr;
+    auto& buffer = sums[tensor];
+    buffer.resize(static_cast<std::size_t>(mask.rows * mask.sums_per_row), 0.0);
+    return &buffer;
+  };
+  std::vector<float> tau, statistics;
+  for (const auto& chunk : chunks) {
+    std::vector<double>* buffer = buffer_for(chunk.tensor);
+    if (buffer == nullptr) continue;
+    source(chunk, tau, statistics);
+    accumulate_mask_sums(plan_mask(mode, layout[chunk.tensor].shape), options, tau.data(), statistics.data(), chunk.begin,
+                         chunk.count, buffer->data());
+  }
+  for (std::size_t tensor = 0; tensor < layout.size(); ++tensor) {
+    if (!plan.is_split(tensor)) continue;
+    std::vector<double>* buffer = buffer_for(tensor);
+    if (buffer != nullptr) ranks.reduce_statistics(*buffer);
+  }
+  return sums;
+}
+
+void mask_chunk(MaskMode mode, const MaskOptions& options, const TensorInfo& tensor, const Piece& chunk,
+                const std::vector<float>& tau, const std::vector<float>& statistics, const SumsByTensor& sums,
+                std::vector<float>& out) {
+  out.resize(tau.size());
+  const auto found = sums.find(chunk.tensor);
+  apply_mask(plan_mask(mode, tensor.shape), options, tau.data(), statistics.data(), chunk.begin, chunk.count,
+             found == sums.end() ? nullptr : found->second.data(), tensor_key_of(tensor.name), out.data());
+}
+
+// Exact k-th largest magnitude over chunks spread across ranks: the histograms are all-reduced
+// between the passes when the values live on several ranks.
+template <typename Values>
+float distributed_threshold(const Ranks& ranks, long long k, bool across_ranks, const std::vector<Piece>& chunks, Values values) {
+  KthLargestMagnitude selection(k);
+  while (selection.needs_pass()) {
+    for (const auto& chunk : chunks) {
+      const std::vector<float> data = values(chunk);
+      selection.add(data.data(), static_cast<long long>(data.size()));
+    }
+    if (across_ranks) ranks.reduce_statistics(selection.histogram());
+    selection.next_pass();
+  }
+  return selection.threshold();
+}
+
+// A standard normal value from (seed, tensor, index) alone (Box-Muller on two counter-based
+// uniforms), so that generated checkpoints do not depend on chunking or on the number of ranks.
+double gaussian_at(std::uint64_t seed, std::uint64_t key, long long index) {
+  auto mix = [](std::uint64_t x) {
+    x += 0x9E3779B97F4A7C15ULL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+  };
+  const std::uint64_t a = mix(seed ^ mix(key ^ mix(static_cast<std::uint64_t>(index) * 2)));
+  const std::uint64_t b = mix(seed ^ mix(key ^ mix(static_cast<std::uint64_t>(index) * 2 + 1)));
+  const double u1 = (static_cast<double>(a >> 11) + 1.0) / 9007199254740993.0;  // (0, 1]
+  const double u2 = static_cast<double>(b >> 11) / 9007199254740992.0;
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+}
+
 }  // namespace
 
-JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log) {
-  const Reader base = open_reader(job.base);
-  const Reader finetuned = open_reader(job.finetuned);
-  const TensorSelector selector(job.output.include, job.output.exclude);
-  const auto names = selected_names(*base, selector);
-  require_selection(names, *base);
-  require_matching(*base, names, *finetuned);
-  require_no_extra(*base, *finetuned, selector);
+void agree_on_outcome(const JobContext& context, const std::function<void()>& work) { Ranks(context).agree(work); }
 
-  std::vector<TensorInfo> layout;
-  for (const auto& name : names) layout.push_back(output_info(base->info(name), job.output));
-  auto writer = open_writer(job.out, layout, output_metadata(base->metadata(), "taskvector"), write_options(job.output));
+JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const JobContext& context) {
+  const Ranks ranks(context);
+  Reader base, finetuned;
+  std::vector<std::string> names;
+  ranks.agree([&] {
+    base = open_reader(job.base);
+    finetuned = open_reader(job.finetuned);
+    const TensorSelector selector(job.output.include, job.output.exclude);
+    names = selected_names(*base, selector);
+    require_selection(names, *base);
+    require_matching(*base, names, *finetuned);
+    require_no_extra(*base, *finetuned, selector);
+  });
+  const auto layout = layout_of(*base, names, job.output);
+  const ShardPlan plan(layout, ranks.size());
+  auto writer = open_output(ranks, job.out, layout, output_metadata(base->metadata(), "taskvector"), job.output);
   JobSummary summary;
-  for (const auto& name : names) {
-    const std::vector<float> base_values = load(*base, name, job.output.allow_nonfinite);
-    std::vector<float> tau = load(*finetuned, name, job.output.allow_nonfinite);
+  for (const auto& chunk : my_chunks(ranks, plan, layout)) {
+    const std::string& name = layout[chunk.tensor].name;
+    const auto base_values = load(*base, name, chunk.begin, chunk.count, job.output.allow_nonfinite);
+    auto tau = load(*finetuned, name, chunk.begin, chunk.count, job.output.allow_nonfinite);
     for (std::size_t i = 0; i < tau.size(); ++i) tau[i] -= base_values[i];
-    writer->write_f32(name, 0, tau.data(), static_cast<long long>(tau.size()));
-    summary.stats.add(tau.data(), tau.data(), static_cast<long long>(tau.size()));
-    summary.elements += static_cast<long long>(tau.size());
+    writer->write_f32(name, chunk.begin, tau.data(), chunk.count);
+    summary.stats.add(tau.data(), tau.data(), chunk.count);
   }
-  writer->commit();
+  commit_collectively(ranks, *writer);
+  ranks.reduce_summary(summary.stats);
+  summary.elements = summary.stats.count;
   summary.tensors_written = summary.tensors_changed = static_cast<long long>(names.size());
   summary.bytes_written = layout_bytes(layout);
-  log << "taskvector: " << names.size() << " tensors, " << summary.elements << " elements, ||tau|| = "
-      << std::sqrt(summary.stats.norm_a_squared) << ", written to " << job.out << "\n";
+  if (ranks.is_root())
+    log << "taskvector: " << names.size() << " tensors, " << summary.elements << " elements, ||tau|| = "
+        << std::sqrt(summary.stats.norm_a_squared) << ", written to " << job.out << rank_note(ranks) << "\n";
   return summary;
 }
 
-JobSummary run_apply(const ApplyJob& job, std::ostream& log) {
-  if (!std::isfinite(job.alpha)) throw InputError("--alpha must be finite, got " + std::to_string(job.alpha));
-  const Reader base = open_reader(job.base);
-  const Reader tau = open_reader(job.task_vector);
-  const TensorSelector selector(job.output.include, job.output.exclude);
-  // A task vector may cover part of a model (a vision tower, say): every tensor it has must be
-  // in the base, and the base's other tensors are copied unchanged.
-  const auto tau_names = selected_names(*tau, selector);
-  require_selection(tau_names, *tau);
-  require_matching(*tau, tau_names, *base);
+JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& context) {
+  const Ranks ranks(context);
+  Reader base, tau;
+  std::vector<std::string> tau_names;
+  ranks.agree([&] {
+    if (!std::isfinite(job.alpha)) throw InputError("--alpha must be finite, got " + std::to_string(job.alpha));
+    base = open_reader(job.base);
+    tau = open_reader(job.task_vector);
+    const TensorSelector selector(job.output.include, job.output.exclude);
+    // A task vector may cover part of a model (a vision tower, say): every tensor it has must be
+    // in the base, and the base's other tensors are copied unchanged.
+    tau_names = selected_names(*tau, selector);
+    require_selection(tau_names, *tau);
+    require_matching(*tau, tau_names, *base);
+  });
   const std::set<std::string> changed(tau_names.begin(), tau_names.end());
-
   std::vector<TensorInfo> layout;
   for (const auto& tensor : base->tensors()) layout.push_back(output_info(tensor, job.output));
   Metadata metadata = output_metadata(base->metadata(), "apply");
   metadata["gradfix.alpha"] = std::to_string(job.alpha);
-  auto writer = open_writer(job.out, layout, metadata, write_options(job.output));
+  const ShardPlan plan(layout, ranks.size());
+  auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
-  for (const auto& out : layout) {
+  const auto alpha = static_cast<float>(job.alpha);
+  for (const auto& chunk : my_chunks(ranks, plan, layout)) {
+    const TensorInfo& out = layout[chunk.tensor];
     if (!changed.count(out.name)) {
-      copy_tensor(*base, out.name, *writer, out.dtype);
+      copy_chunk(*base, out, chunk, *writer, true);
       continue;
     }
-    std::vector<float> values = load(*base, out.name, job.output.allow_nonfinite);
-    const std::vector<float> delta = load(*tau, out.name, job.output.allow_nonfinite);
-    const auto alpha = static_cast<float>(job.alpha);
+    auto values = load(*base, out.name, chunk.begin, chunk.count, job.output.allow_nonfinite);
+    const auto delta = load(*tau, out.name, chunk.begin, chunk.count, job.output.allow_nonfinite);
     for (std::size_t i = 0; i < values.size(); ++i) values[i] += alpha * delta[i];
-    writer->write_f32(out.name, 0, values.data(), static_cast<long long>(values.size()));
-    summary.stats.add(delta.data(), delta.data(), static_cast<long long>(delta.size()));
-    summary.elements += static_cast<long long>(values.size());
+    writer->write_f32(out.name, chunk.begin, values.data(), chunk.count);
+    summary.stats.add(delta.data(), delta.data(), chunk.count);
   }
-  writer->commit();
+  commit_collectively(ranks, *writer);
+  ranks.reduce_summary(summary.stats);
+  summary.elements = summary.stats.count;
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.tensors_changed = static_cast<long long>(tau_names.size());
   summary.bytes_written = layout_bytes(layout);
-  log << "apply: base + " << job.alpha << " * tau on " << tau_names.size() << " of " << layout.size()
-      << " tensors (" << summary.elements << " elements), written to " << job.out << "\n";
+  if (ranks.is_root())
+    log << "apply: base + " << job.alpha << " * tau on " << tau_names.size() << " of " << layout.size() << " tensors ("
+        << summary.elements << " elements), written to " << job.out << rank_note(ranks) << "\n";
   return summary;
 }
 
-JobSummary run_mask(const MaskJob& job, std::ostream& log) {
-  const Reader tau = open_reader(job.task_vector);
-  const Reader signs = open_reader(job.signs);
-  const TensorSelector selector(job.output.include, job.output.exclude);
-  const auto names = selected_names(*tau, selector);
-  require_selection(names, *tau);
-  require_matching(*tau, names, *signs);
+JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& context) {
+  const Ranks ranks(context);
+  Reader tau, signs;
+  std::vector<std::string> names;
+  ranks.agree([&] {
+    tau = open_reader(job.task_vector);
+    signs = open_reader(job.signs);
+    const TensorSelector selector(job.output.include, job.output.exclude);
+    names = selected_names(*tau, selector);
+    require_selection(names, *tau);
+    require_matching(*tau, names, *signs);
+  });
   const std::set<std::string> changed(names.begin(), names.end());
-
   std::vector<TensorInfo> layout;
   for (const auto& tensor : tau->tensors()) layout.push_back(output_info(tensor, job.output));
   Metadata metadata = output_metadata(tau->metadata(), "mask");
   metadata["gradfix.mask_mode"] = mask_mode_name(job.mode);
-  auto writer = open_writer(job.out, layout, metadata, write_options(job.output));
+  const ShardPlan plan(layout, ranks.size());
+  const auto chunks = my_chunks(ranks, plan, layout);
+  const bool allow = job.output.allow_nonfinite;
+  auto read_pair = [&](const Piece& chunk, std::vector<float>& values, std::vector<float>& statistics) {
+    const std::string& name = layout[chunk.tensor].name;
+    values = load(*tau, name, chunk.begin, chunk.count, allow);
+    statistics = changed.count(name) ? load(*signs, name, chunk.begin, chunk.count, allow) : std::vector<float>(values.size(), 0.0f);
+  };
+  // Only selected tensors are masked, so only they contribute sums.
+  std::vector<Piece> masked_chunks;
+  for (const auto& chunk : chunks)
+    if (changed.count(layout[chunk.tensor].name)) masked_chunks.push_back(chunk);
+  const SumsByTensor sums = mask_sums(ranks, plan, layout, job.mode, job.mask, masked_chunks, read_pair);
+
+  auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
   PairStats kept;  // masked output against the input task vector
-  for (const auto& out : layout) {
+  std::vector<float> values, statistics, masked;
+  for (const auto& chunk : chunks) {
+    const TensorInfo& out = layout[chunk.tensor];
     if (!changed.count(out.name)) {
-      copy_tensor(*tau, out.name, *writer, out.dtype);
+      copy_chunk(*tau, out, chunk, *writer, allow);
       continue;
     }
-    const std::vector<float> values = load(*tau, out.name, job.output.allow_nonfinite);
-    const std::vector<float> statistics = load(*signs, out.name, job.output.allow_nonfinite);
-    const std::vector<float> masked =
-        mask_tensor(job.mode, job.mask, values, statistics, out.shape, tensor_key_of(out.name));
-    const auto count = static_cast<long long>(values.size());
-    writer->write_f32(out.name, 0, masked.data(), count);
-    summary.stats.add(values.data(), statistics.data(), count);
-    kept.add(masked.data(), values.data(), count);
-    summary.elements += count;
+    read_pair(chunk, values, statistics);
+    mask_chunk(job.mode, job.mask, out, chunk, values, statistics, sums, masked);
+    writer->write_f32(out.name, chunk.begin, masked.data(), chunk.count);
+    summary.stats.add(values.data(), statistics.data(), chunk.count);
+    kept.add(masked.data(), values.data(), chunk.count);
   }
-  writer->commit();
+  commit_collectively(ranks, *writer);
+  ranks.reduce_summary(summary.stats);
+  ranks.reduce_summary(kept);
+  summary.elements = summary.stats.count;
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.tensors_changed = static_cast<long long>(names.size());
   summary.bytes_written = layout_bytes(layout);
   const double kept_fraction =
       kept.nonzero_b > 0 ? static_cast<double>(kept.nonzero_a) / static_cast<double>(kept.nonzero_b) : 0.0;
-  log << "mask " << mask_mode_name(job.mode) << ": " << names.size() << " tensors, " << summary.elements
-      << " elements; sign agreement of tau with the statistics " << percent(summary.stats.sign_agreement())
-      << "; non-zero entries kept " << percent(kept_fraction) << "; written to " << job.out << "\n";
+  if (ranks.is_root())
+    log << "mask " << mask_mode_name(job.mode) << ": " << names.size() << " tensors, " << summary.elements
+        << " elements; sign agreement of tau with the statistics " << percent(summary.stats.sign_agreement())
+        << "; non-zero entries kept " << percent(kept_fraction) << "; written to " << job.out << rank_note(ranks) << "\n";
   return summary;
 }
 
-JobSummary run_merge(const MergeJob& job, std::ostream& log) {
-  if (job.task_vectors.empty()) throw InputError("merge needs at least one --task-vector");
-  if (job.order != MergeOrder::kNone && job.signs.size() != job.task_vectors.size())
-    throw InputError(std::string("--order ") + merge_order_name(job.order) + " needs one --signs per --task-vector: got " +
-                     std::to_string(job.signs.size()) + " --signs for " + std::to_string(job.task_vectors.size()) +
-                     " --task-vector");
-  if (job.order == MergeOrder::kNone && !job.signs.empty())
-    throw InputError("--signs given without --order mask-then-merge|merge-then-mask");
-  if (job.method == MergeMethod::kTies && !(job.ties.fraction > 0.0 && job.ties.fraction <= 1.0))
-    throw InputError("--ties-fraction must be in (0, 1], got " + std::to_string(job.ties.fraction));
-
+JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& context) {
+  const Ranks ranks(context);
   std::vector<Reader> vectors, signs;
-  for (const auto& path : job.task_vectors) vectors.push_back(open_reader(path));
-  for (const auto& path : job.signs) signs.push_back(open_reader(path));
-  const TensorSelector selector(job.output.include, job.output.exclude);
-  const auto names = selected_names(*vectors[0], selector);
-  require_selection(names, *vectors[0]);
-  for (std::size_t v = 1; v < vectors.size(); ++v) {
-    require_matching(*vectors[0], names, *vectors[v]);
-    require_no_extra(*vectors[0], *vectors[v], selector);
-  }
-  for (const auto& reader : signs) require_matching(*vectors[0], names, *reader);
-
+  std::vector<std::string> names;
+  ranks.agree([&] {
+    if (job.task_vectors.empty()) throw InputError("merge needs at least one --task-vector");
+    if (job.order != MergeOrder::kNone && job.signs.size() != job.task_vectors.size())
+      throw InputError(std::string("--order ") + merge_order_name(job.order) + " needs one --signs per --task-vector: got " +
+                       std::to_string(job.signs.size()) + " --signs for " + std::to_string(job.task_vectors.size()) +
+                       " --task-vector");
+    if (job.order == MergeOrder::kNone && !job.signs.empty())
+      throw InputError("--signs given without --order mask-then-merge|merge-then-mask");
+    if (job.method == MergeMethod::kTies && !(job.ties.fraction > 0.0 && job.ties.fraction <= 1.0))
+      throw InputError("--ties-fraction must be in (0, 1], got " + std::to_string(job.ties.fraction));
+    for (const auto& path : job.task_vectors) vectors.push_back(open_reader(path));
+    for (const auto& path : job.signs) signs.push_back(open_reader(path));
+    const TensorSelector selector(job.output.include, job.output.exclude);
+    names = selected_names(*vectors[0], selector);
+    require_selection(names, *vectors[0]);
+    for (std::size_t v = 1; v < vectors.size(); ++v) {
+      require_matching(*vectors[0], names, *vectors[v]);
+      require_no_extra(*vectors[0], *vectors[v], selector);
+    }
+    for (const auto& reader : signs) require_matching(*vectors[0], names, *reader);
+  });
+  const auto layout = layout_of(*vectors[0], names, job.output);
+  const ShardPlan plan(layout, ranks.size());
+  const auto chunks = my_chunks(ranks, plan, layout);
   const bool allow = job.output.allow_nonfinite;
-  // Vector v's values for one tensor, masked with its own statistics when masking comes first.
-  auto load_vector = [&](std::size_t v, const std::string& name) {
-    std::vector<float> values = load(*vectors[v], name, allow);
-    if (job.order != MergeOrder::kMaskThenMerge) return values;
-    const std::vector<float> statistics = load(*signs[v], name, allow);
-    return mask_tensor(job.mode, job.mask, values, statistics, vectors[v]->info(name).shape, tensor_key_of(name));
+  const std::size_t n = vectors.size();
+
+  // Vector v's values for a chunk, masked with its own statistics when masking comes first.
+  std::vector<SumsByTensor> vector_sums(n);
+  auto raw_pair = [&](std::size_t v) {
+    return [&, v](const Piece& chunk, std::vector<float>& values, std::vector<float>& statistics) {
+      const std::string& name = layout[chunk.tensor].name;
+      values = load(*vectors[v], name, chunk.begin, chunk.count, allow);
+      statistics = load(*signs[v], name, chunk.begin, chunk.count, allow);
+    };
+  };
+  if (job.order == MergeOrder::kMaskThenMerge)
+    for (std::size_t v = 0; v < n; ++v) vector_sums[v] = mask_sums(ranks, plan, layout, job.mode, job.mask, chunks, raw_pair(v));
+  auto values_of = [&](std::size_t v, const Piece& chunk) {
+    if (job.order != MergeOrder::kMaskThenMerge) return load(*vectors[v], layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
+    std::vector<float> values, statistics, masked;
+    raw_pair(v)(chunk, values, statistics);
+    mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, values, statistics, vector_sums[v], masked);
+    return masked;
   };
 
-  // Global TIES needs each vector's threshold over all its tensors before anything is merged.
-  std::vector<float> global_thresholds;
-  if (job.method == MergeMethod::kTies && job.ties.scope == TiesScope::kGlobal) {
-    long long total = 0;
-    for (const auto& name : names) total += vectors[0]->info(name).numel();
-    for (std::size_t v = 0; v < vectors.size(); ++v) {
-      KthLargestMagnitude selection(ties_keep_count(total, job.ties.fraction));
-      while (selection.needs_pass()) {
-        for (const auto& name : names) {
-          const std::vector<float> values = load_vector(v, name);
-          selection.add(values.data(), static_cast<long long>(values.size()));
-        }
-        selection.next_pass();
+  // TIES thresholds: per vector over everything (global), or per tensor and vector.
+  std::map<std::size_t, std::vector<float>> thresholds;  // by tensor
+  if (job.method == MergeMethod::kTies) {
+    std::map<std::size_t, std::vector<Piece>> chunks_by_tensor;
+    for (const auto& chunk : chunks) chunks_by_tensor[chunk.tensor].push_back(chunk);
+    if (job.ties.scope == TiesScope::kGlobal) {
+      long long total = 0;
+      for (const auto& tensor : layout) total += tensor.numel();
+      std::vector<float> global;
+      for (std::size_t v = 0; v < n; ++v)
+        global.push_back(distributed_threshold(ranks, ties_keep_count(total, job.ties.fraction), true, chunks,
+                                               [&](const Piece& chunk) { return values_of(v, chunk); }));
+      for (std::size_t t = 0; t < layout.size(); ++t) thresholds[t] = global;
+    } else {
+      for (std::size_t t = 0; t < layout.size(); ++t) {
+        const bool split = plan.is_split(t);
+        if (!split && !chunks_by_tensor.count(t)) continue;
+        for (std::size_t v = 0; v < n; ++v)
+          thresholds[t].push_back(distributed_threshold(ranks, ties_keep_count(layout[t].numel(), job.ties.fraction), split,
+                                                        chunks_by_tensor[t], [&](const Piece& chunk) { return values_of(v, chunk); }));
       }
-      global_thresholds.push_back(selection.threshold());
     }
   }
 
-  std::vector<TensorInfo> layout;
-  for (const auto& name : names) layout.push_back(output_info(vectors[0]->info(name), job.output));
+  auto merged_of = [&](const Piece& chunk) {
+    std::vector<std::vector<float>> values;
+    std::vector<const float*> pointers;
+    for (std::size_t v = 0; v < n; ++v) values.push_back(values_of(v, chunk));
+    for (const auto& vector : values) pointers.push_back(vector.data());
+    std::vector<float> merged(static_cast<std::size_t>(chunk.count));
+    const auto found = thresholds.find(chunk.tensor);
+    merge_values(job.method, job.ties.elect, pointers, chunk.count, found == thresholds.end() ? std::vector<float>{} : found->second,
+                 merged.data());
+    return std::make_pair(merged, values[0]);
+  };
+  // The summed sign tensors: a per-entry majority over the sources' statistics.
+  auto summed_signs = [&](const Piece& chunk) {
+    std::vector<float> summed(static_cast<std::size_t>(chunk.count), 0.0f);
+    for (const auto& reader : signs) {
+      const auto statistics = load(*reader, layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
+      for (std::size_t i = 0; i < summed.size(); ++i) summed[i] += static_cast<float>((statistics[i] > 0.0f) - (statistics[i] < 0.0f));
+    }
+    return summed;
+  };
+  SumsByTensor merged_sums;
+  if (job.order == MergeOrder::kMergeThenMask)
+    merged_sums = mask_sums(ranks, plan, layout, job.mode, job.mask, chunks,
+                            [&](const Piece& chunk, std::vector<float>& values, std::vector<float>& statistics) {
+                              values = merged_of(chunk).first;
+                              statistics = summed_signs(chunk);
+                            });
+
   Metadata metadata = output_metadata(vectors[0]->metadata(), "merge");
   metadata["gradfix.merge_method"] = merge_method_name(job.method);
   metadata["gradfix.merge_order"] = merge_order_name(job.order);
-  auto writer = open_writer(job.out, layout, metadata, write_options(job.output));
+  auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
-  for (const auto& out : layout) {
-    std::vector<std::vector<float>> values;
-    std::vector<const float*> pointers;
-    for (std::size_t v = 0; v < vectors.size(); ++v) values.push_back(load_vector(v, out.name));
-    for (const auto& vector : values) pointers.push_back(vector.data());
-    const auto count = out.numel();
-    std::vector<float> thresholds = global_thresholds;
-    if (job.method == MergeMethod::kTies && job.ties.scope == TiesScope::kTensor)
-      for (const auto& vector : values)
-        thresholds.push_back(kth_largest_magnitude(vector.data(), count, ties_keep_count(count, job.ties.fraction)));
-    std::vector<float> merged(static_cast<std::size_t>(count));
-    merge_values(job.method, job.ties.elect, pointers, count, thresholds, merged.data());
+  for (const auto& chunk : chunks) {
+    auto [merged, first] = merged_of(chunk);
     if (job.order == MergeOrder::kMergeThenMask) {
-      // The summed sign tensors: a per-entry majority over the sources' statistics.
-      std::vector<float> summed(static_cast<std::size_t>(count), 0.0f);
-      for (const auto& reader : signs) {
-        const std::vector<float> statistics = load(*reader, out.name, allow);
-        for (long long i = 0; i < count; ++i) summed[i] += (statistics[i] > 0.0f) - (statistics[i] < 0.0f);
-      }
       const std::vector<float> unmasked = merged;
-      merged = mask_tensor(job.mode, job.mask, unmasked, summed, out.shape, tensor_key_of(out.name));
+      mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, unmasked, summed_signs(chunk), merged_sums, merged);
     }
-    writer->write_f32(out.name, 0, merged.data(), count);
-    summary.stats.add(merged.data(), values[0].data(), count);
-    summary.elements += count;
+    writer->write_f32(layout[chunk.tensor].name, chunk.begin, merged.data(), chunk.count);
+    summary.stats.add(merged.data(), first.data(), chunk.count);
   }
-  writer->commit();
+  commit_collectively(ranks, *writer);
+  ranks.reduce_summary(summary.stats);
+  summary.elements = summary.stats.count;
   summary.tensors_written = summary.tensors_changed = static_cast<long long>(names.size());
   summary.bytes_written = layout_bytes(layout);
-  log << "merge " << merge_method_name(job.method) << " (" << merge_order_name(job.order) << ") of "
-      << vectors.size() << " task vectors: " << names.size() << " tensors, " << summary.elements
-      << " elements; cosine of the merge with the first vector " << summary.stats.cosine() << "; written to "
-      << job.out << "\n";
+  if (ranks.is_root())
+    log << "merge " << merge_method_name(job.method) << " (" << merge_order_name(job.order) << ") of " << n
+        << " task vectors: " << names.size() << " tensors, " << summary.elements
+        << " elements; cosine of the merge with the first vector " << summary.stats.cosine() << "; written to " << job.out
+        << rank_note(ranks) << "\n";
   return summary;
 }
 
-JobSummary run_convert(const ConvertJob& job, std::ostream& log) {
-  const Reader in = open_reader(job.in);
-  const TensorSelector selector(job.output.include, job.output.exclude);
-  const auto names = selected_names(*in, selector);
-  require_selection(names, *in);
-  std::vector<TensorInfo> layout;
-  for (const auto& name : names) layout.push_back(output_info(in->info(name), job.output));
-  auto writer = open_writer(job.out, layout, in->metadata(), write_options(job.output));
+JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContext& context) {
+  const Ranks ranks(context);
+  Reader in;
+  std::vector<std::string> names;
+  ranks.agree([&] {
+    in = open_reader(job.in);
+    const TensorSelector selector(job.output.include, job.output.exclude);
+    names = selected_names(*in, selector);
+    require_selection(names, *in);
+  });
+  const auto layout = layout_of(*in, names, job.output);
+  const ShardPlan plan(layout, ranks.size());
+  auto writer = open_output(ranks, job.out, layout, in->metadata(), job.output);
   JobSummary summary;
-  for (const auto& out : layout) {
-    if (!job.output.allow_nonfinite) load(*in, out.name, false);
-    copy_tensor(*in, out.name, *writer, out.dtype);
-    summary.elements += out.numel();
-  }
-  writer->commit();
+  for (const auto& chunk : my_chunks(ranks, plan, layout)) copy_chunk(*in, layout[chunk.tensor], chunk, *writer, job.output.allow_nonfinite);
+  commit_collectively(ranks, *writer);
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.bytes_written = layout_bytes(layout);
-  log << "convert: " << layout.size() << " tensors, " << summary.bytes_written << " bytes, written to " << job.out
-      << "\n";
+  for (const auto& tensor : layout) summary.elements += tensor.numel();
+  if (ranks.is_root())
+    log << "convert: " << layout.size() << " tensors, " << summary.bytes_written << " bytes, written to " << job.out
+        << rank_note(ranks) << "\n";
   return summary;
 }
 
@@ -396,44 +649,63 @@ std::vector<TensorInfo> mlp_layout(const std::string& dims, DType dtype) {
   return layout;
 }
 
-JobSummary run_generate(const GenerateJob& job, std::ostream& log) {
-  if (!std::isfinite(job.noise) || !std::isfinite(job.like_scale)) throw InputError("--noise and --like-scale must be finite");
+JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobContext& context) {
+  const Ranks ranks(context);
   Reader like;
   std::vector<TensorInfo> layout = job.layout;
-  if (!job.like.empty()) {
-    like = open_reader(job.like);
-    layout.clear();
-    for (const auto& tensor : like->tensors()) layout.push_back(output_info(tensor, job.output));
-  }
-  if (layout.empty()) throw InputError("generate needs --mlp, --shapes or --like");
-  auto writer = open_writer(job.out, layout, like ? like->metadata() : Metadata{}, write_options(job.output));
+  ranks.agree([&] {
+    if (!std::isfinite(job.noise) || !std::isfinite(job.like_scale)) throw InputError("--noise and --like-scale must be finite");
+    if (!job.like.empty()) {
+      like = open_reader(job.like);
+      layout.clear();
+      for (const auto& tensor : like->tensors()) layout.push_back(output_info(tensor, job.output));
+    }
+    if (layout.empty()) throw InputError("generate needs --mlp, --shapes or --like");
+  });
+  const ShardPlan plan(layout, ranks.size());
+  auto writer = open_output(ranks, job.out, layout, like ? like->metadata() : Metadata{}, job.output);
   JobSummary summary;
-  for (const auto& tensor : layout) {
-    std::vector<float> values(static_cast<std::size_t>(tensor.numel()), 0.0f);
+  for (const auto& chunk : my_chunks(ranks, plan, layout)) {
+    const TensorInfo& tensor = layout[chunk.tensor];
+    std::vector<float> values(static_cast<std::size_t>(chunk.count), 0.0f);
     if (like) {
-      values = load(*like, tensor.name, job.output.allow_nonfinite);
+      values = load(*like, tensor.name, chunk.begin, chunk.count, job.output.allow_nonfinite);
       for (auto& value : values) value = static_cast<float>(job.like_scale * value);
     }
-    std::mt19937_64 generator(job.seed ^ tensor_key_of(tensor.name));
-    std::normal_distribution<double> normal(0.0, 1.0);
-    for (auto& value : values) value += static_cast<float>(job.noise * normal(generator));
-    writer->write_f32(tensor.name, 0, values.data(), tensor.numel());
-    summary.elements += tensor.numel();
+    const std::uint64_t key = tensor_key_of(tensor.name);
+    for (long long i = 0; i < chunk.count; ++i)
+      values[static_cast<std::size_t>(i)] += static_cast<float>(job.noise * gaussian_at(job.seed, key, chunk.begin + i));
+    writer->write_f32(tensor.name, chunk.begin, values.data(), chunk.count);
   }
-  writer->commit();
+  commit_collectively(ranks, *writer);
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.bytes_written = layout_bytes(layout);
-  log << "generate: " << layout.size() << " tensors, " << summary.elements << " elements, written to " << job.out << "\n";
+  for (const auto& tensor : layout) summary.elements += tensor.numel();
+  if (ranks.is_root())
+    log << "generate: " << layout.size() << " tensors, " << summary.elements << " elements, written to " << job.out
+        << rank_note(ranks) << "\n";
   return summary;
 }
 
-void run_inspect(const InspectJob& job, std::ostream& out) {
+void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& context) {
   using Json = nlohmann::json;
-  const Reader file = open_reader(job.file);
-  const TensorSelector selector(job.include, job.exclude);
-  const auto names = selected_names(*file, selector);
+  const Ranks ranks(context);
+  Reader file, other;
+  std::vector<std::string> names, common, only_first, only_second;
+  ranks.agree([&] {
+    file = open_reader(job.file);
+    const TensorSelector selector(job.include, job.exclude);
+    names = selected_names(*file, selector);
+    if (job.other.empty()) return;
+    other = open_reader(job.other);
+    for (const auto& name : names) (other->find(name) ? common : only_first).push_back(name);
+    for (const auto& name : selected_names(*other, selector))
+      if (!file->find(name)) only_second.push_back(name);
+    require_matching(*file, common, *other);
+  });
   Json report = {{"file", job.file}};
-  if (job.other.empty()) {
+  if (!other) {
+    if (!ranks.is_root()) return;
     long long elements = 0, bytes = 0;
     out << std::left << std::setw(48) << "tensor" << std::setw(6) << "dtype" << std::setw(22) << "shape" << std::right
         << std::setw(14) << "elements" << std::setw(16) << "bytes" << "\n";
@@ -441,8 +713,7 @@ void run_inspect(const InspectJob& job, std::ostream& out) {
     for (const auto& name : names) {
       const TensorInfo& info = file->info(name);
       out << std::left << std::setw(48) << name << std::setw(6) << dtype_name(info.dtype) << std::setw(22)
-          << format_shape(info.shape) << std::right << std::setw(14) << info.numel() << std::setw(16) << info.nbytes()
-          << "\n";
+          << format_shape(info.shape) << std::right << std::setw(14) << info.numel() << std::setw(16) << info.nbytes() << "\n";
       elements += info.numel();
       bytes += info.nbytes();
       tensors.push_back({{"name", name}, {"dtype", dtype_name(info.dtype)}, {"shape", info.shape}, {"bytes", info.nbytes()}});
@@ -454,31 +725,33 @@ void run_inspect(const InspectJob& job, std::ostream& out) {
     report["bytes"] = bytes;
     report["metadata"] = file->metadata();
   } else {
-    const Reader other = open_reader(job.other);
-    std::vector<std::string> common, only_first, only_second;
-    for (const auto& name : names) (other->find(name) ? common : only_first).push_back(name);
-    for (const auto& name : selected_names(*other, selector))
-      if (!file->find(name)) only_second.push_back(name);
-    require_matching(*file, common, *other);
+    // Each rank compares its pieces; the per-tensor sums meet on every rank.
+    const auto layout = layout_of(*file, common, {});
+    const ShardPlan plan(layout, ranks.size());
+    std::vector<PairStats> per_tensor(layout.size());
+    for (const auto& chunk : my_chunks(ranks, plan, layout)) {
+      const std::string& name = layout[chunk.tensor].name;
+      const auto a = file->read_f32(name, chunk.begin, chunk.count);
+      const auto b = other->read_f32(name, chunk.begin, chunk.count);
+      per_tensor[chunk.tensor].add(a.data(), b.data(), chunk.count);
+    }
+    for (auto& stats : per_tensor) ranks.reduce_summary(stats);
+    if (!ranks.is_root()) return;
     out << std::left << std::setw(48) << "tensor" << std::right << std::setw(12) << "agree" << std::setw(10) << "cosine"
         << std::setw(14) << "norm_a" << std::setw(14) << "norm_b" << "\n";
     PairStats overall;
     Json tensors = Json::array();
     auto row = [&](const std::string& label, const PairStats& stats) {
       out << std::left << std::setw(48) << label << std::right << std::setw(12) << percent(stats.sign_agreement())
-          << std::setw(10) << std::fixed << std::setprecision(4) << stats.cosine() << std::setw(14)
-          << std::setprecision(6) << std::sqrt(stats.norm_a_squared) << std::setw(14) << std::sqrt(stats.norm_b_squared)
-          << "\n";
+          << std::setw(10) << std::fixed << std::setprecision(4) << stats.cosine() << std::setw(14) << std::setprecision(6)
+          << std::sqrt(stats.norm_a_squared) << std::setw(14) << std::sqrt(stats.norm_b_squared) << "\n";
       out.unsetf(std::ios::fixed);
     };
-    for (const auto& name : common) {
-      const std::vector<float> a = file->read_f32(name);
-      const std::vector<float> b = other->read_f32(name);
-      PairStats stats;
-      stats.add(a.data(), b.data(), static_cast<long long>(a.size()));
+    for (std::size_t t = 0; t < layout.size(); ++t) {
+      const PairStats& stats = per_tensor[t];
       overall.add(stats);
-      row(name, stats);
-      tensors.push_back({{"name", name}, {"sign_agreement", stats.sign_agreement()}, {"cosine", stats.cosine()},
+      row(layout[t].name, stats);
+      tensors.push_back({{"name", layout[t].name}, {"sign_agreement", stats.sign_agreement()}, {"cosine", stats.cosine()},
                          {"norm_a", std::sqrt(stats.norm_a_squared)}, {"norm_b", std::sqrt(stats.norm_b_squared)}});
     }
     row("(overall, " + std::to_string(common.size()) + " tensors)", overall);
@@ -486,8 +759,7 @@ void run_inspect(const InspectJob& job, std::ostream& out) {
     if (!only_second.empty()) out << "only in " << job.other << ": " << format_name_list(only_second) << "\n";
     report["other"] = job.other;
     report["tensors"] = tensors;
-    report["overall"] = {{"sign_agreement", overall.sign_agreement()}, {"cosine", overall.cosine()},
-                         {"elements", overall.count}};
+    report["overall"] = {{"sign_agreement", overall.sign_agreement()}, {"cosine", overall.cosine()}, {"elements", overall.count}};
     report["only_in_file"] = only_first;
     report["only_in_other"] = only_second;
   }

@@ -9,9 +9,12 @@
 
 namespace gradfix {
 
-// Runs one command line (without the program name). Throws gradfix::Error on failure; returns
-// the exit code otherwise (0, or 1 when only help was asked for with a wrong subcommand).
-int run_command_line(const std::vector<std::string>& args, std::ostream& out);
+class MpiRuntime;
+
+// Runs one command line (without the program name) on this rank. Throws gradfix::Error on
+// failure; returns the exit code otherwise (0, or 1 when no subcommand was given). Without a
+// runtime it runs as a single process that never calls MPI.
+int run_command_line(const std::vector<std::string>& args, std::ostream& out, MpiRuntime* runtime = nullptr);
 
 // "5GB", "512MiB", "1000000": bytes. Throws InputError on anything else.
 long long parse_byte_size(const std::string& text, const std::string& option);

@@ -17,8 +17,28 @@ class Error : public std::runtime_error {
   Error(const std::string& message, int exit_code) : std::runtime_error(message), exit_code_(exit_code) {}
   int exit_code() const { return exit_code_; }
 
+  // Every rank of the job knows of this failure (it was agreed on in a collective step), so each
+  // can exit normally; an error that is not agreed must end the other ranks with MPI_Abort.
+  bool agreed() const { return agreed_; }
+  void mark_agreed() { agreed_ = true; }
+  // Another rank reports this failure; this rank exits with its code without printing it.
+  bool silent() const { return silent_; }
+
+ protected:
+  bool silent_ = false;
+
  private:
   int exit_code_;
+  bool agreed_ = false;
+};
+
+// This rank stopped because another rank failed and reported why.
+class PeerFailure : public Error {
+ public:
+  PeerFailure(const std::string& message, int exit_code) : Error(message, exit_code) {
+    silent_ = true;
+    mark_agreed();
+  }
 };
 
 // The user's input is wrong: a missing or corrupt file, names or shapes that do not match, an

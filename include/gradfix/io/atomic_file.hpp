@@ -6,6 +6,8 @@
 
 namespace gradfix {
 
+class MpiCommunicator;
+
 // A fresh temporary name beside `final_path`: ".<name>.tmp-<pid>-<counter>".
 std::string temporary_path_for(const std::string& final_path);
 
@@ -17,6 +19,20 @@ void rename_file(const std::string& from, const std::string& to);
 
 // unlink(2) that ignores a missing file: used on the error path, which must not throw.
 void remove_quietly(const std::string& path);
+
+// Temporary outputs of this process, removed by remove_registered_temporaries() when the
+// process must stop early: on an error before MPI_Abort, and from the SIGTERM handler that
+// mpirun and Slurm use to stop the other ranks. Removal there is async-signal-safe.
+void register_temporary(const std::string& path);
+void unregister_temporary(const std::string& path);
+void remove_registered_temporaries() noexcept;
+// Installs handlers for SIGTERM, SIGINT and SIGHUP that remove the registered temporaries and
+// exit with 128 + the signal number.
+void install_cleanup_signal_handlers();
+
+// The same temporary name on every rank: rank 0 makes it, the others receive it. Without a
+// communicator, just temporary_path_for.
+std::string shared_temporary_path_for(const std::string& final_path, MpiCommunicator* comm);
 
 std::string parent_directory(const std::string& path);
 std::string base_name(const std::string& path);

@@ -14,7 +14,9 @@ namespace gradfix {
 constexpr const char* kHdf5DtypeAttribute = "gradfix_dtype";
 
 std::unique_ptr<TensorReader> open_hdf5_reader(const std::string& path);
+// With a communicator of more than one rank the file is written collectively through MPI-IO
+// (parallel HDF5): datasets are created by all ranks together, each rank writes its ranges.
 std::unique_ptr<TensorWriter> open_hdf5_writer(const std::string& path, const std::vector<TensorInfo>& layout,
-                                               const Metadata& metadata);
+                                               const Metadata& metadata, MpiCommunicator* comm = nullptr);
 
 }  // namespace gradfix

@@ -46,10 +46,16 @@ class TensorReader {
   std::vector<float> read_f32(const std::string& name) const;
 };
 
+class MpiCommunicator;
+
 struct WriteOptions {
   // For a sharded safetensors directory: the largest shard, in bytes (a single larger tensor gets
   // a shard of its own).
   long long max_shard_bytes = 5LL << 30;
+  // With a communicator the writer is collective: every rank constructs it with the same layout,
+  // rank 0 creates the files, every rank writes the ranges it owns into the same files (which
+  // must be on a file system all ranks see), and publish() renames once all ranks finished.
+  MpiCommunicator* comm = nullptr;
 };
 
 class TensorWriter {
@@ -95,8 +101,9 @@ class WriteTracker {
   explicit WriteTracker(const std::vector<TensorInfo>& layout);
   // Throws RuntimeFailure when the range lies outside the tensor or the tensor is unknown.
   const TensorInfo& record(const std::string& file, const std::string& name, long long begin, long long count);
-  // Throws RuntimeFailure naming the first tensor that is not complete.
-  void check_complete(const std::string& file) const;
+  // Throws RuntimeFailure naming the first tensor that is not complete. With a communicator,
+  // counts the elements written by all ranks together (collective).
+  void check_complete(const std::string& file, MpiCommunicator* comm = nullptr) const;
 
  private:
   std::map<std::string, std::size_t> index_;

@@ -3,6 +3,7 @@
 // check that they fit together (names, shapes, finite values), compute tensor by tensor in fp32,
 // write through an atomic writer, print a summary. Nothing here parses flags.
 
+#include <functional>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -15,6 +16,19 @@
 #include "gradfix/merge/merge.hpp"
 
 namespace gradfix {
+
+class Communicator;
+class MpiCommunicator;
+
+// Where a job runs. Every job is the same code for any number of ranks: each rank reads,
+// computes and writes only the pieces the shard plan gives it, in chunks of bounded size, and
+// the ranks meet only to agree on errors, to reduce statistics and to publish the output. With
+// no communicator the job runs as the one rank of a world of one.
+struct JobContext {
+  MpiCommunicator* host = nullptr;  // collective I/O, error agreement, summaries
+  Communicator* stats = nullptr;    // reductions of statistics (MPI or NCCL); default: host
+  long long chunk_elements = 1LL << 22;  // elements per buffer: bounds memory for any model size
+};
 
 // Options every writing job shares.
 struct OutputOptions {
@@ -102,12 +116,18 @@ struct JobSummary {
   PairStats stats;                // job-specific: input against statistics, or output against input
 };
 
-JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log);
-JobSummary run_apply(const ApplyJob& job, std::ostream& log);
-JobSummary run_mask(const MaskJob& job, std::ostream& log);
-JobSummary run_merge(const MergeJob& job, std::ostream& log);
-JobSummary run_convert(const ConvertJob& job, std::ostream& log);
-void run_inspect(const InspectJob& job, std::ostream& out);
-JobSummary run_generate(const GenerateJob& job, std::ostream& log);
+// Runs `work` on every rank and agrees on the outcome: when any rank fails, the lowest failing
+// rank rethrows its error (marked agreed) and the others throw a silent PeerFailure, so the error
+// is printed once and every rank can exit normally.
+void agree_on_outcome(const JobContext& context, const std::function<void()>& work);
+
+// Each prints its summary on rank 0 only; the returned summary is the same on every rank.
+JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const JobContext& context = {});
+JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& context = {});
+JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& context = {});
+JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& context = {});
+JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContext& context = {});
+void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& context = {});
+JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobContext& context = {});
 
 }  // namespace gradfix
