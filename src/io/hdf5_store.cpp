@@ -301,7 +301,7 @@ class Hdf5Writer final : public TensorWriter {
     // Several ranks write one file through MPI-IO: the file, its datasets and attributes are
     // created by all ranks together (collective), the data by each rank independently.
     Handle access(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-    if (comm_ != nullptr && comm_->size() > 1) H5Pset_fapl_mpio(access.get(), comm_->native(), MPI_INFO_NULL);
+    if (comm_ != nullptr) H5Pset_fapl_mpio(access.get(), comm_->native(), MPI_INFO_NULL);
     file_ = Handle(H5Fcreate(temporary_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, access.get()), H5Fclose);
     if (file_.get() < 0) throw RuntimeFailure(path_ + ": cannot create '" + temporary_ + "'");
     for (const auto& [key, value] : metadata) write_string_attribute(file_.get(), key, value, path_);

@@ -1,6 +1,9 @@
 #include "gradfix/pipeline/jobs.hpp"
 
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <thread>
 #include <cstdio>
 #include <fstream>
 #include <functional>
@@ -109,8 +112,19 @@ void check_finite(const std::vector<float>& values, const TensorReader& reader, 
   }
 }
 
+// Fault-injection hook for the tests that kill a rank mid-run: GRADFIX_TEST_PAUSE_MS makes
+// every chunk read take that much longer, so a run lasts long enough to be interrupted.
+void pause_for_tests() {
+  static const long pause_ms = [] {
+    const char* text = std::getenv("GRADFIX_TEST_PAUSE_MS");
+    return text != nullptr ? std::strtol(text, nullptr, 10) : 0L;
+  }();
+  if (pause_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));
+}
+
 // Reads elements [begin, begin + count) in fp32 and refuses NaN and Inf unless they are allowed.
 std::vector<float> load(const TensorReader& reader, const std::string& name, long long begin, long long count, bool allow) {
+  pause_for_tests();
   std::vector<float> values = reader.read_f32(name, begin, count);
   check_finite(values, reader, name, begin, allow);
   return values;
