@@ -1,5 +1,6 @@
 #include "gradfix/comm/backend.hpp"
 
+#include <cstring>
 #include <vector>
 
 #include "gradfix/core/error.hpp"
@@ -41,6 +42,33 @@ std::shared_ptr<Communicator> make_communicator(const std::string& name, MpiRunt
 #endif
 }
 
+namespace {
+
+#ifdef GRADFIX_HAVE_NCCL
+// A device buffer for staging host data through a device communicator.
+class DeviceBuffer {
+ public:
+  DeviceBuffer(std::size_t bytes, const Communicator& comm) {
+    if (cudaMalloc(&data_, bytes) != cudaSuccess)
+      throw RuntimeFailure("cudaMalloc of " + std::to_string(bytes) + " bytes failed on " + describe_rank(comm));
+  }
+  ~DeviceBuffer() { cudaFree(data_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void* get() const { return data_; }
+
+ private:
+  void* data_ = nullptr;
+};
+
+void copy(void* target, const void* source, std::size_t bytes, cudaMemcpyKind kind, const Communicator& comm) {
+  if (cudaMemcpy(target, source, bytes, kind) != cudaSuccess)
+    throw RuntimeFailure("cudaMemcpy of " + std::to_string(bytes) + " bytes failed on " + describe_rank(comm));
+}
+#endif
+
+}  // namespace
+
 void allreduce_host(Communicator& comm, void* buffer, std::size_t count, DType dtype, ReduceOp op) {
   if (comm.size() == 1 || count == 0) return;
   if (comm.memory() == MemorySpace::kHost) {
@@ -49,20 +77,31 @@ void allreduce_host(Communicator& comm, void* buffer, std::size_t count, DType d
   }
 #ifdef GRADFIX_HAVE_NCCL
   const std::size_t bytes = count * dtype_size(dtype);
-  void* device = nullptr;
-  if (cudaMalloc(&device, bytes) != cudaSuccess)
-    throw RuntimeFailure("cudaMalloc of " + std::to_string(bytes) + " bytes failed on " + describe_rank(comm));
-  try {
-    if (cudaMemcpy(device, buffer, bytes, cudaMemcpyHostToDevice) != cudaSuccess)
-      throw RuntimeFailure("cudaMemcpy to the device failed on " + describe_rank(comm));
-    comm.allreduce(device, device, count, dtype, op);
-    if (cudaMemcpy(buffer, device, bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
-      throw RuntimeFailure("cudaMemcpy to the host failed on " + describe_rank(comm));
-  } catch (...) {
-    cudaFree(device);
-    throw;
+  DeviceBuffer device(bytes, comm);
+  copy(device.get(), buffer, bytes, cudaMemcpyHostToDevice, comm);
+  comm.allreduce(device.get(), device.get(), count, dtype, op);
+  copy(buffer, device.get(), bytes, cudaMemcpyDeviceToHost, comm);
+#else
+  throw RuntimeFailure("a device communicator in a build without CUDA on " + describe_rank(comm));
+#endif
+}
+
+void reduce_scatter_host(Communicator& comm, const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op) {
+  const std::size_t bytes = count * dtype_size(dtype);
+  if (comm.size() == 1) {
+    std::memcpy(recv, send, bytes);
+    return;
   }
-  cudaFree(device);
+  if (comm.memory() == MemorySpace::kHost) {
+    comm.reduce_scatter(send, recv, count, dtype, op);
+    return;
+  }
+#ifdef GRADFIX_HAVE_NCCL
+  DeviceBuffer device_send(bytes * static_cast<std::size_t>(comm.size()), comm);
+  DeviceBuffer device_recv(bytes, comm);
+  copy(device_send.get(), send, bytes * static_cast<std::size_t>(comm.size()), cudaMemcpyHostToDevice, comm);
+  comm.reduce_scatter(device_send.get(), device_recv.get(), count, dtype, op);
+  copy(recv, device_recv.get(), bytes, cudaMemcpyDeviceToHost, comm);
 #else
   throw RuntimeFailure("a device communicator in a build without CUDA on " + describe_rank(comm));
 #endif

@@ -65,6 +65,31 @@ long long ShardPlan::bytes(int rank) const {
   return bytes;
 }
 
+std::pair<long long, long long> ShardPlan::flat_range(int rank) const {
+  long long before = 0;  // elements of all tensors before each piece's tensor
+  std::vector<long long> starts(tensors_.size(), 0);
+  for (std::size_t t = 0; t < tensors_.size(); ++t) {
+    starts[t] = before;
+    before += tensors_[t].numel();
+  }
+  const auto& mine = pieces(rank);
+  if (mine.empty()) {
+    // An empty rank sits where the next non-empty rank starts (or at the end).
+    for (int next = rank + 1; next < ranks(); ++next)
+      if (!pieces(next).empty()) return {starts[pieces(next)[0].tensor] + pieces(next)[0].begin, 0};
+    return {before, 0};
+  }
+  const long long first = starts[mine.front().tensor] + mine.front().begin;
+  const long long last = starts[mine.back().tensor] + mine.back().begin + mine.back().count;
+  return {first, last - first};
+}
+
+long long ShardPlan::total_elements() const {
+  long long total = 0;
+  for (const auto& tensor : tensors_) total += tensor.numel();
+  return total;
+}
+
 std::vector<Piece> chunks_of(const Piece& piece, long long unit, long long max_elements) {
   std::vector<Piece> chunks;
   const long long step = std::max(unit, max_elements / std::max(unit, 1LL) * unit);

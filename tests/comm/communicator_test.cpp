@@ -17,11 +17,13 @@
 #endif
 
 namespace gradfix {
+
+extern MpiRuntime* g_runtime;
+MpiCommunicator& test_world();
+
 namespace {
 
-MpiRuntime* g_runtime = nullptr;
-
-MpiCommunicator& world() { return g_runtime->world(); }
+MpiCommunicator& world() { return test_world(); }
 
 template <typename T>
 void expect_allreduce(DType dtype) {
@@ -161,17 +163,3 @@ TEST(NcclCommunicator, AllreduceMatchesMpi) {
 
 }  // namespace
 }  // namespace gradfix
-
-int main(int argc, char** argv) {
-  gradfix::MpiRuntime runtime(&argc, &argv);
-  gradfix::g_runtime = &runtime;
-  ::testing::InitGoogleTest(&argc, argv);
-  // Only rank 0 prints results; every rank still runs every test.
-  if (runtime.world().rank() != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  int failed = RUN_ALL_TESTS();
-  runtime.world().allreduce(&failed, &failed, 1, gradfix::DType::kI32, gradfix::ReduceOp::kMax);
-  return failed;
-}

@@ -24,6 +24,9 @@ std::shared_ptr<Communicator> make_communicator(const std::string& name, MpiRunt
 // staged copies. Used for the statistics the CPU jobs reduce.
 void allreduce_host(Communicator& comm, void* buffer, std::size_t count, DType dtype, ReduceOp op);
 
+// reduce_scatter of host buffers through a communicator of either memory space.
+void reduce_scatter_host(Communicator& comm, const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op);
+
 #ifdef GRADFIX_HAVE_NCCL
 std::unique_ptr<Communicator> make_nccl_communicator(MpiCommunicator& bootstrap, int local_rank);
 #endif

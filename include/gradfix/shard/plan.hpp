@@ -6,6 +6,7 @@
 // rank. The plan depends only on the tensor list and P: every rank computes the same one.
 
 #include <cstddef>
+#include <utility>
 #include <vector>
 
 #include "gradfix/io/tensor_store.hpp"
@@ -29,6 +30,10 @@ class ShardPlan {
   // Whether more than one rank owns elements of this tensor.
   bool is_split(std::size_t tensor) const { return owners_[tensor] > 1; }
   long long bytes(int rank) const;
+  // The rank's elements as one range of the tensors laid end to end in list order:
+  // {first element, count}. Ranges of consecutive ranks are adjacent.
+  std::pair<long long, long long> flat_range(int rank) const;
+  long long total_elements() const;
 
  private:
   std::vector<TensorInfo> tensors_;
