@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The scripts in slurm/ on a real one-node Slurm: installs Debian's slurm-wlm and munge when
+# missing, starts munged, slurmctld and slurmd on localhost with a generated slurm.conf in a
+# temporary directory, submits each script with sbatch on a small job, checks the outputs
+# against a plain run, and stops the daemons it started (by pid).
+#   slurm_test.sh GRADFIX_BINARY
+set -euo pipefail
+gradfix=$1
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+source "$repo/tests/mpi/common.sh"
+
+missing=()
+for package in slurm-wlm munge; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  [ "$(id -u)" -eq 0 ] || { echo "slurm_test: needs root to install ${missing[*]} and run slurmd" >&2; exit 1; }
+  echo "slurm_test: installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
+    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
+fi
+[ "$(id -u)" -eq 0 ] || { echo "slurm_test: slurmd must run as root" >&2; exit 1; }
+
+work=$(mktemp -d /tmp/gradfix-slurm-XXXXXX)
+chmod 700 "$work"
+host=$(hostname -s)
+stop_daemons() {
+  for name in slurmd slurmctld munged; do
+    [ -f "$work/$name.pid" ] && kill "$(cat "$work/$name.pid")" 2>/dev/null || true
+  done
+  for name in slurmd slurmctld munged; do
+    for _ in $(seq 50); do
+      [ -f "$work/$name.pid" ] && kill -0 "$(cat "$work/$name.pid")" 2>/dev/null || break
+      sleep 0.1
+    done
+  done
+  if [ "${failed:-0}" -ne 0 ]; then tail -n 20 "$work"/*.log >&2 || true; fi
+  rm -rf "$work"
+}
+trap stop_daemons EXIT
+
+# munge: a fresh key and a private socket.
+dd if=/dev/urandom of="$work/munge.key" bs=1024 count=1 status=none
+chmod 400 "$work/munge.key"
+munged --force --key-file="$work/munge.key" --socket="$work/munge.socket" --pid-file="$work/munged.pid" \
+  --log-file="$work/munged.log" --seed-file="$work/munge.seed"
+
+mkdir -p "$work/state" "$work/spool" "$work/jobs"
+cat >"$work/slurm.conf" <<CONF
+ClusterName=gradfixtest
+SlurmctldHost=$host
+SlurmctldPort=16817
+SlurmdPort=16818
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$work/munge.socket
+StateSaveLocation=$work/state
+SlurmdSpoolDir=$work/spool
+SlurmctldPidFile=$work/slurmctld.pid
+SlurmdPidFile=$work/slurmd.pid
+SlurmctldLogFile=$work/slurmctld.log
+SlurmdLogFile=$work/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# The scripts ask for GPUs per node; this node declares four without device files.
+GresTypes=gpu
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+# Accept the declared CPUs even where the machine has fewer cores.
+SlurmdParameters=config_overrides
+NodeName=$host CPUs=8 RealMemory=2000 Gres=gpu:4 State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+CONF
+# Slurm counts GPUs by their device files; plain files stand in for /dev/nvidia0..3.
+touch "$work/gpu0" "$work/gpu1" "$work/gpu2" "$work/gpu3"
+echo "NodeName=$host Name=gpu File=$work/gpu[0-3]" >"$work/gres.conf"
+export SLURM_CONF=$work/slurm.conf
+
+slurmctld -f "$SLURM_CONF"
+slurmd -f "$SLURM_CONF"
+for _ in $(seq 100); do
+  state=$(sinfo -h -n "$host" -o %t 2>/dev/null || true)
+  [ "$state" = "idle" ] && break
+  sleep 0.2
+done
+check "the node comes up idle (state '${state:-none}')" test "${state:-}" = "idle"
+
+cd "$work/jobs"
+"$gradfix" generate --shapes "embed=300x64,w=64x64,b=64,v=10000" --seed 1 --out base.safetensors >/dev/null
+"$gradfix" generate --like base.safetensors --like-scale 0 --noise 0.01 --seed 2 --out tau.safetensors >/dev/null
+"$gradfix" generate --like base.safetensors --like-scale 0 --noise 1 --seed 3 --out signs.h5 >/dev/null
+"$gradfix" mask --task-vector tau.safetensors --signs signs.h5 --mask-mode soft1 --out reference.safetensors >/dev/null
+
+export GRADFIX_BIN=$gradfix
+small=(--time=5 --cpus-per-task=1)
+check "single-node script runs (2 ranks via srun --mpi=pmix)" \
+  sbatch --wait --quiet "${small[@]}" --ntasks-per-node=2 --gpus-per-node=2 --output=single.out \
+  "$repo/slurm/gradfix-single-node.sbatch" mask --task-vector tau.safetensors --signs signs.h5 --mask-mode soft1 --out single.safetensors
+check "single-node output equals a plain run" cmp -s reference.safetensors single.safetensors
+check "single-node log shows 2 ranks" grep -q "2 rank(s)" single.out
+
+check "multi-node script runs (one node here, 3 ranks)" \
+  sbatch --wait --quiet "${small[@]}" --nodes=1 --ntasks-per-node=3 --gpus-per-node=4 --output=multi.out \
+  "$repo/slurm/gradfix-multi-node.sbatch" mask --task-vector tau.safetensors --signs signs.h5 --mask-mode soft1 --out multi
+"$gradfix" convert multi multi.safetensors >/dev/null 2>&1 || true
+check "multi-node output equals a plain run" cmp -s reference.safetensors multi.safetensors
+
+cat >sweep.txt <<'SWEEP'
+# one line per array task
+mask --task-vector tau.safetensors --signs signs.h5 --mask-mode normal --out sweep-{task}.safetensors
+mask --task-vector tau.safetensors --signs signs.h5 --mask-mode soft1 --out sweep-{task}.safetensors
+apply --base base.safetensors --task-vector tau.safetensors --alpha 0.5 --out sweep-{task}.h5
+SWEEP
+check "sweep array runs (3 tasks)" \
+  sbatch --wait --quiet "${small[@]}" --array=0-2 --output=sweep-%a.out "$repo/slurm/gradfix-sweep.sbatch" sweep.txt
+check "sweep task 1 equals a plain run" cmp -s reference.safetensors sweep-1.safetensors
+check "sweep tasks 0 and 2 wrote their outputs" test -s sweep-0.safetensors -a -s sweep-2.h5
+finish
