@@ -136,7 +136,8 @@ po::options_description general_options() {
       ("help,h", "show this help")
       ("config", po::value<std::string>(), "INI file of options (top-level keys and a [SUBCOMMAND] section); flags win")
       ("backend", po::value<std::string>()->default_value("auto"), "communicator for statistics: auto|mpi|nccl (auto: nccl when tensors are on CUDA devices, else mpi)")
-      ("chunk-elements", po::value<long long>()->default_value(1LL << 22), "elements per processing buffer (bounds memory per rank)");
+      ("chunk-elements", po::value<long long>()->default_value(1LL << 22), "elements per processing buffer (bounds memory per rank)")
+      ("report-memory", po::bool_switch(), "print each rank's peak resident memory at the end");
   return options;
 }
 
@@ -180,6 +181,27 @@ MaskOptions parse_mask_options(const po::variables_map& values) {
   return mask;
 }
 
+// Peak resident memory (VmHWM) of this process, in KiB.
+long long peak_resident_kib() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6));
+  return -1;
+}
+
+void print_peak_memory(MpiCommunicator* host, std::ostream& out) {
+  const long long mine = peak_resident_kib();
+  std::vector<long long> all(1, mine);
+  if (host != nullptr && host->size() > 1) {
+    all.resize(static_cast<std::size_t>(host->size()));
+    host->allgather(&mine, all.data(), 1, DType::kI64);
+  }
+  out << "peak resident memory per rank (MiB):";
+  for (long long kib : all) out << " " << kib / 1024;
+  out << "\n";
+}
+
 void print_overview(std::ostream& out) {
   out << "gradfix " << kVersion << ": transport and merge task vectors with gradient-sign masks\n\n"
       << "usage: gradfix SUBCOMMAND [options]   (gradfix SUBCOMMAND --help for its options)\n\n";
@@ -209,7 +231,8 @@ long long parse_byte_size(const std::string& text, const std::string& option) {
   for (auto& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   static const std::map<std::string, double> kUnits = {
       {"", 1.0},      {"B", 1.0},           {"KB", 1e3},          {"MB", 1e6},          {"GB", 1e9},
-      {"TB", 1e12},   {"KIB", 1024.0},      {"MIB", 1048576.0},   {"GIB", 1073741824.0}, {"TIB", 1099511627776.0}};
+      {"TB", 1e12},   {"KIB", 1024.0},      {"MIB", 1048576.0},   {"GIB", 1073741824.0}, {"TIB", 1099511627776.0},
+      {"K", 1024.0},  {"M", 1048576.0},     {"G", 1073741824.0},  {"T", 1099511627776.0}};
   const auto found = kUnits.find(unit);
   if (found == kUnits.end() || !(number > 0.0) || !std::isfinite(number))
     throw InputError(option + ": '" + text + "' is not a positive size (examples: 5GB, 512MiB, 1000000)");
@@ -333,9 +356,11 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
   } else if (backend == "nccl") {
     throw InputError("--backend nccl needs the MPI runtime that the gradfix program starts");
   }
-  auto run = [stats, context, &out](auto job_function, const auto& job) {
-    return std::function<int()>([stats, context, &out, job_function, job] {
+  const bool report_memory = values["report-memory"].as<bool>();
+  auto run = [stats, context, &out, report_memory](auto job_function, const auto& job) {
+    return std::function<int()>([stats, context, &out, job_function, job, report_memory] {
       job_function(job, out, context);
+      if (report_memory) print_peak_memory(context.host, out);
       return 0;
     });
   };

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -46,6 +47,14 @@ class MappedFile {
 
   const unsigned char* data() const { return data_; }
   long long size() const { return size_; }
+
+  // Unmaps the whole pages inside [start, start + bytes) from the resident set.
+  void release(const unsigned char* start, std::size_t bytes) const {
+    static const std::uintptr_t page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const auto first = (reinterpret_cast<std::uintptr_t>(start) + page - 1) / page * page;
+    const auto last = (reinterpret_cast<std::uintptr_t>(start) + bytes) / page * page;
+    if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  }
 
  private:
   int fd_ = -1;
@@ -108,7 +117,11 @@ class SafetensorsReader final : public TensorReader {
     if (count == 0) return;
     const std::size_t item = dtype_size(tensor.dtype);
     const unsigned char* source = file_.data() + data_start_ + byte_begin_[found->second] + begin * item;
-    std::memcpy(target, source, static_cast<std::size_t>(count) * item);
+    const std::size_t bytes = static_cast<std::size_t>(count) * item;
+    std::memcpy(target, source, bytes);
+    // Drop the copied pages from this process's mapping (the page cache keeps them): reading a
+    // whole checkpoint chunk by chunk must not grow the resident set by the checkpoint's size.
+    file_.release(source, bytes);
   }
 
  private:

@@ -11,7 +11,7 @@ work=$(mktemp -d /tmp/gradfix-mpi-XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-shapes="embed=300x64,block.0.weight=64x64,block.0.bias=64,block.1.weight=32x64,long_vector=10000,scale="
+shapes="embed=300x64,block.0.weight=64x64,block.0.bias=64,block.1.weight=32x64,long_vector=10000,scale=,empty=0x4"
 "$gradfix" generate --shapes "$shapes" --dtype BF16 --noise 0.1 --seed 1 --out base.safetensors >/dev/null
 "$gradfix" generate --like base.safetensors --noise 0.01 --seed 2 --out ft.safetensors >/dev/null
 "$gradfix" generate --like base.safetensors --like-scale 0 --noise 1 --seed 3 --out signs.h5 >/dev/null

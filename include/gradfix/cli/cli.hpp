@@ -16,7 +16,7 @@ class MpiRuntime;
 // runtime it runs as a single process that never calls MPI.
 int run_command_line(const std::vector<std::string>& args, std::ostream& out, MpiRuntime* runtime = nullptr);
 
-// "5GB", "512MiB", "1000000": bytes. Throws InputError on anything else.
+// "5GB" (10^9), "512MiB" or "512M" (2^20), "1000000": bytes. Throws InputError on anything else.
 long long parse_byte_size(const std::string& text, const std::string& option);
 
 }  // namespace gradfix

@@ -1,0 +1,81 @@
+// All-reduce of vote counts as int8 against the same count of fp32 values, on the statistics
+// communicator chosen by --backend, in the style of nccl-tests: size, time, algorithm and bus
+// bandwidth, and the int8/fp32 time ratio measured in the same run. Prints a table on rank 0
+// and writes a JSON copy. Run under mpirun:
+//   mpirun -np 2 build/gradfix_bench_allreduce [--backend mpi|nccl] [--max 64M] [--json bench_allreduce.json]
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "gradfix/cli/cli.hpp"
+#include "gradfix/comm/backend.hpp"
+#include "gradfix/comm/mpi.hpp"
+
+namespace {
+
+// Seconds per all-reduce: the best of three timed rounds of `iterations`, after a warm-up.
+double time_allreduce(gradfix::Communicator& comm, gradfix::MpiCommunicator& world, std::vector<unsigned char>& buffer,
+                      std::size_t count, gradfix::DType dtype, int iterations) {
+  gradfix::allreduce_host(comm, buffer.data(), count, dtype, gradfix::ReduceOp::kSum);
+  double best = 1e30;
+  for (int round = 0; round < 3; ++round) {
+    world.barrier();
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < iterations; ++i) gradfix::allreduce_host(comm, buffer.data(), count, dtype, gradfix::ReduceOp::kSum);
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iterations;
+    world.allreduce(&seconds, &seconds, 1, gradfix::DType::kF64, gradfix::ReduceOp::kMax);
+    best = std::min(best, seconds);
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  gradfix::MpiRuntime runtime(&argc, &argv);
+  std::string backend = "mpi", json_path = "bench_allreduce.json";
+  long long max_count = 64LL << 20;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag == "--backend") backend = argv[i + 1];
+    else if (flag == "--max") max_count = gradfix::parse_byte_size(argv[i + 1], "--max");
+    else if (flag == "--json") json_path = argv[i + 1];
+  }
+  auto comm = gradfix::make_communicator(backend, runtime, backend == "nccl");
+  gradfix::MpiCommunicator& world = runtime.world();
+  const int ranks = world.size();
+  const bool root = world.rank() == 0;
+  const double bus_factor = ranks > 1 ? 2.0 * (ranks - 1) / ranks : 0.0;
+  if (root) {
+    std::printf("# gradfix bench_allreduce: vote counts as int8 vs fp32, backend %s, %d ranks\n", comm->backend(), ranks);
+    std::printf("# %12s %6s %12s %12s %10s %10s %10s\n", "count", "type", "bytes", "time(us)", "algbw", "busbw", "vs fp32");
+    std::printf("# %12s %6s %12s %12s %10s %10s %10s\n", "(elements)", "", "", "", "(GB/s)", "(GB/s)", "(time)");
+  }
+  nlohmann::json rows = nlohmann::json::array();
+  std::vector<unsigned char> buffer(static_cast<std::size_t>(max_count) * 4, 1);
+  for (long long count = 1LL << 10; count <= max_count; count *= 4) {
+    const int iterations = count <= (1LL << 16) ? 200 : (count <= (1LL << 22) ? 20 : 5);
+    const double fp32 = time_allreduce(*comm, world, buffer, static_cast<std::size_t>(count), gradfix::DType::kF32, iterations);
+    std::fill(buffer.begin(), buffer.end(), 0);  // int8 sums of zeros never overflow
+    const double int8 = time_allreduce(*comm, world, buffer, static_cast<std::size_t>(count), gradfix::DType::kI8, iterations);
+    for (const auto& [type, seconds, item] : {std::tuple<const char*, double, int>{"fp32", fp32, 4}, {"int8", int8, 1}}) {
+      const double bytes = static_cast<double>(count) * item;
+      const double algbw = bytes / seconds / 1e9;
+      if (root)
+        std::printf("  %12lld %6s %12.0f %12.1f %10.3f %10.3f %10.2f\n", count, type, bytes, seconds * 1e6, algbw,
+                    algbw * bus_factor, seconds / fp32);
+      rows.push_back({{"count", count}, {"type", type}, {"bytes", bytes}, {"seconds", seconds}, {"algbw_gb_s", algbw},
+                      {"busbw_gb_s", algbw * bus_factor}, {"time_vs_fp32", seconds / fp32}});
+    }
+  }
+  if (root) {
+    std::ofstream(json_path) << nlohmann::json{{"benchmark", "bench_allreduce"}, {"backend", comm->backend()}, {"ranks", ranks},
+                                               {"rows", rows}}.dump(2)
+                             << "\n";
+    std::printf("# JSON copy: %s\n", json_path.c_str());
+  }
+  return 0;
+}
