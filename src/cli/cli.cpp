@@ -11,6 +11,7 @@
 
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
+#include "gradfix/model/jobs.hpp"
 #include "gradfix/pipeline/jobs.hpp"
 
 namespace gradfix {
@@ -37,6 +38,14 @@ constexpr Subcommand kSubcommands[] = {
     {"apply", "gradfix apply --base B --task-vector T --alpha A --out OUT", "write base + alpha * tau"},
     {"generate", "gradfix generate (--mlp 784,256,10 | --shapes w=4x3,b=4 | --like FILE) --seed S --out FILE",
      "write a synthetic checkpoint (random, or a noisy copy of another) for trials and benchmarks"},
+    {"init", "gradfix init --arch mlp --dims 784,256,10 --seed S --out W.safetensors", "create the weights of a built-in model"},
+    {"train", "gradfix train --weights W --data D --epochs E --lr LR --out W2", "train a model with Adam (pre-training, fine-tuning)"},
+    {"eval", "gradfix eval --weights W --data D", "accuracy and loss of a model on a dataset"},
+    {"signs", "gradfix signs --weights W --data D --shots-per-class K --sign-mode max|mean --out S",
+     "few-shot gradient-sign statistics of a model (vote counts or summed -gradients)"},
+    {"transport", "gradfix transport --config configs/transport.ini",
+     "transport a task vector to a new model: GradFix against naive, oracle and few-shot baselines"},
+    {"demo", "gradfix demo [--quick]", "the built-in end-to-end demo on Fashion-MNIST (run by launch/quickstart)"},
     {"convert", "gradfix convert IN OUT [--out-dtype D]",
      "re-pack a checkpoint: safetensors <-> HDF5, single file <-> shards, dtype changes"},
 };
@@ -213,6 +222,9 @@ void print_overview(std::ostream& out) {
   out << "\nExit codes: 0 success, 2 bad input, 3 runtime failure. Docs: docs/cli.md\n";
 }
 
+std::function<int()> prepare_model_subcommand(const std::string& subcommand, const po::variables_map& values, std::ostream& out,
+                                              const JobContext& context, std::shared_ptr<Communicator> stats);
+
 // Parses the command line and returns the job to run, or a job that prints help.
 std::function<int()> prepare_subcommand(const std::vector<std::string>& args, std::ostream& out, MpiRuntime* runtime,
                                         JobContext context);
@@ -299,6 +311,59 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
         ("like-scale", po::value<double>()->default_value(1.0), "factor on the --like values")
         ("noise", po::value<double>()->default_value(1.0), "standard deviation of the added Gaussian noise")
         ("seed", po::value<unsigned long long>()->default_value(0), "random seed");
+  } else if (subcommand == "init") {
+    specific.add_options()
+        ("arch", po::value<std::string>()->default_value("mlp"), "architecture: mlp")
+        ("dims", po::value<std::string>(), "mlp layer widths, input first: 784,256,10")
+        ("seed", po::value<unsigned long long>()->default_value(0), "initialisation seed")
+        ("out", po::value<std::string>(), "weights file to write");
+  } else if (subcommand == "train" || subcommand == "eval" || subcommand == "signs") {
+    specific.add_options()
+        ("weights", po::value<std::string>(), "model weights (their metadata names the architecture)")
+        ("data", po::value<std::string>(), "dataset: FILE.h5 (inputs, labels), an IDX '*-images-idx3-ubyte[.gz]' file, or DIR:SPLIT")
+        ("transform", po::value<std::string>()->default_value("none"), "input shift applied to the data: none|invert|rotate90");
+    if (subcommand == "train")
+      specific.add_options()
+          ("epochs", po::value<int>()->default_value(1), "passes over the data")
+          ("lr", po::value<double>()->default_value(1e-3), "Adam learning rate")
+          ("batch", po::value<long long>()->default_value(128), "batch size")
+          ("skip", po::value<long long>()->default_value(0), "skip the first N samples")
+          ("limit", po::value<long long>()->default_value(0), "use at most N samples (0: all)")
+          ("seed", po::value<unsigned long long>()->default_value(0), "shuffling seed")
+          ("out", po::value<std::string>(), "trained weights to write");
+    if (subcommand == "signs")
+      specific.add_options()
+          ("shots-per-class", po::value<long long>()->default_value(5), "K labelled samples per class, drawn with --seed")
+          ("seed", po::value<unsigned long long>()->default_value(0), "sampling seed")
+          ("sign-mode", po::value<std::string>()->default_value("max"), "max: per-sample vote counts; mean: summed -gradients")
+          ("method", po::value<std::string>()->default_value("fast"), "fast: one batched backward pass; loop: one backward per sample")
+          ("out", po::value<std::string>(), "statistics file to write");
+  } else if (subcommand == "transport") {
+    specific.add_options()
+        ("target", po::value<std::string>(), "target model B (weights)")
+        ("task-vector", po::value<std::string>(), "source task vector tau_A")
+        ("source-base", po::value<std::string>(), "A_base, with --source-finetuned instead of --task-vector")
+        ("source-finetuned", po::value<std::string>(), "A_ft")
+        ("target-finetuned", po::value<std::string>(), "B fine-tuned: enables the oracle and the upper bound")
+        ("data", po::value<std::string>(), "pool of labelled task samples: the shots and the support set")
+        ("test-data", po::value<std::string>(), "test set, read only for the final evaluation")
+        ("transform", po::value<std::string>()->default_value("none"), "input shift of the task: none|invert|rotate90")
+        ("shots-per-class", po::value<long long>()->default_value(5), "K")
+        ("support-size", po::value<long long>()->default_value(1000), "support samples for choosing alpha (disjoint from the shots)")
+        ("seed", po::value<unsigned long long>()->default_value(0), "sampling seed")
+        ("sign-mode", po::value<std::string>()->default_value("max"), "max|mean")
+        ("mask-mode", po::value<std::string>()->default_value("normal"), ("mask rule: " + mask_mode_names()).c_str())
+        ("alphas", po::value<std::string>()->default_value("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"), "alpha grid, searched on the support set")
+        ("no-few-shot-baseline", po::bool_switch(), "skip the few-shot fine-tuning baseline")
+        ("out", po::value<std::string>(), "transported model (GradFix, best alpha) to write")
+        ("results", po::value<std::string>(), "results.json to write");
+  } else if (subcommand == "demo") {
+    specific.add_options()
+        ("quick", po::bool_switch(), "a tiny configuration (smoke test: a few thousand samples, one seed)")
+        ("cache", po::value<std::string>()->default_value("out/demo"), "where trained models are cached")
+        ("data-dir", po::value<std::string>()->default_value("/usr/share/datasets/fashion-mnist"), "Fashion-MNIST IDX files")
+        ("transform", po::value<std::string>()->default_value("invert"), "the task's input shift: invert|rotate90")
+        ("results", po::value<std::string>(), "results JSON to write");
   } else if (subcommand == "taskvector") {
     specific.add_options()
         ("base", po::value<std::string>(), "pre-trained checkpoint A_base")
@@ -323,7 +388,9 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
         ("order", po::value<std::string>()->default_value("none"), "none|mask-then-merge|merge-then-mask");
   }
   options.add(specific);
-  if (subcommand != "inspect") options.add(output_options());
+  const bool model_subcommand = subcommand == "init" || subcommand == "train" || subcommand == "eval" || subcommand == "signs" ||
+                                subcommand == "transport" || subcommand == "demo";
+  if (subcommand != "inspect" && !model_subcommand) options.add(output_options());
   if (subcommand == "mask" || subcommand == "merge") options.add(mask_options());
 
   po::variables_map values;
@@ -374,6 +441,7 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
     if (values.count("json")) job.json_out = values["json"].as<std::string>();
     return run(run_inspect, job);
   }
+  if (model_subcommand) return prepare_model_subcommand(subcommand, values, out, context, stats);
   const OutputOptions output = parse_output(values);
   if (subcommand == "generate") {
     GenerateJob job;
@@ -423,6 +491,108 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
   job.out = require(values, "out", subcommand);
   job.output = output;
   return run(run_merge, job);
+}
+
+std::vector<double> parse_alphas(const std::string& text) {
+  std::vector<double> alphas;
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ',')) {
+    try {
+      alphas.push_back(std::stod(item));
+    } catch (const std::exception&) {
+      throw InputError("--alphas: '" + item + "' is not a number");
+    }
+    if (!std::isfinite(alphas.back())) throw InputError("--alphas: every alpha must be finite, got '" + item + "'");
+  }
+  if (alphas.empty()) throw InputError("--alphas is empty");
+  return alphas;
+}
+
+std::function<int()> prepare_model_subcommand(const std::string& subcommand, const po::variables_map& values, std::ostream& out,
+                                              const JobContext& context, std::shared_ptr<Communicator> stats) {
+  auto wrap = [stats](std::function<void()> work) {
+    return std::function<int()>([stats, work] {
+      work();
+      return 0;
+    });
+  };
+  auto data_of = [&](const char* key) { return DataOptions{require(values, key, subcommand), values["transform"].as<std::string>()}; };
+  if (subcommand == "init") {
+    InitJob job{values["arch"].as<std::string>(), require(values, "dims", subcommand), values["seed"].as<unsigned long long>(),
+                require(values, "out", subcommand)};
+    return wrap([job, &out] { run_init(job, out); });
+  }
+  if (subcommand == "train") {
+    TrainJob job;
+    job.weights = require(values, "weights", subcommand);
+    job.data = data_of("data");
+    job.epochs = values["epochs"].as<int>();
+    job.lr = values["lr"].as<double>();
+    job.batch = values["batch"].as<long long>();
+    job.skip = values["skip"].as<long long>();
+    job.limit = values["limit"].as<long long>();
+    job.seed = values["seed"].as<unsigned long long>();
+    job.out = require(values, "out", subcommand);
+    if (job.epochs < 1 || job.batch < 1 || !(job.lr > 0.0) || !std::isfinite(job.lr))
+      throw InputError("gradfix train: --epochs and --batch must be positive and --lr a positive finite number");
+    return wrap([job, &out, context] { run_train(job, out, context); });
+  }
+  if (subcommand == "eval") {
+    EvalJob job{require(values, "weights", subcommand), data_of("data")};
+    return wrap([job, &out] { run_eval(job, out); });
+  }
+  if (subcommand == "signs") {
+    SignsJob job;
+    job.weights = require(values, "weights", subcommand);
+    job.data = data_of("data");
+    job.shots_per_class = values["shots-per-class"].as<long long>();
+    job.seed = values["seed"].as<unsigned long long>();
+    job.sign_mode = values["sign-mode"].as<std::string>();
+    job.method = values["method"].as<std::string>();
+    job.out = require(values, "out", subcommand);
+    if (job.sign_mode != "max" && job.sign_mode != "mean") throw InputError("unknown --sign-mode '" + job.sign_mode + "'; valid: max|mean");
+    if (job.method != "fast" && job.method != "loop") throw InputError("unknown --method '" + job.method + "'; valid: fast|loop");
+    return wrap([job, &out, context] { run_signs(job, out, context); });
+  }
+  if (subcommand == "transport") {
+    TransportJob job;
+    job.target = require(values, "target", subcommand);
+    if (values.count("task-vector")) job.task_vector = values["task-vector"].as<std::string>();
+    if (values.count("source-base")) job.source_base = values["source-base"].as<std::string>();
+    if (values.count("source-finetuned")) job.source_finetuned = values["source-finetuned"].as<std::string>();
+    if (values.count("target-finetuned")) job.target_finetuned = values["target-finetuned"].as<std::string>();
+    job.data = data_of("data");
+    job.test = data_of("test-data");
+    job.shots_per_class = values["shots-per-class"].as<long long>();
+    job.support_size = values["support-size"].as<long long>();
+    job.seed = values["seed"].as<unsigned long long>();
+    job.sign_mode = values["sign-mode"].as<std::string>();
+    job.mask_mode = parse_mask_mode(values["mask-mode"].as<std::string>());
+    job.alphas = parse_alphas(values["alphas"].as<std::string>());
+    job.few_shot_baseline = !values["no-few-shot-baseline"].as<bool>();
+    if (values.count("out")) job.out = values["out"].as<std::string>();
+    if (values.count("results")) job.results = values["results"].as<std::string>();
+    if (job.sign_mode != "max" && job.sign_mode != "mean") throw InputError("unknown --sign-mode '" + job.sign_mode + "'; valid: max|mean");
+    return wrap([job, &out, context] { run_transport(job, out, context); });
+  }
+  DemoJob job;
+  job.cache = values["cache"].as<std::string>();
+  job.data_dir = values["data-dir"].as<std::string>();
+  job.transform = values["transform"].as<std::string>();
+  if (values.count("results")) job.results = values["results"].as<std::string>();
+  if (values["quick"].as<bool>()) {
+    job.shots = {2};
+    job.seeds = {0};
+    job.dims = "784,32,10";
+    job.pretrain_epochs = 1;
+    job.finetune_epochs = 1;
+    job.pretrain_limit = 3000;
+    job.finetune_limit = 2000;
+    job.test_limit = 1000;
+    job.support_size = 300;
+  }
+  return wrap([job, &out, context] { run_demo(job, out, context); });
 }
 
 }  // namespace

@@ -1,0 +1,46 @@
+#pragma once
+// Labelled samples for the few-shot gradient pass, alpha selection and evaluation. A dataset is
+// N samples of one shape, stored as float32 in one array, with int64 labels. Two file formats:
+//   - HDF5: dataset `inputs` (N x ..., float32 or any numeric type) and `labels` (N, integer);
+//   - IDX, the MNIST format (gzipped or not): `PREFIX-images-idx3-ubyte[.gz]` with
+//     `PREFIX-labels-idx1-ubyte[.gz]` beside it; pixel bytes scaled to [0, 1].
+// No LibTorch here: the selection logic is plain code, tested on its own.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace gradfix {
+
+struct Dataset {
+  std::vector<float> inputs;          // N * sample_size values
+  std::vector<long long> labels;      // N labels in [0, classes)
+  std::vector<long long> sample_shape;  // e.g. {28, 28} or {1, 28, 28}
+  long long classes = 0;
+
+  long long size() const { return static_cast<long long>(labels.size()); }
+  long long sample_size() const;
+  // The samples at these indices, in this order.
+  Dataset subset(const std::vector<long long>& indices) const;
+};
+
+// Reads an HDF5 file, an IDX images file, or a directory and split name of IDX files
+// ("DIR:train" → DIR/train-images-idx3-ubyte[.gz]). Throws InputError naming the file and what is
+// wrong: labels out of range, counts that disagree, a bad magic number, an empty set.
+Dataset load_dataset(const std::string& spec);
+
+// The downstream task's input shift, applied in place: none, invert (x -> 1 - x) or rotate90
+// (each 2-D sample rotated a quarter turn). InputError for any other name.
+void apply_transform(Dataset& data, const std::string& transform);
+
+// Index selections, all seeded and deterministic.
+// K samples of each class, drawn without replacement from `pool` (indices into `labels`);
+// InputError naming the class when it has fewer than K.
+std::vector<long long> sample_per_class(const std::vector<long long>& labels, const std::vector<long long>& pool,
+                                        long long classes, long long per_class, std::uint64_t seed);
+// A seeded permutation of [0, n).
+std::vector<long long> shuffled_indices(long long n, std::uint64_t seed);
+// The indices of [0, n) not in `used`.
+std::vector<long long> complement(long long n, const std::vector<long long>& used);
+
+}  // namespace gradfix

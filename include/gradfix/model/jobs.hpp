@@ -1,0 +1,115 @@
+#pragma once
+// The jobs that need a model: create, train and evaluate weights, compute few-shot gradient-sign
+// statistics, transport a task vector end to end, and the built-in demo. The LibTorch code is
+// behind this header; nothing here includes <torch/torch.h>.
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "gradfix/mask/mask.hpp"
+#include "gradfix/pipeline/jobs.hpp"
+
+namespace gradfix {
+
+// Whether this build has LibTorch (the model subcommands).
+bool torch_available();
+
+struct DataOptions {
+  std::string spec;                // HDF5 file, IDX images file, or DIR:SPLIT
+  std::string transform = "none";  // none | invert | rotate90: the downstream task's input shift
+};
+
+struct InitJob {
+  std::string arch = "mlp";
+  std::string dims;
+  std::uint64_t seed = 0;
+  std::string out;
+};
+
+struct TrainJob {
+  std::string weights;
+  DataOptions data;
+  long long limit = 0;  // use only the first N samples (0: all)
+  long long skip = 0;   // ... after skipping this many (disjoint halves for two "releases")
+  int epochs = 1;
+  double lr = 1e-3;
+  long long batch = 128;
+  std::uint64_t seed = 0;
+  std::string out;
+};
+
+struct EvalJob {
+  std::string weights;
+  DataOptions data;
+};
+
+struct SignsJob {
+  std::string weights;
+  DataOptions data;
+  long long shots_per_class = 5;
+  std::uint64_t seed = 0;
+  std::string sign_mode = "max";  // max: per-sample vote counts; mean: summed -gradients
+  std::string method = "fast";    // fast: one batched backward pass; loop: one per sample
+  std::string out;
+};
+
+struct TransportJob {
+  std::string target;             // B_base weights
+  std::string task_vector;        // tau_A (or source_base + source_finetuned)
+  std::string source_base;
+  std::string source_finetuned;
+  std::string target_finetuned;   // B_ft: enables the oracle and the upper bound
+  DataOptions data;               // pool of labelled samples: shots and support set
+  DataOptions test;               // test set, read only for the final evaluation
+  long long shots_per_class = 5;
+  long long support_size = 1000;
+  std::uint64_t seed = 0;
+  std::string sign_mode = "max";
+  MaskMode mask_mode = MaskMode::kNormal;
+  MaskOptions mask;
+  std::vector<double> alphas;     // default 0.1 ... 1.0
+  bool few_shot_baseline = true;
+  std::string out;                // transported model (safetensors)
+  std::string results;            // results.json
+};
+
+// One row of the transport table.
+struct TransportRow {
+  std::string method;
+  double accuracy = 0.0;
+  double loss = 0.0;
+  double alpha = -1.0;           // < 0: not applicable
+  double kept = -1.0;            // fraction of tau's non-zero entries kept
+  double sign_agreement = -1.0;  // estimated signs against sign(tau_B)
+};
+
+struct DemoJob {
+  std::string cache = "out/demo";
+  std::vector<long long> shots = {1, 2, 5, 10};
+  std::vector<std::uint64_t> seeds = {0, 1, 2};
+  std::string transform = "invert";
+  std::string data_dir = "/usr/share/datasets/fashion-mnist";
+  std::string dims = "784,256,10";
+  int pretrain_epochs = 3;
+  int finetune_epochs = 2;
+  long long pretrain_limit = 0;  // samples per release (0: half the training set each)
+  long long finetune_limit = 10000;
+  long long test_limit = 0;
+  long long support_size = 1000;
+  std::string results;  // demo results JSON
+};
+
+void run_init(const InitJob& job, std::ostream& log);
+void run_train(const TrainJob& job, std::ostream& log, const JobContext& context = {});
+void run_eval(const EvalJob& job, std::ostream& log);
+void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context = {});
+std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context = {});
+void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context = {});
+
+// The index of the best support accuracy (ties: the earlier, i.e. smaller alpha); the test set
+// plays no part in the choice.
+std::size_t best_on_support(const std::vector<double>& support_accuracies);
+
+}  // namespace gradfix

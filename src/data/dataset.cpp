@@ -1,0 +1,250 @@
+#include "gradfix/data/dataset.hpp"
+
+#include <hdf5.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+#include <set>
+
+#include "gradfix/core/error.hpp"
+#include "gradfix/io/atomic_file.hpp"
+
+namespace gradfix {
+namespace {
+
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The whole file, through zlib so that gzipped and plain files read alike.
+std::string read_maybe_gzipped(const std::string& path) {
+  gzFile file = gzopen(path.c_str(), "rb");
+  if (file == nullptr) throw InputError(path + ": cannot open");
+  std::string bytes;
+  char buffer[1 << 16];
+  int got;
+  while ((got = gzread(file, buffer, sizeof buffer)) > 0) bytes.append(buffer, static_cast<std::size_t>(got));
+  const bool failed = got < 0;
+  gzclose(file);
+  if (failed) throw InputError(path + ": corrupt or truncated gzip data");
+  return bytes;
+}
+
+std::uint32_t big_endian(const std::string& bytes, std::size_t offset) {
+  const auto* b = reinterpret_cast<const unsigned char*>(bytes.data() + offset);
+  return (std::uint32_t{b[0]} << 24) | (std::uint32_t{b[1]} << 16) | (std::uint32_t{b[2]} << 8) | b[3];
+}
+
+// IDX: magic 0x00000803 (uint8, 3 dimensions) for images, 0x00000801 for labels, then the sizes.
+std::vector<std::uint32_t> idx_header(const std::string& bytes, const std::string& path, int expected_dims) {
+  if (bytes.size() < 4) throw InputError(path + ": too short for an IDX file");
+  const std::uint32_t magic = big_endian(bytes, 0);
+  const auto dims = static_cast<int>(magic & 0xFF);
+  if ((magic >> 8) != 0x08 || dims != expected_dims)
+    throw InputError(path + ": IDX magic number " + std::to_string(magic) + ", expected unsigned bytes in " +
+                     std::to_string(expected_dims) + " dimensions (" + std::to_string(0x800 + expected_dims) + ")");
+  if (bytes.size() < 4 + 4 * static_cast<std::size_t>(dims)) throw InputError(path + ": IDX header is truncated");
+  std::vector<std::uint32_t> sizes;
+  std::size_t total = 1;
+  for (int d = 0; d < dims; ++d) {
+    sizes.push_back(big_endian(bytes, 4 + 4 * static_cast<std::size_t>(d)));
+    total *= sizes.back();
+  }
+  const std::size_t expected = 4 + 4 * static_cast<std::size_t>(dims) + total;
+  if (bytes.size() != expected)
+    throw InputError(path + ": IDX data has " + std::to_string(bytes.size()) + " bytes, the header says " + std::to_string(expected));
+  return sizes;
+}
+
+std::string existing(const std::vector<std::string>& candidates) {
+  for (const auto& path : candidates)
+    if (file_exists(path)) return path;
+  return "";
+}
+
+Dataset load_idx(const std::string& images_path) {
+  std::string labels_path = images_path;
+  const auto at = labels_path.rfind("images-idx3");
+  if (at == std::string::npos) throw InputError(images_path + ": an IDX images file name must contain 'images-idx3'");
+  labels_path.replace(at, 11, "labels-idx1");
+  if (!file_exists(labels_path)) throw InputError(images_path + ": no labels file '" + labels_path + "' beside it");
+  const std::string images = read_maybe_gzipped(images_path);
+  const std::string labels = read_maybe_gzipped(labels_path);
+  const auto image_sizes = idx_header(images, images_path, 3);
+  const auto label_sizes = idx_header(labels, labels_path, 1);
+  if (image_sizes[0] != label_sizes[0])
+    throw InputError(images_path + " has " + std::to_string(image_sizes[0]) + " images but " + labels_path + " has " +
+                     std::to_string(label_sizes[0]) + " labels");
+  Dataset data;
+  data.sample_shape = {image_sizes[1], image_sizes[2]};
+  const std::size_t pixels = std::size_t{image_sizes[0]} * image_sizes[1] * image_sizes[2];
+  data.inputs.resize(pixels);
+  const auto* bytes = reinterpret_cast<const unsigned char*>(images.data() + 16);
+  for (std::size_t i = 0; i < pixels; ++i) data.inputs[i] = static_cast<float>(bytes[i]) / 255.0f;
+  const auto* label_bytes = reinterpret_cast<const unsigned char*>(labels.data() + 8);
+  data.labels.assign(label_bytes, label_bytes + label_sizes[0]);
+  return data;
+}
+
+Dataset load_hdf5(const std::string& path) {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  if (!file_exists(path)) throw InputError(path + ": cannot open: No such file or directory");
+  const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (file < 0) throw InputError(path + ": not an HDF5 file");
+  Dataset data;
+  auto read = [&](const char* name, hid_t memory_type, void* target, std::vector<hsize_t>* dims_out) {
+    const hid_t dataset = H5Dopen2(file, name, H5P_DEFAULT);
+    if (dataset < 0) {
+      H5Fclose(file);
+      throw InputError(path + ": no dataset '" + name + "' (a dataset file holds 'inputs' and 'labels')");
+    }
+    const hid_t space = H5Dget_space(dataset);
+    const int rank = H5Sget_simple_extent_ndims(space);
+    std::vector<hsize_t> dims(static_cast<std::size_t>(std::max(rank, 0)));
+    H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+    if (dims_out != nullptr) *dims_out = dims;
+    herr_t status = 0;
+    if (target != nullptr) status = H5Dread(dataset, memory_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, target);
+    H5Sclose(space);
+    H5Dclose(dataset);
+    if (status < 0) {
+      H5Fclose(file);
+      throw InputError(path + ": cannot read dataset '" + name + "'");
+    }
+  };
+  std::vector<hsize_t> input_dims, label_dims;
+  read("inputs", H5T_NATIVE_FLOAT, nullptr, &input_dims);
+  read("labels", H5T_NATIVE_LLONG, nullptr, &label_dims);
+  if (input_dims.empty() || label_dims.size() != 1 || input_dims[0] != label_dims[0]) {
+    H5Fclose(file);
+    throw InputError(path + ": 'inputs' has " + std::to_string(input_dims.empty() ? 0 : input_dims[0]) + " samples but 'labels' has " +
+                     std::to_string(label_dims.empty() ? 0 : label_dims[0]) + " (labels must be one-dimensional)");
+  }
+  std::size_t total = 1;
+  for (hsize_t dim : input_dims) total *= dim;
+  data.inputs.resize(total);
+  data.labels.resize(label_dims[0]);
+  read("inputs", H5T_NATIVE_FLOAT, data.inputs.data(), nullptr);
+  read("labels", H5T_NATIVE_LLONG, data.labels.data(), nullptr);
+  H5Fclose(file);
+  data.sample_shape.assign(input_dims.begin() + 1, input_dims.end());
+  return data;
+}
+
+}  // namespace
+
+long long Dataset::sample_size() const {
+  long long size = 1;
+  for (long long dim : sample_shape) size *= dim;
+  return size;
+}
+
+Dataset Dataset::subset(const std::vector<long long>& indices) const {
+  Dataset part;
+  part.sample_shape = sample_shape;
+  part.classes = classes;
+  const long long width = sample_size();
+  part.inputs.resize(static_cast<std::size_t>(width) * indices.size());
+  for (std::size_t i = 0; i < indices.size(); ++i) {
+    const long long index = indices[i];
+    if (index < 0 || index >= size()) throw InputError("sample index " + std::to_string(index) + " is outside the " + std::to_string(size()) + " samples");
+    std::memcpy(part.inputs.data() + i * static_cast<std::size_t>(width), inputs.data() + index * width,
+                static_cast<std::size_t>(width) * sizeof(float));
+    part.labels.push_back(labels[static_cast<std::size_t>(index)]);
+  }
+  return part;
+}
+
+Dataset load_dataset(const std::string& spec) {
+  Dataset data;
+  const auto colon = spec.rfind(':');
+  if (ends_with(spec, ".h5") || ends_with(spec, ".hdf5")) {
+    data = load_hdf5(spec);
+  } else if (colon != std::string::npos && is_directory(spec.substr(0, colon))) {
+    const std::string prefix = spec.substr(0, colon) + "/" + spec.substr(colon + 1) + "-images-idx3-ubyte";
+    const std::string path = existing({prefix + ".gz", prefix});
+    if (path.empty()) throw InputError(spec + ": neither " + prefix + ".gz nor " + prefix + " exists");
+    data = load_idx(path);
+  } else if (spec.find("images-idx3") != std::string::npos) {
+    data = load_idx(spec);
+  } else {
+    throw InputError("'" + spec + "': unknown dataset; expected FILE.h5, an IDX '*-images-idx3-ubyte[.gz]' file, or DIR:SPLIT");
+  }
+  if (data.size() == 0) throw InputError(spec + ": the dataset is empty");
+  long long largest = -1;
+  for (std::size_t i = 0; i < data.labels.size(); ++i) {
+    if (data.labels[i] < 0) throw InputError(spec + ": label " + std::to_string(data.labels[i]) + " of sample " + std::to_string(i) + " is negative");
+    largest = std::max(largest, data.labels[i]);
+  }
+  data.classes = largest + 1;
+  return data;
+}
+
+void apply_transform(Dataset& data, const std::string& transform) {
+  if (transform == "none") return;
+  if (transform == "invert") {
+    for (auto& value : data.inputs) value = 1.0f - value;
+    return;
+  }
+  if (transform == "rotate90") {
+    const std::size_t dims = data.sample_shape.size();
+    if (dims < 2) throw InputError("--transform rotate90 needs samples of at least 2 dimensions, got " + format_shape(data.sample_shape));
+    const long long rows = data.sample_shape[dims - 2], cols = data.sample_shape[dims - 1];
+    if (rows != cols) throw InputError("--transform rotate90 needs square images, got " + format_shape(data.sample_shape));
+    std::vector<float> image(static_cast<std::size_t>(rows * cols));
+    for (std::size_t start = 0; start < data.inputs.size(); start += image.size()) {
+      // Out[i][j] = In[n - 1 - j][i]: a quarter turn clockwise.
+      for (long long i = 0; i < rows; ++i)
+        for (long long j = 0; j < cols; ++j)
+          image[static_cast<std::size_t>(i * cols + j)] = data.inputs[start + static_cast<std::size_t>((rows - 1 - j) * cols + i)];
+      std::copy(image.begin(), image.end(), data.inputs.begin() + static_cast<long long>(start));
+    }
+    return;
+  }
+  throw InputError("unknown --transform '" + transform + "'; valid: none|invert|rotate90");
+}
+
+std::vector<long long> shuffled_indices(long long n, std::uint64_t seed) {
+  std::vector<long long> order(static_cast<std::size_t>(n));
+  for (long long i = 0; i < n; ++i) order[static_cast<std::size_t>(i)] = i;
+  std::mt19937_64 generator(seed);
+  // Fisher-Yates with our own draws, so the order is the same with every standard library.
+  for (long long i = n - 1; i > 0; --i) {
+    const auto j = static_cast<long long>(generator() % static_cast<std::uint64_t>(i + 1));
+    std::swap(order[static_cast<std::size_t>(i)], order[static_cast<std::size_t>(j)]);
+  }
+  return order;
+}
+
+std::vector<long long> sample_per_class(const std::vector<long long>& labels, const std::vector<long long>& pool,
+                                        long long classes, long long per_class, std::uint64_t seed) {
+  if (per_class < 1) throw InputError("--shots-per-class must be at least 1, got " + std::to_string(per_class));
+  std::vector<std::vector<long long>> by_class(static_cast<std::size_t>(classes));
+  for (long long index : pool) {
+    const long long label = labels[static_cast<std::size_t>(index)];
+    if (label >= classes) throw InputError("label " + std::to_string(label) + " of sample " + std::to_string(index) + " is outside the model's " + std::to_string(classes) + " classes");
+    by_class[static_cast<std::size_t>(label)].push_back(index);
+  }
+  std::vector<long long> chosen;
+  for (long long c = 0; c < classes; ++c) {
+    const auto& members = by_class[static_cast<std::size_t>(c)];
+    if (static_cast<long long>(members.size()) < per_class)
+      throw InputError("class " + std::to_string(c) + " has " + std::to_string(members.size()) + " samples available, fewer than the " +
+                       std::to_string(per_class) + " shots per class asked for");
+    const auto order = shuffled_indices(static_cast<long long>(members.size()), seed * 1000003 + static_cast<std::uint64_t>(c));
+    for (long long k = 0; k < per_class; ++k) chosen.push_back(members[static_cast<std::size_t>(order[static_cast<std::size_t>(k)])]);
+  }
+  return chosen;
+}
+
+std::vector<long long> complement(long long n, const std::vector<long long>& used) {
+  const std::set<long long> taken(used.begin(), used.end());
+  std::vector<long long> rest;
+  for (long long i = 0; i < n; ++i)
+    if (!taken.count(i)) rest.push_back(i);
+  return rest;
+}
+
+}  // namespace gradfix

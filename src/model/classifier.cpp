@@ -1,0 +1,234 @@
+#include "classifier.hpp"
+
+#include <sstream>
+
+#include "gradfix/core/error.hpp"
+
+namespace gradfix {
+namespace {
+
+std::string join(const std::vector<long long>& values) {
+  std::string text;
+  for (std::size_t i = 0; i < values.size(); ++i) text += (i ? "," : "") + std::to_string(values[i]);
+  return text;
+}
+
+// The MLP: flatten, then Linear layers with ReLU between them; parameters layers.{i}.weight
+// [out, in] and layers.{i}.bias [out].
+class Mlp final : public Classifier, public torch::nn::Module {
+ public:
+  explicit Mlp(const Architecture& architecture) {
+    architecture_ = architecture;
+    for (std::size_t i = 0; i + 1 < architecture.dims.size(); ++i)
+      layers_.push_back(register_module("layers_" + std::to_string(i),
+                                        torch::nn::Linear(architecture.dims[i], architecture.dims[i + 1])));
+  }
+
+  torch::Tensor forward(const torch::Tensor& inputs) override {
+    torch::Tensor x = inputs.reshape({inputs.size(0), -1});
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      x = layers_[i]->forward(x);
+      if (i + 1 < layers_.size()) x = torch::relu(x);
+    }
+    return x;
+  }
+
+  std::vector<std::pair<std::string, torch::Tensor>> parameters() override {
+    std::vector<std::pair<std::string, torch::Tensor>> named;
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      named.emplace_back("layers." + std::to_string(i) + ".weight", layers_[i]->weight);
+      named.emplace_back("layers." + std::to_string(i) + ".bias", layers_[i]->bias);
+    }
+    return named;
+  }
+
+  long long classes() const override { return architecture_.dims.back(); }
+  long long input_size() const override { return architecture_.dims.front(); }
+
+  // For a Linear layer z = a W^T + b without a sequence dimension, the per-sample gradient of W is
+  // delta_n (x) a_n, so sign(-g_n) = -sign(delta_n) (x) sign(a_n) and the vote sum over samples is
+  // one product of sign matrices: -sign(delta)^T sign(a). delta_n = d loss_n / d z_n comes from one
+  // backward pass of the summed loss, since z_n depends on sample n alone.
+  bool fast_votes(const torch::Tensor& inputs, const torch::Tensor& labels,
+                  std::map<std::string, torch::Tensor>& votes) override {
+    std::vector<torch::Tensor> activations, outputs;
+    torch::Tensor x = inputs.reshape({inputs.size(0), -1});
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      activations.push_back(x.detach());
+      torch::Tensor z = layers_[i]->forward(x);
+      z.retain_grad();
+      outputs.push_back(z);
+      x = i + 1 < layers_.size() ? torch::relu(z) : z;
+    }
+    torch::nn::functional::cross_entropy(x, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+        .backward();
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      const torch::Tensor delta_signs = torch::sign(outputs[i].grad());
+      const torch::Tensor input_signs = torch::sign(activations[i]);
+      // Sums of +-1 and 0 in fp32 are exact integers up to 2^24 samples.
+      votes["layers." + std::to_string(i) + ".weight"] = -torch::matmul(delta_signs.t(), input_signs).to(torch::kInt32);
+      votes["layers." + std::to_string(i) + ".bias"] = -delta_signs.sum(0).to(torch::kInt32);
+    }
+    for (auto& parameter : torch::nn::Module::parameters()) parameter.mutable_grad() = torch::Tensor();
+    return true;
+  }
+
+ private:
+  std::vector<torch::nn::Linear> layers_;
+};
+
+}  // namespace
+
+Architecture parse_architecture(const std::string& name, const std::string& dims) {
+  Architecture architecture;
+  architecture.name = name;
+  if (name != "mlp")
+    throw InputError("unknown architecture '" + name + "'; this version builds: mlp (cnn, vit and TorchScript models are not implemented yet)");
+  std::stringstream text(dims);
+  std::string width;
+  while (std::getline(text, width, ',')) {
+    if (width.empty() || width.find_first_not_of("0123456789") != std::string::npos || std::stoll(width) == 0)
+      throw InputError("--dims '" + dims + "': '" + width + "' is not a positive layer width");
+    architecture.dims.push_back(std::stoll(width));
+  }
+  if (architecture.dims.size() < 2) throw InputError("--dims '" + dims + "' needs at least an input and an output width");
+  return architecture;
+}
+
+Architecture architecture_of(const Metadata& metadata, const std::string& path) {
+  const auto arch = metadata.find("gradfix.arch");
+  if (arch == metadata.end())
+    throw InputError(path + ": no gradfix.arch in the file's metadata; create weights with `gradfix init` or add it with the architecture's hyper-parameters");
+  const auto dims = metadata.find("gradfix." + arch->second + ".dims");
+  if (dims == metadata.end()) throw InputError(path + ": metadata has gradfix.arch = " + arch->second + " but no gradfix." + arch->second + ".dims");
+  return parse_architecture(arch->second, dims->second);
+}
+
+Metadata metadata_of(const Architecture& architecture) {
+  return {{"gradfix.arch", architecture.name}, {"gradfix." + architecture.name + ".dims", join(architecture.dims)}};
+}
+
+std::unique_ptr<Classifier> make_classifier(const Architecture& architecture, std::uint64_t seed) {
+  torch::manual_seed(seed);
+  return std::make_unique<Mlp>(architecture);
+}
+
+std::unique_ptr<Classifier> load_classifier(const std::string& path) {
+  const auto reader = open_reader(path);
+  auto model = make_classifier(architecture_of(reader->metadata(), path), 0);
+  std::vector<std::string> missing;
+  std::string shapes;
+  std::map<std::string, std::vector<float>> values;
+  for (auto& [name, parameter] : model->parameters()) {
+    const TensorInfo* info = reader->find(name);
+    if (info == nullptr) {
+      missing.push_back(name);
+      continue;
+    }
+    const std::vector<long long> expected(parameter.sizes().begin(), parameter.sizes().end());
+    if (info->shape != expected && shapes.empty())
+      shapes = path + ": tensor '" + name + "': shape " + format_shape(info->shape) + " in the file, the architecture needs " + format_shape(expected);
+    else
+      values[name] = reader->read_f32(name);
+  }
+  if (!missing.empty()) throw InputError(path + " lacks " + std::to_string(missing.size()) + " parameter(s) of its architecture: " + format_name_list(missing));
+  if (!shapes.empty()) throw InputError(shapes);
+  set_parameter_values(*model, values);
+  return model;
+}
+
+void save_classifier(Classifier& model, const std::string& path, Metadata extra) {
+  std::vector<TensorInfo> layout;
+  for (auto& [name, parameter] : model.parameters())
+    layout.push_back({name, DType::kF32, std::vector<long long>(parameter.sizes().begin(), parameter.sizes().end())});
+  Metadata metadata = metadata_of(model.architecture());
+  metadata.insert(extra.begin(), extra.end());
+  auto writer = open_writer(path, layout, metadata);
+  for (auto& [name, parameter] : model.parameters()) {
+    const torch::Tensor values = parameter.detach().to(torch::kFloat32).contiguous();
+    writer->write_f32(name, 0, values.data_ptr<float>(), values.numel());
+  }
+  writer->commit();
+}
+
+std::map<std::string, std::vector<float>> parameter_values(Classifier& model) {
+  std::map<std::string, std::vector<float>> values;
+  for (auto& [name, parameter] : model.parameters()) {
+    const torch::Tensor flat = parameter.detach().to(torch::kFloat32).contiguous().reshape({-1});
+    values[name].assign(flat.data_ptr<float>(), flat.data_ptr<float>() + flat.numel());
+  }
+  return values;
+}
+
+void set_parameter_values(Classifier& model, const std::map<std::string, std::vector<float>>& values) {
+  torch::NoGradGuard no_grad;
+  for (auto& [name, parameter] : model.parameters()) {
+    const auto found = values.find(name);
+    if (found == values.end()) continue;
+    parameter.copy_(torch::from_blob(const_cast<float*>(found->second.data()), parameter.sizes(), torch::kFloat32));
+  }
+}
+
+torch::Tensor inputs_tensor(const Dataset& data) {
+  std::vector<int64_t> shape = {data.size()};
+  shape.insert(shape.end(), data.sample_shape.begin(), data.sample_shape.end());
+  return torch::from_blob(const_cast<float*>(data.inputs.data()), shape, torch::kFloat32).clone();
+}
+
+torch::Tensor labels_tensor(const Dataset& data) {
+  return torch::from_blob(const_cast<long long*>(data.labels.data()), {data.size()}, torch::kInt64).clone();
+}
+
+void check_compatible(const Classifier& model, const Dataset& data, const std::string& what) {
+  if (data.sample_size() != model.input_size())
+    throw InputError(what + ": samples of shape " + format_shape(data.sample_shape) + " (" + std::to_string(data.sample_size()) +
+                     " values) do not fit the model's input of " + std::to_string(model.input_size()) + " values");
+  if (data.classes > model.classes())
+    throw InputError(what + ": labels go up to " + std::to_string(data.classes - 1) + " but the model has " +
+                     std::to_string(model.classes()) + " classes");
+}
+
+std::map<std::string, torch::Tensor> loop_votes(Classifier& model, const torch::Tensor& inputs, const torch::Tensor& labels) {
+  std::map<std::string, torch::Tensor> votes;
+  std::vector<torch::Tensor> parameters;
+  for (auto& [name, parameter] : model.parameters()) {
+    votes[name] = torch::zeros(parameter.sizes(), torch::kInt32);
+    parameters.push_back(parameter);
+  }
+  for (int64_t n = 0; n < inputs.size(0); ++n) {
+    const torch::Tensor loss = torch::nn::functional::cross_entropy(model.forward(inputs.slice(0, n, n + 1)), labels.slice(0, n, n + 1));
+    const auto grads = torch::autograd::grad({loss}, parameters);
+    std::size_t i = 0;
+    for (auto& [name, parameter] : model.parameters()) votes[name] += torch::sign(-grads[i++]).to(torch::kInt32);
+  }
+  return votes;
+}
+
+std::map<std::string, torch::Tensor> gradient_sums(Classifier& model, const torch::Tensor& inputs, const torch::Tensor& labels) {
+  std::vector<torch::Tensor> parameters;
+  for (auto& [name, parameter] : model.parameters()) parameters.push_back(parameter);
+  const torch::Tensor loss = torch::nn::functional::cross_entropy(model.forward(inputs), labels,
+                                                                  torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+  const auto grads = torch::autograd::grad({loss}, parameters);
+  std::map<std::string, torch::Tensor> sums;
+  std::size_t i = 0;
+  for (auto& [name, parameter] : model.parameters()) sums[name] = (-grads[i++]).to(torch::kFloat64);
+  return sums;
+}
+
+Evaluation evaluate(Classifier& model, const Dataset& data, long long batch) {
+  torch::NoGradGuard no_grad;
+  const torch::Tensor inputs = inputs_tensor(data), labels = labels_tensor(data);
+  double loss = 0.0;
+  long long correct = 0;
+  for (int64_t start = 0; start < data.size(); start += batch) {
+    const int64_t stop = std::min<int64_t>(data.size(), start + batch);
+    const torch::Tensor logits = model.forward(inputs.slice(0, start, stop));
+    const torch::Tensor target = labels.slice(0, start, stop);
+    loss += torch::nn::functional::cross_entropy(logits, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)).item<double>();
+    correct += logits.argmax(1).eq(target).sum().item<int64_t>();
+  }
+  return {static_cast<double>(correct) / static_cast<double>(data.size()), loss / static_cast<double>(data.size())};
+}
+
+}  // namespace gradfix

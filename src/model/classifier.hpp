@@ -1,0 +1,74 @@
+#pragma once
+// Internal to the LibTorch part of gradfix: the built-in classifiers, their checkpoint names,
+// and per-sample gradient-sign votes. Only the .cpp files of src/model include this header, so
+// <torch/torch.h> stays out of the rest of the build.
+
+#include <torch/torch.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gradfix/data/dataset.hpp"
+#include "gradfix/io/tensor_store.hpp"
+
+namespace gradfix {
+
+// What a weights file records in its __metadata__ so that it is self-describing:
+// gradfix.arch = mlp, gradfix.mlp.dims = 784,256,10.
+struct Architecture {
+  std::string name = "mlp";
+  std::vector<long long> dims;  // mlp: layer widths, input first
+};
+
+Architecture parse_architecture(const std::string& name, const std::string& dims);
+Architecture architecture_of(const Metadata& metadata, const std::string& path);
+Metadata metadata_of(const Architecture& architecture);
+
+class Classifier {
+ public:
+  virtual ~Classifier() = default;
+  // Inputs [N, ...sample shape] to logits [N, classes].
+  virtual torch::Tensor forward(const torch::Tensor& inputs) = 0;
+  // Parameters under their checkpoint names, in checkpoint order.
+  virtual std::vector<std::pair<std::string, torch::Tensor>> parameters() = 0;
+  virtual long long classes() const = 0;
+  virtual long long input_size() const = 0;
+  // Per-sample vote sums sum_n sign(-grad_n loss_n) for every parameter from one batched
+  // backward pass, or false where the architecture has no fast path.
+  virtual bool fast_votes(const torch::Tensor& inputs, const torch::Tensor& labels,
+                          std::map<std::string, torch::Tensor>& votes) = 0;
+  const Architecture& architecture() const { return architecture_; }
+
+ protected:
+  Architecture architecture_;
+};
+
+std::unique_ptr<Classifier> make_classifier(const Architecture& architecture, std::uint64_t seed);
+// Loads weights, checking names and shapes against the architecture; the error lists every
+// mismatch.
+std::unique_ptr<Classifier> load_classifier(const std::string& path);
+void save_classifier(Classifier& model, const std::string& path, Metadata extra = {});
+
+// Copies of the parameters as fp32 vectors, and back.
+std::map<std::string, std::vector<float>> parameter_values(Classifier& model);
+void set_parameter_values(Classifier& model, const std::map<std::string, std::vector<float>>& values);
+
+// Inputs of a dataset as a tensor [N, ...], labels [N].
+torch::Tensor inputs_tensor(const Dataset& data);
+torch::Tensor labels_tensor(const Dataset& data);
+void check_compatible(const Classifier& model, const Dataset& data, const std::string& what);
+
+// Vote sums with one backward pass per sample: the generic reference.
+std::map<std::string, torch::Tensor> loop_votes(Classifier& model, const torch::Tensor& inputs, const torch::Tensor& labels);
+// Sum over samples of -grad (mean mode), in fp64.
+std::map<std::string, torch::Tensor> gradient_sums(Classifier& model, const torch::Tensor& inputs, const torch::Tensor& labels);
+
+struct Evaluation {
+  double accuracy = 0.0;
+  double loss = 0.0;
+};
+Evaluation evaluate(Classifier& model, const Dataset& data, long long batch = 1000);
+
+}  // namespace gradfix

@@ -1,0 +1,542 @@
+// The model jobs: init, train, eval, signs, transport and the demo. Models are small enough to
+// be replicated on every rank here; what is split across ranks is the few-shot gradient pass
+// (each rank takes every P-th shot) and its statistics are all-reduced, so the result is the
+// same for any number of ranks.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <fstream>
+#include <iomanip>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "classifier.hpp"
+#include "gradfix/comm/backend.hpp"
+#include "gradfix/core/error.hpp"
+#include "gradfix/io/atomic_file.hpp"
+#include "gradfix/mask/compare.hpp"
+#include "gradfix/model/jobs.hpp"
+#include "gradfix/signs/statistics.hpp"
+
+namespace gradfix {
+namespace {
+
+using Vectors = std::map<std::string, std::vector<float>>;
+
+int rank_of(const JobContext& context) { return context.host != nullptr ? context.host->rank() : 0; }
+int size_of(const JobContext& context) { return context.host != nullptr ? context.host->size() : 1; }
+Communicator* statistics_comm(const JobContext& context) {
+  return context.stats != nullptr ? context.stats : static_cast<Communicator*>(context.host);
+}
+
+Dataset load_data(const DataOptions& options, long long skip = 0, long long limit = 0) {
+  Dataset data = load_dataset(options.spec);
+  if (skip > 0 || limit > 0) {
+    if (skip >= data.size()) throw InputError(options.spec + ": cannot skip " + std::to_string(skip) + " of " + std::to_string(data.size()) + " samples");
+    const long long stop = limit > 0 ? std::min(data.size(), skip + limit) : data.size();
+    std::vector<long long> indices;
+    for (long long i = skip; i < stop; ++i) indices.push_back(i);
+    const long long classes = data.classes;
+    data = data.subset(indices);
+    data.classes = classes;
+  }
+  apply_transform(data, options.transform);
+  return data;
+}
+
+void train_model(Classifier& model, const Dataset& data, int epochs, double lr, long long batch, std::uint64_t seed,
+                 std::ostream& log, const std::string& label) {
+  std::vector<torch::Tensor> parameters;
+  for (auto& [name, parameter] : model.parameters()) parameters.push_back(parameter);
+  torch::optim::Adam optimizer(parameters, torch::optim::AdamOptions(lr));
+  const torch::Tensor inputs = inputs_tensor(data), labels = labels_tensor(data);
+  for (int epoch = 0; epoch < epochs; ++epoch) {
+    const auto order = shuffled_indices(data.size(), seed * 7919 + static_cast<std::uint64_t>(epoch));
+    const torch::Tensor permutation = torch::from_blob(const_cast<long long*>(order.data()), {data.size()}, torch::kInt64).clone();
+    double total = 0.0;
+    long long correct = 0;
+    for (int64_t start = 0; start < data.size(); start += batch) {
+      const torch::Tensor index = permutation.slice(0, start, std::min<int64_t>(data.size(), start + batch));
+      const torch::Tensor logits = model.forward(inputs.index_select(0, index));
+      const torch::Tensor target = labels.index_select(0, index);
+      const torch::Tensor loss = torch::nn::functional::cross_entropy(logits, target);
+      optimizer.zero_grad();
+      loss.backward();
+      optimizer.step();
+      total += loss.item<double>() * static_cast<double>(index.size(0));
+      correct += logits.argmax(1).eq(target).sum().item<int64_t>();
+    }
+    log << label << " epoch " << epoch + 1 << "/" << epochs << ": loss " << std::fixed << std::setprecision(4)
+        << total / static_cast<double>(data.size()) << ", train accuracy " << std::setprecision(2)
+        << 100.0 * static_cast<double>(correct) / static_cast<double>(data.size()) << "%\n";
+    log.unsetf(std::ios::fixed);
+  }
+}
+
+// The statistics of the descent direction over these samples, computed by every rank on its
+// share (every P-th sample) and all-reduced: vote counts for max, -gradient sums for mean.
+Vectors descent_statistics(Classifier& model, const Dataset& shots, const std::string& sign_mode, const std::string& method,
+                           const JobContext& context) {
+  const int rank = rank_of(context), ranks = size_of(context);
+  std::vector<long long> mine;
+  for (long long i = rank; i < shots.size(); i += ranks) mine.push_back(i);
+  const Dataset part = shots.subset(mine);
+  std::map<std::string, torch::Tensor> local;
+  const bool empty = part.size() == 0;
+  if (sign_mode == "max") {
+    if (!empty && method == "fast") {
+      if (!model.fast_votes(inputs_tensor(part), labels_tensor(part), local)) local = loop_votes(model, inputs_tensor(part), labels_tensor(part));
+    } else if (!empty && method == "loop") {
+      local = loop_votes(model, inputs_tensor(part), labels_tensor(part));
+    } else if (!empty) {
+      throw InputError("unknown --method '" + method + "'; valid: fast|loop");
+    }
+  } else if (sign_mode == "mean") {
+    if (!empty) local = gradient_sums(model, inputs_tensor(part), labels_tensor(part));
+  } else {
+    throw InputError("unknown --sign-mode '" + sign_mode + "'; valid: max|mean");
+  }
+  Vectors statistics;
+  for (auto& [name, parameter] : model.parameters()) {
+    const auto count = static_cast<std::size_t>(parameter.numel());
+    if (sign_mode == "max") {
+      std::vector<std::int32_t> votes(count, 0);
+      if (local.count(name)) std::memcpy(votes.data(), local[name].contiguous().data_ptr<std::int32_t>(), count * sizeof(std::int32_t));
+      if (ranks > 1) allreduce_statistics(*statistics_comm(context), votes.data(), static_cast<long long>(count), DType::kI32);
+      statistics[name].assign(votes.begin(), votes.end());
+    } else {
+      std::vector<double> sums(count, 0.0);
+      if (local.count(name)) std::memcpy(sums.data(), local[name].contiguous().data_ptr<double>(), count * sizeof(double));
+      if (ranks > 1) allreduce_statistics(*statistics_comm(context), sums.data(), static_cast<long long>(count), DType::kF64);
+      statistics[name].assign(sums.begin(), sums.end());
+    }
+  }
+  return statistics;
+}
+
+Vectors difference(const Vectors& a, const Vectors& b) {
+  Vectors out;
+  for (const auto& [name, values] : a) {
+    const auto& other = b.at(name);
+    std::vector<float> delta(values.size());
+    for (std::size_t i = 0; i < values.size(); ++i) delta[i] = values[i] - other[i];
+    out[name] = delta;
+  }
+  return out;
+}
+
+Vectors read_vectors(const std::string& path, Classifier& model) {
+  const auto reader = open_reader(path);
+  Vectors values;
+  std::vector<std::string> missing;
+  for (auto& [name, parameter] : model.parameters()) {
+    const TensorInfo* info = reader->find(name);
+    if (info == nullptr) {
+      missing.push_back(name);
+      continue;
+    }
+    if (info->numel() != parameter.numel())
+      throw InputError(path + ": tensor '" + name + "' has " + std::to_string(info->numel()) + " elements, the model's parameter " + std::to_string(parameter.numel()));
+    values[name] = reader->read_f32(name);
+  }
+  if (!missing.empty()) throw InputError(path + " lacks " + std::to_string(missing.size()) + " of the model's parameters: " + format_name_list(missing));
+  return values;
+}
+
+struct Candidate {
+  double alpha = 0.0;
+  double support_accuracy = 0.0;
+};
+
+// B + alpha * vector for each alpha, evaluated on the support set; returns the chosen alpha.
+double choose_alpha(Classifier& model, const Vectors& base, const Vectors& vector, const std::vector<double>& alphas,
+                    const Dataset& support) {
+  std::vector<double> accuracies;
+  for (double alpha : alphas) {
+    Vectors moved = base;
+    for (auto& [name, values] : moved) {
+      const auto& delta = vector.at(name);
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] += static_cast<float>(alpha) * delta[i];
+    }
+    set_parameter_values(model, moved);
+    accuracies.push_back(evaluate(model, support).accuracy);
+  }
+  set_parameter_values(model, base);
+  return alphas[best_on_support(accuracies)];
+}
+
+Evaluation evaluate_with(Classifier& model, const Vectors& base, const Vectors& vector, double alpha, const Dataset& data) {
+  Vectors moved = base;
+  for (auto& [name, values] : moved) {
+    const auto& delta = vector.at(name);
+    for (std::size_t i = 0; i < values.size(); ++i) values[i] += static_cast<float>(alpha) * delta[i];
+  }
+  set_parameter_values(model, moved);
+  const Evaluation result = evaluate(model, data);
+  set_parameter_values(model, base);
+  return result;
+}
+
+struct TransportInputs {
+  Classifier* target = nullptr;
+  Vectors tau;
+  Vectors tau_b;  // empty without B_ft
+  Vectors target_finetuned;
+  Dataset pool;
+  Dataset test;
+};
+
+// The transport of one (K, seed): shots and support from the pool, statistics on the shots,
+// alpha chosen on the support set, the test set read only at the end.
+std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob& job, const JobContext& context,
+                                         std::ostream& log, Vectors* transported) {
+  Classifier& model = *in.target;
+  const Vectors base = parameter_values(model);
+  std::vector<long long> everything(static_cast<std::size_t>(in.pool.size()));
+  for (long long i = 0; i < in.pool.size(); ++i) everything[static_cast<std::size_t>(i)] = i;
+  const auto shot_indices = sample_per_class(in.pool.labels, everything, model.classes(), job.shots_per_class, job.seed);
+  auto rest = complement(in.pool.size(), shot_indices);
+  const auto order = shuffled_indices(static_cast<long long>(rest.size()), job.seed + 17);
+  std::vector<long long> support_indices;
+  for (long long i = 0; i < std::min<long long>(job.support_size, static_cast<long long>(rest.size())); ++i)
+    support_indices.push_back(rest[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])]);
+  if (support_indices.empty()) throw InputError("the pool has no samples left for the support set after the shots");
+  Dataset shots = in.pool.subset(shot_indices), support = in.pool.subset(support_indices);
+  shots.classes = support.classes = in.pool.classes;
+  const std::vector<double> alphas = job.alphas.empty() ? std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0} : job.alphas;
+
+  std::vector<TransportRow> rows;
+  auto add_row = [&](const std::string& method, const Evaluation& result, double alpha, double kept, double agreement) {
+    rows.push_back({method, result.accuracy, result.loss, alpha, kept, agreement});
+  };
+  add_row("B zero-shot", evaluate(model, in.test), -1, -1, -1);
+
+  const double naive_alpha = choose_alpha(model, base, in.tau, alphas, support);
+  add_row("B + alpha tau_A (naive)", evaluate_with(model, base, in.tau, naive_alpha, in.test), naive_alpha, 1.0, -1);
+
+  const Vectors statistics = descent_statistics(model, shots, job.sign_mode, "fast", context);
+  Vectors masked;
+  PairStats kept, agreement;
+  for (auto& [name, parameter] : model.parameters()) {
+    const std::vector<long long> shape(parameter.sizes().begin(), parameter.sizes().end());
+    masked[name] = mask_tensor(job.mask_mode, job.mask, in.tau.at(name), statistics.at(name), shape, tensor_key_of(name));
+    kept.add(masked[name].data(), in.tau.at(name).data(), static_cast<long long>(masked[name].size()));
+    if (!in.tau_b.empty()) agreement.add(statistics.at(name).data(), in.tau_b.at(name).data(), static_cast<long long>(masked[name].size()));
+  }
+  const double kept_fraction = kept.nonzero_b > 0 ? static_cast<double>(kept.nonzero_a) / static_cast<double>(kept.nonzero_b) : 0.0;
+  const double gradfix_alpha = choose_alpha(model, base, masked, alphas, support);
+  add_row(std::string("GradFix (") + job.sign_mode + ", " + mask_mode_name(job.mask_mode) + ")",
+          evaluate_with(model, base, masked, gradfix_alpha, in.test), gradfix_alpha, kept_fraction,
+          in.tau_b.empty() ? -1 : agreement.sign_agreement());
+  if (transported != nullptr) {
+    *transported = base;
+    for (auto& [name, values] : *transported)
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] += static_cast<float>(gradfix_alpha) * masked.at(name)[i];
+  }
+
+  if (!in.tau_b.empty()) {
+    Vectors oracle;
+    PairStats oracle_kept;
+    for (auto& [name, parameter] : model.parameters()) {
+      const std::vector<long long> shape(parameter.sizes().begin(), parameter.sizes().end());
+      oracle[name] = mask_tensor(MaskMode::kOracle, job.mask, in.tau.at(name), in.tau_b.at(name), shape, 0);
+      oracle_kept.add(oracle[name].data(), in.tau.at(name).data(), static_cast<long long>(oracle[name].size()));
+    }
+    const double oracle_alpha = choose_alpha(model, base, oracle, alphas, support);
+    add_row("oracle mask sign(tau_B)", evaluate_with(model, base, oracle, oracle_alpha, in.test), oracle_alpha,
+            static_cast<double>(oracle_kept.nonzero_a) / std::max(1LL, oracle_kept.nonzero_b), 1.0);
+  }
+
+  if (job.few_shot_baseline) {
+    // Few-shot fine-tuning of B on the same shots, learning rate and steps chosen on the support set.
+    double best_accuracy = -1.0;
+    Vectors best = base;
+    std::string best_label;
+    for (double lr : {1e-4, 1e-3, 1e-2}) {
+      set_parameter_values(model, base);
+      std::vector<torch::Tensor> parameters;
+      for (auto& [name, parameter] : model.parameters()) parameters.push_back(parameter);
+      torch::optim::Adam optimizer(parameters, torch::optim::AdamOptions(lr));
+      const torch::Tensor inputs = inputs_tensor(shots), labels = labels_tensor(shots);
+      int done = 0;
+      for (int steps : {5, 20, 50}) {
+        for (; done < steps; ++done) {
+          optimizer.zero_grad();
+          torch::nn::functional::cross_entropy(model.forward(inputs), labels).backward();
+          optimizer.step();
+        }
+        const double accuracy = evaluate(model, support).accuracy;
+        if (accuracy > best_accuracy) {
+          best_accuracy = accuracy;
+          best = parameter_values(model);
+        }
+      }
+    }
+    set_parameter_values(model, best);
+    add_row("few-shot fine-tuning of B", evaluate(model, in.test), -1, -1, -1);
+    set_parameter_values(model, base);
+  }
+
+  if (!in.target_finetuned.empty()) {
+    set_parameter_values(model, in.target_finetuned);
+    add_row("B fine-tuned (upper bound)", evaluate(model, in.test), -1, -1, -1);
+    set_parameter_values(model, base);
+  }
+  (void)log;
+  return rows;
+}
+
+void print_rows(const std::vector<TransportRow>& rows, std::ostream& log) {
+  log << std::left << std::setw(34) << "method" << std::right << std::setw(10) << "test acc" << std::setw(10) << "loss"
+      << std::setw(8) << "alpha" << std::setw(8) << "kept" << std::setw(12) << "agree(B)" << "\n";
+  for (const auto& row : rows) {
+    auto cell = [](double value, int width, int precision, bool percent) {
+      std::ostringstream text;
+      if (value < 0) text << std::setw(width) << "-";
+      else text << std::setw(width) << std::fixed << std::setprecision(precision) << (percent ? 100.0 * value : value) << (percent ? "%" : "");
+      return text.str();
+    };
+    log << std::left << std::setw(34) << row.method << std::right << cell(row.accuracy, 9, 2, true) << cell(row.loss, 10, 4, false)
+        << cell(row.alpha, 8, 1, false) << cell(row.kept, 7, 1, true) << cell(row.sign_agreement, 11, 1, true) << "\n";
+  }
+}
+
+nlohmann::json rows_json(const std::vector<TransportRow>& rows) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& row : rows)
+    out.push_back({{"method", row.method}, {"test_accuracy", row.accuracy}, {"test_loss", row.loss}, {"alpha", row.alpha},
+                   {"kept", row.kept}, {"sign_agreement_with_tau_b", row.sign_agreement}});
+  return out;
+}
+
+void write_text_atomically(const std::string& path, const std::string& text) {
+  const std::string temporary = temporary_path_for(path);
+  {
+    std::ofstream file(temporary);
+    file << text;
+    if (!file) {
+      remove_quietly(temporary);
+      throw RuntimeFailure(path + ": cannot write");
+    }
+  }
+  rename_file(temporary, path);
+}
+
+}  // namespace
+
+bool torch_available() { return true; }
+
+std::size_t best_on_support(const std::vector<double>& support_accuracies) {
+  std::size_t best = 0;
+  for (std::size_t i = 1; i < support_accuracies.size(); ++i)
+    if (support_accuracies[i] > support_accuracies[best]) best = i;
+  return best;
+}
+
+void run_init(const InitJob& job, std::ostream& log) {
+  auto model = make_classifier(parse_architecture(job.arch, job.dims), job.seed);
+  save_classifier(*model, job.out);
+  long long count = 0;
+  for (auto& [name, parameter] : model->parameters()) count += parameter.numel();
+  log << "init: " << job.arch << " " << job.dims << ", " << count << " parameters, seed " << job.seed << ", written to " << job.out << "\n";
+}
+
+void run_train(const TrainJob& job, std::ostream& log, const JobContext& context) {
+  auto model = load_classifier(job.weights);
+  const Dataset data = load_data(job.data, job.skip, job.limit);
+  check_compatible(*model, data, job.data.spec);
+  std::ostringstream discard;
+  torch::manual_seed(job.seed);
+  train_model(*model, data, job.epochs, job.lr, job.batch, job.seed, rank_of(context) == 0 ? log : discard, "train");
+  if (rank_of(context) == 0) {
+    save_classifier(*model, job.out);
+    log << "train: " << data.size() << " samples, written to " << job.out << "\n";
+  }
+}
+
+void run_eval(const EvalJob& job, std::ostream& log) {
+  auto model = load_classifier(job.weights);
+  const Dataset data = load_data(job.data);
+  check_compatible(*model, data, job.data.spec);
+  const Evaluation result = evaluate(*model, data);
+  log << "eval: " << data.size() << " samples, accuracy " << std::fixed << std::setprecision(2) << 100.0 * result.accuracy
+      << "%, loss " << std::setprecision(4) << result.loss << "\n";
+  log.unsetf(std::ios::fixed);
+}
+
+void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
+  auto model = load_classifier(job.weights);
+  const Dataset data = load_data(job.data);
+  check_compatible(*model, data, job.data.spec);
+  std::vector<long long> everything(static_cast<std::size_t>(data.size()));
+  for (long long i = 0; i < data.size(); ++i) everything[static_cast<std::size_t>(i)] = i;
+  Dataset shots = data.subset(sample_per_class(data.labels, everything, model->classes(), job.shots_per_class, job.seed));
+  shots.classes = data.classes;
+  const Vectors statistics = descent_statistics(*model, shots, job.sign_mode, job.method, context);
+  if (rank_of(context) != 0) return;
+  // Vote counts in the narrowest integer type that holds them; mean-mode sums in fp32.
+  const DType dtype = job.sign_mode == "max" ? (shots.size() <= 127 ? DType::kI8 : shots.size() <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
+  std::vector<TensorInfo> layout;
+  for (auto& [name, parameter] : model->parameters())
+    layout.push_back({name, dtype, std::vector<long long>(parameter.sizes().begin(), parameter.sizes().end())});
+  Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", job.sign_mode},
+                       {"gradfix.samples", std::to_string(shots.size())}, {"gradfix.seed", std::to_string(job.seed)}};
+  auto writer = open_writer(job.out, layout, metadata);
+  for (const auto& tensor : layout) writer->write_f32(tensor.name, 0, statistics.at(tensor.name).data(), tensor.numel());
+  writer->commit();
+  log << "signs " << job.sign_mode << ": " << shots.size() << " samples (" << job.shots_per_class << " per class), "
+      << layout.size() << " tensors as " << dtype_name(dtype) << ", written to " << job.out << "\n";
+}
+
+std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {
+  TransportInputs in;
+  auto model = load_classifier(job.target);
+  in.target = model.get();
+  if (!job.task_vector.empty()) {
+    in.tau = read_vectors(job.task_vector, *model);
+  } else if (!job.source_base.empty() && !job.source_finetuned.empty()) {
+    in.tau = difference(read_vectors(job.source_finetuned, *model), read_vectors(job.source_base, *model));
+  } else {
+    throw InputError("transport needs --task-vector, or --source-base and --source-finetuned");
+  }
+  if (!job.target_finetuned.empty()) {
+    in.target_finetuned = read_vectors(job.target_finetuned, *model);
+    in.tau_b = difference(in.target_finetuned, parameter_values(*model));
+  }
+  in.pool = load_data(job.data);
+  in.test = load_data(job.test);
+  check_compatible(*model, in.pool, job.data.spec);
+  check_compatible(*model, in.test, job.test.spec);
+  Vectors transported;
+  const auto rows = transport_core(in, job, context, log, &transported);
+  if (rank_of(context) == 0) {
+    print_rows(rows, log);
+    if (!job.out.empty()) {
+      set_parameter_values(*model, transported);
+      save_classifier(*model, job.out, {{"gradfix.operation", "transport"}});
+      log << "transport: GradFix model written to " << job.out << "\n";
+    }
+    if (!job.results.empty()) {
+      write_text_atomically(job.results, nlohmann::json{{"shots_per_class", job.shots_per_class}, {"seed", job.seed},
+                                                        {"sign_mode", job.sign_mode}, {"mask_mode", mask_mode_name(job.mask_mode)},
+                                                        {"rows", rows_json(rows)}}.dump(2) + "\n");
+      log << "transport: results written to " << job.results << "\n";
+    }
+  }
+  return rows;
+}
+
+void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) {
+  const bool root = rank_of(context) == 0;
+  std::ostringstream discard;
+  std::ostream& out = root ? log : discard;
+  ensure_directory(job.cache);
+  const std::string train_spec = job.data_dir + ":train", test_spec = job.data_dir + ":t10k";
+  const Architecture architecture = parse_architecture("mlp", job.dims);
+  const Dataset full_train = load_data({train_spec, "none"});
+  const long long half = job.pretrain_limit > 0 ? job.pretrain_limit : full_train.size() / 2;
+  // The cache key: a cached model is reused only when it was trained with the same settings.
+  const std::string key = job.dims + "/" + std::to_string(job.pretrain_epochs) + "/" + std::to_string(half) + "/" +
+                          std::to_string(job.finetune_epochs) + "/" + std::to_string(job.finetune_limit) + "/" + job.transform;
+  auto cached = [&](const std::string& name, const std::function<std::unique_ptr<Classifier>()>& make) {
+    const std::string path = job.cache + "/" + name + ".safetensors";
+    if (file_exists(path)) {
+      const auto reader = open_reader(path);
+      const auto found = reader->metadata().find("gradfix.demo.key");
+      if (found != reader->metadata().end() && found->second == key) {
+        out << "demo: using cached " << path << "\n";
+        return load_classifier(path);
+      }
+    }
+    auto model = make();
+    if (root) save_classifier(*model, path, {{"gradfix.demo.key", key}});
+    if (context.host != nullptr) context.host->barrier();
+    return model;
+  };
+  // Two "releases": same architecture, different seeds and different halves of the training set.
+  auto pretrain = [&](std::uint64_t seed, long long skip) {
+    auto model = make_classifier(architecture, seed);
+    Dataset data = load_data({train_spec, "none"}, skip, half);
+    train_model(*model, data, job.pretrain_epochs, 1e-3, 128, seed, out, "pretrain seed " + std::to_string(seed));
+    return model;
+  };
+  auto a_base = cached("A_base", [&] { return pretrain(1, 0); });
+  auto b_base = cached("B_base", [&] { return pretrain(2, half); });
+  // The downstream task: the same classes under an input shift both releases never saw.
+  const Dataset task_train = load_data({train_spec, job.transform}, 0, job.finetune_limit);
+  auto finetune = [&](const std::string& from, std::uint64_t seed) {
+    auto model = load_classifier(job.cache + "/" + from + ".safetensors");
+    train_model(*model, task_train, job.finetune_epochs, 1e-3, 128, seed, out, "fine-tune " + from);
+    return model;
+  };
+  auto a_ft = cached("A_ft", [&] { return finetune("A_base", 11); });
+  auto b_ft = cached("B_ft", [&] { return finetune("B_base", 12); });
+
+  Dataset clean_test = load_data({test_spec, "none"}, 0, job.test_limit);
+  TransportInputs in;
+  in.target = b_base.get();
+  in.tau = difference(parameter_values(*a_ft), parameter_values(*a_base));
+  in.target_finetuned = parameter_values(*b_ft);
+  in.tau_b = difference(in.target_finetuned, parameter_values(*b_base));
+  in.test = load_data({test_spec, job.transform}, 0, job.test_limit);
+  // The few-shot pool: task samples the fine-tuning never used.
+  in.pool = load_data({train_spec, job.transform}, job.finetune_limit, std::max(job.support_size * 4, 4000LL));
+  out << "demo: B on the clean test set " << std::fixed << std::setprecision(2) << 100.0 * evaluate(*b_base, clean_test).accuracy
+      << "%, on the shifted (" << job.transform << ") test set " << 100.0 * evaluate(*b_base, in.test).accuracy << "%; A fine-tuned "
+      << 100.0 * evaluate(*a_ft, in.test).accuracy << "%, B fine-tuned " << 100.0 * evaluate(*b_ft, in.test).accuracy << "%\n";
+  out.unsetf(std::ios::fixed);
+
+  nlohmann::json results = nlohmann::json::array();
+  for (long long shots : job.shots) {
+    std::map<std::string, std::vector<TransportRow>> by_method;
+    std::vector<std::string> order;
+    for (std::uint64_t seed : job.seeds) {
+      TransportJob transport;
+      transport.shots_per_class = shots;
+      transport.seed = seed;
+      transport.support_size = job.support_size;
+      for (const auto& row : transport_core(in, transport, context, out, nullptr)) {
+        if (!by_method.count(row.method)) order.push_back(row.method);
+        by_method[row.method].push_back(row);
+      }
+    }
+    out << "\nK = " << shots << " shots per class, " << job.seeds.size() << " seeds (mean +- std of test accuracy)\n";
+    out << std::left << std::setw(34) << "method" << std::right << std::setw(18) << "test acc" << std::setw(10) << "alpha"
+        << std::setw(10) << "kept" << std::setw(12) << "agree(B)" << "\n";
+    for (const auto& method : order) {
+      const auto& rows = by_method[method];
+      double mean = 0, squares = 0, alpha = 0, kept = 0, agree = 0;
+      for (const auto& row : rows) {
+        mean += row.accuracy;
+        alpha += row.alpha;
+        kept += row.kept;
+        agree += row.sign_agreement;
+      }
+      const double n = static_cast<double>(rows.size());
+      mean /= n;
+      for (const auto& row : rows) squares += (row.accuracy - mean) * (row.accuracy - mean);
+      const double spread = rows.size() > 1 ? std::sqrt(squares / (n - 1)) : 0.0;
+      std::ostringstream accuracy;
+      accuracy << std::fixed << std::setprecision(2) << 100 * mean << " +- " << 100 * spread;
+      auto optional = [](double value, int precision, bool percent) {
+        std::ostringstream text;
+        if (value < 0) text << "-";
+        else text << std::fixed << std::setprecision(precision) << (percent ? 100 * value : value) << (percent ? "%" : "");
+        return text.str();
+      };
+      out << std::left << std::setw(34) << method << std::right << std::setw(18) << accuracy.str() << std::setw(10)
+          << optional(alpha / n, 2, false) << std::setw(10) << optional(kept / n, 1, true) << std::setw(12)
+          << optional(agree / n, 1, true) << "\n";
+      results.push_back({{"shots_per_class", shots}, {"method", method}, {"test_accuracy_mean", mean}, {"test_accuracy_std", spread},
+                         {"alpha_mean", alpha / n}, {"seeds", job.seeds}});
+    }
+  }
+  if (root && !job.results.empty()) {
+    write_text_atomically(job.results, nlohmann::json{{"demo", "fashion-mnist"}, {"transform", job.transform}, {"dims", job.dims},
+                                                      {"rows", results}}.dump(2) + "\n");
+    out << "demo: results written to " << job.results << "\n";
+  }
+}
+
+}  // namespace gradfix

@@ -1,0 +1,30 @@
+// The model subcommands in a build without LibTorch: each says so instead of doing nothing.
+#include "gradfix/core/error.hpp"
+#include "gradfix/model/jobs.hpp"
+
+namespace gradfix {
+namespace {
+
+[[noreturn]] void no_torch(const char* subcommand) {
+  throw InputError(std::string("gradfix ") + subcommand +
+                   ": this gradfix was built without LibTorch; install it (Debian: libtorch-dev; elsewhere set "
+                   "Torch_DIR to an official LibTorch) and rebuild");
+}
+
+}  // namespace
+
+bool torch_available() { return false; }
+std::size_t best_on_support(const std::vector<double>& support_accuracies) {
+  std::size_t best = 0;
+  for (std::size_t i = 1; i < support_accuracies.size(); ++i)
+    if (support_accuracies[i] > support_accuracies[best]) best = i;
+  return best;
+}
+void run_init(const InitJob&, std::ostream&) { no_torch("init"); }
+void run_train(const TrainJob&, std::ostream&, const JobContext&) { no_torch("train"); }
+void run_eval(const EvalJob&, std::ostream&) { no_torch("eval"); }
+void run_signs(const SignsJob&, std::ostream&, const JobContext&) { no_torch("signs"); }
+std::vector<TransportRow> run_transport(const TransportJob&, std::ostream&, const JobContext&) { no_torch("transport"); }
+void run_demo(const DemoJob&, std::ostream&, const JobContext&) { no_torch("demo"); }
+
+}  // namespace gradfix
