@@ -65,11 +65,13 @@ std::string existing(const std::vector<std::string>& candidates) {
 }
 
 Dataset load_idx(const std::string& images_path) {
-  std::string labels_path = images_path;
-  const auto at = labels_path.rfind("images-idx3");
+  std::string labels_base = images_path;
+  const auto at = labels_base.rfind("images-idx3");
   if (at == std::string::npos) throw InputError(images_path + ": an IDX images file name must contain 'images-idx3'");
-  labels_path.replace(at, 11, "labels-idx1");
-  if (!file_exists(labels_path)) throw InputError(images_path + ": no labels file '" + labels_path + "' beside it");
+  labels_base.replace(at, 11, "labels-idx1");
+  if (ends_with(labels_base, ".gz")) labels_base.resize(labels_base.size() - 3);
+  const std::string labels_path = existing({labels_base + ".gz", labels_base});
+  if (labels_path.empty()) throw InputError(images_path + ": no labels file '" + labels_base + "[.gz]' beside it");
   const std::string images = read_maybe_gzipped(images_path);
   const std::string labels = read_maybe_gzipped(labels_path);
   const auto image_sizes = idx_header(images, images_path, 3);

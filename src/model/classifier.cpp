@@ -42,6 +42,7 @@ class Mlp final : public Classifier, public torch::nn::Module {
     return named;
   }
 
+  void to_dtype(torch::ScalarType type) override { torch::nn::Module::to(type); }
   long long classes() const override { return architecture_.dims.back(); }
   long long input_size() const override { return architecture_.dims.front(); }
 
@@ -126,10 +127,12 @@ std::unique_ptr<Classifier> load_classifier(const std::string& path) {
       continue;
     }
     const std::vector<long long> expected(parameter.sizes().begin(), parameter.sizes().end());
-    if (info->shape != expected && shapes.empty())
-      shapes = path + ": tensor '" + name + "': shape " + format_shape(info->shape) + " in the file, the architecture needs " + format_shape(expected);
-    else
-      values[name] = reader->read_f32(name);
+    if (info->shape != expected) {
+      if (shapes.empty())
+        shapes = path + ": tensor '" + name + "': shape " + format_shape(info->shape) + " in the file, the architecture needs " + format_shape(expected);
+      continue;
+    }
+    values[name] = reader->read_f32(name);
   }
   if (!missing.empty()) throw InputError(path + " lacks " + std::to_string(missing.size()) + " parameter(s) of its architecture: " + format_name_list(missing));
   if (!shapes.empty()) throw InputError(shapes);

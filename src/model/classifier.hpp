@@ -39,6 +39,8 @@ class Classifier {
   // backward pass, or false where the architecture has no fast path.
   virtual bool fast_votes(const torch::Tensor& inputs, const torch::Tensor& labels,
                           std::map<std::string, torch::Tensor>& votes) = 0;
+  // Moves the parameters to another floating type (float64 for numerical checks).
+  virtual void to_dtype(torch::ScalarType type) = 0;
   const Architecture& architecture() const { return architecture_; }
 
  protected:

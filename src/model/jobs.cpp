@@ -454,9 +454,11 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
     if (context.host != nullptr) context.host->barrier();
     return model;
   };
-  // Two "releases": same architecture, different seeds and different halves of the training set.
+  // Two "releases": one architecture and one initialisation (a model lineage), pre-trained with
+  // different seeds on different halves of the training set. Independently initialised MLPs
+  // would differ by a permutation of their hidden units, which no mask can undo (docs/demo.md).
   auto pretrain = [&](std::uint64_t seed, long long skip) {
-    auto model = make_classifier(architecture, seed);
+    auto model = make_classifier(architecture, 0);
     Dataset data = load_data({train_spec, "none"}, skip, half);
     train_model(*model, data, job.pretrain_epochs, 1e-3, 128, seed, out, "pretrain seed " + std::to_string(seed));
     return model;

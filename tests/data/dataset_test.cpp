@@ -1,0 +1,129 @@
+#include "gradfix/data/dataset.hpp"
+
+#include <gtest/gtest.h>
+#include <hdf5.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <set>
+
+#include "../support/test_files.hpp"
+#include "gradfix/core/error.hpp"
+
+namespace gradfix {
+namespace {
+
+using testing::TempDir;
+
+std::string be32(std::uint32_t value) {
+  return std::string{static_cast<char>(value >> 24), static_cast<char>(value >> 16), static_cast<char>(value >> 8), static_cast<char>(value)};
+}
+
+// Three 2x2 images with labels 2, 0, 1, as IDX files, the images gzipped.
+void write_idx(const TempDir& dir, const std::string& prefix, std::uint32_t label_count = 3) {
+  std::string images = be32(0x803) + be32(3) + be32(2) + be32(2);
+  for (int i = 0; i < 12; ++i) images += static_cast<char>(i * 20);
+  gzFile file = gzopen(dir.file(prefix + "-images-idx3-ubyte.gz").c_str(), "wb");
+  gzwrite(file, images.data(), static_cast<unsigned>(images.size()));
+  gzclose(file);
+  std::string labels = be32(0x801) + be32(label_count) + std::string{2, 0, 1};
+  labels.resize(8 + label_count, 1);
+  testing::write_bytes(dir.file(prefix + "-labels-idx1-ubyte"), labels);
+}
+
+TEST(Dataset, ReadsIdxGzippedOrPlain) {
+  TempDir dir;
+  write_idx(dir, "train");
+  const Dataset data = load_dataset(dir.path() + ":train");
+  ASSERT_EQ(data.size(), 3);
+  EXPECT_EQ(data.sample_shape, (std::vector<long long>{2, 2}));
+  EXPECT_EQ(data.classes, 3);
+  EXPECT_EQ(data.labels, (std::vector<long long>{2, 0, 1}));
+  EXPECT_FLOAT_EQ(data.inputs[5], 100.0f / 255.0f);
+  const Dataset same = load_dataset(dir.file("train-images-idx3-ubyte.gz"));
+  EXPECT_EQ(same.inputs, data.inputs);
+}
+
+TEST(Dataset, RefusesBadIdx) {
+  TempDir dir;
+  write_idx(dir, "bad", 4);
+  try {
+    load_dataset(dir.path() + ":bad");
+    FAIL();
+  } catch (const InputError& error) {
+    EXPECT_NE(std::string(error.what()).find("3 images"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("4 labels"), std::string::npos) << error.what();
+  }
+  testing::write_bytes(dir.file("x-images-idx3-ubyte"), be32(0x801) + be32(1));
+  testing::write_bytes(dir.file("x-labels-idx1-ubyte"), be32(0x801) + be32(1) + "a");
+  EXPECT_THROW(load_dataset(dir.file("x-images-idx3-ubyte")), InputError);
+  EXPECT_THROW(load_dataset(dir.path() + ":missing"), InputError);
+  EXPECT_THROW(load_dataset(dir.file("data.csv")), InputError);
+}
+
+TEST(Dataset, ReadsHdf5AndRefusesMismatchedCounts) {
+  TempDir dir;
+  for (const auto& [name, label_count] : std::vector<std::pair<std::string, hsize_t>>{{"good.h5", 4}, {"bad.h5", 3}}) {
+    const hid_t file = H5Fcreate(dir.file(name).c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    const hsize_t input_dims[2] = {4, 3};
+    const float inputs[12] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+    hid_t space = H5Screate_simple(2, input_dims, nullptr);
+    hid_t set = H5Dcreate2(file, "inputs", H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Dwrite(set, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, inputs);
+    H5Dclose(set);
+    H5Sclose(space);
+    const long long labels[4] = {1, 0, 1, 4};
+    space = H5Screate_simple(1, &label_count, nullptr);
+    set = H5Dcreate2(file, "labels", H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Dwrite(set, H5T_NATIVE_LLONG, H5S_ALL, H5S_ALL, H5P_DEFAULT, labels);
+    H5Dclose(set);
+    H5Sclose(space);
+    H5Fclose(file);
+  }
+  const Dataset data = load_dataset(dir.file("good.h5"));
+  EXPECT_EQ(data.size(), 4);
+  EXPECT_EQ(data.sample_shape, (std::vector<long long>{3}));
+  EXPECT_EQ(data.classes, 5);
+  EXPECT_EQ(data.inputs[7], 7.0f);
+  EXPECT_THROW(load_dataset(dir.file("bad.h5")), InputError);
+}
+
+TEST(Dataset, ShotsPerClassAreBalancedSeededAndChecked) {
+  std::vector<long long> labels;
+  for (int i = 0; i < 100; ++i) labels.push_back(i % 4);
+  std::vector<long long> pool(100);
+  for (int i = 0; i < 100; ++i) pool[static_cast<std::size_t>(i)] = i;
+  const auto shots = sample_per_class(labels, pool, 4, 5, 42);
+  ASSERT_EQ(shots.size(), 20u);
+  for (long long c = 0; c < 4; ++c)
+    EXPECT_EQ(std::count_if(shots.begin(), shots.end(), [&](long long i) { return labels[static_cast<std::size_t>(i)] == c; }), 5);
+  EXPECT_EQ(std::set<long long>(shots.begin(), shots.end()).size(), 20u);
+  EXPECT_EQ(sample_per_class(labels, pool, 4, 5, 42), shots);
+  EXPECT_NE(sample_per_class(labels, pool, 4, 5, 43), shots);
+  const auto rest = complement(100, shots);
+  EXPECT_EQ(rest.size(), 80u);
+  for (long long i : rest) EXPECT_EQ(std::count(shots.begin(), shots.end(), i), 0);
+  try {
+    sample_per_class(labels, pool, 4, 26, 1);
+    FAIL();
+  } catch (const InputError& error) {
+    EXPECT_NE(std::string(error.what()).find("class 0 has 25"), std::string::npos) << error.what();
+  }
+  EXPECT_THROW(sample_per_class(labels, pool, 3, 1, 1), InputError);  // label 3 outside 3 classes
+}
+
+TEST(Dataset, TransformsHandChecked) {
+  Dataset data;
+  data.sample_shape = {2, 2};
+  data.inputs = {0.0f, 0.25f, 0.5f, 1.0f};  // [[a b] [c d]]
+  data.labels = {0};
+  Dataset rotated = data;
+  apply_transform(rotated, "rotate90");  // clockwise: [[c a] [d b]]
+  EXPECT_EQ(rotated.inputs, (std::vector<float>{0.5f, 0.0f, 1.0f, 0.25f}));
+  apply_transform(data, "invert");
+  EXPECT_EQ(data.inputs, (std::vector<float>{1.0f, 0.75f, 0.5f, 0.0f}));
+  EXPECT_THROW(apply_transform(data, "blur"), InputError);
+}
+
+}  // namespace
+}  // namespace gradfix

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The model subcommands on real data (Debian's Fashion-MNIST): init, train, eval, signs (fast
+# path equal to the per-sample loop, equal across 1 and 3 ranks), transport (alpha picks the known
+# optimum on a constructed case; the test set plays no part in the choice), bad inputs, and the
+# demo's quick configuration.
+#   model_cli_test.sh GRADFIX_BINARY
+set -euo pipefail
+gradfix=$1
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+source "$repo/tests/mpi/common.sh"
+data=${GRADFIX_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
+[ -f "$data/t10k-images-idx3-ubyte.gz" ] || { echo "model_cli_test: no Fashion-MNIST in $data (apt-get install dataset-fashion-mnist)" >&2; exit 1; }
+work=$(mktemp -d /tmp/gradfix-model-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+test_set="$data:t10k"
+train_set="$data:train"
+
+"$gradfix" init --arch mlp --dims 784,32,10 --seed 1 --out a.safetensors >/dev/null
+"$gradfix" train --weights a.safetensors --data "$train_set" --limit 3000 --epochs 2 --seed 1 --out a_trained.safetensors >train.log
+check "training reports its epochs" grep -q "epoch 2/2" train.log
+"$gradfix" eval --weights a_trained.safetensors --data "$test_set" >eval.log
+accuracy=$(sed -n 's/.*accuracy \([0-9.]*\)%.*/\1/p' eval.log)
+check "a trained MLP beats chance clearly on the test set (${accuracy}%)" awk "BEGIN { exit !($accuracy > 50) }"
+
+"$gradfix" signs --weights a_trained.safetensors --data "$test_set" --shots-per-class 6 --seed 3 --out fast.safetensors >/dev/null
+"$gradfix" signs --weights a_trained.safetensors --data "$test_set" --shots-per-class 6 --seed 3 --method loop --out loop.safetensors >/dev/null
+"$gradfix" inspect fast.safetensors >fast.txt
+check "60 votes are stored as int8" grep -q "I8" fast.txt
+"$gradfix" inspect fast.safetensors loop.safetensors --json cmp.json >/dev/null
+check "fast and loop votes agree on at least 99.99% of entries" python3 -c "
+import json; agreement = json.load(open('cmp.json'))['overall']['sign_agreement']
+assert agreement >= 0.9999, agreement"
+mpirun "${mpirun_flags[@]}" -np 3 "$gradfix" signs --weights a_trained.safetensors --data "$test_set" --shots-per-class 6 --seed 3 \
+  --out fast3.safetensors >/dev/null
+check "votes from 3 ranks are byte-identical to 1 rank" cmp -s fast.safetensors fast3.safetensors
+
+# Transport, constructed: the task vector is tau_B itself, so the naive row must pick alpha = 1
+# (B + tau_B = B_ft) and match the fine-tuned model.
+"$gradfix" train --weights a_trained.safetensors --data "$train_set" --transform invert --limit 2000 --epochs 2 --seed 2 \
+  --out b_ft.safetensors >/dev/null
+"$gradfix" taskvector --base a_trained.safetensors --finetuned b_ft.safetensors --out tau_b.safetensors >/dev/null
+"$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --target-finetuned b_ft.safetensors \
+  --data "$train_set" --test-data "$test_set" --transform invert --shots-per-class 2 --support-size 500 \
+  --no-few-shot-baseline --results r1.json --out transported.safetensors >transport.log
+check "transport prints every row" grep -q "oracle mask sign(tau_B)" transport.log
+check "naive alpha is 1.0 when tau_A = tau_B" python3 -c "
+import json; rows = {r['method']: r for r in json.load(open('r1.json'))['rows']}
+naive = rows['B + alpha tau_A (naive)']; upper = rows['B fine-tuned (upper bound)']
+assert naive['alpha'] == 1.0, naive
+assert abs(naive['test_accuracy'] - upper['test_accuracy']) < 1e-9, (naive, upper)"
+check "the transported model is written" test -s transported.safetensors
+# The same run against another test set chooses the same alphas: the test set is never read
+# before the final evaluation.
+"$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --target-finetuned b_ft.safetensors \
+  --data "$train_set" --test-data "$train_set" --transform invert --shots-per-class 2 --support-size 500 \
+  --no-few-shot-baseline --results r2.json >/dev/null
+check "alphas do not depend on the test set" python3 -c "
+import json; a = [r['alpha'] for r in json.load(open('r1.json'))['rows']]; b = [r['alpha'] for r in json.load(open('r2.json'))['rows']]
+assert a == b, (a, b)"
+
+expect_bad() {  # expect_bad MESSAGE ARGS...
+  local message=$1
+  shift
+  set +e
+  "$gradfix" "$@" >out.txt 2>err.txt
+  local code=$?
+  set -e
+  check "exit 2 and '$message' for: $*" test "$code" -eq 2 -a -n "$(grep -F -- "$message" err.txt)"
+}
+"$gradfix" init --dims 784,16,5 --out five.safetensors >/dev/null
+"$gradfix" init --dims 100,10 --out small.safetensors >/dev/null
+expect_bad "labels go up to 9 but the model has 5 classes" eval --weights five.safetensors --data "$test_set"
+expect_bad "do not fit the model's input of 100 values" eval --weights small.safetensors --data "$test_set"
+expect_bad "fewer than the 2000 shots per class" signs --weights a_trained.safetensors --data "$test_set" --shots-per-class 2000 --out s.safetensors
+expect_bad "unknown architecture 'resnet'" init --arch resnet --dims 1,2 --out r.safetensors
+expect_bad "unknown --transform 'blur'" eval --weights a_trained.safetensors --data "$test_set" --transform blur
+"$gradfix" generate --shapes w=3x3 --out bare.safetensors >/dev/null
+expect_bad "no gradfix.arch" eval --weights bare.safetensors --data "$test_set"
+check "no output left by the failed signs" test ! -e s.safetensors
+
+"$gradfix" demo --quick --cache demo-cache --results demo.json >demo.log
+check "the quick demo prints the GradFix and baseline rows" grep -q "few-shot fine-tuning of B" demo.log
+check "the quick demo writes its results" test -s demo.json
+finish
