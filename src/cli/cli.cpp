@@ -362,7 +362,10 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
         ("quick", po::bool_switch(), "a tiny configuration (smoke test: a few thousand samples, one seed)")
         ("cache", po::value<std::string>()->default_value("out/demo"), "where trained models are cached")
         ("data-dir", po::value<std::string>()->default_value("/usr/share/datasets/fashion-mnist"), "Fashion-MNIST IDX files")
-        ("transform", po::value<std::string>()->default_value("invert"), "the task's input shift: invert|rotate90")
+        ("transform", po::value<std::string>()->default_value("rotate90"), "the task's input shift: rotate90|invert")
+        ("sign-mode", po::value<std::string>()->default_value("max"), "max|mean")
+        ("alphas", po::value<std::string>()->default_value("0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0"),
+         "alpha grid, searched on the support set (wider than transport's: the naive optimum lies past 1 here)")
         ("results", po::value<std::string>(), "results JSON to write");
   } else if (subcommand == "taskvector") {
     specific.add_options()
@@ -580,6 +583,9 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
   job.cache = values["cache"].as<std::string>();
   job.data_dir = values["data-dir"].as<std::string>();
   job.transform = values["transform"].as<std::string>();
+  job.sign_mode = values["sign-mode"].as<std::string>();
+  job.alphas = parse_alphas(values["alphas"].as<std::string>());
+  if (job.sign_mode != "max" && job.sign_mode != "mean") throw InputError("unknown --sign-mode '" + job.sign_mode + "'; valid: max|mean");
   if (values.count("results")) job.results = values["results"].as<std::string>();
   if (values["quick"].as<bool>()) {
     job.shots = {2};

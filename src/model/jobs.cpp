@@ -498,6 +498,8 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
       transport.shots_per_class = shots;
       transport.seed = seed;
       transport.support_size = job.support_size;
+      transport.sign_mode = job.sign_mode;
+      transport.alphas = job.alphas;
       for (const auto& row : transport_core(in, transport, context, out, nullptr)) {
         if (!by_method.count(row.method)) order.push_back(row.method);
         by_method[row.method].push_back(row);

@@ -89,7 +89,7 @@ struct DemoJob {
   std::string cache = "out/demo";
   std::vector<long long> shots = {1, 2, 5, 10};
   std::vector<std::uint64_t> seeds = {0, 1, 2};
-  std::string transform = "invert";
+  std::string transform = "rotate90";
   std::string data_dir = "/usr/share/datasets/fashion-mnist";
   std::string dims = "784,256,10";
   int pretrain_epochs = 3;
@@ -98,6 +98,8 @@ struct DemoJob {
   long long finetune_limit = 10000;
   long long test_limit = 0;
   long long support_size = 1000;
+  std::string sign_mode = "max";
+  std::vector<double> alphas;  // default: the transport default
   std::string results;  // demo results JSON
 };
 
