@@ -3,6 +3,8 @@
 // 2 for bad input, 3 for runtime failures. A failure that the other ranks do not know of (it
 // happened between two collective steps) removes this job's temporary files and ends every
 // rank with MPI_Abort, so nothing waits forever and nothing half-written is published.
+#include <unistd.h>
+
 #include <exception>
 #include <iostream>
 #include <memory>
@@ -30,9 +32,32 @@ int fail(gradfix::MpiRuntime& runtime, const std::string& message, int exit_code
   return exit_code;
 }
 
+#ifndef GRADFIX_TORCH_EXECUTABLE
+// The model subcommands run in gradfix-torch, beside this executable, which carries LibTorch.
+// Replacing this process before MPI starts keeps mpirun and srun launches working unchanged.
+void hand_model_subcommands_to_torch_executable(char** argv) {
+  if (argv[1] == nullptr) return;
+  const std::string subcommand = argv[1];
+  static const char* const kModelSubcommands[] = {"init", "train", "eval", "signs", "transport", "demo"};
+  bool model = false;
+  for (const char* name : kModelSubcommands) model = model || subcommand == name;
+  if (!model) return;
+  char self[4096] = {};
+  const ssize_t length = ::readlink("/proc/self/exe", self, sizeof self - 1);
+  if (length <= 0) return;
+  std::string path(self, static_cast<std::size_t>(length));
+  path = path.substr(0, path.find_last_of('/') + 1) + "gradfix-torch";
+  if (::access(path.c_str(), X_OK) != 0) return;  // no LibTorch part: the stubs say so
+  ::execv(path.c_str(), argv);
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
+#ifndef GRADFIX_TORCH_EXECUTABLE
+  hand_model_subcommands_to_torch_executable(argv);
+#endif
   std::unique_ptr<gradfix::MpiRuntime> runtime;
   try {
     runtime = std::make_unique<gradfix::MpiRuntime>(&argc, &argv);

@@ -7,8 +7,8 @@ namespace {
 
 [[noreturn]] void no_torch(const char* subcommand) {
   throw InputError(std::string("gradfix ") + subcommand +
-                   ": this gradfix was built without LibTorch; install it (Debian: libtorch-dev; elsewhere set "
-                   "Torch_DIR to an official LibTorch) and rebuild");
+                   ": this gradfix has no LibTorch part (gradfix-torch is not beside the gradfix executable); install "
+                   "LibTorch (Debian: libtorch-dev; elsewhere set Torch_DIR to an official LibTorch) and rebuild");
 }
 
 }  // namespace
