@@ -364,6 +364,7 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
         ("data-dir", po::value<std::string>()->default_value("/usr/share/datasets/fashion-mnist"), "Fashion-MNIST IDX files")
         ("transform", po::value<std::string>()->default_value("rotate90"), "the task's input shift: rotate90|invert")
         ("sign-mode", po::value<std::string>()->default_value("max"), "max|mean")
+        ("independent-init", po::bool_switch(), "initialise A and B with different seeds (default: one shared initialisation)")
         ("alphas", po::value<std::string>()->default_value("0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0"),
          "alpha grid, searched on the support set (wider than transport's: the naive optimum lies past 1 here)")
         ("results", po::value<std::string>(), "results JSON to write");
@@ -584,6 +585,7 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
   job.data_dir = values["data-dir"].as<std::string>();
   job.transform = values["transform"].as<std::string>();
   job.sign_mode = values["sign-mode"].as<std::string>();
+  job.independent_init = values["independent-init"].as<bool>();
   job.alphas = parse_alphas(values["alphas"].as<std::string>());
   if (job.sign_mode != "max" && job.sign_mode != "mean") throw InputError("unknown --sign-mode '" + job.sign_mode + "'; valid: max|mean");
   if (values.count("results")) job.results = values["results"].as<std::string>();

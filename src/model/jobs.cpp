@@ -438,7 +438,8 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
   const long long half = job.pretrain_limit > 0 ? job.pretrain_limit : full_train.size() / 2;
   // The cache key: a cached model is reused only when it was trained with the same settings.
   const std::string key = job.dims + "/" + std::to_string(job.pretrain_epochs) + "/" + std::to_string(half) + "/" +
-                          std::to_string(job.finetune_epochs) + "/" + std::to_string(job.finetune_limit) + "/" + job.transform;
+                          std::to_string(job.finetune_epochs) + "/" + std::to_string(job.finetune_limit) + "/" + job.transform +
+                          (job.independent_init ? "/independent" : "/shared");
   auto cached = [&](const std::string& name, const std::function<std::unique_ptr<Classifier>()>& make) {
     const std::string path = job.cache + "/" + name + ".safetensors";
     if (file_exists(path)) {
@@ -458,7 +459,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
   // different seeds on different halves of the training set. Independently initialised MLPs
   // would differ by a permutation of their hidden units, which no mask can undo (docs/demo.md).
   auto pretrain = [&](std::uint64_t seed, long long skip) {
-    auto model = make_classifier(architecture, 0);
+    auto model = make_classifier(architecture, job.independent_init ? seed : 0);
     Dataset data = load_data({train_spec, "none"}, skip, half);
     train_model(*model, data, job.pretrain_epochs, 1e-3, 128, seed, out, "pretrain seed " + std::to_string(seed));
     return model;

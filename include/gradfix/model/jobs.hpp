@@ -99,6 +99,7 @@ struct DemoJob {
   long long test_limit = 0;
   long long support_size = 1000;
   std::string sign_mode = "max";
+  bool independent_init = false;  // initialise A and B with different seeds
   std::vector<double> alphas;  // default: the transport default
   std::string results;  // demo results JSON
 };
