@@ -319,7 +319,8 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
         ("out", po::value<std::string>(), "weights file to write");
   } else if (subcommand == "train" || subcommand == "eval" || subcommand == "signs") {
     specific.add_options()
-        ("weights", po::value<std::string>(), "model weights (their metadata names the architecture)")
+        ("model", po::value<std::string>()->default_value("builtin"), "builtin (architecture from the weights' metadata) or torchscript:ARCHIVE")
+        ("weights", po::value<std::string>(), "model weights (for torchscript: optional, replacing the archive's parameters by name)")
         ("data", po::value<std::string>(), "dataset: FILE.h5 (inputs, labels), an IDX '*-images-idx3-ubyte[.gz]' file, or DIR:SPLIT")
         ("transform", po::value<std::string>()->default_value("none"), "input shift applied to the data: none|invert|rotate90");
     if (subcommand == "train")
@@ -340,6 +341,7 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
           ("out", po::value<std::string>(), "statistics file to write");
   } else if (subcommand == "transport") {
     specific.add_options()
+        ("model", po::value<std::string>()->default_value("builtin"), "builtin or torchscript:ARCHIVE (B's architecture)")
         ("target", po::value<std::string>(), "target model B (weights)")
         ("task-vector", po::value<std::string>(), "source task vector tau_A")
         ("source-base", po::value<std::string>(), "A_base, with --source-finetuned instead of --task-vector")
@@ -515,9 +517,11 @@ std::vector<double> parse_alphas(const std::string& text) {
 
 std::function<int()> prepare_model_subcommand(const std::string& subcommand, const po::variables_map& values, std::ostream& out,
                                               const JobContext& context, std::shared_ptr<Communicator> stats) {
-  auto wrap = [stats](std::function<void()> work) {
-    return std::function<int()>([stats, work] {
+  const bool report_memory = values["report-memory"].as<bool>();
+  auto wrap = [stats, report_memory, &out, context](std::function<void()> work) {
+    return std::function<int()>([stats, work, report_memory, &out, context] {
       work();
+      if (report_memory) print_peak_memory(context.host, out);
       return 0;
     });
   };
@@ -527,9 +531,15 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
                 require(values, "out", subcommand)};
     return wrap([job, &out] { run_init(job, out); });
   }
+  const std::string model_spec = values.count("model") ? values["model"].as<std::string>() : "builtin";
+  const bool torchscript = model_spec.rfind("torchscript:", 0) == 0;
+  auto weights = [&](const char* key) {
+    return torchscript && !values.count(key) ? std::string() : require(values, key, subcommand);
+  };
   if (subcommand == "train") {
     TrainJob job;
-    job.weights = require(values, "weights", subcommand);
+    job.model = model_spec;
+    job.weights = weights("weights");
     job.data = data_of("data");
     job.epochs = values["epochs"].as<int>();
     job.lr = values["lr"].as<double>();
@@ -543,12 +553,13 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
     return wrap([job, &out, context] { run_train(job, out, context); });
   }
   if (subcommand == "eval") {
-    EvalJob job{require(values, "weights", subcommand), data_of("data")};
+    EvalJob job{model_spec, weights("weights"), data_of("data")};
     return wrap([job, &out] { run_eval(job, out); });
   }
   if (subcommand == "signs") {
     SignsJob job;
-    job.weights = require(values, "weights", subcommand);
+    job.model = model_spec;
+    job.weights = weights("weights");
     job.data = data_of("data");
     job.shots_per_class = values["shots-per-class"].as<long long>();
     job.seed = values["seed"].as<unsigned long long>();
@@ -561,7 +572,8 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
   }
   if (subcommand == "transport") {
     TransportJob job;
-    job.target = require(values, "target", subcommand);
+    job.model = model_spec;
+    job.target = weights("target");
     if (values.count("task-vector")) job.task_vector = values["task-vector"].as<std::string>();
     if (values.count("source-base")) job.source_base = values["source-base"].as<std::string>();
     if (values.count("source-finetuned")) job.source_finetuned = values["source-finetuned"].as<std::string>();

@@ -1,5 +1,7 @@
 #include "classifier.hpp"
 
+#include <torch/script.h>
+
 #include <sstream>
 
 #include "gradfix/core/error.hpp"
@@ -78,7 +80,80 @@ class Mlp final : public Classifier, public torch::nn::Module {
   std::vector<torch::nn::Linear> layers_;
 };
 
+// A TorchScript module: forward is the archive's own; parameters keep the archive's names
+// (submodule path and parameter name joined by dots, as PyTorch's state_dict names them).
+// There is no fast vote path: votes take one backward pass per sample.
+class TorchScriptClassifier final : public Classifier {
+ public:
+  explicit TorchScriptClassifier(const std::string& archive) {
+    try {
+      module_ = torch::jit::load(archive);
+    } catch (const c10::Error& error) {
+      const std::string what = error.what();
+      throw InputError(archive + ": cannot load as a TorchScript archive: " + what.substr(0, what.find('\n')));
+    }
+    architecture_.name = "torchscript";
+    for (const auto& parameter : module_.named_parameters(true)) {
+      names_.push_back(parameter.name);
+      parameters_.push_back(parameter.value);
+      parameters_.back().requires_grad_(true);
+    }
+    if (names_.empty()) throw InputError(archive + ": the TorchScript module has no parameters");
+  }
+
+  torch::Tensor forward(const torch::Tensor& inputs) override {
+    torch::Tensor logits = module_.forward({inputs}).toTensor();
+    if (logits.dim() != 2) throw InputError("the TorchScript model returned a tensor of " + std::to_string(logits.dim()) + " dimensions; expected logits [N, classes]");
+    classes_ = logits.size(1);
+    return logits;
+  }
+  std::vector<std::pair<std::string, torch::Tensor>> parameters() override {
+    std::vector<std::pair<std::string, torch::Tensor>> named;
+    for (std::size_t i = 0; i < names_.size(); ++i) named.emplace_back(names_[i], parameters_[i]);
+    return named;
+  }
+  void to_dtype(torch::ScalarType type) override { module_.to(type); }
+  long long classes() const override { return classes_; }
+  long long input_size() const override { return -1; }
+  bool fast_votes(const torch::Tensor&, const torch::Tensor&, std::map<std::string, torch::Tensor>&) override { return false; }
+
+ private:
+  torch::jit::Module module_;
+  std::vector<std::string> names_;
+  std::vector<torch::Tensor> parameters_;
+  long long classes_ = -1;
+};
+
 }  // namespace
+
+std::unique_ptr<Classifier> load_model(const std::string& model, const std::string& weights) {
+  if (model.empty() || model == "builtin") {
+    if (weights.empty()) throw InputError("--weights is required for a built-in model");
+    return load_classifier(weights);
+  }
+  if (model.rfind("torchscript:", 0) != 0) throw InputError("unknown --model '" + model + "'; valid: builtin, torchscript:ARCHIVE");
+  auto classifier = std::make_unique<TorchScriptClassifier>(model.substr(12));
+  if (weights.empty()) return classifier;
+  const auto reader = open_reader(weights);
+  std::vector<std::string> missing;
+  std::map<std::string, std::vector<float>> values;
+  for (auto& [name, parameter] : classifier->parameters()) {
+    const TensorInfo* info = reader->find(name);
+    if (info == nullptr) {
+      missing.push_back(name);
+      continue;
+    }
+    const std::vector<long long> expected(parameter.sizes().begin(), parameter.sizes().end());
+    if (info->shape != expected)
+      throw InputError(weights + ": tensor '" + name + "': shape " + format_shape(info->shape) + " in the file, the TorchScript model's parameter is " + format_shape(expected));
+    values[name] = reader->read_f32(name);
+  }
+  if (!missing.empty())
+    throw InputError(weights + " lacks " + std::to_string(missing.size()) + " parameter(s) of the TorchScript model (names must match the module's named_parameters): " +
+                     format_name_list(missing));
+  set_parameter_values(*classifier, values);
+  return classifier;
+}
 
 Architecture parse_architecture(const std::string& name, const std::string& dims) {
   Architecture architecture;
@@ -100,12 +175,15 @@ Architecture architecture_of(const Metadata& metadata, const std::string& path) 
   const auto arch = metadata.find("gradfix.arch");
   if (arch == metadata.end())
     throw InputError(path + ": no gradfix.arch in the file's metadata; create weights with `gradfix init` or add it with the architecture's hyper-parameters");
+  if (arch->second == "torchscript")
+    throw InputError(path + ": weights of a TorchScript model; pass --model torchscript:ARCHIVE with them");
   const auto dims = metadata.find("gradfix." + arch->second + ".dims");
   if (dims == metadata.end()) throw InputError(path + ": metadata has gradfix.arch = " + arch->second + " but no gradfix." + arch->second + ".dims");
   return parse_architecture(arch->second, dims->second);
 }
 
 Metadata metadata_of(const Architecture& architecture) {
+  if (architecture.name == "torchscript") return {{"gradfix.arch", "torchscript"}};
   return {{"gradfix.arch", architecture.name}, {"gradfix." + architecture.name + ".dims", join(architecture.dims)}};
 }
 
@@ -182,8 +260,19 @@ torch::Tensor labels_tensor(const Dataset& data) {
   return torch::from_blob(const_cast<long long*>(data.labels.data()), {data.size()}, torch::kInt64).clone();
 }
 
-void check_compatible(const Classifier& model, const Dataset& data, const std::string& what) {
-  if (data.sample_size() != model.input_size())
+void check_compatible(Classifier& model, const Dataset& data, const std::string& what) {
+  if (model.input_size() < 0) {
+    // A TorchScript model states no input size: one forward pass on the first sample tells.
+    try {
+      torch::NoGradGuard no_grad;
+      model.forward(inputs_tensor(data.subset({0})));
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& error) {  // c10::Error, or the interpreter's JITException
+      const std::string text = error.what();
+      throw InputError(what + ": samples of shape " + format_shape(data.sample_shape) + " do not fit the TorchScript model: " + text.substr(0, text.find('\n')));
+    }
+  } else if (data.sample_size() != model.input_size())
     throw InputError(what + ": samples of shape " + format_shape(data.sample_shape) + " (" + std::to_string(data.sample_size()) +
                      " values) do not fit the model's input of " + std::to_string(model.input_size()) + " values");
   if (data.classes > model.classes())

@@ -51,6 +51,11 @@ std::unique_ptr<Classifier> make_classifier(const Architecture& architecture, st
 // Loads weights, checking names and shapes against the architecture; the error lists every
 // mismatch.
 std::unique_ptr<Classifier> load_classifier(const std::string& path);
+// A model given on the command line: `model` empty (or "builtin") takes the architecture from the
+// weights' metadata; "torchscript:ARCHIVE" loads a TorchScript archive exported from PyTorch,
+// whose parameters are then replaced by the weights file's tensors of the same names (all of
+// them must be there, with the same shapes). Without weights a TorchScript archive keeps its own.
+std::unique_ptr<Classifier> load_model(const std::string& model, const std::string& weights);
 void save_classifier(Classifier& model, const std::string& path, Metadata extra = {});
 
 // Copies of the parameters as fp32 vectors, and back.
@@ -60,7 +65,7 @@ void set_parameter_values(Classifier& model, const std::map<std::string, std::ve
 // Inputs of a dataset as a tensor [N, ...], labels [N].
 torch::Tensor inputs_tensor(const Dataset& data);
 torch::Tensor labels_tensor(const Dataset& data);
-void check_compatible(const Classifier& model, const Dataset& data, const std::string& what);
+void check_compatible(Classifier& model, const Dataset& data, const std::string& what);
 
 // Vote sums with one backward pass per sample: the generic reference.
 std::map<std::string, torch::Tensor> loop_votes(Classifier& model, const torch::Tensor& inputs, const torch::Tensor& labels);

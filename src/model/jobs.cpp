@@ -343,7 +343,7 @@ void run_init(const InitJob& job, std::ostream& log) {
 }
 
 void run_train(const TrainJob& job, std::ostream& log, const JobContext& context) {
-  auto model = load_classifier(job.weights);
+  auto model = load_model(job.model, job.weights);
   const Dataset data = load_data(job.data, job.skip, job.limit);
   check_compatible(*model, data, job.data.spec);
   std::ostringstream discard;
@@ -356,7 +356,7 @@ void run_train(const TrainJob& job, std::ostream& log, const JobContext& context
 }
 
 void run_eval(const EvalJob& job, std::ostream& log) {
-  auto model = load_classifier(job.weights);
+  auto model = load_model(job.model, job.weights);
   const Dataset data = load_data(job.data);
   check_compatible(*model, data, job.data.spec);
   const Evaluation result = evaluate(*model, data);
@@ -366,7 +366,7 @@ void run_eval(const EvalJob& job, std::ostream& log) {
 }
 
 void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
-  auto model = load_classifier(job.weights);
+  auto model = load_model(job.model, job.weights);
   const Dataset data = load_data(job.data);
   check_compatible(*model, data, job.data.spec);
   std::vector<long long> everything(static_cast<std::size_t>(data.size()));
@@ -391,7 +391,7 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
 
 std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {
   TransportInputs in;
-  auto model = load_classifier(job.target);
+  auto model = load_model(job.model, job.target);
   in.target = model.get();
   if (!job.task_vector.empty()) {
     in.tau = read_vectors(job.task_vector, *model);

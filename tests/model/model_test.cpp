@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include <torch/script.h>
+
 #include "../../src/model/classifier.hpp"
 #include "../support/test_files.hpp"
 #include "gradfix/core/error.hpp"
@@ -130,6 +132,82 @@ TEST(Mlp, CheckpointsRoundTripAndDescribeThemselves) {
     EXPECT_NE(std::string(error.what()).find("[3, 7]"), std::string::npos) << error.what();
   }
   EXPECT_THROW(parse_architecture("resnet", "1,2"), InputError);
+}
+
+// A TorchScript archive made here (as torch.jit.script would export one): an MLP 20-8-5 whose
+// parameters are fc1.weight, fc1.bias, fc2.weight, fc2.bias.
+std::string make_archive(const TempDir& dir, Classifier& twin) {
+  torch::jit::Module net("Net");
+  const auto values = twin.parameters();
+  for (int layer = 0; layer < 2; ++layer) {
+    torch::jit::Module fc("Linear" + std::to_string(layer));
+    fc.register_parameter("weight", values[static_cast<std::size_t>(2 * layer)].second.detach().clone(), false);
+    fc.register_parameter("bias", values[static_cast<std::size_t>(2 * layer + 1)].second.detach().clone(), false);
+    fc.define("def forward(self, x):\n    return torch.matmul(x, self.weight.t()) + self.bias\n");
+    net.register_module("fc" + std::to_string(layer + 1), fc);
+  }
+  net.define("def forward(self, x):\n    return self.fc2.forward(torch.relu(self.fc1.forward(x.flatten(1))))\n");
+  const std::string path = dir.file("net.pt");
+  net.save(path);
+  return path;
+}
+
+TEST(TorchScript, ForwardAndVotesMatchTheBuiltInTwin) {
+  TempDir dir;
+  auto twin = make_classifier(parse_architecture("mlp", "20,8,5"), 7);
+  const std::string archive = make_archive(dir, *twin);
+  auto scripted = load_model("torchscript:" + archive, "");
+  std::vector<std::string> names;
+  for (auto& [name, parameter] : scripted->parameters()) names.push_back(name);
+  EXPECT_EQ(names, (std::vector<std::string>{"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}));
+  torch::manual_seed(8);
+  const torch::Tensor inputs = torch::randn({32, 20}), labels = torch::randint(0, 5, {32}, torch::kInt64);
+  EXPECT_TRUE(torch::allclose(scripted->forward(inputs), twin->forward(inputs), 1e-5, 1e-6));
+  EXPECT_EQ(scripted->classes(), 5);
+  std::map<std::string, torch::Tensor> fast;
+  ASSERT_TRUE(twin->fast_votes(inputs, labels, fast));
+  EXPECT_FALSE(scripted->fast_votes(inputs, labels, fast));
+  const auto loop = loop_votes(*scripted, inputs, labels);
+  EXPECT_TRUE(torch::equal(loop.at("fc1.weight"), fast.at("layers.0.weight")));
+  EXPECT_TRUE(torch::equal(loop.at("fc2.bias"), fast.at("layers.1.bias")));
+}
+
+TEST(TorchScript, WeightsReplaceParametersByNameAndMismatchesAreListed) {
+  TempDir dir;
+  auto twin = make_classifier(parse_architecture("mlp", "20,8,5"), 7);
+  const std::string archive = make_archive(dir, *twin);
+  {
+    std::vector<TensorInfo> layout = {{"fc1.weight", DType::kF32, {8, 20}}, {"fc1.bias", DType::kF32, {8}},
+                                      {"fc2.weight", DType::kF32, {5, 8}}, {"fc2.bias", DType::kF32, {5}}};
+    auto writer = open_writer(dir.file("w.safetensors"), layout, {});
+    for (const auto& tensor : layout) {
+      std::vector<float> values(static_cast<std::size_t>(tensor.numel()), 0.5f);
+      writer->write_f32(tensor.name, 0, values.data(), tensor.numel());
+    }
+    writer->commit();
+  }
+  auto loaded = load_model("torchscript:" + archive, dir.file("w.safetensors"));
+  for (auto& [name, parameter] : loaded->parameters()) EXPECT_TRUE(parameter.eq(0.5).all().item<bool>()) << name;
+  // Weights named like the built-in MLP do not fit the archive's names: every missing one is listed.
+  save_classifier(*twin, dir.file("mlp.safetensors"));
+  try {
+    load_model("torchscript:" + archive, dir.file("mlp.safetensors"));
+    FAIL();
+  } catch (const InputError& error) {
+    EXPECT_NE(std::string(error.what()).find("lacks 4 parameter(s)"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("'fc1.weight'"), std::string::npos) << error.what();
+  }
+  testing::write_bytes(dir.file("junk.pt"), "not a zip archive");
+  EXPECT_THROW(load_model("torchscript:" + dir.file("junk.pt"), ""), InputError);
+  EXPECT_THROW(load_model("onnx:" + archive, ""), InputError);
+  // A sample shape the archive cannot take is an input error naming the shape.
+  Dataset wrong;
+  wrong.sample_shape = {3};
+  wrong.inputs = {1, 2, 3};
+  wrong.labels = {0};
+  wrong.classes = 1;
+  auto scripted = load_model("torchscript:" + archive, "");
+  EXPECT_THROW(check_compatible(*scripted, wrong, "wrong.h5"), InputError);
 }
 
 TEST(AlphaSearch, PicksTheBestSupportAccuracyAndTheSmallestOnTies) {

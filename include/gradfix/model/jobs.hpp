@@ -29,6 +29,7 @@ struct InitJob {
 };
 
 struct TrainJob {
+  std::string model;  // empty: built-in from the weights' metadata; torchscript:ARCHIVE
   std::string weights;
   DataOptions data;
   long long limit = 0;  // use only the first N samples (0: all)
@@ -41,11 +42,13 @@ struct TrainJob {
 };
 
 struct EvalJob {
+  std::string model;
   std::string weights;
   DataOptions data;
 };
 
 struct SignsJob {
+  std::string model;
   std::string weights;
   DataOptions data;
   long long shots_per_class = 5;
@@ -56,6 +59,7 @@ struct SignsJob {
 };
 
 struct TransportJob {
+  std::string model;              // empty: built-in; torchscript:ARCHIVE
   std::string target;             // B_base weights
   std::string task_vector;        // tau_A (or source_base + source_finetuned)
   std::string source_base;

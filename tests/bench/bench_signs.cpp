@@ -1,0 +1,62 @@
+// `signs --sign-mode max` cost per sample: the fast path (one batched backward pass, per-sample
+// signs from captured inputs and output gradients) against one backward pass per sample,
+// measured in the same run, for each built-in architecture at 16, 64 and 256 samples. Prints a
+// table and writes a JSON copy.
+//   build/gradfix_bench_signs [--json bench_signs.json]
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "../../src/model/classifier.hpp"
+
+namespace {
+
+template <typename Work>
+double best_seconds(Work work, int repeats) {
+  double best = 1e30;
+  for (int r = 0; r < repeats; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    work();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string json_path = "bench_signs.json";
+  for (int i = 1; i + 1 < argc; i += 2)
+    if (std::string(argv[i]) == "--json") json_path = argv[i + 1];
+  struct Case {
+    const char* arch;
+    const char* dims;
+    std::vector<int64_t> sample_shape;
+  };
+  const Case cases[] = {{"mlp", "784,256,10", {28, 28}}};
+  nlohmann::json rows = nlohmann::json::array();
+  std::printf("# gradfix bench_signs: vote sums, fast path vs one backward pass per sample (same run), %d threads\n",
+              torch::get_num_threads());
+  std::printf("# %6s %12s %8s %14s %14s %10s\n", "arch", "dims", "samples", "fast(ms/smp)", "loop(ms/smp)", "speed-up");
+  for (const auto& c : cases) {
+    auto model = gradfix::make_classifier(gradfix::parse_architecture(c.arch, c.dims), 1);
+    for (int64_t samples : {16, 64, 256}) {
+      std::vector<int64_t> shape = {samples};
+      shape.insert(shape.end(), c.sample_shape.begin(), c.sample_shape.end());
+      torch::manual_seed(samples);
+      const torch::Tensor inputs = torch::rand(shape), labels = torch::randint(0, model->classes(), {samples}, torch::kInt64);
+      std::map<std::string, torch::Tensor> votes;
+      const double fast = best_seconds([&] { model->fast_votes(inputs, labels, votes); }, 5);
+      const double loop = best_seconds([&] { gradfix::loop_votes(*model, inputs, labels); }, samples >= 256 ? 1 : 3);
+      const double per_fast = 1e3 * fast / static_cast<double>(samples), per_loop = 1e3 * loop / static_cast<double>(samples);
+      std::printf("  %6s %12s %8lld %14.4f %14.4f %10.1f\n", c.arch, c.dims, static_cast<long long>(samples), per_fast, per_loop, loop / fast);
+      rows.push_back({{"arch", c.arch}, {"dims", c.dims}, {"samples", samples}, {"fast_ms_per_sample", per_fast},
+                      {"loop_ms_per_sample", per_loop}, {"speedup", loop / fast}});
+    }
+  }
+  std::ofstream(json_path) << nlohmann::json{{"benchmark", "bench_signs"}, {"rows", rows}}.dump(2) << "\n";
+  std::printf("# JSON copy: %s\n", json_path.c_str());
+  return 0;
+}
