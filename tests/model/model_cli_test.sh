@@ -35,6 +35,19 @@ mpirun "${mpirun_flags[@]}" -np 3 "$gradfix" signs --weights a_trained.safetenso
   --out fast3.safetensors >/dev/null
 check "votes from 3 ranks are byte-identical to 1 rank" cmp -s fast.safetensors fast3.safetensors
 
+# The CNN: its fast votes (batched per-sample products of unfolded patches) against the loop.
+"$gradfix" init --arch cnn --dims 1,28,28,4,8,10 --seed 1 --out cnn.safetensors >/dev/null
+"$gradfix" train --weights cnn.safetensors --data "$train_set" --limit 1000 --seed 1 --out cnn_trained.safetensors >/dev/null
+"$gradfix" signs --weights cnn_trained.safetensors --data "$test_set" --shots-per-class 3 --seed 5 --out cnn_fast.safetensors >/dev/null
+"$gradfix" signs --weights cnn_trained.safetensors --data "$test_set" --shots-per-class 3 --seed 5 --method loop --out cnn_loop.safetensors >/dev/null
+"$gradfix" inspect cnn_fast.safetensors cnn_loop.safetensors --json cnn_cmp.json >/dev/null
+check "cnn fast and loop votes agree on at least 99.99% of entries" python3 -c "
+import json; agreement = json.load(open('cnn_cmp.json'))['overall']['sign_agreement']
+assert agreement >= 0.9999, agreement"
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" signs --weights cnn_trained.safetensors --data "$test_set" --shots-per-class 3 --seed 5 \
+  --out cnn_fast2.safetensors >/dev/null
+check "cnn votes from 2 ranks are byte-identical to 1 rank" cmp -s cnn_fast.safetensors cnn_fast2.safetensors
+
 # Transport, constructed: the task vector is tau_B itself, so the naive row must pick alpha = 1
 # (B + tau_B = B_ft) and match the fine-tuned model.
 "$gradfix" train --weights a_trained.safetensors --data "$train_set" --transform invert --limit 2000 --epochs 2 --seed 2 \

@@ -21,13 +21,24 @@ torch::Tensor summed_loss(Classifier& model, const torch::Tensor& inputs, const 
                                               torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
 }
 
-TEST(Mlp, GradientsMatchFiniteDifferences) {
+class BuiltIn : public ::testing::TestWithParam<std::pair<std::string, std::string>> {};
+
+// Each architecture with the sample shape its dims describe.
+std::vector<int64_t> sample_shape(const Architecture& architecture) {
+  if (architecture.name == "cnn") return {architecture.dims[0], architecture.dims[1], architecture.dims[2]};
+  return {architecture.dims[0]};
+}
+
+TEST_P(BuiltIn, GradientsMatchFiniteDifferences) {
   // In float64, so that central differences are accurate to ~1e-9 and a step of 1e-6 almost
-  // never crosses a ReLU kink.
-  auto model = make_classifier(parse_architecture("mlp", "6,5,4,3"), 3);
+  // never crosses a ReLU (or max-pooling) kink.
+  const Architecture architecture = parse_architecture(GetParam().first, GetParam().second);
+  auto model = make_classifier(architecture, 3);
   model->to_dtype(torch::kFloat64);
   torch::manual_seed(4);
-  const torch::Tensor inputs = torch::randn({4, 6}, torch::kFloat64), labels = torch::tensor({0, 2, 1, 2}, torch::kInt64);
+  std::vector<int64_t> shape = {4};
+  for (int64_t dim : sample_shape(architecture)) shape.push_back(dim);
+  const torch::Tensor inputs = torch::randn(shape, torch::kFloat64), labels = torch::tensor({0, 2, 1, 2}, torch::kInt64);
   std::vector<torch::Tensor> parameters;
   for (auto& [name, parameter] : model->parameters()) parameters.push_back(parameter);
   const auto grads = torch::autograd::grad({summed_loss(*model, inputs, labels)}, parameters);
@@ -50,16 +61,21 @@ TEST(Mlp, GradientsMatchFiniteDifferences) {
       ++checked;
     }
   }
-  EXPECT_EQ(checked, 6 * 5 + 5 + 5 * 4 + 4 + 4 * 3 + 3);
+  long long expected = 0;
+  for (auto& [name, parameter] : model->parameters()) expected += parameter.numel();
+  EXPECT_EQ(checked, expected);
 }
 
 // The vote sums of the one-pass fast path equal those of one backward pass per sample, except
 // where a per-sample gradient is within rounding error of zero (then its sign is arbitrary).
-TEST(Mlp, FastVotesEqualThePerSampleLoop) {
+TEST_P(BuiltIn, FastVotesEqualThePerSampleLoop) {
+  const Architecture architecture = parse_architecture(GetParam().first, GetParam().second);
   for (std::uint64_t seed : {1, 2, 3}) {
-    auto model = make_classifier(parse_architecture("mlp", "20,16,8,5"), seed);
+    auto model = make_classifier(architecture, seed);
     torch::manual_seed(seed + 100);
-    const torch::Tensor inputs = torch::randn({64, 20}), labels = torch::randint(0, 5, {64}, torch::kInt64);
+    std::vector<int64_t> shape = {64};
+    for (int64_t dim : sample_shape(architecture)) shape.push_back(dim);
+    const torch::Tensor inputs = torch::randn(shape), labels = torch::randint(0, model->classes(), {64}, torch::kInt64);
     std::map<std::string, torch::Tensor> fast;
     ASSERT_TRUE(model->fast_votes(inputs, labels, fast));
     const auto loop = loop_votes(*model, inputs, labels);
@@ -95,6 +111,11 @@ TEST(Mlp, FastVotesEqualThePerSampleLoop) {
     }
   }
 }
+
+// Small sizes: finite differences visit every parameter.
+INSTANTIATE_TEST_SUITE_P(Architectures, BuiltIn,
+                         ::testing::Values(std::make_pair(std::string("mlp"), std::string("6,5,4,3")),
+                                           std::make_pair(std::string("cnn"), std::string("2,6,6,3,4,3"))));
 
 TEST(Mlp, CheckpointsRoundTripAndDescribeThemselves) {
   TempDir dir;
