@@ -221,24 +221,8 @@ std::unique_ptr<Classifier> load_model(const std::string& model, const std::stri
   if (model.rfind("torchscript:", 0) != 0) throw InputError("unknown --model '" + model + "'; valid: builtin, torchscript:ARCHIVE");
   auto classifier = std::make_unique<TorchScriptClassifier>(model.substr(12));
   if (weights.empty()) return classifier;
-  const auto reader = open_reader(weights);
-  std::vector<std::string> missing;
-  std::map<std::string, std::vector<float>> values;
-  for (auto& [name, parameter] : classifier->parameters()) {
-    const TensorInfo* info = reader->find(name);
-    if (info == nullptr) {
-      missing.push_back(name);
-      continue;
-    }
-    const std::vector<long long> expected(parameter.sizes().begin(), parameter.sizes().end());
-    if (info->shape != expected)
-      throw InputError(weights + ": tensor '" + name + "': shape " + format_shape(info->shape) + " in the file, the TorchScript model's parameter is " + format_shape(expected));
-    values[name] = reader->read_f32(name);
-  }
-  if (!missing.empty())
-    throw InputError(weights + " lacks " + std::to_string(missing.size()) + " parameter(s) of the TorchScript model (names must match the module's named_parameters): " +
-                     format_name_list(missing));
-  set_parameter_values(*classifier, values);
+  // Names must match the module's named_parameters().
+  set_parameter_values(*classifier, read_parameters(*classifier, weights, "the TorchScript model"));
   return classifier;
 }
 
@@ -287,29 +271,30 @@ std::unique_ptr<Classifier> make_classifier(const Architecture& architecture, st
   return std::make_unique<Mlp>(architecture);
 }
 
-std::unique_ptr<Classifier> load_classifier(const std::string& path) {
+std::map<std::string, std::vector<float>> read_parameters(Classifier& model, const std::string& path, const std::string& whose) {
   const auto reader = open_reader(path);
-  auto model = make_classifier(architecture_of(reader->metadata(), path), 0);
   std::vector<std::string> missing;
-  std::string shapes;
   std::map<std::string, std::vector<float>> values;
-  for (auto& [name, parameter] : model->parameters()) {
+  for (auto& [name, parameter] : model.parameters()) {
     const TensorInfo* info = reader->find(name);
     if (info == nullptr) {
       missing.push_back(name);
       continue;
     }
     const std::vector<long long> expected(parameter.sizes().begin(), parameter.sizes().end());
-    if (info->shape != expected) {
-      if (shapes.empty())
-        shapes = path + ": tensor '" + name + "': shape " + format_shape(info->shape) + " in the file, the architecture needs " + format_shape(expected);
-      continue;
-    }
+    if (info->shape != expected)
+      throw InputError(path + ": tensor '" + name + "': shape " + format_shape(info->shape) + " in the file, " + whose + " needs " +
+                       format_shape(expected));
     values[name] = reader->read_f32(name);
   }
-  if (!missing.empty()) throw InputError(path + " lacks " + std::to_string(missing.size()) + " parameter(s) of its architecture: " + format_name_list(missing));
-  if (!shapes.empty()) throw InputError(shapes);
-  set_parameter_values(*model, values);
+  if (!missing.empty())
+    throw InputError(path + " lacks " + std::to_string(missing.size()) + " parameter(s) of " + whose + ": " + format_name_list(missing));
+  return values;
+}
+
+std::unique_ptr<Classifier> load_classifier(const std::string& path) {
+  auto model = make_classifier(architecture_of(open_reader(path)->metadata(), path), 0);
+  set_parameter_values(*model, read_parameters(*model, path, "the architecture"));
   return model;
 }
 

@@ -126,28 +126,7 @@ Vectors difference(const Vectors& a, const Vectors& b) {
   return out;
 }
 
-Vectors read_vectors(const std::string& path, Classifier& model) {
-  const auto reader = open_reader(path);
-  Vectors values;
-  std::vector<std::string> missing;
-  for (auto& [name, parameter] : model.parameters()) {
-    const TensorInfo* info = reader->find(name);
-    if (info == nullptr) {
-      missing.push_back(name);
-      continue;
-    }
-    if (info->numel() != parameter.numel())
-      throw InputError(path + ": tensor '" + name + "' has " + std::to_string(info->numel()) + " elements, the model's parameter " + std::to_string(parameter.numel()));
-    values[name] = reader->read_f32(name);
-  }
-  if (!missing.empty()) throw InputError(path + " lacks " + std::to_string(missing.size()) + " of the model's parameters: " + format_name_list(missing));
-  return values;
-}
-
-struct Candidate {
-  double alpha = 0.0;
-  double support_accuracy = 0.0;
-};
+Vectors read_vectors(const std::string& path, Classifier& model) { return read_parameters(model, path, "the model"); }
 
 // B + alpha * vector for each alpha, evaluated on the support set; returns the chosen alpha.
 double choose_alpha(Classifier& model, const Vectors& base, const Vectors& vector, const std::vector<double>& alphas,
