@@ -35,11 +35,12 @@ int main(int argc, char** argv) {
     const char* dims;
     std::vector<int64_t> sample_shape;
   };
-  const Case cases[] = {{"mlp", "784,256,10", {28, 28}}, {"cnn", "1,28,28,16,32,10", {1, 28, 28}}};
+  const Case cases[] = {{"mlp", "784,256,10", {28, 28}}, {"cnn", "1,28,28,16,32,10", {1, 28, 28}},
+                        {"vit", "1,28,28,7,64,2,4,128,10", {1, 28, 28}}};
   nlohmann::json rows = nlohmann::json::array();
   std::printf("# gradfix bench_signs: vote sums, fast path vs one backward pass per sample (same run), %d threads\n",
               torch::get_num_threads());
-  std::printf("# %6s %18s %8s %14s %14s %10s\n", "arch", "dims", "samples", "fast(ms/smp)", "loop(ms/smp)", "speed-up");
+  std::printf("# %6s %24s %8s %14s %14s %10s\n", "arch", "dims", "samples", "fast(ms/smp)", "loop(ms/smp)", "speed-up");
   for (const auto& c : cases) {
     auto model = gradfix::make_classifier(gradfix::parse_architecture(c.arch, c.dims), 1);
     for (int64_t samples : {16, 64, 256}) {
@@ -51,7 +52,7 @@ int main(int argc, char** argv) {
       const double fast = best_seconds([&] { model->fast_votes(inputs, labels, votes); }, 10);
       const double loop = best_seconds([&] { gradfix::loop_votes(*model, inputs, labels); }, 3);
       const double per_fast = 1e3 * fast / static_cast<double>(samples), per_loop = 1e3 * loop / static_cast<double>(samples);
-      std::printf("  %6s %18s %8lld %14.4f %14.4f %10.1f\n", c.arch, c.dims, static_cast<long long>(samples), per_fast, per_loop, loop / fast);
+      std::printf("  %6s %24s %8lld %14.4f %14.4f %10.1f\n", c.arch, c.dims, static_cast<long long>(samples), per_fast, per_loop, loop / fast);
       rows.push_back({{"arch", c.arch}, {"dims", c.dims}, {"samples", samples}, {"fast_ms_per_sample", per_fast},
                       {"loop_ms_per_sample", per_loop}, {"speedup", loop / fast}});
     }

@@ -48,6 +48,23 @@ mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" signs --weights cnn_trained.safeten
   --out cnn_fast2.safetensors >/dev/null
 check "cnn votes from 2 ranks are byte-identical to 1 rank" cmp -s cnn_fast.safetensors cnn_fast2.safetensors
 
+# The ViT on real images: trains, and its fast votes agree with the loop.
+"$gradfix" init --arch vit --dims 1,28,28,7,16,1,2,32,10 --seed 1 --out vit.safetensors >/dev/null
+"$gradfix" train --weights vit.safetensors --data "$train_set" --limit 500 --seed 1 --out vit_trained.safetensors >/dev/null
+"$gradfix" signs --weights vit_trained.safetensors --data "$test_set" --shots-per-class 2 --seed 5 --out vit_fast.safetensors >/dev/null
+"$gradfix" signs --weights vit_trained.safetensors --data "$test_set" --shots-per-class 2 --seed 5 --method loop --out vit_loop.safetensors >/dev/null
+"$gradfix" inspect vit_fast.safetensors vit_loop.safetensors --json vit_cmp.json >/dev/null
+# The key third of qkv.bias has a gradient of exactly zero in exact arithmetic (adding a constant
+# to every key's score leaves the softmax unchanged), so its sign is rounding noise in both paths;
+# every other entry must agree.
+check "vit fast and loop votes agree on every entry with a non-zero gradient" python3 -c "
+import json
+for tensor in json.load(open('vit_cmp.json'))['tensors']:
+    if tensor['name'].endswith('attn.qkv.bias'):
+        assert tensor['sign_agreement'] >= 2 / 3, tensor
+    else:
+        assert tensor['sign_agreement'] >= 0.9999, tensor"
+
 # Transport, constructed: the task vector is tau_B itself, so the naive row must pick alpha = 1
 # (B + tau_B = B_ft) and match the fine-tuned model.
 "$gradfix" train --weights a_trained.safetensors --data "$train_set" --transform invert --limit 2000 --epochs 2 --seed 2 \

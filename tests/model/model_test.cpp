@@ -25,7 +25,7 @@ class BuiltIn : public ::testing::TestWithParam<std::pair<std::string, std::stri
 
 // Each architecture with the sample shape its dims describe.
 std::vector<int64_t> sample_shape(const Architecture& architecture) {
-  if (architecture.name == "cnn") return {architecture.dims[0], architecture.dims[1], architecture.dims[2]};
+  if (architecture.name == "cnn" || architecture.name == "vit") return {architecture.dims[0], architecture.dims[1], architecture.dims[2]};
   return {architecture.dims[0]};
 }
 
@@ -115,7 +115,8 @@ TEST_P(BuiltIn, FastVotesEqualThePerSampleLoop) {
 // Small sizes: finite differences visit every parameter.
 INSTANTIATE_TEST_SUITE_P(Architectures, BuiltIn,
                          ::testing::Values(std::make_pair(std::string("mlp"), std::string("6,5,4,3")),
-                                           std::make_pair(std::string("cnn"), std::string("2,6,6,3,4,3"))));
+                                           std::make_pair(std::string("cnn"), std::string("2,6,6,3,4,3")),
+                                           std::make_pair(std::string("vit"), std::string("1,4,4,2,4,2,2,6,3"))));
 
 TEST(Mlp, CheckpointsRoundTripAndDescribeThemselves) {
   TempDir dir;
