@@ -335,6 +335,9 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
     if (subcommand == "signs")
       specific.add_options()
           ("shots-per-class", po::value<long long>()->default_value(5), "K labelled samples per class, drawn with --seed")
+          ("indices", po::value<std::string>(), "use exactly these samples: a file of indices (instead of --shots-per-class)")
+          ("num-batches", po::value<long long>()->default_value(0), "use the first N batches of a seeded shuffle (instead of --shots-per-class)")
+          ("batch-size", po::value<long long>()->default_value(32), "batch size for --num-batches")
           ("seed", po::value<unsigned long long>()->default_value(0), "sampling seed")
           ("sign-mode", po::value<std::string>()->default_value("max"), "max: per-sample vote counts; mean: summed -gradients")
           ("method", po::value<std::string>()->default_value("fast"), "fast: one batched backward pass; loop: one backward per sample")
@@ -351,6 +354,9 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
         ("test-data", po::value<std::string>(), "test set, read only for the final evaluation")
         ("transform", po::value<std::string>()->default_value("none"), "input shift of the task: none|invert|rotate90")
         ("shots-per-class", po::value<long long>()->default_value(5), "K")
+        ("indices", po::value<std::string>(), "the shots as a file of pool indices (instead of --shots-per-class)")
+        ("num-batches", po::value<long long>()->default_value(0), "the shots as the first N batches of a seeded shuffle of the pool")
+        ("batch-size", po::value<long long>()->default_value(32), "batch size for --num-batches")
         ("support-size", po::value<long long>()->default_value(1000), "support samples for choosing alpha (disjoint from the shots)")
         ("seed", po::value<unsigned long long>()->default_value(0), "sampling seed")
         ("sign-mode", po::value<std::string>()->default_value("max"), "max|mean")
@@ -536,6 +542,14 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
   auto weights = [&](const char* key) {
     return torchscript && !values.count(key) ? std::string() : require(values, key, subcommand);
   };
+  auto selection_of = [&] {
+    ShotSelection selection;
+    if (values.count("indices")) selection.indices_file = values["indices"].as<std::string>();
+    selection.num_batches = values["num-batches"].as<long long>();
+    selection.batch_size = values["batch-size"].as<long long>();
+    if (!selection.indices_file.empty() && selection.num_batches > 0) throw InputError("give --indices or --num-batches, not both");
+    return selection;
+  };
   if (subcommand == "train") {
     TrainJob job;
     job.model = model_spec;
@@ -562,6 +576,7 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
     job.weights = weights("weights");
     job.data = data_of("data");
     job.shots_per_class = values["shots-per-class"].as<long long>();
+    job.selection = selection_of();
     job.seed = values["seed"].as<unsigned long long>();
     job.sign_mode = values["sign-mode"].as<std::string>();
     job.method = values["method"].as<std::string>();
@@ -581,6 +596,7 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
     job.data = data_of("data");
     job.test = data_of("test-data");
     job.shots_per_class = values["shots-per-class"].as<long long>();
+    job.selection = selection_of();
     job.support_size = values["support-size"].as<long long>();
     job.seed = values["seed"].as<unsigned long long>();
     job.sign_mode = values["sign-mode"].as<std::string>();

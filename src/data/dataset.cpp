@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cstring>
 #include <random>
+#include <fstream>
 #include <set>
+#include <sstream>
 
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
@@ -238,6 +240,41 @@ std::vector<long long> sample_per_class(const std::vector<long long>& labels, co
     const auto order = shuffled_indices(static_cast<long long>(members.size()), seed * 1000003 + static_cast<std::uint64_t>(c));
     for (long long k = 0; k < per_class; ++k) chosen.push_back(members[static_cast<std::size_t>(order[static_cast<std::size_t>(k)])]);
   }
+  return chosen;
+}
+
+std::vector<long long> read_indices(const std::string& path, long long n) {
+  std::ifstream file(path);
+  if (!file) throw InputError(path + ": cannot open the indices file");
+  std::vector<long long> indices;
+  std::set<long long> seen;
+  std::string token;
+  while (file >> token) {
+    std::stringstream parts(token);
+    std::string part;
+    while (std::getline(parts, part, ',')) {
+      if (part.empty()) continue;
+      if (part.find_first_not_of("0123456789") != std::string::npos)
+        throw InputError(path + ": '" + part + "' is not a sample index");
+      const long long index = std::stoll(part);
+      if (index >= n) throw InputError(path + ": index " + std::to_string(index) + " is outside the " + std::to_string(n) + " samples");
+      if (!seen.insert(index).second) throw InputError(path + ": index " + std::to_string(index) + " appears twice");
+      indices.push_back(index);
+    }
+  }
+  if (indices.empty()) throw InputError(path + ": no indices");
+  return indices;
+}
+
+std::vector<long long> first_batches(const std::vector<long long>& pool, long long batches, long long batch_size, std::uint64_t seed) {
+  if (batches < 1 || batch_size < 1) throw InputError("--num-batches and --batch-size must be positive");
+  const long long wanted = batches * batch_size;
+  if (wanted > static_cast<long long>(pool.size()))
+    throw InputError(std::to_string(batches) + " batches of " + std::to_string(batch_size) + " need " + std::to_string(wanted) +
+                     " samples, the pool has " + std::to_string(pool.size()));
+  const auto order = shuffled_indices(static_cast<long long>(pool.size()), seed);
+  std::vector<long long> chosen;
+  for (long long i = 0; i < wanted; ++i) chosen.push_back(pool[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])]);
   return chosen;
 }
 

@@ -157,6 +157,14 @@ Evaluation evaluate_with(Classifier& model, const Vectors& base, const Vectors& 
   return result;
 }
 
+// The shots: an indices file, the first batches of a shuffle, or K per class.
+std::vector<long long> choose_shots(const Dataset& data, const std::vector<long long>& pool, long long classes,
+                                    const ShotSelection& selection, long long per_class, std::uint64_t seed) {
+  if (!selection.indices_file.empty()) return read_indices(selection.indices_file, data.size());
+  if (selection.num_batches > 0) return first_batches(pool, selection.num_batches, selection.batch_size, seed);
+  return sample_per_class(data.labels, pool, classes, per_class, seed);
+}
+
 struct TransportInputs {
   Classifier* target = nullptr;
   Vectors tau;
@@ -174,7 +182,7 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
   const Vectors base = parameter_values(model);
   std::vector<long long> everything(static_cast<std::size_t>(in.pool.size()));
   for (long long i = 0; i < in.pool.size(); ++i) everything[static_cast<std::size_t>(i)] = i;
-  const auto shot_indices = sample_per_class(in.pool.labels, everything, model.classes(), job.shots_per_class, job.seed);
+  const auto shot_indices = choose_shots(in.pool, everything, model.classes(), job.selection, job.shots_per_class, job.seed);
   auto rest = complement(in.pool.size(), shot_indices);
   const auto order = shuffled_indices(static_cast<long long>(rest.size()), job.seed + 17);
   std::vector<long long> support_indices;
@@ -350,7 +358,7 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
   check_compatible(*model, data, job.data.spec);
   std::vector<long long> everything(static_cast<std::size_t>(data.size()));
   for (long long i = 0; i < data.size(); ++i) everything[static_cast<std::size_t>(i)] = i;
-  Dataset shots = data.subset(sample_per_class(data.labels, everything, model->classes(), job.shots_per_class, job.seed));
+  Dataset shots = data.subset(choose_shots(data, everything, model->classes(), job.selection, job.shots_per_class, job.seed));
   shots.classes = data.classes;
   const Vectors statistics = descent_statistics(*model, shots, job.sign_mode, job.method, context);
   if (rank_of(context) != 0) return;
@@ -364,7 +372,7 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
   auto writer = open_writer(job.out, layout, metadata);
   for (const auto& tensor : layout) writer->write_f32(tensor.name, 0, statistics.at(tensor.name).data(), tensor.numel());
   writer->commit();
-  log << "signs " << job.sign_mode << ": " << shots.size() << " samples (" << job.shots_per_class << " per class), "
+  log << "signs " << job.sign_mode << ": " << shots.size() << " samples, "
       << layout.size() << " tensors as " << dtype_name(dtype) << ", written to " << job.out << "\n";
 }
 

@@ -112,6 +112,24 @@ TEST(Dataset, ShotsPerClassAreBalancedSeededAndChecked) {
   EXPECT_THROW(sample_per_class(labels, pool, 3, 1, 1), InputError);  // label 3 outside 3 classes
 }
 
+TEST(Dataset, IndicesFilesAndFirstBatches) {
+  TempDir dir;
+  testing::write_bytes(dir.file("ok.txt"), "3, 1\n7 0,2\n");
+  EXPECT_EQ(read_indices(dir.file("ok.txt"), 10), (std::vector<long long>{3, 1, 7, 0, 2}));
+  testing::write_bytes(dir.file("big.txt"), "1 10");
+  EXPECT_THROW(read_indices(dir.file("big.txt"), 10), InputError);
+  testing::write_bytes(dir.file("twice.txt"), "1 1");
+  EXPECT_THROW(read_indices(dir.file("twice.txt"), 10), InputError);
+  EXPECT_THROW(read_indices(dir.file("missing.txt"), 10), InputError);
+  const std::vector<long long> pool = {10, 11, 12, 13, 14, 15, 16};
+  const auto chosen = first_batches(pool, 2, 3, 5);
+  ASSERT_EQ(chosen.size(), 6u);
+  EXPECT_EQ(std::set<long long>(chosen.begin(), chosen.end()).size(), 6u);
+  for (long long index : chosen) EXPECT_TRUE(index >= 10 && index <= 16);
+  EXPECT_EQ(first_batches(pool, 2, 3, 5), chosen);
+  EXPECT_THROW(first_batches(pool, 3, 3, 5), InputError);
+}
+
 TEST(Dataset, TransformsHandChecked) {
   Dataset data;
   data.sample_shape = {2, 2};

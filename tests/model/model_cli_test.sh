@@ -31,6 +31,12 @@ check "60 votes are stored as int8" grep -q "I8" fast.txt
 check "fast and loop votes agree on at least 99.99% of entries" python3 -c "
 import json; agreement = json.load(open('cmp.json'))['overall']['sign_agreement']
 assert agreement >= 0.9999, agreement"
+# The same samples given as an indices file give the same votes.
+printf '%s\n' 17 3 2000 5 9 > indices.txt
+"$gradfix" signs --weights a_trained.safetensors --data "$test_set" --indices indices.txt --out by_indices.safetensors >signs.log
+check "an indices file selects exactly its samples" grep -q "signs max: 5 samples" signs.log
+"$gradfix" signs --weights a_trained.safetensors --data "$test_set" --num-batches 2 --batch-size 8 --out batches.safetensors >signs.log
+check "--num-batches 2 --batch-size 8 takes 16 samples" grep -q "signs max: 16 samples" signs.log
 mpirun "${mpirun_flags[@]}" -np 3 "$gradfix" signs --weights a_trained.safetensors --data "$test_set" --shots-per-class 6 --seed 3 \
   --out fast3.safetensors >/dev/null
 check "votes from 3 ranks are byte-identical to 1 rank" cmp -s fast.safetensors fast3.safetensors

@@ -40,6 +40,13 @@ std::vector<long long> sample_per_class(const std::vector<long long>& labels, co
                                         long long classes, long long per_class, std::uint64_t seed);
 // A seeded permutation of [0, n).
 std::vector<long long> shuffled_indices(long long n, std::uint64_t seed);
+// Indices read from a text file (whitespace or comma separated); InputError naming the file and
+// the first index outside [0, n) or repeated.
+std::vector<long long> read_indices(const std::string& path, long long n);
+// The first `batches` batches of `batch_size` of a seeded shuffle of `pool` (the official GradFix
+// code's --num_batches selection): InputError when the pool is smaller.
+std::vector<long long> first_batches(const std::vector<long long>& pool, long long batches, long long batch_size, std::uint64_t seed);
+
 // The indices of [0, n) not in `used`.
 std::vector<long long> complement(long long n, const std::vector<long long>& used);
 

@@ -47,10 +47,19 @@ struct EvalJob {
   DataOptions data;
 };
 
+// How the few labelled samples are chosen: K per class (seeded), an indices file, or the first
+// N batches of a seeded shuffle.
+struct ShotSelection {
+  std::string indices_file;
+  long long num_batches = 0;
+  long long batch_size = 32;
+};
+
 struct SignsJob {
   std::string model;
   std::string weights;
   DataOptions data;
+  ShotSelection selection;
   long long shots_per_class = 5;
   std::uint64_t seed = 0;
   std::string sign_mode = "max";  // max: per-sample vote counts; mean: summed -gradients
@@ -67,6 +76,7 @@ struct TransportJob {
   std::string target_finetuned;   // B_ft: enables the oracle and the upper bound
   DataOptions data;               // pool of labelled samples: shots and support set
   DataOptions test;               // test set, read only for the final evaluation
+  ShotSelection selection;        // overrides shots_per_class when an indices file or batches are given
   long long shots_per_class = 5;
   long long support_size = 1000;
   std::uint64_t seed = 0;
