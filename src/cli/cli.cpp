@@ -320,6 +320,7 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
   } else if (subcommand == "train" || subcommand == "eval" || subcommand == "signs") {
     specific.add_options()
         ("model", po::value<std::string>()->default_value("builtin"), "builtin (architecture from the weights' metadata) or torchscript:ARCHIVE")
+        ("device", po::value<std::string>()->default_value("cpu"), "cpu, cuda (the GPU of this rank on its node) or cuda:N")
         ("weights", po::value<std::string>(), "model weights (for torchscript: optional, replacing the archive's parameters by name)")
         ("data", po::value<std::string>(), "dataset: FILE.h5 (inputs, labels), an IDX '*-images-idx3-ubyte[.gz]' file, or DIR:SPLIT")
         ("transform", po::value<std::string>()->default_value("none"), "input shift applied to the data: none|invert|rotate90");
@@ -345,6 +346,7 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
   } else if (subcommand == "transport") {
     specific.add_options()
         ("model", po::value<std::string>()->default_value("builtin"), "builtin or torchscript:ARCHIVE (B's architecture)")
+        ("device", po::value<std::string>()->default_value("cpu"), "cpu, cuda (the GPU of this rank on its node) or cuda:N")
         ("target", po::value<std::string>(), "target model B (weights)")
         ("task-vector", po::value<std::string>(), "source task vector tau_A")
         ("source-base", po::value<std::string>(), "A_base, with --source-finetuned instead of --task-vector")
@@ -425,13 +427,24 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
   if (context.chunk_elements < 1) throw InputError("--chunk-elements must be positive");
   const std::string backend = values["backend"].as<std::string>();
   if (backend != "auto" && backend != "mpi" && backend != "nccl") throw InputError("unknown --backend '" + backend + "'; valid: auto|mpi|nccl");
+  const bool on_device = values.count("device") && values["device"].as<std::string>() != "cpu";
+  if (values.count("device")) {
+    // Checked before any communicator exists: a bad device is bad input, and a GPU asked for
+    // where there is none is refused, never replaced by the CPU.
+    const std::string device = values["device"].as<std::string>();
+    if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0)
+      throw InputError("unknown --device '" + device + "'; valid: cpu, cuda, cuda:N");
+    if (on_device && cuda_device_count() == 0)
+      throw InputError("--device " + device + ": no CUDA device is usable here (no GPU is visible, or this build has no CUDA); use --device cpu");
+  }
   if (runtime != nullptr) {
-    // The jobs of this version keep tensors in host memory, so auto means MPI here.
-    stats = make_communicator(backend, *runtime, false);
+    context.local_rank = runtime->local_rank();
+    // File jobs keep tensors in host memory; model jobs on --device cuda make auto choose NCCL.
+    stats = make_communicator(backend, *runtime, on_device);
     context.stats = stats.get();
     if (runtime->world().size() > 1 || backend != "auto")
       out << "gradfix: " << runtime->world().size() << " rank(s), statistics backend " << stats->backend()
-          << (backend == "auto" ? " (auto: tensors are in host memory)" : "") << "\n";
+          << (backend == "auto" ? (on_device ? " (auto: tensors are on CUDA devices)" : " (auto: tensors are in host memory)") : "") << "\n";
   } else if (backend == "nccl") {
     throw InputError("--backend nccl needs the MPI runtime that the gradfix program starts");
   }
@@ -552,6 +565,7 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
   };
   if (subcommand == "train") {
     TrainJob job;
+    job.device = values["device"].as<std::string>();
     job.model = model_spec;
     job.weights = weights("weights");
     job.data = data_of("data");
@@ -567,11 +581,12 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
     return wrap([job, &out, context] { run_train(job, out, context); });
   }
   if (subcommand == "eval") {
-    EvalJob job{model_spec, weights("weights"), data_of("data")};
+    EvalJob job{values["device"].as<std::string>(), model_spec, weights("weights"), data_of("data")};
     return wrap([job, &out] { run_eval(job, out); });
   }
   if (subcommand == "signs") {
     SignsJob job;
+    job.device = values["device"].as<std::string>();
     job.model = model_spec;
     job.weights = weights("weights");
     job.data = data_of("data");
@@ -587,6 +602,7 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
   }
   if (subcommand == "transport") {
     TransportJob job;
+    job.device = values["device"].as<std::string>();
     job.model = model_spec;
     job.target = weights("target");
     if (values.count("task-vector")) job.task_vector = values["task-vector"].as<std::string>();

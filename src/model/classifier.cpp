@@ -47,6 +47,10 @@ class Mlp final : public Classifier, public torch::nn::Module {
   }
 
   void to_dtype(torch::ScalarType type) override { torch::nn::Module::to(type); }
+  void to_device(const torch::Device& device) override {
+    torch::nn::Module::to(device);
+    device_ = device;
+  }
   long long classes() const override { return architecture_.dims.back(); }
   long long input_size() const override { return architecture_.dims.front(); }
 
@@ -121,6 +125,10 @@ class Cnn final : public Classifier, public torch::nn::Module {
   }
 
   void to_dtype(torch::ScalarType type) override { torch::nn::Module::to(type); }
+  void to_device(const torch::Device& device) override {
+    torch::nn::Module::to(device);
+    device_ = device;
+  }
   long long classes() const override { return architecture_.dims.back(); }
   long long input_size() const override { return channels_ * height_ * width_; }
 
@@ -147,7 +155,7 @@ class Cnn final : public Classifier, public torch::nn::Module {
     for (std::size_t i = 0; i < convs_.size(); ++i) {
       const torch::Tensor patches = torch::nn::functional::unfold(conv_inputs[i], torch::nn::functional::UnfoldFuncOptions(3).padding(1));
       const torch::Tensor delta = conv_outputs[i].grad().flatten(2);  // [N, c_out, positions]
-      torch::Tensor weight_votes = torch::zeros({delta.size(1), patches.size(1)}, torch::kInt32);
+      torch::Tensor weight_votes = torch::zeros({delta.size(1), patches.size(1)}, delta.options().dtype(torch::kInt32));
       for (int64_t start = 0; start < delta.size(0); start += kChunk) {
         const int64_t stop = std::min<int64_t>(delta.size(0), start + kChunk);
         const torch::Tensor per_sample = torch::bmm(delta.slice(0, start, stop), patches.slice(0, start, stop).transpose(1, 2));
@@ -217,7 +225,12 @@ class Vit final : public Classifier, public torch::nn::Module {
   }
   void to_dtype(torch::ScalarType type) override {
     torch::nn::Module::to(type);
-    for (auto& [name, parameter] : parameters_) parameter = torch::nn::Module::named_parameters()[internal(name)];
+    refresh();
+  }
+  void to_device(const torch::Device& device) override {
+    torch::nn::Module::to(device);
+    device_ = device;
+    refresh();
   }
   long long classes() const override { return architecture_.dims.back(); }
   long long input_size() const override { return channels_ * height_ * width_; }
@@ -238,7 +251,7 @@ class Vit final : public Classifier, public torch::nn::Module {
         votes[name + ".bias"] = sign_sum(delta);
         continue;
       }
-      torch::Tensor weight = torch::zeros({delta.size(2), layer.input.size(2)}, torch::kInt32);
+      torch::Tensor weight = torch::zeros({delta.size(2), layer.input.size(2)}, delta.options().dtype(torch::kInt32));
       for (int64_t start = 0; start < delta.size(0); start += kChunk) {
         const int64_t stop = std::min<int64_t>(delta.size(0), start + kChunk);
         weight += sign_sum(torch::bmm(delta.slice(0, start, stop).transpose(1, 2), layer.input.slice(0, start, stop)));
@@ -269,6 +282,9 @@ class Vit final : public Classifier, public torch::nn::Module {
     torch::Tensor embedded;
   };
 
+  void refresh() {
+    for (auto& [name, parameter] : parameters_) parameter = torch::nn::Module::named_parameters()[internal(name)];
+  }
   static std::string internal(const std::string& name) {
     std::string text = name;
     std::replace(text.begin(), text.end(), '.', '_');
@@ -360,6 +376,12 @@ class TorchScriptClassifier final : public Classifier {
     return named;
   }
   void to_dtype(torch::ScalarType type) override { module_.to(type); }
+  void to_device(const torch::Device& device) override {
+    module_.to(device);
+    device_ = device;
+    parameters_.clear();
+    for (const auto& parameter : module_.named_parameters(true)) parameters_.push_back(parameter.value);
+  }
   long long classes() const override { return classes_; }
   long long input_size() const override { return -1; }
   bool fast_votes(const torch::Tensor&, const torch::Tensor&, std::map<std::string, torch::Tensor>&) override { return false; }
@@ -474,7 +496,7 @@ void save_classifier(Classifier& model, const std::string& path, Metadata extra)
   metadata.insert(extra.begin(), extra.end());
   auto writer = open_writer(path, layout, metadata);
   for (auto& [name, parameter] : model.parameters()) {
-    const torch::Tensor values = parameter.detach().to(torch::kFloat32).contiguous();
+    const torch::Tensor values = parameter.detach().to(torch::kCPU).to(torch::kFloat32).contiguous();
     writer->write_f32(name, 0, values.data_ptr<float>(), values.numel());
   }
   writer->commit();
@@ -483,7 +505,7 @@ void save_classifier(Classifier& model, const std::string& path, Metadata extra)
 std::map<std::string, std::vector<float>> parameter_values(Classifier& model) {
   std::map<std::string, std::vector<float>> values;
   for (auto& [name, parameter] : model.parameters()) {
-    const torch::Tensor flat = parameter.detach().to(torch::kFloat32).contiguous().reshape({-1});
+    const torch::Tensor flat = parameter.detach().to(torch::kCPU).to(torch::kFloat32).contiguous().reshape({-1});
     values[name].assign(flat.data_ptr<float>(), flat.data_ptr<float>() + flat.numel());
   }
   return values;
@@ -498,14 +520,30 @@ void set_parameter_values(Classifier& model, const std::map<std::string, std::ve
   }
 }
 
-torch::Tensor inputs_tensor(const Dataset& data) {
+torch::Tensor inputs_tensor(const Dataset& data, const torch::Device& device) {
   std::vector<int64_t> shape = {data.size()};
   shape.insert(shape.end(), data.sample_shape.begin(), data.sample_shape.end());
-  return torch::from_blob(const_cast<float*>(data.inputs.data()), shape, torch::kFloat32).clone();
+  return torch::from_blob(const_cast<float*>(data.inputs.data()), shape, torch::kFloat32).to(torch::TensorOptions().device(device), false, true);
 }
 
-torch::Tensor labels_tensor(const Dataset& data) {
-  return torch::from_blob(const_cast<long long*>(data.labels.data()), {data.size()}, torch::kInt64).clone();
+torch::Tensor labels_tensor(const Dataset& data, const torch::Device& device) {
+  return torch::from_blob(const_cast<long long*>(data.labels.data()), {data.size()}, torch::kInt64).to(torch::TensorOptions().device(device), false, true);
+}
+
+torch::Device parse_device(const std::string& text, int local_rank) {
+  if (text == "cpu") return torch::kCPU;
+  if (text != "cuda" && text.rfind("cuda:", 0) != 0) throw InputError("unknown --device '" + text + "'; valid: cpu, cuda, cuda:N");
+  if (!torch::cuda::is_available())
+    throw InputError("--device " + text + ": no CUDA device is usable here (this LibTorch build has no CUDA, or no GPU is visible); use --device cpu");
+  const auto count = static_cast<int>(torch::cuda::device_count());
+  int index = local_rank % count;
+  if (text.size() > 5) {
+    const std::string number = text.substr(5);
+    if (number.empty() || number.find_first_not_of("0123456789") != std::string::npos) throw InputError("--device " + text + ": bad device index");
+    index = std::stoi(number);
+    if (index >= count) throw InputError("--device " + text + ": only " + std::to_string(count) + " CUDA device(s) are visible");
+  }
+  return {torch::kCUDA, static_cast<torch::DeviceIndex>(index)};
 }
 
 void check_compatible(Classifier& model, const Dataset& data, const std::string& what) {
@@ -513,7 +551,7 @@ void check_compatible(Classifier& model, const Dataset& data, const std::string&
     // A TorchScript model states no input size: one forward pass on the first sample tells.
     try {
       torch::NoGradGuard no_grad;
-      model.forward(inputs_tensor(data.subset({0})));
+      model.forward(inputs_tensor(data.subset({0}), model.device()));
     } catch (const Error&) {
       throw;
     } catch (const std::exception& error) {  // c10::Error, or the interpreter's JITException
@@ -532,7 +570,7 @@ std::map<std::string, torch::Tensor> loop_votes(Classifier& model, const torch::
   std::map<std::string, torch::Tensor> votes;
   std::vector<torch::Tensor> parameters;
   for (auto& [name, parameter] : model.parameters()) {
-    votes[name] = torch::zeros(parameter.sizes(), torch::kInt32);
+    votes[name] = torch::zeros(parameter.sizes(), parameter.options().dtype(torch::kInt32));
     parameters.push_back(parameter);
   }
   for (int64_t n = 0; n < inputs.size(0); ++n) {
@@ -558,7 +596,7 @@ std::map<std::string, torch::Tensor> gradient_sums(Classifier& model, const torc
 
 Evaluation evaluate(Classifier& model, const Dataset& data, long long batch) {
   torch::NoGradGuard no_grad;
-  const torch::Tensor inputs = inputs_tensor(data), labels = labels_tensor(data);
+  const torch::Tensor inputs = inputs_tensor(data, model.device()), labels = labels_tensor(data, model.device());
   double loss = 0.0;
   long long correct = 0;
   for (int64_t start = 0; start < data.size(); start += batch) {

@@ -41,10 +41,14 @@ class Classifier {
                           std::map<std::string, torch::Tensor>& votes) = 0;
   // Moves the parameters to another floating type (float64 for numerical checks).
   virtual void to_dtype(torch::ScalarType type) = 0;
+  // Moves the parameters to a device; inputs follow through inputs_tensor(data, device()).
+  virtual void to_device(const torch::Device& device) = 0;
+  const torch::Device& device() const { return device_; }
   const Architecture& architecture() const { return architecture_; }
 
  protected:
   Architecture architecture_;
+  torch::Device device_{torch::kCPU};
 };
 
 std::unique_ptr<Classifier> make_classifier(const Architecture& architecture, std::uint64_t seed);
@@ -65,9 +69,13 @@ std::map<std::string, std::vector<float>> read_parameters(Classifier& model, con
 std::map<std::string, std::vector<float>> parameter_values(Classifier& model);
 void set_parameter_values(Classifier& model, const std::map<std::string, std::vector<float>>& values);
 
-// Inputs of a dataset as a tensor [N, ...], labels [N].
-torch::Tensor inputs_tensor(const Dataset& data);
-torch::Tensor labels_tensor(const Dataset& data);
+// Inputs of a dataset as a tensor [N, ...], labels [N], on a device.
+torch::Tensor inputs_tensor(const Dataset& data, const torch::Device& device = torch::kCPU);
+torch::Tensor labels_tensor(const Dataset& data, const torch::Device& device = torch::kCPU);
+
+// "cpu", "cuda" or "cuda:N". "cuda" alone picks the GPU from the rank on the node. InputError
+// when LibTorch has no CUDA or no GPU is visible: never a quiet fall back to the CPU.
+torch::Device parse_device(const std::string& text, int local_rank);
 void check_compatible(Classifier& model, const Dataset& data, const std::string& what);
 
 // Vote sums with one backward pass per sample: the generic reference.

@@ -50,10 +50,10 @@ void train_model(Classifier& model, const Dataset& data, int epochs, double lr, 
   std::vector<torch::Tensor> parameters;
   for (auto& [name, parameter] : model.parameters()) parameters.push_back(parameter);
   torch::optim::Adam optimizer(parameters, torch::optim::AdamOptions(lr));
-  const torch::Tensor inputs = inputs_tensor(data), labels = labels_tensor(data);
+  const torch::Tensor inputs = inputs_tensor(data, model.device()), labels = labels_tensor(data, model.device());
   for (int epoch = 0; epoch < epochs; ++epoch) {
     const auto order = shuffled_indices(data.size(), seed * 7919 + static_cast<std::uint64_t>(epoch));
-    const torch::Tensor permutation = torch::from_blob(const_cast<long long*>(order.data()), {data.size()}, torch::kInt64).clone();
+    const torch::Tensor permutation = torch::from_blob(const_cast<long long*>(order.data()), {data.size()}, torch::kInt64).to(torch::TensorOptions().device(model.device()), false, true);
     double total = 0.0;
     long long correct = 0;
     for (int64_t start = 0; start < data.size(); start += batch) {
@@ -86,14 +86,15 @@ Vectors descent_statistics(Classifier& model, const Dataset& shots, const std::s
   const bool empty = part.size() == 0;
   if (sign_mode == "max") {
     if (!empty && method == "fast") {
-      if (!model.fast_votes(inputs_tensor(part), labels_tensor(part), local)) local = loop_votes(model, inputs_tensor(part), labels_tensor(part));
+      if (!model.fast_votes(inputs_tensor(part, model.device()), labels_tensor(part, model.device()), local))
+        local = loop_votes(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
     } else if (!empty && method == "loop") {
-      local = loop_votes(model, inputs_tensor(part), labels_tensor(part));
+      local = loop_votes(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
     } else if (!empty) {
       throw InputError("unknown --method '" + method + "'; valid: fast|loop");
     }
   } else if (sign_mode == "mean") {
-    if (!empty) local = gradient_sums(model, inputs_tensor(part), labels_tensor(part));
+    if (!empty) local = gradient_sums(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
   } else {
     throw InputError("unknown --sign-mode '" + sign_mode + "'; valid: max|mean");
   }
@@ -102,12 +103,12 @@ Vectors descent_statistics(Classifier& model, const Dataset& shots, const std::s
     const auto count = static_cast<std::size_t>(parameter.numel());
     if (sign_mode == "max") {
       std::vector<std::int32_t> votes(count, 0);
-      if (local.count(name)) std::memcpy(votes.data(), local[name].contiguous().data_ptr<std::int32_t>(), count * sizeof(std::int32_t));
+      if (local.count(name)) std::memcpy(votes.data(), local[name].to(torch::kCPU).contiguous().data_ptr<std::int32_t>(), count * sizeof(std::int32_t));
       if (ranks > 1) allreduce_statistics(*statistics_comm(context), votes.data(), static_cast<long long>(count), DType::kI32);
       statistics[name].assign(votes.begin(), votes.end());
     } else {
       std::vector<double> sums(count, 0.0);
-      if (local.count(name)) std::memcpy(sums.data(), local[name].contiguous().data_ptr<double>(), count * sizeof(double));
+      if (local.count(name)) std::memcpy(sums.data(), local[name].to(torch::kCPU).contiguous().data_ptr<double>(), count * sizeof(double));
       if (ranks > 1) allreduce_statistics(*statistics_comm(context), sums.data(), static_cast<long long>(count), DType::kF64);
       statistics[name].assign(sums.begin(), sums.end());
     }
@@ -245,7 +246,7 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
       std::vector<torch::Tensor> parameters;
       for (auto& [name, parameter] : model.parameters()) parameters.push_back(parameter);
       torch::optim::Adam optimizer(parameters, torch::optim::AdamOptions(lr));
-      const torch::Tensor inputs = inputs_tensor(shots), labels = labels_tensor(shots);
+      const torch::Tensor inputs = inputs_tensor(shots, model.device()), labels = labels_tensor(shots, model.device());
       int done = 0;
       for (int steps : {5, 20, 50}) {
         for (; done < steps; ++done) {
@@ -331,6 +332,7 @@ void run_init(const InitJob& job, std::ostream& log) {
 
 void run_train(const TrainJob& job, std::ostream& log, const JobContext& context) {
   auto model = load_model(job.model, job.weights);
+  model->to_device(parse_device(job.device, context.local_rank));
   const Dataset data = load_data(job.data, job.skip, job.limit);
   check_compatible(*model, data, job.data.spec);
   std::ostringstream discard;
@@ -344,6 +346,7 @@ void run_train(const TrainJob& job, std::ostream& log, const JobContext& context
 
 void run_eval(const EvalJob& job, std::ostream& log) {
   auto model = load_model(job.model, job.weights);
+  model->to_device(parse_device(job.device, 0));
   const Dataset data = load_data(job.data);
   check_compatible(*model, data, job.data.spec);
   const Evaluation result = evaluate(*model, data);
@@ -354,6 +357,7 @@ void run_eval(const EvalJob& job, std::ostream& log) {
 
 void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
   auto model = load_model(job.model, job.weights);
+  model->to_device(parse_device(job.device, context.local_rank));
   const Dataset data = load_data(job.data);
   check_compatible(*model, data, job.data.spec);
   std::vector<long long> everything(static_cast<std::size_t>(data.size()));
@@ -379,6 +383,7 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
 std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {
   TransportInputs in;
   auto model = load_model(job.model, job.target);
+  model->to_device(parse_device(job.device, context.local_rank));
   in.target = model.get();
   if (!job.task_vector.empty()) {
     in.tau = read_vectors(job.task_vector, *model);

@@ -111,6 +111,11 @@ expect_bad "do not fit the model's input of 100 values" eval --weights small.saf
 expect_bad "fewer than the 2000 shots per class" signs --weights a_trained.safetensors --data "$test_set" --shots-per-class 2000 --out s.safetensors
 expect_bad "unknown architecture 'resnet'" init --arch resnet --dims 1,2 --out r.safetensors
 expect_bad "unknown --transform 'blur'" eval --weights a_trained.safetensors --data "$test_set" --transform blur
+expect_bad "unknown --device 'tpu'" eval --weights a_trained.safetensors --data "$test_set" --device tpu
+if ! "$gradfix" eval --weights a_trained.safetensors --data "$test_set" --device cuda >/dev/null 2>&1; then
+  # No GPU here: asking for one is an error that says so, never a quiet run on the CPU.
+  expect_bad "no CUDA device is usable here" eval --weights a_trained.safetensors --data "$test_set" --device cuda
+fi
 "$gradfix" generate --shapes w=3x3 --out bare.safetensors >/dev/null
 expect_bad "no gradfix.arch" eval --weights bare.safetensors --data "$test_set"
 check "no output left by the failed signs" test ! -e s.safetensors

@@ -29,6 +29,7 @@ struct InitJob {
 };
 
 struct TrainJob {
+  std::string device = "cpu";  // cpu | cuda | cuda:N
   std::string model;  // empty: built-in from the weights' metadata; torchscript:ARCHIVE
   std::string weights;
   DataOptions data;
@@ -42,6 +43,7 @@ struct TrainJob {
 };
 
 struct EvalJob {
+  std::string device = "cpu";
   std::string model;
   std::string weights;
   DataOptions data;
@@ -56,6 +58,7 @@ struct ShotSelection {
 };
 
 struct SignsJob {
+  std::string device = "cpu";
   std::string model;
   std::string weights;
   DataOptions data;
@@ -68,6 +71,7 @@ struct SignsJob {
 };
 
 struct TransportJob {
+  std::string device = "cpu";
   std::string model;              // empty: built-in; torchscript:ARCHIVE
   std::string target;             // B_base weights
   std::string task_vector;        // tau_A (or source_base + source_finetuned)

@@ -28,6 +28,7 @@ struct JobContext {
   MpiCommunicator* host = nullptr;  // collective I/O, error agreement, summaries
   Communicator* stats = nullptr;    // reductions of statistics (MPI or NCCL); default: host
   long long chunk_elements = 1LL << 22;  // elements per buffer: bounds memory for any model size
+  int local_rank = 0;                    // rank on this node: picks the GPU
 };
 
 // Options every writing job shares.
