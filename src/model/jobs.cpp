@@ -178,7 +178,7 @@ struct TransportInputs {
 // The transport of one (K, seed): shots and support from the pool, statistics on the shots,
 // alpha chosen on the support set, the test set read only at the end.
 std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob& job, const JobContext& context,
-                                         std::ostream& log, Vectors* transported) {
+                                         Vectors* transported) {
   Classifier& model = *in.target;
   const Vectors base = parameter_values(model);
   std::vector<long long> everything(static_cast<std::size_t>(in.pool.size()));
@@ -271,7 +271,6 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
     add_row("B fine-tuned (upper bound)", evaluate(model, in.test), -1, -1, -1);
     set_parameter_values(model, base);
   }
-  (void)log;
   return rows;
 }
 
@@ -401,7 +400,7 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
   check_compatible(*model, in.pool, job.data.spec);
   check_compatible(*model, in.test, job.test.spec);
   Vectors transported;
-  const auto rows = transport_core(in, job, context, log, &transported);
+  const auto rows = transport_core(in, job, context, &transported);
   if (rank_of(context) == 0) {
     print_rows(rows, log);
     if (!job.out.empty()) {
@@ -493,7 +492,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
       transport.support_size = job.support_size;
       transport.sign_mode = job.sign_mode;
       transport.alphas = job.alphas;
-      for (const auto& row : transport_core(in, transport, context, out, nullptr)) {
+      for (const auto& row : transport_core(in, transport, context, nullptr)) {
         if (!by_method.count(row.method)) order.push_back(row.method);
         by_method[row.method].push_back(row);
       }
