@@ -17,9 +17,19 @@ std::string join(const std::vector<long long>& values) {
   return text;
 }
 
+// A built-in model: a Classifier that is also a torch::nn::Module, moved as one.
+class BuiltInClassifier : public Classifier, public torch::nn::Module {
+ public:
+  void to_dtype(torch::ScalarType type) override { torch::nn::Module::to(type); }
+  void to_device(const torch::Device& device) override {
+    torch::nn::Module::to(device);
+    device_ = device;
+  }
+};
+
 // The MLP: flatten, then Linear layers with ReLU between them; parameters layers.{i}.weight
 // [out, in] and layers.{i}.bias [out].
-class Mlp final : public Classifier, public torch::nn::Module {
+class Mlp final : public BuiltInClassifier {
  public:
   explicit Mlp(const Architecture& architecture) {
     architecture_ = architecture;
@@ -46,11 +56,6 @@ class Mlp final : public Classifier, public torch::nn::Module {
     return named;
   }
 
-  void to_dtype(torch::ScalarType type) override { torch::nn::Module::to(type); }
-  void to_device(const torch::Device& device) override {
-    torch::nn::Module::to(device);
-    device_ = device;
-  }
   long long classes() const override { return architecture_.dims.back(); }
   long long input_size() const override { return architecture_.dims.front(); }
 
@@ -89,7 +94,7 @@ class Mlp final : public Classifier, public torch::nn::Module {
 // The CNN: dims C,H,W,c1,...,ck,classes. Each block is a 3x3 convolution (padding 1), ReLU and
 // 2x2 max-pooling; then a Linear head. Parameters convs.{i}.weight [c_out, c_in, 3, 3],
 // convs.{i}.bias, head.weight [classes, ck * (H / 2^k) * (W / 2^k)] and head.bias.
-class Cnn final : public Classifier, public torch::nn::Module {
+class Cnn final : public BuiltInClassifier {
  public:
   explicit Cnn(const Architecture& architecture) {
     architecture_ = architecture;
@@ -124,11 +129,6 @@ class Cnn final : public Classifier, public torch::nn::Module {
     return named;
   }
 
-  void to_dtype(torch::ScalarType type) override { torch::nn::Module::to(type); }
-  void to_device(const torch::Device& device) override {
-    torch::nn::Module::to(device);
-    device_ = device;
-  }
   long long classes() const override { return architecture_.dims.back(); }
   long long input_size() const override { return channels_ * height_ * width_; }
 
@@ -183,7 +183,7 @@ class Cnn final : public Classifier, public torch::nn::Module {
 // GELU MLP), a final LayerNorm and a Linear head on the class token. Every layer is written with
 // plain tensor operations so that the fast vote path can capture each one's inputs and output
 // gradients.
-class Vit final : public Classifier, public torch::nn::Module {
+class Vit final : public BuiltInClassifier {
  public:
   explicit Vit(const Architecture& architecture) {
     architecture_ = architecture;
@@ -223,13 +223,13 @@ class Vit final : public Classifier, public torch::nn::Module {
     for (const auto& name : order_) named.emplace_back(name, parameters_.at(name));
     return named;
   }
+  // Parameters are held by name as well: refresh those handles after a move.
   void to_dtype(torch::ScalarType type) override {
-    torch::nn::Module::to(type);
+    BuiltInClassifier::to_dtype(type);
     refresh();
   }
   void to_device(const torch::Device& device) override {
-    torch::nn::Module::to(device);
-    device_ = device;
+    BuiltInClassifier::to_device(device);
     refresh();
   }
   long long classes() const override { return architecture_.dims.back(); }

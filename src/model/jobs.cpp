@@ -314,12 +314,6 @@ void write_text_atomically(const std::string& path, const std::string& text) {
 
 bool torch_available() { return true; }
 
-std::size_t best_on_support(const std::vector<double>& support_accuracies) {
-  std::size_t best = 0;
-  for (std::size_t i = 1; i < support_accuracies.size(); ++i)
-    if (support_accuracies[i] > support_accuracies[best]) best = i;
-  return best;
-}
 
 void run_init(const InitJob& job, std::ostream& log) {
   auto model = make_classifier(parse_architecture(job.arch, job.dims), job.seed);

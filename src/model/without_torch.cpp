@@ -14,12 +14,6 @@ namespace {
 }  // namespace
 
 bool torch_available() { return false; }
-std::size_t best_on_support(const std::vector<double>& support_accuracies) {
-  std::size_t best = 0;
-  for (std::size_t i = 1; i < support_accuracies.size(); ++i)
-    if (support_accuracies[i] > support_accuracies[best]) best = i;
-  return best;
-}
 void run_init(const InitJob&, std::ostream&) { no_torch("init"); }
 void run_train(const TrainJob&, std::ostream&, const JobContext&) { no_torch("train"); }
 void run_eval(const EvalJob&, std::ostream&) { no_torch("eval"); }

@@ -131,6 +131,11 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context =
 
 // The index of the best support accuracy (ties: the earlier, i.e. smaller alpha); the test set
 // plays no part in the choice.
-std::size_t best_on_support(const std::vector<double>& support_accuracies);
+inline std::size_t best_on_support(const std::vector<double>& support_accuracies) {
+  std::size_t best = 0;
+  for (std::size_t i = 1; i < support_accuracies.size(); ++i)
+    if (support_accuracies[i] > support_accuracies[best]) best = i;
+  return best;
+}
 
 }  // namespace gradfix
