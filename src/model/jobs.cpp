@@ -102,10 +102,21 @@ Vectors descent_statistics(Classifier& model, const Dataset& shots, const std::s
   for (auto& [name, parameter] : model.parameters()) {
     const auto count = static_cast<std::size_t>(parameter.numel());
     if (sign_mode == "max") {
-      std::vector<std::int32_t> votes(count, 0);
-      if (local.count(name)) std::memcpy(votes.data(), local[name].to(torch::kCPU).contiguous().data_ptr<std::int32_t>(), count * sizeof(std::int32_t));
-      if (ranks > 1) allreduce_statistics(*statistics_comm(context), votes.data(), static_cast<long long>(count), DType::kI32);
-      statistics[name].assign(votes.begin(), votes.end());
+      std::vector<float> votes(count, 0.0f);
+      if (local.count(name)) {
+        const torch::Tensor mine = local[name].to(torch::kCPU).to(torch::kFloat32).contiguous();
+        std::memcpy(votes.data(), mine.data_ptr<float>(), count * sizeof(float));
+      }
+      if (ranks > 1) {
+        // Reduced in the narrowest integer type that holds every partial and total vote sum.
+        Communicator& comm = *statistics_comm(context);
+        const DType dtype = vote_count_dtype(shots.size(), comm);
+        std::vector<unsigned char> narrow(count * dtype_size(dtype));
+        convert_from_f32(dtype, votes.data(), narrow.data(), count);
+        allreduce_statistics(comm, narrow.data(), static_cast<long long>(count), dtype);
+        convert_to_f32(dtype, narrow.data(), votes.data(), count);
+      }
+      statistics[name] = votes;
     } else {
       std::vector<double> sums(count, 0.0);
       if (local.count(name)) std::memcpy(sums.data(), local[name].to(torch::kCPU).contiguous().data_ptr<double>(), count * sizeof(double));
