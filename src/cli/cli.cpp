@@ -225,6 +225,17 @@ void print_overview(std::ostream& out) {
 std::function<int()> prepare_model_subcommand(const std::string& subcommand, const po::variables_map& values, std::ostream& out,
                                               const JobContext& context, std::shared_ptr<Communicator> stats);
 
+// The job to run after parsing: the work, then the memory report when asked for. It holds the
+// statistics communicator, so that it lives as long as the job.
+std::function<int()> as_job(std::function<void()> work, std::shared_ptr<Communicator> stats, MpiCommunicator* host,
+                            std::ostream& out, bool report_memory) {
+  return [work, stats, host, &out, report_memory] {
+    work();
+    if (report_memory) print_peak_memory(host, out);
+    return 0;
+  };
+}
+
 // Parses the command line and returns the job to run, or a job that prints help.
 std::function<int()> prepare_subcommand(const std::vector<std::string>& args, std::ostream& out, MpiRuntime* runtime,
                                         JobContext context);
@@ -450,11 +461,8 @@ std::function<int()> prepare_subcommand(const std::vector<std::string>& args, st
   }
   const bool report_memory = values["report-memory"].as<bool>();
   auto run = [stats, context, &out, report_memory](auto job_function, const auto& job) {
-    return std::function<int()>([stats, context, &out, job_function, job, report_memory] {
-      job_function(job, out, context);
-      if (report_memory) print_peak_memory(context.host, out);
-      return 0;
-    });
+    return as_job([context, &out, job_function, job] { job_function(job, out, context); }, stats, context.host, out,
+                  report_memory);
   };
 
   if (subcommand == "inspect") {
@@ -538,11 +546,7 @@ std::function<int()> prepare_model_subcommand(const std::string& subcommand, con
                                               const JobContext& context, std::shared_ptr<Communicator> stats) {
   const bool report_memory = values["report-memory"].as<bool>();
   auto wrap = [stats, report_memory, &out, context](std::function<void()> work) {
-    return std::function<int()>([stats, work, report_memory, &out, context] {
-      work();
-      if (report_memory) print_peak_memory(context.host, out);
-      return 0;
-    });
+    return as_job(std::move(work), stats, context.host, out, report_memory);
   };
   auto data_of = [&](const char* key) { return DataOptions{require(values, key, subcommand), values["transform"].as<std::string>()}; };
   if (subcommand == "init") {

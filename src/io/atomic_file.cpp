@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 
 #include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
@@ -58,6 +59,19 @@ void rename_file(const std::string& from, const std::string& to) {
 }
 
 void remove_quietly(const std::string& path) { ::unlink(path.c_str()); }
+
+void write_text_file_atomically(const std::string& path, const std::string& text) {
+  const std::string temporary = temporary_path_for(path);
+  {
+    std::ofstream file(temporary);
+    file << text;
+    if (!file) {
+      remove_quietly(temporary);
+      throw RuntimeFailure(path + ": cannot write");
+    }
+  }
+  rename_file(temporary, path);
+}
 
 namespace {
 

@@ -308,18 +308,6 @@ nlohmann::json rows_json(const std::vector<TransportRow>& rows) {
   return out;
 }
 
-void write_text_atomically(const std::string& path, const std::string& text) {
-  const std::string temporary = temporary_path_for(path);
-  {
-    std::ofstream file(temporary);
-    file << text;
-    if (!file) {
-      remove_quietly(temporary);
-      throw RuntimeFailure(path + ": cannot write");
-    }
-  }
-  rename_file(temporary, path);
-}
 
 }  // namespace
 
@@ -414,7 +402,7 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
       log << "transport: GradFix model written to " << job.out << "\n";
     }
     if (!job.results.empty()) {
-      write_text_atomically(job.results, nlohmann::json{{"shots_per_class", job.shots_per_class}, {"seed", job.seed},
+      write_text_file_atomically(job.results, nlohmann::json{{"shots_per_class", job.shots_per_class}, {"seed", job.seed},
                                                         {"sign_mode", job.sign_mode}, {"mask_mode", mask_mode_name(job.mask_mode)},
                                                         {"rows", rows_json(rows)}}.dump(2) + "\n");
       log << "transport: results written to " << job.results << "\n";
@@ -534,7 +522,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
     }
   }
   if (root && !job.results.empty()) {
-    write_text_atomically(job.results, nlohmann::json{{"demo", "fashion-mnist"}, {"transform", job.transform}, {"dims", job.dims},
+    write_text_file_atomically(job.results, nlohmann::json{{"demo", "fashion-mnist"}, {"transform", job.transform}, {"dims", job.dims},
                                                       {"rows", results}}.dump(2) + "\n");
     out << "demo: results written to " << job.results << "\n";
   }

@@ -777,18 +777,7 @@ void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& con
     report["only_in_file"] = only_first;
     report["only_in_other"] = only_second;
   }
-  if (!job.json_out.empty()) {
-    const std::string temporary = temporary_path_for(job.json_out);
-    {
-      std::ofstream json(temporary);
-      json << report.dump(2) << "\n";
-      if (!json) {
-        remove_quietly(temporary);
-        throw RuntimeFailure(job.json_out + ": cannot write the JSON report");
-      }
-    }
-    rename_file(temporary, job.json_out);
-  }
+  if (!job.json_out.empty()) write_text_file_atomically(job.json_out, report.dump(2) + "\n");
 }
 
 }  // namespace gradfix

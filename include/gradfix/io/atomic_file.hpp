@@ -14,6 +14,9 @@ std::string temporary_path_for(const std::string& final_path);
 // Creates the directory (and its parents) when missing; returns whether it created it.
 bool ensure_directory(const std::string& directory);
 
+// Writes `text` to a temporary beside `path`, then renames it into place (reports, results).
+void write_text_file_atomically(const std::string& path, const std::string& text);
+
 // rename(2), throwing RuntimeFailure with both names on failure.
 void rename_file(const std::string& from, const std::string& to);
 
