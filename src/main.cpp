@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "gradfix/cli/cli.hpp"
+#include "gradfix/cli/registry.hpp"
 #include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
@@ -37,11 +38,8 @@ int fail(gradfix::MpiRuntime& runtime, const std::string& message, int exit_code
 // Replacing this process before MPI starts keeps mpirun and srun launches working unchanged.
 void hand_model_subcommands_to_torch_executable(char** argv) {
   if (argv[1] == nullptr) return;
-  const std::string subcommand = argv[1];
-  static const char* const kModelSubcommands[] = {"init", "train", "eval", "signs", "transport", "demo"};
-  bool model = false;
-  for (const char* name : kModelSubcommands) model = model || subcommand == name;
-  if (!model) return;
+  const gradfix::SubcommandSpec* subcommand = gradfix::find_subcommand(argv[1]);
+  if (subcommand == nullptr || subcommand->executable != gradfix::Executable::kTorch) return;
   char self[4096] = {};
   const ssize_t length = ::readlink("/proc/self/exe", self, sizeof self - 1);
   if (length <= 0) return;

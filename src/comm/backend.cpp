@@ -7,6 +7,7 @@
 
 #ifdef GRADFIX_HAVE_NCCL
 #include <cuda_runtime_api.h>
+#include <nccl.h>
 #endif
 
 namespace gradfix {
@@ -26,6 +27,27 @@ int cuda_device_count() {
   return count;
 #else
   return 0;
+#endif
+}
+
+std::string nccl_version() {
+#ifdef GRADFIX_HAVE_NCCL
+  int code = 0;
+  if (ncclGetVersion(&code) != ncclSuccess) return "unknown";
+  // NCCL >= 2.9 encodes major * 10000 + minor * 100 + patch.
+  return std::to_string(code / 10000) + "." + std::to_string(code / 100 % 100) + "." + std::to_string(code % 100);
+#else
+  return "";
+#endif
+}
+
+std::string cuda_runtime_version() {
+#ifdef GRADFIX_HAVE_NCCL
+  int code = 0;
+  if (cudaRuntimeGetVersion(&code) != cudaSuccess) return "unknown";
+  return std::to_string(code / 1000) + "." + std::to_string(code % 1000 / 10);
+#else
+  return "";
 #endif
 }
 

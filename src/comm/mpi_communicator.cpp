@@ -1,5 +1,6 @@
 #include <unistd.h>
 
+#include <cctype>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -194,6 +195,17 @@ std::unique_ptr<Communicator> MpiCommunicator::split(int color, int key) {
 void MpiCommunicator::abort(int exit_code) const {
   MPI_Abort(comm_, exit_code);
   std::_Exit(exit_code);
+}
+
+std::string mpi_library_version() {
+  char text[MPI_MAX_LIBRARY_VERSION_STRING] = {};
+  int length = 0;
+  MPI_Get_library_version(text, &length);
+  std::string version(text, static_cast<std::size_t>(length));
+  const auto line_end = version.find_first_of(std::string("\r\n\0", 3));
+  if (line_end != std::string::npos) version.resize(line_end);
+  while (!version.empty() && (version.back() == ',' || std::isspace(static_cast<unsigned char>(version.back())))) version.pop_back();
+  return version;
 }
 
 MpiRuntime::MpiRuntime(int* argc, char*** argv) {

@@ -118,22 +118,41 @@ class NcclCommunicator final : public Communicator {
 
 }  // namespace
 
+// Set-up is where ranks fail for local reasons (no GPU visible, a device that will not take a
+// context, no network for NCCL's id): every rank first does its own part, then all agree on the
+// outcome over MPI before anyone waits for the unique id, so a failure on any rank, rank 0's
+// ncclGetUniqueId included, ends the set-up on every rank instead of leaving them in a broadcast.
 std::unique_ptr<Communicator> make_nccl_communicator(MpiCommunicator& bootstrap, int local_rank) {
   const std::string where = describe_rank(bootstrap);
+  std::string failure;
+  int device = 0;
+  ncclUniqueId id{};
   int devices = 0;
   const cudaError_t counted = cudaGetDeviceCount(&devices);
-  if (counted != cudaSuccess || devices == 0)
-    throw RuntimeFailure("--backend nccl needs a CUDA device, but " + where + " sees none (" +
-                         (counted != cudaSuccess ? cudaGetErrorString(counted) : "cudaGetDeviceCount returned 0") +
-                         "); use --backend mpi, or run on GPU nodes");
-  // One rank per GPU: the local rank picks the device. With --gpus-per-task=1 each rank sees one
-  // device and the modulo maps every rank to it.
-  const int device = local_rank % devices;
-  if (cudaSetDevice(device) != cudaSuccess) throw RuntimeFailure("cudaSetDevice(" + std::to_string(device) + ") failed on " + where);
-  ncclUniqueId id;
-  if (bootstrap.rank() == 0) {
+  if (counted != cudaSuccess || devices == 0) {
+    failure = "--backend nccl needs a CUDA device, but " + where + " sees none (" +
+              (counted != cudaSuccess ? cudaGetErrorString(counted) : "cudaGetDeviceCount returned 0") +
+              "); use --backend mpi, or run on GPU nodes";
+  } else {
+    // One rank per GPU: the local rank picks the device. With --gpus-per-task=1 each rank sees
+    // one device and the modulo maps every rank to it.
+    device = local_rank % devices;
+    const cudaError_t set = cudaSetDevice(device);
+    if (set != cudaSuccess) failure = "cudaSetDevice(" + std::to_string(device) + ") failed on " + where + ": " + cudaGetErrorString(set);
+  }
+  if (failure.empty() && bootstrap.rank() == 0) {
     const ncclResult_t made = ncclGetUniqueId(&id);
-    if (made != ncclSuccess) throw RuntimeFailure(std::string("ncclGetUniqueId failed on ") + where + ": " + ncclGetErrorString(made));
+    if (made != ncclSuccess) failure = std::string("ncclGetUniqueId failed on ") + where + ": " + ncclGetErrorString(made);
+  }
+  int first_failed = failure.empty() ? bootstrap.size() : bootstrap.rank();
+  bootstrap.allreduce(&first_failed, &first_failed, 1, DType::kI32, ReduceOp::kMin);
+  if (first_failed < bootstrap.size()) {
+    // Every rank knows: the first failing rank reports, the others stop silently.
+    if (bootstrap.rank() != first_failed)
+      throw PeerFailure("--backend nccl: set-up stopped because rank " + std::to_string(first_failed) + " failed", kExitRuntimeFailure);
+    RuntimeFailure error(failure);
+    error.mark_agreed();
+    throw error;
   }
   bootstrap.broadcast(&id, sizeof id, DType::kU8, 0);
   ncclComm_t comm = nullptr;

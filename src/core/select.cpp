@@ -1,25 +1,33 @@
 #include "gradfix/core/select.hpp"
 
+#include <re2/re2.h>
+
 #include "gradfix/core/error.hpp"
 
 namespace gradfix {
 namespace {
 
-std::vector<std::regex> compile(const std::vector<std::string>& patterns, const char* option) {
-  std::vector<std::regex> compiled;
+// A pattern's compiled program may use at most this much memory; larger ones are refused.
+constexpr int64_t kMaxPatternMemory = 8 << 20;
+
+std::vector<std::shared_ptr<const re2::RE2>> compile(const std::vector<std::string>& patterns, const char* option) {
+  std::vector<std::shared_ptr<const re2::RE2>> compiled;
   for (const auto& pattern : patterns) {
-    try {
-      compiled.emplace_back(pattern, std::regex::ECMAScript);
-    } catch (const std::regex_error& error) {
-      throw InputError(std::string("--") + option + " pattern '" + pattern + "' is not a valid regular expression: " + error.what());
-    }
+    RE2::Options options;
+    options.set_log_errors(false);
+    options.set_max_mem(kMaxPatternMemory);
+    auto regex = std::make_shared<const re2::RE2>(pattern, options);
+    if (!regex->ok())
+      throw InputError(std::string("--") + option + " pattern '" + pattern + "' is not a valid RE2 regular expression: " + regex->error() +
+                       " (syntax: docs/cli.md)");
+    compiled.push_back(std::move(regex));
   }
   return compiled;
 }
 
-bool any_match(const std::vector<std::regex>& patterns, const std::string& name) {
+bool any_match(const std::vector<std::shared_ptr<const re2::RE2>>& patterns, const std::string& name) {
   for (const auto& pattern : patterns)
-    if (std::regex_search(name, pattern)) return true;
+    if (RE2::PartialMatch(name, *pattern)) return true;
   return false;
 }
 

@@ -11,7 +11,6 @@
 #include <cstring>
 #include <fstream>
 
-#include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
 
 namespace gradfix {
@@ -38,10 +37,13 @@ bool file_exists(const std::string& path) {
   return ::stat(path.c_str(), &status) == 0;
 }
 
-std::string temporary_path_for(const std::string& final_path) {
+std::string new_temporary_token() {
   static std::atomic<unsigned> counter{0};
-  return parent_directory(final_path) + "/." + base_name(final_path) + ".tmp-" + std::to_string(::getpid()) + "-" +
-         std::to_string(counter++);
+  return std::to_string(::getpid()) + "-" + std::to_string(counter++);
+}
+
+std::string temporary_path_for(const std::string& final_path, const std::string& token) {
+  return parent_directory(final_path) + "/." + base_name(final_path) + ".tmp-" + (token.empty() ? new_temporary_token() : token);
 }
 
 bool ensure_directory(const std::string& directory) {
@@ -120,16 +122,6 @@ void install_cleanup_signal_handlers() {
   action.sa_handler = on_signal;
   sigemptyset(&action.sa_mask);
   for (int signal_number : {SIGTERM, SIGINT, SIGHUP}) ::sigaction(signal_number, &action, nullptr);
-}
-
-std::string shared_temporary_path_for(const std::string& final_path, MpiCommunicator* comm) {
-  std::string path = temporary_path_for(final_path);
-  if (comm == nullptr || comm->size() == 1) return path;
-  unsigned long long length = path.size();
-  comm->broadcast(&length, 1, DType::kU64, 0);
-  path.resize(length);
-  comm->broadcast(path.data(), length, DType::kU8, 0);
-  return path;
 }
 
 }  // namespace gradfix

@@ -4,7 +4,6 @@
 
 #include <map>
 
-#include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 
@@ -294,14 +293,17 @@ class Hdf5Reader final : public TensorReader {
 class Hdf5Writer final : public TensorWriter {
  public:
   Hdf5Writer(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata,
-             MpiCommunicator* comm)
-      : path_(path), temporary_(shared_temporary_path_for(path, comm)), layout_(layout), tracker_(layout), comm_(comm) {
+             const WriterRole& role)
+      : path_(path), temporary_(temporary_path_for(path, role.token)), layout_(layout), tracker_(layout), role_(role) {
     silence_hdf5();
+    // HDF5 has no way to attach to a file another process is still creating: several writers of
+    // one file go through a parallel file access (MPI-IO, set by gradfix::dist), where the file,
+    // its datasets and attributes are created by all of them together, the data by each alone.
+    if (!role_.leader && !role_.hdf5_file_access)
+      throw RuntimeFailure(path_ + ": " + role_.who + ": several writers of one HDF5 file need a parallel file access");
     register_temporary(temporary_);
-    // Several ranks write one file through MPI-IO: the file, its datasets and attributes are
-    // created by all ranks together (collective), the data by each rank independently.
     Handle access(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-    if (comm_ != nullptr) H5Pset_fapl_mpio(access.get(), comm_->native(), MPI_INFO_NULL);
+    if (role_.hdf5_file_access) role_.hdf5_file_access(static_cast<std::int64_t>(access.get()));
     file_ = Handle(H5Fcreate(temporary_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, access.get()), H5Fclose);
     if (file_.get() < 0) throw RuntimeFailure(path_ + ": cannot create '" + temporary_ + "'");
     for (const auto& [key, value] : metadata) write_string_attribute(file_.get(), key, value, path_);
@@ -329,7 +331,7 @@ class Hdf5Writer final : public TensorWriter {
   ~Hdf5Writer() override {
     file_.reset();
     if (!published_) {
-      if (is_root()) remove_quietly(temporary_);
+      if (role_.leader) remove_quietly(temporary_);
       unregister_temporary(temporary_);
     }
   }
@@ -349,39 +351,52 @@ class Hdf5Writer final : public TensorWriter {
       throw RuntimeFailure(path_ + ": cannot write dataset '" + name + "'");
   }
 
-  void finish() override {
-    tracker_.check_complete(path_, comm_);
+  // With a parallel file access, closing the file is collective: every writer flushes.
+  void flush() override {
+    if (file_.get() < 0) return;
     if (H5Fflush(file_.get(), H5F_SCOPE_GLOBAL) < 0) throw RuntimeFailure(path_ + ": flush failed");
     file_.reset();
-    if (comm_ != nullptr) comm_->barrier();
   }
 
+  std::vector<long long> written_elements() const override { return tracker_.written(); }
+
   void publish() override {
-    if (is_root()) rename_file(temporary_, path_);
+    if (role_.leader) rename_file(temporary_, path_);
     unregister_temporary(temporary_);
     published_ = true;
-    if (comm_ != nullptr) comm_->barrier();
   }
 
  private:
-  bool is_root() const { return comm_ == nullptr || comm_->rank() == 0; }
-
   std::string path_;
   std::string temporary_;
   std::vector<TensorInfo> layout_;
   WriteTracker tracker_;
-  MpiCommunicator* comm_;
+  WriterRole role_;
   Handle file_;
   bool published_ = false;
 };
 
 }  // namespace
 
+std::string hdf5_version() {
+  unsigned major = 0, minor = 0, release = 0;
+  H5get_libversion(&major, &minor, &release);
+  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(release);
+}
+
+bool hdf5_is_parallel() {
+#ifdef H5_HAVE_PARALLEL
+  return true;
+#else
+  return false;
+#endif
+}
+
 std::unique_ptr<TensorReader> open_hdf5_reader(const std::string& path) { return std::make_unique<Hdf5Reader>(path); }
 
 std::unique_ptr<TensorWriter> open_hdf5_writer(const std::string& path, const std::vector<TensorInfo>& layout,
-                                               const Metadata& metadata, MpiCommunicator* comm) {
-  return std::make_unique<Hdf5Writer>(path, layout, metadata, comm);
+                                               const Metadata& metadata, const WriterRole& role) {
+  return std::make_unique<Hdf5Writer>(path, layout, metadata, role);
 }
 
 }  // namespace gradfix

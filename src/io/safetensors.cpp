@@ -14,7 +14,6 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 
@@ -316,12 +315,13 @@ void write_all(int fd, const void* data, std::size_t bytes, off_t offset, const 
 }
 
 // One safetensors file, written in place under a temporary name: the header first, the file
-// sized to its final length, then each range with pwrite at its offset.
+// sized to its final length, then each range with pwrite at its offset. The leader creates the
+// file; other writers of the same output attach to it and write their ranges in place.
 class SafetensorsWriter final : public TensorWriter {
  public:
   SafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata,
-                    MpiCommunicator* comm)
-      : path_(path), temporary_(shared_temporary_path_for(path, comm)), layout_(layout), tracker_(layout), comm_(comm) {
+                    const WriterRole& role)
+      : path_(path), temporary_(temporary_path_for(path, role.token)), layout_(layout), tracker_(layout), role_(role) {
     register_temporary(temporary_);
     Json header = Json::object();
     if (!metadata.empty()) header["__metadata__"] = metadata;
@@ -338,32 +338,22 @@ class SafetensorsWriter final : public TensorWriter {
     data_start_ = 8 + static_cast<long long>(text.size());
     for (const auto& [name, entry] : header.items())
       if (name != "__metadata__") byte_begin_[name] = entry["data_offsets"][0].get<long long>();
+    if (!role_.leader) return;
 
-    // Rank 0 creates the file with its header and final size; then every rank opens it and
-    // writes its own ranges in place.
-    if (is_root()) {
-      fd_ = ::open(temporary_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-      if (fd_ < 0) throw RuntimeFailure(path_ + ": cannot create '" + temporary_ + "': " + std::strerror(errno));
-      unsigned char length[8];
-      for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>((text.size() >> (8 * i)) & 0xFF);
-      write_all(fd_, length, 8, 0, path_);
-      write_all(fd_, text.data(), text.size(), 8, path_);
-      if (::ftruncate(fd_, static_cast<off_t>(data_start_ + static_cast<long long>(offset))) != 0)
-        throw RuntimeFailure(path_ + ": cannot size the file: " + std::strerror(errno));
-    }
-    if (comm_ != nullptr) comm_->barrier();
-    if (!is_root()) {
-      fd_ = ::open(temporary_.c_str(), O_WRONLY | O_CLOEXEC);
-      if (fd_ < 0)
-        throw RuntimeFailure(path_ + ": " + describe_rank(*comm_) + " cannot open '" + temporary_ + "' made by rank 0: " +
-                             std::strerror(errno) + " (is the output directory on a file system every rank sees?)");
-    }
+    fd_ = ::open(temporary_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd_ < 0) throw RuntimeFailure(path_ + ": cannot create '" + temporary_ + "': " + std::strerror(errno));
+    unsigned char length[8];
+    for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>((text.size() >> (8 * i)) & 0xFF);
+    write_all(fd_, length, 8, 0, path_);
+    write_all(fd_, text.data(), text.size(), 8, path_);
+    if (::ftruncate(fd_, static_cast<off_t>(data_start_ + static_cast<long long>(offset))) != 0)
+      throw RuntimeFailure(path_ + ": cannot size the file: " + std::strerror(errno));
   }
 
   ~SafetensorsWriter() override {
     if (fd_ >= 0) ::close(fd_);
     if (!published_) {
-      if (is_root()) remove_quietly(temporary_);
+      if (role_.leader) remove_quietly(temporary_);
       unregister_temporary(temporary_);
     }
   }
@@ -371,36 +361,44 @@ class SafetensorsWriter final : public TensorWriter {
   const std::string& path() const override { return path_; }
   const std::vector<TensorInfo>& layout() const override { return layout_; }
 
+  void attach() override {
+    if (role_.leader || fd_ >= 0) return;
+    fd_ = ::open(temporary_.c_str(), O_WRONLY | O_CLOEXEC);
+    if (fd_ < 0)
+      throw RuntimeFailure(path_ + ": " + role_.who + " cannot open '" + temporary_ + "' made by the leading rank: " +
+                           std::strerror(errno) + " (is the output directory on a file system every rank sees?)");
+  }
+
   void write_raw(const std::string& name, long long begin, long long count, const void* source) override {
     const TensorInfo& tensor = tracker_.record(path_, name, begin, count);
+    if (fd_ < 0) throw RuntimeFailure(path_ + ": written before attach()");
     const long long item = static_cast<long long>(dtype_size(tensor.dtype));
     write_all(fd_, source, static_cast<std::size_t>(count * item),
               static_cast<off_t>(data_start_ + byte_begin_.at(name) + begin * item), path_);
   }
 
-  void finish() override {
-    tracker_.check_complete(path_, comm_);
+  void flush() override {
+    if (fd_ < 0) return;
     if (::fsync(fd_) != 0) throw RuntimeFailure(path_ + ": fsync failed: " + std::strerror(errno));
-    if (::close(fd_) != 0) throw RuntimeFailure(path_ + ": close failed: " + std::strerror(errno));
+    const int fd = fd_;
     fd_ = -1;
-    if (comm_ != nullptr) comm_->barrier();
+    if (::close(fd) != 0) throw RuntimeFailure(path_ + ": close failed: " + std::strerror(errno));
   }
 
+  std::vector<long long> written_elements() const override { return tracker_.written(); }
+
   void publish() override {
-    if (is_root()) rename_file(temporary_, path_);
+    if (role_.leader) rename_file(temporary_, path_);
     unregister_temporary(temporary_);
     published_ = true;
-    if (comm_ != nullptr) comm_->barrier();
   }
 
  private:
-  bool is_root() const { return comm_ == nullptr || comm_->rank() == 0; }
-
   std::string path_;
   std::string temporary_;
   std::vector<TensorInfo> layout_;
   WriteTracker tracker_;
-  MpiCommunicator* comm_;
+  WriterRole role_;
   std::map<std::string, long long> byte_begin_;
   long long data_start_ = 0;
   int fd_ = -1;
@@ -412,12 +410,13 @@ class SafetensorsWriter final : public TensorWriter {
 class ShardedSafetensorsWriter final : public TensorWriter {
  public:
   ShardedSafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata,
-                           long long max_shard_bytes, MpiCommunicator* comm)
-      : path_(path), comm_(comm), layout_(layout) {
+                           long long max_shard_bytes, const WriterRole& role)
+      : path_(path), role_(role), layout_(layout) {
     if (max_shard_bytes <= 0) throw InputError("--max-shard-size must be positive, got " + std::to_string(max_shard_bytes));
+    if (role_.token.empty()) role_.token = new_temporary_token();
     directory_ = path.size() > 11 && path.compare(path.size() - 11, 11, ".index.json") == 0 ? parent_directory(path) : path;
     while (directory_.size() > 1 && directory_.back() == '/') directory_.pop_back();
-    if (is_root()) {
+    if (role_.leader) {
       created_directory_ = ensure_directory(directory_);
       if (created_directory_) register_temporary(directory_);
     }
@@ -436,7 +435,7 @@ class ShardedSafetensorsWriter final : public TensorWriter {
     long long total = 0;
     for (int i = 0; i < count; ++i) {
       const std::string file = shard_file_name(i + 1, count);
-      shards_.push_back(std::make_unique<SafetensorsWriter>(directory_ + "/" + file, groups[i], metadata, comm));
+      shards_.push_back(std::make_unique<SafetensorsWriter>(directory_ + "/" + file, groups[i], metadata, role_));
       for (const auto& tensor : groups[i]) {
         owner_[tensor.name] = static_cast<std::size_t>(i);
         weight_map_[tensor.name] = file;
@@ -448,7 +447,7 @@ class ShardedSafetensorsWriter final : public TensorWriter {
 
   ~ShardedSafetensorsWriter() override {
     shards_.clear();
-    if (!published_ && is_root()) {
+    if (!published_ && role_.leader) {
       if (!index_temporary_.empty()) remove_quietly(index_temporary_);
       if (created_directory_) ::rmdir(directory_.c_str());
     }
@@ -459,17 +458,21 @@ class ShardedSafetensorsWriter final : public TensorWriter {
   const std::string& path() const override { return path_; }
   const std::vector<TensorInfo>& layout() const override { return layout_; }
 
+  void attach() override {
+    for (auto& shard : shards_) shard->attach();
+  }
+
   void write_raw(const std::string& name, long long begin, long long count, const void* source) override {
     const auto found = owner_.find(name);
     if (found == owner_.end()) throw RuntimeFailure(path_ + ": tensor '" + name + "' is not in the output layout");
     shards_[found->second]->write_raw(name, begin, count, source);
   }
 
-  void finish() override {
-    for (auto& shard : shards_) shard->finish();
+  void flush() override {
+    for (auto& shard : shards_) shard->flush();
+    if (!role_.leader) return;  // the leader writes and publishes the index
     const std::string index_path = directory_ + "/" + kSafetensorsIndexName;
-    index_temporary_ = temporary_path_for(index_path);
-    if (!is_root()) return;  // rank 0 writes and publishes the index
+    index_temporary_ = temporary_path_for(index_path, role_.token);
     register_temporary(index_temporary_);
     const Json index = {{"metadata", {{"total_size", total_size_}}}, {"weight_map", weight_map_}};
     const std::string text = index.dump(2) + "\n";
@@ -479,18 +482,22 @@ class ShardedSafetensorsWriter final : public TensorWriter {
     if (std::fclose(file) != 0 || !written) throw RuntimeFailure(index_path + ": write failed");
   }
 
+  std::vector<long long> written_elements() const override {
+    std::vector<long long> written;
+    for (const auto& shard : shards_)
+      for (long long count : shard->written_elements()) written.push_back(count);
+    return written;
+  }
+
   void publish() override {
     for (auto& shard : shards_) shard->publish();
-    if (is_root()) rename_file(index_temporary_, directory_ + "/" + kSafetensorsIndexName);
+    if (role_.leader) rename_file(index_temporary_, directory_ + "/" + kSafetensorsIndexName);
     published_ = true;
-    if (comm_ != nullptr) comm_->barrier();
   }
 
  private:
-  bool is_root() const { return comm_ == nullptr || comm_->rank() == 0; }
-
   std::string path_;
-  MpiCommunicator* comm_;
+  WriterRole role_;
   std::string directory_;
   std::vector<TensorInfo> layout_;
   std::vector<std::unique_ptr<SafetensorsWriter>> shards_;
@@ -527,15 +534,15 @@ std::unique_ptr<TensorReader> open_sharded_safetensors_reader(const std::string&
 }
 
 std::unique_ptr<TensorWriter> open_safetensors_writer(const std::string& path, const std::vector<TensorInfo>& layout,
-                                                      const Metadata& metadata, MpiCommunicator* comm) {
-  return std::make_unique<SafetensorsWriter>(path, layout, metadata, comm);
+                                                      const Metadata& metadata, const WriterRole& role) {
+  return std::make_unique<SafetensorsWriter>(path, layout, metadata, role);
 }
 
 std::unique_ptr<TensorWriter> open_sharded_safetensors_writer(const std::string& path,
                                                               const std::vector<TensorInfo>& layout,
                                                               const Metadata& metadata, long long max_shard_bytes,
-                                                              MpiCommunicator* comm) {
-  return std::make_unique<ShardedSafetensorsWriter>(path, layout, metadata, max_shard_bytes, comm);
+                                                              const WriterRole& role) {
+  return std::make_unique<ShardedSafetensorsWriter>(path, layout, metadata, max_shard_bytes, role);
 }
 
 }  // namespace gradfix

@@ -2,7 +2,6 @@
 
 #include <set>
 
-#include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/hdf5_store.hpp"
@@ -84,14 +83,20 @@ const TensorInfo& WriteTracker::record(const std::string& file, const std::strin
   return tensor;
 }
 
-void WriteTracker::check_complete(const std::string& file, MpiCommunicator* comm) const {
-  std::vector<long long> written = written_;
-  if (comm != nullptr && !written.empty()) comm->allreduce(written.data(), written.data(), written.size(), DType::kI64, ReduceOp::kSum);
-  for (std::size_t i = 0; i < layout_.size(); ++i) {
-    if (written[i] != layout_[i].numel())
-      throw RuntimeFailure(file + ": tensor '" + layout_[i].name + "': " + std::to_string(written[i]) + " of " +
-                           std::to_string(layout_[i].numel()) + " elements were written; refusing to publish");
+void check_all_written(const std::string& file, const std::vector<TensorInfo>& layout, const std::vector<long long>& written) {
+  if (written.size() != layout.size())
+    throw RuntimeFailure(file + ": write counts for " + std::to_string(written.size()) + " tensors, the layout has " +
+                         std::to_string(layout.size()));
+  for (std::size_t i = 0; i < layout.size(); ++i) {
+    if (written[i] != layout[i].numel())
+      throw RuntimeFailure(file + ": tensor '" + layout[i].name + "': " + std::to_string(written[i]) + " of " +
+                           std::to_string(layout[i].numel()) + " elements were written; refusing to publish");
   }
+}
+
+void TensorWriter::finish() {
+  flush();
+  check_all_written(path(), layout(), written_elements());
 }
 
 StoreFormat format_of_path(const std::string& path) {
@@ -123,10 +128,10 @@ std::unique_ptr<TensorWriter> open_writer(const std::string& path, const std::ve
     if (!names.insert(tensor.name).second)
       throw InputError(path + ": tensor '" + tensor.name + "' appears twice in the output");
   switch (format_of_path(path)) {
-    case StoreFormat::kSafetensors: return open_safetensors_writer(path, layout, metadata, options.comm);
+    case StoreFormat::kSafetensors: return open_safetensors_writer(path, layout, metadata, options.role);
     case StoreFormat::kShardedSafetensors:
-      return open_sharded_safetensors_writer(path, layout, metadata, options.max_shard_bytes, options.comm);
-    case StoreFormat::kHdf5: return open_hdf5_writer(path, layout, metadata, options.comm);
+      return open_sharded_safetensors_writer(path, layout, metadata, options.max_shard_bytes, options.role);
+    case StoreFormat::kHdf5: return open_hdf5_writer(path, layout, metadata, options.role);
   }
   throw InputError("'" + path + "': unknown checkpoint format");
 }

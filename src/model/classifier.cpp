@@ -488,7 +488,7 @@ std::unique_ptr<Classifier> load_classifier(const std::string& path) {
   return model;
 }
 
-void save_classifier(Classifier& model, const std::string& path, Metadata extra) {
+std::unique_ptr<TensorWriter> write_classifier(Classifier& model, const std::string& path, Metadata extra) {
   std::vector<TensorInfo> layout;
   for (auto& [name, parameter] : model.parameters())
     layout.push_back({name, DType::kF32, std::vector<long long>(parameter.sizes().begin(), parameter.sizes().end())});
@@ -499,8 +499,11 @@ void save_classifier(Classifier& model, const std::string& path, Metadata extra)
     const torch::Tensor values = parameter.detach().to(torch::kCPU).to(torch::kFloat32).contiguous();
     writer->write_f32(name, 0, values.data_ptr<float>(), values.numel());
   }
-  writer->commit();
+  writer->finish();
+  return writer;
 }
+
+void save_classifier(Classifier& model, const std::string& path, Metadata extra) { write_classifier(model, path, std::move(extra))->publish(); }
 
 std::map<std::string, std::vector<float>> parameter_values(Classifier& model) {
   std::map<std::string, std::vector<float>> values;

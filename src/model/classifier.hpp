@@ -61,6 +61,8 @@ std::unique_ptr<Classifier> load_classifier(const std::string& path);
 // them must be there, with the same shapes). Without weights a TorchScript archive keeps its own.
 std::unique_ptr<Classifier> load_model(const std::string& model, const std::string& weights);
 void save_classifier(Classifier& model, const std::string& path, Metadata extra = {});
+// Writes and finishes the weights under temporary names; publish() puts them in place.
+std::unique_ptr<TensorWriter> write_classifier(Classifier& model, const std::string& path, Metadata extra = {});
 // For every parameter of the model, the tensor of the same name in `path`: one error lists every
 // missing name; a shape mismatch names both shapes. `whose` says what the shapes belong to.
 std::map<std::string, std::vector<float>> read_parameters(Classifier& model, const std::string& path, const std::string& whose);

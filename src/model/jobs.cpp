@@ -24,11 +24,6 @@ namespace {
 
 using Vectors = std::map<std::string, std::vector<float>>;
 
-int rank_of(const JobContext& context) { return context.host != nullptr ? context.host->rank() : 0; }
-int size_of(const JobContext& context) { return context.host != nullptr ? context.host->size() : 1; }
-Communicator* statistics_comm(const JobContext& context) {
-  return context.stats != nullptr ? context.stats : static_cast<Communicator*>(context.host);
-}
 
 Dataset load_data(const DataOptions& options, long long skip = 0, long long limit = 0) {
   Dataset data = load_dataset(options.spec);
@@ -74,30 +69,57 @@ void train_model(Classifier& model, const Dataset& data, int epochs, double lr, 
   }
 }
 
+// A NaN or Inf in a sample's inputs would cast votes without a word (the sign of NaN counts as
+// zero in the batched products): this rank's shots must have finite inputs, named when not.
+void require_finite_inputs(const Dataset& part, const std::vector<long long>& shot_numbers, const std::string& source) {
+  const long long width = part.size() > 0 ? static_cast<long long>(part.inputs.size()) / part.size() : 0;
+  for (long long i = 0; i < part.size(); ++i)
+    for (long long j = 0; j < width; ++j) {
+      const float value = part.inputs[static_cast<std::size_t>(i * width + j)];
+      if (!std::isfinite(value))
+        throw InputError(source + ": shot " + std::to_string(shot_numbers[static_cast<std::size_t>(i)]) + " has " +
+                         (std::isnan(value) ? "NaN" : "an infinite value") + " at input element " + std::to_string(j));
+    }
+}
+
+// Finite inputs can still give non-finite gradients (weights with NaN or Inf, an overflow):
+// statistics that are not finite are refused rather than written.
+void require_finite_statistics(const std::map<std::string, torch::Tensor>& local, const std::string& source) {
+  for (const auto& [name, values] : local)
+    if (!torch::isfinite(values).all().item<bool>())
+      throw InputError(source + ": the few-shot gradients of '" + name + "' are not finite (NaN or Inf): check the model's weights");
+}
+
 // The statistics of the descent direction over these samples, computed by every rank on its
 // share (every P-th sample) and all-reduced: vote counts for max, -gradient sums for mean.
+// `source` names the data in messages.
 Vectors descent_statistics(Classifier& model, const Dataset& shots, const std::string& sign_mode, const std::string& method,
-                           const JobContext& context) {
-  const int rank = rank_of(context), ranks = size_of(context);
+                           const JobContext& context, const std::string& source) {
+  const int rank = context.rank(), ranks = context.size();
   std::vector<long long> mine;
   for (long long i = rank; i < shots.size(); i += ranks) mine.push_back(i);
   const Dataset part = shots.subset(mine);
   std::map<std::string, torch::Tensor> local;
   const bool empty = part.size() == 0;
-  if (sign_mode == "max") {
-    if (!empty && method == "fast") {
-      if (!model.fast_votes(inputs_tensor(part, model.device()), labels_tensor(part, model.device()), local))
+  // Only this rank sees its samples: a failure here must stop every rank before the reduction.
+  context.agree([&] {
+    require_finite_inputs(part, mine, source);
+    if (sign_mode == "max") {
+      if (!empty && method == "fast") {
+        if (!model.fast_votes(inputs_tensor(part, model.device()), labels_tensor(part, model.device()), local))
+          local = loop_votes(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
+      } else if (!empty && method == "loop") {
         local = loop_votes(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
-    } else if (!empty && method == "loop") {
-      local = loop_votes(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
-    } else if (!empty) {
-      throw InputError("unknown --method '" + method + "'; valid: fast|loop");
+      } else if (!empty) {
+        throw InputError("unknown --method '" + method + "'; valid: fast|loop");
+      }
+    } else if (sign_mode == "mean") {
+      if (!empty) local = gradient_sums(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
+    } else {
+      throw InputError("unknown --sign-mode '" + sign_mode + "'; valid: max|mean");
     }
-  } else if (sign_mode == "mean") {
-    if (!empty) local = gradient_sums(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
-  } else {
-    throw InputError("unknown --sign-mode '" + sign_mode + "'; valid: max|mean");
-  }
+    require_finite_statistics(local, source);
+  });
   Vectors statistics;
   for (auto& [name, parameter] : model.parameters()) {
     const auto count = static_cast<std::size_t>(parameter.numel());
@@ -109,7 +131,7 @@ Vectors descent_statistics(Classifier& model, const Dataset& shots, const std::s
       }
       if (ranks > 1) {
         // Reduced in the narrowest integer type that holds every partial and total vote sum.
-        Communicator& comm = *statistics_comm(context);
+        Communicator& comm = context.stats();
         const DType dtype = vote_count_dtype(shots.size(), comm);
         std::vector<unsigned char> narrow(count * dtype_size(dtype));
         convert_from_f32(dtype, votes.data(), narrow.data(), count);
@@ -120,7 +142,7 @@ Vectors descent_statistics(Classifier& model, const Dataset& shots, const std::s
     } else {
       std::vector<double> sums(count, 0.0);
       if (local.count(name)) std::memcpy(sums.data(), local[name].to(torch::kCPU).contiguous().data_ptr<double>(), count * sizeof(double));
-      if (ranks > 1) allreduce_statistics(*statistics_comm(context), sums.data(), static_cast<long long>(count), DType::kF64);
+      if (ranks > 1) allreduce_statistics(context.stats(), sums.data(), static_cast<long long>(count), DType::kF64);
       statistics[name].assign(sums.begin(), sums.end());
     }
   }
@@ -214,7 +236,8 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
   const double naive_alpha = choose_alpha(model, base, in.tau, alphas, support);
   add_row("B + alpha tau_A (naive)", evaluate_with(model, base, in.tau, naive_alpha, in.test), naive_alpha, 1.0, -1);
 
-  const Vectors statistics = descent_statistics(model, shots, job.sign_mode, "fast", context);
+  const Vectors statistics = descent_statistics(model, shots, job.sign_mode, "fast", context,
+                                                  job.data.spec.empty() ? "the few-shot pool" : job.data.spec);
   Vectors masked;
   PairStats kept, agreement;
   for (auto& [name, parameter] : model.parameters()) {
@@ -314,105 +337,144 @@ nlohmann::json rows_json(const std::vector<TransportRow>& rows) {
 bool torch_available() { return true; }
 
 
-void run_init(const InitJob& job, std::ostream& log) {
-  auto model = make_classifier(parse_architecture(job.arch, job.dims), job.seed);
-  save_classifier(*model, job.out);
+// The root writes an output under temporary names, every rank agrees that the job went well so
+// far, then the root publishes: a failure on any rank leaves nothing behind.
+void publish_from_root(const JobContext& context, const std::function<std::unique_ptr<TensorWriter>()>& write) {
+  std::unique_ptr<TensorWriter> writer;
+  context.agree([&] {
+    if (context.is_root()) writer = write();
+  });
+  if (writer) writer->publish();
+}
+
+std::unique_ptr<Classifier> load_on_device(const std::string& model_spec, const std::string& weights, const JobContext& context) {
+  auto model = load_model(model_spec, weights);
+  model->to_device(parse_device(context.device, context.local_rank));
+  return model;
+}
+
+void run_init(const InitJob& job, std::ostream& log, const JobContext& context) {
+  std::unique_ptr<Classifier> model;
+  context.agree([&] { model = make_classifier(parse_architecture(job.arch, job.dims), job.seed); });
+  publish_from_root(context, [&] { return write_classifier(*model, job.out); });
   long long count = 0;
   for (auto& [name, parameter] : model->parameters()) count += parameter.numel();
-  log << "init: " << job.arch << " " << job.dims << ", " << count << " parameters, seed " << job.seed << ", written to " << job.out << "\n";
+  if (context.is_root())
+    log << "init: " << job.arch << " " << job.dims << ", " << count << " parameters, seed " << job.seed << ", written to " << job.out << "\n";
 }
 
 void run_train(const TrainJob& job, std::ostream& log, const JobContext& context) {
-  auto model = load_model(job.model, job.weights);
-  model->to_device(parse_device(job.device, context.local_rank));
-  const Dataset data = load_data(job.data, job.skip, job.limit);
-  check_compatible(*model, data, job.data.spec);
+  std::unique_ptr<Classifier> model;
+  Dataset data;
+  context.agree([&] {
+    model = load_on_device(job.model, job.weights, context);
+    data = load_data(job.data, job.skip, job.limit);
+    check_compatible(*model, data, job.data.spec);
+  });
   std::ostringstream discard;
-  torch::manual_seed(job.seed);
-  train_model(*model, data, job.epochs, job.lr, job.batch, job.seed, rank_of(context) == 0 ? log : discard, "train");
-  if (rank_of(context) == 0) {
-    save_classifier(*model, job.out);
-    log << "train: " << data.size() << " samples, written to " << job.out << "\n";
-  }
+  // Every rank trains the same replica with the same seed; the root's is written.
+  context.agree([&] {
+    torch::manual_seed(job.seed);
+    train_model(*model, data, job.epochs, job.lr, job.batch, job.seed, context.is_root() ? log : discard, "train");
+  });
+  publish_from_root(context, [&] { return write_classifier(*model, job.out); });
+  if (context.is_root()) log << "train: " << data.size() << " samples, written to " << job.out << "\n";
 }
 
-void run_eval(const EvalJob& job, std::ostream& log) {
-  auto model = load_model(job.model, job.weights);
-  model->to_device(parse_device(job.device, 0));
-  const Dataset data = load_data(job.data);
-  check_compatible(*model, data, job.data.spec);
-  const Evaluation result = evaluate(*model, data);
-  log << "eval: " << data.size() << " samples, accuracy " << std::fixed << std::setprecision(2) << 100.0 * result.accuracy
+void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {
+  Evaluation result;
+  long long samples = 0;
+  context.agree([&] {
+    auto model = load_on_device(job.model, job.weights, context);
+    const Dataset data = load_data(job.data);
+    check_compatible(*model, data, job.data.spec);
+    result = evaluate(*model, data);
+    samples = data.size();
+  });
+  if (!context.is_root()) return;
+  log << "eval: " << samples << " samples, accuracy " << std::fixed << std::setprecision(2) << 100.0 * result.accuracy
       << "%, loss " << std::setprecision(4) << result.loss << "\n";
   log.unsetf(std::ios::fixed);
 }
 
 void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
-  auto model = load_model(job.model, job.weights);
-  model->to_device(parse_device(job.device, context.local_rank));
-  const Dataset data = load_data(job.data);
-  check_compatible(*model, data, job.data.spec);
-  std::vector<long long> everything(static_cast<std::size_t>(data.size()));
-  for (long long i = 0; i < data.size(); ++i) everything[static_cast<std::size_t>(i)] = i;
-  Dataset shots = data.subset(choose_shots(data, everything, model->classes(), job.selection, job.shots_per_class, job.seed));
-  shots.classes = data.classes;
-  const Vectors statistics = descent_statistics(*model, shots, job.sign_mode, job.method, context);
-  if (rank_of(context) != 0) return;
+  std::unique_ptr<Classifier> model;
+  Dataset shots;
+  context.agree([&] {
+    model = load_on_device(job.model, job.weights, context);
+    const Dataset data = load_data(job.data);
+    check_compatible(*model, data, job.data.spec);
+    std::vector<long long> everything(static_cast<std::size_t>(data.size()));
+    for (long long i = 0; i < data.size(); ++i) everything[static_cast<std::size_t>(i)] = i;
+    shots = data.subset(choose_shots(data, everything, model->classes(), job.selection, job.shots_per_class, job.seed));
+    shots.classes = data.classes;
+  });
+  const Vectors statistics = descent_statistics(*model, shots, job.sign_mode, job.method, context, job.data.spec);
   // Vote counts in the narrowest integer type that holds them; mean-mode sums in fp32.
   const DType dtype = job.sign_mode == "max" ? (shots.size() <= 127 ? DType::kI8 : shots.size() <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
   std::vector<TensorInfo> layout;
   for (auto& [name, parameter] : model->parameters())
     layout.push_back({name, dtype, std::vector<long long>(parameter.sizes().begin(), parameter.sizes().end())});
-  Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", job.sign_mode},
-                       {"gradfix.samples", std::to_string(shots.size())}, {"gradfix.seed", std::to_string(job.seed)}};
-  auto writer = open_writer(job.out, layout, metadata);
-  for (const auto& tensor : layout) writer->write_f32(tensor.name, 0, statistics.at(tensor.name).data(), tensor.numel());
-  writer->commit();
-  log << "signs " << job.sign_mode << ": " << shots.size() << " samples, "
-      << layout.size() << " tensors as " << dtype_name(dtype) << ", written to " << job.out << "\n";
+  publish_from_root(context, [&] {
+    Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", job.sign_mode},
+                         {"gradfix.samples", std::to_string(shots.size())}, {"gradfix.seed", std::to_string(job.seed)}};
+    auto writer = open_writer(job.out, layout, metadata);
+    for (const auto& tensor : layout) writer->write_f32(tensor.name, 0, statistics.at(tensor.name).data(), tensor.numel());
+    writer->finish();
+    return writer;
+  });
+  if (context.is_root())
+    log << "signs " << job.sign_mode << ": " << shots.size() << " samples, " << layout.size() << " tensors as "
+        << dtype_name(dtype) << ", written to " << job.out << "\n";
 }
 
 std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {
   TransportInputs in;
-  auto model = load_model(job.model, job.target);
-  model->to_device(parse_device(job.device, context.local_rank));
-  in.target = model.get();
-  if (!job.task_vector.empty()) {
-    in.tau = read_vectors(job.task_vector, *model);
-  } else if (!job.source_base.empty() && !job.source_finetuned.empty()) {
-    in.tau = difference(read_vectors(job.source_finetuned, *model), read_vectors(job.source_base, *model));
-  } else {
-    throw InputError("transport needs --task-vector, or --source-base and --source-finetuned");
-  }
-  if (!job.target_finetuned.empty()) {
-    in.target_finetuned = read_vectors(job.target_finetuned, *model);
-    in.tau_b = difference(in.target_finetuned, parameter_values(*model));
-  }
-  in.pool = load_data(job.data);
-  in.test = load_data(job.test);
-  check_compatible(*model, in.pool, job.data.spec);
-  check_compatible(*model, in.test, job.test.spec);
-  Vectors transported;
-  const auto rows = transport_core(in, job, context, &transported);
-  if (rank_of(context) == 0) {
-    print_rows(rows, log);
-    if (!job.out.empty()) {
-      set_parameter_values(*model, transported);
-      save_classifier(*model, job.out, {{"gradfix.operation", "transport"}});
-      log << "transport: GradFix model written to " << job.out << "\n";
+  std::unique_ptr<Classifier> model;
+  context.agree([&] {
+    model = load_on_device(job.model, job.target, context);
+    in.target = model.get();
+    if (!job.task_vector.empty()) {
+      in.tau = read_vectors(job.task_vector, *model);
+    } else if (!job.source_base.empty() && !job.source_finetuned.empty()) {
+      in.tau = difference(read_vectors(job.source_finetuned, *model), read_vectors(job.source_base, *model));
+    } else {
+      throw InputError("transport needs --task-vector, or --source-base and --source-finetuned");
     }
-    if (!job.results.empty()) {
+    if (!job.target_finetuned.empty()) {
+      in.target_finetuned = read_vectors(job.target_finetuned, *model);
+      in.tau_b = difference(in.target_finetuned, parameter_values(*model));
+    }
+    in.pool = load_data(job.data);
+    in.test = load_data(job.test);
+    check_compatible(*model, in.pool, job.data.spec);
+    check_compatible(*model, in.test, job.test.spec);
+  });
+  Vectors transported;
+  std::vector<TransportRow> rows;
+  context.agree([&] { rows = transport_core(in, job, context, &transported); });
+  if (context.is_root()) print_rows(rows, log);
+  if (!job.out.empty()) {
+    publish_from_root(context, [&] {
+      set_parameter_values(*model, transported);
+      return write_classifier(*model, job.out, {{"gradfix.operation", "transport"}});
+    });
+    if (context.is_root()) log << "transport: GradFix model written to " << job.out << "\n";
+  }
+  if (!job.results.empty()) {
+    context.agree([&] {
+      if (!context.is_root()) return;
       write_text_file_atomically(job.results, nlohmann::json{{"shots_per_class", job.shots_per_class}, {"seed", job.seed},
                                                         {"sign_mode", job.sign_mode}, {"mask_mode", mask_mode_name(job.mask_mode)},
                                                         {"rows", rows_json(rows)}}.dump(2) + "\n");
-      log << "transport: results written to " << job.results << "\n";
-    }
+    });
+    if (context.is_root()) log << "transport: results written to " << job.results << "\n";
   }
   return rows;
 }
 
 void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) {
-  const bool root = rank_of(context) == 0;
+  const bool root = context.is_root();
   std::ostringstream discard;
   std::ostream& out = root ? log : discard;
   ensure_directory(job.cache);
@@ -436,7 +498,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
     }
     auto model = make();
     if (root) save_classifier(*model, path, {{"gradfix.demo.key", key}});
-    if (context.host != nullptr) context.host->barrier();
+    context.host().barrier();
     return model;
   };
   // Two "releases": one architecture and one initialisation (a model lineage), pre-trained with

@@ -14,9 +14,9 @@ namespace {
 }  // namespace
 
 bool torch_available() { return false; }
-void run_init(const InitJob&, std::ostream&) { no_torch("init"); }
+void run_init(const InitJob&, std::ostream&, const JobContext&) { no_torch("init"); }
 void run_train(const TrainJob&, std::ostream&, const JobContext&) { no_torch("train"); }
-void run_eval(const EvalJob&, std::ostream&) { no_torch("eval"); }
+void run_eval(const EvalJob&, std::ostream&, const JobContext&) { no_torch("eval"); }
 void run_signs(const SignsJob&, std::ostream&, const JobContext&) { no_torch("signs"); }
 std::vector<TransportRow> run_transport(const TransportJob&, std::ostream&, const JobContext&) { no_torch("transport"); }
 void run_demo(const DemoJob&, std::ostream&, const JobContext&) { no_torch("demo"); }

@@ -17,6 +17,7 @@
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/core/select.hpp"
+#include "gradfix/dist/collective_output.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/shard/plan.hpp"
 
@@ -25,15 +26,15 @@ namespace {
 
 using Reader = std::unique_ptr<TensorReader>;
 
-// This rank's view of the job: who it is, and the collective steps the jobs need.
+// This rank's view of the job: the context, and the reductions of statistics and summaries.
 class Ranks {
  public:
   explicit Ranks(const JobContext& context) : context_(context) {}
 
-  int rank() const { return context_.host != nullptr ? context_.host->rank() : 0; }
-  int size() const { return context_.host != nullptr ? context_.host->size() : 1; }
-  bool is_root() const { return rank() == 0; }
-  MpiCommunicator* host() const { return context_.host; }
+  int rank() const { return context_.rank(); }
+  int size() const { return context_.size(); }
+  bool is_root() const { return context_.is_root(); }
+  const JobContext& context() const { return context_; }
   long long chunk_elements() const { return context_.chunk_elements; }
 
   // Sums of statistics, through the statistics communicator (NCCL or MPI).
@@ -54,47 +55,15 @@ class Ranks {
     stats.norm_b_squared = sums[2];
   }
 
-  // Runs a step on every rank and agrees on its outcome: if any rank failed, the lowest failing
-  // rank rethrows its error and the others throw a silent PeerFailure, so the error is printed
-  // once and every rank exits normally instead of waiting in a later collective.
   template <typename Work>
   void agree(Work work) const {
-    std::exception_ptr failure;
-    int code = 0;
-    try {
-      work();
-    } catch (const Error& error) {
-      failure = std::current_exception();
-      code = error.exit_code();
-    } catch (const std::exception& error) {
-      failure = std::make_exception_ptr(RuntimeFailure(error.what()));
-      code = kExitRuntimeFailure;
-    }
-    if (size() == 1) {
-      if (failure) std::rethrow_exception(failure);
-      return;
-    }
-    int worst = code;
-    context_.host->allreduce(&worst, &worst, 1, DType::kI32, ReduceOp::kMax);
-    if (worst == 0) return;
-    int first = failure ? rank() : size();
-    context_.host->allreduce(&first, &first, 1, DType::kI32, ReduceOp::kMin);
-    if (rank() == first) {
-      try {
-        std::rethrow_exception(failure);
-      } catch (Error& error) {
-        error.mark_agreed();
-        throw;
-      }
-    }
-    throw PeerFailure("stopped because rank " + std::to_string(first) + " failed", worst);
+    context_.agree(work);
   }
 
  private:
   void reduce(void* values, std::size_t count, DType dtype, bool statistics) const {
     if (size() == 1 || count == 0) return;
-    Communicator& comm = statistics && context_.stats != nullptr ? *context_.stats : *context_.host;
-    allreduce_host(comm, values, count, dtype, ReduceOp::kSum);
+    allreduce_host(statistics ? context_.stats() : context_.host(), values, count, dtype, ReduceOp::kSum);
   }
 
   const JobContext& context_;
@@ -190,16 +159,7 @@ Metadata output_metadata(const Metadata& input, const std::string& operation) {
 
 std::unique_ptr<TensorWriter> open_output(const Ranks& ranks, const std::string& path, const std::vector<TensorInfo>& layout,
                                           const Metadata& metadata, const OutputOptions& output) {
-  WriteOptions options;
-  options.max_shard_bytes = output.max_shard_bytes;
-  options.comm = ranks.host();
-  return open_writer(path, layout, metadata, options);
-}
-
-// Finishes on every rank, agrees that all succeeded, then publishes.
-void commit_collectively(const Ranks& ranks, TensorWriter& writer) {
-  ranks.agree([&] { writer.finish(); });
-  writer.publish();
+  return open_collective_writer(ranks.context(), path, layout, metadata, output.max_shard_bytes);
 }
 
 // This rank's chunks of the layout, in plan order.
@@ -320,7 +280,6 @@ double gaussian_at(std::uint64_t seed, std::uint64_t key, long long index) {
 
 }  // namespace
 
-void agree_on_outcome(const JobContext& context, const std::function<void()>& work) { Ranks(context).agree(work); }
 
 JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
@@ -347,7 +306,7 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
     writer->write_f32(name, chunk.begin, tau.data(), chunk.count);
     summary.stats.add(tau.data(), tau.data(), chunk.count);
   }
-  commit_collectively(ranks, *writer);
+  commit_collectively(ranks.context(), *writer);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
   summary.tensors_written = summary.tensors_changed = static_cast<long long>(names.size());
@@ -394,7 +353,7 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
     writer->write_f32(out.name, chunk.begin, values.data(), chunk.count);
     summary.stats.add(delta.data(), delta.data(), chunk.count);
   }
-  commit_collectively(ranks, *writer);
+  commit_collectively(ranks.context(), *writer);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
   summary.tensors_written = static_cast<long long>(layout.size());
@@ -453,7 +412,7 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
     summary.stats.add(values.data(), statistics.data(), chunk.count);
     kept.add(masked.data(), values.data(), chunk.count);
   }
-  commit_collectively(ranks, *writer);
+  commit_collectively(ranks.context(), *writer);
   ranks.reduce_summary(summary.stats);
   ranks.reduce_summary(kept);
   summary.elements = summary.stats.count;
@@ -585,7 +544,7 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
     writer->write_f32(layout[chunk.tensor].name, chunk.begin, merged.data(), chunk.count);
     summary.stats.add(merged.data(), first.data(), chunk.count);
   }
-  commit_collectively(ranks, *writer);
+  commit_collectively(ranks.context(), *writer);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
   summary.tensors_written = summary.tensors_changed = static_cast<long long>(names.size());
@@ -613,7 +572,7 @@ JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContex
   auto writer = open_output(ranks, job.out, layout, in->metadata(), job.output);
   JobSummary summary;
   for (const auto& chunk : my_chunks(ranks, plan, layout)) copy_chunk(*in, layout[chunk.tensor], chunk, *writer, job.output.allow_nonfinite);
-  commit_collectively(ranks, *writer);
+  commit_collectively(ranks.context(), *writer);
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.bytes_written = layout_bytes(layout);
   for (const auto& tensor : layout) summary.elements += tensor.numel();
@@ -691,7 +650,7 @@ JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobCont
       values[static_cast<std::size_t>(i)] += static_cast<float>(job.noise * gaussian_at(job.seed, key, chunk.begin + i));
     writer->write_f32(tensor.name, chunk.begin, values.data(), chunk.count);
   }
-  commit_collectively(ranks, *writer);
+  commit_collectively(ranks.context(), *writer);
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.bytes_written = layout_bytes(layout);
   for (const auto& tensor : layout) summary.elements += tensor.numel();

@@ -4,12 +4,14 @@
 // and writes a JSON copy. Run under mpirun:
 //   mpirun -np 2 build/gradfix_bench_allreduce [--backend mpi|nccl] [--max 64M] [--json bench_allreduce.json]
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "bench_flags.hpp"
 #include "gradfix/cli/cli.hpp"
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/comm/mpi.hpp"
@@ -32,17 +34,34 @@ double time_allreduce(gradfix::Communicator& comm, gradfix::MpiCommunicator& wor
   return best;
 }
 
+// One more all-reduce of each type on known values: votes r - 1 on rank r sum to
+// P (P - 3) / 2, exactly, in int8 and in fp32.
+void check_sums(gradfix::Communicator& comm, std::size_t count) {
+  const int p = comm.size();
+  const long long expected = static_cast<long long>(p) * (p - 3) / 2;
+  std::vector<std::int8_t> votes(count, static_cast<std::int8_t>(comm.rank() - 1));
+  gradfix::allreduce_host(comm, votes.data(), count, gradfix::DType::kI8, gradfix::ReduceOp::kSum);
+  std::vector<float> values(count, static_cast<float>(comm.rank() - 1));
+  gradfix::allreduce_host(comm, values.data(), count, gradfix::DType::kF32, gradfix::ReduceOp::kSum);
+  for (std::size_t i = 0; i < count; i += 1 + count / 1024) {
+    gradfix::bench::require(votes[i] == expected, "int8 sum at " + std::to_string(i) + " is " + std::to_string(votes[i]));
+    gradfix::bench::require(values[i] == static_cast<float>(expected), "fp32 sum at " + std::to_string(i) + " is " + std::to_string(values[i]));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   gradfix::MpiRuntime runtime(&argc, &argv);
-  std::string backend = "mpi", json_path = "bench_allreduce.json";
-  long long max_count = 64LL << 20;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i];
-    if (flag == "--backend") backend = argv[i + 1];
-    else if (flag == "--max") max_count = gradfix::parse_byte_size(argv[i + 1], "--max");
-    else if (flag == "--json") json_path = argv[i + 1];
+  const gradfix::bench::Flags flags(argc, argv, {{"backend", "mpi"}, {"max", "64M"}, {"json", "bench_allreduce.json"}},
+                                    "mpirun -np P gradfix_bench_allreduce [--backend mpi|nccl] [--max 64M] [--json bench_allreduce.json]");
+  const std::string backend = flags["backend"], json_path = flags["json"];
+  long long max_count = 0;
+  try {
+    max_count = gradfix::parse_byte_size(flags["max"], "--max");
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "error: %s\n", error.what());
+    return 2;
   }
   auto comm = gradfix::make_communicator(backend, runtime, backend == "nccl");
   gradfix::MpiCommunicator& world = runtime.world();
@@ -61,6 +80,7 @@ int main(int argc, char** argv) {
     const double fp32 = time_allreduce(*comm, world, buffer, static_cast<std::size_t>(count), gradfix::DType::kF32, iterations);
     std::fill(buffer.begin(), buffer.end(), 0);  // int8 sums of zeros never overflow
     const double int8 = time_allreduce(*comm, world, buffer, static_cast<std::size_t>(count), gradfix::DType::kI8, iterations);
+    check_sums(*comm, static_cast<std::size_t>(count));
     for (const auto& [type, seconds, item] : {std::tuple<const char*, double, int>{"fp32", fp32, 4}, {"int8", int8, 1}}) {
       const double bytes = static_cast<double>(count) * item;
       const double algbw = bytes / seconds / 1e9;

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_flags.hpp"
 #include "gradfix/cli/cli.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/tensor_store.hpp"
@@ -86,6 +87,30 @@ double seconds(Work work) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+// The first and last 65536 elements of every tensor of `out` against `rule(a, b)` computed here
+// from the inputs, rounded to the output dtype the same way: the timed job wrote the right bytes.
+template <typename Rule>
+void check_output(const std::string& out, const std::string& a_path, const std::string& b_path,
+                  const std::vector<TensorInfo>& layout, Rule rule, const char* op, const std::string& = "") {
+  const auto result = gradfix::open_reader(out), a = gradfix::open_reader(a_path), b = gradfix::open_reader(b_path);
+  for (const auto& tensor : layout) {
+    const long long span = std::min(tensor.numel(), 65536LL);
+    for (long long begin : {0LL, tensor.numel() - span}) {
+      const auto got = result->read_f32(tensor.name, begin, span);
+      const auto x = a->read_f32(tensor.name, begin, span), y = b->read_f32(tensor.name, begin, span);
+      std::vector<float> want(static_cast<std::size_t>(span));
+      for (std::size_t i = 0; i < want.size(); ++i) want[i] = rule(x[i], y[i], 0.0f);
+      std::vector<unsigned char> rounded(want.size() * gradfix::dtype_size(tensor.dtype));
+      gradfix::convert_from_f32(tensor.dtype, want.data(), rounded.data(), want.size());
+      gradfix::convert_to_f32(tensor.dtype, rounded.data(), want.data(), want.size());
+      for (std::size_t i = 0; i < want.size(); ++i)
+        gradfix::bench::require(got[i] == want[i], std::string(op) + ": " + out + ": tensor '" + tensor.name + "' element " +
+                                                        std::to_string(begin + static_cast<long long>(i)) + " is " +
+                                                        std::to_string(got[i]) + ", expected " + std::to_string(want[i]));
+    }
+  }
+}
+
 std::vector<std::string> split(const std::string& text) {
   std::vector<std::string> parts;
   std::stringstream stream(text);
@@ -97,18 +122,9 @@ std::vector<std::string> split(const std::string& text) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string sizes = "256MB,2GB", dtypes = "F32,BF16", dir = "/tmp", json_path = "bench_io.json";
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i];
-    if (flag == "--sizes") sizes = argv[i + 1];
-    else if (flag == "--dtypes") dtypes = argv[i + 1];
-    else if (flag == "--dir") dir = argv[i + 1];
-    else if (flag == "--json") json_path = argv[i + 1];
-    else {
-      std::cerr << "unknown flag " << flag << "\n";
-      return 2;
-    }
-  }
+  const gradfix::bench::Flags flags(argc, argv, {{"sizes", "256MB,2GB"}, {"dtypes", "F32,BF16"}, {"dir", "/tmp"}, {"json", "bench_io.json"}},
+                                    "gradfix_bench_io [--sizes 256MB,2GB] [--dtypes F32,BF16] [--dir /tmp] [--json bench_io.json]");
+  const std::string sizes = flags["sizes"], dtypes = flags["dtypes"], dir = flags["dir"], json_path = flags["json"];
   const std::string work = dir + "/gradfix-bench-" + std::to_string(::getpid());
   gradfix::ensure_directory(work);
   nlohmann::json rows = nlohmann::json::array();
@@ -117,7 +133,12 @@ int main(int argc, char** argv) {
   for (const auto& size_text : split(sizes)) {
     const long long bytes = gradfix::parse_byte_size(size_text, "--sizes");
     for (const auto& dtype_text : split(dtypes)) {
-      const auto dtype = *gradfix::parse_dtype(dtype_text);
+      const auto parsed_dtype = gradfix::parse_dtype(dtype_text);
+      if (!parsed_dtype || (*parsed_dtype != DType::kF32 && *parsed_dtype != DType::kBF16 && *parsed_dtype != DType::kF16)) {
+        std::fprintf(stderr, "error: --dtypes: '%s' is not F32, F16 or BF16\n", dtype_text.c_str());
+        return 2;
+      }
+      const auto dtype = *parsed_dtype;
       const auto layout = layout_for(bytes, dtype);
       long long actual = 0;
       for (const auto& tensor : layout) actual += tensor.nbytes();
@@ -129,11 +150,14 @@ int main(int argc, char** argv) {
       std::ostringstream quiet;
       const double copy = seconds([&] { plain_copy(base, out); });
       const double apply = seconds([&] { gradfix::run_apply({base, tau, 0.5, out, {}}, quiet); });
+      check_output(out, base, tau, layout, [](float b, float t, float) { return b + 0.5f * t; }, "apply");
       gradfix::MaskJob mask_job;
       mask_job.task_vector = tau;
       mask_job.signs = signs;
       mask_job.out = out;
       const double mask = seconds([&] { gradfix::run_mask(mask_job, quiet); });
+      check_output(out, tau, signs, layout, [](float t, float s, float) { return (t > 0) == (s > 0) && (t < 0) == (s < 0) ? t : 0.0f; },
+                   "mask", signs);
       for (const auto& [op, time] : std::vector<std::pair<std::string, double>>{{"copy", copy}, {"apply", apply}, {"mask", mask}}) {
         const double rate = static_cast<double>(actual) / time / 1e9;
         std::printf("  %10lld %6s %8s %10.3f %10.3f %10.2f\n", actual, dtype_text.c_str(), op.c_str(), time, rate, time / copy);

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "../../src/model/classifier.hpp"
+#include "bench_flags.hpp"
 
 namespace {
 
@@ -27,9 +28,8 @@ double best_seconds(Work work, int repeats) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string json_path = "bench_signs.json";
-  for (int i = 1; i + 1 < argc; i += 2)
-    if (std::string(argv[i]) == "--json") json_path = argv[i + 1];
+  const gradfix::bench::Flags flags(argc, argv, {{"json", "bench_signs.json"}}, "gradfix_bench_signs [--json bench_signs.json]");
+  const std::string json_path = flags["json"];
   struct Case {
     const char* arch;
     const char* dims;
@@ -50,7 +50,17 @@ int main(int argc, char** argv) {
       const torch::Tensor inputs = torch::rand(shape), labels = torch::randint(0, model->classes(), {samples}, torch::kInt64);
       std::map<std::string, torch::Tensor> votes;
       const double fast = best_seconds([&] { model->fast_votes(inputs, labels, votes); }, 10);
-      const double loop = best_seconds([&] { gradfix::loop_votes(*model, inputs, labels); }, 3);
+      std::map<std::string, torch::Tensor> reference;
+      const double loop = best_seconds([&] { reference = gradfix::loop_votes(*model, inputs, labels); }, 3);
+      // The fast votes must be the loop's, up to entries whose gradient is within rounding of zero.
+      long long equal = 0, total = 0;
+      for (const auto& [name, values] : reference) {
+        equal += votes.at(name).eq(values).sum().item<int64_t>();
+        total += values.numel();
+      }
+      gradfix::bench::require(static_cast<double>(equal) >= 0.999 * static_cast<double>(total),
+                              std::string(c.arch) + ": fast votes equal the loop's on only " + std::to_string(equal) + " of " +
+                                  std::to_string(total) + " entries");
       const double per_fast = 1e3 * fast / static_cast<double>(samples), per_loop = 1e3 * loop / static_cast<double>(samples);
       std::printf("  %6s %24s %8lld %14.4f %14.4f %10.1f\n", c.arch, c.dims, static_cast<long long>(samples), per_fast, per_loop, loop / fast);
       rows.push_back({{"arch", c.arch}, {"dims", c.dims}, {"samples", samples}, {"fast_ms_per_sample", per_fast},

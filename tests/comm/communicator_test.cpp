@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <unistd.h>
 #include <cstdint>
 #include <numeric>
 #include <vector>
@@ -11,6 +14,9 @@
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
+#include "gradfix/dist/collective_output.hpp"
+#include "gradfix/dist/job_context.hpp"
+#include "gradfix/io/atomic_file.hpp"
 
 #ifdef GRADFIX_HAVE_NCCL
 #include <cuda_runtime_api.h>
@@ -159,6 +165,89 @@ TEST(NcclCommunicator, AllreduceMatchesMpi) {
     EXPECT_EQ(through_nccl, expected) << dtype_name(dtype);
   }
 #endif
+}
+
+// A step that fails on the last rank only: every rank leaves the agreement with an error of
+// the failing rank's exit code, only that rank's error is not silent, and the ranks that did not
+// fail say which rank did.
+TEST(JobContext, AgreementGivesEveryRankTheFailingRanksCode) {
+  const JobContext context(world(), world());
+  const int last = world().size() - 1;
+  try {
+    context.agree([&] {
+      if (world().rank() == last) throw RuntimeFailure("disk full on the last rank");
+    });
+    ADD_FAILURE() << "the agreement passed although rank " << last << " failed";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.exit_code(), kExitRuntimeFailure);
+    if (world().size() > 1) EXPECT_TRUE(error.agreed());  // one rank needs no agreement
+    EXPECT_EQ(error.silent(), world().rank() != last) << error.what();
+    if (world().rank() != last) EXPECT_NE(std::string(error.what()).find("rank " + std::to_string(last)), std::string::npos);
+  }
+  // Success on every rank passes quietly, and a nested agreement's error passes the outer one
+  // without another collective.
+  EXPECT_NO_THROW(context.agree([] {}));
+  try {
+    context.agree([&] { context.agree([] { throw InputError("bad everywhere"); }); });
+    ADD_FAILURE() << "nested failure lost";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.exit_code(), kExitBadInput);
+    EXPECT_EQ(error.silent(), world().rank() != 0);
+  }
+}
+
+// Every rank writes its own half of each tensor through the collective writer: the file holds
+// all of them, and nothing is published when one rank leaves a gap.
+TEST(CollectiveWriter, RanksWriteTheirRangesOfOneFile) {
+  const JobContext context(world(), world());
+  std::string directory = "/tmp/gradfix-collective-XXXXXX";
+  if (world().rank() == 0) directory = ::mkdtemp(directory.data());
+  unsigned long long length = directory.size();
+  world().broadcast(&length, 1, DType::kU64, 0);
+  directory.resize(length);
+  world().broadcast(directory.data(), length, DType::kU8, 0);
+  const long long p = world().size(), r = world().rank();
+  const std::vector<TensorInfo> layout = {{"a", DType::kF32, {p, 3}}, {"b", DType::kI32, {p}}};
+  for (const std::string name : {"all.safetensors", "all.h5", "sharded"}) {
+    const std::string path = directory + "/" + name;
+    auto writer = open_collective_writer(context, path, layout, {{"k", "v"}}, 16);
+    const std::vector<float> row = {static_cast<float>(r), static_cast<float>(r) + 0.5f, -1.0f};
+    writer->write_f32("a", r * 3, row.data(), 3);
+    const std::int32_t value = static_cast<std::int32_t>(10 * r);
+    writer->write_raw("b", r, 1, &value);
+    commit_collectively(context, *writer);
+    world().barrier();
+    const auto reader = open_reader(path);
+    const auto a = reader->read_f32("a");
+    const auto b = reader->read_f32("b");
+    for (long long q = 0; q < p; ++q) {
+      EXPECT_EQ(a[static_cast<std::size_t>(q * 3)], static_cast<float>(q)) << name;
+      EXPECT_EQ(a[static_cast<std::size_t>(q * 3 + 2)], -1.0f) << name;
+      EXPECT_EQ(b[static_cast<std::size_t>(q)], static_cast<float>(10 * q)) << name;
+    }
+    EXPECT_EQ(reader->metadata().at("k"), "v") << name;
+  }
+  // The last rank writes nothing of "b": the sum of written counts misses one element.
+  const std::string gap = directory + "/gap.safetensors";
+  {
+    auto writer = open_collective_writer(context, gap, layout, {});
+    const std::vector<float> row(3, 1.0f);
+    writer->write_f32("a", r * 3, row.data(), 3);
+    const std::int32_t value = 1;
+    if (r != p - 1) writer->write_raw("b", r, 1, &value);
+    EXPECT_THROW(commit_collectively(context, *writer), Error);
+  }
+  world().barrier();
+  EXPECT_FALSE(file_exists(gap));
+  if (world().rank() == 0) {
+    // Only the published outputs are left: no temporary file of any writer.
+    FILE* listing = ::popen(("ls -A '" + directory + "' | grep -c tmp || true").c_str(), "r");
+    char line[64] = {};
+    if (listing != nullptr && std::fgets(line, sizeof line, listing) != nullptr) EXPECT_EQ(std::string(line), "0\n");
+    if (listing != nullptr) ::pclose(listing);
+  }
+  world().barrier();
+  if (world().rank() == 0) std::system(("rm -rf '" + directory + "'").c_str());
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The scripts in slurm/ on a real one-node Slurm: installs Debian's slurm-wlm and munge when
-# missing, starts munged, slurmctld and slurmd on localhost with a generated slurm.conf in a
+# The scripts in slurm/ on a real one-node Slurm (Debian's slurm-wlm and munge, installed by
+# launch/setup): starts munged, slurmctld and slurmd on localhost with a generated slurm.conf in a
 # temporary directory, submits each script with sbatch on a small job, checks the outputs
 # against a plain run, and stops the daemons it started (by pid).
 #   slurm_test.sh GRADFIX_BINARY
@@ -9,16 +9,10 @@ gradfix=$1
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 source "$repo/tests/mpi/common.sh"
 
-missing=()
-for package in slurm-wlm munge; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+# slurm-wlm and munge come from launch/setup: tests install nothing.
+for command in slurmctld slurmd munged sbatch; do
+  command -v "$command" >/dev/null || { echo "slurm_test: $command is missing; run launch/setup (it installs slurm-wlm and munge)" >&2; exit 1; }
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  [ "$(id -u)" -eq 0 ] || { echo "slurm_test: needs root to install ${missing[*]} and run slurmd" >&2; exit 1; }
-  echo "slurm_test: installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
-    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
-fi
 [ "$(id -u)" -eq 0 ] || { echo "slurm_test: slurmd must run as root" >&2; exit 1; }
 
 work=$(mktemp -d /tmp/gradfix-slurm-XXXXXX)

@@ -16,6 +16,11 @@ bool nccl_available();
 // Number of CUDA devices visible to this process (0 in a build without CUDA).
 int cuda_device_count();
 
+// "2.27.3", the NCCL library in use; empty in a build without NCCL.
+std::string nccl_version();
+// "13.0", the CUDA runtime in use; empty in a build without CUDA.
+std::string cuda_runtime_version();
+
 // `name` is auto, mpi or nccl. `tensors_on_device` tells auto where the data lives. Returns the
 // MPI world itself for mpi (not owned: null deleter), a new NcclCommunicator for nccl.
 std::shared_ptr<Communicator> make_communicator(const std::string& name, MpiRuntime& runtime, bool tensors_on_device);

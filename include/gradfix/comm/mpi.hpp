@@ -45,6 +45,9 @@ class MpiCommunicator final : public Communicator {
   int size_ = 1;
 };
 
+// The MPI library's own version line ("Open MPI v4.1.4, package: ..."); callable before MPI starts.
+std::string mpi_library_version();
+
 class MpiRuntime {
  public:
   MpiRuntime(int* argc, char*** argv);

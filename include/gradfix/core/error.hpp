@@ -54,6 +54,20 @@ class RuntimeFailure : public Error {
   explicit RuntimeFailure(const std::string& message) : Error(message, kExitRuntimeFailure) {}
 };
 
+// A broken invariant of gradfix itself, not of the input: a bug to report. The message says
+// where (file:line) and which condition failed, so a report from a user's cluster points at the
+// line. Exit code 3, like the other failures that are not the input's fault.
+class InternalError : public Error {
+ public:
+  InternalError(const char* file, int line, const char* condition, const std::string& message);
+};
+
+// Throws InternalError when `condition` is false; `message` is evaluated only then.
+#define GRADFIX_CHECK(condition, message)                                                  \
+  do {                                                                                     \
+    if (!(condition)) throw ::gradfix::InternalError(__FILE__, __LINE__, #condition, (message)); \
+  } while (0)
+
 // "[768, 3072]": the form every message uses for a shape.
 std::string format_shape(const std::vector<long long>& shape);
 

@@ -6,10 +6,11 @@
 
 namespace gradfix {
 
-class MpiCommunicator;
-
-// A fresh temporary name beside `final_path`: ".<name>.tmp-<pid>-<counter>".
-std::string temporary_path_for(const std::string& final_path);
+// A token unique to this process and call: "<pid>-<counter>".
+std::string new_temporary_token();
+// A temporary name beside `final_path`: ".<name>.tmp-<token>", with a fresh token when none is
+// given. Processes that write one output together pass the same token.
+std::string temporary_path_for(const std::string& final_path, const std::string& token = "");
 
 // Creates the directory (and its parents) when missing; returns whether it created it.
 bool ensure_directory(const std::string& directory);
@@ -32,10 +33,6 @@ void remove_registered_temporaries() noexcept;
 // Installs handlers for SIGTERM, SIGINT and SIGHUP that remove the registered temporaries and
 // exit with 128 + the signal number.
 void install_cleanup_signal_handlers();
-
-// The same temporary name on every rank: rank 0 makes it, the others receive it. Without a
-// communicator, just temporary_path_for.
-std::string shared_temporary_path_for(const std::string& final_path, MpiCommunicator* comm);
 
 std::string parent_directory(const std::string& path);
 std::string base_name(const std::string& path);

@@ -14,9 +14,13 @@ namespace gradfix {
 constexpr const char* kHdf5DtypeAttribute = "gradfix_dtype";
 
 std::unique_ptr<TensorReader> open_hdf5_reader(const std::string& path);
-// With a communicator of more than one rank the file is written collectively through MPI-IO
-// (parallel HDF5): datasets are created by all ranks together, each rank writes its ranges.
+
+// "1.10.8", the HDF5 library in use, and whether it was built for MPI-IO (parallel HDF5).
+std::string hdf5_version();
+bool hdf5_is_parallel();
+// With role.hdf5_file_access set (gradfix::dist sets MPI-IO there), every process of the role
+// creates the file and its datasets together, and each writes its own ranges.
 std::unique_ptr<TensorWriter> open_hdf5_writer(const std::string& path, const std::vector<TensorInfo>& layout,
-                                               const Metadata& metadata, MpiCommunicator* comm = nullptr);
+                                               const Metadata& metadata, const WriterRole& role = {});
 
 }  // namespace gradfix

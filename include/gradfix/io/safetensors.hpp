@@ -21,13 +21,13 @@ std::unique_ptr<TensorReader> open_safetensors_reader(const std::string& path);
 std::unique_ptr<TensorReader> open_sharded_safetensors_reader(const std::string& path);
 
 std::unique_ptr<TensorWriter> open_safetensors_writer(const std::string& path, const std::vector<TensorInfo>& layout,
-                                                      const Metadata& metadata, MpiCommunicator* comm = nullptr);
+                                                      const Metadata& metadata, const WriterRole& role = {});
 // Writes model-0000i-of-0000n.safetensors files of at most `max_shard_bytes` each and the index,
 // into the directory `path`.
 std::unique_ptr<TensorWriter> open_sharded_safetensors_writer(const std::string& path,
                                                               const std::vector<TensorInfo>& layout,
                                                               const Metadata& metadata, long long max_shard_bytes,
-                                                              MpiCommunicator* comm = nullptr);
+                                                              const WriterRole& role = {});
 
 // "model-00002-of-00005.safetensors".
 std::string shard_file_name(int index, int count);

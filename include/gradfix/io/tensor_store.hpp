@@ -6,6 +6,7 @@
 // and publish atomically: nothing appears under the output name until every byte is written.
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -46,33 +47,50 @@ class TensorReader {
   std::vector<float> read_f32(const std::string& name) const;
 };
 
-class MpiCommunicator;
+// How this process takes part in writing one output. A process that writes alone keeps the
+// defaults. When several processes write one output together (gradfix::dist's collective
+// writer), they share one token, so their temporary files have the same names; the leader
+// creates the files, renames them on publication and removes them on failure, the others
+// attach() to what the leader created and write their own ranges. The io layer itself never
+// communicates: whoever coordinates the processes calls the steps in order.
+struct WriterRole {
+  std::string token;  // names the temporary files; empty: a fresh token of this process
+  bool leader = true;
+  std::string who;    // "rank 2/4 on node17", for messages; empty when writing alone
+  // Called with the HDF5 file-access property list (an hid_t) before the file is created. The
+  // distributed layer sets MPI-IO here; then every process creates the HDF5 file together.
+  std::function<void(std::int64_t)> hdf5_file_access;
+};
 
 struct WriteOptions {
   // For a sharded safetensors directory: the largest shard, in bytes (a single larger tensor gets
   // a shard of its own).
   long long max_shard_bytes = 5LL << 30;
-  // With a communicator the writer is collective: every rank constructs it with the same layout,
-  // rank 0 creates the files, every rank writes the ranges it owns into the same files (which
-  // must be on a file system all ranks see), and publish() renames once all ranks finished.
-  MpiCommunicator* comm = nullptr;
+  WriterRole role;
 };
 
 class TensorWriter {
  public:
-  // A writer destroyed before commit() removes everything it wrote.
+  // A writer destroyed before publish() removes everything it wrote.
   virtual ~TensorWriter() = default;
 
   virtual const std::string& path() const = 0;
   virtual const std::vector<TensorInfo>& layout() const = 0;
+  // A process that is not the leader opens the files the leader created. The leader's files
+  // exist once its constructor returned; a process writing alone never needs to call this.
+  virtual void attach() {}
   // Stores elements [begin, begin + count) of the flattened tensor, given in its layout dtype.
   virtual void write_raw(const std::string& name, long long begin, long long count, const void* source) = 0;
-  // Checks that every element of every tensor was written and flushes, still under temporary
-  // names. Splitting this from publish() lets several ranks all finish before any publishes.
-  virtual void finish() = 0;
-  // Renames the finished temporary files to their final names.
+  // Flushes and closes this process's files, still under temporary names.
+  virtual void flush() = 0;
+  // Elements this process wrote, per tensor of layout(), in layout order.
+  virtual std::vector<long long> written_elements() const = 0;
+  // Renames the finished temporary files to their final names (the leader does the renaming).
   virtual void publish() = 0;
 
+  // flush(), then refuses to go on when an element of a tensor was not written. Splitting this
+  // from publish() lets several processes all finish before any publishes.
+  void finish();
   void commit() {
     finish();
     publish();
@@ -83,6 +101,9 @@ class TensorWriter {
  private:
   std::map<std::string, DType> dtypes_;  // filled on the first write_f32
 };
+
+// Throws RuntimeFailure naming `file` and the first tensor whose written count is not its size.
+void check_all_written(const std::string& file, const std::vector<TensorInfo>& layout, const std::vector<long long>& written);
 
 enum class StoreFormat { kSafetensors, kShardedSafetensors, kHdf5 };
 
@@ -101,9 +122,8 @@ class WriteTracker {
   explicit WriteTracker(const std::vector<TensorInfo>& layout);
   // Throws RuntimeFailure when the range lies outside the tensor or the tensor is unknown.
   const TensorInfo& record(const std::string& file, const std::string& name, long long begin, long long count);
-  // Throws RuntimeFailure naming the first tensor that is not complete. With a communicator,
-  // counts the elements written by all ranks together (collective).
-  void check_complete(const std::string& file, MpiCommunicator* comm = nullptr) const;
+  // Elements recorded per tensor, in layout order.
+  const std::vector<long long>& written() const { return written_; }
 
  private:
   std::map<std::string, std::size_t> index_;

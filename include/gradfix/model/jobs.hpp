@@ -1,7 +1,8 @@
 #pragma once
 // The jobs that need a model: create, train and evaluate weights, compute few-shot gradient-sign
 // statistics, transport a task vector end to end, and the built-in demo. The LibTorch code is
-// behind this header; nothing here includes <torch/torch.h>.
+// behind this header; nothing here includes <torch/torch.h>. The device (cpu, cuda, cuda:N) is
+// the context's, like the ranks and the communicators.
 
 #include <cstdint>
 #include <ostream>
@@ -29,7 +30,6 @@ struct InitJob {
 };
 
 struct TrainJob {
-  std::string device = "cpu";  // cpu | cuda | cuda:N
   std::string model;  // empty: built-in from the weights' metadata; torchscript:ARCHIVE
   std::string weights;
   DataOptions data;
@@ -43,7 +43,6 @@ struct TrainJob {
 };
 
 struct EvalJob {
-  std::string device = "cpu";
   std::string model;
   std::string weights;
   DataOptions data;
@@ -58,7 +57,6 @@ struct ShotSelection {
 };
 
 struct SignsJob {
-  std::string device = "cpu";
   std::string model;
   std::string weights;
   DataOptions data;
@@ -71,7 +69,6 @@ struct SignsJob {
 };
 
 struct TransportJob {
-  std::string device = "cpu";
   std::string model;              // empty: built-in; torchscript:ARCHIVE
   std::string target;             // B_base weights
   std::string task_vector;        // tau_A (or source_base + source_finetuned)
@@ -122,9 +119,9 @@ struct DemoJob {
   std::string results;  // demo results JSON
 };
 
-void run_init(const InitJob& job, std::ostream& log);
+void run_init(const InitJob& job, std::ostream& log, const JobContext& context = {});
 void run_train(const TrainJob& job, std::ostream& log, const JobContext& context = {});
-void run_eval(const EvalJob& job, std::ostream& log);
+void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context = {});
 void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context = {});
 std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context = {});
 void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context = {});

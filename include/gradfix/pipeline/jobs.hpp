@@ -10,26 +10,13 @@
 #include <vector>
 
 #include "gradfix/core/dtype.hpp"
+#include "gradfix/dist/job_context.hpp"
 #include "gradfix/io/tensor_store.hpp"
 #include "gradfix/mask/compare.hpp"
 #include "gradfix/mask/mask.hpp"
 #include "gradfix/merge/merge.hpp"
 
 namespace gradfix {
-
-class Communicator;
-class MpiCommunicator;
-
-// Where a job runs. Every job is the same code for any number of ranks: each rank reads,
-// computes and writes only the pieces the shard plan gives it, in chunks of bounded size, and
-// the ranks meet only to agree on errors, to reduce statistics and to publish the output. With
-// no communicator the job runs as the one rank of a world of one.
-struct JobContext {
-  MpiCommunicator* host = nullptr;  // collective I/O, error agreement, summaries
-  Communicator* stats = nullptr;    // reductions of statistics (MPI or NCCL); default: host
-  long long chunk_elements = 1LL << 22;  // elements per buffer: bounds memory for any model size
-  int local_rank = 0;                    // rank on this node: picks the GPU
-};
 
 // Options every writing job shares.
 struct OutputOptions {
@@ -116,11 +103,6 @@ struct JobSummary {
   long long bytes_written = 0;
   PairStats stats;                // job-specific: input against statistics, or output against input
 };
-
-// Runs `work` on every rank and agrees on the outcome: when any rank fails, the lowest failing
-// rank rethrows its error (marked agreed) and the others throw a silent PeerFailure, so the error
-// is printed once and every rank can exit normally.
-void agree_on_outcome(const JobContext& context, const std::function<void()>& work);
 
 // Each prints its summary on rank 0 only; the returned summary is the same on every rank.
 JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const JobContext& context = {});

@@ -1,0 +1,444 @@
+// The table of subcommands: options and the step from parsed options to a typed job.
+#include "gradfix/cli/registry.hpp"
+
+#include <cctype>
+#include <cmath>
+#include <sstream>
+
+#include "gradfix/cli/cli.hpp"
+#include "gradfix/core/error.hpp"
+#include "gradfix/model/jobs.hpp"
+#include "gradfix/pipeline/jobs.hpp"
+
+namespace gradfix {
+namespace {
+
+using T = OptionType;
+
+OutputOptions parse_output(const Options& values) {
+  OutputOptions output;
+  output.include = values.texts("include");
+  output.exclude = values.texts("exclude");
+  if (values.has("out-dtype")) {
+    const std::string text = values.text("out-dtype");
+    std::string upper;
+    for (char c : text) upper += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    const auto dtype = parse_dtype(upper);
+    if (!dtype) throw InputError("unknown --out-dtype '" + text + "'; valid: F64, F32, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8, BOOL");
+    output.out_dtype = *dtype;
+  }
+  output.allow_nonfinite = values.flag("allow-nonfinite");
+  output.max_shard_bytes = parse_byte_size(values.text("max-shard-size"), "--max-shard-size");
+  return output;
+}
+
+MaskOptions parse_mask_options(const Options& values) {
+  MaskOptions mask;
+  mask.beta = values.number("beta");
+  mask.gamma = values.number("gamma");
+  mask.c = values.number("soft-c");
+  mask.seed = values.count("seed");
+  for (const char* key : {"beta", "gamma", "soft-c"})
+    if (!std::isfinite(values.number(key))) throw InputError(std::string("--") + key + " must be finite");
+  const std::string input = values.text("soft-input");
+  if (input != "sign" && input != "raw") throw InputError("unknown --soft-input '" + input + "'; valid: sign|raw");
+  mask.raw_soft_input = input == "raw";
+  return mask;
+}
+
+std::vector<double> parse_alphas(const std::string& text) {
+  std::vector<double> alphas;
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ',')) {
+    try {
+      alphas.push_back(std::stod(item));
+    } catch (const std::exception&) {
+      throw InputError("--alphas: '" + item + "' is not a number");
+    }
+    if (!std::isfinite(alphas.back())) throw InputError("--alphas: every alpha must be finite, got '" + item + "'");
+  }
+  if (alphas.empty()) throw InputError("--alphas is empty");
+  return alphas;
+}
+
+std::string checked_sign_mode(const Options& values) {
+  const std::string mode = values.text("sign-mode");
+  if (mode != "max" && mode != "mean") throw InputError("unknown --sign-mode '" + mode + "'; valid: max|mean");
+  return mode;
+}
+
+// A TorchScript archive may carry its own parameters: then the weights are optional.
+std::string weights_of(const Options& values, const std::string& key) {
+  const bool torchscript = values.text("model").rfind("torchscript:", 0) == 0;
+  return torchscript && !values.has(key) ? std::string() : values.required(key);
+}
+
+DataOptions data_of(const Options& values, const std::string& key) { return DataOptions{values.required(key), values.text("transform")}; }
+
+ShotSelection selection_of(const Options& values) {
+  ShotSelection selection;
+  if (values.has("indices")) selection.indices_file = values.text("indices");
+  selection.num_batches = values.integer("num-batches");
+  selection.batch_size = values.integer("batch-size");
+  if (!selection.indices_file.empty() && selection.num_batches > 0) throw InputError("give --indices or --num-batches, not both");
+  return selection;
+}
+
+// Wraps a job function and its typed job into a PreparedJob.
+template <typename Job, typename Run>
+PreparedJob job_of(Job job, Run run) {
+  return [job, run](std::ostream& log, const JobContext& context) { run(job, log, context); };
+}
+
+const std::vector<OptionSpec> kShotOptions = {
+    {"indices", T::kText, "", "use exactly these samples: a file of indices (instead of --shots-per-class)"},
+    {"num-batches", T::kInteger, "0", "use the first N batches of a seeded shuffle (instead of --shots-per-class)"},
+    {"batch-size", T::kInteger, "32", "batch size for --num-batches"},
+};
+
+std::vector<OptionSpec> joined(std::vector<OptionSpec> first, const std::vector<OptionSpec>& second) {
+  first.insert(first.end(), second.begin(), second.end());
+  return first;
+}
+
+std::vector<SubcommandSpec> make_table() {
+  std::vector<SubcommandSpec> table;
+
+  table.push_back({"inspect", "gradfix inspect FILE [OTHER] [options]",
+                   "list tensors, dtypes, shapes and bytes; with OTHER, per-tensor sign agreement and cosine", Executable::kGradfix, {},
+                   {{"file", T::kText, "", "checkpoint to list (positional)"},
+                    {"other", T::kText, "", "second checkpoint to compare with (positional)"},
+                    {"include", T::kTexts, "", "only tensors matching this regex (repeatable)"},
+                    {"exclude", T::kTexts, "", "leave out tensors matching this regex (repeatable)"},
+                    {"json", T::kText, "", "also write the report as JSON to this file"}},
+                   {"file", "other"},
+                   [](const Options& values) {
+                     InspectJob job;
+                     job.file = values.required("file");
+                     if (values.has("other")) job.other = values.text("other");
+                     job.include = values.texts("include");
+                     job.exclude = values.texts("exclude");
+                     if (values.has("json")) job.json_out = values.text("json");
+                     return job_of(job, [](const InspectJob& j, std::ostream& log, const JobContext& c) { run_inspect(j, log, c); });
+                   }});
+
+  table.push_back({"taskvector", "gradfix taskvector --base B --finetuned F --out T", "tau = finetuned - base, tensor by tensor",
+                   Executable::kGradfix, {OptionGroup::kOutput},
+                   {{"base", T::kText, "", "pre-trained checkpoint A_base"}, {"finetuned", T::kText, "", "fine-tuned checkpoint A_ft"}},
+                   {},
+                   [](const Options& values) {
+                     const TaskVectorJob job{values.required("base"), values.required("finetuned"), values.required("out"), parse_output(values)};
+                     return job_of(job, [](const TaskVectorJob& j, std::ostream& log, const JobContext& c) { run_taskvector(j, log, c); });
+                   }});
+
+  table.push_back({"mask", "gradfix mask --task-vector T --signs S --mask-mode MODE --out M",
+                   "mask a task vector with gradient-sign statistics", Executable::kGradfix, {OptionGroup::kOutput, OptionGroup::kMask},
+                   {{"task-vector", T::kText, "", "task vector to mask"},
+                    {"signs", T::kText, "",
+                     "statistics along the descent direction: signs, vote counts or summed -gradients (for oracle: the target's own task vector)"}},
+                   {},
+                   [](const Options& values) {
+                     MaskJob job;
+                     job.task_vector = values.required("task-vector");
+                     job.signs = values.required("signs");
+                     job.mode = parse_mask_mode(values.text("mask-mode"));
+                     job.mask = parse_mask_options(values);
+                     job.out = values.required("out");
+                     job.output = parse_output(values);
+                     return job_of(job, [](const MaskJob& j, std::ostream& log, const JobContext& c) { run_mask(j, log, c); });
+                   }});
+
+  table.push_back({"merge", "gradfix merge --task-vector T1 --task-vector T2 [...] --method mean|sum|ties --out M",
+                   "merge task vectors, optionally masking before or after", Executable::kGradfix,
+                   {OptionGroup::kOutput, OptionGroup::kMask},
+                   {{"task-vector", T::kTexts, "", "task vector (repeat for each)"},
+                    {"signs", T::kTexts, "", "statistics of each task vector, in the same order (with --order)"},
+                    {"method", T::kText, "mean", "mean|sum|ties"},
+                    {"ties-fraction", T::kNumber, "0.2", "TIES: fraction of largest magnitudes kept"},
+                    {"ties-elect", T::kText, "count", "TIES sign election: count|mass"},
+                    {"ties-scope", T::kText, "tensor", "TIES trim scope: tensor|global"},
+                    {"order", T::kText, "none", "none|mask-then-merge|merge-then-mask"}},
+                   {},
+                   [](const Options& values) {
+                     MergeJob job;
+                     job.task_vectors = values.texts("task-vector");
+                     job.signs = values.texts("signs");
+                     job.method = parse_merge_method(values.text("method"));
+                     job.ties.fraction = values.number("ties-fraction");
+                     job.ties.elect = parse_ties_elect(values.text("ties-elect"));
+                     job.ties.scope = parse_ties_scope(values.text("ties-scope"));
+                     job.order = parse_merge_order(values.text("order"));
+                     job.mode = parse_mask_mode(values.text("mask-mode"));
+                     job.mask = parse_mask_options(values);
+                     job.out = values.required("out");
+                     job.output = parse_output(values);
+                     return job_of(job, [](const MergeJob& j, std::ostream& log, const JobContext& c) { run_merge(j, log, c); });
+                   }});
+
+  table.push_back({"apply", "gradfix apply --base B --task-vector T --alpha A --out OUT", "write base + alpha * tau",
+                   Executable::kGradfix, {OptionGroup::kOutput},
+                   {{"base", T::kText, "", "checkpoint to add the task vector to"},
+                    {"task-vector", T::kText, "", "task vector (may cover a subset of the base's tensors)"},
+                    {"alpha", T::kNumber, "1", "scaling coefficient"}},
+                   {},
+                   [](const Options& values) {
+                     const ApplyJob job{values.required("base"), values.required("task-vector"), values.number("alpha"), values.required("out"),
+                                        parse_output(values)};
+                     return job_of(job, [](const ApplyJob& j, std::ostream& log, const JobContext& c) { run_apply(j, log, c); });
+                   }});
+
+  table.push_back({"generate", "gradfix generate (--mlp 784,256,10 | --shapes w=4x3,b=4 | --like FILE) --seed S --out FILE",
+                   "write a synthetic checkpoint (random, or a noisy copy of another) for trials and benchmarks", Executable::kGradfix,
+                   {OptionGroup::kOutput},
+                   {{"mlp", T::kText, "", "layer widths of an MLP: layers.{i}.weight and layers.{i}.bias"},
+                    {"shapes", T::kText, "", "tensors as NAME=DIMxDIM,... (e.g. w=256x784,b=256)"},
+                    {"dtype", T::kText, "F32", "dtype for --mlp and --shapes"},
+                    {"like", T::kText, "", "take the tensors of this checkpoint, scaled by --like-scale"},
+                    {"like-scale", T::kNumber, "1", "factor on the --like values"},
+                    {"noise", T::kNumber, "1", "standard deviation of the added Gaussian noise"},
+                    {"seed", T::kCount, "0", "random seed"}},
+                   {},
+                   [](const Options& values) {
+                     GenerateJob job;
+                     const std::string dtype_text = values.text("dtype");
+                     const auto dtype = parse_dtype(dtype_text);
+                     if (!dtype) throw InputError("unknown --dtype '" + dtype_text + "'");
+                     if (values.has("mlp") + values.has("shapes") + values.has("like") != 1)
+                       throw InputError("gradfix generate: give exactly one of --mlp, --shapes and --like");
+                     if (values.has("mlp")) job.layout = mlp_layout(values.text("mlp"), *dtype);
+                     if (values.has("shapes")) job.layout = parse_shapes(values.text("shapes"), *dtype);
+                     if (values.has("like")) job.like = values.text("like");
+                     job.like_scale = values.number("like-scale");
+                     job.noise = values.number("noise");
+                     job.seed = values.count("seed");
+                     job.out = values.required("out");
+                     job.output = parse_output(values);
+                     return job_of(job, [](const GenerateJob& j, std::ostream& log, const JobContext& c) { run_generate(j, log, c); });
+                   }});
+
+  table.push_back({"convert", "gradfix convert IN OUT [--out-dtype D]",
+                   "re-pack a checkpoint: safetensors <-> HDF5, single file <-> shards, dtype changes", Executable::kGradfix,
+                   {OptionGroup::kOutput},
+                   {{"in", T::kText, "", "checkpoint to read (positional)"}},
+                   {"in", "out"},
+                   [](const Options& values) {
+                     const ConvertJob job{values.required("in"), values.required("out"), parse_output(values)};
+                     return job_of(job, [](const ConvertJob& j, std::ostream& log, const JobContext& c) { run_convert(j, log, c); });
+                   }});
+
+  table.push_back({"init", "gradfix init --arch mlp --dims 784,256,10 --seed S --out W.safetensors",
+                   "create the weights of a built-in model", Executable::kTorch, {},
+                   {{"arch", T::kText, "mlp", "architecture: mlp|cnn|vit"},
+                    {"dims", T::kText, "", "mlp layer widths, input first: 784,256,10 (cnn and vit: docs/cli.md)"},
+                    {"seed", T::kCount, "0", "initialisation seed"},
+                    {"out", T::kText, "", "weights file to write"}},
+                   {},
+                   [](const Options& values) {
+                     const InitJob job{values.text("arch"), values.required("dims"), values.count("seed"), values.required("out")};
+                     return job_of(job, [](const InitJob& j, std::ostream& log, const JobContext& c) { run_init(j, log, c); });
+                   }});
+
+  const std::vector<OptionSpec> data_options = {
+      {"weights", T::kText, "", "model weights (for torchscript: optional, replacing the archive's parameters by name)"},
+      {"data", T::kText, "", "dataset: FILE.h5 (inputs, labels), an IDX '*-images-idx3-ubyte[.gz]' file, or DIR:SPLIT"},
+      {"transform", T::kText, "none", "input shift applied to the data: none|invert|rotate90"}};
+
+  table.push_back({"train", "gradfix train --weights W --data D --epochs E --lr LR --out W2",
+                   "train a model with Adam (pre-training, fine-tuning)", Executable::kTorch, {OptionGroup::kModel},
+                   joined(data_options, {{"epochs", T::kInteger, "1", "passes over the data"},
+                                         {"lr", T::kNumber, "0.001", "Adam learning rate"},
+                                         {"batch", T::kInteger, "128", "batch size"},
+                                         {"skip", T::kInteger, "0", "skip the first N samples"},
+                                         {"limit", T::kInteger, "0", "use at most N samples (0: all)"},
+                                         {"seed", T::kCount, "0", "shuffling seed"},
+                                         {"out", T::kText, "", "trained weights to write"}}),
+                   {},
+                   [](const Options& values) {
+                     TrainJob job;
+                     job.model = values.text("model");
+                     job.weights = weights_of(values, "weights");
+                     job.data = data_of(values, "data");
+                     job.epochs = static_cast<int>(values.integer("epochs"));
+                     job.lr = values.number("lr");
+                     job.batch = values.integer("batch");
+                     job.skip = values.integer("skip");
+                     job.limit = values.integer("limit");
+                     job.seed = values.count("seed");
+                     job.out = values.required("out");
+                     if (values.integer("epochs") < 1 || values.integer("epochs") > 1000000 || job.batch < 1 || !(job.lr > 0.0) ||
+                         !std::isfinite(job.lr))
+                       throw InputError("gradfix train: --epochs and --batch must be positive and --lr a positive finite number");
+                     return job_of(job, [](const TrainJob& j, std::ostream& log, const JobContext& c) { run_train(j, log, c); });
+                   }});
+
+  table.push_back({"eval", "gradfix eval --weights W --data D", "accuracy and loss of a model on a dataset", Executable::kTorch,
+                   {OptionGroup::kModel}, data_options,
+                   {},
+                   [](const Options& values) {
+                     const EvalJob job{values.text("model"), weights_of(values, "weights"), data_of(values, "data")};
+                     return job_of(job, [](const EvalJob& j, std::ostream& log, const JobContext& c) { run_eval(j, log, c); });
+                   }});
+
+  table.push_back({"signs", "gradfix signs --weights W --data D --shots-per-class K --sign-mode max|mean --out S",
+                   "few-shot gradient-sign statistics of a model (vote counts or summed -gradients)", Executable::kTorch,
+                   {OptionGroup::kModel},
+                   joined(joined(data_options, {{"shots-per-class", T::kInteger, "5", "K labelled samples per class, drawn with --seed"}}),
+                          joined(kShotOptions,
+                                 {{"seed", T::kCount, "0", "sampling seed"},
+                                  {"sign-mode", T::kText, "max", "max: per-sample vote counts; mean: summed -gradients"},
+                                  {"method", T::kText, "fast", "fast: one batched backward pass; loop: one backward per sample"},
+                                  {"out", T::kText, "", "statistics file to write"}})),
+                   {},
+                   [](const Options& values) {
+                     SignsJob job;
+                     job.model = values.text("model");
+                     job.weights = weights_of(values, "weights");
+                     job.data = data_of(values, "data");
+                     job.shots_per_class = values.integer("shots-per-class");
+                     job.selection = selection_of(values);
+                     job.seed = values.count("seed");
+                     job.sign_mode = checked_sign_mode(values);
+                     job.method = values.text("method");
+                     job.out = values.required("out");
+                     if (job.method != "fast" && job.method != "loop") throw InputError("unknown --method '" + job.method + "'; valid: fast|loop");
+                     return job_of(job, [](const SignsJob& j, std::ostream& log, const JobContext& c) { run_signs(j, log, c); });
+                   }});
+
+  table.push_back({"transport", "gradfix transport --config configs/transport.ini",
+                   "transport a task vector to a new model: GradFix against naive, oracle and few-shot baselines", Executable::kTorch,
+                   {OptionGroup::kModel},
+                   joined({{"target", T::kText, "", "target model B (weights)"},
+                           {"task-vector", T::kText, "", "source task vector tau_A"},
+                           {"source-base", T::kText, "", "A_base, with --source-finetuned instead of --task-vector"},
+                           {"source-finetuned", T::kText, "", "A_ft"},
+                           {"target-finetuned", T::kText, "", "B fine-tuned: enables the oracle and the upper bound"},
+                           {"data", T::kText, "", "pool of labelled task samples: the shots and the support set"},
+                           {"test-data", T::kText, "", "test set, read only for the final evaluation"},
+                           {"transform", T::kText, "none", "input shift of the task: none|invert|rotate90"},
+                           {"shots-per-class", T::kInteger, "5", "K"}},
+                          joined(kShotOptions,
+                                 {{"support-size", T::kInteger, "1000", "support samples for choosing alpha (disjoint from the shots)"},
+                                  {"seed", T::kCount, "0", "sampling seed"},
+                                  {"sign-mode", T::kText, "max", "max|mean"},
+                                  {"mask-mode", T::kText, "normal", "mask rule: " + mask_mode_names()},
+                                  {"alphas", T::kText, "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", "alpha grid, searched on the support set"},
+                                  {"no-few-shot-baseline", T::kFlag, "", "skip the few-shot fine-tuning baseline"},
+                                  {"out", T::kText, "", "transported model (GradFix, best alpha) to write"},
+                                  {"results", T::kText, "", "results.json to write"}})),
+                   {},
+                   [](const Options& values) {
+                     TransportJob job;
+                     job.model = values.text("model");
+                     job.target = weights_of(values, "target");
+                     if (values.has("task-vector")) job.task_vector = values.text("task-vector");
+                     if (values.has("source-base")) job.source_base = values.text("source-base");
+                     if (values.has("source-finetuned")) job.source_finetuned = values.text("source-finetuned");
+                     if (values.has("target-finetuned")) job.target_finetuned = values.text("target-finetuned");
+                     job.data = data_of(values, "data");
+                     job.test = data_of(values, "test-data");
+                     job.shots_per_class = values.integer("shots-per-class");
+                     job.selection = selection_of(values);
+                     job.support_size = values.integer("support-size");
+                     job.seed = values.count("seed");
+                     job.sign_mode = checked_sign_mode(values);
+                     job.mask_mode = parse_mask_mode(values.text("mask-mode"));
+                     job.alphas = parse_alphas(values.text("alphas"));
+                     job.few_shot_baseline = !values.flag("no-few-shot-baseline");
+                     if (values.has("out")) job.out = values.text("out");
+                     if (values.has("results")) job.results = values.text("results");
+                     return job_of(job, [](const TransportJob& j, std::ostream& log, const JobContext& c) { run_transport(j, log, c); });
+                   }});
+
+  table.push_back({"demo", "gradfix demo [--quick]", "the built-in end-to-end demo on Fashion-MNIST (run by launch/quickstart)",
+                   Executable::kTorch, {},
+                   {{"quick", T::kFlag, "", "a tiny configuration (smoke test: a few thousand samples, one seed)"},
+                    {"cache", T::kText, "out/demo", "where trained models are cached"},
+                    {"data-dir", T::kText, "/usr/share/datasets/fashion-mnist", "Fashion-MNIST IDX files"},
+                    {"transform", T::kText, "rotate90", "the task's input shift: rotate90|invert"},
+                    {"sign-mode", T::kText, "max", "max|mean"},
+                    {"independent-init", T::kFlag, "", "initialise A and B with different seeds (default: one shared initialisation)"},
+                    {"alphas", T::kText, "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0",
+                     "alpha grid, searched on the support set (wider than transport's: the naive optimum lies past 1 here)"},
+                    {"results", T::kText, "", "results JSON to write"}},
+                   {},
+                   [](const Options& values) {
+                     DemoJob job;
+                     job.cache = values.text("cache");
+                     job.data_dir = values.text("data-dir");
+                     job.transform = values.text("transform");
+                     job.sign_mode = checked_sign_mode(values);
+                     job.independent_init = values.flag("independent-init");
+                     job.alphas = parse_alphas(values.text("alphas"));
+                     if (values.has("results")) job.results = values.text("results");
+                     if (values.flag("quick")) {
+                       job.shots = {2};
+                       job.seeds = {0};
+                       job.dims = "784,32,10";
+                       job.pretrain_epochs = 1;
+                       job.finetune_epochs = 1;
+                       job.pretrain_limit = 3000;
+                       job.finetune_limit = 2000;
+                       job.test_limit = 1000;
+                       job.support_size = 300;
+                     }
+                     return job_of(job, [](const DemoJob& j, std::ostream& log, const JobContext& c) { run_demo(j, log, c); });
+                   }});
+  return table;
+}
+
+}  // namespace
+
+const std::vector<OptionSpec>& group_options(OptionGroup group) {
+  static const std::vector<OptionSpec> kGeneral = {
+      {"help", T::kFlag, "", "show this help"},
+      {"config", T::kText, "", "INI file of options (top-level keys and a [SUBCOMMAND] section); flags win"},
+      {"backend", T::kText, "auto", "communicator for statistics: auto|mpi|nccl (auto: nccl when tensors are on CUDA devices, else mpi)"},
+      {"chunk-elements", T::kInteger, "4194304", "elements per processing buffer (bounds memory per rank)"},
+      {"report-memory", T::kFlag, "", "print each rank's peak resident memory at the end"}};
+  static const std::vector<OptionSpec> kOutput = {
+      {"out", T::kText, "", "output: FILE.safetensors, FILE.h5 / FILE.hdf5, or a directory for a sharded safetensors checkpoint"},
+      {"out-dtype", T::kText, "", "dtype of the written tensors (F32, F16, BF16, F64, ...); default: that of the primary input"},
+      {"include", T::kTexts, "", "act only on tensors whose name matches this regex (repeatable)"},
+      {"exclude", T::kTexts, "", "leave out tensors whose name matches this regex (repeatable)"},
+      {"allow-nonfinite", T::kFlag, "", "accept NaN and Inf in inputs instead of failing"},
+      {"max-shard-size", T::kText, "5GB", "largest shard of a sharded safetensors output"}};
+  static const std::vector<OptionSpec> kMask = {
+      {"mask-mode", T::kText, "normal", "mask rule: " + mask_mode_names()},
+      {"beta", T::kNumber, "5", "soft1 sharpness"},
+      {"gamma", T::kNumber, "1", "soft2 sharpness"},
+      {"soft-c", T::kNumber, "1", "soft3 constant c in |g| / (|g| + c)"},
+      {"soft-input", T::kText, "sign", "soft modes use sign(s) (as the official GradFix code) or the raw statistic: sign|raw"},
+      {"seed", T::kCount, "0", "seed of the random mode"}};
+  static const std::vector<OptionSpec> kModel = {
+      {"model", T::kText, "builtin", "builtin (architecture from the weights' metadata) or torchscript:ARCHIVE"},
+      {"device", T::kText, "cpu", "cpu, cuda (the GPU of this rank on its node) or cuda:N"}};
+  switch (group) {
+    case OptionGroup::kGeneral: return kGeneral;
+    case OptionGroup::kOutput: return kOutput;
+    case OptionGroup::kMask: return kMask;
+    case OptionGroup::kModel: return kModel;
+  }
+  GRADFIX_CHECK(false, "unknown option group");
+}
+
+const std::vector<SubcommandSpec>& subcommands() {
+  static const std::vector<SubcommandSpec> table = make_table();
+  return table;
+}
+
+const SubcommandSpec* find_subcommand(const std::string& name) {
+  for (const auto& subcommand : subcommands())
+    if (subcommand.name == name) return &subcommand;
+  return nullptr;
+}
+
+std::vector<OptionSpec> all_options(const SubcommandSpec& subcommand) {
+  std::vector<OptionSpec> options = group_options(OptionGroup::kGeneral);
+  for (OptionGroup group : subcommand.groups)
+    for (const auto& option : group_options(group)) options.push_back(option);
+  for (const auto& option : subcommand.options) options.push_back(option);
+  return options;
+}
+
+}  // namespace gradfix
