@@ -371,7 +371,7 @@ class SafetensorsWriter final : public TensorWriter {
 
   void write_raw(const std::string& name, long long begin, long long count, const void* source) override {
     const TensorInfo& tensor = tracker_.record(path_, name, begin, count);
-    if (fd_ < 0) throw RuntimeFailure(path_ + ": written before attach()");
+    GRADFIX_CHECK(fd_ >= 0, path_ + ": tensor '" + name + "' written before attach() by " + role_.who);
     const long long item = static_cast<long long>(dtype_size(tensor.dtype));
     write_all(fd_, source, static_cast<std::size_t>(count * item),
               static_cast<off_t>(data_start_ + byte_begin_.at(name) + begin * item), path_);

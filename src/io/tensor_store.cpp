@@ -73,7 +73,8 @@ WriteTracker::WriteTracker(const std::vector<TensorInfo>& layout) : layout_(layo
 const TensorInfo& WriteTracker::record(const std::string& file, const std::string& name, long long begin,
                                        long long count) {
   const auto found = index_.find(name);
-  if (found == index_.end()) throw RuntimeFailure(file + ": tensor '" + name + "' is not in the output layout");
+  // The jobs write only the tensors of the layout they declared: anything else is a bug.
+  GRADFIX_CHECK(found != index_.end(), file + ": tensor '" + name + "' is not in the output layout");
   const TensorInfo& tensor = layout_[found->second];
   if (begin < 0 || count < 0 || begin + count > tensor.numel())
     throw RuntimeFailure(file + ": tensor '" + name + "': write of elements [" + std::to_string(begin) + ", " +

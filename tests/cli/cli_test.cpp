@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 
 #include <cmath>
+#include <fstream>
 #include <cstring>
 #include <limits>
 
@@ -68,14 +69,52 @@ class CliTest : public ::testing::Test {
 
 TEST_F(CliTest, HelpAndVersion) {
   EXPECT_EQ(gradfix("--help").exit_code, 0);
-  EXPECT_EQ(gradfix("--version").exit_code, 0);
-  for (const char* subcommand : {"inspect", "taskvector", "mask", "merge", "apply", "convert"}) {
+  for (const char* subcommand : {"inspect", "taskvector", "mask", "merge", "apply", "convert", "generate"}) {
     const CommandResult run = gradfix(std::string(subcommand) + " --help");
     EXPECT_EQ(run.exit_code, 0) << subcommand;
     EXPECT_NE(run.output.find("usage: gradfix " + std::string(subcommand)), std::string::npos) << run.output;
   }
   EXPECT_EQ(gradfix("").exit_code, 1);
   expect_bad_input("frobnicate", {"unknown subcommand 'frobnicate'"});
+}
+
+// What users check before submitting a job: the version, and one line per capability.
+TEST_F(CliTest, VersionListsTheBuildsCapabilities) {
+  const CommandResult run = gradfix("--version");
+  EXPECT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_EQ(run.output.rfind("gradfix 0.", 0), 0u) << run.output;
+  for (const char* line : {"\n  mpi       ", "\n  nccl      ", "\n  cuda      ", "\n  libtorch  ", "\n  hdf5      ", "\n  backends  mpi"})
+    EXPECT_NE(run.output.find(line), std::string::npos) << "missing '" << line << "' in: " << run.output;
+  // This build links a parallel HDF5 (launch/setup installs libhdf5-openmpi-dev).
+  EXPECT_NE(run.output.find("parallel (MPI-IO)"), std::string::npos) << run.output;
+}
+
+// A config file through Boost's INI parser: top-level keys, this subcommand's section, other
+// subcommands' sections skipped, flags winning, and unknown keys or sections refused.
+TEST_F(CliTest, ConfigFileSectionsAndPrecedence) {
+  {
+    std::ofstream config(f("apply.ini"));
+    config << "# comment\nalpha = 2\n[apply]\nbase = " << f("base.safetensors") << "\ntask-vector = " << f("ft.safetensors")
+           << "\nout = " << f("from_config.safetensors") << "\n[mask]\nbeta = 3\n";
+  }
+  CommandResult run = gradfix("apply --config " + f("apply.ini") + " --alpha 0.5");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  auto result = open_reader(f("from_config.safetensors"));
+  auto base = open_reader(f("base.safetensors")), ft = open_reader(f("ft.safetensors"));
+  // The flag (0.5) wins over the file (2): base + 0.5 * ft.
+  EXPECT_EQ(result->read_f32("a.bias")[1], base->read_f32("a.bias")[1] + 0.5f * ft->read_f32("a.bias")[1]);
+  {
+    std::ofstream config(f("bad_key.ini"));
+    config << "[apply]\nalpah = 2\n";
+  }
+  expect_bad_input("apply --config " + f("bad_key.ini") + " --base x --task-vector y --out " + f("o.safetensors"),
+                   {"bad_key.ini", "'alpah' is not an option of 'gradfix apply'"});
+  {
+    std::ofstream config(f("bad_section.ini"));
+    config << "[aply]\nalpha = 2\n";
+  }
+  expect_bad_input("apply --config " + f("bad_section.ini") + " --base x --task-vector y --out " + f("o.safetensors"),
+                   {"section [aply] is not a subcommand"});
 }
 
 TEST_F(CliTest, FullChainSucceeds) {

@@ -180,9 +180,13 @@ TEST(JobContext, AgreementGivesEveryRankTheFailingRanksCode) {
     ADD_FAILURE() << "the agreement passed although rank " << last << " failed";
   } catch (const Error& error) {
     EXPECT_EQ(error.exit_code(), kExitRuntimeFailure);
-    if (world().size() > 1) EXPECT_TRUE(error.agreed());  // one rank needs no agreement
+    if (world().size() > 1) {
+      EXPECT_TRUE(error.agreed());  // one rank needs no agreement
+    }
     EXPECT_EQ(error.silent(), world().rank() != last) << error.what();
-    if (world().rank() != last) EXPECT_NE(std::string(error.what()).find("rank " + std::to_string(last)), std::string::npos);
+    if (world().rank() != last) {
+      EXPECT_NE(std::string(error.what()).find("rank " + std::to_string(last)), std::string::npos);
+    }
   }
   // Success on every rank passes quietly, and a nested agreement's error passes the outer one
   // without another collective.
@@ -243,7 +247,9 @@ TEST(CollectiveWriter, RanksWriteTheirRangesOfOneFile) {
     // Only the published outputs are left: no temporary file of any writer.
     FILE* listing = ::popen(("ls -A '" + directory + "' | grep -c tmp || true").c_str(), "r");
     char line[64] = {};
-    if (listing != nullptr && std::fgets(line, sizeof line, listing) != nullptr) EXPECT_EQ(std::string(line), "0\n");
+    if (listing != nullptr && std::fgets(line, sizeof line, listing) != nullptr) {
+      EXPECT_EQ(std::string(line), "0\n");
+    }
     if (listing != nullptr) ::pclose(listing);
   }
   world().barrier();
