@@ -6,6 +6,10 @@
 # model/P + 256 MiB. Prints a table and writes a JSON copy.
 #   tests/bench/bench_ranks.sh [GRADFIX_BINARY] [SIZE_BYTES] [JSON]
 set -euo pipefail
+if [ $# -gt 3 ] || [[ "${1:-}" == -* ]]; then
+  echo "usage: tests/bench/bench_ranks.sh [GRADFIX_BINARY] [SIZE_BYTES] [JSON]" >&2
+  exit 2
+fi
 root=$(cd "$(dirname "$0")/../.." && pwd)
 gradfix=${1:-$root/build/gradfix}
 size=${2:-2000000000}
@@ -55,6 +59,13 @@ for op in apply mask; do
     speedup=$(calc "${first[$op]} / $time")
     rate=$(calc "$bytes / $time / 1e9")
     ratio=$(calc "$time / $copy")
+    # The output must be the same bytes at every rank count: the first run's is the reference.
+    if [ "$ranks" -eq 1 ]; then
+      mv out.safetensors "reference_$op.safetensors"
+    elif ! cmp -s out.safetensors "reference_$op.safetensors"; then
+      echo "error: $op at $ranks ranks wrote other bytes than at 1 rank: the timing means nothing" >&2
+      exit 1
+    fi
     printf '  %6s %6d %10.2f %10.3f %10.2f %10.2f %14d %14d\n' "$op" "$ranks" "$time" "$rate" "$ratio" "$speedup" "$peak" "$target"
     rows+="${rows:+,}{\"op\":\"$op\",\"ranks\":$ranks,\"seconds\":$time,\"gb_per_s\":$rate,\"time_vs_copy\":$ratio,\"speedup_vs_1\":$speedup,\"peak_rss_mib\":$peak,\"target_mib\":$target}"
     rm -f out.safetensors
