@@ -240,7 +240,7 @@ std::vector<SubcommandSpec> make_table() {
                    }});
 
   const std::vector<OptionSpec> data_options = {
-      {"weights", T::kText, "", "model weights (for torchscript: optional, replacing the archive's parameters by name)"},
+      {"weights", T::kText, "", "model weights, or a Hugging Face model directory (for torchscript: optional, replacing the archive's parameters by name)"},
       {"data", T::kText, "", "dataset: FILE.h5 (inputs, labels), an IDX '*-images-idx3-ubyte[.gz]' file, or DIR:SPLIT"},
       {"transform", T::kText, "none", "input shift applied to the data: none|invert|rotate90"}};
 
@@ -272,11 +272,14 @@ std::vector<SubcommandSpec> make_table() {
                      return job_of(job, [](const TrainJob& j, std::ostream& log, const JobContext& c) { run_train(j, log, c); });
                    }});
 
-  table.push_back({"eval", "gradfix eval --weights W --data D", "accuracy and loss of a model on a dataset", Executable::kTorch,
-                   {OptionGroup::kModel}, data_options,
+  table.push_back({"eval", "gradfix eval --weights W --data D [--results R.json]",
+                   "accuracy and loss of a model on a dataset (decoders: per-sample loss and token accuracy)", Executable::kTorch,
+                   {OptionGroup::kModel},
+                   joined(data_options, {{"results", T::kText, "", "also write the results as JSON to this file"}}),
                    {},
                    [](const Options& values) {
-                     const EvalJob job{values.text("model"), weights_of(values, "weights"), data_of(values, "data")};
+                     EvalJob job{values.text("model"), weights_of(values, "weights"), data_of(values, "data"), ""};
+                     if (values.has("results")) job.results = values.text("results");
                      return job_of(job, [](const EvalJob& j, std::ostream& log, const JobContext& c) { run_eval(j, log, c); });
                    }});
 

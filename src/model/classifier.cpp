@@ -1,5 +1,7 @@
 #include "classifier.hpp"
 
+#include "gradfix/io/atomic_file.hpp"
+
 #include <torch/script.h>
 
 #include <algorithm>
@@ -441,7 +443,8 @@ Architecture parse_architecture(const std::string& name, const std::string& dims
 Architecture architecture_of(const Metadata& metadata, const std::string& path) {
   const auto arch = metadata.find("gradfix.arch");
   if (arch == metadata.end())
-    throw InputError(path + ": no gradfix.arch in the file's metadata; create weights with `gradfix init` or add it with the architecture's hyper-parameters");
+    throw InputError(path + ": no gradfix.arch in the file's metadata; create weights with `gradfix init` or add it with the architecture's hyper-parameters" +
+                     (is_directory(path) ? std::string(" (a Hugging Face model directory needs its config.json, which " + path + " lacks)") : ""));
   if (arch->second == "torchscript")
     throw InputError(path + ": weights of a TorchScript model; pass --model torchscript:ARCHIVE with them");
   const auto dims = metadata.find("gradfix." + arch->second + ".dims");

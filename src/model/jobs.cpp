@@ -12,6 +12,8 @@
 #include <sstream>
 
 #include "classifier.hpp"
+#include "decoder_jobs.hpp"
+#include "decoder.hpp"
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
@@ -382,6 +384,10 @@ void run_train(const TrainJob& job, std::ostream& log, const JobContext& context
 }
 
 void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {
+  if (is_model_directory(job.weights)) {
+    run_decoder_eval(job, log, context);
+    return;
+  }
   Evaluation result;
   long long samples = 0;
   context.agree([&] {
@@ -391,6 +397,12 @@ void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context) 
     result = evaluate(*model, data);
     samples = data.size();
   });
+  if (!job.results.empty())
+    context.agree([&] {
+      if (context.is_root())
+        write_text_file_atomically(job.results, nlohmann::json{{"samples", samples}, {"accuracy", result.accuracy},
+                                                          {"mean_loss", result.loss}}.dump(2) + "\n");
+    });
   if (!context.is_root()) return;
   log << "eval: " << samples << " samples, accuracy " << std::fixed << std::setprecision(2) << 100.0 * result.accuracy
       << "%, loss " << std::setprecision(4) << result.loss << "\n";

@@ -44,8 +44,9 @@ struct TrainJob {
 
 struct EvalJob {
   std::string model;
-  std::string weights;
-  DataOptions data;
+  std::string weights;   // a weights file, or a Hugging Face model directory (decoders)
+  DataOptions data;      // decoders: token data (input_ids, labels, attention_mask)
+  std::string results;   // optional JSON: accuracy or token_accuracy, mean_loss, per_sample_loss
 };
 
 // How the few labelled samples are chosen: K per class (seeded), an indices file, or the first

@@ -1,0 +1,107 @@
+#pragma once
+// Internal to the LibTorch part: decoder-only causal language models of the Llama family (llama,
+// mistral, qwen2) read from Hugging Face model directories, under the checkpoint's own tensor
+// names. The architecture describes the math of each piece (embedding, one decoder layer, the
+// final norm and head) on parameters passed in by name, so that whoever holds the parameters
+// (all of them, or one gathered layer at a time) can run it.
+
+#include <torch/torch.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "gradfix/data/tokens.hpp"
+#include "gradfix/io/tensor_store.hpp"
+
+namespace gradfix {
+
+struct RopeScaling {
+  std::string type = "default";  // default | llama3
+  double factor = 1.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  long long original_max_position_embeddings = 0;
+};
+
+struct DecoderConfig {
+  std::string directory;
+  std::string model_type;  // llama | mistral | qwen2
+  long long vocab_size = 0;
+  long long hidden_size = 0;
+  long long intermediate_size = 0;
+  long long layers = 0;
+  long long heads = 0;
+  long long kv_heads = 0;
+  long long head_dim = 0;
+  long long max_position_embeddings = 0;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  RopeScaling rope;
+  bool tie_word_embeddings = false;
+  bool qkv_bias = false;
+  bool o_bias = false;
+  bool mlp_bias = false;
+  long long sliding_window = 0;  // 0: every layer attends to the whole sequence
+};
+
+// Whether `path` is a directory holding config.json (a Hugging Face model directory).
+bool is_model_directory(const std::string& path);
+
+// Reads DIR/config.json. Every key that changes the math must be one gradfix implements with the
+// value it supports; anything else is an InputError naming the key and its value.
+DecoderConfig read_decoder_config(const std::string& directory);
+
+// The tensors a checkpoint of this config holds: names and shapes (dtype F32).
+std::vector<TensorInfo> decoder_layout(const DecoderConfig& config);
+
+// The names of layer i's tensors, in layout order.
+std::vector<std::string> layer_parameter_names(const DecoderConfig& config, long long layer);
+
+using Parameters = std::map<std::string, torch::Tensor>;
+
+// Reads the tensors of `names` from the model directory as `dtype` on `device`, checking every
+// tensor of the layout against the checkpoint first: all missing, extra and misshapen tensors are
+// listed in one InputError.
+Parameters read_decoder_parameters(const DecoderConfig& config, const std::vector<std::string>& names, torch::ScalarType dtype,
+                                   const torch::Device& device);
+// The checkpoint against the layout, without reading data.
+void check_decoder_checkpoint(const DecoderConfig& config);
+
+// Token tensors [N, T] (int64) on a device.
+struct TokenBatch {
+  torch::Tensor input_ids;
+  torch::Tensor labels;
+  torch::Tensor attention_mask;
+};
+TokenBatch token_batch(const TokenData& data, const torch::Device& device);
+
+class Decoder {
+ public:
+  explicit Decoder(DecoderConfig config);
+  const DecoderConfig& config() const { return config_; }
+
+  // [N, T] token ids -> [N, T, H] hidden states.
+  torch::Tensor embed(const Parameters& parameters, const torch::Tensor& input_ids) const;
+  // One decoder layer on [N, T, H]; `attention_mask` [N, T] marks real tokens (right padding).
+  torch::Tensor layer(long long index, const Parameters& parameters, const torch::Tensor& hidden,
+                      const torch::Tensor& attention_mask) const;
+  // Final norm and the language-model head: [N, T, H] -> [N, T, V] logits.
+  torch::Tensor head(const Parameters& parameters, const torch::Tensor& hidden) const;
+  // All of it, with every parameter in `parameters`.
+  torch::Tensor forward(const Parameters& parameters, const TokenBatch& batch) const;
+
+ private:
+  // cos and sin [T, head_dim] for positions 0..T-1, in the dtype and on the device of `like`.
+  std::pair<torch::Tensor, torch::Tensor> rotary(long long length, const torch::Tensor& like) const;
+
+  DecoderConfig config_;
+  torch::Tensor inverse_frequencies_;  // [head_dim / 2], float64 on the CPU
+};
+
+// Mean cross-entropy over each sample's target tokens (labels shifted by one): [N].
+torch::Tensor per_sample_losses(const torch::Tensor& logits, const torch::Tensor& labels);
+// Correct next-token predictions and target tokens, summed over the batch.
+std::pair<long long, long long> token_hits(const torch::Tensor& logits, const torch::Tensor& labels);
+
+}  // namespace gradfix

@@ -1,0 +1,14 @@
+#pragma once
+// Internal to the LibTorch part: the model jobs on Hugging Face decoder directories.
+
+#include <ostream>
+
+#include "gradfix/model/jobs.hpp"
+
+namespace gradfix {
+
+// eval on token data: mean_loss, per_sample_loss (data order) and token_accuracy. Samples are
+// split across ranks (every P-th), so the results do not depend on the number of ranks.
+void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& context);
+
+}  // namespace gradfix

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# gradfix eval on Hugging Face decoder directories (the transformers fixtures in
+# tests/fixtures/decoders): per-sample losses equal transformers' within 1e-4, results
+# byte-identical at 1 and 3 ranks, and bad inputs refused with exit 2 naming what is wrong.
+#   decoder_cli_test.sh GRADFIX_BINARY
+set -euo pipefail
+gradfix=$1
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+source "$repo/tests/mpi/common.sh"
+fixtures=$repo/tests/fixtures/decoders
+work=$(mktemp -d /tmp/gradfix-decoder-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+# The reference losses (F64) from a safetensors file, with Python's standard library only.
+reference_losses() {
+  python3 - "$1" <<'PY'
+import json, struct, sys
+raw = open(sys.argv[1], "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+entry = json.loads(raw[8:8 + n])["per_sample_loss"]
+begin, end = entry["data_offsets"]
+print(json.dumps(list(struct.unpack("<%dd" % ((end - begin) // 8), raw[8 + n + begin:8 + n + end]))))
+PY
+}
+
+for model in llama qwen2 mistral; do
+  "$gradfix" convert "$fixtures/$model/tokens.safetensors" "$model.h5" >/dev/null
+  "$gradfix" eval --weights "$fixtures/$model/model" --data "$model.h5" --results "$model.json" >eval.log
+  check "$model: eval names the architecture" grep -q "eval: $model, 5 samples" eval.log
+  expected=$(reference_losses "$fixtures/$model/reference.safetensors")
+  check "$model: per-sample losses equal transformers' within 1e-4" python3 -c "
+import json
+got = json.load(open('$model.json'))['per_sample_loss']; want = json.loads('$expected')
+assert len(got) == len(want) == 5, (got, want)
+assert all(abs(g - w) <= 1e-4 * abs(w) for g, w in zip(got, want)), (got, want)"
+  mpirun "${mpirun_flags[@]}" -np 3 "$gradfix" eval --weights "$fixtures/$model/model" --data "$model.h5" --results "${model}_3.json" >/dev/null
+  check "$model: results byte-identical at 1 and 3 ranks" cmp -s "$model.json" "${model}_3.json"
+done
+
+# Bad inputs: exit 2, the file and the value named, no results written.
+expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
+  local description=$1 pattern=$2
+  shift 2
+  set +e
+  "$gradfix" "$@" >out.txt 2>&1
+  local code=$?
+  set -e
+  check "$description: exit 2 (got $code)" test "$code" -eq 2
+  check "$description: message" grep -q -- "$pattern" out.txt
+  check "$description: no results" test ! -e bad.json
+}
+python3 - <<'PY'
+import json, struct
+ids = [5, 7, 99, 3]
+labels = [-100, 7, 99, 3]
+def tensor(values):
+    return struct.pack("<%dq" % len(values), *values)
+header = {"input_ids": {"dtype": "I64", "shape": [1, 4], "data_offsets": [0, 32]},
+          "labels": {"dtype": "I64", "shape": [1, 4], "data_offsets": [32, 64]}}
+text = json.dumps(header).encode(); text += b" " * ((8 - len(text) % 8) % 8)
+open("out_of_range.safetensors", "wb").write(struct.pack("<Q", len(text)) + text + tensor(ids) + tensor(labels))
+PY
+expect_bad "a token id past the vocabulary" "out_of_range.safetensors: sample 0, position 2: token id 99 >= the model's vocab_size 96" \
+  eval --weights "$fixtures/llama/model" --data out_of_range.safetensors --results bad.json
+cp -r "$fixtures/qwen2/model" no_config && rm no_config/config.json
+expect_bad "a directory without config.json" "unknown checkpoint format\|config.json" \
+  eval --weights no_config --data llama.h5 --results bad.json
+cp -r "$fixtures/qwen2/model" missing_shard && rm missing_shard/model-00002-of-00002.safetensors
+expect_bad "an index pointing at a missing shard" "model-00002-of-00002.safetensors" \
+  eval --weights missing_shard --data qwen2.h5 --results bad.json
+cp -r "$fixtures/llama/model" rope && sed -i 's/"llama3"/"dynamic"/' rope/config.json
+expect_bad "an unsupported rotary type" '"rope_scaling.rope_type": "dynamic" is not supported' \
+  eval --weights rope --data llama.h5 --results bad.json
+finish

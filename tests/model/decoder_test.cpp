@@ -1,0 +1,142 @@
+// The Hugging Face decoders against transformers: tiny random llama, qwen2 and mistral models
+// saved with save_pretrained (sharded), their logits and per-sample losses recorded by
+// tests/fixtures/decoders/make_fixtures.py. gradfix must read the directories under their own
+// tensor names and give the same logits (1e-4 relative) and losses; bad configs and checkpoints
+// must be refused naming the key, the value, or every tensor that is wrong.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <iostream>
+#include <fstream>
+#include <regex>
+
+#include "../../src/model/decoder.hpp"
+#include "../support/test_files.hpp"
+#include "gradfix/core/error.hpp"
+
+namespace gradfix {
+namespace {
+
+std::string fixture(const std::string& name) { return std::string(GRADFIX_SOURCE_DIR) + "/tests/fixtures/decoders/" + name; }
+
+std::vector<float> reference(const std::string& model, const std::string& tensor) {
+  return open_reader(fixture(model) + "/reference.safetensors")->read_f32(tensor);
+}
+
+class DecoderFixture : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(DecoderFixture, LogitsAndLossesMatchTransformers) {
+  const std::string model = GetParam();
+  const DecoderConfig config = read_decoder_config(fixture(model) + "/model");
+  EXPECT_EQ(config.model_type, model);
+  std::vector<std::string> names;
+  for (const auto& tensor : decoder_layout(config)) names.push_back(tensor.name);
+  const Parameters parameters = read_decoder_parameters(config, names, torch::kFloat32, torch::kCPU);
+  const TokenData data = load_token_data(fixture(model) + "/tokens.safetensors");
+  check_vocabulary(data, config.vocab_size);
+  const Decoder decoder(config);
+  torch::NoGradGuard no_gradients;
+  const TokenBatch batch = token_batch(data, torch::kCPU);
+  const torch::Tensor logits = decoder.forward(parameters, batch).contiguous();
+  const std::vector<float> expected = reference(model, "logits");
+  ASSERT_EQ(static_cast<std::size_t>(logits.numel()), expected.size());
+  const float* got = logits.data_ptr<float>();
+  // Relative to the logits' scale: float32 sums in another order differ by rounding, which is
+  // large against a logit that happens to be near zero but small against the logits' range.
+  double worst = 0.0, scale = 0.0;
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    worst = std::max(worst, std::fabs(static_cast<double>(got[i]) - expected[i]));
+    scale = std::max(scale, static_cast<double>(std::fabs(expected[i])));
+  }
+  EXPECT_LT(worst, 1e-4 * scale) << model << ": largest logit error " << worst << " against logits up to " << scale;
+  std::cout << model << ": largest logit error " << worst << ", logits up to " << scale << "\n";
+  const torch::Tensor losses = per_sample_losses(logits, batch.labels);
+  const std::vector<float> expected_losses = reference(model, "per_sample_loss");
+  for (long long n = 0; n < data.samples; ++n)
+    EXPECT_NEAR(losses[n].item<double>(), expected_losses[static_cast<std::size_t>(n)], 1e-4 * expected_losses[static_cast<std::size_t>(n)])
+        << model << " sample " << n;
+}
+
+INSTANTIATE_TEST_SUITE_P(Decoders, DecoderFixture, ::testing::Values("llama", "qwen2", "mistral"));
+
+// Copies a fixture's model directory, then lets the test rewrite its config.json.
+std::string copy_model(const testing::TempDir& dir, const std::string& model) {
+  const std::string target = dir.file(model);
+  const std::string command = "cp -r '" + fixture(model) + "/model' '" + target + "'";
+  EXPECT_EQ(std::system(command.c_str()), 0);
+  return target;
+}
+
+void replace_in_file(const std::string& path, const std::string& from, const std::string& to) {
+  std::ifstream in(path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto found = text.find(from);
+  ASSERT_NE(found, std::string::npos) << from << " not in " << path;
+  text.replace(found, from.size(), to);
+  std::ofstream(path) << text;
+}
+
+void expect_input_error(const std::function<void()>& work, const std::vector<std::string>& parts) {
+  try {
+    work();
+    ADD_FAILURE() << "accepted";
+  } catch (const InputError& error) {
+    for (const auto& part : parts) EXPECT_NE(std::string(error.what()).find(part), std::string::npos) << error.what();
+  }
+}
+
+TEST(DecoderConfig, RefusesWhatChangesTheMathNamingKeyAndValue) {
+  testing::TempDir dir;
+  const std::string llama = copy_model(dir, "llama");
+  replace_in_file(llama + "/config.json", "\"rope_type\": \"llama3\"", "\"rope_type\": \"yarn\"");
+  expect_input_error([&] { read_decoder_config(llama); }, {"config.json", "rope_scaling.rope_type", "\"yarn\""});
+
+  const std::string qwen = copy_model(dir, "qwen2");
+  replace_in_file(qwen + "/config.json", "\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\"");
+  expect_input_error([&] { read_decoder_config(qwen); }, {"\"hidden_act\"", "\"gelu\""});
+
+  const std::string mistral = copy_model(dir, "mistral");
+  replace_in_file(mistral + "/config.json", "\"use_cache\": true", "\"use_cache\": true, \"quantization_config\": {\"bits\": 4}");
+  expect_input_error([&] { read_decoder_config(mistral); }, {"\"quantization_config\"", "may change the model's math"});
+
+  const std::string gpt = copy_model(dir, "qwen2") + "_2";
+  std::system(("cp -r '" + fixture("qwen2") + "/model' '" + gpt + "'").c_str());
+  replace_in_file(gpt + "/config.json", "\"model_type\": \"qwen2\"", "\"model_type\": \"gpt2\"");
+  expect_input_error([&] { read_decoder_config(gpt); }, {"\"model_type\"", "\"gpt2\"", "llama, mistral and qwen2"});
+}
+
+TEST(DecoderConfig, CheckpointMismatchesAreListedTogether) {
+  testing::TempDir dir;
+  const std::string llama = copy_model(dir, "llama");
+  // Two more layers than the checkpoint has, and a wider MLP: missing and misshapen tensors.
+  replace_in_file(llama + "/config.json", "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
+  replace_in_file(llama + "/config.json", "\"intermediate_size\": 48", "\"intermediate_size\": 50");
+  const DecoderConfig config = read_decoder_config(llama);
+  expect_input_error([&] { check_decoder_checkpoint(config); },
+                     {"does not match its config.json", "tensor(s) missing", "model.layers.2.input_layernorm.weight",
+                      "'model.layers.0.mlp.gate_proj.weight' is [48, 32], the config needs [50, 32]"});
+}
+
+TEST(DecoderConfig, SlidingWindowLongerThanTheWindowIsRefused) {
+  testing::TempDir dir;
+  const std::string mistral = copy_model(dir, "mistral");
+  replace_in_file(mistral + "/config.json", "\"sliding_window\": 32", "\"sliding_window\": 4");
+  const DecoderConfig config = read_decoder_config(mistral);
+  EXPECT_EQ(config.sliding_window, 4);
+  std::vector<std::string> names;
+  for (const auto& tensor : decoder_layout(config)) names.push_back(tensor.name);
+  const Parameters parameters = read_decoder_parameters(config, names, torch::kFloat32, torch::kCPU);
+  const TokenData data = load_token_data(fixture("mistral") + "/tokens.safetensors");
+  expect_input_error([&] { Decoder(config).forward(parameters, token_batch(data, torch::kCPU)); },
+                     {"12 tokens are longer than the sliding window (4)"});
+}
+
+TEST(TokenData, BadTokensAreNamedBySampleAndPosition) {
+  const TokenData data = load_token_data(fixture("llama") + "/tokens.safetensors");
+  EXPECT_EQ(data.samples, 5);
+  EXPECT_EQ(data.length, 12);
+  expect_input_error([&] { check_vocabulary(data, 10); }, {"tokens.safetensors: sample 0, position", ">= the model's vocab_size 10"});
+}
+
+}  // namespace
+}  // namespace gradfix
