@@ -286,7 +286,8 @@ std::vector<SubcommandSpec> make_table() {
   table.push_back({"signs", "gradfix signs --weights W --data D --shots-per-class K --sign-mode max|mean --out S",
                    "few-shot gradient-sign statistics of a model (vote counts or summed -gradients)", Executable::kTorch,
                    {OptionGroup::kModel},
-                   joined(joined(data_options, {{"shots-per-class", T::kInteger, "5", "K labelled samples per class, drawn with --seed"}}),
+                   joined(joined(data_options, {{"shots-per-class", T::kInteger, "5", "K labelled samples per class, drawn with --seed"},
+                                                {"num-samples", T::kInteger, "0", "decoders: the first N samples of a seeded shuffle (0: every sample)"}}),
                           joined(kShotOptions,
                                  {{"seed", T::kCount, "0", "sampling seed"},
                                   {"sign-mode", T::kText, "max", "max: per-sample vote counts; mean: summed -gradients"},
@@ -299,6 +300,8 @@ std::vector<SubcommandSpec> make_table() {
                      job.weights = weights_of(values, "weights");
                      job.data = data_of(values, "data");
                      job.shots_per_class = values.integer("shots-per-class");
+                     job.num_samples = values.integer("num-samples");
+                     if (job.num_samples < 0) throw InputError("--num-samples must not be negative");
                      job.selection = selection_of(values);
                      job.seed = values.count("seed");
                      job.sign_mode = checked_sign_mode(values);

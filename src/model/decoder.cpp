@@ -101,14 +101,26 @@ std::string read_text(const std::string& path) {
   return text;
 }
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+torch::Tensor rms_norm(const Parameters& p, const std::string& weight_name, const torch::Tensor& x, double eps,
+                       GradientRecorder* recorder) {
   const torch::Tensor wide = x.to(torch::kFloat32);
-  const torch::Tensor normed = wide * torch::rsqrt(wide.pow(2).mean(-1, true) + eps);
-  return weight * normed.to(x.scalar_type());
+  const torch::Tensor normed = (wide * torch::rsqrt(wide.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
+  torch::Tensor out = p.at(weight_name) * normed;
+  if (recorder != nullptr && out.requires_grad()) {
+    out.retain_grad();
+    recorder->add({weight_name, Capture::Kind::kScale, normed.detach(), out});
+  }
+  return out;
 }
 
-torch::Tensor linear(const Parameters& p, const std::string& name, const torch::Tensor& x, bool bias) {
-  return torch::nn::functional::linear(x, p.at(name + ".weight"), bias ? p.at(name + ".bias") : torch::Tensor());
+torch::Tensor linear(const Parameters& p, const std::string& name, const torch::Tensor& x, bool bias, GradientRecorder* recorder) {
+  torch::Tensor out = torch::nn::functional::linear(x, p.at(name + ".weight"), bias ? p.at(name + ".bias") : torch::Tensor());
+  if (recorder != nullptr && out.requires_grad()) {
+    out.retain_grad();
+    recorder->add({name + ".weight", Capture::Kind::kLinearWeight, x.detach(), out});
+    if (bias) recorder->add({name + ".bias", Capture::Kind::kBias, torch::Tensor(), out});
+  }
+  return out;
 }
 
 torch::Tensor rotate_half(const torch::Tensor& x) {
@@ -237,16 +249,16 @@ std::vector<TensorInfo> decoder_layout(const DecoderConfig& c) {
     for (const auto& name : layer_parameter_names(c, i)) {
       std::vector<long long> shape;
       auto ends = [&](const std::string& tail) { return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0; };
-      if (ends("layernorm.weight")) shape = {h};
-      else if (ends("q_proj.weight")) shape = {q, h};
-      else if (ends("q_proj.bias")) shape = {q};
-      else if (ends("k_proj.weight") || ends("v_proj.weight")) shape = {kv, h};
-      else if (ends("k_proj.bias") || ends("v_proj.bias")) shape = {kv};
-      else if (ends("o_proj.weight")) shape = {h, q};
-      else if (ends("o_proj.bias") || ends("down_proj.bias")) shape = {h};
-      else if (ends("gate_proj.weight") || ends("up_proj.weight")) shape = {m, h};
-      else if (ends("gate_proj.bias") || ends("up_proj.bias")) shape = {m};
-      else if (ends("down_proj.weight")) shape = {h, m};
+      if (ends("layernorm.weight")) shape = std::vector<long long>{h};
+      else if (ends("q_proj.weight")) shape = std::vector<long long>{q, h};
+      else if (ends("q_proj.bias")) shape = std::vector<long long>{q};
+      else if (ends("k_proj.weight") || ends("v_proj.weight")) shape = std::vector<long long>{kv, h};
+      else if (ends("k_proj.bias") || ends("v_proj.bias")) shape = std::vector<long long>{kv};
+      else if (ends("o_proj.weight")) shape = std::vector<long long>{h, q};
+      else if (ends("o_proj.bias") || ends("down_proj.bias")) shape = std::vector<long long>{h};
+      else if (ends("gate_proj.weight") || ends("up_proj.weight")) shape = std::vector<long long>{m, h};
+      else if (ends("gate_proj.bias") || ends("up_proj.bias")) shape = std::vector<long long>{m};
+      else if (ends("down_proj.weight")) shape = std::vector<long long>{h, m};
       GRADFIX_CHECK(!shape.empty(), "no shape for " + name);
       layout.push_back({name, DType::kF32, shape});
     }
@@ -342,22 +354,28 @@ std::pair<torch::Tensor, torch::Tensor> Decoder::rotary(long long length, const 
   return {angles.cos().to(like.scalar_type()), angles.sin().to(like.scalar_type())};
 }
 
-torch::Tensor Decoder::embed(const Parameters& parameters, const torch::Tensor& input_ids) const {
-  return torch::embedding(parameters.at("model.embed_tokens.weight"), input_ids);
+torch::Tensor Decoder::embed(const Parameters& parameters, const torch::Tensor& input_ids, GradientRecorder* recorder) const {
+  torch::Tensor out = torch::embedding(parameters.at("model.embed_tokens.weight"), input_ids);
+  if (recorder != nullptr) {
+    out = out.detach().requires_grad_(true);
+    recorder->add({"model.embed_tokens.weight", Capture::Kind::kEmbedding, input_ids, out});
+  }
+  return out;
 }
 
-torch::Tensor Decoder::layer(long long index, const Parameters& p, const torch::Tensor& hidden, const torch::Tensor& attention_mask) const {
+torch::Tensor Decoder::layer(long long index, const Parameters& p, const torch::Tensor& hidden, const torch::Tensor& attention_mask,
+                             GradientRecorder* recorder) const {
   const DecoderConfig& c = config_;
   const long long n = hidden.size(0), t = hidden.size(1);
   if (c.sliding_window > 0 && t > c.sliding_window)
     throw InputError(c.directory + ": sequences of " + std::to_string(t) + " tokens are longer than the sliding window (" +
                      std::to_string(c.sliding_window) + "); gradfix implements sliding-window attention only where it equals full attention");
   const std::string prefix = "model.layers." + std::to_string(index) + ".";
-  const torch::Tensor x = rms_norm(hidden, p.at(prefix + "input_layernorm.weight"), c.rms_norm_eps);
+  const torch::Tensor x = rms_norm(p, prefix + "input_layernorm.weight", hidden, c.rms_norm_eps, recorder);
   // [N, T, heads, d] -> [N, heads, T, d]
-  const torch::Tensor q = linear(p, prefix + "self_attn.q_proj", x, c.qkv_bias).view({n, t, c.heads, c.head_dim}).transpose(1, 2);
-  torch::Tensor k = linear(p, prefix + "self_attn.k_proj", x, c.qkv_bias).view({n, t, c.kv_heads, c.head_dim}).transpose(1, 2);
-  torch::Tensor v = linear(p, prefix + "self_attn.v_proj", x, c.qkv_bias).view({n, t, c.kv_heads, c.head_dim}).transpose(1, 2);
+  const torch::Tensor q = linear(p, prefix + "self_attn.q_proj", x, c.qkv_bias, recorder).view({n, t, c.heads, c.head_dim}).transpose(1, 2);
+  torch::Tensor k = linear(p, prefix + "self_attn.k_proj", x, c.qkv_bias, recorder).view({n, t, c.kv_heads, c.head_dim}).transpose(1, 2);
+  torch::Tensor v = linear(p, prefix + "self_attn.v_proj", x, c.qkv_bias, recorder).view({n, t, c.kv_heads, c.head_dim}).transpose(1, 2);
   const auto [cos, sin] = rotary(t, q);
   const torch::Tensor q_rotated = q * cos + rotate_half(q) * sin;
   k = k * cos + rotate_half(k) * sin;
@@ -373,17 +391,26 @@ torch::Tensor Decoder::layer(long long index, const Parameters& p, const torch::
   scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
   const torch::Tensor weights = torch::softmax(scores, -1, torch::kFloat32).to(q.scalar_type());
   const torch::Tensor attended = torch::matmul(weights, v).transpose(1, 2).reshape({n, t, c.heads * c.head_dim});
-  const torch::Tensor after_attention = hidden + linear(p, prefix + "self_attn.o_proj", attended, c.o_bias);
-  const torch::Tensor y = rms_norm(after_attention, p.at(prefix + "post_attention_layernorm.weight"), c.rms_norm_eps);
-  const torch::Tensor gated = torch::silu(linear(p, prefix + "mlp.gate_proj", y, c.mlp_bias)) * linear(p, prefix + "mlp.up_proj", y, c.mlp_bias);
-  return after_attention + linear(p, prefix + "mlp.down_proj", gated, c.mlp_bias);
+  const torch::Tensor after_attention = hidden + linear(p, prefix + "self_attn.o_proj", attended, c.o_bias, recorder);
+  const torch::Tensor y = rms_norm(p, prefix + "post_attention_layernorm.weight", after_attention, c.rms_norm_eps, recorder);
+  const torch::Tensor gated =
+      torch::silu(linear(p, prefix + "mlp.gate_proj", y, c.mlp_bias, recorder)) * linear(p, prefix + "mlp.up_proj", y, c.mlp_bias, recorder);
+  return after_attention + linear(p, prefix + "mlp.down_proj", gated, c.mlp_bias, recorder);
 }
 
-torch::Tensor Decoder::head(const Parameters& p, const torch::Tensor& hidden) const {
-  const torch::Tensor normed = rms_norm(hidden, p.at("model.norm.weight"), config_.rms_norm_eps);
-  const std::string head_name = config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
-  return torch::nn::functional::linear(normed, p.at(head_name));
+torch::Tensor Decoder::head(const Parameters& p, const torch::Tensor& hidden, GradientRecorder* recorder) const {
+  const torch::Tensor normed = rms_norm(p, "model.norm.weight", hidden, config_.rms_norm_eps, recorder);
+  // A tied head records its use under the embedding's name: the one stored tensor's per-sample
+  // gradient is the sum of both uses.
+  torch::Tensor logits = torch::nn::functional::linear(normed, p.at(head_name()));
+  if (recorder != nullptr && logits.requires_grad()) {
+    logits.retain_grad();
+    recorder->add({head_name(), Capture::Kind::kLinearWeight, normed.detach(), logits});
+  }
+  return logits;
 }
+
+std::string Decoder::head_name() const { return config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight"; }
 
 torch::Tensor Decoder::forward(const Parameters& parameters, const TokenBatch& batch) const {
   torch::Tensor hidden = embed(parameters, batch.input_ids);

@@ -60,6 +60,29 @@ std::vector<std::string> layer_parameter_names(const DecoderConfig& config, long
 
 using Parameters = std::map<std::string, torch::Tensor>;
 
+// What per-sample gradients need from one recomputation with autograd: for each use of a
+// parameter, the input it multiplied and the output whose gradient backward() leaves behind.
+// A Linear weight's per-sample gradient is then G_n^T X_n over that sample's tokens, a bias's the
+// sum of G_n, a norm scale's the sum of G_n * normed x_n, an embedding's the rows of G_n added at
+// the sample's token ids: one batched product instead of one backward pass per sample.
+struct Capture {
+  enum class Kind { kLinearWeight, kBias, kScale, kEmbedding };
+  std::string parameter;
+  Kind kind = Kind::kLinearWeight;
+  torch::Tensor input;   // X [n, T, in]; normed x [n, T, H]; token ids [n, T]
+  torch::Tensor output;  // [n, T, out]: its grad() is G after backward()
+};
+
+class GradientRecorder {
+ public:
+  void add(Capture capture) { captures_.push_back(std::move(capture)); }
+  const std::vector<Capture>& captures() const { return captures_; }
+  void clear() { captures_.clear(); }
+
+ private:
+  std::vector<Capture> captures_;
+};
+
 // Reads the tensors of `names` from the model directory as `dtype` on `device`, checking every
 // tensor of the layout against the checkpoint first: all missing, extra and misshapen tensors are
 // listed in one InputError.
@@ -81,13 +104,17 @@ class Decoder {
   explicit Decoder(DecoderConfig config);
   const DecoderConfig& config() const { return config_; }
 
-  // [N, T] token ids -> [N, T, H] hidden states.
-  torch::Tensor embed(const Parameters& parameters, const torch::Tensor& input_ids) const;
+  // [N, T] token ids -> [N, T, H] hidden states. With a recorder the output is a leaf that
+  // requires grad, recorded for the embedding's per-sample gradients.
+  torch::Tensor embed(const Parameters& parameters, const torch::Tensor& input_ids, GradientRecorder* recorder = nullptr) const;
   // One decoder layer on [N, T, H]; `attention_mask` [N, T] marks real tokens (right padding).
+  // With a recorder (and `hidden` requiring grad) every parameter use is recorded.
   torch::Tensor layer(long long index, const Parameters& parameters, const torch::Tensor& hidden,
-                      const torch::Tensor& attention_mask) const;
+                      const torch::Tensor& attention_mask, GradientRecorder* recorder = nullptr) const;
   // Final norm and the language-model head: [N, T, H] -> [N, T, V] logits.
-  torch::Tensor head(const Parameters& parameters, const torch::Tensor& hidden) const;
+  torch::Tensor head(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const;
+  // The tensor the head multiplies by: lm_head.weight, or the embedding when tied.
+  std::string head_name() const;
   // All of it, with every parameter in `parameters`.
   torch::Tensor forward(const Parameters& parameters, const TokenBatch& batch) const;
 

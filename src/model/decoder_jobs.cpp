@@ -1,10 +1,14 @@
 #include "decoder_jobs.hpp"
 
+#include <algorithm>
 #include <iomanip>
 #include <nlohmann/json.hpp>
 
 #include "classifier.hpp"
 #include "decoder.hpp"
+#include "gradfix/data/dataset.hpp"
+#include "gradfix/dist/collective_output.hpp"
+#include "sharded_decoder.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 
@@ -80,6 +84,64 @@ void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& c
       << std::fixed << std::setprecision(4) << mean << ", token accuracy " << std::setprecision(2) << 100.0 * accuracy << "%"
       << (job.results.empty() ? "" : ", results in " + job.results) << "\n";
   log.unsetf(std::ios::fixed);
+}
+
+void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
+  DecoderConfig config;
+  TokenData shots;
+  torch::Device device = torch::kCPU;
+  context.agree([&] {
+    if (job.data.transform != "none")
+      throw InputError("--transform " + job.data.transform + " applies to image data, not to the token data of a decoder");
+    if (!job.model.empty() && job.model != "builtin")
+      throw InputError("--model " + job.model + ": a Hugging Face model directory names its architecture in config.json");
+    if (job.selection.num_batches > 0) throw InputError("--num-batches is for image data; use --num-samples or --indices with token data");
+    config = read_decoder_config(job.weights);
+    check_decoder_checkpoint(config);
+    const TokenData data = load_token_data(job.data.spec);
+    check_vocabulary(data, config.vocab_size);
+    // The shots: an indices file, the first N of a seeded shuffle, or every sample.
+    std::vector<long long> chosen;
+    if (!job.selection.indices_file.empty()) {
+      chosen = read_indices(job.selection.indices_file, data.samples);
+    } else if (job.num_samples > 0) {
+      if (job.num_samples > data.samples)
+        throw InputError(job.data.spec + ": --num-samples " + std::to_string(job.num_samples) + " but the file holds " +
+                         std::to_string(data.samples) + " samples");
+      const auto order = shuffled_indices(data.samples, job.seed);
+      chosen.assign(order.begin(), order.begin() + job.num_samples);
+    } else {
+      chosen = shuffled_indices(data.samples, job.seed);
+      std::sort(chosen.begin(), chosen.end());
+    }
+    shots = data.subset(chosen);
+    device = parse_device(context.device, context.local_rank);
+  });
+  std::unique_ptr<ShardedWeights> weights;
+  context.agree([&] { weights = std::make_unique<ShardedWeights>(config, context); });
+  const Decoder decoder(config);
+  DecoderSignsOptions options;
+  options.sign_mode = job.sign_mode;
+  options.method = job.method;
+  const ShardedStatistics statistics = sharded_decoder_statistics(decoder, *weights, shots, options, context, device);
+
+  // Vote counts in the narrowest integer type that holds them; mean-mode sums in fp32.
+  const DType dtype = job.sign_mode == "max" ? (shots.samples <= 127 ? DType::kI8 : shots.samples <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
+  std::vector<TensorInfo> layout = weights->layout();
+  for (auto& tensor : layout) tensor.dtype = dtype;
+  const Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", job.sign_mode},
+                             {"gradfix.samples", std::to_string(shots.samples)}, {"gradfix.seed", std::to_string(job.seed)},
+                             {"gradfix.model_type", config.model_type}};
+  auto writer = open_collective_writer(context, job.out, layout, metadata);
+  context.agree([&] {
+    const auto& pieces = weights->plan().pieces(context.rank());
+    for (std::size_t k = 0; k < pieces.size(); ++k)
+      writer->write_f32(layout[pieces[k].tensor].name, pieces[k].begin, statistics.pieces[k].data(), pieces[k].count);
+  });
+  commit_collectively(context, *writer);
+  if (context.is_root())
+    log << "signs " << job.sign_mode << ": " << config.model_type << ", " << shots.samples << " samples, " << layout.size()
+        << " tensors as " << dtype_name(dtype) << ", parameters sharded over " << context.size() << " rank(s), written to " << job.out << "\n";
 }
 
 }  // namespace gradfix

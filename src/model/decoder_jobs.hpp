@@ -11,4 +11,8 @@ namespace gradfix {
 // split across ranks (every P-th), so the results do not depend on the number of ranks.
 void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& context);
 
+// signs on token data with the parameters sharded across ranks (sharded_decoder.hpp): a
+// statistics checkpoint under the model's tensor names, byte-identical (max) at any P.
+void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext& context);
+
 }  // namespace gradfix

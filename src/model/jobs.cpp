@@ -410,6 +410,10 @@ void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context) 
 }
 
 void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
+  if (is_model_directory(job.weights)) {
+    run_decoder_signs(job, log, context);
+    return;
+  }
   std::unique_ptr<Classifier> model;
   Dataset shots;
   context.agree([&] {

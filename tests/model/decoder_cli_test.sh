@@ -38,6 +38,58 @@ assert all(abs(g - w) <= 1e-4 * abs(w) for g, w in zip(got, want)), (got, want)"
   check "$model: results byte-identical at 1 and 3 ranks" cmp -s "$model.json" "${model}_3.json"
 done
 
+# signs with the parameters sharded over 1-4 ranks: the votes equal transformers' float64
+# reference (one backward per sample) wherever the gradient is not within rounding of zero
+# (the reference's relative margin below 1e-4), the fast and loop methods agree, and the vote
+# files are byte-identical for every rank count.
+compare_votes() {  # compare_votes VOTES REFERENCE
+  python3 - "$1" "$2" <<'PY'
+import json, struct, sys
+def tensors(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
+    formats = {"I8": "b", "F32": "f", "F64": "d"}
+    out = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        code = formats[entry["dtype"]]
+        out[name] = struct.unpack("<%d%s" % ((end - begin) // struct.calcsize(code), code), raw[8 + n + begin:8 + n + end])
+    return out
+votes, reference = tensors(sys.argv[1]), tensors(sys.argv[2])
+names = [k[len("votes."):] for k in reference if k.startswith("votes.")]
+assert sorted(names) == sorted(votes), (sorted(names), sorted(votes))
+differ = sum(1 for name in names for v, r, m in zip(votes[name], reference["votes." + name], reference["margin." + name]) if v != r and m >= 1e-4)
+nonzero = sum(1 for name in names for v in votes[name] if v != 0)
+print(differ, nonzero)
+sys.exit(0 if differ == 0 and nonzero > 0 else 1)
+PY
+}
+for model in llama qwen2 mistral; do
+  "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --out "${model}_votes1.safetensors" >signs.log
+  check "$model: signs stores 5 votes per entry as I8" grep -q "signs max: $model, 5 samples, .* tensors as I8" signs.log
+  check "$model: votes equal transformers' per-sample reference" compare_votes "${model}_votes1.safetensors" "$fixtures/$model/reference.safetensors"
+  "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --method loop --out "${model}_loop.safetensors" >/dev/null
+  check "$model: the loop method (one backward per sample) gives the same votes" cmp -s "${model}_votes1.safetensors" "${model}_loop.safetensors"
+  for ranks in 2 3 4; do
+    mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" \
+      --out "${model}_votes$ranks.safetensors" >/dev/null
+    check "$model: votes byte-identical at 1 and $ranks ranks" cmp -s "${model}_votes1.safetensors" "${model}_votes$ranks.safetensors"
+  done
+done
+# Two samples of a seeded shuffle; the votes are then at most 2 in magnitude.
+"$gradfix" signs --weights "$fixtures/qwen2/model" --data qwen2.h5 --num-samples 2 --seed 4 --out two.safetensors >signs.log
+check "--num-samples 2 takes two samples" grep -q "qwen2, 2 samples" signs.log
+
+# The votes feed the file subcommands on model directories: a task vector between two
+# releases, masked by the votes, applied to the target.
+"$gradfix" generate --like "$fixtures/llama/model" --like-scale 1 --noise 0.01 --seed 5 --out llama_ft >/dev/null
+"$gradfix" taskvector --base "$fixtures/llama/model" --finetuned llama_ft --out tau.safetensors >/dev/null
+"$gradfix" mask --task-vector tau.safetensors --signs llama_votes1.safetensors --out tau_masked.safetensors >mask.log
+check "mask takes the decoder's votes under the model's names" grep -q "mask normal: 35 tensors" mask.log
+"$gradfix" apply --base "$fixtures/llama/model" --task-vector tau_masked.safetensors --alpha 0.5 --out llama_transported >/dev/null
+check "the transported checkpoint holds every tensor of the model" test "$("$gradfix" inspect llama_transported | grep -c 'model\.\|lm_head')" -ge 35
+
 # Bad inputs: exit 2, the file and the value named, no results written.
 expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
   local description=$1 pattern=$2

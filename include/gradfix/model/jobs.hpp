@@ -63,6 +63,7 @@ struct SignsJob {
   DataOptions data;
   ShotSelection selection;
   long long shots_per_class = 5;
+  long long num_samples = 0;      // decoders: the first N of a seeded shuffle (0: every sample)
   std::uint64_t seed = 0;
   std::string sign_mode = "max";  // max: per-sample vote counts; mean: summed -gradients
   std::string method = "fast";    // fast: one batched backward pass; loop: one per sample

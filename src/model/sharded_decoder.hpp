@@ -1,0 +1,61 @@
+#pragma once
+// Internal to the LibTorch part: a decoder whose parameters are spread over the ranks, and the
+// few-shot gradient pass that runs on it layer by layer (the pattern of fully sharded data
+// parallelism). No rank holds the whole model: each keeps its pieces of the shard plan, gathers
+// one layer's tensors for one step, and drops them after.
+//
+//   forward   for each layer: gather it, run this rank's samples, keep the boundary activation
+//   backward  for each layer, last first: gather it again, recompute it from its boundary with
+//             autograd, backpropagate, form per-sample gradients from the recorded inputs and
+//             output gradients (batched products), turn them into votes or sums
+//   reduce    sum the layer's statistics over the ranks; each rank keeps the pieces it owns
+//   write     every rank writes its pieces into one statistics checkpoint (model's names)
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "decoder.hpp"
+#include "gradfix/dist/job_context.hpp"
+#include "gradfix/shard/plan.hpp"
+
+namespace gradfix {
+
+class ShardedWeights {
+ public:
+  // Reads this rank's pieces of every tensor of the config's layout (collective only in that
+  // every rank computes the same plan).
+  ShardedWeights(const DecoderConfig& config, const JobContext& context);
+  const std::vector<TensorInfo>& layout() const { return layout_; }
+  const ShardPlan& plan() const { return plan_; }
+  // Whole tensors of `names` as float32 on `device`. Collective: every rank passes the same names.
+  Parameters gather(const std::vector<std::string>& names, const torch::Device& device) const;
+  // Elements this rank holds.
+  long long held_elements() const;
+
+ private:
+  const JobContext& context_;
+  std::vector<TensorInfo> layout_;
+  std::map<std::string, std::size_t> index_;
+  ShardPlan plan_;
+  std::vector<std::vector<float>> mine_;  // values of this rank's pieces, in plan order
+};
+
+struct DecoderSignsOptions {
+  std::string sign_mode = "max";  // max: vote counts; mean: summed -gradients
+  std::string method = "fast";    // fast: batched per-sample products; loop: one backward per sample
+  long long product_bytes = 256LL << 20;  // bound on one batch of per-sample gradients
+};
+
+// The statistics of this rank's pieces, in plan order (votes as float: exact integers).
+struct ShardedStatistics {
+  std::vector<std::vector<float>> pieces;
+  long long samples = 0;
+};
+
+// The few-shot pass over `data` (every sample of it is a shot). Collective.
+ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
+                                             const DecoderSignsOptions& options, const JobContext& context,
+                                             const torch::Device& device);
+
+}  // namespace gradfix
