@@ -19,35 +19,41 @@ constexpr long long kSamplesPerGroup = 8;
 std::vector<int64_t> shape_of(const TensorInfo& tensor) { return {tensor.shape.begin(), tensor.shape.end()}; }
 
 // Running statistics of the tensors of one step (a layer, the head, the embedding), over this
-// rank's samples: vote counts (int32) or sums of -gradients (float64), full shape, on the CPU.
+// rank's samples, full shape: vote counts in the narrowest integer type that holds them, or sums
+// of -gradients in float64.
 class Accumulators {
  public:
-  Accumulators(bool votes, const torch::Device& device) : votes_(votes), device_(device) {}
+  Accumulators(torch::ScalarType type, const torch::Device& device) : type_(type), device_(device) {}
 
   torch::Tensor& of(const std::string& name, const std::vector<int64_t>& shape) {
     auto found = values_.find(name);
-    if (found == values_.end())
-      found = values_.emplace(name, torch::zeros(shape, torch::TensorOptions().dtype(votes_ ? torch::kInt32 : torch::kFloat64).device(device_))).first;
+    if (found == values_.end()) found = values_.emplace(name, torch::zeros(shape, torch::TensorOptions().dtype(type_).device(device_))).first;
     return found->second;
   }
   // Adds the per-sample gradients `per_sample` [n, ...] of rows [begin, begin + rows) (dim 0 of
-  // the parameter) to the statistics.
-  void add(const std::string& name, const std::vector<int64_t>& shape, const torch::Tensor& per_sample, int64_t begin = 0) {
+  // the parameter) to the statistics. `per_sample` is consumed (negated in place).
+  void add(const std::string& name, const std::vector<int64_t>& shape, torch::Tensor per_sample, int64_t begin = 0) {
     torch::Tensor target = of(name, shape);
     if (per_sample.dim() > 1 && per_sample.size(1) != target.size(0)) target = target.slice(0, begin, begin + per_sample.size(1));
-    if (votes_) target.add_(torch::sign(-per_sample).sum(0).to(torch::kInt32));
-    else target.add_((-per_sample).to(torch::kFloat64).sum(0));
+    per_sample.neg_();
+    if (type_ == torch::kFloat64) {
+      target.add_(per_sample.sum(0, false, torch::kFloat64));
+    } else {
+      per_sample.sign_();
+      target.add_(per_sample.sum(0).to(type_));
+    }
   }
   // Adds per-sample gradients of a few rows: `rows` [k] row indices, `values` [k, H] (one sample).
-  void add_rows(const std::string& name, const std::vector<int64_t>& shape, const torch::Tensor& rows, const torch::Tensor& values) {
+  void add_rows(const std::string& name, const std::vector<int64_t>& shape, const torch::Tensor& rows, torch::Tensor values) {
     torch::Tensor& target = of(name, shape);
-    if (votes_) target.index_add_(0, rows, torch::sign(-values).to(torch::kInt32));
-    else target.index_add_(0, rows, (-values).to(torch::kFloat64));
+    values.neg_();
+    if (type_ != torch::kFloat64) values.sign_();
+    target.index_add_(0, rows, values.to(type_));
   }
   std::map<std::string, torch::Tensor>& values() { return values_; }
 
  private:
-  bool votes_;
+  torch::ScalarType type_;
   torch::Device device_;
   std::map<std::string, torch::Tensor> values_;
 };
@@ -63,7 +69,7 @@ void embedding_rows(const torch::Tensor& ids, const torch::Tensor& gradient, int
                     Accumulators* accumulators, const std::string& name, const std::vector<int64_t>& shape) {
   const torch::Tensor sample_ids = ids[sample];
   const torch::Tensor sample_gradient = gradient[sample];
-  if (dense != nullptr) {
+  if (dense != nullptr) {  // a tied head: into its dense block before any sign is taken
     const torch::Tensor inside = sample_ids.ge(begin).logical_and(sample_ids.lt(end)).nonzero().squeeze(1);
     if (inside.numel() == 0) return;
     (*dense)[sample].index_add_(0, sample_ids.index_select(0, inside) - begin, sample_gradient.index_select(0, inside));
@@ -71,7 +77,7 @@ void embedding_rows(const torch::Tensor& ids, const torch::Tensor& gradient, int
   }
   // Rows of one sample summed per distinct token: that sample's gradient of each touched row.
   const auto [unique, inverse] = torch::_unique(sample_ids, true, true);
-  const torch::Tensor rows = torch::zeros({unique.size(0), sample_gradient.size(1)}, sample_gradient.options()).index_add_(0, inverse, sample_gradient);
+  torch::Tensor rows = torch::zeros({unique.size(0), sample_gradient.size(1)}, sample_gradient.options()).index_add_(0, inverse, sample_gradient);
   accumulators->add_rows(name, shape, unique, rows);
 }
 
@@ -104,7 +110,7 @@ void add_captures(const std::vector<Capture>& captures, const std::map<std::stri
       case Capture::Kind::kLinearWeight:
         linear_weight(capture.parameter, shape, capture.input, gradient, product_bytes, accumulators);
         break;
-      case Capture::Kind::kBias: accumulators.add(capture.parameter, shape, gradient.sum(1)); break;
+      case Capture::Kind::kBias: accumulators.add(capture.parameter, shape, gradient.sum(1)); break;  // a new tensor: consumable
       case Capture::Kind::kScale: accumulators.add(capture.parameter, shape, (gradient * capture.input).sum(1)); break;
       case Capture::Kind::kEmbedding:
         for (int64_t i = 0; i < capture.input.size(0); ++i)
@@ -136,37 +142,63 @@ Parameters ShardedWeights::gather(const std::vector<std::string>& names, const t
     GRADFIX_CHECK(found != index_.end(), "no tensor '" + name + "' in the decoder's layout");
     wanted.insert(found->second);
   }
-  // Every rank's pieces of these tensors, packed in plan order and padded to the longest: one
-  // all-gather brings every piece to every rank.
-  const int ranks = context_.size();
-  std::vector<long long> counts(static_cast<std::size_t>(ranks), 0);
-  for (int r = 0; r < ranks; ++r)
-    for (const auto& piece : plan_.pieces(r))
-      if (wanted.count(piece.tensor)) counts[static_cast<std::size_t>(r)] += piece.count;
-  const long long longest = *std::max_element(counts.begin(), counts.end());
-  std::vector<float> send(static_cast<std::size_t>(longest), 0.0f);
-  long long offset = 0;
+  // Each rank that owns pieces of these tensors broadcasts them, packed in plan order, and every
+  // rank unpacks them into the whole tensors. Broadcasting owner by owner moves only real data:
+  // an all-gather would pad every rank's share to the largest, and one big tensor (an embedding)
+  // often lies on one rank alone.
+  std::map<std::size_t, torch::Tensor> full;
   const auto& my_pieces = plan_.pieces(context_.rank());
+  // A tensor this rank holds whole is used from its own piece, without a copy (read only).
+  std::set<std::size_t> whole_here;
   for (std::size_t k = 0; k < my_pieces.size(); ++k) {
-    if (!wanted.count(my_pieces[k].tensor)) continue;
-    std::memcpy(send.data() + offset, mine_[k].data(), mine_[k].size() * sizeof(float));
-    offset += my_pieces[k].count;
+    const std::size_t tensor = my_pieces[k].tensor;
+    if (wanted.count(tensor) && my_pieces[k].begin == 0 && my_pieces[k].count == layout_[tensor].numel()) {
+      full[tensor] = torch::from_blob(const_cast<float*>(mine_[k].data()), shape_of(layout_[tensor]), torch::kFloat32);
+      whole_here.insert(tensor);
+    }
   }
-  std::vector<float> received(static_cast<std::size_t>(longest * ranks));
-  if (longest > 0) context_.host().allgather(send.data(), received.data(), static_cast<std::size_t>(longest), DType::kF32);
-  std::map<std::size_t, std::vector<float>> full;
-  for (std::size_t tensor : wanted) full[tensor].assign(static_cast<std::size_t>(layout_[tensor].numel()), 0.0f);
-  for (int r = 0; r < ranks; ++r) {
-    long long cursor = static_cast<long long>(r) * longest;
-    for (const auto& piece : plan_.pieces(r)) {
-      if (!wanted.count(piece.tensor)) continue;
-      std::memcpy(full[piece.tensor].data() + piece.begin, received.data() + cursor, static_cast<std::size_t>(piece.count) * sizeof(float));
+  for (std::size_t tensor : wanted)
+    if (!whole_here.count(tensor)) full[tensor] = torch::empty(shape_of(layout_[tensor]), torch::kFloat32);
+  std::vector<float> buffer;
+  for (int r = 0; r < context_.size(); ++r) {
+    std::vector<Piece> theirs;
+    long long count = 0;
+    for (const auto& piece : plan_.pieces(r))
+      if (wanted.count(piece.tensor)) {
+        theirs.push_back(piece);
+        count += piece.count;
+      }
+    if (count == 0) continue;
+    auto destination = [&](const Piece& piece) { return full[piece.tensor].data_ptr<float>() + piece.begin; };
+    if (r == context_.rank()) {
+      // Own pieces go straight into the tensors, and are sent from there.
+      for (std::size_t k = 0; k < my_pieces.size(); ++k)
+        if (wanted.count(my_pieces[k].tensor) && !whole_here.count(my_pieces[k].tensor))
+          std::memcpy(destination(my_pieces[k]), mine_[k].data(), mine_[k].size() * sizeof(float));
+    }
+    if (context_.size() == 1) continue;
+    if (theirs.size() == 1) {
+      // One range of one tensor (the usual case for a large tensor): received in place.
+      context_.host().broadcast(destination(theirs[0]), static_cast<std::size_t>(count), DType::kF32, r);
+      continue;
+    }
+    buffer.resize(static_cast<std::size_t>(count));
+    long long cursor = 0;
+    if (r == context_.rank())
+      for (const auto& piece : theirs) {
+        std::memcpy(buffer.data() + cursor, destination(piece), static_cast<std::size_t>(piece.count) * sizeof(float));
+        cursor += piece.count;
+      }
+    context_.host().broadcast(buffer.data(), static_cast<std::size_t>(count), DType::kF32, r);
+    if (r == context_.rank()) continue;
+    cursor = 0;
+    for (const auto& piece : theirs) {
+      std::memcpy(destination(piece), buffer.data() + cursor, static_cast<std::size_t>(piece.count) * sizeof(float));
       cursor += piece.count;
     }
   }
   Parameters parameters;
-  for (auto& [tensor, values] : full)
-    parameters[layout_[tensor].name] = torch::from_blob(values.data(), shape_of(layout_[tensor]), torch::kFloat32).to(device, false, true);
+  for (auto& [tensor, values] : full) parameters[layout_[tensor].name] = device.is_cpu() ? values : values.to(device);
   return parameters;
 }
 
@@ -182,32 +214,40 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
   ShardedStatistics result;
   result.samples = data.samples;
   for (const auto& piece : weights.plan().pieces(context.rank())) result.pieces.emplace_back(static_cast<std::size_t>(piece.count), 0.0f);
-  // Sums a step's statistics over the ranks, in the narrowest type that holds them, and keeps
-  // the pieces this rank owns.
+  // Sums a step's statistics over the ranks, bucket by bucket in the narrowest type that holds
+  // them, and keeps the pieces this rank owns: memory for this is one bucket, whatever the size.
   const DType reduce_type = votes ? vote_count_dtype(data.samples, context.stats()) : DType::kF64;
+  const torch::ScalarType accumulate_type = reduce_type == DType::kI8 ? torch::kInt8
+                                            : reduce_type == DType::kI16 ? torch::kInt16
+                                            : reduce_type == DType::kI32 ? torch::kInt32 : torch::kFloat64;
+  constexpr long long kBucket = 1LL << 22;
   auto finish = [&](Accumulators& accumulators, const std::vector<std::string>& names) {
+    const auto& my_pieces = weights.plan().pieces(context.rank());
     for (const auto& name : names) {
-      const auto& shape = shapes.at(name);
-      const torch::Tensor values = accumulators.of(name, shape).to(torch::kCPU).contiguous();
-      const auto count = static_cast<std::size_t>(values.numel());
-      std::vector<double> wide(count);
-      if (votes) {
-        const torch::Tensor as_float = values.to(torch::kFloat32).contiguous();
-        std::vector<unsigned char> narrow(count * dtype_size(reduce_type));
-        convert_from_f32(reduce_type, as_float.data_ptr<float>(), narrow.data(), count);
-        allreduce_statistics(context.stats(), narrow.data(), static_cast<long long>(count), reduce_type);
-        std::vector<float> summed(count);
-        convert_to_f32(reduce_type, narrow.data(), summed.data(), count);
-        wide.assign(summed.begin(), summed.end());
-      } else {
-        std::memcpy(wide.data(), values.data_ptr<double>(), count * sizeof(double));
-        allreduce_statistics(context.stats(), wide.data(), static_cast<long long>(count), DType::kF64);
-      }
-      const auto& my_pieces = weights.plan().pieces(context.rank());
-      for (std::size_t k = 0; k < my_pieces.size(); ++k) {
-        if (weights.layout()[my_pieces[k].tensor].name != name) continue;
-        for (long long i = 0; i < my_pieces[k].count; ++i)
-          result.pieces[k][static_cast<std::size_t>(i)] = static_cast<float>(wide[static_cast<std::size_t>(my_pieces[k].begin + i)]);
+      const torch::Tensor values = accumulators.of(name, shapes.at(name)).to(torch::kCPU).contiguous().view({-1});
+      const long long count = values.numel();
+      const std::size_t item = dtype_size(reduce_type);
+      std::vector<unsigned char> bucket;
+      std::vector<float> as_float;
+      for (long long offset = 0; offset < count; offset += kBucket) {
+        const long long length = std::min(kBucket, count - offset);
+        bucket.assign(static_cast<const unsigned char*>(values.data_ptr()) + offset * static_cast<long long>(item),
+                      static_cast<const unsigned char*>(values.data_ptr()) + (offset + length) * static_cast<long long>(item));
+        allreduce_statistics(context.stats(), bucket.data(), length, reduce_type);
+        as_float.resize(static_cast<std::size_t>(length));
+        if (votes) {
+          convert_to_f32(reduce_type, bucket.data(), as_float.data(), static_cast<std::size_t>(length));
+        } else {
+          const auto* sums = reinterpret_cast<const double*>(bucket.data());
+          for (long long i = 0; i < length; ++i) as_float[static_cast<std::size_t>(i)] = static_cast<float>(sums[i]);
+        }
+        for (std::size_t k = 0; k < my_pieces.size(); ++k) {
+          if (weights.layout()[my_pieces[k].tensor].name != name) continue;
+          const long long first = std::max(offset, my_pieces[k].begin);
+          const long long last = std::min(offset + length, my_pieces[k].begin + my_pieces[k].count);
+          for (long long i = first; i < last; ++i)
+            result.pieces[k][static_cast<std::size_t>(i - my_pieces[k].begin)] = as_float[static_cast<std::size_t>(i - offset)];
+        }
       }
       accumulators.values().erase(name);
     }
@@ -227,8 +267,10 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
   std::vector<std::vector<torch::Tensor>> boundary(static_cast<std::size_t>(config.layers + 1));
   {
     torch::NoGradGuard no_gradients;
-    const Parameters embedding = weights.gather({"model.embed_tokens.weight"}, device);
-    for (const auto& group : groups) boundary[0].push_back(decoder.embed(embedding, group.batch.input_ids));
+    {  // the embedding is dropped before the layers are gathered
+      const Parameters embedding = weights.gather({"model.embed_tokens.weight"}, device);
+      for (const auto& group : groups) boundary[0].push_back(decoder.embed(embedding, group.batch.input_ids));
+    }
     for (long long l = 0; l < config.layers; ++l) {
       const Parameters layer = weights.gather(layer_parameter_names(config, l), device);
       for (std::size_t g = 0; g < groups.size(); ++g)
@@ -245,7 +287,7 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
     for (auto& [name, tensor] : parameters) {
       if (skip.count(name)) continue;
       if (tensor.grad().defined()) {
-        accumulators.add(name, shapes.at(name), tensor.grad().unsqueeze(0));
+        accumulators.add(name, shapes.at(name), tensor.grad().unsqueeze(0).clone());
         tensor.mutable_grad().reset();
       } else {
         accumulators.of(name, shapes.at(name));
@@ -255,7 +297,7 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
 
   // The head: final norm and lm_head (or the tied embedding), from the last boundary.
   std::vector<torch::Tensor> incoming(groups.size());
-  Accumulators accumulators(votes, device);
+  Accumulators accumulators(accumulate_type, device);
   const std::string head = decoder.head_name();
   const bool tied = config.tie_word_embeddings;
   std::vector<Capture> tied_head(groups.size());        // fast: the head's X and G, kept for the embedding
@@ -266,36 +308,45 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
     // every rank before the collective steps below.
     context.agree([&] {
       torch::NoGradGuard no_gradients;
-      for (std::size_t g = 0; g < groups.size(); ++g) {
-        const torch::Tensor losses = per_sample_losses(decoder.head(parameters, boundary.back()[g]), groups[g].batch.labels);
-        for (std::size_t i = 0; i < groups[g].samples.size(); ++i)
-          if (!std::isfinite(losses[static_cast<int64_t>(i)].item<double>()))
-            throw InputError(data.source + ": selected sample " + std::to_string(groups[g].samples[i]) + " has a loss of " +
-                             std::to_string(losses[static_cast<int64_t>(i)].item<double>()) + ": check the model's weights");
-      }
+      for (std::size_t g = 0; g < groups.size(); ++g)
+        for (int64_t i = 0; i < static_cast<int64_t>(groups[g].samples.size()); ++i) {
+          const double loss = per_sample_losses(decoder.head(parameters, boundary.back()[g].slice(0, i, i + 1)),
+                                                groups[g].batch.labels.slice(0, i, i + 1))[0].item<double>();
+          if (!std::isfinite(loss))
+            throw InputError(data.source + ": selected sample " + std::to_string(groups[g].samples[static_cast<std::size_t>(i)]) +
+                             " has a loss of " + std::to_string(loss) + ": check the model's weights");
+        }
     });
     make_leaves(parameters);
+    // One sample at a time: the logits and their gradient ([T, V] each, the largest activations
+    // of the pass) then cost one sample's worth, whatever the group size.
     for (std::size_t g = 0; g < groups.size(); ++g) {
-      GradientRecorder recorder;
-      const torch::Tensor hidden = boundary.back()[g].detach().requires_grad_(true);
-      const torch::Tensor logits = decoder.head(parameters, hidden, loop ? nullptr : &recorder);
-      per_sample_losses(logits, groups[g].batch.labels).sum().backward();
-      incoming[g] = hidden.grad();
-      if (loop) {
-        if (tied) tied_head_gradient[g] = parameters.at(head).grad().clone();
-        add_leaf_gradients(parameters, accumulators, tied ? std::set<std::string>{head} : std::set<std::string>{});
-        if (tied) parameters.at(head).mutable_grad().reset();
-        continue;
-      }
-      std::vector<Capture> captures;
-      for (const auto& capture : recorder.captures()) {
-        if (tied && capture.parameter == head) {
-          tied_head[g] = {capture.parameter, capture.kind, capture.input, capture.output.grad()};
+      std::vector<torch::Tensor> gradients, tied_inputs, tied_outputs;
+      for (int64_t i = 0; i < static_cast<int64_t>(groups[g].samples.size()); ++i) {
+        GradientRecorder recorder;
+        const torch::Tensor hidden = boundary.back()[g].slice(0, i, i + 1).detach().requires_grad_(true);
+        const torch::Tensor logits = decoder.head(parameters, hidden, loop ? nullptr : &recorder);
+        per_sample_losses(logits, groups[g].batch.labels.slice(0, i, i + 1)).sum().backward();
+        gradients.push_back(hidden.grad());
+        if (loop) {
+          if (tied) tied_head_gradient[g] = parameters.at(head).grad().clone();
+          add_leaf_gradients(parameters, accumulators, tied ? std::set<std::string>{head} : std::set<std::string>{});
+          if (tied) parameters.at(head).mutable_grad().reset();
           continue;
         }
-        captures.push_back(capture);
+        std::vector<Capture> captures;
+        for (const auto& capture : recorder.captures()) {
+          if (tied && capture.parameter == head) {
+            tied_inputs.push_back(capture.input);
+            tied_outputs.push_back(capture.output.grad());
+            continue;
+          }
+          captures.push_back(capture);
+        }
+        add_captures(captures, shapes, options.product_bytes, accumulators);
       }
-      add_captures(captures, shapes, options.product_bytes, accumulators);
+      incoming[g] = torch::cat(gradients, 0);
+      if (tied && !loop) tied_head[g] = {head, Capture::Kind::kLinearWeight, torch::cat(tied_inputs, 0), torch::cat(tied_outputs, 0)};
     }
     finish(accumulators, tied ? std::vector<std::string>{"model.norm.weight"} : std::vector<std::string>{"model.norm.weight", head});
     boundary.pop_back();

@@ -44,7 +44,7 @@ class ShardedWeights {
 struct DecoderSignsOptions {
   std::string sign_mode = "max";  // max: vote counts; mean: summed -gradients
   std::string method = "fast";    // fast: batched per-sample products; loop: one backward per sample
-  long long product_bytes = 256LL << 20;  // bound on one batch of per-sample gradients
+  long long product_bytes = 64LL << 20;  // bound on one block of per-sample gradients
 };
 
 // The statistics of this rank's pieces, in plan order (votes as float: exact integers).
