@@ -62,11 +62,7 @@ std::vector<double> parse_alphas(const std::string& text) {
   return alphas;
 }
 
-std::string checked_sign_mode(const Options& values) {
-  const std::string mode = values.text("sign-mode");
-  if (mode != "max" && mode != "mean") throw InputError("unknown --sign-mode '" + mode + "'; valid: max|mean");
-  return mode;
-}
+SignMode checked_sign_mode(const Options& values) { return parse_sign_mode(values.text("sign-mode")); }
 
 // A TorchScript archive may carry its own parameters: then the weights are optional.
 std::string weights_of(const Options& values, const std::string& key) {
@@ -305,9 +301,8 @@ std::vector<SubcommandSpec> make_table() {
                      job.selection = selection_of(values);
                      job.seed = values.count("seed");
                      job.sign_mode = checked_sign_mode(values);
-                     job.method = values.text("method");
+                     job.method = parse_vote_method(values.text("method"));
                      job.out = values.required("out");
-                     if (job.method != "fast" && job.method != "loop") throw InputError("unknown --method '" + job.method + "'; valid: fast|loop");
                      return job_of(job, [](const SignsJob& j, std::ostream& log, const JobContext& c) { run_signs(j, log, c); });
                    }});
 

@@ -126,10 +126,10 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
   const ShardedStatistics statistics = sharded_decoder_statistics(decoder, *weights, shots, options, context, device);
 
   // Vote counts in the narrowest integer type that holds them; mean-mode sums in fp32.
-  const DType dtype = job.sign_mode == "max" ? (shots.samples <= 127 ? DType::kI8 : shots.samples <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
+  const DType dtype = job.sign_mode == SignMode::kMax ? (shots.samples <= 127 ? DType::kI8 : shots.samples <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
   std::vector<TensorInfo> layout = weights->layout();
   for (auto& tensor : layout) tensor.dtype = dtype;
-  const Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", job.sign_mode},
+  const Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", sign_mode_name(job.sign_mode)},
                              {"gradfix.samples", std::to_string(shots.samples)}, {"gradfix.seed", std::to_string(job.seed)},
                              {"gradfix.model_type", config.model_type}};
   auto writer = open_collective_writer(context, job.out, layout, metadata);
@@ -140,7 +140,7 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
   });
   commit_collectively(context, *writer);
   if (context.is_root())
-    log << "signs " << job.sign_mode << ": " << config.model_type << ", " << shots.samples << " samples, " << layout.size()
+    log << "signs " << sign_mode_name(job.sign_mode) << ": " << config.model_type << ", " << shots.samples << " samples, " << layout.size()
         << " tensors as " << dtype_name(dtype) << ", parameters sharded over " << context.size() << " rank(s), written to " << job.out << "\n";
 }
 

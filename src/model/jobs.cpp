@@ -95,7 +95,7 @@ void require_finite_statistics(const std::map<std::string, torch::Tensor>& local
 // The statistics of the descent direction over these samples, computed by every rank on its
 // share (every P-th sample) and all-reduced: vote counts for max, -gradient sums for mean.
 // `source` names the data in messages.
-Vectors descent_statistics(Classifier& model, const Dataset& shots, const std::string& sign_mode, const std::string& method,
+Vectors descent_statistics(Classifier& model, const Dataset& shots, SignMode sign_mode, VoteMethod method,
                            const JobContext& context, const std::string& source) {
   const int rank = context.rank(), ranks = context.size();
   std::vector<long long> mine;
@@ -106,26 +106,22 @@ Vectors descent_statistics(Classifier& model, const Dataset& shots, const std::s
   // Only this rank sees its samples: a failure here must stop every rank before the reduction.
   context.agree([&] {
     require_finite_inputs(part, mine, source);
-    if (sign_mode == "max") {
-      if (!empty && method == "fast") {
+    if (sign_mode == SignMode::kMax) {
+      if (!empty && method == VoteMethod::kFast) {
         if (!model.fast_votes(inputs_tensor(part, model.device()), labels_tensor(part, model.device()), local))
           local = loop_votes(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
-      } else if (!empty && method == "loop") {
-        local = loop_votes(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
       } else if (!empty) {
-        throw InputError("unknown --method '" + method + "'; valid: fast|loop");
+        local = loop_votes(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
       }
-    } else if (sign_mode == "mean") {
-      if (!empty) local = gradient_sums(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
-    } else {
-      throw InputError("unknown --sign-mode '" + sign_mode + "'; valid: max|mean");
+    } else if (!empty) {
+      local = gradient_sums(model, inputs_tensor(part, model.device()), labels_tensor(part, model.device()));
     }
     require_finite_statistics(local, source);
   });
   Vectors statistics;
   for (auto& [name, parameter] : model.parameters()) {
     const auto count = static_cast<std::size_t>(parameter.numel());
-    if (sign_mode == "max") {
+    if (sign_mode == SignMode::kMax) {
       std::vector<float> votes(count, 0.0f);
       if (local.count(name)) {
         const torch::Tensor mine = local[name].to(torch::kCPU).to(torch::kFloat32).contiguous();
@@ -238,7 +234,7 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
   const double naive_alpha = choose_alpha(model, base, in.tau, alphas, support);
   add_row("B + alpha tau_A (naive)", evaluate_with(model, base, in.tau, naive_alpha, in.test), naive_alpha, 1.0, -1);
 
-  const Vectors statistics = descent_statistics(model, shots, job.sign_mode, "fast", context,
+  const Vectors statistics = descent_statistics(model, shots, job.sign_mode, VoteMethod::kFast, context,
                                                   job.data.spec.empty() ? "the few-shot pool" : job.data.spec);
   Vectors masked;
   PairStats kept, agreement;
@@ -250,7 +246,7 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
   }
   const double kept_fraction = kept.nonzero_b > 0 ? static_cast<double>(kept.nonzero_a) / static_cast<double>(kept.nonzero_b) : 0.0;
   const double gradfix_alpha = choose_alpha(model, base, masked, alphas, support);
-  add_row(std::string("GradFix (") + job.sign_mode + ", " + mask_mode_name(job.mask_mode) + ")",
+  add_row(std::string("GradFix (") + sign_mode_name(job.sign_mode) + ", " + mask_mode_name(job.mask_mode) + ")",
           evaluate_with(model, base, masked, gradfix_alpha, in.test), gradfix_alpha, kept_fraction,
           in.tau_b.empty() ? -1 : agreement.sign_agreement());
   if (transported != nullptr) {
@@ -427,12 +423,12 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
   });
   const Vectors statistics = descent_statistics(*model, shots, job.sign_mode, job.method, context, job.data.spec);
   // Vote counts in the narrowest integer type that holds them; mean-mode sums in fp32.
-  const DType dtype = job.sign_mode == "max" ? (shots.size() <= 127 ? DType::kI8 : shots.size() <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
+  const DType dtype = job.sign_mode == SignMode::kMax ? (shots.size() <= 127 ? DType::kI8 : shots.size() <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
   std::vector<TensorInfo> layout;
   for (auto& [name, parameter] : model->parameters())
     layout.push_back({name, dtype, std::vector<long long>(parameter.sizes().begin(), parameter.sizes().end())});
   publish_from_root(context, [&] {
-    Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", job.sign_mode},
+    Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", sign_mode_name(job.sign_mode)},
                          {"gradfix.samples", std::to_string(shots.size())}, {"gradfix.seed", std::to_string(job.seed)}};
     auto writer = open_writer(job.out, layout, metadata);
     for (const auto& tensor : layout) writer->write_f32(tensor.name, 0, statistics.at(tensor.name).data(), tensor.numel());
@@ -440,7 +436,7 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
     return writer;
   });
   if (context.is_root())
-    log << "signs " << job.sign_mode << ": " << shots.size() << " samples, " << layout.size() << " tensors as "
+    log << "signs " << sign_mode_name(job.sign_mode) << ": " << shots.size() << " samples, " << layout.size() << " tensors as "
         << dtype_name(dtype) << ", written to " << job.out << "\n";
 }
 
@@ -481,7 +477,7 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
     context.agree([&] {
       if (!context.is_root()) return;
       write_text_file_atomically(job.results, nlohmann::json{{"shots_per_class", job.shots_per_class}, {"seed", job.seed},
-                                                        {"sign_mode", job.sign_mode}, {"mask_mode", mask_mode_name(job.mask_mode)},
+                                                        {"sign_mode", sign_mode_name(job.sign_mode)}, {"mask_mode", mask_mode_name(job.mask_mode)},
                                                         {"rows", rows_json(rows)}}.dump(2) + "\n");
     });
     if (context.is_root()) log << "transport: results written to " << job.results << "\n";

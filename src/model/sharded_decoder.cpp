@@ -205,8 +205,8 @@ Parameters ShardedWeights::gather(const std::vector<std::string>& names, const t
 ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
                                              const DecoderSignsOptions& options, const JobContext& context, const torch::Device& device) {
   const DecoderConfig& config = decoder.config();
-  const bool votes = options.sign_mode == "max";
-  const bool loop = options.method == "loop";
+  const bool votes = options.sign_mode == SignMode::kMax;
+  const bool loop = options.method == VoteMethod::kLoop;
   const long long group_size = loop ? 1 : kSamplesPerGroup;
   std::map<std::string, std::vector<int64_t>> shapes;
   for (const auto& tensor : weights.layout()) shapes[tensor.name] = shape_of(tensor);

@@ -17,6 +17,7 @@
 
 #include "decoder.hpp"
 #include "gradfix/dist/job_context.hpp"
+#include "gradfix/model/jobs.hpp"
 #include "gradfix/shard/plan.hpp"
 
 namespace gradfix {
@@ -42,8 +43,8 @@ class ShardedWeights {
 };
 
 struct DecoderSignsOptions {
-  std::string sign_mode = "max";  // max: vote counts; mean: summed -gradients
-  std::string method = "fast";    // fast: batched per-sample products; loop: one backward per sample
+  SignMode sign_mode = SignMode::kMax;
+  VoteMethod method = VoteMethod::kFast;  // fast: batched per-sample products; loop: one backward per sample
   long long product_bytes = 64LL << 20;  // bound on one block of per-sample gradients
 };
 

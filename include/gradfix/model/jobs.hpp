@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "gradfix/core/error.hpp"
 #include "gradfix/mask/mask.hpp"
 #include "gradfix/pipeline/jobs.hpp"
 
@@ -16,6 +17,25 @@ namespace gradfix {
 
 // Whether this build has LibTorch (the model subcommands).
 bool torch_available();
+
+// max: per-sample vote counts sum_n sign(-grad_n); mean: the sum of -grad_n.
+enum class SignMode { kMax, kMean };
+// fast: per-sample gradients from one batched pass; loop: one backward pass per sample.
+enum class VoteMethod { kFast, kLoop };
+
+inline const char* sign_mode_name(SignMode mode) { return mode == SignMode::kMax ? "max" : "mean"; }
+inline const char* vote_method_name(VoteMethod method) { return method == VoteMethod::kFast ? "fast" : "loop"; }
+// InputError naming the option and the valid values for anything else.
+inline SignMode parse_sign_mode(const std::string& text) {
+  if (text == "max") return SignMode::kMax;
+  if (text == "mean") return SignMode::kMean;
+  throw InputError("unknown --sign-mode '" + text + "'; valid: max|mean");
+}
+inline VoteMethod parse_vote_method(const std::string& text) {
+  if (text == "fast") return VoteMethod::kFast;
+  if (text == "loop") return VoteMethod::kLoop;
+  throw InputError("unknown --method '" + text + "'; valid: fast|loop");
+}
 
 struct DataOptions {
   std::string spec;                // HDF5 file, IDX images file, or DIR:SPLIT
@@ -65,8 +85,8 @@ struct SignsJob {
   long long shots_per_class = 5;
   long long num_samples = 0;      // decoders: the first N of a seeded shuffle (0: every sample)
   std::uint64_t seed = 0;
-  std::string sign_mode = "max";  // max: per-sample vote counts; mean: summed -gradients
-  std::string method = "fast";    // fast: one batched backward pass; loop: one per sample
+  SignMode sign_mode = SignMode::kMax;
+  VoteMethod method = VoteMethod::kFast;
   std::string out;
 };
 
@@ -83,7 +103,7 @@ struct TransportJob {
   long long shots_per_class = 5;
   long long support_size = 1000;
   std::uint64_t seed = 0;
-  std::string sign_mode = "max";
+  SignMode sign_mode = SignMode::kMax;
   MaskMode mask_mode = MaskMode::kNormal;
   MaskOptions mask;
   std::vector<double> alphas;     // default 0.1 ... 1.0
@@ -115,7 +135,7 @@ struct DemoJob {
   long long finetune_limit = 10000;
   long long test_limit = 0;
   long long support_size = 1000;
-  std::string sign_mode = "max";
+  SignMode sign_mode = SignMode::kMax;
   bool independent_init = false;  // initialise A and B with different seeds
   std::vector<double> alphas;  // default: the transport default
   std::string results;  // demo results JSON
