@@ -138,15 +138,22 @@ bool is_model_directory(const std::string& path) {
 
 DecoderConfig read_decoder_config(const std::string& directory) {
   const std::string path = directory + "/config.json";
+  DecoderConfig out = parse_decoder_config(read_text(path), path);
+  out.directory = directory;
+  return out;
+}
+
+std::string read_config_text(const std::string& path) { return read_text(path); }
+
+DecoderConfig parse_decoder_config(const std::string& text, const std::string& path) {
   Json config;
   try {
-    config = Json::parse(read_text(path), nullptr, true, false);
+    config = Json::parse(text, nullptr, true, false);
   } catch (const Json::exception& error) {
     throw InputError(path + ": not valid JSON: " + error.what());
   }
   if (!config.is_object()) throw InputError(path + ": expected a JSON object");
   DecoderConfig out;
-  out.directory = directory;
   if (!config.contains("model_type") || !config.at("model_type").is_string())
     throw InputError(path + ": \"model_type\" is missing; gradfix reads llama, mistral and qwen2 decoders");
   out.model_type = config.at("model_type").get<std::string>();

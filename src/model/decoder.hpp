@@ -51,6 +51,10 @@ bool is_model_directory(const std::string& path);
 // Reads DIR/config.json. Every key that changes the math must be one gradfix implements with the
 // value it supports; anything else is an InputError naming the key and its value.
 DecoderConfig read_decoder_config(const std::string& directory);
+// The same from the text of a config.json (`path` names it in messages); directory left empty.
+DecoderConfig parse_decoder_config(const std::string& text, const std::string& path);
+// A config file's text, refusing files over 16 MiB.
+std::string read_config_text(const std::string& path);
 
 // The tensors a checkpoint of this config holds: names and shapes (dtype F32).
 std::vector<TensorInfo> decoder_layout(const DecoderConfig& config);

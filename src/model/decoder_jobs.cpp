@@ -1,6 +1,7 @@
 #include "decoder_jobs.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <iomanip>
 #include <nlohmann/json.hpp>
 
@@ -84,6 +85,57 @@ void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& c
       << std::fixed << std::setprecision(4) << mean << ", token accuracy " << std::setprecision(2) << 100.0 * accuracy << "%"
       << (job.results.empty() ? "" : ", results in " + job.results) << "\n";
   log.unsetf(std::ios::fixed);
+}
+
+void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& context) {
+  DecoderConfig config;
+  std::string text;
+  double scale = 0.02;
+  context.agree([&] {
+    text = read_config_text(job.config);
+    config = parse_decoder_config(text, job.config);
+    if (config.model_type != job.arch)
+      throw InputError(job.config + ": \"model_type\" is \"" + config.model_type + "\" but --arch is " + job.arch);
+    const auto parsed = nlohmann::json::parse(text, nullptr, false, false);
+    if (parsed.contains("initializer_range") && parsed.at("initializer_range").is_number()) scale = parsed.at("initializer_range").get<double>();
+    if (!(scale > 0.0) || !std::isfinite(scale)) throw InputError(job.config + ": \"initializer_range\" must be positive");
+    if (format_of_path(job.out) != StoreFormat::kShardedSafetensors)
+      throw InputError("--out " + job.out + ": a decoder is written as a Hugging Face model directory (a path without an extension)");
+  });
+  // The root writes the directory: the weights first, config.json last, so a directory with a
+  // config is always complete.
+  std::unique_ptr<TensorWriter> writer;
+  long long parameters = 0;
+  context.agree([&] {
+    if (!context.is_root()) return;
+    const std::vector<TensorInfo> layout = decoder_layout(config);
+    writer = open_writer(job.out, layout, {{"format", "pt"}, {"gradfix.operation", "init"}, {"gradfix.seed", std::to_string(job.seed)}});
+    for (std::size_t i = 0; i < layout.size(); ++i) {
+      const TensorInfo& tensor = layout[i];
+      const std::vector<int64_t> shape(tensor.shape.begin(), tensor.shape.end());
+      torch::Tensor values;
+      const bool norm = tensor.name.find("norm") != std::string::npos, bias = tensor.name.size() > 5 && tensor.name.compare(tensor.name.size() - 5, 5, ".bias") == 0;
+      if (norm) {
+        values = torch::ones(shape);
+      } else if (bias) {
+        values = torch::zeros(shape);
+      } else {
+        // Seeded by the tensor's place, so the weights do not depend on anything else.
+        torch::manual_seed(job.seed * 1000003ULL + i);
+        values = torch::randn(shape) * scale;
+      }
+      values = values.contiguous();
+      writer->write_f32(tensor.name, 0, values.data_ptr<float>(), tensor.numel());
+      parameters += tensor.numel();
+    }
+    writer->finish();
+  });
+  if (writer) {
+    writer->publish();
+    write_text_file_atomically(job.out + "/config.json", nlohmann::json::parse(text).dump(2) + "\n");
+    log << "init: " << config.model_type << ", " << config.layers << " layers, hidden " << config.hidden_size << ", " << parameters
+        << " parameters, seed " << job.seed << ", written to " << job.out << "/ (config.json and safetensors)\n";
+  }
 }
 
 void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {

@@ -11,6 +11,11 @@ namespace gradfix {
 // split across ranks (every P-th), so the results do not depend on the number of ranks.
 void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& context);
 
+// A randomly initialised decoder as a Hugging Face directory: config.json and sharded
+// safetensors (transformers' initialisation: N(0, initializer_range) for matrices and
+// embeddings, ones for norms, zeros for biases), seeded per tensor.
+void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& context);
+
 // signs on token data with the parameters sharded across ranks (sharded_decoder.hpp): a
 // statistics checkpoint under the model's tensor names, byte-identical (max) at any P.
 void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext& context);

@@ -352,6 +352,12 @@ std::unique_ptr<Classifier> load_on_device(const std::string& model_spec, const 
 }
 
 void run_init(const InitJob& job, std::ostream& log, const JobContext& context) {
+  if (job.arch == "llama" || job.arch == "mistral" || job.arch == "qwen2") {
+    run_decoder_init(job, log, context);
+    return;
+  }
+  if (!job.config.empty()) throw InputError("--config-file is for the decoders (llama, mistral, qwen2); " + job.arch + " takes --dims");
+  if (job.dims.empty()) throw InputError("gradfix init: --dims is required for --arch " + job.arch);
   std::unique_ptr<Classifier> model;
   context.agree([&] { model = make_classifier(parse_architecture(job.arch, job.dims), job.seed); });
   publish_from_root(context, [&] { return write_classifier(*model, job.out); });

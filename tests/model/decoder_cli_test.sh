@@ -12,6 +12,19 @@ work=$(mktemp -d /tmp/gradfix-decoder-XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
+# Bad input: exit 2, the message, and no results written.
+expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
+  local description=$1 pattern=$2
+  shift 2
+  set +e
+  "$gradfix" "$@" >out.txt 2>&1
+  local code=$?
+  set -e
+  check "$description: exit 2 (got $code)" test "$code" -eq 2
+  check "$description: message" grep -q -- "$pattern" out.txt
+  check "$description: no results" test ! -e bad.json
+}
+
 # The reference losses (F64) from a safetensors file, with Python's standard library only.
 reference_losses() {
   python3 - "$1" <<'PY'
@@ -90,18 +103,30 @@ check "mask takes the decoder's votes under the model's names" grep -q "mask nor
 "$gradfix" apply --base "$fixtures/llama/model" --task-vector tau_masked.safetensors --alpha 0.5 --out llama_transported >/dev/null
 check "the transported checkpoint holds every tensor of the model" test "$("$gradfix" inspect llama_transported | grep -c 'model\.\|lm_head')" -ge 35
 
+# init writes a Hugging Face directory from a config: deterministic per seed and rank count,
+# readable by eval, its config refused when it does not say the architecture asked for.
+"$gradfix" init --arch llama --config-file "$repo/configs/tiny-llama.json" --seed 4 --out tiny >init.log
+check "init reports the decoder" grep -q "init: llama, 4 layers, hidden 64" init.log
+check "init writes config.json beside the shards" test -f tiny/config.json -a -f tiny/model.safetensors.index.json
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" init --arch llama --config-file "$repo/configs/tiny-llama.json" --seed 4 --out tiny2 >/dev/null
+check "init is the same at 1 and 2 ranks" diff -r tiny tiny2
+"$gradfix" init --arch llama --config-file "$repo/configs/tiny-llama.json" --seed 5 --out tiny5 >/dev/null
+check "another seed gives other weights" bash -c "! cmp -s tiny/model-00001-of-00001.safetensors tiny5/model-00001-of-00001.safetensors"
+python3 -c "
+import json, struct
+ids = [1, 2, 3, 4, 5, 6]
+labels = [-100, -100, 3, 4, 5, 6]
+header = {'input_ids': {'dtype': 'I64', 'shape': [1, 6], 'data_offsets': [0, 48]}, 'labels': {'dtype': 'I64', 'shape': [1, 6], 'data_offsets': [48, 96]}}
+text = json.dumps(header).encode(); text += b' ' * ((8 - len(text) % 8) % 8)
+open('six.safetensors', 'wb').write(struct.pack('<Q', len(text)) + text + struct.pack('<6q', *ids) + struct.pack('<6q', *labels))"
+"$gradfix" eval --weights tiny --data six.safetensors --results tiny.json >/dev/null
+check "a fresh tiny llama predicts about uniformly (loss near ln 256 = 5.55)" python3 -c "
+import json; loss = json.load(open('tiny.json'))['mean_loss']; assert 5.3 < loss < 5.8, loss"
+expect_bad "init with a config of another architecture" '"model_type" is "llama" but --arch is qwen2' \
+  init --arch qwen2 --config-file "$repo/configs/tiny-llama.json" --out bad_init
+check "a refused init leaves nothing" test ! -e bad_init
+
 # Bad inputs: exit 2, the file and the value named, no results written.
-expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
-  local description=$1 pattern=$2
-  shift 2
-  set +e
-  "$gradfix" "$@" >out.txt 2>&1
-  local code=$?
-  set -e
-  check "$description: exit 2 (got $code)" test "$code" -eq 2
-  check "$description: message" grep -q -- "$pattern" out.txt
-  check "$description: no results" test ! -e bad.json
-}
 python3 - <<'PY'
 import json, struct
 ids = [5, 7, 99, 3]

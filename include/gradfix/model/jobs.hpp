@@ -43,10 +43,11 @@ struct DataOptions {
 };
 
 struct InitJob {
-  std::string arch = "mlp";
-  std::string dims;
+  std::string arch = "mlp";  // mlp | cnn | vit, or a decoder: llama | mistral | qwen2
+  std::string dims;          // built-in models
+  std::string config;        // decoders: a config.json to initialise from
   std::uint64_t seed = 0;
-  std::string out;
+  std::string out;           // decoders: a Hugging Face model directory
 };
 
 struct TrainJob {
