@@ -102,6 +102,16 @@ check "--num-samples 2 takes two samples" grep -q "qwen2, 2 samples" signs.log
 check "mask takes the decoder's votes under the model's names" grep -q "mask normal: 35 tensors" mask.log
 "$gradfix" apply --base "$fixtures/llama/model" --task-vector tau_masked.safetensors --alpha 0.5 --out llama_transported >/dev/null
 check "the transported checkpoint holds every tensor of the model" test "$("$gradfix" inspect llama_transported | grep -c 'model\.\|lm_head')" -ge 35
+check "the transported directory carries config.json unchanged" cmp -s "$fixtures/llama/model/config.json" llama_transported/config.json
+check "the transported directory carries generation_config.json" cmp -s "$fixtures/llama/model/generation_config.json" llama_transported/generation_config.json
+"$gradfix" eval --weights llama_transported --data llama.h5 --results transported.json >/dev/null
+check "the transported directory is a model gradfix evaluates" test -s transported.json
+# A symbolic link in a model directory is never followed into the output; --out-dtype updates
+# config.json's torch_dtype.
+cp -r "$fixtures/llama/model" linked && ln -s /etc/passwd linked/tokenizer.json
+"$gradfix" convert linked linked_bf16 --out-dtype BF16 >/dev/null
+check "a symbolic link is not carried over" test ! -e linked_bf16/tokenizer.json
+check "--out-dtype BF16 sets torch_dtype in the carried config.json" grep -q '"torch_dtype": "bfloat16"' linked_bf16/config.json
 
 # init writes a Hugging Face directory from a config: deterministic per seed and rank count,
 # readable by eval, its config refused when it does not say the architecture asked for.
