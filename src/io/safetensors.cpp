@@ -13,6 +13,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <unordered_set>
 
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
@@ -78,24 +79,72 @@ struct StoredTensor {
   unsigned long long end = 0;
 };
 
-Json parse_json_without_duplicates(const std::string& text, const std::string& path, const char* what) {
-  std::set<std::string> keys;
-  std::string duplicate;
-  Json::parser_callback_t callback = [&](int depth, Json::parse_event_t event, Json& parsed) {
-    if (event == Json::parse_event_t::key && depth == 1 && duplicate.empty()) {
-      const auto& key = parsed.get_ref<const std::string&>();
-      if (!keys.insert(key).second) duplicate = key;
+// Deeper than any valid header or index needs (a header has three levels): refused before the
+// document is built, because building and destroying a deeply nested document recurses.
+constexpr int kMaxJsonDepth = 16;
+
+// A first pass over the text with nlohmann's SAX interface: the nesting depth, and names given
+// twice at the top level (the format forbids them; a parser would silently keep the last). It is
+// linear in the text, where the callback form of the DOM parser rescans the top-level object
+// after every nested one (quadratic in the number of tensors).
+class JsonShapeCheck final : public nlohmann::json_sax<Json> {
+ public:
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override { return enter(); }
+  bool end_object() override { return leave(); }
+  bool start_array(std::size_t) override { return enter(); }
+  bool end_array() override { return leave(); }
+  bool key(string_t& name) override {
+    if (depth_ == 1 && duplicate_.empty() && !keys_.insert(name).second) duplicate_ = name;
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception& error) override {
+    error_ = std::string(error.what()) + " (at byte " + std::to_string(position) + ")";
+    return false;
+  }
+
+  bool too_deep() const { return too_deep_; }
+  const std::string& duplicate() const { return duplicate_; }
+  const std::string& error() const { return error_; }
+
+ private:
+  bool enter() {
+    if (++depth_ > kMaxJsonDepth) {
+      too_deep_ = true;
+      return false;
     }
     return true;
-  };
-  Json document;
+  }
+  bool leave() {
+    --depth_;
+    return true;
+  }
+
+  int depth_ = 0;
+  bool too_deep_ = false;
+  std::unordered_set<std::string> keys_;
+  std::string duplicate_;
+  std::string error_;
+};
+
+Json parse_json_without_duplicates(const std::string& text, const std::string& path, const char* what) {
+  JsonShapeCheck check;
+  const bool complete = Json::sax_parse(text, &check);
+  if (check.too_deep())
+    throw InputError(path + ": " + what + " nests deeper than " + std::to_string(kMaxJsonDepth) + " levels; a valid one needs three");
+  if (!complete) throw InputError(path + ": " + what + " is not valid JSON: " + check.error());
+  if (!check.duplicate().empty()) throw InputError(path + ": " + what + " names '" + check.duplicate() + "' twice");
   try {
-    document = Json::parse(text, callback);
+    return Json::parse(text);
   } catch (const Json::exception& error) {
     throw InputError(path + ": " + what + " is not valid JSON: " + error.what());
   }
-  if (!duplicate.empty()) throw InputError(path + ": " + what + " names '" + duplicate + "' twice");
-  return document;
 }
 
 class SafetensorsReader final : public TensorReader {

@@ -23,9 +23,14 @@ long long TensorInfo::numel() const {
 }
 
 const TensorInfo* TensorReader::find(const std::string& name) const {
-  for (const auto& tensor : tensors())
-    if (tensor.name == name) return &tensor;
-  return nullptr;
+  const auto& all = tensors();
+  if (index_.size() != all.size()) {
+    index_.clear();
+    index_.reserve(all.size());
+    for (std::size_t i = 0; i < all.size(); ++i) index_.emplace(all[i].name, i);
+  }
+  const auto found = index_.find(name);
+  return found == index_.end() ? nullptr : &all[found->second];
 }
 
 const TensorInfo& TensorReader::info(const std::string& name) const {

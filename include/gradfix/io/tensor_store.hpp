@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "gradfix/core/dtype.hpp"
@@ -38,13 +39,17 @@ class TensorReader {
   // Copies elements [begin, begin + count) of the flattened tensor, in its stored dtype.
   virtual void read_raw(const std::string& name, long long begin, long long count, void* target) const = 0;
 
-  // nullptr when the file has no such tensor.
+  // nullptr when the file has no such tensor. Constant time: a checkpoint of a mixture of experts
+  // holds tens of thousands of tensors, and jobs look each one up.
   const TensorInfo* find(const std::string& name) const;
   // Throws InputError naming the file when the tensor is missing.
   const TensorInfo& info(const std::string& name) const;
   // Elements [begin, begin + count) converted to fp32.
   std::vector<float> read_f32(const std::string& name, long long begin, long long count) const;
   std::vector<float> read_f32(const std::string& name) const;
+
+ private:
+  mutable std::unordered_map<std::string, std::size_t> index_;  // built on the first find()
 };
 
 // How this process takes part in writing one output. A process that writes alone keeps the

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The regression catalogue of the defects issue: each crafted input that once crashed, hung or
+# was mishandled, with the exit code and message it must give now, and nothing left behind in
+# the output directory. (A 120 s guard stops a hang; it is not a measure of speed.)
+#   regressions.sh GRADFIX_BINARY
+set -euo pipefail
+gradfix=$1
+source "$(dirname "$0")/../mpi/common.sh"
+work=$(mktemp -d /tmp/gradfix-regressions-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+mkdir out
+
+expect() {  # expect DESCRIPTION CODE PATTERN ARGS...
+  local description=$1 want=$2 pattern=$3
+  shift 3
+  set +e
+  timeout 120 "$gradfix" "$@" >output.txt 2>&1
+  local code=$?
+  set -e
+  check "$description: exit $want (got $code)" test "$code" -eq "$want"
+  [ -z "$pattern" ] || check "$description: says '$pattern'" grep -q -- "$pattern" output.txt
+  if [ "$want" -eq 0 ]; then
+    check "$description: output written, no temporary left" test -n "$(ls -A out)" -a -z "$(ls -A out | grep tmp || true)"
+  else
+    check "$description: nothing left in the output directory" test -z "$(ls -A out)"
+  fi
+  rm -rf out && mkdir out
+}
+
+# A safetensors file from a header given on standard input (Python's standard library).
+header_file() {  # header_file PATH DATA_BYTES < HEADER_TEXT
+  python3 -c '
+import struct, sys
+text = sys.stdin.read().strip().encode()
+text += b" " * ((8 - len(text) % 8) % 8)
+open(sys.argv[1], "wb").write(struct.pack("<Q", len(text)) + text + b"\0" * int(sys.argv[2]))' "$1" "$2"
+}
+
+# 1. A shape nested 100,000 levels deep: was a stack overflow (SIGSEGV).
+python3 -c "print('{\"t\": {\"dtype\": \"F32\", \"shape\": ' + '[' * 100000 + ']' * 100000 + ', \"data_offsets\": [0, 4]}}')" |
+  header_file deep.safetensors 4
+expect "a shape nested 100,000 levels deep" 2 "nests deeper than 16 levels" inspect deep.safetensors
+expect "the same through convert" 2 "nests deeper than 16 levels" convert deep.safetensors out/deep.safetensors
+# 2. 5 MB of nested brackets in data_offsets.
+python3 -c "print('{\"t\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": ' + '[' * 2500000 + ']' * 2500000 + '}}')" |
+  header_file brackets.safetensors 4
+expect "5 MB of nested brackets" 2 "nests deeper than 16 levels" inspect brackets.safetensors
+
+# 3. Patterns on a 100,000-character tensor name: libstdc++'s regex recursed per character.
+python3 -c "print('{\"' + 'a' * 100000 + '\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}}')" |
+  header_file long.safetensors 4
+expect "--include 'a.*a' on a 100,000-character name" 0 "" convert long.safetensors out/long.safetensors --include 'a.*a'
+expect "--exclude '(x|y)+\$' on a 100,000-character name" 0 "" convert long.safetensors out/long.safetensors --exclude '(x|y)+$' --allow-nonfinite
+# 4. '(a+)+$' on a 31-character name: exponential backtracking before.
+python3 -c "print('{\"' + 'a' * 30 + '!\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}}')" |
+  header_file backtrack.safetensors 4
+expect "--include '(a+)+\$' on a 31-character name selects nothing" 2 "no tensor is selected" convert backtrack.safetensors out/b.safetensors --include '(a+)+$'
+# 5. A pattern RE2 cannot compile is bad input naming it.
+expect "a broken pattern" 2 "--include pattern '(unclosed'" convert long.safetensors out/x.safetensors --include '(unclosed'
+# 6. Tens of thousands of tensors (a mixture of experts): was quadratic (the header's parse and
+#    the lookups); now linear, so these finish far inside the guard.
+python3 - <<'PY'
+import json, struct
+n = 30000
+header, offset = {}, 0
+for i in range(n):
+    header["model.layers.%d.experts.%d.w" % (i // 1000, i % 1000)] = {"dtype": "F32", "shape": [2], "data_offsets": [offset, offset + 8]}
+    offset += 8
+text = json.dumps(header).encode(); text += b" " * ((8 - len(text) % 8) % 8)
+open("experts.safetensors", "wb").write(struct.pack("<Q", len(text)) + text + b"\0" * offset)
+PY
+expect "30,000 tensors through apply" 0 "" apply --base experts.safetensors --task-vector experts.safetensors --out out/e.safetensors
+finish
