@@ -31,6 +31,14 @@ class MappedFile {
     if (fd_ < 0) throw InputError(path + ": cannot open: " + std::strerror(errno));
     struct stat status {};
     if (::fstat(fd_, &status) != 0) throw InputError(path + ": cannot stat: " + std::strerror(errno));
+    if (S_ISDIR(status.st_mode)) {
+      ::close(fd_);
+      throw InputError(path + ": is a directory, not a file (a sharded checkpoint is named by its directory without a file name)");
+    }
+    if (!S_ISREG(status.st_mode)) {
+      ::close(fd_);
+      throw InputError(path + ": is not a regular file");
+    }
     size_ = static_cast<long long>(status.st_size);
     if (size_ > 0) {
       void* mapped = ::mmap(nullptr, static_cast<std::size_t>(size_), PROT_READ, MAP_SHARED, fd_, 0);
@@ -302,6 +310,12 @@ class ShardedSafetensorsReader final : public TensorReader {
     std::map<std::string, std::vector<std::string>> names_by_file;
     for (const auto& [name, file] : index["weight_map"].items()) {
       if (!file.is_string()) throw InputError(path_ + ": weight_map entry '" + name + "' is not a file name");
+      // A checkpoint's shards lie in its own directory: a path in the index must not lead a
+      // downloaded checkpoint into reading other files of the user's.
+      const std::string& shard = file.get_ref<const std::string&>();
+      if (shard.empty() || shard == "." || shard == ".." || shard.find('/') != std::string::npos || shard.find('\\') != std::string::npos)
+        throw InputError(path_ + ": weight_map entry '" + name + "' names '" + shard +
+                         "'; shard names must be plain file names in the checkpoint's directory");
       names_by_file[file.get<std::string>()].push_back(name);
     }
     for (const auto& [file, names] : names_by_file) {

@@ -20,6 +20,15 @@ namespace {
 // fixes how samples are batched, whatever the number of ranks.
 constexpr long long kEvalChunk = 8;
 
+// --transform and --model belong to the image classifiers: with a decoder directory they would
+// silently mean nothing.
+void refuse_image_options(const std::string& model, const DataOptions& data) {
+  if (data.transform != "none")
+    throw InputError("--transform " + data.transform + " applies to image data, not to the token data of a decoder");
+  if (!model.empty() && model != "builtin")
+    throw InputError("--model " + model + ": a Hugging Face model directory names its architecture in config.json");
+}
+
 }  // namespace
 
 void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {
@@ -28,10 +37,7 @@ void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& c
   Parameters parameters;
   torch::Device device = torch::kCPU;
   context.agree([&] {
-    if (job.data.transform != "none")
-      throw InputError("--transform " + job.data.transform + " applies to image data, not to the token data of a decoder");
-    if (!job.model.empty() && job.model != "builtin")
-      throw InputError("--model " + job.model + ": a Hugging Face model directory names its architecture in config.json");
+    refuse_image_options(job.model, job.data);
     config = read_decoder_config(job.weights);
     data = load_token_data(job.data.spec);
     check_vocabulary(data, config.vocab_size);
@@ -143,10 +149,7 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
   TokenData shots;
   torch::Device device = torch::kCPU;
   context.agree([&] {
-    if (job.data.transform != "none")
-      throw InputError("--transform " + job.data.transform + " applies to image data, not to the token data of a decoder");
-    if (!job.model.empty() && job.model != "builtin")
-      throw InputError("--model " + job.model + ": a Hugging Face model directory names its architecture in config.json");
+    refuse_image_options(job.model, job.data);
     if (job.selection.num_batches > 0) throw InputError("--num-batches is for image data; use --num-samples or --indices with token data");
     config = read_decoder_config(job.weights);
     check_decoder_checkpoint(config);

@@ -71,4 +71,15 @@ text = json.dumps(header).encode(); text += b" " * ((8 - len(text) % 8) % 8)
 open("experts.safetensors", "wb").write(struct.pack("<Q", len(text)) + text + b"\0" * offset)
 PY
 expect "30,000 tensors through apply" 0 "" apply --base experts.safetensors --task-vector experts.safetensors --out out/e.safetensors
+# 7. A directory where a safetensors file is expected: was exit 3 "cannot memory-map".
+mkdir dir.safetensors
+expect "a directory named like a safetensors file" 2 "is a directory, not a file" inspect dir.safetensors
+expect "the same as apply's base" 2 "is a directory, not a file" apply --base dir.safetensors --task-vector experts.safetensors --out out/x.safetensors
+# 8. An index whose weight_map leads out of the checkpoint's directory, or names nothing.
+mkdir -p outside ckpt
+"$gradfix" generate --shapes "w=2" --seed 1 --out outside/s.safetensors >/dev/null
+for bad in "../outside/s.safetensors" "" "." ".."; do
+  printf '{"metadata": {"total_size": 8}, "weight_map": {"w": "%s"}}\n' "$bad" >ckpt/model.safetensors.index.json
+  expect "a weight_map entry '$bad'" 2 "shard names must be plain file names" convert ckpt out/c.safetensors
+done
 finish
