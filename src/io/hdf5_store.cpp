@@ -302,6 +302,19 @@ class Hdf5Writer final : public TensorWriter {
     if (!role_.leader && !role_.hdf5_file_access)
       throw RuntimeFailure(path_ + ": " + role_.who + ": several writers of one HDF5 file need a parallel file access");
     register_temporary(temporary_);
+    // A constructor that throws runs no destructor: what it created is removed here.
+    try {
+      create(metadata);
+    } catch (...) {
+      file_.reset();
+      if (role_.leader) remove_quietly(temporary_);
+      unregister_temporary(temporary_);
+      throw;
+    }
+  }
+
+ private:
+  void create(const Metadata& metadata) {
     Handle access(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
     if (role_.hdf5_file_access) role_.hdf5_file_access(static_cast<std::int64_t>(access.get()));
     file_ = Handle(H5Fcreate(temporary_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, access.get()), H5Fclose);
@@ -328,6 +341,7 @@ class Hdf5Writer final : public TensorWriter {
     }
   }
 
+ public:
   ~Hdf5Writer() override {
     file_.reset();
     if (!published_) {

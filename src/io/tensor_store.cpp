@@ -14,6 +14,25 @@ bool ends_with(const std::string& text, const std::string& suffix) {
   return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// In HDF5 a tensor name is a path of groups: "a" and "a/b" cannot both be datasets, and empty,
+// "." or ".." parts name nothing. Refused as bad input before any file is created.
+void check_hdf5_names(const std::string& path, const std::set<std::string>& names) {
+  for (const auto& name : names) {
+    std::size_t start = 0;
+    while (true) {
+      const std::size_t slash = name.find('/', start);
+      const std::string part = name.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
+      if (part.empty() || part == "." || part == "..")
+        throw InputError(path + ": tensor name '" + name + "' cannot be an HDF5 dataset path (an empty, '.' or '..' part)");
+      if (slash == std::string::npos) break;
+      if (names.count(name.substr(0, slash)))
+        throw InputError(path + ": tensors '" + name.substr(0, slash) + "' and '" + name +
+                         "' cannot both be HDF5 datasets: the first would have to be a group of the second");
+      start = slash + 1;
+    }
+  }
+}
+
 }  // namespace
 
 long long TensorInfo::numel() const {
@@ -133,6 +152,7 @@ std::unique_ptr<TensorWriter> open_writer(const std::string& path, const std::ve
   for (const auto& tensor : layout)
     if (!names.insert(tensor.name).second)
       throw InputError(path + ": tensor '" + tensor.name + "' appears twice in the output");
+  if (format_of_path(path) == StoreFormat::kHdf5) check_hdf5_names(path, names);
   switch (format_of_path(path)) {
     case StoreFormat::kSafetensors: return open_safetensors_writer(path, layout, metadata, options.role);
     case StoreFormat::kShardedSafetensors:

@@ -82,4 +82,10 @@ for bad in "../outside/s.safetensors" "" "." ".."; do
   printf '{"metadata": {"total_size": 8}, "weight_map": {"w": "%s"}}\n' "$bad" >ckpt/model.safetensors.index.json
   expect "a weight_map entry '$bad'" 2 "shard names must be plain file names" convert ckpt out/c.safetensors
 done
+# 9. Names that cannot be HDF5 dataset paths: was exit 3 with the temporary left behind.
+echo '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a/b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}' |
+  header_file group.safetensors 8
+expect "tensors 'a' and 'a/b' to HDF5" 2 "cannot both be HDF5 datasets" convert group.safetensors out/g.h5
+echo '{"": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}' | header_file empty_name.safetensors 4
+expect "an empty tensor name to HDF5" 2 "cannot be an HDF5 dataset path" convert empty_name.safetensors out/e.h5
 finish
