@@ -40,6 +40,8 @@ MaskOptions parse_mask_options(const Options& values) {
   mask.seed = values.count("seed");
   for (const char* key : {"beta", "gamma", "soft-c"})
     if (!std::isfinite(values.number(key))) throw InputError(std::string("--") + key + " must be finite");
+  // soft3 divides by |g| + c: a c of zero or below divides by zero where |g| = c's negative.
+  if (!(mask.c > 0.0)) throw InputError("--soft-c must be positive, got " + std::to_string(mask.c));
   const std::string input = values.text("soft-input");
   if (input != "sign" && input != "raw") throw InputError("unknown --soft-input '" + input + "'; valid: sign|raw");
   mask.raw_soft_input = input == "raw";

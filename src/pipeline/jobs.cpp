@@ -214,6 +214,40 @@ void carry_model_files(const Ranks& ranks, const std::string& input, const std::
   });
 }
 
+// Results that are not finite although every input was (an alpha of 1e300, a sum of two values
+// near the float range, values past the range of an F16 or BF16 output): counted per tensor as
+// they are written, and refused before anything is published unless --allow-nonfinite.
+class NonFiniteResults {
+ public:
+  void add(const TensorInfo& out, const float* values, long long count) {
+    const float limit = out.dtype == DType::kF16 ? 65504.0f : out.dtype == DType::kBF16 ? 3.3895313e38f : 3.4028235e38f;
+    if (out.dtype != DType::kF16 && out.dtype != DType::kBF16 && out.dtype != DType::kF32 && out.dtype != DType::kF64) return;
+    long long bad = 0;
+    for (long long i = 0; i < count; ++i) bad += !(std::fabs(values[i]) <= limit);
+    if (bad == 0) return;
+    if (first_.empty()) {
+      first_ = out.name;
+      dtype_ = out.dtype;
+    }
+    if (out.name == first_) count_ += bad;
+  }
+  // Collective: every rank's part is checked; the first rank with such a tensor reports it.
+  void refuse(const Ranks& ranks, const std::string& path, bool allowed) const {
+    ranks.agree([&] {
+      if (allowed || first_.empty()) return;
+      throw InputError(path + ": tensor '" + first_ + "': " + std::to_string(count_) + " value(s)" +
+                       (ranks.size() > 1 ? " of this rank's part" : "") + " came out NaN or beyond the range of " +
+                       dtype_name(dtype_) + " from finite inputs; nothing was written (check --alpha and the inputs, "
+                       "or pass --allow-nonfinite to write them)");
+    });
+  }
+
+ private:
+  std::string first_;
+  DType dtype_ = DType::kF32;
+  long long count_ = 0;
+};
+
 // This rank's chunks of the layout, in plan order.
 std::vector<Piece> my_chunks(const Ranks& ranks, const ShardPlan& plan, const std::vector<TensorInfo>& layout) {
   std::vector<Piece> chunks;
@@ -348,6 +382,7 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
   });
   const auto layout = layout_of(*base, names, job.output);
   const ShardPlan plan(layout, ranks.size());
+  NonFiniteResults nonfinite;
   auto writer = open_output(ranks, job.out, layout, output_metadata(base->metadata(), "taskvector"), job.output);
   JobSummary summary;
   for (const auto& chunk : my_chunks(ranks, plan, layout)) {
@@ -355,9 +390,11 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
     const auto base_values = load(*base, name, chunk.begin, chunk.count, job.output.allow_nonfinite);
     auto tau = load(*finetuned, name, chunk.begin, chunk.count, job.output.allow_nonfinite);
     for (std::size_t i = 0; i < tau.size(); ++i) tau[i] -= base_values[i];
+    nonfinite.add(layout[chunk.tensor], tau.data(), chunk.count);
     writer->write_f32(name, chunk.begin, tau.data(), chunk.count);
     summary.stats.add(tau.data(), tau.data(), chunk.count);
   }
+  nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   commit_collectively(ranks.context(), *writer);
   carry_model_files(ranks, job.base, job.out, job.output);
   ranks.reduce_summary(summary.stats);
@@ -391,6 +428,7 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
   Metadata metadata = output_metadata(base->metadata(), "apply");
   metadata["gradfix.alpha"] = std::to_string(job.alpha);
   const ShardPlan plan(layout, ranks.size());
+  NonFiniteResults nonfinite;
   auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
   const auto alpha = static_cast<float>(job.alpha);
@@ -403,9 +441,11 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
     auto values = load(*base, out.name, chunk.begin, chunk.count, job.output.allow_nonfinite);
     const auto delta = load(*tau, out.name, chunk.begin, chunk.count, job.output.allow_nonfinite);
     for (std::size_t i = 0; i < values.size(); ++i) values[i] += alpha * delta[i];
+    nonfinite.add(out, values.data(), chunk.count);
     writer->write_f32(out.name, chunk.begin, values.data(), chunk.count);
     summary.stats.add(delta.data(), delta.data(), chunk.count);
   }
+  nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   commit_collectively(ranks.context(), *writer);
   carry_model_files(ranks, job.base, job.out, job.output);
   ranks.reduce_summary(summary.stats);
@@ -450,6 +490,7 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
     if (changed.count(layout[chunk.tensor].name)) masked_chunks.push_back(chunk);
   const SumsByTensor sums = mask_sums(ranks, plan, layout, job.mode, job.mask, masked_chunks, read_pair);
 
+  NonFiniteResults nonfinite;
   auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
   PairStats kept;  // masked output against the input task vector
@@ -462,10 +503,12 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
     }
     read_pair(chunk, values, statistics);
     mask_chunk(job.mode, job.mask, out, chunk, values, statistics, sums, masked);
+    nonfinite.add(out, masked.data(), chunk.count);
     writer->write_f32(out.name, chunk.begin, masked.data(), chunk.count);
     summary.stats.add(values.data(), statistics.data(), chunk.count);
     kept.add(masked.data(), values.data(), chunk.count);
   }
+  nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   commit_collectively(ranks.context(), *writer);
   carry_model_files(ranks, job.task_vector, job.out, job.output);
   ranks.reduce_summary(summary.stats);
@@ -588,6 +631,7 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
   Metadata metadata = output_metadata(vectors[0]->metadata(), "merge");
   metadata["gradfix.merge_method"] = merge_method_name(job.method);
   metadata["gradfix.merge_order"] = merge_order_name(job.order);
+  NonFiniteResults nonfinite;
   auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
   for (const auto& chunk : chunks) {
@@ -596,9 +640,11 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
       const std::vector<float> unmasked = merged;
       mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, unmasked, summed_signs(chunk), merged_sums, merged);
     }
+    nonfinite.add(layout[chunk.tensor], merged.data(), chunk.count);
     writer->write_f32(layout[chunk.tensor].name, chunk.begin, merged.data(), chunk.count);
     summary.stats.add(merged.data(), first.data(), chunk.count);
   }
+  nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   commit_collectively(ranks.context(), *writer);
   carry_model_files(ranks, job.task_vectors.front(), job.out, job.output);
   ranks.reduce_summary(summary.stats);

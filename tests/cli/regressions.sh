@@ -88,4 +88,25 @@ echo '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a/b": {"dty
 expect "tensors 'a' and 'a/b' to HDF5" 2 "cannot both be HDF5 datasets" convert group.safetensors out/g.h5
 echo '{"": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}' | header_file empty_name.safetensors 4
 expect "an empty tensor name to HDF5" 2 "cannot be an HDF5 dataset path" convert empty_name.safetensors out/e.h5
+# 10. Non-finite results from finite inputs: were written with exit 0.
+"$gradfix" generate --shapes "w=64x8,b=64" --seed 1 --out finite.safetensors >/dev/null
+"$gradfix" generate --like finite.safetensors --like-scale 9e37 --noise 0 --seed 1 --out big.safetensors >/dev/null
+expect "apply --alpha 1e300" 2 "came out NaN or beyond the range of F32 from finite inputs" \
+  apply --base finite.safetensors --task-vector finite.safetensors --alpha 1e300 --out out/a.safetensors
+expect "mask --mask-mode soft3 --soft-c -1" 2 "--soft-c must be positive" \
+  mask --task-vector finite.safetensors --signs finite.safetensors --mask-mode soft3 --soft-c -1 --out out/m.safetensors
+expect "merge --method sum of two files near the float range" 2 "NaN or beyond the range of F32" \
+  merge --task-vector big.safetensors --task-vector big.safetensors --method sum --out out/s.safetensors
+expect "apply to an F16 output past 65504" 2 "beyond the range of F16" \
+  apply --base finite.safetensors --task-vector finite.safetensors --alpha 1e6 --out-dtype F16 --out out/h.safetensors
+expect "--allow-nonfinite writes them" 0 "" \
+  apply --base finite.safetensors --task-vector finite.safetensors --alpha 1e300 --allow-nonfinite --out out/a.safetensors
+set +e
+mpirun "${mpirun_flags[@]}" -np 3 "$gradfix" apply --base finite.safetensors --task-vector finite.safetensors --alpha 1e300 \
+  --out out/a3.safetensors >output.txt 2>&1
+code=$?
+set -e
+check "at 3 ranks: exit 2 (got $code)" test "$code" -eq 2
+check "at 3 ranks: reported once" test "$(grep -c 'gradfix: error' output.txt)" -eq 1
+check "at 3 ranks: nothing left" test -z "$(ls -A out)"
 finish
