@@ -4,6 +4,8 @@
 // happened between two collective steps) removes this job's temporary files and ends every
 // rank with MPI_Abort, so nothing waits forever and nothing half-written is published.
 #include <malloc.h>
+#include <pthread.h>
+#include <csignal>
 #include <unistd.h>
 
 #include <exception>
@@ -63,6 +65,12 @@ int main(int argc, char** argv) {
   // resident memory of a sharded decoder pass at 4 ranks 1111 -> 928 MiB).
   ::mallopt(M_MMAP_THRESHOLD, 1 << 20);
 #endif
+  // An interrupt while MPI starts (a few tenths of a second) must not be lost: the stop signals
+  // are held back until gradfix's handlers are in place, then delivered to them.
+  sigset_t stop_signals, previous;
+  sigemptyset(&stop_signals);
+  for (int signal_number : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&stop_signals, signal_number);
+  ::sigprocmask(SIG_BLOCK, &stop_signals, &previous);
   std::unique_ptr<gradfix::MpiRuntime> runtime;
   try {
     runtime = std::make_unique<gradfix::MpiRuntime>(&argc, &argv);
@@ -71,6 +79,7 @@ int main(int argc, char** argv) {
     return error.exit_code();
   }
   gradfix::install_cleanup_signal_handlers();
+  ::pthread_sigmask(SIG_SETMASK, &previous, nullptr);
   const std::vector<std::string> args(argv + 1, argv + argc);
   try {
     return gradfix::run_command_line(args, std::cout, runtime.get());

@@ -1,5 +1,6 @@
 #include "gradfix/io/safetensors.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -318,6 +319,7 @@ class ShardedSafetensorsReader final : public TensorReader {
                          "'; shard names must be plain file names in the checkpoint's directory");
       names_by_file[file.get<std::string>()].push_back(name);
     }
+    check_shard_set(names_by_file);
     for (const auto& [file, names] : names_by_file) {
       auto shard = open_safetensors_reader(directory_ + "/" + file);
       std::set<std::string> expected(names.begin(), names.end());
@@ -342,6 +344,38 @@ class ShardedSafetensorsReader final : public TensorReader {
   const std::string& path() const override { return path_; }
   const std::vector<TensorInfo>& tensors() const override { return tensors_; }
   const Metadata& metadata() const override { return metadata_; }
+
+  // Shards named model-0000i-of-0000N.safetensors form a set: an index that leaves one of the
+  // set out (present in the directory, or named by the others' count) would silently drop its
+  // tensors. Other .safetensors files (consolidated.safetensors, adapters) are not the index's.
+  void check_shard_set(const std::map<std::string, std::vector<std::string>>& names_by_file) const {
+    auto parse = [](const std::string& name, int& index, int& count) {
+      return name.size() == 32 && std::sscanf(name.c_str(), "model-%5d-of-%5d.safetensors", &index, &count) == 2 &&
+             name == shard_file_name(index, count);
+    };
+    std::set<int> counts;
+    for (const auto& [file, names] : names_by_file) {
+      int index = 0, count = 0;
+      if (parse(file, index, count)) counts.insert(count);
+    }
+    for (int count : counts)
+      for (int index = 1; index <= count; ++index)
+        if (!names_by_file.count(shard_file_name(index, count)))
+          throw InputError(path_ + ": names shards of a set of " + std::to_string(count) + " but not '" + shard_file_name(index, count) +
+                           "'; its tensors would be left out");
+    DIR* listing = ::opendir(directory_.c_str());
+    if (listing == nullptr) return;
+    std::vector<std::string> unnamed;
+    while (const dirent* entry = ::readdir(listing)) {
+      int index = 0, count = 0;
+      const std::string name = entry->d_name;
+      if (parse(name, index, count) && !names_by_file.count(name)) unnamed.push_back(name);
+    }
+    ::closedir(listing);
+    std::sort(unnamed.begin(), unnamed.end());
+    if (!unnamed.empty())
+      throw InputError(path_ + ": does not name " + format_name_list(unnamed) + " beside it; its tensors would be left out");
+  }
 
   void read_raw(const std::string& name, long long begin, long long count, void* target) const override {
     const auto found = owner_.find(name);

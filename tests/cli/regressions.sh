@@ -109,4 +109,34 @@ set -e
 check "at 3 ranks: exit 2 (got $code)" test "$code" -eq 2
 check "at 3 ranks: reported once" test "$(grep -c 'gradfix: error' output.txt)" -eq 1
 check "at 3 ranks: nothing left" test -z "$(ls -A out)"
+# 12. An index that leaves out a shard of its set: convert used to exit 0 without its tensors.
+"$gradfix" generate --shapes "a=64x64,b=64x64,c=64x64" --seed 2 --max-shard-size 20KB --out set >/dev/null
+python3 - <<'PY'
+import json
+index = json.load(open("set/model.safetensors.index.json"))
+index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != "model-00002-of-00003.safetensors"}
+json.dump(index, open("set/model.safetensors.index.json", "w"))
+PY
+expect "an index that leaves out a shard file beside it" 2 "names shards of a set of 3 but not 'model-00002-of-00003.safetensors'" \
+  convert set out/set.safetensors
+"$gradfix" generate --shapes "a=64x64" --seed 2 --out solo >/dev/null
+cp set/model-00002-of-00003.safetensors solo/
+expect "a shard of another set lying beside the index" 2 "does not name 'model-00002-of-00003.safetensors'" \
+  convert solo out/solo.safetensors
+
+# 11. SIGINT while MPI starts: was lost (the run went on, published and exited 0).
+"$gradfix" generate --shapes "a=512x512,b=512x512" --seed 1 --out slow.safetensors >/dev/null
+for delay in 0.02 0.1 0.3; do
+  GRADFIX_TEST_PAUSE_MS=100 "$gradfix" apply --base slow.safetensors --task-vector slow.safetensors --chunk-elements 16384 \
+    --out out/interrupted.safetensors >/dev/null 2>&1 &
+  pid=$!
+  sleep "$delay"
+  kill -INT "$pid"
+  set +e
+  wait "$pid"
+  code=$?
+  set -e
+  check "SIGINT after $delay s stops the run with 130 (got $code)" test "$code" -eq 130
+  check "SIGINT after $delay s leaves nothing" test -z "$(ls -A out)"
+done
 finish

@@ -48,7 +48,10 @@ for _ in $(seq 100); do  # wait until the output's temporary file exists: the jo
   sleep 0.1
 done
 check "the job started writing before the kill" test -n "$(find out -name '.*.tmp-*')"
-victim=$(pgrep -x gradfix | tail -n 1)
+# This job's ranks only (mpirun's children): other gradfix processes on the machine are not ours.
+ranks=$(pgrep -P "$launcher" -x gradfix || true)
+victim=$(echo "$ranks" | tail -n 1)
+check "the job's 3 ranks are found" test "$(echo "$ranks" | grep -c .)" -eq 3
 started=$(date +%s)
 kill -9 "$victim"
 set +e
@@ -57,7 +60,13 @@ code=$?
 set -e
 elapsed=$(($(date +%s) - started))
 check "killing a rank fails the job (exit $code)" test "$code" -ne 0
-live_ranks() { ps -C gradfix -o stat= | grep -vc '^Z' || true; }  # zombies are gone, only not yet reaped
+live_ranks() {  # of this job's ranks, those still running (zombies are gone, only not yet reaped)
+  local count=0 pid
+  for pid in $ranks; do
+    ps -p "$pid" -o stat= 2>/dev/null | grep -vq '^Z' && count=$((count + 1))
+  done
+  echo "$count"
+}
 check "every rank is gone within 20 s (took ${elapsed} s)" test "$elapsed" -le 20 -a "$(live_ranks)" -eq 0
 check "nothing is published after a kill" test -z "$(ls -A out)"
 finish
