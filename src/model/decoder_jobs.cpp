@@ -16,10 +16,6 @@
 namespace gradfix {
 namespace {
 
-// Samples evaluated together: bounds the activations ([chunk, T, V] logits) whatever N is, and
-// fixes how samples are batched, whatever the number of ranks.
-constexpr long long kEvalChunk = 8;
-
 // --transform and --model belong to the image classifiers: with a decoder directory they would
 // silently mean nothing.
 void refuse_image_options(const std::string& model, const DataOptions& data) {
@@ -34,62 +30,36 @@ void refuse_image_options(const std::string& model, const DataOptions& data) {
 void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {
   DecoderConfig config;
   TokenData data;
-  Parameters parameters;
   torch::Device device = torch::kCPU;
   context.agree([&] {
     refuse_image_options(job.model, job.data);
     config = read_decoder_config(job.weights);
+    check_decoder_checkpoint(config);
     data = load_token_data(job.data.spec);
     check_vocabulary(data, config.vocab_size);
     device = parse_device(context.device, context.local_rank);
-    std::vector<std::string> names;
-    for (const auto& tensor : decoder_layout(config)) names.push_back(tensor.name);
-    parameters = read_decoder_parameters(config, names, torch::kFloat32, device);
   });
+  // The parameters stay sharded: each rank reads its pieces, layers are gathered one at a time.
+  std::unique_ptr<ShardedWeights> weights;
+  context.agree([&] { weights = std::make_unique<ShardedWeights>(config, context); });
   const Decoder decoder(config);
-  // Samples go in fixed chunks (0-7, 8-15, ...) and the chunks round-robin to the ranks: a chunk
-  // is computed the same way at any P, so the losses do not depend on the number of ranks. They
-  // land in their data-order slots and one sum over ranks fills the array (one contributor each).
-  std::vector<double> losses(static_cast<std::size_t>(data.samples), 0.0);
-  std::vector<long long> hits = {0, 0};
-  context.agree([&] {
-    torch::NoGradGuard no_gradients;
-    const long long chunks = (data.samples + kEvalChunk - 1) / kEvalChunk;
-    for (long long chunk_index = context.rank(); chunk_index < chunks; chunk_index += context.size()) {
-      std::vector<long long> chunk;
-      for (long long n = chunk_index * kEvalChunk; n < std::min(data.samples, (chunk_index + 1) * kEvalChunk); ++n) chunk.push_back(n);
-      const TokenBatch batch = token_batch(data.subset(chunk), device);
-      const torch::Tensor logits = decoder.forward(parameters, batch);
-      const torch::Tensor chunk_losses = per_sample_losses(logits, batch.labels).to(torch::kCPU, torch::kFloat64);
-      for (std::size_t i = 0; i < chunk.size(); ++i) {
-        const double loss = chunk_losses[static_cast<long>(i)].item<double>();
-        if (!std::isfinite(loss))
-          throw InputError(data.source + ": sample " + std::to_string(chunk[i]) + " has a loss of " + std::to_string(loss) +
-                           ": check the model's weights");
-        losses[static_cast<std::size_t>(chunk[i])] = loss;
-      }
-      const auto [right, counted] = token_hits(logits, batch.labels);
-      hits[0] += right;
-      hits[1] += counted;
-    }
-  });
-  context.host().allreduce(losses.data(), losses.data(), losses.size(), DType::kF64, ReduceOp::kSum);
-  context.host().allreduce(hits.data(), hits.data(), hits.size(), DType::kI64, ReduceOp::kSum);
+  const ShardedEvaluation evaluation = sharded_decoder_evaluation(decoder, *weights, data, context, device);
+  const std::vector<double>& losses = evaluation.losses;
   double mean = 0.0;
   for (double loss : losses) mean += loss;
   mean /= static_cast<double>(losses.size());
-  const double accuracy = static_cast<double>(hits[0]) / static_cast<double>(std::max(1LL, hits[1]));
+  const double accuracy = static_cast<double>(evaluation.hits) / static_cast<double>(std::max(1LL, evaluation.targets));
   if (!job.results.empty())
     context.agree([&] {
       if (context.is_root())
         write_text_file_atomically(job.results, nlohmann::json{{"model_type", config.model_type}, {"samples", data.samples},
-                                                          {"target_tokens", hits[1]}, {"mean_loss", mean},
+                                                          {"target_tokens", evaluation.targets}, {"mean_loss", mean},
                                                           {"token_accuracy", accuracy}, {"per_sample_loss", losses}}.dump(2) + "\n");
     });
   if (!context.is_root()) return;
-  log << "eval: " << config.model_type << ", " << data.samples << " samples, " << hits[1] << " target tokens, mean loss "
+  log << "eval: " << config.model_type << ", " << data.samples << " samples, " << evaluation.targets << " target tokens, mean loss "
       << std::fixed << std::setprecision(4) << mean << ", token accuracy " << std::setprecision(2) << 100.0 * accuracy << "%"
-      << (job.results.empty() ? "" : ", results in " + job.results) << "\n";
+      << (job.results.empty() ? "" : ", results in " + job.results) << ", parameters sharded over " << context.size() << " rank(s)\n";
   log.unsetf(std::ios::fixed);
 }
 

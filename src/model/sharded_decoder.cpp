@@ -396,4 +396,53 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
   return result;
 }
 
+ShardedEvaluation sharded_decoder_evaluation(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
+                                             const JobContext& context, const torch::Device& device) {
+  const DecoderConfig& config = decoder.config();
+  torch::NoGradGuard no_gradients;
+  std::vector<Group> groups;
+  const long long total_groups = (data.samples + kSamplesPerGroup - 1) / kSamplesPerGroup;
+  for (long long g = context.rank(); g < total_groups; g += context.size()) {
+    Group group;
+    for (long long n = g * kSamplesPerGroup; n < std::min(data.samples, (g + 1) * kSamplesPerGroup); ++n) group.samples.push_back(n);
+    group.batch = token_batch(data.subset(group.samples), device);
+    groups.push_back(std::move(group));
+  }
+  std::vector<torch::Tensor> hidden;
+  {
+    const Parameters embedding = weights.gather({"model.embed_tokens.weight"}, device);
+    for (const auto& group : groups) hidden.push_back(decoder.embed(embedding, group.batch.input_ids));
+  }
+  for (long long l = 0; l < config.layers; ++l) {
+    const Parameters layer = weights.gather(layer_parameter_names(config, l), device);
+    for (std::size_t g = 0; g < groups.size(); ++g) hidden[g] = decoder.layer(l, layer, hidden[g], groups[g].batch.attention_mask);
+  }
+  ShardedEvaluation result;
+  result.losses.assign(static_cast<std::size_t>(data.samples), 0.0);
+  const Parameters head = weights.gather({"model.norm.weight", decoder.head_name()}, device);
+  context.agree([&] {
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      const torch::Tensor logits = decoder.head(head, hidden[g]);
+      const torch::Tensor losses = per_sample_losses(logits, groups[g].batch.labels).to(torch::kCPU, torch::kFloat64);
+      for (std::size_t i = 0; i < groups[g].samples.size(); ++i) {
+        const double loss = losses[static_cast<int64_t>(i)].item<double>();
+        if (!std::isfinite(loss))
+          throw InputError(data.source + ": sample " + std::to_string(groups[g].samples[i]) + " has a loss of " + std::to_string(loss) +
+                           ": check the model's weights");
+        result.losses[static_cast<std::size_t>(groups[g].samples[i])] = loss;
+      }
+      const auto [right, counted] = token_hits(logits, groups[g].batch.labels);
+      result.hits += right;
+      result.targets += counted;
+    }
+  });
+  // Each loss has one contributor: the sum over ranks places them exactly.
+  context.host().allreduce(result.losses.data(), result.losses.data(), result.losses.size(), DType::kF64, ReduceOp::kSum);
+  long long counts[2] = {result.hits, result.targets};
+  context.host().allreduce(counts, counts, 2, DType::kI64, ReduceOp::kSum);
+  result.hits = counts[0];
+  result.targets = counts[1];
+  return result;
+}
+
 }  // namespace gradfix

@@ -54,6 +54,17 @@ struct ShardedStatistics {
   long long samples = 0;
 };
 
+// Per-sample losses (data order) and next-token hits / target tokens of `data`, with the
+// parameters sharded: a forward pass layer by layer, no rank holding the whole model. Samples go
+// in fixed groups of 8, round-robin over the ranks, so the results do not depend on P. Collective.
+struct ShardedEvaluation {
+  std::vector<double> losses;
+  long long hits = 0;
+  long long targets = 0;
+};
+ShardedEvaluation sharded_decoder_evaluation(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
+                                             const JobContext& context, const torch::Device& device);
+
 // The few-shot pass over `data` (every sample of it is a shot). Collective.
 ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
                                              const DecoderSignsOptions& options, const JobContext& context,
