@@ -228,7 +228,6 @@ DecoderConfig parse_decoder_config(const std::string& text, const std::string& p
         unsupported(path, key, config.at(key), out.model_type + " has no such option in transformers");
   }
 
-  // inverse frequencies are made by Decoder; check the values that make them meaningful here.
   return out;
 }
 

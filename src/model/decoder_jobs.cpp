@@ -25,20 +25,25 @@ void refuse_image_options(const std::string& model, const DataOptions& data) {
     throw InputError("--model " + model + ": a Hugging Face model directory names its architecture in config.json");
 }
 
+// What eval and signs read first: the config, the checkpoint checked against it, the token data
+// checked against the vocabulary, and the device.
+void load_decoder_inputs(const std::string& model, const std::string& weights, const DataOptions& data_options, const JobContext& context,
+                         DecoderConfig& config, TokenData& data, torch::Device& device) {
+  refuse_image_options(model, data_options);
+  config = read_decoder_config(weights);
+  check_decoder_checkpoint(config);
+  data = load_token_data(data_options.spec);
+  check_vocabulary(data, config.vocab_size);
+  device = parse_device(context.device, context.local_rank);
+}
+
 }  // namespace
 
 void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {
   DecoderConfig config;
   TokenData data;
   torch::Device device = torch::kCPU;
-  context.agree([&] {
-    refuse_image_options(job.model, job.data);
-    config = read_decoder_config(job.weights);
-    check_decoder_checkpoint(config);
-    data = load_token_data(job.data.spec);
-    check_vocabulary(data, config.vocab_size);
-    device = parse_device(context.device, context.local_rank);
-  });
+  context.agree([&] { load_decoder_inputs(job.model, job.weights, job.data, context, config, data, device); });
   // The parameters stay sharded: each rank reads its pieces, layers are gathered one at a time.
   std::unique_ptr<ShardedWeights> weights;
   context.agree([&] { weights = std::make_unique<ShardedWeights>(config, context); });
@@ -119,12 +124,9 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
   TokenData shots;
   torch::Device device = torch::kCPU;
   context.agree([&] {
-    refuse_image_options(job.model, job.data);
     if (job.selection.num_batches > 0) throw InputError("--num-batches is for image data; use --num-samples or --indices with token data");
-    config = read_decoder_config(job.weights);
-    check_decoder_checkpoint(config);
-    const TokenData data = load_token_data(job.data.spec);
-    check_vocabulary(data, config.vocab_size);
+    TokenData data;
+    load_decoder_inputs(job.model, job.weights, job.data, context, config, data, device);
     // The shots: an indices file, the first N of a seeded shuffle, or every sample.
     std::vector<long long> chosen;
     if (!job.selection.indices_file.empty()) {
@@ -140,7 +142,6 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
       std::sort(chosen.begin(), chosen.end());
     }
     shots = data.subset(chosen);
-    device = parse_device(context.device, context.local_rank);
   });
   std::unique_ptr<ShardedWeights> weights;
   context.agree([&] { weights = std::make_unique<ShardedWeights>(config, context); });

@@ -63,6 +63,43 @@ struct Group {
   TokenBatch batch;
 };
 
+// This rank's groups: samples in fixed groups of `size`, the groups round-robin over the ranks.
+std::vector<Group> my_groups(const TokenData& data, long long size, const JobContext& context, const torch::Device& device) {
+  std::vector<Group> groups;
+  const long long total = (data.samples + size - 1) / size;
+  for (long long g = context.rank(); g < total; g += context.size()) {
+    Group group;
+    for (long long n = g * size; n < std::min(data.samples, (g + 1) * size); ++n) group.samples.push_back(n);
+    group.batch = token_batch(data.subset(group.samples), device);
+    groups.push_back(std::move(group));
+  }
+  return groups;
+}
+
+// The forward pass without gradients, one gathered layer at a time. Returns each layer's input
+// per group and, last, the final hidden states ([layers + 1][group]); with `keep_inputs` false
+// only the final hidden states are kept (entry 0).
+std::vector<std::vector<torch::Tensor>> forward_groups(const Decoder& decoder, const ShardedWeights& weights, const std::vector<Group>& groups,
+                                                       const torch::Device& device, bool keep_inputs) {
+  const long long layers = decoder.config().layers;
+  torch::NoGradGuard no_gradients;
+  std::vector<std::vector<torch::Tensor>> boundary(static_cast<std::size_t>(keep_inputs ? layers + 1 : 1));
+  {  // the embedding is dropped before the layers are gathered
+    const Parameters embedding = weights.gather({"model.embed_tokens.weight"}, device);
+    for (const auto& group : groups) boundary[0].push_back(decoder.embed(embedding, group.batch.input_ids));
+  }
+  for (long long l = 0; l < layers; ++l) {
+    const Parameters layer = weights.gather(layer_parameter_names(decoder.config(), l), device);
+    const std::size_t in = keep_inputs ? static_cast<std::size_t>(l) : 0, out = keep_inputs ? in + 1 : 0;
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      torch::Tensor next = decoder.layer(l, layer, boundary[in][g], groups[g].batch.attention_mask);
+      if (keep_inputs) boundary[out].push_back(std::move(next));
+      else boundary[0][g] = std::move(next);
+    }
+  }
+  return boundary;
+}
+
 // The per-sample gradient rows of an embedding (sample i: the rows of its token ids), added to
 // `dense` rows [begin, end) when given (a tied head), else straight into the statistics.
 void embedding_rows(const torch::Tensor& ids, const torch::Tensor& gradient, int64_t sample, torch::Tensor* dense, int64_t begin, int64_t end,
@@ -127,12 +164,6 @@ ShardedWeights::ShardedWeights(const DecoderConfig& config, const JobContext& co
   for (std::size_t i = 0; i < layout_.size(); ++i) index_[layout_[i].name] = i;
   const auto reader = open_reader(config.directory);
   for (const auto& piece : plan_.pieces(context.rank())) mine_.push_back(reader->read_f32(layout_[piece.tensor].name, piece.begin, piece.count));
-}
-
-long long ShardedWeights::held_elements() const {
-  long long total = 0;
-  for (const auto& values : mine_) total += static_cast<long long>(values.size());
-  return total;
 }
 
 Parameters ShardedWeights::gather(const std::vector<std::string>& names, const torch::Device& device) const {
@@ -253,30 +284,9 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
     }
   };
 
-  // This rank's groups of samples.
-  std::vector<Group> groups;
-  const long long total_groups = (data.samples + group_size - 1) / group_size;
-  for (long long g = context.rank(); g < total_groups; g += context.size()) {
-    Group group;
-    for (long long n = g * group_size; n < std::min(data.samples, (g + 1) * group_size); ++n) group.samples.push_back(n);
-    group.batch = token_batch(data.subset(group.samples), device);
-    groups.push_back(std::move(group));
-  }
-
+  const std::vector<Group> groups = my_groups(data, group_size, context, device);
   // Forward, keeping each layer's input: boundary[l][g].
-  std::vector<std::vector<torch::Tensor>> boundary(static_cast<std::size_t>(config.layers + 1));
-  {
-    torch::NoGradGuard no_gradients;
-    {  // the embedding is dropped before the layers are gathered
-      const Parameters embedding = weights.gather({"model.embed_tokens.weight"}, device);
-      for (const auto& group : groups) boundary[0].push_back(decoder.embed(embedding, group.batch.input_ids));
-    }
-    for (long long l = 0; l < config.layers; ++l) {
-      const Parameters layer = weights.gather(layer_parameter_names(config, l), device);
-      for (std::size_t g = 0; g < groups.size(); ++g)
-        boundary[static_cast<std::size_t>(l + 1)].push_back(decoder.layer(l, layer, boundary[static_cast<std::size_t>(l)][g], groups[g].batch.attention_mask));
-    }
-  }
+  std::vector<std::vector<torch::Tensor>> boundary = forward_groups(decoder, weights, groups, device, true);
 
   auto make_leaves = [&](Parameters& parameters) {
     if (!loop) return;
@@ -398,25 +408,9 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
 
 ShardedEvaluation sharded_decoder_evaluation(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
                                              const JobContext& context, const torch::Device& device) {
-  const DecoderConfig& config = decoder.config();
   torch::NoGradGuard no_gradients;
-  std::vector<Group> groups;
-  const long long total_groups = (data.samples + kSamplesPerGroup - 1) / kSamplesPerGroup;
-  for (long long g = context.rank(); g < total_groups; g += context.size()) {
-    Group group;
-    for (long long n = g * kSamplesPerGroup; n < std::min(data.samples, (g + 1) * kSamplesPerGroup); ++n) group.samples.push_back(n);
-    group.batch = token_batch(data.subset(group.samples), device);
-    groups.push_back(std::move(group));
-  }
-  std::vector<torch::Tensor> hidden;
-  {
-    const Parameters embedding = weights.gather({"model.embed_tokens.weight"}, device);
-    for (const auto& group : groups) hidden.push_back(decoder.embed(embedding, group.batch.input_ids));
-  }
-  for (long long l = 0; l < config.layers; ++l) {
-    const Parameters layer = weights.gather(layer_parameter_names(config, l), device);
-    for (std::size_t g = 0; g < groups.size(); ++g) hidden[g] = decoder.layer(l, layer, hidden[g], groups[g].batch.attention_mask);
-  }
+  const std::vector<Group> groups = my_groups(data, kSamplesPerGroup, context, device);
+  const std::vector<torch::Tensor> hidden = forward_groups(decoder, weights, groups, device, false)[0];
   ShardedEvaluation result;
   result.losses.assign(static_cast<std::size_t>(data.samples), 0.0);
   const Parameters head = weights.gather({"model.norm.weight", decoder.head_name()}, device);

@@ -31,8 +31,6 @@ class ShardedWeights {
   const ShardPlan& plan() const { return plan_; }
   // Whole tensors of `names` as float32 on `device`. Collective: every rank passes the same names.
   Parameters gather(const std::vector<std::string>& names, const torch::Device& device) const;
-  // Elements this rank holds.
-  long long held_elements() const;
 
  private:
   const JobContext& context_;
