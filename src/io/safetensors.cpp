@@ -301,7 +301,7 @@ class ShardedSafetensorsReader final : public TensorReader {
  public:
   explicit ShardedSafetensorsReader(const std::string& path) {
     const bool is_index = path.size() > 11 && path.compare(path.size() - 11, 11, ".index.json") == 0;
-    directory_ = is_index ? parent_directory(path) : path;
+    directory_ = sharded_checkpoint_directory(path);
     path_ = is_index ? path : directory_ + "/" + kSafetensorsIndexName;
     if (!file_exists(path_))
       throw InputError(directory_ + ": not a sharded safetensors checkpoint (no " + kSafetensorsIndexName + ")");
@@ -511,8 +511,7 @@ class ShardedSafetensorsWriter final : public TensorWriter {
       : path_(path), role_(role), layout_(layout) {
     if (max_shard_bytes <= 0) throw InputError("--max-shard-size must be positive, got " + std::to_string(max_shard_bytes));
     if (role_.token.empty()) role_.token = new_temporary_token();
-    directory_ = path.size() > 11 && path.compare(path.size() - 11, 11, ".index.json") == 0 ? parent_directory(path) : path;
-    while (directory_.size() > 1 && directory_.back() == '/') directory_.pop_back();
+    directory_ = sharded_checkpoint_directory(path);
     if (role_.leader) {
       created_directory_ = ensure_directory(directory_);
       if (created_directory_) register_temporary(directory_);
@@ -607,6 +606,13 @@ class ShardedSafetensorsWriter final : public TensorWriter {
 };
 
 }  // namespace
+
+std::string sharded_checkpoint_directory(const std::string& path) {
+  std::string directory =
+      path.size() > 11 && path.compare(path.size() - 11, 11, ".index.json") == 0 ? parent_directory(path) : path;
+  while (directory.size() > 1 && directory.back() == '/') directory.pop_back();
+  return directory;
+}
 
 std::string shard_file_name(int index, int count) {
   char name[64];

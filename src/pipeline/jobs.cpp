@@ -176,8 +176,7 @@ std::unique_ptr<TensorWriter> open_output(const Ranks& ranks, const std::string&
 // symbolic links (they could point anywhere), and none larger than 256 MiB.
 void carry_model_files(const Ranks& ranks, const std::string& input, const std::string& output, const OutputOptions& options) {
   if (!is_directory(input) || format_of_path(output) != StoreFormat::kShardedSafetensors) return;
-  std::string directory = output;
-  if (directory.size() > 11 && directory.compare(directory.size() - 11, 11, ".index.json") == 0) directory = parent_directory(directory);
+  const std::string directory = sharded_checkpoint_directory(output);
   ranks.agree([&] {
     if (!ranks.is_root()) return;
     DIR* listing = ::opendir(input.c_str());

@@ -29,6 +29,9 @@ std::unique_ptr<TensorWriter> open_sharded_safetensors_writer(const std::string&
                                                               const Metadata& metadata, long long max_shard_bytes,
                                                               const WriterRole& role = {});
 
+// The directory of a sharded checkpoint named by the directory or by its index file.
+std::string sharded_checkpoint_directory(const std::string& path);
+
 // "model-00002-of-00005.safetensors".
 std::string shard_file_name(int index, int count);
 
