@@ -323,7 +323,8 @@ std::vector<SubcommandSpec> make_table() {
                            {"data", T::kText, "", "pool of labelled task samples: the shots and the support set"},
                            {"test-data", T::kText, "", "test set, read only for the final evaluation"},
                            {"transform", T::kText, "none", "input shift of the task: none|invert|rotate90"},
-                           {"shots-per-class", T::kInteger, "5", "K"}},
+                           {"shots-per-class", T::kInteger, "5", "K"},
+                           {"num-samples", T::kInteger, "0", "decoders: the shots are the first N samples of a seeded shuffle of --data"}},
                           joined(kShotOptions,
                                  {{"support-size", T::kInteger, "1000", "support samples for choosing alpha (disjoint from the shots)"},
                                   {"seed", T::kCount, "0", "sampling seed"},
@@ -345,6 +346,8 @@ std::vector<SubcommandSpec> make_table() {
                      job.data = data_of(values, "data");
                      job.test = data_of(values, "test-data");
                      job.shots_per_class = values.integer("shots-per-class");
+                     job.num_samples = values.integer("num-samples");
+                     if (job.num_samples < 0) throw InputError("--num-samples must not be negative");
                      job.selection = selection_of(values);
                      job.support_size = values.integer("support-size");
                      job.seed = values.count("seed");

@@ -274,16 +274,15 @@ std::vector<TensorInfo> decoder_layout(const DecoderConfig& c) {
   return layout;
 }
 
-void check_decoder_checkpoint(const DecoderConfig& config) {
-  const auto reader = open_reader(config.directory);
+void check_against_decoder(const TensorReader& reader, const DecoderConfig& config, bool partial) {
   std::vector<std::string> missing, extra;
   std::string shapes;
   std::set<std::string> expected;
   for (const auto& tensor : decoder_layout(config)) {
     expected.insert(tensor.name);
-    const TensorInfo* found = reader->find(tensor.name);
+    const TensorInfo* found = reader.find(tensor.name);
     if (found == nullptr) {
-      missing.push_back(tensor.name);
+      if (!partial) missing.push_back(tensor.name);
     } else if (found->shape != tensor.shape) {
       shapes += std::string(shapes.empty() ? "" : "; ") + "'" + tensor.name + "' is " + format_shape(found->shape) +
                 ", the config needs " + format_shape(tensor.shape);
@@ -291,19 +290,28 @@ void check_decoder_checkpoint(const DecoderConfig& config) {
       shapes += std::string(shapes.empty() ? "" : "; ") + "'" + tensor.name + "' is " + dtype_name(found->dtype) + ", not a float type";
     }
   }
-  for (const auto& tensor : reader->tensors()) {
+  for (const auto& tensor : reader.tensors()) {
     if (expected.count(tensor.name)) continue;
     // transformers may store a tied head anyway, and rotary buffers in old checkpoints.
     if (tensor.name == "lm_head.weight" && config.tie_word_embeddings) continue;
     if (tensor.name.find("rotary_emb.inv_freq") != std::string::npos) continue;
     extra.push_back(tensor.name);
   }
+  if (partial && missing.empty() && extra.empty() && shapes.empty()) {
+    bool any = false;
+    for (const auto& name : expected) any = any || reader.find(name) != nullptr;
+    if (!any) throw InputError(reader.path() + " holds none of the tensors of " + config.directory + " (" + config.model_type + ")");
+  }
   std::string message;
   if (!missing.empty()) message += std::to_string(missing.size()) + " tensor(s) missing: " + format_name_list(missing);
   if (!extra.empty()) message += std::string(message.empty() ? "" : "; ") + std::to_string(extra.size()) + " tensor(s) the config does not have: " + format_name_list(extra);
   if (!shapes.empty()) message += std::string(message.empty() ? "" : "; ") + shapes;
-  if (!message.empty()) throw InputError(config.directory + " does not match its config.json (" + config.model_type + "): " + message);
+  if (message.empty()) return;
+  const std::string against = reader.path() == config.directory ? "its config.json" : config.directory + "/config.json";
+  throw InputError(reader.path() + " does not match " + against + " (" + config.model_type + "): " + message);
 }
+
+void check_decoder_checkpoint(const DecoderConfig& config) { check_against_decoder(*open_reader(config.directory), config, false); }
 
 Parameters read_decoder_parameters(const DecoderConfig& config, const std::vector<std::string>& names, torch::ScalarType dtype,
                                    const torch::Device& device) {

@@ -94,6 +94,10 @@ Parameters read_decoder_parameters(const DecoderConfig& config, const std::vecto
                                    const torch::Device& device);
 // The checkpoint against the layout, without reading data.
 void check_decoder_checkpoint(const DecoderConfig& config);
+// Any file or directory of tensors under the model's names (a task vector, a fine-tuned release)
+// against the layout of `config`: extra and misshapen tensors, and with `partial` false missing
+// ones, listed in one InputError that names the file and the config.
+void check_against_decoder(const TensorReader& reader, const DecoderConfig& config, bool partial);
 
 // Token tensors [N, T] (int64) on a device.
 struct TokenBatch {

@@ -2,6 +2,7 @@
 // Internal to the LibTorch part: the model jobs on Hugging Face decoder directories.
 
 #include <ostream>
+#include <vector>
 
 #include "gradfix/model/jobs.hpp"
 
@@ -19,5 +20,10 @@ void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& c
 // signs on token data with the parameters sharded across ranks (sharded_decoder.hpp): a
 // statistics checkpoint under the model's tensor names, byte-identical (max) at any P.
 void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext& context);
+
+// transport on token data with the parameters sharded (no rank holds B, tau or the transported
+// model whole): zero-shot, naive and GradFix rows (oracle and upper bound with B fine-tuned), the
+// alpha of each chosen on the support set's mean loss, the GradFix model written as B's format.
+std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::ostream& log, const JobContext& context);
 
 }  // namespace gradfix

@@ -20,6 +20,7 @@
 #include "gradfix/mask/compare.hpp"
 #include "gradfix/model/jobs.hpp"
 #include "gradfix/signs/statistics.hpp"
+#include "transport_rows.hpp"
 
 namespace gradfix {
 namespace {
@@ -306,33 +307,33 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
   return rows;
 }
 
-void print_rows(const std::vector<TransportRow>& rows, std::ostream& log) {
-  log << std::left << std::setw(34) << "method" << std::right << std::setw(10) << "test acc" << std::setw(10) << "loss"
+}  // namespace
+
+bool torch_available() { return true; }
+
+void print_transport_rows(const std::vector<TransportRow>& rows, std::ostream& log, const char* metric) {
+  const int width = std::max(10, static_cast<int>(std::strlen(metric)) + 2);
+  log << std::left << std::setw(34) << "method" << std::right << std::setw(width) << metric << std::setw(10) << "loss"
       << std::setw(8) << "alpha" << std::setw(8) << "kept" << std::setw(12) << "agree(B)" << "\n";
   for (const auto& row : rows) {
-    auto cell = [](double value, int width, int precision, bool percent) {
+    auto cell = [](double value, int w, int precision, bool percent) {
       std::ostringstream text;
-      if (value < 0) text << std::setw(width) << "-";
-      else text << std::setw(width) << std::fixed << std::setprecision(precision) << (percent ? 100.0 * value : value) << (percent ? "%" : "");
+      if (value < 0) text << std::setw(w) << "-";
+      else text << std::setw(w) << std::fixed << std::setprecision(precision) << (percent ? 100.0 * value : value) << (percent ? "%" : "");
       return text.str();
     };
-    log << std::left << std::setw(34) << row.method << std::right << cell(row.accuracy, 9, 2, true) << cell(row.loss, 10, 4, false)
-        << cell(row.alpha, 8, 1, false) << cell(row.kept, 7, 1, true) << cell(row.sign_agreement, 11, 1, true) << "\n";
+    log << std::left << std::setw(34) << row.method << std::right << cell(row.accuracy, width - 1, 2, true) << cell(row.loss, 10, 4, false)
+        << cell(row.alpha, 8, 2, false) << cell(row.kept, 7, 1, true) << cell(row.sign_agreement, 11, 1, true) << "\n";
   }
 }
 
-nlohmann::json rows_json(const std::vector<TransportRow>& rows) {
+nlohmann::json transport_rows_json(const std::vector<TransportRow>& rows) {
   nlohmann::json out = nlohmann::json::array();
   for (const auto& row : rows)
     out.push_back({{"method", row.method}, {"test_accuracy", row.accuracy}, {"test_loss", row.loss}, {"alpha", row.alpha},
                    {"kept", row.kept}, {"sign_agreement_with_tau_b", row.sign_agreement}});
   return out;
 }
-
-
-}  // namespace
-
-bool torch_available() { return true; }
 
 
 // The root writes an output under temporary names, every rank agrees that the job went well so
@@ -447,6 +448,8 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
 }
 
 std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {
+  if (is_model_directory(job.target)) return run_decoder_transport(job, log, context);
+  if (job.num_samples > 0) throw InputError("--num-samples chooses the shots of a decoder; a classifier takes --shots-per-class");
   TransportInputs in;
   std::unique_ptr<Classifier> model;
   context.agree([&] {
@@ -471,7 +474,7 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
   Vectors transported;
   std::vector<TransportRow> rows;
   context.agree([&] { rows = transport_core(in, job, context, &transported); });
-  if (context.is_root()) print_rows(rows, log);
+  if (context.is_root()) print_transport_rows(rows, log);
   if (!job.out.empty()) {
     publish_from_root(context, [&] {
       set_parameter_values(*model, transported);
@@ -484,7 +487,7 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
       if (!context.is_root()) return;
       write_text_file_atomically(job.results, nlohmann::json{{"shots_per_class", job.shots_per_class}, {"seed", job.seed},
                                                         {"sign_mode", sign_mode_name(job.sign_mode)}, {"mask_mode", mask_mode_name(job.mask_mode)},
-                                                        {"rows", rows_json(rows)}}.dump(2) + "\n");
+                                                        {"rows", transport_rows_json(rows)}}.dump(2) + "\n");
     });
     if (context.is_root()) log << "transport: results written to " << job.results << "\n";
   }

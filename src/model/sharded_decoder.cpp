@@ -162,8 +162,18 @@ void add_captures(const std::vector<Capture>& captures, const std::map<std::stri
 ShardedWeights::ShardedWeights(const DecoderConfig& config, const JobContext& context)
     : context_(context), layout_(decoder_layout(config)), plan_(layout_, context.size()) {
   for (std::size_t i = 0; i < layout_.size(); ++i) index_[layout_[i].name] = i;
-  const auto reader = open_reader(config.directory);
-  for (const auto& piece : plan_.pieces(context.rank())) mine_.push_back(reader->read_f32(layout_[piece.tensor].name, piece.begin, piece.count));
+  mine_ = read_pieces(*open_reader(config.directory), layout_, plan_, context.rank());
+}
+
+std::vector<std::vector<float>> read_pieces(const TensorReader& reader, const std::vector<TensorInfo>& layout, const ShardPlan& plan,
+                                            int rank) {
+  std::vector<std::vector<float>> pieces;
+  for (const auto& piece : plan.pieces(rank)) {
+    const std::string& name = layout[piece.tensor].name;
+    if (reader.find(name) == nullptr) pieces.emplace_back(static_cast<std::size_t>(piece.count), 0.0f);
+    else pieces.push_back(reader.read_f32(name, piece.begin, piece.count));
+  }
+  return pieces;
 }
 
 Parameters ShardedWeights::gather(const std::vector<std::string>& names, const torch::Device& device) const {
@@ -183,7 +193,7 @@ Parameters ShardedWeights::gather(const std::vector<std::string>& names, const t
   std::set<std::size_t> whole_here;
   for (std::size_t k = 0; k < my_pieces.size(); ++k) {
     const std::size_t tensor = my_pieces[k].tensor;
-    if (wanted.count(tensor) && my_pieces[k].begin == 0 && my_pieces[k].count == layout_[tensor].numel()) {
+    if (offset_ == nullptr && wanted.count(tensor) && my_pieces[k].begin == 0 && my_pieces[k].count == layout_[tensor].numel()) {
       full[tensor] = torch::from_blob(const_cast<float*>(mine_[k].data()), shape_of(layout_[tensor]), torch::kFloat32);
       whole_here.insert(tensor);
     }
@@ -203,9 +213,17 @@ Parameters ShardedWeights::gather(const std::vector<std::string>& names, const t
     auto destination = [&](const Piece& piece) { return full[piece.tensor].data_ptr<float>() + piece.begin; };
     if (r == context_.rank()) {
       // Own pieces go straight into the tensors, and are sent from there.
-      for (std::size_t k = 0; k < my_pieces.size(); ++k)
-        if (wanted.count(my_pieces[k].tensor) && !whole_here.count(my_pieces[k].tensor))
-          std::memcpy(destination(my_pieces[k]), mine_[k].data(), mine_[k].size() * sizeof(float));
+      for (std::size_t k = 0; k < my_pieces.size(); ++k) {
+        if (!wanted.count(my_pieces[k].tensor) || whole_here.count(my_pieces[k].tensor)) continue;
+        float* out = destination(my_pieces[k]);
+        if (offset_ == nullptr) {
+          std::memcpy(out, mine_[k].data(), mine_[k].size() * sizeof(float));
+        } else {
+          const std::vector<float>& base = mine_[k];
+          const std::vector<float>& delta = (*offset_)[k];
+          for (std::size_t i = 0; i < base.size(); ++i) out[i] = base[i] + alpha_ * delta[i];
+        }
+      }
     }
     if (context_.size() == 1) continue;
     if (theirs.size() == 1) {
@@ -407,7 +425,7 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
 }
 
 ShardedEvaluation sharded_decoder_evaluation(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
-                                             const JobContext& context, const torch::Device& device) {
+                                             const JobContext& context, const torch::Device& device, bool refuse_nonfinite) {
   torch::NoGradGuard no_gradients;
   const std::vector<Group> groups = my_groups(data, kSamplesPerGroup, context, device);
   const std::vector<torch::Tensor> hidden = forward_groups(decoder, weights, groups, device, false)[0];
@@ -420,7 +438,7 @@ ShardedEvaluation sharded_decoder_evaluation(const Decoder& decoder, const Shard
       const torch::Tensor losses = per_sample_losses(logits, groups[g].batch.labels).to(torch::kCPU, torch::kFloat64);
       for (std::size_t i = 0; i < groups[g].samples.size(); ++i) {
         const double loss = losses[static_cast<int64_t>(i)].item<double>();
-        if (!std::isfinite(loss))
+        if (refuse_nonfinite && !std::isfinite(loss))
           throw InputError(data.source + ": sample " + std::to_string(groups[g].samples[i]) + " has a loss of " + std::to_string(loss) +
                            ": check the model's weights");
         result.losses[static_cast<std::size_t>(groups[g].samples[i])] = loss;

@@ -29,8 +29,19 @@ class ShardedWeights {
   ShardedWeights(const DecoderConfig& config, const JobContext& context);
   const std::vector<TensorInfo>& layout() const { return layout_; }
   const ShardPlan& plan() const { return plan_; }
+  // This rank's pieces of the weights, in plan order.
+  const std::vector<std::vector<float>>& pieces() const { return mine_; }
   // Whole tensors of `names` as float32 on `device`. Collective: every rank passes the same names.
   Parameters gather(const std::vector<std::string>& names, const torch::Device& device) const;
+  // From now on gather() returns weights + alpha * offset, elementwise in float32 as `apply`
+  // computes it; `offset` holds pieces in plan order and must outlive its use; nullptr returns to
+  // the weights themselves. This is how transport evaluates B + alpha * masked tau for every
+  // alpha of the grid without a second copy of B. The owner of a piece adds, so the gathered
+  // values do not depend on P.
+  void set_offset(const std::vector<std::vector<float>>* offset, float alpha) {
+    offset_ = offset;
+    alpha_ = alpha;
+  }
 
  private:
   const JobContext& context_;
@@ -38,7 +49,14 @@ class ShardedWeights {
   std::map<std::string, std::size_t> index_;
   ShardPlan plan_;
   std::vector<std::vector<float>> mine_;  // values of this rank's pieces, in plan order
+  const std::vector<std::vector<float>>* offset_ = nullptr;
+  float alpha_ = 0.0f;
 };
+
+// This rank's pieces of the tensors of `layout` as stored in `reader`, in plan order, as
+// float32; a tensor the reader does not hold reads as zeros (a task vector of part of a model).
+std::vector<std::vector<float>> read_pieces(const TensorReader& reader, const std::vector<TensorInfo>& layout, const ShardPlan& plan,
+                                            int rank);
 
 struct DecoderSignsOptions {
   SignMode sign_mode = SignMode::kMax;
@@ -60,8 +78,10 @@ struct ShardedEvaluation {
   long long hits = 0;
   long long targets = 0;
 };
+// With `refuse_nonfinite` false a non-finite loss is reported as it is (a transport's alpha that
+// overshoots) instead of refused as broken weights.
 ShardedEvaluation sharded_decoder_evaluation(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
-                                             const JobContext& context, const torch::Device& device);
+                                             const JobContext& context, const torch::Device& device, bool refuse_nonfinite = true);
 
 // The few-shot pass over `data` (every sample of it is a shot). Collective.
 ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,

@@ -168,50 +168,6 @@ std::unique_ptr<TensorWriter> open_output(const Ranks& ranks, const std::string&
   return open_collective_writer(ranks.context(), path, layout, metadata, output.max_shard_bytes);
 }
 
-// The non-tensor files of a Hugging Face model directory (config.json, generation_config.json,
-// tokenizer files, the chat template) travel with its tensors: when the primary input is such a
-// directory and the output is a directory, rank 0 copies them beside the published shards, so
-// the output loads with from_pretrained like the input. With --out-dtype, config.json's
-// torch_dtype (and dtype) follow. Only regular files directly in the directory are copied, never
-// symbolic links (they could point anywhere), and none larger than 256 MiB.
-void carry_model_files(const Ranks& ranks, const std::string& input, const std::string& output, const OutputOptions& options) {
-  if (!is_directory(input) || format_of_path(output) != StoreFormat::kShardedSafetensors) return;
-  const std::string directory = sharded_checkpoint_directory(output);
-  ranks.agree([&] {
-    if (!ranks.is_root()) return;
-    DIR* listing = ::opendir(input.c_str());
-    if (listing == nullptr) throw InputError(input + ": cannot list the model directory: " + std::strerror(errno));
-    std::vector<std::string> names;
-    while (const dirent* entry = ::readdir(listing)) names.emplace_back(entry->d_name);
-    ::closedir(listing);
-    std::sort(names.begin(), names.end());
-    for (const auto& name : names) {
-      const bool tensors = name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0;
-      if (name.empty() || name[0] == '.' || tensors || name == kSafetensorsIndexName) continue;
-      const std::string from = input + "/" + name;
-      struct stat status {};
-      if (::lstat(from.c_str(), &status) != 0 || !S_ISREG(status.st_mode)) continue;
-      if (status.st_size > (256LL << 20))
-        throw InputError(from + ": " + std::to_string(status.st_size) + " bytes; model files beside the tensors are refused above 256 MiB");
-      std::ifstream file(from, std::ios::binary);
-      std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-      if (!file.good() && !file.eof()) throw RuntimeFailure(from + ": read failed");
-      if (name == "config.json" && options.out_dtype) {
-        static const std::map<DType, const char*> kTorchNames = {
-            {DType::kF32, "float32"}, {DType::kF16, "float16"}, {DType::kBF16, "bfloat16"}, {DType::kF64, "float64"}};
-        const auto torch_name = kTorchNames.find(*options.out_dtype);
-        auto config = nlohmann::json::parse(text, nullptr, false);
-        if (torch_name != kTorchNames.end() && config.is_object()) {
-          for (const char* key : {"torch_dtype", "dtype"})
-            if (config.contains(key)) config[key] = torch_name->second;
-          if (!config.contains("torch_dtype") && !config.contains("dtype")) config["torch_dtype"] = torch_name->second;
-          text = config.dump(2) + "\n";
-        }
-      }
-      write_text_file_atomically(directory + "/" + name, text);
-    }
-  });
-}
 
 // Results that are not finite although every input was (an alpha of 1e300, a sum of two values
 // near the float range, values past the range of an F16 or BF16 output): counted per tensor as
@@ -365,6 +321,45 @@ double gaussian_at(std::uint64_t seed, std::uint64_t key, long long index) {
 
 }  // namespace
 
+void carry_model_files(const JobContext& context, const std::string& input, const std::string& output, const OutputOptions& options) {
+  if (!is_directory(input) || format_of_path(output) != StoreFormat::kShardedSafetensors) return;
+  const std::string directory = sharded_checkpoint_directory(output);
+  context.agree([&] {
+    if (!context.is_root()) return;
+    DIR* listing = ::opendir(input.c_str());
+    if (listing == nullptr) throw InputError(input + ": cannot list the model directory: " + std::strerror(errno));
+    std::vector<std::string> names;
+    while (const dirent* entry = ::readdir(listing)) names.emplace_back(entry->d_name);
+    ::closedir(listing);
+    std::sort(names.begin(), names.end());
+    for (const auto& name : names) {
+      const bool tensors = name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0;
+      if (name.empty() || name[0] == '.' || tensors || name == kSafetensorsIndexName) continue;
+      const std::string from = input + "/" + name;
+      struct stat status {};
+      if (::lstat(from.c_str(), &status) != 0 || !S_ISREG(status.st_mode)) continue;
+      if (status.st_size > (256LL << 20))
+        throw InputError(from + ": " + std::to_string(status.st_size) + " bytes; model files beside the tensors are refused above 256 MiB");
+      std::ifstream file(from, std::ios::binary);
+      std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+      if (!file.good() && !file.eof()) throw RuntimeFailure(from + ": read failed");
+      if (name == "config.json" && options.out_dtype) {
+        static const std::map<DType, const char*> kTorchNames = {
+            {DType::kF32, "float32"}, {DType::kF16, "float16"}, {DType::kBF16, "bfloat16"}, {DType::kF64, "float64"}};
+        const auto torch_name = kTorchNames.find(*options.out_dtype);
+        auto config = nlohmann::json::parse(text, nullptr, false);
+        if (torch_name != kTorchNames.end() && config.is_object()) {
+          for (const char* key : {"torch_dtype", "dtype"})
+            if (config.contains(key)) config[key] = torch_name->second;
+          if (!config.contains("torch_dtype") && !config.contains("dtype")) config["torch_dtype"] = torch_name->second;
+          text = config.dump(2) + "\n";
+        }
+      }
+      write_text_file_atomically(directory + "/" + name, text);
+    }
+  });
+}
+
 
 JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
@@ -395,7 +390,7 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks, job.base, job.out, job.output);
+  carry_model_files(ranks.context(), job.base, job.out, job.output);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
   summary.tensors_written = summary.tensors_changed = static_cast<long long>(names.size());
@@ -446,7 +441,7 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks, job.base, job.out, job.output);
+  carry_model_files(ranks.context(), job.base, job.out, job.output);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
   summary.tensors_written = static_cast<long long>(layout.size());
@@ -509,7 +504,7 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks, job.task_vector, job.out, job.output);
+  carry_model_files(ranks.context(), job.task_vector, job.out, job.output);
   ranks.reduce_summary(summary.stats);
   ranks.reduce_summary(kept);
   summary.elements = summary.stats.count;
@@ -645,7 +640,7 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks, job.task_vectors.front(), job.out, job.output);
+  carry_model_files(ranks.context(), job.task_vectors.front(), job.out, job.output);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
   summary.tensors_written = summary.tensors_changed = static_cast<long long>(names.size());
@@ -674,7 +669,7 @@ JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContex
   JobSummary summary;
   for (const auto& chunk : my_chunks(ranks, plan, layout)) copy_chunk(*in, layout[chunk.tensor], chunk, *writer, job.output.allow_nonfinite);
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks, job.in, job.out, job.output);
+  carry_model_files(ranks.context(), job.in, job.out, job.output);
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.bytes_written = layout_bytes(layout);
   for (const auto& tensor : layout) summary.elements += tensor.numel();
@@ -753,7 +748,7 @@ JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobCont
     writer->write_f32(tensor.name, chunk.begin, values.data(), chunk.count);
   }
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks, job.like, job.out, job.output);
+  carry_model_files(ranks.context(), job.like, job.out, job.output);
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.bytes_written = layout_bytes(layout);
   for (const auto& tensor : layout) summary.elements += tensor.numel();

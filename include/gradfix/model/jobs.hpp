@@ -102,6 +102,7 @@ struct TransportJob {
   DataOptions test;               // test set, read only for the final evaluation
   ShotSelection selection;        // overrides shots_per_class when an indices file or batches are given
   long long shots_per_class = 5;
+  long long num_samples = 0;      // decoders: the shots are the first N of a seeded shuffle
   long long support_size = 1000;
   std::uint64_t seed = 0;
   SignMode sign_mode = SignMode::kMax;
@@ -109,7 +110,7 @@ struct TransportJob {
   MaskOptions mask;
   std::vector<double> alphas;     // default 0.1 ... 1.0
   bool few_shot_baseline = true;
-  std::string out;                // transported model (safetensors)
+  std::string out;                // transported model (safetensors; a model directory for decoders)
   std::string results;            // results.json
 };
 

@@ -1,0 +1,17 @@
+#pragma once
+// Internal to the LibTorch part: the transport table, printed and as JSON, shared by the
+// classifiers' and the decoders' transport.
+
+#include <nlohmann/json.hpp>
+#include <ostream>
+#include <vector>
+
+#include "gradfix/model/jobs.hpp"
+
+namespace gradfix {
+
+// `metric` heads the accuracy column ("test acc", "test tok acc").
+void print_transport_rows(const std::vector<TransportRow>& rows, std::ostream& log, const char* metric = "test acc");
+nlohmann::json transport_rows_json(const std::vector<TransportRow>& rows);
+
+}  // namespace gradfix

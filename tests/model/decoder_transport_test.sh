@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# gradfix transport on a Hugging Face decoder directory, parameters sharded over 1-4 ranks:
+# the transported directory and the results are byte-identical at every rank count, the written
+# model is exactly what signs -> mask -> apply at the chosen alpha writes, the zero-shot and
+# upper-bound rows are what eval measures, and bad inputs are refused with exit 2 and nothing
+# published.
+#   decoder_transport_test.sh GRADFIX_BINARY
+set -euo pipefail
+gradfix=$1
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+source "$repo/tests/mpi/common.sh"
+model=$repo/tests/fixtures/decoders/llama/model
+work=$(mktemp -d /tmp/gradfix-decoder-transport-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+# Token data for a small task (each sequence counts upwards mod 96 from a random start, loss on
+# every next token), written as safetensors with Python's standard library.
+python3 - <<'PY'
+import json, random, struct
+def write(path, samples, length, seed):
+    rng = random.Random(seed)
+    ids, labels = [], []
+    for _ in range(samples):
+        start = rng.randrange(96)
+        row = [(start + k) % 96 for k in range(length)]
+        ids += row
+        labels += [-100] + row[1:]
+    size = 8 * samples * length
+    header = {"input_ids": {"dtype": "I64", "shape": [samples, length], "data_offsets": [0, size]},
+              "labels": {"dtype": "I64", "shape": [samples, length], "data_offsets": [size, 2 * size]}}
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text + struct.pack("<%dq" % len(ids), *ids) + struct.pack("<%dq" % len(labels), *labels))
+write("pool.safetensors", 24, 8, 1)
+write("test.safetensors", 8, 8, 2)
+PY
+"$gradfix" convert pool.safetensors pool.h5 >/dev/null
+# A source task vector and B's own fine-tune: noisy copies of B stand in for real fine-tunes here
+# (the mechanics are under test, not the method's benefit).
+"$gradfix" generate --like "$model" --like-scale 1 --noise 0.01 --seed 5 --out A_ft >/dev/null
+"$gradfix" taskvector --base "$model" --finetuned A_ft --out tau.safetensors >/dev/null
+"$gradfix" generate --like "$model" --like-scale 1 --noise 0.01 --seed 6 --out B_ft >/dev/null
+
+transport=(transport --target "$model" --task-vector tau.safetensors --target-finetuned B_ft --data pool.h5
+           --test-data test.safetensors --num-samples 4 --seed 3 --support-size 8 --alphas 0.5,1,2)
+"$gradfix" "${transport[@]}" --out T1 --results R1.json >transport.log
+check "transport prints every row" bash -c "grep -q 'B zero-shot' transport.log && grep -q 'naive' transport.log &&
+  grep -q 'GradFix (max, normal)' transport.log && grep -q 'oracle mask' transport.log && grep -q 'upper bound' transport.log"
+check "transport says the parameters are sharded" grep -q "parameters sharded over 1 rank(s)" transport.log
+check "the transported directory carries config.json" cmp -s "$model/config.json" T1/config.json
+for ranks in 2 3 4; do
+  mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" "${transport[@]}" --out "T$ranks" --results "R$ranks.json" >/dev/null
+  check "transported directory byte-identical at 1 and $ranks ranks" diff -r T1 "T$ranks"
+  check "results byte-identical at 1 and $ranks ranks" cmp -s R1.json "R$ranks.json"
+done
+
+# The same steps one by one: signs on the same shots, mask, apply at the alpha transport chose.
+alpha=$(python3 -c "import json; print([r for r in json.load(open('R1.json'))['rows'] if r['method'].startswith('GradFix')][0]['alpha'])")
+"$gradfix" signs --weights "$model" --data pool.h5 --num-samples 4 --seed 3 --out votes.safetensors >/dev/null
+"$gradfix" mask --task-vector tau.safetensors --signs votes.safetensors --out masked.safetensors >/dev/null
+"$gradfix" apply --base "$model" --task-vector masked.safetensors --alpha "$alpha" --out steps >/dev/null
+same_tensors() {  # same_tensors DIR_A DIR_B: every tensor's bytes equal (metadata may differ)
+  python3 - "$1" "$2" <<'PY'
+import json, os, struct, sys
+def tensors(directory):
+    index = json.load(open(os.path.join(directory, "model.safetensors.index.json")))["weight_map"]
+    out = {}
+    for shard in sorted(set(index.values())):
+        raw = open(os.path.join(directory, shard), "rb").read()
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            out[name] = (entry["dtype"], entry["shape"], raw[8 + n + begin:8 + n + end])
+    return out
+a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
+sys.exit(0 if a == b and len(a) > 0 else 1)
+PY
+}
+check "transport writes exactly signs -> mask -> apply at the chosen alpha ($alpha)" same_tensors T1 steps
+check "the GradFix model differs from B" bash -c "$(declare -f same_tensors); ! same_tensors T1 '$model'"
+"$gradfix" eval --weights "$model" --data test.safetensors --results zero.json >/dev/null
+"$gradfix" eval --weights B_ft --data test.safetensors --results upper.json >/dev/null
+check "the zero-shot row is eval of B on the test set" python3 -c "
+import json
+rows = {r['method']: r for r in json.load(open('R1.json'))['rows']}
+zero, upper = json.load(open('zero.json')), json.load(open('upper.json'))
+assert rows['B zero-shot']['test_loss'] == zero['mean_loss'] and rows['B zero-shot']['test_accuracy'] == zero['token_accuracy'], rows
+assert rows['B fine-tuned (upper bound)']['test_loss'] == upper['mean_loss'], rows
+assert rows['B + alpha tau_A (naive)']['kept'] == 1.0 and rows['oracle mask sign(tau_B)']['sign_agreement_with_tau_b'] == 1.0"
+# Mean-mode statistics and a soft mask run the same way at 1 and 2 ranks.
+"$gradfix" "${transport[@]}" --sign-mode mean --mask-mode soft3 --results M1.json >/dev/null
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" "${transport[@]}" --sign-mode mean --mask-mode soft3 --results M2.json >/dev/null
+check "mean / soft3 results equal at 1 and 2 ranks" cmp -s M1.json M2.json
+check "mean / soft3 names its row" grep -q '"GradFix (mean, soft3)"' M1.json
+# --source-base / --source-finetuned instead of a task vector: the same rows.
+"$gradfix" transport --target "$model" --source-base "$model" --source-finetuned A_ft --data pool.h5 --test-data test.safetensors \
+  --num-samples 4 --seed 3 --support-size 8 --alphas 0.5,1,2 --results S1.json >/dev/null
+check "source pair gives the naive and GradFix rows of the task vector" python3 -c "
+import json
+a = [r for r in json.load(open('R1.json'))['rows'] if not r['method'].startswith(('oracle', 'B fine'))]
+b = json.load(open('S1.json'))['rows']
+for r in a: r['sign_agreement_with_tau_b'] = -1
+assert a == b, (a, b)"
+
+# Bad inputs: exit 2, what is wrong named, nothing published.
+expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
+  local description=$1 pattern=$2
+  shift 2
+  set +e
+  "$gradfix" "$@" >out.txt 2>&1
+  local code=$?
+  set -e
+  check "$description: exit 2 (got $code)" test "$code" -eq 2
+  check "$description: message" grep -q -- "$pattern" out.txt
+  check "$description: nothing published" test ! -e bad -a ! -e bad.json
+}
+base=(transport --target "$model" --data pool.h5 --test-data test.safetensors --support-size 8 --alphas 0.5,1 --out bad --results bad.json)
+expect_bad "no shots chosen" "takes its shots with --num-samples" "${base[@]}" --task-vector tau.safetensors
+expect_bad "every sample a shot" "no samples are left\|--num-samples 24 but the pool holds 24" "${base[@]}" --task-vector tau.safetensors --num-samples 24
+"$gradfix" convert tau.safetensors tau_small.safetensors --include 'layers\.0\.' >/dev/null
+"$gradfix" transport --target "$model" --task-vector tau_small.safetensors --data pool.h5 --test-data test.safetensors --num-samples 4 \
+  --support-size 8 --alphas 0.5,1 --results part.json >/dev/null
+check "a task vector of part of the model is taken (the rest is zero)" test -s part.json
+"$gradfix" init --arch llama --config-file "$repo/configs/tiny-llama.json" --out other >/dev/null
+expect_bad "a task vector of another model" "other/model.safetensors.index.json does not match .*'model.embed_tokens.weight' is \[256, 64\], the config needs \[96, 32\]" \
+  "${base[@]}" --num-samples 4 --task-vector other
+expect_bad "a task vector with tensors the model lacks" "the config does not have: 'input_ids'" "${base[@]}" --num-samples 4 --task-vector pool.safetensors
+expect_bad "no test data" "--test-data is required" transport --target "$model" --data pool.h5 --num-samples 4 --task-vector tau.safetensors \
+  --out bad --results bad.json
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" "${base[@]}" --num-samples 4 --task-vector tau.safetensors --target-finetuned tau_small.safetensors \
+  >out.txt 2>&1 && code=0 || code=$?
+check "an incomplete B_ft at 2 ranks: exit 2 (got $code)" test "$code" -eq 2
+check "an incomplete B_ft: the missing tensors named" grep -q "tau_small.safetensors does not match .* tensor(s) missing" out.txt
+check "an incomplete B_ft: nothing published" test ! -e bad -a ! -e bad.json
+finish
