@@ -93,14 +93,6 @@ void read_rope(const Json& rope, const std::string& path, const std::string& key
   }
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) throw InputError(path + ": cannot open (a Hugging Face model directory holds config.json)");
-  std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  if (text.size() > (16u << 20)) throw InputError(path + ": " + std::to_string(text.size()) + " bytes is too large for a config");
-  return text;
-}
-
 torch::Tensor rms_norm(const Parameters& p, const std::string& weight_name, const torch::Tensor& x, double eps,
                        GradientRecorder* recorder) {
   const torch::Tensor wide = x.to(torch::kFloat32);
@@ -138,12 +130,11 @@ bool is_model_directory(const std::string& path) {
 
 DecoderConfig read_decoder_config(const std::string& directory) {
   const std::string path = directory + "/config.json";
-  DecoderConfig out = parse_decoder_config(read_text(path), path);
+  DecoderConfig out = parse_decoder_config(read_config_text(path), path);
   out.directory = directory;
   return out;
 }
 
-std::string read_config_text(const std::string& path) { return read_text(path); }
 
 DecoderConfig parse_decoder_config(const std::string& text, const std::string& path) {
   Json config;
@@ -307,8 +298,10 @@ void check_against_decoder(const TensorReader& reader, const DecoderConfig& conf
   if (!extra.empty()) message += std::string(message.empty() ? "" : "; ") + std::to_string(extra.size()) + " tensor(s) the config does not have: " + format_name_list(extra);
   if (!shapes.empty()) message += std::string(message.empty() ? "" : "; ") + shapes;
   if (message.empty()) return;
-  const std::string against = reader.path() == config.directory ? "its config.json" : config.directory + "/config.json";
-  throw InputError(reader.path() + " does not match " + against + " (" + config.model_type + "): " + message);
+  // The model's own checkpoint is named by its directory; anything else by its path.
+  const bool own = reader.path() == config.directory || reader.path().rfind(config.directory + "/", 0) == 0;
+  throw InputError((own ? config.directory + " does not match its config.json" : reader.path() + " does not match " + config.directory + "/config.json") +
+                   " (" + config.model_type + "): " + message);
 }
 
 void check_decoder_checkpoint(const DecoderConfig& config) { check_against_decoder(*open_reader(config.directory), config, false); }
@@ -325,6 +318,15 @@ Parameters read_decoder_parameters(const DecoderConfig& config, const std::vecto
     parameters[name] = torch::from_blob(const_cast<float*>(values.data()), shape, torch::kFloat32).to(device, dtype, false, true);
   }
   return parameters;
+}
+
+SampleSource token_samples(const TokenData& data) {
+  // The source holds a pointer to `data`, which outlives every use in a job.
+  const TokenData* held = &data;
+  return {data.samples, data.source, [held](const std::vector<long long>& indices, const torch::Device& device) {
+            const TokenBatch batch = token_batch(held->subset(indices), device);
+            return Batch{batch.input_ids, batch.labels, batch.attention_mask};
+          }};
 }
 
 TokenBatch token_batch(const TokenData& data, const torch::Device& device) {
@@ -377,7 +379,7 @@ torch::Tensor Decoder::embed(const Parameters& parameters, const torch::Tensor& 
   return out;
 }
 
-torch::Tensor Decoder::layer(long long index, const Parameters& p, const torch::Tensor& hidden, const torch::Tensor& attention_mask,
+torch::Tensor Decoder::block(long long index, const Parameters& p, const torch::Tensor& hidden, const torch::Tensor& attention_mask,
                              GradientRecorder* recorder) const {
   const DecoderConfig& c = config_;
   const long long n = hidden.size(0), t = hidden.size(1);
@@ -424,11 +426,23 @@ torch::Tensor Decoder::head(const Parameters& p, const torch::Tensor& hidden, Gr
   return logits;
 }
 
+std::vector<TensorInfo> Decoder::layout() const { return decoder_layout(config_); }
+std::vector<std::string> Decoder::layer_names(long long layer) const { return layer_parameter_names(config_, layer); }
+torch::Tensor Decoder::losses(const torch::Tensor& logits, const Batch& batch) const { return per_sample_losses(logits, batch.labels); }
+std::pair<long long, long long> Decoder::hits(const torch::Tensor& logits, const Batch& batch) const { return token_hits(logits, batch.labels); }
+
+namespace {
+// llama, mistral and qwen2 share these blocks; the config says which options each uses.
+const ArchitectureRegistration kLlamaFamily({"llama", "mistral", "qwen2"}, [](const std::string& directory) {
+  return std::unique_ptr<LayeredModel>(new Decoder(read_decoder_config(directory)));
+});
+}  // namespace
+
 std::string Decoder::head_name() const { return config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight"; }
 
 torch::Tensor Decoder::forward(const Parameters& parameters, const TokenBatch& batch) const {
   torch::Tensor hidden = embed(parameters, batch.input_ids);
-  for (long long i = 0; i < config_.layers; ++i) hidden = layer(i, parameters, hidden, batch.attention_mask);
+  for (long long i = 0; i < config_.layers; ++i) hidden = block(i, parameters, hidden, batch.attention_mask);
   return head(parameters, hidden);
 }
 

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "architecture.hpp"
 #include "gradfix/data/tokens.hpp"
 #include "gradfix/io/tensor_store.hpp"
 
@@ -53,39 +54,12 @@ bool is_model_directory(const std::string& path);
 DecoderConfig read_decoder_config(const std::string& directory);
 // The same from the text of a config.json (`path` names it in messages); directory left empty.
 DecoderConfig parse_decoder_config(const std::string& text, const std::string& path);
-// A config file's text, refusing files over 16 MiB.
-std::string read_config_text(const std::string& path);
 
 // The tensors a checkpoint of this config holds: names and shapes (dtype F32).
 std::vector<TensorInfo> decoder_layout(const DecoderConfig& config);
 
 // The names of layer i's tensors, in layout order.
 std::vector<std::string> layer_parameter_names(const DecoderConfig& config, long long layer);
-
-using Parameters = std::map<std::string, torch::Tensor>;
-
-// What per-sample gradients need from one recomputation with autograd: for each use of a
-// parameter, the input it multiplied and the output whose gradient backward() leaves behind.
-// A Linear weight's per-sample gradient is then G_n^T X_n over that sample's tokens, a bias's the
-// sum of G_n, a norm scale's the sum of G_n * normed x_n, an embedding's the rows of G_n added at
-// the sample's token ids: one batched product instead of one backward pass per sample.
-struct Capture {
-  enum class Kind { kLinearWeight, kBias, kScale, kEmbedding };
-  std::string parameter;
-  Kind kind = Kind::kLinearWeight;
-  torch::Tensor input;   // X [n, T, in]; normed x [n, T, H]; token ids [n, T]
-  torch::Tensor output;  // [n, T, out]: its grad() is G after backward()
-};
-
-class GradientRecorder {
- public:
-  void add(Capture capture) { captures_.push_back(std::move(capture)); }
-  const std::vector<Capture>& captures() const { return captures_; }
-  void clear() { captures_.clear(); }
-
- private:
-  std::vector<Capture> captures_;
-};
 
 // Reads the tensors of `names` from the model directory as `dtype` on `device`, checking every
 // tensor of the layout against the checkpoint first: all missing, extra and misshapen tensors are
@@ -106,18 +80,40 @@ struct TokenBatch {
   torch::Tensor attention_mask;
 };
 TokenBatch token_batch(const TokenData& data, const torch::Device& device);
+// Token data as the sharded executor reads it (inputs = input_ids, mask = attention_mask).
+SampleSource token_samples(const TokenData& data);
 
-class Decoder {
+class Decoder final : public LayeredModel {
  public:
   explicit Decoder(DecoderConfig config);
   const DecoderConfig& config() const { return config_; }
+
+  // The executor's view (architecture.hpp): the embedding, the decoder layers, norm and head.
+  std::vector<TensorInfo> layout() const override;
+  std::string directory() const override { return config_.directory; }
+  long long layers() const override { return config_.layers; }
+  std::vector<std::string> input_names() const override { return {"model.embed_tokens.weight"}; }
+  std::vector<std::string> layer_names(long long layer) const override;
+  std::vector<std::string> output_names() const override { return {"model.norm.weight", head_name()}; }
+  torch::Tensor input(const Parameters& parameters, const Batch& batch, GradientRecorder* recorder = nullptr) const override {
+    return embed(parameters, batch.inputs, recorder);
+  }
+  torch::Tensor layer(long long index, const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch,
+                      GradientRecorder* recorder = nullptr) const override {
+    return block(index, parameters, hidden, batch.mask, recorder);
+  }
+  torch::Tensor output(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const override {
+    return head(parameters, hidden, recorder);
+  }
+  torch::Tensor losses(const torch::Tensor& logits, const Batch& batch) const override;
+  std::pair<long long, long long> hits(const torch::Tensor& logits, const Batch& batch) const override;
 
   // [N, T] token ids -> [N, T, H] hidden states. With a recorder the output is a leaf that
   // requires grad, recorded for the embedding's per-sample gradients.
   torch::Tensor embed(const Parameters& parameters, const torch::Tensor& input_ids, GradientRecorder* recorder = nullptr) const;
   // One decoder layer on [N, T, H]; `attention_mask` [N, T] marks real tokens (right padding).
   // With a recorder (and `hidden` requiring grad) every parameter use is recorded.
-  torch::Tensor layer(long long index, const Parameters& parameters, const torch::Tensor& hidden,
+  torch::Tensor block(long long index, const Parameters& parameters, const torch::Tensor& hidden,
                       const torch::Tensor& attention_mask, GradientRecorder* recorder = nullptr) const;
   // Final norm and the language-model head: [N, T, H] -> [N, T, V] logits.
   torch::Tensor head(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const;

@@ -11,7 +11,7 @@
 #include "decoder.hpp"
 #include "gradfix/data/dataset.hpp"
 #include "gradfix/dist/collective_output.hpp"
-#include "sharded_decoder.hpp"
+#include "sharded_executor.hpp"
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
@@ -56,7 +56,7 @@ struct Score {
 // reported, not refused: an alpha that overshoots is a grid point to pass over.
 Score score(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data, const JobContext& context,
             const torch::Device& device) {
-  const ShardedEvaluation evaluation = sharded_decoder_evaluation(decoder, weights, data, context, device, false);
+  const ShardedEvaluation evaluation = sharded_evaluation(decoder, weights, token_samples(data), context, device, false);
   Score result;
   for (double loss : evaluation.losses) result.loss += loss;
   result.loss /= static_cast<double>(evaluation.losses.size());
@@ -166,9 +166,9 @@ void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& c
   context.agree([&] { load_decoder_inputs(job.model, job.weights, job.data, context, config, data, device); });
   // The parameters stay sharded: each rank reads its pieces, layers are gathered one at a time.
   std::unique_ptr<ShardedWeights> weights;
-  context.agree([&] { weights = std::make_unique<ShardedWeights>(config, context); });
+  context.agree([&] { weights = std::make_unique<ShardedWeights>(decoder_layout(config), config.directory, context); });
   const Decoder decoder(config);
-  const ShardedEvaluation evaluation = sharded_decoder_evaluation(decoder, *weights, data, context, device);
+  const ShardedEvaluation evaluation = sharded_evaluation(decoder, *weights, token_samples(data), context, device);
   const std::vector<double>& losses = evaluation.losses;
   double mean = 0.0;
   for (double loss : losses) mean += loss;
@@ -264,12 +264,12 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
     shots = data.subset(chosen);
   });
   std::unique_ptr<ShardedWeights> weights;
-  context.agree([&] { weights = std::make_unique<ShardedWeights>(config, context); });
+  context.agree([&] { weights = std::make_unique<ShardedWeights>(decoder_layout(config), config.directory, context); });
   const Decoder decoder(config);
-  DecoderSignsOptions options;
+  ShardedSignsOptions options;
   options.sign_mode = job.sign_mode;
   options.method = job.method;
-  const ShardedStatistics statistics = sharded_decoder_statistics(decoder, *weights, shots, options, context, device);
+  const ShardedStatistics statistics = sharded_statistics(decoder, *weights, token_samples(shots), options, context, device);
 
   // Vote counts in the narrowest integer type that holds them; mean-mode sums in fp32.
   const DType dtype = job.sign_mode == SignMode::kMax ? (shots.samples <= 127 ? DType::kI8 : shots.samples <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
@@ -319,7 +319,7 @@ std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::os
   std::unique_ptr<ShardedWeights> weights;
   Pieces tau, tau_b;
   context.agree([&] {
-    weights = std::make_unique<ShardedWeights>(config, context);
+    weights = std::make_unique<ShardedWeights>(decoder_layout(config), config.directory, context);
     const auto& layout = weights->layout();
     const auto& plan = weights->plan();
     if (!job.task_vector.empty())
@@ -347,12 +347,12 @@ std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::os
   const double naive_alpha = choose_alpha(decoder, *weights, tau, alphas, support, context, device);
   add_row("B + alpha tau_A (naive)", test_with(&tau, naive_alpha), naive_alpha, 1.0, -1);
 
-  DecoderSignsOptions options;
+  ShardedSignsOptions options;
   options.sign_mode = job.sign_mode;
   Pieces masked;
   double agreement = -1.0;
   {
-    const ShardedStatistics statistics = sharded_decoder_statistics(decoder, *weights, shots, options, context, device);
+    const ShardedStatistics statistics = sharded_statistics(decoder, *weights, token_samples(shots), options, context, device);
     masked = mask_pieces(weights->layout(), weights->plan(), context, job.mask_mode, job.mask, tau, statistics.pieces);
     if (!tau_b.empty()) agreement = pair_stats(statistics.pieces, tau_b, context).sign_agreement();
   }
@@ -368,10 +368,8 @@ std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::os
     const double oracle_alpha = choose_alpha(decoder, *weights, oracle, alphas, support, context, device);
     add_row("oracle mask sign(tau_B)", test_with(&oracle, oracle_alpha), oracle_alpha,
             static_cast<double>(oracle_kept.nonzero_a) / static_cast<double>(std::max(1LL, oracle_kept.nonzero_b)), 1.0);
-    DecoderConfig finetuned = config;
-    finetuned.directory = job.target_finetuned;
     std::unique_ptr<ShardedWeights> upper;
-    context.agree([&] { upper = std::make_unique<ShardedWeights>(finetuned, context); });
+    context.agree([&] { upper = std::make_unique<ShardedWeights>(decoder_layout(config), job.target_finetuned, context); });
     add_row("B fine-tuned (upper bound)", score(decoder, *upper, test, context, device), -1, -1, -1);
   }
   if (context.is_root()) {

@@ -17,7 +17,7 @@ void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& c
 // embeddings, ones for norms, zeros for biases), seeded per tensor.
 void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& context);
 
-// signs on token data with the parameters sharded across ranks (sharded_decoder.hpp): a
+// signs on token data with the parameters sharded across ranks (sharded_executor.hpp): a
 // statistics checkpoint under the model's tensor names, byte-identical (max) at any P.
 void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext& context);
 

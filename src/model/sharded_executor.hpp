@@ -1,10 +1,11 @@
 #pragma once
-// Internal to the LibTorch part: a decoder whose parameters are spread over the ranks, and the
-// few-shot gradient pass that runs on it layer by layer (the pattern of fully sharded data
-// parallelism). No rank holds the whole model: each keeps its pieces of the shard plan, gathers
-// one layer's tensors for one step, and drops them after.
+// Internal to the LibTorch part: the sharded layer executor. A model (architecture.hpp) whose
+// parameters are spread over the ranks, and the few-shot gradient pass and the evaluation that
+// run on it stage by stage (the pattern of fully sharded data parallelism). No rank holds the
+// whole model: each keeps its pieces of the shard plan, gathers one stage's tensors for one step,
+// and drops them after. Nothing here knows an architecture.
 //
-//   forward   for each layer: gather it, run this rank's samples, keep the boundary activation
+//   forward   for each stage: gather it, run this rank's samples, keep the boundary activation
 //   backward  for each layer, last first: gather it again, recompute it from its boundary with
 //             autograd, backpropagate, form per-sample gradients from the recorded inputs and
 //             output gradients (batched products), turn them into votes or sums
@@ -15,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "decoder.hpp"
+#include "architecture.hpp"
 #include "gradfix/dist/job_context.hpp"
 #include "gradfix/model/jobs.hpp"
 #include "gradfix/shard/plan.hpp"
@@ -24,9 +25,9 @@ namespace gradfix {
 
 class ShardedWeights {
  public:
-  // Reads this rank's pieces of every tensor of the config's layout (collective only in that
-  // every rank computes the same plan).
-  ShardedWeights(const DecoderConfig& config, const JobContext& context);
+  // Reads this rank's pieces of every tensor of `layout` from the checkpoint at `path`
+  // (collective only in that every rank computes the same plan).
+  ShardedWeights(std::vector<TensorInfo> layout, const std::string& path, const JobContext& context);
   const std::vector<TensorInfo>& layout() const { return layout_; }
   const ShardPlan& plan() const { return plan_; }
   // This rank's pieces of the weights, in plan order.
@@ -58,7 +59,7 @@ class ShardedWeights {
 std::vector<std::vector<float>> read_pieces(const TensorReader& reader, const std::vector<TensorInfo>& layout, const ShardPlan& plan,
                                             int rank);
 
-struct DecoderSignsOptions {
+struct ShardedSignsOptions {
   SignMode sign_mode = SignMode::kMax;
   VoteMethod method = VoteMethod::kFast;  // fast: batched per-sample products; loop: one backward per sample
   long long product_bytes = 64LL << 20;  // bound on one block of per-sample gradients
@@ -80,12 +81,11 @@ struct ShardedEvaluation {
 };
 // With `refuse_nonfinite` false a non-finite loss is reported as it is (a transport's alpha that
 // overshoots) instead of refused as broken weights.
-ShardedEvaluation sharded_decoder_evaluation(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
-                                             const JobContext& context, const torch::Device& device, bool refuse_nonfinite = true);
+ShardedEvaluation sharded_evaluation(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
+                                     const JobContext& context, const torch::Device& device, bool refuse_nonfinite = true);
 
 // The few-shot pass over `data` (every sample of it is a shot). Collective.
-ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
-                                             const DecoderSignsOptions& options, const JobContext& context,
-                                             const torch::Device& device);
+ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
+                                     const ShardedSignsOptions& options, const JobContext& context, const torch::Device& device);
 
 }  // namespace gradfix

@@ -1,4 +1,4 @@
-#include "sharded_decoder.hpp"
+#include "sharded_executor.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -60,17 +60,17 @@ class Accumulators {
 
 struct Group {
   std::vector<long long> samples;
-  TokenBatch batch;
+  Batch batch;
 };
 
 // This rank's groups: samples in fixed groups of `size`, the groups round-robin over the ranks.
-std::vector<Group> my_groups(const TokenData& data, long long size, const JobContext& context, const torch::Device& device) {
+std::vector<Group> my_groups(const SampleSource& data, long long size, const JobContext& context, const torch::Device& device) {
   std::vector<Group> groups;
   const long long total = (data.samples + size - 1) / size;
   for (long long g = context.rank(); g < total; g += context.size()) {
     Group group;
     for (long long n = g * size; n < std::min(data.samples, (g + 1) * size); ++n) group.samples.push_back(n);
-    group.batch = token_batch(data.subset(group.samples), device);
+    group.batch = data.batch(group.samples, device);
     groups.push_back(std::move(group));
   }
   return groups;
@@ -79,20 +79,20 @@ std::vector<Group> my_groups(const TokenData& data, long long size, const JobCon
 // The forward pass without gradients, one gathered layer at a time. Returns each layer's input
 // per group and, last, the final hidden states ([layers + 1][group]); with `keep_inputs` false
 // only the final hidden states are kept (entry 0).
-std::vector<std::vector<torch::Tensor>> forward_groups(const Decoder& decoder, const ShardedWeights& weights, const std::vector<Group>& groups,
+std::vector<std::vector<torch::Tensor>> forward_groups(const LayeredModel& model, const ShardedWeights& weights, const std::vector<Group>& groups,
                                                        const torch::Device& device, bool keep_inputs) {
-  const long long layers = decoder.config().layers;
+  const long long layers = model.layers();
   torch::NoGradGuard no_gradients;
   std::vector<std::vector<torch::Tensor>> boundary(static_cast<std::size_t>(keep_inputs ? layers + 1 : 1));
-  {  // the embedding is dropped before the layers are gathered
-    const Parameters embedding = weights.gather({"model.embed_tokens.weight"}, device);
-    for (const auto& group : groups) boundary[0].push_back(decoder.embed(embedding, group.batch.input_ids));
+  {  // the input stage's tensors are dropped before the layers are gathered
+    const Parameters input = weights.gather(model.input_names(), device);
+    for (const auto& group : groups) boundary[0].push_back(model.input(input, group.batch));
   }
   for (long long l = 0; l < layers; ++l) {
-    const Parameters layer = weights.gather(layer_parameter_names(decoder.config(), l), device);
+    const Parameters layer = weights.gather(model.layer_names(l), device);
     const std::size_t in = keep_inputs ? static_cast<std::size_t>(l) : 0, out = keep_inputs ? in + 1 : 0;
     for (std::size_t g = 0; g < groups.size(); ++g) {
-      torch::Tensor next = decoder.layer(l, layer, boundary[in][g], groups[g].batch.attention_mask);
+      torch::Tensor next = model.layer(l, layer, boundary[in][g], groups[g].batch);
       if (keep_inputs) boundary[out].push_back(std::move(next));
       else boundary[0][g] = std::move(next);
     }
@@ -159,10 +159,10 @@ void add_captures(const std::vector<Capture>& captures, const std::map<std::stri
 
 }  // namespace
 
-ShardedWeights::ShardedWeights(const DecoderConfig& config, const JobContext& context)
-    : context_(context), layout_(decoder_layout(config)), plan_(layout_, context.size()) {
+ShardedWeights::ShardedWeights(std::vector<TensorInfo> layout, const std::string& path, const JobContext& context)
+    : context_(context), layout_(std::move(layout)), plan_(layout_, context.size()) {
   for (std::size_t i = 0; i < layout_.size(); ++i) index_[layout_[i].name] = i;
-  mine_ = read_pieces(*open_reader(config.directory), layout_, plan_, context.rank());
+  mine_ = read_pieces(*open_reader(path), layout_, plan_, context.rank());
 }
 
 std::vector<std::vector<float>> read_pieces(const TensorReader& reader, const std::vector<TensorInfo>& layout, const ShardPlan& plan,
@@ -180,7 +180,7 @@ Parameters ShardedWeights::gather(const std::vector<std::string>& names, const t
   std::set<std::size_t> wanted;
   for (const auto& name : names) {
     const auto found = index_.find(name);
-    GRADFIX_CHECK(found != index_.end(), "no tensor '" + name + "' in the decoder's layout");
+    GRADFIX_CHECK(found != index_.end(), "no tensor '" + name + "' in the model's layout");
     wanted.insert(found->second);
   }
   // Each rank that owns pieces of these tensors broadcasts them, packed in plan order, and every
@@ -251,9 +251,8 @@ Parameters ShardedWeights::gather(const std::vector<std::string>& names, const t
   return parameters;
 }
 
-ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
-                                             const DecoderSignsOptions& options, const JobContext& context, const torch::Device& device) {
-  const DecoderConfig& config = decoder.config();
+ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
+                                     const ShardedSignsOptions& options, const JobContext& context, const torch::Device& device) {
   const bool votes = options.sign_mode == SignMode::kMax;
   const bool loop = options.method == VoteMethod::kLoop;
   const long long group_size = loop ? 1 : kSamplesPerGroup;
@@ -304,7 +303,7 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
 
   const std::vector<Group> groups = my_groups(data, group_size, context, device);
   // Forward, keeping each layer's input: boundary[l][g].
-  std::vector<std::vector<torch::Tensor>> boundary = forward_groups(decoder, weights, groups, device, true);
+  std::vector<std::vector<torch::Tensor>> boundary = forward_groups(model, weights, groups, device, true);
 
   auto make_leaves = [&](Parameters& parameters) {
     if (!loop) return;
@@ -323,50 +322,63 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
     }
   };
 
-  // The head: final norm and lm_head (or the tied embedding), from the last boundary.
+  // A tensor used by both the input and the output stage (a tied embedding and head) gets one
+  // per-sample gradient, the sum of both uses: the output stage's part waits for the input's.
+  const std::vector<std::string> input_names = model.input_names(), output_names = model.output_names();
+  std::set<std::string> tied;
+  for (const auto& name : output_names)
+    if (std::find(input_names.begin(), input_names.end(), name) != input_names.end()) tied.insert(name);
+  std::map<std::string, std::vector<Capture>> tied_captures;        // fast: the output stage's X and G, per group
+  std::map<std::string, std::vector<torch::Tensor>> tied_gradients;  // loop: the output stage's gradient, per group
+  for (const auto& name : tied) {
+    tied_captures[name].resize(groups.size());
+    tied_gradients[name].resize(groups.size());
+  }
+
+  // The output stage (final norm and head), from the last boundary.
   std::vector<torch::Tensor> incoming(groups.size());
   Accumulators accumulators(accumulate_type, device);
-  const std::string head = decoder.head_name();
-  const bool tied = config.tie_word_embeddings;
-  std::vector<Capture> tied_head(groups.size());        // fast: the head's X and G, kept for the embedding
-  std::vector<torch::Tensor> tied_head_gradient(groups.size());  // loop: the head's gradient of the tied tensor
   {
-    Parameters parameters = weights.gather({"model.norm.weight", head}, device);
+    Parameters parameters = weights.gather(output_names, device);
     // Only this rank sees its samples: a non-finite loss (weights with NaN or Inf) must stop
     // every rank before the collective steps below.
     context.agree([&] {
       torch::NoGradGuard no_gradients;
       for (std::size_t g = 0; g < groups.size(); ++g)
         for (int64_t i = 0; i < static_cast<int64_t>(groups[g].samples.size()); ++i) {
-          const double loss = per_sample_losses(decoder.head(parameters, boundary.back()[g].slice(0, i, i + 1)),
-                                                groups[g].batch.labels.slice(0, i, i + 1))[0].item<double>();
+          const double loss =
+              model.losses(model.output(parameters, boundary.back()[g].slice(0, i, i + 1)), groups[g].batch.slice(i, i + 1))[0].item<double>();
           if (!std::isfinite(loss))
-            throw InputError(data.source + ": selected sample " + std::to_string(groups[g].samples[static_cast<std::size_t>(i)]) +
+            throw InputError(data.name + ": selected sample " + std::to_string(groups[g].samples[static_cast<std::size_t>(i)]) +
                              " has a loss of " + std::to_string(loss) + ": check the model's weights");
         }
     });
     make_leaves(parameters);
-    // One sample at a time: the logits and their gradient ([T, V] each, the largest activations
-    // of the pass) then cost one sample's worth, whatever the group size.
+    // One sample at a time: the logits and their gradient ([T, V] each for a language model, the
+    // largest activations of the pass) then cost one sample's worth, whatever the group size.
     for (std::size_t g = 0; g < groups.size(); ++g) {
-      std::vector<torch::Tensor> gradients, tied_inputs, tied_outputs;
+      std::vector<torch::Tensor> gradients;
+      std::map<std::string, std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>> tied_parts;
       for (int64_t i = 0; i < static_cast<int64_t>(groups[g].samples.size()); ++i) {
         GradientRecorder recorder;
         const torch::Tensor hidden = boundary.back()[g].slice(0, i, i + 1).detach().requires_grad_(true);
-        const torch::Tensor logits = decoder.head(parameters, hidden, loop ? nullptr : &recorder);
-        per_sample_losses(logits, groups[g].batch.labels.slice(0, i, i + 1)).sum().backward();
+        const torch::Tensor logits = model.output(parameters, hidden, loop ? nullptr : &recorder);
+        model.losses(logits, groups[g].batch.slice(i, i + 1)).sum().backward();
         gradients.push_back(hidden.grad());
         if (loop) {
-          if (tied) tied_head_gradient[g] = parameters.at(head).grad().clone();
-          add_leaf_gradients(parameters, accumulators, tied ? std::set<std::string>{head} : std::set<std::string>{});
-          if (tied) parameters.at(head).mutable_grad().reset();
+          for (const auto& name : tied) {
+            tied_gradients[name][g] = parameters.at(name).grad().clone();
+            parameters.at(name).mutable_grad().reset();
+          }
+          add_leaf_gradients(parameters, accumulators, tied);
           continue;
         }
         std::vector<Capture> captures;
         for (const auto& capture : recorder.captures()) {
-          if (tied && capture.parameter == head) {
-            tied_inputs.push_back(capture.input);
-            tied_outputs.push_back(capture.output.grad());
+          if (tied.count(capture.parameter)) {
+            GRADFIX_CHECK(capture.kind == Capture::Kind::kLinearWeight, "a tied tensor's output use must be a linear weight: " + capture.parameter);
+            tied_parts[capture.parameter].first.push_back(capture.input);
+            tied_parts[capture.parameter].second.push_back(capture.output.grad());
             continue;
           }
           captures.push_back(capture);
@@ -374,21 +386,25 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
         add_captures(captures, shapes, options.product_bytes, accumulators);
       }
       incoming[g] = torch::cat(gradients, 0);
-      if (tied && !loop) tied_head[g] = {head, Capture::Kind::kLinearWeight, torch::cat(tied_inputs, 0), torch::cat(tied_outputs, 0)};
+      for (auto& [name, parts] : tied_parts)
+        tied_captures[name][g] = {name, Capture::Kind::kLinearWeight, torch::cat(parts.first, 0), torch::cat(parts.second, 0)};
     }
-    finish(accumulators, tied ? std::vector<std::string>{"model.norm.weight"} : std::vector<std::string>{"model.norm.weight", head});
+    std::vector<std::string> done;
+    for (const auto& name : output_names)
+      if (!tied.count(name)) done.push_back(name);
+    finish(accumulators, done);
     boundary.pop_back();
   }
 
   // The layers, last first: recompute from the kept input, backpropagate the incoming gradient.
-  for (long long l = config.layers - 1; l >= 0; --l) {
-    const std::vector<std::string> names = layer_parameter_names(config, l);
+  for (long long l = model.layers() - 1; l >= 0; --l) {
+    const std::vector<std::string> names = model.layer_names(l);
     Parameters parameters = weights.gather(names, device);
     make_leaves(parameters);
     for (std::size_t g = 0; g < groups.size(); ++g) {
       GradientRecorder recorder;
       const torch::Tensor input = boundary.back()[g].detach().requires_grad_(true);
-      const torch::Tensor output = decoder.layer(l, parameters, input, groups[g].batch.attention_mask, loop ? nullptr : &recorder);
+      const torch::Tensor output = model.layer(l, parameters, input, groups[g].batch, loop ? nullptr : &recorder);
       torch::autograd::backward({output}, {incoming[g]});
       incoming[g] = input.grad();
       if (loop) add_leaf_gradients(parameters, accumulators, {});
@@ -398,52 +414,60 @@ ShardedStatistics sharded_decoder_statistics(const Decoder& decoder, const Shard
     boundary.pop_back();
   }
 
-  // The embedding: its output gradient is what reached the first layer's input.
-  const std::string embedding = "model.embed_tokens.weight";
-  const auto& embedding_shape = shapes.at(embedding);
-  Parameters embedding_parameters;
-  if (loop) {  // gathered once on every rank: a gather is collective, and ranks hold different numbers of groups
-    embedding_parameters = weights.gather({embedding}, device);
-    make_leaves(embedding_parameters);
-  }
+  // The input stage: recomputed from the batch, its output gradient is what reached the first
+  // layer's input. Gathered once on every rank: a gather is collective, and ranks hold different
+  // numbers of groups.
+  Parameters parameters = weights.gather(input_names, device);
+  make_leaves(parameters);
   for (std::size_t g = 0; g < groups.size(); ++g) {
-    const torch::Tensor& ids = groups[g].batch.input_ids;
+    GradientRecorder recorder;
+    const torch::Tensor output = model.input(parameters, groups[g].batch, loop ? nullptr : &recorder);
+    torch::autograd::backward({output}, {incoming[g]});
     if (loop) {
-      Parameters& parameters = embedding_parameters;
-      torch::autograd::backward({torch::embedding(parameters.at(embedding), ids)}, {incoming[g]});
-      if (tied) parameters.at(embedding).mutable_grad().add_(tied_head_gradient[g]);
+      for (const auto& name : tied) parameters.at(name).mutable_grad().add_(tied_gradients[name][g]);
       add_leaf_gradients(parameters, accumulators, {});
-    } else if (tied) {
-      linear_weight(embedding, embedding_shape, tied_head[g].input, tied_head[g].output, options.product_bytes, accumulators, &ids, &incoming[g]);
-    } else {
-      for (int64_t i = 0; i < ids.size(0); ++i) embedding_rows(ids, incoming[g], i, nullptr, 0, 0, &accumulators, embedding, embedding_shape);
+      continue;
     }
+    std::vector<Capture> captures;
+    for (const auto& capture : recorder.captures()) {
+      const auto deferred = tied_captures.find(capture.parameter);
+      if (deferred == tied_captures.end()) {
+        captures.push_back(capture);
+        continue;
+      }
+      GRADFIX_CHECK(capture.kind == Capture::Kind::kEmbedding, "a tied tensor's input use must be an embedding: " + capture.parameter);
+      const Capture& head = deferred->second[g];
+      const torch::Tensor gradient = capture.output.grad();
+      linear_weight(capture.parameter, shapes.at(capture.parameter), head.input, head.output, options.product_bytes, accumulators,
+                    &capture.input, &gradient);
+    }
+    add_captures(captures, shapes, options.product_bytes, accumulators);
   }
-  accumulators.of(embedding, embedding_shape);
-  finish(accumulators, {embedding});
+  for (const auto& name : input_names) accumulators.of(name, shapes.at(name));
+  finish(accumulators, input_names);
   return result;
 }
 
-ShardedEvaluation sharded_decoder_evaluation(const Decoder& decoder, const ShardedWeights& weights, const TokenData& data,
+ShardedEvaluation sharded_evaluation(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
                                              const JobContext& context, const torch::Device& device, bool refuse_nonfinite) {
   torch::NoGradGuard no_gradients;
   const std::vector<Group> groups = my_groups(data, kSamplesPerGroup, context, device);
-  const std::vector<torch::Tensor> hidden = forward_groups(decoder, weights, groups, device, false)[0];
+  const std::vector<torch::Tensor> hidden = forward_groups(model, weights, groups, device, false)[0];
   ShardedEvaluation result;
   result.losses.assign(static_cast<std::size_t>(data.samples), 0.0);
-  const Parameters head = weights.gather({"model.norm.weight", decoder.head_name()}, device);
+  const Parameters head = weights.gather(model.output_names(), device);
   context.agree([&] {
     for (std::size_t g = 0; g < groups.size(); ++g) {
-      const torch::Tensor logits = decoder.head(head, hidden[g]);
-      const torch::Tensor losses = per_sample_losses(logits, groups[g].batch.labels).to(torch::kCPU, torch::kFloat64);
+      const torch::Tensor logits = model.output(head, hidden[g]);
+      const torch::Tensor losses = model.losses(logits, groups[g].batch).to(torch::kCPU, torch::kFloat64);
       for (std::size_t i = 0; i < groups[g].samples.size(); ++i) {
         const double loss = losses[static_cast<int64_t>(i)].item<double>();
         if (refuse_nonfinite && !std::isfinite(loss))
-          throw InputError(data.source + ": sample " + std::to_string(groups[g].samples[i]) + " has a loss of " + std::to_string(loss) +
+          throw InputError(data.name + ": sample " + std::to_string(groups[g].samples[i]) + " has a loss of " + std::to_string(loss) +
                            ": check the model's weights");
         result.losses[static_cast<std::size_t>(groups[g].samples[i])] = loss;
       }
-      const auto [right, counted] = token_hits(logits, groups[g].batch.labels);
+      const auto [right, counted] = model.hits(logits, groups[g].batch);
       result.hits += right;
       result.targets += counted;
     }

@@ -1,0 +1,104 @@
+#pragma once
+// Internal to the LibTorch part: what the sharded executor (sharded_executor.hpp) needs to know
+// of a model, and the registry that maps a Hugging Face directory's config.json to it. A model is
+// an input stage (token embedding; patch embedding), a stack of layers, and an output stage
+// (final norm and head) whose logits give per-sample losses. Each stage is math on parameters
+// passed in by name, so the executor can gather one stage's tensors at a time and free them.
+// Adding an architecture is one file: it implements LayeredModel and registers its model_type
+// values with a static ArchitectureRegistration.
+
+#include <torch/torch.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "gradfix/io/tensor_store.hpp"
+
+namespace gradfix {
+
+using Parameters = std::map<std::string, torch::Tensor>;
+
+// What per-sample gradients need from one recomputation with autograd: for each use of a
+// parameter, the input it multiplied and the output whose gradient backward() leaves behind.
+// A Linear weight's per-sample gradient is then G_n^T X_n over that sample's positions, a bias's
+// the sum of G_n, a norm scale's the sum of G_n * normed x_n, an embedding's the rows of G_n
+// added at the sample's token ids: one batched product instead of one backward pass per sample.
+struct Capture {
+  enum class Kind { kLinearWeight, kBias, kScale, kEmbedding };
+  std::string parameter;
+  Kind kind = Kind::kLinearWeight;
+  torch::Tensor input;   // X [n, T, in]; normed x [n, T, H]; token ids [n, T]
+  torch::Tensor output;  // [n, T, out]: its grad() is G after backward()
+};
+
+class GradientRecorder {
+ public:
+  void add(Capture capture) { captures_.push_back(std::move(capture)); }
+  const std::vector<Capture>& captures() const { return captures_; }
+  void clear() { captures_.clear(); }
+
+ private:
+  std::vector<Capture> captures_;
+};
+
+// Samples on a device. Tokens: inputs = input_ids [n, T], labels [n, T], mask = attention_mask
+// [n, T]. Images: inputs [n, C, H, W], labels [n], mask undefined.
+struct Batch {
+  torch::Tensor inputs;
+  torch::Tensor labels;
+  torch::Tensor mask;
+  // Samples [begin, end) of this batch.
+  Batch slice(int64_t begin, int64_t end) const;
+};
+
+// A data set as the executor reads it: its size, a name for messages, and any subset as a batch.
+struct SampleSource {
+  long long samples = 0;
+  std::string name;
+  std::function<Batch(const std::vector<long long>& indices, const torch::Device& device)> batch;
+};
+
+class LayeredModel {
+ public:
+  virtual ~LayeredModel() = default;
+  // The checkpoint's tensors (names and shapes; dtype F32), and the directory it came from.
+  virtual std::vector<TensorInfo> layout() const = 0;
+  virtual std::string directory() const = 0;
+  virtual long long layers() const = 0;
+  // The tensors of each stage, in layout order. A tensor in both the input and the output stage
+  // is tied: its per-sample gradient is the sum of both uses, formed before any sign is taken.
+  virtual std::vector<std::string> input_names() const = 0;
+  virtual std::vector<std::string> layer_names(long long layer) const = 0;
+  virtual std::vector<std::string> output_names() const = 0;
+  // The stages. With a recorder every parameter use is recorded for per-sample gradients (the
+  // input stage's output is then a leaf that requires grad when its capture needs it).
+  virtual torch::Tensor input(const Parameters& parameters, const Batch& batch, GradientRecorder* recorder = nullptr) const = 0;
+  virtual torch::Tensor layer(long long index, const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch,
+                              GradientRecorder* recorder = nullptr) const = 0;
+  virtual torch::Tensor output(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const = 0;
+  // Per-sample losses [n] of the logits, and correct predictions / counted targets (tokens or
+  // samples) summed over the batch.
+  virtual torch::Tensor losses(const torch::Tensor& logits, const Batch& batch) const = 0;
+  virtual std::pair<long long, long long> hits(const torch::Tensor& logits, const Batch& batch) const = 0;
+};
+
+// A config file's text; files over 16 MiB are refused before they are read.
+std::string read_config_text(const std::string& path);
+
+// The model of a Hugging Face directory, by config.json's "model_type"; an InputError names the
+// directory and the types gradfix knows when none is registered for it.
+std::unique_ptr<LayeredModel> open_layered_model(const std::string& directory);
+// Whether some architecture claims this model_type.
+bool is_registered_architecture(const std::string& model_type);
+
+// Registers a factory for model_type values (a static object in the architecture's own file).
+struct ArchitectureRegistration {
+  using Factory = std::function<std::unique_ptr<LayeredModel>(const std::string& directory)>;
+  ArchitectureRegistration(const std::vector<std::string>& model_types, Factory factory);
+};
+
+}  // namespace gradfix
