@@ -1,0 +1,109 @@
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "classifier_builtin.hpp"
+#include "gradfix/core/error.hpp"
+
+namespace gradfix {
+namespace {
+
+// The CNN: dims C,H,W,c1,...,ck,classes. Each block is a 3x3 convolution (padding 1), ReLU and
+// 2x2 max-pooling; then a Linear head. Parameters convs.{i}.weight [c_out, c_in, 3, 3],
+// convs.{i}.bias, head.weight [classes, ck * (H / 2^k) * (W / 2^k)] and head.bias.
+class Cnn final : public BuiltInClassifier {
+ public:
+  explicit Cnn(const Architecture& architecture) {
+    architecture_ = architecture;
+    const auto& d = architecture.dims;
+    channels_ = d[0];
+    height_ = d[1];
+    width_ = d[2];
+    long long in = channels_, h = height_, w = width_;
+    for (std::size_t i = 3; i + 1 < d.size(); ++i) {
+      convs_.push_back(register_module("conv_" + std::to_string(i - 3), torch::nn::Conv2d(torch::nn::Conv2dOptions(in, d[i], 3).padding(1))));
+      in = d[i];
+      h /= 2;
+      w /= 2;
+    }
+    head_ = register_module("head", torch::nn::Linear(in * h * w, d.back()));
+  }
+
+  torch::Tensor forward(const torch::Tensor& inputs) override {
+    torch::Tensor x = inputs.reshape({inputs.size(0), channels_, height_, width_});
+    for (auto& conv : convs_) x = torch::max_pool2d(torch::relu(conv->forward(x)), 2);
+    return head_->forward(x.flatten(1));
+  }
+
+  std::vector<std::pair<std::string, torch::Tensor>> parameters() override {
+    std::vector<std::pair<std::string, torch::Tensor>> named;
+    for (std::size_t i = 0; i < convs_.size(); ++i) {
+      named.emplace_back("convs." + std::to_string(i) + ".weight", convs_[i]->weight);
+      named.emplace_back("convs." + std::to_string(i) + ".bias", convs_[i]->bias);
+    }
+    named.emplace_back("head.weight", head_->weight);
+    named.emplace_back("head.bias", head_->bias);
+    return named;
+  }
+
+  long long classes() const override { return architecture_.dims.back(); }
+  long long input_size() const override { return channels_ * height_ * width_; }
+
+  // A convolution's per-sample weight gradient sums over positions p: G_n = delta_n P_n^T, with
+  // delta_n [c_out, positions] the output gradient and P_n [c_in * 9, positions] the unfolded
+  // input patches. Positions make the sign of the sum not factor, so the products are formed per
+  // sample (batched, in chunks of samples) and only their signs are summed. The head is a Linear
+  // layer: one product of sign matrices, as in the MLP.
+  bool fast_votes(const torch::Tensor& inputs, const torch::Tensor& labels, std::map<std::string, torch::Tensor>& votes) override {
+    std::vector<torch::Tensor> conv_inputs, conv_outputs;
+    torch::Tensor x = inputs.reshape({inputs.size(0), channels_, height_, width_});
+    for (auto& conv : convs_) {
+      conv_inputs.push_back(x.detach());
+      torch::Tensor z = conv->forward(x);
+      z.retain_grad();
+      conv_outputs.push_back(z);
+      x = torch::max_pool2d(torch::relu(z), 2);
+    }
+    const torch::Tensor flat = x.flatten(1);
+    torch::Tensor logits = head_->forward(flat);
+    logits.retain_grad();
+    torch::nn::functional::cross_entropy(logits, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)).backward();
+    constexpr int64_t kChunk = 32;
+    for (std::size_t i = 0; i < convs_.size(); ++i) {
+      const torch::Tensor patches = torch::nn::functional::unfold(conv_inputs[i], torch::nn::functional::UnfoldFuncOptions(3).padding(1));
+      const torch::Tensor delta = conv_outputs[i].grad().flatten(2);  // [N, c_out, positions]
+      torch::Tensor weight_votes = torch::zeros({delta.size(1), patches.size(1)}, delta.options().dtype(torch::kInt32));
+      for (int64_t start = 0; start < delta.size(0); start += kChunk) {
+        const int64_t stop = std::min<int64_t>(delta.size(0), start + kChunk);
+        const torch::Tensor per_sample = torch::bmm(delta.slice(0, start, stop), patches.slice(0, start, stop).transpose(1, 2));
+        weight_votes -= torch::sign(per_sample).sum(0).to(torch::kInt32);
+      }
+      votes["convs." + std::to_string(i) + ".weight"] = weight_votes.reshape(convs_[i]->weight.sizes());
+      votes["convs." + std::to_string(i) + ".bias"] = -torch::sign(delta.sum(2)).sum(0).to(torch::kInt32);
+    }
+    const torch::Tensor delta_signs = torch::sign(logits.grad());
+    votes["head.weight"] = -torch::matmul(delta_signs.t(), torch::sign(flat.detach())).to(torch::kInt32);
+    votes["head.bias"] = -delta_signs.sum(0).to(torch::kInt32);
+    for (auto& parameter : torch::nn::Module::parameters()) parameter.mutable_grad() = torch::Tensor();
+    return true;
+  }
+
+ private:
+  long long channels_ = 1, height_ = 1, width_ = 1;
+  std::vector<torch::nn::Conv2d> convs_;
+  torch::nn::Linear head_{nullptr};
+};
+
+void check_cnn(const std::vector<long long>& d, const std::string& dims) {
+  if (d.size() < 5) throw InputError("--dims '" + dims + "': a cnn needs C,H,W, at least one convolution width and the classes");
+  const long long blocks = static_cast<long long>(d.size()) - 4;
+  if ((d[1] >> blocks) == 0 || (d[2] >> blocks) == 0)
+    throw InputError("--dims '" + dims + "': " + std::to_string(blocks) + " pooling steps leave nothing of a " + std::to_string(d[1]) + "x" + std::to_string(d[2]) + " image");
+}
+
+const ClassifierRegistration kCnn("cnn", check_cnn,
+                                   [](const Architecture& architecture) { return std::unique_ptr<Classifier>(new Cnn(architecture)); });
+
+}  // namespace
+}  // namespace gradfix
