@@ -281,8 +281,16 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
   auto writer = open_collective_writer(context, job.out, layout, metadata);
   context.agree([&] {
     const auto& pieces = weights->plan().pieces(context.rank());
+    // Converted in blocks: a float32 copy of a piece would be as large as the model's piece.
+    constexpr long long kBlock = 1LL << 20;
+    std::vector<float> block;
     for (std::size_t k = 0; k < pieces.size(); ++k)
-      writer->write_f32(layout[pieces[k].tensor].name, pieces[k].begin, statistics.pieces[k].data(), pieces[k].count);
+      for (long long offset = 0; offset < pieces[k].count; offset += kBlock) {
+        const long long length = std::min(kBlock, pieces[k].count - offset);
+        block.resize(static_cast<std::size_t>(length));
+        statistics.read_f32(k, offset, length, block.data());
+        writer->write_f32(layout[pieces[k].tensor].name, pieces[k].begin + offset, block.data(), length);
+      }
   });
   commit_collectively(context, *writer);
   if (context.is_root())
@@ -353,8 +361,9 @@ std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::os
   double agreement = -1.0;
   {
     const ShardedStatistics statistics = sharded_statistics(decoder, *weights, token_samples(shots), options, context, device);
-    masked = mask_pieces(weights->layout(), weights->plan(), context, job.mask_mode, job.mask, tau, statistics.pieces);
-    if (!tau_b.empty()) agreement = pair_stats(statistics.pieces, tau_b, context).sign_agreement();
+    const Pieces values = statistics.to_f32();
+    masked = mask_pieces(weights->layout(), weights->plan(), context, job.mask_mode, job.mask, tau, values);
+    if (!tau_b.empty()) agreement = pair_stats(values, tau_b, context).sign_agreement();
   }
   const PairStats kept = pair_stats(masked, tau, context);
   const double kept_fraction = kept.nonzero_b > 0 ? static_cast<double>(kept.nonzero_a) / static_cast<double>(kept.nonzero_b) : 0.0;

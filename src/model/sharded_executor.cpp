@@ -261,10 +261,12 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
 
   ShardedStatistics result;
   result.samples = data.samples;
-  for (const auto& piece : weights.plan().pieces(context.rank())) result.pieces.emplace_back(static_cast<std::size_t>(piece.count), 0.0f);
+  const DType reduce_type = votes ? vote_count_dtype(data.samples, context.stats()) : DType::kF64;
+  result.dtype = votes ? reduce_type : DType::kF32;
+  for (const auto& piece : weights.plan().pieces(context.rank()))
+    result.pieces.emplace_back(static_cast<std::size_t>(piece.count) * dtype_size(result.dtype), 0);
   // Sums a step's statistics over the ranks, bucket by bucket in the narrowest type that holds
   // them, and keeps the pieces this rank owns: memory for this is one bucket, whatever the size.
-  const DType reduce_type = votes ? vote_count_dtype(data.samples, context.stats()) : DType::kF64;
   const torch::ScalarType accumulate_type = reduce_type == DType::kI8 ? torch::kInt8
                                             : reduce_type == DType::kI16 ? torch::kInt16
                                             : reduce_type == DType::kI32 ? torch::kInt32 : torch::kFloat64;
@@ -276,25 +278,26 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
       const long long count = values.numel();
       const std::size_t item = dtype_size(reduce_type);
       std::vector<unsigned char> bucket;
-      std::vector<float> as_float;
       for (long long offset = 0; offset < count; offset += kBucket) {
         const long long length = std::min(kBucket, count - offset);
         bucket.assign(static_cast<const unsigned char*>(values.data_ptr()) + offset * static_cast<long long>(item),
                       static_cast<const unsigned char*>(values.data_ptr()) + (offset + length) * static_cast<long long>(item));
         allreduce_statistics(context.stats(), bucket.data(), length, reduce_type);
-        as_float.resize(static_cast<std::size_t>(length));
-        if (votes) {
-          convert_to_f32(reduce_type, bucket.data(), as_float.data(), static_cast<std::size_t>(length));
-        } else {
-          const auto* sums = reinterpret_cast<const double*>(bucket.data());
-          for (long long i = 0; i < length; ++i) as_float[static_cast<std::size_t>(i)] = static_cast<float>(sums[i]);
-        }
         for (std::size_t k = 0; k < my_pieces.size(); ++k) {
           if (weights.layout()[my_pieces[k].tensor].name != name) continue;
           const long long first = std::max(offset, my_pieces[k].begin);
           const long long last = std::min(offset + length, my_pieces[k].begin + my_pieces[k].count);
-          for (long long i = first; i < last; ++i)
-            result.pieces[k][static_cast<std::size_t>(i - my_pieces[k].begin)] = as_float[static_cast<std::size_t>(i - offset)];
+          if (first >= last) continue;
+          unsigned char* target = result.pieces[k].data();
+          if (votes) {  // kept as reduced
+            std::memcpy(target + static_cast<std::size_t>(first - my_pieces[k].begin) * item, bucket.data() + static_cast<std::size_t>(first - offset) * item,
+                        static_cast<std::size_t>(last - first) * item);
+          } else {  // float64 sums kept as float32
+            const auto* sums = reinterpret_cast<const double*>(bucket.data());
+            auto* out = reinterpret_cast<float*>(target);
+            for (long long i = first; i < last; ++i)
+              out[static_cast<std::size_t>(i - my_pieces[k].begin)] = static_cast<float>(sums[static_cast<std::size_t>(i - offset)]);
+          }
         }
       }
       accumulators.values().erase(name);

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "architecture.hpp"
+#include "gradfix/core/dtype.hpp"
 #include "gradfix/dist/job_context.hpp"
 #include "gradfix/model/jobs.hpp"
 #include "gradfix/shard/plan.hpp"
@@ -65,10 +66,25 @@ struct ShardedSignsOptions {
   long long product_bytes = 64LL << 20;  // bound on one block of per-sample gradients
 };
 
-// The statistics of this rank's pieces, in plan order (votes as float: exact integers).
+// The statistics of this rank's pieces, in plan order, kept in the type they were reduced in:
+// vote counts in the narrowest integer type that holds them (a quarter of the pieces' float32
+// size for up to 127 samples), summed -gradients as float32.
 struct ShardedStatistics {
-  std::vector<std::vector<float>> pieces;
+  DType dtype = DType::kF32;
+  std::vector<std::vector<unsigned char>> pieces;  // raw values of `dtype`
   long long samples = 0;
+  // Elements [begin, begin + count) of piece k as float32 (exact for vote counts).
+  void read_f32(std::size_t k, long long begin, long long count, float* out) const {
+    convert_to_f32(dtype, pieces[k].data() + static_cast<std::size_t>(begin) * dtype_size(dtype), out, static_cast<std::size_t>(count));
+  }
+  std::vector<std::vector<float>> to_f32() const {
+    std::vector<std::vector<float>> out(pieces.size());
+    for (std::size_t k = 0; k < pieces.size(); ++k) {
+      out[k].resize(pieces[k].size() / dtype_size(dtype));
+      read_f32(k, 0, static_cast<long long>(out[k].size()), out[k].data());
+    }
+    return out;
+  }
 };
 
 // Per-sample losses (data order) and next-token hits / target tokens of `data`, with the
