@@ -1,6 +1,5 @@
 #include "gradfix/data/dataset.hpp"
 
-#include <hdf5.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -12,6 +11,7 @@
 
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
+#include "gradfix/io/tensor_store.hpp"
 
 namespace gradfix {
 namespace {
@@ -27,7 +27,14 @@ std::string read_maybe_gzipped(const std::string& path) {
   std::string bytes;
   char buffer[1 << 16];
   int got;
-  while ((got = gzread(file, buffer, sizeof buffer)) > 0) bytes.append(buffer, static_cast<std::size_t>(got));
+  while ((got = gzread(file, buffer, sizeof buffer)) > 0) {
+    bytes.append(buffer, static_cast<std::size_t>(got));
+    // A gzip file can expand without bound: stop before memory does.
+    if (static_cast<long long>(bytes.size()) > kMaxDatasetBytes + 64) {
+      gzclose(file);
+      throw InputError(path + ": more than " + std::to_string(kMaxDatasetBytes) + " bytes (after decompression); datasets are held in memory up to that");
+    }
+  }
   const bool failed = got < 0;
   gzclose(file);
   if (failed) throw InputError(path + ": corrupt or truncated gzip data");
@@ -49,10 +56,11 @@ std::vector<std::uint32_t> idx_header(const std::string& bytes, const std::strin
                      std::to_string(expected_dims) + " dimensions (" + std::to_string(0x800 + expected_dims) + ")");
   if (bytes.size() < 4 + 4 * static_cast<std::size_t>(dims)) throw InputError(path + ": IDX header is truncated");
   std::vector<std::uint32_t> sizes;
-  std::size_t total = 1;
+  unsigned long long total = 1;
   for (int d = 0; d < dims; ++d) {
     sizes.push_back(big_endian(bytes, 4 + 4 * static_cast<std::size_t>(d)));
-    total *= sizes.back();
+    if (__builtin_mul_overflow(total, static_cast<unsigned long long>(sizes.back()), &total) || total > static_cast<unsigned long long>(kMaxDatasetBytes))
+      throw InputError(path + ": the IDX header declares more than " + std::to_string(kMaxDatasetBytes) + " bytes of data");
   }
   const std::size_t expected = 4 + 4 * static_cast<std::size_t>(dims) + total;
   if (bytes.size() != expected)
@@ -92,48 +100,42 @@ Dataset load_idx(const std::string& images_path) {
   return data;
 }
 
+// Through the checked HDF5 reader (gradfix::io): links, external storage, unwritten storage and
+// sizes that overflow are refused there; here the sizes are bounded before anything is allocated.
 Dataset load_hdf5(const std::string& path) {
-  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  if (!file_exists(path)) throw InputError(path + ": cannot open: No such file or directory");
-  const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-  if (file < 0) throw InputError(path + ": not an HDF5 file");
+  const auto reader = open_reader(path);
+  const TensorInfo* inputs = reader->find("inputs");
+  const TensorInfo* labels = reader->find("labels");
+  if (inputs == nullptr || labels == nullptr)
+    throw InputError(path + ": no dataset '" + std::string(inputs == nullptr ? "inputs" : "labels") + "' (a dataset file holds 'inputs' and 'labels')");
+  if (inputs->shape.empty() || labels->shape.size() != 1 || inputs->shape[0] != labels->shape[0])
+    throw InputError(path + ": 'inputs' has " + std::to_string(inputs->shape.empty() ? 0 : inputs->shape[0]) + " samples but 'labels' has " +
+                     std::to_string(labels->shape.empty() ? 0 : labels->shape[0]) + " (labels must be one-dimensional)");
+  const long long bytes = inputs->numel() * static_cast<long long>(sizeof(float)) + labels->numel() * static_cast<long long>(sizeof(long long));
+  if (bytes > kMaxDatasetBytes)
+    throw InputError(path + ": 'inputs' " + format_shape(inputs->shape) + " and 'labels' need " + std::to_string(bytes) +
+                     " bytes in memory; datasets are held in memory up to " + std::to_string(kMaxDatasetBytes) + " bytes");
+  const DType label_type = labels->dtype;
+  if (label_type != DType::kI64 && label_type != DType::kI32 && label_type != DType::kI16 && label_type != DType::kI8 &&
+      label_type != DType::kU8 && label_type != DType::kU16 && label_type != DType::kU32)
+    throw InputError(path + ": 'labels' is " + dtype_name(label_type) + "; labels must be integers (I64, I32, I16, I8, U32, U16, U8)");
   Dataset data;
-  auto read = [&](const char* name, hid_t memory_type, void* target, std::vector<hsize_t>* dims_out) {
-    const hid_t dataset = H5Dopen2(file, name, H5P_DEFAULT);
-    if (dataset < 0) {
-      H5Fclose(file);
-      throw InputError(path + ": no dataset '" + name + "' (a dataset file holds 'inputs' and 'labels')");
+  data.inputs = reader->read_f32("inputs");
+  data.labels.resize(static_cast<std::size_t>(labels->numel()));
+  std::vector<unsigned char> raw(static_cast<std::size_t>(labels->nbytes()));
+  reader->read_raw("labels", 0, labels->numel(), raw.data());
+  for (std::size_t i = 0; i < data.labels.size(); ++i) {
+    switch (label_type) {
+      case DType::kI64: data.labels[i] = reinterpret_cast<const std::int64_t*>(raw.data())[i]; break;
+      case DType::kI32: data.labels[i] = reinterpret_cast<const std::int32_t*>(raw.data())[i]; break;
+      case DType::kI16: data.labels[i] = reinterpret_cast<const std::int16_t*>(raw.data())[i]; break;
+      case DType::kI8: data.labels[i] = reinterpret_cast<const std::int8_t*>(raw.data())[i]; break;
+      case DType::kU32: data.labels[i] = reinterpret_cast<const std::uint32_t*>(raw.data())[i]; break;
+      case DType::kU16: data.labels[i] = reinterpret_cast<const std::uint16_t*>(raw.data())[i]; break;
+      default: data.labels[i] = raw[i]; break;
     }
-    const hid_t space = H5Dget_space(dataset);
-    const int rank = H5Sget_simple_extent_ndims(space);
-    std::vector<hsize_t> dims(static_cast<std::size_t>(std::max(rank, 0)));
-    H5Sget_simple_extent_dims(space, dims.data(), nullptr);
-    if (dims_out != nullptr) *dims_out = dims;
-    herr_t status = 0;
-    if (target != nullptr) status = H5Dread(dataset, memory_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, target);
-    H5Sclose(space);
-    H5Dclose(dataset);
-    if (status < 0) {
-      H5Fclose(file);
-      throw InputError(path + ": cannot read dataset '" + name + "'");
-    }
-  };
-  std::vector<hsize_t> input_dims, label_dims;
-  read("inputs", H5T_NATIVE_FLOAT, nullptr, &input_dims);
-  read("labels", H5T_NATIVE_LLONG, nullptr, &label_dims);
-  if (input_dims.empty() || label_dims.size() != 1 || input_dims[0] != label_dims[0]) {
-    H5Fclose(file);
-    throw InputError(path + ": 'inputs' has " + std::to_string(input_dims.empty() ? 0 : input_dims[0]) + " samples but 'labels' has " +
-                     std::to_string(label_dims.empty() ? 0 : label_dims[0]) + " (labels must be one-dimensional)");
   }
-  std::size_t total = 1;
-  for (hsize_t dim : input_dims) total *= dim;
-  data.inputs.resize(total);
-  data.labels.resize(label_dims[0]);
-  read("inputs", H5T_NATIVE_FLOAT, data.inputs.data(), nullptr);
-  read("labels", H5T_NATIVE_LLONG, data.labels.data(), nullptr);
-  H5Fclose(file);
-  data.sample_shape.assign(input_dims.begin() + 1, input_dims.end());
+  data.sample_shape.assign(inputs->shape.begin() + 1, inputs->shape.end());
   return data;
 }
 
@@ -182,6 +184,10 @@ Dataset load_dataset(const std::string& spec) {
     if (data.labels[i] < 0) throw InputError(spec + ": label " + std::to_string(data.labels[i]) + " of sample " + std::to_string(i) + " is negative");
     largest = std::max(largest, data.labels[i]);
   }
+  // Classes are counted from the largest label: one far above any real class count (INT64_MAX
+  // would even overflow) is refused here, the same for every subcommand.
+  if (largest >= kMaxClasses)
+    throw InputError(spec + ": label " + std::to_string(largest) + " is not below " + std::to_string(kMaxClasses) + ", the largest class count gradfix takes");
   data.classes = largest + 1;
   return data;
 }

@@ -2,6 +2,7 @@
 
 #include <hdf5.h>
 
+#include <limits>
 #include <map>
 
 #include "gradfix/core/error.hpp"
@@ -227,6 +228,9 @@ class Hdf5Reader final : public TensorReader {
     if (!file_exists(path)) throw InputError(path + ": cannot open: No such file or directory");
     if (H5Fis_hdf5(path.c_str()) <= 0) throw InputError(path + ": not an HDF5 file (bad signature or truncated)");
     file_ = Handle(check(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), path, "open the file"), H5Fclose);
+    const herr_t linked = H5Lvisit(file_.get(), H5_INDEX_NAME, H5_ITER_INC, &Hdf5Reader::visit_link, this);
+    if (visit_error_) std::rethrow_exception(visit_error_);
+    check(linked, path, "list the links");
     const herr_t listed = H5Ovisit(file_.get(), H5_INDEX_NAME, H5_ITER_INC, &Hdf5Reader::visit, this);
     if (visit_error_) std::rethrow_exception(visit_error_);
     check(listed, path, "list the datasets");
@@ -252,6 +256,30 @@ class Hdf5Reader final : public TensorReader {
   }
 
  private:
+  // Links that lead out of the file (external links) or nowhere certain (soft links) are refused:
+  // a checkpoint's tensors live inside the checkpoint.
+  static herr_t visit_link(hid_t group, const char* name, const H5L_info_t* info, void* self_pointer) {
+    auto* self = static_cast<Hdf5Reader*>(self_pointer);
+    if (info->type == H5L_TYPE_HARD) return 0;
+    try {
+      std::string target;
+      if (info->type == H5L_TYPE_EXTERNAL && info->u.val_size > 0 && info->u.val_size < (1u << 16)) {
+        std::vector<char> value(info->u.val_size);
+        const char* file = nullptr;
+        const char* object = nullptr;
+        if (H5Lget_val(group, name, value.data(), value.size(), H5P_DEFAULT) >= 0 &&
+            H5Lunpack_elink_val(value.data(), value.size(), nullptr, &file, &object) >= 0 && file != nullptr)
+          target = std::string(" to '") + file + ":" + (object != nullptr ? object : "") + "'";
+      }
+      const char* kind = info->type == H5L_TYPE_EXTERNAL ? "an external link" : info->type == H5L_TYPE_SOFT ? "a soft link" : "a user-defined link";
+      throw InputError(self->path_ + ": '" + name + "' is " + kind + target +
+                       "; gradfix reads only datasets stored in the file itself (no links, no external storage)");
+    } catch (...) {
+      self->visit_error_ = std::current_exception();
+      return -1;
+    }
+  }
+
   static herr_t visit(hid_t object, const char* name, const H5O_info_t* info, void* self_pointer) {
     auto* self = static_cast<Hdf5Reader*>(self_pointer);
     if (info->type != H5O_TYPE_DATASET) return 0;
@@ -260,11 +288,54 @@ class Hdf5Reader final : public TensorReader {
       TensorInfo tensor;
       tensor.name = name;
       tensor.dtype = dataset_dtype(dataset.get(), self->path_, name);
+      const std::string where = self->path_ + ": dataset '" + tensor.name + "'";
       Handle space(H5Dget_space(dataset.get()), H5Sclose);
+      if (H5Sget_simple_extent_type(space.get()) == H5S_NULL)
+        throw InputError(where + " has a null dataspace (no elements, not even a scalar): it holds no tensor");
       const int rank = H5Sget_simple_extent_ndims(space.get());
-      std::vector<hsize_t> dims(static_cast<std::size_t>(rank > 0 ? rank : 0));
+      if (rank < 0 || rank > 32) throw InputError(where + ": HDF5 could not read its dimensions");
+      std::vector<hsize_t> dims(static_cast<std::size_t>(rank));
       if (rank > 0) H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr);
-      for (hsize_t dim : dims) tensor.shape.push_back(static_cast<long long>(dim));
+      // Checked arithmetic: a declared size must be countable and addressable before anything
+      // is sized from it.
+      long long elements = 1, bytes = 0;
+      std::string shape;
+      for (hsize_t dim : dims) {
+        shape += (shape.empty() ? "" : ", ") + std::to_string(dim);
+        if (elements >= 0 && (dim > static_cast<hsize_t>(std::numeric_limits<long long>::max()) ||
+                              __builtin_mul_overflow(elements, static_cast<long long>(dim), &elements)))
+          elements = -1;
+        tensor.shape.push_back(static_cast<long long>(dim));
+      }
+      if (elements < 0 || __builtin_mul_overflow(elements, static_cast<long long>(dtype_size(tensor.dtype)), &bytes))
+        throw InputError(where + " declares shape [" + shape + "]: its element count or byte size overflows 64 bits");
+      Handle creation(H5Dget_create_plist(dataset.get()), H5Pclose);
+      if (creation.get() >= 0) {
+        const int external = H5Pget_external_count(creation.get());
+        if (external > 0) {
+          char file[4096] = {0};
+          off_t offset = 0;
+          hsize_t size = 0;
+          H5Pget_external(creation.get(), 0, sizeof file - 1, file, &offset, &size);
+          throw InputError(where + " keeps its data in another file ('" + std::string(file) +
+                           "', external storage); a checkpoint's tensors must be stored inside it");
+        }
+        if (H5Pget_layout(creation.get()) == H5D_VIRTUAL)
+          throw InputError(where + " is a virtual dataset (its data comes from other datasets or files); store the data itself");
+      }
+      // Storage that was never written reads as the fill value: a declared 2^40 floats would be
+      // read (or copied) for hours as zeros. A tensor's data must be in the file.
+      H5D_space_status_t status = H5D_SPACE_STATUS_ERROR;
+      if (elements > 0 && (H5Dget_space_status(dataset.get(), &status) < 0 || status != H5D_SPACE_STATUS_ALLOCATED)) {
+        throw InputError(where + " declares " + std::to_string(bytes) + " bytes but its storage " +
+                         (status == H5D_SPACE_STATUS_PART_ALLOCATED ? "is only partly" : "was never") +
+                         " written (" + std::to_string(H5Dget_storage_size(dataset.get())) + " bytes allocated)");
+      }
+      if (elements > 0 && creation.get() >= 0 && H5Pget_layout(creation.get()) == H5D_CONTIGUOUS) {
+        const hsize_t stored = H5Dget_storage_size(dataset.get());
+        if (stored < static_cast<hsize_t>(bytes))
+          throw InputError(where + " declares " + std::to_string(bytes) + " bytes but " + std::to_string(stored) + " are stored");
+      }
       self->tensors_.push_back(tensor);
     } catch (...) {
       self->visit_error_ = std::current_exception();

@@ -439,12 +439,22 @@ class SafetensorsWriter final : public TensorWriter {
 
     fd_ = ::open(temporary_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd_ < 0) throw RuntimeFailure(path_ + ": cannot create '" + temporary_ + "': " + std::strerror(errno));
-    unsigned char length[8];
-    for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>((text.size() >> (8 * i)) & 0xFF);
-    write_all(fd_, length, 8, 0, path_);
-    write_all(fd_, text.data(), text.size(), 8, path_);
-    if (::ftruncate(fd_, static_cast<off_t>(data_start_ + static_cast<long long>(offset))) != 0)
-      throw RuntimeFailure(path_ + ": cannot size the file: " + std::strerror(errno));
+    // A constructor that throws runs no destructor: the file it created is removed here.
+    try {
+      unsigned char length[8];
+      for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>((text.size() >> (8 * i)) & 0xFF);
+      write_all(fd_, length, 8, 0, path_);
+      write_all(fd_, text.data(), text.size(), 8, path_);
+      if (::ftruncate(fd_, static_cast<off_t>(data_start_ + static_cast<long long>(offset))) != 0)
+        throw RuntimeFailure(path_ + ": cannot size the file to " + std::to_string(data_start_ + static_cast<long long>(offset)) +
+                             " bytes: " + std::strerror(errno));
+    } catch (...) {
+      ::close(fd_);
+      fd_ = -1;
+      remove_quietly(temporary_);
+      unregister_temporary(temporary_);
+      throw;
+    }
   }
 
   ~SafetensorsWriter() override {

@@ -149,9 +149,20 @@ std::unique_ptr<TensorReader> open_reader(const std::string& path) {
 std::unique_ptr<TensorWriter> open_writer(const std::string& path, const std::vector<TensorInfo>& layout,
                                           const Metadata& metadata, const WriteOptions& options) {
   std::set<std::string> names;
-  for (const auto& tensor : layout)
+  const bool json_header = format_of_path(path) != StoreFormat::kHdf5;
+  for (const auto& tensor : layout) {
+    if (tensor.name.empty()) throw InputError(path + ": a tensor without a name cannot be written");
     if (!names.insert(tensor.name).second)
-      throw InputError(path + ": tensor '" + tensor.name + "' appears twice in the output");
+      throw InputError(path + ": tensor '" + escaped_name(tensor.name) + "' appears twice in the output");
+    // A safetensors header is JSON, which holds valid UTF-8 only: such a name is refused, not
+    // silently changed.
+    if (json_header && !is_valid_utf8(tensor.name))
+      throw InputError(path + ": tensor name '" + escaped_name(tensor.name) + "' is not valid UTF-8, which a safetensors header (JSON) cannot hold");
+  }
+  if (json_header)
+    for (const auto& [key, value] : metadata)
+      if (!is_valid_utf8(key) || !is_valid_utf8(value))
+        throw InputError(path + ": metadata '" + escaped_name(key) + "' is not valid UTF-8, which a safetensors header (JSON) cannot hold");
   if (format_of_path(path) == StoreFormat::kHdf5) check_hdf5_names(path, names);
   switch (format_of_path(path)) {
     case StoreFormat::kSafetensors: return open_safetensors_writer(path, layout, metadata, options.role);

@@ -35,6 +35,20 @@ struct Capture {
   torch::Tensor output;  // [n, T, out]: its grad() is G after backward()
 };
 
+// A per-sample gradient entry that is a sum over positions (a bias summed over tokens, a
+// convolution's bias over pixels) and cancels to within rounding of zero casts no vote, in max
+// and mean mode alike: it counts as 0 when |sum| <= kCancellationTolerance * (sum of |terms|).
+// The key bias of softmax attention is the case in point: its gradient is zero in theory (a
+// constant added to every key shifts all of a query's scores alike), and what float32 leaves of
+// it, about 1e-8 of its terms, is noise whose sign would keep or drop entries of tau at random.
+// Genuine bias gradients cancel that far (1e-5) only rarely, and their sign is then barely
+// determined anyway.
+constexpr double kCancellationTolerance = 1e-5;
+// `sums` [n, ...] with the cancelled entries set to 0 (in place); `magnitudes` the sums of |terms|.
+inline torch::Tensor without_cancelled(torch::Tensor sums, const torch::Tensor& magnitudes) {
+  return sums.masked_fill_(sums.abs() <= magnitudes * kCancellationTolerance, 0);
+}
+
 class GradientRecorder {
  public:
   void add(Capture capture) { captures_.push_back(std::move(capture)); }

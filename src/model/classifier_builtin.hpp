@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "architecture.hpp"
 #include "classifier.hpp"
 
 namespace gradfix {

@@ -80,7 +80,7 @@ class Cnn final : public BuiltInClassifier {
         weight_votes -= torch::sign(per_sample).sum(0).to(torch::kInt32);
       }
       votes["convs." + std::to_string(i) + ".weight"] = weight_votes.reshape(convs_[i]->weight.sizes());
-      votes["convs." + std::to_string(i) + ".bias"] = -torch::sign(delta.sum(2)).sum(0).to(torch::kInt32);
+      votes["convs." + std::to_string(i) + ".bias"] = -torch::sign(without_cancelled(delta.sum(2), delta.abs().sum(2))).sum(0).to(torch::kInt32);
     }
     const torch::Tensor delta_signs = torch::sign(logits.grad());
     votes["head.weight"] = -torch::matmul(delta_signs.t(), torch::sign(flat.detach())).to(torch::kInt32);

@@ -89,12 +89,12 @@ class Vit final : public BuiltInClassifier {
         weight += sign_sum(torch::bmm(delta.slice(0, start, stop).transpose(1, 2), layer.input.slice(0, start, stop)));
       }
       votes[name + ".weight"] = weight;
-      votes[name + ".bias"] = sign_sum(delta.sum(1));
+      votes[name + ".bias"] = sign_sum(without_cancelled(delta.sum(1), delta.abs().sum(1)));
     }
     for (const auto& [name, layer] : capture.norms) {
       const torch::Tensor delta = layer.output.grad();
       votes[name + ".weight"] = sign_sum((delta * layer.input).sum(1));
-      votes[name + ".bias"] = sign_sum(delta.sum(1));
+      votes[name + ".bias"] = sign_sum(without_cancelled(delta.sum(1), delta.abs().sum(1)));
     }
     const torch::Tensor embedded = capture.embedded.grad();
     votes["cls_token"] = sign_sum(embedded.select(1, 0));

@@ -147,7 +147,9 @@ void add_captures(const std::vector<Capture>& captures, const std::map<std::stri
       case Capture::Kind::kLinearWeight:
         linear_weight(capture.parameter, shape, capture.input, gradient, product_bytes, accumulators);
         break;
-      case Capture::Kind::kBias: accumulators.add(capture.parameter, shape, gradient.sum(1)); break;  // a new tensor: consumable
+      case Capture::Kind::kBias:  // a new tensor: consumable
+        accumulators.add(capture.parameter, shape, without_cancelled(gradient.sum(1), gradient.abs().sum(1)));
+        break;
       case Capture::Kind::kScale: accumulators.add(capture.parameter, shape, (gradient * capture.input).sum(1)); break;
       case Capture::Kind::kEmbedding:
         for (int64_t i = 0; i < capture.input.size(0); ++i)
@@ -312,6 +314,18 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
     if (!loop) return;
     for (auto& [name, tensor] : parameters) tensor.requires_grad_(true);
   };
+  // Loop method: the bias entries that cancel to rounding (see without_cancelled) count as 0 in
+  // the leaf gradients too; the recorded outputs of one sample's pass tell which.
+  auto zero_cancelled = [&](Parameters& parameters, const GradientRecorder& recorder) {
+    for (const auto& capture : recorder.captures()) {
+      if (capture.kind != Capture::Kind::kBias) continue;
+      torch::Tensor& gradient = parameters.at(capture.parameter).mutable_grad();
+      if (!gradient.defined()) continue;
+      const torch::Tensor terms = capture.output.grad();
+      const torch::Tensor cancelled = without_cancelled(terms.sum(1), terms.abs().sum(1)).eq(0)[0];
+      gradient.masked_fill_(cancelled, 0);
+    }
+  };
   // Loop method: the parameters' own gradients after one sample's backward pass.
   auto add_leaf_gradients = [&](Parameters& parameters, Accumulators& accumulators, const std::set<std::string>& skip) {
     for (auto& [name, tensor] : parameters) {
@@ -365,10 +379,11 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
       for (int64_t i = 0; i < static_cast<int64_t>(groups[g].samples.size()); ++i) {
         GradientRecorder recorder;
         const torch::Tensor hidden = boundary.back()[g].slice(0, i, i + 1).detach().requires_grad_(true);
-        const torch::Tensor logits = model.output(parameters, hidden, loop ? nullptr : &recorder);
+        const torch::Tensor logits = model.output(parameters, hidden, &recorder);
         model.losses(logits, groups[g].batch.slice(i, i + 1)).sum().backward();
         gradients.push_back(hidden.grad());
         if (loop) {
+          zero_cancelled(parameters, recorder);
           for (const auto& name : tied) {
             tied_gradients[name][g] = parameters.at(name).grad().clone();
             parameters.at(name).mutable_grad().reset();
@@ -407,11 +422,15 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
     for (std::size_t g = 0; g < groups.size(); ++g) {
       GradientRecorder recorder;
       const torch::Tensor input = boundary.back()[g].detach().requires_grad_(true);
-      const torch::Tensor output = model.layer(l, parameters, input, groups[g].batch, loop ? nullptr : &recorder);
+      const torch::Tensor output = model.layer(l, parameters, input, groups[g].batch, &recorder);
       torch::autograd::backward({output}, {incoming[g]});
       incoming[g] = input.grad();
-      if (loop) add_leaf_gradients(parameters, accumulators, {});
-      else add_captures(recorder.captures(), shapes, options.product_bytes, accumulators);
+      if (loop) {
+        zero_cancelled(parameters, recorder);
+        add_leaf_gradients(parameters, accumulators, {});
+      } else {
+        add_captures(recorder.captures(), shapes, options.product_bytes, accumulators);
+      }
     }
     finish(accumulators, names);
     boundary.pop_back();

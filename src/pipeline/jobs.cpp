@@ -783,18 +783,20 @@ void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& con
     Json tensors = Json::array();
     for (const auto& name : names) {
       const TensorInfo& info = file->info(name);
-      out << std::left << std::setw(48) << name << std::setw(6) << dtype_name(info.dtype) << std::setw(22)
+      out << std::left << std::setw(48) << escaped_name(name) << std::setw(6) << dtype_name(info.dtype) << std::setw(22)
           << format_shape(info.shape) << std::right << std::setw(14) << info.numel() << std::setw(16) << info.nbytes() << "\n";
       elements += info.numel();
       bytes += info.nbytes();
-      tensors.push_back({{"name", name}, {"dtype", dtype_name(info.dtype)}, {"shape", info.shape}, {"bytes", info.nbytes()}});
+      tensors.push_back({{"name", escaped_name(name)}, {"dtype", dtype_name(info.dtype)}, {"shape", info.shape}, {"bytes", info.nbytes()}});
     }
     out << names.size() << " tensors, " << elements << " elements, " << bytes << " bytes\n";
-    for (const auto& [key, value] : file->metadata()) out << "metadata " << key << " = " << value << "\n";
+    for (const auto& [key, value] : file->metadata()) out << "metadata " << escaped_name(key) << " = " << escaped_name(value) << "\n";
     report["tensors"] = tensors;
     report["elements"] = elements;
     report["bytes"] = bytes;
-    report["metadata"] = file->metadata();
+    Json metadata = Json::object();
+    for (const auto& [key, value] : file->metadata()) metadata[escaped_name(key)] = escaped_name(value);
+    report["metadata"] = metadata;
   } else {
     // Each rank compares its pieces; the per-tensor sums meet on every rank.
     const auto layout = layout_of(*file, common, {});
@@ -821,8 +823,8 @@ void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& con
     for (std::size_t t = 0; t < layout.size(); ++t) {
       const PairStats& stats = per_tensor[t];
       overall.add(stats);
-      row(layout[t].name, stats);
-      tensors.push_back({{"name", layout[t].name}, {"sign_agreement", stats.sign_agreement()}, {"cosine", stats.cosine()},
+      row(escaped_name(layout[t].name), stats);
+      tensors.push_back({{"name", escaped_name(layout[t].name)}, {"sign_agreement", stats.sign_agreement()}, {"cosine", stats.cosine()},
                          {"norm_a", std::sqrt(stats.norm_a_squared)}, {"norm_b", std::sqrt(stats.norm_b_squared)}});
     }
     row("(overall, " + std::to_string(common.size()) + " tensors)", overall);
@@ -831,8 +833,12 @@ void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& con
     report["other"] = job.other;
     report["tensors"] = tensors;
     report["overall"] = {{"sign_agreement", overall.sign_agreement()}, {"cosine", overall.cosine()}, {"elements", overall.count}};
-    report["only_in_file"] = only_first;
-    report["only_in_other"] = only_second;
+    auto escaped = [](std::vector<std::string> names) {
+      for (auto& name : names) name = escaped_name(name);
+      return names;
+    };
+    report["only_in_file"] = escaped(only_first);
+    report["only_in_other"] = escaped(only_second);
   }
   if (!job.json_out.empty()) write_text_file_atomically(job.json_out, report.dump(2) + "\n");
 }

@@ -2,9 +2,10 @@
 # The regression catalogue of the defects issue: each crafted input that once crashed, hung or
 # was mishandled, with the exit code and message it must give now, and nothing left behind in
 # the output directory. (A 120 s guard stops a hang; it is not a measure of speed.)
-#   regressions.sh GRADFIX_BINARY
+#   regressions.sh GRADFIX_BINARY MAKE_HOSTILE_HDF5
 set -euo pipefail
 gradfix=$1
+make_hostile_hdf5=$2
 source "$(dirname "$0")/../mpi/common.sh"
 work=$(mktemp -d /tmp/gradfix-regressions-XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -87,7 +88,7 @@ echo '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a/b": {"dty
   header_file group.safetensors 8
 expect "tensors 'a' and 'a/b' to HDF5" 2 "cannot both be HDF5 datasets" convert group.safetensors out/g.h5
 echo '{"": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}' | header_file empty_name.safetensors 4
-expect "an empty tensor name to HDF5" 2 "cannot be an HDF5 dataset path" convert empty_name.safetensors out/e.h5
+expect "an empty tensor name to HDF5" 2 "a tensor without a name cannot be written" convert empty_name.safetensors out/e.h5
 # 10. Non-finite results from finite inputs: were written with exit 0.
 "$gradfix" generate --shapes "w=64x8,b=64" --seed 1 --out finite.safetensors >/dev/null
 "$gradfix" generate --like finite.safetensors --like-scale 9e37 --noise 0 --seed 1 --out big.safetensors >/dev/null
@@ -139,4 +140,66 @@ for delay in 0.02 0.1 0.3; do
   check "SIGINT after $delay s stops the run with 130 (got $code)" test "$code" -eq 130
   check "SIGINT after $delay s leaves nothing" test -z "$(ls -A out)"
 done
+# 12. HDF5 files whose tensors are not inside them, or whose sizes do not exist: external
+# storage was read (copying another file's bytes), links skipped without a word, a null dataspace
+# called truncation, 2^40 unwritten floats read for hours, (2^32)^3 counted as 0 elements.
+mkdir hostile && "$make_hostile_hdf5" hostile
+expect "HDF5 external storage" 2 "keeps its data in another file ('.*secret.bin', external storage)" convert hostile/external_storage.h5 out/x.safetensors
+expect "an HDF5 external link" 2 "'linked' is an external link to 'other.h5:/w'" inspect hostile/external_link.h5
+expect "an HDF5 soft link" 2 "'alias' is a soft link" convert hostile/soft_link.h5 out/x.safetensors
+expect "an HDF5 null dataspace" 2 "dataset 'nothing' has a null dataspace" inspect hostile/null_space.h5
+expect "2^40 floats declared, never written" 2 "dataset 'huge' declares 4398046511104 bytes but its storage was never written" \
+  convert hostile/unwritten.h5 out/x.safetensors
+expect "2^40 floats declared, compared with itself" 2 "its storage was never written" inspect hostile/unwritten.h5 hostile/unwritten.h5
+expect "(2^32)^3 elements" 2 "declares shape \[4294967296, 4294967296, 4294967296\]: its element count or byte size overflows" \
+  inspect hostile/overflow_elements.h5
+expect "(2^21)^3 floats" 2 "declares shape \[2097152, 2097152, 2097152\]: its element count or byte size overflows" convert hostile/overflow_bytes.h5 out/x.h5
+"$gradfix" init --arch mlp --dims 4,3,2 --out mlp.safetensors >/dev/null
+expect "2 TB of dataset inputs declared" 2 "huge_inputs.h5: dataset 'inputs' declares 2199023255552 bytes but its storage was never written" \
+  eval --weights mlp.safetensors --data hostile/huge_inputs.h5
+expect "a label of INT64_MAX in eval" 2 "label 9223372036854775807 is not below 16777216" eval --weights mlp.safetensors --data hostile/huge_label.h5
+expect "a label of INT64_MAX in signs" 2 "label 9223372036854775807 is not below 16777216" \
+  signs --weights mlp.safetensors --data hostile/huge_label.h5 --out out/v.safetensors
+# An IDX header whose dimensions multiply past 64 bits.
+python3 -c "
+import struct
+open('big-images-idx3-ubyte', 'wb').write(struct.pack('>IIII', 0x803, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF))
+open('big-labels-idx1-ubyte', 'wb').write(struct.pack('>II', 0x801, 0xFFFFFFFF))"
+expect "IDX dimensions that overflow" 2 "the IDX header declares more than 8589934592 bytes" \
+  eval --weights mlp.safetensors --data big-images-idx3-ubyte --transform rotate90
+
+# 13. Names that are not valid UTF-8, or that would recolour a terminal: escaped when printed,
+# refused where a JSON header must hold them.
+python3 - <<'PY'
+import json, struct
+def write(path, names):
+    header, offset = {}, 0
+    for name in names:
+        header[name] = {"dtype": "F32", "shape": [1], "data_offsets": [offset, offset + 4]}
+        offset += 4
+    text = json.dumps(header, ensure_ascii=False).encode("utf-8", "surrogateescape")
+    text += b" " * ((8 - len(text) % 8) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(text)) + text + b"\0" * offset)
+write("colour.safetensors", ["\x1b[31mred", "caf\u00e9"])
+PY
+"$gradfix" inspect colour.safetensors --json out/../colour.json >inspect.txt
+check "an escape sequence in a tensor name is printed escaped" grep -q '\\x1b\[31mred' inspect.txt
+check "no raw escape byte reaches the terminal" bash -c "! grep -q $'\x1b' inspect.txt"
+check "valid UTF-8 is printed as it is" grep -q "café" inspect.txt
+check "inspect --json stays valid JSON with the escaped name" python3 -c "
+import json; names = [t['name'] for t in json.load(open('colour.json'))['tensors']]; assert '\\\\x1b[31mred' in names, names"
+"$gradfix" convert colour.safetensors colour.h5 >/dev/null
+python3 - <<'PY'
+# Rename the HDF5 dataset to bytes that are not UTF-8 by patching the name in place (same length).
+data = bytearray(open("colour.h5", "rb").read())
+at = data.find(b"caf\xc3\xa9")
+assert at >= 0
+data[at + 3] = 0xFF
+open("bad_utf8.h5", "wb").write(bytes(data))
+PY
+expect "a tensor name that is not UTF-8 into safetensors" 2 "tensor name 'caf\\\\xff\\\\xa9' is not valid UTF-8" convert bad_utf8.h5 out/x.safetensors
+expect "a tensor name that is not UTF-8 into a sharded directory" 2 "is not valid UTF-8" convert bad_utf8.h5 out/x
+"$gradfix" inspect bad_utf8.h5 --json bad_utf8.json >/dev/null
+check "inspect --json escapes a name that is not UTF-8" python3 -c "
+import json; names = [t['name'] for t in json.load(open('bad_utf8.json'))['tensors']]; assert 'caf\\\\xff\\\\xa9' in names, names"
 finish

@@ -80,6 +80,16 @@ TEST_P(BuiltIn, FastVotesEqualThePerSampleLoop) {
     ASSERT_TRUE(model->fast_votes(inputs, labels, fast));
     const auto loop = loop_votes(*model, inputs, labels);
     long long total = 0, equal = 0;
+    // The key third of a vit's qkv.bias has a gradient of zero in theory: the fast path casts no
+    // vote there (its per-sample sums cancel to rounding), the loop votes with autograd's noise.
+    // It is checked for zeros and left out of the comparison.
+    for (auto& [name, parameter] : model->parameters()) {
+      if (name.size() > 13 && name.compare(name.size() - 13, 13, "attn.qkv.bias") == 0) {
+        const int64_t third = parameter.size(0) / 3;
+        EXPECT_TRUE(fast.at(name).slice(0, third, 2 * third).eq(0).all().item<bool>()) << name << ": a key bias cast a vote";
+        fast.at(name).slice(0, third, 2 * third).copy_(loop.at(name).slice(0, third, 2 * third));
+      }
+    }
     for (auto& [name, parameter] : model->parameters()) {
       ASSERT_EQ(fast.at(name).sizes(), parameter.sizes()) << name;
       const torch::Tensor same = fast.at(name).eq(loop.at(name));

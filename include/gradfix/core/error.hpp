@@ -71,7 +71,14 @@ class InternalError : public Error {
 // "[768, 3072]": the form every message uses for a shape.
 std::string format_shape(const std::vector<long long>& shape);
 
-// Lists at most `limit` names, then "and N more", so that a message about a 10,000-tensor
+// Whether `text` is valid UTF-8 (no overlong forms, no surrogates, nothing past U+10FFFF).
+bool is_valid_utf8(const std::string& text);
+// A name read from a file, safe to print and to put in JSON: valid UTF-8 is kept as it is, bytes
+// that are not printable (control characters, escape sequences) or not part of valid UTF-8 become
+// \xNN, and a backslash becomes \\. Names from files are printed only through this.
+std::string escaped_name(const std::string& name);
+
+// Lists at most `limit` names (escaped), then "and N more", so that a message about a 10,000-tensor
 // checkpoint stays readable.
 std::string format_name_list(const std::vector<std::string>& names, std::size_t limit = 8);
 
