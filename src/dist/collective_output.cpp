@@ -36,6 +36,9 @@ class CollectiveWriter final : public TensorWriter {
 
   std::vector<long long> written_elements() const override { return written_; }
 
+  bool takes_files() const override { return inner_->takes_files(); }
+  void add_file(const std::string& name, const std::string& content) override { inner_->add_file(name, content); }
+
   void publish() override {
     inner_->publish();
     comm_.barrier();

@@ -512,8 +512,76 @@ class SafetensorsWriter final : public TensorWriter {
   bool published_ = false;
 };
 
-// A directory of shards plus the index. Shards and index are written under temporary names and
-// renamed index last, so a reader never finds an index that points at a missing shard.
+// What an existing output directory may be for a run to replace it whole: nothing but regular
+// files, and a checkpoint (an index or shards) or nothing at all. Anything else (a home directory,
+// a Hugging Face cache snapshot of symbolic links, a directory of results) is refused untouched.
+void check_replaceable(const std::string& directory) {
+  struct stat status {};
+  if (::lstat(directory.c_str(), &status) != 0) return;  // nothing there yet
+  if (!S_ISDIR(status.st_mode)) throw InputError(directory + ": exists and is not a directory; a sharded output is a directory");
+  DIR* listing = ::opendir(directory.c_str());
+  if (listing == nullptr) throw InputError(directory + ": cannot list the existing output directory: " + std::strerror(errno));
+  bool checkpoint = false, empty = true;
+  std::string other;
+  while (const dirent* entry = ::readdir(listing)) {
+    const std::string name = entry->d_name;
+    if (name == "." || name == "..") continue;
+    empty = false;
+    struct stat inner {};
+    if (::lstat((directory + "/" + name).c_str(), &inner) != 0 || !S_ISREG(inner.st_mode)) {
+      if (other.empty()) other = name;
+      continue;
+    }
+    if (name == kSafetensorsIndexName || (name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0)) checkpoint = true;
+  }
+  ::closedir(listing);
+  if (!other.empty())
+    throw InputError(directory + ": the existing output directory holds '" + escaped_name(other) +
+                     "', which is not a regular file; gradfix replaces an output directory whole and will not replace this one");
+  if (!empty && !checkpoint)
+    throw InputError(directory + ": the existing directory is not a checkpoint (no " + kSafetensorsIndexName +
+                     ", no .safetensors file); gradfix replaces an output directory whole and will not replace this one");
+}
+
+// Removes the regular files of a directory and the directory: what a swap left of an earlier
+// output, or an unpublished staging directory. Anything else inside is left (and so the directory).
+void remove_flat_directory(const std::string& directory) {
+  if (DIR* listing = ::opendir(directory.c_str())) {
+    std::vector<std::string> names;
+    while (const dirent* entry = ::readdir(listing)) names.emplace_back(entry->d_name);
+    ::closedir(listing);
+    for (const auto& name : names) {
+      struct stat status {};
+      const std::string path = directory + "/" + name;
+      if (name != "." && name != ".." && ::lstat(path.c_str(), &status) == 0 && S_ISREG(status.st_mode)) ::unlink(path.c_str());
+    }
+  }
+  ::rmdir(directory.c_str());
+}
+
+// Puts the finished `staging` directory at `target` in one step. When `target` exists, the two
+// are exchanged atomically (renameat2 RENAME_EXCHANGE) and the earlier output, now at `staging`,
+// is removed: a reader, or a concurrent run, always sees one run's whole output.
+void publish_directory(const std::string& staging, const std::string& target) {
+  if (::rename(staging.c_str(), target.c_str()) == 0) return;  // no target, or an empty one
+  if (errno != EEXIST && errno != ENOTEMPTY)
+    throw RuntimeFailure(target + ": cannot publish the output directory: " + std::strerror(errno));
+  if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) == 0) {
+    remove_flat_directory(staging);
+    return;
+  }
+  // A file system without the exchange: the earlier output steps aside first (a short window in
+  // which the target is missing, never mixed).
+  const std::string aside = staging + ".old";
+  if (::rename(target.c_str(), aside.c_str()) != 0 || ::rename(staging.c_str(), target.c_str()) != 0)
+    throw RuntimeFailure(target + ": cannot publish the output directory: " + std::strerror(errno));
+  remove_flat_directory(aside);
+}
+
+// A directory of shards plus the index, built whole in a private staging directory beside the
+// target (".NAME.tmp-TOKEN"), with any files added to it (config.json, tokenizer files), and
+// published in one step: the target then holds exactly this run's output, never a mix with an
+// earlier or concurrent run's shards.
 class ShardedSafetensorsWriter final : public TensorWriter {
  public:
   ShardedSafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata,
@@ -522,43 +590,46 @@ class ShardedSafetensorsWriter final : public TensorWriter {
     if (max_shard_bytes <= 0) throw InputError("--max-shard-size must be positive, got " + std::to_string(max_shard_bytes));
     if (role_.token.empty()) role_.token = new_temporary_token();
     directory_ = sharded_checkpoint_directory(path);
+    staging_ = temporary_path_for(directory_, role_.token);
     if (role_.leader) {
-      created_directory_ = ensure_directory(directory_);
-      if (created_directory_) register_temporary(directory_);
+      check_replaceable(directory_);
+      ensure_directory(parent_directory(directory_));
+      if (::mkdir(staging_.c_str(), 0755) != 0)
+        throw RuntimeFailure(directory_ + ": cannot create the staging directory '" + staging_ + "': " + std::strerror(errno));
+      register_temporary(staging_);
     }
-
-    std::vector<std::vector<TensorInfo>> groups(1);
-    long long group_bytes = 0;
-    for (const auto& tensor : layout) {
-      if (!groups.back().empty() && group_bytes + tensor.nbytes() > max_shard_bytes) {
-        groups.emplace_back();
-        group_bytes = 0;
+    try {
+      std::vector<std::vector<TensorInfo>> groups(1);
+      long long group_bytes = 0;
+      for (const auto& tensor : layout) {
+        if (!groups.back().empty() && group_bytes + tensor.nbytes() > max_shard_bytes) {
+          groups.emplace_back();
+          group_bytes = 0;
+        }
+        groups.back().push_back(tensor);
+        group_bytes += tensor.nbytes();
       }
-      groups.back().push_back(tensor);
-      group_bytes += tensor.nbytes();
-    }
-    const int count = static_cast<int>(groups.size());
-    long long total = 0;
-    for (int i = 0; i < count; ++i) {
-      const std::string file = shard_file_name(i + 1, count);
-      shards_.push_back(std::make_unique<SafetensorsWriter>(directory_ + "/" + file, groups[i], metadata, role_));
-      for (const auto& tensor : groups[i]) {
-        owner_[tensor.name] = static_cast<std::size_t>(i);
-        weight_map_[tensor.name] = file;
-        total += tensor.nbytes();
+      const int count = static_cast<int>(groups.size());
+      long long total = 0;
+      for (int i = 0; i < count; ++i) {
+        const std::string file = shard_file_name(i + 1, count);
+        shards_.push_back(std::make_unique<SafetensorsWriter>(staging_ + "/" + file, groups[i], metadata, role_));
+        files_.push_back(file);
+        for (const auto& tensor : groups[i]) {
+          owner_[tensor.name] = static_cast<std::size_t>(i);
+          weight_map_[tensor.name] = file;
+          total += tensor.nbytes();
+        }
       }
+      total_size_ = total;
+    } catch (...) {
+      discard();
+      throw;
     }
-    total_size_ = total;
   }
 
   ~ShardedSafetensorsWriter() override {
-    shards_.clear();
-    if (!published_ && role_.leader) {
-      if (!index_temporary_.empty()) remove_quietly(index_temporary_);
-      if (created_directory_) ::rmdir(directory_.c_str());
-    }
-    if (!index_temporary_.empty()) unregister_temporary(index_temporary_);
-    if (created_directory_) unregister_temporary(directory_);
+    if (!published_) discard();
   }
 
   const std::string& path() const override { return path_; }
@@ -570,22 +641,21 @@ class ShardedSafetensorsWriter final : public TensorWriter {
 
   void write_raw(const std::string& name, long long begin, long long count, const void* source) override {
     const auto found = owner_.find(name);
-    if (found == owner_.end()) throw RuntimeFailure(path_ + ": tensor '" + name + "' is not in the output layout");
+    if (found == owner_.end()) throw RuntimeFailure(path_ + ": tensor '" + escaped_name(name) + "' is not in the output layout");
     shards_[found->second]->write_raw(name, begin, count, source);
   }
 
   void flush() override {
     for (auto& shard : shards_) shard->flush();
-    if (!role_.leader) return;  // the leader writes and publishes the index
-    const std::string index_path = directory_ + "/" + kSafetensorsIndexName;
-    index_temporary_ = temporary_path_for(index_path, role_.token);
-    register_temporary(index_temporary_);
+    if (!role_.leader) return;  // the leader writes the index
+    const std::string index_path = staging_ + "/" + kSafetensorsIndexName;
+    register_temporary(index_path);
     const Json index = {{"metadata", {{"total_size", total_size_}}}, {"weight_map", weight_map_}};
     const std::string text = index.dump(2) + "\n";
-    std::FILE* file = std::fopen(index_temporary_.c_str(), "wb");
-    if (file == nullptr) throw RuntimeFailure(index_path + ": cannot create: " + std::strerror(errno));
+    std::FILE* file = std::fopen(index_path.c_str(), "wb");
+    if (file == nullptr) throw RuntimeFailure(directory_ + "/" + kSafetensorsIndexName + ": cannot create: " + std::strerror(errno));
     const bool written = std::fwrite(text.data(), 1, text.size(), file) == text.size();
-    if (std::fclose(file) != 0 || !written) throw RuntimeFailure(index_path + ": write failed");
+    if (std::fclose(file) != 0 || !written) throw RuntimeFailure(directory_ + "/" + kSafetensorsIndexName + ": write failed");
   }
 
   std::vector<long long> written_elements() const override {
@@ -595,23 +665,53 @@ class ShardedSafetensorsWriter final : public TensorWriter {
     return written;
   }
 
+  bool takes_files() const override { return true; }
+
+  void add_file(const std::string& name, const std::string& content) override {
+    if (!role_.leader) return;
+    if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos || name == kSafetensorsIndexName ||
+        std::find(files_.begin(), files_.end(), name) != files_.end())
+      throw RuntimeFailure(directory_ + ": '" + escaped_name(name) + "' cannot be added beside the tensors");
+    const std::string file = staging_ + "/" + name;
+    register_temporary(file);
+    added_.push_back(file);
+    write_text_file_atomically(file, content);
+  }
+
   void publish() override {
+    // The shards take their final names inside the staging directory, which then replaces the
+    // target whole.
+    for (const auto& file : files_) register_temporary(staging_ + "/" + file);
     for (auto& shard : shards_) shard->publish();
-    if (role_.leader) rename_file(index_temporary_, directory_ + "/" + kSafetensorsIndexName);
+    if (role_.leader) publish_directory(staging_, directory_);
     published_ = true;
+    for (const auto& file : files_) unregister_temporary(staging_ + "/" + file);
+    for (const auto& file : added_) unregister_temporary(file);
+    unregister_temporary(staging_ + "/" + kSafetensorsIndexName);
+    unregister_temporary(staging_);
   }
 
  private:
+  // Everything this run created, on any failure before publication.
+  void discard() {
+    shards_.clear();  // each removes its temporary
+    if (role_.leader) remove_flat_directory(staging_);
+    for (const auto& file : added_) unregister_temporary(file);
+    unregister_temporary(staging_ + "/" + kSafetensorsIndexName);
+    unregister_temporary(staging_);
+  }
+
   std::string path_;
   WriterRole role_;
   std::string directory_;
+  std::string staging_;
   std::vector<TensorInfo> layout_;
   std::vector<std::unique_ptr<SafetensorsWriter>> shards_;
+  std::vector<std::string> files_;
+  std::vector<std::string> added_;
   std::map<std::string, std::size_t> owner_;
   std::map<std::string, std::string> weight_map_;
   long long total_size_ = 0;
-  std::string index_temporary_;
-  bool created_directory_ = false;
   bool published_ = false;
 };
 

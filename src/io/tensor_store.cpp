@@ -146,6 +146,10 @@ std::unique_ptr<TensorReader> open_reader(const std::string& path) {
   throw InputError("'" + path + "': unknown checkpoint format");
 }
 
+void TensorWriter::add_file(const std::string& name, const std::string&) {
+  throw RuntimeFailure(path() + ": '" + escaped_name(name) + "' cannot be added: only a directory output takes other files");
+}
+
 std::unique_ptr<TensorWriter> open_writer(const std::string& path, const std::vector<TensorInfo>& layout,
                                           const Metadata& metadata, const WriteOptions& options) {
   std::set<std::string> names;

@@ -203,8 +203,7 @@ void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& c
     if (format_of_path(job.out) != StoreFormat::kShardedSafetensors)
       throw InputError("--out " + job.out + ": a decoder is written as a Hugging Face model directory (a path without an extension)");
   });
-  // The root writes the directory: the weights first, config.json last, so a directory with a
-  // config is always complete.
+  // The root writes the directory, weights and config.json, and publishes it in one step.
   std::unique_ptr<TensorWriter> writer;
   long long parameters = 0;
   context.agree([&] {
@@ -229,11 +228,11 @@ void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& c
       writer->write_f32(tensor.name, 0, values.data_ptr<float>(), tensor.numel());
       parameters += tensor.numel();
     }
+    writer->add_file("config.json", nlohmann::json::parse(text).dump(2) + "\n");
     writer->finish();
   });
   if (writer) {
     writer->publish();
-    write_text_file_atomically(job.out + "/config.json", nlohmann::json::parse(text).dump(2) + "\n");
     log << "init: " << config.model_type << ", " << config.layers << " layers, hidden " << config.hidden_size << ", " << parameters
         << " parameters, seed " << job.seed << ", written to " << job.out << "/ (config.json and safetensors)\n";
   }
@@ -414,8 +413,8 @@ std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::os
         writer->write_f32(layout[pieces[k].tensor].name, pieces[k].begin, values.data(), pieces[k].count);
       }
     });
+    carry_model_files(context, job.target, *writer, OutputOptions{});
     commit_collectively(context, *writer);
-    carry_model_files(context, job.target, job.out, OutputOptions{});
     if (context.is_root()) log << "transport: GradFix model (alpha " << gradfix_alpha << ") written to " << job.out << "\n";
   }
   if (!job.results.empty()) {

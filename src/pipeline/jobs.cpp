@@ -321,9 +321,8 @@ double gaussian_at(std::uint64_t seed, std::uint64_t key, long long index) {
 
 }  // namespace
 
-void carry_model_files(const JobContext& context, const std::string& input, const std::string& output, const OutputOptions& options) {
-  if (!is_directory(input) || format_of_path(output) != StoreFormat::kShardedSafetensors) return;
-  const std::string directory = sharded_checkpoint_directory(output);
+void carry_model_files(const JobContext& context, const std::string& input, TensorWriter& output, const OutputOptions& options) {
+  if (!is_directory(input) || !output.takes_files()) return;
   context.agree([&] {
     if (!context.is_root()) return;
     DIR* listing = ::opendir(input.c_str());
@@ -355,7 +354,7 @@ void carry_model_files(const JobContext& context, const std::string& input, cons
           text = config.dump(2) + "\n";
         }
       }
-      write_text_file_atomically(directory + "/" + name, text);
+      output.add_file(name, text);
     }
   });
 }
@@ -389,8 +388,8 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
     summary.stats.add(tau.data(), tau.data(), chunk.count);
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
+  carry_model_files(ranks.context(), job.base, *writer, job.output);
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks.context(), job.base, job.out, job.output);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
   summary.tensors_written = summary.tensors_changed = static_cast<long long>(names.size());
@@ -440,8 +439,8 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
     summary.stats.add(delta.data(), delta.data(), chunk.count);
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
+  carry_model_files(ranks.context(), job.base, *writer, job.output);
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks.context(), job.base, job.out, job.output);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
   summary.tensors_written = static_cast<long long>(layout.size());
@@ -503,8 +502,8 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
     kept.add(masked.data(), values.data(), chunk.count);
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
+  carry_model_files(ranks.context(), job.task_vector, *writer, job.output);
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks.context(), job.task_vector, job.out, job.output);
   ranks.reduce_summary(summary.stats);
   ranks.reduce_summary(kept);
   summary.elements = summary.stats.count;
@@ -639,8 +638,8 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
     summary.stats.add(merged.data(), first.data(), chunk.count);
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
+  carry_model_files(ranks.context(), job.task_vectors.front(), *writer, job.output);
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks.context(), job.task_vectors.front(), job.out, job.output);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
   summary.tensors_written = summary.tensors_changed = static_cast<long long>(names.size());
@@ -668,8 +667,8 @@ JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContex
   auto writer = open_output(ranks, job.out, layout, in->metadata(), job.output);
   JobSummary summary;
   for (const auto& chunk : my_chunks(ranks, plan, layout)) copy_chunk(*in, layout[chunk.tensor], chunk, *writer, job.output.allow_nonfinite);
+  carry_model_files(ranks.context(), job.in, *writer, job.output);
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks.context(), job.in, job.out, job.output);
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.bytes_written = layout_bytes(layout);
   for (const auto& tensor : layout) summary.elements += tensor.numel();
@@ -747,8 +746,8 @@ JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobCont
       values[static_cast<std::size_t>(i)] += static_cast<float>(job.noise * gaussian_at(job.seed, key, chunk.begin + i));
     writer->write_f32(tensor.name, chunk.begin, values.data(), chunk.count);
   }
+  carry_model_files(ranks.context(), job.like, *writer, job.output);
   commit_collectively(ranks.context(), *writer);
-  carry_model_files(ranks.context(), job.like, job.out, job.output);
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.bytes_written = layout_bytes(layout);
   for (const auto& tensor : layout) summary.elements += tensor.numel();

@@ -202,4 +202,31 @@ expect "a tensor name that is not UTF-8 into a sharded directory" 2 "is not vali
 "$gradfix" inspect bad_utf8.h5 --json bad_utf8.json >/dev/null
 check "inspect --json escapes a name that is not UTF-8" python3 -c "
 import json; names = [t['name'] for t in json.load(open('bad_utf8.json'))['tensors']]; assert 'caf\\\\xff\\\\xa9' in names, names"
+# 14. Two runs, one output directory: the shards of both were mixed, and a rewrite left stale
+# shards beside the new ones. A directory is now built under a temporary name and exchanged whole.
+"$gradfix" generate --shapes "a=512x512,b=512x512,c=512x512,d=512x512" --seed 3 --out base.safetensors >/dev/null
+"$gradfix" generate --shapes "a=512x512,b=512x512,c=512x512,d=512x512" --seed 4 --out tau.safetensors >/dev/null
+mkdir runs
+mixed=0
+for round in 1 2 3 4 5 6; do
+  "$gradfix" apply --base base.safetensors --task-vector tau.safetensors --alpha 1 --max-shard-size 1MB --out runs/shared >/dev/null 2>a.err &
+  first=$!
+  "$gradfix" apply --base base.safetensors --task-vector tau.safetensors --alpha 2 --max-shard-size 1MB --out runs/shared >/dev/null 2>b.err &
+  second=$!
+  wait "$first" && wait "$second" || mixed=$((mixed + 100))
+  alphas=$(cat runs/shared/*.safetensors | grep -ao '"gradfix.alpha":"[0-9.]*"' | sort -u | wc -l)
+  [ "$alphas" -eq 1 ] || mixed=$((mixed + 1))
+  [ "$(ls runs/shared | wc -l)" -eq 5 ] || mixed=$((mixed + 1))
+done
+check "two concurrent writers of one directory: both exit 0, the directory always holds one run's whole output (bad rounds: $mixed)" test "$mixed" -eq 0
+check "no staging directory is left beside the output" test "$(ls -A runs)" = "shared"
+"$gradfix" apply --base base.safetensors --task-vector tau.safetensors --alpha 3 --out runs/shared >/dev/null
+check "a rewrite with fewer shards leaves no stale shard" test "$(ls runs/shared)" = "$(printf 'model-00001-of-00001.safetensors\nmodel.safetensors.index.json')"
+mkdir -p notes && echo "my notes" >notes/README.md
+expect "a directory that is not a checkpoint is not replaced" 2 "notes: the existing directory is not a checkpoint" \
+  apply --base base.safetensors --task-vector tau.safetensors --out notes
+check "the refused directory is untouched" test "$(cat notes/README.md)" = "my notes"
+mkdir -p nested/inner && cp runs/shared/* nested/
+expect "a checkpoint directory holding a subdirectory is not replaced" 2 "holds 'inner', which is not a regular file" \
+  apply --base base.safetensors --task-vector tau.safetensors --out nested
 finish

@@ -92,6 +92,12 @@ class TensorWriter {
   virtual std::vector<long long> written_elements() const = 0;
   // Renames the finished temporary files to their final names (the leader does the renaming).
   virtual void publish() = 0;
+  // Whether add_file() works: a directory output (sharded safetensors) is built whole under a
+  // temporary name and published in one step, with any files added to it.
+  virtual bool takes_files() const { return false; }
+  // Adds a non-tensor file (config.json, a tokenizer) to a directory output, published with the
+  // tensors. `name` is a plain file name. The leader calls it, after flush() and before publish().
+  virtual void add_file(const std::string& name, const std::string& content);
 
   // flush(), then refuses to go on when an element of a tensor was not written. Splitting this
   // from publish() lets several processes all finish before any publishes.

@@ -106,11 +106,11 @@ struct JobSummary {
 
 // The non-tensor files of a Hugging Face model directory (config.json, generation_config.json,
 // tokenizer files, the chat template) travel with its tensors: when the primary input is such a
-// directory and the output is a directory, the root copies them beside the published shards, so
-// the output loads with from_pretrained like the input. With --out-dtype, config.json's
+// directory and the output is a directory, the root adds them to it before it is published (in
+// the same step as the shards), so the output loads with from_pretrained like the input. With --out-dtype, config.json's
 // torch_dtype (and dtype) follow. Only regular files directly in the directory are copied, never
 // symbolic links (they could point anywhere), and none larger than 256 MiB.
-void carry_model_files(const JobContext& context, const std::string& input, const std::string& output, const OutputOptions& options);
+void carry_model_files(const JobContext& context, const std::string& input, TensorWriter& output, const OutputOptions& options);
 
 // Each prints its summary on rank 0 only; the returned summary is the same on every rank.
 JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const JobContext& context = {});
