@@ -5,6 +5,8 @@
 #include <cstring>
 #include <set>
 
+#include <torch/cuda.h>
+
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/signs/statistics.hpp"
@@ -179,6 +181,7 @@ std::vector<std::vector<float>> read_pieces(const TensorReader& reader, const st
 }
 
 Parameters ShardedWeights::gather(const std::vector<std::string>& names, const torch::Device& device) const {
+  if (!device.is_cpu() && context_.size() > 1 && context_.stats().memory() == MemorySpace::kDevice) return gather_on_device(names, device);
   std::set<std::size_t> wanted;
   for (const auto& name : names) {
     const auto found = index_.find(name);
@@ -250,6 +253,70 @@ Parameters ShardedWeights::gather(const std::vector<std::string>& names, const t
   }
   Parameters parameters;
   for (auto& [tensor, values] : full) parameters[layout_[tensor].name] = device.is_cpu() ? values : values.to(device);
+  return parameters;
+}
+
+// The same over the device communicator (NCCL): the whole tensors are assembled in device
+// memory, each owner's pieces broadcast from there, so no rank stages a layer on the host. The
+// communicator works on its own stream: torch's work is finished before each broadcast, and the
+// communicator finishes its own before returning.
+Parameters ShardedWeights::gather_on_device(const std::vector<std::string>& names, const torch::Device& device) const {
+  std::set<std::size_t> wanted;
+  for (const auto& name : names) {
+    const auto found = index_.find(name);
+    GRADFIX_CHECK(found != index_.end(), "no tensor '" + name + "' in the model's layout");
+    wanted.insert(found->second);
+  }
+  Communicator& transport = context_.stats();
+  const auto on_device = torch::TensorOptions().dtype(torch::kFloat32).device(device);
+  std::map<std::size_t, torch::Tensor> full;
+  for (std::size_t tensor : wanted) full[tensor] = torch::empty(shape_of(layout_[tensor]), on_device);
+  auto range = [&](const Piece& piece) { return full.at(piece.tensor).view({-1}).slice(0, piece.begin, piece.begin + piece.count); };
+  // Own pieces (with the offset, added on the host as gather() does) go straight into place.
+  const auto& my_pieces = plan_.pieces(context_.rank());
+  std::vector<float> values;
+  for (std::size_t k = 0; k < my_pieces.size(); ++k) {
+    if (!wanted.count(my_pieces[k].tensor)) continue;
+    values = mine_[k];
+    if (offset_ != nullptr)
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] = mine_[k][i] + alpha_ * (*offset_)[k][i];
+    range(my_pieces[k]).copy_(torch::from_blob(values.data(), {my_pieces[k].count}, torch::kFloat32));
+  }
+  for (int r = 0; r < context_.size(); ++r) {
+    std::vector<Piece> theirs;
+    long long count = 0;
+    for (const auto& piece : plan_.pieces(r))
+      if (wanted.count(piece.tensor)) {
+        theirs.push_back(piece);
+        count += piece.count;
+      }
+    if (count == 0) continue;
+    torch::cuda::synchronize();
+    if (theirs.size() == 1) {
+      transport.broadcast(range(theirs[0]).data_ptr<float>(), static_cast<std::size_t>(count), DType::kF32, r);
+      continue;
+    }
+    // Several ranges: packed into one buffer in plan order, broadcast, unpacked.
+    torch::Tensor packed;
+    if (r == context_.rank()) {
+      std::vector<torch::Tensor> parts;
+      for (const auto& piece : theirs) parts.push_back(range(piece));
+      packed = torch::cat(parts);
+    } else {
+      packed = torch::empty({count}, on_device);
+    }
+    torch::cuda::synchronize();
+    transport.broadcast(packed.data_ptr<float>(), static_cast<std::size_t>(count), DType::kF32, r);
+    if (r == context_.rank()) continue;
+    long long cursor = 0;
+    for (const auto& piece : theirs) {
+      range(piece).copy_(packed.slice(0, cursor, cursor + piece.count));
+      cursor += piece.count;
+    }
+  }
+  torch::cuda::synchronize();
+  Parameters parameters;
+  for (auto& [tensor, tensor_values] : full) parameters[layout_[tensor].name] = tensor_values;
   return parameters;
 }
 

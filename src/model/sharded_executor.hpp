@@ -34,6 +34,8 @@ class ShardedWeights {
   // This rank's pieces of the weights, in plan order.
   const std::vector<std::vector<float>>& pieces() const { return mine_; }
   // Whole tensors of `names` as float32 on `device`. Collective: every rank passes the same names.
+  // On a GPU with a device communicator (--backend nccl) the pieces travel device to device;
+  // otherwise through the host communicator (MPI).
   Parameters gather(const std::vector<std::string>& names, const torch::Device& device) const;
   // From now on gather() returns weights + alpha * offset, elementwise in float32 as `apply`
   // computes it; `offset` holds pieces in plan order and must outlive its use; nullptr returns to
@@ -46,6 +48,8 @@ class ShardedWeights {
   }
 
  private:
+  Parameters gather_on_device(const std::vector<std::string>& names, const torch::Device& device) const;
+
   const JobContext& context_;
   std::vector<TensorInfo> layout_;
   std::map<std::string, std::size_t> index_;
