@@ -277,11 +277,13 @@ std::vector<SubcommandSpec> make_table() {
   table.push_back({"eval", "gradfix eval --weights W --data D [--results R.json]",
                    "accuracy and loss of a model on a dataset (decoders: per-sample loss and token accuracy)", Executable::kTorch,
                    {OptionGroup::kModel},
-                   joined(data_options, {{"results", T::kText, "", "also write the results as JSON to this file"}}),
+                   joined(data_options, {{"results", T::kText, "", "also write the results as JSON to this file"},
+                                         {"head", T::kText, "", "CLIP: zero-shot head file [classes, projection_dim]"}}),
                    {},
                    [](const Options& values) {
-                     EvalJob job{values.text("model"), weights_of(values, "weights"), data_of(values, "data"), ""};
+                     EvalJob job{values.text("model"), weights_of(values, "weights"), data_of(values, "data"), "", ""};
                      if (values.has("results")) job.results = values.text("results");
+                     if (values.has("head")) job.head = values.text("head");
                      return job_of(job, [](const EvalJob& j, std::ostream& log, const JobContext& c) { run_eval(j, log, c); });
                    }});
 
@@ -294,6 +296,7 @@ std::vector<SubcommandSpec> make_table() {
                                  {{"seed", T::kCount, "0", "sampling seed"},
                                   {"sign-mode", T::kText, "max", "max: per-sample vote counts; mean: summed -gradients"},
                                   {"method", T::kText, "fast", "fast: one batched backward pass; loop: one backward per sample"},
+                                  {"head", T::kText, "", "CLIP: zero-shot head file [classes, projection_dim]"},
                                   {"out", T::kText, "", "statistics file to write"}})),
                    {},
                    [](const Options& values) {
@@ -308,6 +311,7 @@ std::vector<SubcommandSpec> make_table() {
                      job.seed = values.count("seed");
                      job.sign_mode = checked_sign_mode(values);
                      job.method = parse_vote_method(values.text("method"));
+                     if (values.has("head")) job.head = values.text("head");
                      job.out = values.required("out");
                      return job_of(job, [](const SignsJob& j, std::ostream& log, const JobContext& c) { run_signs(j, log, c); });
                    }});

@@ -19,6 +19,12 @@ std::map<std::string, ArchitectureRegistration::Factory>& registry() {
 
 }  // namespace
 
+bool is_model_directory(const std::string& path) {
+  struct stat status {};
+  if (::stat(path.c_str(), &status) != 0 || !S_ISDIR(status.st_mode)) return false;
+  return ::stat((path + "/config.json").c_str(), &status) == 0;
+}
+
 std::string read_config_text(const std::string& path) {
   // The size is bounded before anything is read: a config comes from strangers.
   struct stat status {};

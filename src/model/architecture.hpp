@@ -28,10 +28,12 @@ using Parameters = std::map<std::string, torch::Tensor>;
 // the sum of G_n, a norm scale's the sum of G_n * normed x_n, an embedding's the rows of G_n
 // added at the sample's token ids: one batched product instead of one backward pass per sample.
 struct Capture {
-  enum class Kind { kLinearWeight, kBias, kScale, kEmbedding };
+  // kAdditive: a parameter added to every sample as it is (position embeddings): its per-sample
+  // gradient is G_n itself.
+  enum class Kind { kLinearWeight, kBias, kScale, kEmbedding, kAdditive };
   std::string parameter;
   Kind kind = Kind::kLinearWeight;
-  torch::Tensor input;   // X [n, T, in]; normed x [n, T, H]; token ids [n, T]
+  torch::Tensor input;   // X [n, T, in]; normed x [n, T, H]; token ids [n, T]; nothing (bias, additive)
   torch::Tensor output;  // [n, T, out]: its grad() is G after backward()
 };
 
@@ -100,6 +102,8 @@ class LayeredModel {
   virtual std::pair<long long, long long> hits(const torch::Tensor& logits, const Batch& batch) const = 0;
 };
 
+// Whether `path` is a directory holding config.json (a Hugging Face model directory).
+bool is_model_directory(const std::string& path);
 // A config file's text; files over 16 MiB are refused before they are read.
 std::string read_config_text(const std::string& path);
 

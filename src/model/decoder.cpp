@@ -122,11 +122,6 @@ torch::Tensor rotate_half(const torch::Tensor& x) {
 
 }  // namespace
 
-bool is_model_directory(const std::string& path) {
-  struct stat status {};
-  if (::stat(path.c_str(), &status) != 0 || !S_ISDIR(status.st_mode)) return false;
-  return ::stat((path + "/config.json").c_str(), &status) == 0;
-}
 
 DecoderConfig read_decoder_config(const std::string& directory) {
   const std::string path = directory + "/config.json";

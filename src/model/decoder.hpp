@@ -46,8 +46,6 @@ struct DecoderConfig {
   long long sliding_window = 0;  // 0: every layer attends to the whole sequence
 };
 
-// Whether `path` is a directory holding config.json (a Hugging Face model directory).
-bool is_model_directory(const std::string& path);
 
 // Reads DIR/config.json. Every key that changes the math must be one gradfix implements with the
 // value it supports; anything else is an InputError naming the key and its value.

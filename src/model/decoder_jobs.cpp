@@ -270,31 +270,11 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
   options.method = job.method;
   const ShardedStatistics statistics = sharded_statistics(decoder, *weights, token_samples(shots), options, context, device);
 
-  // Vote counts in the narrowest integer type that holds them; mean-mode sums in fp32.
-  const DType dtype = job.sign_mode == SignMode::kMax ? (shots.samples <= 127 ? DType::kI8 : shots.samples <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
-  std::vector<TensorInfo> layout = weights->layout();
-  for (auto& tensor : layout) tensor.dtype = dtype;
-  const Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", sign_mode_name(job.sign_mode)},
-                             {"gradfix.samples", std::to_string(shots.samples)}, {"gradfix.seed", std::to_string(job.seed)},
-                             {"gradfix.model_type", config.model_type}};
-  auto writer = open_collective_writer(context, job.out, layout, metadata);
-  context.agree([&] {
-    const auto& pieces = weights->plan().pieces(context.rank());
-    // Converted in blocks: a float32 copy of a piece would be as large as the model's piece.
-    constexpr long long kBlock = 1LL << 20;
-    std::vector<float> block;
-    for (std::size_t k = 0; k < pieces.size(); ++k)
-      for (long long offset = 0; offset < pieces[k].count; offset += kBlock) {
-        const long long length = std::min(kBlock, pieces[k].count - offset);
-        block.resize(static_cast<std::size_t>(length));
-        statistics.read_f32(k, offset, length, block.data());
-        writer->write_f32(layout[pieces[k].tensor].name, pieces[k].begin + offset, block.data(), length);
-      }
-  });
-  commit_collectively(context, *writer);
+  const DType dtype = write_sharded_statistics(context, *weights, statistics, job.sign_mode, job.seed, config.model_type, job.out);
   if (context.is_root())
-    log << "signs " << sign_mode_name(job.sign_mode) << ": " << config.model_type << ", " << shots.samples << " samples, " << layout.size()
-        << " tensors as " << dtype_name(dtype) << ", parameters sharded over " << context.size() << " rank(s), written to " << job.out << "\n";
+    log << "signs " << sign_mode_name(job.sign_mode) << ": " << config.model_type << ", " << shots.samples << " samples, "
+        << weights->layout().size() << " tensors as " << dtype_name(dtype) << ", parameters sharded over " << context.size()
+        << " rank(s), written to " << job.out << "\n";
 }
 
 std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {

@@ -13,6 +13,7 @@
 
 #include "classifier.hpp"
 #include "decoder_jobs.hpp"
+#include "vision_jobs.hpp"
 #include "decoder.hpp"
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
@@ -387,6 +388,11 @@ void run_train(const TrainJob& job, std::ostream& log, const JobContext& context
 }
 
 void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {
+  if (is_clip_directory(job.weights)) {
+    run_clip_eval(job, log, context);
+    return;
+  }
+  if (!job.head.empty()) throw InputError("--head is for CLIP models; " + job.weights + " is not one");
   if (is_model_directory(job.weights)) {
     run_decoder_eval(job, log, context);
     return;
@@ -413,6 +419,11 @@ void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context) 
 }
 
 void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
+  if (is_clip_directory(job.weights)) {
+    run_clip_signs(job, log, context);
+    return;
+  }
+  if (!job.head.empty()) throw InputError("--head is for CLIP models; " + job.weights + " is not one");
   if (is_model_directory(job.weights)) {
     run_decoder_signs(job, log, context);
     return;

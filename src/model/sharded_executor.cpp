@@ -9,6 +9,7 @@
 
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
+#include "gradfix/dist/collective_output.hpp"
 #include "gradfix/signs/statistics.hpp"
 
 namespace gradfix {
@@ -38,11 +39,12 @@ class Accumulators {
     torch::Tensor target = of(name, shape);
     if (per_sample.dim() > 1 && per_sample.size(1) != target.size(0)) target = target.slice(0, begin, begin + per_sample.size(1));
     per_sample.neg_();
+    // view_as: a convolution's per-sample gradients come as [n, rows, in] for its [rows, c, h, w].
     if (type_ == torch::kFloat64) {
-      target.add_(per_sample.sum(0, false, torch::kFloat64));
+      target.add_(per_sample.sum(0, false, torch::kFloat64).view_as(target));
     } else {
       per_sample.sign_();
-      target.add_(per_sample.sum(0).to(type_));
+      target.add_(per_sample.sum(0).to(type_).view_as(target));
     }
   }
   // Adds per-sample gradients of a few rows: `rows` [k] row indices, `values` [k, H] (one sample).
@@ -153,6 +155,7 @@ void add_captures(const std::vector<Capture>& captures, const std::map<std::stri
         accumulators.add(capture.parameter, shape, without_cancelled(gradient.sum(1), gradient.abs().sum(1)));
         break;
       case Capture::Kind::kScale: accumulators.add(capture.parameter, shape, (gradient * capture.input).sum(1)); break;
+      case Capture::Kind::kAdditive: accumulators.add(capture.parameter, shape, gradient.clone()); break;
       case Capture::Kind::kEmbedding:
         for (int64_t i = 0; i < capture.input.size(0); ++i)
           embedding_rows(capture.input, gradient, i, nullptr, 0, 0, &accumulators, capture.parameter, shape);
@@ -568,6 +571,33 @@ ShardedEvaluation sharded_evaluation(const LayeredModel& model, const ShardedWei
   result.hits = counts[0];
   result.targets = counts[1];
   return result;
+}
+
+DType write_sharded_statistics(const JobContext& context, const ShardedWeights& weights, const ShardedStatistics& statistics,
+                               SignMode sign_mode, std::uint64_t seed, const std::string& model_type, const std::string& out) {
+  const long long samples = statistics.samples;
+  const DType dtype = sign_mode == SignMode::kMax ? (samples <= 127 ? DType::kI8 : samples <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
+  std::vector<TensorInfo> layout = weights.layout();
+  for (auto& tensor : layout) tensor.dtype = dtype;
+  const Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", sign_mode_name(sign_mode)},
+                             {"gradfix.samples", std::to_string(samples)}, {"gradfix.seed", std::to_string(seed)},
+                             {"gradfix.model_type", model_type}};
+  auto writer = open_collective_writer(context, out, layout, metadata);
+  context.agree([&] {
+    const auto& pieces = weights.plan().pieces(context.rank());
+    // Converted in blocks: a float32 copy of a piece would be as large as the model's piece.
+    constexpr long long kBlock = 1LL << 20;
+    std::vector<float> block;
+    for (std::size_t k = 0; k < pieces.size(); ++k)
+      for (long long offset = 0; offset < pieces[k].count; offset += kBlock) {
+        const long long length = std::min(kBlock, pieces[k].count - offset);
+        block.resize(static_cast<std::size_t>(length));
+        statistics.read_f32(k, offset, length, block.data());
+        writer->write_f32(layout[pieces[k].tensor].name, pieces[k].begin + offset, block.data(), length);
+      }
+  });
+  commit_collectively(context, *writer);
+  return dtype;
 }
 
 }  // namespace gradfix

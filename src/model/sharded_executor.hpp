@@ -108,4 +108,10 @@ ShardedEvaluation sharded_evaluation(const LayeredModel& model, const ShardedWei
 ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
                                      const ShardedSignsOptions& options, const JobContext& context, const torch::Device& device);
 
+// Writes every rank's pieces of the statistics as one checkpoint under the model's tensor names
+// (vote counts in the narrowest integer type that holds them, mean-mode sums as F32), the same
+// layout whatever P. Collective. Returns the dtype written.
+DType write_sharded_statistics(const JobContext& context, const ShardedWeights& weights, const ShardedStatistics& statistics,
+                               SignMode sign_mode, std::uint64_t seed, const std::string& model_type, const std::string& out);
+
 }  // namespace gradfix

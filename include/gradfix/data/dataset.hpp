@@ -24,14 +24,14 @@ struct Dataset {
   Dataset subset(const std::vector<long long>& indices) const;
 };
 
-// Reads an HDF5 file, an IDX images file, or a directory and split name of IDX files
-// ("DIR:train" → DIR/train-images-idx3-ubyte[.gz]). Throws InputError naming the file and what is
-// wrong: labels out of range, counts that disagree, a bad magic number, an empty set.
 // Bounds on what a dataset may declare, checked before anything is allocated: bytes held in
 // memory (inputs as float32, labels as int64), and labels (classes) per dataset.
 constexpr long long kMaxDatasetBytes = 8LL << 30;
 constexpr long long kMaxClasses = 1LL << 24;
 
+// Reads an HDF5 file, an IDX images file, or a directory and split name of IDX files
+// ("DIR:train" → DIR/train-images-idx3-ubyte[.gz]). Throws InputError naming the file and what is
+// wrong: labels out of range, counts that disagree, a bad magic number, an empty set.
 Dataset load_dataset(const std::string& spec);
 
 // The downstream task's input shift, applied in place: none, invert (x -> 1 - x) or rotate90

@@ -65,9 +65,10 @@ struct TrainJob {
 
 struct EvalJob {
   std::string model;
-  std::string weights;   // a weights file, or a Hugging Face model directory (decoders)
+  std::string weights;   // a weights file, or a Hugging Face model directory (decoders, CLIP)
   DataOptions data;      // decoders: token data (input_ids, labels, attention_mask)
   std::string results;   // optional JSON: accuracy or token_accuracy, mean_loss, per_sample_loss
+  std::string head;      // CLIP: the zero-shot head file [classes, projection_dim]
 };
 
 // How the few labelled samples are chosen: K per class (seeded), an indices file, or the first
@@ -89,6 +90,7 @@ struct SignsJob {
   SignMode sign_mode = SignMode::kMax;
   VoteMethod method = VoteMethod::kFast;
   std::string out;
+  std::string head;               // CLIP: the zero-shot head file
 };
 
 struct TransportJob {

@@ -1,0 +1,125 @@
+#include "vision_jobs.hpp"
+
+#include <algorithm>
+#include <iomanip>
+#include <nlohmann/json.hpp>
+
+#include "classifier.hpp"
+#include "architecture.hpp"
+#include "clip.hpp"
+#include "gradfix/core/error.hpp"
+#include "gradfix/data/dataset.hpp"
+#include "gradfix/io/atomic_file.hpp"
+#include "sharded_executor.hpp"
+
+namespace gradfix {
+namespace {
+
+struct ClipInputs {
+  ClipConfig config;
+  ZeroShotHead head;
+  double scale = 1.0;
+  Dataset data;
+  torch::Device device = torch::kCPU;
+};
+
+// What eval and signs read first: the config, the checkpoint checked against it, the head, the
+// images checked against the model's input, and the device.
+ClipInputs load_clip_inputs(const std::string& model, const std::string& weights, const std::string& head, const DataOptions& data,
+                            const JobContext& context) {
+  if (!model.empty() && model != "builtin") throw InputError("--model " + model + ": a Hugging Face model directory names its architecture in config.json");
+  if (data.transform != "none") throw InputError("--transform " + data.transform + ": CLIP takes images preprocessed as they are");
+  if (head.empty()) throw InputError(weights + " is a CLIP model: give its zero-shot head with --head FILE ([classes, projection_dim])");
+  ClipInputs in;
+  in.config = read_clip_config(weights);
+  check_clip_checkpoint(in.config);
+  in.head = read_zero_shot_head(head, in.config);
+  in.scale = clip_logit_scale(in.config, in.head);
+  in.data = load_dataset(data.spec);
+  const std::vector<long long> expected = {in.config.channels, in.config.image_size, in.config.image_size};
+  if (in.data.sample_shape != expected)
+    throw InputError(data.spec + ": images of shape " + format_shape(in.data.sample_shape) + " but the model takes " + format_shape(expected) +
+                     " (preprocessed float32 [N, channels, image_size, image_size])");
+  if (in.data.classes > in.head.weight.size(0))
+    throw InputError(data.spec + ": labels go up to " + std::to_string(in.data.classes - 1) + " but the head " + head + " has " +
+                     std::to_string(in.head.weight.size(0)) + " classes");
+  in.device = parse_device(context.device, context.local_rank);
+  return in;
+}
+
+}  // namespace
+
+bool is_clip_directory(const std::string& weights) {
+  if (!is_model_directory(weights)) return false;
+  try {
+    const auto config = nlohmann::json::parse(read_config_text(weights + "/config.json"), nullptr, false, false);
+    return config.is_object() && config.contains("model_type") && config.at("model_type").is_string() &&
+           is_clip_model_type(config.at("model_type").get<std::string>());
+  } catch (const InputError&) {
+    return false;  // the decoder path then names what is wrong with the config
+  }
+}
+
+void run_clip_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {
+  ClipInputs in;
+  context.agree([&] { in = load_clip_inputs(job.model, job.weights, job.head, job.data, context); });
+  std::unique_ptr<ShardedWeights> weights;
+  context.agree([&] { weights = std::make_unique<ShardedWeights>(clip_vision_layout(in.config), in.config.directory, context); });
+  const ClipVision model(in.config, in.head.weight, in.scale);
+  const ShardedEvaluation evaluation = sharded_evaluation(model, *weights, image_samples(in.data), context, in.device);
+  double mean = 0.0;
+  for (double loss : evaluation.losses) mean += loss;
+  mean /= static_cast<double>(evaluation.losses.size());
+  const double accuracy = static_cast<double>(evaluation.hits) / static_cast<double>(std::max(1LL, evaluation.targets));
+  if (!job.results.empty())
+    context.agree([&] {
+      if (context.is_root())
+        write_text_file_atomically(job.results, nlohmann::json{{"model_type", in.config.model_type}, {"samples", in.data.size()},
+                                                          {"classes", in.head.weight.size(0)}, {"accuracy", accuracy},
+                                                          {"mean_loss", mean}, {"per_sample_loss", evaluation.losses}}.dump(2) + "\n");
+    });
+  if (!context.is_root()) return;
+  log << "eval: " << in.config.model_type << " vision tower, " << in.data.size() << " images, " << in.head.weight.size(0) << " classes, accuracy "
+      << std::fixed << std::setprecision(2) << 100.0 * accuracy << "%, mean loss " << std::setprecision(4) << mean
+      << (job.results.empty() ? "" : ", results in " + job.results) << ", parameters sharded over " << context.size() << " rank(s)\n";
+  log.unsetf(std::ios::fixed);
+}
+
+void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
+  ClipInputs in;
+  Dataset shots;
+  context.agree([&] {
+    in = load_clip_inputs(job.model, job.weights, job.head, job.data, context);
+    // The shots: an indices file, the first N of a seeded shuffle, or K per class (seeded).
+    std::vector<long long> chosen;
+    if (!job.selection.indices_file.empty()) {
+      chosen = read_indices(job.selection.indices_file, in.data.size());
+    } else if (job.num_samples > 0) {
+      if (job.num_samples > in.data.size())
+        throw InputError(job.data.spec + ": --num-samples " + std::to_string(job.num_samples) + " but the file holds " +
+                         std::to_string(in.data.size()) + " images");
+      const auto order = shuffled_indices(in.data.size(), job.seed);
+      chosen.assign(order.begin(), order.begin() + job.num_samples);
+    } else {
+      std::vector<long long> everything(static_cast<std::size_t>(in.data.size()));
+      for (long long i = 0; i < in.data.size(); ++i) everything[static_cast<std::size_t>(i)] = i;
+      chosen = sample_per_class(in.data.labels, everything, in.data.classes, job.shots_per_class, job.seed);
+    }
+    shots = in.data.subset(chosen);
+    shots.classes = in.data.classes;
+  });
+  std::unique_ptr<ShardedWeights> weights;
+  context.agree([&] { weights = std::make_unique<ShardedWeights>(clip_vision_layout(in.config), in.config.directory, context); });
+  const ClipVision model(in.config, in.head.weight, in.scale);
+  ShardedSignsOptions options;
+  options.sign_mode = job.sign_mode;
+  options.method = job.method;
+  const ShardedStatistics statistics = sharded_statistics(model, *weights, image_samples(shots), options, context, in.device);
+  const DType dtype = write_sharded_statistics(context, *weights, statistics, job.sign_mode, job.seed, in.config.model_type, job.out);
+  if (context.is_root())
+    log << "signs " << sign_mode_name(job.sign_mode) << ": " << in.config.model_type << " vision tower, " << shots.size() << " images, "
+        << weights->layout().size() << " tensors as " << dtype_name(dtype) << ", parameters sharded over " << context.size()
+        << " rank(s), written to " << job.out << "\n";
+}
+
+}  // namespace gradfix

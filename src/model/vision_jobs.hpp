@@ -1,0 +1,19 @@
+#pragma once
+// Internal to the LibTorch part: the model jobs on Hugging Face CLIP directories (the vision
+// tower with a frozen zero-shot head), with the parameters sharded like the decoders'.
+
+#include <ostream>
+
+#include "gradfix/model/jobs.hpp"
+
+namespace gradfix {
+
+// Whether `weights` is a model directory whose config.json says clip or clip_vision_model.
+bool is_clip_directory(const std::string& weights);
+
+// eval on preprocessed images: accuracy, mean_loss and per_sample_loss (data order).
+void run_clip_eval(const EvalJob& job, std::ostream& log, const JobContext& context);
+// signs of the vision tower and visual_projection: a statistics checkpoint under their names.
+void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& context);
+
+}  // namespace gradfix

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# gradfix eval and signs on a Hugging Face CLIP directory (the transformers fixture in
+# tests/fixtures/clip, a zero-shot head, preprocessed images): per-sample losses equal
+# transformers' within 1e-4, votes equal its float64 per-sample loop (the key biases, whose
+# gradient is zero in theory, cast none), fast and loop methods alike, results and vote files
+# byte-identical at 1-4 ranks, and bad inputs refused with exit 2 naming what is wrong.
+#   clip_cli_test.sh GRADFIX_BINARY
+set -euo pipefail
+gradfix=$1
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+source "$repo/tests/mpi/common.sh"
+fixtures=$repo/tests/fixtures/clip
+work=$(mktemp -d /tmp/gradfix-clip-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
+  local description=$1 pattern=$2
+  shift 2
+  set +e
+  "$gradfix" "$@" >out.txt 2>&1
+  local code=$?
+  set -e
+  check "$description: exit 2 (got $code)" test "$code" -eq 2
+  check "$description: message" grep -q -- "$pattern" out.txt
+  check "$description: nothing written" test ! -e bad.json -a ! -e bad.safetensors
+}
+
+# The reference (F64 losses, I8 votes, F32 margins) with Python's standard library only.
+reference() {  # reference KEY
+  python3 - "$fixtures/reference.safetensors" "$1" <<'PY'
+import json, struct, sys
+raw = open(sys.argv[1], "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+entry = json.loads(raw[8:8 + n])[sys.argv[2]]
+begin, end = entry["data_offsets"]
+print(json.dumps(list(struct.unpack("<%dd" % ((end - begin) // 8), raw[8 + n + begin:8 + n + end]))))
+PY
+}
+
+"$gradfix" convert "$fixtures/images.safetensors" images.h5 >/dev/null
+clip=(--weights "$fixtures/model" --head "$fixtures/head.safetensors" --data images.h5)
+"$gradfix" eval "${clip[@]}" --results eval1.json >eval.log
+check "eval names the model" grep -q "eval: clip vision tower, 6 images, 5 classes" eval.log
+expected=$(reference per_sample_loss)
+check "per-sample losses equal transformers' within 1e-4" python3 -c "
+import json
+got = json.load(open('eval1.json'))['per_sample_loss']; want = json.loads('$expected')
+assert len(got) == len(want) == 6, (got, want)
+assert all(abs(g - w) <= 1e-4 * abs(w) + 1e-6 for g, w in zip(got, want)), (got, want)"
+
+compare_votes() {  # compare_votes VOTES: against the reference, the key biases aside
+  python3 - "$1" "$fixtures/reference.safetensors" <<'PY'
+import json, struct, sys
+def tensors(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
+    formats = {"I8": "b", "F32": "f", "F64": "d"}
+    out = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        code = formats[entry["dtype"]]
+        out[name] = struct.unpack("<%d%s" % ((end - begin) // struct.calcsize(code), code), raw[8 + n + begin:8 + n + end])
+    return out
+votes, reference = tensors(sys.argv[1]), tensors(sys.argv[2])
+names = [k[len("votes."):] for k in reference if k.startswith("votes.")]
+assert sorted(names) == sorted(votes), (sorted(names), sorted(votes))
+differ = 0
+for name in names:
+    if name.endswith("self_attn.k_proj.bias"):
+        # Zero in theory: every query's scores shift alike. No votes, whatever the reference's noise.
+        assert all(v == 0 for v in votes[name]), (name, votes[name])
+        continue
+    differ += sum(1 for v, r, m in zip(votes[name], reference["votes." + name], reference["margin." + name]) if v != r and m >= 1e-4)
+nonzero = sum(1 for name in names for v in votes[name] if v != 0)
+print(differ, nonzero)
+sys.exit(0 if differ == 0 and nonzero > 0 else 1)
+PY
+}
+"$gradfix" signs "${clip[@]}" --num-samples 6 --out votes1.safetensors >signs.log
+check "signs stores 6 votes per entry as I8 for the 40 tensors of the vision tower" grep -q "clip vision tower, 6 images, 40 tensors as I8" signs.log
+check "votes equal transformers' per-sample reference (key biases: none)" compare_votes votes1.safetensors
+"$gradfix" signs "${clip[@]}" --num-samples 6 --method loop --out loop.safetensors >/dev/null
+check "the loop method (one backward per sample) gives the same votes" cmp -s votes1.safetensors loop.safetensors
+for ranks in 2 3 4; do
+  mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" signs "${clip[@]}" --num-samples 6 --out "votes$ranks.safetensors" >/dev/null
+  check "votes byte-identical at 1 and $ranks ranks" cmp -s votes1.safetensors "votes$ranks.safetensors"
+  mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" eval "${clip[@]}" --results "eval$ranks.json" >/dev/null
+  check "eval results byte-identical at 1 and $ranks ranks" cmp -s eval1.json "eval$ranks.json"
+done
+"$gradfix" signs "${clip[@]}" --num-samples 3 --seed 2 --sign-mode mean --out mean.safetensors >mean.log
+check "mean mode on 3 shots of a seeded shuffle" grep -q "signs mean: clip vision tower, 3 images, 40 tensors as F32" mean.log
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" signs "${clip[@]}" --num-samples 3 --seed 2 --sign-mode mean --out mean2.safetensors >/dev/null
+check "mean sums byte-identical at 1 and 2 ranks" cmp -s mean.safetensors mean2.safetensors
+# The votes feed mask and apply under the checkpoint's names; the text tower is copied unchanged.
+"$gradfix" generate --like "$fixtures/model" --like-scale 1 --noise 0.01 --seed 5 --out clip_ft >/dev/null
+"$gradfix" taskvector --base "$fixtures/model" --finetuned clip_ft --include '^vision_model\.|^visual_projection' --out tau.safetensors >/dev/null
+"$gradfix" mask --task-vector tau.safetensors --signs votes1.safetensors --out masked.safetensors >mask.log
+check "mask takes the CLIP votes: 40 tensors" grep -q "mask normal: 40 tensors" mask.log
+"$gradfix" apply --base "$fixtures/model" --task-vector masked.safetensors --alpha 0.5 --out transported >/dev/null
+check "the transported CLIP directory carries config.json" cmp -s "$fixtures/model/config.json" transported/config.json
+"$gradfix" eval --weights transported --head "$fixtures/head.safetensors" --data images.h5 --results transported.json >/dev/null
+check "the transported directory is a CLIP model gradfix evaluates" test -s transported.json
+
+# Bad inputs.
+expect_bad "no head" "give its zero-shot head with --head FILE" eval --weights "$fixtures/model" --data images.h5 --results bad.json
+python3 -c "
+import json, struct
+header = {'head': {'dtype': 'F32', 'shape': [5, 7], 'data_offsets': [0, 140]}}
+text = json.dumps(header).encode(); text += b' ' * ((8 - len(text) % 8) % 8)
+open('narrow_head.safetensors', 'wb').write(struct.pack('<Q', len(text)) + text + struct.pack('<35f', *([0.5] * 35)))"
+expect_bad "a head of the wrong width" "the head 'head' is \[5, 7\], the model needs \[classes, 24\]" \
+  eval --weights "$fixtures/model" --head narrow_head.safetensors --data images.h5 --results bad.json
+python3 -c "
+import json, struct
+header = {'inputs': {'dtype': 'F32', 'shape': [2, 3, 8, 8], 'data_offsets': [0, 1536]}, 'labels': {'dtype': 'I64', 'shape': [2], 'data_offsets': [1536, 1552]}}
+text = json.dumps(header).encode(); text += b' ' * ((8 - len(text) % 8) % 8)
+open('small.safetensors', 'wb').write(struct.pack('<Q', len(text)) + text + bytes(1552))"
+"$gradfix" convert small.safetensors small.h5 >/dev/null
+expect_bad "images of the wrong size" "images of shape \[3, 8, 8\] but the model takes \[3, 16, 16\]" \
+  eval --weights "$fixtures/model" --head "$fixtures/head.safetensors" --data small.h5 --results bad.json
+cp -r "$fixtures/model" broken && sed -i 's/"hidden_act": "quick_gelu"/"hidden_act": "relu"/' broken/config.json
+expect_bad "an unsupported activation" '"hidden_act": "relu" is not supported' \
+  signs --weights broken --head "$fixtures/head.safetensors" --data images.h5 --out bad.safetensors
+cp -r "$fixtures/model" short && sed -i 's/"num_hidden_layers": 2/"num_hidden_layers": 3/' short/config.json
+expect_bad "a config with a layer the checkpoint lacks" "tensor(s) missing: 'vision_model.encoder.layers.2" \
+  eval --weights short --head "$fixtures/head.safetensors" --data images.h5 --results bad.json
+expect_bad "--head on a model that is not CLIP" "--head is for CLIP models" \
+  eval --weights "$repo/tests/fixtures/decoders/llama/model" --head "$fixtures/head.safetensors" --data images.h5 --results bad.json
+finish
