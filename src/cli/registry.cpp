@@ -328,7 +328,8 @@ std::vector<SubcommandSpec> make_table() {
                            {"test-data", T::kText, "", "test set, read only for the final evaluation"},
                            {"transform", T::kText, "none", "input shift of the task: none|invert|rotate90"},
                            {"shots-per-class", T::kInteger, "5", "K"},
-                           {"num-samples", T::kInteger, "0", "decoders: the shots are the first N samples of a seeded shuffle of --data"}},
+                           {"num-samples", T::kInteger, "0", "decoders: the shots are the first N samples of a seeded shuffle of --data"},
+                           {"head", T::kText, "", "CLIP: zero-shot head file [classes, projection_dim]"}},
                           joined(kShotOptions,
                                  {{"support-size", T::kInteger, "1000", "support samples for choosing alpha (disjoint from the shots)"},
                                   {"seed", T::kCount, "0", "sampling seed"},
@@ -359,6 +360,7 @@ std::vector<SubcommandSpec> make_table() {
                      job.mask_mode = parse_mask_mode(values.text("mask-mode"));
                      job.alphas = parse_alphas(values.text("alphas"));
                      job.few_shot_baseline = !values.flag("no-few-shot-baseline");
+                     if (values.has("head")) job.head = values.text("head");
                      if (values.has("out")) job.out = values.text("out");
                      if (values.has("results")) job.results = values.text("results");
                      return job_of(job, [](const TransportJob& j, std::ostream& log, const JobContext& c) { run_transport(j, log, c); });

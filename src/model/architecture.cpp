@@ -5,6 +5,7 @@
 #include <fstream>
 #include <iterator>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "gradfix/core/error.hpp"
 
@@ -50,6 +51,43 @@ ArchitectureRegistration::ArchitectureRegistration(const std::vector<std::string
 }
 
 bool is_registered_architecture(const std::string& model_type) { return registry().count(model_type) > 0; }
+
+void check_against_model(const TensorReader& reader, const LayeredModel& model, bool partial) {
+  std::vector<std::string> missing, extra;
+  std::string shapes;
+  std::set<std::string> expected;
+  for (const auto& tensor : model.layout()) {
+    expected.insert(tensor.name);
+    const TensorInfo* found = reader.find(tensor.name);
+    if (found == nullptr) {
+      if (!partial) missing.push_back(tensor.name);
+    } else if (found->shape != tensor.shape) {
+      shapes += std::string(shapes.empty() ? "" : "; ") + "'" + escaped_name(tensor.name) + "' is " + format_shape(found->shape) +
+                ", the config needs " + format_shape(tensor.shape);
+    } else if (found->dtype != DType::kF32 && found->dtype != DType::kBF16 && found->dtype != DType::kF16 && found->dtype != DType::kF64) {
+      shapes += std::string(shapes.empty() ? "" : "; ") + "'" + escaped_name(tensor.name) + "' is " + dtype_name(found->dtype) + ", not a float type";
+    }
+  }
+  for (const auto& tensor : reader.tensors()) {
+    if (expected.count(tensor.name)) continue;
+    if (model.ignores(tensor.name)) continue;
+    extra.push_back(tensor.name);
+  }
+  if (partial && missing.empty() && extra.empty() && shapes.empty()) {
+    bool any = false;
+    for (const auto& name : expected) any = any || reader.find(name) != nullptr;
+    if (!any) throw InputError(reader.path() + " holds none of the tensors of " + model.directory() + " (" + model.model_type() + ")");
+  }
+  std::string message;
+  if (!missing.empty()) message += std::to_string(missing.size()) + " tensor(s) missing: " + format_name_list(missing);
+  if (!extra.empty()) message += std::string(message.empty() ? "" : "; ") + std::to_string(extra.size()) + " tensor(s) the config does not have: " + format_name_list(extra);
+  if (!shapes.empty()) message += std::string(message.empty() ? "" : "; ") + shapes;
+  if (message.empty()) return;
+  // The model's own checkpoint is named by its directory; anything else by its path.
+  const bool own = reader.path() == model.directory() || reader.path().rfind(model.directory() + "/", 0) == 0;
+  throw InputError((own ? model.directory() + " does not match its config.json" : reader.path() + " does not match " + model.directory() + "/config.json") +
+                   " (" + model.model_type() + "): " + message);
+}
 
 std::unique_ptr<LayeredModel> open_layered_model(const std::string& directory) {
   const std::string path = directory + "/config.json";

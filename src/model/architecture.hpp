@@ -100,7 +100,18 @@ class LayeredModel {
   // samples) summed over the batch.
   virtual torch::Tensor losses(const torch::Tensor& logits, const Batch& batch) const = 0;
   virtual std::pair<long long, long long> hits(const torch::Tensor& logits, const Batch& batch) const = 0;
+  // Tensors a checkpoint of this model may hold besides its layout, unread (a tied head stored
+  // anyway, buffers, a CLIP text tower).
+  virtual bool ignores(const std::string& name) const { (void)name; return false; }
+  // "llama", "clip", ...: for messages.
+  virtual std::string model_type() const = 0;
 };
+
+// Tensors of `reader` (a checkpoint, a task vector, a fine-tuned release) against the model's
+// layout: every misshapen or non-float tensor and every tensor the model neither has nor ignores,
+// and with `partial` false every missing one, listed in one InputError naming the file and the
+// model's config. A partial reader must hold at least one of the model's tensors.
+void check_against_model(const TensorReader& reader, const LayeredModel& model, bool partial);
 
 // Whether `path` is a directory holding config.json (a Hugging Face model directory).
 bool is_model_directory(const std::string& path);

@@ -134,34 +134,7 @@ std::vector<TensorInfo> clip_vision_layout(const ClipConfig& c) {
 }
 
 void check_clip_checkpoint(const ClipConfig& config) {
-  const auto reader = open_reader(config.directory);
-  std::vector<std::string> missing, extra;
-  std::string shapes;
-  std::set<std::string> expected;
-  for (const auto& tensor : clip_vision_layout(config)) {
-    expected.insert(tensor.name);
-    const TensorInfo* found = reader->find(tensor.name);
-    if (found == nullptr) {
-      missing.push_back(tensor.name);
-    } else if (found->shape != tensor.shape) {
-      shapes += std::string(shapes.empty() ? "" : "; ") + "'" + escaped_name(tensor.name) + "' is " + format_shape(found->shape) +
-                ", the config needs " + format_shape(tensor.shape);
-    } else if (found->dtype != DType::kF32 && found->dtype != DType::kBF16 && found->dtype != DType::kF16 && found->dtype != DType::kF64) {
-      shapes += std::string(shapes.empty() ? "" : "; ") + "'" + escaped_name(tensor.name) + "' is " + dtype_name(found->dtype) + ", not a float type";
-    }
-  }
-  for (const auto& tensor : reader->tensors()) {
-    const std::string& name = tensor.name;
-    if (expected.count(name) || name.rfind("text_model.", 0) == 0 || name == "text_projection.weight" || name == "logit_scale" ||
-        name == kEmbeddings + "position_ids")
-      continue;
-    extra.push_back(name);
-  }
-  std::string message;
-  if (!missing.empty()) message += std::to_string(missing.size()) + " tensor(s) missing: " + format_name_list(missing);
-  if (!extra.empty()) message += std::string(message.empty() ? "" : "; ") + std::to_string(extra.size()) + " tensor(s) the config does not have: " + format_name_list(extra);
-  if (!shapes.empty()) message += std::string(message.empty() ? "" : "; ") + shapes;
-  if (!message.empty()) throw InputError(config.directory + " does not match its config.json (" + config.model_type + "): " + message);
+  check_against_model(*open_reader(config.directory), ClipVision(config, torch::Tensor(), 1.0), false);
 }
 
 ZeroShotHead read_zero_shot_head(const std::string& path, const ClipConfig& config) {
@@ -210,6 +183,10 @@ double clip_logit_scale(const ClipConfig& config, const ZeroShotHead& head) {
 
 ClipVision::ClipVision(ClipConfig config, torch::Tensor head, double logit_scale)
     : config_(std::move(config)), head_(std::move(head)), scale_(logit_scale) {}
+
+bool ClipVision::ignores(const std::string& name) const {
+  return name.rfind("text_model.", 0) == 0 || name == "text_projection.weight" || name == "logit_scale" || name == kEmbeddings + "position_ids";
+}
 
 std::vector<std::string> ClipVision::input_names() const {
   return {kEmbeddings + "class_embedding", kEmbeddings + "patch_embedding.weight", kEmbeddings + "position_embedding.weight",

@@ -74,6 +74,9 @@ class ClipVision final : public LayeredModel {
   torch::Tensor output(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const override;
   torch::Tensor losses(const torch::Tensor& logits, const Batch& batch) const override;
   std::pair<long long, long long> hits(const torch::Tensor& logits, const Batch& batch) const override;
+  // The text tower, text_projection, logit_scale and the position_ids buffer.
+  bool ignores(const std::string& name) const override;
+  std::string model_type() const override { return config_.model_type; }
   // The projected image embeddings [n, projection_dim] (before normalisation).
   torch::Tensor embed_images(const Parameters& parameters, const Batch& batch) const;
 

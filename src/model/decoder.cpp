@@ -260,46 +260,7 @@ std::vector<TensorInfo> decoder_layout(const DecoderConfig& c) {
   return layout;
 }
 
-void check_against_decoder(const TensorReader& reader, const DecoderConfig& config, bool partial) {
-  std::vector<std::string> missing, extra;
-  std::string shapes;
-  std::set<std::string> expected;
-  for (const auto& tensor : decoder_layout(config)) {
-    expected.insert(tensor.name);
-    const TensorInfo* found = reader.find(tensor.name);
-    if (found == nullptr) {
-      if (!partial) missing.push_back(tensor.name);
-    } else if (found->shape != tensor.shape) {
-      shapes += std::string(shapes.empty() ? "" : "; ") + "'" + tensor.name + "' is " + format_shape(found->shape) +
-                ", the config needs " + format_shape(tensor.shape);
-    } else if (found->dtype != DType::kF32 && found->dtype != DType::kBF16 && found->dtype != DType::kF16 && found->dtype != DType::kF64) {
-      shapes += std::string(shapes.empty() ? "" : "; ") + "'" + tensor.name + "' is " + dtype_name(found->dtype) + ", not a float type";
-    }
-  }
-  for (const auto& tensor : reader.tensors()) {
-    if (expected.count(tensor.name)) continue;
-    // transformers may store a tied head anyway, and rotary buffers in old checkpoints.
-    if (tensor.name == "lm_head.weight" && config.tie_word_embeddings) continue;
-    if (tensor.name.find("rotary_emb.inv_freq") != std::string::npos) continue;
-    extra.push_back(tensor.name);
-  }
-  if (partial && missing.empty() && extra.empty() && shapes.empty()) {
-    bool any = false;
-    for (const auto& name : expected) any = any || reader.find(name) != nullptr;
-    if (!any) throw InputError(reader.path() + " holds none of the tensors of " + config.directory + " (" + config.model_type + ")");
-  }
-  std::string message;
-  if (!missing.empty()) message += std::to_string(missing.size()) + " tensor(s) missing: " + format_name_list(missing);
-  if (!extra.empty()) message += std::string(message.empty() ? "" : "; ") + std::to_string(extra.size()) + " tensor(s) the config does not have: " + format_name_list(extra);
-  if (!shapes.empty()) message += std::string(message.empty() ? "" : "; ") + shapes;
-  if (message.empty()) return;
-  // The model's own checkpoint is named by its directory; anything else by its path.
-  const bool own = reader.path() == config.directory || reader.path().rfind(config.directory + "/", 0) == 0;
-  throw InputError((own ? config.directory + " does not match its config.json" : reader.path() + " does not match " + config.directory + "/config.json") +
-                   " (" + config.model_type + "): " + message);
-}
-
-void check_decoder_checkpoint(const DecoderConfig& config) { check_against_decoder(*open_reader(config.directory), config, false); }
+void check_decoder_checkpoint(const DecoderConfig& config) { check_against_model(*open_reader(config.directory), Decoder(config), false); }
 
 Parameters read_decoder_parameters(const DecoderConfig& config, const std::vector<std::string>& names, torch::ScalarType dtype,
                                    const torch::Device& device) {

@@ -66,10 +66,7 @@ Parameters read_decoder_parameters(const DecoderConfig& config, const std::vecto
                                    const torch::Device& device);
 // The checkpoint against the layout, without reading data.
 void check_decoder_checkpoint(const DecoderConfig& config);
-// Any file or directory of tensors under the model's names (a task vector, a fine-tuned release)
-// against the layout of `config`: extra and misshapen tensors, and with `partial` false missing
-// ones, listed in one InputError that names the file and the config.
-void check_against_decoder(const TensorReader& reader, const DecoderConfig& config, bool partial);
+
 
 // Token tensors [N, T] (int64) on a device.
 struct TokenBatch {
@@ -105,6 +102,11 @@ class Decoder final : public LayeredModel {
   }
   torch::Tensor losses(const torch::Tensor& logits, const Batch& batch) const override;
   std::pair<long long, long long> hits(const torch::Tensor& logits, const Batch& batch) const override;
+  // transformers may store a tied head anyway, and rotary buffers in old checkpoints.
+  bool ignores(const std::string& name) const override {
+    return (name == "lm_head.weight" && config_.tie_word_embeddings) || name.find("rotary_emb.inv_freq") != std::string::npos;
+  }
+  std::string model_type() const override { return config_.model_type; }
 
   // [N, T] token ids -> [N, T, H] hidden states. With a recorder the output is a leaf that
   // requires grad, recorded for the embedding's per-sample gradients.

@@ -459,6 +459,8 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
 }
 
 std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {
+  if (is_clip_directory(job.target)) return run_clip_transport(job, log, context);
+  if (!job.head.empty()) throw InputError("--head is for CLIP models; " + job.target + " is not one");
   if (is_model_directory(job.target)) return run_decoder_transport(job, log, context);
   if (job.num_samples > 0) throw InputError("--num-samples chooses the shots of a decoder; a classifier takes --shots-per-class");
   TransportInputs in;

@@ -11,6 +11,7 @@
 #include "gradfix/data/dataset.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "sharded_executor.hpp"
+#include "sharded_transport.hpp"
 
 namespace gradfix {
 namespace {
@@ -22,6 +23,19 @@ struct ClipInputs {
   Dataset data;
   torch::Device device = torch::kCPU;
 };
+
+// Preprocessed images checked against the model's input and the head's classes.
+Dataset load_images(const std::string& spec, const ClipConfig& config, const ZeroShotHead& head, const std::string& head_path) {
+  Dataset data = load_dataset(spec);
+  const std::vector<long long> expected = {config.channels, config.image_size, config.image_size};
+  if (data.sample_shape != expected)
+    throw InputError(spec + ": images of shape " + format_shape(data.sample_shape) + " but the model takes " + format_shape(expected) +
+                     " (preprocessed float32 [N, channels, image_size, image_size])");
+  if (data.classes > head.weight.size(0))
+    throw InputError(spec + ": labels go up to " + std::to_string(data.classes - 1) + " but the head " + head_path + " has " +
+                     std::to_string(head.weight.size(0)) + " classes");
+  return data;
+}
 
 // What eval and signs read first: the config, the checkpoint checked against it, the head, the
 // images checked against the model's input, and the device.
@@ -35,14 +49,7 @@ ClipInputs load_clip_inputs(const std::string& model, const std::string& weights
   check_clip_checkpoint(in.config);
   in.head = read_zero_shot_head(head, in.config);
   in.scale = clip_logit_scale(in.config, in.head);
-  in.data = load_dataset(data.spec);
-  const std::vector<long long> expected = {in.config.channels, in.config.image_size, in.config.image_size};
-  if (in.data.sample_shape != expected)
-    throw InputError(data.spec + ": images of shape " + format_shape(in.data.sample_shape) + " but the model takes " + format_shape(expected) +
-                     " (preprocessed float32 [N, channels, image_size, image_size])");
-  if (in.data.classes > in.head.weight.size(0))
-    throw InputError(data.spec + ": labels go up to " + std::to_string(in.data.classes - 1) + " but the head " + head + " has " +
-                     std::to_string(in.head.weight.size(0)) + " classes");
+  in.data = load_images(data.spec, in.config, in.head, head);
   in.device = parse_device(context.device, context.local_rank);
   return in;
 }
@@ -120,6 +127,25 @@ void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& co
     log << "signs " << sign_mode_name(job.sign_mode) << ": " << in.config.model_type << " vision tower, " << shots.size() << " images, "
         << weights->layout().size() << " tensors as " << dtype_name(dtype) << ", parameters sharded over " << context.size()
         << " rank(s), written to " << job.out << "\n";
+}
+
+std::vector<TransportRow> run_clip_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {
+  ClipInputs in;
+  Dataset test, shots, support;
+  context.agree([&] {
+    in = load_clip_inputs(job.model, job.target, job.head, job.data, context);
+    if (job.test.spec.empty()) throw InputError("transport needs --test-data: images read only for the final evaluation");
+    if (job.test.transform != "none") throw InputError("--transform " + job.test.transform + ": CLIP takes images preprocessed as they are");
+    test = load_images(job.test.spec, in.config, in.head, job.head);
+    if (job.selection.num_batches > 0) throw InputError("--num-batches: a CLIP transport takes --shots-per-class, --num-samples or --indices");
+    std::vector<long long> shot_indices, support_indices;
+    split_pool(in.data.size(), in.data.labels, job, shot_indices, support_indices);
+    shots = in.data.subset(shot_indices);
+    support = in.data.subset(support_indices);
+  });
+  const ClipVision model(in.config, in.head.weight, in.scale);
+  return run_sharded_transport(job, model, {image_samples(shots), image_samples(support), image_samples(test), "test acc", "accuracy"},
+                               in.device, log, context);
 }
 
 }  // namespace gradfix

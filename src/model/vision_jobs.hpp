@@ -3,6 +3,7 @@
 // tower with a frozen zero-shot head), with the parameters sharded like the decoders'.
 
 #include <ostream>
+#include <vector>
 
 #include "gradfix/model/jobs.hpp"
 
@@ -15,5 +16,10 @@ bool is_clip_directory(const std::string& weights);
 void run_clip_eval(const EvalJob& job, std::ostream& log, const JobContext& context);
 // signs of the vision tower and visual_projection: a statistics checkpoint under their names.
 void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& context);
+
+// transport of a task vector of the vision tower, with the parameters sharded (sharded_transport.hpp);
+// the shots are K per class (or --num-samples, --indices) of --data, alpha chosen on the support
+// set's mean loss, rows with test accuracy.
+std::vector<TransportRow> run_clip_transport(const TransportJob& job, std::ostream& log, const JobContext& context);
 
 }  // namespace gradfix

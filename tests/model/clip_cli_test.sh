@@ -103,6 +103,63 @@ check "the transported CLIP directory carries config.json" cmp -s "$fixtures/mod
 "$gradfix" eval --weights transported --head "$fixtures/head.safetensors" --data images.h5 --results transported.json >/dev/null
 check "the transported directory is a CLIP model gradfix evaluates" test -s transported.json
 
+# transport with the parameters sharded: the transported directory and the results are the same at
+# 1-3 ranks, the directory is signs -> mask -> apply at the chosen alpha (text tower copied), and
+# the zero-shot row is eval of B.
+python3 - <<'PY'
+import json, random, struct
+def write(path, n, seed):
+    rng = random.Random(seed)
+    pixels = [rng.gauss(0, 1) for _ in range(n * 3 * 16 * 16)]
+    labels = [i % 5 for i in range(n)]
+    size = 4 * len(pixels)
+    header = {"inputs": {"dtype": "F32", "shape": [n, 3, 16, 16], "data_offsets": [0, size]},
+              "labels": {"dtype": "I64", "shape": [n], "data_offsets": [size, size + 8 * n]}}
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(text)) + text + struct.pack("<%df" % len(pixels), *pixels) + struct.pack("<%dq" % n, *labels))
+write("pool.safetensors", 30, 1)
+write("test.safetensors", 10, 2)
+PY
+"$gradfix" convert pool.safetensors pool.h5 >/dev/null
+"$gradfix" convert test.safetensors test.h5 >/dev/null
+"$gradfix" generate --like "$fixtures/model" --like-scale 1 --noise 0.02 --seed 6 --out clip_b_ft >/dev/null
+transport=(transport --target "$fixtures/model" --head "$fixtures/head.safetensors" --task-vector tau.safetensors --target-finetuned clip_b_ft
+           --data pool.h5 --test-data test.h5 --shots-per-class 2 --seed 4 --support-size 10 --alphas 0.5,1,2)
+"$gradfix" "${transport[@]}" --out T1 --results R1.json >transport.log
+check "CLIP transport prints the rows" bash -c "grep -q 'GradFix (max, normal)' transport.log && grep -q 'oracle mask' transport.log"
+for ranks in 2 3; do
+  mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" "${transport[@]}" --out "T$ranks" --results "R$ranks.json" >/dev/null
+  check "CLIP transported directory byte-identical at 1 and $ranks ranks" diff -r T1 "T$ranks"
+  check "CLIP transport results byte-identical at 1 and $ranks ranks" cmp -s R1.json "R$ranks.json"
+done
+alpha=$(python3 -c "import json; print([r for r in json.load(open('R1.json'))['rows'] if r['method'].startswith('GradFix')][0]['alpha'])")
+"$gradfix" signs --weights "$fixtures/model" --head "$fixtures/head.safetensors" --data pool.h5 --shots-per-class 2 --seed 4 --out pool_votes.safetensors >/dev/null
+"$gradfix" mask --task-vector tau.safetensors --signs pool_votes.safetensors --out pool_masked.safetensors >/dev/null
+"$gradfix" apply --base "$fixtures/model" --task-vector pool_masked.safetensors --alpha "$alpha" --out steps >/dev/null
+check "CLIP transport writes exactly signs -> mask -> apply at alpha $alpha, the text tower included" python3 - T1 steps <<'PY'
+import json, os, struct, sys
+def tensors(directory):
+    index = json.load(open(os.path.join(directory, "model.safetensors.index.json")))["weight_map"]
+    out = {}
+    for shard in sorted(set(index.values())):
+        raw = open(os.path.join(directory, shard), "rb").read()
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            out[name] = (entry["dtype"], entry["shape"], raw[8 + n + begin:8 + n + end])
+    return out
+a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
+sys.exit(0 if a == b and any(name.startswith("text_model.") for name in a) else 1)
+PY
+"$gradfix" eval --weights "$fixtures/model" --head "$fixtures/head.safetensors" --data test.h5 --results zero.json >/dev/null
+check "the CLIP zero-shot row is eval of B on the test set" python3 -c "
+import json
+rows = {r['method']: r for r in json.load(open('R1.json'))['rows']}
+zero = json.load(open('zero.json'))
+assert rows['B zero-shot']['test_loss'] == zero['mean_loss'] and rows['B zero-shot']['test_accuracy'] == zero['accuracy'], rows"
+
 # Bad inputs.
 expect_bad "no head" "give its zero-shot head with --head FILE" eval --weights "$fixtures/model" --data images.h5 --results bad.json
 python3 -c "

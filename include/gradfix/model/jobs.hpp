@@ -114,6 +114,7 @@ struct TransportJob {
   bool few_shot_baseline = true;
   std::string out;                // transported model (safetensors; a model directory for decoders)
   std::string results;            // results.json
+  std::string head;               // CLIP: the zero-shot head file
 };
 
 // One row of the transport table.
