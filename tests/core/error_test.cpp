@@ -39,5 +39,22 @@ TEST(Errors, KindsMapToExitCodes) {
   EXPECT_EQ(format_name_list({"a", "b", "c"}, 2), "'a', 'b' and 1 more");
 }
 
+// Names from files are printed escaped, hand-checked byte by byte.
+TEST(Errors, NamesFromFilesAreEscapedAndUtf8IsChecked) {
+  EXPECT_EQ(escaped_name("layers.0.weight"), "layers.0.weight");
+  EXPECT_EQ(escaped_name("\x1b[31mred"), "\\x1b[31mred");            // ESC
+  EXPECT_EQ(escaped_name("caf\xc3\xa9"), "caf\xc3\xa9");                // valid UTF-8 kept
+  EXPECT_EQ(escaped_name("caf\xff\xa9"), "caf\\xff\\xa9");             // invalid bytes
+  EXPECT_EQ(escaped_name("a\\b"), "a\\\\b");                           // a backslash doubled
+  EXPECT_EQ(escaped_name("x\xc2\x9by"), "x\\xc2\\x9by");               // C1 control (CSI)
+  EXPECT_EQ(escaped_name(std::string("n\0m", 3)), "n\\x00m");
+  EXPECT_TRUE(is_valid_utf8("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"));
+  EXPECT_FALSE(is_valid_utf8("\xc0\xaf"));          // overlong '/'
+  EXPECT_FALSE(is_valid_utf8("\xed\xa0\x80"));      // a surrogate
+  EXPECT_FALSE(is_valid_utf8("\xf4\x90\x80\x80"));  // past U+10FFFF
+  EXPECT_FALSE(is_valid_utf8("\xe2\x82"));          // truncated
+  EXPECT_EQ(format_name_list({"\x1b"}), "'\\x1b'");
+}
+
 }  // namespace
 }  // namespace gradfix

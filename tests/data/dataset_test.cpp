@@ -5,6 +5,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <fstream>
 #include <set>
 
 #include "../support/test_files.hpp"
@@ -86,6 +87,66 @@ TEST(Dataset, ReadsHdf5AndRefusesMismatchedCounts) {
   EXPECT_EQ(data.classes, 5);
   EXPECT_EQ(data.inputs[7], 7.0f);
   EXPECT_THROW(load_dataset(dir.file("bad.h5")), InputError);
+}
+
+// Sizes and labels are bounded before anything is allocated (the defects issue): a label of
+// INT64_MAX, IDX dimensions whose product overflows, 2 TB of inputs declared and never written.
+TEST(Dataset, RefusesLabelsAndSizesPastTheBounds) {
+  TempDir dir;
+  {
+    const hid_t file = H5Fcreate(dir.file("label.h5").c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    const hsize_t input_dims[2] = {2, 3};
+    const float inputs[6] = {0, 1, 2, 3, 4, 5};
+    hid_t space = H5Screate_simple(2, input_dims, nullptr);
+    hid_t set = H5Dcreate2(file, "inputs", H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Dwrite(set, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, inputs);
+    H5Dclose(set);
+    H5Sclose(space);
+    const hsize_t count = 2;
+    const long long labels[2] = {1, 9223372036854775807LL};
+    space = H5Screate_simple(1, &count, nullptr);
+    set = H5Dcreate2(file, "labels", H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Dwrite(set, H5T_NATIVE_LLONG, H5S_ALL, H5S_ALL, H5P_DEFAULT, labels);
+    H5Dclose(set);
+    H5Sclose(space);
+    H5Fclose(file);
+  }
+  try {
+    load_dataset(dir.file("label.h5"));
+    ADD_FAILURE() << "a label of INT64_MAX was accepted";
+  } catch (const InputError& error) {
+    EXPECT_NE(std::string(error.what()).find("label 9223372036854775807 is not below 16777216"), std::string::npos) << error.what();
+  }
+  {
+    const hid_t file = H5Fcreate(dir.file("huge.h5").c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    const hsize_t dims[2] = {hsize_t{1} << 29, 1024}, chunk[2] = {64, 1024};
+    const hid_t creation = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(creation, 2, chunk);
+    const hid_t space = H5Screate_simple(2, dims, nullptr);
+    H5Dclose(H5Dcreate2(file, "inputs", H5T_IEEE_F32LE, space, H5P_DEFAULT, creation, H5P_DEFAULT));
+    H5Sclose(space);
+    H5Pclose(creation);
+    H5Fclose(file);
+  }
+  try {
+    load_dataset(dir.file("huge.h5"));
+    ADD_FAILURE() << "2 TB of unwritten inputs were accepted";
+  } catch (const InputError& error) {
+    EXPECT_NE(std::string(error.what()).find("declares 2199023255552 bytes but its storage was never written"), std::string::npos) << error.what();
+  }
+  {
+    // 0xFFFFFFFF cubed overflows 64 bits: the header must be refused before anything is sized.
+    const unsigned char images[16] = {0, 0, 8, 3, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF};
+    const unsigned char labels[8] = {0, 0, 8, 1, 0xFF, 0xFF, 0xFF, 0xFF};
+    std::ofstream(dir.file("big-images-idx3-ubyte"), std::ios::binary).write(reinterpret_cast<const char*>(images), sizeof images);
+    std::ofstream(dir.file("big-labels-idx1-ubyte"), std::ios::binary).write(reinterpret_cast<const char*>(labels), sizeof labels);
+  }
+  try {
+    load_dataset(dir.file("big-images-idx3-ubyte"));
+    ADD_FAILURE() << "an IDX header that overflows was accepted";
+  } catch (const InputError& error) {
+    EXPECT_NE(std::string(error.what()).find("the IDX header declares more than 8589934592 bytes"), std::string::npos) << error.what();
+  }
 }
 
 TEST(Dataset, ShotsPerClassAreBalancedSeededAndChecked) {
