@@ -6,6 +6,7 @@
 set -euo pipefail
 gradfix=$1
 make_hostile_hdf5=$2
+here=$(cd "$(dirname "$0")" && pwd)
 source "$(dirname "$0")/../mpi/common.sh"
 work=$(mktemp -d /tmp/gradfix-regressions-XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -152,6 +153,16 @@ rm -rf out && mkdir out
 # storage was read (copying another file's bytes), links skipped without a word, a null dataspace
 # called truncation, 2^40 unwritten floats read for hours, (2^32)^3 counted as 0 elements.
 mkdir hostile && "$make_hostile_hdf5" hostile
+# A 3.5 KB file found by the HDF5 fuzz harness on which libhdf5 1.10.8 itself crashes (a copy into
+# a null pointer under H5Lvisit): probed in a child process, refused with exit 2, under mpirun too.
+expect "a file that crashes libhdf5" 2 "libhdf5 crashed (signal 11) reading the file's structure in a probe process" \
+  convert "$here/../fuzz/seeds/hdf5/libhdf5-null-copy.h5" out/x.safetensors
+set +e
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" inspect "$here/../fuzz/seeds/hdf5/libhdf5-null-copy.h5" >mpi_probe.txt 2>&1
+code=$?
+set -e
+check "a file that crashes libhdf5, at 2 ranks: exit 2 (got $code)" test "$code" -eq 2
+check "a file that crashes libhdf5, at 2 ranks: one message" test "$(grep -c 'libhdf5 crashed' mpi_probe.txt)" -eq 1
 expect "HDF5 external storage" 2 "keeps its data in another file ('.*secret.bin', external storage)" convert hostile/external_storage.h5 out/x.safetensors
 expect "an HDF5 external link" 2 "'linked' is an external link to 'other.h5:/w'" inspect hostile/external_link.h5
 expect "an HDF5 soft link" 2 "'alias' is a soft link" convert hostile/soft_link.h5 out/x.safetensors
