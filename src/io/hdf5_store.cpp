@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <hdf5.h>
+#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,6 +16,8 @@
 
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
+
+extern char** environ;
 
 namespace gradfix {
 namespace {
@@ -260,37 +263,71 @@ herr_t probe_object(hid_t location, const char* name, const H5O_info_t* info, vo
 }
 herr_t probe_attribute(hid_t, const char*, const H5A_info_t*, void*) { return 0; }
 
-// libhdf5 (Debian's 1.10.8) can crash on a corrupt file: a 3.5 KB file found by the fuzz harness
-// makes H5Lvisit copy into a null pointer (tests/fuzz/seeds/hdf5). A file from a stranger is
-// therefore first walked in a child process; if the child does not come back cleanly, the file is
-// refused (exit 2) and this process, its ranks and its outputs are unaffected.
-void probe_in_child(const std::string& path) {
-  std::fflush(nullptr);
-  const pid_t child = ::fork();
-  if (child < 0) return;  // no process to spare: read without the probe
-  if (child == 0) {
-    // The child reports nothing and touches nothing of the parent's: default signal actions (no
-    // cleanup of the parent's temporaries, no MPI backtraces), its output to /dev/null.
-    for (int signal_number : {SIGSEGV, SIGBUS, SIGABRT, SIGFPE, SIGILL, SIGTERM, SIGINT, SIGHUP}) std::signal(signal_number, SIG_DFL);
-    const int null = ::open("/dev/null", O_WRONLY);
-    if (null >= 0) {
-      ::dup2(null, 1);
-      ::dup2(null, 2);
+// The probe executable beside the running program, or "" when there is none.
+std::string probe_executable() {
+  char self[4096];
+  const ssize_t length = ::readlink("/proc/self/exe", self, sizeof self - 1);
+  if (length <= 0) return "";
+  self[length] = '\0';
+  std::string directory(self);
+  directory.resize(directory.rfind('/') == std::string::npos ? 0 : directory.rfind('/'));
+  const std::string probe = directory + "/gradfix-hdf5-probe";
+  return ::access(probe.c_str(), X_OK) == 0 ? probe : "";
+}
+
+// The probe's status, from a spawned probe executable or a forked child; -1 when no process
+// could be made (the file is then read without a probe).
+int run_probe(const std::string& path) {
+  pid_t child = -1;
+  static const std::string executable = probe_executable();
+  if (!executable.empty()) {
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+    posix_spawnattr_t attributes;
+    posix_spawnattr_init(&attributes);
+    // Default actions for the signals this process handles (cleanup of its temporaries).
+    sigset_t defaults;
+    sigemptyset(&defaults);
+    for (int signal_number : {SIGSEGV, SIGBUS, SIGABRT, SIGFPE, SIGILL, SIGTERM, SIGINT, SIGHUP}) sigaddset(&defaults, signal_number);
+    posix_spawnattr_setsigdefault(&attributes, &defaults);
+    posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGDEF);
+    std::string argument0 = executable, argument1 = path;
+    char* const arguments[] = {argument0.data(), argument1.data(), nullptr};
+    if (::posix_spawn(&child, executable.c_str(), &actions, &attributes, arguments, environ) != 0) child = -1;
+    posix_spawnattr_destroy(&attributes);
+    posix_spawn_file_actions_destroy(&actions);
+  } else {
+    std::fflush(nullptr);
+    child = ::fork();
+    if (child == 0) {
+      // The child reports nothing and touches nothing of the parent's: default signal actions (no
+      // cleanup of the parent's temporaries, no MPI backtraces), its output to /dev/null.
+      for (int signal_number : {SIGSEGV, SIGBUS, SIGABRT, SIGFPE, SIGILL, SIGTERM, SIGINT, SIGHUP}) std::signal(signal_number, SIG_DFL);
+      const int null = ::open("/dev/null", O_WRONLY);
+      if (null >= 0) {
+        ::dup2(null, 1);
+        ::dup2(null, 2);
+      }
+      walk_hdf5_structure(path);
+      ::_exit(0);
     }
-    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-    const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (file >= 0) {
-      H5Lvisit(file, H5_INDEX_NAME, H5_ITER_INC, probe_link, nullptr);
-      H5Ovisit(file, H5_INDEX_NAME, H5_ITER_INC, probe_object, nullptr);
-      hsize_t position = 0;
-      H5Aiterate2(file, H5_INDEX_NAME, H5_ITER_INC, &position, probe_attribute, nullptr);
-      H5Fclose(file);
-    }
-    ::_exit(0);
   }
+  if (child < 0) return -1;
   int status = 0;
   while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
   }
+  return status;
+}
+
+// libhdf5 (Debian's 1.10.8) can crash on a corrupt file: a 3.5 KB file found by the fuzz harness
+// makes H5Lvisit copy into a null pointer (tests/fuzz/seeds/hdf5). A file from a stranger is
+// therefore first walked in another process; if that does not come back cleanly, the file is
+// refused (exit 2) and this process, its ranks and its outputs are unaffected.
+void probe_in_child(const std::string& path) {
+  const int status = run_probe(path);
+  if (status == -1) return;  // no process to spare: read without the probe
   if (WIFSIGNALED(status))
     throw InputError(path + ": libhdf5 crashed (signal " + std::to_string(WTERMSIG(status)) +
                      ") reading the file's structure in a probe process: the file is corrupt; it was not opened here");
@@ -298,6 +335,21 @@ void probe_in_child(const std::string& path) {
     throw InputError(path + ": libhdf5 failed (exit " + std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1) +
                      ") reading the file's structure in a probe process: the file is corrupt; it was not opened here");
 }
+
+}  // namespace
+
+void walk_hdf5_structure(const std::string& path) {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (file < 0) return;
+  H5Lvisit(file, H5_INDEX_NAME, H5_ITER_INC, probe_link, nullptr);
+  H5Ovisit(file, H5_INDEX_NAME, H5_ITER_INC, probe_object, nullptr);
+  hsize_t position = 0;
+  H5Aiterate2(file, H5_INDEX_NAME, H5_ITER_INC, &position, probe_attribute, nullptr);
+  H5Fclose(file);
+}
+
+namespace {
 
 class Hdf5Reader final : public TensorReader {
  public:
