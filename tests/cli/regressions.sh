@@ -155,7 +155,7 @@ rm -rf out && mkdir out
 mkdir hostile && "$make_hostile_hdf5" hostile
 # A 3.5 KB file found by the HDF5 fuzz harness on which libhdf5 1.10.8 itself crashes (a copy into
 # a null pointer under H5Lvisit): probed in a child process, refused with exit 2, under mpirun too.
-expect "a file that crashes libhdf5" 2 "libhdf5 crashed (signal 11) reading the file's structure in a probe process" \
+expect "a file that crashes libhdf5" 2 "libhdf5 crashed (signal [0-9]*) reading the file's structure in a probe process" \
   convert "$here/../fuzz/seeds/hdf5/libhdf5-null-copy.h5" out/x.safetensors
 set +e
 mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" inspect "$here/../fuzz/seeds/hdf5/libhdf5-null-copy.h5" >mpi_probe.txt 2>&1
