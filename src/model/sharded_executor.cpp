@@ -183,14 +183,39 @@ std::vector<std::vector<float>> read_pieces(const TensorReader& reader, const st
   return pieces;
 }
 
-Parameters ShardedWeights::gather(const std::vector<std::string>& names, const torch::Device& device) const {
-  if (!device.is_cpu() && context_.size() > 1 && context_.stats().memory() == MemorySpace::kDevice) return gather_on_device(names, device);
-  std::set<std::size_t> wanted;
+std::set<std::size_t> ShardedWeights::indices_of(const std::vector<std::string>& names) const {
+  std::set<std::size_t> indices;
   for (const auto& name : names) {
     const auto found = index_.find(name);
     GRADFIX_CHECK(found != index_.end(), "no tensor '" + name + "' in the model's layout");
-    wanted.insert(found->second);
+    indices.insert(found->second);
   }
+  return indices;
+}
+
+std::vector<Piece> ShardedWeights::pieces_of(int rank, const std::set<std::size_t>& wanted, long long& count) const {
+  std::vector<Piece> pieces;
+  for (const auto& piece : plan_.pieces(rank))
+    if (wanted.count(piece.tensor)) {
+      pieces.push_back(piece);
+      count += piece.count;
+    }
+  return pieces;
+}
+
+void ShardedWeights::own_values(std::size_t k, float* out) const {
+  const std::vector<float>& base = mine_[k];
+  if (offset_ == nullptr) {
+    std::memcpy(out, base.data(), base.size() * sizeof(float));
+    return;
+  }
+  const std::vector<float>& delta = (*offset_)[k];
+  for (std::size_t i = 0; i < base.size(); ++i) out[i] = base[i] + alpha_ * delta[i];
+}
+
+Parameters ShardedWeights::gather(const std::vector<std::string>& names, const torch::Device& device) const {
+  if (!device.is_cpu() && context_.size() > 1 && context_.stats().memory() == MemorySpace::kDevice) return gather_on_device(names, device);
+  const std::set<std::size_t> wanted = indices_of(names);
   // Each rank that owns pieces of these tensors broadcasts them, packed in plan order, and every
   // rank unpacks them into the whole tensors. Broadcasting owner by owner moves only real data:
   // an all-gather would pad every rank's share to the largest, and one big tensor (an embedding)
@@ -210,27 +235,15 @@ Parameters ShardedWeights::gather(const std::vector<std::string>& names, const t
     if (!whole_here.count(tensor)) full[tensor] = torch::empty(shape_of(layout_[tensor]), torch::kFloat32);
   std::vector<float> buffer;
   for (int r = 0; r < context_.size(); ++r) {
-    std::vector<Piece> theirs;
     long long count = 0;
-    for (const auto& piece : plan_.pieces(r))
-      if (wanted.count(piece.tensor)) {
-        theirs.push_back(piece);
-        count += piece.count;
-      }
+    const std::vector<Piece> theirs = pieces_of(r, wanted, count);
     if (count == 0) continue;
     auto destination = [&](const Piece& piece) { return full[piece.tensor].data_ptr<float>() + piece.begin; };
     if (r == context_.rank()) {
       // Own pieces go straight into the tensors, and are sent from there.
       for (std::size_t k = 0; k < my_pieces.size(); ++k) {
         if (!wanted.count(my_pieces[k].tensor) || whole_here.count(my_pieces[k].tensor)) continue;
-        float* out = destination(my_pieces[k]);
-        if (offset_ == nullptr) {
-          std::memcpy(out, mine_[k].data(), mine_[k].size() * sizeof(float));
-        } else {
-          const std::vector<float>& base = mine_[k];
-          const std::vector<float>& delta = (*offset_)[k];
-          for (std::size_t i = 0; i < base.size(); ++i) out[i] = base[i] + alpha_ * delta[i];
-        }
+        own_values(k, destination(my_pieces[k]));
       }
     }
     if (context_.size() == 1) continue;
@@ -264,12 +277,7 @@ Parameters ShardedWeights::gather(const std::vector<std::string>& names, const t
 // communicator works on its own stream: torch's work is finished before each broadcast, and the
 // communicator finishes its own before returning.
 Parameters ShardedWeights::gather_on_device(const std::vector<std::string>& names, const torch::Device& device) const {
-  std::set<std::size_t> wanted;
-  for (const auto& name : names) {
-    const auto found = index_.find(name);
-    GRADFIX_CHECK(found != index_.end(), "no tensor '" + name + "' in the model's layout");
-    wanted.insert(found->second);
-  }
+  const std::set<std::size_t> wanted = indices_of(names);
   Communicator& transport = context_.stats();
   const auto on_device = torch::TensorOptions().dtype(torch::kFloat32).device(device);
   std::map<std::size_t, torch::Tensor> full;
@@ -280,19 +288,13 @@ Parameters ShardedWeights::gather_on_device(const std::vector<std::string>& name
   std::vector<float> values;
   for (std::size_t k = 0; k < my_pieces.size(); ++k) {
     if (!wanted.count(my_pieces[k].tensor)) continue;
-    values = mine_[k];
-    if (offset_ != nullptr)
-      for (std::size_t i = 0; i < values.size(); ++i) values[i] = mine_[k][i] + alpha_ * (*offset_)[k][i];
+    values.resize(mine_[k].size());
+    own_values(k, values.data());
     range(my_pieces[k]).copy_(torch::from_blob(values.data(), {my_pieces[k].count}, torch::kFloat32));
   }
   for (int r = 0; r < context_.size(); ++r) {
-    std::vector<Piece> theirs;
     long long count = 0;
-    for (const auto& piece : plan_.pieces(r))
-      if (wanted.count(piece.tensor)) {
-        theirs.push_back(piece);
-        count += piece.count;
-      }
+    const std::vector<Piece> theirs = pieces_of(r, wanted, count);
     if (count == 0) continue;
     torch::cuda::synchronize();
     if (theirs.size() == 1) {

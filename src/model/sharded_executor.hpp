@@ -13,6 +13,7 @@
 //   write     every rank writes its pieces into one statistics checkpoint (model's names)
 
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,12 @@ class ShardedWeights {
 
  private:
   Parameters gather_on_device(const std::vector<std::string>& names, const torch::Device& device) const;
+  // The layout indices of `names` (each must be there).
+  std::set<std::size_t> indices_of(const std::vector<std::string>& names) const;
+  // Rank `rank`'s pieces of the `wanted` tensors in plan order; their elements added to `count`.
+  std::vector<Piece> pieces_of(int rank, const std::set<std::size_t>& wanted, long long& count) const;
+  // This rank's piece k as gathered: the weights, plus alpha * offset when one is set.
+  void own_values(std::size_t k, float* out) const;
 
   const JobContext& context_;
   std::vector<TensorInfo> layout_;
