@@ -41,6 +41,17 @@ std::string read_config_text(const std::string& path) {
   return text;
 }
 
+torch::Tensor recorded_linear(const Parameters& p, const std::string& name, const torch::Tensor& x, bool bias,
+                              GradientRecorder* recorder) {
+  torch::Tensor out = torch::nn::functional::linear(x, p.at(name + ".weight"), bias ? p.at(name + ".bias") : torch::Tensor());
+  if (recorder != nullptr && out.requires_grad()) {
+    out.retain_grad();
+    recorder->add({name + ".weight", Capture::Kind::kLinearWeight, x.detach(), out});
+    if (bias) recorder->add({name + ".bias", Capture::Kind::kBias, torch::Tensor(), out});
+  }
+  return out;
+}
+
 Batch Batch::slice(int64_t begin, int64_t end) const {
   auto cut = [&](const torch::Tensor& tensor) { return tensor.defined() ? tensor.slice(0, begin, end) : tensor; };
   return {cut(inputs), cut(labels), cut(mask)};

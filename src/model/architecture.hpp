@@ -61,6 +61,12 @@ class GradientRecorder {
   std::vector<Capture> captures_;
 };
 
+// x @ weight^T (+ bias) with the parameters `name`.weight and `name`.bias; with a recorder (and an
+// output that requires grad) both uses are recorded for per-sample gradients. Every architecture's
+// Linear layers go through it.
+torch::Tensor recorded_linear(const Parameters& p, const std::string& name, const torch::Tensor& x, bool bias,
+                              GradientRecorder* recorder);
+
 // Samples on a device. Tokens: inputs = input_ids [n, T], labels [n, T], mask = attention_mask
 // [n, T]. Images: inputs [n, C, H, W], labels [n], mask undefined.
 struct Batch {

@@ -37,16 +37,6 @@ torch::Tensor layer_norm(const Parameters& p, const std::string& prefix, const t
   return out;
 }
 
-torch::Tensor linear(const Parameters& p, const std::string& name, const torch::Tensor& x, bool bias, GradientRecorder* recorder) {
-  torch::Tensor out = torch::nn::functional::linear(x, p.at(name + ".weight"), bias ? p.at(name + ".bias") : torch::Tensor());
-  if (recorder != nullptr && out.requires_grad()) {
-    out.retain_grad();
-    recorder->add({name + ".weight", Capture::Kind::kLinearWeight, x.detach(), out});
-    if (bias) recorder->add({name + ".bias", Capture::Kind::kBias, torch::Tensor(), out});
-  }
-  return out;
-}
-
 std::string layer_prefix(long long layer) { return "vision_model.encoder.layers." + std::to_string(layer) + "."; }
 
 }  // namespace
@@ -234,24 +224,24 @@ torch::Tensor ClipVision::layer(long long index, const Parameters& p, const torc
   const std::string prefix = layer_prefix(index);
   const torch::Tensor x = layer_norm(p, prefix + "layer_norm1", hidden, c.layer_norm_eps, recorder);
   auto heads = [&](const torch::Tensor& y) { return y.view({n, t, c.heads, head_dim}).transpose(1, 2); };
-  const torch::Tensor q = heads(linear(p, prefix + "self_attn.q_proj", x, true, recorder));
-  const torch::Tensor k = heads(linear(p, prefix + "self_attn.k_proj", x, true, recorder));
-  const torch::Tensor v = heads(linear(p, prefix + "self_attn.v_proj", x, true, recorder));
+  const torch::Tensor q = heads(recorded_linear(p, prefix + "self_attn.q_proj", x, true, recorder));
+  const torch::Tensor k = heads(recorded_linear(p, prefix + "self_attn.k_proj", x, true, recorder));
+  const torch::Tensor v = heads(recorded_linear(p, prefix + "self_attn.v_proj", x, true, recorder));
   const torch::Tensor scores = torch::matmul(q, k.transpose(2, 3)) / std::sqrt(static_cast<double>(head_dim));
   const torch::Tensor weights = torch::softmax(scores, -1, torch::kFloat32).to(q.scalar_type());
   const torch::Tensor attended = torch::matmul(weights, v).transpose(1, 2).reshape({n, t, c.hidden_size});
-  const torch::Tensor after_attention = hidden + linear(p, prefix + "self_attn.out_proj", attended, true, recorder);
+  const torch::Tensor after_attention = hidden + recorded_linear(p, prefix + "self_attn.out_proj", attended, true, recorder);
   const torch::Tensor y = layer_norm(p, prefix + "layer_norm2", after_attention, c.layer_norm_eps, recorder);
-  torch::Tensor inner = linear(p, prefix + "mlp.fc1", y, true, recorder);
+  torch::Tensor inner = recorded_linear(p, prefix + "mlp.fc1", y, true, recorder);
   inner = c.activation == "quick_gelu" ? inner * torch::sigmoid(1.702 * inner) : torch::gelu(inner);
-  return after_attention + linear(p, prefix + "mlp.fc2", inner, true, recorder);
+  return after_attention + recorded_linear(p, prefix + "mlp.fc2", inner, true, recorder);
 }
 
 torch::Tensor ClipVision::output(const Parameters& p, const torch::Tensor& hidden, GradientRecorder* recorder) const {
   if (!head_.defined()) throw InputError(config_.directory + ": a CLIP model needs a zero-shot head (--head FILE)");
   // The class token, kept three-dimensional so that the captures see one position per sample.
   const torch::Tensor pooled = layer_norm(p, "vision_model.post_layernorm", hidden.slice(1, 0, 1), config_.layer_norm_eps, recorder);
-  const torch::Tensor projected = linear(p, "visual_projection", pooled, false, recorder).squeeze(1);
+  const torch::Tensor projected = recorded_linear(p, "visual_projection", pooled, false, recorder).squeeze(1);
   const torch::Tensor normed = projected / projected.norm(2, -1, true);
   return scale_ * torch::matmul(normed, head_.to(normed.device(), normed.scalar_type()).t());
 }
@@ -268,7 +258,7 @@ torch::Tensor ClipVision::embed_images(const Parameters& p, const Batch& batch) 
   torch::Tensor hidden = input(p, batch);
   for (long long i = 0; i < config_.layers; ++i) hidden = layer(i, p, hidden, batch);
   const torch::Tensor pooled = layer_norm(p, "vision_model.post_layernorm", hidden.slice(1, 0, 1), config_.layer_norm_eps, nullptr);
-  return linear(p, "visual_projection", pooled, false, nullptr).squeeze(1);
+  return recorded_linear(p, "visual_projection", pooled, false, nullptr).squeeze(1);
 }
 
 SampleSource image_samples(const Dataset& data) {

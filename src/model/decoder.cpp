@@ -105,16 +105,6 @@ torch::Tensor rms_norm(const Parameters& p, const std::string& weight_name, cons
   return out;
 }
 
-torch::Tensor linear(const Parameters& p, const std::string& name, const torch::Tensor& x, bool bias, GradientRecorder* recorder) {
-  torch::Tensor out = torch::nn::functional::linear(x, p.at(name + ".weight"), bias ? p.at(name + ".bias") : torch::Tensor());
-  if (recorder != nullptr && out.requires_grad()) {
-    out.retain_grad();
-    recorder->add({name + ".weight", Capture::Kind::kLinearWeight, x.detach(), out});
-    if (bias) recorder->add({name + ".bias", Capture::Kind::kBias, torch::Tensor(), out});
-  }
-  return out;
-}
-
 torch::Tensor rotate_half(const torch::Tensor& x) {
   const long long half = x.size(-1) / 2;
   return torch::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
@@ -345,9 +335,9 @@ torch::Tensor Decoder::block(long long index, const Parameters& p, const torch::
   const std::string prefix = "model.layers." + std::to_string(index) + ".";
   const torch::Tensor x = rms_norm(p, prefix + "input_layernorm.weight", hidden, c.rms_norm_eps, recorder);
   // [N, T, heads, d] -> [N, heads, T, d]
-  const torch::Tensor q = linear(p, prefix + "self_attn.q_proj", x, c.qkv_bias, recorder).view({n, t, c.heads, c.head_dim}).transpose(1, 2);
-  torch::Tensor k = linear(p, prefix + "self_attn.k_proj", x, c.qkv_bias, recorder).view({n, t, c.kv_heads, c.head_dim}).transpose(1, 2);
-  torch::Tensor v = linear(p, prefix + "self_attn.v_proj", x, c.qkv_bias, recorder).view({n, t, c.kv_heads, c.head_dim}).transpose(1, 2);
+  const torch::Tensor q = recorded_linear(p, prefix + "self_attn.q_proj", x, c.qkv_bias, recorder).view({n, t, c.heads, c.head_dim}).transpose(1, 2);
+  torch::Tensor k = recorded_linear(p, prefix + "self_attn.k_proj", x, c.qkv_bias, recorder).view({n, t, c.kv_heads, c.head_dim}).transpose(1, 2);
+  torch::Tensor v = recorded_linear(p, prefix + "self_attn.v_proj", x, c.qkv_bias, recorder).view({n, t, c.kv_heads, c.head_dim}).transpose(1, 2);
   const auto [cos, sin] = rotary(t, q);
   const torch::Tensor q_rotated = q * cos + rotate_half(q) * sin;
   k = k * cos + rotate_half(k) * sin;
@@ -363,11 +353,11 @@ torch::Tensor Decoder::block(long long index, const Parameters& p, const torch::
   scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
   const torch::Tensor weights = torch::softmax(scores, -1, torch::kFloat32).to(q.scalar_type());
   const torch::Tensor attended = torch::matmul(weights, v).transpose(1, 2).reshape({n, t, c.heads * c.head_dim});
-  const torch::Tensor after_attention = hidden + linear(p, prefix + "self_attn.o_proj", attended, c.o_bias, recorder);
+  const torch::Tensor after_attention = hidden + recorded_linear(p, prefix + "self_attn.o_proj", attended, c.o_bias, recorder);
   const torch::Tensor y = rms_norm(p, prefix + "post_attention_layernorm.weight", after_attention, c.rms_norm_eps, recorder);
   const torch::Tensor gated =
-      torch::silu(linear(p, prefix + "mlp.gate_proj", y, c.mlp_bias, recorder)) * linear(p, prefix + "mlp.up_proj", y, c.mlp_bias, recorder);
-  return after_attention + linear(p, prefix + "mlp.down_proj", gated, c.mlp_bias, recorder);
+      torch::silu(recorded_linear(p, prefix + "mlp.gate_proj", y, c.mlp_bias, recorder)) * recorded_linear(p, prefix + "mlp.up_proj", y, c.mlp_bias, recorder);
+  return after_attention + recorded_linear(p, prefix + "mlp.down_proj", gated, c.mlp_bias, recorder);
 }
 
 torch::Tensor Decoder::head(const Parameters& p, const torch::Tensor& hidden, GradientRecorder* recorder) const {
