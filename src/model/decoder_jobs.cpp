@@ -3,23 +3,15 @@
 #include <algorithm>
 #include <cmath>
 #include <iomanip>
-#include <limits>
-#include <map>
 #include <nlohmann/json.hpp>
 
 #include "classifier.hpp"
 #include "decoder.hpp"
 #include "gradfix/data/dataset.hpp"
-#include "gradfix/dist/collective_output.hpp"
 #include "sharded_executor.hpp"
 #include "sharded_transport.hpp"
-#include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
-#include "gradfix/mask/compare.hpp"
-#include "gradfix/mask/mask.hpp"
-#include "gradfix/pipeline/jobs.hpp"
-#include "transport_rows.hpp"
 
 namespace gradfix {
 namespace {
