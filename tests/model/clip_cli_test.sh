@@ -137,22 +137,8 @@ alpha=$(python3 -c "import json; print([r for r in json.load(open('R1.json'))['r
 "$gradfix" signs --weights "$fixtures/model" --head "$fixtures/head.safetensors" --data pool.h5 --shots-per-class 2 --seed 4 --out pool_votes.safetensors >/dev/null
 "$gradfix" mask --task-vector tau.safetensors --signs pool_votes.safetensors --out pool_masked.safetensors >/dev/null
 "$gradfix" apply --base "$fixtures/model" --task-vector pool_masked.safetensors --alpha "$alpha" --out steps >/dev/null
-check "CLIP transport writes exactly signs -> mask -> apply at alpha $alpha, the text tower included" python3 - T1 steps <<'PY'
-import json, os, struct, sys
-def tensors(directory):
-    index = json.load(open(os.path.join(directory, "model.safetensors.index.json")))["weight_map"]
-    out = {}
-    for shard in sorted(set(index.values())):
-        raw = open(os.path.join(directory, shard), "rb").read()
-        n = struct.unpack("<Q", raw[:8])[0]
-        header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
-        for name, entry in header.items():
-            begin, end = entry["data_offsets"]
-            out[name] = (entry["dtype"], entry["shape"], raw[8 + n + begin:8 + n + end])
-    return out
-a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
-sys.exit(0 if a == b and any(name.startswith("text_model.") for name in a) else 1)
-PY
+check "CLIP transport writes exactly signs -> mask -> apply at alpha $alpha, the text tower included" \
+  "$repo/tests/support/same_tensors.py" T1 steps --require-prefix text_model.
 "$gradfix" eval --weights "$fixtures/model" --head "$fixtures/head.safetensors" --data test.h5 --results zero.json >/dev/null
 check "the CLIP zero-shot row is eval of B on the test set" python3 -c "
 import json

@@ -61,26 +61,9 @@ alpha=$(python3 -c "import json; print([r for r in json.load(open('R1.json'))['r
 "$gradfix" signs --weights "$model" --data pool.h5 --num-samples 4 --seed 3 --out votes.safetensors >/dev/null
 "$gradfix" mask --task-vector tau.safetensors --signs votes.safetensors --out masked.safetensors >/dev/null
 "$gradfix" apply --base "$model" --task-vector masked.safetensors --alpha "$alpha" --out steps >/dev/null
-same_tensors() {  # same_tensors DIR_A DIR_B: every tensor's bytes equal (metadata may differ)
-  python3 - "$1" "$2" <<'PY'
-import json, os, struct, sys
-def tensors(directory):
-    index = json.load(open(os.path.join(directory, "model.safetensors.index.json")))["weight_map"]
-    out = {}
-    for shard in sorted(set(index.values())):
-        raw = open(os.path.join(directory, shard), "rb").read()
-        n = struct.unpack("<Q", raw[:8])[0]
-        header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
-        for name, entry in header.items():
-            begin, end = entry["data_offsets"]
-            out[name] = (entry["dtype"], entry["shape"], raw[8 + n + begin:8 + n + end])
-    return out
-a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
-sys.exit(0 if a == b and len(a) > 0 else 1)
-PY
-}
-check "transport writes exactly signs -> mask -> apply at the chosen alpha ($alpha)" same_tensors T1 steps
-check "the GradFix model differs from B" bash -c "$(declare -f same_tensors); ! same_tensors T1 '$model'"
+same_tensors=$repo/tests/support/same_tensors.py
+check "transport writes exactly signs -> mask -> apply at the chosen alpha ($alpha)" "$same_tensors" T1 steps
+check "the GradFix model differs from B" bash -c "! '$same_tensors' T1 '$model'"
 "$gradfix" eval --weights "$model" --data test.safetensors --results zero.json >/dev/null
 "$gradfix" eval --weights B_ft --data test.safetensors --results upper.json >/dev/null
 check "the zero-shot row is eval of B on the test set" python3 -c "
