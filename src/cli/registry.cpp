@@ -48,20 +48,46 @@ MaskOptions parse_mask_options(const Options& values) {
   return mask;
 }
 
-std::vector<double> parse_alphas(const std::string& text) {
-  std::vector<double> alphas;
+// A comma-separated list of finite numbers given as --`key`.
+std::vector<double> parse_numbers(const std::string& text, const std::string& key) {
+  std::vector<double> numbers;
   std::stringstream stream(text);
   std::string item;
   while (std::getline(stream, item, ',')) {
+    std::size_t used = 0;
     try {
-      alphas.push_back(std::stod(item));
+      numbers.push_back(std::stod(item, &used));
     } catch (const std::exception&) {
-      throw InputError("--alphas: '" + item + "' is not a number");
+      throw InputError("--" + key + ": '" + item + "' is not a number");
     }
-    if (!std::isfinite(alphas.back())) throw InputError("--alphas: every alpha must be finite, got '" + item + "'");
+    if (used != item.size() && item.find_first_not_of(" \t", used) != std::string::npos)
+      throw InputError("--" + key + ": '" + item + "' is not a number");
+    if (!std::isfinite(numbers.back())) throw InputError("--" + key + ": every value must be finite, got '" + item + "'");
   }
-  if (alphas.empty()) throw InputError("--alphas is empty");
-  return alphas;
+  if (numbers.empty()) throw InputError("--" + key + " is empty");
+  return numbers;
+}
+
+std::vector<double> parse_alphas(const std::string& text) { return parse_numbers(text, "alphas"); }
+
+// The few-shot fine-tuning grid: learning rates > 0, step counts >= 1 (in increasing order: the
+// support set is scored after each on one run per learning rate).
+void parse_finetune_grid(const Options& values, TransportJob& job) {
+  if (values.has("finetune-lrs") && !values.text("finetune-lrs").empty()) {
+    job.finetune_lrs = parse_numbers(values.text("finetune-lrs"), "finetune-lrs");
+    for (double lr : job.finetune_lrs)
+      if (!(lr > 0.0)) throw InputError("--finetune-lrs: every learning rate must be positive, got " + std::to_string(lr));
+  }
+  if (values.has("finetune-steps") && !values.text("finetune-steps").empty()) {
+    for (double steps : parse_numbers(values.text("finetune-steps"), "finetune-steps")) {
+      if (!(steps >= 1.0 && steps <= 1e6) || steps != std::floor(steps))
+        throw InputError("--finetune-steps: every step count must be a whole number from 1 to 1000000, got " + std::to_string(steps));
+      if (!job.finetune_steps.empty() && steps <= static_cast<double>(job.finetune_steps.back()))
+        throw InputError("--finetune-steps must increase, got " + std::to_string(static_cast<long long>(steps)) + " after " +
+                         std::to_string(job.finetune_steps.back()));
+      job.finetune_steps.push_back(static_cast<long long>(steps));
+    }
+  }
 }
 
 SignMode checked_sign_mode(const Options& values) { return parse_sign_mode(values.text("sign-mode")); }
@@ -337,6 +363,10 @@ std::vector<SubcommandSpec> make_table() {
                                   {"mask-mode", T::kText, "normal", "mask rule: " + mask_mode_names()},
                                   {"alphas", T::kText, "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", "alpha grid, searched on the support set"},
                                   {"no-few-shot-baseline", T::kFlag, "", "skip the few-shot fine-tuning baseline"},
+                                  {"finetune-lrs", T::kText, "", "few-shot fine-tuning: Adam learning rates tried (default: built-in "
+                                                                 "classifiers 1e-4,1e-3,1e-2; decoders and CLIP 1e-5,3e-5,1e-4)"},
+                                  {"finetune-steps", T::kText, "", "few-shot fine-tuning: full-batch steps after which the support "
+                                                                   "set is scored, increasing (default 5,20,50)"},
                                   {"out", T::kText, "", "transported model (GradFix, best alpha) to write"},
                                   {"results", T::kText, "", "results.json to write"}})),
                    {},
@@ -360,6 +390,7 @@ std::vector<SubcommandSpec> make_table() {
                      job.mask_mode = parse_mask_mode(values.text("mask-mode"));
                      job.alphas = parse_alphas(values.text("alphas"));
                      job.few_shot_baseline = !values.flag("no-few-shot-baseline");
+                     parse_finetune_grid(values, job);
                      if (values.has("head")) job.head = values.text("head");
                      if (values.has("out")) job.out = values.text("out");
                      if (values.has("results")) job.results = values.text("results");

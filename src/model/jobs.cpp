@@ -275,14 +275,16 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
     double best_accuracy = -1.0;
     Vectors best = base;
     std::string best_label;
-    for (double lr : {1e-4, 1e-3, 1e-2}) {
+    const std::vector<double> lrs = job.finetune_lrs.empty() ? std::vector<double>{1e-4, 1e-3, 1e-2} : job.finetune_lrs;
+    const std::vector<long long> step_counts = job.finetune_steps.empty() ? std::vector<long long>{5, 20, 50} : job.finetune_steps;
+    for (double lr : lrs) {
       set_parameter_values(model, base);
       std::vector<torch::Tensor> parameters;
       for (auto& [name, parameter] : model.parameters()) parameters.push_back(parameter);
       torch::optim::Adam optimizer(parameters, torch::optim::AdamOptions(lr));
       const torch::Tensor inputs = inputs_tensor(shots, model.device()), labels = labels_tensor(shots, model.device());
-      int done = 0;
-      for (int steps : {5, 20, 50}) {
+      long long done = 0;
+      for (long long steps : step_counts) {
         for (; done < steps; ++done) {
           optimizer.zero_grad();
           torch::nn::functional::cross_entropy(model.forward(inputs), labels).backward();

@@ -431,7 +431,7 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
     Parameters parameters = weights.gather(output_names, device);
     // Only this rank sees its samples: a non-finite loss (weights with NaN or Inf) must stop
     // every rank before the collective steps below.
-    context.agree([&] {
+    if (options.refuse_nonfinite) context.agree([&] {
       torch::NoGradGuard no_gradients;
       for (std::size_t g = 0; g < groups.size(); ++g)
         for (int64_t i = 0; i < static_cast<int64_t>(groups[g].samples.size()); ++i) {

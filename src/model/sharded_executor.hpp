@@ -75,6 +75,9 @@ struct ShardedSignsOptions {
   SignMode sign_mode = SignMode::kMax;
   VoteMethod method = VoteMethod::kFast;  // fast: batched per-sample products; loop: one backward per sample
   long long product_bytes = 64LL << 20;  // bound on one block of per-sample gradients
+  // false: a non-finite loss is not refused (few-shot fine-tuning at a learning rate that diverges
+  // is a grid point to pass over, not broken weights).
+  bool refuse_nonfinite = true;
 };
 
 // The statistics of this rank's pieces, in plan order, kept in the type they were reduced in:

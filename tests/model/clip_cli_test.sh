@@ -27,8 +27,8 @@ expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
 }
 
 # The reference (F64 losses, I8 votes, F32 margins) with Python's standard library only.
-reference() {  # reference KEY
-  python3 - "$fixtures/reference.safetensors" "$1" <<'PY'
+reference() {  # reference KEY [FILE]
+  python3 - "${2:-$fixtures/reference.safetensors}" "$1" <<'PY'
 import json, struct, sys
 raw = open(sys.argv[1], "rb").read()
 n = struct.unpack("<Q", raw[:8])[0]
@@ -145,6 +145,40 @@ import json
 rows = {r['method']: r for r in json.load(open('R1.json'))['rows']}
 zero = json.load(open('zero.json'))
 assert rows['B zero-shot']['test_loss'] == zero['mean_loss'] and rows['B zero-shot']['test_accuracy'] == zero['accuracy'], rows"
+
+# Few-shot fine-tuning with the parameters sharded (transport's "few-shot fine-tuning of B" row):
+# full-batch Adam on images 0-2 equals torch.optim.Adam in float64
+# (make_finetune_reference.py) after 1 and after 3 steps, at 1 and 2 ranks, and the
+# (learning rate, steps) chosen is the one with the lowest support loss.
+printf '0\n1\n2\n' >shots.txt
+for steps in 1 3; do
+  expected=$(reference "losses_after_$steps" "$fixtures/finetune_reference.safetensors")
+  for ranks in 1 2; do
+    mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" transport --target "$fixtures/model" --head "$fixtures/head.safetensors" \
+      --task-vector tau.safetensors --data images.h5 --test-data images.h5 --indices shots.txt --support-size 3 --alphas 1 \
+      --finetune-lrs 0.001 --finetune-steps "$steps" --results "ft$steps-$ranks.json" >/dev/null
+    check "few-shot fine-tuning, $steps Adam step(s) at $ranks rank(s), equals torch.optim.Adam within 1e-5" python3 -c "
+import json, sys
+expected = json.loads(sys.argv[1])
+result = json.load(open('ft$steps-$ranks.json'))
+row = [r for r in result['rows'] if r['method'] == 'few-shot fine-tuning of B'][0]
+want = sum(expected) / len(expected)
+assert abs(row['test_loss'] - want) <= 1e-5 * max(1.0, abs(want)), (row['test_loss'], want)
+assert result['few_shot_finetuning']['steps'] == $steps and result['few_shot_finetuning']['learning_rate'] == 0.001, result
+" "$expected"
+  done
+done
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" transport --target "$fixtures/model" --head "$fixtures/head.safetensors" \
+  --task-vector tau.safetensors --data images.h5 --test-data images.h5 --indices shots.txt --support-size 3 --alphas 1 \
+  --finetune-lrs 0.001,1e-9 --finetune-steps 1,3 --results ft-grid.json >/dev/null
+check "few-shot fine-tuning picks the grid point of lowest support loss (3 steps at 1e-3 over 1e-9)" python3 -c "
+import json
+chosen = json.load(open('ft-grid.json'))['few_shot_finetuning']
+assert chosen['learning_rate'] == 0.001 and chosen['steps'] == 3, chosen"
+expect_bad "a learning rate of zero" "every learning rate must be positive" transport --target "$fixtures/model" \
+  --head "$fixtures/head.safetensors" --task-vector tau.safetensors --data images.h5 --test-data images.h5 --finetune-lrs 0 --results bad.json
+expect_bad "step counts that decrease" "--finetune-steps must increase, got 2 after 5" transport --target "$fixtures/model" \
+  --head "$fixtures/head.safetensors" --task-vector tau.safetensors --data images.h5 --test-data images.h5 --finetune-steps 5,2 --results bad.json
 
 # Bad inputs.
 expect_bad "no head" "give its zero-shot head with --head FILE" eval --weights "$fixtures/model" --data images.h5 --results bad.json

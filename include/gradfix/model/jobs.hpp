@@ -112,6 +112,8 @@ struct TransportJob {
   MaskOptions mask;
   std::vector<double> alphas;     // default 0.1 ... 1.0
   bool few_shot_baseline = true;
+  std::vector<double> finetune_lrs;        // few-shot fine-tuning's Adam learning rates (empty: the model's default)
+  std::vector<long long> finetune_steps;   // steps after which the support set is scored (empty: 5, 20, 50)
   std::string out;                // transported model (safetensors; a model directory for decoders)
   std::string results;            // results.json
   std::string head;               // CLIP: the zero-shot head file
