@@ -102,7 +102,7 @@ Dataset load_idx(const std::string& images_path) {
 
 // Through the checked HDF5 reader (gradfix::io): links, external storage, unwritten storage and
 // sizes that overflow are refused there; here the sizes are bounded before anything is allocated.
-Dataset load_hdf5(const std::string& path) {
+Dataset load_hdf5(const std::string& path, bool keep_bytes) {
   const auto reader = open_reader(path);
   const TensorInfo* inputs = reader->find("inputs");
   const TensorInfo* labels = reader->find("labels");
@@ -111,7 +111,9 @@ Dataset load_hdf5(const std::string& path) {
   if (inputs->shape.empty() || labels->shape.size() != 1 || inputs->shape[0] != labels->shape[0])
     throw InputError(path + ": 'inputs' has " + std::to_string(inputs->shape.empty() ? 0 : inputs->shape[0]) + " samples but 'labels' has " +
                      std::to_string(labels->shape.empty() ? 0 : labels->shape[0]) + " (labels must be one-dimensional)");
-  const long long bytes = inputs->numel() * static_cast<long long>(sizeof(float)) + labels->numel() * static_cast<long long>(sizeof(long long));
+  const bool as_bytes = keep_bytes && inputs->dtype == DType::kU8;
+  const long long bytes = inputs->numel() * static_cast<long long>(as_bytes ? 1 : sizeof(float)) +
+                          labels->numel() * static_cast<long long>(sizeof(long long));
   if (bytes > kMaxDatasetBytes)
     throw InputError(path + ": 'inputs' " + format_shape(inputs->shape) + " and 'labels' need " + std::to_string(bytes) +
                      " bytes in memory; datasets are held in memory up to " + std::to_string(kMaxDatasetBytes) + " bytes");
@@ -120,7 +122,12 @@ Dataset load_hdf5(const std::string& path) {
       label_type != DType::kU8 && label_type != DType::kU16 && label_type != DType::kU32)
     throw InputError(path + ": 'labels' is " + dtype_name(label_type) + "; labels must be integers (I64, I32, I16, I8, U32, U16, U8)");
   Dataset data;
-  data.inputs = reader->read_f32("inputs");
+  if (as_bytes) {
+    data.bytes.resize(static_cast<std::size_t>(inputs->numel()));
+    reader->read_raw("inputs", 0, inputs->numel(), data.bytes.data());
+  } else {
+    data.inputs = reader->read_f32("inputs");
+  }
   data.labels.resize(static_cast<std::size_t>(labels->numel()));
   std::vector<unsigned char> raw(static_cast<std::size_t>(labels->nbytes()));
   reader->read_raw("labels", 0, labels->numel(), raw.data());
@@ -151,23 +158,30 @@ Dataset Dataset::subset(const std::vector<long long>& indices) const {
   Dataset part;
   part.sample_shape = sample_shape;
   part.classes = classes;
-  const long long width = sample_size();
-  part.inputs.resize(static_cast<std::size_t>(width) * indices.size());
+  const auto width = static_cast<std::size_t>(sample_size());
+  const bool as_bytes = !bytes.empty();
+  if (as_bytes)
+    part.bytes.resize(width * indices.size());
+  else
+    part.inputs.resize(width * indices.size());
   for (std::size_t i = 0; i < indices.size(); ++i) {
     const long long index = indices[i];
     if (index < 0 || index >= size()) throw InputError("sample index " + std::to_string(index) + " is outside the " + std::to_string(size()) + " samples");
-    std::memcpy(part.inputs.data() + i * static_cast<std::size_t>(width), inputs.data() + index * width,
-                static_cast<std::size_t>(width) * sizeof(float));
+    const auto from = static_cast<std::size_t>(index) * width;
+    if (as_bytes)
+      std::memcpy(part.bytes.data() + i * width, bytes.data() + from, width);
+    else
+      std::memcpy(part.inputs.data() + i * width, inputs.data() + from, width * sizeof(float));
     part.labels.push_back(labels[static_cast<std::size_t>(index)]);
   }
   return part;
 }
 
-Dataset load_dataset(const std::string& spec) {
+Dataset load_dataset(const std::string& spec, bool keep_bytes) {
   Dataset data;
   const auto colon = spec.rfind(':');
   if (ends_with(spec, ".h5") || ends_with(spec, ".hdf5")) {
-    data = load_hdf5(spec);
+    data = load_hdf5(spec, keep_bytes);
   } else if (colon != std::string::npos && is_directory(spec.substr(0, colon))) {
     const std::string prefix = spec.substr(0, colon) + "/" + spec.substr(colon + 1) + "-images-idx3-ubyte";
     const std::string path = existing({prefix + ".gz", prefix});

@@ -261,13 +261,97 @@ torch::Tensor ClipVision::embed_images(const Parameters& p, const Batch& batch) 
   return recorded_linear(p, "visual_projection", pooled, false, nullptr).squeeze(1);
 }
 
-SampleSource image_samples(const Dataset& data) {
+ImagePreprocessing read_image_preprocessing(const ClipConfig& config) {
+  ImagePreprocessing out;
+  out.shortest_edge = out.crop = config.image_size;
+  out.mean = {0.48145466, 0.4578275, 0.40821073};  // CLIP's published statistics (OpenAI)
+  out.std = {0.26862954, 0.26130258, 0.27577711};
+  const std::string path = config.directory + "/preprocessor_config.json";
+  struct stat info {};
+  if (::lstat(path.c_str(), &info) != 0) return out;
+  Json root;
+  try {
+    root = Json::parse(read_config_text(path), nullptr, true, false);
+  } catch (const Json::exception& error) {
+    throw InputError(path + ": not valid JSON: " + error.what());
+  }
+  if (!root.is_object()) throw InputError(path + ": not a JSON object");
+  // size: {"shortest_edge": N} or N; crop_size: {"height": N, "width": N} or N.
+  auto size_of = [&](const char* key, const char* inner, long long fallback) {
+    if (!root.contains(key)) return fallback;
+    const Json* value = &root.at(key);
+    if (value->is_object()) {
+      if (!value->contains(inner)) throw InputError(path + ": \"" + key + "\" has no \"" + inner + "\"");
+      value = &value->at(inner);
+    }
+    if (!value->is_number_integer() || value->get<long long>() < 1 || value->get<long long>() > 16384)
+      throw InputError(path + ": \"" + key + "\" must be a size from 1 to 16384, got " + value->dump());
+    return value->get<long long>();
+  };
+  out.shortest_edge = size_of("size", "shortest_edge", config.image_size);
+  out.crop = size_of("crop_size", "height", out.shortest_edge);
+  if (root.contains("crop_size") && root.at("crop_size").is_object() && root.at("crop_size").contains("width") &&
+      root.at("crop_size").at("width") != root.at("crop_size").at("height"))
+    throw InputError(path + ": \"crop_size\" is not square: " + root.at("crop_size").dump());
+  auto channels_of = [&](const char* key, std::vector<double>& values, bool positive_only) {
+    if (!root.contains(key)) return;
+    const Json& list = root.at(key);
+    if (!list.is_array() || static_cast<long long>(list.size()) != config.channels)
+      throw InputError(path + ": \"" + key + "\" must list " + std::to_string(config.channels) + " numbers, got " + list.dump());
+    values.clear();
+    for (const Json& item : list) {
+      if (!item.is_number() || !std::isfinite(item.get<double>()) || (positive_only && !(item.get<double>() > 0.0)))
+        throw InputError(path + ": \"" + key + "\" holds " + item.dump() + (positive_only ? "; each must be positive" : "; each must be finite"));
+      values.push_back(item.get<double>());
+    }
+  };
+  channels_of("image_mean", out.mean, false);
+  channels_of("image_std", out.std, true);
+  if (static_cast<long long>(out.mean.size()) != config.channels || static_cast<long long>(out.std.size()) != config.channels)
+    throw InputError(path + ": the model has " + std::to_string(config.channels) + " channels; give \"image_mean\" and \"image_std\" for each");
+  if (out.crop != config.image_size)
+    throw InputError(path + ": \"crop_size\" is " + std::to_string(out.crop) + " but the model's image_size is " + std::to_string(config.image_size));
+  if (out.shortest_edge < out.crop)
+    throw InputError(path + ": \"size\" " + std::to_string(out.shortest_edge) + " is smaller than \"crop_size\" " + std::to_string(out.crop));
+  return out;
+}
+
+torch::Tensor preprocess_images(const torch::Tensor& pixels, const ImagePreprocessing& preprocessing) {
+  torch::Tensor x = pixels.permute({0, 3, 1, 2}).to(torch::kFloat32);
+  const int64_t height = x.size(2), width = x.size(3);
+  const double scale = static_cast<double>(preprocessing.shortest_edge) / static_cast<double>(std::min(height, width));
+  // Python's round() (half to even), as the Pillow converter computes the size.
+  const auto resized_height = std::max<int64_t>(preprocessing.crop, static_cast<int64_t>(std::nearbyint(static_cast<double>(height) * scale)));
+  const auto resized_width = std::max<int64_t>(preprocessing.crop, static_cast<int64_t>(std::nearbyint(static_cast<double>(width) * scale)));
+  if (resized_height != height || resized_width != width) {
+    namespace F = torch::nn::functional;
+    x = F::interpolate(x, F::InterpolateFuncOptions()
+                              .size(std::vector<int64_t>{resized_height, resized_width})
+                              .mode(torch::kBicubic)
+                              .align_corners(false)
+                              .antialias(true))
+            .round()
+            .clamp(0, 255);
+  }
+  const int64_t top = (resized_height - preprocessing.crop) / 2, left = (resized_width - preprocessing.crop) / 2;
+  x = x.slice(2, top, top + preprocessing.crop).slice(3, left, left + preprocessing.crop);
+  const auto channels = static_cast<int64_t>(preprocessing.mean.size());
+  const torch::Tensor mean = torch::tensor(preprocessing.mean, torch::kFloat64).to(torch::kFloat32).view({1, channels, 1, 1});
+  const torch::Tensor std = torch::tensor(preprocessing.std, torch::kFloat64).to(torch::kFloat32).view({1, channels, 1, 1});
+  return ((x / 255.0f - mean) / std).contiguous();
+}
+
+SampleSource image_samples(const Dataset& data, const ImagePreprocessing* preprocessing) {
   const Dataset* held = &data;
-  return {data.size(), "the images", [held](const std::vector<long long>& indices, const torch::Device& device) {
+  return {data.size(), "the images", [held, preprocessing](const std::vector<long long>& indices, const torch::Device& device) {
             const Dataset part = held->subset(indices);
             std::vector<int64_t> shape = {static_cast<int64_t>(indices.size())};
             for (long long dim : part.sample_shape) shape.push_back(dim);
-            const torch::Tensor inputs = torch::from_blob(const_cast<float*>(part.inputs.data()), shape, torch::kFloat32).to(device, false, true);
+            const torch::Tensor inputs =
+                part.bytes.empty()
+                    ? torch::from_blob(const_cast<float*>(part.inputs.data()), shape, torch::kFloat32).to(device, false, true)
+                    : preprocess_images(torch::from_blob(const_cast<std::uint8_t*>(part.bytes.data()), shape, torch::kUInt8), *preprocessing)
+                          .to(device);
             const torch::Tensor labels =
                 torch::from_blob(const_cast<long long*>(part.labels.data()), {static_cast<int64_t>(indices.size())}, torch::kInt64).to(device, false, true);
             return Batch{inputs, labels, torch::Tensor()};

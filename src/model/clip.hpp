@@ -86,7 +86,23 @@ class ClipVision final : public LayeredModel {
   double scale_ = 1.0;  // exp(logit_scale)
 };
 
-// Preprocessed images as the sharded executor reads them (inputs [n, C, H, W], labels [n]).
-SampleSource image_samples(const Dataset& data);
+// How 8-bit images [H, W, C] become the model's input, as CLIP's image processor does it: from
+// DIR/preprocessor_config.json (size.shortest_edge, crop_size, image_mean, image_std), else the
+// config's image_size and CLIP's published mean and standard deviation. The crop must be the
+// model's image_size.
+struct ImagePreprocessing {
+  long long shortest_edge = 0;
+  long long crop = 0;
+  std::vector<double> mean, std;
+};
+ImagePreprocessing read_image_preprocessing(const ClipConfig& config);
+// uint8 [n, H, W, C] -> float32 [n, C, crop, crop]: the shorter side resized to shortest_edge
+// (bicubic with antialiasing, each value rounded to 8 bits as Pillow's resize leaves it; the
+// longer side in proportion, rounded), the centre crop, scaled to [0, 1], normalised per channel.
+torch::Tensor preprocess_images(const torch::Tensor& pixels, const ImagePreprocessing& preprocessing);
+
+// Images as the sharded executor reads them (inputs [n, C, H, W], labels [n]): float32 as they
+// are, or 8-bit pixels (Dataset::bytes) through `preprocessing`, a group at a time.
+SampleSource image_samples(const Dataset& data, const ImagePreprocessing* preprocessing = nullptr);
 
 }  // namespace gradfix

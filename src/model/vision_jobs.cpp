@@ -18,19 +18,30 @@ namespace {
 
 struct ClipInputs {
   ClipConfig config;
+  ImagePreprocessing preprocessing;  // for 8-bit images
   ZeroShotHead head;
   double scale = 1.0;
   Dataset data;
   torch::Device device = torch::kCPU;
 };
 
-// Preprocessed images checked against the model's input and the head's classes.
+// Images checked against the model's input and the head's classes: preprocessed float32
+// [N, C, image_size, image_size], or 8-bit [N, H, W, C] that image_samples preprocesses.
 Dataset load_images(const std::string& spec, const ClipConfig& config, const ZeroShotHead& head, const std::string& head_path) {
-  Dataset data = load_dataset(spec);
-  const std::vector<long long> expected = {config.channels, config.image_size, config.image_size};
-  if (data.sample_shape != expected)
-    throw InputError(spec + ": images of shape " + format_shape(data.sample_shape) + " but the model takes " + format_shape(expected) +
-                     " (preprocessed float32 [N, channels, image_size, image_size])");
+  Dataset data = load_dataset(spec, true);
+  if (!data.bytes.empty()) {
+    if (data.sample_shape.size() != 3 || data.sample_shape[2] != config.channels)
+      throw InputError(spec + ": 8-bit images of shape " + format_shape(data.sample_shape) + " but the model takes [height, width, " +
+                       std::to_string(config.channels) + "] pixels (uint8 [N, H, W, C])");
+    if (data.sample_shape[0] > 16384 || data.sample_shape[1] > 16384)
+      throw InputError(spec + ": 8-bit images of " + std::to_string(data.sample_shape[0]) + " x " + std::to_string(data.sample_shape[1]) +
+                       " pixels; gradfix resizes images of up to 16384 pixels a side");
+  } else {
+    const std::vector<long long> expected = {config.channels, config.image_size, config.image_size};
+    if (data.sample_shape != expected)
+      throw InputError(spec + ": images of shape " + format_shape(data.sample_shape) + " but the model takes " + format_shape(expected) +
+                       " (preprocessed float32 [N, channels, image_size, image_size], or uint8 [N, height, width, channels])");
+  }
   if (data.classes > head.weight.size(0))
     throw InputError(spec + ": labels go up to " + std::to_string(data.classes - 1) + " but the head " + head_path + " has " +
                      std::to_string(head.weight.size(0)) + " classes");
@@ -47,6 +58,7 @@ ClipInputs load_clip_inputs(const std::string& model, const std::string& weights
   ClipInputs in;
   in.config = read_clip_config(weights);
   check_clip_checkpoint(in.config);
+  in.preprocessing = read_image_preprocessing(in.config);
   in.head = read_zero_shot_head(head, in.config);
   in.scale = clip_logit_scale(in.config, in.head);
   in.data = load_images(data.spec, in.config, in.head, head);
@@ -73,7 +85,7 @@ void run_clip_eval(const EvalJob& job, std::ostream& log, const JobContext& cont
   std::unique_ptr<ShardedWeights> weights;
   context.agree([&] { weights = std::make_unique<ShardedWeights>(clip_vision_layout(in.config), in.config.directory, context); });
   const ClipVision model(in.config, in.head.weight, in.scale);
-  const ShardedEvaluation evaluation = sharded_evaluation(model, *weights, image_samples(in.data), context, in.device);
+  const ShardedEvaluation evaluation = sharded_evaluation(model, *weights, image_samples(in.data, &in.preprocessing), context, in.device);
   double mean = 0.0;
   for (double loss : evaluation.losses) mean += loss;
   mean /= static_cast<double>(evaluation.losses.size());
@@ -121,7 +133,7 @@ void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& co
   ShardedSignsOptions options;
   options.sign_mode = job.sign_mode;
   options.method = job.method;
-  const ShardedStatistics statistics = sharded_statistics(model, *weights, image_samples(shots), options, context, in.device);
+  const ShardedStatistics statistics = sharded_statistics(model, *weights, image_samples(shots, &in.preprocessing), options, context, in.device);
   const DType dtype = write_sharded_statistics(context, *weights, statistics, job.sign_mode, job.seed, in.config.model_type, job.out);
   if (context.is_root())
     log << "signs " << sign_mode_name(job.sign_mode) << ": " << in.config.model_type << " vision tower, " << shots.size() << " images, "
@@ -144,7 +156,8 @@ std::vector<TransportRow> run_clip_transport(const TransportJob& job, std::ostre
     support = in.data.subset(support_indices);
   });
   const ClipVision model(in.config, in.head.weight, in.scale);
-  return run_sharded_transport(job, model, {image_samples(shots), image_samples(support), image_samples(test), "test acc", "accuracy"},
+  return run_sharded_transport(job, model, {image_samples(shots, &in.preprocessing), image_samples(support, &in.preprocessing),
+                                                      image_samples(test, &in.preprocessing), "test acc", "accuracy"},
                                in.device, log, context);
 }
 

@@ -3,7 +3,8 @@
 # tests/fixtures/clip, a zero-shot head, preprocessed images): per-sample losses equal
 # transformers' within 1e-4, votes equal its float64 per-sample loop (the key biases, whose
 # gradient is zero in theory, cast none), fast and loop methods alike, results and vote files
-# byte-identical at 1-4 ranks, and bad inputs refused with exit 2 naming what is wrong.
+# byte-identical at 1-4 ranks, 8-bit images normalised exactly as by hand, the sharded few-shot
+# fine-tuning equal to torch.optim.Adam, and bad inputs refused with exit 2 naming what is wrong.
 #   clip_cli_test.sh GRADFIX_BINARY
 set -euo pipefail
 gradfix=$1
@@ -179,6 +180,47 @@ expect_bad "a learning rate of zero" "every learning rate must be positive" tran
   --head "$fixtures/head.safetensors" --task-vector tau.safetensors --data images.h5 --test-data images.h5 --finetune-lrs 0 --results bad.json
 expect_bad "step counts that decrease" "--finetune-steps must increase, got 2 after 5" transport --target "$fixtures/model" \
   --head "$fixtures/head.safetensors" --task-vector tau.safetensors --data images.h5 --test-data images.h5 --finetune-steps 5,2 --results bad.json
+
+# 8-bit images [N, H, W, 3]: gradfix normalises them itself (no resize at the model's size), so
+# eval equals eval of the same images normalised by hand in float32.
+python3 - <<'PY'
+import json, struct
+mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+n = 6
+pixels = [(i * 37 + y * 11 + x * 5 + c * 101) % 256 for i in range(n) for y in range(16) for x in range(16) for c in range(3)]
+floats = [(pixels[((i * 16 + y) * 16 + x) * 3 + c] / 255.0 - mean[c]) / std[c] for i in range(n) for c in range(3) for y in range(16) for x in range(16)]
+labels = [i % 5 for i in range(n)]
+def write(path, dtype, shape, data, fmt):
+    size = struct.calcsize("<%d%s" % (len(data), fmt))
+    header = {"inputs": {"dtype": dtype, "shape": shape, "data_offsets": [0, size]},
+              "labels": {"dtype": "I64", "shape": [n], "data_offsets": [size, size + 8 * n]}}
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(text)) + text + struct.pack("<%d%s" % (len(data), fmt), *data) + struct.pack("<%dq" % n, *labels))
+write("bytes.safetensors", "U8", [n, 16, 16, 3], pixels, "B")
+write("normalised.safetensors", "F32", [n, 3, 16, 16], floats, "f")
+PY
+"$gradfix" convert bytes.safetensors bytes.h5 >/dev/null
+"$gradfix" convert normalised.safetensors normalised.h5 >/dev/null
+"$gradfix" eval --weights "$fixtures/model" --head "$fixtures/head.safetensors" --data bytes.h5 --results bytes.json >/dev/null
+"$gradfix" eval --weights "$fixtures/model" --head "$fixtures/head.safetensors" --data normalised.h5 --results normalised.json >/dev/null
+check "eval of 8-bit images equals eval of the same images normalised by hand (1e-5)" python3 -c "
+import json
+a, b = json.load(open('bytes.json'))['per_sample_loss'], json.load(open('normalised.json'))['per_sample_loss']
+assert len(a) == 6 and all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for x, y in zip(a, b)), (a, b)"
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" eval --weights "$fixtures/model" --head "$fixtures/head.safetensors" --data bytes.h5 --results bytes2.json >/dev/null
+check "eval of 8-bit images byte-identical at 1 and 2 ranks" cmp -s bytes.json bytes2.json
+python3 -c "
+import json, struct
+header = {'inputs': {'dtype': 'U8', 'shape': [2, 3, 16, 16], 'data_offsets': [0, 1536]}, 'labels': {'dtype': 'I64', 'shape': [2], 'data_offsets': [1536, 1552]}}
+text = json.dumps(header).encode(); text += b' ' * ((8 - len(text) % 8) % 8)
+open('chw_bytes.safetensors', 'wb').write(struct.pack('<Q', len(text)) + text + bytes(1552))"
+"$gradfix" convert chw_bytes.safetensors chw_bytes.h5 >/dev/null
+expect_bad "8-bit images channels first" "8-bit images of shape \[3, 16, 16\] but the model takes \[height, width, 3\] pixels" \
+  eval --weights "$fixtures/model" --head "$fixtures/head.safetensors" --data chw_bytes.h5 --results bad.json
+cp -r "$fixtures/model" wrong_crop && echo '{"crop_size": 224, "size": 224}' >wrong_crop/preprocessor_config.json
+expect_bad "a preprocessor config whose crop is not the model's size" "\"crop_size\" is 224 but the model's image_size is 16" \
+  eval --weights wrong_crop --head "$fixtures/head.safetensors" --data bytes.h5 --results bad.json
 
 # Bad inputs.
 expect_bad "no head" "give its zero-shot head with --head FILE" eval --weights "$fixtures/model" --data images.h5 --results bad.json

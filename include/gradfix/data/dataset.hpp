@@ -13,7 +13,10 @@
 namespace gradfix {
 
 struct Dataset {
-  std::vector<float> inputs;          // N * sample_size values
+  std::vector<float> inputs;          // N * sample_size values (empty when `bytes` holds them)
+  // Images stored as uint8 ([N, H, W, C] pixels) and loaded with keep_bytes: kept as they are, a
+  // quarter of their float32 size, for a model that resizes and normalises them itself (CLIP).
+  std::vector<std::uint8_t> bytes;
   std::vector<long long> labels;      // N labels in [0, classes)
   std::vector<long long> sample_shape;  // e.g. {28, 28} or {1, 28, 28}
   long long classes = 0;
@@ -32,7 +35,8 @@ constexpr long long kMaxClasses = 1LL << 24;
 // Reads an HDF5 file, an IDX images file, or a directory and split name of IDX files
 // ("DIR:train" → DIR/train-images-idx3-ubyte[.gz]). Throws InputError naming the file and what is
 // wrong: labels out of range, counts that disagree, a bad magic number, an empty set.
-Dataset load_dataset(const std::string& spec);
+// With `keep_bytes`, HDF5 `inputs` stored as U8 stay bytes (Dataset::bytes) instead of float32.
+Dataset load_dataset(const std::string& spec, bool keep_bytes = false);
 
 // The downstream task's input shift, applied in place: none, invert (x -> 1 - x) or rotate90
 // (each 2-D sample rotated a quarter turn). InputError for any other name.
