@@ -231,7 +231,7 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
   try {
     po::store(po::command_line_parser(rest).options(options).positional(positional).run(), values);
     const std::string config = config_path(rest);
-    if (!config.empty()) store_config_file(config, *subcommand, options, values);
+    if (!config.empty() && !subcommand->config_is_input) store_config_file(config, *subcommand, options, values);
     po::notify(values);
   } catch (const po::error& error) {
     throw InputError("gradfix " + name + ": " + error.what() + " (gradfix " + name + " --help)");
@@ -276,6 +276,22 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
 }
 
 }  // namespace
+
+PreparedJob prepare_subcommand(const std::vector<std::string>& args) {
+  GRADFIX_CHECK(!args.empty(), "an empty command line");
+  const SubcommandSpec* subcommand = find_subcommand(args[0]);
+  if (subcommand == nullptr) throw InputError("unknown subcommand '" + args[0] + "'");
+  const po::options_description options = describe_subcommand(*subcommand);
+  po::variables_map values;
+  try {
+    po::store(po::command_line_parser(std::vector<std::string>(args.begin() + 1, args.end())).options(options).run(), values);
+    po::notify(values);
+  } catch (const po::error& error) {
+    throw InputError("gradfix " + args[0] + ": " + error.what());
+  }
+  const ParsedOptions parsed(values, args[0]);
+  return subcommand->prepare(parsed);
+}
 
 long long parse_byte_size(const std::string& text, const std::string& option) {
   std::size_t consumed = 0;

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "gradfix/cli/cli.hpp"
+#include "gradfix/cli/sweep.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/model/jobs.hpp"
 #include "gradfix/pipeline/jobs.hpp"
@@ -431,6 +432,39 @@ std::vector<SubcommandSpec> make_table() {
                      }
                      return job_of(job, [](const DemoJob& j, std::ostream& log, const JobContext& c) { run_demo(j, log, c); });
                    }});
+
+  SubcommandSpec sweep{
+      "sweep", "gradfix sweep --config SWEEP.ini [--point I | --list | --count | --collect] [--set SECTION.KEY=VALUE]",
+      "a grid of transports (tasks x shots x seeds x modes) from one INI file, resumable; one table", Executable::kTorch,
+      {OptionGroup::kModel},
+      {{"point", T::kInteger, "-1", "run only point I (0-based; a Slurm array task: --point $SLURM_ARRAY_TASK_ID)"},
+       {"list", T::kFlag, "", "print every point: index, done or pending, name"},
+       {"count", T::kFlag, "", "print the number of points (to size a job array)"},
+       {"collect", T::kFlag, "", "only gather the finished points into OUT/table.md and OUT/results.csv"},
+       {"set", T::kTexts, "", "override a key of the file: SECTION.KEY=VALUE, e.g. sweep.seed=0 (repeatable)"}},
+      {},
+      [](const Options& values) {
+        SweepJob job;
+        if (!values.has("config") || values.text("config").empty()) throw InputError("gradfix sweep: --config SWEEP.ini is required");
+        job.config = values.text("config");
+        job.overrides = values.texts("set");
+        job.point = values.integer("point");
+        if (job.point < -1) throw InputError("--point must be 0 or more, got " + std::to_string(job.point));
+        job.list = values.flag("list");
+        job.count = values.flag("count");
+        job.collect = values.flag("collect");
+        if (static_cast<int>(job.list) + static_cast<int>(job.count) + static_cast<int>(job.collect) + static_cast<int>(job.point >= 0) > 1)
+          throw InputError("give one of --point, --list, --count and --collect");
+        return job_of(job, [](const SweepJob& j, std::ostream& log, const JobContext& c) {
+          run_sweep(j, log, c, [](const std::vector<std::string>& args, std::ostream& point_log, const JobContext& context) {
+            PreparedJob point;
+            context.agree([&] { point = prepare_subcommand(args); });
+            point(point_log, context);
+          });
+        });
+      }};
+  sweep.config_is_input = true;
+  table.push_back(sweep);
   return table;
 }
 

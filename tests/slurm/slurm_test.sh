@@ -115,4 +115,38 @@ check "sweep array runs (3 tasks)" \
   sbatch --wait --quiet "${small[@]}" --array=0-2 --output=sweep-%a.out "$repo/slurm/gradfix-sweep.sbatch" sweep.txt
 check "sweep task 1 equals a plain run" cmp -s reference.safetensors sweep-1.safetensors
 check "sweep tasks 0 and 2 wrote their outputs" test -s sweep-0.safetensors -a -s sweep-2.h5
+
+# A gradfix sweep config as a job array (one point per array task), then --collect: the same
+# table as the sweep run in one process. Needs the LibTorch part (the points are transports).
+if [ -x "$(dirname "$gradfix")/gradfix-torch" ]; then
+  clip=$repo/tests/fixtures/clip
+  "$gradfix" convert "$clip/images.safetensors" images.h5 >/dev/null
+  "$gradfix" generate --like "$clip/model" --like-scale 0 --noise 0.02 --seed 4 --include '^vision_model\.|^visual_projection' \
+    --out clip_tau.safetensors >/dev/null
+  cat >points.ini <<INI
+[sweep]
+out = OUT
+seed = 0,1,2
+[transport]
+target = $clip/model
+head = $clip/head.safetensors
+task-vector = clip_tau.safetensors
+num-samples = 2
+support-size = 3
+alphas = 0.5,1
+no-few-shot-baseline = true
+[task.tiny]
+data = images.h5
+test-data = images.h5
+INI
+  sed 's/^out = OUT/out = array/' points.ini >array.ini
+  sed 's/^out = OUT/out = local/' points.ini >local.ini
+  check "the sweep config has 3 points" test "$("$gradfix" sweep --config array.ini --count)" = 3
+  check "a sweep config as a job array (3 points)" \
+    sbatch --wait --quiet "${small[@]}" --array=0-2 --output=points-%a.out "$repo/slurm/gradfix-sweep.sbatch" array.ini
+  "$gradfix" sweep --config array.ini --collect >/dev/null
+  "$gradfix" sweep --config local.ini >/dev/null
+  check "the array's table equals a local sweep's" cmp -s <(sed 1d array/table.md) <(sed 1d local/table.md)
+  check "the array's results.csv equals a local sweep's" cmp -s array/results.csv local/results.csv
+fi
 finish

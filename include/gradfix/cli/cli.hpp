@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "gradfix/cli/registry.hpp"
+
 namespace gradfix {
 
 class MpiRuntime;
@@ -15,6 +17,10 @@ class MpiRuntime;
 // failure; returns the exit code otherwise (0, or 1 when no subcommand was given). Without a
 // runtime it runs as a single process that never calls MPI.
 int run_command_line(const std::vector<std::string>& args, std::ostream& out, MpiRuntime* runtime = nullptr);
+
+// Parses one subcommand's command line ("transport", options...) into its job, as the command
+// line would, without making a job context: what `gradfix sweep` runs for each point.
+PreparedJob prepare_subcommand(const std::vector<std::string>& args);
 
 // "5GB" (10^9), "512MiB" or "512M" (2^20), "1000000": bytes. Throws InputError on anything else.
 long long parse_byte_size(const std::string& text, const std::string& option);

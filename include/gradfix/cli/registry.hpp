@@ -68,6 +68,8 @@ struct SubcommandSpec {
   std::vector<std::string> positional;  // options also accepted as positional arguments, in order
   // Parses the options into the subcommand's job and checks them; throws InputError.
   std::function<PreparedJob(const Options&)> prepare;
+  // --config names the subcommand's own input (a sweep file), not a file of its options.
+  bool config_is_input = false;
 };
 
 const std::vector<SubcommandSpec>& subcommands();
