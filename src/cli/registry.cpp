@@ -8,6 +8,7 @@
 #include "gradfix/cli/cli.hpp"
 #include "gradfix/cli/sweep.hpp"
 #include "gradfix/core/error.hpp"
+#include "gradfix/data/selection.hpp"
 #include "gradfix/model/jobs.hpp"
 #include "gradfix/pipeline/jobs.hpp"
 
@@ -107,6 +108,11 @@ ShotSelection selection_of(const Options& values) {
   selection.num_batches = values.integer("num-batches");
   selection.batch_size = values.integer("batch-size");
   if (!selection.indices_file.empty() && selection.num_batches > 0) throw InputError("give --indices or --num-batches, not both");
+  selection.strategy = shot_strategy_name(parse_shot_strategy(values.text("selection")));
+  if (values.has("selection-features")) selection.features_file = values.text("selection-features");
+  if (values.has("save-indices")) selection.save_indices = values.text("save-indices");
+  if (!selection.features_file.empty() && selection.strategy == "random")
+    throw InputError("--selection-features is for --selection coreset, kmedoids or herding; random needs no features");
   return selection;
 }
 
@@ -120,6 +126,9 @@ const std::vector<OptionSpec> kShotOptions = {
     {"indices", T::kText, "", "use exactly these samples: a file of indices (instead of --shots-per-class)"},
     {"num-batches", T::kInteger, "0", "use the first N batches of a seeded shuffle (instead of --shots-per-class)"},
     {"batch-size", T::kInteger, "32", "batch size for --num-batches"},
+    {"selection", T::kText, "random", "how the K shots per class are picked: random|coreset|kmedoids|herding (docs/cli.md)"},
+    {"selection-features", T::kText, "", "features [N, D] for coreset|kmedoids|herding (default: the model's own embedding)"},
+    {"save-indices", T::kText, "", "write the chosen shots' indices here (the format --indices reads)"},
 };
 
 std::vector<OptionSpec> joined(std::vector<OptionSpec> first, const std::vector<OptionSpec>& second) {

@@ -109,6 +109,15 @@ class LayeredModel {
   // Tensors a checkpoint of this model may hold besides its layout, unread (a tied head stored
   // anyway, buffers, a CLIP text tower).
   virtual bool ignores(const std::string& name) const { (void)name; return false; }
+  // The width of the per-sample feature rows that features() gives (0: none), from the last
+  // layer's output with the output stage's parameters: what shot selection (coreset, k-medoids,
+  // herding) compares samples by when no features file is given.
+  virtual long long feature_size() const { return 0; }
+  virtual torch::Tensor features(const Parameters& parameters, const torch::Tensor& hidden) const {
+    (void)parameters;
+    (void)hidden;
+    return {};
+  }
   // "llama", "clip", ...: for messages.
   virtual std::string model_type() const = 0;
 };

@@ -39,6 +39,13 @@ class Classifier {
   // backward pass, or false where the architecture has no fast path.
   virtual bool fast_votes(const torch::Tensor& inputs, const torch::Tensor& labels,
                           std::map<std::string, torch::Tensor>& votes) = 0;
+  // Per-sample features [N, D]: the input of the last Linear layer (the penultimate
+  // activations), what shot selection compares samples by; undefined for a model that has none
+  // (a TorchScript archive).
+  virtual torch::Tensor features(const torch::Tensor& inputs) {
+    (void)inputs;
+    return {};
+  }
   // Moves the parameters to another floating type (float64 for numerical checks).
   virtual void to_dtype(torch::ScalarType type) = 0;
   // Moves the parameters to a device; inputs follow through inputs_tensor(data, device()).

@@ -30,10 +30,11 @@ class Cnn final : public BuiltInClassifier {
     head_ = register_module("head", torch::nn::Linear(in * h * w, d.back()));
   }
 
-  torch::Tensor forward(const torch::Tensor& inputs) override {
+  torch::Tensor forward(const torch::Tensor& inputs) override { return head_->forward(features(inputs)); }
+  torch::Tensor features(const torch::Tensor& inputs) override {
     torch::Tensor x = inputs.reshape({inputs.size(0), channels_, height_, width_});
     for (auto& conv : convs_) x = torch::max_pool2d(torch::relu(conv->forward(x)), 2);
-    return head_->forward(x.flatten(1));
+    return x.flatten(1);
   }
 
   std::vector<std::pair<std::string, torch::Tensor>> parameters() override {

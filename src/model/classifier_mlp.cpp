@@ -29,6 +29,12 @@ class Mlp final : public BuiltInClassifier {
     return x;
   }
 
+  torch::Tensor features(const torch::Tensor& inputs) override {
+    torch::Tensor x = inputs.reshape({inputs.size(0), -1});
+    for (std::size_t i = 0; i + 1 < layers_.size(); ++i) x = torch::relu(layers_[i]->forward(x));
+    return x;
+  }
+
   std::vector<std::pair<std::string, torch::Tensor>> parameters() override {
     std::vector<std::pair<std::string, torch::Tensor>> named;
     for (std::size_t i = 0; i < layers_.size(); ++i) {

@@ -49,6 +49,7 @@ class Vit final : public BuiltInClassifier {
   }
 
   torch::Tensor forward(const torch::Tensor& inputs) override { return run(inputs, nullptr); }
+  torch::Tensor features(const torch::Tensor& inputs) override { return run(inputs, nullptr, true); }
 
   std::vector<std::pair<std::string, torch::Tensor>> parameters() override {
     std::vector<std::pair<std::string, torch::Tensor>> named;
@@ -147,7 +148,8 @@ class Vit final : public BuiltInClassifier {
     return y;
   }
 
-  torch::Tensor run(const torch::Tensor& inputs, Capture* capture) {
+  // Logits, or with `features_only` the normalised class token the head reads.
+  torch::Tensor run(const torch::Tensor& inputs, Capture* capture, bool features_only = false) {
     const int64_t n = inputs.size(0);
     const torch::Tensor images = inputs.reshape({n, channels_, height_, width_});
     const torch::Tensor patches = torch::nn::functional::unfold(images, torch::nn::functional::UnfoldFuncOptions(patch_).stride(patch_)).transpose(1, 2);
@@ -167,7 +169,8 @@ class Vit final : public BuiltInClassifier {
       x = x + linear(block + ".attn.proj", mixed, capture);
       x = x + linear(block + ".mlp.fc2", torch::gelu(linear(block + ".mlp.fc1", layer_norm(block + ".norm2", x, capture), capture)), capture);
     }
-    return linear("head", layer_norm("norm", x, capture).select(1, 0), capture);
+    const torch::Tensor token = layer_norm("norm", x, capture).select(1, 0);
+    return features_only ? token : linear("head", token, capture);
   }
 
   long long channels_ = 1, height_ = 1, width_ = 1, patch_ = 1, dim_ = 1, depth_ = 1, heads_ = 1, tokens_ = 1;

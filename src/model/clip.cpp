@@ -254,6 +254,11 @@ std::pair<long long, long long> ClipVision::hits(const torch::Tensor& logits, co
   return {logits.argmax(-1).eq(batch.labels).sum().item<int64_t>(), logits.size(0)};
 }
 
+torch::Tensor ClipVision::features(const Parameters& p, const torch::Tensor& hidden) const {
+  const torch::Tensor pooled = layer_norm(p, "vision_model.post_layernorm", hidden.slice(1, 0, 1), config_.layer_norm_eps, nullptr);
+  return recorded_linear(p, "visual_projection", pooled, false, nullptr).squeeze(1);
+}
+
 torch::Tensor ClipVision::embed_images(const Parameters& p, const Batch& batch) const {
   torch::Tensor hidden = input(p, batch);
   for (long long i = 0; i < config_.layers; ++i) hidden = layer(i, p, hidden, batch);

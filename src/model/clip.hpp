@@ -79,6 +79,9 @@ class ClipVision final : public LayeredModel {
   std::string model_type() const override { return config_.model_type; }
   // The projected image embeddings [n, projection_dim] (before normalisation).
   torch::Tensor embed_images(const Parameters& parameters, const Batch& batch) const;
+  // Shot selection compares images by their projected embeddings, as CLIP's zero-shot head does.
+  long long feature_size() const override { return config_.projection_dim; }
+  torch::Tensor features(const Parameters& parameters, const torch::Tensor& hidden) const override;
 
  private:
   ClipConfig config_;

@@ -10,6 +10,7 @@
 #include "gradfix/data/dataset.hpp"
 #include "sharded_executor.hpp"
 #include "sharded_transport.hpp"
+#include "shots.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 
@@ -129,19 +130,11 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
     TokenData data;
     load_decoder_inputs(job.model, job.weights, job.data, context, config, data, device);
     // The shots: an indices file, the first N of a seeded shuffle, or every sample.
-    std::vector<long long> chosen;
-    if (!job.selection.indices_file.empty()) {
-      chosen = read_indices(job.selection.indices_file, data.samples);
-    } else if (job.num_samples > 0) {
-      if (job.num_samples > data.samples)
-        throw InputError(job.data.spec + ": --num-samples " + std::to_string(job.num_samples) + " but the file holds " +
-                         std::to_string(data.samples) + " samples");
-      const auto order = shuffled_indices(data.samples, job.seed);
-      chosen.assign(order.begin(), order.begin() + job.num_samples);
-    } else {
-      chosen = shuffled_indices(data.samples, job.seed);
-      std::sort(chosen.begin(), chosen.end());
-    }
+    ShotPool pool;
+    pool.samples = data.samples;
+    pool.name = job.data.spec;
+    const std::vector<long long> chosen = choose_shots(pool, job.selection, 0, job.num_samples, job.seed, false);
+    if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, chosen);
     shots = data.subset(chosen);
   });
   std::unique_ptr<ShardedWeights> weights;
@@ -173,7 +166,8 @@ std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::os
     if (job.selection.indices_file.empty() && job.num_samples == 0)
       throw InputError("transport of a decoder takes its shots with --num-samples N (the first N of a shuffle with --seed) or --indices FILE");
     std::vector<long long> shot_indices, support_indices;
-    split_pool(pool.samples, {}, job, shot_indices, support_indices);
+    split_pool(pool.samples, {}, job, {}, shot_indices, support_indices);
+    if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, shot_indices);
     shots = pool.subset(shot_indices);
     support = pool.subset(support_indices);
   });

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "classifier.hpp"
+#include "shots.hpp"
 #include "decoder_jobs.hpp"
 #include "vision_jobs.hpp"
 #include "decoder.hpp"
@@ -192,11 +193,33 @@ Evaluation evaluate_with(Classifier& model, const Vectors& base, const Vectors& 
 }
 
 // The shots: an indices file, the first batches of a shuffle, or K per class.
-std::vector<long long> choose_shots(const Dataset& data, const std::vector<long long>& pool, long long classes,
-                                    const ShotSelection& selection, long long per_class, std::uint64_t seed) {
-  if (!selection.indices_file.empty()) return read_indices(selection.indices_file, data.size());
-  if (selection.num_batches > 0) return first_batches(pool, selection.num_batches, selection.batch_size, seed);
-  return sample_per_class(data.labels, pool, classes, per_class, seed);
+// The shots of a classifier's data set (shots.hpp); coreset, k-medoids and herding compare
+// samples by the model's penultimate activations unless a features file is given.
+std::vector<long long> classifier_shots(Classifier& model, const Dataset& data, const std::string& name, const ShotSelection& selection,
+                                        long long per_class, std::uint64_t seed) {
+  ShotPool pool;
+  pool.samples = data.size();
+  pool.labels = data.labels;
+  pool.classes = model.classes();
+  pool.name = name;
+  pool.model_features = [&model, &data, name](const std::vector<long long>& indices) {
+    torch::NoGradGuard no_gradients;
+    FeatureMatrix out;
+    out.rows = static_cast<long long>(indices.size());
+    constexpr std::size_t kChunk = 256;
+    for (std::size_t begin = 0; begin < indices.size(); begin += kChunk) {
+      const std::vector<long long> part(indices.begin() + static_cast<long long>(begin),
+                                        indices.begin() + static_cast<long long>(std::min(indices.size(), begin + kChunk)));
+      const torch::Tensor features = model.features(inputs_tensor(data.subset(part), model.device()));
+      if (!features.defined())
+        throw InputError(name + ": this model has no built-in features for --selection; give --selection-features FILE");
+      const torch::Tensor rows = features.reshape({static_cast<int64_t>(part.size()), -1}).to(torch::kCPU, torch::kFloat32).contiguous();
+      out.dim = rows.size(1);
+      out.values.insert(out.values.end(), rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel());
+    }
+    return out;
+  };
+  return choose_shots(pool, selection, per_class, 0, seed, false);
 }
 
 struct TransportInputs {
@@ -214,9 +237,8 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
                                          Vectors* transported) {
   Classifier& model = *in.target;
   const Vectors base = parameter_values(model);
-  std::vector<long long> everything(static_cast<std::size_t>(in.pool.size()));
-  for (long long i = 0; i < in.pool.size(); ++i) everything[static_cast<std::size_t>(i)] = i;
-  const auto shot_indices = choose_shots(in.pool, everything, model.classes(), job.selection, job.shots_per_class, job.seed);
+  const auto shot_indices = classifier_shots(model, in.pool, job.data.spec, job.selection, job.shots_per_class, job.seed);
+  if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, shot_indices);
   auto rest = complement(in.pool.size(), shot_indices);
   const auto order = shuffled_indices(static_cast<long long>(rest.size()), job.seed + 17);
   std::vector<long long> support_indices;
@@ -436,9 +458,9 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
     model = load_on_device(job.model, job.weights, context);
     const Dataset data = load_data(job.data);
     check_compatible(*model, data, job.data.spec);
-    std::vector<long long> everything(static_cast<std::size_t>(data.size()));
-    for (long long i = 0; i < data.size(); ++i) everything[static_cast<std::size_t>(i)] = i;
-    shots = data.subset(choose_shots(data, everything, model->classes(), job.selection, job.shots_per_class, job.seed));
+    const std::vector<long long> chosen = classifier_shots(*model, data, job.data.spec, job.selection, job.shots_per_class, job.seed);
+    if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, chosen);
+    shots = data.subset(chosen);
     shots.classes = data.classes;
   });
   const Vectors statistics = descent_statistics(*model, shots, job.sign_mode, job.method, context, job.data.spec);

@@ -575,6 +575,27 @@ ShardedEvaluation sharded_evaluation(const LayeredModel& model, const ShardedWei
   return result;
 }
 
+torch::Tensor sharded_features(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
+                               const JobContext& context, const torch::Device& device) {
+  GRADFIX_CHECK(model.feature_size() > 0, "sharded_features on a model without features");
+  torch::NoGradGuard no_gradients;
+  const std::vector<Group> groups = my_groups(data, kSamplesPerGroup, context, device);
+  const std::vector<torch::Tensor> hidden = forward_groups(model, weights, groups, device, false)[0];
+  const Parameters head = weights.gather(model.output_names(), device);
+  const long long width = model.feature_size();
+  std::vector<double> rows(static_cast<std::size_t>(data.samples * width), 0.0);
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    const torch::Tensor features = model.features(head, hidden[g]).to(torch::kCPU, torch::kFloat64).contiguous();
+    GRADFIX_CHECK(features.dim() == 2 && features.size(1) == width, "features of the wrong width");
+    const double* values = features.data_ptr<double>();
+    for (std::size_t i = 0; i < groups[g].samples.size(); ++i)
+      std::copy_n(values + static_cast<long long>(i) * width, width, rows.data() + groups[g].samples[i] * width);
+  }
+  // Each row has one contributor: the sum over ranks places them exactly.
+  context.host().allreduce(rows.data(), rows.data(), rows.size(), DType::kF64, ReduceOp::kSum);
+  return torch::from_blob(rows.data(), {data.samples, width}, torch::kFloat64).to(torch::kFloat32);
+}
+
 DType write_sharded_statistics(const JobContext& context, const ShardedWeights& weights, const ShardedStatistics& statistics,
                                SignMode sign_mode, std::uint64_t seed, const std::string& model_type, const std::string& out) {
   const long long samples = statistics.samples;

@@ -114,6 +114,12 @@ struct ShardedEvaluation {
 ShardedEvaluation sharded_evaluation(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
                                      const JobContext& context, const torch::Device& device, bool refuse_nonfinite = true);
 
+// The feature rows (LayeredModel::features) of every sample of `data`, [samples, feature_size]
+// float32 on the CPU, the same on every rank (each row computed by one rank, then summed over
+// the ranks). Collective. The model must have features (feature_size() > 0).
+torch::Tensor sharded_features(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
+                               const JobContext& context, const torch::Device& device);
+
 // The few-shot pass over `data` (every sample of it is a shot). Collective.
 ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
                                      const ShardedSignsOptions& options, const JobContext& context, const torch::Device& device);

@@ -16,6 +16,7 @@
 #include "gradfix/mask/mask.hpp"
 #include "gradfix/pipeline/jobs.hpp"
 #include "sharded_executor.hpp"
+#include "shots.hpp"
 #include "transport_rows.hpp"
 
 namespace gradfix {
@@ -179,28 +180,19 @@ Pieces difference(const Pieces& a, const Pieces& b) {
 
 }  // namespace
 
-// The shots and the support set of a pool: the shots are an indices file, the first N of a
-// shuffle of the pool seeded by --seed (what `signs --num-samples N` takes), or K per class
-// (images, with labels); the support set is the next --support-size samples of that shuffle,
-// disjoint from the shots.
-void split_pool(long long samples, const std::vector<long long>& labels, const TransportJob& job, std::vector<long long>& shots,
-                std::vector<long long>& support) {
+// The shots and the support set of a pool: the shots as every job draws them (shots.hpp: an
+// indices file, the first N of a shuffle seeded by --seed, or K per class by --selection); the
+// support set is the next --support-size samples of that shuffle, disjoint from the shots.
+void split_pool(long long samples, const std::vector<long long>& labels, const TransportJob& job, const FeatureSource& model_features,
+                std::vector<long long>& shots, std::vector<long long>& support) {
   const std::vector<long long> order = shuffled_indices(samples, job.seed);
-  if (!job.selection.indices_file.empty()) {
-    shots = read_indices(job.selection.indices_file, samples);
-  } else if (job.num_samples > 0) {
-    if (job.num_samples >= samples)
-      throw InputError(job.data.spec + ": --num-samples " + std::to_string(job.num_samples) + " but the pool holds " +
-                       std::to_string(samples) + " samples and the support set needs some of them");
-    shots.assign(order.begin(), order.begin() + job.num_samples);
-  } else {
-    GRADFIX_CHECK(!labels.empty(), "shots per class without labels");
-    std::vector<long long> everything(static_cast<std::size_t>(samples));
-    for (long long i = 0; i < samples; ++i) everything[static_cast<std::size_t>(i)] = i;
-    long long classes = 0;
-    for (long long label : labels) classes = std::max(classes, label + 1);
-    shots = sample_per_class(labels, everything, classes, job.shots_per_class, job.seed);
-  }
+  ShotPool pool;
+  pool.samples = samples;
+  pool.labels = labels;
+  for (long long label : labels) pool.classes = std::max(pool.classes, label + 1);
+  pool.name = job.data.spec;
+  pool.model_features = model_features;
+  shots = choose_shots(pool, job.selection, job.shots_per_class, job.num_samples, job.seed, true);
   std::vector<char> taken(static_cast<std::size_t>(samples), 0);
   for (long long i : shots) taken[static_cast<std::size_t>(i)] = 1;
   for (long long i : order)

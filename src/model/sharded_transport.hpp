@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "architecture.hpp"
+#include "gradfix/data/selection.hpp"
 #include "gradfix/model/jobs.hpp"
 
 namespace gradfix {
@@ -26,8 +27,9 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
                                                const torch::Device& device, std::ostream& log, const JobContext& context);
 
 // The shots (indices file, the first --num-samples of a seeded shuffle, or --shots-per-class per
-// label when `labels` are given) and the support set (the next --support-size of that shuffle).
-void split_pool(long long samples, const std::vector<long long>& labels, const TransportJob& job, std::vector<long long>& shots,
-                std::vector<long long>& support);
+// label by --selection when `labels` are given; `model_features` for the strategies that compare
+// samples, may be empty) and the support set (the next --support-size of that shuffle).
+void split_pool(long long samples, const std::vector<long long>& labels, const TransportJob& job, const FeatureSource& model_features,
+                std::vector<long long>& shots, std::vector<long long>& support);
 
 }  // namespace gradfix

@@ -12,6 +12,7 @@
 #include "gradfix/io/atomic_file.hpp"
 #include "sharded_executor.hpp"
 #include "sharded_transport.hpp"
+#include "shots.hpp"
 
 namespace gradfix {
 namespace {
@@ -104,32 +105,42 @@ void run_clip_eval(const EvalJob& job, std::ostream& log, const JobContext& cont
   log.unsetf(std::ios::fixed);
 }
 
+// Features for shot selection: the projected image embeddings of B, computed with the
+// parameters sharded (collective), the weights read on first use.
+FeatureSource clip_features(const ClipVision& model, const Dataset& data, const ImagePreprocessing& preprocessing,
+                            std::shared_ptr<ShardedWeights> weights, const JobContext& context, const torch::Device& device) {
+  return [&model, &data, &preprocessing, weights, &context, device](const std::vector<long long>& indices) mutable {
+    if (!weights) weights = std::make_shared<ShardedWeights>(clip_vision_layout(model.config()), model.config().directory, context);
+    const Dataset part = data.subset(indices);
+    const torch::Tensor rows = sharded_features(model, *weights, image_samples(part, &preprocessing), context, device).contiguous();
+    FeatureMatrix out;
+    out.rows = rows.size(0);
+    out.dim = rows.size(1);
+    out.values.assign(rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel());
+    return out;
+  };
+}
+
 void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
   ClipInputs in;
+  context.agree([&] { in = load_clip_inputs(job.model, job.weights, job.head, job.data, context); });
+  std::shared_ptr<ShardedWeights> weights;
+  context.agree([&] { weights = std::make_shared<ShardedWeights>(clip_vision_layout(in.config), in.config.directory, context); });
+  const ClipVision model(in.config, in.head.weight, in.scale);
   Dataset shots;
   context.agree([&] {
-    in = load_clip_inputs(job.model, job.weights, job.head, job.data, context);
-    // The shots: an indices file, the first N of a seeded shuffle, or K per class (seeded).
-    std::vector<long long> chosen;
-    if (!job.selection.indices_file.empty()) {
-      chosen = read_indices(job.selection.indices_file, in.data.size());
-    } else if (job.num_samples > 0) {
-      if (job.num_samples > in.data.size())
-        throw InputError(job.data.spec + ": --num-samples " + std::to_string(job.num_samples) + " but the file holds " +
-                         std::to_string(in.data.size()) + " images");
-      const auto order = shuffled_indices(in.data.size(), job.seed);
-      chosen.assign(order.begin(), order.begin() + job.num_samples);
-    } else {
-      std::vector<long long> everything(static_cast<std::size_t>(in.data.size()));
-      for (long long i = 0; i < in.data.size(); ++i) everything[static_cast<std::size_t>(i)] = i;
-      chosen = sample_per_class(in.data.labels, everything, in.data.classes, job.shots_per_class, job.seed);
-    }
+    // The shots: an indices file, the first N of a seeded shuffle, or K per class by --selection.
+    ShotPool pool;
+    pool.samples = in.data.size();
+    pool.labels = in.data.labels;
+    pool.classes = in.data.classes;
+    pool.name = job.data.spec;
+    pool.model_features = clip_features(model, in.data, in.preprocessing, weights, context, in.device);
+    const std::vector<long long> chosen = choose_shots(pool, job.selection, job.shots_per_class, job.num_samples, job.seed, false);
+    if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, chosen);
     shots = in.data.subset(chosen);
     shots.classes = in.data.classes;
   });
-  std::unique_ptr<ShardedWeights> weights;
-  context.agree([&] { weights = std::make_unique<ShardedWeights>(clip_vision_layout(in.config), in.config.directory, context); });
-  const ClipVision model(in.config, in.head.weight, in.scale);
   ShardedSignsOptions options;
   options.sign_mode = job.sign_mode;
   options.method = job.method;
@@ -150,12 +161,17 @@ std::vector<TransportRow> run_clip_transport(const TransportJob& job, std::ostre
     if (job.test.transform != "none") throw InputError("--transform " + job.test.transform + ": CLIP takes images preprocessed as they are");
     test = load_images(job.test.spec, in.config, in.head, job.head);
     if (job.selection.num_batches > 0) throw InputError("--num-batches: a CLIP transport takes --shots-per-class, --num-samples or --indices");
+  });
+  const ClipVision model(in.config, in.head.weight, in.scale);
+  context.agree([&] {
+    // Features for --selection come from B itself, read only if a strategy asks for them.
     std::vector<long long> shot_indices, support_indices;
-    split_pool(in.data.size(), in.data.labels, job, shot_indices, support_indices);
+    split_pool(in.data.size(), in.data.labels, job, clip_features(model, in.data, in.preprocessing, nullptr, context, in.device), shot_indices,
+               support_indices);
+    if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, shot_indices);
     shots = in.data.subset(shot_indices);
     support = in.data.subset(support_indices);
   });
-  const ClipVision model(in.config, in.head.weight, in.scale);
   return run_sharded_transport(job, model, {image_samples(shots, &in.preprocessing), image_samples(support, &in.preprocessing),
                                                       image_samples(test, &in.preprocessing), "test acc", "accuracy"},
                                in.device, log, context);

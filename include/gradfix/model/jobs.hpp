@@ -77,6 +77,9 @@ struct ShotSelection {
   std::string indices_file;
   long long num_batches = 0;
   long long batch_size = 32;
+  std::string strategy = "random";  // how K per class are picked: random|coreset|kmedoids|herding
+  std::string features_file;        // features for the strategies ([N, D]); empty: the model's own
+  std::string save_indices;         // where to write the chosen indices (empty: nowhere)
 };
 
 struct SignsJob {

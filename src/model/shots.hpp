@@ -1,0 +1,35 @@
+#pragma once
+// Internal to the model jobs: the one place where a job's shots are drawn from its pool, for every
+// model kind (classifiers, decoders, CLIP) and every subcommand (signs, transport, sweep, demo).
+
+#include <string>
+#include <vector>
+
+#include "gradfix/data/selection.hpp"
+#include "gradfix/dist/job_context.hpp"
+#include "gradfix/model/jobs.hpp"
+
+namespace gradfix {
+
+// What a job knows of its pool when it draws shots.
+struct ShotPool {
+  long long samples = 0;
+  std::vector<long long> labels;  // empty: unlabelled (token data)
+  long long classes = 0;          // per-class draws cover classes 0 .. classes - 1
+  std::string name;               // the data, for messages
+  // Features of pool rows for coreset, kmedoids and herding when no --selection-features file is
+  // given (the model's own embedding); empty: the model has none, and the file is required.
+  FeatureSource model_features;
+};
+
+// The shots, in this order of precedence: --indices FILE; --num-batches N (batches of
+// --batch-size from a seeded shuffle); --num-samples N (the first N of a shuffle with the seed;
+// fewer than the pool when `leave_for_support`); K per class by --selection (labelled pools);
+// every sample (unlabelled pools). Identical on every rank; `model_features` may be collective.
+std::vector<long long> choose_shots(const ShotPool& pool, const ShotSelection& selection, long long per_class, long long num_samples,
+                                    std::uint64_t seed, bool leave_for_support);
+
+// Writes the indices where --save-indices says (rank 0, atomically); nothing without it.
+void save_shot_indices(const ShotSelection& selection, const std::vector<long long>& indices, const JobContext& context);
+
+}  // namespace gradfix
