@@ -165,8 +165,9 @@ Vectors read_vectors(const std::string& path, Classifier& model) { return read_p
 
 // B + alpha * vector for each alpha, evaluated on the support set; returns the chosen alpha.
 double choose_alpha(Classifier& model, const Vectors& base, const Vectors& vector, const std::vector<double>& alphas,
-                    const Dataset& support) {
+                    const Dataset& support, const Dataset& shots, std::vector<AlphaPoint>& curve) {
   std::vector<double> accuracies;
+  curve.clear();
   for (double alpha : alphas) {
     Vectors moved = base;
     for (auto& [name, values] : moved) {
@@ -174,10 +175,22 @@ double choose_alpha(Classifier& model, const Vectors& base, const Vectors& vecto
       for (std::size_t i = 0; i < values.size(); ++i) values[i] += static_cast<float>(alpha) * delta[i];
     }
     set_parameter_values(model, moved);
-    accuracies.push_back(evaluate(model, support).accuracy);
+    const Evaluation on_support = evaluate(model, support);
+    accuracies.push_back(on_support.accuracy);
+    curve.push_back({alpha, on_support.loss, evaluate(model, shots).loss});
   }
   set_parameter_values(model, base);
   return alphas[best_on_support(accuracies)];
+}
+
+// <g, d> over every parameter: g the mean gradient, d an update.
+double directional_derivative(const Vectors& gradient, const Vectors& update) {
+  double sum = 0.0;
+  for (const auto& [name, values] : gradient) {
+    const auto& delta = update.at(name);
+    for (std::size_t i = 0; i < values.size(); ++i) sum += static_cast<double>(values[i]) * delta[i];
+  }
+  return sum;
 }
 
 Evaluation evaluate_with(Classifier& model, const Vectors& base, const Vectors& vector, double alpha, const Dataset& data) {
@@ -251,15 +264,31 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
 
   std::vector<TransportRow> rows;
   auto add_row = [&](const std::string& method, const Evaluation& result, double alpha, double kept, double agreement) {
-    rows.push_back({method, result.accuracy, result.loss, alpha, kept, agreement});
+    TransportRow row;
+    row.method = method;
+    row.accuracy = result.accuracy;
+    row.loss = result.loss;
+    row.alpha = alpha;
+    row.kept = kept;
+    row.sign_agreement = agreement;
+    rows.push_back(row);
   };
+  const std::string source = job.data.spec.empty() ? "the few-shot pool" : job.data.spec;
+  const Vectors statistics = descent_statistics(model, shots, job.sign_mode, VoteMethod::kFast, context, source);
+  // g, the mean gradient of B's loss on the shots: the mean-mode statistics are the summed
+  // -gradients (the same pass in mean mode, one more in max mode).
+  Vectors gradient = job.sign_mode == SignMode::kMean ? statistics : descent_statistics(model, shots, SignMode::kMean, VoteMethod::kFast, context, source);
+  for (auto& [name, values] : gradient)
+    for (auto& value : values) value = static_cast<float>(-static_cast<double>(value) / static_cast<double>(shots.size()));
+  std::vector<AlphaPoint> curve;
+
   add_row("B zero-shot", evaluate(model, in.test), -1, -1, -1);
 
-  const double naive_alpha = choose_alpha(model, base, in.tau, alphas, support);
+  const double naive_alpha = choose_alpha(model, base, in.tau, alphas, support, shots, curve);
   add_row("B + alpha tau_A (naive)", evaluate_with(model, base, in.tau, naive_alpha, in.test), naive_alpha, 1.0, -1);
+  rows.back().directional_derivative = directional_derivative(gradient, in.tau);
+  rows.back().curve = curve;
 
-  const Vectors statistics = descent_statistics(model, shots, job.sign_mode, VoteMethod::kFast, context,
-                                                  job.data.spec.empty() ? "the few-shot pool" : job.data.spec);
   Vectors masked;
   PairStats kept, agreement;
   for (auto& [name, parameter] : model.parameters()) {
@@ -269,10 +298,12 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
     if (!in.tau_b.empty()) agreement.add(statistics.at(name).data(), in.tau_b.at(name).data(), static_cast<long long>(masked[name].size()));
   }
   const double kept_fraction = kept.nonzero_b > 0 ? static_cast<double>(kept.nonzero_a) / static_cast<double>(kept.nonzero_b) : 0.0;
-  const double gradfix_alpha = choose_alpha(model, base, masked, alphas, support);
+  const double gradfix_alpha = choose_alpha(model, base, masked, alphas, support, shots, curve);
   add_row(std::string("GradFix (") + sign_mode_name(job.sign_mode) + ", " + mask_mode_name(job.mask_mode) + ")",
           evaluate_with(model, base, masked, gradfix_alpha, in.test), gradfix_alpha, kept_fraction,
           in.tau_b.empty() ? -1 : agreement.sign_agreement());
+  rows.back().directional_derivative = directional_derivative(gradient, masked);
+  rows.back().curve = curve;
   if (transported != nullptr) {
     *transported = base;
     for (auto& [name, values] : *transported)
@@ -287,9 +318,11 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
       oracle[name] = mask_tensor(MaskMode::kOracle, job.mask, in.tau.at(name), in.tau_b.at(name), shape, 0);
       oracle_kept.add(oracle[name].data(), in.tau.at(name).data(), static_cast<long long>(oracle[name].size()));
     }
-    const double oracle_alpha = choose_alpha(model, base, oracle, alphas, support);
+    const double oracle_alpha = choose_alpha(model, base, oracle, alphas, support, shots, curve);
     add_row("oracle mask sign(tau_B)", evaluate_with(model, base, oracle, oracle_alpha, in.test), oracle_alpha,
             static_cast<double>(oracle_kept.nonzero_a) / std::max(1LL, oracle_kept.nonzero_b), 1.0);
+    rows.back().directional_derivative = directional_derivative(gradient, oracle);
+    rows.back().curve = curve;
   }
 
   if (job.few_shot_baseline) {
@@ -339,7 +372,7 @@ bool torch_available() { return true; }
 void print_transport_rows(const std::vector<TransportRow>& rows, std::ostream& log, const char* metric) {
   const int width = std::max(10, static_cast<int>(std::strlen(metric)) + 2);
   log << std::left << std::setw(34) << "method" << std::right << std::setw(width) << metric << std::setw(10) << "loss"
-      << std::setw(8) << "alpha" << std::setw(8) << "kept" << std::setw(12) << "agree(B)" << "\n";
+      << std::setw(8) << "alpha" << std::setw(8) << "kept" << std::setw(12) << "agree(B)" << std::setw(12) << "<g,d>" << "\n";
   for (const auto& row : rows) {
     auto cell = [](double value, int w, int precision, bool percent) {
       std::ostringstream text;
@@ -348,15 +381,30 @@ void print_transport_rows(const std::vector<TransportRow>& rows, std::ostream& l
       return text.str();
     };
     log << std::left << std::setw(34) << row.method << std::right << cell(row.accuracy, width - 1, 2, true) << cell(row.loss, 10, 4, false)
-        << cell(row.alpha, 8, 2, false) << cell(row.kept, 7, 1, true) << cell(row.sign_agreement, 11, 1, true) << "\n";
+        << cell(row.alpha, 8, 2, false) << cell(row.kept, 7, 1, true) << cell(row.sign_agreement, 11, 1, true);
+    std::ostringstream derivative;
+    if (std::isnan(row.directional_derivative))
+      derivative << "-";
+    else
+      derivative << std::scientific << std::setprecision(2) << row.directional_derivative;
+    log << std::setw(12) << derivative.str() << "\n";
   }
 }
 
 nlohmann::json transport_rows_json(const std::vector<TransportRow>& rows) {
   nlohmann::json out = nlohmann::json::array();
-  for (const auto& row : rows)
-    out.push_back({{"method", row.method}, {"test_accuracy", row.accuracy}, {"test_loss", row.loss}, {"alpha", row.alpha},
-                   {"kept", row.kept}, {"sign_agreement_with_tau_b", row.sign_agreement}});
+  for (const auto& row : rows) {
+    nlohmann::json entry = {{"method", row.method}, {"test_accuracy", row.accuracy}, {"test_loss", row.loss}, {"alpha", row.alpha},
+                            {"kept", row.kept}, {"sign_agreement_with_tau_b", row.sign_agreement}};
+    if (!std::isnan(row.directional_derivative)) entry["directional_derivative"] = row.directional_derivative;
+    if (!row.curve.empty()) {
+      nlohmann::json curve = nlohmann::json::array();
+      for (const auto& point : row.curve)
+        curve.push_back({{"alpha", point.alpha}, {"support_loss", point.support_loss}, {"shots_loss", point.shots_loss}});
+      entry["alpha_curve"] = curve;
+    }
+    out.push_back(entry);
+  }
   return out;
 }
 
@@ -522,9 +570,14 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
   if (!job.results.empty()) {
     context.agree([&] {
       if (!context.is_root()) return;
-      write_text_file_atomically(job.results, nlohmann::json{{"shots_per_class", job.shots_per_class}, {"seed", job.seed},
-                                                        {"sign_mode", sign_mode_name(job.sign_mode)}, {"mask_mode", mask_mode_name(job.mask_mode)},
-                                                        {"rows", transport_rows_json(rows)}}.dump(2) + "\n");
+      nlohmann::json results = {{"shots_per_class", job.shots_per_class}, {"seed", job.seed}, {"selection", job.selection.strategy},
+                                 {"sign_mode", sign_mode_name(job.sign_mode)}, {"mask_mode", mask_mode_name(job.mask_mode)},
+                                 {"rows", transport_rows_json(rows)}};
+      for (const auto& row : rows) {
+        if (row.method.rfind("GradFix", 0) == 0) results["directional_derivative"] = row.directional_derivative;
+        if (row.method.rfind("B + alpha tau_A", 0) == 0) results["naive_directional_derivative"] = row.directional_derivative;
+      }
+      write_text_file_atomically(job.results, results.dump(2) + "\n");
     });
     if (context.is_root()) log << "transport: results written to " << job.results << "\n";
   }

@@ -9,6 +9,7 @@
 
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
+#include "gradfix/core/exact_sum.hpp"
 #include "gradfix/data/dataset.hpp"
 #include "gradfix/dist/collective_output.hpp"
 #include "gradfix/io/atomic_file.hpp"
@@ -43,14 +44,17 @@ Score score(const LayeredModel& model, const ShardedWeights& weights, const Samp
 
 // The alpha of the grid with the lowest mean loss of B + alpha * delta on the support set (ties:
 // the earlier in the grid); a grid point whose loss is not finite is never chosen. The test set
-// plays no part.
+// plays no part. `curve` gets every grid point's support loss and the shots' own loss.
 double choose_alpha(const LayeredModel& model, ShardedWeights& weights, const Pieces& delta, const std::vector<double>& alphas,
-                    const SampleSource& support, const JobContext& context, const torch::Device& device) {
+                    const SampleSource& support, const SampleSource& shots, const JobContext& context, const torch::Device& device,
+                    std::vector<AlphaPoint>& curve) {
   double best_alpha = 0.0, best_loss = std::numeric_limits<double>::infinity();
   bool found = false;
+  curve.clear();
   for (double alpha : alphas) {
     weights.set_offset(&delta, static_cast<float>(alpha));
     const double loss = score(model, weights, support, context, device).loss;
+    curve.push_back({alpha, loss, score(model, weights, shots, context, device).loss});
     if (std::isfinite(loss) && loss < best_loss) {
       best_loss = loss;
       best_alpha = alpha;
@@ -60,6 +64,18 @@ double choose_alpha(const LayeredModel& model, ShardedWeights& weights, const Pi
   weights.set_offset(nullptr, 0.0f);
   if (!found) throw InputError("every alpha of the grid gives a non-finite loss on the support set; try smaller alphas");
   return best_alpha;
+}
+
+// <g, d> summed over the ranks' pieces: g the mean gradient, d an update, both in plan order.
+// Each product of two floats is exact in double and the sum is exact (ExactSum), so the value
+// does not depend on where P puts the piece boundaries.
+double directional_derivative(const Pieces& gradient, const Pieces& update, const JobContext& context) {
+  ExactSum sum;
+  for (std::size_t k = 0; k < gradient.size(); ++k)
+    for (std::size_t i = 0; i < gradient[k].size(); ++i) sum.add(static_cast<double>(gradient[k][i]) * update[k][i]);
+  ExactSum total;
+  context.host().allreduce(sum.carried().data(), total.limbs().data(), ExactSum::kLimbs, DType::kI64, ReduceOp::kSum);
+  return total.value();
 }
 
 // The mask of this rank's pieces of tau against `statistics` (pieces in plan order). The sums
@@ -233,7 +249,14 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
 
   std::vector<TransportRow> rows;
   auto add_row = [&](const std::string& method, const Score& result, double alpha, double kept, double agreement) {
-    rows.push_back({method, result.accuracy, result.loss, alpha, kept, agreement});
+    TransportRow row;
+    row.method = method;
+    row.accuracy = result.accuracy;
+    row.loss = result.loss;
+    row.alpha = alpha;
+    row.kept = kept;
+    row.sign_agreement = agreement;
+    rows.push_back(row);
   };
   auto test_with = [&](const Pieces* delta, double alpha) {
     weights->set_offset(delta, static_cast<float>(alpha));
@@ -241,25 +264,43 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
     weights->set_offset(nullptr, 0.0f);
     return result;
   };
-  add_row("B zero-shot", test_with(nullptr, 0.0), -1, -1, -1);
-  const double naive_alpha = choose_alpha(model, *weights, tau, alphas, data.support, context, device);
-  add_row("B + alpha tau_A (naive)", test_with(&tau, naive_alpha), naive_alpha, 1.0, -1);
-
+  // The few-shot statistics, and g, the mean gradient of B's loss on the shots: from the same
+  // pass in mean mode (the statistics are the summed -gradients), from one more in max mode.
   ShardedSignsOptions options;
   options.sign_mode = job.sign_mode;
-  Pieces masked;
+  Pieces masked, gradient;
   double agreement = -1.0;
   {
     const ShardedStatistics statistics = sharded_statistics(model, *weights, data.shots, options, context, device);
     const Pieces values = statistics.to_f32();
     masked = mask_pieces(weights->layout(), weights->plan(), context, job.mask_mode, job.mask, tau, values);
     if (!tau_b.empty()) agreement = pair_stats(values, tau_b, context).sign_agreement();
+    if (job.sign_mode == SignMode::kMean) {
+      gradient = values;
+    } else {
+      ShardedSignsOptions sums;
+      sums.sign_mode = SignMode::kMean;
+      gradient = sharded_statistics(model, *weights, data.shots, sums, context, device).to_f32();
+    }
+    const auto scale = static_cast<float>(-1.0 / static_cast<double>(data.shots.samples));
+    for (auto& piece : gradient)
+      for (auto& value : piece) value *= scale;
   }
+  std::vector<AlphaPoint> curve;
+  add_row("B zero-shot", test_with(nullptr, 0.0), -1, -1, -1);
+  const double naive_alpha = choose_alpha(model, *weights, tau, alphas, data.support, data.shots, context, device, curve);
+  add_row("B + alpha tau_A (naive)", test_with(&tau, naive_alpha), naive_alpha, 1.0, -1);
+  rows.back().directional_derivative = directional_derivative(gradient, tau, context);
+  rows.back().curve = curve;
+
   const PairStats kept = pair_stats(masked, tau, context);
   const double kept_fraction = kept.nonzero_b > 0 ? static_cast<double>(kept.nonzero_a) / static_cast<double>(kept.nonzero_b) : 0.0;
-  const double gradfix_alpha = choose_alpha(model, *weights, masked, alphas, data.support, context, device);
+  const double gradfix_alpha = choose_alpha(model, *weights, masked, alphas, data.support, data.shots, context, device, curve);
   add_row(std::string("GradFix (") + sign_mode_name(job.sign_mode) + ", " + mask_mode_name(job.mask_mode) + ")",
           test_with(&masked, gradfix_alpha), gradfix_alpha, kept_fraction, agreement);
+  rows.back().directional_derivative = directional_derivative(gradient, masked, context);
+  rows.back().curve = curve;
+  const double gradfix_derivative = rows.back().directional_derivative, naive_derivative = rows[1].directional_derivative;
 
   FinetuneChoice finetuned;
   const std::vector<double> finetune_lrs = job.finetune_lrs.empty() ? std::vector<double>{1e-5, 3e-5, 1e-4} : job.finetune_lrs;
@@ -267,14 +308,17 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
   if (job.few_shot_baseline) {
     const Pieces update = sharded_finetune(model, *weights, data.shots, data.support, finetune_lrs, finetune_steps, context, device, finetuned);
     add_row("few-shot fine-tuning of B", test_with(&update, 1.0), -1, -1, -1);
+    rows.back().directional_derivative = directional_derivative(gradient, update, context);
   }
 
   if (!tau_b.empty()) {
     const Pieces oracle = mask_pieces(weights->layout(), weights->plan(), context, MaskMode::kOracle, job.mask, tau, tau_b);
     const PairStats oracle_kept = pair_stats(oracle, tau, context);
-    const double oracle_alpha = choose_alpha(model, *weights, oracle, alphas, data.support, context, device);
+    const double oracle_alpha = choose_alpha(model, *weights, oracle, alphas, data.support, data.shots, context, device, curve);
     add_row("oracle mask sign(tau_B)", test_with(&oracle, oracle_alpha), oracle_alpha,
             static_cast<double>(oracle_kept.nonzero_a) / static_cast<double>(std::max(1LL, oracle_kept.nonzero_b)), 1.0);
+    rows.back().directional_derivative = directional_derivative(gradient, oracle, context);
+    rows.back().curve = curve;
     std::unique_ptr<ShardedWeights> upper;
     context.agree([&] { upper = std::make_unique<ShardedWeights>(model.layout(), job.target_finetuned, context); });
     add_row("B fine-tuned (upper bound)", score(model, *upper, data.test, context, device), -1, -1, -1);
@@ -343,9 +387,11 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
       if (!context.is_root()) return;
       nlohmann::json results = {{"model_type", model.model_type()}, {"shots", data.shots.samples},
                                  {"support_samples", data.support.samples}, {"test_samples", data.test.samples},
-                                 {"seed", job.seed}, {"sign_mode", sign_mode_name(job.sign_mode)},
+                                 {"seed", job.seed}, {"selection", job.selection.strategy}, {"sign_mode", sign_mode_name(job.sign_mode)},
                                  {"mask_mode", mask_mode_name(job.mask_mode)}, {"alphas", alphas},
                                  {"alpha_chosen_by", "support mean loss"}, {"metric", data.metric_json},
+                                 {"directional_derivative", gradfix_derivative},
+                                 {"naive_directional_derivative", naive_derivative},
                                  {"rows", transport_rows_json(rows)}};
       if (job.few_shot_baseline)
         results["few_shot_finetuning"] = {{"optimizer", "adam"}, {"learning_rates", finetune_lrs}, {"step_counts", finetune_steps},

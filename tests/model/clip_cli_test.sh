@@ -147,6 +147,26 @@ rows = {r['method']: r for r in json.load(open('R1.json'))['rows']}
 zero = json.load(open('zero.json'))
 assert rows['B zero-shot']['test_loss'] == zero['mean_loss'] and rows['B zero-shot']['test_accuracy'] == zero['accuracy'], rows"
 
+# The first-order descent guarantee, reported: in mean mode with the normal mask, <g, d> of the
+# GradFix update equals what the signs and mask files give and is -sum |g| |tau| over the kept
+# entries (<= 0); at 2 ranks the same. In max mode it is reported whatever its sign.
+"$gradfix" signs --weights "$fixtures/model" --head "$fixtures/head.safetensors" --data pool.h5 --shots-per-class 2 --seed 4 \
+  --sign-mode mean --out pool_sums.safetensors >/dev/null
+"$gradfix" mask --task-vector tau.safetensors --signs pool_sums.safetensors --out pool_masked_mean.safetensors >/dev/null
+for ranks in 1 2; do
+  mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" "${transport[@]}" --sign-mode mean --no-few-shot-baseline --results "RM$ranks.json" >/dev/null
+  check "CLIP transport at $ranks rank(s): <g, d> of the files, <= 0, -sum |g||tau| over the kept entries" \
+    "$repo/tests/support/directional_derivative.py" "RM$ranks.json" pool_sums.safetensors pool_masked_mean.safetensors tau.safetensors 10
+done
+check "max mode reports <g, d> and the shots' loss along the alpha grid" python3 -c "
+import json, math
+r = json.load(open('R1.json'))
+assert math.isfinite(r['directional_derivative']) and math.isfinite(r['naive_directional_derivative']), r
+rows = {x['method']: x for x in r['rows']}
+curve = rows['GradFix (max, normal)']['alpha_curve']
+assert [p['alpha'] for p in curve] == [0.5, 1, 2] and all(math.isfinite(p['shots_loss']) for p in curve), curve
+assert 'directional_derivative' not in rows['B zero-shot'], rows['B zero-shot']"
+
 # Few-shot fine-tuning with the parameters sharded (transport's "few-shot fine-tuning of B" row):
 # full-batch Adam on images 0-2 equals torch.optim.Adam in float64
 # (make_finetune_reference.py) after 1 and after 3 steps, at 1 and 2 ranks, and the

@@ -115,6 +115,17 @@ check "alphas do not depend on the test set" python3 -c "
 import json; a = [r['alpha'] for r in json.load(open('r1.json'))['rows']]; b = [r['alpha'] for r in json.load(open('r2.json'))['rows']]
 assert a == b, (a, b)"
 
+# The first-order descent guarantee, reported: in mean mode with the normal mask, <g, d> equals
+# what the signs (on the same shots, saved by transport) and mask files give, and is <= 0.
+"$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" \
+  --transform invert --shots-per-class 2 --support-size 200 --sign-mode mean --no-few-shot-baseline --save-indices shots.txt \
+  --results rm.json >/dev/null
+"$gradfix" signs --weights a_trained.safetensors --data "$train_set" --transform invert --indices shots.txt --sign-mode mean \
+  --out sums.safetensors >/dev/null
+"$gradfix" mask --task-vector tau_b.safetensors --signs sums.safetensors --out masked_mean.safetensors >/dev/null
+check "classifier transport: <g, d> of the files, <= 0, -sum |g||tau| over the kept entries" \
+  "$repo/tests/support/directional_derivative.py" rm.json sums.safetensors masked_mean.safetensors tau_b.safetensors 20
+
 expect_bad() {  # expect_bad MESSAGE ARGS...
   local message=$1
   shift

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <ostream>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -122,6 +123,14 @@ struct TransportJob {
   std::string head;               // CLIP: the zero-shot head file
 };
 
+// One point of a row's alpha grid: the support set's mean loss (what alpha is chosen by) and the
+// shots' own mean loss of B + alpha * d.
+struct AlphaPoint {
+  double alpha = 0.0;
+  double support_loss = 0.0;
+  double shots_loss = 0.0;
+};
+
 // One row of the transport table.
 struct TransportRow {
   std::string method;
@@ -130,6 +139,11 @@ struct TransportRow {
   double alpha = -1.0;           // < 0: not applicable
   double kept = -1.0;            // fraction of tau's non-zero entries kept
   double sign_agreement = -1.0;  // estimated signs against sign(tau_B)
+  // <g, d>: g the mean gradient of B's loss on the shots, d the row's update at alpha 1 (tau,
+  // the masked tau, ...). Negative: a first-order descent direction of the shots' loss. NaN: the
+  // row has no such update (zero-shot, fine-tuned B).
+  double directional_derivative = std::numeric_limits<double>::quiet_NaN();
+  std::vector<AlphaPoint> curve;  // the alpha grid, for the rows that search one
 };
 
 struct DemoJob {
