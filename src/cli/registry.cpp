@@ -284,12 +284,13 @@ std::vector<SubcommandSpec> make_table() {
 
   table.push_back({"train", "gradfix train --weights W --data D --epochs E --lr LR --out W2",
                    "train a model with Adam (pre-training, fine-tuning)", Executable::kTorch, {OptionGroup::kModel},
-                   joined(data_options, {{"epochs", T::kInteger, "1", "passes over the data"},
+                   joined(joined(data_options, kShotOptions), {{"epochs", T::kInteger, "1", "passes over the data"},
                                          {"lr", T::kNumber, "0.001", "Adam learning rate"},
                                          {"batch", T::kInteger, "128", "batch size"},
                                          {"skip", T::kInteger, "0", "skip the first N samples"},
                                          {"limit", T::kInteger, "0", "use at most N samples (0: all)"},
-                                         {"seed", T::kCount, "0", "shuffling seed"},
+                                         {"seed", T::kCount, "0", "shuffling seed (and the shots' seed)"},
+                                         {"shots-per-class", T::kInteger, "0", "few-shot fine-tuning: train on K samples per class only (0: all)"},
                                          {"out", T::kText, "", "trained weights to write"}}),
                    {},
                    [](const Options& values) {
@@ -304,6 +305,9 @@ std::vector<SubcommandSpec> make_table() {
                      job.limit = values.integer("limit");
                      job.seed = values.count("seed");
                      job.out = values.required("out");
+                     job.shots_per_class = values.integer("shots-per-class");
+                     if (job.shots_per_class < 0) throw InputError("--shots-per-class must not be negative");
+                     job.selection = selection_of(values);
                      if (values.integer("epochs") < 1 || values.integer("epochs") > 1000000 || job.batch < 1 || !(job.lr > 0.0) ||
                          !std::isfinite(job.lr))
                        throw InputError("gradfix train: --epochs and --batch must be positive and --lr a positive finite number");

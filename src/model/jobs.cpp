@@ -448,6 +448,15 @@ void run_train(const TrainJob& job, std::ostream& log, const JobContext& context
     model = load_on_device(job.model, job.weights, context);
     data = load_data(job.data, job.skip, job.limit);
     check_compatible(*model, data, job.data.spec);
+    if (job.shots_per_class > 0 || !job.selection.indices_file.empty() || job.selection.num_batches > 0) {
+      const std::vector<long long> chosen = classifier_shots(*model, data, job.data.spec, job.selection, job.shots_per_class, job.seed);
+      if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, chosen);
+      const long long classes = data.classes;
+      data = data.subset(chosen);
+      data.classes = classes;
+    } else if (job.selection.strategy != "random" || !job.selection.save_indices.empty()) {
+      throw InputError("--selection and --save-indices choose few-shot training data: give --shots-per-class K (or --indices, --num-batches)");
+    }
   });
   std::ostringstream discard;
   // Every rank trains the same replica with the same seed; the root's is written.

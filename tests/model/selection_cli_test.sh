@@ -157,6 +157,13 @@ for rule in coreset herding; do
   check "$rule: the same shots at 2 ranks" cmp -s "$rule-own.txt" "$rule-own2.txt"
 done
 check "coreset and herding pick different shots here" bash -c "! cmp -s coreset.txt herding.txt"
+# Few-shot fine-tuning with train: the selected shots, then the same shots given as indices.
+"$gradfix" train --weights mlp.safetensors --data data.h5 --shots-per-class 3 --selection herding --selection-features features.safetensors \
+  --save-indices train-herding.txt --epochs 2 --batch 4 --seed 1 --out tuned.safetensors >train.log
+check "train on herding shots: 9 samples" grep -q "train: 9 samples" train.log
+check "train saves the same herding shots as signs" cmp -s train-herding.txt herding.txt
+"$gradfix" train --weights mlp.safetensors --data data.h5 --indices herding.txt --epochs 2 --batch 4 --seed 1 --out tuned-indices.safetensors >/dev/null
+check "train on the saved indices gives the same weights" cmp -s tuned.safetensors tuned-indices.safetensors
 
 # k-medoids on two tight groups per class: one shot from each group, the group's medoid (the
 # member exactly on its direction), for any seed.
@@ -220,6 +227,8 @@ expect_bad "features of the wrong length" "short_features.safetensors: 'features
   signs --weights mlp.safetensors --data data.h5 --selection coreset --selection-features short_features.safetensors --out bad.safetensors
 expect_bad "features with random" "--selection-features is for --selection coreset, kmedoids or herding" \
   signs --weights mlp.safetensors --data data.h5 --selection-features features.safetensors --out bad.safetensors
+expect_bad "train with a strategy but no shots" "give --shots-per-class K" \
+  train --weights mlp.safetensors --data data.h5 --selection coreset --out bad.safetensors
 expect_bad "an unknown strategy" "unknown --selection 'medoids'; valid: random|coreset|kmedoids|herding" \
   signs --weights mlp.safetensors --data data.h5 --selection medoids --out bad.safetensors
 expect_bad "more shots than a class has" "class 0 has 14 samples available, fewer than the 20" \

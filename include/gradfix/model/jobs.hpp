@@ -51,6 +51,15 @@ struct InitJob {
   std::string out;           // decoders: a Hugging Face model directory
 };
 
+struct ShotSelection {
+  std::string indices_file;
+  long long num_batches = 0;
+  long long batch_size = 32;
+  std::string strategy = "random";  // how K per class are picked: random|coreset|kmedoids|herding
+  std::string features_file;        // features for the strategies ([N, D]); empty: the model's own
+  std::string save_indices;         // where to write the chosen indices (empty: nowhere)
+};
+
 struct TrainJob {
   std::string model;  // empty: built-in from the weights' metadata; torchscript:ARCHIVE
   std::string weights;
@@ -62,6 +71,11 @@ struct TrainJob {
   long long batch = 128;
   std::uint64_t seed = 0;
   std::string out;
+  // Few-shot fine-tuning: train on these shots of the data only (K per class by a selection
+  // strategy, an indices file, or batches); shots_per_class 0 and no indices or batches: every
+  // sample.
+  long long shots_per_class = 0;
+  ShotSelection selection;
 };
 
 struct EvalJob {
@@ -74,14 +88,6 @@ struct EvalJob {
 
 // How the few labelled samples are chosen: K per class (seeded), an indices file, or the first
 // N batches of a seeded shuffle.
-struct ShotSelection {
-  std::string indices_file;
-  long long num_batches = 0;
-  long long batch_size = 32;
-  std::string strategy = "random";  // how K per class are picked: random|coreset|kmedoids|herding
-  std::string features_file;        // features for the strategies ([N, D]); empty: the model's own
-  std::string save_indices;         // where to write the chosen indices (empty: nowhere)
-};
 
 struct SignsJob {
   std::string model;
