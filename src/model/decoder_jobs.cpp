@@ -166,7 +166,10 @@ std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::os
     if (job.selection.indices_file.empty() && job.num_samples == 0)
       throw InputError("transport of a decoder takes its shots with --num-samples N (the first N of a shuffle with --seed) or --indices FILE");
     std::vector<long long> shot_indices, support_indices;
-    split_pool(pool.samples, {}, job, {}, shot_indices, support_indices);
+    ShotPool shot_pool;
+    shot_pool.samples = pool.samples;
+    shot_pool.name = job.data.spec;
+    split_pool(shot_pool, job, shot_indices, support_indices);
     if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, shot_indices);
     shots = pool.subset(shot_indices);
     support = pool.subset(support_indices);

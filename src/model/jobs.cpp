@@ -232,6 +232,7 @@ std::vector<long long> classifier_shots(Classifier& model, const Dataset& data, 
     }
     return out;
   };
+  pool.inputs = [&data](const std::vector<long long>& indices) { return inputs_tensor(data.subset(indices)); };
   return choose_shots(pool, selection, per_class, 0, seed, false);
 }
 

@@ -199,15 +199,9 @@ Pieces difference(const Pieces& a, const Pieces& b) {
 // The shots and the support set of a pool: the shots as every job draws them (shots.hpp: an
 // indices file, the first N of a shuffle seeded by --seed, or K per class by --selection); the
 // support set is the next --support-size samples of that shuffle, disjoint from the shots.
-void split_pool(long long samples, const std::vector<long long>& labels, const TransportJob& job, const FeatureSource& model_features,
-                std::vector<long long>& shots, std::vector<long long>& support) {
+void split_pool(const ShotPool& pool, const TransportJob& job, std::vector<long long>& shots, std::vector<long long>& support) {
+  const long long samples = pool.samples;
   const std::vector<long long> order = shuffled_indices(samples, job.seed);
-  ShotPool pool;
-  pool.samples = samples;
-  pool.labels = labels;
-  for (long long label : labels) pool.classes = std::max(pool.classes, label + 1);
-  pool.name = job.data.spec;
-  pool.model_features = model_features;
   shots = choose_shots(pool, job.selection, job.shots_per_class, job.num_samples, job.seed, true);
   std::vector<char> taken(static_cast<std::size_t>(samples), 0);
   for (long long i : shots) taken[static_cast<std::size_t>(i)] = 1;

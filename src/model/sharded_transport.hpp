@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "architecture.hpp"
-#include "gradfix/data/selection.hpp"
+#include "shots.hpp"
 #include "gradfix/model/jobs.hpp"
 
 namespace gradfix {
@@ -26,10 +26,9 @@ struct ShardedTransportData {
 std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const LayeredModel& model, const ShardedTransportData& data,
                                                const torch::Device& device, std::ostream& log, const JobContext& context);
 
-// The shots (indices file, the first --num-samples of a seeded shuffle, or --shots-per-class per
-// label by --selection when `labels` are given; `model_features` for the strategies that compare
-// samples, may be empty) and the support set (the next --support-size of that shuffle).
-void split_pool(long long samples, const std::vector<long long>& labels, const TransportJob& job, const FeatureSource& model_features,
-                std::vector<long long>& shots, std::vector<long long>& support);
+// The shots of `pool` (shots.hpp: an indices file, the first --num-samples of a seeded shuffle,
+// or --shots-per-class per label by --selection) and the support set (the next --support-size
+// of that shuffle, disjoint from the shots).
+void split_pool(const ShotPool& pool, const TransportJob& job, std::vector<long long>& shots, std::vector<long long>& support);
 
 }  // namespace gradfix

@@ -1,6 +1,9 @@
 #include "shots.hpp"
 
+#include <torch/script.h>
+
 #include <algorithm>
+#include <memory>
 
 #include "gradfix/core/error.hpp"
 #include "gradfix/data/dataset.hpp"
@@ -28,7 +31,11 @@ std::vector<long long> choose_shots(const ShotPool& pool, const ShotSelection& s
   if (pool.labels.empty()) return everything;
   FeatureSource features;
   if (strategy != ShotStrategy::kRandom) {
-    if (!selection.features_file.empty())
+    const std::string kTorchScript = "torchscript:";
+    if (selection.features_file.rfind(kTorchScript, 0) == 0) {
+      if (!pool.inputs) throw InputError("--selection-features " + selection.features_file + ": this model's data are not images a TorchScript module takes");
+      features = torchscript_features(selection.features_file.substr(kTorchScript.size()), pool.inputs);
+    } else if (!selection.features_file.empty())
       features = features_from_file(selection.features_file, pool.samples);
     else if (pool.model_features)
       features = pool.model_features;
@@ -38,11 +45,41 @@ std::vector<long long> choose_shots(const ShotPool& pool, const ShotSelection& s
   return select_per_class(pool.labels, everything, pool.classes, per_class, strategy, seed, features);
 }
 
-void save_shot_indices(const ShotSelection& selection, const std::vector<long long>& indices, const JobContext& context) {
-  if (selection.save_indices.empty()) return;
-  context.agree([&] {
-    if (context.is_root()) write_indices(selection.save_indices, indices);
-  });
+FeatureSource torchscript_features(const std::string& archive, const std::function<torch::Tensor(const std::vector<long long>&)>& inputs) {
+  auto module = std::make_shared<torch::jit::Module>();
+  try {
+    *module = torch::jit::load(archive);
+  } catch (const c10::Error& error) {
+    const std::string what = error.what();
+    throw InputError(archive + ": cannot load as a TorchScript archive: " + what.substr(0, what.find('\n')));
+  }
+  module->eval();
+  return [module, inputs, archive](const std::vector<long long>& indices) {
+    torch::NoGradGuard no_gradients;
+    FeatureMatrix out;
+    out.rows = static_cast<long long>(indices.size());
+    constexpr std::size_t kChunk = 64;
+    for (std::size_t begin = 0; begin < indices.size(); begin += kChunk) {
+      const std::vector<long long> part(indices.begin() + static_cast<long long>(begin),
+                                        indices.begin() + static_cast<long long>(std::min(indices.size(), begin + kChunk)));
+      torch::Tensor rows;
+      try {
+        rows = module->forward({inputs(part)}).toTensor();
+      } catch (const c10::Error& error) {
+        const std::string what = error.what();
+        throw InputError(archive + ": the feature extractor failed on " + std::to_string(part.size()) + " samples: " + what.substr(0, what.find('\n')));
+      }
+      if (rows.dim() < 2 || rows.size(0) != static_cast<int64_t>(part.size()))
+        throw InputError(archive + ": the feature extractor returned " + format_shape(std::vector<long long>(rows.sizes().begin(), rows.sizes().end())) +
+                         " for " + std::to_string(part.size()) + " samples; it must return one row per sample, [n, D]");
+      rows = rows.reshape({rows.size(0), -1}).to(torch::kCPU, torch::kFloat32).contiguous();
+      if (out.dim != 0 && rows.size(1) != out.dim) throw InputError(archive + ": the feature extractor's width changed between batches");
+      out.dim = rows.size(1);
+      out.values.insert(out.values.end(), rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel());
+    }
+    return out;
+  };
 }
+
 
 }  // namespace gradfix

@@ -2,6 +2,9 @@
 // Internal to the model jobs: the one place where a job's shots are drawn from its pool, for every
 // model kind (classifiers, decoders, CLIP) and every subcommand (signs, transport, sweep, demo).
 
+#include <torch/torch.h>
+
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -20,7 +23,14 @@ struct ShotPool {
   // Features of pool rows for coreset, kmedoids and herding when no --selection-features file is
   // given (the model's own embedding); empty: the model has none, and the file is required.
   FeatureSource model_features;
+  // The model's inputs for pool rows (images [n, ...]), for a TorchScript feature extractor
+  // (--selection-features torchscript:ARCHIVE), on the CPU where the module runs; empty: none.
+  std::function<torch::Tensor(const std::vector<long long>& indices)> inputs;
 };
+
+// The features a TorchScript module computes from the pool's inputs: one row per sample, in
+// chunks of 64 (the archive's forward(x) -> [n, D], no gradients).
+FeatureSource torchscript_features(const std::string& archive, const std::function<torch::Tensor(const std::vector<long long>&)>& inputs);
 
 // The shots, in this order of precedence: --indices FILE; --num-batches N (batches of
 // --batch-size from a seeded shuffle); --num-samples N (the first N of a shuffle with the seed;
@@ -29,7 +39,5 @@ struct ShotPool {
 std::vector<long long> choose_shots(const ShotPool& pool, const ShotSelection& selection, long long per_class, long long num_samples,
                                     std::uint64_t seed, bool leave_for_support);
 
-// Writes the indices where --save-indices says (rank 0, atomically); nothing without it.
-void save_shot_indices(const ShotSelection& selection, const std::vector<long long>& indices, const JobContext& context);
 
 }  // namespace gradfix

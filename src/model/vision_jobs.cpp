@@ -136,6 +136,7 @@ void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& co
     pool.classes = in.data.classes;
     pool.name = job.data.spec;
     pool.model_features = clip_features(model, in.data, in.preprocessing, weights, context, in.device);
+    pool.inputs = [&in](const std::vector<long long>& indices) { return image_samples(in.data, &in.preprocessing).batch(indices, torch::kCPU).inputs; };
     const std::vector<long long> chosen = choose_shots(pool, job.selection, job.shots_per_class, job.num_samples, job.seed, false);
     if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, chosen);
     shots = in.data.subset(chosen);
@@ -166,8 +167,14 @@ std::vector<TransportRow> run_clip_transport(const TransportJob& job, std::ostre
   context.agree([&] {
     // Features for --selection come from B itself, read only if a strategy asks for them.
     std::vector<long long> shot_indices, support_indices;
-    split_pool(in.data.size(), in.data.labels, job, clip_features(model, in.data, in.preprocessing, nullptr, context, in.device), shot_indices,
-               support_indices);
+    ShotPool pool;
+    pool.samples = in.data.size();
+    pool.labels = in.data.labels;
+    pool.classes = in.data.classes;
+    pool.name = job.data.spec;
+    pool.model_features = clip_features(model, in.data, in.preprocessing, nullptr, context, in.device);
+    pool.inputs = [&in](const std::vector<long long>& indices) { return image_samples(in.data, &in.preprocessing).batch(indices, torch::kCPU).inputs; };
+    split_pool(pool, job, shot_indices, support_indices);
     if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, shot_indices);
     shots = in.data.subset(shot_indices);
     support = in.data.subset(support_indices);

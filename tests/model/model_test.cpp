@@ -7,6 +7,7 @@
 #include <torch/script.h>
 
 #include "../../src/model/classifier.hpp"
+#include "../../src/model/shots.hpp"
 #include "../support/test_files.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/model/jobs.hpp"
@@ -182,6 +183,54 @@ std::string make_archive(const TempDir& dir, Classifier& twin) {
   const std::string path = dir.file("net.pt");
   net.save(path);
   return path;
+}
+
+// --selection-features torchscript:ARCHIVE: the module's rows drive the selection exactly as
+// the same features given directly do; a module that returns one row too few is refused.
+TEST(TorchScript, FeatureExtractorDrivesShotSelection) {
+  TempDir dir;
+  torch::jit::Module features("Features");
+  features.define("def forward(self, x):\n    return x.flatten(1)[:, 0:3] * 2.0\n");
+  features.save(dir.file("features.pt"));
+  torch::jit::Module short_rows("Short");
+  short_rows.define("def forward(self, x):\n    return x.flatten(1)[1:, 0:3]\n");
+  short_rows.save(dir.file("short.pt"));
+  torch::manual_seed(4);
+  const torch::Tensor inputs = torch::randn({12, 5});
+  ShotPool pool;
+  pool.samples = 12;
+  for (long long i = 0; i < 12; ++i) pool.labels.push_back(i % 2);
+  pool.classes = 2;
+  pool.name = "the test data";
+  pool.inputs = [&](const std::vector<long long>& indices) {
+    return inputs.index_select(0, torch::tensor(std::vector<int64_t>(indices.begin(), indices.end()), torch::kInt64));
+  };
+  ShotPool direct = pool;
+  direct.model_features = [&](const std::vector<long long>& indices) {
+    FeatureMatrix out;
+    out.rows = static_cast<long long>(indices.size());
+    out.dim = 3;
+    for (long long i : indices)
+      for (long long d = 0; d < 3; ++d) out.values.push_back(inputs[i][d].item<float>());
+    return out;
+  };
+  for (const char* strategy : {"coreset", "kmedoids", "herding"}) {
+    ShotSelection scripted, own;
+    scripted.strategy = own.strategy = strategy;
+    scripted.features_file = "torchscript:" + dir.file("features.pt");
+    const auto chosen = choose_shots(pool, scripted, 3, 0, 1, false);
+    EXPECT_EQ(chosen.size(), 6u) << strategy;
+    EXPECT_EQ(chosen, choose_shots(direct, own, 3, 0, 1, false)) << strategy;
+  }
+  ShotSelection broken;
+  broken.strategy = "herding";
+  broken.features_file = "torchscript:" + dir.file("short.pt");
+  try {
+    choose_shots(pool, broken, 3, 0, 1, false);
+    FAIL() << "a module returning too few rows was accepted";
+  } catch (const InputError& error) {
+    EXPECT_NE(std::string(error.what()).find("short.pt: the feature extractor returned [5, 3] for 6 samples"), std::string::npos) << error.what();
+  }
 }
 
 TEST(TorchScript, ForwardAndVotesMatchTheBuiltInTwin) {
