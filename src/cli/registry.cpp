@@ -419,6 +419,8 @@ std::vector<SubcommandSpec> make_table() {
                     {"transform", T::kText, "rotate90", "the task's input shift: rotate90|invert"},
                     {"sign-mode", T::kText, "max", "max|mean"},
                     {"independent-init", T::kFlag, "", "initialise A and B with different seeds (default: one shared initialisation)"},
+                    {"selection", T::kText, "random", "how the shots are picked: random|coreset|kmedoids|herding (on B's penultimate activations)"},
+                    {"no-selection-ablation", T::kFlag, "", "skip the table of GradFix under every shot selection strategy"},
                     {"alphas", T::kText, "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0",
                      "alpha grid, searched on the support set (wider than transport's: the naive optimum lies past 1 here)"},
                     {"results", T::kText, "", "results JSON to write"}},
@@ -430,6 +432,8 @@ std::vector<SubcommandSpec> make_table() {
                      job.transform = values.text("transform");
                      job.sign_mode = checked_sign_mode(values);
                      job.independent_init = values.flag("independent-init");
+                     job.selection = shot_strategy_name(parse_shot_strategy(values.text("selection")));
+                     job.selection_ablation = !values.flag("no-selection-ablation");
                      job.alphas = parse_alphas(values.text("alphas"));
                      if (values.has("results")) job.results = values.text("results");
                      if (values.flag("quick")) {
@@ -442,6 +446,7 @@ std::vector<SubcommandSpec> make_table() {
                        job.finetune_limit = 2000;
                        job.test_limit = 1000;
                        job.support_size = 300;
+                       job.selection_ablation = false;
                      }
                      return job_of(job, [](const DemoJob& j, std::ostream& log, const JobContext& c) { run_demo(j, log, c); });
                    }});

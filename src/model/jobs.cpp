@@ -668,6 +668,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
       transport.support_size = job.support_size;
       transport.sign_mode = job.sign_mode;
       transport.alphas = job.alphas;
+      transport.selection.strategy = job.selection;
       for (const auto& row : transport_core(in, transport, context, nullptr)) {
         if (!by_method.count(row.method)) order.push_back(row.method);
         by_method[row.method].push_back(row);
@@ -675,15 +676,16 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
     }
     out << "\nK = " << shots << " shots per class, " << job.seeds.size() << " seeds (mean +- std of test accuracy)\n";
     out << std::left << std::setw(34) << "method" << std::right << std::setw(18) << "test acc" << std::setw(10) << "alpha"
-        << std::setw(10) << "kept" << std::setw(12) << "agree(B)" << "\n";
+        << std::setw(10) << "kept" << std::setw(12) << "agree(B)" << std::setw(12) << "<g,d>" << "\n";
     for (const auto& method : order) {
       const auto& rows = by_method[method];
-      double mean = 0, squares = 0, alpha = 0, kept = 0, agree = 0;
+      double mean = 0, squares = 0, alpha = 0, kept = 0, agree = 0, derivative = 0;
       for (const auto& row : rows) {
         mean += row.accuracy;
         alpha += row.alpha;
         kept += row.kept;
         agree += row.sign_agreement;
+        derivative += row.directional_derivative;
       }
       const double n = static_cast<double>(rows.size());
       mean /= n;
@@ -697,16 +699,64 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         else text << std::fixed << std::setprecision(precision) << (percent ? 100 * value : value) << (percent ? "%" : "");
         return text.str();
       };
+      std::ostringstream slope;
+      if (std::isnan(derivative)) slope << "-";
+      else slope << std::scientific << std::setprecision(2) << derivative / n;
       out << std::left << std::setw(34) << method << std::right << std::setw(18) << accuracy.str() << std::setw(10)
           << optional(alpha / n, 2, false) << std::setw(10) << optional(kept / n, 1, true) << std::setw(12)
-          << optional(agree / n, 1, true) << "\n";
-      results.push_back({{"shots_per_class", shots}, {"method", method}, {"test_accuracy_mean", mean}, {"test_accuracy_std", spread},
-                         {"alpha_mean", alpha / n}, {"seeds", job.seeds}});
+          << optional(agree / n, 1, true) << std::setw(12) << slope.str() << "\n";
+      nlohmann::json entry = {{"shots_per_class", shots}, {"method", method}, {"test_accuracy_mean", mean}, {"test_accuracy_std", spread},
+                              {"alpha_mean", alpha / n}, {"seeds", job.seeds}, {"selection", job.selection}};
+      if (!std::isnan(derivative)) entry["directional_derivative_mean"] = derivative / n;
+      results.push_back(entry);
+    }
+  }
+  nlohmann::json ablation = nlohmann::json::array();
+  if (job.selection_ablation) {
+    // Does the choice of shots change GradFix? Each strategy on B's penultimate activations;
+    // coreset and herding do not depend on the seed, so they run once.
+    out << "\nShot selection: GradFix (" << sign_mode_name(job.sign_mode) << ", normal), test accuracy mean +- std over "
+        << job.seeds.size() << " seeds (coreset and herding: deterministic, one run)\n";
+    out << std::left << std::setw(12) << "selection";
+    const std::vector<long long> ablation_shots = {1, 2, 5};
+    for (long long shots : ablation_shots) out << std::right << std::setw(18) << ("K = " + std::to_string(shots));
+    out << "\n";
+    for (const char* strategy : {"random", "coreset", "kmedoids", "herding"}) {
+      out << std::left << std::setw(12) << strategy;
+      const bool seeded = std::string(strategy) == "random" || std::string(strategy) == "kmedoids";
+      for (long long shots : ablation_shots) {
+        std::vector<double> accuracies;
+        for (std::uint64_t seed : job.seeds) {
+          if (!seeded && !accuracies.empty()) break;
+          TransportJob transport;
+          transport.shots_per_class = shots;
+          transport.seed = seed;
+          transport.support_size = job.support_size;
+          transport.sign_mode = job.sign_mode;
+          transport.alphas = job.alphas;
+          transport.few_shot_baseline = false;
+          transport.selection.strategy = strategy;
+          for (const auto& row : transport_core(in, transport, context, nullptr))
+            if (row.method.rfind("GradFix", 0) == 0) accuracies.push_back(row.accuracy);
+        }
+        double mean = 0, squares = 0;
+        for (double a : accuracies) mean += a;
+        mean /= static_cast<double>(accuracies.size());
+        for (double a : accuracies) squares += (a - mean) * (a - mean);
+        const double spread = accuracies.size() > 1 ? std::sqrt(squares / static_cast<double>(accuracies.size() - 1)) : 0.0;
+        std::ostringstream cell;
+        cell << std::fixed << std::setprecision(2) << 100 * mean;
+        if (accuracies.size() > 1) cell << " +- " << 100 * spread;
+        out << std::right << std::setw(18) << cell.str();
+        ablation.push_back({{"selection", strategy}, {"shots_per_class", shots}, {"gradfix_test_accuracy_mean", mean},
+                            {"gradfix_test_accuracy_std", spread}, {"runs", accuracies.size()}});
+      }
+      out << "\n";
     }
   }
   if (root && !job.results.empty()) {
     write_text_file_atomically(job.results, nlohmann::json{{"demo", "fashion-mnist"}, {"transform", job.transform}, {"dims", job.dims},
-                                                      {"rows", results}}.dump(2) + "\n");
+                                                      {"rows", results}, {"selection_ablation", ablation}}.dump(2) + "\n");
     out << "demo: results written to " << job.results << "\n";
   }
 }

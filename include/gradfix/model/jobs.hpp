@@ -167,6 +167,9 @@ struct DemoJob {
   long long support_size = 1000;
   SignMode sign_mode = SignMode::kMax;
   bool independent_init = false;  // initialise A and B with different seeds
+  std::string selection = "random";  // how the shots are picked (docs/cli.md, --selection)
+  // The shot selection ablation: GradFix at K = 1, 2, 5 with every --selection strategy.
+  bool selection_ablation = true;
   std::vector<double> alphas;  // default: the transport default
   std::string results;  // demo results JSON
 };
