@@ -113,9 +113,10 @@ class LayeredModel {
   // layer's output with the output stage's parameters: what shot selection (coreset, k-medoids,
   // herding) compares samples by when no features file is given.
   virtual long long feature_size() const { return 0; }
-  virtual torch::Tensor features(const Parameters& parameters, const torch::Tensor& hidden) const {
+  virtual torch::Tensor features(const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch) const {
     (void)parameters;
     (void)hidden;
+    (void)batch;
     return {};
   }
   // "llama", "clip", ...: for messages.

@@ -254,7 +254,7 @@ std::pair<long long, long long> ClipVision::hits(const torch::Tensor& logits, co
   return {logits.argmax(-1).eq(batch.labels).sum().item<int64_t>(), logits.size(0)};
 }
 
-torch::Tensor ClipVision::features(const Parameters& p, const torch::Tensor& hidden) const {
+torch::Tensor ClipVision::features(const Parameters& p, const torch::Tensor& hidden, const Batch& /*batch*/) const {
   const torch::Tensor pooled = layer_norm(p, "vision_model.post_layernorm", hidden.slice(1, 0, 1), config_.layer_norm_eps, nullptr);
   return recorded_linear(p, "visual_projection", pooled, false, nullptr).squeeze(1);
 }

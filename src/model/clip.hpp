@@ -81,7 +81,7 @@ class ClipVision final : public LayeredModel {
   torch::Tensor embed_images(const Parameters& parameters, const Batch& batch) const;
   // Shot selection compares images by their projected embeddings, as CLIP's zero-shot head does.
   long long feature_size() const override { return config_.projection_dim; }
-  torch::Tensor features(const Parameters& parameters, const torch::Tensor& hidden) const override;
+  torch::Tensor features(const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch) const override;
 
  private:
   ClipConfig config_;

@@ -101,6 +101,14 @@ class Decoder final : public LayeredModel {
     return head(parameters, hidden, recorder);
   }
   torch::Tensor losses(const torch::Tensor& logits, const Batch& batch) const override;
+  // Shot selection compares sequences by the mean of the last layer's output over their tokens.
+  long long feature_size() const override { return config_.hidden_size; }
+  torch::Tensor features(const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch) const override {
+    (void)parameters;
+    if (!batch.mask.defined()) return hidden.mean(1);
+    const torch::Tensor mask = batch.mask.to(hidden.scalar_type()).unsqueeze(-1);
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0);
+  }
   std::pair<long long, long long> hits(const torch::Tensor& logits, const Batch& batch) const override;
   // transformers may store a tied head anyway, and rotary buffers in old checkpoints.
   bool ignores(const std::string& name) const override {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <iomanip>
+#include <memory>
 #include <nlohmann/json.hpp>
 
 #include "classifier.hpp"
@@ -121,25 +122,48 @@ void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& c
   }
 }
 
+namespace {
+
+// Features for --selection on token data: the mean of the last layer's output over each
+// sequence's tokens, computed with the parameters sharded (collective), the weights read on first
+// use unless given.
+FeatureSource decoder_features(const Decoder& decoder, const TokenData& data, std::shared_ptr<ShardedWeights> weights,
+                               const JobContext& context, const torch::Device& device) {
+  return [&decoder, &data, weights, &context, device](const std::vector<long long>& indices) mutable {
+    if (!weights) weights = std::make_shared<ShardedWeights>(decoder.layout(), decoder.directory(), context);
+    const TokenData part = data.subset(indices);
+    const torch::Tensor rows = sharded_features(decoder, *weights, token_samples(part), context, device).contiguous();
+    FeatureMatrix out;
+    out.rows = rows.size(0);
+    out.dim = rows.size(1);
+    out.values.assign(rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel());
+    return out;
+  };
+}
+
+}  // namespace
+
 void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
   DecoderConfig config;
-  TokenData shots;
+  TokenData data, shots;
   torch::Device device = torch::kCPU;
   context.agree([&] {
     if (job.selection.num_batches > 0) throw InputError("--num-batches is for image data; use --num-samples or --indices with token data");
-    TokenData data;
     load_decoder_inputs(job.model, job.weights, job.data, context, config, data, device);
-    // The shots: an indices file, the first N of a seeded shuffle, or every sample.
+  });
+  std::shared_ptr<ShardedWeights> weights;
+  context.agree([&] { weights = std::make_shared<ShardedWeights>(decoder_layout(config), config.directory, context); });
+  const Decoder decoder(config);
+  context.agree([&] {
+    // The shots: an indices file, the first N of a seeded shuffle (or N by --selection), or every sample.
     ShotPool pool;
     pool.samples = data.samples;
     pool.name = job.data.spec;
+    pool.model_features = decoder_features(decoder, data, weights, context, device);
     const std::vector<long long> chosen = choose_shots(pool, job.selection, 0, job.num_samples, job.seed, false);
     if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, chosen);
     shots = data.subset(chosen);
   });
-  std::unique_ptr<ShardedWeights> weights;
-  context.agree([&] { weights = std::make_unique<ShardedWeights>(decoder_layout(config), config.directory, context); });
-  const Decoder decoder(config);
   ShardedSignsOptions options;
   options.sign_mode = job.sign_mode;
   options.method = job.method;
@@ -165,16 +189,19 @@ std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::os
     if (job.selection.num_batches > 0) throw InputError("--num-batches is for image data; use --num-samples or --indices with token data");
     if (job.selection.indices_file.empty() && job.num_samples == 0)
       throw InputError("transport of a decoder takes its shots with --num-samples N (the first N of a shuffle with --seed) or --indices FILE");
+  });
+  const Decoder decoder(config);
+  context.agree([&] {
     std::vector<long long> shot_indices, support_indices;
     ShotPool shot_pool;
     shot_pool.samples = pool.samples;
     shot_pool.name = job.data.spec;
+    shot_pool.model_features = decoder_features(decoder, pool, nullptr, context, device);
     split_pool(shot_pool, job, shot_indices, support_indices);
     if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, shot_indices);
     shots = pool.subset(shot_indices);
     support = pool.subset(support_indices);
   });
-  const Decoder decoder(config);
   return run_sharded_transport(job, decoder, {token_samples(shots), token_samples(support), token_samples(test), "test tok acc", "token_accuracy"},
                                device, log, context);
 }

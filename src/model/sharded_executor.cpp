@@ -585,7 +585,7 @@ torch::Tensor sharded_features(const LayeredModel& model, const ShardedWeights& 
   const long long width = model.feature_size();
   std::vector<double> rows(static_cast<std::size_t>(data.samples * width), 0.0);
   for (std::size_t g = 0; g < groups.size(); ++g) {
-    const torch::Tensor features = model.features(head, hidden[g]).to(torch::kCPU, torch::kFloat64).contiguous();
+    const torch::Tensor features = model.features(head, hidden[g], groups[g].batch).to(torch::kCPU, torch::kFloat64).contiguous();
     GRADFIX_CHECK(features.dim() == 2 && features.size(1) == width, "features of the wrong width");
     const double* values = features.data_ptr<double>();
     for (std::size_t i = 0; i < groups[g].samples.size(); ++i)

@@ -10,13 +10,33 @@
 
 namespace gradfix {
 
+namespace {
+
+// The features the strategies compare: a features file, a TorchScript extractor, or the model's own.
+FeatureSource features_for(const ShotPool& pool, const ShotSelection& selection) {
+  const std::string kTorchScript = "torchscript:";
+  if (selection.features_file.rfind(kTorchScript, 0) == 0) {
+    if (!pool.inputs) throw InputError("--selection-features " + selection.features_file + ": this model's data are not images a TorchScript module takes");
+    return torchscript_features(selection.features_file.substr(kTorchScript.size()), pool.inputs);
+  }
+  if (!selection.features_file.empty()) return features_from_file(selection.features_file, pool.samples);
+  if (pool.model_features) return pool.model_features;
+  throw InputError("--selection " + selection.strategy + " needs features: this model has no built-in embedding, give --selection-features FILE");
+}
+
+}  // namespace
+
 std::vector<long long> choose_shots(const ShotPool& pool, const ShotSelection& selection, long long per_class, long long num_samples,
                                     std::uint64_t seed, bool leave_for_support) {
   const ShotStrategy strategy = parse_shot_strategy(selection.strategy);
-  const bool per_class_draw = selection.indices_file.empty() && selection.num_batches == 0 && num_samples == 0 && !pool.labels.empty();
-  if (strategy != ShotStrategy::kRandom && !per_class_draw)
-    throw InputError("--selection " + selection.strategy + " picks K shots per class (--shots-per-class) of labelled data; " +
-                     (pool.labels.empty() ? pool.name + " has no labels" : std::string("not with --indices, --num-batches or --num-samples")));
+  const bool labelled = !pool.labels.empty();
+  // The strategies pick K per class of labelled data, or N of an unlabelled pool (one class).
+  const bool per_class_draw = selection.indices_file.empty() && selection.num_batches == 0 && num_samples == 0 && labelled;
+  const bool whole_pool_draw = selection.indices_file.empty() && selection.num_batches == 0 && num_samples > 0 && !labelled;
+  if (strategy != ShotStrategy::kRandom && !per_class_draw && !whole_pool_draw)
+    throw InputError("--selection " + selection.strategy + " picks K shots per class (--shots-per-class) of labelled data, or " +
+                     "--num-samples N of unlabelled data; not with --indices, --num-batches" +
+                     (labelled ? std::string(" or --num-samples") : std::string(" or without --num-samples")));
   std::vector<long long> everything(static_cast<std::size_t>(pool.samples));
   for (long long i = 0; i < pool.samples; ++i) everything[static_cast<std::size_t>(i)] = i;
   if (!selection.indices_file.empty()) return read_indices(selection.indices_file, pool.samples);
@@ -25,24 +45,15 @@ std::vector<long long> choose_shots(const ShotPool& pool, const ShotSelection& s
     if (num_samples > pool.samples || (leave_for_support && num_samples == pool.samples))
       throw InputError(pool.name + ": --num-samples " + std::to_string(num_samples) + " but the pool holds " + std::to_string(pool.samples) +
                        " samples" + (leave_for_support ? " and the support set needs some of them" : ""));
+    if (strategy != ShotStrategy::kRandom)
+      return select_per_class(std::vector<long long>(static_cast<std::size_t>(pool.samples), 0), everything, 1, num_samples, strategy, seed,
+                              features_for(pool, selection));
     const auto order = shuffled_indices(pool.samples, seed);
     return std::vector<long long>(order.begin(), order.begin() + num_samples);
   }
-  if (pool.labels.empty()) return everything;
-  FeatureSource features;
-  if (strategy != ShotStrategy::kRandom) {
-    const std::string kTorchScript = "torchscript:";
-    if (selection.features_file.rfind(kTorchScript, 0) == 0) {
-      if (!pool.inputs) throw InputError("--selection-features " + selection.features_file + ": this model's data are not images a TorchScript module takes");
-      features = torchscript_features(selection.features_file.substr(kTorchScript.size()), pool.inputs);
-    } else if (!selection.features_file.empty())
-      features = features_from_file(selection.features_file, pool.samples);
-    else if (pool.model_features)
-      features = pool.model_features;
-    else
-      throw InputError("--selection " + selection.strategy + " needs features: this model has no built-in embedding, give --selection-features FILE");
-  }
-  return select_per_class(pool.labels, everything, pool.classes, per_class, strategy, seed, features);
+  if (!labelled) return everything;
+  return select_per_class(pool.labels, everything, pool.classes, per_class, strategy, seed,
+                          strategy == ShotStrategy::kRandom ? FeatureSource() : features_for(pool, selection));
 }
 
 FeatureSource torchscript_features(const std::string& archive, const std::function<torch::Tensor(const std::vector<long long>&)>& inputs) {

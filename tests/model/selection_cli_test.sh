@@ -108,6 +108,10 @@ if __name__ == "__main__":
         rule, weights_path, data_path, k = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
         labels = read(data_path)["labels"][1]
         print("\n".join(map(str, select(rule, mlp_features(weights_path, data_path), labels, k))))
+    elif command == "select-all":  # select-all RULE FEATURES K: unlabelled data, one class
+        rule, features_path, k = sys.argv[2], sys.argv[3], int(sys.argv[4])
+        shape, values = list(read(features_path).values())[0]
+        print("\n".join(map(str, select(rule, rows(shape, values), [0] * shape[0], k))))
 PY
 
 # Data: 40 samples of 12 inputs in 3 classes; features [40, 5]; and features in clear clusters.
@@ -220,6 +224,36 @@ done
   --save-indices transport-herding.txt >/dev/null
 check "transport draws the same herding shots as signs" cmp -s clip-herding.txt transport-herding.txt
 
+# Token data (no classes): N of the whole pool. On a features file, the official rule over one
+# class; on the decoder's own features (its last layer's output averaged over each sequence's
+# tokens), the same at 1 and 2 ranks, and transport draws what signs draws.
+llama=$repo/tests/fixtures/decoders/llama
+python3 - <<'PY'
+import json, random, struct
+rng = random.Random(3)
+values = [rng.gauss(0, 1) for _ in range(5 * 4)]
+text = json.dumps({"features": {"dtype": "F32", "shape": [5, 4], "data_offsets": [0, 80]}}).encode()
+text += b" " * ((8 - len(text) % 8) % 8)
+open("token_features.safetensors", "wb").write(struct.pack("<Q", len(text)) + text + struct.pack("<20f", *values))
+PY
+for rule in coreset herding; do
+  "$gradfix" signs --weights "$llama/model" --data "$llama/tokens.safetensors" --num-samples 3 --selection "$rule" \
+    --selection-features token_features.safetensors --save-indices "tokens-$rule.txt" --out tokens.safetensors >/dev/null
+  python3 reference.py select-all "$rule" token_features.safetensors 3 >"tokens-$rule.expected"
+  check "$rule of 3 token sequences on a features file picks what the official definition picks" cmp -s "tokens-$rule.txt" "tokens-$rule.expected"
+done
+"$gradfix" signs --weights "$llama/model" --data "$llama/tokens.safetensors" --num-samples 2 --selection herding \
+  --save-indices tokens-own.txt --out tokens.safetensors >/dev/null
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" signs --weights "$llama/model" --data "$llama/tokens.safetensors" --num-samples 2 \
+  --selection herding --save-indices tokens-own2.txt --out tokens.safetensors >/dev/null
+check "herding on the decoder's own features: 2 sequences, the same at 2 ranks" \
+  bash -c "[ \$(wc -l <tokens-own.txt) -eq 2 ] && cmp -s tokens-own.txt tokens-own2.txt"
+"$gradfix" taskvector --base "$llama/model" --finetuned "$llama/model" --out llama_zero_tau.safetensors >/dev/null
+"$gradfix" transport --target "$llama/model" --task-vector llama_zero_tau.safetensors --data "$llama/tokens.safetensors" \
+  --test-data "$llama/tokens.safetensors" --num-samples 2 --selection herding --support-size 2 --alphas 1 --no-few-shot-baseline \
+  --save-indices tokens-transport.txt >/dev/null
+check "decoder transport draws the same herding sequences as signs" cmp -s tokens-own.txt tokens-transport.txt
+
 # Bad combinations.
 expect_bad "a strategy with an indices file" "--selection herding picks K shots per class" \
   signs --weights mlp.safetensors --data data.h5 --indices coreset.txt --selection herding --out bad.safetensors
@@ -229,6 +263,8 @@ expect_bad "features with random" "--selection-features is for --selection cores
   signs --weights mlp.safetensors --data data.h5 --selection-features features.safetensors --out bad.safetensors
 expect_bad "train with a strategy but no shots" "give --shots-per-class K" \
   train --weights mlp.safetensors --data data.h5 --selection coreset --out bad.safetensors
+expect_bad "a strategy over every sequence of token data" "or without --num-samples" \
+  signs --weights "$llama/model" --data "$llama/tokens.safetensors" --selection coreset --out bad.safetensors
 expect_bad "an unknown strategy" "unknown --selection 'medoids'; valid: random|coreset|kmedoids|herding" \
   signs --weights mlp.safetensors --data data.h5 --selection medoids --out bad.safetensors
 expect_bad "more shots than a class has" "class 0 has 14 samples available, fewer than the 20" \
