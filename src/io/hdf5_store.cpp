@@ -3,10 +3,12 @@
 #include <fcntl.h>
 #include <hdf5.h>
 #include <spawn.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <csignal>
 #include <cstdio>
 
@@ -21,6 +23,41 @@ extern char** environ;
 
 namespace gradfix {
 namespace {
+
+// What the system said about the last failed call, when HDF5 failed because a write or a flush
+// did (no space left, quota, I/O error): the file driver records the errno text in HDF5's error
+// stack ("..., errno = 28, error message = 'No space left on device'"); that message, else
+// errno's own text, else nothing.
+herr_t find_system_message(unsigned /*depth*/, const H5E_error2_t* error, void* found) {
+  const std::string description = error->desc != nullptr ? error->desc : "";
+  const auto at = description.find("error message = '");
+  if (at != std::string::npos) {
+    const auto begin = at + 17, end = description.find('\'', begin);
+    *static_cast<std::string*>(found) = description.substr(begin, end == std::string::npos ? std::string::npos : end - begin);
+  }
+  return 0;
+}
+
+// The MPI-IO driver (parallel HDF5, also at one rank) keeps neither: then a full file system is
+// recognised by what statvfs says is left of the one holding `path`.
+std::string system_reason(const std::string& path) {
+  const int error = errno;
+  std::string message;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, find_system_message, &message);
+  if (message.empty() && error != 0) message = std::strerror(error);
+  if (message.empty()) {
+    const auto slash = path.find_last_of('/');
+    const std::string directory = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+    struct statvfs space {};
+    if (::statvfs(directory.c_str(), &space) == 0) {
+      const unsigned long long free_bytes = static_cast<unsigned long long>(space.f_bavail) * space.f_frsize;
+      if (free_bytes < (1ULL << 20))
+        message = std::strerror(ENOSPC) + std::string(" (") + std::to_string(free_bytes) + " bytes free on the file system)";
+    }
+  }
+  return message.empty() ? std::string() : ": " + message;
+}
+
 
 // Owns one HDF5 identifier and closes it with the matching H5*close call.
 class Handle {
@@ -587,14 +624,16 @@ class Hdf5Writer final : public TensorWriter {
     Handle file_space = file_space_for_range(dataset.get(), tensor, begin, count);
     const hsize_t memory_size = static_cast<hsize_t>(count);
     Handle memory_space(H5Screate_simple(1, &memory_size, nullptr), H5Sclose);
+    errno = 0;
     if (H5Dwrite(dataset.get(), native_type(tensor.dtype), memory_space.get(), file_space.get(), H5P_DEFAULT, source) < 0)
-      throw RuntimeFailure(path_ + ": cannot write dataset '" + name + "'");
+      throw RuntimeFailure(path_ + ": cannot write dataset '" + name + "'" + system_reason(temporary_));
   }
 
   // With a parallel file access, closing the file is collective: every writer flushes.
   void flush() override {
     if (file_.get() < 0) return;
-    if (H5Fflush(file_.get(), H5F_SCOPE_GLOBAL) < 0) throw RuntimeFailure(path_ + ": flush failed");
+    errno = 0;
+    if (H5Fflush(file_.get(), H5F_SCOPE_GLOBAL) < 0) throw RuntimeFailure(path_ + ": flush failed" + system_reason(temporary_));
     file_.reset();
   }
 
