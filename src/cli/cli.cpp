@@ -13,6 +13,7 @@
 
 #include "gradfix/cli/registry.hpp"
 #include "gradfix/comm/backend.hpp"
+#include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/hdf5_store.hpp"
 #include "gradfix/version.hpp"
@@ -246,6 +247,9 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
   command.job = subcommand->prepare(parsed);
   command.report_memory = parsed.flag("report-memory");
 
+  const double timeout = parsed.number("timeout");
+  if (!(timeout >= 0.0) || !std::isfinite(timeout)) throw InputError("--timeout must be 0 (no limit) or a positive number of seconds");
+  MpiCommunicator::set_collective_timeout(timeout);
   const long long chunk_elements = parsed.integer("chunk-elements");
   if (chunk_elements < 1) throw InputError("--chunk-elements must be positive");
   const std::string backend = parsed.text("backend");

@@ -1,6 +1,8 @@
 #include <unistd.h>
 
 #include <cctype>
+#include <chrono>
+#include <thread>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -133,37 +135,156 @@ MpiCommunicator::~MpiCommunicator() {
   if (!finalized && comm_ != MPI_COMM_WORLD && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
 }
 
+namespace {
+
+// The watchdog's limit on one wait in a collective (seconds, 0: none), for every communicator.
+double g_collective_timeout = 0.0;
+// Announcements of "I entered collective #n" go to rank 0 with their own tag; the values sent
+// stay in this ring until the (eager, tiny) sends complete.
+constexpr int kArrivalTag = 7001;
+constexpr std::size_t kArrivalRing = 256;
+
+}  // namespace
+
+void MpiCommunicator::set_collective_timeout(double seconds) { g_collective_timeout = seconds; }
+double MpiCommunicator::collective_timeout() { return g_collective_timeout; }
+
+void MpiCommunicator::enter(const char* operation) {
+  ++sequence_;
+  operation_ = operation;
+  if (g_collective_timeout <= 0.0 || size_ == 1) return;
+  if (rank_ == 0) {
+    if (arrived_.empty()) {
+      arrived_.assign(static_cast<std::size_t>(size_), 0);
+      heard_.assign(static_cast<std::size_t>(size_), std::chrono::steady_clock::now());
+    }
+    arrived_[0] = sequence_;
+    drain_arrivals();
+    return;
+  }
+  announce();
+}
+
+// Tells rank 0 "I am in collective #sequence_": on arrival, and every second while waiting, so
+// that a rank that arrived and then stopped (SIGSTOP, a hung GPU) falls silent.
+void MpiCommunicator::announce() {
+  if (ring_.empty()) ring_.assign(kArrivalRing, 0);
+  long long& slot = ring_[static_cast<std::size_t>(announcements_++) % kArrivalRing];
+  slot = sequence_;
+  MPI_Request request = MPI_REQUEST_NULL;
+  if (MPI_Isend(&slot, 1, MPI_LONG_LONG, 0, kArrivalTag, comm_, &request) == MPI_SUCCESS) MPI_Request_free(&request);
+}
+
+void MpiCommunicator::drain_arrivals() {
+  int waiting = 0;
+  MPI_Status status;
+  while (MPI_Iprobe(MPI_ANY_SOURCE, kArrivalTag, comm_, &waiting, &status) == MPI_SUCCESS && waiting) {
+    long long value = 0;
+    MPI_Recv(&value, 1, MPI_LONG_LONG, status.MPI_SOURCE, kArrivalTag, comm_, MPI_STATUS_IGNORE);
+    long long& last = arrived_[static_cast<std::size_t>(status.MPI_SOURCE)];
+    if (value > last) last = value;
+    heard_[static_cast<std::size_t>(status.MPI_SOURCE)] = std::chrono::steady_clock::now();
+  }
+}
+
+void MpiCommunicator::complete(MPI_Request& request) {
+  if (g_collective_timeout <= 0.0 || size_ == 1) {
+    GRADFIX_MPI_CHECK(MPI_Wait(&request, MPI_STATUS_IGNORE), operation_);
+    return;
+  }
+  // Rank 0 knows who has not arrived and says so; the others wait a little longer, so that its
+  // report comes first.
+  const double limit = g_collective_timeout + (rank_ == 0 ? 0.0 : 2.0);
+  const auto start = std::chrono::steady_clock::now();
+  double last_announced = 0.0;
+  for (long long polls = 0;; ++polls) {
+    int done = 0;
+    GRADFIX_MPI_CHECK(MPI_Test(&request, &done, MPI_STATUS_IGNORE), operation_);
+    if (done) return;
+    const auto now = std::chrono::steady_clock::now();
+    const double waited = std::chrono::duration<double>(now - start).count();
+    if (rank_ == 0) {
+      drain_arrivals();
+    } else if (waited - last_announced >= 1.0) {
+      announce();
+      last_announced = waited;
+    }
+    if (waited > limit) {
+      std::string message = std::string(operation_) + " (collective #" + std::to_string(sequence_) + ") did not complete within " +
+                            std::to_string(static_cast<long long>(g_collective_timeout)) + " s (--timeout) on " + describe_rank(*this) + ": ";
+      if (rank_ == 0) {
+        // Ranks that never arrived, and ranks that arrived but fell silent (no announcement for
+        // more than 3 s while the others kept announcing every second).
+        std::string missing, silent;
+        for (int r = 1; r < size_; ++r) {
+          const double quiet = std::chrono::duration<double>(now - heard_[static_cast<std::size_t>(r)]).count();
+          if (arrived_[static_cast<std::size_t>(r)] < sequence_)
+            missing += (missing.empty() ? "" : ", ") + std::to_string(r) + " (last seen at #" + std::to_string(arrived_[static_cast<std::size_t>(r)]) + ")";
+          else if (quiet > 3.0)
+            silent += (silent.empty() ? "" : ", ") + std::to_string(r) + " (silent for " + std::to_string(static_cast<long long>(quiet)) + " s)";
+        }
+        if (!missing.empty()) message += "rank(s) " + missing + " never arrived (stopped, hung or stuck in I/O)";
+        if (!silent.empty()) message += (missing.empty() ? "" : "; ") + std::string("rank(s) ") + silent + " arrived, then stopped answering";
+        if (missing.empty() && silent.empty()) message += "every rank arrived and answers, but the collective did not finish (a network or MPI failure)";
+      } else {
+        message += "another rank stopped answering (rank 0's message names it)";
+      }
+      throw CollectiveTimeout(message + "; stopping every rank");
+    }
+    // Spin for the first millisecond, then poll every 200 microseconds.
+    if (polls > 1000) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
 void MpiCommunicator::allreduce(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op) {
   const std::size_t item = dtype_size(dtype);
   for (std::size_t done = 0; done < count; done += kMaxMpiCount) {
     const int chunk = static_cast<int>(std::min(kMaxMpiCount, count - done));
     void* target = static_cast<char*>(recv) + done * item;
     const void* source = send == recv ? MPI_IN_PLACE : static_cast<const char*>(send) + done * item;
-    GRADFIX_MPI_CHECK(MPI_Allreduce(source, target, chunk, mpi_type(dtype), mpi_op(op, dtype), comm_), "MPI_Allreduce");
+    enter("MPI_Allreduce");
+    MPI_Request request = MPI_REQUEST_NULL;
+    GRADFIX_MPI_CHECK(MPI_Iallreduce(source, target, chunk, mpi_type(dtype), mpi_op(op, dtype), comm_, &request), "MPI_Iallreduce");
+    complete(request);
   }
 }
 
 void MpiCommunicator::reduce_scatter(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op) {
   if (count > kMaxMpiCount) throw RuntimeFailure("reduce_scatter of more than 2^30 elements per rank on " + describe_rank(*this));
-  GRADFIX_MPI_CHECK(MPI_Reduce_scatter_block(send, recv, static_cast<int>(count), mpi_type(dtype), mpi_op(op, dtype), comm_),
-                    "MPI_Reduce_scatter_block");
+  enter("MPI_Reduce_scatter_block");
+  MPI_Request request = MPI_REQUEST_NULL;
+  GRADFIX_MPI_CHECK(MPI_Ireduce_scatter_block(send, recv, static_cast<int>(count), mpi_type(dtype), mpi_op(op, dtype), comm_, &request),
+                    "MPI_Ireduce_scatter_block");
+  complete(request);
 }
 
 void MpiCommunicator::broadcast(void* buffer, std::size_t count, DType dtype, int root) {
   const std::size_t item = dtype_size(dtype);
   for (std::size_t done = 0; done < count; done += kMaxMpiCount) {
     const int chunk = static_cast<int>(std::min(kMaxMpiCount, count - done));
-    GRADFIX_MPI_CHECK(MPI_Bcast(static_cast<char*>(buffer) + done * item, chunk, mpi_type(dtype), root, comm_), "MPI_Bcast");
+    enter("MPI_Bcast");
+    MPI_Request request = MPI_REQUEST_NULL;
+    GRADFIX_MPI_CHECK(MPI_Ibcast(static_cast<char*>(buffer) + done * item, chunk, mpi_type(dtype), root, comm_, &request), "MPI_Ibcast");
+    complete(request);
   }
 }
 
 void MpiCommunicator::allgather(const void* send, void* recv, std::size_t count, DType dtype) {
   if (count > kMaxMpiCount) throw RuntimeFailure("allgather of more than 2^30 elements per rank on " + describe_rank(*this));
-  GRADFIX_MPI_CHECK(MPI_Allgather(send, static_cast<int>(count), mpi_type(dtype), recv, static_cast<int>(count), mpi_type(dtype), comm_),
-                    "MPI_Allgather");
+  enter("MPI_Allgather");
+  MPI_Request request = MPI_REQUEST_NULL;
+  GRADFIX_MPI_CHECK(
+      MPI_Iallgather(send, static_cast<int>(count), mpi_type(dtype), recv, static_cast<int>(count), mpi_type(dtype), comm_, &request),
+      "MPI_Iallgather");
+  complete(request);
 }
 
-void MpiCommunicator::barrier() { GRADFIX_MPI_CHECK(MPI_Barrier(comm_), "MPI_Barrier"); }
+void MpiCommunicator::barrier() {
+  enter("MPI_Barrier");
+  MPI_Request request = MPI_REQUEST_NULL;
+  GRADFIX_MPI_CHECK(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");
+  complete(request);
+}
 
 void MpiCommunicator::send(const void* buffer, std::size_t count, DType dtype, int peer) {
   const std::size_t item = dtype_size(dtype);

@@ -19,6 +19,8 @@ void JobContext::agree(const std::function<void()>& work) const {
   int code = 0;
   try {
     work();
+  } catch (const CollectiveTimeout&) {
+    throw;  // the others cannot be asked: main ends the job
   } catch (const Error& error) {
     // Agreed in a step nested in this one: every rank is throwing already.
     if (error.agreed()) throw;

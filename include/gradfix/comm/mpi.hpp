@@ -5,8 +5,10 @@
 
 #include <mpi.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "gradfix/comm/communicator.hpp"
 
@@ -35,14 +37,31 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<Communicator> split(int color, int key) override;
 
   MPI_Comm native() const { return comm_; }
+  // The watchdog (--timeout): a rank that waits longer than this in one collective throws
+  // CollectiveTimeout, rank 0 naming the ranks that never arrived; 0 waits forever. For every
+  // MPI communicator of the process.
+  static void set_collective_timeout(double seconds);
+  static double collective_timeout();
   // Ends every rank of this communicator's job with `exit_code`: the way out of a failure that
   // happens while other ranks may be waiting in a collective.
   [[noreturn]] void abort(int exit_code) const;
 
  private:
+  // Every collective is posted non-blocking and completed here, under the watchdog.
+  void enter(const char* operation);
+  void complete(MPI_Request& request);
+  void drain_arrivals();
+  void announce();
+
   MPI_Comm comm_;
   int rank_ = 0;
   int size_ = 1;
+  long long sequence_ = 0;            // collectives entered on this communicator
+  const char* operation_ = "";        // the one in progress, for messages
+  std::vector<long long> arrived_;    // rank 0: the last collective each rank announced
+  std::vector<long long> ring_;       // other ranks: the announcements in flight
+  long long announcements_ = 0;
+  std::vector<std::chrono::steady_clock::time_point> heard_;  // rank 0: when each rank last announced
 };
 
 // The MPI library's own version line ("Open MPI v4.1.4, package: ..."); callable before MPI starts.

@@ -41,6 +41,13 @@ class PeerFailure : public Error {
   }
 };
 
+// A collective that did not complete within --timeout: some rank stopped answering. Not agreed
+// (the others cannot be asked), so main removes this rank's temporaries and ends the job.
+class CollectiveTimeout : public Error {
+ public:
+  explicit CollectiveTimeout(const std::string& message) : Error(message, kExitRuntimeFailure) {}
+};
+
 // The user's input is wrong: a missing or corrupt file, names or shapes that do not match, an
 // option out of range.
 class InputError : public Error {
