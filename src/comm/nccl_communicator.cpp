@@ -4,7 +4,11 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <chrono>
+#include <thread>
+
 #include "gradfix/comm/backend.hpp"
+#include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
 
 namespace gradfix {
@@ -44,7 +48,7 @@ class NcclCommunicator final : public Communicator {
     ncclCommUserRank(comm_, &rank_);
   }
   ~NcclCommunicator() override {
-    ncclCommDestroy(comm_);
+    if (comm_ != nullptr) ncclCommDestroy(comm_);
     cudaStreamDestroy(stream_);
   }
 
@@ -75,9 +79,9 @@ class NcclCommunicator final : public Communicator {
     checked_cuda(cudaMalloc(&token, sizeof(int)), "cudaMalloc");
     cudaMemsetAsync(token, 0, sizeof(int), stream_);
     const ncclResult_t result = ncclAllReduce(token, token, 1, ncclInt32, ncclSum, comm_, stream_);
-    cudaStreamSynchronize(stream_);
-    cudaFree(token);
     check(result, "ncclAllReduce (barrier)");
+    synchronize("ncclAllReduce (barrier)");
+    cudaFree(token);
   }
   void send(const void* buffer, std::size_t count, DType dtype, int peer) override {
     check(ncclSend(buffer, count, nccl_type(dtype, where()), peer, comm_, stream_), "ncclSend");
@@ -105,8 +109,36 @@ class NcclCommunicator final : public Communicator {
     if (result != cudaSuccess)
       throw RuntimeFailure(std::string(operation) + " failed on " + where() + ": " + cudaGetErrorString(result));
   }
-  void synchronize(const char* operation) const {
-    checked_cuda(cudaStreamSynchronize(stream_), operation);
+  // Waits for the stream under the watchdog (--timeout, shared with MPI): the stream is polled,
+  // NCCL's asynchronous errors are checked, and a collective that does not complete in time
+  // aborts the communicator (ncclCommAbort) instead of waiting for a peer that will not come.
+  void synchronize(const char* operation) {
+    const double timeout = MpiCommunicator::collective_timeout();
+    if (timeout <= 0.0) {
+      checked_cuda(cudaStreamSynchronize(stream_), operation);
+      return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    for (long long polls = 0;; ++polls) {
+      const cudaError_t state = cudaStreamQuery(stream_);
+      if (state == cudaSuccess) return;
+      if (state != cudaErrorNotReady) checked_cuda(state, operation);
+      ncclResult_t pending = ncclSuccess;
+      if (ncclCommGetAsyncError(comm_, &pending) == ncclSuccess && pending != ncclSuccess && pending != ncclInProgress) {
+        ncclCommAbort(comm_);
+        comm_ = nullptr;
+        throw RuntimeFailure(std::string(operation) + " failed on " + where() + ": " + ncclGetErrorString(pending));
+      }
+      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (waited > timeout) {
+        const std::string message = std::string(operation) + " did not complete within " + std::to_string(static_cast<long long>(timeout)) +
+                                    " s (--timeout) on " + where() + ": a peer stopped answering; the NCCL communicator was aborted";
+        ncclCommAbort(comm_);
+        comm_ = nullptr;
+        throw CollectiveTimeout(message + "; stopping every rank");
+      }
+      if (polls > 1000) std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
   }
 
   ncclComm_t comm_;
