@@ -78,10 +78,27 @@ std::string digest(const std::vector<std::string>& args) {
   return text;
 }
 
+// A flag's value in the file: true/yes/1/on or false/no/0/off; false for anything else.
 bool is_flag_value(const std::string& value, bool& on) {
-  if (value == "true" || value == "yes" || value == "1" || value == "on") return on = true, true;
-  if (value == "false" || value == "no" || value == "0" || value == "off") return !(on = false), true;
+  if (value == "true" || value == "yes" || value == "1" || value == "on") {
+    on = true;
+    return true;
+  }
+  if (value == "false" || value == "no" || value == "0" || value == "off") {
+    on = false;
+    return true;
+  }
   return false;
+}
+
+// Task names and axis values become file names: letters, digits and a few marks only.
+bool is_task_name(const std::string& text) {
+  static const std::regex pattern("[A-Za-z0-9_-]{1,64}");
+  return std::regex_match(text, pattern);
+}
+bool is_axis_value(const std::string& text) {
+  static const std::regex pattern("[A-Za-z0-9.+_-]{1,64}");
+  return std::regex_match(text, pattern);
 }
 
 // Reads a result file (bounded) as JSON; a missing, partial or foreign file is "not done".
@@ -165,7 +182,7 @@ SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string
       throw InputError(origin + ": section [" + section + "] is not [sweep], [transport] or [task.NAME]");
     if (section.rfind("task.", 0) == 0) {
       const std::string task = section.substr(5);
-      if (!std::regex_match(task, std::regex("[A-Za-z0-9_-]{1,64}")))
+      if (!is_task_name(task))
         throw InputError(origin + ": task name '" + task + "' must be 1-64 letters, digits, '_' or '-'");
       if (!sections.count(section)) task_order.push_back(task);
     }
@@ -203,7 +220,7 @@ SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string
     if (kListOptions.count(key)) throw InputError(path + ": [sweep] " + key + " is a list itself, not an axis: put it under [transport]");
     std::vector<std::string> values = split_list(value);
     for (const auto& item : values)
-      if (!std::regex_match(item, std::regex("[A-Za-z0-9.+_-]{1,64}")))
+      if (!is_axis_value(item))
         throw InputError(path + ": [sweep] " + key + " = " + value + ": value '" + item + "' must be 1-64 letters, digits, '.', '+', '_' or '-'");
     if (std::set<std::string>(values.begin(), values.end()).size() != values.size())
       throw InputError(path + ": [sweep] " + key + " = " + value + " repeats a value");
