@@ -72,5 +72,27 @@ for sample, (label, k) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
                 assert abs(got - want) < 1e-5, (sample, c, y, x, got, want)
 PY
 check "gradfix eval reads them with the CLIP fixture" "$gradfix" eval --weights "$repo/tests/fixtures/clip/model" \
-  --head "$repo/tests/fixtures/clip/head.safetensors" --data images.h5
+  --head "$repo/tests/fixtures/clip/head.safetensors" --data images.h5 --results float.json
+# --uint8: the same pixels, unnormalised, [N, H, W, 3]: a quarter of the file, and gradfix's own
+# normalisation gives the same per-sample losses.
+"$tool" --images tree --size 16 --uint8 --out bytes.h5 --no-install >/dev/null
+"$gradfix" convert bytes.h5 bytes.safetensors >/dev/null
+check "--uint8 stores the pixels as they are, [4, 16, 16, 3] U8" python3 - <<'PY'
+import json, struct
+raw = open("bytes.safetensors", "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+header = json.loads(raw[8:8 + n])
+assert header["inputs"]["dtype"] == "U8" and header["inputs"]["shape"] == [4, 16, 16, 3], header
+begin, end = header["inputs"]["data_offsets"]
+data = raw[8 + n + begin:8 + n + end]
+for sample, (label, k) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+    for i in range(16 * 16 * 3):
+        assert data[sample * 768 + i] == (label * 97 + k * 31 + i * 7) % 256, (sample, i)
+PY
+"$gradfix" eval --weights "$repo/tests/fixtures/clip/model" --head "$repo/tests/fixtures/clip/head.safetensors" --data bytes.h5 \
+  --results bytes.json >/dev/null
+check "eval of the uint8 file equals eval of the float file (1e-5)" python3 -c "
+import json
+a, b = json.load(open('float.json'))['per_sample_loss'], json.load(open('bytes.json'))['per_sample_loss']
+assert all(abs(x - y) <= 1e-5 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)"
 finish
