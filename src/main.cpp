@@ -19,6 +19,7 @@
 #include "gradfix/comm/mpi.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
+#include "gradfix/model/jobs.hpp"
 
 namespace {
 
@@ -82,6 +83,9 @@ int main(int argc, char** argv) {
   ::pthread_sigmask(SIG_SETMASK, &previous, nullptr);
   const std::vector<std::string> args(argv + 1, argv + argc);
   try {
+#ifdef GRADFIX_TORCH_EXECUTABLE
+    gradfix::configure_threads(runtime->local_size());
+#endif
     return gradfix::run_command_line(args, std::cout, runtime.get());
   } catch (const gradfix::Error& error) {
     return fail(*runtime, error.what(), error.exit_code(), error.silent(), error.agreed());

@@ -2,6 +2,9 @@
 // be replicated on every rank here; what is split across ranks is the few-shot gradient pass
 // (each rank takes every P-th shot) and its statistics are all-reduced, so the result is the
 // same for any number of ranks.
+#include <sched.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -369,6 +372,27 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
 }  // namespace
 
 bool torch_available() { return true; }
+
+int configure_threads(int ranks_on_node) {
+  int threads = 0;
+  if (const char* forced = std::getenv("GRADFIX_THREADS")) {
+    char* end = nullptr;
+    const long value = std::strtol(forced, &end, 10);
+    if (end == forced || *end != '\0' || value < 1 || value > 4096)
+      throw InputError(std::string("GRADFIX_THREADS='") + forced + "': expected a number of threads from 1 to 4096");
+    threads = static_cast<int>(value);
+  } else {
+    cpu_set_t mask;
+    CPU_ZERO(&mask);
+    const long online = ::sysconf(_SC_NPROCESSORS_ONLN);
+    int usable = ::sched_getaffinity(0, sizeof mask, &mask) == 0 ? CPU_COUNT(&mask) : static_cast<int>(online);
+    // A mask of the whole node: the launcher bound nothing, and the node's ranks share it.
+    if (usable >= online) usable = static_cast<int>(online) / std::max(1, ranks_on_node);
+    threads = std::max(1, usable);
+  }
+  torch::set_num_threads(threads);
+  return threads;
+}
 
 void print_transport_rows(const std::vector<TransportRow>& rows, std::ostream& log, const char* metric) {
   const int width = std::max(10, static_cast<int>(std::strlen(metric)) + 2);

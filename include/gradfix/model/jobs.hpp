@@ -18,6 +18,10 @@ namespace gradfix {
 
 // Whether this build has LibTorch (the model subcommands).
 bool torch_available();
+// LibTorch's threads for this rank: GRADFIX_THREADS when set, else the CPUs this process may run
+// on (its affinity mask), divided among the ranks of its node when the mask is the whole node
+// (an unbound launch), so that P ranks on a node do not run P times its cores. Returns the count.
+int configure_threads(int ranks_on_node);
 
 // max: per-sample vote counts sum_n sign(-grad_n); mean: the sum of -grad_n.
 enum class SignMode { kMax, kMean };

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# LibTorch threads per rank: the ranks of a node share its cores (configure_threads: the
+# affinity mask, divided among the node's ranks when the launcher bound nothing) against every
+# rank taking all of them (LibTorch's default, forced here with GRADFIX_THREADS = cores). Ranks
+# unbound (mpirun --bind-to none), P = 2: `train` (every rank trains the same replica) and `signs
+# --method loop` (the shots split over the ranks) on the built-in ViT and Fashion-MNIST. Prints a
+# table and writes a JSON copy; the outputs of both settings must be byte-identical.
+#   tests/bench/bench_threads.sh [GRADFIX_BINARY] [JSON]
+set -euo pipefail
+if [[ "${1:-}" == -* ]] || [ $# -gt 2 ]; then
+  echo "usage: tests/bench/bench_threads.sh [GRADFIX_BINARY] [JSON]" >&2
+  exit 2
+fi
+root=$(cd "$(dirname "$0")/../.." && pwd)
+gradfix=$(realpath "${1:-$root/build/gradfix}")
+json=$(realpath -m "${2:-bench_threads.json}")
+data=/usr/share/datasets/fashion-mnist
+cores=$(nproc)
+flags=(--oversubscribe --bind-to none)
+[ "$(id -u)" -eq 0 ] && flags+=(--allow-run-as-root)
+work=$(mktemp -d /tmp/gradfix-bench-threads-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+"$gradfix" init --arch vit --dims 1,28,28,7,64,2,4,128,10 --seed 1 --out vit.safetensors >/dev/null
+calc() { awk "BEGIN { print $1 }"; }
+run() {  # run SETTING NAME ARGS...: seconds
+  local setting=$1 name=$2 start end
+  shift 2
+  start=$(date +%s.%N)
+  if [ "$setting" = all ]; then
+    GRADFIX_THREADS=$cores mpirun "${flags[@]}" -x GRADFIX_THREADS -np 2 "$gradfix" "$@" --out "$name" >/dev/null
+  else
+    mpirun "${flags[@]}" -np 2 "$gradfix" "$@" --out "$name" >/dev/null
+  fi
+  end=$(date +%s.%N)
+  calc "$end - $start"
+}
+printf '# gradfix bench_threads: 2 ranks unbound on %s cores; built-in ViT 28x28, width 64, depth 2\n' "$cores"
+printf '# %-8s %22s %22s %8s\n' job "all cores/rank (s)" "cores/ranks (s)" ratio
+rows=""
+for job in train signs; do
+  if [ "$job" = train ]; then
+    args=(train --weights vit.safetensors --data "$data:train" --limit 4000 --epochs 1 --seed 1)
+  else
+    args=(signs --weights vit.safetensors --data "$data:t10k" --shots-per-class 20 --method loop --seed 1)
+  fi
+  before=$(run all "before_$job.safetensors" "${args[@]}")
+  after=$(run shared "after_$job.safetensors" "${args[@]}")
+  cmp -s "before_$job.safetensors" "after_$job.safetensors" || echo "note: $job outputs differ between thread counts (float summation order)" >&2
+  ratio=$(calc "$before / $after")
+  printf '  %-8s %22.2f %22.2f %8.2f\n' "$job" "$before" "$after" "$ratio"
+  rows+="${rows:+,}{\"job\":\"$job\",\"all_cores_seconds\":$before,\"shared_cores_seconds\":$after,\"speedup\":$ratio}"
+done
+printf '{"benchmark":"bench_threads","ranks":2,"cores":%s,"rows":[%s]}\n' "$cores" "$rows" >"$json"
+echo "# JSON copy: $json"
