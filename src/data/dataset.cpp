@@ -242,8 +242,8 @@ std::vector<long long> shuffled_indices(long long n, std::uint64_t seed) {
   return order;
 }
 
-std::vector<long long> sample_per_class(const std::vector<long long>& labels, const std::vector<long long>& pool,
-                                        long long classes, long long per_class, std::uint64_t seed) {
+std::vector<std::vector<long long>> members_by_class(const std::vector<long long>& labels, const std::vector<long long>& pool,
+                                                     long long classes, long long per_class) {
   if (per_class < 1) throw InputError("--shots-per-class must be at least 1, got " + std::to_string(per_class));
   std::vector<std::vector<long long>> by_class(static_cast<std::size_t>(classes));
   for (long long index : pool) {
@@ -251,12 +251,19 @@ std::vector<long long> sample_per_class(const std::vector<long long>& labels, co
     if (label >= classes) throw InputError("label " + std::to_string(label) + " of sample " + std::to_string(index) + " is outside the model's " + std::to_string(classes) + " classes");
     by_class[static_cast<std::size_t>(label)].push_back(index);
   }
+  for (long long c = 0; c < classes; ++c)
+    if (static_cast<long long>(by_class[static_cast<std::size_t>(c)].size()) < per_class)
+      throw InputError("class " + std::to_string(c) + " has " + std::to_string(by_class[static_cast<std::size_t>(c)].size()) +
+                       " samples available, fewer than the " + std::to_string(per_class) + " shots per class asked for");
+  return by_class;
+}
+
+std::vector<long long> sample_per_class(const std::vector<long long>& labels, const std::vector<long long>& pool,
+                                        long long classes, long long per_class, std::uint64_t seed) {
+  const auto by_class = members_by_class(labels, pool, classes, per_class);
   std::vector<long long> chosen;
   for (long long c = 0; c < classes; ++c) {
     const auto& members = by_class[static_cast<std::size_t>(c)];
-    if (static_cast<long long>(members.size()) < per_class)
-      throw InputError("class " + std::to_string(c) + " has " + std::to_string(members.size()) + " samples available, fewer than the " +
-                       std::to_string(per_class) + " shots per class asked for");
     const auto order = shuffled_indices(static_cast<long long>(members.size()), seed * 1000003 + static_cast<std::uint64_t>(c));
     for (long long k = 0; k < per_class; ++k) chosen.push_back(members[static_cast<std::size_t>(order[static_cast<std::size_t>(k)])]);
   }

@@ -215,19 +215,10 @@ std::vector<long long> kmedoids_rows(const FeatureMatrix& features, long long k,
 std::vector<long long> select_per_class(const std::vector<long long>& labels, const std::vector<long long>& pool, long long classes,
                                         long long per_class, ShotStrategy strategy, std::uint64_t seed, const FeatureSource& features) {
   if (strategy == ShotStrategy::kRandom) return sample_per_class(labels, pool, classes, per_class, seed);
-  if (per_class < 1) throw InputError("--shots-per-class must be at least 1, got " + std::to_string(per_class));
-  std::vector<std::vector<long long>> by_class(static_cast<std::size_t>(classes));
-  for (long long index : pool) {
-    const long long label = labels[static_cast<std::size_t>(index)];
-    if (label >= classes) throw InputError("label " + std::to_string(label) + " of sample " + std::to_string(index) + " is outside the model's " + std::to_string(classes) + " classes");
-    by_class[static_cast<std::size_t>(label)].push_back(index);
-  }
+  const auto by_class = members_by_class(labels, pool, classes, per_class);
   std::vector<long long> chosen;
   for (long long c = 0; c < classes; ++c) {
     const auto& members = by_class[static_cast<std::size_t>(c)];
-    if (static_cast<long long>(members.size()) < per_class)
-      throw InputError("class " + std::to_string(c) + " has " + std::to_string(members.size()) + " samples available, fewer than the " +
-                       std::to_string(per_class) + " shots per class asked for");
     FeatureMatrix rows = features(members);
     GRADFIX_CHECK(rows.rows == static_cast<long long>(members.size()), "features of the wrong number of rows");
     normalise_rows(rows);

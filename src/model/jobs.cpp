@@ -220,20 +220,11 @@ std::vector<long long> classifier_shots(Classifier& model, const Dataset& data, 
   pool.name = name;
   pool.model_features = [&model, &data, name](const std::vector<long long>& indices) {
     torch::NoGradGuard no_gradients;
-    FeatureMatrix out;
-    out.rows = static_cast<long long>(indices.size());
-    constexpr std::size_t kChunk = 256;
-    for (std::size_t begin = 0; begin < indices.size(); begin += kChunk) {
-      const std::vector<long long> part(indices.begin() + static_cast<long long>(begin),
-                                        indices.begin() + static_cast<long long>(std::min(indices.size(), begin + kChunk)));
+    return features_in_chunks(indices, 256, [&](const std::vector<long long>& part) {
       const torch::Tensor features = model.features(inputs_tensor(data.subset(part), model.device()));
-      if (!features.defined())
-        throw InputError(name + ": this model has no built-in features for --selection; give --selection-features FILE");
-      const torch::Tensor rows = features.reshape({static_cast<int64_t>(part.size()), -1}).to(torch::kCPU, torch::kFloat32).contiguous();
-      out.dim = rows.size(1);
-      out.values.insert(out.values.end(), rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel());
-    }
-    return out;
+      if (!features.defined()) throw InputError(name + ": this model has no built-in features for --selection; give --selection-features FILE");
+      return features;
+    }, name + ": the model's features");
   };
   pool.inputs = [&data](const std::vector<long long>& indices) { return inputs_tensor(data.subset(indices)); };
   return choose_shots(pool, selection, per_class, 0, seed, false);
@@ -268,14 +259,7 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
 
   std::vector<TransportRow> rows;
   auto add_row = [&](const std::string& method, const Evaluation& result, double alpha, double kept, double agreement) {
-    TransportRow row;
-    row.method = method;
-    row.accuracy = result.accuracy;
-    row.loss = result.loss;
-    row.alpha = alpha;
-    row.kept = kept;
-    row.sign_agreement = agreement;
-    rows.push_back(row);
+    rows.push_back(make_transport_row(method, result.accuracy, result.loss, alpha, kept, agreement));
   };
   const std::string source = job.data.spec.empty() ? "the few-shot pool" : job.data.spec;
   const Vectors statistics = descent_statistics(model, shots, job.sign_mode, VoteMethod::kFast, context, source);
@@ -618,6 +602,32 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
   return rows;
 }
 
+namespace {
+
+// The mean and the sample standard deviation (0 for one value).
+std::pair<double, double> mean_and_spread(const std::vector<double>& values) {
+  double mean = 0.0, squares = 0.0;
+  for (double v : values) mean += v;
+  mean /= static_cast<double>(values.size());
+  for (double v : values) squares += (v - mean) * (v - mean);
+  return {mean, values.size() > 1 ? std::sqrt(squares / static_cast<double>(values.size() - 1)) : 0.0};
+}
+
+// One transport of the demo: K shots per class drawn by `selection` with `seed`.
+TransportJob demo_transport(const DemoJob& job, long long shots, std::uint64_t seed, const std::string& selection, bool few_shot_baseline) {
+  TransportJob transport;
+  transport.shots_per_class = shots;
+  transport.seed = seed;
+  transport.support_size = job.support_size;
+  transport.sign_mode = job.sign_mode;
+  transport.alphas = job.alphas;
+  transport.few_shot_baseline = few_shot_baseline;
+  transport.selection.strategy = selection;
+  return transport;
+}
+
+}  // namespace
+
 void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) {
   const bool root = context.is_root();
   std::ostringstream discard;
@@ -686,14 +696,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
     std::map<std::string, std::vector<TransportRow>> by_method;
     std::vector<std::string> order;
     for (std::uint64_t seed : job.seeds) {
-      TransportJob transport;
-      transport.shots_per_class = shots;
-      transport.seed = seed;
-      transport.support_size = job.support_size;
-      transport.sign_mode = job.sign_mode;
-      transport.alphas = job.alphas;
-      transport.selection.strategy = job.selection;
-      for (const auto& row : transport_core(in, transport, context, nullptr)) {
+      for (const auto& row : transport_core(in, demo_transport(job, shots, seed, job.selection, true), context, nullptr)) {
         if (!by_method.count(row.method)) order.push_back(row.method);
         by_method[row.method].push_back(row);
       }
@@ -703,18 +706,17 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         << std::setw(10) << "kept" << std::setw(12) << "agree(B)" << std::setw(12) << "<g,d>" << "\n";
     for (const auto& method : order) {
       const auto& rows = by_method[method];
-      double mean = 0, squares = 0, alpha = 0, kept = 0, agree = 0, derivative = 0;
+      double alpha = 0, kept = 0, agree = 0, derivative = 0;
+      std::vector<double> accuracies;
       for (const auto& row : rows) {
-        mean += row.accuracy;
+        accuracies.push_back(row.accuracy);
         alpha += row.alpha;
         kept += row.kept;
         agree += row.sign_agreement;
         derivative += row.directional_derivative;
       }
       const double n = static_cast<double>(rows.size());
-      mean /= n;
-      for (const auto& row : rows) squares += (row.accuracy - mean) * (row.accuracy - mean);
-      const double spread = rows.size() > 1 ? std::sqrt(squares / (n - 1)) : 0.0;
+      const auto [mean, spread] = mean_and_spread(accuracies);
       std::ostringstream accuracy;
       accuracy << std::fixed << std::setprecision(2) << 100 * mean << " +- " << 100 * spread;
       auto optional = [](double value, int precision, bool percent) {
@@ -752,22 +754,10 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         std::vector<double> accuracies;
         for (std::uint64_t seed : job.seeds) {
           if (!seeded && !accuracies.empty()) break;
-          TransportJob transport;
-          transport.shots_per_class = shots;
-          transport.seed = seed;
-          transport.support_size = job.support_size;
-          transport.sign_mode = job.sign_mode;
-          transport.alphas = job.alphas;
-          transport.few_shot_baseline = false;
-          transport.selection.strategy = strategy;
-          for (const auto& row : transport_core(in, transport, context, nullptr))
+          for (const auto& row : transport_core(in, demo_transport(job, shots, seed, strategy, false), context, nullptr))
             if (row.method.rfind("GradFix", 0) == 0) accuracies.push_back(row.accuracy);
         }
-        double mean = 0, squares = 0;
-        for (double a : accuracies) mean += a;
-        mean /= static_cast<double>(accuracies.size());
-        for (double a : accuracies) squares += (a - mean) * (a - mean);
-        const double spread = accuracies.size() > 1 ? std::sqrt(squares / static_cast<double>(accuracies.size() - 1)) : 0.0;
+        const auto [mean, spread] = mean_and_spread(accuracies);
         std::ostringstream cell;
         cell << std::fixed << std::setprecision(2) << 100 * mean;
         if (accuracies.size() > 1) cell << " +- " << 100 * spread;

@@ -243,14 +243,7 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
 
   std::vector<TransportRow> rows;
   auto add_row = [&](const std::string& method, const Score& result, double alpha, double kept, double agreement) {
-    TransportRow row;
-    row.method = method;
-    row.accuracy = result.accuracy;
-    row.loss = result.loss;
-    row.alpha = alpha;
-    row.kept = kept;
-    row.sign_agreement = agreement;
-    rows.push_back(row);
+    rows.push_back(make_transport_row(method, result.accuracy, result.loss, alpha, kept, agreement));
   };
   auto test_with = [&](const Pieces* delta, double alpha) {
     weights->set_offset(delta, static_cast<float>(alpha));

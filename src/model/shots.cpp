@@ -56,6 +56,25 @@ std::vector<long long> choose_shots(const ShotPool& pool, const ShotSelection& s
                           strategy == ShotStrategy::kRandom ? FeatureSource() : features_for(pool, selection));
 }
 
+FeatureMatrix features_in_chunks(const std::vector<long long>& indices, std::size_t chunk,
+                                 const std::function<torch::Tensor(const std::vector<long long>&)>& compute, const std::string& who) {
+  FeatureMatrix out;
+  out.rows = static_cast<long long>(indices.size());
+  for (std::size_t begin = 0; begin < indices.size(); begin += chunk) {
+    const std::vector<long long> part(indices.begin() + static_cast<long long>(begin),
+                                      indices.begin() + static_cast<long long>(std::min(indices.size(), begin + chunk)));
+    torch::Tensor rows = compute(part);
+    if (rows.dim() < 2 || rows.size(0) != static_cast<int64_t>(part.size()))
+      throw InputError(who + " returned " + format_shape(std::vector<long long>(rows.sizes().begin(), rows.sizes().end())) + " for " +
+                       std::to_string(part.size()) + " samples; it must return one row per sample, [n, D]");
+    rows = rows.reshape({rows.size(0), -1}).to(torch::kCPU, torch::kFloat32).contiguous();
+    if (out.dim != 0 && rows.size(1) != out.dim) throw InputError(who + "'s width changed between batches");
+    out.dim = rows.size(1);
+    out.values.insert(out.values.end(), rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel());
+  }
+  return out;
+}
+
 FeatureSource torchscript_features(const std::string& archive, const std::function<torch::Tensor(const std::vector<long long>&)>& inputs) {
   auto module = std::make_shared<torch::jit::Module>();
   try {
@@ -67,28 +86,14 @@ FeatureSource torchscript_features(const std::string& archive, const std::functi
   module->eval();
   return [module, inputs, archive](const std::vector<long long>& indices) {
     torch::NoGradGuard no_gradients;
-    FeatureMatrix out;
-    out.rows = static_cast<long long>(indices.size());
-    constexpr std::size_t kChunk = 64;
-    for (std::size_t begin = 0; begin < indices.size(); begin += kChunk) {
-      const std::vector<long long> part(indices.begin() + static_cast<long long>(begin),
-                                        indices.begin() + static_cast<long long>(std::min(indices.size(), begin + kChunk)));
-      torch::Tensor rows;
+    return features_in_chunks(indices, 64, [&](const std::vector<long long>& part) {
       try {
-        rows = module->forward({inputs(part)}).toTensor();
+        return module->forward({inputs(part)}).toTensor();
       } catch (const c10::Error& error) {
         const std::string what = error.what();
         throw InputError(archive + ": the feature extractor failed on " + std::to_string(part.size()) + " samples: " + what.substr(0, what.find('\n')));
       }
-      if (rows.dim() < 2 || rows.size(0) != static_cast<int64_t>(part.size()))
-        throw InputError(archive + ": the feature extractor returned " + format_shape(std::vector<long long>(rows.sizes().begin(), rows.sizes().end())) +
-                         " for " + std::to_string(part.size()) + " samples; it must return one row per sample, [n, D]");
-      rows = rows.reshape({rows.size(0), -1}).to(torch::kCPU, torch::kFloat32).contiguous();
-      if (out.dim != 0 && rows.size(1) != out.dim) throw InputError(archive + ": the feature extractor's width changed between batches");
-      out.dim = rows.size(1);
-      out.values.insert(out.values.end(), rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel());
-    }
-    return out;
+    }, archive + ": the feature extractor");
   };
 }
 

@@ -28,6 +28,12 @@ struct ShotPool {
   std::function<torch::Tensor(const std::vector<long long>& indices)> inputs;
 };
 
+// The feature rows of `indices`, `chunk` samples at a time: `compute` maps a chunk's indices to a
+// tensor [n, ...] (flattened to rows); InputError naming `who` when it returns another number of
+// rows or changes width between chunks.
+FeatureMatrix features_in_chunks(const std::vector<long long>& indices, std::size_t chunk,
+                                 const std::function<torch::Tensor(const std::vector<long long>&)>& compute, const std::string& who);
+
 // The features a TorchScript module computes from the pool's inputs: one row per sample, in
 // chunks of 64 (the archive's forward(x) -> [n, D], no gradients).
 FeatureSource torchscript_features(const std::string& archive, const std::function<torch::Tensor(const std::vector<long long>&)>& inputs);

@@ -105,6 +105,8 @@ void run_clip_eval(const EvalJob& job, std::ostream& log, const JobContext& cont
   log.unsetf(std::ios::fixed);
 }
 
+namespace {
+
 // Features for shot selection: the projected image embeddings of B, computed with the
 // parameters sharded (collective), the weights read on first use.
 FeatureSource clip_features(const ClipVision& model, const Dataset& data, const ImagePreprocessing& preprocessing,
@@ -121,6 +123,22 @@ FeatureSource clip_features(const ClipVision& model, const Dataset& data, const 
   };
 }
 
+// The images as a pool to draw shots from: their labels, B's embeddings for --selection (with
+// `weights`, or B read on first use), and the preprocessed images for a TorchScript extractor.
+ShotPool clip_shot_pool(const ClipInputs& in, const ClipVision& model, const std::string& name, std::shared_ptr<ShardedWeights> weights,
+                        const JobContext& context) {
+  ShotPool pool;
+  pool.samples = in.data.size();
+  pool.labels = in.data.labels;
+  pool.classes = in.data.classes;
+  pool.name = name;
+  pool.model_features = clip_features(model, in.data, in.preprocessing, std::move(weights), context, in.device);
+  pool.inputs = [&in](const std::vector<long long>& indices) { return image_samples(in.data, &in.preprocessing).batch(indices, torch::kCPU).inputs; };
+  return pool;
+}
+
+}  // namespace
+
 void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
   ClipInputs in;
   context.agree([&] { in = load_clip_inputs(job.model, job.weights, job.head, job.data, context); });
@@ -130,13 +148,7 @@ void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& co
   Dataset shots;
   context.agree([&] {
     // The shots: an indices file, the first N of a seeded shuffle, or K per class by --selection.
-    ShotPool pool;
-    pool.samples = in.data.size();
-    pool.labels = in.data.labels;
-    pool.classes = in.data.classes;
-    pool.name = job.data.spec;
-    pool.model_features = clip_features(model, in.data, in.preprocessing, weights, context, in.device);
-    pool.inputs = [&in](const std::vector<long long>& indices) { return image_samples(in.data, &in.preprocessing).batch(indices, torch::kCPU).inputs; };
+    const ShotPool pool = clip_shot_pool(in, model, job.data.spec, weights, context);
     const std::vector<long long> chosen = choose_shots(pool, job.selection, job.shots_per_class, job.num_samples, job.seed, false);
     if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, chosen);
     shots = in.data.subset(chosen);
@@ -167,14 +179,7 @@ std::vector<TransportRow> run_clip_transport(const TransportJob& job, std::ostre
   context.agree([&] {
     // Features for --selection come from B itself, read only if a strategy asks for them.
     std::vector<long long> shot_indices, support_indices;
-    ShotPool pool;
-    pool.samples = in.data.size();
-    pool.labels = in.data.labels;
-    pool.classes = in.data.classes;
-    pool.name = job.data.spec;
-    pool.model_features = clip_features(model, in.data, in.preprocessing, nullptr, context, in.device);
-    pool.inputs = [&in](const std::vector<long long>& indices) { return image_samples(in.data, &in.preprocessing).batch(indices, torch::kCPU).inputs; };
-    split_pool(pool, job, shot_indices, support_indices);
+    split_pool(clip_shot_pool(in, model, job.data.spec, nullptr, context), job, shot_indices, support_indices);
     if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, shot_indices);
     shots = in.data.subset(shot_indices);
     support = in.data.subset(support_indices);

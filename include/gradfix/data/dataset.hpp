@@ -47,6 +47,11 @@ void apply_transform(Dataset& data, const std::string& transform);
 // InputError naming the class when it has fewer than K.
 std::vector<long long> sample_per_class(const std::vector<long long>& labels, const std::vector<long long>& pool,
                                         long long classes, long long per_class, std::uint64_t seed);
+// The members of each class 0 .. classes - 1 in `pool` (indices into `labels`, pool order);
+// InputError for a label outside the classes, and naming the class that has fewer than
+// `per_class` members.
+std::vector<std::vector<long long>> members_by_class(const std::vector<long long>& labels, const std::vector<long long>& pool,
+                                                     long long classes, long long per_class);
 // A seeded permutation of [0, n).
 std::vector<long long> shuffled_indices(long long n, std::uint64_t seed);
 // Indices read from a text file (whitespace or comma separated); InputError naming the file and
