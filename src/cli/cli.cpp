@@ -30,30 +30,57 @@ std::string trim(const std::string& text) {
   return text.substr(first, last - first + 1);
 }
 
-// The Boost semantic of one declared option.
+// The Boost semantic of one declared option. Numbers are taken as text and converted here:
+// Boost's own conversion errors format their message by substituting the value for "%value%"
+// until none is left, which never ends when the value itself holds "%value%" (found by the
+// config fuzz harness: `--timeout %value%` hung).
 po::value_semantic* semantic_of(const OptionSpec& option) {
   const bool has_default = !option.default_value.empty();
   switch (option.type) {
-    case OptionType::kText: {
+    case OptionType::kText:
+    case OptionType::kInteger:
+    case OptionType::kCount:
+    case OptionType::kNumber: {
       auto* value = po::value<std::string>();
       return has_default ? value->default_value(option.default_value) : value;
     }
     case OptionType::kTexts: return po::value<std::vector<std::string>>()->composing();
-    case OptionType::kInteger: {
-      auto* value = po::value<long long>();
-      return has_default ? value->default_value(std::stoll(option.default_value), option.default_value) : value;
-    }
-    case OptionType::kCount: {
-      auto* value = po::value<unsigned long long>();
-      return has_default ? value->default_value(std::stoull(option.default_value), option.default_value) : value;
-    }
-    case OptionType::kNumber: {
-      auto* value = po::value<double>();
-      return has_default ? value->default_value(std::stod(option.default_value), option.default_value) : value;
-    }
     case OptionType::kFlag: return option.name == "help" ? static_cast<po::value_semantic*>(new po::untyped_value(true)) : po::bool_switch();
   }
   GRADFIX_CHECK(false, "unknown option type of --" + option.name);
+}
+
+// Strict conversions of an option's text: the whole text must be the number.
+long long to_integer(const std::string& name, const std::string& text) {
+  std::size_t used = 0;
+  long long value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size()) throw InputError("--" + name + ": '" + escaped_name(text) + "' is not a whole number");
+  return value;
+}
+unsigned long long to_count(const std::string& name, const std::string& text) {
+  if (text.empty() || text.find_first_not_of("0123456789") != std::string::npos)
+    throw InputError("--" + name + ": '" + escaped_name(text) + "' is not a non-negative whole number");
+  try {
+    return std::stoull(text);
+  } catch (const std::exception&) {
+    throw InputError("--" + name + ": '" + escaped_name(text) + "' is too large");
+  }
+}
+double to_number(const std::string& name, const std::string& text) {
+  std::size_t used = 0;
+  double value = 0.0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size()) throw InputError("--" + name + ": '" + escaped_name(text) + "' is not a number");
+  return value;
 }
 
 // The parsed values of one subcommand, typed.
@@ -66,9 +93,9 @@ class ParsedOptions final : public Options {
   std::vector<std::string> texts(const std::string& name) const override {
     return has(name) ? get<std::vector<std::string>>(name) : std::vector<std::string>{};
   }
-  long long integer(const std::string& name) const override { return get<long long>(name); }
-  unsigned long long count(const std::string& name) const override { return get<unsigned long long>(name); }
-  double number(const std::string& name) const override { return get<double>(name); }
+  long long integer(const std::string& name) const override { return to_integer(name, get<std::string>(name)); }
+  unsigned long long count(const std::string& name) const override { return to_count(name, get<std::string>(name)); }
+  double number(const std::string& name) const override { return to_number(name, get<std::string>(name)); }
   bool flag(const std::string& name) const override { return has(name) && get<bool>(name); }
   const std::string& required(const std::string& name) const override {
     if (!has(name)) throw InputError("gradfix " + subcommand_ + ": --" + name + " is required");

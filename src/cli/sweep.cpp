@@ -219,6 +219,7 @@ SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string
     check_option("sweep", key);
     if (kListOptions.count(key)) throw InputError(path + ": [sweep] " + key + " is a list itself, not an axis: put it under [transport]");
     std::vector<std::string> values = split_list(value);
+    if (values.empty()) throw InputError(path + ": [sweep] " + key + " has no values; an axis lists one or more, comma-separated");
     for (const auto& item : values)
       if (!is_axis_value(item))
         throw InputError(path + ": [sweep] " + key + " = " + value + ": value '" + item + "' must be 1-64 letters, digits, '.', '+', '_' or '-'");

@@ -266,4 +266,10 @@ open('meta.safetensors', 'wb').write(struct.pack('<Q', len(text)) + text + b'\0'
 mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" convert meta.safetensors meta2.h5 >/dev/null 2>&1
 check "20,000 metadata entries: the HDF5 file is byte-identical at 1 and 2 ranks" cmp -s meta1.h5 meta2.h5
 check "20,000 metadata entries all come back from HDF5" test "$("$gradfix" inspect meta1.h5 | grep -c '^metadata key')" -eq 20000
+# A number option whose value holds "%value%": Boost's own error formatting substituted it into
+# itself forever (the config fuzz harness, a 14 s timeout); gradfix now converts numbers itself.
+expect "--timeout %value%" 2 "'%value%' is not a number" inspect --timeout '%value%' x.safetensors
+expect "--chunk-elements %value%" 2 "'%value%x' is not a whole number" inspect --chunk-elements '%value%x' x.safetensors
+printf '[signs]\nseed = %%value%%\n' >percent.ini
+expect "--seed %value% in a config file" 2 "is not a non-negative whole number" signs --config percent.ini --weights x --data y --out z
 finish
