@@ -152,8 +152,7 @@ std::string config_path(const std::vector<std::string>& args) {
 // file's whole list.
 void store_config_file(const std::string& path, const SubcommandSpec& subcommand, const po::options_description& options,
                        po::variables_map& values) {
-  std::ifstream file(path);
-  if (!file) throw InputError(path + ": cannot open config file");
+  std::istringstream file(read_option_file(path, "config file"));
   po::parsed_options parsed(&options);
   try {
     parsed = po::parse_config_file(file, options, true);
@@ -257,6 +256,7 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
   po::variables_map values;
   const std::vector<std::string> rest(args.begin() + 1, args.end());
   try {
+    for (const auto& arg : rest) refuse_boost_placeholders(arg, "gradfix " + name + ": argument");
     po::store(po::command_line_parser(rest).options(options).positional(positional).run(), values);
     const std::string config = config_path(rest);
     if (!config.empty() && !subcommand->config_is_input) store_config_file(config, *subcommand, options, values);
@@ -308,6 +308,34 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
 
 }  // namespace
 
+void refuse_boost_placeholders(const std::string& text, const std::string& where) {
+  for (std::size_t open = text.find('%'); open != std::string::npos; open = text.find('%', open + 1)) {
+    std::size_t end = open + 1;
+    while (end < text.size() && (std::isalpha(static_cast<unsigned char>(text[end])) || text[end] == '_')) ++end;
+    if (end > open + 1 && end < text.size() && text[end] == '%')
+      throw InputError(where + " holds '" + escaped_name(text.substr(open, end - open + 1)) +
+                       "': a %word% cannot appear in options (the option parser would read it as its own placeholder)");
+  }
+}
+
+std::string read_option_file(const std::string& path, const std::string& what) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw InputError(path + ": cannot open " + what);
+  constexpr std::size_t kMaxBytes = 16u << 20;
+  std::string text(kMaxBytes + 1, '\0');
+  file.read(&text[0], static_cast<std::streamsize>(text.size()));
+  text.resize(static_cast<std::size_t>(file.gcount()));
+  if (text.size() > kMaxBytes) throw InputError(path + ": " + what + " larger than 16 MiB");
+  std::size_t line = 1, begin = 0;
+  while (begin <= text.size()) {
+    const std::size_t end = std::min(text.find('\n', begin), text.size());
+    refuse_boost_placeholders(text.substr(begin, end - begin), path + ": line " + std::to_string(line));
+    begin = end + 1;
+    ++line;
+  }
+  return text;
+}
+
 PreparedJob prepare_subcommand(const std::vector<std::string>& args) {
   GRADFIX_CHECK(!args.empty(), "an empty command line");
   const SubcommandSpec* subcommand = find_subcommand(args[0]);
@@ -315,6 +343,7 @@ PreparedJob prepare_subcommand(const std::vector<std::string>& args) {
   const po::options_description options = describe_subcommand(*subcommand);
   po::variables_map values;
   try {
+    for (const auto& arg : args) refuse_boost_placeholders(arg, "gradfix " + args[0] + ": argument");
     po::store(po::command_line_parser(std::vector<std::string>(args.begin() + 1, args.end())).options(options).run(), values);
     po::notify(values);
   } catch (const po::error& error) {

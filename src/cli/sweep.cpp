@@ -15,6 +15,7 @@
 #include <set>
 #include <sstream>
 
+#include "gradfix/cli/cli.hpp"
 #include "gradfix/cli/registry.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
@@ -163,8 +164,7 @@ std::string number(double value, int precision) {
 }  // namespace
 
 SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string>& overrides) {
-  std::ifstream file(path);
-  if (!file) throw InputError(path + ": cannot open the sweep file");
+  std::istringstream file(read_option_file(path, "the sweep file"));
   po::parsed_options parsed(nullptr);
   try {
     parsed = po::parse_config_file(file, po::options_description(), true);
@@ -190,6 +190,7 @@ SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string
   };
   for (const auto& option : parsed.options) add(option.string_key, option.value.empty() ? "" : option.value[0], path);
   for (const auto& text : overrides) {
+    refuse_boost_placeholders(text, "--set " + text);
     const auto equals = text.find('=');
     if (equals == std::string::npos) throw InputError("--set '" + text + "': expected SECTION.KEY=VALUE, e.g. sweep.seed=0");
     add(text.substr(0, equals), text.substr(equals + 1), "--set " + text);

@@ -266,10 +266,16 @@ open('meta.safetensors', 'wb').write(struct.pack('<Q', len(text)) + text + b'\0'
 mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" convert meta.safetensors meta2.h5 >/dev/null 2>&1
 check "20,000 metadata entries: the HDF5 file is byte-identical at 1 and 2 ranks" cmp -s meta1.h5 meta2.h5
 check "20,000 metadata entries all come back from HDF5" test "$("$gradfix" inspect meta1.h5 | grep -c '^metadata key')" -eq 20000
-# A number option whose value holds "%value%": Boost's own error formatting substituted it into
-# itself forever (the config fuzz harness, a 14 s timeout); gradfix now converts numbers itself.
-expect "--timeout %value%" 2 "'%value%' is not a number" inspect --timeout '%value%' x.safetensors
-expect "--chunk-elements %value%" 2 "'%value%x' is not a whole number" inspect --chunk-elements '%value%x' x.safetensors
+# Text holding a Boost placeholder (%value%, %invalid_line%, ...): Boost.Program_options' error
+# formatting substituted it into itself forever (the config fuzz harness found two such hangs).
+# gradfix refuses a %word% in arguments and option files before Boost sees them, and converts
+# numbers itself.
+expect "--timeout %value%" 2 "holds '%value%': a %word% cannot appear in options" inspect --timeout '%value%' x.safetensors
+expect "--chunk-elements 12x" 2 "'12x' is not a whole number" inspect --chunk-elements 12x x.safetensors
 printf '[signs]\nseed = %%value%%\n' >percent.ini
-expect "--seed %value% in a config file" 2 "is not a non-negative whole number" signs --config percent.ini --weights x --data y --out z
+expect "%value% in a config file" 2 "percent.ini: line 2 holds '%value%'" signs --config percent.ini --weights x --data y --out z
+printf '[mask]\n%%invalid_line%%\n' >syntax.ini
+expect "%invalid_line% in a config file" 2 "syntax.ini: line 2 holds '%invalid_line%'" mask --config syntax.ini --task-vector a --signs b --out c
+printf '[sweep]\nout = o\nseed = 1\n[task.a]\ndata = %%option%%\n' >percent-sweep.ini
+expect "%option% in a sweep file" 2 "percent-sweep.ini: line 5 holds '%option%'" sweep --config percent-sweep.ini --count
 finish

@@ -18,6 +18,13 @@ class MpiRuntime;
 // runtime it runs as a single process that never calls MPI.
 int run_command_line(const std::vector<std::string>& args, std::ostream& out, MpiRuntime* runtime = nullptr);
 
+// Boost.Program_options formats its error messages by substituting placeholders (%value%,
+// %invalid_line%, ...) until none is left, so text holding one loops forever (found by fuzzing).
+// Text with a %word% in it is refused before Boost sees it: InputError naming `where`.
+void refuse_boost_placeholders(const std::string& text, const std::string& where);
+// An INI file's text (at most 16 MiB), checked for placeholders; `what` names it in errors.
+std::string read_option_file(const std::string& path, const std::string& what);
+
 // Parses one subcommand's command line ("transport", options...) into its job, as the command
 // line would, without making a job context: what `gradfix sweep` runs for each point.
 PreparedJob prepare_subcommand(const std::vector<std::string>& args);
