@@ -322,10 +322,12 @@ std::string read_option_file(const std::string& path, const std::string& what) {
   std::ifstream file(path, std::ios::binary);
   if (!file) throw InputError(path + ": cannot open " + what);
   constexpr std::size_t kMaxBytes = 16u << 20;
-  std::string text(kMaxBytes + 1, '\0');
-  file.read(&text[0], static_cast<std::streamsize>(text.size()));
-  text.resize(static_cast<std::size_t>(file.gcount()));
-  if (text.size() > kMaxBytes) throw InputError(path + ": " + what + " larger than 16 MiB");
+  std::string text;
+  char block[65536];
+  while (file.read(block, sizeof block) || file.gcount() > 0) {
+    text.append(block, static_cast<std::size_t>(file.gcount()));
+    if (text.size() > kMaxBytes) throw InputError(path + ": " + what + " larger than 16 MiB");
+  }
   std::size_t line = 1, begin = 0;
   while (begin <= text.size()) {
     const std::size_t end = std::min(text.find('\n', begin), text.size());
