@@ -71,17 +71,6 @@ unsigned long long to_count(const std::string& name, const std::string& text) {
     throw InputError("--" + name + ": '" + escaped_name(text) + "' is too large");
   }
 }
-double to_number(const std::string& name, const std::string& text) {
-  std::size_t used = 0;
-  double value = 0.0;
-  try {
-    value = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != text.size()) throw InputError("--" + name + ": '" + escaped_name(text) + "' is not a number");
-  return value;
-}
 
 // The parsed values of one subcommand, typed.
 class ParsedOptions final : public Options {
@@ -95,7 +84,7 @@ class ParsedOptions final : public Options {
   }
   long long integer(const std::string& name) const override { return to_integer(name, get<std::string>(name)); }
   unsigned long long count(const std::string& name) const override { return to_count(name, get<std::string>(name)); }
-  double number(const std::string& name) const override { return to_number(name, get<std::string>(name)); }
+  double number(const std::string& name) const override { return parse_number(name, get<std::string>(name)); }
   bool flag(const std::string& name) const override { return has(name) && get<bool>(name); }
   const std::string& required(const std::string& name) const override {
     if (!has(name)) throw InputError("gradfix " + subcommand_ + ": --" + name + " is required");
@@ -241,6 +230,25 @@ struct CommandJob {
   bool help_only = false;
 };
 
+// A subcommand's options from its command line (positional ones included) and its --config file
+// (unless --config is the subcommand's own input), checked; a bad flag or value names the
+// subcommand and points at its --help.
+po::variables_map parse_values(const SubcommandSpec& subcommand, const po::options_description& options, const std::vector<std::string>& rest) {
+  po::positional_options_description positional;
+  for (const auto& option : subcommand.positional) positional.add(option.c_str(), 1);
+  po::variables_map values;
+  try {
+    for (const auto& arg : rest) refuse_boost_placeholders(arg, "gradfix " + subcommand.name + ": argument");
+    po::store(po::command_line_parser(rest).options(options).positional(positional).run(), values);
+    const std::string config = config_path(rest);
+    if (!config.empty() && !subcommand.config_is_input) store_config_file(config, subcommand, options, values);
+    po::notify(values);
+  } catch (const po::error& error) {
+    throw InputError("gradfix " + subcommand.name + ": " + error.what() + " (gradfix " + subcommand.name + " --help)");
+  }
+  return values;
+}
+
 CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiRuntime* runtime) {
   const std::string name = args[0];
   const SubcommandSpec* subcommand = find_subcommand(name);
@@ -250,20 +258,7 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
     throw InputError("unknown subcommand '" + name + "'; valid: " + names + " (gradfix --help)");
   }
   const po::options_description options = describe_subcommand(*subcommand);
-  po::positional_options_description positional;
-  for (const auto& option : subcommand->positional) positional.add(option.c_str(), 1);
-
-  po::variables_map values;
-  const std::vector<std::string> rest(args.begin() + 1, args.end());
-  try {
-    for (const auto& arg : rest) refuse_boost_placeholders(arg, "gradfix " + name + ": argument");
-    po::store(po::command_line_parser(rest).options(options).positional(positional).run(), values);
-    const std::string config = config_path(rest);
-    if (!config.empty() && !subcommand->config_is_input) store_config_file(config, *subcommand, options, values);
-    po::notify(values);
-  } catch (const po::error& error) {
-    throw InputError("gradfix " + name + ": " + error.what() + " (gradfix " + name + " --help)");
-  }
+  const po::variables_map values = parse_values(*subcommand, options, std::vector<std::string>(args.begin() + 1, args.end()));
   CommandJob command;
   if (values.count("help")) {
     out << options << "\n";
@@ -308,6 +303,18 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
 
 }  // namespace
 
+double parse_number(const std::string& name, const std::string& text) {
+  std::size_t used = 0;
+  double value = 0.0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size()) throw InputError("--" + name + ": '" + escaped_name(text) + "' is not a number");
+  return value;
+}
+
 void refuse_boost_placeholders(const std::string& text, const std::string& where) {
   for (std::size_t open = text.find('%'); open != std::string::npos; open = text.find('%', open + 1)) {
     std::size_t end = open + 1;
@@ -343,14 +350,7 @@ PreparedJob prepare_subcommand(const std::vector<std::string>& args) {
   const SubcommandSpec* subcommand = find_subcommand(args[0]);
   if (subcommand == nullptr) throw InputError("unknown subcommand '" + args[0] + "'");
   const po::options_description options = describe_subcommand(*subcommand);
-  po::variables_map values;
-  try {
-    for (const auto& arg : args) refuse_boost_placeholders(arg, "gradfix " + args[0] + ": argument");
-    po::store(po::command_line_parser(std::vector<std::string>(args.begin() + 1, args.end())).options(options).run(), values);
-    po::notify(values);
-  } catch (const po::error& error) {
-    throw InputError("gradfix " + args[0] + ": " + error.what());
-  }
+  const po::variables_map values = parse_values(*subcommand, options, std::vector<std::string>(args.begin() + 1, args.end()));
   const ParsedOptions parsed(values, args[0]);
   return subcommand->prepare(parsed);
 }

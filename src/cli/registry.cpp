@@ -56,14 +56,9 @@ std::vector<double> parse_numbers(const std::string& text, const std::string& ke
   std::stringstream stream(text);
   std::string item;
   while (std::getline(stream, item, ',')) {
-    std::size_t used = 0;
-    try {
-      numbers.push_back(std::stod(item, &used));
-    } catch (const std::exception&) {
-      throw InputError("--" + key + ": '" + item + "' is not a number");
-    }
-    if (used != item.size() && item.find_first_not_of(" \t", used) != std::string::npos)
-      throw InputError("--" + key + ": '" + item + "' is not a number");
+    // Blanks around an item are allowed, as in "0.5, 1, 2".
+    const auto first = item.find_first_not_of(" \t"), last = item.find_last_not_of(" \t");
+    numbers.push_back(parse_number(key, first == std::string::npos ? "" : item.substr(first, last - first + 1)));
     if (!std::isfinite(numbers.back())) throw InputError("--" + key + ": every value must be finite, got '" + item + "'");
   }
   if (numbers.empty()) throw InputError("--" + key + " is empty");

@@ -4,7 +4,6 @@
 
 #include <boost/program_options.hpp>
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -111,19 +110,6 @@ bool read_result(const std::string& path, Json& out) {
   text << file.rdbuf();
   out = Json::parse(text.str(), nullptr, false);
   return !out.is_discarded() && out.is_object() && out.contains("rows") && out.at("rows").is_array();
-}
-
-void make_directories(const std::string& path) {
-  std::string built;
-  std::stringstream parts(path);
-  std::string part;
-  if (!path.empty() && path[0] == '/') built = "/";
-  while (std::getline(parts, part, '/')) {
-    if (part.empty()) continue;
-    built += part;
-    if (::mkdir(built.c_str(), 0777) != 0 && errno != EEXIST) throw RuntimeFailure(built + ": cannot create the directory");
-    built += "/";
-  }
 }
 
 // The table's method categories, in the paper's order; GradFix rows keep their full name.
@@ -381,7 +367,7 @@ long long collect_sweep(const SweepPlan& plan, std::ostream& log) {
       table << " " << (complete ? number(sum / static_cast<double>(plan.tasks.size()), 1) : std::string("-")) << " |\n";
     }
   }
-  make_directories(plan.out);
+  ensure_directory(plan.out);
   write_text_file_atomically(plan.out + "/results.csv", csv.str());
   write_text_file_atomically(plan.out + "/table.md", table.str());
   log << table.str() << "\nsweep: " << plan.out << "/table.md and " << plan.out << "/results.csv written\n";
@@ -428,7 +414,7 @@ void run_sweep(const SweepJob& job, std::ostream& log, const JobContext& context
     }
     log << "sweep: point " << i << " of " << total << ": " << point.name << "\n";
     context.agree([&] {
-      if (context.is_root()) make_directories(point.result.substr(0, point.result.find_last_of('/')));
+      if (context.is_root()) ensure_directory(parent_directory(point.result));
     });
     run(point.args, log, context);
     ++ran;

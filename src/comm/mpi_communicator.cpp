@@ -4,6 +4,7 @@
 #include <chrono>
 #include <thread>
 #include <cstdint>
+#include <functional>
 #include <cstring>
 #include <vector>
 
@@ -236,54 +237,51 @@ void MpiCommunicator::complete(MPI_Request& request) {
   }
 }
 
+void MpiCommunicator::collective(const char* operation, const std::function<int(MPI_Request*)>& post) {
+  enter(operation);
+  MPI_Request request = MPI_REQUEST_NULL;
+  GRADFIX_MPI_CHECK(post(&request), operation);
+  complete(request);
+}
+
 void MpiCommunicator::allreduce(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op) {
   const std::size_t item = dtype_size(dtype);
   for (std::size_t done = 0; done < count; done += kMaxMpiCount) {
     const int chunk = static_cast<int>(std::min(kMaxMpiCount, count - done));
     void* target = static_cast<char*>(recv) + done * item;
     const void* source = send == recv ? MPI_IN_PLACE : static_cast<const char*>(send) + done * item;
-    enter("MPI_Allreduce");
-    MPI_Request request = MPI_REQUEST_NULL;
-    GRADFIX_MPI_CHECK(MPI_Iallreduce(source, target, chunk, mpi_type(dtype), mpi_op(op, dtype), comm_, &request), "MPI_Iallreduce");
-    complete(request);
+    collective("MPI_Allreduce", [&](MPI_Request* request) {
+      return MPI_Iallreduce(source, target, chunk, mpi_type(dtype), mpi_op(op, dtype), comm_, request);
+    });
   }
 }
 
 void MpiCommunicator::reduce_scatter(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op) {
   if (count > kMaxMpiCount) throw RuntimeFailure("reduce_scatter of more than 2^30 elements per rank on " + describe_rank(*this));
-  enter("MPI_Reduce_scatter_block");
-  MPI_Request request = MPI_REQUEST_NULL;
-  GRADFIX_MPI_CHECK(MPI_Ireduce_scatter_block(send, recv, static_cast<int>(count), mpi_type(dtype), mpi_op(op, dtype), comm_, &request),
-                    "MPI_Ireduce_scatter_block");
-  complete(request);
+  collective("MPI_Reduce_scatter_block", [&](MPI_Request* request) {
+    return MPI_Ireduce_scatter_block(send, recv, static_cast<int>(count), mpi_type(dtype), mpi_op(op, dtype), comm_, request);
+  });
 }
 
 void MpiCommunicator::broadcast(void* buffer, std::size_t count, DType dtype, int root) {
   const std::size_t item = dtype_size(dtype);
   for (std::size_t done = 0; done < count; done += kMaxMpiCount) {
     const int chunk = static_cast<int>(std::min(kMaxMpiCount, count - done));
-    enter("MPI_Bcast");
-    MPI_Request request = MPI_REQUEST_NULL;
-    GRADFIX_MPI_CHECK(MPI_Ibcast(static_cast<char*>(buffer) + done * item, chunk, mpi_type(dtype), root, comm_, &request), "MPI_Ibcast");
-    complete(request);
+    collective("MPI_Bcast", [&](MPI_Request* request) {
+      return MPI_Ibcast(static_cast<char*>(buffer) + done * item, chunk, mpi_type(dtype), root, comm_, request);
+    });
   }
 }
 
 void MpiCommunicator::allgather(const void* send, void* recv, std::size_t count, DType dtype) {
   if (count > kMaxMpiCount) throw RuntimeFailure("allgather of more than 2^30 elements per rank on " + describe_rank(*this));
-  enter("MPI_Allgather");
-  MPI_Request request = MPI_REQUEST_NULL;
-  GRADFIX_MPI_CHECK(
-      MPI_Iallgather(send, static_cast<int>(count), mpi_type(dtype), recv, static_cast<int>(count), mpi_type(dtype), comm_, &request),
-      "MPI_Iallgather");
-  complete(request);
+  collective("MPI_Allgather", [&](MPI_Request* request) {
+    return MPI_Iallgather(send, static_cast<int>(count), mpi_type(dtype), recv, static_cast<int>(count), mpi_type(dtype), comm_, request);
+  });
 }
 
 void MpiCommunicator::barrier() {
-  enter("MPI_Barrier");
-  MPI_Request request = MPI_REQUEST_NULL;
-  GRADFIX_MPI_CHECK(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");
-  complete(request);
+  collective("MPI_Barrier", [&](MPI_Request* request) { return MPI_Ibarrier(comm_, request); });
 }
 
 void MpiCommunicator::send(const void* buffer, std::size_t count, DType dtype, int peer) {

@@ -239,9 +239,7 @@ torch::Tensor ClipVision::layer(long long index, const Parameters& p, const torc
 
 torch::Tensor ClipVision::output(const Parameters& p, const torch::Tensor& hidden, GradientRecorder* recorder) const {
   if (!head_.defined()) throw InputError(config_.directory + ": a CLIP model needs a zero-shot head (--head FILE)");
-  // The class token, kept three-dimensional so that the captures see one position per sample.
-  const torch::Tensor pooled = layer_norm(p, "vision_model.post_layernorm", hidden.slice(1, 0, 1), config_.layer_norm_eps, recorder);
-  const torch::Tensor projected = recorded_linear(p, "visual_projection", pooled, false, recorder).squeeze(1);
+  const torch::Tensor projected = project(p, hidden, recorder);
   const torch::Tensor normed = projected / projected.norm(2, -1, true);
   return scale_ * torch::matmul(normed, head_.to(normed.device(), normed.scalar_type()).t());
 }
@@ -254,16 +252,20 @@ std::pair<long long, long long> ClipVision::hits(const torch::Tensor& logits, co
   return {logits.argmax(-1).eq(batch.labels).sum().item<int64_t>(), logits.size(0)};
 }
 
+torch::Tensor ClipVision::project(const Parameters& p, const torch::Tensor& hidden, GradientRecorder* recorder) const {
+  // The class token, kept three-dimensional so that the captures see one position per sample.
+  const torch::Tensor pooled = layer_norm(p, "vision_model.post_layernorm", hidden.slice(1, 0, 1), config_.layer_norm_eps, recorder);
+  return recorded_linear(p, "visual_projection", pooled, false, recorder).squeeze(1);
+}
+
 torch::Tensor ClipVision::features(const Parameters& p, const torch::Tensor& hidden, const Batch& /*batch*/) const {
-  const torch::Tensor pooled = layer_norm(p, "vision_model.post_layernorm", hidden.slice(1, 0, 1), config_.layer_norm_eps, nullptr);
-  return recorded_linear(p, "visual_projection", pooled, false, nullptr).squeeze(1);
+  return project(p, hidden, nullptr);
 }
 
 torch::Tensor ClipVision::embed_images(const Parameters& p, const Batch& batch) const {
   torch::Tensor hidden = input(p, batch);
   for (long long i = 0; i < config_.layers; ++i) hidden = layer(i, p, hidden, batch);
-  const torch::Tensor pooled = layer_norm(p, "vision_model.post_layernorm", hidden.slice(1, 0, 1), config_.layer_norm_eps, nullptr);
-  return recorded_linear(p, "visual_projection", pooled, false, nullptr).squeeze(1);
+  return project(p, hidden, nullptr);
 }
 
 ImagePreprocessing read_image_preprocessing(const ClipConfig& config) {

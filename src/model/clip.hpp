@@ -84,6 +84,9 @@ class ClipVision final : public LayeredModel {
   torch::Tensor features(const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch) const override;
 
  private:
+  // post_layernorm on the class token, then visual_projection: [n, tokens, hidden] -> [n, projection_dim].
+  torch::Tensor project(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder) const;
+
   ClipConfig config_;
   torch::Tensor head_;  // [C, projection_dim] on the CPU; moved to the logits' device when used
   double scale_ = 1.0;  // exp(logit_scale)

@@ -122,27 +122,6 @@ void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& c
   }
 }
 
-namespace {
-
-// Features for --selection on token data: the mean of the last layer's output over each
-// sequence's tokens, computed with the parameters sharded (collective), the weights read on first
-// use unless given.
-FeatureSource decoder_features(const Decoder& decoder, const TokenData& data, std::shared_ptr<ShardedWeights> weights,
-                               const JobContext& context, const torch::Device& device) {
-  return [&decoder, &data, weights, &context, device](const std::vector<long long>& indices) mutable {
-    if (!weights) weights = std::make_shared<ShardedWeights>(decoder.layout(), decoder.directory(), context);
-    const TokenData part = data.subset(indices);
-    const torch::Tensor rows = sharded_features(decoder, *weights, token_samples(part), context, device).contiguous();
-    FeatureMatrix out;
-    out.rows = rows.size(0);
-    out.dim = rows.size(1);
-    out.values.assign(rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel());
-    return out;
-  };
-}
-
-}  // namespace
-
 void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
   DecoderConfig config;
   TokenData data, shots;
@@ -159,9 +138,10 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
     ShotPool pool;
     pool.samples = data.samples;
     pool.name = job.data.spec;
-    pool.model_features = decoder_features(decoder, data, weights, context, device);
+    // The mean of the last layer's output over each sequence's tokens, computed sharded.
+    pool.model_features = sharded_feature_source(decoder, data, token_samples, weights, context, device);
     const std::vector<long long> chosen = choose_shots(pool, job.selection, 0, job.num_samples, job.seed, false);
-    if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, chosen);
+    save_chosen_shots(job.selection, chosen, context);
     shots = data.subset(chosen);
   });
   ShardedSignsOptions options;
@@ -196,9 +176,9 @@ std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::os
     ShotPool shot_pool;
     shot_pool.samples = pool.samples;
     shot_pool.name = job.data.spec;
-    shot_pool.model_features = decoder_features(decoder, pool, nullptr, context, device);
+    shot_pool.model_features = sharded_feature_source(decoder, pool, token_samples, nullptr, context, device);
     split_pool(shot_pool, job, shot_indices, support_indices);
-    if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, shot_indices);
+    save_chosen_shots(job.selection, shot_indices, context);
     shots = pool.subset(shot_indices);
     support = pool.subset(support_indices);
   });

@@ -246,7 +246,7 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
   Classifier& model = *in.target;
   const Vectors base = parameter_values(model);
   const auto shot_indices = classifier_shots(model, in.pool, job.data.spec, job.selection, job.shots_per_class, job.seed);
-  if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, shot_indices);
+  save_chosen_shots(job.selection, shot_indices, context);
   auto rest = complement(in.pool.size(), shot_indices);
   const auto order = shuffled_indices(static_cast<long long>(rest.size()), job.seed + 17);
   std::vector<long long> support_indices;
@@ -268,14 +268,19 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
   Vectors gradient = job.sign_mode == SignMode::kMean ? statistics : descent_statistics(model, shots, SignMode::kMean, VoteMethod::kFast, context, source);
   for (auto& [name, values] : gradient)
     for (auto& value : values) value = static_cast<float>(-static_cast<double>(value) / static_cast<double>(shots.size()));
-  std::vector<AlphaPoint> curve;
+  // A row whose alpha is searched on the support set: B + alpha * delta on the test set, with
+  // <g, delta> and the alpha curve. Returns the alpha chosen.
+  auto add_searched_row = [&](const std::string& method, const Vectors& delta, double kept_fraction, double sign_agreement) {
+    std::vector<AlphaPoint> curve;
+    const double alpha = choose_alpha(model, base, delta, alphas, support, shots, curve);
+    add_row(method, evaluate_with(model, base, delta, alpha, in.test), alpha, kept_fraction, sign_agreement);
+    rows.back().directional_derivative = directional_derivative(gradient, delta);
+    rows.back().curve = curve;
+    return alpha;
+  };
 
   add_row("B zero-shot", evaluate(model, in.test), -1, -1, -1);
-
-  const double naive_alpha = choose_alpha(model, base, in.tau, alphas, support, shots, curve);
-  add_row("B + alpha tau_A (naive)", evaluate_with(model, base, in.tau, naive_alpha, in.test), naive_alpha, 1.0, -1);
-  rows.back().directional_derivative = directional_derivative(gradient, in.tau);
-  rows.back().curve = curve;
+  add_searched_row("B + alpha tau_A (naive)", in.tau, 1.0, -1);
 
   Vectors masked;
   PairStats kept, agreement;
@@ -286,12 +291,8 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
     if (!in.tau_b.empty()) agreement.add(statistics.at(name).data(), in.tau_b.at(name).data(), static_cast<long long>(masked[name].size()));
   }
   const double kept_fraction = kept.nonzero_b > 0 ? static_cast<double>(kept.nonzero_a) / static_cast<double>(kept.nonzero_b) : 0.0;
-  const double gradfix_alpha = choose_alpha(model, base, masked, alphas, support, shots, curve);
-  add_row(std::string("GradFix (") + sign_mode_name(job.sign_mode) + ", " + mask_mode_name(job.mask_mode) + ")",
-          evaluate_with(model, base, masked, gradfix_alpha, in.test), gradfix_alpha, kept_fraction,
-          in.tau_b.empty() ? -1 : agreement.sign_agreement());
-  rows.back().directional_derivative = directional_derivative(gradient, masked);
-  rows.back().curve = curve;
+  const double gradfix_alpha = add_searched_row(std::string("GradFix (") + sign_mode_name(job.sign_mode) + ", " + mask_mode_name(job.mask_mode) + ")",
+                                                masked, kept_fraction, in.tau_b.empty() ? -1 : agreement.sign_agreement());
   if (transported != nullptr) {
     *transported = base;
     for (auto& [name, values] : *transported)
@@ -306,11 +307,7 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
       oracle[name] = mask_tensor(MaskMode::kOracle, job.mask, in.tau.at(name), in.tau_b.at(name), shape, 0);
       oracle_kept.add(oracle[name].data(), in.tau.at(name).data(), static_cast<long long>(oracle[name].size()));
     }
-    const double oracle_alpha = choose_alpha(model, base, oracle, alphas, support, shots, curve);
-    add_row("oracle mask sign(tau_B)", evaluate_with(model, base, oracle, oracle_alpha, in.test), oracle_alpha,
-            static_cast<double>(oracle_kept.nonzero_a) / std::max(1LL, oracle_kept.nonzero_b), 1.0);
-    rows.back().directional_derivative = directional_derivative(gradient, oracle);
-    rows.back().curve = curve;
+    add_searched_row("oracle mask sign(tau_B)", oracle, static_cast<double>(oracle_kept.nonzero_a) / std::max(1LL, oracle_kept.nonzero_b), 1.0);
   }
 
   if (job.few_shot_baseline) {
@@ -390,13 +387,22 @@ void print_transport_rows(const std::vector<TransportRow>& rows, std::ostream& l
       return text.str();
     };
     log << std::left << std::setw(34) << row.method << std::right << cell(row.accuracy, width - 1, 2, true) << cell(row.loss, 10, 4, false)
-        << cell(row.alpha, 8, 2, false) << cell(row.kept, 7, 1, true) << cell(row.sign_agreement, 11, 1, true);
-    std::ostringstream derivative;
-    if (std::isnan(row.directional_derivative))
-      derivative << "-";
-    else
-      derivative << std::scientific << std::setprecision(2) << row.directional_derivative;
-    log << std::setw(12) << derivative.str() << "\n";
+        << cell(row.alpha, 8, 2, false) << cell(row.kept, 7, 1, true) << cell(row.sign_agreement, 11, 1, true) << std::setw(12)
+        << derivative_cell(row.directional_derivative) << "\n";
+  }
+}
+
+std::string derivative_cell(double derivative) {
+  if (std::isnan(derivative)) return "-";
+  std::ostringstream text;
+  text << std::scientific << std::setprecision(2) << derivative;
+  return text.str();
+}
+
+void add_derivative_summary(const std::vector<TransportRow>& rows, nlohmann::json& results) {
+  for (const auto& row : rows) {
+    if (row.method.rfind("GradFix", 0) == 0) results["directional_derivative"] = row.directional_derivative;
+    if (row.method.rfind("B + alpha tau_A", 0) == 0) results["naive_directional_derivative"] = row.directional_derivative;
   }
 }
 
@@ -459,7 +465,7 @@ void run_train(const TrainJob& job, std::ostream& log, const JobContext& context
     check_compatible(*model, data, job.data.spec);
     if (job.shots_per_class > 0 || !job.selection.indices_file.empty() || job.selection.num_batches > 0) {
       const std::vector<long long> chosen = classifier_shots(*model, data, job.data.spec, job.selection, job.shots_per_class, job.seed);
-      if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, chosen);
+      save_chosen_shots(job.selection, chosen, context);
       const long long classes = data.classes;
       data = data.subset(chosen);
       data.classes = classes;
@@ -525,7 +531,7 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
     const Dataset data = load_data(job.data);
     check_compatible(*model, data, job.data.spec);
     const std::vector<long long> chosen = classifier_shots(*model, data, job.data.spec, job.selection, job.shots_per_class, job.seed);
-    if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, chosen);
+    save_chosen_shots(job.selection, chosen, context);
     shots = data.subset(chosen);
     shots.classes = data.classes;
   });
@@ -591,10 +597,7 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
       nlohmann::json results = {{"shots_per_class", job.shots_per_class}, {"seed", job.seed}, {"selection", job.selection.strategy},
                                  {"sign_mode", sign_mode_name(job.sign_mode)}, {"mask_mode", mask_mode_name(job.mask_mode)},
                                  {"rows", transport_rows_json(rows)}};
-      for (const auto& row : rows) {
-        if (row.method.rfind("GradFix", 0) == 0) results["directional_derivative"] = row.directional_derivative;
-        if (row.method.rfind("B + alpha tau_A", 0) == 0) results["naive_directional_derivative"] = row.directional_derivative;
-      }
+      add_derivative_summary(rows, results);
       write_text_file_atomically(job.results, results.dump(2) + "\n");
     });
     if (context.is_root()) log << "transport: results written to " << job.results << "\n";
@@ -725,12 +728,9 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         else text << std::fixed << std::setprecision(precision) << (percent ? 100 * value : value) << (percent ? "%" : "");
         return text.str();
       };
-      std::ostringstream slope;
-      if (std::isnan(derivative)) slope << "-";
-      else slope << std::scientific << std::setprecision(2) << derivative / n;
       out << std::left << std::setw(34) << method << std::right << std::setw(18) << accuracy.str() << std::setw(10)
           << optional(alpha / n, 2, false) << std::setw(10) << optional(kept / n, 1, true) << std::setw(12)
-          << optional(agree / n, 1, true) << std::setw(12) << slope.str() << "\n";
+          << optional(agree / n, 1, true) << std::setw(12) << derivative_cell(derivative / n) << "\n";
       nlohmann::json entry = {{"shots_per_class", shots}, {"method", method}, {"test_accuracy_mean", mean}, {"test_accuracy_std", spread},
                               {"alpha_mean", alpha / n}, {"seeds", job.seeds}, {"selection", job.selection}};
       if (!std::isnan(derivative)) entry["directional_derivative_mean"] = derivative / n;

@@ -273,21 +273,23 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
     for (auto& piece : gradient)
       for (auto& value : piece) value *= scale;
   }
-  std::vector<AlphaPoint> curve;
+  // A row whose alpha is searched on the support set: B + alpha * delta on the test set, with
+  // <g, delta> and the alpha curve. Returns the alpha chosen.
+  auto add_searched_row = [&](const std::string& method, const Pieces& delta, double kept, double sign_agreement) {
+    std::vector<AlphaPoint> curve;
+    const double alpha = choose_alpha(model, *weights, delta, alphas, data.support, data.shots, context, device, curve);
+    add_row(method, test_with(&delta, alpha), alpha, kept, sign_agreement);
+    rows.back().directional_derivative = directional_derivative(gradient, delta, context);
+    rows.back().curve = curve;
+    return alpha;
+  };
   add_row("B zero-shot", test_with(nullptr, 0.0), -1, -1, -1);
-  const double naive_alpha = choose_alpha(model, *weights, tau, alphas, data.support, data.shots, context, device, curve);
-  add_row("B + alpha tau_A (naive)", test_with(&tau, naive_alpha), naive_alpha, 1.0, -1);
-  rows.back().directional_derivative = directional_derivative(gradient, tau, context);
-  rows.back().curve = curve;
+  add_searched_row("B + alpha tau_A (naive)", tau, 1.0, -1);
 
   const PairStats kept = pair_stats(masked, tau, context);
   const double kept_fraction = kept.nonzero_b > 0 ? static_cast<double>(kept.nonzero_a) / static_cast<double>(kept.nonzero_b) : 0.0;
-  const double gradfix_alpha = choose_alpha(model, *weights, masked, alphas, data.support, data.shots, context, device, curve);
-  add_row(std::string("GradFix (") + sign_mode_name(job.sign_mode) + ", " + mask_mode_name(job.mask_mode) + ")",
-          test_with(&masked, gradfix_alpha), gradfix_alpha, kept_fraction, agreement);
-  rows.back().directional_derivative = directional_derivative(gradient, masked, context);
-  rows.back().curve = curve;
-  const double gradfix_derivative = rows.back().directional_derivative, naive_derivative = rows[1].directional_derivative;
+  const double gradfix_alpha = add_searched_row(std::string("GradFix (") + sign_mode_name(job.sign_mode) + ", " + mask_mode_name(job.mask_mode) + ")",
+                                                masked, kept_fraction, agreement);
 
   FinetuneChoice finetuned;
   const std::vector<double> finetune_lrs = job.finetune_lrs.empty() ? std::vector<double>{1e-5, 3e-5, 1e-4} : job.finetune_lrs;
@@ -301,11 +303,8 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
   if (!tau_b.empty()) {
     const Pieces oracle = mask_pieces(weights->layout(), weights->plan(), context, MaskMode::kOracle, job.mask, tau, tau_b);
     const PairStats oracle_kept = pair_stats(oracle, tau, context);
-    const double oracle_alpha = choose_alpha(model, *weights, oracle, alphas, data.support, data.shots, context, device, curve);
-    add_row("oracle mask sign(tau_B)", test_with(&oracle, oracle_alpha), oracle_alpha,
-            static_cast<double>(oracle_kept.nonzero_a) / static_cast<double>(std::max(1LL, oracle_kept.nonzero_b)), 1.0);
-    rows.back().directional_derivative = directional_derivative(gradient, oracle, context);
-    rows.back().curve = curve;
+    add_searched_row("oracle mask sign(tau_B)", oracle,
+                     static_cast<double>(oracle_kept.nonzero_a) / static_cast<double>(std::max(1LL, oracle_kept.nonzero_b)), 1.0);
     std::unique_ptr<ShardedWeights> upper;
     context.agree([&] { upper = std::make_unique<ShardedWeights>(model.layout(), job.target_finetuned, context); });
     add_row("B fine-tuned (upper bound)", score(model, *upper, data.test, context, device), -1, -1, -1);
@@ -377,9 +376,8 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
                                  {"seed", job.seed}, {"selection", job.selection.strategy}, {"sign_mode", sign_mode_name(job.sign_mode)},
                                  {"mask_mode", mask_mode_name(job.mask_mode)}, {"alphas", alphas},
                                  {"alpha_chosen_by", "support mean loss"}, {"metric", data.metric_json},
-                                 {"directional_derivative", gradfix_derivative},
-                                 {"naive_directional_derivative", naive_derivative},
                                  {"rows", transport_rows_json(rows)}};
+      add_derivative_summary(rows, results);
       if (job.few_shot_baseline)
         results["few_shot_finetuning"] = {{"optimizer", "adam"}, {"learning_rates", finetune_lrs}, {"step_counts", finetune_steps},
                                           {"chosen_by", "support mean loss"}, {"learning_rate", finetuned.lr},

@@ -56,6 +56,19 @@ std::vector<long long> choose_shots(const ShotPool& pool, const ShotSelection& s
                           strategy == ShotStrategy::kRandom ? FeatureSource() : features_for(pool, selection));
 }
 
+void save_chosen_shots(const ShotSelection& selection, const std::vector<long long>& indices, const JobContext& context) {
+  if (context.is_root() && !selection.save_indices.empty()) write_indices(selection.save_indices, indices);
+}
+
+FeatureMatrix to_feature_matrix(const torch::Tensor& rows) {
+  const torch::Tensor values = rows.to(torch::kCPU, torch::kFloat32).contiguous();
+  FeatureMatrix out;
+  out.rows = values.size(0);
+  out.dim = values.size(1);
+  out.values.assign(values.data_ptr<float>(), values.data_ptr<float>() + values.numel());
+  return out;
+}
+
 FeatureMatrix features_in_chunks(const std::vector<long long>& indices, std::size_t chunk,
                                  const std::function<torch::Tensor(const std::vector<long long>&)>& compute, const std::string& who) {
   FeatureMatrix out;

@@ -5,12 +5,14 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "gradfix/data/selection.hpp"
 #include "gradfix/dist/job_context.hpp"
 #include "gradfix/model/jobs.hpp"
+#include "sharded_executor.hpp"
 
 namespace gradfix {
 
@@ -33,6 +35,25 @@ struct ShotPool {
 // rows or changes width between chunks.
 FeatureMatrix features_in_chunks(const std::vector<long long>& indices, std::size_t chunk,
                                  const std::function<torch::Tensor(const std::vector<long long>&)>& compute, const std::string& who);
+
+// Writes the chosen shots where --save-indices says (rank 0; nothing without it).
+void save_chosen_shots(const ShotSelection& selection, const std::vector<long long>& indices, const JobContext& context);
+
+// Feature rows [n, D] as a FeatureMatrix (float32, on the CPU).
+FeatureMatrix to_feature_matrix(const torch::Tensor& rows);
+
+// The model's own features of pool rows (LayeredModel::features) through the sharded executor:
+// `samples` turns a subset of `data` into what the executor reads. The weights are read on first
+// use unless given. Collective: every rank asks for the same rows.
+template <typename Data, typename Samples>
+FeatureSource sharded_feature_source(const LayeredModel& model, const Data& data, Samples samples, std::shared_ptr<ShardedWeights> weights,
+                                     const JobContext& context, const torch::Device& device) {
+  return [&model, &data, samples, weights, &context, device](const std::vector<long long>& indices) mutable {
+    if (!weights) weights = std::make_shared<ShardedWeights>(model.layout(), model.directory(), context);
+    const Data part = data.subset(indices);
+    return to_feature_matrix(sharded_features(model, *weights, samples(part), context, device));
+  };
+}
 
 // The features a TorchScript module computes from the pool's inputs: one row per sample, in
 // chunks of 64 (the archive's forward(x) -> [n, D], no gradients).

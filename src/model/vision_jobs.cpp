@@ -107,22 +107,6 @@ void run_clip_eval(const EvalJob& job, std::ostream& log, const JobContext& cont
 
 namespace {
 
-// Features for shot selection: the projected image embeddings of B, computed with the
-// parameters sharded (collective), the weights read on first use.
-FeatureSource clip_features(const ClipVision& model, const Dataset& data, const ImagePreprocessing& preprocessing,
-                            std::shared_ptr<ShardedWeights> weights, const JobContext& context, const torch::Device& device) {
-  return [&model, &data, &preprocessing, weights, &context, device](const std::vector<long long>& indices) mutable {
-    if (!weights) weights = std::make_shared<ShardedWeights>(clip_vision_layout(model.config()), model.config().directory, context);
-    const Dataset part = data.subset(indices);
-    const torch::Tensor rows = sharded_features(model, *weights, image_samples(part, &preprocessing), context, device).contiguous();
-    FeatureMatrix out;
-    out.rows = rows.size(0);
-    out.dim = rows.size(1);
-    out.values.assign(rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel());
-    return out;
-  };
-}
-
 // The images as a pool to draw shots from: their labels, B's embeddings for --selection (with
 // `weights`, or B read on first use), and the preprocessed images for a TorchScript extractor.
 ShotPool clip_shot_pool(const ClipInputs& in, const ClipVision& model, const std::string& name, std::shared_ptr<ShardedWeights> weights,
@@ -132,7 +116,9 @@ ShotPool clip_shot_pool(const ClipInputs& in, const ClipVision& model, const std
   pool.labels = in.data.labels;
   pool.classes = in.data.classes;
   pool.name = name;
-  pool.model_features = clip_features(model, in.data, in.preprocessing, std::move(weights), context, in.device);
+  // The projected image embeddings of B, computed with the parameters sharded.
+  pool.model_features = sharded_feature_source(
+      model, in.data, [&in](const Dataset& part) { return image_samples(part, &in.preprocessing); }, std::move(weights), context, in.device);
   pool.inputs = [&in](const std::vector<long long>& indices) { return image_samples(in.data, &in.preprocessing).batch(indices, torch::kCPU).inputs; };
   return pool;
 }
@@ -150,7 +136,7 @@ void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& co
     // The shots: an indices file, the first N of a seeded shuffle, or K per class by --selection.
     const ShotPool pool = clip_shot_pool(in, model, job.data.spec, weights, context);
     const std::vector<long long> chosen = choose_shots(pool, job.selection, job.shots_per_class, job.num_samples, job.seed, false);
-    if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, chosen);
+    save_chosen_shots(job.selection, chosen, context);
     shots = in.data.subset(chosen);
     shots.classes = in.data.classes;
   });
@@ -180,7 +166,7 @@ std::vector<TransportRow> run_clip_transport(const TransportJob& job, std::ostre
     // Features for --selection come from B itself, read only if a strategy asks for them.
     std::vector<long long> shot_indices, support_indices;
     split_pool(clip_shot_pool(in, model, job.data.spec, nullptr, context), job, shot_indices, support_indices);
-    if (context.is_root() && !job.selection.save_indices.empty()) write_indices(job.selection.save_indices, shot_indices);
+    save_chosen_shots(job.selection, shot_indices, context);
     shots = in.data.subset(shot_indices);
     support = in.data.subset(support_indices);
   });

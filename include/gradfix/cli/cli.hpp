@@ -29,6 +29,9 @@ std::string read_option_file(const std::string& path, const std::string& what);
 // line would, without making a job context: what `gradfix sweep` runs for each point.
 PreparedJob prepare_subcommand(const std::vector<std::string>& args);
 
+// The number `text` of option --`name`, all of it (no trailing characters); InputError otherwise.
+double parse_number(const std::string& name, const std::string& text);
+
 // "5GB" (10^9), "512MiB" or "512M" (2^20), "1000000": bytes. Throws InputError on anything else.
 long long parse_byte_size(const std::string& text, const std::string& option);
 

@@ -6,6 +6,7 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -47,7 +48,9 @@ class MpiCommunicator final : public Communicator {
   [[noreturn]] void abort(int exit_code) const;
 
  private:
-  // Every collective is posted non-blocking and completed here, under the watchdog.
+  // Every collective is posted non-blocking (`post` starts it and returns MPI's status) and
+  // completed under the watchdog.
+  void collective(const char* operation, const std::function<int(MPI_Request*)>& post);
   void enter(const char* operation);
   void complete(MPI_Request& request);
   void drain_arrivals();
