@@ -126,12 +126,7 @@ check "--collect over a partial sweep names the missing points" grep -q "1 of 10
 expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
   local description=$1 pattern=$2
   shift 2
-  set +e
-  "$gradfix" sweep "$@" >out.txt 2>&1
-  local code=$?
-  set -e
-  check "$description: exit 2 (got $code)" test "$code" -eq 2
-  check "$description: message" grep -q -- "$pattern" out.txt
+  expect_exit2 "$description" "$pattern" "$gradfix" sweep "$@"
 }
 printf '[sweep]\nout = o\n[transport]\ntarget = t\nalpha = 1\n[task.a]\ndata = d\n' >typo.ini
 expect_bad "a key that is not a transport option" "typo.ini: \[transport\] 'alpha' is not an option of 'gradfix transport'" --config typo.ini

@@ -92,12 +92,7 @@ assert a == b, (a, b)"
 expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
   local description=$1 pattern=$2
   shift 2
-  set +e
-  "$gradfix" "$@" >out.txt 2>&1
-  local code=$?
-  set -e
-  check "$description: exit 2 (got $code)" test "$code" -eq 2
-  check "$description: message" grep -q -- "$pattern" out.txt
+  expect_exit2 "$description" "$pattern" "$gradfix" "$@"
   check "$description: nothing published" test ! -e bad -a ! -e bad.json
 }
 base=(transport --target "$model" --data pool.h5 --test-data test.safetensors --support-size 8 --alphas 0.5,1 --out bad --results bad.json)

@@ -19,12 +19,7 @@ cd "$work"
 expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
   local description=$1 pattern=$2
   shift 2
-  set +e
-  "$gradfix" "$@" >out.txt 2>&1
-  local code=$?
-  set -e
-  check "$description: exit 2 (got $code)" test "$code" -eq 2
-  check "$description: message" grep -q -- "$pattern" out.txt
+  expect_exit2 "$description" "$pattern" "$gradfix" "$@"
   check "$description: nothing written" test ! -e bad.safetensors -a ! -e bad.txt
 }
 

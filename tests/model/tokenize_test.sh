@@ -73,12 +73,7 @@ expect_bad() {  # expect_bad DESCRIPTION PATTERN JSONL_TEXT [ARGS...]
   local description=$1 pattern=$2 text=$3
   shift 3
   printf '%s' "$text" >bad.jsonl
-  set +e
-  "$tokenize" --model model --jsonl bad.jsonl --out bad.h5 --no-install "$@" >out.txt 2>&1
-  local code=$?
-  set -e
-  check "$description: exit 2 (got $code)" test "$code" -eq 2
-  check "$description: message" grep -q -- "$pattern" out.txt
+  expect_exit2 "$description" "$pattern" "$tokenize" --model model --jsonl bad.jsonl --out bad.h5 --no-install "$@"
   check "$description: nothing written" test ! -e bad.h5
 }
 expect_bad "an empty file" "bad.jsonl: no samples (the file is empty)" ""

@@ -17,12 +17,7 @@ printf 'cat\ndog\nbird\nfish\ncar\n' >classes.txt
 expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
   local description=$1 pattern=$2
   shift 2
-  set +e
-  "$head_tool" "$@" --no-install >out.txt 2>&1
-  local code=$?
-  set -e
-  check "$description: exit 2 (got $code)" test "$code" -eq 2
-  check "$description: message" grep -q -- "$pattern" out.txt
+  expect_exit2 "$description" "$pattern" "$head_tool" "$@" --no-install
   check "$description: nothing written" test ! -e bad.safetensors
 }
 printf 'a photo\n' >no_slot.txt

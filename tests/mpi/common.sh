@@ -15,6 +15,17 @@ check() {  # check DESCRIPTION COMMAND...
   fi
 }
 
+expect_exit2() {  # expect_exit2 DESCRIPTION PATTERN COMMAND...: it exits 2 and says PATTERN (output in out.txt)
+  local description=$1 pattern=$2
+  shift 2
+  set +e
+  "$@" >out.txt 2>&1
+  local code=$?
+  set -e
+  check "$description: exit 2 (got $code)" test "$code" -eq 2
+  check "$description: message" grep -q -- "$pattern" out.txt
+}
+
 finish() {
   echo "$passed passed, $failed failed"
   [ "$failed" -eq 0 ]
