@@ -214,19 +214,23 @@ void MpiCommunicator::complete(MPI_Request& request) {
       std::string message = std::string(operation_) + " (collective #" + std::to_string(sequence_) + ") did not complete within " +
                             std::to_string(static_cast<long long>(g_collective_timeout)) + " s (--timeout) on " + describe_rank(*this) + ": ";
       if (rank_ == 0) {
-        // Ranks that never arrived, and ranks that arrived but fell silent (no announcement for
-        // more than 3 s while the others kept announcing every second).
-        std::string missing, silent;
+        // A rank that waits in a collective announces itself every second, so one silent for
+        // longer is stopped or stuck (or computing far longer than the others); a rank still at
+        // an earlier collective but heard recently is alive and waiting too (a broadcast can
+        // reach it only through the silent one), so it is listed apart and not blamed.
+        std::string silent, behind;
         for (int r = 1; r < size_; ++r) {
           const double quiet = std::chrono::duration<double>(now - heard_[static_cast<std::size_t>(r)]).count();
-          if (arrived_[static_cast<std::size_t>(r)] < sequence_)
-            missing += (missing.empty() ? "" : ", ") + std::to_string(r) + " (last seen at #" + std::to_string(arrived_[static_cast<std::size_t>(r)]) + ")";
-          else if (quiet > 3.0)
-            silent += (silent.empty() ? "" : ", ") + std::to_string(r) + " (silent for " + std::to_string(static_cast<long long>(quiet)) + " s)";
+          const std::string last = std::to_string(arrived_[static_cast<std::size_t>(r)]);
+          if (quiet > 2.5)
+            silent += (silent.empty() ? "" : ", ") + std::to_string(r) + " (silent for " + std::to_string(static_cast<long long>(quiet)) +
+                      " s, last seen at #" + last + ")";
+          else if (arrived_[static_cast<std::size_t>(r)] < sequence_)
+            behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (alive, at #" + last + ")";
         }
-        if (!missing.empty()) message += "rank(s) " + missing + " never arrived (stopped, hung or stuck in I/O)";
-        if (!silent.empty()) message += (missing.empty() ? "" : "; ") + std::string("rank(s) ") + silent + " arrived, then stopped answering";
-        if (missing.empty() && silent.empty()) message += "every rank arrived and answers, but the collective did not finish (a network or MPI failure)";
+        if (!silent.empty()) message += "rank(s) " + silent + " stopped answering (stopped, hung or stuck in I/O)";
+        if (!behind.empty()) message += (silent.empty() ? "" : "; ") + std::string("rank(s) ") + behind + " still waiting in an earlier collective";
+        if (silent.empty() && behind.empty()) message += "every rank arrived and answers, but the collective did not finish (a network or MPI failure)";
       } else {
         message += "another rank stopped answering (rank 0's message names it)";
       }

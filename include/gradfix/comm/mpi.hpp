@@ -39,7 +39,7 @@ class MpiCommunicator final : public Communicator {
 
   MPI_Comm native() const { return comm_; }
   // The watchdog (--timeout): a rank that waits longer than this in one collective throws
-  // CollectiveTimeout, rank 0 naming the ranks that never arrived; 0 waits forever. For every
+  // CollectiveTimeout, rank 0 naming the ranks that stopped answering; 0 waits forever. For every
   // MPI communicator of the process.
   static void set_collective_timeout(double seconds);
   static double collective_timeout();
