@@ -23,10 +23,11 @@ OutputOptions parse_output(const Options& values) {
   output.exclude = values.texts("exclude");
   if (values.has("out-dtype")) {
     const std::string text = values.text("out-dtype");
-    std::string upper;
-    for (char c : text) upper += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-    const auto dtype = parse_dtype(upper);
-    if (!dtype) throw InputError("unknown --out-dtype '" + text + "'; valid: F64, F32, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8, BOOL");
+    const auto dtype = parse_float_dtype(text);
+    if (!dtype)
+      throw InputError("unknown --out-dtype '" + escaped_name(text) +
+                       "'; valid: F64, F32, F16, BF16, F8_E4M3, F8_E5M2 (or PyTorch's names: float32, bfloat16, ...); "
+                       "integer tensors keep their dtype");
     output.out_dtype = *dtype;
   }
   output.allow_nonfinite = values.flag("allow-nonfinite");

@@ -82,12 +82,16 @@ MPI_Datatype mpi_type(DType dtype) {
     case DType::kF64: return MPI_DOUBLE;
     case DType::kF16: return half_types().f16;
     case DType::kBF16: return half_types().bf16;
+    case DType::kF8E4M3:
+    case DType::kF8E5M2: return MPI_UINT8_T;  // moved as bytes; mpi_op refuses to reduce them
   }
   return MPI_BYTE;
 }
 
 MPI_Op mpi_op(ReduceOp op, DType dtype) {
   const bool half = dtype == DType::kF16 || dtype == DType::kBF16;
+  if (dtype == DType::kF8E4M3 || dtype == DType::kF8E5M2)
+    throw RuntimeFailure(std::string("MPI: gradfix does not reduce ") + dtype_name(dtype) + " values");
   switch (op) {
     case ReduceOp::kSum: return half ? half_types().sum : MPI_SUM;
     case ReduceOp::kMax: return half ? half_types().max : MPI_MAX;

@@ -1,8 +1,11 @@
 #include "gradfix/core/dtype.hpp"
 
+#include <cctype>
 #include <cmath>
+#include <utility>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace gradfix {
 namespace {
@@ -18,7 +21,7 @@ constexpr DTypeRow kDTypes[] = {
     {DType::kBF16, "BF16", 2}, {DType::kI64, "I64", 8}, {DType::kI32, "I32", 4},
     {DType::kI16, "I16", 2},  {DType::kI8, "I8", 1},   {DType::kU64, "U64", 8},
     {DType::kU32, "U32", 4},  {DType::kU16, "U16", 2}, {DType::kU8, "U8", 1},
-    {DType::kBool, "BOOL", 1},
+    {DType::kBool, "BOOL", 1}, {DType::kF8E4M3, "F8_E4M3", 1}, {DType::kF8E5M2, "F8_E5M2", 1},
 };
 
 const DTypeRow& row(DType dtype) {
@@ -40,24 +43,67 @@ float bits_float(std::uint32_t bits) {
 }
 
 template <typename T>
-T round_saturate(float value) {
+T round_saturate(double value) {
   if (std::isnan(value)) return T(0);
-  const double rounded = std::nearbyint(static_cast<double>(value));
+  const double rounded = std::nearbyint(value);
   if (rounded <= static_cast<double>(std::numeric_limits<T>::lowest())) return std::numeric_limits<T>::lowest();
   if (rounded >= static_cast<double>(std::numeric_limits<T>::max())) return std::numeric_limits<T>::max();
   return static_cast<T>(rounded);
 }
 
-template <typename T>
-void widen(const void* source, float* target, std::size_t count) {
+template <typename T, typename Wide>
+void widen(const void* source, Wide* target, std::size_t count) {
   const T* values = static_cast<const T*>(source);
-  for (std::size_t i = 0; i < count; ++i) target[i] = static_cast<float>(values[i]);
+  for (std::size_t i = 0; i < count; ++i) target[i] = static_cast<Wide>(values[i]);
 }
 
-template <typename T>
-void narrow_integer(const float* source, void* target, std::size_t count) {
+template <typename T, typename Wide>
+void narrow_integer(const Wide* source, void* target, std::size_t count) {
   T* values = static_cast<T*>(target);
-  for (std::size_t i = 0; i < count; ++i) values[i] = round_saturate<T>(source[i]);
+  for (std::size_t i = 0; i < count; ++i) values[i] = round_saturate<T>(static_cast<double>(source[i]));
+}
+
+// The value of each non-negative code of an 8-bit float format, in code order (which is value
+// order); NaN codes hold NaN. Encoding is a binary search in this table.
+struct F8Table {
+  double values[128];
+  int largest_finite;  // the code of the largest finite value
+};
+
+F8Table make_f8_table(DType dtype) {
+  F8Table table{};
+  const bool e4m3 = dtype == DType::kF8E4M3;
+  const int mantissa_bits = e4m3 ? 3 : 2;
+  const int bias = e4m3 ? 7 : 15;
+  for (int code = 0; code < 128; ++code) {
+    const int exponent = code >> mantissa_bits;
+    const int mantissa = code & ((1 << mantissa_bits) - 1);
+    const double fraction = static_cast<double>(mantissa) / (1 << mantissa_bits);
+    double value;
+    if (e4m3 && code == 0x7F) value = std::numeric_limits<double>::quiet_NaN();
+    else if (!e4m3 && exponent == 31) value = mantissa == 0 ? std::numeric_limits<double>::infinity() : std::numeric_limits<double>::quiet_NaN();
+    else if (exponent == 0) value = std::ldexp(fraction, 1 - bias);
+    else value = std::ldexp(1.0 + fraction, exponent - bias);
+    table.values[code] = value;
+  }
+  table.largest_finite = e4m3 ? 0x7E : 0x7B;
+  return table;
+}
+
+const F8Table& f8_table(DType dtype) {
+  static const F8Table e4m3 = make_f8_table(DType::kF8E4M3);
+  static const F8Table e5m2 = make_f8_table(DType::kF8E5M2);
+  return dtype == DType::kF8E4M3 ? e4m3 : e5m2;
+}
+
+// The nearest float to `value` rounded toward zero, with the lowest mantissa bit set when that
+// rounding was inexact ("round to odd"). Rounding this float again to a format with at most 22
+// bits of precision gives the correctly rounded result of `value`: no double rounding.
+float f64_to_f32_round_odd(double value) {
+  float rounded = static_cast<float>(value);
+  if (std::isnan(value) || std::isinf(value) || static_cast<double>(rounded) == value) return rounded;
+  if (std::fabs(static_cast<double>(rounded)) > std::fabs(value)) rounded = std::nextafter(rounded, 0.0f);
+  return bits_float(float_bits(rounded) | 1u);
 }
 
 }  // namespace
@@ -72,7 +118,91 @@ std::optional<DType> parse_dtype(const std::string& name) {
 }
 
 bool dtype_is_float(DType dtype) {
-  return dtype == DType::kF64 || dtype == DType::kF32 || dtype == DType::kF16 || dtype == DType::kBF16;
+  return dtype == DType::kF64 || dtype == DType::kF32 || dtype == DType::kF16 || dtype == DType::kBF16 ||
+         dtype == DType::kF8E4M3 || dtype == DType::kF8E5M2;
+}
+
+std::optional<DType> parse_float_dtype(const std::string& text) {
+  std::string upper;
+  for (char c : text) upper += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  static const std::pair<const char*, DType> kTorchNames[] = {
+      {"FLOAT64", DType::kF64}, {"DOUBLE", DType::kF64},         {"FLOAT32", DType::kF32},
+      {"FLOAT", DType::kF32},   {"FLOAT16", DType::kF16},        {"HALF", DType::kF16},
+      {"BFLOAT16", DType::kBF16}, {"FLOAT8_E4M3FN", DType::kF8E4M3}, {"FLOAT8_E5M2", DType::kF8E5M2}};
+  for (const auto& [name, dtype] : kTorchNames)
+    if (upper == name) return dtype;
+  const auto dtype = parse_dtype(upper);
+  if (dtype && dtype_is_float(*dtype)) return dtype;
+  return std::nullopt;
+}
+
+const char* torch_dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kF64: return "float64";
+    case DType::kF32: return "float32";
+    case DType::kF16: return "float16";
+    case DType::kBF16: return "bfloat16";
+    case DType::kF8E4M3: return "float8_e4m3fn";
+    case DType::kF8E5M2: return "float8_e5m2";
+    default: return dtype_name(dtype);
+  }
+}
+
+std::string dtype_names() {
+  std::string names;
+  for (const auto& r : kDTypes) names += std::string(names.empty() ? "" : ", ") + r.name;
+  return names;
+}
+
+double dtype_max_finite(DType dtype) {
+  switch (dtype) {
+    case DType::kF64: return std::numeric_limits<double>::max();
+    case DType::kF32: return std::numeric_limits<float>::max();
+    case DType::kF16: return 65504.0;
+    case DType::kBF16: return 3.3895313892515355e38;
+    case DType::kF8E4M3: return 448.0;
+    case DType::kF8E5M2: return 57344.0;
+    default: return std::numeric_limits<double>::max();
+  }
+}
+
+double f8_to_f64(DType dtype, std::uint8_t bits) {
+  const double magnitude = f8_table(dtype).values[bits & 0x7F];
+  return (bits & 0x80) ? -magnitude : magnitude;
+}
+
+std::uint8_t f64_to_f8(DType dtype, double value) {
+  const F8Table& table = f8_table(dtype);
+  const std::uint8_t sign = std::signbit(value) ? 0x80 : 0x00;
+  const bool e4m3 = dtype == DType::kF8E4M3;
+  if (std::isnan(value)) return static_cast<std::uint8_t>(sign | (e4m3 ? 0x7F : 0x7E));
+  const double magnitude = std::fabs(value);
+  // The largest code whose value is at most the magnitude.
+  int low = 0, high = table.largest_finite;
+  if (magnitude >= table.values[high]) {
+    low = high;
+  } else {
+    while (high - low > 1) {
+      const int middle = (low + high) / 2;
+      (table.values[middle] <= magnitude ? low : high) = middle;
+    }
+  }
+  if (table.values[low] == magnitude) return static_cast<std::uint8_t>(sign | low);
+  if (std::isinf(value) && e4m3) return static_cast<std::uint8_t>(sign | 0x7F);
+  // Between code `low` and the next; past the largest finite value the next is the one the
+  // format would have with one more exponent (480 for E4M3, 65536 for E5M2), which overflows.
+  const double next = low < table.largest_finite ? table.values[low + 1]
+                                                 : table.values[low] + (table.values[low] - table.values[low - 1]);
+  const double halfway = 0.5 * (table.values[low] + next);  // exact: both have few bits
+  int code = low;
+  if (magnitude > halfway || (magnitude == halfway && (low & 1))) code = low + 1;
+  if (code > table.largest_finite) {
+    // PyTorch saturates finite E4M3 values at 448 (the format has no infinity); E5M2 overflows to
+    // infinity like IEEE types.
+    if (e4m3) return static_cast<std::uint8_t>(sign | (std::isinf(value) ? 0x7F : table.largest_finite));
+    return static_cast<std::uint8_t>(sign | 0x7C);
+  }
+  return static_cast<std::uint8_t>(sign | code);
 }
 
 float bf16_to_f32(std::uint16_t bits) { return bits_float(static_cast<std::uint32_t>(bits) << 16); }
@@ -135,6 +265,12 @@ void convert_to_f32(DType dtype, const void* source, float* target, std::size_t 
   switch (dtype) {
     case DType::kF32: std::memcpy(target, source, count * sizeof(float)); return;
     case DType::kF64: widen<double>(source, target, count); return;
+    case DType::kF8E4M3:
+    case DType::kF8E5M2: {
+      const auto* values = static_cast<const std::uint8_t*>(source);
+      for (std::size_t i = 0; i < count; ++i) target[i] = static_cast<float>(f8_to_f64(dtype, values[i]));
+      return;
+    }
     case DType::kBF16: {
       const auto* values = static_cast<const std::uint16_t*>(source);
       for (std::size_t i = 0; i < count; ++i) target[i] = bf16_to_f32(values[i]);
@@ -165,6 +301,12 @@ void convert_from_f32(DType dtype, const float* source, void* target, std::size_
       for (std::size_t i = 0; i < count; ++i) values[i] = source[i];
       return;
     }
+    case DType::kF8E4M3:
+    case DType::kF8E5M2: {
+      auto* values = static_cast<std::uint8_t*>(target);
+      for (std::size_t i = 0; i < count; ++i) values[i] = f64_to_f8(dtype, source[i]);
+      return;
+    }
     case DType::kBF16: {
       auto* values = static_cast<std::uint16_t*>(target);
       for (std::size_t i = 0; i < count; ++i) values[i] = f32_to_bf16(source[i]);
@@ -189,6 +331,124 @@ void convert_from_f32(DType dtype, const float* source, void* target, std::size_
       return;
     }
   }
+}
+
+namespace {
+
+// Calls visit(i) for each non-finite element, in order, until it returns false.
+template <typename Visit>
+void visit_nonfinite(DType dtype, const void* values, std::size_t count, Visit visit) {
+  auto scan = [&](auto is_bad, auto element_type) {
+    using E = decltype(element_type);
+    const E* data = static_cast<const E*>(values);
+    for (std::size_t i = 0; i < count; ++i)
+      if (is_bad(data[i]) && !visit(i)) return;
+  };
+  switch (dtype) {
+    case DType::kF64: scan([](double v) { return !std::isfinite(v); }, double{}); return;
+    case DType::kF32: scan([](float v) { return !std::isfinite(v); }, float{}); return;
+    case DType::kF16: scan([](std::uint16_t v) { return (v & 0x7C00) == 0x7C00; }, std::uint16_t{}); return;
+    case DType::kBF16: scan([](std::uint16_t v) { return (v & 0x7F80) == 0x7F80; }, std::uint16_t{}); return;
+    case DType::kF8E4M3: scan([](std::uint8_t v) { return (v & 0x7F) == 0x7F; }, std::uint8_t{}); return;
+    case DType::kF8E5M2: scan([](std::uint8_t v) { return (v & 0x7C) == 0x7C; }, std::uint8_t{}); return;
+    default: return;  // integers are always finite
+  }
+}
+
+}  // namespace
+
+std::size_t count_nonfinite(DType dtype, const void* values, std::size_t count) {
+  std::size_t bad = 0;
+  visit_nonfinite(dtype, values, count, [&](std::size_t) { return ++bad, true; });
+  return bad;
+}
+
+long long first_nonfinite(DType dtype, const void* values, std::size_t count) {
+  long long first = -1;
+  visit_nonfinite(dtype, values, count, [&](std::size_t i) { return first = static_cast<long long>(i), false; });
+  return first;
+}
+
+void convert_to_f64(DType dtype, const void* source, double* target, std::size_t count) {
+  switch (dtype) {
+    case DType::kF64: std::memcpy(target, source, count * sizeof(double)); return;
+    case DType::kF32: widen<float>(source, target, count); return;
+    case DType::kI64: widen<std::int64_t>(source, target, count); return;
+    case DType::kI32: widen<std::int32_t>(source, target, count); return;
+    case DType::kI16: widen<std::int16_t>(source, target, count); return;
+    case DType::kI8: widen<std::int8_t>(source, target, count); return;
+    case DType::kU64: widen<std::uint64_t>(source, target, count); return;
+    case DType::kU32: widen<std::uint32_t>(source, target, count); return;
+    case DType::kU16: widen<std::uint16_t>(source, target, count); return;
+    case DType::kU8:
+    case DType::kBool: widen<std::uint8_t>(source, target, count); return;
+    default: {
+      // The narrow float types widen exactly through fp32.
+      std::vector<float> wide(count);
+      convert_to_f32(dtype, source, wide.data(), count);
+      for (std::size_t i = 0; i < count; ++i) target[i] = wide[i];
+      return;
+    }
+  }
+}
+
+void convert_from_f64(DType dtype, const double* source, void* target, std::size_t count) {
+  switch (dtype) {
+    case DType::kF64: std::memcpy(target, source, count * sizeof(double)); return;
+    case DType::kF32: {
+      auto* values = static_cast<float*>(target);
+      for (std::size_t i = 0; i < count; ++i) values[i] = static_cast<float>(source[i]);
+      return;
+    }
+    case DType::kBF16: {
+      auto* values = static_cast<std::uint16_t*>(target);
+      for (std::size_t i = 0; i < count; ++i) values[i] = f32_to_bf16(f64_to_f32_round_odd(source[i]));
+      return;
+    }
+    case DType::kF16: {
+      auto* values = static_cast<std::uint16_t*>(target);
+      for (std::size_t i = 0; i < count; ++i) values[i] = f32_to_f16(f64_to_f32_round_odd(source[i]));
+      return;
+    }
+    case DType::kF8E4M3:
+    case DType::kF8E5M2: {
+      auto* values = static_cast<std::uint8_t*>(target);
+      for (std::size_t i = 0; i < count; ++i) values[i] = f64_to_f8(dtype, source[i]);
+      return;
+    }
+    case DType::kI64: narrow_integer<std::int64_t>(source, target, count); return;
+    case DType::kI32: narrow_integer<std::int32_t>(source, target, count); return;
+    case DType::kI16: narrow_integer<std::int16_t>(source, target, count); return;
+    case DType::kI8: narrow_integer<std::int8_t>(source, target, count); return;
+    case DType::kU64: narrow_integer<std::uint64_t>(source, target, count); return;
+    case DType::kU32: narrow_integer<std::uint32_t>(source, target, count); return;
+    case DType::kU16: narrow_integer<std::uint16_t>(source, target, count); return;
+    case DType::kU8: narrow_integer<std::uint8_t>(source, target, count); return;
+    case DType::kBool: {
+      auto* values = static_cast<std::uint8_t*>(target);
+      for (std::size_t i = 0; i < count; ++i) values[i] = source[i] != 0.0 ? 1 : 0;
+      return;
+    }
+  }
+}
+
+void convert_float(DType from, const void* source, DType to, void* target, std::size_t count) {
+  if (from == to) {
+    std::memcpy(target, source, count * dtype_size(from));
+    return;
+  }
+  if (to == DType::kF64) {
+    convert_to_f64(from, source, static_cast<double*>(target), count);
+    return;
+  }
+  if (from == DType::kF64) {
+    convert_from_f64(to, static_cast<const double*>(source), target, count);
+    return;
+  }
+  // Every other float type widens to fp32 exactly, so one rounding follows.
+  std::vector<float> wide(count);
+  convert_to_f32(from, source, wide.data(), count);
+  convert_from_f32(to, wide.data(), target, count);
 }
 
 }  // namespace gradfix

@@ -41,4 +41,6 @@ bool TensorSelector::selects(const std::string& name) const {
   return !any_match(exclude_, name);
 }
 
+std::string exact_pattern(const std::string& name) { return "^" + re2::RE2::QuoteMeta(name) + "$"; }
+
 }  // namespace gradfix

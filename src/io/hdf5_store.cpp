@@ -119,7 +119,9 @@ hid_t native_type(DType dtype) {
     case DType::kU64: return H5T_NATIVE_UINT64;
     case DType::kU32: return H5T_NATIVE_UINT32;
     case DType::kU8:
-    case DType::kBool: return H5T_NATIVE_UINT8;
+    case DType::kBool:
+    case DType::kF8E4M3:
+    case DType::kF8E5M2: return H5T_NATIVE_UINT8;
   }
   return H5T_NATIVE_FLOAT;
 }
@@ -139,7 +141,9 @@ hid_t file_type(DType dtype) {
     case DType::kU64: return H5T_STD_U64LE;
     case DType::kU32: return H5T_STD_U32LE;
     case DType::kU8:
-    case DType::kBool: return H5T_STD_U8LE;
+    case DType::kBool:
+    case DType::kF8E4M3:
+    case DType::kF8E5M2: return H5T_STD_U8LE;
   }
   return H5T_IEEE_F32LE;
 }
@@ -180,7 +184,7 @@ void write_string_attribute(hid_t object, const std::string& name, const std::st
 }
 
 // The gradfix dtype of a dataset: from its HDF5 type, refined by the gradfix_dtype attribute for
-// the 16-bit float types stored as uint16.
+// the 16-bit float types stored as uint16 and the 8-bit ones stored as uint8.
 DType dataset_dtype(hid_t dataset, const std::string& path, const std::string& name) {
   if (H5Aexists(dataset, kHdf5DtypeAttribute) > 0) {
     const std::string text = read_string_attribute(dataset, kHdf5DtypeAttribute, path);
@@ -599,7 +603,8 @@ class Hdf5Writer final : public TensorWriter {
                                 link_properties.get(), dataset_properties.get(), H5P_DEFAULT),
                      H5Dclose);
       if (dataset.get() < 0) throw RuntimeFailure(path_ + ": cannot create dataset '" + tensor.name + "'");
-      if (tensor.dtype == DType::kBF16 || tensor.dtype == DType::kF16 || tensor.dtype == DType::kBool)
+      if (tensor.dtype == DType::kBF16 || tensor.dtype == DType::kF16 || tensor.dtype == DType::kBool ||
+          tensor.dtype == DType::kF8E4M3 || tensor.dtype == DType::kF8E5M2)
         write_string_attribute(dataset.get(), kHdf5DtypeAttribute, dtype_name(tensor.dtype), path_);
     }
   }

@@ -84,6 +84,7 @@ bool checked_multiply(unsigned long long a, unsigned long long b, unsigned long 
 
 struct StoredTensor {
   TensorInfo info;
+  std::string unknown_dtype;  // non-empty: a dtype gradfix cannot read; the bytes are only skipped
   unsigned long long begin = 0;  // byte offsets within the data section
   unsigned long long end = 0;
 };
@@ -163,6 +164,7 @@ class SafetensorsReader final : public TensorReader {
   const std::string& path() const override { return path_; }
   const std::vector<TensorInfo>& tensors() const override { return tensors_; }
   const Metadata& metadata() const override { return metadata_; }
+  const std::vector<std::pair<std::string, std::string>>& unreadable() const override { return unreadable_; }
 
   void read_raw(const std::string& name, long long begin, long long count, void* target) const override {
     const auto found = index_.find(name);
@@ -211,10 +213,14 @@ class SafetensorsReader final : public TensorReader {
       stored.push_back(parse_entry(name, entry));
     }
     check_layout(stored, static_cast<unsigned long long>(size - data_start_));
-    for (std::size_t i = 0; i < stored.size(); ++i) {
-      index_[stored[i].info.name] = i;
-      tensors_.push_back(stored[i].info);
-      byte_begin_.push_back(static_cast<long long>(stored[i].begin));
+    for (const auto& tensor : stored) {
+      if (!tensor.unknown_dtype.empty()) {
+        unreadable_.emplace_back(tensor.info.name, tensor.unknown_dtype);
+        continue;
+      }
+      index_[tensor.info.name] = tensors_.size();
+      tensors_.push_back(tensor.info);
+      byte_begin_.push_back(static_cast<long long>(tensor.begin));
     }
   }
 
@@ -233,13 +239,14 @@ class SafetensorsReader final : public TensorReader {
     if (!entry.contains("dtype") || !entry["dtype"].is_string()) throw InputError(where + ": missing string 'dtype'");
     const std::string dtype_text = entry["dtype"].get<std::string>();
     const auto dtype = parse_dtype(dtype_text);
-    if (!dtype)
-      throw InputError(where + ": unknown dtype '" + dtype_text +
-                       "' (known: F64, F32, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8, BOOL)");
     if (!entry.contains("shape") || !entry["shape"].is_array()) throw InputError(where + ": missing array 'shape'");
     StoredTensor tensor;
     tensor.info.name = name;
-    tensor.info.dtype = *dtype;
+    // A tensor of a dtype gradfix does not know (F4, a new 6-bit float...) is kept aside: its
+    // bytes still take their place in the layout check, and a job refuses it unless --exclude
+    // leaves it out.
+    if (!dtype) tensor.unknown_dtype = dtype_text.empty() ? std::string("(empty)") : dtype_text;
+    tensor.info.dtype = dtype ? *dtype : DType::kU8;
     unsigned long long elements = 1;
     for (const auto& dim : entry["shape"]) {
       if (!dim.is_number_unsigned()) throw InputError(where + ": shape entry " + dim.dump() + " is not a non-negative integer");
@@ -256,6 +263,7 @@ class SafetensorsReader final : public TensorReader {
     if (tensor.end < tensor.begin)
       throw InputError(where + ": data_offsets end " + std::to_string(tensor.end) + " is before begin " +
                        std::to_string(tensor.begin));
+    if (!dtype) return tensor;
     unsigned long long bytes = 0;
     if (!checked_multiply(elements, dtype_size(*dtype), &bytes))
       throw InputError(where + ": byte size of shape " + entry["shape"].dump() + " overflows");
@@ -295,6 +303,7 @@ class SafetensorsReader final : public TensorReader {
   std::vector<long long> byte_begin_;
   std::map<std::string, std::size_t> index_;
   Metadata metadata_;
+  std::vector<std::pair<std::string, std::string>> unreadable_;
 };
 
 class ShardedSafetensorsReader final : public TensorReader {
@@ -304,7 +313,7 @@ class ShardedSafetensorsReader final : public TensorReader {
     directory_ = sharded_checkpoint_directory(path);
     path_ = is_index ? path : directory_ + "/" + kSafetensorsIndexName;
     if (!file_exists(path_))
-      throw InputError(directory_ + ": not a sharded safetensors checkpoint (no " + kSafetensorsIndexName + ")");
+      throw InputError(directory_ + ": not a checkpoint directory (neither " + kSafetensorsIndexName + " nor model.safetensors)");
     const Json index = parse_json_without_duplicates(read_text(path_), path_, "index");
     if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
       throw InputError(path_ + ": index has no 'weight_map' object");
@@ -323,11 +332,15 @@ class ShardedSafetensorsReader final : public TensorReader {
     for (const auto& [file, names] : names_by_file) {
       auto shard = open_safetensors_reader(directory_ + "/" + file);
       std::set<std::string> expected(names.begin(), names.end());
-      for (const auto& tensor : shard->tensors()) {
-        if (!expected.count(tensor.name))
-          throw InputError(shard->path() + ": tensor '" + tensor.name + "' is not listed for this file in " + path_);
-        expected.erase(tensor.name);
+      std::vector<std::string> held;
+      for (const auto& tensor : shard->tensors()) held.push_back(tensor.name);
+      for (const auto& [name, dtype] : shard->unreadable()) held.push_back(name);
+      for (const auto& name : held) {
+        if (!expected.count(name))
+          throw InputError(shard->path() + ": tensor '" + name + "' is not listed for this file in " + path_);
+        expected.erase(name);
       }
+      for (const auto& entry : shard->unreadable()) unreadable_.push_back(entry);
       if (!expected.empty())
         throw InputError(path_ + ": lists " + format_name_list({expected.begin(), expected.end()}) + " in '" + file +
                          "', which does not hold them");
@@ -344,6 +357,7 @@ class ShardedSafetensorsReader final : public TensorReader {
   const std::string& path() const override { return path_; }
   const std::vector<TensorInfo>& tensors() const override { return tensors_; }
   const Metadata& metadata() const override { return metadata_; }
+  const std::vector<std::pair<std::string, std::string>>& unreadable() const override { return unreadable_; }
 
   // Shards named model-0000i-of-0000N.safetensors form a set: an index that leaves one of the
   // set out (present in the directory, or named by the others' count) would silently drop its
@@ -395,6 +409,7 @@ class ShardedSafetensorsReader final : public TensorReader {
   std::map<std::string, std::size_t> owner_;
   std::vector<TensorInfo> tensors_;
   Metadata metadata_;
+  std::vector<std::pair<std::string, std::string>> unreadable_;
 };
 
 void write_all(int fd, const void* data, std::size_t bytes, off_t offset, const std::string& path) {

@@ -137,10 +137,21 @@ StoreFormat format_of_path(const std::string& path) {
                    "holding " + kSafetensorsIndexName);
 }
 
+const std::vector<std::pair<std::string, std::string>>& TensorReader::unreadable() const {
+  static const std::vector<std::pair<std::string, std::string>> kNone;
+  return kNone;
+}
+
 std::unique_ptr<TensorReader> open_reader(const std::string& path) {
   switch (format_of_path(path)) {
     case StoreFormat::kSafetensors: return open_safetensors_reader(path);
-    case StoreFormat::kShardedSafetensors: return open_sharded_safetensors_reader(path);
+    case StoreFormat::kShardedSafetensors: {
+      const std::string single = sharded_checkpoint_directory(path) + "/model.safetensors";
+      if (is_directory(path) && !file_exists(sharded_checkpoint_directory(path) + "/" + kSafetensorsIndexName) &&
+          file_exists(single))
+        return open_safetensors_reader(single);
+      return open_sharded_safetensors_reader(path);
+    }
     case StoreFormat::kHdf5: return open_hdf5_reader(path);
   }
   throw InputError("'" + path + "': unknown checkpoint format");

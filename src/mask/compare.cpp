@@ -5,31 +5,36 @@
 namespace gradfix {
 namespace {
 
-inline int sign_of(float value) { return (value > 0.0f) - (value < 0.0f); }
+template <typename V>
+inline int sign_of(V value) { return (value > V(0)) - (value < V(0)); }
 
-}  // namespace
-
-void PairStats::add(const float* a, const float* b, long long n) {
+template <typename V>
+void add_pairs(PairStats& stats, const V* a, const V* b, long long n) {
   long long agreements = 0, nonzero_first = 0, nonzero_second = 0;
   double products = 0.0, squares_a = 0.0, squares_b = 0.0;
   // These are reports, not outputs: letting the compiler reorder the sums (vector lanes) is fine.
 #pragma omp simd reduction(+ : agreements, nonzero_first, nonzero_second, products, squares_a, squares_b)
   for (long long i = 0; i < n; ++i) {
     agreements += sign_of(a[i]) == sign_of(b[i]);
-    nonzero_first += a[i] != 0.0f;
-    nonzero_second += b[i] != 0.0f;
+    nonzero_first += a[i] != V(0);
+    nonzero_second += b[i] != V(0);
     products += static_cast<double>(a[i]) * b[i];
     squares_a += static_cast<double>(a[i]) * a[i];
     squares_b += static_cast<double>(b[i]) * b[i];
   }
-  sign_agreements += agreements;
-  nonzero_a += nonzero_first;
-  nonzero_b += nonzero_second;
-  dot += products;
-  norm_a_squared += squares_a;
-  norm_b_squared += squares_b;
-  count += n;
+  stats.sign_agreements += agreements;
+  stats.nonzero_a += nonzero_first;
+  stats.nonzero_b += nonzero_second;
+  stats.dot += products;
+  stats.norm_a_squared += squares_a;
+  stats.norm_b_squared += squares_b;
+  stats.count += n;
 }
+
+}  // namespace
+
+void PairStats::add(const float* a, const float* b, long long n) { add_pairs(*this, a, b, n); }
+void PairStats::add(const double* a, const double* b, long long n) { add_pairs(*this, a, b, n); }
 
 void PairStats::add(const PairStats& other) {
   count += other.count;

@@ -75,16 +75,16 @@ class Ranks {
   const JobContext& context_;
 };
 
-void check_finite(const std::vector<float>& values, const TensorReader& reader, const std::string& name, long long first,
-                  bool allow) {
+// Refuses NaN and Inf among `count` values stored as `dtype` unless they are allowed.
+void check_finite(DType dtype, const void* values, long long count, const TensorReader& reader, const std::string& name,
+                  long long first, bool allow) {
   if (allow) return;
-  for (std::size_t i = 0; i < values.size(); ++i) {
-    if (!std::isfinite(values[i])) {
-      throw InputError(reader.path() + ": tensor '" + name + "': element " + std::to_string(first + static_cast<long long>(i)) +
-                       " is " + (std::isnan(values[i]) ? "NaN" : "infinite") +
-                       "; pass --allow-nonfinite to accept such values");
-    }
-  }
+  const long long bad = first_nonfinite(dtype, values, static_cast<std::size_t>(count));
+  if (bad < 0) return;
+  double value = 0.0;
+  convert_to_f64(dtype, static_cast<const unsigned char*>(values) + bad * static_cast<long long>(dtype_size(dtype)), &value, 1);
+  throw InputError(reader.path() + ": tensor '" + name + "': element " + std::to_string(first + bad) + " is " +
+                   (std::isnan(value) ? "NaN" : "infinite") + "; pass --allow-nonfinite to accept such values");
 }
 
 // Fault-injection hook for the tests that kill a rank mid-run: GRADFIX_TEST_PAUSE_MS makes
@@ -97,15 +97,48 @@ void pause_for_tests() {
   if (pause_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));
 }
 
-// Reads elements [begin, begin + count) in fp32 and refuses NaN and Inf unless they are allowed.
-std::vector<float> load(const TensorReader& reader, const std::string& name, long long begin, long long count, bool allow) {
+// Reads elements [begin, begin + count) in the compute type V (float, or double for F64
+// tensors: both hold every stored value of their tensors exactly) and refuses NaN and Inf unless
+// they are allowed; the check runs on the stored values, so a finite 1e300 in F64 is finite.
+template <typename V = float>
+std::vector<V> load(const TensorReader& reader, const std::string& name, long long begin, long long count, bool allow) {
   pause_for_tests();
-  std::vector<float> values = reader.read_f32(name, begin, count);
-  check_finite(values, reader, name, begin, allow);
+  const DType dtype = reader.info(name).dtype;
+  std::vector<V> values(static_cast<std::size_t>(count));
+  const bool same = (dtype == DType::kF32 && sizeof(V) == 4) || (dtype == DType::kF64 && sizeof(V) == 8);
+  if (same) {
+    reader.read_raw(name, begin, count, values.data());
+    check_finite(dtype, values.data(), count, reader, name, begin, allow);
+    return values;
+  }
+  std::vector<unsigned char> raw(static_cast<std::size_t>(count) * dtype_size(dtype));
+  reader.read_raw(name, begin, count, raw.data());
+  check_finite(dtype, raw.data(), count, reader, name, begin, allow);
+  if constexpr (sizeof(V) == 8) convert_to_f64(dtype, raw.data(), values.data(), values.size());
+  else convert_to_f32(dtype, raw.data(), values.data(), values.size());
   return values;
 }
 
+// Whether a tensor is computed in fp64: when it is F64 in any input or in the output.
+bool computes_in_f64(std::initializer_list<DType> dtypes) {
+  for (DType dtype : dtypes)
+    if (dtype == DType::kF64) return true;
+  return false;
+}
+
+// "pass --exclude '^name$' to leave it out", with a pattern the user can paste; a name that would
+// not print as itself (control characters, invalid UTF-8) gets no pattern on the terminal.
+std::string exclude_hint(const std::string& name) {
+  if (escaped_name(name) != name) return "pass an --exclude pattern that matches it to leave it out";
+  return "pass --exclude '" + exact_pattern(name) + "' to leave it out";
+}
+
 std::vector<std::string> selected_names(const TensorReader& reader, const TensorSelector& selector) {
+  for (const auto& [name, dtype] : reader.unreadable())
+    if (selector.selects(name))
+      throw InputError(reader.path() + ": tensor '" + escaped_name(name) + "' is stored as '" + escaped_name(dtype) +
+                       "', a dtype gradfix cannot read (it reads " + dtype_names() + "); " +
+                       exclude_hint(name));
   std::vector<std::string> names;
   for (const auto& tensor : reader.tensors())
     if (selector.selects(tensor.name)) names.push_back(tensor.name);
@@ -151,10 +184,50 @@ void require_selection(const std::vector<std::string>& names, const TensorReader
                      " tensors in the file; check --include and --exclude)");
 }
 
+// --out-dtype changes float tensors only: integer and boolean tensors (position ids, masks,
+// buffers) keep their dtype, as model.to(dtype) leaves them in PyTorch.
 TensorInfo output_info(const TensorInfo& input, const OutputOptions& output) {
   TensorInfo info = input;
-  if (output.out_dtype) info.dtype = *output.out_dtype;
+  if (output.out_dtype && dtype_is_float(input.dtype)) info.dtype = *output.out_dtype;
   return info;
+}
+
+// Operations that compute on values (mask, merge, the change of apply) make no sense on
+// integer tensors: a selected one is refused, naming it, before anything is written.
+void require_float(const TensorReader& reader, const std::vector<std::string>& names, const std::string& operation) {
+  for (const auto& name : names) {
+    const DType dtype = reader.info(name).dtype;
+    if (!dtype_is_float(dtype))
+      throw InputError(reader.path() + ": tensor '" + escaped_name(name) + "' is " + dtype_name(dtype) + "; " + operation +
+                       " works on float tensors only (integer tensors such as position ids are copied from the base "
+                       "by apply); " + exclude_hint(name));
+  }
+}
+
+// The dtype of a result computed from inputs of these dtypes, when --out-dtype does not say:
+// the widest of them (F64 over F32 over the 16-bit types over the 8-bit ones); F16 with BF16,
+// or the two 8-bit types together, give F32, which holds both exactly.
+DType widest_float(const std::vector<DType>& dtypes) {
+  auto rank = [](DType dtype) {
+    switch (dtype) {
+      case DType::kF64: return 4;
+      case DType::kF32: return 3;
+      case DType::kF16:
+      case DType::kBF16: return 2;
+      default: return 1;
+    }
+  };
+  DType widest = dtypes.front();
+  bool mixed_same_rank = false;
+  for (DType dtype : dtypes) {
+    if (rank(dtype) > rank(widest)) {
+      widest = dtype;
+      mixed_same_rank = false;
+    } else if (rank(dtype) == rank(widest) && dtype != widest) {
+      mixed_same_rank = true;
+    }
+  }
+  return mixed_same_rank && rank(widest) < 3 ? DType::kF32 : widest;
 }
 
 Metadata output_metadata(const Metadata& input, const std::string& operation) {
@@ -174,11 +247,10 @@ std::unique_ptr<TensorWriter> open_output(const Ranks& ranks, const std::string&
 // they are written, and refused before anything is published unless --allow-nonfinite.
 class NonFiniteResults {
  public:
-  void add(const TensorInfo& out, const float* values, long long count) {
-    const float limit = out.dtype == DType::kF16 ? 65504.0f : out.dtype == DType::kBF16 ? 3.3895313e38f : 3.4028235e38f;
-    if (out.dtype != DType::kF16 && out.dtype != DType::kBF16 && out.dtype != DType::kF32 && out.dtype != DType::kF64) return;
-    long long bad = 0;
-    for (long long i = 0; i < count; ++i) bad += !(std::fabs(values[i]) <= limit);
+  // `values` are stored as out.dtype: checking after the conversion catches values past the
+  // range of a narrow output (an F64 1e300 written as F32, 500 as F8_E4M3) as well as NaN.
+  void add_raw(const TensorInfo& out, const void* values, long long count) {
+    const auto bad = static_cast<long long>(count_nonfinite(out.dtype, values, static_cast<std::size_t>(count)));
     if (bad == 0) return;
     if (first_.empty()) {
       first_ = out.name;
@@ -211,17 +283,43 @@ std::vector<Piece> my_chunks(const Ranks& ranks, const ShardPlan& plan, const st
   return chunks;
 }
 
-// Copies a chunk unchanged, converting only when the output dtype differs.
-void copy_chunk(const TensorReader& reader, const TensorInfo& out, const Piece& chunk, TensorWriter& writer, bool allow) {
+// Copies a chunk unchanged, converting only when the output dtype differs: float to float with
+// one rounding (exact whenever the output dtype holds the value), integers as they are.
+void copy_chunk(const TensorReader& reader, const TensorInfo& out, const Piece& chunk, TensorWriter& writer, bool allow,
+                NonFiniteResults& nonfinite) {
+  pause_for_tests();
   const TensorInfo& in = reader.info(out.name);
-  if (in.dtype == out.dtype && allow) {
-    std::vector<unsigned char> raw(static_cast<std::size_t>(chunk.count) * dtype_size(in.dtype));
-    reader.read_raw(out.name, chunk.begin, chunk.count, raw.data());
+  std::vector<unsigned char> raw(static_cast<std::size_t>(chunk.count) * dtype_size(in.dtype));
+  reader.read_raw(out.name, chunk.begin, chunk.count, raw.data());
+  check_finite(in.dtype, raw.data(), chunk.count, reader, out.name, chunk.begin, allow);
+  if (in.dtype == out.dtype) {
     writer.write_raw(out.name, chunk.begin, chunk.count, raw.data());
     return;
   }
-  const std::vector<float> values = load(reader, out.name, chunk.begin, chunk.count, allow);
-  writer.write_f32(out.name, chunk.begin, values.data(), chunk.count);
+  GRADFIX_CHECK(dtype_is_float(in.dtype) && dtype_is_float(out.dtype),
+                "tensor '" + out.name + "': no conversion from " + dtype_name(in.dtype) + " to " + dtype_name(out.dtype));
+  std::vector<unsigned char> converted(static_cast<std::size_t>(chunk.count) * dtype_size(out.dtype));
+  convert_float(in.dtype, raw.data(), out.dtype, converted.data(), static_cast<std::size_t>(chunk.count));
+  nonfinite.add_raw(out, converted.data(), chunk.count);
+  writer.write_raw(out.name, chunk.begin, chunk.count, converted.data());
+}
+
+// Converts computed values (fp32 or fp64) into the output dtype with one rounding, counts the
+// results that came out NaN or past the dtype's range, and writes them.
+template <typename V>
+void store(TensorWriter& writer, const TensorInfo& out, long long begin, const V* values, long long count,
+           NonFiniteResults& nonfinite) {
+  const bool same = (out.dtype == DType::kF32 && sizeof(V) == 4) || (out.dtype == DType::kF64 && sizeof(V) == 8);
+  if (same) {
+    nonfinite.add_raw(out, values, count);
+    writer.write_raw(out.name, begin, count, values);
+    return;
+  }
+  std::vector<unsigned char> raw(static_cast<std::size_t>(count) * dtype_size(out.dtype));
+  if constexpr (sizeof(V) == 8) convert_from_f64(out.dtype, values, raw.data(), static_cast<std::size_t>(count));
+  else convert_from_f32(out.dtype, values, raw.data(), static_cast<std::size_t>(count));
+  nonfinite.add_raw(out, raw.data(), count);
+  writer.write_raw(out.name, begin, count, raw.data());
 }
 
 std::string percent(double fraction) {
@@ -360,10 +458,19 @@ void carry_model_files(const JobContext& context, const std::string& input, Tens
 }
 
 
+// A one-line notice when inputs hold the same tensor in different dtypes: which, how many, and
+// the dtype the result gets, so that no rounding happens unannounced.
+void notice_mixed_dtypes(const Ranks& ranks, std::ostream& log, const std::string& operation,
+                         const std::vector<std::string>& differing, const std::string& example, const std::string& rule) {
+  if (!ranks.is_root() || differing.empty()) return;
+  log << operation << ": " << differing.size() << " tensor(s) differ in dtype between the inputs (" << example << "); " << rule
+      << "\n";
+}
+
 JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
   Reader base, finetuned;
-  std::vector<std::string> names;
+  std::vector<std::string> names, integers;
   ranks.agree([&] {
     base = open_reader(job.base);
     finetuned = open_reader(job.finetuned);
@@ -372,20 +479,51 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
     require_selection(names, *base);
     require_matching(*base, names, *finetuned);
     require_no_extra(*base, *finetuned, selector);
+    // Integer tensors (position ids, buffers) are not parameters: they stay out of the task
+    // vector, and apply copies them from the base.
+    std::vector<std::string> floats;
+    for (const auto& name : names) (dtype_is_float(base->info(name).dtype) ? floats : integers).push_back(name);
+    names = floats;
+    for (const auto& name : names)
+      if (!dtype_is_float(finetuned->info(name).dtype))
+        throw InputError(finetuned->path() + ": tensor '" + escaped_name(name) + "' is " + dtype_name(finetuned->info(name).dtype) +
+                         ", float (" + dtype_name(base->info(name).dtype) + ") in " + base->path());
+    require_selection(names, *base);
   });
-  const auto layout = layout_of(*base, names, job.output);
+  // Task vectors are F32 whatever the inputs (a BF16 difference would lose ~0.4% of each value),
+  // F64 when either input is F64; --out-dtype overrides.
+  std::vector<TensorInfo> layout;
+  std::vector<std::string> differing;
+  std::string example;
+  for (const auto& name : names) {
+    const DType a = base->info(name).dtype, b = finetuned->info(name).dtype;
+    TensorInfo tensor = base->info(name);
+    tensor.dtype = job.output.out_dtype ? *job.output.out_dtype : computes_in_f64({a, b}) ? DType::kF64 : DType::kF32;
+    layout.push_back(tensor);
+    if (a != b && differing.empty()) example = "'" + escaped_name(name) + "': " + dtype_name(a) + " in the base, " + dtype_name(b) + " fine-tuned";
+    if (a != b) differing.push_back(name);
+  }
+  notice_mixed_dtypes(ranks, log, "taskvector", differing, example, "the task vector is F32 (F64 where an input is F64) unless --out-dtype");
+  if (ranks.is_root() && !integers.empty())
+    log << "taskvector: " << integers.size() << " integer tensor(s) left out (not parameters; apply copies them from the base): "
+        << format_name_list(integers) << "\n";
   const ShardPlan plan(layout, ranks.size());
   NonFiniteResults nonfinite;
   auto writer = open_output(ranks, job.out, layout, output_metadata(base->metadata(), "taskvector"), job.output);
   JobSummary summary;
+  const bool allow = job.output.allow_nonfinite;
   for (const auto& chunk : my_chunks(ranks, plan, layout)) {
-    const std::string& name = layout[chunk.tensor].name;
-    const auto base_values = load(*base, name, chunk.begin, chunk.count, job.output.allow_nonfinite);
-    auto tau = load(*finetuned, name, chunk.begin, chunk.count, job.output.allow_nonfinite);
-    for (std::size_t i = 0; i < tau.size(); ++i) tau[i] -= base_values[i];
-    nonfinite.add(layout[chunk.tensor], tau.data(), chunk.count);
-    writer->write_f32(name, chunk.begin, tau.data(), chunk.count);
-    summary.stats.add(tau.data(), tau.data(), chunk.count);
+    const TensorInfo& out = layout[chunk.tensor];
+    auto difference = [&](auto zero) {
+      using V = decltype(zero);
+      const auto base_values = load<V>(*base, out.name, chunk.begin, chunk.count, allow);
+      auto tau = load<V>(*finetuned, out.name, chunk.begin, chunk.count, allow);
+      for (std::size_t i = 0; i < tau.size(); ++i) tau[i] -= base_values[i];
+      store(*writer, out, chunk.begin, tau.data(), chunk.count, nonfinite);
+      summary.stats.add(tau.data(), tau.data(), chunk.count);
+    };
+    if (computes_in_f64({base->info(out.name).dtype, finetuned->info(out.name).dtype, out.dtype})) difference(0.0);
+    else difference(0.0f);
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   carry_model_files(ranks.context(), job.base, *writer, job.output);
@@ -414,29 +552,44 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
     tau_names = selected_names(*tau, selector);
     require_selection(tau_names, *tau);
     require_matching(*tau, tau_names, *base);
+    require_float(*tau, tau_names, "apply");
+    require_float(*base, tau_names, "apply");
   });
   const std::set<std::string> changed(tau_names.begin(), tau_names.end());
   std::vector<TensorInfo> layout;
   for (const auto& tensor : base->tensors()) layout.push_back(output_info(tensor, job.output));
+  std::vector<std::string> differing;
+  std::string example;
+  for (const auto& name : tau_names) {
+    const DType a = base->info(name).dtype, b = tau->info(name).dtype;
+    if (a != b && differing.empty()) example = "'" + escaped_name(name) + "': " + dtype_name(a) + " in the base, " + dtype_name(b) + " in the task vector";
+    if (a != b) differing.push_back(name);
+  }
+  notice_mixed_dtypes(ranks, log, "apply", differing, example,
+                      "computed in F32 (F64 where an input is F64) and written in the base's dtype unless --out-dtype");
   Metadata metadata = output_metadata(base->metadata(), "apply");
   metadata["gradfix.alpha"] = std::to_string(job.alpha);
   const ShardPlan plan(layout, ranks.size());
   NonFiniteResults nonfinite;
   auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
-  const auto alpha = static_cast<float>(job.alpha);
+  const bool allow = job.output.allow_nonfinite;
   for (const auto& chunk : my_chunks(ranks, plan, layout)) {
     const TensorInfo& out = layout[chunk.tensor];
     if (!changed.count(out.name)) {
-      copy_chunk(*base, out, chunk, *writer, true);
+      copy_chunk(*base, out, chunk, *writer, true, nonfinite);
       continue;
     }
-    auto values = load(*base, out.name, chunk.begin, chunk.count, job.output.allow_nonfinite);
-    const auto delta = load(*tau, out.name, chunk.begin, chunk.count, job.output.allow_nonfinite);
-    for (std::size_t i = 0; i < values.size(); ++i) values[i] += alpha * delta[i];
-    nonfinite.add(out, values.data(), chunk.count);
-    writer->write_f32(out.name, chunk.begin, values.data(), chunk.count);
-    summary.stats.add(delta.data(), delta.data(), chunk.count);
+    auto add = [&](auto alpha) {
+      using V = decltype(alpha);
+      auto values = load<V>(*base, out.name, chunk.begin, chunk.count, allow);
+      const auto delta = load<V>(*tau, out.name, chunk.begin, chunk.count, allow);
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] += alpha * delta[i];
+      store(*writer, out, chunk.begin, values.data(), chunk.count, nonfinite);
+      summary.stats.add(delta.data(), delta.data(), chunk.count);
+    };
+    if (computes_in_f64({base->info(out.name).dtype, tau->info(out.name).dtype, out.dtype})) add(job.alpha);
+    else add(static_cast<float>(job.alpha));
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   carry_model_files(ranks.context(), job.base, *writer, job.output);
@@ -463,6 +616,7 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
     names = selected_names(*tau, selector);
     require_selection(names, *tau);
     require_matching(*tau, names, *signs);
+    require_float(*tau, names, "mask");
   });
   const std::set<std::string> changed(names.begin(), names.end());
   std::vector<TensorInfo> layout;
@@ -491,13 +645,12 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
   for (const auto& chunk : chunks) {
     const TensorInfo& out = layout[chunk.tensor];
     if (!changed.count(out.name)) {
-      copy_chunk(*tau, out, chunk, *writer, allow);
+      copy_chunk(*tau, out, chunk, *writer, allow, nonfinite);
       continue;
     }
     read_pair(chunk, values, statistics);
     mask_chunk(job.mode, job.mask, out, chunk, values, statistics, sums, masked);
-    nonfinite.add(out, masked.data(), chunk.count);
-    writer->write_f32(out.name, chunk.begin, masked.data(), chunk.count);
+    store(*writer, out, chunk.begin, masked.data(), chunk.count, nonfinite);
     summary.stats.add(values.data(), statistics.data(), chunk.count);
     kept.add(masked.data(), values.data(), chunk.count);
   }
@@ -543,8 +696,28 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
       require_no_extra(*vectors[0], *vectors[v], selector);
     }
     for (const auto& reader : signs) require_matching(*vectors[0], names, *reader);
+    for (const auto& reader : vectors) require_float(*reader, names, "merge");
   });
-  const auto layout = layout_of(*vectors[0], names, job.output);
+  // The merged tensor's dtype: --out-dtype, else the widest of the vectors' dtypes.
+  std::vector<TensorInfo> layout;
+  std::vector<std::string> differing;
+  std::string example;
+  for (const auto& name : names) {
+    std::vector<DType> dtypes;
+    for (const auto& reader : vectors) dtypes.push_back(reader->info(name).dtype);
+    TensorInfo tensor = vectors[0]->info(name);
+    tensor.dtype = job.output.out_dtype ? *job.output.out_dtype : widest_float(dtypes);
+    layout.push_back(tensor);
+    for (std::size_t v = 1; v < dtypes.size(); ++v) {
+      if (dtypes[v] == dtypes[0]) continue;
+      if (differing.empty())
+        example = "'" + escaped_name(name) + "': " + dtype_name(dtypes[0]) + " in " + vectors[0]->path() + ", " +
+                  dtype_name(dtypes[v]) + " in " + vectors[v]->path();
+      differing.push_back(name);
+      break;
+    }
+  }
+  notice_mixed_dtypes(ranks, log, "merge", differing, example, "the merge is written in the widest of their dtypes unless --out-dtype");
   const ShardPlan plan(layout, ranks.size());
   const auto chunks = my_chunks(ranks, plan, layout);
   const bool allow = job.output.allow_nonfinite;
@@ -633,8 +806,7 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
       const std::vector<float> unmasked = merged;
       mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, unmasked, summed_signs(chunk), merged_sums, merged);
     }
-    nonfinite.add(layout[chunk.tensor], merged.data(), chunk.count);
-    writer->write_f32(layout[chunk.tensor].name, chunk.begin, merged.data(), chunk.count);
+    store(*writer, layout[chunk.tensor], chunk.begin, merged.data(), chunk.count, nonfinite);
     summary.stats.add(merged.data(), first.data(), chunk.count);
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
@@ -666,7 +838,10 @@ JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContex
   const ShardPlan plan(layout, ranks.size());
   auto writer = open_output(ranks, job.out, layout, in->metadata(), job.output);
   JobSummary summary;
-  for (const auto& chunk : my_chunks(ranks, plan, layout)) copy_chunk(*in, layout[chunk.tensor], chunk, *writer, job.output.allow_nonfinite);
+  NonFiniteResults nonfinite;
+  for (const auto& chunk : my_chunks(ranks, plan, layout))
+    copy_chunk(*in, layout[chunk.tensor], chunk, *writer, job.output.allow_nonfinite, nonfinite);
+  nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   carry_model_files(ranks.context(), job.in, *writer, job.output);
   commit_collectively(ranks.context(), *writer);
   summary.tensors_written = static_cast<long long>(layout.size());
@@ -734,8 +909,14 @@ JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobCont
   const ShardPlan plan(layout, ranks.size());
   auto writer = open_output(ranks, job.out, layout, like ? like->metadata() : Metadata{}, job.output);
   JobSummary summary;
+  NonFiniteResults nonfinite;
   for (const auto& chunk : my_chunks(ranks, plan, layout)) {
     const TensorInfo& tensor = layout[chunk.tensor];
+    // Integer tensors of the model (position ids, buffers) are not weights: kept as they are.
+    if (like && !dtype_is_float(tensor.dtype)) {
+      copy_chunk(*like, tensor, chunk, *writer, true, nonfinite);
+      continue;
+    }
     std::vector<float> values(static_cast<std::size_t>(chunk.count), 0.0f);
     if (like) {
       values = load(*like, tensor.name, chunk.begin, chunk.count, job.output.allow_nonfinite);
@@ -765,7 +946,9 @@ void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& con
   ranks.agree([&] {
     file = open_reader(job.file);
     const TensorSelector selector(job.include, job.exclude);
-    names = selected_names(*file, selector);
+    // inspect lists tensors of unreadable dtypes rather than refusing them.
+    for (const auto& tensor : file->tensors())
+      if (selector.selects(tensor.name)) names.push_back(tensor.name);
     if (job.other.empty()) return;
     other = open_reader(job.other);
     for (const auto& name : names) (other->find(name) ? common : only_first).push_back(name);
@@ -777,18 +960,25 @@ void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& con
   if (!other) {
     if (!ranks.is_root()) return;
     long long elements = 0, bytes = 0;
-    out << std::left << std::setw(48) << "tensor" << std::setw(6) << "dtype" << std::setw(22) << "shape" << std::right
+    out << std::left << std::setw(48) << "tensor" << std::setw(9) << "dtype" << std::setw(22) << "shape" << std::right
         << std::setw(14) << "elements" << std::setw(16) << "bytes" << "\n";
     Json tensors = Json::array();
     for (const auto& name : names) {
       const TensorInfo& info = file->info(name);
-      out << std::left << std::setw(48) << escaped_name(name) << std::setw(6) << dtype_name(info.dtype) << std::setw(22)
+      out << std::left << std::setw(48) << escaped_name(name) << std::setw(9) << dtype_name(info.dtype) << std::setw(22)
           << format_shape(info.shape) << std::right << std::setw(14) << info.numel() << std::setw(16) << info.nbytes() << "\n";
       elements += info.numel();
       bytes += info.nbytes();
       tensors.push_back({{"name", escaped_name(name)}, {"dtype", dtype_name(info.dtype)}, {"shape", info.shape}, {"bytes", info.nbytes()}});
     }
     out << names.size() << " tensors, " << elements << " elements, " << bytes << " bytes\n";
+    Json unreadable = Json::array();
+    for (const auto& [name, dtype] : file->unreadable()) {
+      out << "unreadable " << escaped_name(name) << ": dtype '" << escaped_name(dtype) << "' (gradfix reads " << dtype_names()
+          << "; jobs need --exclude for it)\n";
+      unreadable.push_back({{"name", escaped_name(name)}, {"dtype", escaped_name(dtype)}});
+    }
+    report["unreadable"] = unreadable;
     for (const auto& [key, value] : file->metadata()) out << "metadata " << escaped_name(key) << " = " << escaped_name(value) << "\n";
     report["tensors"] = tensors;
     report["elements"] = elements;

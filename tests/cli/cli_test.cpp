@@ -187,7 +187,8 @@ TEST_F(CliTest, InvalidJsonHeader) {
 TEST_F(CliTest, UnknownDtype) {
   testing::write_bytes(f("dt.safetensors"),
                        testing::safetensors_bytes(R"({"a.weight":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}})", "x"));
-  expect_bad_input("inspect " + f("dt.safetensors"), {"dt.safetensors", "'a.weight'", "unknown dtype 'Q4'"});
+  expect_bad_input("convert " + f("dt.safetensors") + " " + f("dt2.safetensors"),
+                   {"dt.safetensors", "'a.weight'", "stored as 'Q4'", "--exclude '^a\\.weight$'"});
 }
 
 TEST_F(CliTest, OverlappingOffsets) {

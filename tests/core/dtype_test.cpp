@@ -5,17 +5,27 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace gradfix {
 namespace {
 
 TEST(DType, NamesAndSizesRoundTrip) {
-  for (const char* name : {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"}) {
+  for (const char* name : {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL",
+                           "F8_E4M3", "F8_E5M2"}) {
     const auto dtype = parse_dtype(name);
     ASSERT_TRUE(dtype.has_value()) << name;
     EXPECT_STREQ(dtype_name(*dtype), name);
   }
-  EXPECT_FALSE(parse_dtype("F8_E4M3").has_value());
+  EXPECT_FALSE(parse_dtype("F4").has_value());
+  EXPECT_EQ(dtype_size(DType::kF8E4M3), 1u);
+  // Users and mergekit configs name float dtypes PyTorch's way too; integers are not float dtypes.
+  EXPECT_EQ(parse_float_dtype("bfloat16"), DType::kBF16);
+  EXPECT_EQ(parse_float_dtype("bf16"), DType::kBF16);
+  EXPECT_EQ(parse_float_dtype("float8_e4m3fn"), DType::kF8E4M3);
+  EXPECT_EQ(parse_float_dtype("Float32"), DType::kF32);
+  EXPECT_FALSE(parse_float_dtype("I64").has_value());
+  EXPECT_STREQ(torch_dtype_name(DType::kBF16), "bfloat16");
   EXPECT_EQ(dtype_size(DType::kBF16), 2u);
   EXPECT_EQ(dtype_size(DType::kF64), 8u);
   EXPECT_EQ(dtype_size(DType::kBool), 1u);
@@ -99,6 +109,75 @@ TEST(DType, IntegerConversionsRoundAndSaturate) {
   convert_to_f32(DType::kI32, wide, back, 3);
   EXPECT_EQ(back[0], -7.0f);
   EXPECT_EQ(back[2], 123456.0f);
+}
+
+// The 8-bit float formats by hand (OCP FP8: E4M3 with bias 7, no infinity, 0x7F NaN; E5M2 with
+// bias 15, IEEE-like).
+TEST(DType, Fp8HandCheckedValues) {
+  EXPECT_EQ(f8_to_f64(DType::kF8E4M3, 0x38), 1.0);    // exponent 7, mantissa 0
+  EXPECT_EQ(f8_to_f64(DType::kF8E4M3, 0x7E), 448.0);  // the largest finite value
+  EXPECT_EQ(f8_to_f64(DType::kF8E4M3, 0x01), std::ldexp(1.0, -9));  // the smallest subnormal
+  EXPECT_EQ(f8_to_f64(DType::kF8E4M3, 0xB8), -1.0);
+  EXPECT_TRUE(std::isnan(f8_to_f64(DType::kF8E4M3, 0x7F)));
+  EXPECT_EQ(f8_to_f64(DType::kF8E5M2, 0x3C), 1.0);
+  EXPECT_EQ(f8_to_f64(DType::kF8E5M2, 0x7B), 57344.0);
+  EXPECT_TRUE(std::isinf(f8_to_f64(DType::kF8E5M2, 0x7C)));
+  EXPECT_EQ(f64_to_f8(DType::kF8E4M3, 1.0), 0x38);
+  // 1.0625 is halfway between 1 (0x38, even) and 1.125 (0x39): ties go to even.
+  EXPECT_EQ(f64_to_f8(DType::kF8E4M3, 1.0625), 0x38);
+  EXPECT_EQ(f64_to_f8(DType::kF8E4M3, 1.0626), 0x39);
+  // Past 448, finite values saturate (PyTorch's rule); infinity, which E4M3 lacks, is NaN.
+  EXPECT_EQ(f64_to_f8(DType::kF8E4M3, 464.0), 0x7E);
+  EXPECT_EQ(f64_to_f8(DType::kF8E4M3, 465.0), 0x7E);
+  EXPECT_EQ(f64_to_f8(DType::kF8E4M3, -1e9), 0xFE);
+  EXPECT_EQ(f64_to_f8(DType::kF8E4M3, -std::numeric_limits<double>::infinity()), 0xFF);
+  // Half the smallest subnormal ties to zero (even); a bit more rounds up to it.
+  EXPECT_EQ(f64_to_f8(DType::kF8E4M3, std::ldexp(1.0, -10)), 0x00);
+  EXPECT_EQ(f64_to_f8(DType::kF8E4M3, std::ldexp(1.5, -10)), 0x01);
+  EXPECT_EQ(f64_to_f8(DType::kF8E5M2, 61440.0), 0x7C);  // halfway to 65536: ties to even, infinity
+  EXPECT_EQ(f64_to_f8(DType::kF8E5M2, 61439.0), 0x7B);
+  // Every finite code survives the round trip, with its sign.
+  for (DType dtype : {DType::kF8E4M3, DType::kF8E5M2})
+    for (int code = 0; code < 256; ++code) {
+      const double value = f8_to_f64(dtype, static_cast<std::uint8_t>(code));
+      if (std::isnan(value)) continue;
+      EXPECT_EQ(f64_to_f8(dtype, value), code) << dtype_name(dtype) << " code " << code;
+    }
+}
+
+// Conversions round once: a double just above a bf16 halfway point must round up, which the
+// route through fp32 (where it becomes exactly the halfway point, then ties to even) gets wrong.
+TEST(DType, F64ToNarrowRoundsOnce) {
+  const double above_half = 1.0 + std::ldexp(1.0, -8) + std::ldexp(1.0, -40);
+  std::uint16_t bits = 0;
+  convert_from_f64(DType::kBF16, &above_half, &bits, 1);
+  EXPECT_EQ(bits, f32_to_bf16(1.0f + std::ldexp(1.0f, -7)));
+  const double above_half16 = 1.0 + std::ldexp(1.0, -11) + std::ldexp(1.0, -40);
+  convert_from_f64(DType::kF16, &above_half16, &bits, 1);
+  EXPECT_EQ(f16_to_f32(bits), 1.0f + std::ldexp(1.0f, -10));
+  // Exact values pass unchanged between every pair of float types that holds them.
+  const std::vector<DType> floats = {DType::kF64, DType::kF32, DType::kF16, DType::kBF16, DType::kF8E4M3, DType::kF8E5M2};
+  const double exact[] = {0.0, -0.0, 1.0, -1.5, 0.25, 448.0 / 2, -3.0};
+  for (DType from : floats)
+    for (DType to : floats) {
+      std::vector<unsigned char> source(sizeof exact / sizeof exact[0] * dtype_size(from));
+      std::vector<unsigned char> target(sizeof exact / sizeof exact[0] * dtype_size(to));
+      convert_from_f64(from, exact, source.data(), 7);
+      convert_float(from, source.data(), to, target.data(), 7);
+      std::vector<double> back(7);
+      convert_to_f64(to, target.data(), back.data(), 7);
+      for (int i = 0; i < 7; ++i) EXPECT_EQ(back[i], exact[i]) << dtype_name(from) << " -> " << dtype_name(to);
+    }
+  // F64 values beyond fp32 survive an F64 copy; counted as non-finite only once they overflow.
+  const double wide[] = {1.0 / 3.0, 1e-300, 1e300};
+  double copied[3];
+  convert_float(DType::kF64, wide, DType::kF64, copied, 3);
+  EXPECT_EQ(std::memcmp(wide, copied, sizeof wide), 0);
+  EXPECT_EQ(count_nonfinite(DType::kF64, wide, 3), 0u);
+  float narrowed[3];
+  convert_float(DType::kF64, wide, DType::kF32, narrowed, 3);
+  EXPECT_EQ(count_nonfinite(DType::kF32, narrowed, 3), 1u);
+  EXPECT_EQ(first_nonfinite(DType::kF32, narrowed, 3), 2);
 }
 
 }  // namespace

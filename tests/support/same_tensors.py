@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Exit 0 when two sharded safetensors directories hold the same tensors byte for byte (names,
-dtypes, shapes, data; metadata may differ), and at least one; with --require-prefix P, also a
-tensor whose name starts with P. Python's standard library only.
+"""Exit 0 when two safetensors checkpoints (files, or directories of shards with their index)
+hold the same tensors byte for byte (names, dtypes, shapes, data; metadata may differ), and at
+least one; with --require-prefix P, also a tensor whose name starts with P. On a difference, says
+which tensor. Python's standard library only.
 
-    same_tensors.py DIR_A DIR_B [--require-prefix P]
+    same_tensors.py A B [--require-prefix P]
 """
 import json
 import os
@@ -11,11 +12,15 @@ import struct
 import sys
 
 
-def tensors(directory):
-    index = json.load(open(os.path.join(directory, "model.safetensors.index.json")))["weight_map"]
+def tensors(path):
+    if os.path.isdir(path):
+        index = json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"]
+        files = [os.path.join(path, shard) for shard in sorted(set(index.values()))]
+    else:
+        files = [path]
     out = {}
-    for shard in sorted(set(index.values())):
-        raw = open(os.path.join(directory, shard), "rb").read()
+    for name in files:
+        raw = open(name, "rb").read()
         n = struct.unpack("<Q", raw[:8])[0]
         header = json.loads(raw[8:8 + n])
         header.pop("__metadata__", None)
@@ -28,4 +33,10 @@ def tensors(directory):
 a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
 prefix = sys.argv[4] if len(sys.argv) == 5 and sys.argv[3] == "--require-prefix" else None
 ok = a == b and len(a) > 0 and (prefix is None or any(name.startswith(prefix) for name in a))
+if a != b:
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            describe = lambda t: "missing" if t is None else "%s %s %s" % (t[0], t[1], t[2][:16].hex())
+            print("same_tensors: '%s' differs: %s against %s" % (name, describe(a.get(name)), describe(b.get(name))), file=sys.stderr)
+            break
 sys.exit(0 if ok else 1)

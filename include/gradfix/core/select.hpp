@@ -27,4 +27,7 @@ class TensorSelector {
   std::vector<std::shared_ptr<const re2::RE2>> exclude_;
 };
 
+// `name` as a pattern that matches exactly that name: anchored, metacharacters escaped.
+std::string exact_pattern(const std::string& name);
+
 }  // namespace gradfix

@@ -36,6 +36,9 @@ class TensorReader {
   // Every tensor, in the order the file stores them.
   virtual const std::vector<TensorInfo>& tensors() const = 0;
   virtual const Metadata& metadata() const = 0;
+  // Tensors stored in a dtype gradfix cannot read, as (name, dtype text); they are not in
+  // tensors(). A job refuses one that its --include/--exclude selects.
+  virtual const std::vector<std::pair<std::string, std::string>>& unreadable() const;
   // Copies elements [begin, begin + count) of the flattened tensor, in its stored dtype.
   virtual void read_raw(const std::string& name, long long begin, long long count, void* target) const = 0;
 
@@ -119,7 +122,9 @@ void check_all_written(const std::string& file, const std::vector<TensorInfo>& l
 enum class StoreFormat { kSafetensors, kShardedSafetensors, kHdf5 };
 
 // The format a path names: *.safetensors, *.h5 or *.hdf5, or a directory (or its
-// model.safetensors.index.json) for a sharded checkpoint. Throws InputError for anything else.
+// model.safetensors.index.json) for a sharded checkpoint. An existing directory without an index
+// but with a model.safetensors (what save_pretrained writes for a small model) reads as that file.
+// Throws InputError for anything else.
 StoreFormat format_of_path(const std::string& path);
 
 std::unique_ptr<TensorReader> open_reader(const std::string& path);

@@ -15,6 +15,7 @@ struct PairStats {
   double norm_b_squared = 0.0;
 
   void add(const float* a, const float* b, long long n);
+  void add(const double* a, const double* b, long long n);
   void add(const PairStats& other);
   // Fractions in [0, 1]; 0 for empty tensors.
   double sign_agreement() const;
