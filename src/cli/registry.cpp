@@ -31,6 +31,7 @@ OutputOptions parse_output(const Options& values) {
     output.out_dtype = *dtype;
   }
   output.allow_nonfinite = values.flag("allow-nonfinite");
+  output.force = values.flag("force");
   output.max_shard_bytes = parse_byte_size(values.text("max-shard-size"), "--max-shard-size");
   return output;
 }
@@ -494,11 +495,12 @@ const std::vector<OptionSpec>& group_options(OptionGroup group) {
       {"timeout", T::kNumber, "900", "seconds a rank waits in one collective before it stops the job, naming the ranks that stopped answering (0: wait forever)"}};
   static const std::vector<OptionSpec> kOutput = {
       {"out", T::kText, "", "output: FILE.safetensors, FILE.h5 / FILE.hdf5, or a directory for a sharded safetensors checkpoint"},
-      {"out-dtype", T::kText, "", "dtype of the written tensors (F32, F16, BF16, F64, ...); default: that of the primary input"},
+      {"out-dtype", T::kText, "", "dtype of the written float tensors: F64, F32, F16, BF16, F8_E4M3, F8_E5M2 (or float32, bfloat16, ...); integer tensors keep theirs. Default: the primary input's (task vectors: F32, F64 from F64 inputs; merges: the widest input's)"},
       {"include", T::kTexts, "", "act only on tensors whose name matches this regex (repeatable)"},
       {"exclude", T::kTexts, "", "leave out tensors whose name matches this regex (repeatable)"},
       {"allow-nonfinite", T::kFlag, "", "accept NaN and Inf in inputs instead of failing"},
-      {"max-shard-size", T::kText, "5GB", "largest shard of a sharded safetensors output"}};
+      {"max-shard-size", T::kText, "5GB", "largest shard of a sharded safetensors output"},
+      {"force", T::kFlag, "", "replace an existing output directory even if it is not a checkpoint (it must hold regular files only)"}};
   static const std::vector<OptionSpec> kMask = {
       {"mask-mode", T::kText, "normal", "mask rule: " + mask_mode_names()},
       {"beta", T::kNumber, "5", "soft1 sharpness"},

@@ -64,10 +64,11 @@ std::string shared_token(Communicator& comm) {
 
 std::unique_ptr<TensorWriter> open_collective_writer(const JobContext& context, const std::string& path,
                                                      const std::vector<TensorInfo>& layout, const Metadata& metadata,
-                                                     long long max_shard_bytes) {
+                                                     long long max_shard_bytes, bool force) {
   Communicator& comm = context.host();
   WriteOptions options;
   options.max_shard_bytes = max_shard_bytes;
+  options.force = force;
   auto* mpi = dynamic_cast<MpiCommunicator*>(&comm);
   // A world of one without MPI (a library user, a unit test) writes alone.
   if (comm.size() == 1 && mpi == nullptr) return open_writer(path, layout, metadata, options);

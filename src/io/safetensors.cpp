@@ -528,9 +528,9 @@ class SafetensorsWriter final : public TensorWriter {
 };
 
 // What an existing output directory may be for a run to replace it whole: nothing but regular
-// files, and a checkpoint (an index or shards) or nothing at all. Anything else (a home directory,
+// files, and a checkpoint (an index or shards), nothing at all, or with `force` any such files. Anything else (a home directory,
 // a Hugging Face cache snapshot of symbolic links, a directory of results) is refused untouched.
-void check_replaceable(const std::string& directory) {
+void check_replaceable(const std::string& directory, bool force) {
   struct stat status {};
   if (::lstat(directory.c_str(), &status) != 0) return;  // nothing there yet
   if (!S_ISDIR(status.st_mode)) throw InputError(directory + ": exists and is not a directory; a sharded output is a directory");
@@ -553,9 +553,10 @@ void check_replaceable(const std::string& directory) {
   if (!other.empty())
     throw InputError(directory + ": the existing output directory holds '" + escaped_name(other) +
                      "', which is not a regular file; gradfix replaces an output directory whole and will not replace this one");
-  if (!empty && !checkpoint)
+  if (!empty && !checkpoint && !force)
     throw InputError(directory + ": the existing directory is not a checkpoint (no " + kSafetensorsIndexName +
-                     ", no .safetensors file); gradfix replaces an output directory whole and will not replace this one");
+                     ", no .safetensors file); gradfix replaces an output directory whole and will not replace this one "
+                     "(--force replaces it)");
 }
 
 // Removes the regular files of a directory and the directory: what a swap left of an earlier
@@ -600,14 +601,14 @@ void publish_directory(const std::string& staging, const std::string& target) {
 class ShardedSafetensorsWriter final : public TensorWriter {
  public:
   ShardedSafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& layout, const Metadata& metadata,
-                           long long max_shard_bytes, const WriterRole& role)
+                           long long max_shard_bytes, const WriterRole& role, bool force)
       : path_(path), role_(role), layout_(layout) {
     if (max_shard_bytes <= 0) throw InputError("--max-shard-size must be positive, got " + std::to_string(max_shard_bytes));
     if (role_.token.empty()) role_.token = new_temporary_token();
     directory_ = sharded_checkpoint_directory(path);
     staging_ = temporary_path_for(directory_, role_.token);
     if (role_.leader) {
-      check_replaceable(directory_);
+      check_replaceable(directory_, force);
       ensure_directory(parent_directory(directory_));
       if (::mkdir(staging_.c_str(), 0755) != 0)
         throw RuntimeFailure(directory_ + ": cannot create the staging directory '" + staging_ + "': " + std::strerror(errno));
@@ -769,8 +770,8 @@ std::unique_ptr<TensorWriter> open_safetensors_writer(const std::string& path, c
 std::unique_ptr<TensorWriter> open_sharded_safetensors_writer(const std::string& path,
                                                               const std::vector<TensorInfo>& layout,
                                                               const Metadata& metadata, long long max_shard_bytes,
-                                                              const WriterRole& role) {
-  return std::make_unique<ShardedSafetensorsWriter>(path, layout, metadata, max_shard_bytes, role);
+                                                              const WriterRole& role, bool force) {
+  return std::make_unique<ShardedSafetensorsWriter>(path, layout, metadata, max_shard_bytes, role, force);
 }
 
 }  // namespace gradfix

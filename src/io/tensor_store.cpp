@@ -182,7 +182,7 @@ std::unique_ptr<TensorWriter> open_writer(const std::string& path, const std::ve
   switch (format_of_path(path)) {
     case StoreFormat::kSafetensors: return open_safetensors_writer(path, layout, metadata, options.role);
     case StoreFormat::kShardedSafetensors:
-      return open_sharded_safetensors_writer(path, layout, metadata, options.max_shard_bytes, options.role);
+      return open_sharded_safetensors_writer(path, layout, metadata, options.max_shard_bytes, options.role, options.force);
     case StoreFormat::kHdf5: return open_hdf5_writer(path, layout, metadata, options.role);
   }
   throw InputError("'" + path + "': unknown checkpoint format");

@@ -44,6 +44,8 @@ TiesScope parse_ties_scope(const std::string& name) { return parse_named(kScopes
 MergeOrder parse_merge_order(const std::string& name) { return parse_named(kOrders, name, "merge order"); }
 const char* merge_method_name(MergeMethod method) { return name_of(kMethods, method); }
 const char* merge_order_name(MergeOrder order) { return name_of(kOrders, order); }
+const char* ties_elect_name(TiesElect elect) { return name_of(kElects, elect); }
+const char* ties_scope_name(TiesScope scope) { return name_of(kScopes, scope); }
 
 void merge_values(MergeMethod method, TiesElect elect, const std::vector<const float*>& vectors, long long count,
                   const std::vector<float>& thresholds, float* out) {

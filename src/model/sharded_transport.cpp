@@ -364,7 +364,7 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
         }
       }
     });
-    carry_model_files(context, job.target, *writer, OutputOptions{});
+    carry_model_files(context, job.target, *writer, OutputOptions{}, metadata);
     commit_collectively(context, *writer);
     if (context.is_root()) log << "transport: GradFix model (alpha " << gradfix_alpha << ") written to " << job.out << "\n";
   }

@@ -230,15 +230,71 @@ DType widest_float(const std::vector<DType>& dtypes) {
   return mixed_same_rank && rank(widest) < 3 ? DType::kF32 : widest;
 }
 
-Metadata output_metadata(const Metadata& input, const std::string& operation) {
-  Metadata metadata = input;
+// An output's __metadata__ keeps the chain that made it: the primary input's own keys (such as
+// "format": "pt", which transformers requires), every input's metadata under
+// "gradfix.input.ROLE." (so a merge that made a task vector survives the apply that uses it), and
+// this operation with its options as JSON. Chains deeper than kMaxProvenanceDepth operations are
+// cut, saying so, so that metadata cannot grow without bound over repeated runs.
+constexpr int kMaxProvenanceDepth = 8;
+
+using Inputs = std::vector<std::pair<std::string, const TensorReader*>>;
+
+int provenance_depth(const std::string& key) {
+  int depth = 0;
+  for (std::size_t at = key.find("gradfix.input."); at != std::string::npos; at = key.find("gradfix.input.", at + 1)) ++depth;
+  return depth;
+}
+
+Metadata output_metadata(const std::string& operation, const nlohmann::json& options, const Inputs& inputs) {
+  // Keys that describe an operation, not the model: they move under gradfix.input. with the rest
+  // of the input's record. The model's own keys (format, gradfix.arch, ...) stay at the top.
+  static const std::set<std::string> kOperationKeys = {
+      "gradfix.operation", "gradfix.options", "gradfix.provenance_cut", "gradfix.alpha", "gradfix.mask_mode",
+      "gradfix.merge_method", "gradfix.merge_order", "gradfix.sign_mode", "gradfix.samples", "gradfix.seed"};
+  Metadata metadata;
+  if (!inputs.empty())
+    for (const auto& [key, value] : inputs.front().second->metadata())
+      if (!kOperationKeys.count(key) && key.rfind("gradfix.input.", 0) != 0) metadata[key] = value;
+  for (const auto& [role, reader] : inputs)
+    for (const auto& [key, value] : reader->metadata()) {
+      const std::string nested = "gradfix.input." + role + "." + key;
+      if (provenance_depth(nested) > kMaxProvenanceDepth) metadata["gradfix.provenance_cut"] = "deeper than " + std::to_string(kMaxProvenanceDepth) + " operations";
+      else metadata[nested] = value;
+    }
   metadata["gradfix.operation"] = operation;
+  metadata["gradfix.options"] = options.dump();
+  if (!metadata.count("format")) metadata["format"] = "pt";
   return metadata;
+}
+
+// How options name an input: by its last path component ("tau.safetensors", "Llama-3-8B"), so
+// that where a user keeps files does not change an output's bytes (or leak into shared models).
+std::string input_name(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+nlohmann::json input_names(const std::vector<std::string>& paths) {
+  nlohmann::json names = nlohmann::json::array();
+  for (const auto& path : paths) names.push_back(input_name(path));
+  return names;
+}
+
+// The options every writing job records: dtype rules and the tensor selection.
+nlohmann::json output_options_json(const OutputOptions& output) {
+  nlohmann::json json = {{"include", output.include}, {"exclude", output.exclude}, {"allow_nonfinite", output.allow_nonfinite}};
+  if (output.out_dtype) json["out_dtype"] = dtype_name(*output.out_dtype);
+  return json;
+}
+
+nlohmann::json mask_options_json(MaskMode mode, const MaskOptions& mask) {
+  return {{"mask_mode", mask_mode_name(mode)}, {"beta", mask.beta}, {"gamma", mask.gamma}, {"c", mask.c}, {"seed", mask.seed}};
 }
 
 std::unique_ptr<TensorWriter> open_output(const Ranks& ranks, const std::string& path, const std::vector<TensorInfo>& layout,
                                           const Metadata& metadata, const OutputOptions& output) {
-  return open_collective_writer(ranks.context(), path, layout, metadata, output.max_shard_bytes);
+  return open_collective_writer(ranks.context(), path, layout, metadata, output.max_shard_bytes, output.force);
 }
 
 
@@ -419,10 +475,87 @@ double gaussian_at(std::uint64_t seed, std::uint64_t key, long long index) {
 
 }  // namespace
 
-void carry_model_files(const JobContext& context, const std::string& input, TensorWriter& output, const OutputOptions& options) {
-  if (!is_directory(input) || !output.takes_files()) return;
+namespace {
+
+// One line of a markdown table cell: no newlines, no column breaks.
+std::string cell(const std::string& text) {
+  std::string out;
+  for (char c : escaped_name(text)) {
+    if (c == '|') out += "\\|";
+    else out += c;
+  }
+  return out;
+}
+
+// The options of one operation as "key: value" rows, nested objects flattened with dots.
+void option_rows(const nlohmann::json& json, const std::string& prefix, std::ostream& out) {
+  for (const auto& [key, value] : json.items()) {
+    const std::string name = prefix.empty() ? key : prefix + "." + key;
+    if (value.is_object()) option_rows(value, name, out);
+    else if (!(value.is_array() && value.empty())) out << "| " << cell(name) << " | " << cell(value.is_string() ? value.get<std::string>() : value.dump()) << " |\n";
+  }
+}
+
+// The operations behind `prefix` (an output's keys, or an input's under gradfix.input.ROLE.),
+// as a nested list: each input's operation and options, then its own inputs.
+void provenance_list(const Metadata& metadata, const std::string& prefix, int depth, std::ostream& out) {
+  std::set<std::string> roles;
+  const std::string inputs = prefix + "gradfix.input.";
+  for (auto it = metadata.lower_bound(inputs); it != metadata.end() && it->first.rfind(inputs, 0) == 0; ++it) {
+    const std::string rest = it->first.substr(inputs.size());
+    // A role is "base", "task_vector.0"...: up to the ".gradfix." or the key of its own metadata.
+    const std::size_t end = rest.find(".gradfix.");
+    if (end != std::string::npos) roles.insert(rest.substr(0, end));
+  }
+  for (const auto& role : roles) {
+    const std::string key = inputs + role + ".";
+    const auto operation = metadata.find(key + "gradfix.operation");
+    if (operation == metadata.end()) continue;
+    out << std::string(static_cast<std::size_t>(2 * depth), ' ') << "- " << cell(role) << ": `" << cell(operation->second) << "`";
+    const auto options = metadata.find(key + "gradfix.options");
+    if (options != metadata.end()) out << " " << cell(options->second);
+    out << "\n";
+    provenance_list(metadata, key, depth + 1, out);
+  }
+}
+
+}  // namespace
+
+std::string model_card(const Metadata& metadata, bool transformers_model) {
+  std::ostringstream card;
+  card << "---\n";
+  if (transformers_model) card << "library_name: transformers\n";
+  card << "tags:\n- gradfix\n";
+  const auto operation = metadata.find("gradfix.operation");
+  if (operation != metadata.end()) card << "- gradfix-" << cell(operation->second) << "\n";
+  card << "---\n\n# Written by gradfix\n\n";
+  card << "This directory was written by `gradfix " << (operation != metadata.end() ? cell(operation->second) : "") << "`";
+  card << " (task vector transport by gradient-sign masking, Rinaldi et al., ICLR 2026). The same record is in the "
+          "`__metadata__` of its safetensors files.\n\n| option | value |\n|---|---|\n";
+  const auto options = metadata.find("gradfix.options");
+  const auto json = options == metadata.end() ? nlohmann::json() : nlohmann::json::parse(options->second, nullptr, false);
+  if (json.is_object()) option_rows(json, "", card);
+  // Jobs without an options record (the model subcommands) keep their settings in plain keys.
+  for (const auto& [key, value] : metadata)
+    if (!json.is_object() && key.rfind("gradfix.", 0) == 0 && key.find('.', 8) == std::string::npos && key != "gradfix.operation")
+      card << "| " << cell(key.substr(8)) << " | " << cell(value) << " |\n";
+  std::ostringstream chain;
+  provenance_list(metadata, "", 0, chain);
+  if (!chain.str().empty()) card << "\n## How its inputs were made\n\n" << chain.str();
+  return card.str();
+}
+
+void carry_model_files(const JobContext& context, const std::string& input, TensorWriter& output, const OutputOptions& options,
+                       const Metadata& metadata) {
+  if (!output.takes_files()) return;
   context.agree([&] {
     if (!context.is_root()) return;
+    bool transformers_model = false;
+    // The input's own model card describes the input: the output gets its own (below).
+    if (!is_directory(input)) {
+      output.add_file("README.md", model_card(metadata, false));
+      return;
+    }
     DIR* listing = ::opendir(input.c_str());
     if (listing == nullptr) throw InputError(input + ": cannot list the model directory: " + std::strerror(errno));
     std::vector<std::string> names;
@@ -431,7 +564,7 @@ void carry_model_files(const JobContext& context, const std::string& input, Tens
     std::sort(names.begin(), names.end());
     for (const auto& name : names) {
       const bool tensors = name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0;
-      if (name.empty() || name[0] == '.' || tensors || name == kSafetensorsIndexName) continue;
+      if (name.empty() || name[0] == '.' || tensors || name == kSafetensorsIndexName || name == "README.md") continue;
       const std::string from = input + "/" + name;
       struct stat status {};
       if (::lstat(from.c_str(), &status) != 0 || !S_ISREG(status.st_mode)) continue;
@@ -441,19 +574,19 @@ void carry_model_files(const JobContext& context, const std::string& input, Tens
       std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
       if (!file.good() && !file.eof()) throw RuntimeFailure(from + ": read failed");
       if (name == "config.json" && options.out_dtype) {
-        static const std::map<DType, const char*> kTorchNames = {
-            {DType::kF32, "float32"}, {DType::kF16, "float16"}, {DType::kBF16, "bfloat16"}, {DType::kF64, "float64"}};
-        const auto torch_name = kTorchNames.find(*options.out_dtype);
+        const char* torch_name = torch_dtype_name(*options.out_dtype);
         auto config = nlohmann::json::parse(text, nullptr, false);
-        if (torch_name != kTorchNames.end() && config.is_object()) {
+        if (config.is_object()) {
           for (const char* key : {"torch_dtype", "dtype"})
-            if (config.contains(key)) config[key] = torch_name->second;
-          if (!config.contains("torch_dtype") && !config.contains("dtype")) config["torch_dtype"] = torch_name->second;
+            if (config.contains(key)) config[key] = torch_name;
+          if (!config.contains("torch_dtype") && !config.contains("dtype")) config["torch_dtype"] = torch_name;
           text = config.dump(2) + "\n";
         }
       }
+      if (name == "config.json") transformers_model = true;
       output.add_file(name, text);
     }
+    output.add_file("README.md", model_card(metadata, transformers_model));
   });
 }
 
@@ -509,7 +642,9 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
         << format_name_list(integers) << "\n";
   const ShardPlan plan(layout, ranks.size());
   NonFiniteResults nonfinite;
-  auto writer = open_output(ranks, job.out, layout, output_metadata(base->metadata(), "taskvector"), job.output);
+  nlohmann::json options = {{"base", input_name(job.base)}, {"finetuned", input_name(job.finetuned)}, {"output", output_options_json(job.output)}};
+  const Metadata metadata = output_metadata("taskvector", options, {{"base", base.get()}, {"finetuned", finetuned.get()}});
+  auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
   const bool allow = job.output.allow_nonfinite;
   for (const auto& chunk : my_chunks(ranks, plan, layout)) {
@@ -526,7 +661,7 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
     else difference(0.0f);
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
-  carry_model_files(ranks.context(), job.base, *writer, job.output);
+  carry_model_files(ranks.context(), job.base, *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
@@ -567,7 +702,9 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
   }
   notice_mixed_dtypes(ranks, log, "apply", differing, example,
                       "computed in F32 (F64 where an input is F64) and written in the base's dtype unless --out-dtype");
-  Metadata metadata = output_metadata(base->metadata(), "apply");
+  nlohmann::json options = {
+      {"base", input_name(job.base)}, {"task_vector", input_name(job.task_vector)}, {"alpha", job.alpha}, {"output", output_options_json(job.output)}};
+  Metadata metadata = output_metadata("apply", options, {{"base", base.get()}, {"task_vector", tau.get()}});
   metadata["gradfix.alpha"] = std::to_string(job.alpha);
   const ShardPlan plan(layout, ranks.size());
   NonFiniteResults nonfinite;
@@ -592,7 +729,7 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
     else add(static_cast<float>(job.alpha));
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
-  carry_model_files(ranks.context(), job.base, *writer, job.output);
+  carry_model_files(ranks.context(), job.base, *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
@@ -621,7 +758,9 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
   const std::set<std::string> changed(names.begin(), names.end());
   std::vector<TensorInfo> layout;
   for (const auto& tensor : tau->tensors()) layout.push_back(output_info(tensor, job.output));
-  Metadata metadata = output_metadata(tau->metadata(), "mask");
+  nlohmann::json options = {{"task_vector", input_name(job.task_vector)}, {"signs", input_name(job.signs)}, {"mask", mask_options_json(job.mode, job.mask)},
+                             {"output", output_options_json(job.output)}};
+  Metadata metadata = output_metadata("mask", options, {{"task_vector", tau.get()}, {"signs", signs.get()}});
   metadata["gradfix.mask_mode"] = mask_mode_name(job.mode);
   const ShardPlan plan(layout, ranks.size());
   const auto chunks = my_chunks(ranks, plan, layout);
@@ -655,7 +794,7 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
     kept.add(masked.data(), values.data(), chunk.count);
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
-  carry_model_files(ranks.context(), job.task_vector, *writer, job.output);
+  carry_model_files(ranks.context(), job.task_vector, *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);
   ranks.reduce_summary(summary.stats);
   ranks.reduce_summary(kept);
@@ -794,7 +933,15 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
                               statistics = summed_signs(chunk);
                             });
 
-  Metadata metadata = output_metadata(vectors[0]->metadata(), "merge");
+  nlohmann::json options = {{"task_vectors", input_names(job.task_vectors)}, {"signs", input_names(job.signs)}, {"method", merge_method_name(job.method)},
+                             {"order", merge_order_name(job.order)}, {"output", output_options_json(job.output)}};
+  if (job.method == MergeMethod::kTies)
+    options["ties"] = {{"fraction", job.ties.fraction}, {"elect", ties_elect_name(job.ties.elect)}, {"scope", ties_scope_name(job.ties.scope)}};
+  if (job.order != MergeOrder::kNone) options["mask"] = mask_options_json(job.mode, job.mask);
+  Inputs inputs;
+  for (std::size_t v = 0; v < vectors.size(); ++v) inputs.emplace_back("task_vector." + std::to_string(v), vectors[v].get());
+  for (std::size_t v = 0; v < signs.size(); ++v) inputs.emplace_back("signs." + std::to_string(v), signs[v].get());
+  Metadata metadata = output_metadata("merge", options, inputs);
   metadata["gradfix.merge_method"] = merge_method_name(job.method);
   metadata["gradfix.merge_order"] = merge_order_name(job.order);
   NonFiniteResults nonfinite;
@@ -810,7 +957,7 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
     summary.stats.add(merged.data(), first.data(), chunk.count);
   }
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
-  carry_model_files(ranks.context(), job.task_vectors.front(), *writer, job.output);
+  carry_model_files(ranks.context(), job.task_vectors.front(), *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);
   ranks.reduce_summary(summary.stats);
   summary.elements = summary.stats.count;
@@ -836,13 +983,15 @@ JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContex
   });
   const auto layout = layout_of(*in, names, job.output);
   const ShardPlan plan(layout, ranks.size());
-  auto writer = open_output(ranks, job.out, layout, in->metadata(), job.output);
+  const Metadata metadata =
+      output_metadata("convert", {{"in", input_name(job.in)}, {"output", output_options_json(job.output)}}, {{"input", in.get()}});
+  auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
   NonFiniteResults nonfinite;
   for (const auto& chunk : my_chunks(ranks, plan, layout))
     copy_chunk(*in, layout[chunk.tensor], chunk, *writer, job.output.allow_nonfinite, nonfinite);
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
-  carry_model_files(ranks.context(), job.in, *writer, job.output);
+  carry_model_files(ranks.context(), job.in, *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.bytes_written = layout_bytes(layout);
@@ -907,7 +1056,10 @@ JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobCont
     if (layout.empty()) throw InputError("generate needs --mlp, --shapes or --like");
   });
   const ShardPlan plan(layout, ranks.size());
-  auto writer = open_output(ranks, job.out, layout, like ? like->metadata() : Metadata{}, job.output);
+  nlohmann::json options = {{"like", input_name(job.like)}, {"like_scale", job.like_scale}, {"noise", job.noise}, {"seed", job.seed},
+                            {"output", output_options_json(job.output)}};
+  const Metadata metadata = output_metadata("generate", options, like ? Inputs{{"like", like.get()}} : Inputs{});
+  auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
   NonFiniteResults nonfinite;
   for (const auto& chunk : my_chunks(ranks, plan, layout)) {
@@ -927,7 +1079,7 @@ JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobCont
       values[static_cast<std::size_t>(i)] += static_cast<float>(job.noise * gaussian_at(job.seed, key, chunk.begin + i));
     writer->write_f32(tensor.name, chunk.begin, values.data(), chunk.count);
   }
-  carry_model_files(ranks.context(), job.like, *writer, job.output);
+  carry_model_files(ranks.context(), job.like, *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);
   summary.tensors_written = static_cast<long long>(layout.size());
   summary.bytes_written = layout_bytes(layout);

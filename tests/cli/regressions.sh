@@ -240,12 +240,15 @@ for round in 1 2 3 4 5 6; do
   wait "$first" && wait "$second" || mixed=$((mixed + 100))
   alphas=$(cat runs/shared/*.safetensors | grep -ao '"gradfix.alpha":"[0-9.]*"' | sort -u | wc -l)
   [ "$alphas" -eq 1 ] || mixed=$((mixed + 1))
-  [ "$(ls runs/shared | wc -l)" -eq 5 ] || mixed=$((mixed + 1))
+  [ "$(ls runs/shared | wc -l)" -eq 6 ] || mixed=$((mixed + 1))  # 4 shards, the index, the model card
+  # The model card belongs to the same run as the shards.
+  grep -q "| alpha | $(grep -ao '"gradfix.alpha":"[0-9]' runs/shared/model-00001-of-00004.safetensors | tail -c 2)" runs/shared/README.md ||
+    mixed=$((mixed + 1))
 done
 check "two concurrent writers of one directory: both exit 0, the directory always holds one run's whole output (bad rounds: $mixed)" test "$mixed" -eq 0
 check "no staging directory is left beside the output" test "$(ls -A runs)" = "shared"
 "$gradfix" apply --base base.safetensors --task-vector tau.safetensors --alpha 3 --out runs/shared >/dev/null
-check "a rewrite with fewer shards leaves no stale shard" test "$(ls runs/shared)" = "$(printf 'model-00001-of-00001.safetensors\nmodel.safetensors.index.json')"
+check "a rewrite with fewer shards leaves no stale shard" test "$(ls runs/shared)" = "$(printf 'README.md\nmodel-00001-of-00001.safetensors\nmodel.safetensors.index.json')"
 mkdir -p notes && echo "my notes" >notes/README.md
 expect "a directory that is not a checkpoint is not replaced" 2 "notes: the existing directory is not a checkpoint" \
   apply --base base.safetensors --task-vector tau.safetensors --out notes

@@ -19,7 +19,7 @@ namespace gradfix {
 // writer's flush(), finish() and publish() are collective too.
 std::unique_ptr<TensorWriter> open_collective_writer(const JobContext& context, const std::string& path,
                                                      const std::vector<TensorInfo>& layout, const Metadata& metadata,
-                                                     long long max_shard_bytes = 5LL << 30);
+                                                     long long max_shard_bytes = 5LL << 30, bool force = false);
 
 // Finishes on every rank, agrees that all succeeded, then publishes. A writer that is destroyed
 // instead (an error on any rank) removes its temporary files.

@@ -27,7 +27,7 @@ std::unique_ptr<TensorWriter> open_safetensors_writer(const std::string& path, c
 std::unique_ptr<TensorWriter> open_sharded_safetensors_writer(const std::string& path,
                                                               const std::vector<TensorInfo>& layout,
                                                               const Metadata& metadata, long long max_shard_bytes,
-                                                              const WriterRole& role = {});
+                                                              const WriterRole& role = {}, bool force = false);
 
 // The directory of a sharded checkpoint named by the directory or by its index file.
 std::string sharded_checkpoint_directory(const std::string& path);

@@ -74,6 +74,9 @@ struct WriteOptions {
   // For a sharded safetensors directory: the largest shard, in bytes (a single larger tensor gets
   // a shard of its own).
   long long max_shard_bytes = 5LL << 30;
+  // A directory output may replace an existing directory that is not a checkpoint (--force);
+  // one holding anything but regular files is still refused (nothing is removed recursively).
+  bool force = false;
   WriterRole role;
 };
 

@@ -31,6 +31,8 @@ TiesScope parse_ties_scope(const std::string& name);
 MergeOrder parse_merge_order(const std::string& name);
 const char* merge_method_name(MergeMethod method);
 const char* merge_order_name(MergeOrder order);
+const char* ties_elect_name(TiesElect elect);
+const char* ties_scope_name(TiesScope scope);
 
 struct TiesOptions {
   double fraction = 0.2;

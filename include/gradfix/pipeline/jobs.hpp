@@ -25,6 +25,7 @@ struct OutputOptions {
   std::optional<DType> out_dtype;    // default: the dtype of the primary input
   bool allow_nonfinite = false;      // accept NaN and Inf in inputs
   long long max_shard_bytes = 5LL << 30;
+  bool force = false;                // replace an existing output directory that is not a checkpoint
 };
 
 struct TaskVectorJob {
@@ -107,10 +108,16 @@ struct JobSummary {
 // The non-tensor files of a Hugging Face model directory (config.json, generation_config.json,
 // tokenizer files, the chat template) travel with its tensors: when the primary input is such a
 // directory and the output is a directory, the root adds them to it before it is published (in
-// the same step as the shards), so the output loads with from_pretrained like the input. With --out-dtype, config.json's
-// torch_dtype (and dtype) follow. Only regular files directly in the directory are copied, never
-// symbolic links (they could point anywhere), and none larger than 256 MiB.
-void carry_model_files(const JobContext& context, const std::string& input, TensorWriter& output, const OutputOptions& options);
+// the same step as the shards), so the output loads with from_pretrained like the input. With
+// --out-dtype, config.json's torch_dtype (and dtype) follow. Only regular files directly in the
+// directory are copied, never symbolic links (they could point anywhere), and none larger than
+// 256 MiB. The input's README.md is not copied: every directory output gets its own model card,
+// made from the output's metadata (model_card).
+void carry_model_files(const JobContext& context, const std::string& input, TensorWriter& output, const OutputOptions& options,
+                       const Metadata& metadata);
+// README.md for an output directory: Hugging Face front matter, the operation and its options,
+// and the operations that made its inputs, all read from the output's metadata.
+std::string model_card(const Metadata& metadata, bool transformers_model);
 
 // Each prints its summary on rank 0 only; the returned summary is the same on every rank.
 JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const JobContext& context = {});
