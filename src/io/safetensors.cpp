@@ -18,6 +18,7 @@
 
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
+#include "json_input.hpp"
 
 namespace gradfix {
 namespace {
@@ -772,6 +773,18 @@ std::unique_ptr<TensorWriter> open_sharded_safetensors_writer(const std::string&
                                                               const Metadata& metadata, long long max_shard_bytes,
                                                               const WriterRole& role, bool force) {
   return std::make_unique<ShardedSafetensorsWriter>(path, layout, metadata, max_shard_bytes, role, force);
+}
+
+nlohmann::json parse_untrusted_json(const std::string& text, const std::string& path, const char* what) {
+  return parse_json_without_duplicates(text, path, what);
+}
+
+std::string read_small_file(const std::string& path, long long limit) {
+  MappedFile file(path);
+  if (file.size() > limit)
+    throw InputError(path + ": " + std::to_string(file.size()) + " bytes; gradfix reads at most " + std::to_string(limit) +
+                     " bytes of such a file");
+  return std::string(reinterpret_cast<const char*>(file.data()), static_cast<std::size_t>(file.size()));
 }
 
 }  // namespace gradfix

@@ -5,6 +5,7 @@
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/hdf5_store.hpp"
+#include "gradfix/io/lora.hpp"
 #include "gradfix/io/safetensors.hpp"
 
 namespace gradfix {
@@ -146,6 +147,7 @@ std::unique_ptr<TensorReader> open_reader(const std::string& path) {
   switch (format_of_path(path)) {
     case StoreFormat::kSafetensors: return open_safetensors_reader(path);
     case StoreFormat::kShardedSafetensors: {
+      if (is_lora_adapter(path)) return open_lora_reader(path);
       const std::string single = sharded_checkpoint_directory(path) + "/model.safetensors";
       if (is_directory(path) && !file_exists(sharded_checkpoint_directory(path) + "/" + kSafetensorsIndexName) &&
           file_exists(single))

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Exit 0 when two safetensors checkpoints (files or directories) hold the same tensor names and
+shapes and every F32/F64/BF16/F16 value agrees within ABS + REL * |reference|; other dtypes must
+be byte-equal. On a difference, prints the first tensor and values that disagree. Standard
+library only.
+
+    close_tensors.py CANDIDATE REFERENCE [--abs 1e-6] [--rel 1e-5]
+"""
+import json
+import os
+import struct
+import sys
+
+
+def tensors(path):
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            files = [os.path.join(path, f) for f in sorted(set(json.load(open(index))["weight_map"].values()))]
+        else:
+            files = [os.path.join(path, "model.safetensors")]
+    else:
+        files = [path]
+    out = {}
+    for name in files:
+        raw = open(name, "rb").read()
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8:8 + n])
+        header.pop("__metadata__", None)
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            out[key] = (entry["dtype"], entry["shape"], raw[8 + n + begin:8 + n + end])
+    return out
+
+
+def values(dtype, data):
+    if dtype == "F32":
+        return struct.unpack("<%df" % (len(data) // 4), data)
+    if dtype == "F64":
+        return struct.unpack("<%dd" % (len(data) // 8), data)
+    if dtype == "F16":
+        return struct.unpack("<%de" % (len(data) // 2), data)
+    if dtype == "BF16":
+        halves = struct.unpack("<%dH" % (len(data) // 2), data)
+        return [struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in halves]
+    return None
+
+
+args = sys.argv[1:]
+absolute, relative = 1e-6, 1e-5
+if "--abs" in args:
+    absolute = float(args[args.index("--abs") + 1])
+if "--rel" in args:
+    relative = float(args[args.index("--rel") + 1])
+a, b = tensors(args[0]), tensors(args[1])
+if set(a) != set(b):
+    print("close_tensors: names differ: only in %s: %s; only in %s: %s"
+          % (args[0], sorted(set(a) - set(b))[:5], args[1], sorted(set(b) - set(a))[:5]), file=sys.stderr)
+    sys.exit(1)
+for name in sorted(a):
+    (dtype_a, shape_a, data_a), (dtype_b, shape_b, data_b) = a[name], b[name]
+    if shape_a != shape_b:
+        print("close_tensors: '%s': shape %s against %s" % (name, shape_a, shape_b), file=sys.stderr)
+        sys.exit(1)
+    va, vb = values(dtype_a, data_a), values(dtype_b, data_b)
+    if va is None or vb is None:
+        if data_a != data_b or dtype_a != dtype_b:
+            print("close_tensors: '%s' (%s) differs" % (name, dtype_a), file=sys.stderr)
+            sys.exit(1)
+        continue
+    for x, y in zip(va, vb):
+        if abs(x - y) > absolute + relative * abs(y):
+            print("close_tensors: '%s': %r against %r" % (name, x, y), file=sys.stderr)
+            sys.exit(1)
+print("close_tensors: %d tensors agree within %g + %g * |reference|" % (len(a), absolute, relative))
