@@ -1,6 +1,7 @@
 // The command line over the subcommand registry: help, parsing (Boost.Program_options, for flags
 // and for INI config files), the job context (ranks, communicators, device), and the run.
 #include "gradfix/cli/cli.hpp"
+#include "gradfix/cli/mergekit.hpp"
 
 #include <boost/program_options.hpp>
 #include <cctype>
@@ -241,7 +242,12 @@ po::variables_map parse_values(const SubcommandSpec& subcommand, const po::optio
     for (const auto& arg : rest) refuse_boost_placeholders(arg, "gradfix " + subcommand.name + ": argument");
     po::store(po::command_line_parser(rest).options(options).positional(positional).run(), values);
     const std::string config = config_path(rest);
-    if (!config.empty() && !subcommand.config_is_input) store_config_file(config, subcommand, options, values);
+    // A YAML file is a mergekit merge configuration, the merge subcommand's own input.
+    const bool yaml = is_yaml_path(config);
+    if (yaml && subcommand.name != "merge")
+      throw InputError("gradfix " + subcommand.name + ": --config " + config +
+                       " is YAML, a mergekit merge configuration, which only gradfix merge reads (option files are INI)");
+    if (!config.empty() && !subcommand.config_is_input && !yaml) store_config_file(config, subcommand, options, values);
     po::notify(values);
   } catch (const po::error& error) {
     throw InputError("gradfix " + subcommand.name + ": " + error.what() + " (gradfix " + subcommand.name + " --help)");

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "gradfix/cli/cli.hpp"
+#include "gradfix/cli/mergekit.hpp"
 #include "gradfix/cli/sweep.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/data/selection.hpp"
@@ -180,7 +181,8 @@ std::vector<SubcommandSpec> make_table() {
                      return job_of(job, [](const MaskJob& j, std::ostream& log, const JobContext& c) { run_mask(j, log, c); });
                    }});
 
-  table.push_back({"merge", "gradfix merge --task-vector T1 --task-vector T2 [...] --method mean|sum|ties --out M",
+  table.push_back({"merge", "gradfix merge --task-vector T1 --task-vector T2 [...] --method mean|sum|ties --out M\n"
+                   "       gradfix merge --config MERGE.yml --out DIR    (a mergekit configuration: whole models in, the merged model out)",
                    "merge task vectors, optionally masking before or after", Executable::kGradfix,
                    {OptionGroup::kOutput, OptionGroup::kMask},
                    {{"task-vector", T::kTexts, "", "task vector (repeat for each)"},
@@ -192,6 +194,21 @@ std::vector<SubcommandSpec> make_table() {
                     {"order", T::kText, "none", "none|mask-then-merge|merge-then-mask"}},
                    {},
                    [](const Options& values) {
+                     // A mergekit YAML configuration: whole models in, the merged model out.
+                     if (values.has("config") && is_yaml_path(values.text("config"))) {
+                       if (values.has("task-vector") || values.has("signs"))
+                         throw InputError("gradfix merge: --config MERGE.yml names the models; --task-vector and --signs do not go with it");
+                       ModelMergeJob job = mergekit_job(values.text("config"));
+                       job.out = values.required("out");
+                       const OutputOptions output = parse_output(values);
+                       if (output.out_dtype) job.output.out_dtype = output.out_dtype;
+                       job.output.include = output.include;
+                       job.output.exclude = output.exclude;
+                       job.output.allow_nonfinite = output.allow_nonfinite;
+                       job.output.force = output.force;
+                       job.output.max_shard_bytes = output.max_shard_bytes;
+                       return job_of(job, [](const ModelMergeJob& j, std::ostream& log, const JobContext& c) { run_model_merge(j, log, c); });
+                     }
                      MergeJob job;
                      job.task_vectors = values.texts("task-vector");
                      job.signs = values.texts("signs");

@@ -971,6 +971,206 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
   return summary;
 }
 
+const char* model_merge_method_name(ModelMergeMethod method) {
+  switch (method) {
+    case ModelMergeMethod::kLinear: return "linear";
+    case ModelMergeMethod::kTaskArithmetic: return "task_arithmetic";
+    case ModelMergeMethod::kTies: return "ties";
+  }
+  return "?";
+}
+
+namespace {
+
+// mergekit's trim: how many of n entries a delta keeps at this density.
+long long mergekit_keep_count(long long n, double density) {
+  if (density >= 1.0) return n;
+  if (density <= 0.0 || n == 0) return 0;
+  return std::max(1LL, static_cast<long long>(density * static_cast<double>(n)));
+}
+
+// Which entries of one delta survive the trim: those above the k-th largest magnitude, and of
+// those equal to it, the first `ties_to_keep` in flattened order (counted across ranks), so that
+// exactly k survive whatever the number of ranks.
+struct Trim {
+  float threshold = 0.0f;
+  bool keep_all = true;
+  std::map<std::size_t, long long> tied_to_keep;  // by index into this rank's chunks
+};
+
+}  // namespace
+
+JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const JobContext& context) {
+  const Ranks ranks(context);
+  Reader base;
+  std::vector<Reader> models;
+  std::vector<std::string> names;
+  const bool linear = job.method == ModelMergeMethod::kLinear;
+  const std::size_t n = job.models.size();
+  ranks.agree([&] {
+    if (n == 0) throw InputError("a merge needs at least one model");
+    if (job.weights.size() != n || job.densities.size() != n)
+      throw InputError("a merge needs one weight and one density per model");
+    if (!linear && job.base.empty()) throw InputError(std::string(model_merge_method_name(job.method)) + " needs a base_model");
+    for (std::size_t m = 0; m < n; ++m) {
+      if (!std::isfinite(job.weights[m])) throw InputError(job.models[m] + ": weight must be finite");
+      if (!(job.densities[m] >= 0.0 && job.densities[m] <= 1.0))
+        throw InputError(job.models[m] + ": density must be in [0, 1], got " + std::to_string(job.densities[m]));
+    }
+    if (!std::isfinite(job.lambda)) throw InputError("lambda must be finite");
+    base = open_reader(linear && job.base.empty() ? job.models.front() : job.base);
+    for (const auto& path : job.models) models.push_back(open_reader(path));
+    const TensorSelector selector(job.output.include, job.output.exclude);
+    for (const auto& name : selected_names(*base, selector))
+      if (dtype_is_float(base->info(name).dtype)) names.push_back(name);
+    require_selection(names, *base);
+    for (const auto& model : models) {
+      require_matching(*base, names, *model);
+      require_float(*model, names, "merge");
+    }
+  });
+  const std::set<std::string> merged(names.begin(), names.end());
+  std::vector<TensorInfo> layout;
+  for (const auto& tensor : base->tensors()) layout.push_back(output_info(tensor, job.output));
+  const ShardPlan plan(layout, ranks.size());
+  const auto chunks = my_chunks(ranks, plan, layout);
+  const bool allow = job.output.allow_nonfinite;
+  auto delta = [&](std::size_t m, const Piece& chunk) {
+    const std::string& name = layout[chunk.tensor].name;
+    auto values = load(*models[m], name, chunk.begin, chunk.count, allow);
+    const auto reference = load(*base, name, chunk.begin, chunk.count, allow);
+    for (std::size_t i = 0; i < values.size(); ++i) values[i] -= reference[i];
+    return values;
+  };
+
+  // The trims (ties): a threshold per tensor and model, then the tied entries each chunk keeps.
+  std::map<std::size_t, std::vector<Trim>> trims;  // by tensor
+  if (job.method == ModelMergeMethod::kTies) {
+    std::map<std::size_t, std::vector<std::size_t>> chunks_by_tensor;  // indices into `chunks`
+    for (std::size_t c = 0; c < chunks.size(); ++c)
+      if (merged.count(layout[chunks[c].tensor].name)) chunks_by_tensor[chunks[c].tensor].push_back(c);
+    for (std::size_t t = 0; t < layout.size(); ++t) {
+      if (!merged.count(layout[t].name)) continue;
+      const bool split = plan.is_split(t);
+      if (!split && !chunks_by_tensor.count(t)) continue;
+      std::vector<Piece> mine;
+      for (std::size_t c : chunks_by_tensor[t]) mine.push_back(chunks[c]);
+      for (std::size_t m = 0; m < n; ++m) {
+        Trim trim;
+        const long long k = mergekit_keep_count(layout[t].numel(), job.densities[m]);
+        trim.keep_all = k >= layout[t].numel();
+        if (!trim.keep_all) {
+          trim.threshold = distributed_threshold(ranks, k, split, mine, [&](const Piece& chunk) { return delta(m, chunk); });
+          // Counts above and at the threshold; the ties to keep go to the earliest entries.
+          std::vector<long long> tied(chunks_by_tensor[t].size(), 0);
+          std::vector<long long> totals(2 + static_cast<std::size_t>(ranks.size()), 0);  // above, unused, tied per rank
+          for (std::size_t j = 0; j < mine.size(); ++j) {
+            for (float value : delta(m, mine[j])) {
+              const float magnitude = std::fabs(value);
+              totals[0] += magnitude > trim.threshold;
+              tied[j] += magnitude == trim.threshold;
+            }
+            totals[2 + static_cast<std::size_t>(ranks.rank())] += tied[j];
+          }
+          if (split) ranks.reduce_statistics(totals);
+          long long remaining = k - totals[0];
+          for (int r = 0; r < ranks.rank(); ++r) remaining -= totals[2 + static_cast<std::size_t>(r)];
+          for (std::size_t j = 0; j < mine.size(); ++j) {
+            trim.tied_to_keep[chunks_by_tensor[t][j]] = std::max(0LL, std::min(remaining, tied[j]));
+            remaining -= tied[j];
+          }
+        }
+        trims[t].push_back(trim);
+      }
+    }
+  }
+
+  nlohmann::json options = {{"method", model_merge_method_name(job.method)}, {"variant", "mergekit"},
+                            {"base", job.base.empty() ? "" : input_name(job.base)}, {"models", input_names(job.models)},
+                            {"weights", job.weights}, {"densities", job.densities}, {"normalize", job.normalize},
+                            {"lambda", job.lambda}, {"output", output_options_json(job.output)}};
+  Inputs inputs;
+  if (!job.base.empty()) inputs.emplace_back("base", base.get());
+  for (std::size_t m = 0; m < n; ++m) inputs.emplace_back("model." + std::to_string(m), models[m].get());
+  Metadata metadata = output_metadata("merge", options, inputs);
+  if (!job.config_json.empty()) metadata["gradfix.merge_config"] = job.config_json;
+  NonFiniteResults nonfinite;
+  auto writer = open_output(ranks, job.out, layout, metadata, job.output);
+  JobSummary summary;
+  double weight_sum = 0.0;
+  for (double w : job.weights) weight_sum += w;
+  for (std::size_t c = 0; c < chunks.size(); ++c) {
+    const Piece& chunk = chunks[c];
+    const TensorInfo& out = layout[chunk.tensor];
+    if (!merged.count(out.name)) {
+      copy_chunk(*base, out, chunk, *writer, true, nonfinite);
+      continue;
+    }
+    const auto count = static_cast<std::size_t>(chunk.count);
+    std::vector<double> result(count, 0.0);
+    if (linear) {
+      for (std::size_t m = 0; m < n; ++m) {
+        const auto values = load<double>(*models[m], out.name, chunk.begin, chunk.count, allow);
+        for (std::size_t i = 0; i < count; ++i) result[i] += job.weights[m] * values[i];
+      }
+      if (job.normalize && weight_sum != 0.0)
+        for (auto& value : result) value /= weight_sum;
+    } else {
+      std::vector<std::vector<double>> deltas(n);
+      for (std::size_t m = 0; m < n; ++m) {
+        const auto values = delta(m, chunk);
+        deltas[m].assign(values.begin(), values.end());
+        if (job.method == ModelMergeMethod::kTies && !trims[chunk.tensor][m].keep_all) {
+          const Trim& trim = trims[chunk.tensor][m];
+          long long ties_left = trim.tied_to_keep.at(c);
+          for (std::size_t i = 0; i < count; ++i) {
+            const float magnitude = std::fabs(values[i]);
+            const bool kept = magnitude > trim.threshold || (magnitude == trim.threshold && ties_left-- > 0);
+            if (!kept) deltas[m][i] = 0.0;
+          }
+        }
+        for (auto& value : deltas[m]) value *= job.weights[m];
+      }
+      const auto reference = load<double>(*base, out.name, chunk.begin, chunk.count, allow);
+      for (std::size_t i = 0; i < count; ++i) {
+        double mixed = 0.0, divisor = 0.0;
+        if (job.method == ModelMergeMethod::kTies) {
+          double sum = 0.0;
+          for (std::size_t m = 0; m < n; ++m) sum += deltas[m][i];
+          const int elected = sum >= 0.0 ? 1 : -1;  // mergekit elects + when the sum is 0
+          for (std::size_t m = 0; m < n; ++m) {
+            const double value = deltas[m][i];
+            if ((value > 0.0 ? 1 : value < 0.0 ? -1 : 0) != elected) continue;
+            mixed += value;
+            divisor += job.weights[m];
+          }
+          if (divisor == 0.0) divisor = 1.0;
+        } else {
+          for (std::size_t m = 0; m < n; ++m) mixed += deltas[m][i];
+          divisor = std::fabs(weight_sum) < 1e-8 ? 1.0 : weight_sum;
+        }
+        if (job.normalize) mixed /= divisor;
+        result[i] = reference[i] + job.lambda * mixed;
+      }
+    }
+    store(*writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
+    summary.elements += chunk.count;
+  }
+  nonfinite.refuse(ranks, job.out, allow);
+  carry_model_files(ranks.context(), linear && job.base.empty() ? job.models.front() : job.base, *writer, job.output, metadata);
+  commit_collectively(ranks.context(), *writer);
+  std::vector<long long> elements = {summary.elements};
+  ranks.reduce_statistics(elements);
+  summary.elements = elements[0];
+  summary.tensors_written = static_cast<long long>(layout.size());
+  summary.tensors_changed = static_cast<long long>(names.size());
+  summary.bytes_written = layout_bytes(layout);
+  if (ranks.is_root())
+    log << "merge " << model_merge_method_name(job.method) << " (mergekit rules) of " << n << " models: " << names.size() << " of "
+        << layout.size() << " tensors (" << summary.elements << " elements) merged, written to " << job.out << rank_note(ranks) << "\n";
+  return summary;
+}
+
 JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
   Reader in;

@@ -4,7 +4,11 @@ shapes and every F32/F64/BF16/F16 value agrees within ABS + REL * |reference|; o
 be byte-equal. On a difference, prints the first tensor and values that disagree. Standard
 library only.
 
-    close_tensors.py CANDIDATE REFERENCE [--abs 1e-6] [--rel 1e-5]
+    close_tensors.py CANDIDATE REFERENCE [--abs 1e-6] [--rel 1e-5] [--reference-names]
+
+With --reference-names, the candidate may hold more tensors than the reference (mergekit leaves
+out tensors its architecture tables do not list, such as the biases of a Llama with
+attention_bias); the reference's must all be there.
 """
 import json
 import os
@@ -53,6 +57,8 @@ if "--abs" in args:
 if "--rel" in args:
     relative = float(args[args.index("--rel") + 1])
 a, b = tensors(args[0]), tensors(args[1])
+if "--reference-names" in args and set(b) <= set(a):
+    a = {name: a[name] for name in b}
 if set(a) != set(b):
     print("close_tensors: names differ: only in %s: %s; only in %s: %s"
           % (args[0], sorted(set(a) - set(b))[:5], args[1], sorted(set(b) - set(a))[:5]), file=sys.stderr)

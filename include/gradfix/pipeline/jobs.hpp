@@ -64,6 +64,29 @@ struct MergeJob {
   OutputOptions output;
 };
 
+// A merge of whole models as mergekit defines its methods (gradfix merge --config merge.yml):
+//   linear           sum_i w_i M_i, divided by sum_i w_i when normalize
+//   task_arithmetic  base + lambda * sum_i w_i (M_i - base) [/ sum_i w_i when normalize]
+//   ties             each delta M_i - base trimmed to its k = max(1, int(density_i * n)) largest
+//                    magnitudes (exactly k: ties at the threshold are kept in index order), times
+//                    w_i; a sign elected per entry from the sum (+ when it is 0); base + lambda *
+//                    the sum of the agreeing weighted deltas / the sum of their weights
+// (mergekit's rules; docs/merging.md lists where gradfix's own `--method ties` differs.)
+enum class ModelMergeMethod { kLinear, kTaskArithmetic, kTies };
+
+struct ModelMergeJob {
+  ModelMergeMethod method = ModelMergeMethod::kTies;
+  std::string base;                 // required except for linear
+  std::vector<std::string> models;
+  std::vector<double> weights;      // one per model
+  std::vector<double> densities;    // one per model; 1 keeps everything
+  bool normalize = true;
+  double lambda = 1.0;
+  std::string config_json;          // the configuration as read, recorded in the metadata
+  std::string out;
+  OutputOptions output;
+};
+
 struct ConvertJob {
   std::string in;
   std::string out;
@@ -124,6 +147,8 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
 JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& context = {});
 JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& context = {});
 JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& context = {});
+JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const JobContext& context = {});
+const char* model_merge_method_name(ModelMergeMethod method);
 JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContext& context = {});
 void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& context = {});
 JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobContext& context = {});

@@ -1,0 +1,123 @@
+#include "gradfix/cli/mergekit.hpp"
+
+#include <set>
+
+#include "gradfix/cli/cli.hpp"
+#include "gradfix/cli/yaml.hpp"
+#include "gradfix/core/error.hpp"
+
+namespace gradfix {
+namespace {
+
+using Json = nlohmann::json;
+
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Keys of `object` outside `known` are refused, all named at once.
+void refuse_unknown(const Json& object, const std::set<std::string>& known, const std::string& where) {
+  std::vector<std::string> unknown;
+  for (const auto& [key, value] : object.items())
+    if (!known.count(key)) unknown.push_back(key);
+  if (unknown.empty()) return;
+  std::string valid;
+  for (const auto& key : known) valid += (valid.empty() ? "" : ", ") + key;
+  throw InputError(where + ": gradfix does not read " + format_name_list(unknown) + " (it reads " + valid + ")");
+}
+
+// A parameter that must be one number: mergekit also allows per-layer lists ("gradients") and
+// filtered values, which gradfix does not apply.
+double number(const Json& value, const std::string& where) {
+  if (value.is_number()) return value.get<double>();
+  if (value.is_array() || value.is_object())
+    throw InputError(where + ": per-layer values (lists or filters) are not supported; give one number");
+  throw InputError(where + " is " + value.dump() + ", not a number");
+}
+
+bool boolean(const Json& value, const std::string& where) {
+  if (!value.is_boolean()) throw InputError(where + " is " + value.dump() + ", not true or false");
+  return value.get<bool>();
+}
+
+std::string text(const Json& value, const std::string& where) {
+  if (!value.is_string()) throw InputError(where + " is " + value.dump() + ", not text");
+  return value.get<std::string>();
+}
+
+std::string model_path(const Json& value, const std::string& where) {
+  const std::string path = text(value, where);
+  if (path.find('+') != std::string::npos)
+    throw InputError(where + " '" + escaped_name(path) + "': mergekit's MODEL+LORA form is not read; apply the adapter first "
+                     "(gradfix apply --task-vector ADAPTER_DIR)");
+  return path;
+}
+
+}  // namespace
+
+bool is_yaml_path(const std::string& path) { return ends_with(path, ".yml") || ends_with(path, ".yaml"); }
+
+ModelMergeJob mergekit_job(const std::string& path) {
+  const Json config = parse_yaml(read_option_file(path, "merge configuration"), path);
+  if (!config.is_object()) throw InputError(path + ": a merge configuration is a mapping of keys");
+  refuse_unknown(config, {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}, path);
+  ModelMergeJob job;
+  job.config_json = config.dump();
+  if (!config.contains("merge_method")) throw InputError(path + ": merge_method is missing");
+  const std::string method = text(config["merge_method"], path + ": merge_method");
+  if (method == "linear") job.method = ModelMergeMethod::kLinear;
+  else if (method == "task_arithmetic") job.method = ModelMergeMethod::kTaskArithmetic;
+  else if (method == "ties") job.method = ModelMergeMethod::kTies;
+  else
+    throw InputError(path + ": merge_method '" + escaped_name(method) + "' is not one gradfix has (linear, task_arithmetic, ties)");
+  // mergekit's defaults: linear and ties normalise by the weights, task arithmetic does not.
+  job.normalize = job.method != ModelMergeMethod::kTaskArithmetic;
+  if (config.contains("base_model")) job.base = model_path(config["base_model"], path + ": base_model");
+  if (!config.contains("models") || !config["models"].is_array() || config["models"].empty())
+    throw InputError(path + ": models must be a non-empty list");
+  for (std::size_t i = 0; i < config["models"].size(); ++i) {
+    const Json& entry = config["models"][i];
+    const std::string where = path + ": models[" + std::to_string(i) + "]";
+    if (!entry.is_object() || !entry.contains("model")) throw InputError(where + " needs a 'model'");
+    refuse_unknown(entry, {"model", "parameters"}, where);
+    const std::string model = model_path(entry["model"], where + ".model");
+    const Json parameters = entry.contains("parameters") ? entry["parameters"] : Json::object();
+    if (!parameters.is_object()) throw InputError(where + ".parameters must be a mapping");
+    refuse_unknown(parameters, {"weight", "density"}, where + ".parameters");
+    // The base may be listed among the models (mergekit allows it): it adds nothing to a
+    // task-arithmetic merge and is skipped there, as mergekit skips it.
+    if (model == job.base && job.method != ModelMergeMethod::kLinear) continue;
+    if (!parameters.contains("weight")) throw InputError(where + ".parameters.weight is missing (mergekit requires it)");
+    job.models.push_back(model);
+    job.weights.push_back(number(parameters["weight"], where + ".parameters.weight"));
+    job.densities.push_back(parameters.contains("density") ? number(parameters["density"], where + ".parameters.density") : 1.0);
+    if (job.method != ModelMergeMethod::kTies && job.densities.back() != 1.0)
+      throw InputError(where + ".parameters.density: " + method + " does not sparsify (density is a ties parameter)");
+  }
+  if (config.contains("parameters")) {
+    const Json& parameters = config["parameters"];
+    if (!parameters.is_object()) throw InputError(path + ": parameters must be a mapping");
+    refuse_unknown(parameters, {"normalize", "lambda", "int8_mask", "rescale"}, path + ": parameters");
+    if (parameters.contains("normalize")) job.normalize = boolean(parameters["normalize"], path + ": parameters.normalize");
+    if (parameters.contains("lambda")) job.lambda = number(parameters["lambda"], path + ": parameters.lambda");
+    if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], path + ": parameters.int8_mask");
+    if (parameters.contains("rescale")) (void)boolean(parameters["rescale"], path + ": parameters.rescale");
+  }
+  // mergekit computes in `dtype` and writes out_dtype, else dtype; gradfix computes in fp32 (fp64
+  // for F64) and writes the same dtype mergekit would.
+  for (const char* key : {"dtype", "out_dtype"}) {
+    if (!config.contains(key) || config[key].is_null()) continue;
+    const std::string name = text(config[key], path + ": " + key);
+    const auto dtype = parse_float_dtype(name);
+    if (!dtype) throw InputError(path + ": " + key + " '" + escaped_name(name) + "' is not a float dtype gradfix knows");
+    if (std::string(key) == "out_dtype" || !job.output.out_dtype) job.output.out_dtype = *dtype;
+  }
+  if (config.contains("tokenizer_source") && !config["tokenizer_source"].is_null() &&
+      text(config["tokenizer_source"], path + ": tokenizer_source") != "base")
+    throw InputError(path + ": tokenizer_source '" + escaped_name(config["tokenizer_source"].get<std::string>()) +
+                     "': gradfix carries the base model's tokenizer only (tokenizer_source: base)");
+  if (job.models.empty()) throw InputError(path + ": no model to merge besides the base");
+  return job;
+}
+
+}  // namespace gradfix
