@@ -1,5 +1,6 @@
 #include "gradfix/cli/mergekit.hpp"
 
+#include <cmath>
 #include <set>
 
 #include "gradfix/cli/cli.hpp"
@@ -60,7 +61,7 @@ bool is_yaml_path(const std::string& path) { return ends_with(path, ".yml") || e
 ModelMergeJob mergekit_job(const std::string& path) {
   const Json config = parse_yaml(read_option_file(path, "merge configuration"), path);
   if (!config.is_object()) throw InputError(path + ": a merge configuration is a mapping of keys");
-  refuse_unknown(config, {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}, path);
+  refuse_unknown(config, {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "gradfix"}, path);
   ModelMergeJob job;
   job.config_json = config.dump();
   if (!config.contains("merge_method")) throw InputError(path + ": merge_method is missing");
@@ -68,10 +69,16 @@ ModelMergeJob mergekit_job(const std::string& path) {
   if (method == "linear") job.method = ModelMergeMethod::kLinear;
   else if (method == "task_arithmetic") job.method = ModelMergeMethod::kTaskArithmetic;
   else if (method == "ties") job.method = ModelMergeMethod::kTies;
+  else if (method == "dare_ties") job.method = ModelMergeMethod::kDareTies;
+  else if (method == "dare_linear") job.method = ModelMergeMethod::kDareLinear;
   else
-    throw InputError(path + ": merge_method '" + escaped_name(method) + "' is not one gradfix has (linear, task_arithmetic, ties)");
-  // mergekit's defaults: linear and ties normalise by the weights, task arithmetic does not.
-  job.normalize = job.method != ModelMergeMethod::kTaskArithmetic;
+    throw InputError(path + ": merge_method '" + escaped_name(method) +
+                     "' is not one gradfix has (linear, task_arithmetic, ties, dare_ties, dare_linear)");
+  // mergekit's defaults: linear and ties normalise by the weights, the others do not; DARE
+  // rescales what it keeps.
+  job.normalize = job.method == ModelMergeMethod::kLinear || job.method == ModelMergeMethod::kTies;
+  const bool sparsifies = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kDareTies ||
+                          job.method == ModelMergeMethod::kDareLinear;
   if (config.contains("base_model")) job.base = model_path(config["base_model"], path + ": base_model");
   if (!config.contains("models") || !config["models"].is_array() || config["models"].empty())
     throw InputError(path + ": models must be a non-empty list");
@@ -91,7 +98,7 @@ ModelMergeJob mergekit_job(const std::string& path) {
     job.models.push_back(model);
     job.weights.push_back(number(parameters["weight"], where + ".parameters.weight"));
     job.densities.push_back(parameters.contains("density") ? number(parameters["density"], where + ".parameters.density") : 1.0);
-    if (job.method != ModelMergeMethod::kTies && job.densities.back() != 1.0)
+    if (!sparsifies && job.densities.back() != 1.0)
       throw InputError(where + ".parameters.density: " + method + " does not sparsify (density is a ties parameter)");
   }
   if (config.contains("parameters")) {
@@ -101,7 +108,7 @@ ModelMergeJob mergekit_job(const std::string& path) {
     if (parameters.contains("normalize")) job.normalize = boolean(parameters["normalize"], path + ": parameters.normalize");
     if (parameters.contains("lambda")) job.lambda = number(parameters["lambda"], path + ": parameters.lambda");
     if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], path + ": parameters.int8_mask");
-    if (parameters.contains("rescale")) (void)boolean(parameters["rescale"], path + ": parameters.rescale");
+    if (parameters.contains("rescale")) job.rescale = boolean(parameters["rescale"], path + ": parameters.rescale");
   }
   // mergekit computes in `dtype` and writes out_dtype, else dtype; gradfix computes in fp32 (fp64
   // for F64) and writes the same dtype mergekit would.
@@ -116,6 +123,18 @@ ModelMergeJob mergekit_job(const std::string& path) {
       text(config["tokenizer_source"], path + ": tokenizer_source") != "base")
     throw InputError(path + ": tokenizer_source '" + escaped_name(config["tokenizer_source"].get<std::string>()) +
                      "': gradfix carries the base model's tokenizer only (tokenizer_source: base)");
+  // What mergekit lacks: the seed of DARE's draws (mergekit takes torch's global generator).
+  if (config.contains("gradfix")) {
+    const Json& extra = config["gradfix"];
+    if (!extra.is_object()) throw InputError(path + ": gradfix must be a mapping");
+    refuse_unknown(extra, {"seed"}, path + ": gradfix");
+    if (extra.contains("seed")) {
+      const double seed = number(extra["seed"], path + ": gradfix.seed");
+      if (!(seed >= 0 && seed <= 9007199254740992.0) || seed != std::floor(seed))
+        throw InputError(path + ": gradfix.seed must be a non-negative integer");
+      job.seed = static_cast<std::uint64_t>(seed);
+    }
+  }
   if (job.models.empty()) throw InputError(path + ": no model to merge besides the base");
   return job;
 }

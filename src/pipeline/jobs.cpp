@@ -21,6 +21,7 @@
 
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
+#include "gradfix/core/exact_sum.hpp"
 #include "gradfix/core/select.hpp"
 #include "gradfix/dist/collective_output.hpp"
 #include "gradfix/io/atomic_file.hpp"
@@ -457,19 +458,26 @@ float distributed_threshold(const Ranks& ranks, long long k, bool across_ranks, 
   return selection.threshold();
 }
 
-// A standard normal value from (seed, tensor, index) alone (Box-Muller on two counter-based
-// uniforms), so that generated checkpoints do not depend on chunking or on the number of ranks.
+// Counter-based random numbers: a value from (seed, tensor, index) alone, so that generated
+// checkpoints and DARE's drops do not depend on chunking or on the number of ranks.
+std::uint64_t mix_bits(std::uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+// Uniform in [0, 1), 53 random bits; `stream` separates draws of the same element.
+double uniform_at(std::uint64_t seed, std::uint64_t key, long long index, std::uint64_t stream) {
+  const std::uint64_t bits = mix_bits(seed ^ mix_bits(key ^ mix_bits(static_cast<std::uint64_t>(index) * 2 + stream)));
+  return static_cast<double>(bits >> 11) / 9007199254740992.0;
+}
+
+// A standard normal value (Box-Muller on two uniforms).
 double gaussian_at(std::uint64_t seed, std::uint64_t key, long long index) {
-  auto mix = [](std::uint64_t x) {
-    x += 0x9E3779B97F4A7C15ULL;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-    return x ^ (x >> 31);
-  };
-  const std::uint64_t a = mix(seed ^ mix(key ^ mix(static_cast<std::uint64_t>(index) * 2)));
-  const std::uint64_t b = mix(seed ^ mix(key ^ mix(static_cast<std::uint64_t>(index) * 2 + 1)));
+  const std::uint64_t a = mix_bits(seed ^ mix_bits(key ^ mix_bits(static_cast<std::uint64_t>(index) * 2)));
   const double u1 = (static_cast<double>(a >> 11) + 1.0) / 9007199254740993.0;  // (0, 1]
-  const double u2 = static_cast<double>(b >> 11) / 9007199254740992.0;
+  const double u2 = uniform_at(seed, key, index, 1);
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
 }
 
@@ -976,6 +984,8 @@ const char* model_merge_method_name(ModelMergeMethod method) {
     case ModelMergeMethod::kLinear: return "linear";
     case ModelMergeMethod::kTaskArithmetic: return "task_arithmetic";
     case ModelMergeMethod::kTies: return "ties";
+    case ModelMergeMethod::kDareLinear: return "dare_linear";
+    case ModelMergeMethod::kDareTies: return "dare_ties";
   }
   return "?";
 }
@@ -1009,6 +1019,9 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   const std::size_t n = job.models.size();
   ranks.agree([&] {
     if (n == 0) throw InputError("a merge needs at least one model");
+    if (job.method == ModelMergeMethod::kTaskArithmetic || job.method == ModelMergeMethod::kLinear)
+      for (double density : job.densities)
+        if (density != 1.0) throw InputError(std::string(model_merge_method_name(job.method)) + " does not sparsify: density must be 1");
     if (job.weights.size() != n || job.densities.size() != n)
       throw InputError("a merge needs one weight and one density per model");
     if (!linear && job.base.empty()) throw InputError(std::string(model_merge_method_name(job.method)) + " needs a base_model");
@@ -1042,6 +1055,49 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
     for (std::size_t i = 0; i < values.size(); ++i) values[i] -= reference[i];
     return values;
   };
+
+  const bool dare = job.method == ModelMergeMethod::kDareLinear || job.method == ModelMergeMethod::kDareTies;
+  const bool consensus = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kDareTies;
+  // DARE keeps entry i of model m's delta when its draw falls below the model's density.
+  auto dare_keeps = [&](std::size_t m, std::uint64_t key, long long index) {
+    return job.densities[m] >= 1.0 || uniform_at(job.seed ^ mix_bits(m + 1), key, index, 0) < job.densities[m];
+  };
+  // DARE's rescaling: per tensor and model, ||delta||_1 / ||kept delta||_1 (mergekit leaves the
+  // kept delta as it is when either norm is below 1e-7). The norms are exact sums, so the factor
+  // is the same at any number of ranks.
+  std::map<std::size_t, std::vector<double>> rescales;  // by tensor
+  if (dare) {
+    std::map<std::size_t, std::vector<Piece>> mine;
+    for (const auto& chunk : chunks)
+      if (merged.count(layout[chunk.tensor].name)) mine[chunk.tensor].push_back(chunk);
+    for (std::size_t t = 0; t < layout.size(); ++t) {
+      if (!merged.count(layout[t].name) || (!plan.is_split(t) && !mine.count(t))) continue;
+      const std::uint64_t key = tensor_key_of(layout[t].name);
+      for (std::size_t m = 0; m < n; ++m) {
+        double factor = 1.0;
+        if (job.rescale && job.densities[m] < 1.0) {
+          ExactSum before, after;
+          for (const auto& chunk : mine[t]) {
+            const auto values = delta(m, chunk);
+            for (std::size_t i = 0; i < values.size(); ++i) {
+              before.add(std::fabs(values[i]));
+              if (dare_keeps(m, key, chunk.begin + static_cast<long long>(i))) after.add(std::fabs(values[i]));
+            }
+          }
+          auto total = [&](ExactSum& sum) {
+            if (!plan.is_split(t)) return sum.value();
+            std::vector<long long> limbs(sum.carried().begin(), sum.carried().end());
+            ranks.reduce_statistics(limbs);
+            std::copy(limbs.begin(), limbs.end(), sum.limbs().begin());
+            return sum.value();
+          };
+          const double b = total(before), a = total(after);
+          if (b >= 1e-7 && a >= 1e-7) factor = b / a;
+        }
+        rescales[t].push_back(factor);
+      }
+    }
+  }
 
   // The trims (ties): a threshold per tensor and model, then the tied entries each chunk keeps.
   std::map<std::size_t, std::vector<Trim>> trims;  // by tensor
@@ -1089,6 +1145,10 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
                             {"base", job.base.empty() ? "" : input_name(job.base)}, {"models", input_names(job.models)},
                             {"weights", job.weights}, {"densities", job.densities}, {"normalize", job.normalize},
                             {"lambda", job.lambda}, {"output", output_options_json(job.output)}};
+  if (dare) {
+    options["rescale"] = job.rescale;
+    options["seed"] = job.seed;
+  }
   Inputs inputs;
   if (!job.base.empty()) inputs.emplace_back("base", base.get());
   for (std::size_t m = 0; m < n; ++m) inputs.emplace_back("model." + std::to_string(m), models[m].get());
@@ -1129,12 +1189,18 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
             if (!kept) deltas[m][i] = 0.0;
           }
         }
+        if (dare) {
+          const std::uint64_t key = tensor_key_of(out.name);
+          const double factor = rescales[chunk.tensor][m];
+          for (std::size_t i = 0; i < count; ++i)
+            deltas[m][i] = dare_keeps(m, key, chunk.begin + static_cast<long long>(i)) ? deltas[m][i] * factor : 0.0;
+        }
         for (auto& value : deltas[m]) value *= job.weights[m];
       }
       const auto reference = load<double>(*base, out.name, chunk.begin, chunk.count, allow);
       for (std::size_t i = 0; i < count; ++i) {
         double mixed = 0.0, divisor = 0.0;
-        if (job.method == ModelMergeMethod::kTies) {
+        if (consensus) {
           double sum = 0.0;
           for (std::size_t m = 0; m < n; ++m) sum += deltas[m][i];
           const int elected = sum >= 0.0 ? 1 : -1;  // mergekit elects + when the sum is 0

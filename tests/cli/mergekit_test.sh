@@ -2,7 +2,9 @@
 # mergekit merge configurations (issue 8): `gradfix merge --config MERGE.yml --out DIR` on the
 # configurations in tests/fixtures/mergekit equals mergekit-yaml's output on the same models
 # (linear, task_arithmetic with lambda, ties with per-model weights and densities, normalised or
-# not), at 1 to 3 ranks with the same bytes at every rank count; keeps the tensors mergekit's
+# not), at 1 to 3 ranks with the same bytes at every rank count; DARE (dare_ties, dare_linear)
+# independent of the rank count, equal to task arithmetic at density 1, keeping the density's
+# fraction of entries and each tensor's L1 norm; keeps the tensors mergekit's
 # architecture table leaves out (the Llama biases); carries config.json and writes a model card;
 # and refuses what it does not read, naming it.
 #   mergekit_test.sh GRADFIX_BINARY
@@ -30,12 +32,65 @@ check "config.json is carried from the base" test -f "$work/ties-p1/config.json"
 check "the model card names the method and the variant" bash -c "grep -q '| method | ties |' '$work/ties-p1/README.md' && grep -q '| variant | mergekit |' '$work/ties-p1/README.md'"
 check "the metadata keeps the configuration" bash -c "'$gradfix' inspect '$work/ties-p1' | grep -q '^metadata gradfix.merge_config = .*\"density\":0.3'"
 
+# DARE: draws from (seed, model, tensor, element), so the same bytes at every rank count; at
+# density 1 dare_linear is task arithmetic (mergekit's output); with one model at density 0.3 the
+# kept fraction is 0.3 and the rescaled delta keeps each tensor's L1 norm; another seed, other draws.
+dare() {  # dare NAME METHOD DENSITY SEED [MODELS...]
+  local name=$1 method=$2 density=$3 seed=$4
+  shift 4
+  {
+    printf 'merge_method: %s\nbase_model: base\nmodels:\n' "$method"
+    for model in "$@"; do printf '  - model: %s\n    parameters: {weight: %s, density: %s}\n' "${model%%:*}" "${model#*:}" "$density"; done
+    printf 'parameters: {lambda: 0.7}\ndtype: float32\ngradfix: {seed: %s}\n' "$seed"
+  } >"$work/$name.yml"
+}
+dare dense dare_linear 1.0 0 ft0:1.0 ft1:0.5 ft2:0.8
+"$gradfix" merge --config "$work/dense.yml" --out "$work/dense" >/dev/null
+check "dare_linear at density 1 equals mergekit's task arithmetic" "$close" "$work/dense" reference/task_arithmetic --reference-names
+dare sparse dare_ties 0.4 7 ft0:1.0 ft1:0.5 ft2:0.8
+for ranks in 1 2 3; do
+  mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$work/sparse.yml" --out "$work/sparse-p$ranks" --chunk-elements 300 >/dev/null
+done
+check "dare_ties: the same bytes at 1, 2 and 3 ranks" bash -c "'$same' '$work/sparse-p1' '$work/sparse-p2' && '$same' '$work/sparse-p1' '$work/sparse-p3'"
+dare other dare_ties 0.4 8 ft0:1.0 ft1:0.5 ft2:0.8
+"$gradfix" merge --config "$work/other.yml" --out "$work/other" >/dev/null
+check "dare_ties: another seed draws otherwise" bash -c "! '$same' '$work/sparse-p1' '$work/other'"
+dare single dare_linear 0.3 3 ft0:1.0
+sed -i 's/lambda: 0.7/lambda: 1.0/' "$work/single.yml"
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" merge --config "$work/single.yml" --out "$work/single.safetensors" >/dev/null
+check "dare_linear: kept fraction 0.3 and each tensor's L1 norm kept" python3 - "$work/single.safetensors" base ft0 <<'PY'
+import json, os, struct, sys
+def load(path):
+    files = [path] if path.endswith(".safetensors") else [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+    out = {}
+    for name in files:
+        raw = open(name, "rb").read(); n = struct.unpack("<Q", raw[:8])[0]; header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
+        for key, e in header.items():
+            data = raw[8 + n + e["data_offsets"][0]:8 + n + e["data_offsets"][1]]
+            out[key] = struct.unpack("<%df" % (len(data) // 4), data)
+    return out
+merged, base, tuned = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
+kept = total = 0
+for key in base:
+    before = [t - b for t, b in zip(tuned[key], base[key])]
+    after = [m - b for m, b in zip(merged[key], base[key])]
+    total += sum(1 for x in before if x != 0)
+    kept += sum(1 for x in after if x != 0)
+    l1_before, l1_after = sum(map(abs, before)), sum(map(abs, after))
+    if l1_before > 1e-3 and abs(l1_after - l1_before) > 1e-4 * l1_before:
+        sys.exit("%s: L1 %g after, %g before" % (key, l1_after, l1_before))
+fraction = kept / total
+print("dare_linear: kept %.4f of %d entries" % (fraction, total))
+sys.exit(0 if abs(fraction - 0.3) < 0.015 else 1)
+PY
+
 # What gradfix does not read is refused, naming it; nothing is written.
 bad() {  # bad NAME DESCRIPTION PATTERN YAML
   printf '%s\n' "$4" >"$work/$1.yml"
   expect_exit2 "$2" "$3" "$gradfix" merge --config "$work/$1.yml" --out "$work/$1-out"
   check "$2: nothing written" test ! -e "$work/$1-out"
 }
+bad seed "a bad seed" "gradfix.seed must be a non-negative integer" $'merge_method: dare_ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\ngradfix: {seed: -1}'
 bad slerp "another method" "merge_method 'slerp' is not one gradfix has" $'merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
 bad unknown "an unknown key" "does not read 'slices'" $'merge_method: ties\nslices: []\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
 bad layers "per-layer weights" "per-layer values" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: [0, 1]}'

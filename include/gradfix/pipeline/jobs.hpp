@@ -71,8 +71,11 @@ struct MergeJob {
 //                    magnitudes (exactly k: ties at the threshold are kept in index order), times
 //                    w_i; a sign elected per entry from the sum (+ when it is 0); base + lambda *
 //                    the sum of the agreeing weighted deltas / the sum of their weights
+//   dare_linear,     each delta keeps each entry with probability density_i (DARE), rescaled to its
+//   dare_ties        L1 norm (rescale), then as task_arithmetic / ties. The draws come from
+//                    (seed, model, tensor, element) alone, so they do not depend on the ranks.
 // (mergekit's rules; docs/merging.md lists where gradfix's own `--method ties` differs.)
-enum class ModelMergeMethod { kLinear, kTaskArithmetic, kTies };
+enum class ModelMergeMethod { kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies };
 
 struct ModelMergeJob {
   ModelMergeMethod method = ModelMergeMethod::kTies;
@@ -82,6 +85,8 @@ struct ModelMergeJob {
   std::vector<double> densities;    // one per model; 1 keeps everything
   bool normalize = true;
   double lambda = 1.0;
+  bool rescale = true;              // DARE: rescale each kept delta to its L1 norm
+  std::uint64_t seed = 0;           // DARE's draws
   std::string config_json;          // the configuration as read, recorded in the metadata
   std::string out;
   OutputOptions output;
