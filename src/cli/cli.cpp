@@ -303,6 +303,7 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
     throw InputError("--backend nccl needs the MPI runtime that the gradfix program starts");
   }
   command.context.chunk_elements = chunk_elements;
+  command.context.progress = !parsed.flag("quiet");
   command.context.device = device;
   return command;
 }

@@ -509,6 +509,7 @@ const std::vector<OptionSpec>& group_options(OptionGroup group) {
       {"backend", T::kText, "auto", "communicator for statistics: auto|mpi|nccl (auto: nccl when tensors are on CUDA devices, else mpi)"},
       {"chunk-elements", T::kInteger, "4194304", "elements per processing buffer (bounds memory per rank)"},
       {"report-memory", T::kFlag, "", "print each rank's peak resident memory at the end"},
+      {"quiet", T::kFlag, "", "no progress lines (rank 0 reports tensors and bytes done, rate and time left on stderr)"},
       {"timeout", T::kNumber, "900", "seconds a rank waits in one collective before it stops the job, naming the ranks that stopped answering (0: wait forever)"}};
   static const std::vector<OptionSpec> kOutput = {
       {"out", T::kText, "", "output: FILE.safetensors, FILE.h5 / FILE.hdf5, or a directory for a sharded safetensors checkpoint"},

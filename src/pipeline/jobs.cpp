@@ -24,6 +24,7 @@
 #include "gradfix/core/exact_sum.hpp"
 #include "gradfix/core/select.hpp"
 #include "gradfix/dist/collective_output.hpp"
+#include "gradfix/dist/progress.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/safetensors.hpp"
 #include "gradfix/shard/plan.hpp"
@@ -338,6 +339,13 @@ std::vector<Piece> my_chunks(const Ranks& ranks, const ShardPlan& plan, const st
   for (const auto& piece : plan.pieces(ranks.rank()))
     for (const auto& chunk : chunks_of(piece, split_unit(layout[piece.tensor]), ranks.chunk_elements())) chunks.push_back(chunk);
   return chunks;
+}
+
+// Bytes of output a rank's chunks hold, for its progress line.
+long long chunk_bytes(const std::vector<Piece>& chunks, const std::vector<TensorInfo>& layout) {
+  long long bytes = 0;
+  for (const auto& chunk : chunks) bytes += chunk.count * static_cast<long long>(dtype_size(layout[chunk.tensor].dtype));
+  return bytes;
 }
 
 // Copies a chunk unchanged, converting only when the output dtype differs: float to float with
@@ -655,8 +663,11 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
   auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
   const bool allow = job.output.allow_nonfinite;
-  for (const auto& chunk : my_chunks(ranks, plan, layout)) {
+  const auto chunks = my_chunks(ranks, plan, layout);
+  Progress progress(ranks.context(), "taskvector", static_cast<long long>(chunks.size()), chunk_bytes(chunks, layout));
+  for (const auto& chunk : chunks) {
     const TensorInfo& out = layout[chunk.tensor];
+    progress.next(chunk.count * static_cast<long long>(dtype_size(out.dtype)));
     auto difference = [&](auto zero) {
       using V = decltype(zero);
       const auto base_values = load<V>(*base, out.name, chunk.begin, chunk.count, allow);
@@ -668,6 +679,7 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
     if (computes_in_f64({base->info(out.name).dtype, finetuned->info(out.name).dtype, out.dtype})) difference(0.0);
     else difference(0.0f);
   }
+  progress.finish();
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   carry_model_files(ranks.context(), job.base, *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);
@@ -719,8 +731,11 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
   auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
   const bool allow = job.output.allow_nonfinite;
-  for (const auto& chunk : my_chunks(ranks, plan, layout)) {
+  const auto chunks = my_chunks(ranks, plan, layout);
+  Progress progress(ranks.context(), "apply", static_cast<long long>(chunks.size()), chunk_bytes(chunks, layout));
+  for (const auto& chunk : chunks) {
     const TensorInfo& out = layout[chunk.tensor];
+    progress.next(chunk.count * static_cast<long long>(dtype_size(out.dtype)));
     if (!changed.count(out.name)) {
       copy_chunk(*base, out, chunk, *writer, true, nonfinite);
       continue;
@@ -736,6 +751,7 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
     if (computes_in_f64({base->info(out.name).dtype, tau->info(out.name).dtype, out.dtype})) add(job.alpha);
     else add(static_cast<float>(job.alpha));
   }
+  progress.finish();
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   carry_model_files(ranks.context(), job.base, *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);
@@ -789,8 +805,10 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
   JobSummary summary;
   PairStats kept;  // masked output against the input task vector
   std::vector<float> values, statistics, masked;
+  Progress progress(ranks.context(), "mask", static_cast<long long>(chunks.size()), chunk_bytes(chunks, layout));
   for (const auto& chunk : chunks) {
     const TensorInfo& out = layout[chunk.tensor];
+    progress.next(chunk.count * static_cast<long long>(dtype_size(out.dtype)));
     if (!changed.count(out.name)) {
       copy_chunk(*tau, out, chunk, *writer, allow, nonfinite);
       continue;
@@ -801,6 +819,7 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
     summary.stats.add(values.data(), statistics.data(), chunk.count);
     kept.add(masked.data(), values.data(), chunk.count);
   }
+  progress.finish();
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   carry_model_files(ranks.context(), job.task_vector, *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);
@@ -955,7 +974,9 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
   NonFiniteResults nonfinite;
   auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
+  Progress progress(ranks.context(), "merge", static_cast<long long>(chunks.size()), chunk_bytes(chunks, layout));
   for (const auto& chunk : chunks) {
+    progress.next(chunk.count * static_cast<long long>(dtype_size(layout[chunk.tensor].dtype)));
     auto [merged, first] = merged_of(chunk);
     if (job.order == MergeOrder::kMergeThenMask) {
       const std::vector<float> unmasked = merged;
@@ -964,6 +985,7 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
     store(*writer, layout[chunk.tensor], chunk.begin, merged.data(), chunk.count, nonfinite);
     summary.stats.add(merged.data(), first.data(), chunk.count);
   }
+  progress.finish();
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   carry_model_files(ranks.context(), job.task_vectors.front(), *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);
@@ -1159,9 +1181,11 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   JobSummary summary;
   double weight_sum = 0.0;
   for (double w : job.weights) weight_sum += w;
+  Progress progress(ranks.context(), "merge", static_cast<long long>(chunks.size()), chunk_bytes(chunks, layout));
   for (std::size_t c = 0; c < chunks.size(); ++c) {
     const Piece& chunk = chunks[c];
     const TensorInfo& out = layout[chunk.tensor];
+    progress.next(chunk.count * static_cast<long long>(dtype_size(out.dtype)));
     if (!merged.count(out.name)) {
       copy_chunk(*base, out, chunk, *writer, true, nonfinite);
       continue;
@@ -1222,6 +1246,7 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
     store(*writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
     summary.elements += chunk.count;
   }
+  progress.finish();
   nonfinite.refuse(ranks, job.out, allow);
   carry_model_files(ranks.context(), linear && job.base.empty() ? job.models.front() : job.base, *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);
@@ -1254,8 +1279,13 @@ JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContex
   auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
   NonFiniteResults nonfinite;
-  for (const auto& chunk : my_chunks(ranks, plan, layout))
+  const auto chunks = my_chunks(ranks, plan, layout);
+  Progress progress(ranks.context(), "convert", static_cast<long long>(chunks.size()), chunk_bytes(chunks, layout));
+  for (const auto& chunk : chunks) {
+    progress.next(chunk.count * static_cast<long long>(dtype_size(layout[chunk.tensor].dtype)));
     copy_chunk(*in, layout[chunk.tensor], chunk, *writer, job.output.allow_nonfinite, nonfinite);
+  }
+  progress.finish();
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   carry_model_files(ranks.context(), job.in, *writer, job.output, metadata);
   commit_collectively(ranks.context(), *writer);

@@ -5,6 +5,7 @@
 # input's, replaces an earlier output whole, refuses a directory that is not a checkpoint unless
 # --force (and one holding a subdirectory even then); every output's metadata keeps the chain of
 # operations (the merge behind a task vector survives the apply that uses it). At 1 and 3 ranks.
+# Also the progress lines of long runs (rank 0 only, --quiet silences them).
 #   model_directory_test.sh GRADFIX_BINARY
 set -euo pipefail
 gradfix=$1
@@ -63,4 +64,16 @@ for ranks in 1 3; do
   check "P=$ranks: no temporary left beside the outputs" bash -c "! ls -a '$out' | grep -q tmp"
 done
 check "outputs are equal at 1 and 3 ranks" "$repo/tests/support/same_tensors.py" p1/model p3/model
+
+# Progress: rank 0 alone reports on stderr (every GRADFIX_PROGRESS_SECONDS off a terminal), the
+# last line at 100%; --quiet reports nothing; stdout keeps the summary, no progress.
+"$gradfix" generate --shapes "w=300x300,v=300x100" --seed 4 --out big.safetensors >/dev/null
+GRADFIX_PROGRESS_SECONDS=0 mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" convert big.safetensors big.h5 --chunk-elements 20000 \
+  >stdout.txt 2>stderr.txt
+check "progress lines count chunks and bytes" grep -qE '^convert: [0-9]+/[0-9]+ chunks, .* of .* \([0-9]+%\), .*/s' stderr.txt
+check "the last progress line is at 100%" bash -c "grep '^convert: ' stderr.txt | tail -1 | grep -q '(100%)'"
+check "one rank reports: rank 0's 3 chunks, then the final line" test "$(grep -c '^convert: ' stderr.txt)" -eq 4
+check "no progress line on stdout" bash -c "! grep -q 'chunks, ' stdout.txt && grep -q '^convert: 2 tensors' stdout.txt"
+GRADFIX_PROGRESS_SECONDS=0 "$gradfix" convert big.safetensors big2.h5 --chunk-elements 20000 --quiet >/dev/null 2>quiet.txt
+check "--quiet: no progress" test ! -s quiet.txt
 finish

@@ -102,8 +102,9 @@ check "single-node log shows 2 ranks" grep -q "2 rank(s)" single.out
 check "multi-node script runs (one node here, 3 ranks)" \
   sbatch --wait --quiet "${small[@]}" --nodes=1 --ntasks-per-node=3 --gpus-per-node=4 --output=multi.out \
   "$repo/slurm/gradfix-multi-node.sbatch" mask --task-vector tau.safetensors --signs signs.h5 --mask-mode soft1 --out multi
-"$gradfix" convert multi multi.safetensors >/dev/null 2>&1 || true
-check "multi-node output equals a plain run" cmp -s reference.safetensors multi.safetensors
+# A directory output holds the same tensors as the plain run's file (its metadata records the
+# directory's own writing, so the tensors are compared, not the files).
+check "multi-node output equals a plain run" "$repo/tests/support/same_tensors.py" reference.safetensors multi
 
 cat >sweep.txt <<'SWEEP'
 # one line per array task

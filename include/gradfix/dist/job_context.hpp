@@ -36,6 +36,7 @@ class JobContext {
   long long chunk_elements = 1LL << 22;  // elements per buffer: bounds memory for any model size
   int local_rank = 0;                    // rank on this node: picks the GPU
   std::string device = "cpu";            // model jobs: cpu | cuda | cuda:N
+  bool progress = true;                  // rank 0 reports progress on stderr (--quiet: off)
 
  private:
   Communicator* host_;

@@ -1,0 +1,45 @@
+#pragma once
+// Progress of a long job, reported by rank 0 on stderr: items (tensors, samples) and bytes done
+// of rank 0's share, the rate, and the time left. On a terminal one line is rewritten in place
+// (at most five times a second); otherwise a line is printed every few seconds (10 s, or
+// GRADFIX_PROGRESS_SECONDS), so logs of batch jobs stay short. Other ranks and --quiet runs
+// report nothing. Rank 0's share is what it measures: the plan gives every rank a nearly equal
+// share, so its time left is the job's.
+
+#include <chrono>
+#include <ostream>
+#include <string>
+
+#include "gradfix/dist/job_context.hpp"
+
+namespace gradfix {
+
+class Progress {
+ public:
+  // `unit` names the items ("tensors", "samples"); a total of 0 bytes reports items only.
+  Progress(const JobContext& context, std::string what, long long total_items, long long total_bytes,
+           std::string unit = "chunks");
+  ~Progress();
+  Progress(const Progress&) = delete;
+  Progress& operator=(const Progress&) = delete;
+
+  // The next item (of `bytes`) starts: the one before it is done. Called at the top of a loop,
+  // so that every `continue` still counts the item.
+  void next(long long bytes = 0);
+  // The last item is done; the final line (on a terminal: the line finished with a newline).
+  void finish();
+
+ private:
+  void report(bool final);
+
+  bool enabled_ = false;
+  bool terminal_ = false;
+  std::string what_, unit_;
+  long long total_items_ = 0, total_bytes_ = 0, items_ = 0, bytes_ = 0;
+  long long pending_items_ = 0, pending_bytes_ = 0;  // the item in progress
+  double interval_ = 10.0;
+  std::chrono::steady_clock::time_point start_, last_;
+  bool finished_ = false, printed_ = false;
+};
+
+}  // namespace gradfix
