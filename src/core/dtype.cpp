@@ -293,45 +293,6 @@ void convert_to_f32(DType dtype, const void* source, float* target, std::size_t 
   }
 }
 
-void convert_from_f32(DType dtype, const float* source, void* target, std::size_t count) {
-  switch (dtype) {
-    case DType::kF32: std::memcpy(target, source, count * sizeof(float)); return;
-    case DType::kF64: {
-      auto* values = static_cast<double*>(target);
-      for (std::size_t i = 0; i < count; ++i) values[i] = source[i];
-      return;
-    }
-    case DType::kF8E4M3:
-    case DType::kF8E5M2: {
-      auto* values = static_cast<std::uint8_t*>(target);
-      for (std::size_t i = 0; i < count; ++i) values[i] = f64_to_f8(dtype, source[i]);
-      return;
-    }
-    case DType::kBF16: {
-      auto* values = static_cast<std::uint16_t*>(target);
-      for (std::size_t i = 0; i < count; ++i) values[i] = f32_to_bf16(source[i]);
-      return;
-    }
-    case DType::kF16: {
-      auto* values = static_cast<std::uint16_t*>(target);
-      for (std::size_t i = 0; i < count; ++i) values[i] = f32_to_f16(source[i]);
-      return;
-    }
-    case DType::kI64: narrow_integer<std::int64_t>(source, target, count); return;
-    case DType::kI32: narrow_integer<std::int32_t>(source, target, count); return;
-    case DType::kI16: narrow_integer<std::int16_t>(source, target, count); return;
-    case DType::kI8: narrow_integer<std::int8_t>(source, target, count); return;
-    case DType::kU64: narrow_integer<std::uint64_t>(source, target, count); return;
-    case DType::kU32: narrow_integer<std::uint32_t>(source, target, count); return;
-    case DType::kU16: narrow_integer<std::uint16_t>(source, target, count); return;
-    case DType::kU8: narrow_integer<std::uint8_t>(source, target, count); return;
-    case DType::kBool: {
-      auto* values = static_cast<std::uint8_t*>(target);
-      for (std::size_t i = 0; i < count; ++i) values[i] = source[i] != 0.0f ? 1 : 0;
-      return;
-    }
-  }
-}
 
 namespace {
 
@@ -392,9 +353,19 @@ void convert_to_f64(DType dtype, const void* source, double* target, std::size_t
   }
 }
 
-void convert_from_f64(DType dtype, const double* source, void* target, std::size_t count) {
+namespace {
+
+// The value a 16-bit float conversion starts from: a float as it is; a double rounded to odd, so
+// that the one rounding to 16 bits is the correct rounding of the double.
+float narrowing_start(float value) { return value; }
+float narrowing_start(double value) { return f64_to_f32_round_odd(value); }
+
+// Converts fp32 or fp64 values into any dtype: floats round to nearest even (once), integers
+// round to nearest and saturate, BOOL is value != 0.
+template <typename Wide>
+void convert_from_wide(DType dtype, const Wide* source, void* target, std::size_t count) {
   switch (dtype) {
-    case DType::kF64: std::memcpy(target, source, count * sizeof(double)); return;
+    case DType::kF64: widen<Wide>(source, static_cast<double*>(target), count); return;
     case DType::kF32: {
       auto* values = static_cast<float*>(target);
       for (std::size_t i = 0; i < count; ++i) values[i] = static_cast<float>(source[i]);
@@ -402,18 +373,18 @@ void convert_from_f64(DType dtype, const double* source, void* target, std::size
     }
     case DType::kBF16: {
       auto* values = static_cast<std::uint16_t*>(target);
-      for (std::size_t i = 0; i < count; ++i) values[i] = f32_to_bf16(f64_to_f32_round_odd(source[i]));
+      for (std::size_t i = 0; i < count; ++i) values[i] = f32_to_bf16(narrowing_start(source[i]));
       return;
     }
     case DType::kF16: {
       auto* values = static_cast<std::uint16_t*>(target);
-      for (std::size_t i = 0; i < count; ++i) values[i] = f32_to_f16(f64_to_f32_round_odd(source[i]));
+      for (std::size_t i = 0; i < count; ++i) values[i] = f32_to_f16(narrowing_start(source[i]));
       return;
     }
     case DType::kF8E4M3:
     case DType::kF8E5M2: {
       auto* values = static_cast<std::uint8_t*>(target);
-      for (std::size_t i = 0; i < count; ++i) values[i] = f64_to_f8(dtype, source[i]);
+      for (std::size_t i = 0; i < count; ++i) values[i] = f64_to_f8(dtype, static_cast<double>(source[i]));
       return;
     }
     case DType::kI64: narrow_integer<std::int64_t>(source, target, count); return;
@@ -426,10 +397,28 @@ void convert_from_f64(DType dtype, const double* source, void* target, std::size
     case DType::kU8: narrow_integer<std::uint8_t>(source, target, count); return;
     case DType::kBool: {
       auto* values = static_cast<std::uint8_t*>(target);
-      for (std::size_t i = 0; i < count; ++i) values[i] = source[i] != 0.0 ? 1 : 0;
+      for (std::size_t i = 0; i < count; ++i) values[i] = source[i] != Wide(0) ? 1 : 0;
       return;
     }
   }
+}
+
+}  // namespace
+
+void convert_from_f32(DType dtype, const float* source, void* target, std::size_t count) {
+  if (dtype == DType::kF32) {
+    std::memcpy(target, source, count * sizeof(float));
+    return;
+  }
+  convert_from_wide(dtype, source, target, count);
+}
+
+void convert_from_f64(DType dtype, const double* source, void* target, std::size_t count) {
+  if (dtype == DType::kF64) {
+    std::memcpy(target, source, count * sizeof(double));
+    return;
+  }
+  convert_from_wide(dtype, source, target, count);
 }
 
 void convert_float(DType from, const void* source, DType to, void* target, std::size_t count) {

@@ -6,28 +6,9 @@ which tensor. Python's standard library only.
 
     same_tensors.py A B [--require-prefix P]
 """
-import json
-import os
-import struct
 import sys
 
-
-def tensors(path):
-    if os.path.isdir(path):
-        index = json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"]
-        files = [os.path.join(path, shard) for shard in sorted(set(index.values()))]
-    else:
-        files = [path]
-    out = {}
-    for name in files:
-        raw = open(name, "rb").read()
-        n = struct.unpack("<Q", raw[:8])[0]
-        header = json.loads(raw[8:8 + n])
-        header.pop("__metadata__", None)
-        for name, entry in header.items():
-            begin, end = entry["data_offsets"]
-            out[name] = (entry["dtype"], entry["shape"], raw[8 + n + begin:8 + n + end])
-    return out
+from safetensors_files import tensors  # beside this script
 
 
 a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
