@@ -261,14 +261,19 @@ std::uint16_t f32_to_f16(float value) {
   return static_cast<std::uint16_t>(sign | (rounded >> 13));
 }
 
-void convert_to_f32(DType dtype, const void* source, float* target, std::size_t count) {
+namespace {
+
+// Widens `count` stored values of any dtype into fp32 or fp64; every value of the narrower types
+// is held exactly (F64 into fp32 rounds to nearest, and 64-bit integers past 2^24 / 2^53 round).
+template <typename Wide>
+void convert_to_wide(DType dtype, const void* source, Wide* target, std::size_t count) {
   switch (dtype) {
-    case DType::kF32: std::memcpy(target, source, count * sizeof(float)); return;
+    case DType::kF32: widen<float>(source, target, count); return;
     case DType::kF64: widen<double>(source, target, count); return;
     case DType::kF8E4M3:
     case DType::kF8E5M2: {
       const auto* values = static_cast<const std::uint8_t*>(source);
-      for (std::size_t i = 0; i < count; ++i) target[i] = static_cast<float>(f8_to_f64(dtype, values[i]));
+      for (std::size_t i = 0; i < count; ++i) target[i] = static_cast<Wide>(f8_to_f64(dtype, values[i]));
       return;
     }
     case DType::kBF16: {
@@ -291,6 +296,16 @@ void convert_to_f32(DType dtype, const void* source, float* target, std::size_t 
     case DType::kU8:
     case DType::kBool: widen<std::uint8_t>(source, target, count); return;
   }
+}
+
+}  // namespace
+
+void convert_to_f32(DType dtype, const void* source, float* target, std::size_t count) {
+  if (dtype == DType::kF32) {
+    std::memcpy(target, source, count * sizeof(float));
+    return;
+  }
+  convert_to_wide(dtype, source, target, count);
 }
 
 
@@ -331,26 +346,11 @@ long long first_nonfinite(DType dtype, const void* values, std::size_t count) {
 }
 
 void convert_to_f64(DType dtype, const void* source, double* target, std::size_t count) {
-  switch (dtype) {
-    case DType::kF64: std::memcpy(target, source, count * sizeof(double)); return;
-    case DType::kF32: widen<float>(source, target, count); return;
-    case DType::kI64: widen<std::int64_t>(source, target, count); return;
-    case DType::kI32: widen<std::int32_t>(source, target, count); return;
-    case DType::kI16: widen<std::int16_t>(source, target, count); return;
-    case DType::kI8: widen<std::int8_t>(source, target, count); return;
-    case DType::kU64: widen<std::uint64_t>(source, target, count); return;
-    case DType::kU32: widen<std::uint32_t>(source, target, count); return;
-    case DType::kU16: widen<std::uint16_t>(source, target, count); return;
-    case DType::kU8:
-    case DType::kBool: widen<std::uint8_t>(source, target, count); return;
-    default: {
-      // The narrow float types widen exactly through fp32.
-      std::vector<float> wide(count);
-      convert_to_f32(dtype, source, wide.data(), count);
-      for (std::size_t i = 0; i < count; ++i) target[i] = wide[i];
-      return;
-    }
+  if (dtype == DType::kF64) {
+    std::memcpy(target, source, count * sizeof(double));
+    return;
   }
+  convert_to_wide(dtype, source, target, count);
 }
 
 namespace {
