@@ -200,13 +200,10 @@ std::vector<SubcommandSpec> make_table() {
                          throw InputError("gradfix merge: --config MERGE.yml names the models; --task-vector and --signs do not go with it");
                        ModelMergeJob job = mergekit_job(values.text("config"));
                        job.out = values.required("out");
-                       const OutputOptions output = parse_output(values);
-                       if (output.out_dtype) job.output.out_dtype = output.out_dtype;
-                       job.output.include = output.include;
-                       job.output.exclude = output.exclude;
-                       job.output.allow_nonfinite = output.allow_nonfinite;
-                       job.output.force = output.force;
-                       job.output.max_shard_bytes = output.max_shard_bytes;
+                       // The command line's output options; the configuration's dtype unless --out-dtype.
+                       OutputOptions output = parse_output(values);
+                       if (!output.out_dtype) output.out_dtype = job.output.out_dtype;
+                       job.output = output;
                        return job_of(job, [](const ModelMergeJob& j, std::ostream& log, const JobContext& c) { run_model_merge(j, log, c); });
                      }
                      MergeJob job;

@@ -91,6 +91,13 @@ void copy(void* target, const void* source, std::size_t bytes, cudaMemcpyKind ki
 
 }  // namespace
 
+double allreduce_exact_sum(Communicator& comm, ExactSum& sum) {
+  ExactSum total;
+  total.limbs() = sum.carried();
+  if (comm.size() > 1) allreduce_host(comm, total.limbs().data(), ExactSum::kLimbs, DType::kI64, ReduceOp::kSum);
+  return total.value();
+}
+
 void allreduce_host(Communicator& comm, void* buffer, std::size_t count, DType dtype, ReduceOp op) {
   if (comm.size() == 1 || count == 0) return;
   if (comm.memory() == MemorySpace::kHost) {

@@ -73,9 +73,7 @@ double directional_derivative(const Pieces& gradient, const Pieces& update, cons
   ExactSum sum;
   for (std::size_t k = 0; k < gradient.size(); ++k)
     for (std::size_t i = 0; i < gradient[k].size(); ++i) sum.add(static_cast<double>(gradient[k][i]) * update[k][i]);
-  ExactSum total;
-  context.host().allreduce(sum.carried().data(), total.limbs().data(), ExactSum::kLimbs, DType::kI64, ReduceOp::kSum);
-  return total.value();
+  return allreduce_exact_sum(context.host(), sum);
 }
 
 // The mask of this rank's pieces of tau against `statistics` (pieces in plan order). The sums

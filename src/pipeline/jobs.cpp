@@ -1070,11 +1070,14 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   const ShardPlan plan(layout, ranks.size());
   const auto chunks = my_chunks(ranks, plan, layout);
   const bool allow = job.output.allow_nonfinite;
-  auto delta = [&](std::size_t m, const Piece& chunk) {
+  // M_m - base in fp32, as mergekit computes it in a float32 merge; `reference` is the base's
+  // chunk when the caller has it already.
+  auto delta = [&](std::size_t m, const Piece& chunk, const std::vector<float>* reference = nullptr) {
     const std::string& name = layout[chunk.tensor].name;
     auto values = load(*models[m], name, chunk.begin, chunk.count, allow);
-    const auto reference = load(*base, name, chunk.begin, chunk.count, allow);
-    for (std::size_t i = 0; i < values.size(); ++i) values[i] -= reference[i];
+    const auto loaded = reference ? std::vector<float>() : load(*base, name, chunk.begin, chunk.count, allow);
+    const auto& base_values = reference ? *reference : loaded;
+    for (std::size_t i = 0; i < values.size(); ++i) values[i] -= base_values[i];
     return values;
   };
 
@@ -1087,32 +1090,30 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   // DARE's rescaling: per tensor and model, ||delta||_1 / ||kept delta||_1 (mergekit leaves the
   // kept delta as it is when either norm is below 1e-7). The norms are exact sums, so the factor
   // is the same at any number of ranks.
+  // This rank's chunks of each merged tensor (indices into `chunks`), for the passes before the
+  // merge: DARE's norms and TIES's trims.
+  std::map<std::size_t, std::vector<std::size_t>> chunks_by_tensor;
+  for (std::size_t c = 0; c < chunks.size(); ++c)
+    if (merged.count(layout[chunks[c].tensor].name)) chunks_by_tensor[chunks[c].tensor].push_back(c);
+  auto takes_part = [&](std::size_t t) { return merged.count(layout[t].name) && (plan.is_split(t) || chunks_by_tensor.count(t)); };
   std::map<std::size_t, std::vector<double>> rescales;  // by tensor
   if (dare) {
-    std::map<std::size_t, std::vector<Piece>> mine;
-    for (const auto& chunk : chunks)
-      if (merged.count(layout[chunk.tensor].name)) mine[chunk.tensor].push_back(chunk);
     for (std::size_t t = 0; t < layout.size(); ++t) {
-      if (!merged.count(layout[t].name) || (!plan.is_split(t) && !mine.count(t))) continue;
+      if (!takes_part(t)) continue;
       const std::uint64_t key = tensor_key_of(layout[t].name);
       for (std::size_t m = 0; m < n; ++m) {
         double factor = 1.0;
         if (job.rescale && job.densities[m] < 1.0) {
           ExactSum before, after;
-          for (const auto& chunk : mine[t]) {
+          for (std::size_t c : chunks_by_tensor[t]) {
+            const Piece& chunk = chunks[c];
             const auto values = delta(m, chunk);
             for (std::size_t i = 0; i < values.size(); ++i) {
               before.add(std::fabs(values[i]));
               if (dare_keeps(m, key, chunk.begin + static_cast<long long>(i))) after.add(std::fabs(values[i]));
             }
           }
-          auto total = [&](ExactSum& sum) {
-            if (!plan.is_split(t)) return sum.value();
-            std::vector<long long> limbs(sum.carried().begin(), sum.carried().end());
-            ranks.reduce_statistics(limbs);
-            std::copy(limbs.begin(), limbs.end(), sum.limbs().begin());
-            return sum.value();
-          };
+          auto total = [&](ExactSum& sum) { return plan.is_split(t) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value(); };
           const double b = total(before), a = total(after);
           if (b >= 1e-7 && a >= 1e-7) factor = b / a;
         }
@@ -1124,13 +1125,9 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   // The trims (ties): a threshold per tensor and model, then the tied entries each chunk keeps.
   std::map<std::size_t, std::vector<Trim>> trims;  // by tensor
   if (job.method == ModelMergeMethod::kTies) {
-    std::map<std::size_t, std::vector<std::size_t>> chunks_by_tensor;  // indices into `chunks`
-    for (std::size_t c = 0; c < chunks.size(); ++c)
-      if (merged.count(layout[chunks[c].tensor].name)) chunks_by_tensor[chunks[c].tensor].push_back(c);
     for (std::size_t t = 0; t < layout.size(); ++t) {
-      if (!merged.count(layout[t].name)) continue;
+      if (!takes_part(t)) continue;
       const bool split = plan.is_split(t);
-      if (!split && !chunks_by_tensor.count(t)) continue;
       std::vector<Piece> mine;
       for (std::size_t c : chunks_by_tensor[t]) mine.push_back(chunks[c]);
       for (std::size_t m = 0; m < n; ++m) {
@@ -1141,18 +1138,18 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
           trim.threshold = distributed_threshold(ranks, k, split, mine, [&](const Piece& chunk) { return delta(m, chunk); });
           // Counts above and at the threshold; the ties to keep go to the earliest entries.
           std::vector<long long> tied(chunks_by_tensor[t].size(), 0);
-          std::vector<long long> totals(2 + static_cast<std::size_t>(ranks.size()), 0);  // above, unused, tied per rank
+          std::vector<long long> totals(1 + static_cast<std::size_t>(ranks.size()), 0);  // above, then tied per rank
           for (std::size_t j = 0; j < mine.size(); ++j) {
             for (float value : delta(m, mine[j])) {
               const float magnitude = std::fabs(value);
               totals[0] += magnitude > trim.threshold;
               tied[j] += magnitude == trim.threshold;
             }
-            totals[2 + static_cast<std::size_t>(ranks.rank())] += tied[j];
+            totals[1 + static_cast<std::size_t>(ranks.rank())] += tied[j];
           }
           if (split) ranks.reduce_statistics(totals);
           long long remaining = k - totals[0];
-          for (int r = 0; r < ranks.rank(); ++r) remaining -= totals[2 + static_cast<std::size_t>(r)];
+          for (int r = 0; r < ranks.rank(); ++r) remaining -= totals[1 + static_cast<std::size_t>(r)];
           for (std::size_t j = 0; j < mine.size(); ++j) {
             trim.tied_to_keep[chunks_by_tensor[t][j]] = std::max(0LL, std::min(remaining, tied[j]));
             remaining -= tied[j];
@@ -1201,8 +1198,9 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
         for (auto& value : result) value /= weight_sum;
     } else {
       std::vector<std::vector<double>> deltas(n);
+      const auto base_values = load(*base, out.name, chunk.begin, chunk.count, allow);
       for (std::size_t m = 0; m < n; ++m) {
-        const auto values = delta(m, chunk);
+        const auto values = delta(m, chunk, &base_values);
         deltas[m].assign(values.begin(), values.end());
         if (job.method == ModelMergeMethod::kTies && !trims[chunk.tensor][m].keep_all) {
           const Trim& trim = trims[chunk.tensor][m];

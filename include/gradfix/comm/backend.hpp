@@ -7,6 +7,7 @@
 #include <string>
 
 #include "gradfix/comm/mpi.hpp"
+#include "gradfix/core/exact_sum.hpp"
 
 namespace gradfix {
 
@@ -28,6 +29,9 @@ std::shared_ptr<Communicator> make_communicator(const std::string& name, MpiRunt
 // Moves host data through a communicator of either memory space: a device communicator gets
 // staged copies. Used for the statistics the CPU jobs reduce.
 void allreduce_host(Communicator& comm, void* buffer, std::size_t count, DType dtype, ReduceOp op);
+// The total of every rank's ExactSum (their limbs added as integers), read as a double: the same
+// value whatever the number of ranks and wherever the ranks' pieces begin.
+double allreduce_exact_sum(Communicator& comm, ExactSum& sum);
 
 // reduce_scatter of host buffers through a communicator of either memory space.
 void reduce_scatter_host(Communicator& comm, const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op);
