@@ -64,6 +64,7 @@ ModelMergeJob mergekit_job(const std::string& path) {
   refuse_unknown(config, {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "gradfix"}, path);
   ModelMergeJob job;
   job.config_json = config.dump();
+  std::vector<std::pair<std::size_t, std::string>> signs_by_model;
   if (!config.contains("merge_method")) throw InputError(path + ": merge_method is missing");
   const std::string method = text(config["merge_method"], path + ": merge_method");
   if (method == "linear") job.method = ModelMergeMethod::kLinear;
@@ -86,7 +87,7 @@ ModelMergeJob mergekit_job(const std::string& path) {
     const Json& entry = config["models"][i];
     const std::string where = path + ": models[" + std::to_string(i) + "]";
     if (!entry.is_object() || !entry.contains("model")) throw InputError(where + " needs a 'model'");
-    refuse_unknown(entry, {"model", "parameters"}, where);
+    refuse_unknown(entry, {"model", "parameters", "gradfix"}, where);
     const std::string model = model_path(entry["model"], where + ".model");
     const Json parameters = entry.contains("parameters") ? entry["parameters"] : Json::object();
     if (!parameters.is_object()) throw InputError(where + ".parameters must be a mapping");
@@ -98,6 +99,13 @@ ModelMergeJob mergekit_job(const std::string& path) {
     job.models.push_back(model);
     job.weights.push_back(number(parameters["weight"], where + ".parameters.weight"));
     job.densities.push_back(parameters.contains("density") ? number(parameters["density"], where + ".parameters.density") : 1.0);
+    // gradfix's per-model addition: the model's sign statistics on the base (gradfix signs).
+    if (entry.contains("gradfix")) {
+      const Json& extra = entry["gradfix"];
+      if (!extra.is_object()) throw InputError(where + ".gradfix must be a mapping");
+      refuse_unknown(extra, {"signs"}, where + ".gradfix");
+      if (extra.contains("signs")) signs_by_model.emplace_back(job.models.size() - 1, text(extra["signs"], where + ".gradfix.signs"));
+    }
     if (!sparsifies && job.densities.back() != 1.0)
       throw InputError(where + ".parameters.density: " + method + " does not sparsify (density is a ties parameter)");
   }
@@ -123,17 +131,51 @@ ModelMergeJob mergekit_job(const std::string& path) {
       text(config["tokenizer_source"], path + ": tokenizer_source") != "base")
     throw InputError(path + ": tokenizer_source '" + escaped_name(config["tokenizer_source"].get<std::string>()) +
                      "': gradfix carries the base model's tokenizer only (tokenizer_source: base)");
-  // What mergekit lacks: the seed of DARE's draws (mergekit takes torch's global generator).
+  // What mergekit lacks: the seed of DARE's draws (mergekit takes torch's global generator) and
+  // gradient-sign masks, as gradfix merge's options name them.
   if (config.contains("gradfix")) {
     const Json& extra = config["gradfix"];
-    if (!extra.is_object()) throw InputError(path + ": gradfix must be a mapping");
-    refuse_unknown(extra, {"seed"}, path + ": gradfix");
+    const std::string where = path + ": gradfix";
+    if (!extra.is_object()) throw InputError(where + " must be a mapping");
+    refuse_unknown(extra, {"seed", "order", "mask_mode", "beta", "gamma", "soft_c", "soft_input"}, where);
     if (extra.contains("seed")) {
-      const double seed = number(extra["seed"], path + ": gradfix.seed");
+      const double seed = number(extra["seed"], where + ".seed");
       if (!(seed >= 0 && seed <= 9007199254740992.0) || seed != std::floor(seed))
-        throw InputError(path + ": gradfix.seed must be a non-negative integer");
+        throw InputError(where + ".seed must be a non-negative integer");
       job.seed = static_cast<std::uint64_t>(seed);
+      job.mask.seed = job.seed;
     }
+    auto prefixed = [&](const std::string& key, auto parse) {
+      try {
+        return parse(text(extra[key], where + "." + key));
+      } catch (const InputError& error) {
+        throw InputError(where + "." + key + ": " + error.what());
+      }
+    };
+    if (extra.contains("order")) job.order = prefixed("order", parse_merge_order);
+    if (extra.contains("mask_mode")) job.mode = prefixed("mask_mode", parse_mask_mode);
+    for (const char* key : {"beta", "gamma", "soft_c"}) {
+      if (!extra.contains(key)) continue;
+      const double value = number(extra[key], where + "." + key);
+      if (!std::isfinite(value)) throw InputError(where + "." + key + " must be finite");
+      (std::string(key) == "beta" ? job.mask.beta : std::string(key) == "gamma" ? job.mask.gamma : job.mask.c) = value;
+    }
+    if (!(job.mask.c > 0.0)) throw InputError(where + ".soft_c must be positive");
+    if (extra.contains("soft_input")) {
+      const std::string input = text(extra["soft_input"], where + ".soft_input");
+      if (input != "sign" && input != "raw") throw InputError(where + ".soft_input '" + escaped_name(input) + "': valid: sign, raw");
+      job.mask.raw_soft_input = input == "raw";
+    }
+  }
+  if (job.order != MergeOrder::kNone) {
+    job.signs.assign(job.models.size(), "");
+    for (const auto& [model, file] : signs_by_model) job.signs[model] = file;
+    for (std::size_t m = 0; m < job.models.size(); ++m)
+      if (job.signs[m].empty())
+        throw InputError(path + ": gradfix.order " + merge_order_name(job.order) + " needs sign statistics for every model: " +
+                         escaped_name(job.models[m]) + " has no gradfix: {signs: FILE}");
+  } else if (!signs_by_model.empty()) {
+    throw InputError(path + ": models name gradfix.signs but gradfix.order is not set (mask-then-merge or merge-then-mask)");
   }
   if (job.models.empty()) throw InputError(path + ": no model to merge besides the base");
   return job;

@@ -189,8 +189,9 @@ std::vector<SubcommandSpec> make_table() {
                     {"signs", T::kTexts, "", "statistics of each task vector, in the same order (with --order)"},
                     {"method", T::kText, "mean", "mean|sum|ties"},
                     {"ties-fraction", T::kNumber, "0.2", "TIES: fraction of largest magnitudes kept"},
-                    {"ties-elect", T::kText, "count", "TIES sign election: count|mass"},
+                    {"ties-elect", T::kText, "", "TIES sign election: count|mass (default: count; mass with --ties-variant mergekit)"},
                     {"ties-scope", T::kText, "tensor", "TIES trim scope: tensor|global"},
+                    {"ties-variant", T::kText, "gradfix", "TIES rules: gradfix|mergekit (docs/merging.md)"},
                     {"order", T::kText, "none", "none|mask-then-merge|merge-then-mask"}},
                    {},
                    [](const Options& values) {
@@ -211,7 +212,10 @@ std::vector<SubcommandSpec> make_table() {
                      job.signs = values.texts("signs");
                      job.method = parse_merge_method(values.text("method"));
                      job.ties.fraction = values.number("ties-fraction");
-                     job.ties.elect = parse_ties_elect(values.text("ties-elect"));
+                     job.ties.variant = parse_ties_variant(values.text("ties-variant"));
+                     const bool mergekit = job.ties.variant == TiesVariant::kMergekit;
+                     job.ties.elect = values.has("ties-elect") ? parse_ties_elect(values.text("ties-elect"))
+                                                               : (mergekit ? TiesElect::kMass : TiesElect::kCount);
                      job.ties.scope = parse_ties_scope(values.text("ties-scope"));
                      job.order = parse_merge_order(values.text("order"));
                      job.mode = parse_mask_mode(values.text("mask-mode"));

@@ -1,5 +1,6 @@
 #include "gradfix/merge/merge.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "gradfix/core/error.hpp"
@@ -16,6 +17,7 @@ struct NamedValue {
 constexpr NamedValue<MergeMethod> kMethods[] = {{MergeMethod::kMean, "mean"}, {MergeMethod::kSum, "sum"}, {MergeMethod::kTies, "ties"}};
 constexpr NamedValue<TiesElect> kElects[] = {{TiesElect::kCount, "count"}, {TiesElect::kMass, "mass"}};
 constexpr NamedValue<TiesScope> kScopes[] = {{TiesScope::kTensor, "tensor"}, {TiesScope::kGlobal, "global"}};
+constexpr NamedValue<TiesVariant> kVariants[] = {{TiesVariant::kGradfix, "gradfix"}, {TiesVariant::kMergekit, "mergekit"}};
 constexpr NamedValue<MergeOrder> kOrders[] = {
     {MergeOrder::kNone, "none"}, {MergeOrder::kMaskThenMerge, "mask-then-merge"}, {MergeOrder::kMergeThenMask, "merge-then-mask"}};
 
@@ -42,6 +44,8 @@ MergeMethod parse_merge_method(const std::string& name) { return parse_named(kMe
 TiesElect parse_ties_elect(const std::string& name) { return parse_named(kElects, name, "TIES election"); }
 TiesScope parse_ties_scope(const std::string& name) { return parse_named(kScopes, name, "TIES scope"); }
 MergeOrder parse_merge_order(const std::string& name) { return parse_named(kOrders, name, "merge order"); }
+TiesVariant parse_ties_variant(const std::string& name) { return parse_named(kVariants, name, "TIES variant"); }
+const char* ties_variant_name(TiesVariant variant) { return name_of(kVariants, variant); }
 const char* merge_method_name(MergeMethod method) { return name_of(kMethods, method); }
 const char* merge_order_name(MergeOrder order) { return name_of(kOrders, order); }
 const char* ties_elect_name(TiesElect elect) { return name_of(kElects, elect); }
@@ -88,6 +92,30 @@ void merge_values(MergeMethod method, TiesElect elect, const std::vector<const f
     }
     out[i] = agreeing > 0 ? static_cast<float>(total / agreeing) : 0.0f;
   }
+}
+
+void mergekit_consensus(const std::vector<const double*>& weighted, const std::vector<double>& weights, bool normalize,
+                        long long count, double* out) {
+  for (long long i = 0; i < count; ++i) {
+    double sum = 0.0;
+    for (const double* delta : weighted) sum += delta[i];
+    const int elected = sum >= 0.0 ? 1 : -1;
+    double mixed = 0.0, divisor = 0.0;
+    for (std::size_t m = 0; m < weighted.size(); ++m) {
+      const double value = weighted[m][i];
+      if ((value > 0.0 ? 1 : value < 0.0 ? -1 : 0) != elected) continue;
+      mixed += value;
+      divisor += weights[m];
+    }
+    if (divisor == 0.0) divisor = 1.0;
+    out[i] = normalize ? mixed / divisor : mixed;
+  }
+}
+
+long long mergekit_keep_count(long long n, double fraction) {
+  if (fraction >= 1.0) return n;
+  if (fraction <= 0.0 || n == 0) return 0;
+  return std::max(1LL, static_cast<long long>(fraction * static_cast<double>(n)));
 }
 
 }  // namespace gradfix

@@ -466,6 +466,54 @@ float distributed_threshold(const Ranks& ranks, long long k, bool across_ranks, 
   return selection.threshold();
 }
 
+// mergekit's trim of one vector within one tensor: exactly k entries survive, those above the
+// k-th largest magnitude and, of those equal to it, the first in flattened order counted across
+// ranks, so that the kept entries do not depend on the number of ranks.
+struct Trim {
+  float threshold = 0.0f;
+  bool keep_all = true;
+  std::map<long long, long long> tied_to_keep;  // by the chunk's first element
+
+  // Zeroes the entries of a chunk of this tensor that the trim drops.
+  void apply(const Piece& chunk, std::vector<float>& values) const {
+    if (keep_all) return;
+    long long ties_left = tied_to_keep.at(chunk.begin);
+    for (auto& value : values) {
+      const float magnitude = std::fabs(value);
+      if (!(magnitude > threshold || (magnitude == threshold && ties_left-- > 0))) value = 0.0f;
+    }
+  }
+};
+
+// Collective over the ranks that hold part of the tensor when it is split: `mine` are this
+// rank's chunks of it, `values(chunk)` the vector's values there.
+template <typename Values>
+Trim exact_trim(const Ranks& ranks, long long k, long long numel, bool split, const std::vector<Piece>& mine, Values values) {
+  Trim trim;
+  trim.keep_all = k >= numel;
+  if (trim.keep_all) return trim;
+  trim.threshold = distributed_threshold(ranks, k, split, mine, values);
+  // Counts above and at the threshold; the ties to keep go to the earliest entries.
+  std::vector<long long> tied(mine.size(), 0);
+  std::vector<long long> totals(1 + static_cast<std::size_t>(ranks.size()), 0);  // above, then tied per rank
+  for (std::size_t j = 0; j < mine.size(); ++j) {
+    for (float value : values(mine[j])) {
+      const float magnitude = std::fabs(value);
+      totals[0] += magnitude > trim.threshold;
+      tied[j] += magnitude == trim.threshold;
+    }
+    totals[1 + static_cast<std::size_t>(ranks.rank())] += tied[j];
+  }
+  if (split) ranks.reduce_statistics(totals);
+  long long remaining = k - totals[0];
+  for (int r = 0; r < ranks.rank(); ++r) remaining -= totals[1 + static_cast<std::size_t>(r)];
+  for (std::size_t j = 0; j < mine.size(); ++j) {
+    trim.tied_to_keep[mine[j].begin] = std::max(0LL, std::min(remaining, tied[j]));
+    remaining -= tied[j];
+  }
+  return trim;
+}
+
 // Counter-based random numbers: a value from (seed, tensor, index) alone, so that generated
 // checkpoints and DARE's drops do not depend on chunking or on the number of ranks.
 std::uint64_t mix_bits(std::uint64_t x) {
@@ -840,6 +888,7 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
 
 JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
+  const bool mergekit_ties = job.method == MergeMethod::kTies && job.ties.variant == TiesVariant::kMergekit;
   std::vector<Reader> vectors, signs;
   std::vector<std::string> names;
   ranks.agree([&] {
@@ -852,6 +901,10 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
       throw InputError("--signs given without --order mask-then-merge|merge-then-mask");
     if (job.method == MergeMethod::kTies && !(job.ties.fraction > 0.0 && job.ties.fraction <= 1.0))
       throw InputError("--ties-fraction must be in (0, 1], got " + std::to_string(job.ties.fraction));
+    if (mergekit_ties && job.ties.scope != TiesScope::kTensor)
+      throw InputError("--ties-variant mergekit trims within each tensor, as mergekit does; --ties-scope global does not go with it");
+    if (mergekit_ties && job.ties.elect != TiesElect::kMass)
+      throw InputError("--ties-variant mergekit elects the sign of the summed values (mass); --ties-elect count does not go with it");
     for (const auto& path : job.task_vectors) vectors.push_back(open_reader(path));
     for (const auto& path : job.signs) signs.push_back(open_reader(path));
     const TensorSelector selector(job.output.include, job.output.exclude);
@@ -908,12 +961,22 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
     return masked;
   };
 
-  // TIES thresholds: per vector over everything (global), or per tensor and vector.
+  // TIES thresholds: per vector over everything (global), or per tensor and vector; mergekit's
+  // exact trims per tensor and vector.
   std::map<std::size_t, std::vector<float>> thresholds;  // by tensor
+  std::map<std::size_t, std::vector<Trim>> trims;        // by tensor
   if (job.method == MergeMethod::kTies) {
     std::map<std::size_t, std::vector<Piece>> chunks_by_tensor;
     for (const auto& chunk : chunks) chunks_by_tensor[chunk.tensor].push_back(chunk);
-    if (job.ties.scope == TiesScope::kGlobal) {
+    if (mergekit_ties) {
+      for (std::size_t t = 0; t < layout.size(); ++t) {
+        const bool split = plan.is_split(t);
+        if (!split && !chunks_by_tensor.count(t)) continue;
+        for (std::size_t v = 0; v < n; ++v)
+          trims[t].push_back(exact_trim(ranks, mergekit_keep_count(layout[t].numel(), job.ties.fraction), layout[t].numel(), split,
+                                        chunks_by_tensor[t], [&](const Piece& chunk) { return values_of(v, chunk); }));
+      }
+    } else if (job.ties.scope == TiesScope::kGlobal) {
       long long total = 0;
       for (const auto& tensor : layout) total += tensor.numel();
       std::vector<float> global;
@@ -938,6 +1001,21 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
     for (std::size_t v = 0; v < n; ++v) values.push_back(values_of(v, chunk));
     for (const auto& vector : values) pointers.push_back(vector.data());
     std::vector<float> merged(static_cast<std::size_t>(chunk.count));
+    if (mergekit_ties) {
+      // mergekit's TIES with unit weights: trim exactly k, elect by the sum, disjoint mean.
+      std::vector<std::vector<double>> trimmed(n);
+      std::vector<const double*> weighted;
+      for (std::size_t v = 0; v < n; ++v) {
+        std::vector<float> kept = values[v];
+        trims.at(chunk.tensor)[v].apply(chunk, kept);
+        trimmed[v].assign(kept.begin(), kept.end());
+        weighted.push_back(trimmed[v].data());
+      }
+      std::vector<double> mixed(merged.size());
+      mergekit_consensus(weighted, std::vector<double>(n, 1.0), true, chunk.count, mixed.data());
+      merged.assign(mixed.begin(), mixed.end());
+      return std::make_pair(merged, values[0]);
+    }
     const auto found = thresholds.find(chunk.tensor);
     merge_values(job.method, job.ties.elect, pointers, chunk.count, found == thresholds.end() ? std::vector<float>{} : found->second,
                  merged.data());
@@ -963,7 +1041,8 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
   nlohmann::json options = {{"task_vectors", input_names(job.task_vectors)}, {"signs", input_names(job.signs)}, {"method", merge_method_name(job.method)},
                              {"order", merge_order_name(job.order)}, {"output", output_options_json(job.output)}};
   if (job.method == MergeMethod::kTies)
-    options["ties"] = {{"fraction", job.ties.fraction}, {"elect", ties_elect_name(job.ties.elect)}, {"scope", ties_scope_name(job.ties.scope)}};
+    options["ties"] = {{"fraction", job.ties.fraction}, {"elect", ties_elect_name(job.ties.elect)}, {"scope", ties_scope_name(job.ties.scope)},
+                       {"variant", ties_variant_name(job.ties.variant)}};
   if (job.order != MergeOrder::kNone) options["mask"] = mask_options_json(job.mode, job.mask);
   Inputs inputs;
   for (std::size_t v = 0; v < vectors.size(); ++v) inputs.emplace_back("task_vector." + std::to_string(v), vectors[v].get());
@@ -1012,30 +1091,10 @@ const char* model_merge_method_name(ModelMergeMethod method) {
   return "?";
 }
 
-namespace {
-
-// mergekit's trim: how many of n entries a delta keeps at this density.
-long long mergekit_keep_count(long long n, double density) {
-  if (density >= 1.0) return n;
-  if (density <= 0.0 || n == 0) return 0;
-  return std::max(1LL, static_cast<long long>(density * static_cast<double>(n)));
-}
-
-// Which entries of one delta survive the trim: those above the k-th largest magnitude, and of
-// those equal to it, the first `ties_to_keep` in flattened order (counted across ranks), so that
-// exactly k survive whatever the number of ranks.
-struct Trim {
-  float threshold = 0.0f;
-  bool keep_all = true;
-  std::map<std::size_t, long long> tied_to_keep;  // by index into this rank's chunks
-};
-
-}  // namespace
-
 JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
   Reader base;
-  std::vector<Reader> models;
+  std::vector<Reader> models, signs;
   std::vector<std::string> names;
   const bool linear = job.method == ModelMergeMethod::kLinear;
   const std::size_t n = job.models.size();
@@ -1053,6 +1112,14 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
         throw InputError(job.models[m] + ": density must be in [0, 1], got " + std::to_string(job.densities[m]));
     }
     if (!std::isfinite(job.lambda)) throw InputError("lambda must be finite");
+    if (job.order != MergeOrder::kNone && linear)
+      throw InputError("gradfix.order: linear merges whole weights, not deltas from a base; masks go with task_arithmetic, ties, "
+                       "dare_linear and dare_ties");
+    if (job.order != MergeOrder::kNone && job.signs.size() != n)
+      throw InputError(std::string("gradfix.order ") + merge_order_name(job.order) + " needs sign statistics (gradfix: {signs: FILE}) "
+                       "for every model: got " + std::to_string(job.signs.size()) + " for " + std::to_string(n) + " models");
+    if (job.order == MergeOrder::kNone && !job.signs.empty())
+      throw InputError("sign statistics given without gradfix.order (mask-then-merge or merge-then-mask)");
     base = open_reader(linear && job.base.empty() ? job.models.front() : job.base);
     for (const auto& path : job.models) models.push_back(open_reader(path));
     const TensorSelector selector(job.output.include, job.output.exclude);
@@ -1063,6 +1130,11 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
       require_matching(*base, names, *model);
       require_float(*model, names, "merge");
     }
+    for (const auto& path : job.signs) {
+      signs.push_back(open_reader(path));
+      require_matching(*base, names, *signs.back());
+      require_float(*signs.back(), names, "merge");
+    }
   });
   const std::set<std::string> merged(names.begin(), names.end());
   std::vector<TensorInfo> layout;
@@ -1072,13 +1144,37 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   const bool allow = job.output.allow_nonfinite;
   // M_m - base in fp32, as mergekit computes it in a float32 merge; `reference` is the base's
   // chunk when the caller has it already.
-  auto delta = [&](std::size_t m, const Piece& chunk, const std::vector<float>* reference = nullptr) {
+  auto raw_delta = [&](std::size_t m, const Piece& chunk, const std::vector<float>* reference = nullptr) {
     const std::string& name = layout[chunk.tensor].name;
     auto values = load(*models[m], name, chunk.begin, chunk.count, allow);
     const auto loaded = reference ? std::vector<float>() : load(*base, name, chunk.begin, chunk.count, allow);
     const auto& base_values = reference ? *reference : loaded;
     for (std::size_t i = 0; i < values.size(); ++i) values[i] -= base_values[i];
     return values;
+  };
+  // This rank's chunks of the merged tensors (the others are copied from the base).
+  std::vector<Piece> merged_chunks;
+  for (const auto& chunk : chunks)
+    if (merged.count(layout[chunk.tensor].name)) merged_chunks.push_back(chunk);
+  auto statistics_of = [&](const TensorReader& reader, const Piece& chunk) {
+    return load(reader, layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
+  };
+  // Mask-then-merge: each delta is masked with its own model's statistics before anything else
+  // (DARE's drops, TIES's trims), as gradfix merge masks task vectors before merging them.
+  std::vector<SumsByTensor> delta_sums(n);
+  if (job.order == MergeOrder::kMaskThenMerge)
+    for (std::size_t m = 0; m < n; ++m)
+      delta_sums[m] = mask_sums(ranks, plan, layout, job.mode, job.mask, merged_chunks,
+                                [&](const Piece& chunk, std::vector<float>& values, std::vector<float>& statistics) {
+                                  values = raw_delta(m, chunk);
+                                  statistics = statistics_of(*signs[m], chunk);
+                                });
+  auto delta = [&](std::size_t m, const Piece& chunk, const std::vector<float>* reference = nullptr) {
+    auto values = raw_delta(m, chunk, reference);
+    if (job.order != MergeOrder::kMaskThenMerge) return values;
+    std::vector<float> masked;
+    mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, values, statistics_of(*signs[m], chunk), delta_sums[m], masked);
+    return masked;
   };
 
   const bool dare = job.method == ModelMergeMethod::kDareLinear || job.method == ModelMergeMethod::kDareTies;
@@ -1130,35 +1226,64 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
       const bool split = plan.is_split(t);
       std::vector<Piece> mine;
       for (std::size_t c : chunks_by_tensor[t]) mine.push_back(chunks[c]);
-      for (std::size_t m = 0; m < n; ++m) {
-        Trim trim;
-        const long long k = mergekit_keep_count(layout[t].numel(), job.densities[m]);
-        trim.keep_all = k >= layout[t].numel();
-        if (!trim.keep_all) {
-          trim.threshold = distributed_threshold(ranks, k, split, mine, [&](const Piece& chunk) { return delta(m, chunk); });
-          // Counts above and at the threshold; the ties to keep go to the earliest entries.
-          std::vector<long long> tied(chunks_by_tensor[t].size(), 0);
-          std::vector<long long> totals(1 + static_cast<std::size_t>(ranks.size()), 0);  // above, then tied per rank
-          for (std::size_t j = 0; j < mine.size(); ++j) {
-            for (float value : delta(m, mine[j])) {
-              const float magnitude = std::fabs(value);
-              totals[0] += magnitude > trim.threshold;
-              tied[j] += magnitude == trim.threshold;
-            }
-            totals[1 + static_cast<std::size_t>(ranks.rank())] += tied[j];
-          }
-          if (split) ranks.reduce_statistics(totals);
-          long long remaining = k - totals[0];
-          for (int r = 0; r < ranks.rank(); ++r) remaining -= totals[1 + static_cast<std::size_t>(r)];
-          for (std::size_t j = 0; j < mine.size(); ++j) {
-            trim.tied_to_keep[chunks_by_tensor[t][j]] = std::max(0LL, std::min(remaining, tied[j]));
-            remaining -= tied[j];
-          }
-        }
-        trims[t].push_back(trim);
-      }
+      for (std::size_t m = 0; m < n; ++m)
+        trims[t].push_back(exact_trim(ranks, mergekit_keep_count(layout[t].numel(), job.densities[m]), layout[t].numel(), split, mine,
+                                      [&](const Piece& chunk) { return delta(m, chunk); }));
     }
   }
+
+  double weight_sum = 0.0;
+  for (double w : job.weights) weight_sum += w;
+  // The merged delta of a chunk of a merged tensor, before lambda (every method but linear).
+  auto mixed_of = [&](const Piece& chunk) {
+    const TensorInfo& out = layout[chunk.tensor];
+    const auto count = static_cast<std::size_t>(chunk.count);
+    std::vector<std::vector<double>> deltas(n);
+    const auto base_values = load(*base, out.name, chunk.begin, chunk.count, allow);
+    for (std::size_t m = 0; m < n; ++m) {
+      auto values = delta(m, chunk, &base_values);
+      if (job.method == ModelMergeMethod::kTies) trims[chunk.tensor][m].apply(chunk, values);
+      deltas[m].assign(values.begin(), values.end());
+      if (dare) {
+        const std::uint64_t key = tensor_key_of(out.name);
+        const double factor = rescales[chunk.tensor][m];
+        for (std::size_t i = 0; i < count; ++i)
+          deltas[m][i] = dare_keeps(m, key, chunk.begin + static_cast<long long>(i)) ? deltas[m][i] * factor : 0.0;
+      }
+      for (auto& value : deltas[m]) value *= job.weights[m];
+    }
+    std::vector<double> mixed(count, 0.0);
+    if (consensus) {
+      std::vector<const double*> pointers;
+      for (const auto& values : deltas) pointers.push_back(values.data());
+      mergekit_consensus(pointers, job.weights, job.normalize, chunk.count, mixed.data());
+    } else {
+      const double divisor = std::fabs(weight_sum) < 1e-8 ? 1.0 : weight_sum;
+      for (std::size_t i = 0; i < count; ++i) {
+        for (std::size_t m = 0; m < n; ++m) mixed[i] += deltas[m][i];
+        if (job.normalize) mixed[i] /= divisor;
+      }
+    }
+    return mixed;
+  };
+  // Merge-then-mask: the merged delta is masked with sum_m sign(s_m), a per-entry majority over
+  // the models' statistics, as gradfix merge does for task vectors.
+  auto summed_signs = [&](const Piece& chunk) {
+    std::vector<float> summed(static_cast<std::size_t>(chunk.count), 0.0f);
+    for (const auto& reader : signs) {
+      const auto statistics = statistics_of(*reader, chunk);
+      for (std::size_t i = 0; i < summed.size(); ++i) summed[i] += static_cast<float>((statistics[i] > 0.0f) - (statistics[i] < 0.0f));
+    }
+    return summed;
+  };
+  SumsByTensor merged_sums;
+  if (job.order == MergeOrder::kMergeThenMask)
+    merged_sums = mask_sums(ranks, plan, layout, job.mode, job.mask, merged_chunks,
+                            [&](const Piece& chunk, std::vector<float>& values, std::vector<float>& statistics) {
+                              const auto mixed = mixed_of(chunk);
+                              values.assign(mixed.begin(), mixed.end());
+                              statistics = summed_signs(chunk);
+                            });
 
   nlohmann::json options = {{"method", model_merge_method_name(job.method)}, {"variant", "mergekit"},
                             {"base", job.base.empty() ? "" : input_name(job.base)}, {"models", input_names(job.models)},
@@ -1168,16 +1293,20 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
     options["rescale"] = job.rescale;
     options["seed"] = job.seed;
   }
+  if (job.order != MergeOrder::kNone) {
+    options["order"] = merge_order_name(job.order);
+    options["signs"] = input_names(job.signs);
+    options["mask"] = mask_options_json(job.mode, job.mask);
+  }
   Inputs inputs;
   if (!job.base.empty()) inputs.emplace_back("base", base.get());
   for (std::size_t m = 0; m < n; ++m) inputs.emplace_back("model." + std::to_string(m), models[m].get());
+  for (std::size_t m = 0; m < signs.size(); ++m) inputs.emplace_back("signs." + std::to_string(m), signs[m].get());
   Metadata metadata = output_metadata("merge", options, inputs);
   if (!job.config_json.empty()) metadata["gradfix.merge_config"] = job.config_json;
   NonFiniteResults nonfinite;
   auto writer = open_output(ranks, job.out, layout, metadata, job.output);
   JobSummary summary;
-  double weight_sum = 0.0;
-  for (double w : job.weights) weight_sum += w;
   Progress progress(ranks.context(), "merge", static_cast<long long>(chunks.size()), chunk_bytes(chunks, layout));
   for (std::size_t c = 0; c < chunks.size(); ++c) {
     const Piece& chunk = chunks[c];
@@ -1197,49 +1326,15 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
       if (job.normalize && weight_sum != 0.0)
         for (auto& value : result) value /= weight_sum;
     } else {
-      std::vector<std::vector<double>> deltas(n);
-      const auto base_values = load(*base, out.name, chunk.begin, chunk.count, allow);
-      for (std::size_t m = 0; m < n; ++m) {
-        const auto values = delta(m, chunk, &base_values);
-        deltas[m].assign(values.begin(), values.end());
-        if (job.method == ModelMergeMethod::kTies && !trims[chunk.tensor][m].keep_all) {
-          const Trim& trim = trims[chunk.tensor][m];
-          long long ties_left = trim.tied_to_keep.at(c);
-          for (std::size_t i = 0; i < count; ++i) {
-            const float magnitude = std::fabs(values[i]);
-            const bool kept = magnitude > trim.threshold || (magnitude == trim.threshold && ties_left-- > 0);
-            if (!kept) deltas[m][i] = 0.0;
-          }
-        }
-        if (dare) {
-          const std::uint64_t key = tensor_key_of(out.name);
-          const double factor = rescales[chunk.tensor][m];
-          for (std::size_t i = 0; i < count; ++i)
-            deltas[m][i] = dare_keeps(m, key, chunk.begin + static_cast<long long>(i)) ? deltas[m][i] * factor : 0.0;
-        }
-        for (auto& value : deltas[m]) value *= job.weights[m];
+      auto mixed = mixed_of(chunk);
+      if (job.order == MergeOrder::kMergeThenMask) {
+        const std::vector<float> unmasked(mixed.begin(), mixed.end());
+        std::vector<float> masked;
+        mask_chunk(job.mode, job.mask, out, chunk, unmasked, summed_signs(chunk), merged_sums, masked);
+        mixed.assign(masked.begin(), masked.end());
       }
       const auto reference = load<double>(*base, out.name, chunk.begin, chunk.count, allow);
-      for (std::size_t i = 0; i < count; ++i) {
-        double mixed = 0.0, divisor = 0.0;
-        if (consensus) {
-          double sum = 0.0;
-          for (std::size_t m = 0; m < n; ++m) sum += deltas[m][i];
-          const int elected = sum >= 0.0 ? 1 : -1;  // mergekit elects + when the sum is 0
-          for (std::size_t m = 0; m < n; ++m) {
-            const double value = deltas[m][i];
-            if ((value > 0.0 ? 1 : value < 0.0 ? -1 : 0) != elected) continue;
-            mixed += value;
-            divisor += job.weights[m];
-          }
-          if (divisor == 0.0) divisor = 1.0;
-        } else {
-          for (std::size_t m = 0; m < n; ++m) mixed += deltas[m][i];
-          divisor = std::fabs(weight_sum) < 1e-8 ? 1.0 : weight_sum;
-        }
-        if (job.normalize) mixed /= divisor;
-        result[i] = reference[i] + job.lambda * mixed;
-      }
+      for (std::size_t i = 0; i < count; ++i) result[i] = reference[i] + job.lambda * mixed[i];
     }
     store(*writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
     summary.elements += chunk.count;
@@ -1255,7 +1350,9 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   summary.tensors_changed = static_cast<long long>(names.size());
   summary.bytes_written = layout_bytes(layout);
   if (ranks.is_root())
-    log << "merge " << model_merge_method_name(job.method) << " (mergekit rules) of " << n << " models: " << names.size() << " of "
+    log << "merge " << model_merge_method_name(job.method) << " (mergekit rules"
+        << (job.order == MergeOrder::kNone ? std::string() : std::string(", ") + merge_order_name(job.order) + " " + mask_mode_name(job.mode))
+        << ") of " << n << " models: " << names.size() << " of "
         << layout.size() << " tensors (" << summary.elements << " elements) merged, written to " << job.out << rank_note(ranks) << "\n";
   return summary;
 }

@@ -17,6 +17,7 @@ close=$repo/tests/support/close_tensors.py
 same=$repo/tests/support/same_tensors.py
 work=$(mktemp -d /tmp/gradfix-mergekit-XXXXXX)
 trap 'rm -rf "$work"' EXIT
+expect_output=$work/out.txt  # not in the source tree
 cd "$fixtures"  # the configurations name the models relative to their directory, as mergekit runs them
 
 for config in linear task_arithmetic ties ties_unnormalized; do

@@ -15,15 +15,18 @@ check() {  # check DESCRIPTION COMMAND...
   fi
 }
 
-expect_exit2() {  # expect_exit2 DESCRIPTION PATTERN COMMAND...: it exits 2 and says PATTERN (output in out.txt)
-  local description=$1 pattern=$2
+# expect_exit2 DESCRIPTION PATTERN COMMAND...: it exits 2 and says PATTERN. The output goes to
+# $expect_output (default out.txt in the current directory; scripts that run inside the source
+# tree point it at their work directory).
+expect_exit2() {
+  local description=$1 pattern=$2 output=${expect_output:-out.txt}
   shift 2
   set +e
-  "$@" >out.txt 2>&1
+  "$@" >"$output" 2>&1
   local code=$?
   set -e
   check "$description: exit 2 (got $code)" test "$code" -eq 2
-  check "$description: message" grep -q -- "$pattern" out.txt
+  check "$description: message" grep -q -- "$pattern" "$output"
 }
 
 finish() {

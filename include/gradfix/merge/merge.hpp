@@ -10,7 +10,9 @@
 //   elect  count: the sign with more non-zero votes, +1 on a tie (official GradFix code);
 //          mass: the sign of the summed trimmed values (TIES paper, mergekit's default)
 // The keep count is max(1, ceil(n * fraction)) and every entry whose magnitude reaches the k-th
-// largest is kept, as the official GradFix code does.
+// largest is kept, as the official GradFix code does. The mergekit variant follows mergekit's
+// TIES instead: exactly k = max(1, int(n * fraction)) entries per tensor (ties at the threshold go
+// to the earliest entries), the sign of the summed values elected (+ when the sum is 0).
 
 #include <string>
 #include <vector>
@@ -20,6 +22,7 @@ namespace gradfix {
 enum class MergeMethod { kMean, kSum, kTies };
 enum class TiesElect { kCount, kMass };
 enum class TiesScope { kTensor, kGlobal };
+enum class TiesVariant { kGradfix, kMergekit };
 // How gradient-sign masks combine with a merge: none, each vector masked with its own
 // statistics before the merge, or the merged vector masked with the sum of the sign tensors.
 enum class MergeOrder { kNone, kMaskThenMerge, kMergeThenMask };
@@ -29,15 +32,18 @@ MergeMethod parse_merge_method(const std::string& name);
 TiesElect parse_ties_elect(const std::string& name);
 TiesScope parse_ties_scope(const std::string& name);
 MergeOrder parse_merge_order(const std::string& name);
+TiesVariant parse_ties_variant(const std::string& name);
 const char* merge_method_name(MergeMethod method);
 const char* merge_order_name(MergeOrder order);
 const char* ties_elect_name(TiesElect elect);
 const char* ties_scope_name(TiesScope scope);
+const char* ties_variant_name(TiesVariant variant);
 
 struct TiesOptions {
   double fraction = 0.2;
   TiesElect elect = TiesElect::kCount;
   TiesScope scope = TiesScope::kTensor;
+  TiesVariant variant = TiesVariant::kGradfix;
 };
 
 // How many of n entries TIES keeps: 0 for fraction <= 0, n for fraction >= 1, otherwise
@@ -52,6 +58,15 @@ float kth_largest_magnitude(const float* values, long long n, long long k);
 // at or above which entries of vector i survive the trim.
 void merge_values(MergeMethod method, TiesElect elect, const std::vector<const float*>& vectors, long long count,
                   const std::vector<float>& thresholds, float* out);
+
+// mergekit's consensus over already trimmed and weighted deltas w_i * d_i at `count` entries: the
+// elected sign is that of sum_i w_i d_i (+ when it is 0); out = the sum of the agreeing entries,
+// divided by the sum of their weights when `normalize` (by 1 where that sum is 0).
+void mergekit_consensus(const std::vector<const double*>& weighted, const std::vector<double>& weights, bool normalize,
+                        long long count, double* out);
+
+// mergekit's keep count: 0 for fraction <= 0, n for fraction >= 1, else max(1, int(n * fraction)).
+long long mergekit_keep_count(long long n, double fraction);
 
 // Exact k-th largest magnitude over values that arrive in chunks, in two passes over the data:
 // a histogram of the upper 16 bits of |x|, then of the lower 16 bits within the chosen bucket.

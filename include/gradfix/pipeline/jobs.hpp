@@ -87,6 +87,12 @@ struct ModelMergeJob {
   double lambda = 1.0;
   bool rescale = true;              // DARE: rescale each kept delta to its L1 norm
   std::uint64_t seed = 0;           // DARE's draws
+  // gradfix's addition: gradient-sign masks with each model's statistics (on the base), before
+  // the merge (each delta with its own) or after it (the merged delta with sum_i sign(s_i)).
+  MergeOrder order = MergeOrder::kNone;
+  MaskMode mode = MaskMode::kNormal;
+  MaskOptions mask;
+  std::vector<std::string> signs;   // one per model when order is not kNone
   std::string config_json;          // the configuration as read, recorded in the metadata
   std::string out;
   OutputOptions output;
