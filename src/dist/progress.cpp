@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <iomanip>
@@ -60,6 +61,16 @@ void Progress::next(long long bytes) {
   report(false);
 }
 
+void Progress::add(long long items) {
+  items_ += items;
+  // The line at the end is finish()'s.
+  if (!enabled_ || items_ == 0 || (total_items_ > 0 && items_ >= total_items_)) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (std::chrono::duration<double>(now - last_).count() < interval_) return;
+  last_ = now;
+  report(false);
+}
+
 void Progress::finish() {
   items_ += pending_items_;
   bytes_ += pending_bytes_;
@@ -72,18 +83,36 @@ void Progress::finish() {
 
 void Progress::report(bool final) {
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-  const double done = total_bytes_ > 0 ? static_cast<double>(bytes_) / static_cast<double>(total_bytes_)
-                                       : total_items_ > 0 ? static_cast<double>(items_) / static_cast<double>(total_items_) : 1.0;
+  // Counted work can overrun an estimated total slightly (a fine-tuning rate that diverges stops
+  // early, one that does not may be counted differently): the fraction stops at 1.
+  const double done = std::min(1.0, total_bytes_ > 0 ? static_cast<double>(bytes_) / static_cast<double>(total_bytes_)
+                                    : total_items_ > 0 ? static_cast<double>(items_) / static_cast<double>(total_items_) : 1.0);
   std::ostringstream line;
   line << what_ << ": " << items_ << "/" << total_items_ << " " << unit_;
   if (total_bytes_ > 0) line << ", " << human_bytes(static_cast<double>(bytes_)) << " of " << human_bytes(static_cast<double>(total_bytes_));
   line << " (" << std::fixed << std::setprecision(0) << 100.0 * done << "%)";
   if (elapsed > 0.0 && total_bytes_ > 0) line << ", " << human_bytes(static_cast<double>(bytes_) / elapsed) << "/s";
+  if (elapsed > 0.0 && total_bytes_ == 0) {
+    const double rate = static_cast<double>(items_) / elapsed;
+    line << ", " << std::setprecision(rate >= 100.0 ? 0 : 1) << rate << " " << unit_ << "/s";
+  }
   if (!final && done > 0.0) line << ", " << human_seconds(elapsed * (1.0 - done) / done) << " left";
   if (final) line << ", " << human_seconds(elapsed);
   if (terminal_) std::cerr << "\r\033[K" << line.str() << (final ? "\n" : "") << std::flush;
   else std::cerr << line.str() << "\n" << std::flush;
   printed_ = true;
+}
+
+namespace {
+// One job runs per process at a time, on its main thread: a plain pointer is enough.
+Progress* current_progress = nullptr;
+}  // namespace
+
+CurrentProgress::CurrentProgress(Progress& progress) : previous_(current_progress) { current_progress = &progress; }
+CurrentProgress::~CurrentProgress() { current_progress = previous_; }
+
+void count_progress(long long items) {
+  if (current_progress != nullptr) current_progress->add(items);
 }
 
 }  // namespace gradfix

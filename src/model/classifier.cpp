@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "gradfix/core/error.hpp"
+#include "gradfix/dist/progress.hpp"
 
 namespace gradfix {
 namespace {
@@ -245,6 +246,7 @@ Evaluation evaluate(Classifier& model, const Dataset& data, long long batch) {
     loss += torch::nn::functional::cross_entropy(logits, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)).item<double>();
     correct += logits.argmax(1).eq(target).sum().item<int64_t>();
   }
+  count_progress(data.size());
   return {static_cast<double>(correct) / static_cast<double>(data.size()), loss / static_cast<double>(data.size())};
 }
 

@@ -5,6 +5,7 @@
 #include <iomanip>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "classifier.hpp"
 #include "decoder.hpp"
@@ -14,6 +15,7 @@
 #include "shots.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
+#include "gradfix/dist/progress.hpp"
 
 namespace gradfix {
 namespace {
@@ -147,7 +149,11 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
   ShardedSignsOptions options;
   options.sign_mode = job.sign_mode;
   options.method = job.method;
+  Progress progress(context, "signs", shots.samples, 0, "samples");
+  std::optional<CurrentProgress> current(progress);
   const ShardedStatistics statistics = sharded_statistics(decoder, *weights, token_samples(shots), options, context, device);
+  current.reset();
+  progress.finish();
 
   const DType dtype = write_sharded_statistics(context, *weights, statistics, job.sign_mode, job.seed, config.model_type, job.out);
   if (context.is_root())

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <iomanip>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 
 #include "classifier.hpp"
@@ -21,6 +22,7 @@
 #include "decoder.hpp"
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
+#include "gradfix/dist/progress.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/mask/compare.hpp"
 #include "gradfix/model/jobs.hpp"
@@ -69,6 +71,7 @@ void train_model(Classifier& model, const Dataset& data, int epochs, double lr, 
       optimizer.step();
       total += loss.item<double>() * static_cast<double>(index.size(0));
       correct += logits.argmax(1).eq(target).sum().item<int64_t>();
+      count_progress(index.size(0));
     }
     log << label << " epoch " << epoch + 1 << "/" << epochs << ": loss " << std::fixed << std::setprecision(4)
         << total / static_cast<double>(data.size()) << ", train accuracy " << std::setprecision(2)
@@ -124,6 +127,7 @@ Vectors descent_statistics(Classifier& model, const Dataset& shots, SignMode sig
     }
     require_finite_statistics(local, source);
   });
+  count_progress(shots.size());
   Vectors statistics;
   for (auto& [name, parameter] : model.parameters()) {
     const auto count = static_cast<std::size_t>(parameter.numel());
@@ -242,7 +246,7 @@ struct TransportInputs {
 // The transport of one (K, seed): shots and support from the pool, statistics on the shots,
 // alpha chosen on the support set, the test set read only at the end.
 std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob& job, const JobContext& context,
-                                         Vectors* transported) {
+                                         Vectors* transported, bool report_progress) {
   Classifier& model = *in.target;
   const Vectors base = parameter_values(model);
   const auto shot_indices = classifier_shots(model, in.pool, job.data.spec, job.selection, job.shots_per_class, job.seed);
@@ -262,6 +266,15 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
     rows.push_back(make_transport_row(method, result.accuracy, result.loss, alpha, kept, agreement));
   };
   const std::string source = job.data.spec.empty() ? "the few-shot pool" : job.data.spec;
+  const std::vector<long long> step_counts = job.finetune_steps.empty() ? std::vector<long long>{5, 20, 50} : job.finetune_steps;
+  const std::size_t lr_count = job.finetune_lrs.empty() ? 3 : job.finetune_lrs.size();
+  // The demo runs many short transports: only a transport of its own reports progress.
+  Progress progress(context, "transport",
+                    transport_sample_passes(job.sign_mode, shots.size(), support.size(), in.test.size(), alphas.size(), !in.tau_b.empty(),
+                                            job.few_shot_baseline ? lr_count : 0, step_counts, !in.target_finetuned.empty()),
+                    0, "samples");
+  std::optional<CurrentProgress> current;
+  if (report_progress) current.emplace(progress);
   const Vectors statistics = descent_statistics(model, shots, job.sign_mode, VoteMethod::kFast, context, source);
   // g, the mean gradient of B's loss on the shots: the mean-mode statistics are the summed
   // -gradients (the same pass in mean mode, one more in max mode).
@@ -316,7 +329,6 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
     Vectors best = base;
     std::string best_label;
     const std::vector<double> lrs = job.finetune_lrs.empty() ? std::vector<double>{1e-4, 1e-3, 1e-2} : job.finetune_lrs;
-    const std::vector<long long> step_counts = job.finetune_steps.empty() ? std::vector<long long>{5, 20, 50} : job.finetune_steps;
     for (double lr : lrs) {
       set_parameter_values(model, base);
       std::vector<torch::Tensor> parameters;
@@ -329,6 +341,7 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
           optimizer.zero_grad();
           torch::nn::functional::cross_entropy(model.forward(inputs), labels).backward();
           optimizer.step();
+          count_progress(shots.size());
         }
         const double accuracy = evaluate(model, support).accuracy;
         if (accuracy > best_accuracy) {
@@ -347,6 +360,7 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
     add_row("B fine-tuned (upper bound)", evaluate(model, in.test), -1, -1, -1);
     set_parameter_values(model, base);
   }
+  progress.finish();
   return rows;
 }
 
@@ -475,10 +489,13 @@ void run_train(const TrainJob& job, std::ostream& log, const JobContext& context
   });
   std::ostringstream discard;
   // Every rank trains the same replica with the same seed; the root's is written.
+  Progress progress(context, "train", static_cast<long long>(job.epochs) * data.size(), 0, "samples");
   context.agree([&] {
+    const CurrentProgress current(progress);
     torch::manual_seed(job.seed);
     train_model(*model, data, job.epochs, job.lr, job.batch, job.seed, context.is_root() ? log : discard, "train");
   });
+  progress.finish();
   publish_from_root(context, [&] { return write_classifier(*model, job.out); });
   if (context.is_root()) log << "train: " << data.size() << " samples, written to " << job.out << "\n";
 }
@@ -535,7 +552,10 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
     shots = data.subset(chosen);
     shots.classes = data.classes;
   });
+  Progress progress(context, "signs", shots.size(), 0, "samples");
+  const CurrentProgress current(progress);
   const Vectors statistics = descent_statistics(*model, shots, job.sign_mode, job.method, context, job.data.spec);
+  progress.finish();
   // Vote counts in the narrowest integer type that holds them; mean-mode sums in fp32.
   const DType dtype = job.sign_mode == SignMode::kMax ? (shots.size() <= 127 ? DType::kI8 : shots.size() <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
   std::vector<TensorInfo> layout;
@@ -582,7 +602,7 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
   });
   Vectors transported;
   std::vector<TransportRow> rows;
-  context.agree([&] { rows = transport_core(in, job, context, &transported); });
+  context.agree([&] { rows = transport_core(in, job, context, &transported, true); });
   if (context.is_root()) print_transport_rows(rows, log);
   if (!job.out.empty()) {
     publish_from_root(context, [&] {
@@ -699,7 +719,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
     std::map<std::string, std::vector<TransportRow>> by_method;
     std::vector<std::string> order;
     for (std::uint64_t seed : job.seeds) {
-      for (const auto& row : transport_core(in, demo_transport(job, shots, seed, job.selection, true), context, nullptr)) {
+      for (const auto& row : transport_core(in, demo_transport(job, shots, seed, job.selection, true), context, nullptr, false)) {
         if (!by_method.count(row.method)) order.push_back(row.method);
         by_method[row.method].push_back(row);
       }
@@ -754,7 +774,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         std::vector<double> accuracies;
         for (std::uint64_t seed : job.seeds) {
           if (!seeded && !accuracies.empty()) break;
-          for (const auto& row : transport_core(in, demo_transport(job, shots, seed, strategy, false), context, nullptr))
+          for (const auto& row : transport_core(in, demo_transport(job, shots, seed, strategy, false), context, nullptr, false))
             if (row.method.rfind("GradFix", 0) == 0) accuracies.push_back(row.accuracy);
         }
         const auto [mean, spread] = mean_and_spread(accuracies);

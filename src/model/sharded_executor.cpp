@@ -10,6 +10,7 @@
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
 #include "gradfix/dist/collective_output.hpp"
+#include "gradfix/dist/progress.hpp"
 #include "gradfix/signs/statistics.hpp"
 
 namespace gradfix {
@@ -379,6 +380,13 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
   };
 
   const std::vector<Group> groups = my_groups(data, group_size, context, device);
+  // Progress: the backward stages (output, each layer, input) share the pass's samples.
+  const long long stages = model.layers() + 2;
+  long long stages_done = 0;
+  auto stage_done = [&] {
+    ++stages_done;
+    count_progress(data.samples * stages_done / stages - data.samples * (stages_done - 1) / stages);
+  };
   // Forward, keeping each layer's input: boundary[l][g].
   std::vector<std::vector<torch::Tensor>> boundary = forward_groups(model, weights, groups, device, true);
 
@@ -484,6 +492,7 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
       if (!tied.count(name)) done.push_back(name);
     finish(accumulators, done);
     boundary.pop_back();
+    stage_done();
   }
 
   // The layers, last first: recompute from the kept input, backpropagate the incoming gradient.
@@ -506,6 +515,7 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
     }
     finish(accumulators, names);
     boundary.pop_back();
+    stage_done();
   }
 
   // The input stage: recomputed from the batch, its output gradient is what reached the first
@@ -539,6 +549,7 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
   }
   for (const auto& name : input_names) accumulators.of(name, shapes.at(name));
   finish(accumulators, input_names);
+  stage_done();
   return result;
 }
 
@@ -572,6 +583,7 @@ ShardedEvaluation sharded_evaluation(const LayeredModel& model, const ShardedWei
   context.host().allreduce(counts, counts, 2, DType::kI64, ReduceOp::kSum);
   result.hits = counts[0];
   result.targets = counts[1];
+  count_progress(data.samples);
   return result;
 }
 

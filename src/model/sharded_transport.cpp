@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <optional>
 #include <set>
 #include <nlohmann/json.hpp>
 
@@ -12,6 +13,7 @@
 #include "gradfix/core/exact_sum.hpp"
 #include "gradfix/data/dataset.hpp"
 #include "gradfix/dist/collective_output.hpp"
+#include "gradfix/dist/progress.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/mask/compare.hpp"
 #include "gradfix/mask/mask.hpp"
@@ -239,6 +241,15 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
   });
   const std::vector<double> alphas = job.alphas.empty() ? std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0} : job.alphas;
 
+  const std::vector<double> finetune_lrs = job.finetune_lrs.empty() ? std::vector<double>{1e-5, 3e-5, 1e-4} : job.finetune_lrs;
+  const std::vector<long long> finetune_steps = job.finetune_steps.empty() ? std::vector<long long>{5, 20, 50} : job.finetune_steps;
+  Progress progress(context, "transport",
+                    transport_sample_passes(job.sign_mode, data.shots.samples, data.support.samples, data.test.samples, alphas.size(),
+                                            !tau_b.empty(), job.few_shot_baseline ? finetune_lrs.size() : 0, finetune_steps,
+                                            !job.target_finetuned.empty()),
+                    0, "samples");
+  std::optional<CurrentProgress> current(progress);
+
   std::vector<TransportRow> rows;
   auto add_row = [&](const std::string& method, const Score& result, double alpha, double kept, double agreement) {
     rows.push_back(make_transport_row(method, result.accuracy, result.loss, alpha, kept, agreement));
@@ -290,8 +301,6 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
                                                 masked, kept_fraction, agreement);
 
   FinetuneChoice finetuned;
-  const std::vector<double> finetune_lrs = job.finetune_lrs.empty() ? std::vector<double>{1e-5, 3e-5, 1e-4} : job.finetune_lrs;
-  const std::vector<long long> finetune_steps = job.finetune_steps.empty() ? std::vector<long long>{5, 20, 50} : job.finetune_steps;
   if (job.few_shot_baseline) {
     const Pieces update = sharded_finetune(model, *weights, data.shots, data.support, finetune_lrs, finetune_steps, context, device, finetuned);
     add_row("few-shot fine-tuning of B", test_with(&update, 1.0), -1, -1, -1);
@@ -307,6 +316,8 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
     context.agree([&] { upper = std::make_unique<ShardedWeights>(model.layout(), job.target_finetuned, context); });
     add_row("B fine-tuned (upper bound)", score(model, *upper, data.test, context, device), -1, -1, -1);
   }
+  current.reset();
+  progress.finish();
   if (context.is_root()) {
     log << "transport: " << model.model_type() << ", " << data.shots.samples << " shots, " << data.support.samples << " support samples, "
         << data.test.samples << " test samples; alpha chosen on the support set's mean loss; parameters sharded over " << context.size()

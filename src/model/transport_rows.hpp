@@ -32,4 +32,21 @@ inline TransportRow make_transport_row(const std::string& method, double accurac
   return row;
 }
 
+// The samples a transport passes through the network, its progress total: the statistics on the
+// shots (a second pass for the mean gradient in max mode), the zero-shot test, each row whose
+// alpha is searched (naive, GradFix, and the oracle with tau_B: the grid on the support set and
+// the shots, then the test), few-shot fine-tuning (every step on the shots, every step count
+// scored on the support set, per learning rate, then the test) and the upper bound's test.
+inline long long transport_sample_passes(SignMode sign_mode, long long shots, long long support, long long test, std::size_t alphas,
+                                         bool oracle, std::size_t finetune_lrs, const std::vector<long long>& finetune_steps,
+                                         bool upper_bound) {
+  long long total = shots * (sign_mode == SignMode::kMax ? 2 : 1) + test;
+  total += (oracle ? 3 : 2) * (static_cast<long long>(alphas) * (support + shots) + test);
+  if (finetune_lrs > 0) {
+    const long long steps = finetune_steps.empty() ? 0 : finetune_steps.back();
+    total += static_cast<long long>(finetune_lrs) * (steps * shots + static_cast<long long>(finetune_steps.size()) * support) + test;
+  }
+  return total + (upper_bound ? test : 0);
+}
+
 }  // namespace gradfix

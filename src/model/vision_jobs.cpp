@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <iomanip>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "classifier.hpp"
 #include "architecture.hpp"
@@ -10,6 +11,7 @@
 #include "gradfix/core/error.hpp"
 #include "gradfix/data/dataset.hpp"
 #include "gradfix/io/atomic_file.hpp"
+#include "gradfix/dist/progress.hpp"
 #include "sharded_executor.hpp"
 #include "sharded_transport.hpp"
 #include "shots.hpp"
@@ -143,7 +145,11 @@ void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& co
   ShardedSignsOptions options;
   options.sign_mode = job.sign_mode;
   options.method = job.method;
+  Progress progress(context, "signs", shots.size(), 0, "samples");
+  std::optional<CurrentProgress> current(progress);
   const ShardedStatistics statistics = sharded_statistics(model, *weights, image_samples(shots, &in.preprocessing), options, context, in.device);
+  current.reset();
+  progress.finish();
   const DType dtype = write_sharded_statistics(context, *weights, statistics, job.sign_mode, job.seed, in.config.model_type, job.out);
   if (context.is_root())
     log << "signs " << sign_mode_name(job.sign_mode) << ": " << in.config.model_type << " vision tower, " << shots.size() << " images, "

@@ -45,7 +45,9 @@ PY
 
 transport=(transport --target "$model" --task-vector tau.safetensors --target-finetuned B_ft --data pool.h5
            --test-data test.safetensors --num-samples 4 --seed 3 --support-size 8 --alphas 0.5,1,2)
-"$gradfix" "${transport[@]}" --out T1 --results R1.json >transport.log
+GRADFIX_PROGRESS_SECONDS=0 "$gradfix" "${transport[@]}" --out T1 --results R1.json >transport.log 2>transport.err
+check "transport's progress counts every sample it passes through the model, to the total" \
+  bash -c "grep -q '^transport: [0-9]*/[0-9]* samples ([0-9]*%)' transport.err && tail -1 transport.err | grep -q '^transport: \([0-9]*\)/\1 samples (100%)'"
 check "transport prints every row" bash -c "grep -q 'B zero-shot' transport.log && grep -q 'naive' transport.log &&
   grep -q 'GradFix (max, normal)' transport.log && grep -q 'oracle mask' transport.log && grep -q 'upper bound' transport.log"
 check "transport says the parameters are sharded" grep -q "parameters sharded over 1 rank(s)" transport.log
@@ -58,7 +60,9 @@ done
 
 # The same steps one by one: signs on the same shots, mask, apply at the alpha transport chose.
 alpha=$(python3 -c "import json; print([r for r in json.load(open('R1.json'))['rows'] if r['method'].startswith('GradFix')][0]['alpha'])")
-"$gradfix" signs --weights "$model" --data pool.h5 --num-samples 4 --seed 3 --out votes.safetensors >/dev/null
+GRADFIX_PROGRESS_SECONDS=0 "$gradfix" signs --weights "$model" --data pool.h5 --num-samples 4 --seed 3 --out votes.safetensors >/dev/null 2>signs.err
+check "signs reports progress layer by layer, to the last sample" \
+  bash -c "grep -q '^signs: [123]/4 samples' signs.err && tail -1 signs.err | grep -q '^signs: 4/4 samples (100%)'"
 "$gradfix" mask --task-vector tau.safetensors --signs votes.safetensors --out masked.safetensors >/dev/null
 "$gradfix" apply --base "$model" --task-vector masked.safetensors --alpha "$alpha" --out steps >/dev/null
 same_tensors=$repo/tests/support/same_tensors.py

@@ -17,8 +17,11 @@ test_set="$data:t10k"
 train_set="$data:train"
 
 "$gradfix" init --arch mlp --dims 784,32,10 --seed 1 --out a.safetensors >/dev/null
-"$gradfix" train --weights a.safetensors --data "$train_set" --limit 3000 --epochs 2 --seed 1 --out a_trained.safetensors >train.log
+GRADFIX_PROGRESS_SECONDS=0 "$gradfix" train --weights a.safetensors --data "$train_set" --limit 3000 --epochs 2 --seed 1 \
+  --out a_trained.safetensors >train.log 2>train.err
 check "training reports its epochs" grep -q "epoch 2/2" train.log
+check "training reports progress in samples on stderr, to the last" bash -c "grep -q '^train: 1920/6000 samples (32%)' train.err &&
+  tail -1 train.err | grep -q '^train: 6000/6000 samples (100%), .* samples/s, [0-9]*s$' && ! grep -q 'samples (' train.log"
 "$gradfix" eval --weights a_trained.safetensors --data "$test_set" >eval.log
 accuracy=$(sed -n 's/.*accuracy \([0-9.]*\)%.*/\1/p' eval.log)
 check "a trained MLP beats chance clearly on the test set (${accuracy}%)" awk "BEGIN { exit !($accuracy > 50) }"
@@ -96,10 +99,17 @@ for name in names:
 "$gradfix" train --weights a_trained.safetensors --data "$train_set" --transform invert --limit 2000 --epochs 2 --seed 2 \
   --out b_ft.safetensors >/dev/null
 "$gradfix" taskvector --base a_trained.safetensors --finetuned b_ft.safetensors --out tau_b.safetensors >/dev/null
-"$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --target-finetuned b_ft.safetensors \
-  --data "$train_set" --test-data "$test_set" --transform invert --shots-per-class 2 --support-size 500 \
-  --no-few-shot-baseline --results r1.json --out transported.safetensors >transport.log
+GRADFIX_PROGRESS_SECONDS=0 "$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors \
+  --target-finetuned b_ft.safetensors --data "$train_set" --test-data "$test_set" --transform invert --shots-per-class 2 \
+  --support-size 500 --no-few-shot-baseline --results r1.json --out transported.safetensors >transport.log 2>transport.err
 check "transport prints every row" grep -q "oracle mask sign(tau_B)" transport.log
+# Shots 20 (max mode: two passes), the test set of 10,000 five times (zero-shot, naive, GradFix, oracle,
+# upper bound), three searched rows of ten alphas on the support set (500) and the shots (20).
+check "transport's progress counts every sample it passes through the model" \
+  bash -c "tail -1 transport.err | grep -q '^transport: 65640/65640 samples (100%)'"
+"$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" \
+  --transform invert --shots-per-class 2 --support-size 500 --alphas 1 --finetune-lrs 1e-3 --finetune-steps 2,4 --quiet >quiet.log 2>quiet.err
+check "--quiet: no progress lines" bash -c "! grep -q 'samples (' quiet.err && grep -q 'few-shot fine-tuning of B' quiet.log"
 check "naive alpha is 1.0 when tau_A = tau_B" python3 -c "
 import json; rows = {r['method']: r for r in json.load(open('r1.json'))['rows']}
 naive = rows['B + alpha tau_A (naive)']; upper = rows['B fine-tuned (upper bound)']

@@ -26,6 +26,8 @@ class Progress {
   // The next item (of `bytes`) starts: the one before it is done. Called at the top of a loop,
   // so that every `continue` still counts the item.
   void next(long long bytes = 0);
+  // `items` more are done at once: work counted in samples rather than in loop iterations.
+  void add(long long items);
   // The last item is done; the final line (on a terminal: the line finished with a newline).
   void finish();
 
@@ -41,5 +43,22 @@ class Progress {
   std::chrono::steady_clock::time_point start_, last_;
   bool finished_ = false, printed_ = false;
 };
+
+// Work counted deep inside a model job (samples through the network, in evaluations, gradient
+// passes and training steps) reaches the job's Progress without a parameter on every function in
+// between: the job makes its Progress current for a scope, and the passes call count_progress.
+// Outside such a scope count_progress does nothing; scopes nest (the inner one counts).
+class CurrentProgress {
+ public:
+  explicit CurrentProgress(Progress& progress);
+  ~CurrentProgress();
+  CurrentProgress(const CurrentProgress&) = delete;
+  CurrentProgress& operator=(const CurrentProgress&) = delete;
+
+ private:
+  Progress* previous_;
+};
+
+void count_progress(long long items);
 
 }  // namespace gradfix
