@@ -627,9 +627,12 @@ class ShardedSafetensorsWriter final : public TensorWriter {
         group_bytes += tensor.nbytes();
       }
       const int count = static_cast<int>(groups.size());
+      // What save_pretrained writes: a checkpoint that fits one shard is a lone model.safetensors
+      // without an index, unless the index itself was named as the output.
+      indexed_ = count > 1 || (path.size() > 11 && path.compare(path.size() - 11, 11, ".index.json") == 0);
       long long total = 0;
       for (int i = 0; i < count; ++i) {
-        const std::string file = shard_file_name(i + 1, count);
+        const std::string file = indexed_ ? shard_file_name(i + 1, count) : kSafetensorsSingleName;
         shards_.push_back(std::make_unique<SafetensorsWriter>(staging_ + "/" + file, groups[i], metadata, role_));
         files_.push_back(file);
         for (const auto& tensor : groups[i]) {
@@ -664,7 +667,7 @@ class ShardedSafetensorsWriter final : public TensorWriter {
 
   void flush() override {
     for (auto& shard : shards_) shard->flush();
-    if (!role_.leader) return;  // the leader writes the index
+    if (!role_.leader || !indexed_) return;  // the leader writes the index
     const std::string index_path = staging_ + "/" + kSafetensorsIndexName;
     register_temporary(index_path);
     const Json index = {{"metadata", {{"total_size", total_size_}}}, {"weight_map", weight_map_}};
@@ -729,6 +732,7 @@ class ShardedSafetensorsWriter final : public TensorWriter {
   std::map<std::string, std::size_t> owner_;
   std::map<std::string, std::string> weight_map_;
   long long total_size_ = 0;
+  bool indexed_ = true;
   bool published_ = false;
 };
 

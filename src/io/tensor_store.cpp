@@ -148,7 +148,7 @@ std::unique_ptr<TensorReader> open_reader(const std::string& path) {
     case StoreFormat::kSafetensors: return open_safetensors_reader(path);
     case StoreFormat::kShardedSafetensors: {
       if (is_lora_adapter(path)) return open_lora_reader(path);
-      const std::string single = sharded_checkpoint_directory(path) + "/model.safetensors";
+      const std::string single = sharded_checkpoint_directory(path) + "/" + kSafetensorsSingleName;
       if (is_directory(path) && !file_exists(sharded_checkpoint_directory(path) + "/" + kSafetensorsIndexName) &&
           file_exists(single))
         return open_safetensors_reader(single);

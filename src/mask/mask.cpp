@@ -20,7 +20,8 @@ constexpr ModeName kModeNames[] = {
     {MaskMode::kSoft3Rowwise, "soft3_rowwise"}, {MaskMode::kOracle, "oracle"},
 };
 
-inline float sign_of(float value) { return value > 0.0f ? 1.0f : (value < 0.0f ? -1.0f : 0.0f); }
+template <typename T>
+inline T sign_of(T value) { return value > T(0) ? T(1) : (value < T(0) ? T(-1) : T(0)); }
 
 // Block length of soft1's partial sums on vectors and scalars.
 constexpr long long kSoft1Block = 4096;
@@ -105,13 +106,14 @@ MaskPlan plan_mask(MaskMode mode, const std::vector<long long>& shape) {
   return plan;
 }
 
-void accumulate_mask_sums(const MaskPlan& plan, const MaskOptions& options, const float* tau, const float* s,
-                          long long begin, long long count, double* sums) {
+template <typename T>
+void accumulate_mask_sums(const MaskPlan& plan, const MaskOptions& options, const T* tau, const T* s, long long begin,
+                          long long count, double* sums) {
   if (plan.sums_per_row == 0) return;
   const bool raw = options.raw_soft_input;
   for (long long i = 0; i < count; ++i) {
     const double t = tau[i];
-    const double g = raw ? s[i] : sign_of(s[i]);
+    const double g = raw ? static_cast<double>(s[i]) : static_cast<double>(sign_of(s[i]));
     double* row = sums + ((begin + i) / plan.row_length) * plan.sums_per_row;
     switch (plan.mode) {
       case MaskMode::kSoft1:
@@ -125,7 +127,7 @@ void accumulate_mask_sums(const MaskPlan& plan, const MaskOptions& options, cons
         break;
       case MaskMode::kSoft2Rowwise: row[0] += t * g; break;
       case MaskMode::kSoft3Rowwise:
-        row[0] += sign_of(static_cast<float>(t)) == sign_of(static_cast<float>(g)) ? 1.0 : 0.0;
+        row[0] += sign_of(t) == sign_of(g) ? 1.0 : 0.0;
         row[1] += std::fabs(g);
         break;
       default: break;
@@ -137,25 +139,26 @@ namespace {
 
 // Runs `weight_of(i, t, g, row)` over the chunk with the mode fixed outside the loop, so that the
 // element-wise modes compile to straight vector code.
-template <typename Weight>
-void apply_weights(const MaskPlan& plan, bool raw, const float* tau, const float* s, long long begin, long long count,
-                   const double* sums, float* out, Weight weight_of) {
+template <typename T, typename Weight>
+void apply_weights(const MaskPlan& plan, bool raw, const T* tau, const T* s, long long begin, long long count,
+                   const double* sums, T* out, Weight weight_of) {
   for (long long i = 0; i < count; ++i) {
-    const float g = raw ? s[i] : sign_of(s[i]);
+    const T g = raw ? s[i] : sign_of(s[i]);
     const double* row = plan.sums_per_row > 0 ? sums + ((begin + i) / plan.row_length) * plan.sums_per_row : nullptr;
-    out[i] = static_cast<float>(weight_of(static_cast<double>(tau[i]), static_cast<double>(g), row) * tau[i]);
+    out[i] = static_cast<T>(weight_of(static_cast<double>(tau[i]), static_cast<double>(g), row) * static_cast<double>(tau[i]));
   }
 }
 
 }  // namespace
 
-void apply_mask(const MaskPlan& plan, const MaskOptions& options, const float* tau, const float* s, long long begin,
-                long long count, const double* sums, std::uint64_t tensor_key, float* out) {
+template <typename T>
+void apply_mask(const MaskPlan& plan, const MaskOptions& options, const T* tau, const T* s, long long begin, long long count,
+                const double* sums, std::uint64_t tensor_key, T* out) {
   const bool raw = options.raw_soft_input && is_soft(plan.mode);
   switch (plan.mode) {
     case MaskMode::kNormal:
     case MaskMode::kOracle:
-      for (long long i = 0; i < count; ++i) out[i] = sign_of(tau[i]) == sign_of(s[i]) ? tau[i] : 0.0f;
+      for (long long i = 0; i < count; ++i) out[i] = sign_of(tau[i]) == sign_of(s[i]) ? tau[i] : T(0);
       return;
     case MaskMode::kForce:
       for (long long i = 0; i < count; ++i) out[i] = std::fabs(tau[i]) * sign_of(s[i]);
@@ -186,7 +189,7 @@ void apply_mask(const MaskPlan& plan, const MaskOptions& options, const float* t
     case MaskMode::kSoft3:
       apply_weights(plan, raw, tau, s, begin, count, sums, out, [&](double t, double g, const double*) {
         const double magnitude = std::fabs(g);
-        return sign_of(static_cast<float>(t)) == sign_of(static_cast<float>(g)) ? magnitude / (magnitude + options.c) : 0.0;
+        return sign_of(t) == sign_of(g) ? magnitude / (magnitude + options.c) : 0.0;
       });
       return;
     case MaskMode::kSoft1Rowwise:
@@ -208,6 +211,15 @@ void apply_mask(const MaskPlan& plan, const MaskOptions& options, const float* t
     }
   }
 }
+
+template void accumulate_mask_sums<float>(const MaskPlan&, const MaskOptions&, const float*, const float*, long long, long long,
+                                          double*);
+template void accumulate_mask_sums<double>(const MaskPlan&, const MaskOptions&, const double*, const double*, long long, long long,
+                                           double*);
+template void apply_mask<float>(const MaskPlan&, const MaskOptions&, const float*, const float*, long long, long long, const double*,
+                                std::uint64_t, float*);
+template void apply_mask<double>(const MaskPlan&, const MaskOptions&, const double*, const double*, long long, long long,
+                                 const double*, std::uint64_t, double*);
 
 std::vector<float> mask_tensor(MaskMode mode, const MaskOptions& options, const std::vector<float>& tau,
                                const std::vector<float>& s, const std::vector<long long>& shape,

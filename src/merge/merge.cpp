@@ -51,48 +51,57 @@ const char* merge_order_name(MergeOrder order) { return name_of(kOrders, order);
 const char* ties_elect_name(TiesElect elect) { return name_of(kElects, elect); }
 const char* ties_scope_name(TiesScope scope) { return name_of(kScopes, scope); }
 
-void merge_values(MergeMethod method, TiesElect elect, const std::vector<const float*>& vectors, long long count,
-                  const std::vector<float>& thresholds, float* out) {
+template <typename T>
+void merge_values(MergeMethod method, TiesElect elect, const std::vector<const T*>& vectors, long long count,
+                  const std::vector<float>& thresholds, T* out) {
   const std::size_t n = vectors.size();
   if (method != MergeMethod::kTies) {
     const double scale = method == MergeMethod::kMean && n > 0 ? 1.0 / static_cast<double>(n) : 1.0;
     for (long long i = 0; i < count; ++i) {
       double total = 0.0;
-      for (const float* vector : vectors) total += vector[i];
-      out[i] = static_cast<float>(total * scale);
+      for (const T* vector : vectors) total += static_cast<double>(vector[i]);
+      out[i] = static_cast<T>(total * scale);
     }
     return;
   }
+  // Whether an entry survives the trim: its magnitude (as fp32, the precision the thresholds are
+  // found in) reaches the vector's threshold.
+  auto survives = [&](T value, std::size_t v) { return value != T(0) && !(trim_magnitude(value) < thresholds[v]); };
   for (long long i = 0; i < count; ++i) {
     // Trim, then elect: positive and negative votes (count) or summed values (mass).
     int positive = 0, negative = 0;
     double mass = 0.0;
     for (std::size_t v = 0; v < n; ++v) {
-      const float value = vectors[v][i];
-      if (value == 0.0f || std::fabs(value) < thresholds[v]) continue;
-      positive += value > 0.0f;
-      negative += value < 0.0f;
-      mass += value;
+      const T value = vectors[v][i];
+      if (!survives(value, v)) continue;
+      positive += value > T(0);
+      negative += value < T(0);
+      mass += static_cast<double>(value);
     }
-    float elected = 0.0f;
+    int elected = 0;
     if (elect == TiesElect::kCount) {
-      if (positive + negative > 0) elected = positive >= negative ? 1.0f : -1.0f;
+      if (positive + negative > 0) elected = positive >= negative ? 1 : -1;
     } else {
-      elected = mass > 0.0 ? 1.0f : (mass < 0.0 ? -1.0f : 0.0f);
+      elected = mass > 0.0 ? 1 : (mass < 0.0 ? -1 : 0);
     }
     // Disjoint mean: the average of the surviving entries that agree with the elected sign.
     double total = 0.0;
     int agreeing = 0;
     for (std::size_t v = 0; v < n; ++v) {
-      const float value = vectors[v][i];
-      if (value == 0.0f || std::fabs(value) < thresholds[v]) continue;
-      if ((value > 0.0f ? 1.0f : -1.0f) != elected) continue;
-      total += value;
+      const T value = vectors[v][i];
+      if (!survives(value, v)) continue;
+      if ((value > T(0) ? 1 : -1) != elected) continue;
+      total += static_cast<double>(value);
       ++agreeing;
     }
-    out[i] = agreeing > 0 ? static_cast<float>(total / agreeing) : 0.0f;
+    out[i] = agreeing > 0 ? static_cast<T>(total / agreeing) : T(0);
   }
 }
+
+template void merge_values<float>(MergeMethod, TiesElect, const std::vector<const float*>&, long long, const std::vector<float>&,
+                                  float*);
+template void merge_values<double>(MergeMethod, TiesElect, const std::vector<const double*>&, long long, const std::vector<float>&,
+                                   double*);
 
 void mergekit_consensus(const std::vector<const double*>& weighted, const std::vector<double>& weights, bool normalize,
                         long long count, double* out) {

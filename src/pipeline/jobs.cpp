@@ -414,7 +414,9 @@ std::string rank_note(const Ranks& ranks) {
 // so these sums are exact and the masks do not depend on the number of ranks.
 using SumsByTensor = std::map<std::size_t, std::vector<double>>;
 
-template <typename Source>
+// V is the compute type (float, or double where F64 is involved); source(chunk, tau, statistics)
+// fills two std::vector<V>.
+template <typename V, typename Source>
 SumsByTensor mask_sums(const Ranks& ranks, const ShardPlan& plan, const std::vector<TensorInfo>& layout, MaskMode mode,
                        const MaskOptions& options, const std::vector<Piece>& chunks, Source source) {
   SumsByTensor sums;
@@ -425,7 +427,7 @@ SumsByTensor mask_sums(const Ranks& ranks, const ShardPlan& plan, const std::vec
     buffer.resize(static_cast<std::size_t>(mask.rows * mask.sums_per_row), 0.0);
     return &buffer;
   };
-  std::vector<float> tau, statistics;
+  std::vector<V> tau, statistics;
   for (const auto& chunk : chunks) {
     std::vector<double>* buffer = buffer_for(chunk.tensor);
     if (buffer == nullptr) continue;
@@ -441,9 +443,9 @@ SumsByTensor mask_sums(const Ranks& ranks, const ShardPlan& plan, const std::vec
   return sums;
 }
 
-void mask_chunk(MaskMode mode, const MaskOptions& options, const TensorInfo& tensor, const Piece& chunk,
-                const std::vector<float>& tau, const std::vector<float>& statistics, const SumsByTensor& sums,
-                std::vector<float>& out) {
+template <typename V>
+void mask_chunk(MaskMode mode, const MaskOptions& options, const TensorInfo& tensor, const Piece& chunk, const std::vector<V>& tau,
+                const std::vector<V>& statistics, const SumsByTensor& sums, std::vector<V>& out) {
   out.resize(tau.size());
   const auto found = sums.find(chunk.tensor);
   apply_mask(plan_mask(mode, tensor.shape), options, tau.data(), statistics.data(), chunk.begin, chunk.count,
@@ -452,13 +454,15 @@ void mask_chunk(MaskMode mode, const MaskOptions& options, const TensorInfo& ten
 
 // Exact k-th largest magnitude over chunks spread across ranks: the histograms are all-reduced
 // between the passes when the values live on several ranks.
+// `values(chunk)` gives a std::vector of float or double; doubles are ranked as fp32 (trim_magnitude).
 template <typename Values>
 float distributed_threshold(const Ranks& ranks, long long k, bool across_ranks, const std::vector<Piece>& chunks, Values values) {
   KthLargestMagnitude selection(k);
   while (selection.needs_pass()) {
     for (const auto& chunk : chunks) {
-      const std::vector<float> data = values(chunk);
-      selection.add(data.data(), static_cast<long long>(data.size()));
+      const auto data = values(chunk);
+      const std::vector<float> narrow(data.begin(), data.end());
+      selection.add(narrow.data(), static_cast<long long>(narrow.size()));
     }
     if (across_ranks) ranks.reduce_statistics(selection.histogram());
     selection.next_pass();
@@ -475,12 +479,13 @@ struct Trim {
   std::map<long long, long long> tied_to_keep;  // by the chunk's first element
 
   // Zeroes the entries of a chunk of this tensor that the trim drops.
-  void apply(const Piece& chunk, std::vector<float>& values) const {
+  template <typename V>
+  void apply(const Piece& chunk, std::vector<V>& values) const {
     if (keep_all) return;
     long long ties_left = tied_to_keep.at(chunk.begin);
     for (auto& value : values) {
-      const float magnitude = std::fabs(value);
-      if (!(magnitude > threshold || (magnitude == threshold && ties_left-- > 0))) value = 0.0f;
+      const float magnitude = trim_magnitude(value);
+      if (!(magnitude > threshold || (magnitude == threshold && ties_left-- > 0))) value = V(0);
     }
   }
 };
@@ -497,8 +502,8 @@ Trim exact_trim(const Ranks& ranks, long long k, long long numel, bool split, co
   std::vector<long long> tied(mine.size(), 0);
   std::vector<long long> totals(1 + static_cast<std::size_t>(ranks.size()), 0);  // above, then tied per rank
   for (std::size_t j = 0; j < mine.size(); ++j) {
-    for (float value : values(mine[j])) {
-      const float magnitude = std::fabs(value);
+    for (auto value : values(mine[j])) {
+      const float magnitude = trim_magnitude(value);
       totals[0] += magnitude > trim.threshold;
       tied[j] += magnitude == trim.threshold;
     }
@@ -837,36 +842,45 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
   const ShardPlan plan(layout, ranks.size());
   const auto chunks = my_chunks(ranks, plan, layout);
   const bool allow = job.output.allow_nonfinite;
-  auto read_pair = [&](const Piece& chunk, std::vector<float>& values, std::vector<float>& statistics) {
-    const std::string& name = layout[chunk.tensor].name;
-    values = load(*tau, name, chunk.begin, chunk.count, allow);
-    statistics = changed.count(name) ? load(*signs, name, chunk.begin, chunk.count, allow) : std::vector<float>(values.size(), 0.0f);
-  };
-  // Only selected tensors are masked, so only they contribute sums.
-  std::vector<Piece> masked_chunks;
-  for (const auto& chunk : chunks)
-    if (changed.count(layout[chunk.tensor].name)) masked_chunks.push_back(chunk);
-  const SumsByTensor sums = mask_sums(ranks, plan, layout, job.mode, job.mask, masked_chunks, read_pair);
-
+  // fp64 where a selected tensor is F64 in the task vector or the output (the other tensors come
+  // out the same either way: a mask's weights are computed in double).
+  bool f64 = false;
+  for (const auto& name : names) f64 = f64 || computes_in_f64({tau->info(name).dtype, signs->info(name).dtype, output_info(tau->info(name), job.output).dtype});
   NonFiniteResults nonfinite;
-  auto writer = open_output(ranks, job.out, layout, metadata, job.output);
+  std::unique_ptr<TensorWriter> writer;
   JobSummary summary;
   PairStats kept;  // masked output against the input task vector
-  std::vector<float> values, statistics, masked;
   Progress progress(ranks.context(), "mask", static_cast<long long>(chunks.size()), chunk_bytes(chunks, layout));
-  for (const auto& chunk : chunks) {
-    const TensorInfo& out = layout[chunk.tensor];
-    progress.next(chunk.count * static_cast<long long>(dtype_size(out.dtype)));
-    if (!changed.count(out.name)) {
-      copy_chunk(*tau, out, chunk, *writer, allow, nonfinite);
-      continue;
+  auto mask_in = [&](auto zero) {
+    using V = decltype(zero);
+    auto read_pair = [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
+      const std::string& name = layout[chunk.tensor].name;
+      values = load<V>(*tau, name, chunk.begin, chunk.count, allow);
+      statistics = changed.count(name) ? load<V>(*signs, name, chunk.begin, chunk.count, allow) : std::vector<V>(values.size(), V(0));
+    };
+    // Only selected tensors are masked, so only they contribute sums.
+    std::vector<Piece> masked_chunks;
+    for (const auto& chunk : chunks)
+      if (changed.count(layout[chunk.tensor].name)) masked_chunks.push_back(chunk);
+    const SumsByTensor sums = mask_sums<V>(ranks, plan, layout, job.mode, job.mask, masked_chunks, read_pair);
+    writer = open_output(ranks, job.out, layout, metadata, job.output);
+    std::vector<V> values, statistics, masked;
+    for (const auto& chunk : chunks) {
+      const TensorInfo& out = layout[chunk.tensor];
+      progress.next(chunk.count * static_cast<long long>(dtype_size(out.dtype)));
+      if (!changed.count(out.name)) {
+        copy_chunk(*tau, out, chunk, *writer, allow, nonfinite);
+        continue;
+      }
+      read_pair(chunk, values, statistics);
+      mask_chunk(job.mode, job.mask, out, chunk, values, statistics, sums, masked);
+      store(*writer, out, chunk.begin, masked.data(), chunk.count, nonfinite);
+      summary.stats.add(values.data(), statistics.data(), chunk.count);
+      kept.add(masked.data(), values.data(), chunk.count);
     }
-    read_pair(chunk, values, statistics);
-    mask_chunk(job.mode, job.mask, out, chunk, values, statistics, sums, masked);
-    store(*writer, out, chunk.begin, masked.data(), chunk.count, nonfinite);
-    summary.stats.add(values.data(), statistics.data(), chunk.count);
-    kept.add(masked.data(), values.data(), chunk.count);
-  }
+  };
+  if (f64) mask_in(0.0);
+  else mask_in(0.0f);
   progress.finish();
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   carry_model_files(ranks.context(), job.task_vector, *writer, job.output, metadata);
@@ -942,102 +956,6 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
   const bool allow = job.output.allow_nonfinite;
   const std::size_t n = vectors.size();
 
-  // Vector v's values for a chunk, masked with its own statistics when masking comes first.
-  std::vector<SumsByTensor> vector_sums(n);
-  auto raw_pair = [&](std::size_t v) {
-    return [&, v](const Piece& chunk, std::vector<float>& values, std::vector<float>& statistics) {
-      const std::string& name = layout[chunk.tensor].name;
-      values = load(*vectors[v], name, chunk.begin, chunk.count, allow);
-      statistics = load(*signs[v], name, chunk.begin, chunk.count, allow);
-    };
-  };
-  if (job.order == MergeOrder::kMaskThenMerge)
-    for (std::size_t v = 0; v < n; ++v) vector_sums[v] = mask_sums(ranks, plan, layout, job.mode, job.mask, chunks, raw_pair(v));
-  auto values_of = [&](std::size_t v, const Piece& chunk) {
-    if (job.order != MergeOrder::kMaskThenMerge) return load(*vectors[v], layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
-    std::vector<float> values, statistics, masked;
-    raw_pair(v)(chunk, values, statistics);
-    mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, values, statistics, vector_sums[v], masked);
-    return masked;
-  };
-
-  // TIES thresholds: per vector over everything (global), or per tensor and vector; mergekit's
-  // exact trims per tensor and vector.
-  std::map<std::size_t, std::vector<float>> thresholds;  // by tensor
-  std::map<std::size_t, std::vector<Trim>> trims;        // by tensor
-  if (job.method == MergeMethod::kTies) {
-    std::map<std::size_t, std::vector<Piece>> chunks_by_tensor;
-    for (const auto& chunk : chunks) chunks_by_tensor[chunk.tensor].push_back(chunk);
-    if (mergekit_ties) {
-      for (std::size_t t = 0; t < layout.size(); ++t) {
-        const bool split = plan.is_split(t);
-        if (!split && !chunks_by_tensor.count(t)) continue;
-        for (std::size_t v = 0; v < n; ++v)
-          trims[t].push_back(exact_trim(ranks, mergekit_keep_count(layout[t].numel(), job.ties.fraction), layout[t].numel(), split,
-                                        chunks_by_tensor[t], [&](const Piece& chunk) { return values_of(v, chunk); }));
-      }
-    } else if (job.ties.scope == TiesScope::kGlobal) {
-      long long total = 0;
-      for (const auto& tensor : layout) total += tensor.numel();
-      std::vector<float> global;
-      for (std::size_t v = 0; v < n; ++v)
-        global.push_back(distributed_threshold(ranks, ties_keep_count(total, job.ties.fraction), true, chunks,
-                                               [&](const Piece& chunk) { return values_of(v, chunk); }));
-      for (std::size_t t = 0; t < layout.size(); ++t) thresholds[t] = global;
-    } else {
-      for (std::size_t t = 0; t < layout.size(); ++t) {
-        const bool split = plan.is_split(t);
-        if (!split && !chunks_by_tensor.count(t)) continue;
-        for (std::size_t v = 0; v < n; ++v)
-          thresholds[t].push_back(distributed_threshold(ranks, ties_keep_count(layout[t].numel(), job.ties.fraction), split,
-                                                        chunks_by_tensor[t], [&](const Piece& chunk) { return values_of(v, chunk); }));
-      }
-    }
-  }
-
-  auto merged_of = [&](const Piece& chunk) {
-    std::vector<std::vector<float>> values;
-    std::vector<const float*> pointers;
-    for (std::size_t v = 0; v < n; ++v) values.push_back(values_of(v, chunk));
-    for (const auto& vector : values) pointers.push_back(vector.data());
-    std::vector<float> merged(static_cast<std::size_t>(chunk.count));
-    if (mergekit_ties) {
-      // mergekit's TIES with unit weights: trim exactly k, elect by the sum, disjoint mean.
-      std::vector<std::vector<double>> trimmed(n);
-      std::vector<const double*> weighted;
-      for (std::size_t v = 0; v < n; ++v) {
-        std::vector<float> kept = values[v];
-        trims.at(chunk.tensor)[v].apply(chunk, kept);
-        trimmed[v].assign(kept.begin(), kept.end());
-        weighted.push_back(trimmed[v].data());
-      }
-      std::vector<double> mixed(merged.size());
-      mergekit_consensus(weighted, std::vector<double>(n, 1.0), true, chunk.count, mixed.data());
-      merged.assign(mixed.begin(), mixed.end());
-      return std::make_pair(merged, values[0]);
-    }
-    const auto found = thresholds.find(chunk.tensor);
-    merge_values(job.method, job.ties.elect, pointers, chunk.count, found == thresholds.end() ? std::vector<float>{} : found->second,
-                 merged.data());
-    return std::make_pair(merged, values[0]);
-  };
-  // The summed sign tensors: a per-entry majority over the sources' statistics.
-  auto summed_signs = [&](const Piece& chunk) {
-    std::vector<float> summed(static_cast<std::size_t>(chunk.count), 0.0f);
-    for (const auto& reader : signs) {
-      const auto statistics = load(*reader, layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
-      for (std::size_t i = 0; i < summed.size(); ++i) summed[i] += static_cast<float>((statistics[i] > 0.0f) - (statistics[i] < 0.0f));
-    }
-    return summed;
-  };
-  SumsByTensor merged_sums;
-  if (job.order == MergeOrder::kMergeThenMask)
-    merged_sums = mask_sums(ranks, plan, layout, job.mode, job.mask, chunks,
-                            [&](const Piece& chunk, std::vector<float>& values, std::vector<float>& statistics) {
-                              values = merged_of(chunk).first;
-                              statistics = summed_signs(chunk);
-                            });
-
   nlohmann::json options = {{"task_vectors", input_names(job.task_vectors)}, {"signs", input_names(job.signs)}, {"method", merge_method_name(job.method)},
                              {"order", merge_order_name(job.order)}, {"output", output_options_json(job.output)}};
   if (job.method == MergeMethod::kTies)
@@ -1050,20 +968,130 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
   Metadata metadata = output_metadata("merge", options, inputs);
   metadata["gradfix.merge_method"] = merge_method_name(job.method);
   metadata["gradfix.merge_order"] = merge_order_name(job.order);
+  // fp64 where a tensor is F64 in an input or the output (F32 tensors come out the same either
+  // way: sums and means are accumulated in double).
+  bool f64 = false;
+  for (const auto& tensor : layout) {
+    f64 = f64 || tensor.dtype == DType::kF64;
+    for (const auto& reader : vectors) f64 = f64 || reader->info(tensor.name).dtype == DType::kF64;
+    for (const auto& reader : signs) f64 = f64 || reader->info(tensor.name).dtype == DType::kF64;
+  }
   NonFiniteResults nonfinite;
-  auto writer = open_output(ranks, job.out, layout, metadata, job.output);
+  std::unique_ptr<TensorWriter> writer;
   JobSummary summary;
   Progress progress(ranks.context(), "merge", static_cast<long long>(chunks.size()), chunk_bytes(chunks, layout));
-  for (const auto& chunk : chunks) {
-    progress.next(chunk.count * static_cast<long long>(dtype_size(layout[chunk.tensor].dtype)));
-    auto [merged, first] = merged_of(chunk);
-    if (job.order == MergeOrder::kMergeThenMask) {
-      const std::vector<float> unmasked = merged;
-      mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, unmasked, summed_signs(chunk), merged_sums, merged);
+  auto merge_in = [&](auto zero) {
+    using V = decltype(zero);
+    // Vector v's values for a chunk, masked with its own statistics when masking comes first.
+    std::vector<SumsByTensor> vector_sums(n);
+    auto raw_pair = [&](std::size_t v) {
+      return [&, v](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
+        const std::string& name = layout[chunk.tensor].name;
+        values = load<V>(*vectors[v], name, chunk.begin, chunk.count, allow);
+        statistics = load<V>(*signs[v], name, chunk.begin, chunk.count, allow);
+      };
+    };
+    if (job.order == MergeOrder::kMaskThenMerge)
+      for (std::size_t v = 0; v < n; ++v) vector_sums[v] = mask_sums<V>(ranks, plan, layout, job.mode, job.mask, chunks, raw_pair(v));
+    auto values_of = [&](std::size_t v, const Piece& chunk) {
+      if (job.order != MergeOrder::kMaskThenMerge) return load<V>(*vectors[v], layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
+      std::vector<V> values, statistics, masked;
+      raw_pair(v)(chunk, values, statistics);
+      mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, values, statistics, vector_sums[v], masked);
+      return masked;
+    };
+
+    // TIES thresholds: per vector over everything (global), or per tensor and vector; mergekit's
+    // exact trims per tensor and vector.
+    std::map<std::size_t, std::vector<float>> thresholds;  // by tensor
+    std::map<std::size_t, std::vector<Trim>> trims;         // by tensor
+    if (job.method == MergeMethod::kTies) {
+      std::map<std::size_t, std::vector<Piece>> chunks_by_tensor;
+      for (const auto& chunk : chunks) chunks_by_tensor[chunk.tensor].push_back(chunk);
+      if (mergekit_ties) {
+        for (std::size_t t = 0; t < layout.size(); ++t) {
+          const bool split = plan.is_split(t);
+          if (!split && !chunks_by_tensor.count(t)) continue;
+          for (std::size_t v = 0; v < n; ++v)
+            trims[t].push_back(exact_trim(ranks, mergekit_keep_count(layout[t].numel(), job.ties.fraction), layout[t].numel(), split,
+                                          chunks_by_tensor[t], [&](const Piece& chunk) { return values_of(v, chunk); }));
+        }
+      } else if (job.ties.scope == TiesScope::kGlobal) {
+        long long total = 0;
+        for (const auto& tensor : layout) total += tensor.numel();
+        std::vector<float> global;
+        for (std::size_t v = 0; v < n; ++v)
+          global.push_back(distributed_threshold(ranks, ties_keep_count(total, job.ties.fraction), true, chunks,
+                                                 [&](const Piece& chunk) { return values_of(v, chunk); }));
+        for (std::size_t t = 0; t < layout.size(); ++t) thresholds[t] = global;
+      } else {
+        for (std::size_t t = 0; t < layout.size(); ++t) {
+          const bool split = plan.is_split(t);
+          if (!split && !chunks_by_tensor.count(t)) continue;
+          for (std::size_t v = 0; v < n; ++v)
+            thresholds[t].push_back(distributed_threshold(ranks, ties_keep_count(layout[t].numel(), job.ties.fraction), split,
+                                                          chunks_by_tensor[t], [&](const Piece& chunk) { return values_of(v, chunk); }));
+        }
+      }
     }
-    store(*writer, layout[chunk.tensor], chunk.begin, merged.data(), chunk.count, nonfinite);
-    summary.stats.add(merged.data(), first.data(), chunk.count);
-  }
+
+    auto merged_of = [&](const Piece& chunk) {
+      std::vector<std::vector<V>> values;
+      std::vector<const V*> pointers;
+      for (std::size_t v = 0; v < n; ++v) values.push_back(values_of(v, chunk));
+      for (const auto& vector : values) pointers.push_back(vector.data());
+      std::vector<V> merged(static_cast<std::size_t>(chunk.count));
+      if (mergekit_ties) {
+        // mergekit's TIES with unit weights: trim exactly k, elect by the sum, disjoint mean.
+        std::vector<std::vector<double>> trimmed(n);
+        std::vector<const double*> weighted;
+        for (std::size_t v = 0; v < n; ++v) {
+          std::vector<V> kept = values[v];
+          trims.at(chunk.tensor)[v].apply(chunk, kept);
+          trimmed[v].assign(kept.begin(), kept.end());
+          weighted.push_back(trimmed[v].data());
+        }
+        std::vector<double> mixed(merged.size());
+        mergekit_consensus(weighted, std::vector<double>(n, 1.0), true, chunk.count, mixed.data());
+        merged.assign(mixed.begin(), mixed.end());
+        return std::make_pair(merged, values[0]);
+      }
+      const auto found = thresholds.find(chunk.tensor);
+      merge_values(job.method, job.ties.elect, pointers, chunk.count, found == thresholds.end() ? std::vector<float>{} : found->second,
+                   merged.data());
+      return std::make_pair(merged, values[0]);
+    };
+    // The summed sign tensors: a per-entry majority over the sources' statistics.
+    auto summed_signs = [&](const Piece& chunk) {
+      std::vector<V> summed(static_cast<std::size_t>(chunk.count), V(0));
+      for (const auto& reader : signs) {
+        const auto statistics = load<V>(*reader, layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
+        for (std::size_t i = 0; i < summed.size(); ++i) summed[i] += static_cast<V>((statistics[i] > V(0)) - (statistics[i] < V(0)));
+      }
+      return summed;
+    };
+    SumsByTensor merged_sums;
+    if (job.order == MergeOrder::kMergeThenMask)
+      merged_sums = mask_sums<V>(ranks, plan, layout, job.mode, job.mask, chunks,
+                                 [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
+                                   values = merged_of(chunk).first;
+                                   statistics = summed_signs(chunk);
+                                 });
+
+    writer = open_output(ranks, job.out, layout, metadata, job.output);
+    for (const auto& chunk : chunks) {
+      progress.next(chunk.count * static_cast<long long>(dtype_size(layout[chunk.tensor].dtype)));
+      auto [merged, first] = merged_of(chunk);
+      if (job.order == MergeOrder::kMergeThenMask) {
+        const std::vector<V> unmasked = merged;
+        mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, unmasked, summed_signs(chunk), merged_sums, merged);
+      }
+      store(*writer, layout[chunk.tensor], chunk.begin, merged.data(), chunk.count, nonfinite);
+      summary.stats.add(merged.data(), first.data(), chunk.count);
+    }
+  };
+  if (f64) merge_in(0.0);
+  else merge_in(0.0f);
   progress.finish();
   nonfinite.refuse(ranks, job.out, job.output.allow_nonfinite);
   carry_model_files(ranks.context(), job.task_vectors.front(), *writer, job.output, metadata);
@@ -1142,149 +1170,8 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   const ShardPlan plan(layout, ranks.size());
   const auto chunks = my_chunks(ranks, plan, layout);
   const bool allow = job.output.allow_nonfinite;
-  // M_m - base in fp32, as mergekit computes it in a float32 merge; `reference` is the base's
-  // chunk when the caller has it already.
-  auto raw_delta = [&](std::size_t m, const Piece& chunk, const std::vector<float>* reference = nullptr) {
-    const std::string& name = layout[chunk.tensor].name;
-    auto values = load(*models[m], name, chunk.begin, chunk.count, allow);
-    const auto loaded = reference ? std::vector<float>() : load(*base, name, chunk.begin, chunk.count, allow);
-    const auto& base_values = reference ? *reference : loaded;
-    for (std::size_t i = 0; i < values.size(); ++i) values[i] -= base_values[i];
-    return values;
-  };
-  // This rank's chunks of the merged tensors (the others are copied from the base).
-  std::vector<Piece> merged_chunks;
-  for (const auto& chunk : chunks)
-    if (merged.count(layout[chunk.tensor].name)) merged_chunks.push_back(chunk);
-  auto statistics_of = [&](const TensorReader& reader, const Piece& chunk) {
-    return load(reader, layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
-  };
-  // Mask-then-merge: each delta is masked with its own model's statistics before anything else
-  // (DARE's drops, TIES's trims), as gradfix merge masks task vectors before merging them.
-  std::vector<SumsByTensor> delta_sums(n);
-  if (job.order == MergeOrder::kMaskThenMerge)
-    for (std::size_t m = 0; m < n; ++m)
-      delta_sums[m] = mask_sums(ranks, plan, layout, job.mode, job.mask, merged_chunks,
-                                [&](const Piece& chunk, std::vector<float>& values, std::vector<float>& statistics) {
-                                  values = raw_delta(m, chunk);
-                                  statistics = statistics_of(*signs[m], chunk);
-                                });
-  auto delta = [&](std::size_t m, const Piece& chunk, const std::vector<float>* reference = nullptr) {
-    auto values = raw_delta(m, chunk, reference);
-    if (job.order != MergeOrder::kMaskThenMerge) return values;
-    std::vector<float> masked;
-    mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, values, statistics_of(*signs[m], chunk), delta_sums[m], masked);
-    return masked;
-  };
-
   const bool dare = job.method == ModelMergeMethod::kDareLinear || job.method == ModelMergeMethod::kDareTies;
   const bool consensus = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kDareTies;
-  // DARE keeps entry i of model m's delta when its draw falls below the model's density.
-  auto dare_keeps = [&](std::size_t m, std::uint64_t key, long long index) {
-    return job.densities[m] >= 1.0 || uniform_at(job.seed ^ mix_bits(m + 1), key, index, 0) < job.densities[m];
-  };
-  // DARE's rescaling: per tensor and model, ||delta||_1 / ||kept delta||_1 (mergekit leaves the
-  // kept delta as it is when either norm is below 1e-7). The norms are exact sums, so the factor
-  // is the same at any number of ranks.
-  // This rank's chunks of each merged tensor (indices into `chunks`), for the passes before the
-  // merge: DARE's norms and TIES's trims.
-  std::map<std::size_t, std::vector<std::size_t>> chunks_by_tensor;
-  for (std::size_t c = 0; c < chunks.size(); ++c)
-    if (merged.count(layout[chunks[c].tensor].name)) chunks_by_tensor[chunks[c].tensor].push_back(c);
-  auto takes_part = [&](std::size_t t) { return merged.count(layout[t].name) && (plan.is_split(t) || chunks_by_tensor.count(t)); };
-  std::map<std::size_t, std::vector<double>> rescales;  // by tensor
-  if (dare) {
-    for (std::size_t t = 0; t < layout.size(); ++t) {
-      if (!takes_part(t)) continue;
-      const std::uint64_t key = tensor_key_of(layout[t].name);
-      for (std::size_t m = 0; m < n; ++m) {
-        double factor = 1.0;
-        if (job.rescale && job.densities[m] < 1.0) {
-          ExactSum before, after;
-          for (std::size_t c : chunks_by_tensor[t]) {
-            const Piece& chunk = chunks[c];
-            const auto values = delta(m, chunk);
-            for (std::size_t i = 0; i < values.size(); ++i) {
-              before.add(std::fabs(values[i]));
-              if (dare_keeps(m, key, chunk.begin + static_cast<long long>(i))) after.add(std::fabs(values[i]));
-            }
-          }
-          auto total = [&](ExactSum& sum) { return plan.is_split(t) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value(); };
-          const double b = total(before), a = total(after);
-          if (b >= 1e-7 && a >= 1e-7) factor = b / a;
-        }
-        rescales[t].push_back(factor);
-      }
-    }
-  }
-
-  // The trims (ties): a threshold per tensor and model, then the tied entries each chunk keeps.
-  std::map<std::size_t, std::vector<Trim>> trims;  // by tensor
-  if (job.method == ModelMergeMethod::kTies) {
-    for (std::size_t t = 0; t < layout.size(); ++t) {
-      if (!takes_part(t)) continue;
-      const bool split = plan.is_split(t);
-      std::vector<Piece> mine;
-      for (std::size_t c : chunks_by_tensor[t]) mine.push_back(chunks[c]);
-      for (std::size_t m = 0; m < n; ++m)
-        trims[t].push_back(exact_trim(ranks, mergekit_keep_count(layout[t].numel(), job.densities[m]), layout[t].numel(), split, mine,
-                                      [&](const Piece& chunk) { return delta(m, chunk); }));
-    }
-  }
-
-  double weight_sum = 0.0;
-  for (double w : job.weights) weight_sum += w;
-  // The merged delta of a chunk of a merged tensor, before lambda (every method but linear).
-  auto mixed_of = [&](const Piece& chunk) {
-    const TensorInfo& out = layout[chunk.tensor];
-    const auto count = static_cast<std::size_t>(chunk.count);
-    std::vector<std::vector<double>> deltas(n);
-    const auto base_values = load(*base, out.name, chunk.begin, chunk.count, allow);
-    for (std::size_t m = 0; m < n; ++m) {
-      auto values = delta(m, chunk, &base_values);
-      if (job.method == ModelMergeMethod::kTies) trims[chunk.tensor][m].apply(chunk, values);
-      deltas[m].assign(values.begin(), values.end());
-      if (dare) {
-        const std::uint64_t key = tensor_key_of(out.name);
-        const double factor = rescales[chunk.tensor][m];
-        for (std::size_t i = 0; i < count; ++i)
-          deltas[m][i] = dare_keeps(m, key, chunk.begin + static_cast<long long>(i)) ? deltas[m][i] * factor : 0.0;
-      }
-      for (auto& value : deltas[m]) value *= job.weights[m];
-    }
-    std::vector<double> mixed(count, 0.0);
-    if (consensus) {
-      std::vector<const double*> pointers;
-      for (const auto& values : deltas) pointers.push_back(values.data());
-      mergekit_consensus(pointers, job.weights, job.normalize, chunk.count, mixed.data());
-    } else {
-      const double divisor = std::fabs(weight_sum) < 1e-8 ? 1.0 : weight_sum;
-      for (std::size_t i = 0; i < count; ++i) {
-        for (std::size_t m = 0; m < n; ++m) mixed[i] += deltas[m][i];
-        if (job.normalize) mixed[i] /= divisor;
-      }
-    }
-    return mixed;
-  };
-  // Merge-then-mask: the merged delta is masked with sum_m sign(s_m), a per-entry majority over
-  // the models' statistics, as gradfix merge does for task vectors.
-  auto summed_signs = [&](const Piece& chunk) {
-    std::vector<float> summed(static_cast<std::size_t>(chunk.count), 0.0f);
-    for (const auto& reader : signs) {
-      const auto statistics = statistics_of(*reader, chunk);
-      for (std::size_t i = 0; i < summed.size(); ++i) summed[i] += static_cast<float>((statistics[i] > 0.0f) - (statistics[i] < 0.0f));
-    }
-    return summed;
-  };
-  SumsByTensor merged_sums;
-  if (job.order == MergeOrder::kMergeThenMask)
-    merged_sums = mask_sums(ranks, plan, layout, job.mode, job.mask, merged_chunks,
-                            [&](const Piece& chunk, std::vector<float>& values, std::vector<float>& statistics) {
-                              const auto mixed = mixed_of(chunk);
-                              values.assign(mixed.begin(), mixed.end());
-                              statistics = summed_signs(chunk);
-                            });
-
   nlohmann::json options = {{"method", model_merge_method_name(job.method)}, {"variant", "mergekit"},
                             {"base", job.base.empty() ? "" : input_name(job.base)}, {"models", input_names(job.models)},
                             {"weights", job.weights}, {"densities", job.densities}, {"normalize", job.normalize},
@@ -1304,41 +1191,196 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   for (std::size_t m = 0; m < signs.size(); ++m) inputs.emplace_back("signs." + std::to_string(m), signs[m].get());
   Metadata metadata = output_metadata("merge", options, inputs);
   if (!job.config_json.empty()) metadata["gradfix.merge_config"] = job.config_json;
+  // fp64 where a merged tensor is F64 in an input or the output.
+  bool f64 = false;
+  for (const auto& tensor : layout) {
+    if (!merged.count(tensor.name)) continue;
+    f64 = f64 || tensor.dtype == DType::kF64 || base->info(tensor.name).dtype == DType::kF64;
+    for (const auto& reader : models) f64 = f64 || reader->info(tensor.name).dtype == DType::kF64;
+    for (const auto& reader : signs) f64 = f64 || reader->info(tensor.name).dtype == DType::kF64;
+  }
   NonFiniteResults nonfinite;
-  auto writer = open_output(ranks, job.out, layout, metadata, job.output);
+  std::unique_ptr<TensorWriter> writer;
   JobSummary summary;
   Progress progress(ranks.context(), "merge", static_cast<long long>(chunks.size()), chunk_bytes(chunks, layout));
-  for (std::size_t c = 0; c < chunks.size(); ++c) {
-    const Piece& chunk = chunks[c];
-    const TensorInfo& out = layout[chunk.tensor];
-    progress.next(chunk.count * static_cast<long long>(dtype_size(out.dtype)));
-    if (!merged.count(out.name)) {
-      copy_chunk(*base, out, chunk, *writer, true, nonfinite);
-      continue;
+  auto merge_in = [&](auto zero) {
+    using V = decltype(zero);
+    // M_m - base in the compute type (fp32 as mergekit computes a float32 merge; fp64 with F64);
+    // `reference` is the base's chunk when the caller has it already.
+    auto raw_delta = [&](std::size_t m, const Piece& chunk, const std::vector<V>* reference = nullptr) {
+      const std::string& name = layout[chunk.tensor].name;
+      auto values = load<V>(*models[m], name, chunk.begin, chunk.count, allow);
+      const auto loaded = reference ? std::vector<V>() : load<V>(*base, name, chunk.begin, chunk.count, allow);
+      const auto& base_values = reference ? *reference : loaded;
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] -= base_values[i];
+      return values;
+    };
+    // This rank's chunks of the merged tensors (the others are copied from the base).
+    std::vector<Piece> merged_chunks;
+    for (const auto& chunk : chunks)
+      if (merged.count(layout[chunk.tensor].name)) merged_chunks.push_back(chunk);
+    auto statistics_of = [&](const TensorReader& reader, const Piece& chunk) {
+      return load<V>(reader, layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
+    };
+    // Mask-then-merge: each delta is masked with its own model's statistics before anything else
+    // (DARE's drops, TIES's trims), as gradfix merge masks task vectors before merging them.
+    std::vector<SumsByTensor> delta_sums(n);
+    if (job.order == MergeOrder::kMaskThenMerge)
+      for (std::size_t m = 0; m < n; ++m)
+        delta_sums[m] = mask_sums<V>(ranks, plan, layout, job.mode, job.mask, merged_chunks,
+                                  [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
+                                    values = raw_delta(m, chunk);
+                                    statistics = statistics_of(*signs[m], chunk);
+                                  });
+    auto delta = [&](std::size_t m, const Piece& chunk, const std::vector<V>* reference = nullptr) {
+      auto values = raw_delta(m, chunk, reference);
+      if (job.order != MergeOrder::kMaskThenMerge) return values;
+      std::vector<V> masked;
+      mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, values, statistics_of(*signs[m], chunk), delta_sums[m], masked);
+      return masked;
+    };
+
+    // DARE keeps entry i of model m's delta when its draw falls below the model's density.
+    auto dare_keeps = [&](std::size_t m, std::uint64_t key, long long index) {
+      return job.densities[m] >= 1.0 || uniform_at(job.seed ^ mix_bits(m + 1), key, index, 0) < job.densities[m];
+    };
+    // DARE's rescaling: per tensor and model, ||delta||_1 / ||kept delta||_1 (mergekit leaves the
+    // kept delta as it is when either norm is below 1e-7). The norms are exact sums, so the factor
+    // is the same at any number of ranks.
+    // This rank's chunks of each merged tensor (indices into `chunks`), for the passes before the
+    // merge: DARE's norms and TIES's trims.
+    std::map<std::size_t, std::vector<std::size_t>> chunks_by_tensor;
+    for (std::size_t c = 0; c < chunks.size(); ++c)
+      if (merged.count(layout[chunks[c].tensor].name)) chunks_by_tensor[chunks[c].tensor].push_back(c);
+    auto takes_part = [&](std::size_t t) { return merged.count(layout[t].name) && (plan.is_split(t) || chunks_by_tensor.count(t)); };
+    std::map<std::size_t, std::vector<double>> rescales;  // by tensor
+    if (dare) {
+      for (std::size_t t = 0; t < layout.size(); ++t) {
+        if (!takes_part(t)) continue;
+        const std::uint64_t key = tensor_key_of(layout[t].name);
+        for (std::size_t m = 0; m < n; ++m) {
+          double factor = 1.0;
+          if (job.rescale && job.densities[m] < 1.0) {
+            ExactSum before, after;
+            for (std::size_t c : chunks_by_tensor[t]) {
+              const Piece& chunk = chunks[c];
+              const auto values = delta(m, chunk);
+              for (std::size_t i = 0; i < values.size(); ++i) {
+                before.add(std::fabs(values[i]));
+                if (dare_keeps(m, key, chunk.begin + static_cast<long long>(i))) after.add(std::fabs(values[i]));
+              }
+            }
+            auto total = [&](ExactSum& sum) { return plan.is_split(t) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value(); };
+            const double b = total(before), a = total(after);
+            if (b >= 1e-7 && a >= 1e-7) factor = b / a;
+          }
+          rescales[t].push_back(factor);
+        }
+      }
     }
-    const auto count = static_cast<std::size_t>(chunk.count);
-    std::vector<double> result(count, 0.0);
-    if (linear) {
+
+    // The trims (ties): a threshold per tensor and model, then the tied entries each chunk keeps.
+    std::map<std::size_t, std::vector<Trim>> trims;  // by tensor
+    if (job.method == ModelMergeMethod::kTies) {
+      for (std::size_t t = 0; t < layout.size(); ++t) {
+        if (!takes_part(t)) continue;
+        const bool split = plan.is_split(t);
+        std::vector<Piece> mine;
+        for (std::size_t c : chunks_by_tensor[t]) mine.push_back(chunks[c]);
+        for (std::size_t m = 0; m < n; ++m)
+          trims[t].push_back(exact_trim(ranks, mergekit_keep_count(layout[t].numel(), job.densities[m]), layout[t].numel(), split, mine,
+                                        [&](const Piece& chunk) { return delta(m, chunk); }));
+      }
+    }
+
+    double weight_sum = 0.0;
+    for (double w : job.weights) weight_sum += w;
+    // The merged delta of a chunk of a merged tensor, before lambda (every method but linear).
+    auto mixed_of = [&](const Piece& chunk) {
+      const TensorInfo& out = layout[chunk.tensor];
+      const auto count = static_cast<std::size_t>(chunk.count);
+      std::vector<std::vector<double>> deltas(n);
+      const auto base_values = load<V>(*base, out.name, chunk.begin, chunk.count, allow);
       for (std::size_t m = 0; m < n; ++m) {
-        const auto values = load<double>(*models[m], out.name, chunk.begin, chunk.count, allow);
-        for (std::size_t i = 0; i < count; ++i) result[i] += job.weights[m] * values[i];
+        auto values = delta(m, chunk, &base_values);
+        if (job.method == ModelMergeMethod::kTies) trims[chunk.tensor][m].apply(chunk, values);
+        deltas[m].assign(values.begin(), values.end());
+        if (dare) {
+          const std::uint64_t key = tensor_key_of(out.name);
+          const double factor = rescales[chunk.tensor][m];
+          for (std::size_t i = 0; i < count; ++i)
+            deltas[m][i] = dare_keeps(m, key, chunk.begin + static_cast<long long>(i)) ? deltas[m][i] * factor : 0.0;
+        }
+        for (auto& value : deltas[m]) value *= job.weights[m];
       }
-      if (job.normalize && weight_sum != 0.0)
-        for (auto& value : result) value /= weight_sum;
-    } else {
-      auto mixed = mixed_of(chunk);
-      if (job.order == MergeOrder::kMergeThenMask) {
-        const std::vector<float> unmasked(mixed.begin(), mixed.end());
-        std::vector<float> masked;
-        mask_chunk(job.mode, job.mask, out, chunk, unmasked, summed_signs(chunk), merged_sums, masked);
-        mixed.assign(masked.begin(), masked.end());
+      std::vector<double> mixed(count, 0.0);
+      if (consensus) {
+        std::vector<const double*> pointers;
+        for (const auto& values : deltas) pointers.push_back(values.data());
+        mergekit_consensus(pointers, job.weights, job.normalize, chunk.count, mixed.data());
+      } else {
+        const double divisor = std::fabs(weight_sum) < 1e-8 ? 1.0 : weight_sum;
+        for (std::size_t i = 0; i < count; ++i) {
+          for (std::size_t m = 0; m < n; ++m) mixed[i] += deltas[m][i];
+          if (job.normalize) mixed[i] /= divisor;
+        }
       }
-      const auto reference = load<double>(*base, out.name, chunk.begin, chunk.count, allow);
-      for (std::size_t i = 0; i < count; ++i) result[i] = reference[i] + job.lambda * mixed[i];
+      return mixed;
+    };
+    // Merge-then-mask: the merged delta is masked with sum_m sign(s_m), a per-entry majority over
+    // the models' statistics, as gradfix merge does for task vectors.
+    auto summed_signs = [&](const Piece& chunk) {
+      std::vector<V> summed(static_cast<std::size_t>(chunk.count), V(0));
+      for (const auto& reader : signs) {
+        const auto statistics = statistics_of(*reader, chunk);
+        for (std::size_t i = 0; i < summed.size(); ++i) summed[i] += static_cast<V>((statistics[i] > V(0)) - (statistics[i] < V(0)));
+      }
+      return summed;
+    };
+    SumsByTensor merged_sums;
+    if (job.order == MergeOrder::kMergeThenMask)
+      merged_sums = mask_sums<V>(ranks, plan, layout, job.mode, job.mask, merged_chunks,
+                              [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
+                                const auto mixed = mixed_of(chunk);
+                                values.assign(mixed.begin(), mixed.end());
+                                statistics = summed_signs(chunk);
+                              });
+
+    writer = open_output(ranks, job.out, layout, metadata, job.output);
+    for (std::size_t c = 0; c < chunks.size(); ++c) {
+      const Piece& chunk = chunks[c];
+      const TensorInfo& out = layout[chunk.tensor];
+      progress.next(chunk.count * static_cast<long long>(dtype_size(out.dtype)));
+      if (!merged.count(out.name)) {
+        copy_chunk(*base, out, chunk, *writer, true, nonfinite);
+        continue;
+      }
+      const auto count = static_cast<std::size_t>(chunk.count);
+      std::vector<double> result(count, 0.0);
+      if (linear) {
+        for (std::size_t m = 0; m < n; ++m) {
+          const auto values = load<double>(*models[m], out.name, chunk.begin, chunk.count, allow);
+          for (std::size_t i = 0; i < count; ++i) result[i] += job.weights[m] * values[i];
+        }
+        if (job.normalize && weight_sum != 0.0)
+          for (auto& value : result) value /= weight_sum;
+      } else {
+        auto mixed = mixed_of(chunk);
+        if (job.order == MergeOrder::kMergeThenMask) {
+          const std::vector<V> unmasked(mixed.begin(), mixed.end());
+          std::vector<V> masked;
+          mask_chunk(job.mode, job.mask, out, chunk, unmasked, summed_signs(chunk), merged_sums, masked);
+          mixed.assign(masked.begin(), masked.end());
+        }
+        const auto reference = load<double>(*base, out.name, chunk.begin, chunk.count, allow);
+        for (std::size_t i = 0; i < count; ++i) result[i] = reference[i] + job.lambda * mixed[i];
+      }
+      store(*writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
+      summary.elements += chunk.count;
     }
-    store(*writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
-    summary.elements += chunk.count;
-  }
+  };
+  if (f64) merge_in(0.0);
+  else merge_in(0.0f);
   progress.finish();
   nonfinite.refuse(ranks, job.out, allow);
   carry_model_files(ranks.context(), linear && job.base.empty() ? job.models.front() : job.base, *writer, job.output, metadata);

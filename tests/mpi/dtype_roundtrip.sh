@@ -42,6 +42,28 @@ check "F64 1e300 copies without --allow-nonfinite" "$gradfix" convert "$fixtures
 expect_exit2 "F64 1e300 to F32" "tensor 'f64'.*beyond the range of F32" \
   "$gradfix" convert "$fixtures/every.safetensors" f64to32.safetensors --include '^f64$' --out-dtype F32
 
+# F64 arithmetic in F64: masks and merges of an F64 vector keep its values exactly where the
+# arithmetic is exact (normal mask by its own signs, the mean and TIES of two copies, a whole-model
+# task arithmetic from a zero base), at 1 to 3 ranks; fp32 would turn 1/3 into 0.33333334. (Equal
+# values, not bytes: a merge sums from +0, so the -0.0 in the vector comes out +0.)
+exact() { "$repo/tests/support/close_tensors.py" "$1" "$2" --abs 0 --rel 0 >/dev/null; }
+"$gradfix" convert "$fixtures/every.safetensors" x64.safetensors --include '^f64$' >/dev/null
+"$gradfix" taskvector --base x64.safetensors --finetuned x64.safetensors --out zero64.safetensors >/dev/null
+printf 'merge_method: task_arithmetic\nbase_model: zero64.safetensors\nmodels:\n  - model: x64.safetensors\n    parameters: {weight: 1}\n' >f64.yml
+for ranks in 1 3; do
+  g=(mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix")
+  "${g[@]}" mask --task-vector x64.safetensors --signs x64.safetensors --out "mask64-p$ranks.safetensors" --chunk-elements 7 >/dev/null
+  check "P=$ranks: an F64 vector masked by its own signs keeps every value" "$same" x64.safetensors "mask64-p$ranks.safetensors"
+  for method in "mean" "ties --ties-fraction 1" "ties --ties-fraction 1 --ties-variant mergekit"; do
+    # shellcheck disable=SC2086
+    "${g[@]}" merge --task-vector x64.safetensors --task-vector x64.safetensors --method $method --out "merge64-p$ranks.safetensors" \
+      --chunk-elements 7 >/dev/null
+    check "P=$ranks: merge $method of two copies of an F64 vector is the vector" exact "merge64-p$ranks.safetensors" x64.safetensors
+  done
+  "${g[@]}" merge --config f64.yml --out "model64-p$ranks.safetensors" --chunk-elements 7 >/dev/null
+  check "P=$ranks: an F64 task arithmetic from a zero base is the model" exact "model64-p$ranks.safetensors" x64.safetensors
+done
+
 # Integer tensors and mixed dtypes.
 "$gradfix" convert "$fixtures/every.safetensors" base.safetensors --exclude '^f8' --allow-nonfinite >/dev/null
 "$gradfix" generate --like base.safetensors --noise 0.5 --seed 3 --out ft.safetensors --allow-nonfinite >/dev/null

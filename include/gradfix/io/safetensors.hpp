@@ -15,6 +15,8 @@ namespace gradfix {
 // Headers larger than this are refused, as the format's reference reader refuses them.
 constexpr long long kMaxSafetensorsHeaderBytes = 100'000'000;
 constexpr const char* kSafetensorsIndexName = "model.safetensors.index.json";
+// A checkpoint directory of one file, as save_pretrained writes small models.
+constexpr const char* kSafetensorsSingleName = "model.safetensors";
 
 std::unique_ptr<TensorReader> open_safetensors_reader(const std::string& path);
 // `path` is the checkpoint directory or its index file.
@@ -23,7 +25,8 @@ std::unique_ptr<TensorReader> open_sharded_safetensors_reader(const std::string&
 std::unique_ptr<TensorWriter> open_safetensors_writer(const std::string& path, const std::vector<TensorInfo>& layout,
                                                       const Metadata& metadata, const WriterRole& role = {});
 // Writes model-0000i-of-0000n.safetensors files of at most `max_shard_bytes` each and the index,
-// into the directory `path`.
+// into the directory `path`; a checkpoint that fits one file is written as model.safetensors
+// alone (no index), as save_pretrained writes it, unless `path` names the index file.
 std::unique_ptr<TensorWriter> open_sharded_safetensors_writer(const std::string& path,
                                                               const std::vector<TensorInfo>& layout,
                                                               const Metadata& metadata, long long max_shard_bytes,

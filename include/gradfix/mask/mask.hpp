@@ -53,15 +53,20 @@ struct MaskPlan {
 
 MaskPlan plan_mask(MaskMode mode, const std::vector<long long>& shape);
 
+// T is float or double (F64 task vectors are masked in double; an F32 vector masked either way
+// gives the same values: the weights are computed in double in both).
+
 // Adds the partial sums of elements [begin, begin + count) to `sums`, which holds
 // plan.sums_per_row doubles for every row of the tensor.
-void accumulate_mask_sums(const MaskPlan& plan, const MaskOptions& options, const float* tau, const float* s,
-                          long long begin, long long count, double* sums);
+template <typename T>
+void accumulate_mask_sums(const MaskPlan& plan, const MaskOptions& options, const T* tau, const T* s, long long begin,
+                          long long count, double* sums);
 
 // Writes the masked values of elements [begin, begin + count) to `out`. `tensor_key` seeds the
 // random mode, so each tensor gets its own stream whatever the chunking.
-void apply_mask(const MaskPlan& plan, const MaskOptions& options, const float* tau, const float* s, long long begin,
-                long long count, const double* sums, std::uint64_t tensor_key, float* out);
+template <typename T>
+void apply_mask(const MaskPlan& plan, const MaskOptions& options, const T* tau, const T* s, long long begin, long long count,
+                const double* sums, std::uint64_t tensor_key, T* out);
 
 // The two steps over a whole tensor held in memory.
 std::vector<float> mask_tensor(MaskMode mode, const MaskOptions& options, const std::vector<float>& tau,

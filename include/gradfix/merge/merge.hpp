@@ -14,6 +14,7 @@
 // TIES instead: exactly k = max(1, int(n * fraction)) entries per tensor (ties at the threshold go
 // to the earliest entries), the sign of the summed values elected (+ when the sum is 0).
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -54,10 +55,18 @@ long long ties_keep_count(long long n, double fraction);
 // k > n (keep everything).
 float kth_largest_magnitude(const float* values, long long n, long long k);
 
-// Merges `count` elements of the vectors into `out`. For ties, `thresholds[i]` is the magnitude
-// at or above which entries of vector i survive the trim.
-void merge_values(MergeMethod method, TiesElect elect, const std::vector<const float*>& vectors, long long count,
-                  const std::vector<float>& thresholds, float* out);
+// The magnitude a TIES trim ranks an entry by: |value| as fp32. The thresholds are found among
+// fp32 magnitudes (KthLargestMagnitude), so F64 vectors are ranked by their values rounded to fp32.
+template <typename T>
+inline float trim_magnitude(T value) {
+  return std::fabs(static_cast<float>(value));
+}
+
+// Merges `count` elements of the vectors into `out`, T float or double (F64 task vectors). For
+// ties, `thresholds[i]` is the magnitude at or above which entries of vector i survive the trim.
+template <typename T>
+void merge_values(MergeMethod method, TiesElect elect, const std::vector<const T*>& vectors, long long count,
+                  const std::vector<float>& thresholds, T* out);
 
 // mergekit's consensus over already trimmed and weighted deltas w_i * d_i at `count` entries: the
 // elected sign is that of sum_i w_i d_i (+ when it is 0); out = the sum of the agreeing entries,
