@@ -48,15 +48,15 @@ for ranks in 1 3; do
   "${g[@]}" convert base "$out/sharded" --max-shard-size 300 >/dev/null
   shards_before=$(ls "$out/sharded" | grep -c '^model-')
   "${g[@]}" convert base "$out/sharded" >/dev/null
-  check "P=$ranks: a rerun replaces the directory whole ($shards_before shards before, 1 after)" \
-    test "$(ls "$out/sharded" | grep -c '^model-')" -eq 1
+  check "P=$ranks: a rerun replaces the directory whole ($shards_before shards before, one model.safetensors after)" \
+    test "$(ls "$out/sharded" | grep -c 'safetensors')" -eq 1 -a -f "$out/sharded/model.safetensors"
   # A directory that is not a checkpoint is refused unless --force; with a subdirectory, always.
   mkdir "$out/notes" && printf 'mine\n' >"$out/notes/todo.txt"
   expect_exit2 "P=$ranks: a directory that is not a checkpoint" "is not a checkpoint.*--force" \
     "${g[@]}" convert base "$out/notes"
   check "P=$ranks: the refused directory is untouched" grep -q mine "$out/notes/todo.txt"
   "${g[@]}" convert base "$out/notes" --force >/dev/null
-  check "P=$ranks: --force replaces it" bash -c "test ! -e '$out/notes/todo.txt' && test -f '$out/notes/model.safetensors.index.json'"
+  check "P=$ranks: --force replaces it" bash -c "test ! -e '$out/notes/todo.txt' && test -f '$out/notes/model.safetensors'"
   mkdir -p "$out/nested/sub"
   expect_exit2 "P=$ranks: a directory holding a subdirectory, even with --force" "not a regular file" \
     "${g[@]}" convert base "$out/nested" --force

@@ -121,7 +121,7 @@ json.dump(index, open("set/model.safetensors.index.json", "w"))
 PY
 expect "an index that leaves out a shard file beside it" 2 "names shards of a set of 3 but not 'model-00002-of-00003.safetensors'" \
   convert set out/set.safetensors
-"$gradfix" generate --shapes "a=64x64" --seed 2 --out solo >/dev/null
+"$gradfix" generate --shapes "a=64x64" --seed 2 --out solo/model.safetensors.index.json >/dev/null  # a set of one, indexed
 cp set/model-00002-of-00003.safetensors solo/
 expect "a shard of another set lying beside the index" 2 "does not name 'model-00002-of-00003.safetensors'" \
   convert solo out/solo.safetensors
@@ -248,7 +248,7 @@ done
 check "two concurrent writers of one directory: both exit 0, the directory always holds one run's whole output (bad rounds: $mixed)" test "$mixed" -eq 0
 check "no staging directory is left beside the output" test "$(ls -A runs)" = "shared"
 "$gradfix" apply --base base.safetensors --task-vector tau.safetensors --alpha 3 --out runs/shared >/dev/null
-check "a rewrite with fewer shards leaves no stale shard" test "$(ls runs/shared)" = "$(printf 'README.md\nmodel-00001-of-00001.safetensors\nmodel.safetensors.index.json')"
+check "a rewrite into one file leaves no stale shard or index" test "$(ls runs/shared)" = "$(printf 'README.md\nmodel.safetensors')"
 mkdir -p notes && echo "my notes" >notes/README.md
 expect "a directory that is not a checkpoint is not replaced" 2 "notes: the existing directory is not a checkpoint" \
   apply --base base.safetensors --task-vector tau.safetensors --out notes

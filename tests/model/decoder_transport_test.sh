@@ -107,7 +107,7 @@ expect_bad "every sample a shot" "no samples are left\|--num-samples 24 but the 
   --support-size 8 --alphas 0.5,1 --results part.json >/dev/null
 check "a task vector of part of the model is taken (the rest is zero)" test -s part.json
 "$gradfix" init --arch llama --config-file "$repo/configs/tiny-llama.json" --out other >/dev/null
-expect_bad "a task vector of another model" "other/model.safetensors.index.json does not match .*'model.embed_tokens.weight' is \[256, 64\], the config needs \[96, 32\]" \
+expect_bad "a task vector of another model" "other/model.safetensors does not match .*'model.embed_tokens.weight' is \[256, 64\], the config needs \[96, 32\]" \
   "${base[@]}" --num-samples 4 --task-vector other
 expect_bad "a task vector with tensors the model lacks" "the config does not have: 'input_ids'" "${base[@]}" --num-samples 4 --task-vector pool.safetensors
 expect_bad "no test data" "--test-data is required" transport --target "$model" --data pool.h5 --num-samples 4 --task-vector tau.safetensors \
