@@ -295,7 +295,7 @@ std::vector<SubcommandSpec> make_table() {
   const std::vector<OptionSpec> data_options = {
       {"weights", T::kText, "", "model weights, or a Hugging Face model directory (for torchscript: optional, replacing the archive's parameters by name)"},
       {"data", T::kText, "", "dataset: FILE.h5 (inputs, labels), an IDX '*-images-idx3-ubyte[.gz]' file, or DIR:SPLIT"},
-      {"transform", T::kText, "none", "input shift applied to the data: none|invert|rotate90"}};
+      {"transform", T::kText, "none", "input shift applied to the data: none|invert|rotate90|rotate:DEG|blur:SIGMA|contrast:F|noise:SIGMA, joined by +"}};
 
   table.push_back({"train", "gradfix train --weights W --data D --epochs E --lr LR --out W2",
                    "train a model with Adam (pre-training, fine-tuning)", Executable::kTorch, {OptionGroup::kModel},
@@ -306,6 +306,7 @@ std::vector<SubcommandSpec> make_table() {
                                          {"limit", T::kInteger, "0", "use at most N samples (0: all)"},
                                          {"seed", T::kCount, "0", "shuffling seed (and the shots' seed)"},
                                          {"shots-per-class", T::kInteger, "0", "few-shot fine-tuning: train on K samples per class only (0: all)"},
+                                         {"freeze", T::kTexts, "", "regular expression over tensor names (repeatable): matching tensors are not updated, e.g. --freeze '^layers\\.2\\.' for an MLP's head"},
                                          {"out", T::kText, "", "trained weights to write"}}),
                    {},
                    [](const Options& values) {
@@ -323,6 +324,7 @@ std::vector<SubcommandSpec> make_table() {
                      job.shots_per_class = values.integer("shots-per-class");
                      if (job.shots_per_class < 0) throw InputError("--shots-per-class must not be negative");
                      job.selection = selection_of(values);
+                     job.freeze = values.texts("freeze");
                      if (values.integer("epochs") < 1 || values.integer("epochs") > 1000000 || job.batch < 1 || !(job.lr > 0.0) ||
                          !std::isfinite(job.lr))
                        throw InputError("gradfix train: --epochs and --batch must be positive and --lr a positive finite number");
@@ -381,7 +383,7 @@ std::vector<SubcommandSpec> make_table() {
                            {"target-finetuned", T::kText, "", "B fine-tuned: enables the oracle and the upper bound"},
                            {"data", T::kText, "", "pool of labelled task samples: the shots and the support set"},
                            {"test-data", T::kText, "", "test set, read only for the final evaluation"},
-                           {"transform", T::kText, "none", "input shift of the task: none|invert|rotate90"},
+                           {"transform", T::kText, "none", "input shift of the task (as for train: rotate:30, blur:1.5+noise:0.1, ...)"},
                            {"shots-per-class", T::kInteger, "5", "K"},
                            {"num-samples", T::kInteger, "0", "decoders: the shots are the first N samples of a seeded shuffle of --data"},
                            {"head", T::kText, "", "CLIP: zero-shot head file [classes, projection_dim]"}},

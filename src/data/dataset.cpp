@@ -3,6 +3,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <fstream>
@@ -206,28 +207,169 @@ Dataset load_dataset(const std::string& spec, bool keep_bytes) {
   return data;
 }
 
+namespace {
+
+// The planes a transform works on: the last two dimensions of each sample (channels and samples
+// are looped over), checked once.
+struct Planes {
+  long long rows = 0, cols = 0, count = 0;  // count: planes in the whole dataset
+};
+
+Planes planes_of(const Dataset& data, const std::string& name) {
+  const std::size_t dims = data.sample_shape.size();
+  if (dims < 2)
+    throw InputError("--transform " + name + " needs samples of at least 2 dimensions (images), got " + format_shape(data.sample_shape));
+  Planes planes;
+  planes.rows = data.sample_shape[dims - 2];
+  planes.cols = data.sample_shape[dims - 1];
+  planes.count = planes.rows * planes.cols > 0 ? static_cast<long long>(data.inputs.size()) / (planes.rows * planes.cols) : 0;
+  return planes;
+}
+
+// Rotation by `degrees` clockwise about the image centre, sampled bilinearly; what comes from
+// outside the image is 0 (the background of the data sets gradfix reads).
+void rotate(Dataset& data, double degrees, const std::string& name) {
+  const Planes planes = planes_of(data, name);
+  const double angle = degrees * 3.14159265358979323846 / 180.0;
+  const double cosine = std::cos(angle), sine = std::sin(angle);
+  const double centre_row = 0.5 * static_cast<double>(planes.rows - 1), centre_col = 0.5 * static_cast<double>(planes.cols - 1);
+  const auto size = static_cast<std::size_t>(planes.rows * planes.cols);
+  std::vector<float> image(size);
+  for (long long p = 0; p < planes.count; ++p) {
+    const float* in = data.inputs.data() + static_cast<std::size_t>(p) * size;
+    auto at = [&](long long r, long long c) -> double {
+      return r < 0 || c < 0 || r >= planes.rows || c >= planes.cols ? 0.0 : in[r * planes.cols + c];
+    };
+    for (long long i = 0; i < planes.rows; ++i)
+      for (long long j = 0; j < planes.cols; ++j) {
+        // The source of output (y, x) is (y, x) turned back: (y cos - x sin, x cos + y sin).
+        const double y = static_cast<double>(i) - centre_row, x = static_cast<double>(j) - centre_col;
+        const double row = y * cosine - x * sine + centre_row, col = x * cosine + y * sine + centre_col;
+        const double r0 = std::floor(row), c0 = std::floor(col), dr = row - r0, dc = col - c0;
+        const auto r = static_cast<long long>(r0), c = static_cast<long long>(c0);
+        image[static_cast<std::size_t>(i * planes.cols + j)] = static_cast<float>(
+            (1 - dr) * ((1 - dc) * at(r, c) + dc * at(r, c + 1)) + dr * ((1 - dc) * at(r + 1, c) + dc * at(r + 1, c + 1)));
+      }
+    std::copy(image.begin(), image.end(), data.inputs.begin() + static_cast<long long>(static_cast<std::size_t>(p) * size));
+  }
+}
+
+// Gaussian blur of standard deviation `sigma` pixels: a separable kernel of radius ceil(3 sigma),
+// normalised to sum 1, with zeros beyond the border.
+void blur(Dataset& data, double sigma, const std::string& name) {
+  const Planes planes = planes_of(data, name);
+  const auto radius = static_cast<long long>(std::ceil(3.0 * sigma));
+  std::vector<double> kernel(static_cast<std::size_t>(2 * radius + 1));
+  double total = 0.0;
+  for (long long k = -radius; k <= radius; ++k) total += kernel[static_cast<std::size_t>(k + radius)] = std::exp(-0.5 * k * k / (sigma * sigma));
+  for (auto& weight : kernel) weight /= total;
+  const auto size = static_cast<std::size_t>(planes.rows * planes.cols);
+  std::vector<double> across(size);
+  for (long long p = 0; p < planes.count; ++p) {
+    float* image = data.inputs.data() + static_cast<std::size_t>(p) * size;
+    for (long long i = 0; i < planes.rows; ++i)
+      for (long long j = 0; j < planes.cols; ++j) {
+        double sum = 0.0;
+        for (long long k = -radius; k <= radius; ++k)
+          if (j + k >= 0 && j + k < planes.cols) sum += kernel[static_cast<std::size_t>(k + radius)] * image[i * planes.cols + j + k];
+        across[static_cast<std::size_t>(i * planes.cols + j)] = sum;
+      }
+    for (long long i = 0; i < planes.rows; ++i)
+      for (long long j = 0; j < planes.cols; ++j) {
+        double sum = 0.0;
+        for (long long k = -radius; k <= radius; ++k)
+          if (i + k >= 0 && i + k < planes.rows) sum += kernel[static_cast<std::size_t>(k + radius)] * across[static_cast<std::size_t>((i + k) * planes.cols + j)];
+        image[i * planes.cols + j] = static_cast<float>(sum);
+      }
+  }
+}
+
+// A standard normal draw from (sample, element) alone (splitmix64 and Box-Muller), so that the
+// noise of a sample does not depend on which other samples were loaded with it.
+double normal_at(std::uint64_t sample, std::uint64_t element) {
+  auto mix = [](std::uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+  };
+  const std::uint64_t a = mix(mix(sample * 2 + 0x6772616466697831ULL) ^ element), b = mix(a);
+  const double u1 = (static_cast<double>(a >> 11) + 1.0) / 9007199254740993.0;  // (0, 1]
+  const double u2 = static_cast<double>(b >> 11) / 9007199254740992.0;
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * 3.14159265358979323846 * u2);
+}
+
+// The number after "NAME:", which must lie in [low, high] (`range` says so in the message).
+double parameter_of(const std::string& step, const std::string& name, double low, double high, const char* range) {
+  const std::string text = step.substr(name.size() + 1);
+  char* end = nullptr;
+  const double value = std::strtod(text.c_str(), &end);
+  if (text.empty() || end != text.c_str() + text.size() || !(value >= low && value <= high))
+    throw InputError("--transform " + step + ": " + name + " takes a number in " + range);
+  return value;
+}
+
+}  // namespace
+
 void apply_transform(Dataset& data, const std::string& transform) {
   if (transform == "none") return;
+  // A chain: each step applied in turn.
+  const std::size_t plus = transform.find('+');
+  if (plus != std::string::npos) {
+    apply_transform(data, transform.substr(0, plus));
+    apply_transform(data, transform.substr(plus + 1));
+    return;
+  }
+  const std::string name = transform.substr(0, transform.find(':'));
+  const bool has_value = transform.find(':') != std::string::npos;
+  if (has_value && (name == "invert" || name == "rotate90" || name == "none"))
+    throw InputError("--transform " + transform + ": " + name + " takes no value");
   if (transform == "invert") {
     for (auto& value : data.inputs) value = 1.0f - value;
     return;
   }
   if (transform == "rotate90") {
-    const std::size_t dims = data.sample_shape.size();
-    if (dims < 2) throw InputError("--transform rotate90 needs samples of at least 2 dimensions, got " + format_shape(data.sample_shape));
-    const long long rows = data.sample_shape[dims - 2], cols = data.sample_shape[dims - 1];
-    if (rows != cols) throw InputError("--transform rotate90 needs square images, got " + format_shape(data.sample_shape));
-    std::vector<float> image(static_cast<std::size_t>(rows * cols));
+    const Planes planes = planes_of(data, "rotate90");
+    if (planes.rows != planes.cols) throw InputError("--transform rotate90 needs square images, got " + format_shape(data.sample_shape));
+    const long long n = planes.rows;
+    std::vector<float> image(static_cast<std::size_t>(n * n));
     for (std::size_t start = 0; start < data.inputs.size(); start += image.size()) {
       // Out[i][j] = In[n - 1 - j][i]: a quarter turn clockwise.
-      for (long long i = 0; i < rows; ++i)
-        for (long long j = 0; j < cols; ++j)
-          image[static_cast<std::size_t>(i * cols + j)] = data.inputs[start + static_cast<std::size_t>((rows - 1 - j) * cols + i)];
+      for (long long i = 0; i < n; ++i)
+        for (long long j = 0; j < n; ++j)
+          image[static_cast<std::size_t>(i * n + j)] = data.inputs[start + static_cast<std::size_t>((n - 1 - j) * n + i)];
       std::copy(image.begin(), image.end(), data.inputs.begin() + static_cast<long long>(start));
     }
     return;
   }
-  throw InputError("unknown --transform '" + transform + "'; valid: none|invert|rotate90");
+  if (has_value && name == "rotate") return rotate(data, parameter_of(transform, name, -360.0, 360.0, "[-360, 360] (degrees)"), transform);
+  if (has_value && name == "blur") return blur(data, parameter_of(transform, name, 0.1, 10.0, "[0.1, 10] (pixels)"), transform);
+  if (has_value && name == "contrast") {
+    // Each sample's values pulled towards (factor < 1) or pushed from its mean, kept in [0, 1].
+    const double factor = parameter_of(transform, name, 0.0, 10.0, "[0, 10]");
+    const std::size_t width = data.size() > 0 ? data.inputs.size() / static_cast<std::size_t>(data.size()) : 0;
+    for (std::size_t start = 0; start < data.inputs.size(); start += width) {
+      double mean = 0.0;
+      for (std::size_t i = 0; i < width; ++i) mean += data.inputs[start + i];
+      mean /= static_cast<double>(width);
+      for (std::size_t i = 0; i < width; ++i) {
+        float& value = data.inputs[start + i];
+        value = static_cast<float>(std::clamp(mean + factor * (value - mean), 0.0, 1.0));
+      }
+    }
+    return;
+  }
+  if (has_value && name == "noise") {
+    // Gaussian noise of this standard deviation, kept in [0, 1]; drawn from (sample, element).
+    const double sigma = parameter_of(transform, name, 0.0, 10.0, "[0, 10]");
+    const std::size_t width = data.size() > 0 ? data.inputs.size() / static_cast<std::size_t>(data.size()) : 0;
+    for (std::size_t i = 0; i < data.inputs.size(); ++i) {
+      float& value = data.inputs[i];
+      value = static_cast<float>(std::clamp(value + sigma * normal_at(i / width, i % width), 0.0, 1.0));
+    }
+    return;
+  }
+  throw InputError("unknown --transform '" + transform + "'; valid: " + kTransformNames);
 }
 
 std::vector<long long> shuffled_indices(long long n, std::uint64_t seed) {

@@ -13,6 +13,7 @@
 #include <iomanip>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <sstream>
 
 #include "classifier.hpp"
@@ -22,6 +23,7 @@
 #include "decoder.hpp"
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
+#include "gradfix/core/select.hpp"
 #include "gradfix/dist/progress.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/mask/compare.hpp"
@@ -50,10 +52,17 @@ Dataset load_data(const DataOptions& options, long long skip = 0, long long limi
   return data;
 }
 
+// `frozen` names tensors that keep their values: they get no gradient and no optimiser state.
 void train_model(Classifier& model, const Dataset& data, int epochs, double lr, long long batch, std::uint64_t seed,
-                 std::ostream& log, const std::string& label) {
+                 std::ostream& log, const std::string& label, const std::set<std::string>& frozen = {}) {
   std::vector<torch::Tensor> parameters;
-  for (auto& [name, parameter] : model.parameters()) parameters.push_back(parameter);
+  for (auto& [name, parameter] : model.parameters()) {
+    if (frozen.count(name)) {
+      parameter.requires_grad_(false);
+      continue;
+    }
+    parameters.push_back(parameter);
+  }
   torch::optim::Adam optimizer(parameters, torch::optim::AdamOptions(lr));
   const torch::Tensor inputs = inputs_tensor(data, model.device()), labels = labels_tensor(data, model.device());
   for (int epoch = 0; epoch < epochs; ++epoch) {
@@ -487,17 +496,41 @@ void run_train(const TrainJob& job, std::ostream& log, const JobContext& context
       throw InputError("--selection and --save-indices choose few-shot training data: give --shots-per-class K (or --indices, --num-batches)");
     }
   });
+  // --freeze: every pattern must name a tensor, and something must stay trainable.
+  std::set<std::string> frozen;
+  context.agree([&] {
+    std::vector<std::string> names;
+    for (auto& [name, parameter] : model->parameters()) names.push_back(name);
+    for (const auto& pattern : job.freeze) {
+      const TensorSelector selector({pattern}, {});
+      bool matched = false;
+      for (const auto& name : names)
+        if (selector.selects(name)) {
+          frozen.insert(name);
+          matched = true;
+        }
+      if (!matched)
+        throw InputError("--freeze '" + escaped_name(pattern) + "' matches no tensor of " + job.weights + " (its tensors: " +
+                         format_name_list(names) + ")");
+    }
+    if (!names.empty() && frozen.size() == names.size())
+      throw InputError("--freeze leaves nothing to train: it matches all " + std::to_string(names.size()) + " tensors of " + job.weights);
+  });
   std::ostringstream discard;
   // Every rank trains the same replica with the same seed; the root's is written.
   Progress progress(context, "train", static_cast<long long>(job.epochs) * data.size(), 0, "samples");
   context.agree([&] {
     const CurrentProgress current(progress);
     torch::manual_seed(job.seed);
-    train_model(*model, data, job.epochs, job.lr, job.batch, job.seed, context.is_root() ? log : discard, "train");
+    train_model(*model, data, job.epochs, job.lr, job.batch, job.seed, context.is_root() ? log : discard, "train", frozen);
   });
   progress.finish();
   publish_from_root(context, [&] { return write_classifier(*model, job.out); });
-  if (context.is_root()) log << "train: " << data.size() << " samples, written to " << job.out << "\n";
+  if (context.is_root()) {
+    log << "train: " << data.size() << " samples";
+    if (!frozen.empty()) log << ", " << frozen.size() << " tensor(s) frozen: " << format_name_list(std::vector<std::string>(frozen.begin(), frozen.end()));
+    log << ", written to " << job.out << "\n";
+  }
 }
 
 void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {

@@ -1359,7 +1359,7 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
       std::vector<double> result(count, 0.0);
       if (linear) {
         for (std::size_t m = 0; m < n; ++m) {
-          const auto values = load<double>(*models[m], out.name, chunk.begin, chunk.count, allow);
+          const auto values = load<V>(*models[m], out.name, chunk.begin, chunk.count, allow);
           for (std::size_t i = 0; i < count; ++i) result[i] += job.weights[m] * values[i];
         }
         if (job.normalize && weight_sum != 0.0)
@@ -1372,7 +1372,7 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
           mask_chunk(job.mode, job.mask, out, chunk, unmasked, summed_signs(chunk), merged_sums, masked);
           mixed.assign(masked.begin(), masked.end());
         }
-        const auto reference = load<double>(*base, out.name, chunk.begin, chunk.count, allow);
+        const auto reference = load<V>(*base, out.name, chunk.begin, chunk.count, allow);
         for (std::size_t i = 0; i < count; ++i) result[i] = reference[i] + job.lambda * mixed[i];
       }
       store(*writer, out, chunk.begin, result.data(), chunk.count, nonfinite);

@@ -5,6 +5,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <set>
 
@@ -202,6 +203,85 @@ TEST(Dataset, TransformsHandChecked) {
   apply_transform(data, "invert");
   EXPECT_EQ(data.inputs, (std::vector<float>{1.0f, 0.75f, 0.5f, 0.0f}));
   EXPECT_THROW(apply_transform(data, "blur"), InputError);
+}
+
+Dataset image(long long rows, long long cols, std::vector<float> values) {
+  Dataset data;
+  data.sample_shape = {rows, cols};
+  data.inputs = std::move(values);
+  data.labels = {0};
+  return data;
+}
+
+TEST(Dataset, RotateByDegreesHandChecked) {
+  // A quarter turn by bilinear sampling lands on pixel centres: the exact rotate90.
+  Dataset turned = image(3, 3, {1, 2, 3, 4, 5, 6, 7, 8, 9}), exact = turned;
+  apply_transform(turned, "rotate:90");
+  apply_transform(exact, "rotate90");
+  for (std::size_t i = 0; i < 9; ++i) EXPECT_NEAR(turned.inputs[i], exact.inputs[i], 1e-5) << i;
+  Dataset half = image(2, 2, {1, 2, 3, 4});
+  apply_transform(half, "rotate:180");
+  for (std::size_t i = 0; i < 4; ++i) EXPECT_NEAR(half.inputs[i], 4.0f - static_cast<float>(i), 1e-5) << i;
+  // 45 degrees on 3x3: the centre stays; output (0, 0) samples (1, 1 - sqrt 2), between the
+  // outside (0) and input (1, 0), so (2 - sqrt 2) * in[1][0].
+  Dataset tilted = image(3, 3, {1, 2, 3, 4, 5, 6, 7, 8, 9});
+  apply_transform(tilted, "rotate:45");
+  EXPECT_NEAR(tilted.inputs[4], 5.0f, 1e-5);
+  EXPECT_NEAR(tilted.inputs[0], (2.0 - std::sqrt(2.0)) * 4.0, 1e-5);
+}
+
+TEST(Dataset, BlurContrastNoiseHandChecked) {
+  // A unit impulse in the middle of 9x9 blurred with sigma 1: the outer product of the kernel
+  // exp(-k^2 / 2) / S over k = -3..3, which sums to 1 (nothing reaches the border).
+  std::vector<float> impulse(81, 0.0f);
+  impulse[40] = 1.0f;
+  Dataset blurred = image(9, 9, impulse);
+  apply_transform(blurred, "blur:1");
+  const double total = 1.0 + 2.0 * (std::exp(-0.5) + std::exp(-2.0) + std::exp(-4.5));
+  EXPECT_NEAR(blurred.inputs[40], 1.0 / (total * total), 1e-7);
+  EXPECT_NEAR(blurred.inputs[41], std::exp(-0.5) / (total * total), 1e-7);
+  EXPECT_NEAR(blurred.inputs[40 + 9 * 2 + 1], std::exp(-2.0) * std::exp(-0.5) / (total * total), 1e-7);
+  EXPECT_FLOAT_EQ(blurred.inputs[0], 0.0f);
+  double sum = 0.0;
+  for (float value : blurred.inputs) sum += value;
+  EXPECT_NEAR(sum, 1.0, 1e-6);
+  // Contrast about the mean 0.4375, then clamped to [0, 1].
+  Dataset softer = image(2, 2, {0.0f, 0.25f, 0.5f, 1.0f}), harder = softer;
+  apply_transform(softer, "contrast:0.5");
+  EXPECT_EQ(softer.inputs, (std::vector<float>{0.21875f, 0.34375f, 0.46875f, 0.71875f}));
+  apply_transform(harder, "contrast:3");
+  EXPECT_EQ(harder.inputs, (std::vector<float>{0.0f, 0.0f, 0.625f, 1.0f}));
+  // Noise: the same draws for the same (sample, element), mean 0 and the given spread.
+  Dataset flat = image(100, 100, std::vector<float>(10000, 0.5f)), again = flat;
+  apply_transform(flat, "noise:0.01");
+  apply_transform(again, "noise:0.01");
+  EXPECT_EQ(flat.inputs, again.inputs);
+  double mean = 0.0, square = 0.0;
+  for (float value : flat.inputs) {
+    mean += value - 0.5;
+    square += (value - 0.5) * (value - 0.5);
+  }
+  mean /= 10000.0;
+  EXPECT_NEAR(mean, 0.0, 0.0004);
+  EXPECT_NEAR(std::sqrt(square / 10000.0 - mean * mean), 0.01, 0.0005);
+  // Steps joined by '+' apply in turn.
+  Dataset chained = image(2, 2, {0.0f, 0.25f, 0.5f, 1.0f}), stepwise = chained;
+  apply_transform(chained, "invert+rotate90");
+  apply_transform(stepwise, "invert");
+  apply_transform(stepwise, "rotate90");
+  EXPECT_EQ(chained.inputs, stepwise.inputs);
+}
+
+TEST(Dataset, TransformsRefuseBadSpecifications) {
+  Dataset data = image(2, 2, {0, 0, 0, 0});
+  for (const char* bad : {"rotate", "rotate:abc", "rotate:400", "blur:0", "blur:", "contrast:-1", "noise:x", "invert:1", "rotate90:2",
+                          "invert+", "sharpen:2"})
+    EXPECT_THROW(apply_transform(data, bad), InputError) << bad;
+  Dataset flat;
+  flat.sample_shape = {4};
+  flat.inputs = {0, 0, 0, 0};
+  flat.labels = {0};
+  EXPECT_THROW(apply_transform(flat, "blur:1"), InputError);
 }
 
 }  // namespace

@@ -125,6 +125,22 @@ check "alphas do not depend on the test set" python3 -c "
 import json; a = [r['alpha'] for r in json.load(open('r1.json'))['rows']]; b = [r['alpha'] for r in json.load(open('r2.json'))['rows']]
 assert a == b, (a, b)"
 
+# --freeze: the head (layers.1.*) keeps its bytes, the rest trains; a shifted task (rotate:30 and
+# a blur) gives the training other data than the plain one.
+"$gradfix" train --weights a_trained.safetensors --data "$train_set" --transform rotate:30+blur:0.8 --limit 500 --lr 1e-3 --seed 4 \
+  --freeze '^layers\.1\.' --out frozen.safetensors >freeze.log
+"$gradfix" train --weights a_trained.safetensors --data "$train_set" --limit 500 --lr 1e-3 --seed 4 --freeze '^layers\.1\.' \
+  --out plain.safetensors >/dev/null
+for file in a_trained frozen plain; do
+  "$gradfix" convert "$file.safetensors" "$file-head.safetensors" --include '^layers\.1\.' >/dev/null
+  "$gradfix" convert "$file.safetensors" "$file-body.safetensors" --include '^layers\.0\.' >/dev/null
+done
+check "--freeze: the head keeps its bytes" "$repo/tests/support/same_tensors.py" a_trained-head.safetensors frozen-head.safetensors
+check "--freeze: the rest trains" bash -c "! '$repo/tests/support/same_tensors.py' a_trained-body.safetensors frozen-body.safetensors 2>/dev/null"
+check "--freeze: the log names the frozen tensors" grep -q "2 tensor(s) frozen: 'layers.1.bias', 'layers.1.weight'" freeze.log
+check "--transform rotate:30+blur:0.8 trains on other inputs than none" \
+  bash -c "! '$repo/tests/support/same_tensors.py' plain-body.safetensors frozen-body.safetensors 2>/dev/null"
+
 # The first-order descent guarantee, reported: in mean mode with the normal mask, <g, d> equals
 # what the signs (on the same shots, saved by transport) and mask files give, and is <= 0.
 "$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" \
@@ -152,6 +168,11 @@ expect_bad "do not fit the model's input of 100 values" eval --weights small.saf
 expect_bad "fewer than the 2000 shots per class" signs --weights a_trained.safetensors --data "$test_set" --shots-per-class 2000 --out s.safetensors
 expect_bad "unknown architecture 'resnet'" init --arch resnet --dims 1,2 --out r.safetensors
 expect_bad "unknown --transform 'blur'" eval --weights a_trained.safetensors --data "$test_set" --transform blur
+expect_bad "blur takes a number in [0.1, 10] (pixels)" eval --weights a_trained.safetensors --data "$test_set" --transform rotate:30+blur:0
+expect_bad "freeze 'head' matches no tensor of a_trained.safetensors (its tensors: 'layers.0.weight'" \
+  train --weights a_trained.safetensors --data "$train_set" --limit 100 --freeze head --out f.safetensors
+expect_bad "freeze leaves nothing to train: it matches all 4 tensors" \
+  train --weights a_trained.safetensors --data "$train_set" --limit 100 --freeze layers --out f.safetensors
 expect_bad "unknown --device 'tpu'" eval --weights a_trained.safetensors --data "$test_set" --device tpu
 if ! "$gradfix" eval --weights a_trained.safetensors --data "$test_set" --device cuda >/dev/null 2>&1; then
   # No GPU here: asking for one is an error that says so, never a quiet run on the CPU.

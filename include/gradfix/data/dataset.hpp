@@ -38,8 +38,14 @@ constexpr long long kMaxClasses = 1LL << 24;
 // With `keep_bytes`, HDF5 `inputs` stored as U8 stay bytes (Dataset::bytes) instead of float32.
 Dataset load_dataset(const std::string& spec, bool keep_bytes = false);
 
-// The downstream task's input shift, applied in place: none, invert (x -> 1 - x) or rotate90
-// (each 2-D sample rotated a quarter turn). InputError for any other name.
+// The downstream task's input shift, applied in place; steps joined by '+' apply in turn:
+//   none, invert (x -> 1 - x), rotate90 (a quarter turn clockwise, exact),
+//   rotate:DEG (clockwise about the centre, bilinear, 0 from outside), blur:SIGMA (Gaussian, in
+//   pixels), contrast:F (each sample's values about its mean times F, kept in [0, 1]),
+//   noise:SIGMA (Gaussian noise drawn from (sample, element), kept in [0, 1]; the sample is its
+//   position in the data as loaded, after --skip and --limit).
+// Image steps work on the last two dimensions of each sample. InputError for any other name.
+constexpr const char* kTransformNames = "none|invert|rotate90|rotate:DEG|blur:SIGMA|contrast:F|noise:SIGMA (joined by +)";
 void apply_transform(Dataset& data, const std::string& transform);
 
 // Index selections, all seeded and deterministic.

@@ -80,6 +80,9 @@ struct TrainJob {
   // sample.
   long long shots_per_class = 0;
   ShotSelection selection;
+  // Tensors not updated: names matching any of these regular expressions (partial match), e.g.
+  // the classification head, as the paper fine-tunes with its zero-shot head frozen.
+  std::vector<std::string> freeze;
 };
 
 struct EvalJob {
