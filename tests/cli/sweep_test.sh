@@ -15,7 +15,8 @@ source "$repo/tests/mpi/common.sh"
 fixtures=$repo/tests/fixtures/clip
 config=$repo/configs/paper-table1.ini
 work=$(mktemp -d /tmp/gradfix-sweep-XXXXXX)
-trap 'kill "${sweep_pid:-0}" 2>/dev/null || true; [ "${failed:-0}" -eq 0 ] && rm -rf "$work" || echo "kept $work" >&2' EXIT
+# (kill 0 would signal this script's whole process group, ctest included: only a started sweep.)
+trap '[ -z "${sweep_pid:-}" ] || kill "$sweep_pid" 2>/dev/null || true; [ "${failed:-0}" -eq 0 ] && rm -rf "$work" || echo "kept $work" >&2' EXIT
 cd "$work"
 
 mkdir -p models heads data
@@ -74,6 +75,19 @@ for l in lines:
         assert all("+-" in c for c in cells[:5]) and cells[5] != "-", cells
 PY
 check "results.csv: a header and 6 rows per point" test "$(wc -l <results-once.csv)" -eq 61
+
+# Plots of the finished sweep (launch/plot): each as PNG and SVG, the methods in the legends.
+"$repo/launch/plot" out/paper-table1 --out plots >plot.log
+for name in accuracy_vs_shots accuracy_by_task sign_agreement alpha_curves; do
+  check "launch/plot: $name.png is a PNG" bash -c "head -c 4 plots/$name.png | od -An -tx1 | grep -q '89 50 4e 47'"
+  check "launch/plot: $name.svg is an SVG" grep -q "<svg" "plots/$name.svg"
+done
+check "launch/plot: every method in the accuracy plot" bash -c "grep -q 'GradFix (max, normal)' plots/accuracy_vs_shots.svg &&
+  grep -q 'few-shot fine-tuning of B' plots/accuracy_vs_shots.svg && grep -q 'oracle mask sign(tau_B)' plots/accuracy_vs_shots.svg"
+check "launch/plot: the alpha curves of the searched rows only" bash -c "grep -q 'B + alpha tau_A (naive)' plots/alpha_curves.svg &&
+  ! grep -q 'B zero-shot' plots/alpha_curves.svg"
+check "launch/plot: nothing skipped" bash -c "! grep -q skipped plot.log"
+expect_exit2 "launch/plot of a directory without results.csv" "no results.csv (run .gradfix sweep" "$repo/launch/plot" nowhere
 
 # A point's result is what gradfix transport writes with the same options.
 "$gradfix" transport --target models/clip-vit-b16-laion2b --source-base models/clip-vit-b16-datacomp \
