@@ -361,9 +361,22 @@ void apply_transform(Dataset& data, const std::string& transform) {
   }
   if (has_value && name == "noise") {
     // Gaussian noise of this standard deviation, kept in [0, 1]; drawn from (sample, element).
-    const double sigma = parameter_of(transform, name, 0.0, 10.0, "[0, 10]");
+    // noise:SIGMA:ROWS puts it on the first ROWS rows of each image only (a partial occlusion).
+    const std::size_t second = transform.find(':', name.size() + 1);
+    const std::string sigma_part = second == std::string::npos ? transform : transform.substr(0, second);
+    const double sigma = parameter_of(sigma_part, name, 0.0, 10.0, "[0, 10]");
     const std::size_t width = data.size() > 0 ? data.inputs.size() / static_cast<std::size_t>(data.size()) : 0;
+    std::size_t period = width, noisy = width;  // within each plane of `period` values, the first `noisy`
+    if (second != std::string::npos) {
+      const Planes planes = planes_of(data, transform);
+      const auto rows = static_cast<long long>(parameter_of(name + ":" + transform.substr(second + 1), name, 1.0, 1e9, "[1, rows] (rows)"));
+      if (rows > planes.rows || transform.find('.', second) != std::string::npos)
+        throw InputError("--transform " + transform + ": ROWS must be a whole number of rows, at most the images' " + std::to_string(planes.rows));
+      period = static_cast<std::size_t>(planes.rows * planes.cols);
+      noisy = static_cast<std::size_t>(rows * planes.cols);
+    }
     for (std::size_t i = 0; i < data.inputs.size(); ++i) {
+      if (i % period >= noisy) continue;
       float& value = data.inputs[i];
       value = static_cast<float>(std::clamp(value + sigma * normal_at(i / width, i % width), 0.0, 1.0));
     }

@@ -264,6 +264,10 @@ TEST(Dataset, BlurContrastNoiseHandChecked) {
   mean /= 10000.0;
   EXPECT_NEAR(mean, 0.0, 0.0004);
   EXPECT_NEAR(std::sqrt(square / 10000.0 - mean * mean), 0.01, 0.0005);
+  // noise:SIGMA:ROWS: the first ROWS rows of each image only, with the same draws there.
+  Dataset top = image(100, 100, std::vector<float>(10000, 0.5f));
+  apply_transform(top, "noise:0.01:30");
+  for (std::size_t i = 0; i < 10000; ++i) EXPECT_EQ(top.inputs[i], i < 3000 ? flat.inputs[i] : 0.5f) << i;
   // Steps joined by '+' apply in turn.
   Dataset chained = image(2, 2, {0.0f, 0.25f, 0.5f, 1.0f}), stepwise = chained;
   apply_transform(chained, "invert+rotate90");
@@ -275,7 +279,7 @@ TEST(Dataset, BlurContrastNoiseHandChecked) {
 TEST(Dataset, TransformsRefuseBadSpecifications) {
   Dataset data = image(2, 2, {0, 0, 0, 0});
   for (const char* bad : {"rotate", "rotate:abc", "rotate:400", "blur:0", "blur:", "contrast:-1", "noise:x", "invert:1", "rotate90:2",
-                          "invert+", "sharpen:2"})
+                          "invert+", "sharpen:2", "noise:0.1:3", "noise:0.1:1.5", "noise:0.1:0"})
     EXPECT_THROW(apply_transform(data, bad), InputError) << bad;
   Dataset flat;
   flat.sample_shape = {4};

@@ -153,7 +153,8 @@ TEST(Safetensors, ShardedCheckpointMatchesSingleFile) {
 TEST(Safetensors, ShardedIndexMustAgreeWithItsFiles) {
   TempDir dir;
   {
-    auto writer = open_writer(dir.file("ckpt"), {{"a", DType::kF32, {2}}}, {});
+    // Named by its index, a checkpoint of one shard is still an indexed set.
+    auto writer = open_writer(dir.file("ckpt/model.safetensors.index.json"), {{"a", DType::kF32, {2}}}, {});
     const float values[2] = {1, 2};
     writer->write_f32("a", 0, values, 2);
     writer->commit();

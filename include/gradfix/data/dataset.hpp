@@ -43,9 +43,10 @@ Dataset load_dataset(const std::string& spec, bool keep_bytes = false);
 //   rotate:DEG (clockwise about the centre, bilinear, 0 from outside), blur:SIGMA (Gaussian, in
 //   pixels), contrast:F (each sample's values about its mean times F, kept in [0, 1]),
 //   noise:SIGMA (Gaussian noise drawn from (sample, element), kept in [0, 1]; the sample is its
-//   position in the data as loaded, after --skip and --limit).
+//   position in the data as loaded, after --skip and --limit); noise:SIGMA:ROWS on the first
+//   ROWS rows of each image only.
 // Image steps work on the last two dimensions of each sample. InputError for any other name.
-constexpr const char* kTransformNames = "none|invert|rotate90|rotate:DEG|blur:SIGMA|contrast:F|noise:SIGMA (joined by +)";
+constexpr const char* kTransformNames = "none|invert|rotate90|rotate:DEG|blur:SIGMA|contrast:F|noise:SIGMA[:ROWS] (joined by +)";
 void apply_transform(Dataset& data, const std::string& transform);
 
 // Index selections, all seeded and deterministic.
