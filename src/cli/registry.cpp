@@ -433,13 +433,13 @@ std::vector<SubcommandSpec> make_table() {
                    {{"quick", T::kFlag, "", "a tiny configuration (smoke test: a few thousand samples, one seed)"},
                     {"cache", T::kText, "out/demo", "where trained models are cached"},
                     {"data-dir", T::kText, "/usr/share/datasets/fashion-mnist", "Fashion-MNIST IDX files"},
-                    {"transform", T::kText, "rotate90", "the task's input shift: rotate90|invert"},
+                    {"transform", T::kText, "noise:0.5:14", "the task's input shift (as for train: noise:0.5:14, rotate:30, blur:1.5, ...)"},
                     {"sign-mode", T::kText, "max", "max|mean"},
-                    {"independent-init", T::kFlag, "", "initialise A and B with different seeds (default: one shared initialisation)"},
+                    {"shared-init", T::kFlag, "", "initialise A and B alike (a model lineage; default: independently, the paper's regime)"},
                     {"selection", T::kText, "random", "how the shots are picked: random|coreset|kmedoids|herding (on B's penultimate activations)"},
                     {"no-selection-ablation", T::kFlag, "", "skip the table of GradFix under every shot selection strategy"},
-                    {"alphas", T::kText, "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0",
-                     "alpha grid, searched on the support set (wider than transport's: the naive optimum lies past 1 here)"},
+                    {"alphas", T::kText, "0.1,0.25,0.5,0.75,1,1.5,2,3,4,5",
+                     "alpha grid, searched on the support set (wider than transport's: a lazy fine-tune's task vector is short)"},
                     {"results", T::kText, "", "results JSON to write"}},
                    {},
                    [](const Options& values) {
@@ -448,7 +448,7 @@ std::vector<SubcommandSpec> make_table() {
                      job.data_dir = values.text("data-dir");
                      job.transform = values.text("transform");
                      job.sign_mode = checked_sign_mode(values);
-                     job.independent_init = values.flag("independent-init");
+                     job.independent_init = !values.flag("shared-init");
                      job.selection = shot_strategy_name(parse_shot_strategy(values.text("selection")));
                      job.selection_ablation = !values.flag("no-selection-ablation");
                      job.alphas = parse_alphas(values.text("alphas"));
@@ -461,6 +461,7 @@ std::vector<SubcommandSpec> make_table() {
                        job.finetune_epochs = 1;
                        job.pretrain_limit = 3000;
                        job.finetune_limit = 2000;
+                       job.finetune_lr = 1e-3;
                        job.test_limit = 1000;
                        job.support_size = 300;
                        job.selection_ablation = false;

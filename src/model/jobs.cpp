@@ -694,9 +694,11 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
   const Dataset full_train = load_data({train_spec, "none"});
   const long long half = job.pretrain_limit > 0 ? job.pretrain_limit : full_train.size() / 2;
   // The cache key: a cached model is reused only when it was trained with the same settings.
+  std::ostringstream lr;
+  lr << job.finetune_lr;
   const std::string key = job.dims + "/" + std::to_string(job.pretrain_epochs) + "/" + std::to_string(half) + "/" +
                           std::to_string(job.finetune_epochs) + "/" + std::to_string(job.finetune_limit) + "/" + job.transform +
-                          (job.independent_init ? "/independent" : "/shared");
+                          (job.independent_init ? "/independent" : "/shared") + "/lr" + lr.str() + (job.freeze_head ? "/frozen-head" : "");
   auto cached = [&](const std::string& name, const std::function<std::unique_ptr<Classifier>()>& make) {
     const std::string path = job.cache + "/" + name + ".safetensors";
     if (file_exists(path)) {
@@ -712,9 +714,9 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
     context.host().barrier();
     return model;
   };
-  // Two "releases": one architecture and one initialisation (a model lineage), pre-trained with
-  // different seeds on different halves of the training set. Independently initialised MLPs
-  // would differ by a permutation of their hidden units, which no mask can undo (docs/demo.md).
+  // Two "releases" of one architecture, pre-trained with different seeds on different halves of
+  // the training set: independently initialised by default (the paper's regime, where tau_A is
+  // misaligned with B), or from one shared initialisation (a model lineage) with --shared-init.
   auto pretrain = [&](std::uint64_t seed, long long skip) {
     auto model = make_classifier(architecture, job.independent_init ? seed : 0);
     Dataset data = load_data({train_spec, "none"}, skip, half);
@@ -725,9 +727,19 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
   auto b_base = cached("B_base", [&] { return pretrain(2, half); });
   // The downstream task: the same classes under an input shift both releases never saw.
   const Dataset task_train = load_data({train_spec, job.transform}, 0, job.finetune_limit);
+  // The task fine-tunes: a small learning rate with the head (the last layer) frozen, as the
+  // paper fine-tunes the encoder under a fixed zero-shot head.
   auto finetune = [&](const std::string& from, std::uint64_t seed) {
     auto model = load_classifier(job.cache + "/" + from + ".safetensors");
-    train_model(*model, task_train, job.finetune_epochs, 1e-3, 128, seed, out, "fine-tune " + from);
+    std::set<std::string> head;
+    if (job.freeze_head) {
+      std::string last;
+      for (auto& [name, parameter] : model->parameters()) last = name;
+      const std::string prefix = last.substr(0, last.rfind('.') + 1);
+      for (auto& [name, parameter] : model->parameters())
+        if (name.compare(0, prefix.size(), prefix) == 0) head.insert(name);
+    }
+    train_model(*model, task_train, job.finetune_epochs, job.finetune_lr, 128, seed, out, "fine-tune " + from, head);
     return model;
   };
   auto a_ft = cached("A_ft", [&] { return finetune("A_base", 11); });
@@ -742,6 +754,9 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
   in.test = load_data({test_spec, job.transform}, 0, job.test_limit);
   // The few-shot pool: task samples the fine-tuning never used.
   in.pool = load_data({train_spec, job.transform}, job.finetune_limit, std::max(job.support_size * 4, 4000LL));
+  out << "demo: releases " << job.dims << (job.independent_init ? ", independently initialised" : ", one shared initialisation")
+      << "; task fine-tunes: Adam " << job.finetune_lr << ", " << job.finetune_epochs << " epoch(s) on " << task_train.size() << " samples"
+      << (job.freeze_head ? ", head frozen" : "") << "; support set " << job.support_size << " samples\n";
   out << "demo: B on the clean test set " << std::fixed << std::setprecision(2) << 100.0 * evaluate(*b_base, clean_test).accuracy
       << "%, on the shifted (" << job.transform << ") test set " << 100.0 * evaluate(*b_base, in.test).accuracy << "%; A fine-tuned "
       << 100.0 * evaluate(*a_ft, in.test).accuracy << "%, B fine-tuned " << 100.0 * evaluate(*b_ft, in.test).accuracy << "%\n";

@@ -452,6 +452,18 @@ void mask_chunk(MaskMode mode, const MaskOptions& options, const TensorInfo& ten
              found == sums.end() ? nullptr : found->second.data(), tensor_key_of(tensor.name), out.data());
 }
 
+// sum_i sign(s_i) over the statistics files at one chunk: a per-entry majority over the sources,
+// what merge-then-mask masks with (the official code sums sign tensors).
+template <typename V>
+std::vector<V> sign_sum(const std::vector<Reader>& signs, const std::string& name, const Piece& chunk, bool allow) {
+  std::vector<V> summed(static_cast<std::size_t>(chunk.count), V(0));
+  for (const auto& reader : signs) {
+    const auto statistics = load<V>(*reader, name, chunk.begin, chunk.count, allow);
+    for (std::size_t i = 0; i < summed.size(); ++i) summed[i] += static_cast<V>((statistics[i] > V(0)) - (statistics[i] < V(0)));
+  }
+  return summed;
+}
+
 // Exact k-th largest magnitude over chunks spread across ranks: the histograms are all-reduced
 // between the passes when the values live on several ranks.
 // `values(chunk)` gives a std::vector of float or double; doubles are ranked as fp32 (trim_magnitude).
@@ -1061,15 +1073,7 @@ JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& c
                    merged.data());
       return std::make_pair(merged, values[0]);
     };
-    // The summed sign tensors: a per-entry majority over the sources' statistics.
-    auto summed_signs = [&](const Piece& chunk) {
-      std::vector<V> summed(static_cast<std::size_t>(chunk.count), V(0));
-      for (const auto& reader : signs) {
-        const auto statistics = load<V>(*reader, layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
-        for (std::size_t i = 0; i < summed.size(); ++i) summed[i] += static_cast<V>((statistics[i] > V(0)) - (statistics[i] < V(0)));
-      }
-      return summed;
-    };
+    auto summed_signs = [&](const Piece& chunk) { return sign_sum<V>(signs, layout[chunk.tensor].name, chunk, allow); };
     SumsByTensor merged_sums;
     if (job.order == MergeOrder::kMergeThenMask)
       merged_sums = mask_sums<V>(ranks, plan, layout, job.mode, job.mask, chunks,
@@ -1327,24 +1331,17 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
       }
       return mixed;
     };
-    // Merge-then-mask: the merged delta is masked with sum_m sign(s_m), a per-entry majority over
-    // the models' statistics, as gradfix merge does for task vectors.
-    auto summed_signs = [&](const Piece& chunk) {
-      std::vector<V> summed(static_cast<std::size_t>(chunk.count), V(0));
-      for (const auto& reader : signs) {
-        const auto statistics = statistics_of(*reader, chunk);
-        for (std::size_t i = 0; i < summed.size(); ++i) summed[i] += static_cast<V>((statistics[i] > V(0)) - (statistics[i] < V(0)));
-      }
-      return summed;
-    };
+    // Merge-then-mask: the merged delta is masked with sum_m sign(s_m), as gradfix merge does for
+    // task vectors.
+    auto summed_signs = [&](const Piece& chunk) { return sign_sum<V>(signs, layout[chunk.tensor].name, chunk, allow); };
     SumsByTensor merged_sums;
     if (job.order == MergeOrder::kMergeThenMask)
       merged_sums = mask_sums<V>(ranks, plan, layout, job.mode, job.mask, merged_chunks,
-                              [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
-                                const auto mixed = mixed_of(chunk);
-                                values.assign(mixed.begin(), mixed.end());
-                                statistics = summed_signs(chunk);
-                              });
+                                 [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
+                                   const auto mixed = mixed_of(chunk);
+                                   values.assign(mixed.begin(), mixed.end());
+                                   statistics = summed_signs(chunk);
+                                 });
 
     writer = open_output(ranks, job.out, layout, metadata, job.output);
     for (std::size_t c = 0; c < chunks.size(); ++c) {
