@@ -1,6 +1,7 @@
 // The table of subcommands: options and the step from parsed options to a typed job.
 #include "gradfix/cli/registry.hpp"
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <sstream>
@@ -69,6 +70,21 @@ std::vector<double> parse_numbers(const std::string& text, const std::string& ke
 }
 
 std::vector<double> parse_alphas(const std::string& text) { return parse_numbers(text, "alphas"); }
+
+// The demo's tasks: comma-separated transforms, none empty, none twice.
+std::vector<std::string> parse_tasks(const std::string& text) {
+  std::vector<std::string> tasks;
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ',')) {
+    const auto first = item.find_first_not_of(" \t"), last = item.find_last_not_of(" \t");
+    if (first == std::string::npos) throw InputError("--transform '" + text + "': an empty task");
+    tasks.push_back(item.substr(first, last - first + 1));
+    if (std::count(tasks.begin(), tasks.end(), tasks.back()) > 1) throw InputError("--transform '" + text + "': task '" + tasks.back() + "' twice");
+  }
+  if (tasks.empty()) throw InputError("--transform is empty");
+  return tasks;
+}
 
 // The few-shot fine-tuning grid: learning rates > 0, step counts >= 1 (in increasing order: the
 // support set is scored after each on one run per learning rate).
@@ -433,11 +449,13 @@ std::vector<SubcommandSpec> make_table() {
                    {{"quick", T::kFlag, "", "a tiny configuration (smoke test: a few thousand samples, one seed)"},
                     {"cache", T::kText, "out/demo", "where trained models are cached"},
                     {"data-dir", T::kText, "/usr/share/datasets/fashion-mnist", "Fashion-MNIST IDX files"},
-                    {"transform", T::kText, "noise:0.5:14", "the task's input shift (as for train: noise:0.5:14, rotate:30, blur:1.5, ...)"},
+                    {"transform", T::kText, "noise:0.5:14,rotate:20,contrast:0.5,blur:3",
+                     "the tasks: input shifts as for train, comma-separated (one task each)"},
                     {"sign-mode", T::kText, "max", "max|mean"},
                     {"shared-init", T::kFlag, "", "initialise A and B alike (a model lineage; default: independently, the paper's regime)"},
                     {"selection", T::kText, "random", "how the shots are picked: random|coreset|kmedoids|herding (on B's penultimate activations)"},
                     {"no-selection-ablation", T::kFlag, "", "skip the table of GradFix under every shot selection strategy"},
+                    {"no-mask-ablation", T::kFlag, "", "skip the table of GradFix under every mask mode"},
                     {"alphas", T::kText, "0.1,0.25,0.5,0.75,1,1.5,2,3,4,5",
                      "alpha grid, searched on the support set (wider than transport's: a lazy fine-tune's task vector is short)"},
                     {"results", T::kText, "", "results JSON to write"}},
@@ -446,11 +464,12 @@ std::vector<SubcommandSpec> make_table() {
                      DemoJob job;
                      job.cache = values.text("cache");
                      job.data_dir = values.text("data-dir");
-                     job.transform = values.text("transform");
+                     job.transforms = parse_tasks(values.text("transform"));
                      job.sign_mode = checked_sign_mode(values);
                      job.independent_init = !values.flag("shared-init");
                      job.selection = shot_strategy_name(parse_shot_strategy(values.text("selection")));
                      job.selection_ablation = !values.flag("no-selection-ablation");
+                     job.mask_ablation = !values.flag("no-mask-ablation");
                      job.alphas = parse_alphas(values.text("alphas"));
                      if (values.has("results")) job.results = values.text("results");
                      if (values.flag("quick")) {

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -684,22 +685,63 @@ TransportJob demo_transport(const DemoJob& job, long long shots, std::uint64_t s
 
 }  // namespace
 
+namespace {
+
+// A task's transform as a file name part: "noise:0.5:14" -> "noise_0.5_14".
+std::string file_part(const std::string& text) {
+  std::string out = text;
+  for (char& c : out)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '-') c = '_';
+  return out;
+}
+
+std::string mean_cell(const std::vector<double>& values, bool spread = true) {
+  const auto [mean, std] = mean_and_spread(values);
+  std::ostringstream cell;
+  cell << std::fixed << std::setprecision(2) << 100 * mean;
+  if (spread && values.size() > 1) cell << " +- " << 100 * std;
+  return cell.str();
+}
+
+// One table: a row per label, a column per task and their average (of the per-task means).
+void print_task_table(std::ostream& out, const std::string& first, const std::vector<std::string>& labels,
+                      const std::vector<std::string>& tasks, const std::function<std::vector<double>(const std::string&, const std::string&)>& values) {
+  out << std::left << std::setw(34) << first << std::right;
+  for (const auto& task : tasks) out << std::setw(18) << task;
+  out << std::setw(10) << "average" << "\n";
+  for (const auto& label : labels) {
+    out << std::left << std::setw(34) << label << std::right;
+    std::vector<double> means;
+    for (const auto& task : tasks) {
+      const std::vector<double> cell = values(label, task);
+      out << std::setw(18) << (cell.empty() ? "-" : mean_cell(cell));
+      if (!cell.empty()) means.push_back(mean_and_spread(cell).first);
+    }
+    out << std::setw(10) << (means.size() == tasks.size() ? mean_cell(means, false) : "-") << "\n";
+  }
+}
+
+}  // namespace
+
 void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) {
   const bool root = context.is_root();
   std::ostringstream discard;
   std::ostream& out = root ? log : discard;
+  if (job.transforms.empty()) throw InputError("gradfix demo: --transform needs at least one task");
   ensure_directory(job.cache);
   const std::string train_spec = job.data_dir + ":train", test_spec = job.data_dir + ":t10k";
   const Architecture architecture = parse_architecture("mlp", job.dims);
   const Dataset full_train = load_data({train_spec, "none"});
   const long long half = job.pretrain_limit > 0 ? job.pretrain_limit : full_train.size() / 2;
-  // The cache key: a cached model is reused only when it was trained with the same settings.
+  // Cache keys: a cached model is reused only when it was trained with the same settings (the
+  // releases by the pre-training's, a task's fine-tunes also by the task's and the fine-tuning's).
+  const std::string release_key = job.dims + "/" + std::to_string(job.pretrain_epochs) + "/" + std::to_string(half) +
+                                  (job.independent_init ? "/independent" : "/shared");
   std::ostringstream lr;
   lr << job.finetune_lr;
-  const std::string key = job.dims + "/" + std::to_string(job.pretrain_epochs) + "/" + std::to_string(half) + "/" +
-                          std::to_string(job.finetune_epochs) + "/" + std::to_string(job.finetune_limit) + "/" + job.transform +
-                          (job.independent_init ? "/independent" : "/shared") + "/lr" + lr.str() + (job.freeze_head ? "/frozen-head" : "");
-  auto cached = [&](const std::string& name, const std::function<std::unique_ptr<Classifier>()>& make) {
+  const std::string finetune_key = release_key + "/" + std::to_string(job.finetune_epochs) + "/" + std::to_string(job.finetune_limit) +
+                                   "/lr" + lr.str() + (job.freeze_head ? "/frozen-head" : "");
+  auto cached = [&](const std::string& name, const std::string& key, const std::function<std::unique_ptr<Classifier>()>& make) {
     const std::string path = job.cache + "/" + name + ".safetensors";
     if (file_exists(path)) {
       const auto reader = open_reader(path);
@@ -723,94 +765,151 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
     train_model(*model, data, job.pretrain_epochs, 1e-3, 128, seed, out, "pretrain seed " + std::to_string(seed));
     return model;
   };
-  auto a_base = cached("A_base", [&] { return pretrain(1, 0); });
-  auto b_base = cached("B_base", [&] { return pretrain(2, half); });
-  // The downstream task: the same classes under an input shift both releases never saw.
-  const Dataset task_train = load_data({train_spec, job.transform}, 0, job.finetune_limit);
-  // The task fine-tunes: a small learning rate with the head (the last layer) frozen, as the
-  // paper fine-tunes the encoder under a fixed zero-shot head.
-  auto finetune = [&](const std::string& from, std::uint64_t seed) {
-    auto model = load_classifier(job.cache + "/" + from + ".safetensors");
-    std::set<std::string> head;
-    if (job.freeze_head) {
-      std::string last;
-      for (auto& [name, parameter] : model->parameters()) last = name;
-      const std::string prefix = last.substr(0, last.rfind('.') + 1);
-      for (auto& [name, parameter] : model->parameters())
-        if (name.compare(0, prefix.size(), prefix) == 0) head.insert(name);
-    }
-    train_model(*model, task_train, job.finetune_epochs, job.finetune_lr, 128, seed, out, "fine-tune " + from, head);
-    return model;
-  };
-  auto a_ft = cached("A_ft", [&] { return finetune("A_base", 11); });
-  auto b_ft = cached("B_ft", [&] { return finetune("B_base", 12); });
-
-  Dataset clean_test = load_data({test_spec, "none"}, 0, job.test_limit);
-  TransportInputs in;
-  in.target = b_base.get();
-  in.tau = difference(parameter_values(*a_ft), parameter_values(*a_base));
-  in.target_finetuned = parameter_values(*b_ft);
-  in.tau_b = difference(in.target_finetuned, parameter_values(*b_base));
-  in.test = load_data({test_spec, job.transform}, 0, job.test_limit);
-  // The few-shot pool: task samples the fine-tuning never used.
-  in.pool = load_data({train_spec, job.transform}, job.finetune_limit, std::max(job.support_size * 4, 4000LL));
+  auto a_base = cached("A_base", release_key, [&] { return pretrain(1, 0); });
+  auto b_base = cached("B_base", release_key, [&] { return pretrain(2, half); });
+  const Dataset clean_test = load_data({test_spec, "none"}, 0, job.test_limit);
   out << "demo: releases " << job.dims << (job.independent_init ? ", independently initialised" : ", one shared initialisation")
-      << "; task fine-tunes: Adam " << job.finetune_lr << ", " << job.finetune_epochs << " epoch(s) on " << task_train.size() << " samples"
-      << (job.freeze_head ? ", head frozen" : "") << "; support set " << job.support_size << " samples\n";
-  out << "demo: B on the clean test set " << std::fixed << std::setprecision(2) << 100.0 * evaluate(*b_base, clean_test).accuracy
-      << "%, on the shifted (" << job.transform << ") test set " << 100.0 * evaluate(*b_base, in.test).accuracy << "%; A fine-tuned "
-      << 100.0 * evaluate(*a_ft, in.test).accuracy << "%, B fine-tuned " << 100.0 * evaluate(*b_ft, in.test).accuracy << "%\n";
-  out.unsetf(std::ios::fixed);
+      << ", B " << std::fixed << std::setprecision(2) << 100.0 * evaluate(*b_base, clean_test).accuracy
+      << "% on the clean test set; task fine-tunes: Adam " << std::defaultfloat << job.finetune_lr << ", " << job.finetune_epochs
+      << " epoch(s)" << (job.freeze_head ? ", head frozen" : "") << "; support set " << job.support_size << " samples\n";
 
+  // The downstream tasks: the same classes under input shifts neither release saw, each with its
+  // own fine-tunes of A and B (tau_A, and tau_B for the oracle and the upper bound).
+  struct Task {
+    std::string name;
+    TransportInputs in;
+  };
+  std::vector<Task> tasks;
+  for (const auto& transform : job.transforms) {
+    const Dataset task_train = load_data({train_spec, transform}, 0, job.finetune_limit);
+    // A small learning rate with the head (the last layer) frozen, as the paper fine-tunes the
+    // encoder under a fixed zero-shot head.
+    auto finetune = [&](const std::string& from, std::uint64_t seed) {
+      auto model = load_classifier(job.cache + "/" + from + ".safetensors");
+      std::set<std::string> head;
+      if (job.freeze_head) {
+        std::string last;
+        for (auto& [name, parameter] : model->parameters()) last = name;
+        const std::string prefix = last.substr(0, last.rfind('.') + 1);
+        for (auto& [name, parameter] : model->parameters())
+          if (name.compare(0, prefix.size(), prefix) == 0) head.insert(name);
+      }
+      train_model(*model, task_train, job.finetune_epochs, job.finetune_lr, 128, seed, out, "fine-tune " + from + " on " + transform, head);
+      return model;
+    };
+    auto a_ft = cached("A_ft-" + file_part(transform), finetune_key + "/" + transform, [&] { return finetune("A_base", 11); });
+    auto b_ft = cached("B_ft-" + file_part(transform), finetune_key + "/" + transform, [&] { return finetune("B_base", 12); });
+    Task task;
+    task.name = transform;
+    task.in.target = b_base.get();
+    task.in.tau = difference(parameter_values(*a_ft), parameter_values(*a_base));
+    task.in.target_finetuned = parameter_values(*b_ft);
+    task.in.tau_b = difference(task.in.target_finetuned, parameter_values(*b_base));
+    task.in.test = load_data({test_spec, transform}, 0, job.test_limit);
+    // The few-shot pool: task samples the fine-tuning never used.
+    task.in.pool = load_data({train_spec, transform}, job.finetune_limit, std::max(job.support_size * 4, 4000LL));
+    out << "demo: task " << transform << ": B " << std::fixed << std::setprecision(2) << 100.0 * evaluate(*b_base, task.in.test).accuracy
+        << "% (zero-shot), A fine-tuned " << 100.0 * evaluate(*a_ft, task.in.test).accuracy << "%, B fine-tuned "
+        << 100.0 * evaluate(*b_ft, task.in.test).accuracy << "%\n";
+    out.unsetf(std::ios::fixed);
+    tasks.push_back(std::move(task));
+  }
+  std::vector<std::string> task_names;
+  for (const auto& task : tasks) task_names.push_back(task.name);
+
+  // The main tables: every method on every task, per K, mean +- std over the seeds.
   nlohmann::json results = nlohmann::json::array();
   for (long long shots : job.shots) {
-    std::map<std::string, std::vector<TransportRow>> by_method;
+    std::map<std::pair<std::string, std::string>, std::vector<TransportRow>> by_cell;  // (method, task)
     std::vector<std::string> order;
-    for (std::uint64_t seed : job.seeds) {
-      for (const auto& row : transport_core(in, demo_transport(job, shots, seed, job.selection, true), context, nullptr, false)) {
-        if (!by_method.count(row.method)) order.push_back(row.method);
-        by_method[row.method].push_back(row);
-      }
-    }
-    out << "\nK = " << shots << " shots per class, " << job.seeds.size() << " seeds (mean +- std of test accuracy)\n";
-    out << std::left << std::setw(34) << "method" << std::right << std::setw(18) << "test acc" << std::setw(10) << "alpha"
-        << std::setw(10) << "kept" << std::setw(12) << "agree(B)" << std::setw(12) << "<g,d>" << "\n";
-    for (const auto& method : order) {
-      const auto& rows = by_method[method];
-      double alpha = 0, kept = 0, agree = 0, derivative = 0;
+    for (auto& task : tasks)
+      for (std::uint64_t seed : job.seeds)
+        for (const auto& row : transport_core(task.in, demo_transport(job, shots, seed, job.selection, true), context, nullptr, false)) {
+          if (std::find(order.begin(), order.end(), row.method) == order.end()) order.push_back(row.method);
+          by_cell[{row.method, task.name}].push_back(row);
+        }
+    out << "\nK = " << shots << " shots per class: test accuracy %, mean +- std over " << job.seeds.size() << " seed(s)\n";
+    print_task_table(out, "method", order, task_names, [&](const std::string& method, const std::string& task) {
       std::vector<double> accuracies;
-      for (const auto& row : rows) {
-        accuracies.push_back(row.accuracy);
-        alpha += row.alpha;
-        kept += row.kept;
-        agree += row.sign_agreement;
-        derivative += row.directional_derivative;
-      }
-      const double n = static_cast<double>(rows.size());
-      const auto [mean, spread] = mean_and_spread(accuracies);
-      std::ostringstream accuracy;
-      accuracy << std::fixed << std::setprecision(2) << 100 * mean << " +- " << 100 * spread;
+      for (const auto& row : by_cell[{method, task}]) accuracies.push_back(row.accuracy);
+      return accuracies;
+    });
+    // What each method did, averaged over the tasks and seeds.
+    out << std::left << std::setw(34) << "  (averages over tasks and seeds)" << std::right << std::setw(10) << "alpha" << std::setw(10) << "kept"
+        << std::setw(12) << "agree(B)" << std::setw(12) << "<g,d>" << "\n";
+    for (const auto& method : order) {
+      double alpha = 0, kept = 0, agree = 0, derivative = 0, n = 0;
+      for (const auto& task : task_names)
+        for (const auto& row : by_cell[{method, task}]) {
+          alpha += row.alpha;
+          kept += row.kept;
+          agree += row.sign_agreement;
+          derivative += row.directional_derivative;
+          n += 1;
+        }
       auto optional = [](double value, int precision, bool percent) {
         std::ostringstream text;
         if (value < 0) text << "-";
         else text << std::fixed << std::setprecision(precision) << (percent ? 100 * value : value) << (percent ? "%" : "");
         return text.str();
       };
-      out << std::left << std::setw(34) << method << std::right << std::setw(18) << accuracy.str() << std::setw(10)
-          << optional(alpha / n, 2, false) << std::setw(10) << optional(kept / n, 1, true) << std::setw(12)
-          << optional(agree / n, 1, true) << std::setw(12) << derivative_cell(derivative / n) << "\n";
-      nlohmann::json entry = {{"shots_per_class", shots}, {"method", method}, {"test_accuracy_mean", mean}, {"test_accuracy_std", spread},
-                              {"alpha_mean", alpha / n}, {"seeds", job.seeds}, {"selection", job.selection}};
-      if (!std::isnan(derivative)) entry["directional_derivative_mean"] = derivative / n;
-      results.push_back(entry);
+      out << std::left << std::setw(34) << ("  " + method) << std::right << std::setw(10) << optional(alpha / n, 2, false) << std::setw(10)
+          << optional(kept / n, 1, true) << std::setw(12) << optional(agree / n, 1, true) << std::setw(12) << derivative_cell(derivative / n)
+          << "\n";
+      for (const auto& task : task_names) {
+        std::vector<double> accuracies;
+        double task_alpha = 0, task_derivative = 0;
+        for (const auto& row : by_cell[{method, task}]) {
+          accuracies.push_back(row.accuracy);
+          task_alpha += row.alpha;
+          task_derivative += row.directional_derivative;
+        }
+        const double count = static_cast<double>(accuracies.size());
+        const auto [mean, spread] = mean_and_spread(accuracies);
+        nlohmann::json entry = {{"task", task}, {"shots_per_class", shots}, {"method", method}, {"test_accuracy_mean", mean},
+                                {"test_accuracy_std", spread}, {"alpha_mean", task_alpha / count}, {"seeds", job.seeds},
+                                {"selection", job.selection}};
+        if (!std::isnan(task_derivative)) entry["directional_derivative_mean"] = task_derivative / count;
+        results.push_back(entry);
+      }
     }
   }
+
+  // The mask modes (the paper's ablation): GradFix's row with each mode at one K.
+  nlohmann::json modes = nlohmann::json::array();
+  if (job.mask_ablation) {
+    const std::vector<MaskMode> ablation_modes = {MaskMode::kNormal, MaskMode::kForce, MaskMode::kSoft1, MaskMode::kSoft2,
+                                                  MaskMode::kSoft3, MaskMode::kSoft1Rowwise, MaskMode::kSoft2Rowwise,
+                                                  MaskMode::kSoft3Rowwise, MaskMode::kRandom};
+    std::map<std::pair<std::string, std::string>, std::vector<double>> by_cell;  // (mode, task)
+    std::vector<std::string> labels;
+    for (MaskMode mode : ablation_modes) {
+      labels.push_back(mask_mode_name(mode));
+      for (auto& task : tasks)
+        for (std::uint64_t seed : job.seeds) {
+          TransportJob transport = demo_transport(job, job.ablation_shots, seed, job.selection, false);
+          transport.mask_mode = mode;
+          for (const auto& row : transport_core(task.in, transport, context, nullptr, false))
+            if (row.method.rfind("GradFix", 0) == 0) by_cell[{labels.back(), task.name}].push_back(row.accuracy);
+        }
+    }
+    out << "\nMask modes: GradFix (" << sign_mode_name(job.sign_mode) << ") at K = " << job.ablation_shots
+        << ", test accuracy %, mean +- std over " << job.seeds.size() << " seed(s) (random: tau_A's magnitudes with random signs)\n";
+    print_task_table(out, "mask mode", labels, task_names, [&](const std::string& mode, const std::string& task) { return by_cell[{mode, task}]; });
+    for (const auto& [cell, accuracies] : by_cell) {
+      const auto [mean, spread] = mean_and_spread(accuracies);
+      modes.push_back({{"mask_mode", cell.first}, {"task", cell.second}, {"shots_per_class", job.ablation_shots},
+                       {"gradfix_test_accuracy_mean", mean}, {"gradfix_test_accuracy_std", spread}});
+    }
+  }
+
   nlohmann::json ablation = nlohmann::json::array();
   if (job.selection_ablation) {
-    // Does the choice of shots change GradFix? Each strategy on B's penultimate activations;
-    // coreset and herding do not depend on the seed, so they run once.
-    out << "\nShot selection: GradFix (" << sign_mode_name(job.sign_mode) << ", normal), test accuracy mean +- std over "
-        << job.seeds.size() << " seeds (coreset and herding: deterministic, one run)\n";
+    // Does the choice of shots change GradFix? Each strategy on B's penultimate activations, on
+    // the first task; coreset and herding do not depend on the seed, so they run once.
+    Task& task = tasks.front();
+    out << "\nShot selection on " << task.name << ": GradFix (" << sign_mode_name(job.sign_mode)
+        << ", normal), test accuracy mean +- std over " << job.seeds.size() << " seeds (coreset and herding: deterministic, one run)\n";
     out << std::left << std::setw(12) << "selection";
     const std::vector<long long> ablation_shots = {1, 2, 5};
     for (long long shots : ablation_shots) out << std::right << std::setw(18) << ("K = " + std::to_string(shots));
@@ -822,23 +921,21 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         std::vector<double> accuracies;
         for (std::uint64_t seed : job.seeds) {
           if (!seeded && !accuracies.empty()) break;
-          for (const auto& row : transport_core(in, demo_transport(job, shots, seed, strategy, false), context, nullptr, false))
+          for (const auto& row : transport_core(task.in, demo_transport(job, shots, seed, strategy, false), context, nullptr, false))
             if (row.method.rfind("GradFix", 0) == 0) accuracies.push_back(row.accuracy);
         }
         const auto [mean, spread] = mean_and_spread(accuracies);
-        std::ostringstream cell;
-        cell << std::fixed << std::setprecision(2) << 100 * mean;
-        if (accuracies.size() > 1) cell << " +- " << 100 * spread;
-        out << std::right << std::setw(18) << cell.str();
-        ablation.push_back({{"selection", strategy}, {"shots_per_class", shots}, {"gradfix_test_accuracy_mean", mean},
+        out << std::right << std::setw(18) << mean_cell(accuracies);
+        ablation.push_back({{"task", task.name}, {"selection", strategy}, {"shots_per_class", shots}, {"gradfix_test_accuracy_mean", mean},
                             {"gradfix_test_accuracy_std", spread}, {"runs", accuracies.size()}});
       }
       out << "\n";
     }
   }
   if (root && !job.results.empty()) {
-    write_text_file_atomically(job.results, nlohmann::json{{"demo", "fashion-mnist"}, {"transform", job.transform}, {"dims", job.dims},
-                                                      {"rows", results}, {"selection_ablation", ablation}}.dump(2) + "\n");
+    write_text_file_atomically(job.results, nlohmann::json{{"demo", "fashion-mnist"}, {"tasks", task_names}, {"dims", job.dims},
+                                                      {"independent_init", job.independent_init}, {"rows", results},
+                                                      {"mask_modes", modes}, {"selection_ablation", ablation}}.dump(2) + "\n");
     out << "demo: results written to " << job.results << "\n";
   }
 }

@@ -166,7 +166,8 @@ struct DemoJob {
   std::string cache = "out/demo";
   std::vector<long long> shots = {1, 2, 5, 10};
   std::vector<std::uint64_t> seeds = {0, 1, 2};
-  std::string transform = "noise:0.5:14";
+  // The downstream tasks, one input shift each, where B starts at 36-39% (docs/demo.md).
+  std::vector<std::string> transforms = {"noise:0.5:14", "rotate:20", "contrast:0.5", "blur:3"};
   std::string data_dir = "/usr/share/datasets/fashion-mnist";
   std::string dims = "784,512,512,10";
   int pretrain_epochs = 5;
@@ -180,8 +181,11 @@ struct DemoJob {
   SignMode sign_mode = SignMode::kMax;
   bool independent_init = true;  // initialise A and B with different seeds (false: one shared initialisation)
   std::string selection = "random";  // how the shots are picked (docs/cli.md, --selection)
-  // The shot selection ablation: GradFix at K = 1, 2, 5 with every --selection strategy.
+  // The shot selection ablation: GradFix at K = 1, 2, 5 with every --selection strategy (first task).
   bool selection_ablation = true;
+  // The mask mode ablation: GradFix with every mask mode at K = ablation_shots, on every task.
+  bool mask_ablation = true;
+  long long ablation_shots = 2;
   std::vector<double> alphas;  // default: the transport default
   std::string results;  // demo results JSON
 };
