@@ -456,6 +456,7 @@ std::vector<SubcommandSpec> make_table() {
                     {"selection", T::kText, "random", "how the shots are picked: random|coreset|kmedoids|herding (on B's penultimate activations)"},
                     {"no-selection-ablation", T::kFlag, "", "skip the table of GradFix under every shot selection strategy"},
                     {"no-mask-ablation", T::kFlag, "", "skip the table of GradFix under every mask mode"},
+                    {"no-merging", T::kFlag, "", "skip the multi-task merging table"},
                     {"alphas", T::kText, "0.1,0.25,0.5,0.75,1,1.5,2,3,4,5",
                      "alpha grid, searched on the support set (wider than transport's: a lazy fine-tune's task vector is short)"},
                     {"results", T::kText, "", "results JSON to write"}},
@@ -470,6 +471,7 @@ std::vector<SubcommandSpec> make_table() {
                      job.selection = shot_strategy_name(parse_shot_strategy(values.text("selection")));
                      job.selection_ablation = !values.flag("no-selection-ablation");
                      job.mask_ablation = !values.flag("no-mask-ablation");
+                     job.merging = !values.flag("no-merging");
                      job.alphas = parse_alphas(values.text("alphas"));
                      if (values.has("results")) job.results = values.text("results");
                      if (values.flag("quick")) {

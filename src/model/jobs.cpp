@@ -12,6 +12,7 @@
 #include <functional>
 #include <fstream>
 #include <iomanip>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
@@ -28,6 +29,8 @@
 #include "gradfix/dist/progress.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/mask/compare.hpp"
+#include "gradfix/mask/mask.hpp"
+#include "gradfix/merge/merge.hpp"
 #include "gradfix/model/jobs.hpp"
 #include "gradfix/signs/statistics.hpp"
 #include "transport_rows.hpp"
@@ -255,11 +258,10 @@ struct TransportInputs {
 
 // The transport of one (K, seed): shots and support from the pool, statistics on the shots,
 // alpha chosen on the support set, the test set read only at the end.
-std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob& job, const JobContext& context,
-                                         Vectors* transported, bool report_progress) {
-  Classifier& model = *in.target;
-  const Vectors base = parameter_values(model);
-  const auto shot_indices = classifier_shots(model, in.pool, job.data.spec, job.selection, job.shots_per_class, job.seed);
+// The shots of a transport (by its selection) and its support set: the next support_size
+// samples of a seeded shuffle of the rest of the pool.
+void shots_and_support(TransportInputs& in, const TransportJob& job, const JobContext& context, Dataset& shots, Dataset& support) {
+  const auto shot_indices = classifier_shots(*in.target, in.pool, job.data.spec, job.selection, job.shots_per_class, job.seed);
   save_chosen_shots(job.selection, shot_indices, context);
   auto rest = complement(in.pool.size(), shot_indices);
   const auto order = shuffled_indices(static_cast<long long>(rest.size()), job.seed + 17);
@@ -267,8 +269,17 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
   for (long long i = 0; i < std::min<long long>(job.support_size, static_cast<long long>(rest.size())); ++i)
     support_indices.push_back(rest[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])]);
   if (support_indices.empty()) throw InputError("the pool has no samples left for the support set after the shots");
-  Dataset shots = in.pool.subset(shot_indices), support = in.pool.subset(support_indices);
+  shots = in.pool.subset(shot_indices);
+  support = in.pool.subset(support_indices);
   shots.classes = support.classes = in.pool.classes;
+}
+
+std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob& job, const JobContext& context,
+                                         Vectors* transported, bool report_progress) {
+  Classifier& model = *in.target;
+  const Vectors base = parameter_values(model);
+  Dataset shots, support;
+  shots_and_support(in, job, context, shots, support);
   const std::vector<double> alphas = job.alphas.empty() ? std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0} : job.alphas;
 
   std::vector<TransportRow> rows;
@@ -903,6 +914,100 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
     }
   }
 
+  // Multi-task merging: every task's vector merged into one update of B, by mean and TIES, the
+  // GradFix masks applied before the merge (each tau_A with its task's statistics) or after it
+  // (with the summed signs), against merging the unmasked tau_A's and B's own tau_B's. One alpha
+  // per merged vector, chosen on the union of the tasks' support sets (the lowest mean loss);
+  // scored on each task's test set, normalised by B's own fine-tune on that task.
+  nlohmann::json merging = nlohmann::json::array();
+  if (job.merging && tasks.size() > 1) {
+    Classifier& model = *b_base;
+    const Vectors base = parameter_values(model);
+    std::vector<std::string> labels;
+    std::map<std::pair<std::string, std::string>, std::vector<double>> by_cell;  // (label, task): normalised accuracies
+    std::map<std::string, double> finetuned;  // B fine-tuned's accuracy per task
+    for (auto& task : tasks) {
+      set_parameter_values(model, task.in.target_finetuned);
+      finetuned[task.name] = evaluate(model, task.in.test).accuracy;
+    }
+    set_parameter_values(model, base);
+    for (std::uint64_t seed : job.seeds) {
+      std::vector<Dataset> supports;
+      std::vector<const Vectors*> sources, targets;
+      std::vector<Vectors> statistics;
+      for (auto& task : tasks) {
+        const TransportJob transport = demo_transport(job, job.ablation_shots, seed, job.selection, false);
+        Dataset shots, support;
+        shots_and_support(task.in, transport, context, shots, support);
+        statistics.push_back(descent_statistics(model, shots, job.sign_mode, VoteMethod::kFast, context, task.name));
+        supports.push_back(support);
+        sources.push_back(&task.in.tau);
+        targets.push_back(&task.in.tau_b);
+      }
+      // Merges tensor by tensor; `masks` (optional) masks each vector first with its statistics.
+      auto merged = [&](const std::vector<const Vectors*>& vectors, MergeMethod method, MergeOrder order) {
+        Vectors result;
+        for (auto& [name, parameter] : model.parameters()) {
+          const std::vector<long long> shape(parameter.sizes().begin(), parameter.sizes().end());
+          std::vector<std::vector<float>> values;
+          for (std::size_t t = 0; t < vectors.size(); ++t) {
+            values.push_back(vectors[t]->at(name));
+            if (order == MergeOrder::kMaskThenMerge)
+              values.back() = mask_tensor(MaskMode::kNormal, MaskOptions{}, values.back(), statistics[t].at(name), shape, tensor_key_of(name));
+          }
+          const auto count = static_cast<long long>(values.front().size());
+          std::vector<const float*> pointers;
+          std::vector<float> thresholds;
+          for (const auto& vector : values) {
+            pointers.push_back(vector.data());
+            thresholds.push_back(kth_largest_magnitude(vector.data(), count, ties_keep_count(count, 0.2)));
+          }
+          std::vector<float> out(static_cast<std::size_t>(count));
+          merge_values(method, TiesElect::kCount, pointers, count, thresholds, out.data());
+          if (order == MergeOrder::kMergeThenMask) {
+            std::vector<float> summed(out.size(), 0.0f);
+            for (const auto& statistic : statistics)
+              for (std::size_t i = 0; i < summed.size(); ++i)
+                summed[i] += static_cast<float>((statistic.at(name)[i] > 0.0f) - (statistic.at(name)[i] < 0.0f));
+            out = mask_tensor(MaskMode::kNormal, MaskOptions{}, out, summed, shape, tensor_key_of(name));
+          }
+          result[name] = std::move(out);
+        }
+        return result;
+      };
+      auto score = [&](const std::string& label, const Vectors& delta) {
+        double best_loss = std::numeric_limits<double>::infinity(), best_alpha = job.alphas.front();
+        for (double alpha : job.alphas) {
+          double loss = 0.0;
+          for (const auto& support : supports) loss += evaluate_with(model, base, delta, alpha, support).loss;
+          if (std::isfinite(loss) && loss < best_loss) {
+            best_loss = loss;
+            best_alpha = alpha;
+          }
+        }
+        if (std::find(labels.begin(), labels.end(), label) == labels.end()) labels.push_back(label);
+        for (auto& task : tasks)
+          by_cell[{label, task.name}].push_back(evaluate_with(model, base, delta, best_alpha, task.in.test).accuracy / finetuned[task.name]);
+      };
+      for (MergeMethod method : {MergeMethod::kMean, MergeMethod::kTies}) {
+        const std::string name = merge_method_name(method);
+        score("naive: " + name + " of tau_A", merged(sources, method, MergeOrder::kNone));
+        score("GradFix mask-then-merge, " + name, merged(sources, method, MergeOrder::kMaskThenMerge));
+        score("GradFix merge-then-mask, " + name, merged(sources, method, MergeOrder::kMergeThenMask));
+        score("B's own: " + name + " of tau_B", merged(targets, method, MergeOrder::kNone));
+      }
+    }
+    set_parameter_values(model, base);
+    out << "\nMulti-task merging of the " << tasks.size() << " tasks at K = " << job.ablation_shots
+        << ": accuracy normalised by B's own fine-tune on each task, %, mean +- std over " << job.seeds.size()
+        << " seed(s) (one alpha per merge, chosen on all support sets; TIES keeps 20%)\n";
+    print_task_table(out, "merge", labels, task_names, [&](const std::string& label, const std::string& task) { return by_cell[{label, task}]; });
+    for (const auto& [cell, values] : by_cell) {
+      const auto [mean, spread] = mean_and_spread(values);
+      merging.push_back({{"merge", cell.first}, {"task", cell.second}, {"normalized_accuracy_mean", mean}, {"normalized_accuracy_std", spread}});
+    }
+  }
+
   nlohmann::json ablation = nlohmann::json::array();
   if (job.selection_ablation) {
     // Does the choice of shots change GradFix? Each strategy on B's penultimate activations, on
@@ -935,7 +1040,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
   if (root && !job.results.empty()) {
     write_text_file_atomically(job.results, nlohmann::json{{"demo", "fashion-mnist"}, {"tasks", task_names}, {"dims", job.dims},
                                                       {"independent_init", job.independent_init}, {"rows", results},
-                                                      {"mask_modes", modes}, {"selection_ablation", ablation}}.dump(2) + "\n");
+                                                      {"mask_modes", modes}, {"merging", merging}, {"selection_ablation", ablation}}.dump(2) + "\n");
     out << "demo: results written to " << job.results << "\n";
   }
 }

@@ -185,4 +185,15 @@ check "no output left by the failed signs" test ! -e s.safetensors
 "$gradfix" demo --quick --cache demo-cache --results demo.json >demo.log
 check "the quick demo prints the GradFix and baseline rows" grep -q "few-shot fine-tuning of B" demo.log
 check "the quick demo writes its results" test -s demo.json
+check "the quick demo: four tasks, every method per task and K, the mask modes and the merges" python3 - <<'PY'
+import json
+demo = json.load(open("demo.json"))
+tasks = demo["tasks"]
+assert tasks == ["noise:0.5:14", "rotate:20", "contrast:0.5", "blur:3"], tasks
+assert {(r["task"], r["method"]) for r in demo["rows"]} >= {(t, "GradFix (max, normal)") for t in tasks}
+assert len(demo["mask_modes"]) == 9 * 4, len(demo["mask_modes"])
+merges = {m["merge"] for m in demo["merging"]}
+assert len(demo["merging"]) == 8 * 4 and "GradFix merge-then-mask, ties" in merges, merges
+assert all(0 <= m["normalized_accuracy_mean"] < 2 for m in demo["merging"])
+PY
 finish

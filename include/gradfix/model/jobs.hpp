@@ -186,6 +186,8 @@ struct DemoJob {
   // The mask mode ablation: GradFix with every mask mode at K = ablation_shots, on every task.
   bool mask_ablation = true;
   long long ablation_shots = 2;
+  // Multi-task merging of the tasks' vectors (mean, TIES; masks before or after) at ablation_shots.
+  bool merging = true;
   std::vector<double> alphas;  // default: the transport default
   std::string results;  // demo results JSON
 };
