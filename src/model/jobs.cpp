@@ -274,6 +274,33 @@ void shots_and_support(TransportInputs& in, const TransportJob& job, const JobCo
   shots.classes = support.classes = in.pool.classes;
 }
 
+// tau masked with the statistics, tensor by tensor; `kept` (optional) gets masked against tau.
+Vectors masked_vector(Classifier& model, const Vectors& tau, const Vectors& statistics, MaskMode mode, const MaskOptions& options,
+                      PairStats* kept = nullptr) {
+  Vectors masked;
+  for (auto& [name, parameter] : model.parameters()) {
+    const std::vector<long long> shape(parameter.sizes().begin(), parameter.sizes().end());
+    masked[name] = mask_tensor(mode, options, tau.at(name), statistics.at(name), shape, tensor_key_of(name));
+    if (kept != nullptr) kept->add(masked[name].data(), tau.at(name).data(), static_cast<long long>(masked[name].size()));
+  }
+  return masked;
+}
+
+// GradFix's test accuracy alone (the ablations' row): the shots' statistics, the mask, alpha on
+// the support set, the test set once; the other rows of a transport are not computed.
+double gradfix_accuracy(TransportInputs& in, const TransportJob& job, const JobContext& context) {
+  Classifier& model = *in.target;
+  Dataset shots, support;
+  shots_and_support(in, job, context, shots, support);
+  const Vectors base = parameter_values(model);
+  const Vectors statistics = descent_statistics(model, shots, job.sign_mode, VoteMethod::kFast, context, "the few-shot pool");
+  const Vectors masked = masked_vector(model, in.tau, statistics, job.mask_mode, job.mask);
+  std::vector<AlphaPoint> curve;
+  const std::vector<double> alphas = job.alphas.empty() ? std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0} : job.alphas;
+  const double alpha = choose_alpha(model, base, masked, alphas, support, shots, curve);
+  return evaluate_with(model, base, masked, alpha, in.test).accuracy;
+}
+
 std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob& job, const JobContext& context,
                                          Vectors* transported, bool report_progress) {
   Classifier& model = *in.target;
@@ -316,14 +343,10 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
   add_row("B zero-shot", evaluate(model, in.test), -1, -1, -1);
   add_searched_row("B + alpha tau_A (naive)", in.tau, 1.0, -1);
 
-  Vectors masked;
   PairStats kept, agreement;
-  for (auto& [name, parameter] : model.parameters()) {
-    const std::vector<long long> shape(parameter.sizes().begin(), parameter.sizes().end());
-    masked[name] = mask_tensor(job.mask_mode, job.mask, in.tau.at(name), statistics.at(name), shape, tensor_key_of(name));
-    kept.add(masked[name].data(), in.tau.at(name).data(), static_cast<long long>(masked[name].size()));
-    if (!in.tau_b.empty()) agreement.add(statistics.at(name).data(), in.tau_b.at(name).data(), static_cast<long long>(masked[name].size()));
-  }
+  const Vectors masked = masked_vector(model, in.tau, statistics, job.mask_mode, job.mask, &kept);
+  if (!in.tau_b.empty())
+    for (const auto& [name, values] : statistics) agreement.add(values.data(), in.tau_b.at(name).data(), static_cast<long long>(values.size()));
   const double kept_fraction = kept.nonzero_b > 0 ? static_cast<double>(kept.nonzero_a) / static_cast<double>(kept.nonzero_b) : 0.0;
   const double gradfix_alpha = add_searched_row(std::string("GradFix (") + sign_mode_name(job.sign_mode) + ", " + mask_mode_name(job.mask_mode) + ")",
                                                 masked, kept_fraction, in.tau_b.empty() ? -1 : agreement.sign_agreement());
@@ -900,8 +923,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         for (std::uint64_t seed : job.seeds) {
           TransportJob transport = demo_transport(job, job.ablation_shots, seed, job.selection, false);
           transport.mask_mode = mode;
-          for (const auto& row : transport_core(task.in, transport, context, nullptr, false))
-            if (row.method.rfind("GradFix", 0) == 0) by_cell[{labels.back(), task.name}].push_back(row.accuracy);
+          by_cell[{labels.back(), task.name}].push_back(gradfix_accuracy(task.in, transport, context));
         }
     }
     out << "\nMask modes: GradFix (" << sign_mode_name(job.sign_mode) << ") at K = " << job.ablation_shots
@@ -923,6 +945,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
   if (job.merging && tasks.size() > 1) {
     Classifier& model = *b_base;
     const Vectors base = parameter_values(model);
+    const MaskOptions job_mask;  // the normal mask has no options; the defaults, as transport's
     std::vector<std::string> labels;
     std::map<std::pair<std::string, std::string>, std::vector<double>> by_cell;  // (label, task): normalised accuracies
     std::map<std::string, double> finetuned;  // B fine-tuned's accuracy per task
@@ -953,7 +976,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
           for (std::size_t t = 0; t < vectors.size(); ++t) {
             values.push_back(vectors[t]->at(name));
             if (order == MergeOrder::kMaskThenMerge)
-              values.back() = mask_tensor(MaskMode::kNormal, MaskOptions{}, values.back(), statistics[t].at(name), shape, tensor_key_of(name));
+              values.back() = mask_tensor(MaskMode::kNormal, job_mask, values.back(), statistics[t].at(name), shape, tensor_key_of(name));
           }
           const auto count = static_cast<long long>(values.front().size());
           std::vector<const float*> pointers;
@@ -969,7 +992,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
             for (const auto& statistic : statistics)
               for (std::size_t i = 0; i < summed.size(); ++i)
                 summed[i] += static_cast<float>((statistic.at(name)[i] > 0.0f) - (statistic.at(name)[i] < 0.0f));
-            out = mask_tensor(MaskMode::kNormal, MaskOptions{}, out, summed, shape, tensor_key_of(name));
+            out = mask_tensor(MaskMode::kNormal, job_mask, out, summed, shape, tensor_key_of(name));
           }
           result[name] = std::move(out);
         }
@@ -1026,8 +1049,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         std::vector<double> accuracies;
         for (std::uint64_t seed : job.seeds) {
           if (!seeded && !accuracies.empty()) break;
-          for (const auto& row : transport_core(task.in, demo_transport(job, shots, seed, strategy, false), context, nullptr, false))
-            if (row.method.rfind("GradFix", 0) == 0) accuracies.push_back(row.accuracy);
+          accuracies.push_back(gradfix_accuracy(task.in, demo_transport(job, shots, seed, strategy, false), context));
         }
         const auto [mean, spread] = mean_and_spread(accuracies);
         out << std::right << std::setw(18) << mean_cell(accuracies);

@@ -195,5 +195,10 @@ assert len(demo["mask_modes"]) == 9 * 4, len(demo["mask_modes"])
 merges = {m["merge"] for m in demo["merging"]}
 assert len(demo["merging"]) == 8 * 4 and "GradFix merge-then-mask, ties" in merges, merges
 assert all(0 <= m["normalized_accuracy_mean"] < 2 for m in demo["merging"])
+# The ablation's normal-mask GradFix is the main table's GradFix row at the same K (one seed).
+for t in tasks:
+    main = [r["test_accuracy_mean"] for r in demo["rows"] if r["task"] == t and r["shots_per_class"] == 2 and r["method"] == "GradFix (max, normal)"]
+    normal = [m["gradfix_test_accuracy_mean"] for m in demo["mask_modes"] if m["task"] == t and m["mask_mode"] == "normal"]
+    assert main == normal, (t, main, normal)
 PY
 finish
