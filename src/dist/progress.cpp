@@ -54,17 +54,17 @@ void Progress::next(long long bytes) {
   bytes_ += pending_bytes_;
   pending_items_ = 1;
   pending_bytes_ = bytes;
-  if (!enabled_ || items_ == 0) return;
-  const auto now = std::chrono::steady_clock::now();
-  if (std::chrono::duration<double>(now - last_).count() < interval_) return;
-  last_ = now;
-  report(false);
+  if (items_ > 0) report_when_due();
 }
 
 void Progress::add(long long items) {
   items_ += items;
   // The line at the end is finish()'s.
-  if (!enabled_ || items_ == 0 || (total_items_ > 0 && items_ >= total_items_)) return;
+  if (items_ > 0 && !(total_items_ > 0 && items_ >= total_items_)) report_when_due();
+}
+
+void Progress::report_when_due() {
+  if (!enabled_) return;
   const auto now = std::chrono::steady_clock::now();
   if (std::chrono::duration<double>(now - last_).count() < interval_) return;
   last_ = now;

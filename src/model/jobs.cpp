@@ -983,7 +983,8 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
           std::vector<float> thresholds;
           for (const auto& vector : values) {
             pointers.push_back(vector.data());
-            thresholds.push_back(kth_largest_magnitude(vector.data(), count, ties_keep_count(count, 0.2)));
+            // Only TIES trims; the mean needs no threshold.
+            if (method == MergeMethod::kTies) thresholds.push_back(kth_largest_magnitude(vector.data(), count, ties_keep_count(count, 0.2)));
           }
           std::vector<float> out(static_cast<std::size_t>(count));
           merge_values(method, TiesElect::kCount, pointers, count, thresholds, out.data());

@@ -32,6 +32,8 @@ class Progress {
   void finish();
 
  private:
+  // A progress line when the interval since the last one has passed.
+  void report_when_due();
   void report(bool final);
 
   bool enabled_ = false;
