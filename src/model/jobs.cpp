@@ -2,6 +2,7 @@
 // be replicated on every rank here; what is split across ranks is the few-shot gradient pass
 // (each rank takes every P-th shot) and its statistics are all-reduced, so the result is the
 // same for any number of ranks.
+#include <dlfcn.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -430,6 +431,15 @@ int configure_threads(int ranks_on_node) {
     threads = std::max(1, usable);
   }
   torch::set_num_threads(threads);
+  // LibTorch parallelises around its BLAS calls with its own OpenMP pool. A pthreads OpenBLAS
+  // (Debian's default) keeps a second pool of one thread per core, and the OpenMP threads spin
+  // while they wait, so the two pools fight over the rank's cores: an MLP trained 2.1x slower with
+  // two threads than with one on a 2-core machine (docs/benchmarks.md). OpenBLAS gets one thread
+  // inside LibTorch's pool unless the user set OPENBLAS_NUM_THREADS.
+  if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr) {
+    using SetThreads = void (*)(int);
+    if (auto set_blas_threads = reinterpret_cast<SetThreads>(::dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) set_blas_threads(1);
+  }
   return threads;
 }
 

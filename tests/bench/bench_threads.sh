@@ -5,6 +5,10 @@
 # unbound (mpirun --bind-to none), P = 2: `train` (every rank trains the same replica) and `signs
 # --method loop` (the shots split over the ranks) on the built-in ViT and Fashion-MNIST. Prints a
 # table and writes a JSON copy; the outputs of both settings must be byte-identical.
+# A second table: one rank, its LibTorch pool on every core, with and without a pthreads OpenBLAS
+# pool of its own beside it (OPENBLAS_NUM_THREADS = cores, what every run had before
+# configure_threads gave OpenBLAS one thread), `train` of the demo's MLP 784-512-512-10 and of the
+# ViT.
 #   tests/bench/bench_threads.sh [GRADFIX_BINARY] [JSON]
 set -euo pipefail
 if [[ "${1:-}" == -* ]] || [ $# -gt 2 ]; then
@@ -51,5 +55,27 @@ for job in train signs; do
   printf '  %-8s %22.2f %22.2f %8.2f\n' "$job" "$before" "$after" "$ratio"
   rows+="${rows:+,}{\"job\":\"$job\",\"all_cores_seconds\":$before,\"shared_cores_seconds\":$after,\"speedup\":$ratio}"
 done
-printf '{"benchmark":"bench_threads","ranks":2,"cores":%s,"rows":[%s]}\n' "$cores" "$rows" >"$json"
+"$gradfix" init --arch mlp --dims 784,512,512,10 --seed 1 --out mlp.safetensors >/dev/null
+solo() {  # solo BLAS_THREADS ARGS...: seconds of one rank (BLAS_THREADS empty: gradfix's default)
+  local blas=$1 start end
+  shift
+  start=$(date +%s.%N)
+  if [ -n "$blas" ]; then OPENBLAS_NUM_THREADS=$blas "$gradfix" "$@" >/dev/null; else "$gradfix" "$@" >/dev/null; fi
+  end=$(date +%s.%N)
+  calc "$end - $start"
+}
+printf '# one rank, LibTorch on %s cores: with a pthreads OpenBLAS pool beside it, and with OpenBLAS on one thread\n' "$cores"
+printf '# %-8s %22s %22s %8s\n' job "two pools (s)" "one pool (s)" ratio
+solo_rows=""
+for model in mlp vit; do
+  limit=4000
+  [ "$model" = mlp ] && limit=20000
+  args=(train --weights "$model.safetensors" --data "$data:train" --limit "$limit" --epochs 1 --seed 1 --quiet)
+  before=$(solo "$cores" "${args[@]}" --out "solo_before_$model.safetensors")
+  after=$(solo "" "${args[@]}" --out "solo_after_$model.safetensors")
+  ratio=$(calc "$before / $after")
+  printf '  %-8s %22.2f %22.2f %8.2f\n' "train-$model" "$before" "$after" "$ratio"
+  solo_rows+="${solo_rows:+,}{\"job\":\"train-$model\",\"two_pools_seconds\":$before,\"one_pool_seconds\":$after,\"speedup\":$ratio}"
+done
+printf '{"benchmark":"bench_threads","ranks":2,"cores":%s,"rows":[%s],"one_rank_rows":[%s]}\n' "$cores" "$rows" "$solo_rows" >"$json"
 echo "# JSON copy: $json"
