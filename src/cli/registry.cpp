@@ -414,6 +414,8 @@ std::vector<SubcommandSpec> make_table() {
                                                                  "classifiers 1e-4,1e-3,1e-2; decoders and CLIP 1e-5,3e-5,1e-4)"},
                                   {"finetune-steps", T::kText, "", "few-shot fine-tuning: full-batch steps after which the support "
                                                                    "set is scored, increasing (default 5,20,50)"},
+                                  {"finetune-freeze", T::kTexts, "", "few-shot fine-tuning of a classifier: regular expression over "
+                                                                     "tensor names left frozen (repeatable), e.g. '^layers\\.2\\.' for an MLP's head"},
                                   {"out", T::kText, "", "transported model (GradFix, best alpha) to write"},
                                   {"results", T::kText, "", "results.json to write"}})),
                    {},
@@ -438,6 +440,9 @@ std::vector<SubcommandSpec> make_table() {
                      job.alphas = parse_alphas(values.text("alphas"));
                      job.few_shot_baseline = !values.flag("no-few-shot-baseline");
                      parse_finetune_grid(values, job);
+                     job.finetune_freeze = values.texts("finetune-freeze");
+                     if (!job.finetune_freeze.empty() && !job.few_shot_baseline)
+                       throw InputError("--finetune-freeze configures the few-shot fine-tuning row, which --no-few-shot-baseline skips");
                      if (values.has("head")) job.head = values.text("head");
                      if (values.has("out")) job.out = values.text("out");
                      if (values.has("results")) job.results = values.text("results");
@@ -457,6 +462,7 @@ std::vector<SubcommandSpec> make_table() {
                     {"no-selection-ablation", T::kFlag, "", "skip the table of GradFix under every shot selection strategy"},
                     {"no-mask-ablation", T::kFlag, "", "skip the table of GradFix under every mask mode"},
                     {"no-merging", T::kFlag, "", "skip the multi-task merging table"},
+                    {"small-support", T::kInteger, "100", "support set size of the second K = 2 table (a few-shot user's labels); 0 skips it"},
                     {"alphas", T::kText, "0.1,0.25,0.5,0.75,1,1.5,2,3,4,5",
                      "alpha grid, searched on the support set (wider than transport's: a lazy fine-tune's task vector is short)"},
                     {"results", T::kText, "", "results JSON to write"}},
@@ -473,6 +479,8 @@ std::vector<SubcommandSpec> make_table() {
                      job.mask_ablation = !values.flag("no-mask-ablation");
                      job.merging = !values.flag("no-merging");
                      job.alphas = parse_alphas(values.text("alphas"));
+                     job.small_support_size = values.integer("small-support");
+                     if (job.small_support_size < 0) throw InputError("--small-support must not be negative, got " + std::to_string(job.small_support_size));
                      if (values.has("results")) job.results = values.text("results");
                      if (values.flag("quick")) {
                        job.shots = {2};
@@ -485,6 +493,7 @@ std::vector<SubcommandSpec> make_table() {
                        job.finetune_lr = 1e-3;
                        job.test_limit = 1000;
                        job.support_size = 300;
+                       job.small_support_size = std::min(job.small_support_size, 50LL);
                        job.selection_ablation = false;
                      }
                      return job_of(job, [](const DemoJob& j, std::ostream& log, const JobContext& c) { run_demo(j, log, c); });

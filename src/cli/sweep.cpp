@@ -31,7 +31,7 @@ using Section = std::vector<std::pair<std::string, std::string>>;  // keys in fi
 // and communicators are the sweep's own (given on its command line).
 const std::set<std::string> kNotPerPoint = {"results", "out", "config", "help", "backend", "device", "chunk-elements", "report-memory"};
 // Transport options whose value is itself a list: never an axis.
-const std::set<std::string> kListOptions = {"alphas", "finetune-lrs", "finetune-steps"};
+const std::set<std::string> kListOptions = {"alphas", "finetune-lrs", "finetune-steps", "finetune-freeze"};
 constexpr long long kMaxPoints = 100000;
 constexpr std::size_t kMaxResultBytes = 64u << 20;
 

@@ -1,6 +1,7 @@
 #include "gradfix/mask/mask.hpp"
 
 #include <cmath>
+#include <stdexcept>
 
 #include "gradfix/core/error.hpp"
 
@@ -230,6 +231,25 @@ std::vector<float> mask_tensor(MaskMode mode, const MaskOptions& options, const 
   accumulate_mask_sums(plan, options, tau.data(), s.data(), 0, count, sums.data());
   std::vector<float> out(tau.size());
   apply_mask(plan, options, tau.data(), s.data(), 0, count, sums.data(), tensor_key, out.data());
+  return out;
+}
+
+std::vector<float> random_keep(const std::vector<float>& tau, long long keep, std::uint64_t seed, std::uint64_t tensor_key) {
+  std::vector<std::size_t> nonzero;
+  for (std::size_t i = 0; i < tau.size(); ++i)
+    if (tau[i] != 0.0f) nonzero.push_back(i);
+  if (keep < 0 || static_cast<std::size_t>(keep) > nonzero.size())
+    throw std::invalid_argument("random_keep: " + std::to_string(keep) + " entries asked of a vector with " + std::to_string(nonzero.size()) +
+                                " non-zero entries");
+  // The first `keep` steps of a Fisher-Yates shuffle, each swap drawn from the counter-based
+  // generator: the choice depends only on (seed, tensor, keep), on every platform.
+  std::vector<float> out(tau.size(), 0.0f);
+  const std::uint64_t stream = mix(seed ^ mix(tensor_key));
+  for (std::size_t i = 0; i < static_cast<std::size_t>(keep); ++i) {
+    const std::size_t j = i + static_cast<std::size_t>(mix(stream ^ mix(i)) % (nonzero.size() - i));
+    std::swap(nonzero[i], nonzero[j]);
+    out[nonzero[i]] = tau[nonzero[i]];
+  }
   return out;
 }
 

@@ -248,6 +248,29 @@ std::vector<long long> classifier_shots(Classifier& model, const Dataset& data, 
   return choose_shots(pool, selection, per_class, 0, seed, false);
 }
 
+// The tensors of `model` that the regexes `patterns` (the option `option`) match. Every pattern
+// must match a tensor, and one tensor at least must stay trainable.
+std::set<std::string> frozen_tensors(Classifier& model, const std::vector<std::string>& patterns, const std::string& option,
+                                     const std::string& source) {
+  std::set<std::string> frozen;
+  std::vector<std::string> names;
+  for (auto& [name, parameter] : model.parameters()) names.push_back(name);
+  for (const auto& pattern : patterns) {
+    const TensorSelector selector({pattern}, {});
+    bool matched = false;
+    for (const auto& name : names)
+      if (selector.selects(name)) {
+        frozen.insert(name);
+        matched = true;
+      }
+    if (!matched)
+      throw InputError(option + " '" + escaped_name(pattern) + "' matches no tensor of " + source + " (its tensors: " + format_name_list(names) + ")");
+  }
+  if (!names.empty() && frozen.size() == names.size())
+    throw InputError(option + " leaves nothing to train: it matches all " + std::to_string(names.size()) + " tensors of " + source);
+  return frozen;
+}
+
 struct TransportInputs {
   Classifier* target = nullptr;
   Vectors tau;
@@ -289,13 +312,17 @@ Vectors masked_vector(Classifier& model, const Vectors& tau, const Vectors& stat
 
 // GradFix's test accuracy alone (the ablations' row): the shots' statistics, the mask, alpha on
 // the support set, the test set once; the other rows of a transport are not computed.
-double gradfix_accuracy(TransportInputs& in, const TransportJob& job, const JobContext& context) {
+// `control` (optional) replaces the masked vector by one derived from it (the ablation's random
+// control at the mask's kept count).
+double gradfix_accuracy(TransportInputs& in, const TransportJob& job, const JobContext& context,
+                        const std::function<Vectors(const Vectors&)>& control = nullptr) {
   Classifier& model = *in.target;
   Dataset shots, support;
   shots_and_support(in, job, context, shots, support);
   const Vectors base = parameter_values(model);
   const Vectors statistics = descent_statistics(model, shots, job.sign_mode, VoteMethod::kFast, context, "the few-shot pool");
-  const Vectors masked = masked_vector(model, in.tau, statistics, job.mask_mode, job.mask);
+  Vectors masked = masked_vector(model, in.tau, statistics, job.mask_mode, job.mask);
+  if (control) masked = control(masked);
   std::vector<AlphaPoint> curve;
   const std::vector<double> alphas = job.alphas.empty() ? std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0} : job.alphas;
   const double alpha = choose_alpha(model, base, masked, alphas, support, shots, curve);
@@ -317,10 +344,22 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
   const std::string source = job.data.spec.empty() ? "the few-shot pool" : job.data.spec;
   const std::vector<long long> step_counts = job.finetune_steps.empty() ? std::vector<long long>{5, 20, 50} : job.finetune_steps;
   const std::size_t lr_count = job.finetune_lrs.empty() ? 3 : job.finetune_lrs.size();
+  // The few-shot fine-tuning rows: every tensor tuned, or some frozen (--finetune-freeze), or both.
+  std::vector<std::pair<std::string, std::set<std::string>>> few_shot_variants;
+  if (job.few_shot_baseline) {
+    if (job.finetune_freeze.empty() || job.few_shot_unfrozen_too) few_shot_variants.push_back({"few-shot fine-tuning of B", {}});
+    if (!job.finetune_freeze.empty()) {
+      std::string patterns;
+      // The user's own patterns, as given (a label, not a name read from a file).
+      for (const auto& pattern : job.finetune_freeze) patterns += (patterns.empty() ? "" : " ") + pattern;
+      few_shot_variants.push_back({"few-shot fine-tuning of B (" + (job.finetune_freeze_label.empty() ? "frozen: " + patterns : job.finetune_freeze_label) + ")",
+                                   frozen_tensors(model, job.finetune_freeze, "--finetune-freeze", job.target.empty() ? "B" : job.target)});
+    }
+  }
   // The demo runs many short transports: only a transport of its own reports progress.
   Progress progress(context, "transport",
                     transport_sample_passes(job.sign_mode, shots.size(), support.size(), in.test.size(), alphas.size(), !in.tau_b.empty(),
-                                            job.few_shot_baseline ? lr_count : 0, step_counts, !in.target_finetuned.empty()),
+                                            lr_count * few_shot_variants.size(), step_counts, !in.target_finetuned.empty()),
                     0, "samples");
   std::optional<CurrentProgress> current;
   if (report_progress) current.emplace(progress);
@@ -368,16 +407,17 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
     add_searched_row("oracle mask sign(tau_B)", oracle, static_cast<double>(oracle_kept.nonzero_a) / std::max(1LL, oracle_kept.nonzero_b), 1.0);
   }
 
-  if (job.few_shot_baseline) {
-    // Few-shot fine-tuning of B on the same shots, learning rate and steps chosen on the support set.
+  for (const auto& [label, frozen] : few_shot_variants) {
+    // Few-shot fine-tuning of B on the same shots, learning rate and steps chosen on the support
+    // set; the frozen tensors are left out of the optimizer.
     double best_accuracy = -1.0;
     Vectors best = base;
-    std::string best_label;
     const std::vector<double> lrs = job.finetune_lrs.empty() ? std::vector<double>{1e-4, 1e-3, 1e-2} : job.finetune_lrs;
     for (double lr : lrs) {
       set_parameter_values(model, base);
       std::vector<torch::Tensor> parameters;
-      for (auto& [name, parameter] : model.parameters()) parameters.push_back(parameter);
+      for (auto& [name, parameter] : model.parameters())
+        if (frozen.count(name) == 0) parameters.push_back(parameter);
       torch::optim::Adam optimizer(parameters, torch::optim::AdamOptions(lr));
       const torch::Tensor inputs = inputs_tensor(shots, model.device()), labels = labels_tensor(shots, model.device());
       long long done = 0;
@@ -396,7 +436,7 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
       }
     }
     set_parameter_values(model, best);
-    add_row("few-shot fine-tuning of B", evaluate(model, in.test), -1, -1, -1);
+    add_row(label, evaluate(model, in.test), -1, -1, -1);
     set_parameter_values(model, base);
   }
 
@@ -445,7 +485,9 @@ int configure_threads(int ranks_on_node) {
 
 void print_transport_rows(const std::vector<TransportRow>& rows, std::ostream& log, const char* metric) {
   const int width = std::max(10, static_cast<int>(std::strlen(metric)) + 2);
-  log << std::left << std::setw(34) << "method" << std::right << std::setw(width) << metric << std::setw(10) << "loss"
+  int label_width = 34;
+  for (const auto& row : rows) label_width = std::max(label_width, static_cast<int>(row.method.size()) + 2);
+  log << std::left << std::setw(label_width) << "method" << std::right << std::setw(width) << metric << std::setw(10) << "loss"
       << std::setw(8) << "alpha" << std::setw(8) << "kept" << std::setw(12) << "agree(B)" << std::setw(12) << "<g,d>" << "\n";
   for (const auto& row : rows) {
     auto cell = [](double value, int w, int precision, bool percent) {
@@ -454,7 +496,7 @@ void print_transport_rows(const std::vector<TransportRow>& rows, std::ostream& l
       else text << std::setw(w) << std::fixed << std::setprecision(precision) << (percent ? 100.0 * value : value) << (percent ? "%" : "");
       return text.str();
     };
-    log << std::left << std::setw(34) << row.method << std::right << cell(row.accuracy, width - 1, 2, true) << cell(row.loss, 10, 4, false)
+    log << std::left << std::setw(label_width) << row.method << std::right << cell(row.accuracy, width - 1, 2, true) << cell(row.loss, 10, 4, false)
         << cell(row.alpha, 8, 2, false) << cell(row.kept, 7, 1, true) << cell(row.sign_agreement, 11, 1, true) << std::setw(12)
         << derivative_cell(row.directional_derivative) << "\n";
   }
@@ -543,24 +585,7 @@ void run_train(const TrainJob& job, std::ostream& log, const JobContext& context
   });
   // --freeze: every pattern must name a tensor, and something must stay trainable.
   std::set<std::string> frozen;
-  context.agree([&] {
-    std::vector<std::string> names;
-    for (auto& [name, parameter] : model->parameters()) names.push_back(name);
-    for (const auto& pattern : job.freeze) {
-      const TensorSelector selector({pattern}, {});
-      bool matched = false;
-      for (const auto& name : names)
-        if (selector.selects(name)) {
-          frozen.insert(name);
-          matched = true;
-        }
-      if (!matched)
-        throw InputError("--freeze '" + escaped_name(pattern) + "' matches no tensor of " + job.weights + " (its tensors: " +
-                         format_name_list(names) + ")");
-    }
-    if (!names.empty() && frozen.size() == names.size())
-      throw InputError("--freeze leaves nothing to train: it matches all " + std::to_string(names.size()) + " tensors of " + job.weights);
-  });
+  context.agree([&] { frozen = frozen_tensors(*model, job.freeze, "--freeze", job.weights); });
   std::ostringstream discard;
   // Every rank trains the same replica with the same seed; the root's is written.
   Progress progress(context, "train", static_cast<long long>(job.epochs) * data.size(), 0, "samples");
@@ -653,6 +678,9 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
 }
 
 std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {
+  if (!job.finetune_freeze.empty() && (is_clip_directory(job.target) || is_model_directory(job.target)))
+    throw InputError("--finetune-freeze is for classifiers; " + job.target +
+                     " is a model directory, whose few-shot fine-tuning tunes what the statistics cover (CLIP: never the head)");
   if (is_clip_directory(job.target)) return run_clip_transport(job, log, context);
   if (!job.head.empty()) throw InputError("--head is for CLIP models; " + job.target + " is not one");
   if (is_model_directory(job.target)) return run_decoder_transport(job, log, context);
@@ -750,11 +778,11 @@ std::string mean_cell(const std::vector<double>& values, bool spread = true) {
 // One table: a row per label, a column per task and their average (of the per-task means).
 void print_task_table(std::ostream& out, const std::string& first, const std::vector<std::string>& labels,
                       const std::vector<std::string>& tasks, const std::function<std::vector<double>(const std::string&, const std::string&)>& values) {
-  out << std::left << std::setw(34) << first << std::right;
+  out << std::left << std::setw(42) << first << std::right;
   for (const auto& task : tasks) out << std::setw(18) << task;
   out << std::setw(10) << "average" << "\n";
   for (const auto& label : labels) {
-    out << std::left << std::setw(34) << label << std::right;
+    out << std::left << std::setw(42) << label << std::right;
     std::vector<double> means;
     for (const auto& task : tasks) {
       const std::vector<double> cell = values(label, task);
@@ -811,6 +839,14 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
   };
   auto a_base = cached("A_base", release_key, [&] { return pretrain(1, 0); });
   auto b_base = cached("B_base", release_key, [&] { return pretrain(2, half); });
+  // The head: the last layer's tensors (a regex over names, as `train --freeze` takes it).
+  std::string head_pattern;
+  {
+    std::string last;
+    for (auto& [name, parameter] : b_base->parameters()) last = name;
+    head_pattern = "^";
+    for (char c : last.substr(0, last.rfind('.') + 1)) head_pattern += std::isalnum(static_cast<unsigned char>(c)) ? std::string(1, c) : std::string("\\") + c;
+  }
   const Dataset clean_test = load_data({test_spec, "none"}, 0, job.test_limit);
   out << "demo: releases " << job.dims << (job.independent_init ? ", independently initialised" : ", one shared initialisation")
       << ", B " << std::fixed << std::setprecision(2) << 100.0 * evaluate(*b_base, clean_test).accuracy
@@ -830,14 +866,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
     // encoder under a fixed zero-shot head.
     auto finetune = [&](const std::string& from, std::uint64_t seed) {
       auto model = load_classifier(job.cache + "/" + from + ".safetensors");
-      std::set<std::string> head;
-      if (job.freeze_head) {
-        std::string last;
-        for (auto& [name, parameter] : model->parameters()) last = name;
-        const std::string prefix = last.substr(0, last.rfind('.') + 1);
-        for (auto& [name, parameter] : model->parameters())
-          if (name.compare(0, prefix.size(), prefix) == 0) head.insert(name);
-      }
+      const std::set<std::string> head = job.freeze_head ? frozen_tensors(*model, {head_pattern}, "the demo's head", from) : std::set<std::string>{};
       train_model(*model, task_train, job.finetune_epochs, job.finetune_lr, 128, seed, out, "fine-tune " + from + " on " + transform, head);
       return model;
     };
@@ -861,25 +890,35 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
   std::vector<std::string> task_names;
   for (const auto& task : tasks) task_names.push_back(task.name);
 
-  // The main tables: every method on every task, per K, mean +- std over the seeds.
+  // The main tables: every method on every task, per K, mean +- std over the seeds. Few-shot
+  // fine-tuning runs twice: every tensor tuned, and with the head frozen as the paper's baseline.
   nlohmann::json results = nlohmann::json::array();
-  for (long long shots : job.shots) {
+  auto method_table = [&](long long shots, long long support_size) {
     std::map<std::pair<std::string, std::string>, std::vector<TransportRow>> by_cell;  // (method, task)
     std::vector<std::string> order;
     for (auto& task : tasks)
-      for (std::uint64_t seed : job.seeds)
-        for (const auto& row : transport_core(task.in, demo_transport(job, shots, seed, job.selection, true), context, nullptr, false)) {
+      for (std::uint64_t seed : job.seeds) {
+        TransportJob transport = demo_transport(job, shots, seed, job.selection, true);
+        transport.support_size = support_size;
+        if (job.freeze_head) {
+          transport.finetune_freeze = {head_pattern};
+          transport.finetune_freeze_label = "head frozen";
+          transport.few_shot_unfrozen_too = true;
+        }
+        for (const auto& row : transport_core(task.in, transport, context, nullptr, false)) {
           if (std::find(order.begin(), order.end(), row.method) == order.end()) order.push_back(row.method);
           by_cell[{row.method, task.name}].push_back(row);
         }
-    out << "\nK = " << shots << " shots per class: test accuracy %, mean +- std over " << job.seeds.size() << " seed(s)\n";
+      }
+    out << "\nK = " << shots << " shots per class, support set " << support_size << " samples: test accuracy %, mean +- std over "
+        << job.seeds.size() << " seed(s)\n";
     print_task_table(out, "method", order, task_names, [&](const std::string& method, const std::string& task) {
       std::vector<double> accuracies;
       for (const auto& row : by_cell[{method, task}]) accuracies.push_back(row.accuracy);
       return accuracies;
     });
     // What each method did, averaged over the tasks and seeds.
-    out << std::left << std::setw(34) << "  (averages over tasks and seeds)" << std::right << std::setw(10) << "alpha" << std::setw(10) << "kept"
+    out << std::left << std::setw(42) << "  (averages over tasks and seeds)" << std::right << std::setw(10) << "alpha" << std::setw(10) << "kept"
         << std::setw(12) << "agree(B)" << std::setw(12) << "<g,d>" << "\n";
     for (const auto& method : order) {
       double alpha = 0, kept = 0, agree = 0, derivative = 0, n = 0;
@@ -897,27 +936,47 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         else text << std::fixed << std::setprecision(precision) << (percent ? 100 * value : value) << (percent ? "%" : "");
         return text.str();
       };
-      out << std::left << std::setw(34) << ("  " + method) << std::right << std::setw(10) << optional(alpha / n, 2, false) << std::setw(10)
+      out << std::left << std::setw(42) << ("  " + method) << std::right << std::setw(10) << optional(alpha / n, 2, false) << std::setw(10)
           << optional(kept / n, 1, true) << std::setw(12) << optional(agree / n, 1, true) << std::setw(12) << derivative_cell(derivative / n)
           << "\n";
       for (const auto& task : task_names) {
         std::vector<double> accuracies;
-        double task_alpha = 0, task_derivative = 0;
+        double task_alpha = 0, task_derivative = 0, task_kept = 0, task_agreement = 0;
+        std::vector<AlphaPoint> curve;  // the support set's loss per alpha, summed over the seeds
         for (const auto& row : by_cell[{method, task}]) {
           accuracies.push_back(row.accuracy);
           task_alpha += row.alpha;
           task_derivative += row.directional_derivative;
+          task_kept += row.kept;
+          task_agreement += row.sign_agreement;
+          if (curve.empty()) curve.resize(row.curve.size());
+          for (std::size_t i = 0; i < row.curve.size() && i < curve.size(); ++i) {
+            curve[i].alpha = row.curve[i].alpha;
+            curve[i].support_loss += row.curve[i].support_loss;
+            curve[i].shots_loss += row.curve[i].shots_loss;
+          }
         }
         const double count = static_cast<double>(accuracies.size());
         const auto [mean, spread] = mean_and_spread(accuracies);
-        nlohmann::json entry = {{"task", task}, {"shots_per_class", shots}, {"method", method}, {"test_accuracy_mean", mean},
-                                {"test_accuracy_std", spread}, {"alpha_mean", task_alpha / count}, {"seeds", job.seeds},
-                                {"selection", job.selection}};
+        nlohmann::json entry = {{"task", task}, {"shots_per_class", shots}, {"support_size", support_size}, {"method", method},
+                                {"test_accuracy_mean", mean}, {"test_accuracy_std", spread}, {"test_accuracies", accuracies},
+                                {"alpha_mean", task_alpha / count}, {"seeds", job.seeds}, {"selection", job.selection}};
         if (!std::isnan(task_derivative)) entry["directional_derivative_mean"] = task_derivative / count;
+        if (task_kept >= 0) entry["kept_mean"] = task_kept / count;
+        if (task_agreement >= 0) entry["sign_agreement_mean"] = task_agreement / count;
+        if (!curve.empty()) {
+          nlohmann::json points = nlohmann::json::array();
+          for (const auto& point : curve)
+            points.push_back({{"alpha", point.alpha}, {"support_loss_mean", point.support_loss / count}, {"shots_loss_mean", point.shots_loss / count}});
+          entry["alpha_curve_mean"] = points;
+        }
         results.push_back(entry);
       }
     }
-  }
+  };
+  for (long long shots : job.shots) method_table(shots, job.support_size);
+  // The same at one K with a support set a few-shot user could label (10 per class by default).
+  if (job.small_support_size > 0) method_table(job.ablation_shots, job.small_support_size);
 
   // The mask modes (the paper's ablation): GradFix's row with each mode at one K.
   nlohmann::json modes = nlohmann::json::array();
@@ -936,8 +995,24 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
           by_cell[{labels.back(), task.name}].push_back(gradfix_accuracy(task.in, transport, context));
         }
     }
+    // The control: as many entries of tau_A per tensor as the normal mask keeps, chosen at
+    // random instead of by the statistics.
+    labels.push_back("random_same_kept");
+    for (auto& task : tasks)
+      for (std::uint64_t seed : job.seeds) {
+        const TransportJob transport = demo_transport(job, job.ablation_shots, seed, job.selection, false);
+        by_cell[{labels.back(), task.name}].push_back(gradfix_accuracy(task.in, transport, context, [&](const Vectors& masked) {
+          Vectors control;
+          for (const auto& [name, values] : masked) {
+            const auto kept = std::count_if(values.begin(), values.end(), [](float value) { return value != 0.0f; });
+            control[name] = random_keep(task.in.tau.at(name), static_cast<long long>(kept), seed, tensor_key_of(name));
+          }
+          return control;
+        }));
+      }
     out << "\nMask modes: GradFix (" << sign_mode_name(job.sign_mode) << ") at K = " << job.ablation_shots
-        << ", test accuracy %, mean +- std over " << job.seeds.size() << " seed(s) (random: tau_A's magnitudes with random signs)\n";
+        << ", test accuracy %, mean +- std over " << job.seeds.size()
+        << " seed(s) (random: tau_A's magnitudes with random signs; random_same_kept: tau_A at as many random entries per tensor as normal keeps)\n";
     print_task_table(out, "mask mode", labels, task_names, [&](const std::string& mode, const std::string& task) { return by_cell[{mode, task}]; });
     for (const auto& [cell, accuracies] : by_cell) {
       const auto [mean, spread] = mean_and_spread(accuracies);

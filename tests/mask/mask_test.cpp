@@ -208,3 +208,47 @@ TEST(PairStats, HandChecked) {
 
 }  // namespace
 }  // namespace gradfix
+
+namespace gradfix {
+namespace {
+
+// The random control keeps exactly `keep` non-zero entries of tau, with tau's own values, chosen
+// from the seed and tensor alone; every subset is reachable, so two seeds disagree somewhere.
+TEST(RandomKeep, KeepsExactlyTheCountWithTauValues) {
+  std::vector<float> tau(1000);
+  for (std::size_t i = 0; i < tau.size(); ++i) tau[i] = i % 7 == 0 ? 0.0f : static_cast<float>(i) - 500.5f;
+  long long nonzero = 0;
+  for (float value : tau) nonzero += value != 0.0f;
+  for (long long keep : {0LL, 1LL, 300LL, nonzero}) {
+    const std::vector<float> out = random_keep(tau, keep, 3, tensor_key_of("w"));
+    long long kept = 0;
+    for (std::size_t i = 0; i < tau.size(); ++i)
+      if (out[i] != 0.0f) {
+        ++kept;
+        EXPECT_EQ(out[i], tau[i]) << "entry " << i;
+      }
+    EXPECT_EQ(kept, keep);
+  }
+  EXPECT_EQ(random_keep(tau, 300, 3, tensor_key_of("w")), random_keep(tau, 300, 3, tensor_key_of("w")));
+  EXPECT_NE(random_keep(tau, 300, 3, tensor_key_of("w")), random_keep(tau, 300, 4, tensor_key_of("w")));
+  EXPECT_NE(random_keep(tau, 300, 3, tensor_key_of("w")), random_keep(tau, 300, 3, tensor_key_of("v")));
+  EXPECT_THROW(random_keep(tau, nonzero + 1, 3, 0), std::invalid_argument);
+  EXPECT_THROW(random_keep(tau, -1, 3, 0), std::invalid_argument);
+}
+
+// Uniform over positions: over many seeds each of 10 non-zero entries is kept about keep/10 of
+// the time (a biased shuffle would favour the first or last entries).
+TEST(RandomKeep, ChoosesPositionsUniformly) {
+  const std::vector<float> tau = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+  std::vector<int> hits(10, 0);
+  const int runs = 20000;
+  for (int seed = 0; seed < runs; ++seed) {
+    const std::vector<float> out = random_keep(tau, 3, static_cast<std::uint64_t>(seed), 0);
+    for (std::size_t i = 0; i < out.size(); ++i) hits[i] += out[i] != 0.0f;
+  }
+  // Expected 6000 per position; binomial std ~65, so 5 sigma is about 325.
+  for (int count : hits) EXPECT_NEAR(count, runs * 3 / 10, 325);
+}
+
+}  // namespace
+}  // namespace gradfix

@@ -110,6 +110,22 @@ check "transport's progress counts every sample it passes through the model" \
 "$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" \
   --transform invert --shots-per-class 2 --support-size 500 --alphas 1 --finetune-lrs 1e-3 --finetune-steps 2,4 --quiet >quiet.log 2>quiet.err
 check "--quiet: no progress lines" bash -c "! grep -q 'samples (' quiet.err && grep -q 'few-shot fine-tuning of B' quiet.log"
+# --finetune-freeze: the few-shot row leaves the head out of Adam. Both rows run the same
+# deterministic steps on the same shots, so they could only agree exactly if the freeze did nothing.
+"$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" \
+  --transform invert --shots-per-class 2 --support-size 500 --alphas 1 --finetune-lrs 1e-2 --finetune-steps 5 \
+  --finetune-freeze '^layers\.1\.' --results frozen.json --quiet >frozen.log
+"$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" \
+  --transform invert --shots-per-class 2 --support-size 500 --alphas 1 --finetune-lrs 1e-2 --finetune-steps 5 \
+  --results unfrozen.json --quiet >/dev/null
+check "--finetune-freeze: the row names the frozen pattern" grep -qF 'few-shot fine-tuning of B (frozen: ^layers\.1\.)' frozen.log
+check "--finetune-freeze: the frozen head changes the few-shot row, nothing else" python3 -c "
+import json
+frozen = {r['method']: r for r in json.load(open('frozen.json'))['rows']}
+plain = {r['method']: r for r in json.load(open('unfrozen.json'))['rows']}
+assert frozen['few-shot fine-tuning of B (frozen: ^layers\\\\.1\\\\.)']['test_accuracy'] != plain['few-shot fine-tuning of B']['test_accuracy']
+for method in ('B zero-shot', 'B + alpha tau_A (naive)', 'GradFix (max, normal)'):
+    assert frozen[method] == plain[method], method"
 check "naive alpha is 1.0 when tau_A = tau_B" python3 -c "
 import json; rows = {r['method']: r for r in json.load(open('r1.json'))['rows']}
 naive = rows['B + alpha tau_A (naive)']; upper = rows['B fine-tuned (upper bound)']
@@ -173,6 +189,13 @@ expect_bad "freeze 'head' matches no tensor of a_trained.safetensors (its tensor
   train --weights a_trained.safetensors --data "$train_set" --limit 100 --freeze head --out f.safetensors
 expect_bad "freeze leaves nothing to train: it matches all 4 tensors" \
   train --weights a_trained.safetensors --data "$train_set" --limit 100 --freeze layers --out f.safetensors
+expect_bad "finetune-freeze leaves nothing to train: it matches all 4 tensors of a_trained.safetensors" \
+  transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" --finetune-freeze layers
+expect_bad "finetune-freeze 'head' matches no tensor of a_trained.safetensors" \
+  transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" --finetune-freeze head
+expect_bad "finetune-freeze configures the few-shot fine-tuning row, which --no-few-shot-baseline skips" \
+  transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" \
+  --finetune-freeze layers --no-few-shot-baseline
 expect_bad "unknown --device 'tpu'" eval --weights a_trained.safetensors --data "$test_set" --device tpu
 if ! "$gradfix" eval --weights a_trained.safetensors --data "$test_set" --device cuda >/dev/null 2>&1; then
   # No GPU here: asking for one is an error that says so, never a quiet run on the CPU.
@@ -191,13 +214,26 @@ demo = json.load(open("demo.json"))
 tasks = demo["tasks"]
 assert tasks == ["noise:0.5:14", "rotate:20", "contrast:0.5", "blur:3"], tasks
 assert {(r["task"], r["method"]) for r in demo["rows"]} >= {(t, "GradFix (max, normal)") for t in tasks}
-assert len(demo["mask_modes"]) == 9 * 4, len(demo["mask_modes"])
+assert len(demo["mask_modes"]) == 10 * 4, len(demo["mask_modes"])
+assert {m["mask_mode"] for m in demo["mask_modes"]} >= {"normal", "random", "random_same_kept"}
+# The few-shot baseline twice (every tensor tuned; the head frozen, as the paper's), the main
+# table at the quick support set (300) and the small-support table (50), both at K = 2.
+rows = demo["rows"]
+assert {r["support_size"] for r in rows} == {300, 50}, {r["support_size"] for r in rows}
+for size in (300, 50):
+    methods = {r["method"] for r in rows if r["support_size"] == size}
+    assert {"few-shot fine-tuning of B", "few-shot fine-tuning of B (head frozen)", "GradFix (max, normal)"} <= methods, methods
+def accuracy(task, method, size=300):
+    return [r["test_accuracy_mean"] for r in rows if r["task"] == task and r["method"] == method and r["support_size"] == size]
+assert any(accuracy(t, "few-shot fine-tuning of B") != accuracy(t, "few-shot fine-tuning of B (head frozen)") for t in tasks)
+gradfix_rows = [r for r in rows if r["method"] == "GradFix (max, normal)"]
+assert all(0 < r["kept_mean"] < 1 and 0 <= r["sign_agreement_mean"] <= 1 and len(r["alpha_curve_mean"]) == 10 for r in gradfix_rows)
 merges = {m["merge"] for m in demo["merging"]}
 assert len(demo["merging"]) == 8 * 4 and "GradFix merge-then-mask, ties" in merges, merges
 assert all(0 <= m["normalized_accuracy_mean"] < 2 for m in demo["merging"])
 # The ablation's normal-mask GradFix is the main table's GradFix row at the same K (one seed).
 for t in tasks:
-    main = [r["test_accuracy_mean"] for r in demo["rows"] if r["task"] == t and r["shots_per_class"] == 2 and r["method"] == "GradFix (max, normal)"]
+    main = accuracy(t, "GradFix (max, normal)")
     normal = [m["gradfix_test_accuracy_mean"] for m in demo["mask_modes"] if m["task"] == t and m["mask_mode"] == "normal"]
     assert main == normal, (t, main, normal)
 PY

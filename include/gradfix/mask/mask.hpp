@@ -73,6 +73,12 @@ std::vector<float> mask_tensor(MaskMode mode, const MaskOptions& options, const 
                                const std::vector<float>& s, const std::vector<long long>& shape,
                                std::uint64_t tensor_key);
 
+// The control of the paper's mask ablation: tau kept at `keep` of its non-zero entries chosen
+// uniformly at random (from `seed` and `tensor_key`), zero elsewhere; as many entries as a
+// gradient-sign mask kept, none of them chosen by the statistics. Throws std::invalid_argument
+// when tau has fewer than `keep` non-zero entries.
+std::vector<float> random_keep(const std::vector<float>& tau, long long keep, std::uint64_t seed, std::uint64_t tensor_key);
+
 // A stable 64-bit key of a tensor name (FNV-1a), for tensor_key.
 std::uint64_t tensor_key_of(const std::string& name);
 

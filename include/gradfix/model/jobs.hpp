@@ -131,6 +131,11 @@ struct TransportJob {
   bool few_shot_baseline = true;
   std::vector<double> finetune_lrs;        // few-shot fine-tuning's Adam learning rates (empty: the model's default)
   std::vector<long long> finetune_steps;   // steps after which the support set is scored (empty: 5, 20, 50)
+  // Classifiers: the tensors (regexes over their names) few-shot fine-tuning leaves as they are,
+  // e.g. the head, as the paper's baseline keeps the zero-shot head frozen.
+  std::vector<std::string> finetune_freeze;
+  std::string finetune_freeze_label;       // the row's name for the frozen set (empty: the patterns)
+  bool few_shot_unfrozen_too = false;      // with finetune_freeze: also the row that tunes every tensor
   std::string out;                // transported model (safetensors; a model directory for decoders)
   std::string results;            // results.json
   std::string head;               // CLIP: the zero-shot head file
@@ -178,6 +183,9 @@ struct DemoJob {
   long long finetune_limit = 50000;  // the task fine-tunes' samples; the few-shot pool comes after them
   long long test_limit = 0;
   long long support_size = 200;
+  // A second table at K = ablation_shots with a support set this small (what a user with only a
+  // few labels would have to choose alpha and the few-shot settings by); 0 skips it.
+  long long small_support_size = 100;
   SignMode sign_mode = SignMode::kMax;
   bool independent_init = true;  // initialise A and B with different seeds (false: one shared initialisation)
   std::string selection = "random";  // how the shots are picked (docs/cli.md, --selection)
