@@ -416,6 +416,7 @@ std::vector<SubcommandSpec> make_table() {
                                                                    "set is scored, increasing (default 5,20,50)"},
                                   {"finetune-freeze", T::kTexts, "", "few-shot fine-tuning of a classifier: regular expression over "
                                                                      "tensor names left frozen (repeatable), e.g. '^layers\\.2\\.' for an MLP's head"},
+                                  {"save-support", T::kText, "", "classifiers: write the support set's indices here (one per line, as --save-indices)"},
                                   {"out", T::kText, "", "transported model (GradFix, best alpha) to write"},
                                   {"results", T::kText, "", "results.json to write"}})),
                    {},
@@ -441,6 +442,7 @@ std::vector<SubcommandSpec> make_table() {
                      job.few_shot_baseline = !values.flag("no-few-shot-baseline");
                      parse_finetune_grid(values, job);
                      job.finetune_freeze = values.texts("finetune-freeze");
+                     if (values.has("save-support")) job.save_support = values.text("save-support");
                      if (!job.finetune_freeze.empty() && !job.few_shot_baseline)
                        throw InputError("--finetune-freeze configures the few-shot fine-tuning row, which --no-few-shot-baseline skips");
                      if (values.has("head")) job.head = values.text("head");

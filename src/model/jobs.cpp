@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -293,6 +294,7 @@ void shots_and_support(TransportInputs& in, const TransportJob& job, const JobCo
   for (long long i = 0; i < std::min<long long>(job.support_size, static_cast<long long>(rest.size())); ++i)
     support_indices.push_back(rest[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])]);
   if (support_indices.empty()) throw InputError("the pool has no samples left for the support set after the shots");
+  if (context.is_root() && !job.save_support.empty()) write_indices(job.save_support, support_indices);
   shots = in.pool.subset(shot_indices);
   support = in.pool.subset(support_indices);
   shots.classes = support.classes = in.pool.classes;
@@ -681,12 +683,16 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
   if (!job.finetune_freeze.empty() && (is_clip_directory(job.target) || is_model_directory(job.target)))
     throw InputError("--finetune-freeze is for classifiers; " + job.target +
                      " is a model directory, whose few-shot fine-tuning tunes what the statistics cover (CLIP: never the head)");
+  if (!job.save_support.empty() && (is_clip_directory(job.target) || is_model_directory(job.target)))
+    throw InputError("--save-support is for classifiers; the support set of " + job.target +
+                     " is the --support-size samples after the shots in the seeded shuffle of --data");
   if (is_clip_directory(job.target)) return run_clip_transport(job, log, context);
   if (!job.head.empty()) throw InputError("--head is for CLIP models; " + job.target + " is not one");
   if (is_model_directory(job.target)) return run_decoder_transport(job, log, context);
   if (job.num_samples > 0) throw InputError("--num-samples chooses the shots of a decoder; a classifier takes --shots-per-class");
   TransportInputs in;
   std::unique_ptr<Classifier> model;
+  const auto started = std::chrono::steady_clock::now();
   context.agree([&] {
     model = load_on_device(job.model, job.target, context);
     in.target = model.get();
@@ -708,7 +714,10 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
   });
   Vectors transported;
   std::vector<TransportRow> rows;
+  const auto loaded = std::chrono::steady_clock::now();
   context.agree([&] { rows = transport_core(in, job, context, &transported, true); });
+  const auto computed = std::chrono::steady_clock::now();
+  const auto seconds = [](auto from, auto to) { return std::chrono::duration<double>(to - from).count(); };
   if (context.is_root()) print_transport_rows(rows, log);
   if (!job.out.empty()) {
     publish_from_root(context, [&] {
@@ -722,7 +731,8 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
       if (!context.is_root()) return;
       nlohmann::json results = {{"shots_per_class", job.shots_per_class}, {"seed", job.seed}, {"selection", job.selection.strategy},
                                  {"sign_mode", sign_mode_name(job.sign_mode)}, {"mask_mode", mask_mode_name(job.mask_mode)},
-                                 {"rows", transport_rows_json(rows)}};
+                                 {"rows", transport_rows_json(rows)},
+                                 {"seconds", {{"inputs", seconds(started, loaded)}, {"transport", seconds(loaded, computed)}}}};
       add_derivative_summary(rows, results);
       write_text_file_atomically(job.results, results.dump(2) + "\n");
     });
@@ -1014,11 +1024,12 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         << ", test accuracy %, mean +- std over " << job.seeds.size()
         << " seed(s) (random: tau_A's magnitudes with random signs; random_same_kept: tau_A at as many random entries per tensor as normal keeps)\n";
     print_task_table(out, "mask mode", labels, task_names, [&](const std::string& mode, const std::string& task) { return by_cell[{mode, task}]; });
-    for (const auto& [cell, accuracies] : by_cell) {
-      const auto [mean, spread] = mean_and_spread(accuracies);
-      modes.push_back({{"mask_mode", cell.first}, {"task", cell.second}, {"shots_per_class", job.ablation_shots},
-                       {"gradfix_test_accuracy_mean", mean}, {"gradfix_test_accuracy_std", spread}});
-    }
+    for (const auto& label : labels)  // in the table's order
+      for (const auto& task : task_names) {
+        const auto [mean, spread] = mean_and_spread(by_cell[{label, task}]);
+        modes.push_back({{"mask_mode", label}, {"task", task}, {"shots_per_class", job.ablation_shots},
+                         {"gradfix_test_accuracy_mean", mean}, {"gradfix_test_accuracy_std", spread}});
+      }
   }
 
   // Multi-task merging: every task's vector merged into one update of B, by mean and TIES, the
@@ -1111,10 +1122,11 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         << ": accuracy normalised by B's own fine-tune on each task, %, mean +- std over " << job.seeds.size()
         << " seed(s) (one alpha per merge, chosen on all support sets; TIES keeps 20%)\n";
     print_task_table(out, "merge", labels, task_names, [&](const std::string& label, const std::string& task) { return by_cell[{label, task}]; });
-    for (const auto& [cell, values] : by_cell) {
-      const auto [mean, spread] = mean_and_spread(values);
-      merging.push_back({{"merge", cell.first}, {"task", cell.second}, {"normalized_accuracy_mean", mean}, {"normalized_accuracy_std", spread}});
-    }
+    for (const auto& label : labels)  // in the table's order
+      for (const auto& task : task_names) {
+        const auto [mean, spread] = mean_and_spread(by_cell[{label, task}]);
+        merging.push_back({{"merge", label}, {"task", task}, {"normalized_accuracy_mean", mean}, {"normalized_accuracy_std", spread}});
+      }
   }
 
   nlohmann::json ablation = nlohmann::json::array();

@@ -110,6 +110,10 @@ check "a task vector of part of the model is taken (the rest is zero)" test -s p
 expect_bad "a task vector of another model" "other/model.safetensors does not match .*'model.embed_tokens.weight' is \[256, 64\], the config needs \[96, 32\]" \
   "${base[@]}" --num-samples 4 --task-vector other
 expect_bad "a task vector with tensors the model lacks" "the config does not have: 'input_ids'" "${base[@]}" --num-samples 4 --task-vector pool.safetensors
+expect_bad "--finetune-freeze on a decoder" "finetune-freeze is for classifiers; .* is a model directory" "${base[@]}" --num-samples 4 \
+  --task-vector tau.safetensors --finetune-freeze 'layers'
+expect_bad "--save-support on a decoder" "save-support is for classifiers" "${base[@]}" --num-samples 4 --task-vector tau.safetensors \
+  --save-support support.txt
 expect_bad "no test data" "--test-data is required" transport --target "$model" --data pool.h5 --num-samples 4 --task-vector tau.safetensors \
   --out bad --results bad.json
 mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" "${base[@]}" --num-samples 4 --task-vector tau.safetensors --target-finetuned tau_small.safetensors \

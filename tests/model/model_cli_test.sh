@@ -114,10 +114,14 @@ check "--quiet: no progress lines" bash -c "! grep -q 'samples (' quiet.err && g
 # deterministic steps on the same shots, so they could only agree exactly if the freeze did nothing.
 "$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" \
   --transform invert --shots-per-class 2 --support-size 500 --alphas 1 --finetune-lrs 1e-2 --finetune-steps 5 \
-  --finetune-freeze '^layers\.1\.' --results frozen.json --quiet >frozen.log
+  --finetune-freeze '^layers\.1\.' --save-indices frozen-shots.txt --save-support frozen-support.txt --results frozen.json --quiet >frozen.log
 "$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" \
   --transform invert --shots-per-class 2 --support-size 500 --alphas 1 --finetune-lrs 1e-2 --finetune-steps 5 \
   --results unfrozen.json --quiet >/dev/null
+check "--save-support: 500 support samples, 20 shots, disjoint, in the pool" python3 -c "
+shots = [int(x) for x in open('frozen-shots.txt')]; support = [int(x) for x in open('frozen-support.txt')]
+assert len(shots) == 20 and len(support) == 500 and len(set(support)) == 500 and not set(shots) & set(support), (len(shots), len(support))
+assert all(0 <= i < 60000 for i in support)"
 check "--finetune-freeze: the row names the frozen pattern" grep -qF 'few-shot fine-tuning of B (frozen: ^layers\.1\.)' frozen.log
 check "--finetune-freeze: the frozen head changes the few-shot row, nothing else" python3 -c "
 import json
@@ -237,4 +241,22 @@ for t in tasks:
     normal = [m["gradfix_test_accuracy_mean"] for m in demo["mask_modes"] if m["task"] == t and m["mask_mode"] == "normal"]
     assert main == normal, (t, main, normal)
 PY
+# launch/plot draws the demo's JSON: every plot, the mask modes and merges by name, and the same
+# bytes from the same results (no dates or random ids in the files).
+"$repo/launch/plot" demo.json --out plots >plot.log
+for name in accuracy_vs_shots accuracy_by_task sign_agreement alpha_curves mask_modes merging; do
+  check "launch/plot of the demo: $name.png is a PNG" bash -c "head -c 4 plots/$name.png | od -An -tx1 | grep -q '89 50 4e 47'"
+  check "launch/plot of the demo: $name.svg is an SVG" grep -q "<svg" "plots/$name.svg"
+done
+check "launch/plot of the demo: the random control among the mask modes" grep -q "random_same_kept" plots/mask_modes.svg
+check "launch/plot of the demo: the merges by name" grep -q "GradFix merge-then-mask, ties" plots/merging.svg
+check "launch/plot of the demo: both few-shot rows" grep -q "few-shot fine-tuning of B (head frozen)" plots/accuracy_vs_shots.svg
+"$repo/launch/plot" demo.json --out plots-again >/dev/null
+check "launch/plot of the demo: the same SVG bytes twice" cmp plots/merging.svg plots-again/merging.svg
+echo '{"rows": []}' >not-demo.json
+set +e
+"$repo/launch/plot" not-demo.json >plot-bad.log 2>&1
+code=$?
+set -e
+check "launch/plot of a JSON that is not the demo's: exit 2, named" test "$code" -eq 2 -a -n "$(grep -F 'not-demo.json: not the results of' plot-bad.log)"
 finish

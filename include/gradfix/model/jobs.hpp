@@ -138,6 +138,7 @@ struct TransportJob {
   bool few_shot_unfrozen_too = false;      // with finetune_freeze: also the row that tunes every tensor
   std::string out;                // transported model (safetensors; a model directory for decoders)
   std::string results;            // results.json
+  std::string save_support;       // classifiers: write the support set's indices here
   std::string head;               // CLIP: the zero-shot head file
 };
 
