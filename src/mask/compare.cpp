@@ -31,8 +31,29 @@ void add_pairs(PairStats& stats, const V* a, const V* b, long long n) {
   stats.count += n;
 }
 
+template <typename V>
+void add_self_pairs(PairStats& stats, const V* a, long long n) {
+  long long nonzero = 0;
+  double squares = 0.0;
+#pragma omp simd reduction(+ : nonzero, squares)
+  for (long long i = 0; i < n; ++i) {
+    nonzero += a[i] != V(0);
+    squares += static_cast<double>(a[i]) * a[i];
+  }
+  // What add(a, a, n) gives: every sign agrees with itself, and dot = |a|^2 = |b|^2.
+  stats.sign_agreements += n;
+  stats.nonzero_a += nonzero;
+  stats.nonzero_b += nonzero;
+  stats.dot += squares;
+  stats.norm_a_squared += squares;
+  stats.norm_b_squared += squares;
+  stats.count += n;
+}
+
 }  // namespace
 
+void PairStats::add_self(const float* a, long long n) { add_self_pairs(*this, a, n); }
+void PairStats::add_self(const double* a, long long n) { add_self_pairs(*this, a, n); }
 void PairStats::add(const float* a, const float* b, long long n) { add_pairs(*this, a, b, n); }
 void PairStats::add(const double* a, const double* b, long long n) { add_pairs(*this, a, b, n); }
 

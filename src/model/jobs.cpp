@@ -199,7 +199,7 @@ double choose_alpha(Classifier& model, const Vectors& base, const Vectors& vecto
     set_parameter_values(model, moved);
     const Evaluation on_support = evaluate(model, support);
     accuracies.push_back(on_support.accuracy);
-    curve.push_back({alpha, on_support.loss, evaluate(model, shots).loss});
+    curve.push_back({alpha, on_support.loss, evaluate(model, shots).loss, on_support.accuracy});
   }
   set_parameter_values(model, base);
   return alphas[best_on_support(accuracies)];
@@ -526,8 +526,10 @@ nlohmann::json transport_rows_json(const std::vector<TransportRow>& rows) {
     if (!std::isnan(row.directional_derivative)) entry["directional_derivative"] = row.directional_derivative;
     if (!row.curve.empty()) {
       nlohmann::json curve = nlohmann::json::array();
-      for (const auto& point : row.curve)
+      for (const auto& point : row.curve) {
         curve.push_back({{"alpha", point.alpha}, {"support_loss", point.support_loss}, {"shots_loss", point.shots_loss}});
+        if (std::isfinite(point.support_accuracy)) curve.back()["support_accuracy"] = point.support_accuracy;
+      }
       entry["alpha_curve"] = curve;
     }
     out.push_back(entry);
@@ -964,6 +966,7 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
             curve[i].alpha = row.curve[i].alpha;
             curve[i].support_loss += row.curve[i].support_loss;
             curve[i].shots_loss += row.curve[i].shots_loss;
+            curve[i].support_accuracy = (std::isfinite(curve[i].support_accuracy) ? curve[i].support_accuracy : 0.0) + row.curve[i].support_accuracy;
           }
         }
         const double count = static_cast<double>(accuracies.size());
@@ -977,7 +980,8 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         if (!curve.empty()) {
           nlohmann::json points = nlohmann::json::array();
           for (const auto& point : curve)
-            points.push_back({{"alpha", point.alpha}, {"support_loss_mean", point.support_loss / count}, {"shots_loss_mean", point.shots_loss / count}});
+            points.push_back({{"alpha", point.alpha}, {"support_loss_mean", point.support_loss / count}, {"shots_loss_mean", point.shots_loss / count},
+                              {"support_accuracy_mean", point.support_accuracy / count}});
           entry["alpha_curve_mean"] = points;
         }
         results.push_back(entry);

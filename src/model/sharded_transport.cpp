@@ -46,7 +46,7 @@ Score score(const LayeredModel& model, const ShardedWeights& weights, const Samp
 
 // The alpha of the grid with the lowest mean loss of B + alpha * delta on the support set (ties:
 // the earlier in the grid); a grid point whose loss is not finite is never chosen. The test set
-// plays no part. `curve` gets every grid point's support loss and the shots' own loss.
+// plays no part. `curve` gets every grid point's support loss and accuracy and the shots' own loss.
 double choose_alpha(const LayeredModel& model, ShardedWeights& weights, const Pieces& delta, const std::vector<double>& alphas,
                     const SampleSource& support, const SampleSource& shots, const JobContext& context, const torch::Device& device,
                     std::vector<AlphaPoint>& curve) {
@@ -55,8 +55,10 @@ double choose_alpha(const LayeredModel& model, ShardedWeights& weights, const Pi
   curve.clear();
   for (double alpha : alphas) {
     weights.set_offset(&delta, static_cast<float>(alpha));
-    const double loss = score(model, weights, support, context, device).loss;
-    curve.push_back({alpha, loss, score(model, weights, shots, context, device).loss});
+    const Score on_support = score(model, weights, support, context, device);
+    const double loss = on_support.loss;
+    // The support accuracy is reported (CLIP's accuracy, a decoder's next-token accuracy), not chosen by.
+    curve.push_back({alpha, loss, score(model, weights, shots, context, device).loss, on_support.accuracy});
     if (std::isfinite(loss) && loss < best_loss) {
       best_loss = loss;
       best_alpha = alpha;

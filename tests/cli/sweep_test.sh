@@ -78,7 +78,7 @@ check "results.csv: a header and 6 rows per point" test "$(wc -l <results-once.c
 
 # Plots of the finished sweep (launch/plot): each as PNG and SVG, the methods in the legends.
 "$repo/launch/plot" out/paper-table1 --out plots >plot.log
-for name in accuracy_vs_shots accuracy_by_task sign_agreement alpha_curves; do
+for name in accuracy_vs_shots accuracy_by_task sign_agreement accuracy_vs_alpha alpha_curves; do
   check "launch/plot: $name.png is a PNG" bash -c "head -c 4 plots/$name.png | od -An -tx1 | grep -q '89 50 4e 47'"
   check "launch/plot: $name.svg is an SVG" grep -q "<svg" "plots/$name.svg"
 done

@@ -180,5 +180,57 @@ TEST(DType, F64ToNarrowRoundsOnce) {
   EXPECT_EQ(first_nonfinite(DType::kF32, narrowed, 3), 2);
 }
 
+// The bulk bf16 conversions (vectorised, with an AVX2 copy) agree with the one-element functions
+// on every kind of float: random bit patterns, NaNs with payloads (signalling ones become quiet),
+// infinities, the largest finite value (which rounds to infinity) and subnormals.
+TEST(DType, BulkBf16ConversionsMatchTheElementFunctions) {
+  std::vector<std::uint32_t> bits = {0x00000000u, 0x80000000u, 0x7F800000u, 0xFF800000u, 0x7F800001u, 0xFFC00001u,
+                                     0x7FBFFFFFu, 0x7F7FFFFFu, 0x00000001u, 0x807FFFFFu, 0x3F808000u, 0x3F818000u};
+  std::uint64_t state = 12345;
+  for (int i = 0; i < 100000; ++i) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    bits.push_back(static_cast<std::uint32_t>(state >> 32));
+  }
+  std::vector<float> values(bits.size());
+  std::memcpy(values.data(), bits.data(), bits.size() * sizeof(float));
+  std::vector<std::uint16_t> narrowed(values.size());
+  convert_from_f32(DType::kBF16, values.data(), narrowed.data(), values.size());
+  for (std::size_t i = 0; i < values.size(); ++i) ASSERT_EQ(narrowed[i], f32_to_bf16(values[i])) << "bits " << bits[i];
+  EXPECT_EQ(narrowed[4], 0x7FC0);  // a signalling NaN comes out quiet
+  EXPECT_EQ(narrowed[7], 0x7F80);  // the largest float rounds to infinity
+  std::vector<float> widened(narrowed.size());
+  convert_to_f32(DType::kBF16, narrowed.data(), widened.data(), narrowed.size());
+  for (std::size_t i = 0; i < narrowed.size(); ++i) {
+    const float expected = bf16_to_f32(narrowed[i]);
+    ASSERT_EQ(std::memcmp(&widened[i], &expected, sizeof(float)), 0) << "bf16 bits " << narrowed[i];
+  }
+}
+
+// The vectorised non-finite count agrees with a brute-force scan, in every float dtype, and
+// first_nonfinite finds the first.
+TEST(DType, NonfiniteCountsMatchABruteForceScan) {
+  std::vector<unsigned char> bytes(64 * 1024);
+  std::uint64_t state = 99;
+  for (auto& byte : bytes) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    byte = static_cast<unsigned char>(state >> 56);
+  }
+  for (DType dtype : {DType::kF64, DType::kF32, DType::kF16, DType::kBF16, DType::kF8E4M3, DType::kF8E5M2}) {
+    const std::size_t size = dtype_size(dtype), count = bytes.size() / size;
+    std::vector<double> wide(count);
+    convert_to_f64(dtype, bytes.data(), wide.data(), count);
+    std::size_t expected = 0;
+    long long first = -1;
+    for (std::size_t i = 0; i < count; ++i)
+      if (!std::isfinite(wide[i])) {
+        ++expected;
+        if (first < 0) first = static_cast<long long>(i);
+      }
+    EXPECT_GT(expected, 0u) << dtype_name(dtype);
+    EXPECT_EQ(count_nonfinite(dtype, bytes.data(), count), expected) << dtype_name(dtype);
+    EXPECT_EQ(first_nonfinite(dtype, bytes.data(), count), first) << dtype_name(dtype);
+  }
+}
+
 }  // namespace
 }  // namespace gradfix

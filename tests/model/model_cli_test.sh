@@ -244,7 +244,7 @@ PY
 # launch/plot draws the demo's JSON: every plot, the mask modes and merges by name, and the same
 # bytes from the same results (no dates or random ids in the files).
 "$repo/launch/plot" demo.json --out plots >plot.log
-for name in accuracy_vs_shots accuracy_by_task sign_agreement alpha_curves mask_modes merging; do
+for name in accuracy_vs_shots accuracy_by_task sign_agreement accuracy_vs_alpha alpha_curves mask_modes merging; do
   check "launch/plot of the demo: $name.png is a PNG" bash -c "head -c 4 plots/$name.png | od -An -tx1 | grep -q '89 50 4e 47'"
   check "launch/plot of the demo: $name.svg is an SVG" grep -q "<svg" "plots/$name.svg"
 done

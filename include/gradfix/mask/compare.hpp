@@ -17,6 +17,10 @@ struct PairStats {
   void add(const float* a, const float* b, long long n);
   void add(const double* a, const double* b, long long n);
   void add(const PairStats& other);
+  // add(a, a, n) in one third of the work: a vector's own statistics (its count, non-zero
+  // entries and squared norm), for the jobs that report on one input.
+  void add_self(const float* a, long long n);
+  void add_self(const double* a, long long n);
   // Fractions in [0, 1]; 0 for empty tensors.
   double sign_agreement() const;
   // 0 when either vector is zero.

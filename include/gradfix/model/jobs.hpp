@@ -148,6 +148,7 @@ struct AlphaPoint {
   double alpha = 0.0;
   double support_loss = 0.0;
   double shots_loss = 0.0;
+  double support_accuracy = std::numeric_limits<double>::quiet_NaN();  // classifiers (what chooses their alpha)
 };
 
 // One row of the transport table.
