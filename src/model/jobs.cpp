@@ -857,7 +857,10 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
     std::string last;
     for (auto& [name, parameter] : b_base->parameters()) last = name;
     head_pattern = "^";
-    for (char c : last.substr(0, last.rfind('.') + 1)) head_pattern += std::isalnum(static_cast<unsigned char>(c)) ? std::string(1, c) : std::string("\\") + c;
+    for (char c : last.substr(0, last.rfind('.') + 1)) {
+      if (c != '\0' && std::strchr(".^$|()[]{}*+?\\", c) != nullptr) head_pattern += '\\';  // a regex's special characters, escaped
+      head_pattern += c;
+    }
   }
   const Dataset clean_test = load_data({test_spec, "none"}, 0, job.test_limit);
   out << "demo: releases " << job.dims << (job.independent_init ? ", independently initialised" : ", one shared initialisation")
