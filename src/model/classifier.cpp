@@ -160,6 +160,26 @@ void set_parameter_values(Classifier& model, const std::map<std::string, std::ve
   }
 }
 
+void set_moved_parameters(Classifier& model, const std::map<std::string, std::vector<float>>& base,
+                          const std::map<std::string, std::vector<float>>& delta, double alpha) {
+  torch::NoGradGuard no_grad;
+  const auto factor = static_cast<float>(alpha);
+  for (auto& [name, parameter] : model.parameters()) {
+    const auto found = base.find(name);
+    if (found == base.end()) continue;
+    const std::vector<float>& from = found->second;
+    const std::vector<float>& step = delta.at(name);
+    if (parameter.is_cpu() && parameter.is_contiguous() && parameter.scalar_type() == torch::kFloat32) {
+      float* values = parameter.data_ptr<float>();
+      for (std::size_t i = 0; i < from.size(); ++i) values[i] = from[i] + factor * step[i];
+      continue;
+    }
+    std::vector<float> moved(from);
+    for (std::size_t i = 0; i < moved.size(); ++i) moved[i] += factor * step[i];
+    parameter.copy_(torch::from_blob(moved.data(), parameter.sizes(), torch::kFloat32));
+  }
+}
+
 torch::Tensor inputs_tensor(const Dataset& data, const torch::Device& device) {
   std::vector<int64_t> shape = {data.size()};
   shape.insert(shape.end(), data.sample_shape.begin(), data.sample_shape.end());
@@ -236,7 +256,15 @@ std::map<std::string, torch::Tensor> gradient_sums(Classifier& model, const torc
 
 Evaluation evaluate(Classifier& model, const Dataset& data, long long batch) {
   torch::NoGradGuard no_grad;
-  const torch::Tensor inputs = inputs_tensor(data, model.device()), labels = labels_tensor(data, model.device());
+  // On the CPU the data set's own memory is read in place (evaluation never writes its inputs);
+  // a copy of a 10,000-image test set per evaluation was page faults and memory traffic.
+  std::vector<int64_t> shape = {data.size()};
+  shape.insert(shape.end(), data.sample_shape.begin(), data.sample_shape.end());
+  const bool on_cpu = model.device().is_cpu();
+  const torch::Tensor inputs = on_cpu ? torch::from_blob(const_cast<float*>(data.inputs.data()), shape, torch::kFloat32)
+                                      : inputs_tensor(data, model.device());
+  const torch::Tensor labels = on_cpu ? torch::from_blob(const_cast<long long*>(data.labels.data()), {data.size()}, torch::kInt64)
+                                      : labels_tensor(data, model.device());
   double loss = 0.0;
   long long correct = 0;
   for (int64_t start = 0; start < data.size(); start += batch) {

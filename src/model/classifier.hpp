@@ -77,6 +77,11 @@ std::map<std::string, std::vector<float>> read_parameters(Classifier& model, con
 // Copies of the parameters as fp32 vectors, and back.
 std::map<std::string, std::vector<float>> parameter_values(Classifier& model);
 void set_parameter_values(Classifier& model, const std::map<std::string, std::vector<float>>& values);
+// Sets every parameter to base + alpha * delta (float arithmetic, element by element), writing
+// into the parameters themselves where they are contiguous float32 on the CPU: the alpha searches
+// call this for every grid point, and a copy of the model per point was most of their page faults.
+void set_moved_parameters(Classifier& model, const std::map<std::string, std::vector<float>>& base,
+                          const std::map<std::string, std::vector<float>>& delta, double alpha);
 
 // Inputs of a dataset as a tensor [N, ...], labels [N], on a device.
 torch::Tensor inputs_tensor(const Dataset& data, const torch::Device& device = torch::kCPU);

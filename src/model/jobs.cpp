@@ -191,12 +191,7 @@ double choose_alpha(Classifier& model, const Vectors& base, const Vectors& vecto
   std::vector<double> accuracies;
   curve.clear();
   for (double alpha : alphas) {
-    Vectors moved = base;
-    for (auto& [name, values] : moved) {
-      const auto& delta = vector.at(name);
-      for (std::size_t i = 0; i < values.size(); ++i) values[i] += static_cast<float>(alpha) * delta[i];
-    }
-    set_parameter_values(model, moved);
+    set_moved_parameters(model, base, vector, alpha);
     const Evaluation on_support = evaluate(model, support);
     accuracies.push_back(on_support.accuracy);
     curve.push_back({alpha, on_support.loss, evaluate(model, shots).loss, on_support.accuracy});
@@ -216,12 +211,7 @@ double directional_derivative(const Vectors& gradient, const Vectors& update) {
 }
 
 Evaluation evaluate_with(Classifier& model, const Vectors& base, const Vectors& vector, double alpha, const Dataset& data) {
-  Vectors moved = base;
-  for (auto& [name, values] : moved) {
-    const auto& delta = vector.at(name);
-    for (std::size_t i = 0; i < values.size(); ++i) values[i] += static_cast<float>(alpha) * delta[i];
-  }
-  set_parameter_values(model, moved);
+  set_moved_parameters(model, base, vector, alpha);
   const Evaluation result = evaluate(model, data);
   set_parameter_values(model, base);
   return result;

@@ -34,9 +34,17 @@ rank_pid() {
     fi
   done
 }
-mpirun "${mpirun_flags[@]}" -np 3 "$gradfix" "${job[@]}" --finetune-steps 1,5000 --out "$work/hung" >hung.log 2>&1 &
+GRADFIX_PROGRESS_SECONDS=0 mpirun "${mpirun_flags[@]}" -x GRADFIX_PROGRESS_SECONDS -np 3 "$gradfix" "${job[@]}" --finetune-steps 1,5000 \
+  --out "$work/hung" >hung.log 2>&1 &
 launcher=$!
-sleep 2  # well past start-up: the ranks are in the fine-tuning's collectives
+# Stop rank 2 once the job is under way: rank 0's progress lines (every update here) start after
+# every rank has started MPI and read its inputs. A fixed sleep stopped a rank inside MPI's own
+# start-up on a loaded machine, where no watchdog runs yet.
+for _ in $(seq 1 600); do
+  grep -q "samples" hung.log 2>/dev/null && break
+  sleep 0.1
+done
+sleep 1  # in the fine-tuning's collectives
 stopped=$(rank_pid hung)
 [ -n "$stopped" ] && kill -STOP "$stopped"
 start=$(date +%s.%N)
