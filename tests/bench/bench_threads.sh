@@ -27,26 +27,30 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 "$gradfix" init --arch vit --dims 1,28,28,7,64,2,4,128,10 --seed 1 --out vit.safetensors >/dev/null
 calc() { awk "BEGIN { print $1 }"; }
-run() {  # run SETTING NAME ARGS...: seconds
-  local setting=$1 name=$2 start end
-  shift 2
+seconds_of() {  # seconds_of COMMAND...: the wall time of one run, its output discarded
+  local start end
   start=$(date +%s.%N)
-  if [ "$setting" = all ]; then
-    GRADFIX_THREADS=$cores mpirun "${flags[@]}" -x GRADFIX_THREADS -np 2 "$gradfix" "$@" --out "$name" >/dev/null
-  else
-    mpirun "${flags[@]}" -np 2 "$gradfix" "$@" --out "$name" >/dev/null
-  fi
+  "$@" >/dev/null
   end=$(date +%s.%N)
   calc "$end - $start"
+}
+run() {  # run SETTING NAME ARGS...: seconds
+  local setting=$1 name=$2
+  shift 2
+  if [ "$setting" = all ]; then
+    seconds_of env GRADFIX_THREADS="$cores" mpirun "${flags[@]}" -x GRADFIX_THREADS -np 2 "$gradfix" "$@" --out "$name"
+  else
+    seconds_of mpirun "${flags[@]}" -np 2 "$gradfix" "$@" --out "$name"
+  fi
 }
 printf '# gradfix bench_threads: 2 ranks unbound on %s cores; built-in ViT 28x28, width 64, depth 2\n' "$cores"
 printf '# %-8s %22s %22s %8s\n' job "all cores/rank (s)" "cores/ranks (s)" ratio
 rows=""
 for job in train signs; do
   if [ "$job" = train ]; then
-    args=(train --weights vit.safetensors --data "$data:train" --limit 4000 --epochs 1 --seed 1)
+    args=(train --weights vit.safetensors --data "$data:train" --limit 4000 --epochs 1 --seed 1 --quiet)
   else
-    args=(signs --weights vit.safetensors --data "$data:t10k" --shots-per-class 20 --method loop --seed 1)
+    args=(signs --weights vit.safetensors --data "$data:t10k" --shots-per-class 20 --method loop --seed 1 --quiet)
   fi
   before=$(run all "before_$job.safetensors" "${args[@]}")
   after=$(run shared "after_$job.safetensors" "${args[@]}")
@@ -57,12 +61,9 @@ for job in train signs; do
 done
 "$gradfix" init --arch mlp --dims 784,512,512,10 --seed 1 --out mlp.safetensors >/dev/null
 solo() {  # solo BLAS_THREADS ARGS...: seconds of one rank (BLAS_THREADS empty: gradfix's default)
-  local blas=$1 start end
+  local blas=$1
   shift
-  start=$(date +%s.%N)
-  if [ -n "$blas" ]; then OPENBLAS_NUM_THREADS=$blas "$gradfix" "$@" >/dev/null; else "$gradfix" "$@" >/dev/null; fi
-  end=$(date +%s.%N)
-  calc "$end - $start"
+  if [ -n "$blas" ]; then seconds_of env OPENBLAS_NUM_THREADS="$blas" "$gradfix" "$@"; else seconds_of "$gradfix" "$@"; fi
 }
 printf '# one rank, LibTorch on %s cores: with a pthreads OpenBLAS pool beside it, and with OpenBLAS on one thread\n' "$cores"
 printf '# %-8s %22s %22s %8s\n' job "two pools (s)" "one pool (s)" ratio
