@@ -8,6 +8,18 @@ namespace {
 template <typename V>
 inline int sign_of(V value) { return (value > V(0)) - (value < V(0)); }
 
+// Adds one chunk's counts and sums.
+void fold(PairStats& stats, long long n, long long agreements, long long nonzero_a, long long nonzero_b, double dot, double squares_a,
+          double squares_b) {
+  stats.count += n;
+  stats.sign_agreements += agreements;
+  stats.nonzero_a += nonzero_a;
+  stats.nonzero_b += nonzero_b;
+  stats.dot += dot;
+  stats.norm_a_squared += squares_a;
+  stats.norm_b_squared += squares_b;
+}
+
 template <typename V>
 void add_pairs(PairStats& stats, const V* a, const V* b, long long n) {
   long long agreements = 0, nonzero_first = 0, nonzero_second = 0;
@@ -22,13 +34,7 @@ void add_pairs(PairStats& stats, const V* a, const V* b, long long n) {
     squares_a += static_cast<double>(a[i]) * a[i];
     squares_b += static_cast<double>(b[i]) * b[i];
   }
-  stats.sign_agreements += agreements;
-  stats.nonzero_a += nonzero_first;
-  stats.nonzero_b += nonzero_second;
-  stats.dot += products;
-  stats.norm_a_squared += squares_a;
-  stats.norm_b_squared += squares_b;
-  stats.count += n;
+  fold(stats, n, agreements, nonzero_first, nonzero_second, products, squares_a, squares_b);
 }
 
 template <typename V>
@@ -41,13 +47,7 @@ void add_self_pairs(PairStats& stats, const V* a, long long n) {
     squares += static_cast<double>(a[i]) * a[i];
   }
   // What add(a, a, n) gives: every sign agrees with itself, and dot = |a|^2 = |b|^2.
-  stats.sign_agreements += n;
-  stats.nonzero_a += nonzero;
-  stats.nonzero_b += nonzero;
-  stats.dot += squares;
-  stats.norm_a_squared += squares;
-  stats.norm_b_squared += squares;
-  stats.count += n;
+  fold(stats, n, n, nonzero, nonzero, squares, squares, squares);
 }
 
 }  // namespace
