@@ -8,6 +8,8 @@
 #include <limits>
 #include <vector>
 
+#include "gradfix/core/cpu_clones.hpp"
+
 namespace gradfix {
 namespace {
 
@@ -217,14 +219,8 @@ std::uint16_t f32_to_bf16(float value) {
   return static_cast<std::uint16_t>(nan ? quiet_nan : rounded);
 }
 
-// The bf16 loops of the file jobs (a bf16 apply converts every element three times) in an AVX2
-// copy as well, chosen when the program starts on a CPU that has it; the baseline x86-64 build
-// only has SSE2, where narrowing 32-bit lanes to 16 takes several shuffles. Same results either way.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define GRADFIX_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
-#else
-#define GRADFIX_AVX2_CLONE
-#endif
+// The bf16 loops of the file jobs (a bf16 apply converts every element three times) have an
+// AVX2 copy (GRADFIX_AVX2_CLONE): narrowing 32-bit lanes to 16 takes several shuffles in SSE2.
 
 namespace {
 

@@ -53,10 +53,17 @@ int main(int argc, char** argv) {
       std::map<std::string, torch::Tensor> reference;
       const double loop = best_seconds([&] { reference = gradfix::loop_votes(*model, inputs, labels); }, 3);
       // The fast votes must be the loop's, up to entries whose gradient is within rounding of zero.
+      // A ViT's key bias has a gradient of zero in theory: the fast path casts no vote there and
+      // the loop votes with autograd's rounding noise, so that third is left out (as in the tests).
       long long equal = 0, total = 0;
       for (const auto& [name, values] : reference) {
-        equal += votes.at(name).eq(values).sum().item<int64_t>();
-        total += values.numel();
+        torch::Tensor same = votes.at(name).eq(values);
+        if (name.size() > 13 && name.compare(name.size() - 13, 13, "attn.qkv.bias") == 0) {
+          const int64_t third = values.size(0) / 3;
+          same = torch::cat({same.slice(0, 0, third), same.slice(0, 2 * third)});
+        }
+        equal += same.sum().item<int64_t>();
+        total += same.numel();
       }
       gradfix::bench::require(static_cast<double>(equal) >= 0.999 * static_cast<double>(total),
                               std::string(c.arch) + ": fast votes equal the loop's on only " + std::to_string(equal) + " of " +
