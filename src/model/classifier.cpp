@@ -151,12 +151,20 @@ std::map<std::string, std::vector<float>> parameter_values(Classifier& model) {
   return values;
 }
 
+namespace {
+
+// A parameter overwritten with float32 values of its shape, on its device and in its dtype.
+void copy_into(torch::Tensor& parameter, const std::vector<float>& values) {
+  parameter.copy_(torch::from_blob(const_cast<float*>(values.data()), parameter.sizes(), torch::kFloat32));
+}
+
+}  // namespace
+
 void set_parameter_values(Classifier& model, const std::map<std::string, std::vector<float>>& values) {
   torch::NoGradGuard no_grad;
   for (auto& [name, parameter] : model.parameters()) {
     const auto found = values.find(name);
-    if (found == values.end()) continue;
-    parameter.copy_(torch::from_blob(const_cast<float*>(found->second.data()), parameter.sizes(), torch::kFloat32));
+    if (found != values.end()) copy_into(parameter, found->second);
   }
 }
 
@@ -176,18 +184,32 @@ void set_moved_parameters(Classifier& model, const std::map<std::string, std::ve
     }
     std::vector<float> moved(from);
     for (std::size_t i = 0; i < moved.size(); ++i) moved[i] += factor * step[i];
-    parameter.copy_(torch::from_blob(moved.data(), parameter.sizes(), torch::kFloat32));
+    copy_into(parameter, moved);
   }
 }
 
-torch::Tensor inputs_tensor(const Dataset& data, const torch::Device& device) {
+namespace {
+
+// The data set's own memory as tensors, without a copy: valid while `data` lives, and only for
+// reading (from_blob needs a non-const pointer; nothing here writes through it).
+torch::Tensor inputs_view(const Dataset& data) {
   std::vector<int64_t> shape = {data.size()};
   shape.insert(shape.end(), data.sample_shape.begin(), data.sample_shape.end());
-  return torch::from_blob(const_cast<float*>(data.inputs.data()), shape, torch::kFloat32).to(torch::TensorOptions().device(device), false, true);
+  return torch::from_blob(const_cast<float*>(data.inputs.data()), shape, torch::kFloat32);
+}
+
+torch::Tensor labels_view(const Dataset& data) {
+  return torch::from_blob(const_cast<long long*>(data.labels.data()), {data.size()}, torch::kInt64);
+}
+
+}  // namespace
+
+torch::Tensor inputs_tensor(const Dataset& data, const torch::Device& device) {
+  return inputs_view(data).to(torch::TensorOptions().device(device), false, true);
 }
 
 torch::Tensor labels_tensor(const Dataset& data, const torch::Device& device) {
-  return torch::from_blob(const_cast<long long*>(data.labels.data()), {data.size()}, torch::kInt64).to(torch::TensorOptions().device(device), false, true);
+  return labels_view(data).to(torch::TensorOptions().device(device), false, true);
 }
 
 torch::Device parse_device(const std::string& text, int local_rank) {
@@ -258,13 +280,9 @@ Evaluation evaluate(Classifier& model, const Dataset& data, long long batch) {
   torch::NoGradGuard no_grad;
   // On the CPU the data set's own memory is read in place (evaluation never writes its inputs);
   // a copy of a 10,000-image test set per evaluation was page faults and memory traffic.
-  std::vector<int64_t> shape = {data.size()};
-  shape.insert(shape.end(), data.sample_shape.begin(), data.sample_shape.end());
   const bool on_cpu = model.device().is_cpu();
-  const torch::Tensor inputs = on_cpu ? torch::from_blob(const_cast<float*>(data.inputs.data()), shape, torch::kFloat32)
-                                      : inputs_tensor(data, model.device());
-  const torch::Tensor labels = on_cpu ? torch::from_blob(const_cast<long long*>(data.labels.data()), {data.size()}, torch::kInt64)
-                                      : labels_tensor(data, model.device());
+  const torch::Tensor inputs = on_cpu ? inputs_view(data) : inputs_tensor(data, model.device());
+  const torch::Tensor labels = on_cpu ? labels_view(data) : labels_tensor(data, model.device());
   double loss = 0.0;
   long long correct = 0;
   for (int64_t start = 0; start < data.size(); start += batch) {
