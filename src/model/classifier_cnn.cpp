@@ -62,25 +62,43 @@ class Cnn final : public BuiltInClassifier {
   }
 
  private:
-  // The CPU path. The forward pass keeps each block's input, pooled output and argmax; the
-  // backward pass starts from the cross entropy's gradient softmax - one_hot (summed over samples,
-  // so each row is that sample's own gradient) and runs block by block.
+  // The CPU path, in chunks of samples: a chunk's activations stay in the cache, and its
+  // temporaries (a few MB at most) are reused from the heap by the next chunk instead of being
+  // mapped afresh, which cost more page faults than the arithmetic they hold.
   bool sparse_votes(const torch::Tensor& inputs, const torch::Tensor& labels, std::map<std::string, torch::Tensor>& votes) {
     torch::NoGradGuard no_grad;
+    for (auto& [name, parameter] : parameters()) votes[name] = torch::zeros(parameter.sizes(), parameter.options().dtype(torch::kInt32));
+    constexpr int64_t kChunk = 32;
+    for (int64_t start = 0; start < inputs.size(0); start += kChunk) {
+      const int64_t stop = std::min<int64_t>(inputs.size(0), start + kChunk);
+      add_sparse_votes(inputs.slice(0, start, stop), labels.slice(0, start, stop), votes);
+    }
+    return true;
+  }
+
+  // One chunk. The forward pass keeps each block's input, pooled output and argmax; the backward
+  // pass starts from the cross entropy's gradient softmax - one_hot (summed over samples, so each
+  // row is that sample's own gradient) and runs block by block, adding to `votes`.
+  void add_sparse_votes(const torch::Tensor& inputs, const torch::Tensor& labels, std::map<std::string, torch::Tensor>& votes) {
     const int64_t samples = inputs.size(0);
     std::vector<torch::Tensor> block_inputs, pooled, argmaxes;
     torch::Tensor x = inputs.reshape({samples, channels_, height_, width_}).contiguous();
     for (auto& conv : convs_) {
       block_inputs.push_back(x);
-      // With one input channel LibTorch 1.13's default (oneDNN) convolution takes 6x as long as its
-      // unfold-and-multiply one on a 28x28 image (0.037 against 0.006 ms per sample, 16 outputs);
-      // with more channels the default is the faster.
-      const torch::Tensor z = (x.size(1) == 1 ? at::thnn_conv2d(x, conv->weight, {3, 3}, conv->bias, {1, 1}, {1, 1})
-                                              : torch::conv2d(x, conv->weight, conv->bias, 1, 1))
-                                  .contiguous();
-      const torch::Tensor out = torch::empty({samples, z.size(1), z.size(2) / 2, z.size(3) / 2}, z.options());
-      const torch::Tensor argmax = torch::empty(out.sizes(), z.options().dtype(torch::kInt32));
-      relu_max_pool2(z.data_ptr<float>(), samples * z.size(1), z.size(2), z.size(3), out.data_ptr<float>(), argmax.data_ptr<int32_t>());
+      const int64_t in = x.size(1), height = x.size(2), width = x.size(3), out_channels = conv->weight.size(0);
+      const torch::Tensor out = torch::empty({samples, out_channels, height / 2, width / 2}, x.options());
+      const torch::Tensor argmax = torch::empty(out.sizes(), x.options().dtype(torch::kInt32));
+      if (in == 1) {
+        // With one input channel LibTorch 1.13's convolutions are slow (oneDNN's 0.037 ms per
+        // 28x28 image and 16 outputs, its unfold-and-multiply kernel 0.006-0.013); a direct one
+        // fused with the pooling never writes the full-size output.
+        const torch::Tensor weight = conv->weight.contiguous(), bias = conv->bias.contiguous();
+        conv3x3_relu_max_pool2_one_channel(x.data_ptr<float>(), samples, height, width, weight.data_ptr<float>(), bias.data_ptr<float>(),
+                                           out_channels, out.data_ptr<float>(), argmax.data_ptr<int32_t>());
+      } else {
+        const torch::Tensor z = torch::conv2d(x, conv->weight, conv->bias, 1, 1).contiguous();
+        relu_max_pool2(z.data_ptr<float>(), samples * out_channels, height, width, out.data_ptr<float>(), argmax.data_ptr<int32_t>());
+      }
       pooled.push_back(out);
       argmaxes.push_back(argmax);
       x = out;
@@ -89,25 +107,21 @@ class Cnn final : public BuiltInClassifier {
     const torch::Tensor logits = head_->forward(flat);
     const torch::Tensor delta = torch::softmax(logits, 1) - torch::one_hot(labels, classes()).to(logits.scalar_type());
     const torch::Tensor delta_signs = torch::sign(delta);
-    votes["head.weight"] = -torch::matmul(delta_signs.t(), torch::sign(flat)).to(torch::kInt32);
-    votes["head.bias"] = -delta_signs.sum(0).to(torch::kInt32);
-    torch::Tensor gradient = torch::matmul(delta, head_->weight).view_as(x);  // at the last block's pooled outputs
+    votes["head.weight"] -= torch::matmul(delta_signs.t(), torch::sign(flat)).to(torch::kInt32);
+    votes["head.bias"] -= delta_signs.sum(0).to(torch::kInt32);
+    torch::Tensor gradient = torch::matmul(delta, head_->weight).view_as(x).contiguous();  // at the last block's pooled outputs
     for (std::size_t i = convs_.size(); i-- > 0;) {
-      // The ReLU passes a gradient only where the pooled value is positive.
-      const torch::Tensor pooled_gradient = (gradient * pooled[i].gt(0)).contiguous();
-      const torch::Tensor per_channel = pooled_gradient.flatten(2);
-      votes["convs." + std::to_string(i) + ".bias"] =
-          -torch::sign(without_cancelled(per_channel.sum(2), per_channel.abs().sum(2))).sum(0).to(torch::kInt32);
       const torch::Tensor weight = convs_[i]->weight.contiguous();
-      torch::Tensor weight_votes = torch::zeros(weight.sizes(), weight.options().dtype(torch::kInt32));
+      const torch::Tensor& weight_votes = votes.at("convs." + std::to_string(i) + ".weight");
+      const torch::Tensor& bias_votes = votes.at("convs." + std::to_string(i) + ".bias");
       const torch::Tensor input_gradient = i > 0 ? torch::empty_like(block_inputs[i]) : torch::Tensor();
       const ConvBlockShape shape{block_inputs[i].size(1), weight.size(0), block_inputs[i].size(2), block_inputs[i].size(3)};
-      conv3x3_votes(shape, samples, block_inputs[i].data_ptr<float>(), pooled_gradient.data_ptr<float>(), argmaxes[i].data_ptr<int32_t>(),
-                    weight.data_ptr<float>(), weight_votes.data_ptr<int32_t>(), i > 0 ? input_gradient.data_ptr<float>() : nullptr);
-      votes["convs." + std::to_string(i) + ".weight"] = weight_votes;
+      const ConvBlockSample first{block_inputs[i].data_ptr<float>(), pooled[i].data_ptr<float>(), gradient.data_ptr<float>(),
+                                  argmaxes[i].data_ptr<int32_t>(), i > 0 ? input_gradient.data_ptr<float>() : nullptr};
+      conv3x3_votes(shape, samples, first, weight.data_ptr<float>(), kCancellationTolerance, weight_votes.data_ptr<int32_t>(),
+                    bias_votes.data_ptr<int32_t>());
       gradient = input_gradient;
     }
-    return true;
   }
 
   // Other devices. A convolution's per-sample weight gradient sums over positions p: G_n = delta_n

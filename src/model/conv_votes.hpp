@@ -28,14 +28,33 @@ struct ConvBlockShape {
 // Where the window's max is <= 0 the ReLU's gradient is 0, so which index is kept does not matter.
 void relu_max_pool2(const float* input, int64_t planes, int64_t height, int64_t width, float* pooled, int32_t* argmax);
 
-// For `samples` samples: input [samples, in, height, width] (the block's input), pooled_gradient
-// [samples, out, pooled_height, pooled_width] (the loss's gradient at the pooled outputs, already
-// multiplied by the ReLU's derivative), argmax from relu_max_pool2, weight [out, in, 3, 3].
-// Subtracts sign(G_n) of every sample's weight gradient from votes [out, in, 3, 3] (a descent vote)
-// and, unless input_gradient is null, writes the gradient of the summed loss with respect to the
-// block's input there [samples, in, height, width]. An entry whose gradient is exactly 0 casts no
-// vote. Runs on LibTorch's intra-op threads, split by sample.
-void conv3x3_votes(const ConvBlockShape& shape, int64_t samples, const float* input, const float* pooled_gradient,
-                   const int32_t* argmax, const float* weight, int32_t* votes, float* input_gradient);
+// The first block of a one-channel CNN in one pass: the 3x3 convolution (padding 1) of input
+// [samples, 1, height, width] with weight [out, 1, 3, 3] and bias [out], then relu_max_pool2 of
+// each plane, without keeping the convolution's output. Runs on LibTorch's intra-op threads.
+// (LibTorch's own convolutions take 6x as long with one input channel.)
+void conv3x3_relu_max_pool2_one_channel(const float* input, int64_t samples, int64_t height, int64_t width, const float* weight,
+                                        const float* bias, int64_t out, float* pooled, int32_t* argmax);
+
+// One sample's (or, in conv3x3_votes, the first sample's) buffers for a block: input [in, height,
+// width] (the block's input), pooled and argmax [out, pooled_height, pooled_width] from
+// relu_max_pool2, pooled_gradient (the loss's gradient at the pooled outputs, before the ReLU) and,
+// unless null, input_gradient [in, height, width] to be written.
+struct ConvBlockSample {
+  const float* input = nullptr;
+  const float* pooled = nullptr;
+  const float* pooled_gradient = nullptr;
+  const int32_t* argmax = nullptr;
+  float* input_gradient = nullptr;
+};
+
+// For `samples` consecutive samples laid out from `first` on, with weight [out, in, 3, 3]: adds
+// every sample's descent votes -sign(G_n) to weight_votes [out, in, 3, 3] and -sign(b_n) to
+// bias_votes [out], and writes the gradient of the summed loss with respect to the block's input
+// where `first.input_gradient` asks for it. The ReLU passes a gradient only where the pooled value
+// is positive. An entry whose gradient is exactly 0 casts no vote, and a bias whose per-sample sum
+// cancels (|sum| <= cancellation_tolerance * sum of |terms|) casts none either. Runs on
+// LibTorch's intra-op threads, split by sample.
+void conv3x3_votes(const ConvBlockShape& shape, int64_t samples, const ConvBlockSample& first, const float* weight,
+                   double cancellation_tolerance, int32_t* weight_votes, int32_t* bias_votes);
 
 }  // namespace gradfix

@@ -55,19 +55,32 @@ TEST(ReluMaxPool2, AgreesWithLibTorch) {
   EXPECT_GT(positive.sum().item<int64_t>(), 50);
 }
 
-// The definition: the pooled gradient placed at its argmax gives the convolution's output
-// gradient delta[o][y][x]; G[o][c][dy][dx] = sum_{y,x} delta[o][y][x] in[c][y+dy-1][x+dx-1] and
-// the input gradient is sum_{o,dy,dx} delta[o][y][x] w[o][c][dy][dx] at (y+dy-1, x+dx-1).
-void brute_force(const ConvBlockShape& s, int64_t samples, const std::vector<float>& input, const std::vector<float>& pooled_gradient,
-                 const std::vector<int32_t>& argmax, const std::vector<float>& weight, std::vector<int32_t>& votes,
-                 std::vector<float>& input_gradient) {
+// In channels 16 make a kernel row 48 taps long: blocks of 32 and 8 summed in registers.
+// The definition: the gradient at a pooled output passes the ReLU where the pooled value is
+// positive and lands at the window's argmax, giving the convolution's output gradient
+// delta[o][y][x]; G[o][c][dy][dx] = sum_{y,x} delta[o][y][x] in[c][y+dy-1][x+dx-1], the bias's
+// gradient is sum_{y,x} delta[o][y][x], and the input gradient is sum_{o,dy,dx} delta[o][y][x]
+// w[o][c][dy][dx] at (y+dy-1, x+dx-1).
+struct Votes {
+  std::vector<int32_t> weight, bias;
+  std::vector<float> input_gradient;
+};
+
+Votes brute_force(const ConvBlockShape& s, int64_t samples, const std::vector<float>& input, const std::vector<float>& pooled,
+                  const std::vector<float>& pooled_gradient, const std::vector<int32_t>& argmax, const std::vector<float>& weight) {
   const int64_t pooled_size = s.pooled_height() * s.pooled_width(), plane = s.height * s.width;
+  Votes votes{std::vector<int32_t>(weight.size(), 0), std::vector<int32_t>(s.out_channels, 0), std::vector<float>(input.size(), 0.0f)};
   for (int64_t n = 0; n < samples; ++n) {
     std::vector<float> delta(s.out_channels * plane, 0.0f);
     for (int64_t o = 0; o < s.out_channels; ++o)
-      for (int64_t q = 0; q < pooled_size; ++q)
-        delta[o * plane + argmax[(n * s.out_channels + o) * pooled_size + q]] += pooled_gradient[(n * s.out_channels + o) * pooled_size + q];
-    for (int64_t o = 0; o < s.out_channels; ++o)
+      for (int64_t q = 0; q < pooled_size; ++q) {
+        const int64_t at = (n * s.out_channels + o) * pooled_size + q;
+        if (pooled[at] > 0) delta[o * plane + argmax[at]] += pooled_gradient[at];
+      }
+    for (int64_t o = 0; o < s.out_channels; ++o) {
+      float b = 0.0f;
+      for (int64_t p = 0; p < plane; ++p) b += delta[o * plane + p];
+      votes.bias[o] -= (b > 0) - (b < 0);
       for (int64_t c = 0; c < s.in_channels; ++c)
         for (int64_t dy = 0; dy < 3; ++dy)
           for (int64_t dx = 0; dx < 3; ++dx) {
@@ -77,49 +90,73 @@ void brute_force(const ConvBlockShape& s, int64_t samples, const std::vector<flo
                 const int64_t yy = y + dy - 1, xx = x + dx - 1;
                 if (yy < 0 || yy >= s.height || xx < 0 || xx >= s.width) continue;
                 const float d = delta[o * plane + y * s.width + x];
-                g += d * input[((n * s.in_channels + c) * s.height + yy) * s.width + xx];
-                input_gradient[((n * s.in_channels + c) * s.height + yy) * s.width + xx] += d * weight[((o * s.in_channels + c) * 3 + dy) * 3 + dx];
+                const int64_t at = ((n * s.in_channels + c) * s.height + yy) * s.width + xx;
+                g += d * input[at];
+                votes.input_gradient[at] += d * weight[((o * s.in_channels + c) * 3 + dy) * 3 + dx];
               }
-            votes[((o * s.in_channels + c) * 3 + dy) * 3 + dx] -= (g > 0) - (g < 0);
+            votes.weight[((o * s.in_channels + c) * 3 + dy) * 3 + dx] -= (g > 0) - (g < 0);
           }
+    }
   }
+  return votes;
 }
 
 TEST(Conv3x3Votes, EqualTheDefinitionOnExactValues) {
   std::mt19937 random(11);
   std::uniform_int_distribution<int> value(-3, 3), offset(0, 1);
   const int threads_before = torch::get_num_threads();
-  for (const ConvBlockShape shape : {ConvBlockShape{2, 3, 5, 4}, ConvBlockShape{1, 4, 6, 7}, ConvBlockShape{3, 2, 2, 2}}) {
+  for (const ConvBlockShape shape : {ConvBlockShape{2, 3, 5, 4}, ConvBlockShape{1, 4, 6, 7}, ConvBlockShape{3, 2, 2, 2}, ConvBlockShape{16, 3, 4, 6}}) {
     for (int threads : {1, 2}) {
       torch::set_num_threads(threads);
       const int64_t samples = 5, pooled_size = shape.pooled_height() * shape.pooled_width();
       std::vector<float> input(samples * shape.in_channels * shape.height * shape.width), weight(shape.out_channels * shape.in_channels * 9),
-          pooled_gradient(samples * shape.out_channels * pooled_size);
-      std::vector<int32_t> argmax(pooled_gradient.size());
+          pooled(samples * shape.out_channels * pooled_size), pooled_gradient(pooled.size());
+      std::vector<int32_t> argmax(pooled.size());
       for (float& v : input) v = static_cast<float>(value(random));
       for (float& v : weight) v = static_cast<float>(value(random));
+      for (float& v : pooled) v = static_cast<float>(value(random));           // the ReLU cuts about half
       for (float& v : pooled_gradient) v = static_cast<float>(value(random));  // about one in seven is 0
       for (std::size_t i = 0; i < argmax.size(); ++i) {
         const int64_t q = static_cast<int64_t>(i) % pooled_size, py = q / shape.pooled_width(), px = q % shape.pooled_width();
         argmax[i] = static_cast<int32_t>((2 * py + offset(random)) * shape.width + 2 * px + offset(random));
       }
-      std::vector<int32_t> votes(weight.size(), 7), expected_votes(weight.size(), 7);  // votes are added to what is there
-      std::vector<float> input_gradient(input.size(), -1.0f), expected_gradient(input.size(), 0.0f);
-      conv3x3_votes(shape, samples, input.data(), pooled_gradient.data(), argmax.data(), weight.data(), votes.data(), input_gradient.data());
-      brute_force(shape, samples, input, pooled_gradient, argmax, weight, expected_votes, expected_gradient);
-      EXPECT_EQ(votes, expected_votes) << "in " << shape.in_channels << " out " << shape.out_channels << " threads " << threads;
-      EXPECT_EQ(input_gradient, expected_gradient) << "in " << shape.in_channels << " out " << shape.out_channels << " threads " << threads;
+      const Votes expected = brute_force(shape, samples, input, pooled, pooled_gradient, argmax, weight);
+      // Votes are added to what is there.
+      std::vector<int32_t> weight_votes(weight.size(), 7), bias_votes(shape.out_channels, -7);
+      std::vector<float> input_gradient(input.size(), -1.0f);
+      conv3x3_votes(shape, samples, {input.data(), pooled.data(), pooled_gradient.data(), argmax.data(), input_gradient.data()}, weight.data(),
+                    1e-5, weight_votes.data(), bias_votes.data());
+      for (std::size_t i = 0; i < weight_votes.size(); ++i) EXPECT_EQ(weight_votes[i] - 7, expected.weight[i]) << "weight " << i;
+      for (std::size_t i = 0; i < bias_votes.size(); ++i) EXPECT_EQ(bias_votes[i] + 7, expected.bias[i]) << "bias " << i;
+      EXPECT_EQ(input_gradient, expected.input_gradient) << "in " << shape.in_channels << " out " << shape.out_channels << " threads " << threads;
       // The first block has no input gradient to form: the votes alone must be the same.
-      std::vector<int32_t> votes_only(weight.size(), 7);
-      conv3x3_votes(shape, samples, input.data(), pooled_gradient.data(), argmax.data(), weight.data(), votes_only.data(), nullptr);
-      EXPECT_EQ(votes_only, expected_votes);
+      std::vector<int32_t> weight_only(weight.size(), 0), bias_only(shape.out_channels, 0);
+      conv3x3_votes(shape, samples, {input.data(), pooled.data(), pooled_gradient.data(), argmax.data(), nullptr}, weight.data(), 1e-5,
+                    weight_only.data(), bias_only.data());
+      EXPECT_EQ(weight_only, expected.weight);
+      EXPECT_EQ(bias_only, expected.bias);
       // Votes must have been cast, or the comparison proves little.
-      long long unchanged = 0;
-      for (int32_t v : expected_votes) unchanged += v == 7;
-      EXPECT_LT(unchanged, static_cast<long long>(expected_votes.size()));
+      long long cast = 0;
+      for (int32_t v : expected.weight) cast += v != 0;
+      EXPECT_GT(cast, 0);
     }
   }
   torch::set_num_threads(threads_before);
+}
+
+// A bias whose per-sample gradient cancels to within the tolerance casts no vote: +1 and -1 at two
+// windows of one sample sum to exactly 0, and 1 and -(1 - 1e-7) to within 1e-6 of their size.
+TEST(Conv3x3Votes, CancelledBiasSumsCastNoVote) {
+  const ConvBlockShape shape{1, 1, 2, 4};  // one output channel, two windows
+  const std::vector<float> input = {1, 2, 3, 4, 5, 6, 7, 8}, weight = {1, 1, 1, 1, 1, 1, 1, 1, 1}, pooled = {1, 1};
+  const std::vector<int32_t> argmax = {0, 2};
+  for (const float second : {-1.0f, -0.9999999f, -0.5f}) {
+    const std::vector<float> pooled_gradient = {1.0f, second};
+    std::vector<int32_t> weight_votes(9, 0), bias_votes(1, 0);
+    conv3x3_votes(shape, 1, {input.data(), pooled.data(), pooled_gradient.data(), argmax.data(), nullptr}, weight.data(), 1e-5,
+                  weight_votes.data(), bias_votes.data());
+    EXPECT_EQ(bias_votes[0], second == -0.5f ? -1 : 0) << second;
+  }
 }
 
 }  // namespace

@@ -22,6 +22,12 @@ bool torch_available();
 // on (its affinity mask), divided among the ranks of its node when the mask is the whole node
 // (an unbound launch), so that P ranks on a node do not run P times its cores. Returns the count.
 int configure_threads(int ranks_on_node);
+// glibc's allocator for tensor temporaries: blocks under 32 MiB come from the heap and up to
+// 64 MiB of freed heap is kept (glibc maps fresh pages for every block above 128 KiB at first and
+// returns them on free, so each step of a model job paid page faults on the memory it had just
+// given back). Left alone when the user tunes malloc (GLIBC_TUNABLES, MALLOC_*_ variables) and on
+// other C libraries.
+void configure_allocator();
 
 // max: per-sample vote counts sum_n sign(-grad_n); mean: the sum of -grad_n.
 enum class SignMode { kMax, kMean };
