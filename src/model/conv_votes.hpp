@@ -31,7 +31,7 @@ void relu_max_pool2(const float* input, int64_t planes, int64_t height, int64_t 
 // The first block of a one-channel CNN in one pass: the 3x3 convolution (padding 1) of input
 // [samples, 1, height, width] with weight [out, 1, 3, 3] and bias [out], then relu_max_pool2 of
 // each plane, without keeping the convolution's output. Runs on LibTorch's intra-op threads.
-// (LibTorch's own convolutions take 6x as long with one input channel.)
+// (LibTorch 1.13 picks oneDNN there, which took 0.037 ms per 28x28 image and 16 outputs.)
 void conv3x3_relu_max_pool2_one_channel(const float* input, int64_t samples, int64_t height, int64_t width, const float* weight,
                                         const float* bias, int64_t out, float* pooled, int32_t* argmax);
 

@@ -1,7 +1,7 @@
 // The CNN's vote kernels (src/model/conv_votes.hpp): pooling against a hand-checked case and
-// LibTorch, the per-sample votes and input gradients against a brute-force convolution written
-// from the definition. Values are small integers, so float sums are exact in any order and the
-// comparisons are exact.
+// LibTorch, the fused one-channel block against LibTorch, the per-sample votes and input
+// gradients against a brute-force convolution written from the definition. Values are small
+// integers, so float sums are exact in any order and the comparisons are exact.
 #include <gtest/gtest.h>
 
 #include <torch/torch.h>
@@ -53,6 +53,29 @@ TEST(ReluMaxPool2, AgreesWithLibTorch) {
   const torch::Tensor positive = expected.gt(0);
   EXPECT_TRUE(argmax.to(torch::kInt64).masked_select(positive).equal(expected_index.masked_select(positive)));
   EXPECT_GT(positive.sum().item<int64_t>(), 50);
+}
+
+// The fused first block against LibTorch's convolution, ReLU and pooling. Small integers make
+// every sum exact and ties frequent, so the tie order is checked too; a width of 19 is more than
+// one block of 16 and odd, a height of 7 odd.
+TEST(Conv3x3ReluMaxPool2OneChannel, EqualsLibTorch) {
+  torch::manual_seed(8);
+  const int threads_before = torch::get_num_threads();
+  for (int threads : {1, 2}) {
+    torch::set_num_threads(threads);
+    const torch::Tensor input = torch::randint(-3, 4, {3, 1, 7, 19}).to(torch::kFloat32);
+    const torch::Tensor weight = torch::randint(-2, 3, {4, 1, 3, 3}).to(torch::kFloat32), bias = torch::randint(-2, 3, {4}).to(torch::kFloat32);
+    const auto [expected, expected_index] = torch::max_pool2d_with_indices(torch::relu(torch::conv2d(input, weight, bias, 1, 1)), 2);
+    torch::Tensor pooled = torch::empty_like(expected);
+    torch::Tensor argmax = torch::empty(expected.sizes(), torch::kInt32);
+    conv3x3_relu_max_pool2_one_channel(input.data_ptr<float>(), 3, 7, 19, weight.data_ptr<float>(), bias.data_ptr<float>(), 4,
+                                       pooled.data_ptr<float>(), argmax.data_ptr<int32_t>());
+    EXPECT_TRUE(pooled.equal(expected)) << "threads " << threads;
+    const torch::Tensor positive = expected.gt(0);
+    EXPECT_TRUE(argmax.to(torch::kInt64).masked_select(positive).equal(expected_index.masked_select(positive))) << "threads " << threads;
+    EXPECT_GT(positive.sum().item<int64_t>(), 20);
+  }
+  torch::set_num_threads(threads_before);
 }
 
 // In channels 16 make a kernel row 48 taps long: blocks of 32 and 8 summed in registers.
