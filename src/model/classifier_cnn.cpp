@@ -134,18 +134,21 @@ class Cnn final : public BuiltInClassifier {
     for (auto& conv : convs_) {
       conv_inputs.push_back(x.detach());
       torch::Tensor z = conv->forward(x);
-      z.retain_grad();
       conv_outputs.push_back(z);
       x = torch::max_pool2d(torch::relu(z), 2);
     }
     const torch::Tensor flat = x.flatten(1);
-    torch::Tensor logits = head_->forward(flat);
-    logits.retain_grad();
-    torch::nn::functional::cross_entropy(logits, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)).backward();
+    const torch::Tensor logits = head_->forward(flat);
+    // The gradients at the convolutions' outputs and the logits only: the parameters' own are
+    // never formed.
+    std::vector<torch::Tensor> targets = conv_outputs;
+    targets.push_back(logits);
+    const auto deltas = torch::autograd::grad(
+        {torch::nn::functional::cross_entropy(logits, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))}, targets);
     constexpr int64_t kChunk = 32;
     for (std::size_t i = 0; i < convs_.size(); ++i) {
       const torch::Tensor patches = torch::nn::functional::unfold(conv_inputs[i], torch::nn::functional::UnfoldFuncOptions(3).padding(1));
-      const torch::Tensor delta = conv_outputs[i].grad().flatten(2);  // [N, c_out, positions]
+      const torch::Tensor delta = deltas[i].flatten(2);  // [N, c_out, positions]
       torch::Tensor weight_votes = torch::zeros({delta.size(1), patches.size(1)}, delta.options().dtype(torch::kInt32));
       for (int64_t start = 0; start < delta.size(0); start += kChunk) {
         const int64_t stop = std::min<int64_t>(delta.size(0), start + kChunk);
@@ -155,10 +158,9 @@ class Cnn final : public BuiltInClassifier {
       votes["convs." + std::to_string(i) + ".weight"] = weight_votes.reshape(convs_[i]->weight.sizes());
       votes["convs." + std::to_string(i) + ".bias"] = -torch::sign(without_cancelled(delta.sum(2), delta.abs().sum(2))).sum(0).to(torch::kInt32);
     }
-    const torch::Tensor delta_signs = torch::sign(logits.grad());
+    const torch::Tensor delta_signs = torch::sign(deltas.back());
     votes["head.weight"] = -torch::matmul(delta_signs.t(), torch::sign(flat.detach())).to(torch::kInt32);
     votes["head.bias"] = -delta_signs.sum(0).to(torch::kInt32);
-    for (auto& parameter : torch::nn::Module::parameters()) parameter.mutable_grad() = torch::Tensor();
     return true;
   }
 

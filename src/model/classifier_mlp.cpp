@@ -58,20 +58,20 @@ class Mlp final : public BuiltInClassifier {
     for (std::size_t i = 0; i < layers_.size(); ++i) {
       activations.push_back(x.detach());
       torch::Tensor z = layers_[i]->forward(x);
-      z.retain_grad();
       outputs.push_back(z);
       x = i + 1 < layers_.size() ? torch::relu(z) : z;
     }
-    torch::nn::functional::cross_entropy(x, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
-        .backward();
+    // The gradients at the layers' outputs only: the parameters' own (batched) gradients, as
+    // much arithmetic again, are never formed.
+    const auto deltas = torch::autograd::grad(
+        {torch::nn::functional::cross_entropy(x, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))}, outputs);
     for (std::size_t i = 0; i < layers_.size(); ++i) {
-      const torch::Tensor delta_signs = torch::sign(outputs[i].grad());
+      const torch::Tensor delta_signs = torch::sign(deltas[i]);
       const torch::Tensor input_signs = torch::sign(activations[i]);
       // Sums of +-1 and 0 in fp32 are exact integers up to 2^24 samples.
       votes["layers." + std::to_string(i) + ".weight"] = -torch::matmul(delta_signs.t(), input_signs).to(torch::kInt32);
       votes["layers." + std::to_string(i) + ".bias"] = -delta_signs.sum(0).to(torch::kInt32);
     }
-    for (auto& parameter : torch::nn::Module::parameters()) parameter.mutable_grad() = torch::Tensor();
     return true;
   }
 

@@ -74,11 +74,19 @@ class Vit final : public BuiltInClassifier {
   bool fast_votes(const torch::Tensor& inputs, const torch::Tensor& labels, std::map<std::string, torch::Tensor>& votes) override {
     Capture capture;
     const torch::Tensor logits = run(inputs, &capture);
-    torch::nn::functional::cross_entropy(logits, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)).backward();
+    // The gradients at the captured outputs only: the parameters' own (batched) gradients, as
+    // much arithmetic as the per-sample products below, are never formed.
+    std::vector<torch::Tensor> targets;
+    for (const auto& [name, layer] : capture.linears) targets.push_back(layer.output);
+    for (const auto& [name, layer] : capture.norms) targets.push_back(layer.output);
+    targets.push_back(capture.embedded);
+    const auto deltas = torch::autograd::grad(
+        {torch::nn::functional::cross_entropy(logits, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))}, targets);
+    std::size_t next = 0;
     constexpr int64_t kChunk = 16;
     auto sign_sum = [](const torch::Tensor& per_sample) { return -torch::sign(per_sample).sum(0).to(torch::kInt32); };
     for (const auto& [name, layer] : capture.linears) {
-      const torch::Tensor delta = layer.output.grad();
+      const torch::Tensor& delta = deltas[next++];
       if (delta.dim() == 2) {  // the head: no token dimension, one product of sign matrices
         votes[name + ".weight"] = -torch::matmul(torch::sign(delta).t(), torch::sign(layer.input)).to(torch::kInt32);
         votes[name + ".bias"] = sign_sum(delta);
@@ -93,21 +101,20 @@ class Vit final : public BuiltInClassifier {
       votes[name + ".bias"] = sign_sum(without_cancelled(delta.sum(1), delta.abs().sum(1)));
     }
     for (const auto& [name, layer] : capture.norms) {
-      const torch::Tensor delta = layer.output.grad();
+      const torch::Tensor& delta = deltas[next++];
       votes[name + ".weight"] = sign_sum((delta * layer.input).sum(1));
       votes[name + ".bias"] = sign_sum(without_cancelled(delta.sum(1), delta.abs().sum(1)));
     }
-    const torch::Tensor embedded = capture.embedded.grad();
+    const torch::Tensor& embedded = deltas[next];
     votes["cls_token"] = sign_sum(embedded.select(1, 0));
     votes["pos_embed"] = sign_sum(embedded);
-    for (auto& parameter : torch::nn::Module::parameters()) parameter.mutable_grad() = torch::Tensor();
     return true;
   }
 
  private:
   struct Layer {
     torch::Tensor input;   // detached: the layer's input (for a LayerNorm, the normalised xhat)
-    torch::Tensor output;  // with retain_grad: its gradient is delta
+    torch::Tensor output;  // its gradient is delta
   };
   struct Capture {
     std::vector<std::pair<std::string, Layer>> linears;
@@ -131,20 +138,14 @@ class Vit final : public BuiltInClassifier {
 
   torch::Tensor linear(const std::string& name, const torch::Tensor& x, Capture* capture) const {
     torch::Tensor y = torch::matmul(x, p(name + ".weight").t()) + p(name + ".bias");
-    if (capture != nullptr) {
-      y.retain_grad();
-      capture->linears.push_back({name, {x.detach(), y}});
-    }
+    if (capture != nullptr) capture->linears.push_back({name, {x.detach(), y}});
     return y;
   }
   torch::Tensor layer_norm(const std::string& name, const torch::Tensor& x, Capture* capture) const {
     const torch::Tensor mean = x.mean(-1, true);
     const torch::Tensor normalised = (x - mean) / torch::sqrt(x.var(-1, false, true) + 1e-5);
     torch::Tensor y = normalised * p(name + ".weight") + p(name + ".bias");
-    if (capture != nullptr) {
-      y.retain_grad();
-      capture->norms.push_back({name, {normalised.detach(), y}});
-    }
+    if (capture != nullptr) capture->norms.push_back({name, {normalised.detach(), y}});
     return y;
   }
 
@@ -155,10 +156,7 @@ class Vit final : public BuiltInClassifier {
     const torch::Tensor patches = torch::nn::functional::unfold(images, torch::nn::functional::UnfoldFuncOptions(patch_).stride(patch_)).transpose(1, 2);
     torch::Tensor x = linear("patch_embed", patches, capture);
     x = torch::cat({p("cls_token").expand({n, 1, dim_}), x}, 1) + p("pos_embed");
-    if (capture != nullptr) {
-      x.retain_grad();
-      capture->embedded = x;
-    }
+    if (capture != nullptr) capture->embedded = x;
     const long long head_dim = dim_ / heads_;
     for (long long b = 0; b < depth_; ++b) {
       const std::string block = "blocks." + std::to_string(b);
