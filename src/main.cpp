@@ -85,7 +85,6 @@ int main(int argc, char** argv) {
   try {
 #ifdef GRADFIX_TORCH_EXECUTABLE
     gradfix::configure_threads(runtime->local_size());
-    gradfix::configure_allocator();
 #endif
     return gradfix::run_command_line(args, std::cout, runtime.get());
   } catch (const gradfix::Error& error) {

@@ -31,7 +31,7 @@ double best_seconds(Work work, int repeats) {
 int main(int argc, char** argv) {
   const gradfix::bench::Flags flags(argc, argv, {{"json", "bench_signs.json"}}, "gradfix_bench_signs [--json bench_signs.json]");
   const std::string json_path = flags["json"];
-  gradfix::configure_allocator();  // as gradfix-torch does at its start
+  gradfix::configure_allocator();  // as the classifier jobs do
   struct Case {
     const char* arch;
     const char* dims;
