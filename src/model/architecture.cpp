@@ -12,10 +12,15 @@
 namespace gradfix {
 namespace {
 
+struct Registered {
+  ModelInputs inputs = ModelInputs::kTokens;
+  ArchitectureRegistration::Factory factory;
+};
+
 // Function-local, so that registrations from other files' static objects find it constructed.
-std::map<std::string, ArchitectureRegistration::Factory>& registry() {
-  static std::map<std::string, ArchitectureRegistration::Factory> factories;
-  return factories;
+std::map<std::string, Registered>& registry() {
+  static std::map<std::string, Registered> architectures;
+  return architectures;
 }
 
 }  // namespace
@@ -57,11 +62,17 @@ Batch Batch::slice(int64_t begin, int64_t end) const {
   return {cut(inputs), cut(labels), cut(mask)};
 }
 
-ArchitectureRegistration::ArchitectureRegistration(const std::vector<std::string>& model_types, Factory factory) {
-  for (const auto& type : model_types) registry()[type] = factory;
+ArchitectureRegistration::ArchitectureRegistration(const std::vector<std::string>& model_types, ModelInputs inputs, Factory factory) {
+  for (const auto& type : model_types) registry()[type] = {inputs, factory};
 }
 
 bool is_registered_architecture(const std::string& model_type) { return registry().count(model_type) > 0; }
+
+std::string registered_architectures() {
+  std::string known;
+  for (const auto& entry : registry()) known += (known.empty() ? "" : ", ") + entry.first;
+  return known;
+}
 
 void check_against_model(const TensorReader& reader, const LayeredModel& model, bool partial) {
   std::vector<std::string> missing, extra;
@@ -100,19 +111,40 @@ void check_against_model(const TensorReader& reader, const LayeredModel& model, 
                    " (" + model.model_type() + "): " + message);
 }
 
-std::unique_ptr<LayeredModel> open_layered_model(const std::string& directory) {
-  const std::string path = directory + "/config.json";
-  const auto config = nlohmann::json::parse(read_config_text(path), nullptr, false, false);
+bool is_image_model_directory(const std::string& path) {
+  return is_model_directory(path) && model_directory_inputs(path) == ModelInputs::kImages;
+}
+
+std::string config_model_type(const std::string& text, const std::string& path) {
+  const auto config = nlohmann::json::parse(text, nullptr, false, false);
   if (!config.is_object()) throw InputError(path + ": not a JSON object");
   const auto type = config.find("model_type");
-  if (type == config.end() || !type->is_string()) throw InputError(path + ": \"model_type\" is missing or not a string");
-  const auto found = registry().find(type->get<std::string>());
-  if (found == registry().end()) {
-    std::string known;
-    for (const auto& [name, factory] : registry()) known += (known.empty() ? "" : ", ") + name;
-    throw InputError(path + ": \"model_type\": \"" + type->get<std::string>() + "\" is not an architecture gradfix implements (" + known + ")");
+  if (type == config.end() || !type->is_string())
+    throw InputError(path + ": \"model_type\" is missing or not a string (gradfix implements " + registered_architectures() + ")");
+  return type->get<std::string>();
+}
+
+std::unique_ptr<LayeredModel> layered_model_from_config(const ModelConfigSource& source) {
+  const std::string type = config_model_type(source.text, source.path);
+  const auto found = registry().find(type);
+  if (found == registry().end())
+    throw InputError(source.path + ": \"model_type\": \"" + type + "\" is not an architecture gradfix implements (" + registered_architectures() + ")");
+  return found->second.factory(source);
+}
+
+std::unique_ptr<LayeredModel> open_layered_model(const std::string& directory) {
+  const std::string path = directory + "/config.json";
+  return layered_model_from_config({directory, path, read_config_text(path)});
+}
+
+ModelInputs model_directory_inputs(const std::string& directory) {
+  try {
+    const std::string path = directory + "/config.json";
+    const auto found = registry().find(config_model_type(read_config_text(path), path));
+    return found == registry().end() ? ModelInputs::kTokens : found->second.inputs;
+  } catch (const InputError&) {
+    return ModelInputs::kTokens;
   }
-  return found->second(directory);
 }
 
 }  // namespace gradfix

@@ -134,16 +134,40 @@ bool is_model_directory(const std::string& path);
 // A config file's text; files over 16 MiB are refused before they are read.
 std::string read_config_text(const std::string& path);
 
+// What a model's samples are, and so which data options and checks a job applies: token
+// sequences (input_ids, labels, attention_mask) or images with a zero-shot head.
+enum class ModelInputs { kTokens, kImages };
+
+// A model's config.json as read: its directory (empty when a config file is read alone, as
+// `init` reads it), its path for messages, and its text.
+struct ModelConfigSource {
+  std::string directory;
+  std::string path;
+  std::string text;
+};
+
 // The model of a Hugging Face directory, by config.json's "model_type"; an InputError names the
 // directory and the types gradfix knows when none is registered for it.
 std::unique_ptr<LayeredModel> open_layered_model(const std::string& directory);
+// The same from a config's text (`source.directory` may be empty: the model is then a layout and
+// its math, with no checkpoint to read).
+std::unique_ptr<LayeredModel> layered_model_from_config(const ModelConfigSource& source);
 // Whether some architecture claims this model_type.
 bool is_registered_architecture(const std::string& model_type);
+// The registered model types, comma-separated, for messages and help.
+std::string registered_architectures();
+// What the samples of the model in `directory` are: its registered kind, or kTokens when its
+// model_type is unknown or unreadable (the token jobs then name what is wrong with the config).
+ModelInputs model_directory_inputs(const std::string& directory);
+// Whether `path` is a model directory of a family registered with image inputs (CLIP).
+bool is_image_model_directory(const std::string& path);
+// The "model_type" of a config's text; an InputError names `path` when there is none.
+std::string config_model_type(const std::string& text, const std::string& path);
 
 // Registers a factory for model_type values (a static object in the architecture's own file).
 struct ArchitectureRegistration {
-  using Factory = std::function<std::unique_ptr<LayeredModel>(const std::string& directory)>;
-  ArchitectureRegistration(const std::vector<std::string>& model_types, Factory factory);
+  using Factory = std::function<std::unique_ptr<LayeredModel>(const ModelConfigSource& source)>;
+  ArchitectureRegistration(const std::vector<std::string>& model_types, ModelInputs inputs, Factory factory);
 };
 
 }  // namespace gradfix

@@ -367,8 +367,8 @@ SampleSource image_samples(const Dataset& data, const ImagePreprocessing* prepro
 
 namespace {
 // Without a head the model runs up to its output stage; the jobs give it the head.
-const ArchitectureRegistration kClip({"clip", "clip_vision_model"}, [](const std::string& directory) {
-  return std::unique_ptr<LayeredModel>(new ClipVision(read_clip_config(directory), torch::Tensor(), 1.0));
+const ArchitectureRegistration kClip({"clip", "clip_vision_model"}, ModelInputs::kImages, [](const ModelConfigSource& source) {
+  return std::unique_ptr<LayeredModel>(new ClipVision(read_clip_config(source.directory), torch::Tensor(), 1.0));
 });
 }  // namespace
 

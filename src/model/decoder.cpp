@@ -1,15 +1,14 @@
-// The Llama family of decoders (llama, mistral, qwen2) from Hugging Face model directories. The
-// math follows transformers' reference implementation: RMSNorm computed in float32, rotary
-// embeddings on the two halves of each head (rotate_half), grouped-query attention with a causal
-// mask and right padding, a SwiGLU MLP, and the head tied to the embedding when configured.
+// What every decoder family shares: reading a config.json key by key, the Llama layer and its
+// pieces, the head and the per-sample losses. The math follows transformers' reference
+// implementation: RMSNorm computed in float32, rotary embeddings on the two halves of each head
+// (rotate_half), grouped-query attention with a causal mask and right padding, a gated MLP, and
+// the head tied to the embedding when configured. The families are llama.cpp, qwen3.cpp and
+// gemma2.cpp.
 #include "decoder.hpp"
 
-#include <sys/stat.h>
-
 #include <cmath>
-#include <fstream>
-#include <nlohmann/json.hpp>
-#include <set>
+#include <cstdlib>
+#include <limits>
 
 #include "gradfix/core/error.hpp"
 
@@ -39,28 +38,130 @@ const std::set<std::string> kHarmlessKeys = {
   throw InputError(path + ": \"" + key + "\": " + value.dump() + " is not supported: " + why);
 }
 
-long long positive_integer(const Json& config, const std::string& path, const std::string& key) {
-  if (!config.contains(key)) throw InputError(path + ": \"" + key + "\" is missing");
-  const Json& value = config.at(key);
-  if (!value.is_number_integer() || value.get<long long>() < 1 || value.get<long long>() > (1LL << 40))
-    throw InputError(path + ": \"" + key + "\" must be a positive integer, got " + value.dump());
-  return value.get<long long>();
-}
-
 double positive_number(const Json& value, const std::string& path, const std::string& key) {
   if (!value.is_number() || !(value.get<double>() > 0.0) || !std::isfinite(value.get<double>()))
     throw InputError(path + ": \"" + key + "\" must be a positive number, got " + value.dump());
   return value.get<double>();
 }
 
-bool boolean(const Json& config, const std::string& path, const std::string& key, bool fallback) {
-  if (!config.contains(key) || config.at(key).is_null()) return fallback;
-  if (!config.at(key).is_boolean()) throw InputError(path + ": \"" + key + "\" must be true or false, got " + config.at(key).dump());
-  return config.at(key).get<bool>();
+torch::Tensor rotate_half(const torch::Tensor& x) {
+  const long long half = x.size(-1) / 2;
+  return torch::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
+}
+
+}  // namespace
+
+DecoderConfigReader::DecoderConfigReader(const std::string& text, std::string path) : path_(std::move(path)) {
+  try {
+    config_ = Json::parse(text, nullptr, true, false);
+  } catch (const Json::exception& error) {
+    throw InputError(path_ + ": not valid JSON: " + error.what());
+  }
+  if (!config_.is_object()) throw InputError(path_ + ": expected a JSON object");
+  if (!config_.contains("model_type") || !config_.at("model_type").is_string()) throw InputError(path_ + ": \"model_type\" is missing");
+  model_type_ = config_.at("model_type").get<std::string>();
+  read_.insert("model_type");
+}
+
+const Json& DecoderConfigReader::value(const std::string& key) {
+  read_.insert(key);
+  return config_.at(key);
+}
+
+bool DecoderConfigReader::has(const std::string& key) const { return config_.contains(key) && !config_.at(key).is_null(); }
+
+long long DecoderConfigReader::positive_integer(const std::string& key) {
+  read_.insert(key);
+  if (!config_.contains(key)) throw InputError(path_ + ": \"" + key + "\" is missing");
+  const Json& v = config_.at(key);
+  if (!v.is_number_integer() || v.get<long long>() < 1 || v.get<long long>() > (1LL << 40))
+    throw InputError(path_ + ": \"" + key + "\" must be a positive integer, got " + v.dump());
+  return v.get<long long>();
+}
+
+long long DecoderConfigReader::positive_integer_or(const std::string& key, long long fallback) {
+  read_.insert(key);
+  return has(key) ? positive_integer(key) : fallback;
+}
+
+long long DecoderConfigReader::integer_or(const std::string& key, long long fallback) {
+  read_.insert(key);
+  if (!has(key)) return fallback;
+  const Json& v = config_.at(key);
+  if (!v.is_number_integer() || std::llabs(v.get<long long>()) > (1LL << 40)) throw InputError(path_ + ": \"" + key + "\" must be an integer, got " + v.dump());
+  return v.get<long long>();
+}
+
+double DecoderConfigReader::positive_number_or(const std::string& key, double fallback) {
+  read_.insert(key);
+  return config_.contains(key) ? positive_number(config_.at(key), path_, key) : fallback;
+}
+
+double DecoderConfigReader::optional_positive_number(const std::string& key) {
+  read_.insert(key);
+  return has(key) ? positive_number(config_.at(key), path_, key) : 0.0;
+}
+
+bool DecoderConfigReader::boolean_or(const std::string& key, bool fallback) {
+  read_.insert(key);
+  if (!has(key)) return fallback;
+  if (!config_.at(key).is_boolean()) throw InputError(path_ + ": \"" + key + "\" must be true or false, got " + config_.at(key).dump());
+  return config_.at(key).get<bool>();
+}
+
+std::string DecoderConfigReader::text_or(const std::string& key, const std::string& fallback) {
+  read_.insert(key);
+  if (!has(key)) return fallback;
+  if (!config_.at(key).is_string()) throw InputError(path_ + ": \"" + key + "\" must be a string, got " + config_.at(key).dump());
+  return config_.at(key).get<std::string>();
+}
+
+std::vector<std::string> DecoderConfigReader::texts(const std::string& key) {
+  read_.insert(key);
+  std::vector<std::string> out;
+  if (!has(key)) return out;
+  const Json& v = config_.at(key);
+  if (!v.is_array()) throw InputError(path_ + ": \"" + key + "\" must be an array of strings, got " + v.dump());
+  for (const auto& item : v) {
+    if (!item.is_string()) throw InputError(path_ + ": \"" + key + "\" must be an array of strings, got " + v.dump());
+    out.push_back(item.get<std::string>());
+  }
+  return out;
+}
+
+void DecoderConfigReader::expect_one_of(const std::string& key, const std::vector<std::string>& allowed, const std::string& why) {
+  read_.insert(key);
+  if (!has(key)) return;
+  for (const auto& value : allowed)
+    if (config_.at(key) == value) return;
+  refuse(key, why);
+}
+
+void DecoderConfigReader::ignore(const std::vector<std::string>& keys) { read_.insert(keys.begin(), keys.end()); }
+
+void DecoderConfigReader::refuse(const std::string& key, const std::string& why) const {
+  unsupported(path_, key, config_.contains(key) ? config_.at(key) : Json(), why);
+}
+
+void DecoderConfigReader::finish() const {
+  for (const auto& [key, v] : config_.items()) {
+    if (read_.count(key) || kHarmlessKeys.count(key) || (!key.empty() && key[0] == '_')) continue;
+    unsupported(path_, key, v, "gradfix does not know this key of a " + model_type_ +
+                                   " config, and it may change the model's math (docs/models.md lists the keys read)");
+  }
+}
+
+void DecoderConfigReader::read_rope(DecoderConfig& out) {
+  if (config_.contains("rope_theta")) out.rope_theta = positive_number(value("rope_theta"), path_, "rope_theta");
+  read_.insert("rope_theta");
+  if (config_.contains("rope_scaling")) read_rope_object(value("rope_scaling"), "rope_scaling", out);
+  if (config_.contains("rope_parameters")) read_rope_object(value("rope_parameters"), "rope_parameters", out);
+  read_.insert({"rope_scaling", "rope_parameters"});
 }
 
 // rope_scaling (transformers 4) or rope_parameters (transformers 5): default or llama3.
-void read_rope(const Json& rope, const std::string& path, const std::string& key, DecoderConfig& out) {
+void DecoderConfigReader::read_rope_object(const Json& rope, const std::string& key, DecoderConfig& out) {
+  const std::string& path = path_;
   if (rope.is_null()) return;
   if (!rope.is_object()) unsupported(path, key, rope, "expected an object");
   for (const auto& [name, value] : rope.items()) {
@@ -93,177 +194,60 @@ void read_rope(const Json& rope, const std::string& path, const std::string& key
   }
 }
 
-torch::Tensor rms_norm(const Parameters& p, const std::string& weight_name, const torch::Tensor& x, double eps,
-                       GradientRecorder* recorder) {
-  const torch::Tensor wide = x.to(torch::kFloat32);
-  const torch::Tensor normed = (wide * torch::rsqrt(wide.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
-  torch::Tensor out = p.at(weight_name) * normed;
-  if (recorder != nullptr && out.requires_grad()) {
-    out.retain_grad();
-    recorder->add({weight_name, Capture::Kind::kScale, normed.detach(), out});
-  }
-  return out;
-}
-
-torch::Tensor rotate_half(const torch::Tensor& x) {
-  const long long half = x.size(-1) / 2;
-  return torch::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
-}
-
-}  // namespace
-
-
-DecoderConfig read_decoder_config(const std::string& directory) {
-  const std::string path = directory + "/config.json";
-  DecoderConfig out = parse_decoder_config(read_config_text(path), path);
-  out.directory = directory;
-  return out;
-}
-
-
-DecoderConfig parse_decoder_config(const std::string& text, const std::string& path) {
-  Json config;
-  try {
-    config = Json::parse(text, nullptr, true, false);
-  } catch (const Json::exception& error) {
-    throw InputError(path + ": not valid JSON: " + error.what());
-  }
-  if (!config.is_object()) throw InputError(path + ": expected a JSON object");
+DecoderConfig read_common_decoder_config(DecoderConfigReader& reader, const std::string& directory) {
   DecoderConfig out;
-  if (!config.contains("model_type") || !config.at("model_type").is_string())
-    throw InputError(path + ": \"model_type\" is missing; gradfix reads llama, mistral and qwen2 decoders");
-  out.model_type = config.at("model_type").get<std::string>();
-  if (out.model_type != "llama" && out.model_type != "mistral" && out.model_type != "qwen2")
-    unsupported(path, "model_type", config.at("model_type"), "gradfix reads llama, mistral and qwen2 decoders");
-  if (config.contains("architectures") && config.at("architectures").is_array())
-    for (const auto& name : config.at("architectures"))
-      if (!name.is_string() || name.get<std::string>().find("ForCausalLM") == std::string::npos)
-        unsupported(path, "architectures", config.at("architectures"), "only the *ForCausalLM heads are implemented");
-
-  out.vocab_size = positive_integer(config, path, "vocab_size");
-  out.hidden_size = positive_integer(config, path, "hidden_size");
-  out.intermediate_size = positive_integer(config, path, "intermediate_size");
-  out.layers = positive_integer(config, path, "num_hidden_layers");
-  out.heads = positive_integer(config, path, "num_attention_heads");
-  out.kv_heads = config.contains("num_key_value_heads") && !config.at("num_key_value_heads").is_null()
-                     ? positive_integer(config, path, "num_key_value_heads")
-                     : out.heads;
+  out.directory = directory;
+  out.model_type = reader.model_type();
+  for (const auto& name : reader.texts("architectures"))
+    if (name.find("ForCausalLM") == std::string::npos) reader.refuse("architectures", "only the *ForCausalLM heads are implemented");
+  out.vocab_size = reader.positive_integer("vocab_size");
+  out.hidden_size = reader.positive_integer("hidden_size");
+  out.intermediate_size = reader.positive_integer("intermediate_size");
+  out.layers = reader.positive_integer("num_hidden_layers");
+  out.heads = reader.positive_integer("num_attention_heads");
+  out.kv_heads = reader.positive_integer_or("num_key_value_heads", out.heads);
+  const std::string& path = reader.path();
   if (out.heads % out.kv_heads != 0)
     throw InputError(path + ": num_attention_heads " + std::to_string(out.heads) + " is not a multiple of num_key_value_heads " +
                      std::to_string(out.kv_heads));
-  if (config.contains("head_dim") && !config.at("head_dim").is_null()) {
-    out.head_dim = positive_integer(config, path, "head_dim");
+  if (reader.has("head_dim")) {
+    out.head_dim = reader.positive_integer("head_dim");
   } else {
+    reader.ignore({"head_dim"});
     if (out.hidden_size % out.heads != 0)
       throw InputError(path + ": hidden_size " + std::to_string(out.hidden_size) + " is not a multiple of num_attention_heads " +
                        std::to_string(out.heads) + " and no head_dim is given");
     out.head_dim = out.hidden_size / out.heads;
   }
   if (out.head_dim % 2 != 0) throw InputError(path + ": head_dim " + std::to_string(out.head_dim) + " must be even for rotary embeddings");
-  out.max_position_embeddings = config.contains("max_position_embeddings") ? positive_integer(config, path, "max_position_embeddings") : 0;
-  if (config.contains("rms_norm_eps")) out.rms_norm_eps = positive_number(config.at("rms_norm_eps"), path, "rms_norm_eps");
-  if (config.contains("rope_theta")) out.rope_theta = positive_number(config.at("rope_theta"), path, "rope_theta");
-  if (config.contains("rope_scaling")) read_rope(config.at("rope_scaling"), path, "rope_scaling", out);
-  if (config.contains("rope_parameters")) read_rope(config.at("rope_parameters"), path, "rope_parameters", out);
-  out.tie_word_embeddings = boolean(config, path, "tie_word_embeddings", false);
-  if (config.contains("hidden_act") && config.at("hidden_act") != "silu")
-    unsupported(path, "hidden_act", config.at("hidden_act"), "the SwiGLU MLP of this family uses silu");
-
-  if (out.model_type == "llama") {
-    out.qkv_bias = out.o_bias = boolean(config, path, "attention_bias", false);
-    out.mlp_bias = boolean(config, path, "mlp_bias", false);
-  } else if (out.model_type == "qwen2") {
-    out.qkv_bias = true;  // Qwen2 has biases on q, k and v, none on o
+  out.max_position_embeddings = reader.has("max_position_embeddings") ? reader.positive_integer("max_position_embeddings") : 0;
+  reader.ignore({"max_position_embeddings"});
+  out.rms_norm_eps = reader.positive_number_or("rms_norm_eps", out.rms_norm_eps);
+  reader.read_rope(out);
+  out.tie_word_embeddings = reader.boolean_or("tie_word_embeddings", false);
+  // A negative padding_idx counts from the end, as torch.nn.Embedding counts it.
+  const long long pad = reader.integer_or("pad_token_id", -1 - out.vocab_size);
+  if (pad != -1 - out.vocab_size) {
+    if (pad >= out.vocab_size || pad < -out.vocab_size)
+      throw InputError(path + ": \"pad_token_id\" " + std::to_string(pad) + " is outside the vocabulary of " + std::to_string(out.vocab_size) +
+                       " tokens (transformers makes it the embedding's padding_idx)");
+    out.pad_token_id = pad < 0 ? pad + out.vocab_size : pad;
   }
-  // Sliding-window attention equals full attention for sequences no longer than the window; the
-  // executor refuses longer ones.
-  const bool window_enabled = out.model_type == "mistral" || boolean(config, path, "use_sliding_window", false);
-  if (config.contains("layer_types") && config.at("layer_types").is_array())
-    for (const auto& type : config.at("layer_types"))
-      if (type != "full_attention" && type != "sliding_attention")
-        unsupported(path, "layer_types", config.at("layer_types"), "full_attention and sliding_attention layers only");
-  bool sliding_layers = false;
-  if (config.contains("layer_types") && config.at("layer_types").is_array())
-    for (const auto& type : config.at("layer_types")) sliding_layers = sliding_layers || type == "sliding_attention";
-  if ((window_enabled || sliding_layers) && config.contains("sliding_window") && !config.at("sliding_window").is_null())
-    out.sliding_window = positive_integer(config, path, "sliding_window");
-
-  static const std::set<std::string> kUsed = {
-      "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-      "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-      "tie_word_embeddings", "hidden_act", "attention_bias", "mlp_bias", "use_sliding_window", "sliding_window", "layer_types"};
-  for (const auto& [key, value] : config.items()) {
-    if (kUsed.count(key) || kHarmlessKeys.count(key) || (!key.empty() && key[0] == '_')) continue;
-    if (out.model_type != "llama" && (key == "attention_bias" || key == "mlp_bias")) continue;
-    unsupported(path, key, value, "gradfix does not know this key of a " + out.model_type +
-                                      " config, and it may change the model's math (docs/models.md lists the keys read)");
-  }
-  if (out.model_type != "llama") {
-    for (const char* key : {"attention_bias", "mlp_bias"})
-      if (config.contains(key) && config.at(key) == true)
-        unsupported(path, key, config.at(key), out.model_type + " has no such option in transformers");
-  }
-
   return out;
 }
 
-std::vector<std::string> layer_parameter_names(const DecoderConfig& c, long long layer) {
-  const std::string prefix = "model.layers." + std::to_string(layer) + ".";
-  std::vector<std::string> names = {prefix + "input_layernorm.weight"};
-  for (const char* projection : {"q_proj", "k_proj", "v_proj"}) {
-    names.push_back(prefix + "self_attn." + projection + ".weight");
-    if (c.qkv_bias) names.push_back(prefix + "self_attn." + projection + ".bias");
+void read_refused_sliding_window(DecoderConfigReader& reader, DecoderConfig& out, bool always_on) {
+  // Sliding-window attention equals full attention for sequences no longer than the window; the
+  // layer refuses longer ones (check_window).
+  const bool window_enabled = always_on || reader.boolean_or("use_sliding_window", false);
+  bool sliding_layers = false;
+  for (const auto& type : reader.texts("layer_types")) {
+    if (type != "full_attention" && type != "sliding_attention")
+      reader.refuse("layer_types", "full_attention and sliding_attention layers only");
+    sliding_layers = sliding_layers || type == "sliding_attention";
   }
-  names.push_back(prefix + "self_attn.o_proj.weight");
-  if (c.o_bias) names.push_back(prefix + "self_attn.o_proj.bias");
-  names.push_back(prefix + "post_attention_layernorm.weight");
-  for (const char* projection : {"gate_proj", "up_proj", "down_proj"}) {
-    names.push_back(prefix + "mlp." + projection + ".weight");
-    if (c.mlp_bias) names.push_back(prefix + "mlp." + projection + ".bias");
-  }
-  return names;
-}
-
-std::vector<TensorInfo> decoder_layout(const DecoderConfig& c) {
-  std::vector<TensorInfo> layout = {{"model.embed_tokens.weight", DType::kF32, {c.vocab_size, c.hidden_size}}};
-  const long long q = c.heads * c.head_dim, kv = c.kv_heads * c.head_dim, h = c.hidden_size, m = c.intermediate_size;
-  for (long long i = 0; i < c.layers; ++i) {
-    for (const auto& name : layer_parameter_names(c, i)) {
-      std::vector<long long> shape;
-      auto ends = [&](const std::string& tail) { return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0; };
-      if (ends("layernorm.weight")) shape = std::vector<long long>{h};
-      else if (ends("q_proj.weight")) shape = std::vector<long long>{q, h};
-      else if (ends("q_proj.bias")) shape = std::vector<long long>{q};
-      else if (ends("k_proj.weight") || ends("v_proj.weight")) shape = std::vector<long long>{kv, h};
-      else if (ends("k_proj.bias") || ends("v_proj.bias")) shape = std::vector<long long>{kv};
-      else if (ends("o_proj.weight")) shape = std::vector<long long>{h, q};
-      else if (ends("o_proj.bias") || ends("down_proj.bias")) shape = std::vector<long long>{h};
-      else if (ends("gate_proj.weight") || ends("up_proj.weight")) shape = std::vector<long long>{m, h};
-      else if (ends("gate_proj.bias") || ends("up_proj.bias")) shape = std::vector<long long>{m};
-      else if (ends("down_proj.weight")) shape = std::vector<long long>{h, m};
-      GRADFIX_CHECK(!shape.empty(), "no shape for " + name);
-      layout.push_back({name, DType::kF32, shape});
-    }
-  }
-  layout.push_back({"model.norm.weight", DType::kF32, {h}});
-  if (!c.tie_word_embeddings) layout.push_back({"lm_head.weight", DType::kF32, {c.vocab_size, h}});
-  return layout;
-}
-
-void check_decoder_checkpoint(const DecoderConfig& config) { check_against_model(*open_reader(config.directory), Decoder(config), false); }
-
-Parameters read_decoder_parameters(const DecoderConfig& config, const std::vector<std::string>& names, torch::ScalarType dtype,
-                                   const torch::Device& device) {
-  check_decoder_checkpoint(config);
-  const auto reader = open_reader(config.directory);
-  Parameters parameters;
-  for (const auto& name : names) {
-    const TensorInfo& info = reader->info(name);
-    const std::vector<float> values = reader->read_f32(name);
-    const std::vector<int64_t> shape(info.shape.begin(), info.shape.end());
-    parameters[name] = torch::from_blob(const_cast<float*>(values.data()), shape, torch::kFloat32).to(device, dtype, false, true);
-  }
-  return parameters;
+  if ((window_enabled || sliding_layers) && reader.has("sliding_window")) out.sliding_window = reader.positive_integer("sliding_window");
+  reader.ignore({"sliding_window"});
 }
 
 SampleSource token_samples(const TokenData& data) {
@@ -316,28 +300,93 @@ std::pair<torch::Tensor, torch::Tensor> Decoder::rotary(long long length, const 
   return {angles.cos().to(like.scalar_type()), angles.sin().to(like.scalar_type())};
 }
 
-torch::Tensor Decoder::embed(const Parameters& parameters, const torch::Tensor& input_ids, GradientRecorder* recorder) const {
-  torch::Tensor out = torch::embedding(parameters.at("model.embed_tokens.weight"), input_ids);
-  if (recorder != nullptr) {
-    out = out.detach().requires_grad_(true);
-    recorder->add({"model.embed_tokens.weight", Capture::Kind::kEmbedding, input_ids, out});
+std::string Decoder::layer_prefix(long long layer) { return "model.layers." + std::to_string(layer) + "."; }
+
+std::vector<TensorInfo> Decoder::attention_layout(const std::string& prefix, bool qkv_bias, bool o_bias) const {
+  const DecoderConfig& c = config_;
+  const long long q = c.heads * c.head_dim, kv = c.kv_heads * c.head_dim, h = c.hidden_size;
+  std::vector<TensorInfo> out = {{prefix + "q_proj.weight", DType::kF32, {q, h}}};
+  if (qkv_bias) out.push_back({prefix + "q_proj.bias", DType::kF32, {q}});
+  for (const char* projection : {"k_proj", "v_proj"}) {
+    out.push_back({prefix + projection + ".weight", DType::kF32, {kv, h}});
+    if (qkv_bias) out.push_back({prefix + projection + ".bias", DType::kF32, {kv}});
+  }
+  out.push_back({prefix + "o_proj.weight", DType::kF32, {h, q}});
+  if (o_bias) out.push_back({prefix + "o_proj.bias", DType::kF32, {h}});
+  return out;
+}
+
+std::vector<TensorInfo> Decoder::mlp_layout(const std::string& prefix, bool bias) const {
+  const long long h = config_.hidden_size, m = config_.intermediate_size;
+  std::vector<TensorInfo> out;
+  for (const char* projection : {"gate_proj", "up_proj"}) {
+    out.push_back({prefix + projection + ".weight", DType::kF32, {m, h}});
+    if (bias) out.push_back({prefix + projection + ".bias", DType::kF32, {m}});
+  }
+  out.push_back({prefix + "down_proj.weight", DType::kF32, {h, m}});
+  if (bias) out.push_back({prefix + "down_proj.bias", DType::kF32, {h}});
+  return out;
+}
+
+std::vector<TensorInfo> Decoder::layer_layout(long long layer) const {
+  const std::string prefix = layer_prefix(layer);
+  const long long h = config_.hidden_size;
+  std::vector<TensorInfo> out = {{prefix + "input_layernorm.weight", DType::kF32, {h}}};
+  for (auto& tensor : attention_layout(prefix + "self_attn.", config_.qkv_bias, config_.o_bias)) out.push_back(std::move(tensor));
+  out.push_back({prefix + "post_attention_layernorm.weight", DType::kF32, {h}});
+  for (auto& tensor : mlp_layout(prefix + "mlp.", config_.mlp_bias)) out.push_back(std::move(tensor));
+  return out;
+}
+
+std::vector<TensorInfo> Decoder::layout() const {
+  std::vector<TensorInfo> out = {{"model.embed_tokens.weight", DType::kF32, {config_.vocab_size, config_.hidden_size}}};
+  for (long long i = 0; i < config_.layers; ++i)
+    for (auto& tensor : layer_layout(i)) out.push_back(std::move(tensor));
+  out.push_back({"model.norm.weight", DType::kF32, {config_.hidden_size}});
+  if (!config_.tie_word_embeddings) out.push_back({"lm_head.weight", DType::kF32, {config_.vocab_size, config_.hidden_size}});
+  return out;
+}
+
+std::vector<std::string> Decoder::layer_names(long long layer) const {
+  std::vector<std::string> names;
+  for (const auto& tensor : layer_layout(layer)) names.push_back(tensor.name);
+  return names;
+}
+
+
+torch::Tensor Decoder::norm(const Parameters& p, const std::string& name, const torch::Tensor& x, GradientRecorder* recorder,
+                            bool plus_one) const {
+  const torch::Tensor wide = x.to(torch::kFloat32);
+  const torch::Tensor normed_wide = wide * torch::rsqrt(wide.pow(2).mean(-1, true) + config_.rms_norm_eps);
+  const torch::Tensor normed = normed_wide.to(x.scalar_type());
+  // Llama scales in the input's dtype; Gemma scales by (1 + w) in float32 and casts after.
+  torch::Tensor out = plus_one ? (normed_wide * (1.0 + p.at(name).to(torch::kFloat32))).to(x.scalar_type()) : p.at(name) * normed;
+  if (recorder != nullptr && out.requires_grad()) {
+    out.retain_grad();
+    recorder->add({name, Capture::Kind::kScale, normed.detach(), out});
   }
   return out;
 }
 
-torch::Tensor Decoder::block(long long index, const Parameters& p, const torch::Tensor& hidden, const torch::Tensor& attention_mask,
-                             GradientRecorder* recorder) const {
+void Decoder::check_window(long long length) const {
+  if (config_.sliding_window > 0 && length > config_.sliding_window)
+    throw InputError(config_.directory + ": sequences of " + std::to_string(length) + " tokens are longer than the sliding window (" +
+                     std::to_string(config_.sliding_window) + "); gradfix implements sliding-window attention only where it equals full attention");
+}
+
+torch::Tensor Decoder::attention(const std::string& prefix, const Parameters& p, const torch::Tensor& x, const torch::Tensor& attention_mask,
+                                 const AttentionOptions& o, GradientRecorder* recorder) const {
   const DecoderConfig& c = config_;
-  const long long n = hidden.size(0), t = hidden.size(1);
-  if (c.sliding_window > 0 && t > c.sliding_window)
-    throw InputError(c.directory + ": sequences of " + std::to_string(t) + " tokens are longer than the sliding window (" +
-                     std::to_string(c.sliding_window) + "); gradfix implements sliding-window attention only where it equals full attention");
-  const std::string prefix = "model.layers." + std::to_string(index) + ".";
-  const torch::Tensor x = rms_norm(p, prefix + "input_layernorm.weight", hidden, c.rms_norm_eps, recorder);
+  const long long n = x.size(0), t = x.size(1);
+  // Per-head norms run on [N, T * heads, head_dim], so that the recorded scale sees rows of head_dim.
+  auto per_head = [&](torch::Tensor projected, long long heads, const std::string& norm_name) {
+    if (norm_name.empty()) return projected.view({n, t, heads, c.head_dim}).transpose(1, 2);
+    return norm(p, norm_name, projected.view({n, t * heads, c.head_dim}), recorder).view({n, t, heads, c.head_dim}).transpose(1, 2);
+  };
   // [N, T, heads, d] -> [N, heads, T, d]
-  const torch::Tensor q = recorded_linear(p, prefix + "self_attn.q_proj", x, c.qkv_bias, recorder).view({n, t, c.heads, c.head_dim}).transpose(1, 2);
-  torch::Tensor k = recorded_linear(p, prefix + "self_attn.k_proj", x, c.qkv_bias, recorder).view({n, t, c.kv_heads, c.head_dim}).transpose(1, 2);
-  torch::Tensor v = recorded_linear(p, prefix + "self_attn.v_proj", x, c.qkv_bias, recorder).view({n, t, c.kv_heads, c.head_dim}).transpose(1, 2);
+  const torch::Tensor q = per_head(recorded_linear(p, prefix + "q_proj", x, o.qkv_bias, recorder), c.heads, o.q_norm);
+  torch::Tensor k = per_head(recorded_linear(p, prefix + "k_proj", x, o.qkv_bias, recorder), c.kv_heads, o.k_norm);
+  torch::Tensor v = recorded_linear(p, prefix + "v_proj", x, o.qkv_bias, recorder).view({n, t, c.kv_heads, c.head_dim}).transpose(1, 2);
   const auto [cos, sin] = rotary(t, q);
   const torch::Tensor q_rotated = q * cos + rotate_half(q) * sin;
   k = k * cos + rotate_half(k) * sin;
@@ -346,22 +395,58 @@ torch::Tensor Decoder::block(long long index, const Parameters& p, const torch::
     k = k.repeat_interleave(groups, 1);
     v = v.repeat_interleave(groups, 1);
   }
-  torch::Tensor scores = torch::matmul(q_rotated, k.transpose(2, 3)) / std::sqrt(static_cast<double>(c.head_dim));
+  torch::Tensor scores = torch::matmul(q_rotated, k.transpose(2, 3));
+  scores = o.scale > 0.0 ? scores * o.scale : scores / std::sqrt(static_cast<double>(c.head_dim));
+  if (o.softcap > 0.0) scores = soft_cap(scores, o.softcap);
   // Causal, and no attention to padding keys; a query always sees itself or an earlier real token.
-  const torch::Tensor causal = torch::ones({t, t}, torch::TensorOptions().dtype(torch::kBool).device(hidden.device())).tril();
-  const torch::Tensor allowed = causal.unsqueeze(0).unsqueeze(0) & attention_mask.to(torch::kBool).unsqueeze(1).unsqueeze(2);
+  const auto flags = torch::TensorOptions().dtype(torch::kBool).device(x.device());
+  torch::Tensor causal = torch::ones({t, t}, flags).tril();
+  if (o.window > 0) causal = causal & torch::ones({t, t}, flags).triu(1 - o.window);
+  torch::Tensor allowed = causal.unsqueeze(0).unsqueeze(0) & attention_mask.to(torch::kBool).unsqueeze(1).unsqueeze(2);
+  // With a window, a padding query far past the last real token would see no key at all (a row of
+  // NaN whose zero gradient still poisons products): it sees itself. Real queries are unchanged.
+  if (o.window > 0) allowed = allowed | torch::eye(t, flags).unsqueeze(0).unsqueeze(0);
   scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
   const torch::Tensor weights = torch::softmax(scores, -1, torch::kFloat32).to(q.scalar_type());
   const torch::Tensor attended = torch::matmul(weights, v).transpose(1, 2).reshape({n, t, c.heads * c.head_dim});
-  const torch::Tensor after_attention = hidden + recorded_linear(p, prefix + "self_attn.o_proj", attended, c.o_bias, recorder);
-  const torch::Tensor y = rms_norm(p, prefix + "post_attention_layernorm.weight", after_attention, c.rms_norm_eps, recorder);
-  const torch::Tensor gated =
-      torch::silu(recorded_linear(p, prefix + "mlp.gate_proj", y, c.mlp_bias, recorder)) * recorded_linear(p, prefix + "mlp.up_proj", y, c.mlp_bias, recorder);
-  return after_attention + recorded_linear(p, prefix + "mlp.down_proj", gated, c.mlp_bias, recorder);
+  return recorded_linear(p, prefix + "o_proj", attended, o.o_bias, recorder);
 }
 
-torch::Tensor Decoder::head(const Parameters& p, const torch::Tensor& hidden, GradientRecorder* recorder) const {
-  const torch::Tensor normed = rms_norm(p, "model.norm.weight", hidden, config_.rms_norm_eps, recorder);
+torch::Tensor Decoder::gated_mlp(const std::string& prefix, const Parameters& p, const torch::Tensor& x, Activation activation, bool bias,
+                                 GradientRecorder* recorder) const {
+  const torch::Tensor gate = recorded_linear(p, prefix + "gate_proj", x, bias, recorder);
+  const torch::Tensor activated = activation == Activation::kSilu ? torch::silu(gate) : torch::gelu(gate, "tanh");
+  const torch::Tensor gated = activated * recorded_linear(p, prefix + "up_proj", x, bias, recorder);
+  return recorded_linear(p, prefix + "down_proj", gated, bias, recorder);
+}
+
+torch::Tensor Decoder::embed(const Parameters& parameters, const torch::Tensor& input_ids, GradientRecorder* recorder) const {
+  // padding_idx keeps the pad row's lookups out of the gradient, as nn.Embedding does.
+  torch::Tensor out = torch::embedding(parameters.at("model.embed_tokens.weight"), input_ids, config_.pad_token_id);
+  if (recorder != nullptr) {
+    out = out.detach().requires_grad_(true);
+    recorder->add({"model.embed_tokens.weight", Capture::Kind::kEmbedding, input_ids, out});
+    // The recorded rows take no gradient where the token is the pad token: the same values, with
+    // the pad positions cut from the graph.
+    if (config_.pad_token_id >= 0) return torch::where(input_ids.eq(static_cast<int64_t>(config_.pad_token_id)).unsqueeze(-1), out.detach(), out);
+  }
+  return out;
+}
+
+torch::Tensor Decoder::block(long long index, const Parameters& p, const torch::Tensor& hidden, const torch::Tensor& attention_mask,
+                             GradientRecorder* recorder) const {
+  check_window(hidden.size(1));
+  const std::string prefix = layer_prefix(index);
+  AttentionOptions options;
+  options.qkv_bias = config_.qkv_bias;
+  options.o_bias = config_.o_bias;
+  const torch::Tensor x = norm(p, prefix + "input_layernorm.weight", hidden, recorder);
+  const torch::Tensor after_attention = hidden + attention(prefix + "self_attn.", p, x, attention_mask, options, recorder);
+  const torch::Tensor y = norm(p, prefix + "post_attention_layernorm.weight", after_attention, recorder);
+  return after_attention + gated_mlp(prefix + "mlp.", p, y, Activation::kSilu, config_.mlp_bias, recorder);
+}
+
+torch::Tensor Decoder::head_logits(const Parameters& p, const torch::Tensor& normed, GradientRecorder* recorder) const {
   // A tied head records its use under the embedding's name: the one stored tensor's per-sample
   // gradient is the sum of both uses.
   torch::Tensor logits = torch::nn::functional::linear(normed, p.at(head_name()));
@@ -372,17 +457,19 @@ torch::Tensor Decoder::head(const Parameters& p, const torch::Tensor& hidden, Gr
   return logits;
 }
 
-std::vector<TensorInfo> Decoder::layout() const { return decoder_layout(config_); }
-std::vector<std::string> Decoder::layer_names(long long layer) const { return layer_parameter_names(config_, layer); }
+torch::Tensor Decoder::head(const Parameters& p, const torch::Tensor& hidden, GradientRecorder* recorder) const {
+  return head_logits(p, norm(p, "model.norm.weight", hidden, recorder), recorder);
+}
+
+torch::Tensor Decoder::features(const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch) const {
+  (void)parameters;
+  if (!batch.mask.defined()) return hidden.mean(1);
+  const torch::Tensor mask = batch.mask.to(hidden.scalar_type()).unsqueeze(-1);
+  return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0);
+}
+
 torch::Tensor Decoder::losses(const torch::Tensor& logits, const Batch& batch) const { return per_sample_losses(logits, batch.labels); }
 std::pair<long long, long long> Decoder::hits(const torch::Tensor& logits, const Batch& batch) const { return token_hits(logits, batch.labels); }
-
-namespace {
-// llama, mistral and qwen2 share these blocks; the config says which options each uses.
-const ArchitectureRegistration kLlamaFamily({"llama", "mistral", "qwen2"}, [](const std::string& directory) {
-  return std::unique_ptr<LayeredModel>(new Decoder(read_decoder_config(directory)));
-});
-}  // namespace
 
 std::string Decoder::head_name() const { return config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight"; }
 
@@ -391,6 +478,41 @@ torch::Tensor Decoder::forward(const Parameters& parameters, const TokenBatch& b
   for (long long i = 0; i < config_.layers; ++i) hidden = block(i, parameters, hidden, batch.attention_mask);
   return head(parameters, hidden);
 }
+
+std::unique_ptr<Decoder> decoder_from_config(const std::string& text, const std::string& path) {
+  std::unique_ptr<LayeredModel> model = layered_model_from_config({"", path, text});
+  auto* decoder = dynamic_cast<Decoder*>(model.get());
+  if (decoder == nullptr) throw InputError(path + ": a " + model->model_type() + " model takes images, not token data; it is not a decoder");
+  model.release();
+  return std::unique_ptr<Decoder>(decoder);
+}
+
+std::unique_ptr<Decoder> open_decoder(const std::string& directory) {
+  const std::string path = directory + "/config.json";
+  std::unique_ptr<LayeredModel> model = layered_model_from_config({directory, path, read_config_text(path)});
+  auto* decoder = dynamic_cast<Decoder*>(model.get());
+  if (decoder == nullptr) throw InputError(directory + ": a " + model->model_type() + " model takes images, not token data; it is not a decoder");
+  model.release();
+  return std::unique_ptr<Decoder>(decoder);
+}
+
+void check_decoder_checkpoint(const Decoder& decoder) { check_against_model(*open_reader(decoder.directory()), decoder, false); }
+
+Parameters read_decoder_parameters(const Decoder& decoder, const std::vector<std::string>& names, torch::ScalarType dtype,
+                                   const torch::Device& device) {
+  check_decoder_checkpoint(decoder);
+  const auto reader = open_reader(decoder.directory());
+  Parameters parameters;
+  for (const auto& name : names) {
+    const TensorInfo& info = reader->info(name);
+    const std::vector<float> values = reader->read_f32(name);
+    const std::vector<int64_t> shape(info.shape.begin(), info.shape.end());
+    parameters[name] = torch::from_blob(const_cast<float*>(values.data()), shape, torch::kFloat32).to(device, dtype, false, true);
+  }
+  return parameters;
+}
+
+torch::Tensor soft_cap(const torch::Tensor& x, double softcap) { return (x / softcap).tanh() * softcap; }
 
 torch::Tensor per_sample_losses(const torch::Tensor& logits, const torch::Tensor& labels) {
   const long long n = logits.size(0), t = logits.size(1), v = logits.size(2);

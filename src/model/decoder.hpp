@@ -1,13 +1,21 @@
 #pragma once
-// Internal to the LibTorch part: decoder-only causal language models of the Llama family (llama,
-// mistral, qwen2) read from Hugging Face model directories, under the checkpoint's own tensor
-// names. The architecture describes the math of each piece (embedding, one decoder layer, the
-// final norm and head) on parameters passed in by name, so that whoever holds the parameters
-// (all of them, or one gathered layer at a time) can run it.
+// Internal to the LibTorch part: what every decoder-only causal language model read from a
+// Hugging Face directory shares, under the checkpoint's own tensor names. The pieces (token
+// embedding, RMSNorm, rotary attention with grouped heads, gated MLP, the head and the per-sample
+// losses) are math on parameters passed in by name, so that whoever holds the parameters (all of
+// them, or one gathered layer at a time) can run them.
+//
+// A family is one file (llama.cpp: llama, mistral, qwen2; qwen3.cpp; gemma2.cpp): it reads its own
+// config keys with a DecoderConfigReader, composes its layer from the pieces below (or keeps the
+// Llama layer), lists its layer's tensors, and registers its model_type with an
+// ArchitectureRegistration. The jobs see only Decoder.
 
 #include <torch/torch.h>
 
 #include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -25,9 +33,11 @@ struct RopeScaling {
   long long original_max_position_embeddings = 0;
 };
 
+// The settings every family has. A family keeps what only it has (soft-capping, extra norms) in
+// its own class.
 struct DecoderConfig {
   std::string directory;
-  std::string model_type;  // llama | mistral | qwen2
+  std::string model_type;
   long long vocab_size = 0;
   long long hidden_size = 0;
   long long intermediate_size = 0;
@@ -44,29 +54,59 @@ struct DecoderConfig {
   bool o_bias = false;
   bool mlp_bias = false;
   long long sliding_window = 0;  // 0: every layer attends to the whole sequence
+  // transformers builds the embedding with padding_idx = pad_token_id: that row takes no gradient
+  // from the lookups (a tied head's use of it still counts). -1: none.
+  long long pad_token_id = -1;
 };
 
+// Reads a decoder's config.json key by key and remembers which keys were read, so that a family's
+// file reads its own keys and finish() refuses any key that nobody read: a key gradfix does not
+// know may change the model's math. Every error names the file, the key and its value.
+class DecoderConfigReader {
+ public:
+  DecoderConfigReader(const std::string& text, std::string path);
+  const std::string& path() const { return path_; }
+  const std::string& model_type() const { return model_type_; }
+  // Present and not null.
+  bool has(const std::string& key) const;
+  long long positive_integer(const std::string& key);
+  long long positive_integer_or(const std::string& key, long long fallback);
+  // Any integer; `fallback` when absent or null.
+  long long integer_or(const std::string& key, long long fallback);
+  double positive_number_or(const std::string& key, double fallback);
+  // A number that may be null or absent (0 then): soft-capping thresholds.
+  double optional_positive_number(const std::string& key);
+  bool boolean_or(const std::string& key, bool fallback);
+  std::string text_or(const std::string& key, const std::string& fallback);
+  // An array of strings; empty when absent or null.
+  std::vector<std::string> texts(const std::string& key);
+  // The key's value must be one of `allowed` when present.
+  void expect_one_of(const std::string& key, const std::vector<std::string>& allowed, const std::string& why);
+  // Keys this family knows not to change the math.
+  void ignore(const std::vector<std::string>& keys);
+  // The rotary settings (rope_theta, rope_scaling, rope_parameters) into `out`.
+  void read_rope(DecoderConfig& out);
+  [[noreturn]] void refuse(const std::string& key, const std::string& why) const;
+  // Refuses the first key that was neither read nor ignored.
+  void finish() const;
 
-// Reads DIR/config.json. Every key that changes the math must be one gradfix implements with the
-// value it supports; anything else is an InputError naming the key and its value.
-DecoderConfig read_decoder_config(const std::string& directory);
-// The same from the text of a config.json (`path` names it in messages); directory left empty.
-DecoderConfig parse_decoder_config(const std::string& text, const std::string& path);
+ private:
+  const nlohmann::json& value(const std::string& key);
+  void read_rope_object(const nlohmann::json& rope, const std::string& key, DecoderConfig& out);
 
-// The tensors a checkpoint of this config holds: names and shapes (dtype F32).
-std::vector<TensorInfo> decoder_layout(const DecoderConfig& config);
+  nlohmann::json config_;
+  std::string path_;
+  std::string model_type_;
+  std::set<std::string> read_;
+};
 
-// The names of layer i's tensors, in layout order.
-std::vector<std::string> layer_parameter_names(const DecoderConfig& config, long long layer);
-
-// Reads the tensors of `names` from the model directory as `dtype` on `device`, checking every
-// tensor of the layout against the checkpoint first: all missing, extra and misshapen tensors are
-// listed in one InputError.
-Parameters read_decoder_parameters(const DecoderConfig& config, const std::vector<std::string>& names, torch::ScalarType dtype,
-                                   const torch::Device& device);
-// The checkpoint against the layout, without reading data.
-void check_decoder_checkpoint(const DecoderConfig& config);
-
+// The keys every family reads the same way: sizes, heads, head_dim, positions, the norms'
+// epsilon, rotary settings, the tied head, and the model type and head class.
+DecoderConfig read_common_decoder_config(DecoderConfigReader& reader, const std::string& directory);
+// use_sliding_window, layer_types and sliding_window for a family whose window gradfix runs only
+// where it equals full attention (the layer refuses longer sequences, Decoder::check_window);
+// `always_on`: the family slides whenever a window is given (mistral).
+void read_refused_sliding_window(DecoderConfigReader& reader, DecoderConfig& out, bool always_on);
 
 // Token tensors [N, T] (int64) on a device.
 struct TokenBatch {
@@ -78,7 +118,22 @@ TokenBatch token_batch(const TokenData& data, const torch::Device& device);
 // Token data as the sharded executor reads it (inputs = input_ids, mask = attention_mask).
 SampleSource token_samples(const TokenData& data);
 
-class Decoder final : public LayeredModel {
+// Options of one attention block that differ between families.
+struct AttentionOptions {
+  bool qkv_bias = false;
+  bool o_bias = false;
+  // Per-head RMSNorm of queries and keys before the rotation (qwen3): parameter names, or empty.
+  std::string q_norm;
+  std::string k_norm;
+  double scale = 0.0;           // multiplies q.k; 0: 1 / sqrt(head_dim)
+  double softcap = 0.0;         // scores -> softcap * tanh(scores / softcap); 0: none
+  long long window = 0;         // a query sees the keys less than `window` positions back; 0: all
+};
+
+enum class Activation { kSilu, kGeluTanh };
+
+// The Llama layer is the default: a family overrides what differs.
+class Decoder : public LayeredModel {
  public:
   explicit Decoder(DecoderConfig config);
   const DecoderConfig& config() const { return config_; }
@@ -103,12 +158,7 @@ class Decoder final : public LayeredModel {
   torch::Tensor losses(const torch::Tensor& logits, const Batch& batch) const override;
   // Shot selection compares sequences by the mean of the last layer's output over their tokens.
   long long feature_size() const override { return config_.hidden_size; }
-  torch::Tensor features(const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch) const override {
-    (void)parameters;
-    if (!batch.mask.defined()) return hidden.mean(1);
-    const torch::Tensor mask = batch.mask.to(hidden.scalar_type()).unsqueeze(-1);
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0);
-  }
+  torch::Tensor features(const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch) const override;
   std::pair<long long, long long> hits(const torch::Tensor& logits, const Batch& batch) const override;
   // transformers may store a tied head anyway, and rotary buffers in old checkpoints.
   bool ignores(const std::string& name) const override {
@@ -116,31 +166,74 @@ class Decoder final : public LayeredModel {
   }
   std::string model_type() const override { return config_.model_type; }
 
-  // [N, T] token ids -> [N, T, H] hidden states. With a recorder the output is a leaf that
-  // requires grad, recorded for the embedding's per-sample gradients.
-  torch::Tensor embed(const Parameters& parameters, const torch::Tensor& input_ids, GradientRecorder* recorder = nullptr) const;
+  // What `init` fills the norms' scales with: 1 for w, 0 for (1 + w), so that a fresh norm is
+  // the identity's scale either way.
+  virtual double initial_norm_scale() const { return 1.0; }
+  // Layer i's tensors (names and shapes), in layout order.
+  virtual std::vector<TensorInfo> layer_layout(long long layer) const;
+  // [N, T] token ids -> [N, T, H] hidden states. With a recorder the embedding's rows are a leaf
+  // that requires grad, recorded for the embedding's per-sample gradients.
+  virtual torch::Tensor embed(const Parameters& parameters, const torch::Tensor& input_ids, GradientRecorder* recorder = nullptr) const;
   // One decoder layer on [N, T, H]; `attention_mask` [N, T] marks real tokens (right padding).
   // With a recorder (and `hidden` requiring grad) every parameter use is recorded.
-  torch::Tensor block(long long index, const Parameters& parameters, const torch::Tensor& hidden,
-                      const torch::Tensor& attention_mask, GradientRecorder* recorder = nullptr) const;
+  virtual torch::Tensor block(long long index, const Parameters& parameters, const torch::Tensor& hidden,
+                              const torch::Tensor& attention_mask, GradientRecorder* recorder = nullptr) const;
   // Final norm and the language-model head: [N, T, H] -> [N, T, V] logits.
-  torch::Tensor head(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const;
+  virtual torch::Tensor head(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const;
   // The tensor the head multiplies by: lm_head.weight, or the embedding when tied.
   std::string head_name() const;
   // All of it, with every parameter in `parameters`.
   torch::Tensor forward(const Parameters& parameters, const TokenBatch& batch) const;
+
+ protected:
+  // "model.layers.<i>."
+  static std::string layer_prefix(long long layer);
+  // The attention block's tensors (q, k, v, o and their biases) under `prefix` ("...self_attn.").
+  std::vector<TensorInfo> attention_layout(const std::string& prefix, bool qkv_bias, bool o_bias) const;
+  // The gated MLP's tensors (gate, up, down) under `prefix` ("...mlp.").
+  std::vector<TensorInfo> mlp_layout(const std::string& prefix, bool bias) const;
+  // RMSNorm computed in float32 as transformers does; `plus_one` scales by (1 + w) (Gemma).
+  torch::Tensor norm(const Parameters& parameters, const std::string& name, const torch::Tensor& x, GradientRecorder* recorder,
+                     bool plus_one = false) const;
+  // Multi-head attention with grouped keys and values, rotary positions, a causal mask that also
+  // hides padding keys, and the options above: [N, T, H] -> [N, T, H].
+  torch::Tensor attention(const std::string& prefix, const Parameters& parameters, const torch::Tensor& x,
+                          const torch::Tensor& attention_mask, const AttentionOptions& options, GradientRecorder* recorder) const;
+  // down(act(gate(x)) * up(x)).
+  torch::Tensor gated_mlp(const std::string& prefix, const Parameters& parameters, const torch::Tensor& x, Activation activation,
+                          bool bias, GradientRecorder* recorder) const;
+  // Refuses sequences longer than config().sliding_window (when set).
+  void check_window(long long length) const;
+  // The head's product with the normed hidden states, recorded for the head's per-sample gradients.
+  torch::Tensor head_logits(const Parameters& parameters, const torch::Tensor& normed, GradientRecorder* recorder) const;
 
  private:
   // cos and sin [T, head_dim] for positions 0..T-1, in the dtype and on the device of `like`.
   std::pair<torch::Tensor, torch::Tensor> rotary(long long length, const torch::Tensor& like) const;
 
   DecoderConfig config_;
-  torch::Tensor inverse_frequencies_;  // [head_dim / 2], float64 on the CPU
+  torch::Tensor inverse_frequencies_;  // [head_dim / 2], float32 on the CPU
 };
+
+// The decoder a directory's config.json names (any registered family), or an InputError naming
+// the directory when the model there is not a decoder.
+std::unique_ptr<Decoder> open_decoder(const std::string& directory);
+// The same from a config file's text alone (`init`): a layout and its math, no checkpoint.
+std::unique_ptr<Decoder> decoder_from_config(const std::string& text, const std::string& path);
+
+// Reads the tensors of `names` from the model directory as `dtype` on `device`, checking every
+// tensor of the layout against the checkpoint first: all missing, extra and misshapen tensors are
+// listed in one InputError.
+Parameters read_decoder_parameters(const Decoder& decoder, const std::vector<std::string>& names, torch::ScalarType dtype,
+                                   const torch::Device& device);
+// The checkpoint against the layout, without reading data.
+void check_decoder_checkpoint(const Decoder& decoder);
 
 // Mean cross-entropy over each sample's target tokens (labels shifted by one): [N].
 torch::Tensor per_sample_losses(const torch::Tensor& logits, const torch::Tensor& labels);
 // Correct next-token predictions and target tokens, summed over the batch.
 std::pair<long long, long long> token_hits(const torch::Tensor& logits, const torch::Tensor& labels);
+// softcap * tanh(x / softcap) (Gemma's soft-capping of scores and logits).
+torch::Tensor soft_cap(const torch::Tensor& x, double softcap);
 
 }  // namespace gradfix

@@ -32,12 +32,12 @@ void refuse_image_options(const std::string& model, const DataOptions& data) {
 // What eval and signs read first: the config, the checkpoint checked against it, the token data
 // checked against the vocabulary, and the device.
 void load_decoder_inputs(const std::string& model, const std::string& weights, const DataOptions& data_options, const JobContext& context,
-                         DecoderConfig& config, TokenData& data, torch::Device& device) {
+                         std::unique_ptr<Decoder>& decoder, TokenData& data, torch::Device& device) {
   refuse_image_options(model, data_options);
-  config = read_decoder_config(weights);
-  check_decoder_checkpoint(config);
+  decoder = open_decoder(weights);
+  check_decoder_checkpoint(*decoder);
   data = load_token_data(data_options.spec);
-  check_vocabulary(data, config.vocab_size);
+  check_vocabulary(data, decoder->config().vocab_size);
   device = parse_device(context.device, context.local_rank);
 }
 
@@ -46,15 +46,14 @@ void load_decoder_inputs(const std::string& model, const std::string& weights, c
 }  // namespace
 
 void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {
-  DecoderConfig config;
+  std::unique_ptr<Decoder> decoder;
   TokenData data;
   torch::Device device = torch::kCPU;
-  context.agree([&] { load_decoder_inputs(job.model, job.weights, job.data, context, config, data, device); });
+  context.agree([&] { load_decoder_inputs(job.model, job.weights, job.data, context, decoder, data, device); });
   // The parameters stay sharded: each rank reads its pieces, layers are gathered one at a time.
   std::unique_ptr<ShardedWeights> weights;
-  context.agree([&] { weights = std::make_unique<ShardedWeights>(decoder_layout(config), config.directory, context); });
-  const Decoder decoder(config);
-  const ShardedEvaluation evaluation = sharded_evaluation(decoder, *weights, token_samples(data), context, device);
+  context.agree([&] { weights = std::make_unique<ShardedWeights>(decoder->layout(), decoder->directory(), context); });
+  const ShardedEvaluation evaluation = sharded_evaluation(*decoder, *weights, token_samples(data), context, device);
   const std::vector<double>& losses = evaluation.losses;
   double mean = 0.0;
   for (double loss : losses) mean += loss;
@@ -63,26 +62,26 @@ void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& c
   if (!job.results.empty())
     context.agree([&] {
       if (context.is_root())
-        write_text_file_atomically(job.results, nlohmann::json{{"model_type", config.model_type}, {"samples", data.samples},
+        write_text_file_atomically(job.results, nlohmann::json{{"model_type", decoder->model_type()}, {"samples", data.samples},
                                                           {"target_tokens", evaluation.targets}, {"mean_loss", mean},
                                                           {"token_accuracy", accuracy}, {"per_sample_loss", losses}}.dump(2) + "\n");
     });
   if (!context.is_root()) return;
-  log << "eval: " << config.model_type << ", " << data.samples << " samples, " << evaluation.targets << " target tokens, mean loss "
+  log << "eval: " << decoder->model_type() << ", " << data.samples << " samples, " << evaluation.targets << " target tokens, mean loss "
       << std::fixed << std::setprecision(4) << mean << ", token accuracy " << std::setprecision(2) << 100.0 * accuracy << "%"
       << (job.results.empty() ? "" : ", results in " + job.results) << ", parameters sharded over " << context.size() << " rank(s)\n";
   log.unsetf(std::ios::fixed);
 }
 
 void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& context) {
-  DecoderConfig config;
+  std::unique_ptr<Decoder> decoder;
   std::string text;
   double scale = 0.02;
   context.agree([&] {
     text = read_config_text(job.config);
-    config = parse_decoder_config(text, job.config);
-    if (config.model_type != job.arch)
-      throw InputError(job.config + ": \"model_type\" is \"" + config.model_type + "\" but --arch is " + job.arch);
+    const std::string type = config_model_type(text, job.config);
+    if (type != job.arch) throw InputError(job.config + ": \"model_type\" is \"" + type + "\" but --arch is " + job.arch);
+    decoder = decoder_from_config(text, job.config);
     const auto parsed = nlohmann::json::parse(text, nullptr, false, false);
     if (parsed.contains("initializer_range") && parsed.at("initializer_range").is_number()) scale = parsed.at("initializer_range").get<double>();
     if (!(scale > 0.0) || !std::isfinite(scale)) throw InputError(job.config + ": \"initializer_range\" must be positive");
@@ -94,7 +93,7 @@ void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& c
   long long parameters = 0;
   context.agree([&] {
     if (!context.is_root()) return;
-    const std::vector<TensorInfo> layout = decoder_layout(config);
+    const std::vector<TensorInfo> layout = decoder->layout();
     writer = open_writer(job.out, layout, {{"format", "pt"}, {"gradfix.operation", "init"}, {"gradfix.seed", std::to_string(job.seed)}});
     for (std::size_t i = 0; i < layout.size(); ++i) {
       const TensorInfo& tensor = layout[i];
@@ -102,7 +101,7 @@ void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& c
       torch::Tensor values;
       const bool norm = tensor.name.find("norm") != std::string::npos, bias = tensor.name.size() > 5 && tensor.name.compare(tensor.name.size() - 5, 5, ".bias") == 0;
       if (norm) {
-        values = torch::ones(shape);
+        values = torch::full(shape, decoder->initial_norm_scale());
       } else if (bias) {
         values = torch::zeros(shape);
       } else {
@@ -119,22 +118,22 @@ void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& c
   });
   if (writer) {
     writer->publish();
-    log << "init: " << config.model_type << ", " << config.layers << " layers, hidden " << config.hidden_size << ", " << parameters
+    log << "init: " << decoder->model_type() << ", " << decoder->layers() << " layers, hidden " << decoder->config().hidden_size << ", " << parameters
         << " parameters, seed " << job.seed << ", written to " << job.out << "/ (config.json and safetensors)\n";
   }
 }
 
 void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
-  DecoderConfig config;
+  std::unique_ptr<Decoder> model;
   TokenData data, shots;
   torch::Device device = torch::kCPU;
   context.agree([&] {
     if (job.selection.num_batches > 0) throw InputError("--num-batches is for image data; use --num-samples or --indices with token data");
-    load_decoder_inputs(job.model, job.weights, job.data, context, config, data, device);
+    load_decoder_inputs(job.model, job.weights, job.data, context, model, data, device);
   });
   std::shared_ptr<ShardedWeights> weights;
-  context.agree([&] { weights = std::make_shared<ShardedWeights>(decoder_layout(config), config.directory, context); });
-  const Decoder decoder(config);
+  context.agree([&] { weights = std::make_shared<ShardedWeights>(model->layout(), model->directory(), context); });
+  const Decoder& decoder = *model;
   context.agree([&] {
     // The shots: an indices file, the first N of a seeded shuffle (or N by --selection), or every sample.
     ShotPool pool;
@@ -155,28 +154,28 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
   current.reset();
   progress.finish();
 
-  const DType dtype = write_sharded_statistics(context, *weights, statistics, job.sign_mode, job.seed, config.model_type, job.out);
+  const DType dtype = write_sharded_statistics(context, *weights, statistics, job.sign_mode, job.seed, decoder.model_type(), job.out);
   if (context.is_root())
-    log << "signs " << sign_mode_name(job.sign_mode) << ": " << config.model_type << ", " << shots.samples << " samples, "
+    log << "signs " << sign_mode_name(job.sign_mode) << ": " << decoder.model_type() << ", " << shots.samples << " samples, "
         << weights->layout().size() << " tensors as " << dtype_name(dtype) << ", parameters sharded over " << context.size()
         << " rank(s), written to " << job.out << "\n";
 }
 
 std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {
-  DecoderConfig config;
+  std::unique_ptr<Decoder> model;
   TokenData pool, test, shots, support;
   torch::Device device = torch::kCPU;
   context.agree([&] {
-    load_decoder_inputs(job.model, job.target, job.data, context, config, pool, device);
+    load_decoder_inputs(job.model, job.target, job.data, context, model, pool, device);
     refuse_image_options(job.model, job.test);
     if (job.test.spec.empty()) throw InputError("transport needs --test-data: token data read only for the final evaluation");
     test = load_token_data(job.test.spec);
-    check_vocabulary(test, config.vocab_size);
+    check_vocabulary(test, model->config().vocab_size);
     if (job.selection.num_batches > 0) throw InputError("--num-batches is for image data; use --num-samples or --indices with token data");
     if (job.selection.indices_file.empty() && job.num_samples == 0)
       throw InputError("transport of a decoder takes its shots with --num-samples N (the first N of a shuffle with --seed) or --indices FILE");
   });
-  const Decoder decoder(config);
+  const Decoder& decoder = *model;
   context.agree([&] {
     std::vector<long long> shot_indices, support_indices;
     ShotPool shot_pool;

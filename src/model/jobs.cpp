@@ -27,6 +27,7 @@
 #include "shots.hpp"
 #include "decoder_jobs.hpp"
 #include "vision_jobs.hpp"
+#include "architecture.hpp"
 #include "decoder.hpp"
 #include "gradfix/comm/backend.hpp"
 #include "gradfix/core/error.hpp"
@@ -562,11 +563,12 @@ std::unique_ptr<Classifier> load_on_device(const std::string& model_spec, const 
 }
 
 void run_init(const InitJob& job, std::ostream& log, const JobContext& context) {
-  if (job.arch == "llama" || job.arch == "mistral" || job.arch == "qwen2") {
+  // A decoder is initialised from its config.json, whichever family registered its model_type.
+  if (!job.config.empty() || is_registered_architecture(job.arch)) {
+    if (job.config.empty()) throw InputError("gradfix init --arch " + job.arch + ": --config-file is required");
     run_decoder_init(job, log, context);
     return;
   }
-  if (!job.config.empty()) throw InputError("--config-file is for the decoders (llama, mistral, qwen2); " + job.arch + " takes --dims");
   if (job.dims.empty()) throw InputError("gradfix init: --dims is required for --arch " + job.arch);
   std::unique_ptr<Classifier> model;
   context.agree([&] { model = make_classifier(parse_architecture(job.arch, job.dims), job.seed); });
@@ -616,7 +618,7 @@ void run_train(const TrainJob& job, std::ostream& log, const JobContext& context
 }
 
 void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {
-  if (is_clip_directory(job.weights)) {
+  if (is_image_model_directory(job.weights)) {
     run_clip_eval(job, log, context);
     return;
   }
@@ -648,7 +650,7 @@ void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context) 
 }
 
 void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
-  if (is_clip_directory(job.weights)) {
+  if (is_image_model_directory(job.weights)) {
     run_clip_signs(job, log, context);
     return;
   }
@@ -692,13 +694,13 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
 }
 
 std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {
-  if (!job.finetune_freeze.empty() && (is_clip_directory(job.target) || is_model_directory(job.target)))
+  if (!job.finetune_freeze.empty() && is_model_directory(job.target))
     throw InputError("--finetune-freeze is for classifiers; " + job.target +
                      " is a model directory, whose few-shot fine-tuning tunes what the statistics cover (CLIP: never the head)");
-  if (!job.save_support.empty() && (is_clip_directory(job.target) || is_model_directory(job.target)))
+  if (!job.save_support.empty() && is_model_directory(job.target))
     throw InputError("--save-support is for classifiers; the support set of " + job.target +
                      " is the --support-size samples after the shots in the seeded shuffle of --data");
-  if (is_clip_directory(job.target)) return run_clip_transport(job, log, context);
+  if (is_image_model_directory(job.target)) return run_clip_transport(job, log, context);
   if (!job.head.empty()) throw InputError("--head is for CLIP models; " + job.target + " is not one");
   if (is_model_directory(job.target)) return run_decoder_transport(job, log, context);
   if (job.num_samples > 0) throw InputError("--num-samples chooses the shots of a decoder; a classifier takes --shots-per-class");

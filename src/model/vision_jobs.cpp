@@ -71,17 +71,6 @@ ClipInputs load_clip_inputs(const std::string& model, const std::string& weights
 
 }  // namespace
 
-bool is_clip_directory(const std::string& weights) {
-  if (!is_model_directory(weights)) return false;
-  try {
-    const auto config = nlohmann::json::parse(read_config_text(weights + "/config.json"), nullptr, false, false);
-    return config.is_object() && config.contains("model_type") && config.at("model_type").is_string() &&
-           is_clip_model_type(config.at("model_type").get<std::string>());
-  } catch (const InputError&) {
-    return false;  // the decoder path then names what is wrong with the config
-  }
-}
-
 void run_clip_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {
   ClipInputs in;
   context.agree([&] { in = load_clip_inputs(job.model, job.weights, job.head, job.data, context); });

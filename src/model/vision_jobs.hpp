@@ -9,9 +9,6 @@
 
 namespace gradfix {
 
-// Whether `weights` is a model directory whose config.json says clip or clip_vision_model.
-bool is_clip_directory(const std::string& weights);
-
 // eval on preprocessed images: accuracy, mean_loss and per_sample_loss (data order).
 void run_clip_eval(const EvalJob& job, std::ostream& log, const JobContext& context);
 // signs of the vision tower and visual_projection: a statistics checkpoint under their names.

@@ -32,7 +32,7 @@ print(json.dumps(list(struct.unpack("<%dd" % ((end - begin) // 8), raw[8 + n + b
 PY
 }
 
-for model in llama qwen2 mistral; do
+for model in llama qwen2 mistral qwen3 gemma2; do
   "$gradfix" convert "$fixtures/$model/tokens.safetensors" "$model.h5" >/dev/null
   "$gradfix" eval --weights "$fixtures/$model/model" --data "$model.h5" --results "$model.json" >eval.log
   check "$model: eval names the architecture" grep -q "eval: $model, 5 samples" eval.log
@@ -73,7 +73,7 @@ print(differ, nonzero)
 sys.exit(0 if differ == 0 and nonzero > 0 else 1)
 PY
 }
-for model in llama qwen2 mistral; do
+for model in llama qwen2 mistral qwen3 gemma2; do
   "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --out "${model}_votes1.safetensors" >signs.log
   check "$model: signs stores 5 votes per entry as I8" grep -q "signs max: $model, 5 samples, .* tensors as I8" signs.log
   check "$model: votes equal transformers' per-sample reference" compare_votes "${model}_votes1.safetensors" "$fixtures/$model/reference.safetensors"
@@ -128,6 +128,29 @@ open('six.safetensors', 'wb').write(struct.pack('<Q', len(text)) + text + struct
 "$gradfix" eval --weights tiny --data six.safetensors --results tiny.json >/dev/null
 check "a fresh tiny llama predicts about uniformly (loss near ln 256 = 5.55)" python3 -c "
 import json; loss = json.load(open('tiny.json'))['mean_loss']; assert 5.3 < loss < 5.8, loss"
+# Every family initialises from its config: qwen3 (q/k norms) and gemma2, whose (1 + w) norms
+# start at zero; a fresh model predicts about uniformly (ln 96 = 4.56).
+for model in qwen3 gemma2; do
+  sed 's/"initializer_range": 0.3/"initializer_range": 0.02/' "$fixtures/$model/model/config.json" >"${model}_config.json"
+  "$gradfix" init --arch $model --config-file "${model}_config.json" --seed 4 --out "${model}_fresh" >init.log
+  check "$model: init reports the decoder" grep -q "init: $model, 2 layers, hidden 32" init.log
+  "$gradfix" eval --weights "${model}_fresh" --data "$model.h5" --results "${model}_fresh.json" >/dev/null
+  check "$model: a fresh model predicts about uniformly" python3 -c "
+import json; loss = json.load(open('${model}_fresh.json'))['mean_loss']; assert 4.3 < loss < 4.9, loss"
+  check "$model: norms start at the identity's scale (1 for w, 0 for 1 + w)" python3 - "${model}_fresh/model.safetensors" $model <<'PY'
+import json, struct, sys
+raw = open(sys.argv[1], "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
+want = 0.0 if sys.argv[2] == "gemma2" else 1.0
+norms = [k for k in header if "norm" in k]
+assert len(norms) >= 5, norms
+for k in norms:
+    b, e = header[k]["data_offsets"]
+    values = struct.unpack("<%df" % ((e - b) // 4), raw[8 + n + b:8 + n + e])
+    assert all(v == want for v in values), (k, values[:4])
+PY
+done
 expect_bad "init with a config of another architecture" '"model_type" is "llama" but --arch is qwen2' \
   init --arch qwen2 --config-file "$repo/configs/tiny-llama.json" --out bad_init
 check "a refused init leaves nothing" test ! -e bad_init

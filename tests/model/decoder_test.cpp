@@ -1,4 +1,5 @@
-// The Hugging Face decoders against transformers: tiny random llama, qwen2 and mistral models
+// The Hugging Face decoders against transformers: tiny random llama, qwen2, mistral, qwen3 and
+// gemma2 models
 // saved with save_pretrained (sharded), their logits and per-sample losses recorded by
 // tests/fixtures/decoders/make_fixtures.py. gradfix must read the directories under their own
 // tensor names and give the same logits (1e-4 relative) and losses; bad configs and checkpoints
@@ -27,14 +28,14 @@ class DecoderFixture : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(DecoderFixture, LogitsAndLossesMatchTransformers) {
   const std::string model = GetParam();
-  const DecoderConfig config = read_decoder_config(fixture(model) + "/model");
-  EXPECT_EQ(config.model_type, model);
+  const std::unique_ptr<Decoder> opened = open_decoder(fixture(model) + "/model");
+  const Decoder& decoder = *opened;
+  EXPECT_EQ(decoder.model_type(), model);
   std::vector<std::string> names;
-  for (const auto& tensor : decoder_layout(config)) names.push_back(tensor.name);
-  const Parameters parameters = read_decoder_parameters(config, names, torch::kFloat32, torch::kCPU);
+  for (const auto& tensor : decoder.layout()) names.push_back(tensor.name);
+  const Parameters parameters = read_decoder_parameters(decoder, names, torch::kFloat32, torch::kCPU);
   const TokenData data = load_token_data(fixture(model) + "/tokens.safetensors");
-  check_vocabulary(data, config.vocab_size);
-  const Decoder decoder(config);
+  check_vocabulary(data, decoder.config().vocab_size);
   torch::NoGradGuard no_gradients;
   const TokenBatch batch = token_batch(data, torch::kCPU);
   const torch::Tensor logits = decoder.forward(parameters, batch).contiguous();
@@ -57,7 +58,7 @@ TEST_P(DecoderFixture, LogitsAndLossesMatchTransformers) {
         << model << " sample " << n;
 }
 
-INSTANTIATE_TEST_SUITE_P(Decoders, DecoderFixture, ::testing::Values("llama", "qwen2", "mistral"));
+INSTANTIATE_TEST_SUITE_P(Decoders, DecoderFixture, ::testing::Values("llama", "qwen2", "mistral", "qwen3", "gemma2"));
 
 // Copies a fixture's model directory, then lets the test rewrite its config.json.
 std::string copy_model(const testing::TempDir& dir, const std::string& model) {
@@ -89,20 +90,67 @@ TEST(DecoderConfig, RefusesWhatChangesTheMathNamingKeyAndValue) {
   testing::TempDir dir;
   const std::string llama = copy_model(dir, "llama");
   replace_in_file(llama + "/config.json", "\"rope_type\": \"llama3\"", "\"rope_type\": \"yarn\"");
-  expect_input_error([&] { read_decoder_config(llama); }, {"config.json", "rope_scaling.rope_type", "\"yarn\""});
+  expect_input_error([&] { open_decoder(llama); }, {"config.json", "rope_scaling.rope_type", "\"yarn\""});
 
   const std::string qwen = copy_model(dir, "qwen2");
   replace_in_file(qwen + "/config.json", "\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\"");
-  expect_input_error([&] { read_decoder_config(qwen); }, {"\"hidden_act\"", "\"gelu\""});
+  expect_input_error([&] { open_decoder(qwen); }, {"\"hidden_act\"", "\"gelu\""});
 
   const std::string mistral = copy_model(dir, "mistral");
   replace_in_file(mistral + "/config.json", "\"use_cache\": true", "\"use_cache\": true, \"quantization_config\": {\"bits\": 4}");
-  expect_input_error([&] { read_decoder_config(mistral); }, {"\"quantization_config\"", "may change the model's math"});
+  expect_input_error([&] { open_decoder(mistral); }, {"\"quantization_config\"", "may change the model's math"});
 
   const std::string gpt = copy_model(dir, "qwen2") + "_2";
   std::system(("cp -r '" + fixture("qwen2") + "/model' '" + gpt + "'").c_str());
   replace_in_file(gpt + "/config.json", "\"model_type\": \"qwen2\"", "\"model_type\": \"gpt2\"");
-  expect_input_error([&] { read_decoder_config(gpt); }, {"\"model_type\"", "\"gpt2\"", "llama, mistral and qwen2"});
+  expect_input_error([&] { open_decoder(gpt); }, {"\"model_type\"", "\"gpt2\"", "is not an architecture gradfix implements", "gemma2, llama, mistral, qwen2, qwen3"});
+}
+
+TEST(DecoderConfig, EachFamilyReadsAndRefusesItsOwnKeys) {
+  testing::TempDir dir;
+  const std::string gemma = copy_model(dir, "gemma2");
+  replace_in_file(gemma + "/config.json", "\"hidden_activation\": \"gelu_pytorch_tanh\"", "\"hidden_activation\": \"gelu\"");
+  expect_input_error([&] { open_decoder(gemma); }, {"gemma2/config.json", "\"hidden_activation\"", "\"gelu\""});
+
+  const std::string bidirectional = dir.file("bidirectional");
+  std::system(("cp -r '" + fixture("gemma2") + "/model' '" + bidirectional + "'").c_str());
+  replace_in_file(bidirectional + "/config.json", "\"use_bidirectional_attention\": null", "\"use_bidirectional_attention\": true");
+  expect_input_error([&] { open_decoder(bidirectional); }, {"\"use_bidirectional_attention\"", "causal language model"});
+
+  const std::string layers = dir.file("layers");
+  std::system(("cp -r '" + fixture("gemma2") + "/model' '" + layers + "'").c_str());
+  replace_in_file(layers + "/config.json", "\"sliding_attention\",\n    \"full_attention\"", "\"sliding_attention\"");
+  expect_input_error([&] { open_decoder(layers); }, {"\"layer_types\"", "lists 1 layers, num_hidden_layers is 2"});
+
+  const std::string pad = dir.file("pad");
+  std::system(("cp -r '" + fixture("gemma2") + "/model' '" + pad + "'").c_str());
+  replace_in_file(pad + "/config.json", "\"pad_token_id\": 0", "\"pad_token_id\": 96");
+  expect_input_error([&] { open_decoder(pad); }, {"\"pad_token_id\" 96 is outside the vocabulary of 96 tokens"});
+
+  // mlp_bias is a llama key: Qwen3 does not know it, and it would change the math.
+  const std::string qwen3 = copy_model(dir, "qwen3");
+  replace_in_file(qwen3 + "/config.json", "\"use_cache\": true", "\"use_cache\": true, \"mlp_bias\": true");
+  expect_input_error([&] { open_decoder(qwen3); }, {"\"mlp_bias\"", "qwen3 config", "may change the model's math"});
+}
+
+// The Gemma 2 fixture's window (5) is shorter than its sequences (12): the logits match
+// transformers only with the window applied, so a window ignored would fail LogitsAndLosses. The
+// same model with a window longer than the sequences must give other logits.
+TEST(Gemma2, TheSlidingWindowChangesTheLogits) {
+  testing::TempDir dir;
+  const std::string wide = copy_model(dir, "gemma2");
+  replace_in_file(wide + "/config.json", "\"sliding_window\": 5", "\"sliding_window\": 64");
+  const std::unique_ptr<Decoder> decoder = open_decoder(wide);
+  std::vector<std::string> names;
+  for (const auto& tensor : decoder->layout()) names.push_back(tensor.name);
+  const Parameters parameters = read_decoder_parameters(*decoder, names, torch::kFloat32, torch::kCPU);
+  const TokenData data = load_token_data(fixture("gemma2") + "/tokens.safetensors");
+  torch::NoGradGuard no_gradients;
+  const torch::Tensor logits = decoder->forward(parameters, token_batch(data, torch::kCPU)).contiguous();
+  const std::vector<float> expected = reference("gemma2", "logits");
+  double worst = 0.0;
+  for (std::size_t i = 0; i < expected.size(); ++i) worst = std::max(worst, std::fabs(static_cast<double>(logits.data_ptr<float>()[i]) - expected[i]));
+  EXPECT_GT(worst, 1e-2) << "a window of 64 gave the logits of a window of 5";
 }
 
 TEST(DecoderConfig, CheckpointMismatchesAreListedTogether) {
@@ -111,8 +159,8 @@ TEST(DecoderConfig, CheckpointMismatchesAreListedTogether) {
   // Two more layers than the checkpoint has, and a wider MLP: missing and misshapen tensors.
   replace_in_file(llama + "/config.json", "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
   replace_in_file(llama + "/config.json", "\"intermediate_size\": 48", "\"intermediate_size\": 50");
-  const DecoderConfig config = read_decoder_config(llama);
-  expect_input_error([&] { check_decoder_checkpoint(config); },
+  const std::unique_ptr<Decoder> decoder = open_decoder(llama);
+  expect_input_error([&] { check_decoder_checkpoint(*decoder); },
                      {"does not match its config.json", "tensor(s) missing", "model.layers.2.input_layernorm.weight",
                       "'model.layers.0.mlp.gate_proj.weight' is [48, 32], the config needs [50, 32]"});
 }
@@ -121,13 +169,13 @@ TEST(DecoderConfig, SlidingWindowLongerThanTheWindowIsRefused) {
   testing::TempDir dir;
   const std::string mistral = copy_model(dir, "mistral");
   replace_in_file(mistral + "/config.json", "\"sliding_window\": 32", "\"sliding_window\": 4");
-  const DecoderConfig config = read_decoder_config(mistral);
-  EXPECT_EQ(config.sliding_window, 4);
+  const std::unique_ptr<Decoder> decoder = open_decoder(mistral);
+  EXPECT_EQ(decoder->config().sliding_window, 4);
   std::vector<std::string> names;
-  for (const auto& tensor : decoder_layout(config)) names.push_back(tensor.name);
-  const Parameters parameters = read_decoder_parameters(config, names, torch::kFloat32, torch::kCPU);
+  for (const auto& tensor : decoder->layout()) names.push_back(tensor.name);
+  const Parameters parameters = read_decoder_parameters(*decoder, names, torch::kFloat32, torch::kCPU);
   const TokenData data = load_token_data(fixture("mistral") + "/tokens.safetensors");
-  expect_input_error([&] { Decoder(config).forward(parameters, token_batch(data, torch::kCPU)); },
+  expect_input_error([&] { decoder->forward(parameters, token_batch(data, torch::kCPU)); },
                      {"12 tokens are longer than the sliding window (4)"});
 }
 

@@ -57,7 +57,7 @@ struct DataOptions {
 };
 
 struct InitJob {
-  std::string arch = "mlp";  // mlp | cnn | vit, or a decoder: llama | mistral | qwen2
+  std::string arch = "mlp";  // mlp | cnn | vit, or a decoder's model_type (with config)
   std::string dims;          // built-in models
   std::string config;        // decoders: a config.json to initialise from
   std::uint64_t seed = 0;

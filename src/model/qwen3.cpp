@@ -1,0 +1,51 @@
+// Qwen3: the Llama layer with an RMSNorm over each head of the queries and of the keys before the
+// rotation (q_norm, k_norm: [head_dim] each, shared by the heads), and biases on q, k, v and o
+// only when attention_bias is set (Qwen3 releases have none).
+#include "decoder.hpp"
+
+namespace gradfix {
+namespace {
+
+class Qwen3 final : public Decoder {
+ public:
+  explicit Qwen3(DecoderConfig config) : Decoder(std::move(config)) {}
+
+  std::vector<TensorInfo> layer_layout(long long layer) const override {
+    std::vector<TensorInfo> out = Decoder::layer_layout(layer);
+    const std::string prefix = layer_prefix(layer) + "self_attn.";
+    out.push_back({prefix + "q_norm.weight", DType::kF32, {config().head_dim}});
+    out.push_back({prefix + "k_norm.weight", DType::kF32, {config().head_dim}});
+    return out;
+  }
+
+  torch::Tensor block(long long index, const Parameters& p, const torch::Tensor& hidden, const torch::Tensor& attention_mask,
+                      GradientRecorder* recorder) const override {
+    check_window(hidden.size(1));
+    const std::string prefix = layer_prefix(index);
+    AttentionOptions options;
+    options.qkv_bias = options.o_bias = config().qkv_bias;
+    options.q_norm = prefix + "self_attn.q_norm.weight";
+    options.k_norm = prefix + "self_attn.k_norm.weight";
+    const torch::Tensor x = norm(p, prefix + "input_layernorm.weight", hidden, recorder);
+    const torch::Tensor after_attention = hidden + attention(prefix + "self_attn.", p, x, attention_mask, options, recorder);
+    const torch::Tensor y = norm(p, prefix + "post_attention_layernorm.weight", after_attention, recorder);
+    return after_attention + gated_mlp(prefix + "mlp.", p, y, Activation::kSilu, false, recorder);
+  }
+};
+
+DecoderConfig read_qwen3_config(const ModelConfigSource& source) {
+  DecoderConfigReader reader(source.text, source.path);
+  DecoderConfig config = read_common_decoder_config(reader, source.directory);
+  reader.expect_one_of("hidden_act", {"silu"}, "Qwen3's SwiGLU MLP uses silu");
+  config.qkv_bias = config.o_bias = reader.boolean_or("attention_bias", false);
+  read_refused_sliding_window(reader, config, false);
+  reader.finish();
+  return config;
+}
+
+const ArchitectureRegistration kQwen3({"qwen3"}, ModelInputs::kTokens, [](const ModelConfigSource& source) {
+  return std::unique_ptr<LayeredModel>(new Qwen3(read_qwen3_config(source)));
+});
+
+}  // namespace
+}  // namespace gradfix
