@@ -11,7 +11,7 @@ declare -A parts=(
   [io]="core io data"
   [algebra]="mask merge"
   [dist]="comm shard signs dist"
-  [jobs]="pipeline"
+  [jobs]="pipeline jobs"
   [model]="model"
   [cli]="cli"
 )

@@ -1,0 +1,345 @@
+// gradfix merge --config: whole models merged by mergekit's rules (linear, task_arithmetic, ties,
+// dare_linear, dare_ties), with gradient-sign masks before or after.
+#include "file_jobs.hpp"
+#include "gradfix/core/exact_sum.hpp"
+
+namespace gradfix {
+using namespace file_jobs;
+
+const char* model_merge_method_name(ModelMergeMethod method) {
+  switch (method) {
+    case ModelMergeMethod::kLinear: return "linear";
+    case ModelMergeMethod::kTaskArithmetic: return "task_arithmetic";
+    case ModelMergeMethod::kTies: return "ties";
+    case ModelMergeMethod::kDareLinear: return "dare_linear";
+    case ModelMergeMethod::kDareTies: return "dare_ties";
+  }
+  return "?";
+}
+
+namespace {
+
+struct ModelMergeInputs {
+  Reader base;  // the base model (linear without one: the first model, for the layout and copies)
+  std::vector<Reader> models;
+  std::vector<Reader> signs;
+  std::vector<std::string> names;  // the merged tensors: the base's selected float tensors
+  std::set<std::string> merged;    // the same, for lookups
+};
+
+// The models, the base and the statistics, checked against each other and the options.
+ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& ranks) {
+  const bool linear = job.method == ModelMergeMethod::kLinear;
+  const std::size_t n = job.models.size();
+  ModelMergeInputs in;
+  auto& base = in.base;
+  auto& models = in.models;
+  auto& signs = in.signs;
+  auto& names = in.names;
+  ranks.agree([&] {
+    if (n == 0) throw InputError("a merge needs at least one model");
+    if (job.method == ModelMergeMethod::kTaskArithmetic || job.method == ModelMergeMethod::kLinear)
+      for (double density : job.densities)
+        if (density != 1.0) throw InputError(std::string(model_merge_method_name(job.method)) + " does not sparsify: density must be 1");
+    if (job.weights.size() != n || job.densities.size() != n)
+      throw InputError("a merge needs one weight and one density per model");
+    if (!linear && job.base.empty()) throw InputError(std::string(model_merge_method_name(job.method)) + " needs a base_model");
+    for (std::size_t m = 0; m < n; ++m) {
+      if (!std::isfinite(job.weights[m])) throw InputError(job.models[m] + ": weight must be finite");
+      if (!(job.densities[m] >= 0.0 && job.densities[m] <= 1.0))
+        throw InputError(job.models[m] + ": density must be in [0, 1], got " + std::to_string(job.densities[m]));
+    }
+    if (!std::isfinite(job.lambda)) throw InputError("lambda must be finite");
+    if (job.order != MergeOrder::kNone && linear)
+      throw InputError("gradfix.order: linear merges whole weights, not deltas from a base; masks go with task_arithmetic, ties, "
+                       "dare_linear and dare_ties");
+    if (job.order != MergeOrder::kNone && job.signs.size() != n)
+      throw InputError(std::string("gradfix.order ") + merge_order_name(job.order) + " needs sign statistics (gradfix: {signs: FILE}) "
+                       "for every model: got " + std::to_string(job.signs.size()) + " for " + std::to_string(n) + " models");
+    if (job.order == MergeOrder::kNone && !job.signs.empty())
+      throw InputError("sign statistics given without gradfix.order (mask-then-merge or merge-then-mask)");
+    base = open_reader(linear && job.base.empty() ? job.models.front() : job.base);
+    for (const auto& path : job.models) models.push_back(open_reader(path));
+    const TensorSelector selector(job.output.include, job.output.exclude);
+    for (const auto& name : selected_names(*base, selector))
+      if (dtype_is_float(base->info(name).dtype)) names.push_back(name);
+    require_selection(names, *base);
+    for (const auto& model : models) {
+      require_matching(*base, names, *model);
+      require_float(*model, names, "merge");
+    }
+    for (const auto& path : job.signs) {
+      signs.push_back(open_reader(path));
+      require_matching(*base, names, *signs.back());
+      require_float(*signs.back(), names, "merge");
+    }
+  });
+  in.merged.insert(names.begin(), names.end());
+  return in;
+}
+
+Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& in) {
+  const bool dare = job.method == ModelMergeMethod::kDareLinear || job.method == ModelMergeMethod::kDareTies;
+  const auto& base = in.base;
+  const auto& models = in.models;
+  const auto& signs = in.signs;
+  const std::size_t n = models.size();
+  nlohmann::json options = {{"method", model_merge_method_name(job.method)}, {"variant", "mergekit"},
+                            {"base", job.base.empty() ? "" : input_name(job.base)}, {"models", input_names(job.models)},
+                            {"weights", job.weights}, {"densities", job.densities}, {"normalize", job.normalize},
+                            {"lambda", job.lambda}, {"output", output_options_json(job.output)}};
+  if (dare) {
+    options["rescale"] = job.rescale;
+    options["seed"] = job.seed;
+  }
+  if (job.order != MergeOrder::kNone) {
+    options["order"] = merge_order_name(job.order);
+    options["signs"] = input_names(job.signs);
+    options["mask"] = mask_options_json(job.mode, job.mask);
+  }
+  Inputs inputs;
+  if (!job.base.empty()) inputs.emplace_back("base", base.get());
+  for (std::size_t m = 0; m < n; ++m) inputs.emplace_back("model." + std::to_string(m), models[m].get());
+  for (std::size_t m = 0; m < signs.size(); ++m) inputs.emplace_back("signs." + std::to_string(m), signs[m].get());
+  Metadata metadata = output_metadata("merge", options, inputs);
+  if (!job.config_json.empty()) metadata["gradfix.merge_config"] = job.config_json;
+  return metadata;
+}
+
+// fp64 where a merged tensor is F64 in an input or the output.
+bool model_merge_in_f64(const std::vector<TensorInfo>& layout, const ModelMergeInputs& in) {
+  bool f64 = false;
+  for (const auto& tensor : layout) {
+    if (!in.merged.count(tensor.name)) continue;
+    f64 = f64 || tensor.dtype == DType::kF64 || in.base->info(tensor.name).dtype == DType::kF64;
+    for (const auto& reader : in.models) f64 = f64 || reader->info(tensor.name).dtype == DType::kF64;
+    for (const auto& reader : in.signs) f64 = f64 || reader->info(tensor.name).dtype == DType::kF64;
+  }
+  return f64;
+}
+
+// This rank's chunks of each merged tensor, for the passes before the merge (DARE's norms, TIES's
+// trims); a merged tensor split across ranks is listed even where this rank holds none of it, so
+// that every rank joins its reductions.
+using ChunksByTensor = std::map<std::size_t, std::vector<Piece>>;
+ChunksByTensor merged_tensors_here(const ChunkedJob& chunked, const std::set<std::string>& merged) {
+  ChunksByTensor tensors;
+  const auto& layout = chunked.layout();
+  for (const auto& chunk : chunked.chunks())
+    if (merged.count(layout[chunk.tensor].name)) tensors[chunk.tensor].push_back(chunk);
+  for (std::size_t t = 0; t < layout.size(); ++t)
+    if (merged.count(layout[t].name) && chunked.plan().is_split(t)) tensors[t];
+  return tensors;
+}
+
+// DARE keeps entry i of model m's delta when its draw falls below the model's density.
+bool dare_keeps(const ModelMergeJob& job, std::size_t m, std::uint64_t key, long long index) {
+  return job.densities[m] >= 1.0 || uniform_at(job.seed ^ mix_bits(m + 1), key, index, 0) < job.densities[m];
+}
+
+// DARE's rescaling: per tensor and model, ||delta||_1 / ||kept delta||_1 (mergekit leaves the
+// kept delta as it is when either norm is below 1e-7). The norms are exact sums, so the factor
+// is the same at any number of ranks. `delta(m, chunk)` gives model m's delta there.
+template <typename DeltaOf>
+std::map<std::size_t, std::vector<double>> dare_rescales(const ModelMergeJob& job, const Ranks& ranks, const ChunkedJob& chunked,
+                                                         const ChunksByTensor& tensors, const DeltaOf& delta) {
+  std::map<std::size_t, std::vector<double>> rescales;  // by tensor
+  const auto& plan = chunked.plan();
+  for (const auto& [t, mine] : tensors) {
+    const std::uint64_t key = tensor_key_of(chunked.layout()[t].name);
+    for (std::size_t m = 0; m < job.models.size(); ++m) {
+      double factor = 1.0;
+      if (job.rescale && job.densities[m] < 1.0) {
+        ExactSum before, after;
+        for (const Piece& chunk : mine) {
+          const auto values = delta(m, chunk);
+          for (std::size_t i = 0; i < values.size(); ++i) {
+            before.add(std::fabs(values[i]));
+            if (dare_keeps(job, m, key, chunk.begin + static_cast<long long>(i))) after.add(std::fabs(values[i]));
+          }
+        }
+        auto total = [&](ExactSum& sum) { return plan.is_split(t) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value(); };
+        const double b = total(before), a = total(after);
+        if (b >= 1e-7 && a >= 1e-7) factor = b / a;
+      }
+      rescales[t].push_back(factor);
+    }
+  }
+  return rescales;
+}
+
+// TIES's trims: per tensor and model, exactly k entries of the delta survive (trim.hpp's Trim).
+template <typename DeltaOf>
+std::map<std::size_t, std::vector<Trim>> ties_trims(const ModelMergeJob& job, const Ranks& ranks, const ChunkedJob& chunked,
+                                                    const ChunksByTensor& tensors, const DeltaOf& delta) {
+  std::map<std::size_t, std::vector<Trim>> trims;  // by tensor
+  for (const auto& [t, mine] : tensors) {
+    const long long numel = chunked.layout()[t].numel();
+    for (std::size_t m = 0; m < job.models.size(); ++m)
+      trims[t].push_back(exact_trim(ranks, mergekit_keep_count(numel, job.densities[m]), numel, chunked.plan().is_split(t), mine,
+                                    [&](const Piece& chunk) { return delta(m, chunk); }));
+  }
+  return trims;
+}
+
+// The merge of this rank's chunks in the compute type V (fp32 as mergekit computes a float32
+// merge; fp64 with F64), written through `chunked`; `elements` counts the merged entries.
+template <typename V>
+void merge_models(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
+                  long long& elements) {
+  const bool linear = job.method == ModelMergeMethod::kLinear;
+  const bool dare = job.method == ModelMergeMethod::kDareLinear || job.method == ModelMergeMethod::kDareTies;
+  const bool consensus = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kDareTies;
+  const auto& base = in.base;
+  const auto& models = in.models;
+  const auto& signs = in.signs;
+  const auto& merged = in.merged;
+  const auto& layout = chunked.layout();
+  const auto& plan = chunked.plan();
+  const auto& chunks = chunked.chunks();
+  const bool allow = job.output.allow_nonfinite;
+  const std::size_t n = models.size();
+  // M_m - base in the compute type (fp32 as mergekit computes a float32 merge; fp64 with F64);
+  // `reference` is the base's chunk when the caller has it already.
+  auto raw_delta = [&](std::size_t m, const Piece& chunk, const std::vector<V>* reference = nullptr) {
+    const std::string& name = layout[chunk.tensor].name;
+    auto values = load<V>(*models[m], name, chunk.begin, chunk.count, allow);
+    const auto loaded = reference ? std::vector<V>() : load<V>(*base, name, chunk.begin, chunk.count, allow);
+    const auto& base_values = reference ? *reference : loaded;
+    for (std::size_t i = 0; i < values.size(); ++i) values[i] -= base_values[i];
+    return values;
+  };
+  // This rank's chunks of the merged tensors (the others are copied from the base).
+  std::vector<Piece> merged_chunks;
+  for (const auto& chunk : chunks)
+    if (merged.count(layout[chunk.tensor].name)) merged_chunks.push_back(chunk);
+  auto statistics_of = [&](const TensorReader& reader, const Piece& chunk) {
+    return load<V>(reader, layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
+  };
+  // Mask-then-merge: each delta is masked with its own model's statistics before anything else
+  // (DARE's drops, TIES's trims), as gradfix merge masks task vectors before merging them.
+  std::vector<SumsByTensor> delta_sums(n);
+  if (job.order == MergeOrder::kMaskThenMerge)
+    for (std::size_t m = 0; m < n; ++m)
+      delta_sums[m] = mask_sums<V>(ranks, plan, layout, job.mode, job.mask, merged_chunks,
+                                [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
+                                  values = raw_delta(m, chunk);
+                                  statistics = statistics_of(*signs[m], chunk);
+                                });
+  auto delta = [&](std::size_t m, const Piece& chunk, const std::vector<V>* reference = nullptr) {
+    auto values = raw_delta(m, chunk, reference);
+    if (job.order != MergeOrder::kMaskThenMerge) return values;
+    std::vector<V> masked;
+    mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, values, statistics_of(*signs[m], chunk), delta_sums[m], masked);
+    return masked;
+  };
+
+  const ChunksByTensor tensors = merged_tensors_here(chunked, in.merged);
+  const auto rescales = dare ? dare_rescales(job, ranks, chunked, tensors, delta) : std::map<std::size_t, std::vector<double>>{};
+  const auto trims = job.method == ModelMergeMethod::kTies ? ties_trims(job, ranks, chunked, tensors, delta) : std::map<std::size_t, std::vector<Trim>>{};
+
+  double weight_sum = 0.0;
+  for (double w : job.weights) weight_sum += w;
+  // The merged delta of a chunk of a merged tensor, before lambda (every method but linear).
+  auto mixed_of = [&](const Piece& chunk) {
+    const TensorInfo& out = layout[chunk.tensor];
+    const auto count = static_cast<std::size_t>(chunk.count);
+    std::vector<std::vector<double>> deltas(n);
+    const auto base_values = load<V>(*base, out.name, chunk.begin, chunk.count, allow);
+    for (std::size_t m = 0; m < n; ++m) {
+      auto values = delta(m, chunk, &base_values);
+      if (job.method == ModelMergeMethod::kTies) trims.at(chunk.tensor)[m].apply(chunk, values);
+      deltas[m].assign(values.begin(), values.end());
+      if (dare) {
+        const std::uint64_t key = tensor_key_of(out.name);
+        const double factor = rescales.at(chunk.tensor)[m];
+        for (std::size_t i = 0; i < count; ++i)
+          deltas[m][i] = dare_keeps(job, m, key, chunk.begin + static_cast<long long>(i)) ? deltas[m][i] * factor : 0.0;
+      }
+      for (auto& value : deltas[m]) value *= job.weights[m];
+    }
+    std::vector<double> mixed(count, 0.0);
+    if (consensus) {
+      std::vector<const double*> pointers;
+      for (const auto& values : deltas) pointers.push_back(values.data());
+      mergekit_consensus(pointers, job.weights, job.normalize, chunk.count, mixed.data());
+    } else {
+      const double divisor = std::fabs(weight_sum) < 1e-8 ? 1.0 : weight_sum;
+      for (std::size_t i = 0; i < count; ++i) {
+        for (std::size_t m = 0; m < n; ++m) mixed[i] += deltas[m][i];
+        if (job.normalize) mixed[i] /= divisor;
+      }
+    }
+    return mixed;
+  };
+  // Merge-then-mask: the merged delta is masked with sum_m sign(s_m), as gradfix merge does for
+  // task vectors.
+  auto summed_signs = [&](const Piece& chunk) { return sign_sum<V>(signs, layout[chunk.tensor].name, chunk, allow); };
+  SumsByTensor merged_sums;
+  if (job.order == MergeOrder::kMergeThenMask)
+    merged_sums = mask_sums<V>(ranks, plan, layout, job.mode, job.mask, merged_chunks,
+                               [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
+                                 const auto mixed = mixed_of(chunk);
+                                 values.assign(mixed.begin(), mixed.end());
+                                 statistics = summed_signs(chunk);
+                               });
+
+  chunked.write(job.out, metadata, job.output, [&](const Piece& chunk, const TensorInfo& out, TensorWriter& writer, NonFiniteResults& nonfinite) {
+    if (!merged.count(out.name)) {
+      copy_chunk(*base, out, chunk, writer, true, nonfinite);
+      return;
+    }
+    const auto count = static_cast<std::size_t>(chunk.count);
+    std::vector<double> result(count, 0.0);
+    if (linear) {
+      for (std::size_t m = 0; m < n; ++m) {
+        const auto values = load<V>(*models[m], out.name, chunk.begin, chunk.count, allow);
+        for (std::size_t i = 0; i < count; ++i) result[i] += job.weights[m] * values[i];
+      }
+      if (job.normalize && weight_sum != 0.0)
+        for (auto& value : result) value /= weight_sum;
+    } else {
+      auto mixed = mixed_of(chunk);
+      if (job.order == MergeOrder::kMergeThenMask) {
+        const std::vector<V> unmasked(mixed.begin(), mixed.end());
+        std::vector<V> masked;
+        mask_chunk(job.mode, job.mask, out, chunk, unmasked, summed_signs(chunk), merged_sums, masked);
+        mixed.assign(masked.begin(), masked.end());
+      }
+      const auto reference = load<V>(*base, out.name, chunk.begin, chunk.count, allow);
+      for (std::size_t i = 0; i < count; ++i) result[i] = reference[i] + job.lambda * mixed[i];
+    }
+    store(writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
+    elements += chunk.count;
+  });
+}
+
+}  // namespace
+
+JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const JobContext& context) {
+  const Ranks ranks(context);
+  const ModelMergeInputs in = open_model_merge_inputs(job, ranks);
+  const bool linear = job.method == ModelMergeMethod::kLinear;
+  std::vector<TensorInfo> layout;
+  for (const auto& tensor : in.base->tensors()) layout.push_back(output_info(tensor, job.output));
+  ChunkedJob chunked(ranks, "merge", layout);
+  const Metadata metadata = model_merge_metadata(job, in);
+  JobSummary summary;
+  if (model_merge_in_f64(layout, in)) merge_models<double>(job, ranks, in, chunked, metadata, summary.elements);
+  else merge_models<float>(job, ranks, in, chunked, metadata, summary.elements);
+  chunked.commit(linear && job.base.empty() ? job.models.front() : job.base);
+  std::vector<long long> elements = {summary.elements};
+  ranks.reduce_statistics(elements);
+  summary.elements = elements[0];
+  summary.tensors_written = static_cast<long long>(layout.size());
+  summary.tensors_changed = static_cast<long long>(in.names.size());
+  summary.bytes_written = chunked.bytes();
+  if (ranks.is_root())
+    log << "merge " << model_merge_method_name(job.method) << " (mergekit rules"
+        << (job.order == MergeOrder::kNone ? std::string() : std::string(", ") + merge_order_name(job.order) + " " + mask_mode_name(job.mode))
+        << ") of " << in.models.size() << " models: " << in.names.size() << " of "
+        << layout.size() << " tensors (" << summary.elements << " elements) merged, written to " << job.out << rank_note(ranks) << "\n";
+  return summary;
+}
+
+}  // namespace gradfix
