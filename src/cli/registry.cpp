@@ -406,7 +406,7 @@ std::vector<SubcommandSpec> make_table() {
                                   {"seed", T::kCount, "0", "sampling seed"},
                                   {"sign-mode", T::kText, "max", "max|mean"},
                                   {"mask-mode", T::kText, "normal", "mask rule: " + mask_mode_names()},
-                                  {"alphas", T::kText, "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", "alpha grid, searched on the support set"},
+                                  {"alphas", T::kText, kDefaultAlphaGrid, "alpha grid, searched on the support set"},
                                   {"no-few-shot-baseline", T::kFlag, "", "skip the few-shot fine-tuning baseline"},
                                   {"finetune-lrs", T::kText, "", "few-shot fine-tuning: Adam learning rates tried (default: built-in "
                                                                  "classifiers 1e-4,1e-3,1e-2; decoders and CLIP 1e-5,3e-5,1e-4)"},

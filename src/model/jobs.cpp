@@ -39,6 +39,7 @@
 #include "gradfix/merge/merge.hpp"
 #include "gradfix/model/jobs.hpp"
 #include "gradfix/signs/statistics.hpp"
+#include "transport.hpp"
 #include "transport_rows.hpp"
 
 namespace gradfix {
@@ -189,31 +190,6 @@ Vectors difference(const Vectors& a, const Vectors& b) {
 
 Vectors read_vectors(const std::string& path, Classifier& model) { return read_parameters(model, path, "the model"); }
 
-// B + alpha * vector for each alpha, evaluated on the support set; returns the chosen alpha.
-double choose_alpha(Classifier& model, const Vectors& base, const Vectors& vector, const std::vector<double>& alphas,
-                    const Dataset& support, const Dataset& shots, std::vector<AlphaPoint>& curve) {
-  std::vector<double> accuracies;
-  curve.clear();
-  for (double alpha : alphas) {
-    set_moved_parameters(model, base, vector, alpha);
-    const Evaluation on_support = evaluate(model, support);
-    accuracies.push_back(on_support.accuracy);
-    curve.push_back({alpha, on_support.loss, evaluate(model, shots).loss, on_support.accuracy});
-  }
-  set_parameter_values(model, base);
-  return alphas[best_on_support(accuracies)];
-}
-
-// <g, d> over every parameter: g the mean gradient, d an update.
-double directional_derivative(const Vectors& gradient, const Vectors& update) {
-  double sum = 0.0;
-  for (const auto& [name, values] : gradient) {
-    const auto& delta = update.at(name);
-    for (std::size_t i = 0; i < values.size(); ++i) sum += static_cast<double>(values[i]) * delta[i];
-  }
-  return sum;
-}
-
 Evaluation evaluate_with(Classifier& model, const Vectors& base, const Vectors& vector, double alpha, const Dataset& data) {
   set_moved_parameters(model, base, vector, alpha);
   const Evaluation result = evaluate(model, data);
@@ -294,17 +270,154 @@ void shots_and_support(TransportInputs& in, const TransportJob& job, const JobCo
   shots.classes = support.classes = in.pool.classes;
 }
 
-// tau masked with the statistics, tensor by tensor; `kept` (optional) gets masked against tau.
-Vectors masked_vector(Classifier& model, const Vectors& tau, const Vectors& statistics, MaskMode mode, const MaskOptions& options,
-                      PairStats* kept = nullptr) {
-  Vectors masked;
-  for (auto& [name, parameter] : model.parameters()) {
-    const std::vector<long long> shape(parameter.sizes().begin(), parameter.sizes().end());
-    masked[name] = mask_tensor(mode, options, tau.at(name), statistics.at(name), shape, tensor_key_of(name));
-    if (kept != nullptr) kept->add(masked[name].data(), tau.at(name).data(), static_cast<long long>(masked[name].size()));
+// A classifier replicated on every rank, as a transport target (transport.hpp): the statistics
+// are computed data-parallel over the ranks (descent_statistics), every score on every rank whole.
+// Vectors are whole tensors in name order, the order of `Vectors`, so that sums over the model
+// (<g, d>) add in the same order as before the recipe.
+class ReplicatedTarget final : public TransportTarget {
+ public:
+  ReplicatedTarget(TransportInputs& in, const TransportJob& job, const JobContext& context)
+      : model_(*in.target), in_(in), job_(job), context_(context), base_(parameter_values(model_)),
+        source_(job.data.spec.empty() ? "the few-shot pool" : job.data.spec) {
+    shots_and_support(in, job, context, shots_, support_);
+    for (auto& [name, parameter] : model_.parameters()) shapes_[name] = std::vector<long long>(parameter.sizes().begin(), parameter.sizes().end());
+    for (const auto& entry : base_) names_.push_back(entry.first);
+    // The few-shot fine-tuning rows: every tensor tuned, or some frozen (--finetune-freeze), or both.
+    if (job.few_shot_baseline) {
+      if (job.finetune_freeze.empty() || job.few_shot_unfrozen_too) few_shot_variants_.push_back({"few-shot fine-tuning of B", {}});
+      if (!job.finetune_freeze.empty()) {
+        std::string patterns;
+        // The user's own patterns, as given (a label, not a name read from a file).
+        for (const auto& pattern : job.finetune_freeze) patterns += (patterns.empty() ? "" : " ") + pattern;
+        few_shot_variants_.push_back({"few-shot fine-tuning of B (" + (job.finetune_freeze_label.empty() ? "frozen: " + patterns : job.finetune_freeze_label) + ")",
+                                      frozen_tensors(model_, job.finetune_freeze, "--finetune-freeze", job.target.empty() ? "B" : job.target)});
+      }
+    }
   }
-  return masked;
-}
+
+  long long shots() const { return shots_.size(); }
+  long long support() const { return support_.size(); }
+  std::size_t finetune_runs() const { return finetune_lrs().size() * few_shot_variants_.size(); }
+  std::vector<long long> finetune_steps() const { return job_.finetune_steps.empty() ? std::vector<long long>{5, 20, 50} : job_.finetune_steps; }
+  std::vector<double> finetune_lrs() const { return job_.finetune_lrs.empty() ? std::vector<double>{1e-4, 1e-3, 1e-2} : job_.finetune_lrs; }
+  const Vectors& base() const { return base_; }
+
+  ParameterVector vector_of(const Vectors& vectors) const {
+    ParameterVector out;
+    for (const auto& name : names_) out.push_back(vectors.at(name));
+    return out;
+  }
+  Vectors vectors_of(const ParameterVector& vector) const {
+    Vectors out;
+    for (std::size_t k = 0; k < names_.size(); ++k) out[names_[k]] = vector[k];
+    return out;
+  }
+
+  ParameterVector statistics(SignMode mode) override {
+    return vector_of(descent_statistics(model_, shots_, mode, VoteMethod::kFast, context_, source_));
+  }
+
+  ParameterVector mean_gradient(const ParameterVector* mean_statistics) override {
+    ParameterVector gradient = mean_statistics != nullptr ? *mean_statistics : statistics(SignMode::kMean);
+    for (auto& values : gradient)
+      for (auto& value : values) value = static_cast<float>(-static_cast<double>(value) / static_cast<double>(shots_.size()));
+    return gradient;
+  }
+
+  ParameterVector mask(MaskMode mode, const MaskOptions& options, const ParameterVector& tau, const ParameterVector& statistics) override {
+    ParameterVector out;
+    for (std::size_t k = 0; k < names_.size(); ++k)
+      out.push_back(mask_tensor(mode, options, tau[k], statistics[k], shapes_.at(names_[k]), tensor_key_of(names_[k])));
+    return out;
+  }
+
+  PairStats compare(const ParameterVector& a, const ParameterVector& b) override {
+    PairStats stats;
+    for (std::size_t k = 0; k < a.size(); ++k) stats.add(a[k].data(), b[k].data(), static_cast<long long>(a[k].size()));
+    return stats;
+  }
+
+  double dot(const ParameterVector& a, const ParameterVector& b) override {
+    double sum = 0.0;
+    for (std::size_t k = 0; k < a.size(); ++k)
+      for (std::size_t i = 0; i < a[k].size(); ++i) sum += static_cast<double>(a[k][i]) * b[k][i];
+    return sum;
+  }
+
+  Score score(const ParameterVector* delta, double alpha, Split split) override {
+    const Dataset& data = split == Split::kShots ? shots_ : split == Split::kSupport ? support_ : in_.test;
+    if (delta == nullptr) return as_score(evaluate(model_, data));
+    return as_score(evaluate_with(model_, base_, vectors_of(*delta), alpha, data));
+  }
+
+  std::vector<TransportRow> finetune_rows(const ParameterVector& gradient) override {
+    (void)gradient;  // the classifiers' few-shot rows report no <g, d>
+    std::vector<TransportRow> rows;
+    for (const auto& [label, frozen] : few_shot_variants_) {
+      set_parameter_values(model_, finetuned(frozen));
+      const Evaluation test = evaluate(model_, in_.test);
+      rows.push_back(make_transport_row(label, test.accuracy, test.loss, -1, -1, -1));
+      set_parameter_values(model_, base_);
+    }
+    return rows;
+  }
+
+  std::optional<Score> target_finetuned_score() override {
+    if (in_.target_finetuned.empty()) return std::nullopt;
+    set_parameter_values(model_, in_.target_finetuned);
+    const Evaluation test = evaluate(model_, in_.test);
+    set_parameter_values(model_, base_);
+    return as_score(test);
+  }
+
+ private:
+  static Score as_score(const Evaluation& evaluation) { return {evaluation.loss, evaluation.accuracy}; }
+
+  // Few-shot fine-tuning of B on the shots, learning rate and steps chosen on the support set's
+  // accuracy; the frozen tensors are left out of the optimizer. Returns the chosen parameters.
+  Vectors finetuned(const std::set<std::string>& frozen) {
+    double best_accuracy = -1.0;
+    Vectors best = base_;
+    const std::vector<long long> step_counts = finetune_steps();
+    for (double lr : finetune_lrs()) {
+      set_parameter_values(model_, base_);
+      std::vector<torch::Tensor> parameters;
+      for (auto& [name, parameter] : model_.parameters())
+        if (frozen.count(name) == 0) parameters.push_back(parameter);
+      torch::optim::Adam optimizer(parameters, torch::optim::AdamOptions(lr));
+      const torch::Tensor inputs = inputs_tensor(shots_, model_.device()), labels = labels_tensor(shots_, model_.device());
+      long long done = 0;
+      for (long long steps : step_counts) {
+        for (; done < steps; ++done) {
+          optimizer.zero_grad();
+          torch::nn::functional::cross_entropy(model_.forward(inputs), labels).backward();
+          optimizer.step();
+          count_progress(shots_.size());
+        }
+        const double accuracy = evaluate(model_, support_).accuracy;
+        if (accuracy > best_accuracy) {
+          best_accuracy = accuracy;
+          best = parameter_values(model_);
+        }
+      }
+    }
+    set_parameter_values(model_, base_);
+    return best;
+  }
+
+  Classifier& model_;
+  TransportInputs& in_;
+  const TransportJob& job_;
+  const JobContext& context_;
+  const Vectors base_;
+  const std::string source_;
+  Dataset shots_, support_;
+  std::map<std::string, std::vector<long long>> shapes_;
+  std::vector<std::string> names_;  // name order: the order of Vectors
+  std::vector<std::pair<std::string, std::set<std::string>>> few_shot_variants_;
+};
+
+TransportRecipe classifier_recipe(const TransportJob& job) { return transport_recipe(job, AlphaPolicy::Metric::kSupportAccuracy); }
 
 // GradFix's test accuracy alone (the ablations' row): the shots' statistics, the mask, alpha on
 // the support set, the test set once; the other rows of a transport are not computed.
@@ -312,137 +425,35 @@ Vectors masked_vector(Classifier& model, const Vectors& tau, const Vectors& stat
 // control at the mask's kept count).
 double gradfix_accuracy(TransportInputs& in, const TransportJob& job, const JobContext& context,
                         const std::function<Vectors(const Vectors&)>& control = nullptr) {
-  Classifier& model = *in.target;
-  Dataset shots, support;
-  shots_and_support(in, job, context, shots, support);
-  const Vectors base = parameter_values(model);
-  const Vectors statistics = descent_statistics(model, shots, job.sign_mode, VoteMethod::kFast, context, "the few-shot pool");
-  Vectors masked = masked_vector(model, in.tau, statistics, job.mask_mode, job.mask);
-  if (control) masked = control(masked);
-  std::vector<AlphaPoint> curve;
-  const std::vector<double> alphas = job.alphas.empty() ? std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0} : job.alphas;
-  const double alpha = choose_alpha(model, base, masked, alphas, support, shots, curve);
-  return evaluate_with(model, base, masked, alpha, in.test).accuracy;
+  ReplicatedTarget target(in, job, context);
+  TransportRecipe recipe = classifier_recipe(job);
+  if (control) recipe.control = [&](const ParameterVector& masked) { return target.vector_of(control(target.vectors_of(masked))); };
+  return gradfix_row(target, target.vector_of(in.tau), recipe).accuracy;
 }
 
+// Every row of a classifier's transport (transport.hpp); `transported` (optional) gets B + alpha
+// * masked tau at GradFix's alpha. The demo runs many short transports: only a transport of its
+// own reports progress.
 std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob& job, const JobContext& context,
                                          Vectors* transported, bool report_progress) {
-  Classifier& model = *in.target;
-  const Vectors base = parameter_values(model);
-  Dataset shots, support;
-  shots_and_support(in, job, context, shots, support);
-  const std::vector<double> alphas = job.alphas.empty() ? std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0} : job.alphas;
-
-  std::vector<TransportRow> rows;
-  auto add_row = [&](const std::string& method, const Evaluation& result, double alpha, double kept, double agreement) {
-    rows.push_back(make_transport_row(method, result.accuracy, result.loss, alpha, kept, agreement));
-  };
-  const std::string source = job.data.spec.empty() ? "the few-shot pool" : job.data.spec;
-  const std::vector<long long> step_counts = job.finetune_steps.empty() ? std::vector<long long>{5, 20, 50} : job.finetune_steps;
-  const std::size_t lr_count = job.finetune_lrs.empty() ? 3 : job.finetune_lrs.size();
-  // The few-shot fine-tuning rows: every tensor tuned, or some frozen (--finetune-freeze), or both.
-  std::vector<std::pair<std::string, std::set<std::string>>> few_shot_variants;
-  if (job.few_shot_baseline) {
-    if (job.finetune_freeze.empty() || job.few_shot_unfrozen_too) few_shot_variants.push_back({"few-shot fine-tuning of B", {}});
-    if (!job.finetune_freeze.empty()) {
-      std::string patterns;
-      // The user's own patterns, as given (a label, not a name read from a file).
-      for (const auto& pattern : job.finetune_freeze) patterns += (patterns.empty() ? "" : " ") + pattern;
-      few_shot_variants.push_back({"few-shot fine-tuning of B (" + (job.finetune_freeze_label.empty() ? "frozen: " + patterns : job.finetune_freeze_label) + ")",
-                                   frozen_tensors(model, job.finetune_freeze, "--finetune-freeze", job.target.empty() ? "B" : job.target)});
-    }
-  }
-  // The demo runs many short transports: only a transport of its own reports progress.
+  ReplicatedTarget target(in, job, context);
+  const TransportRecipe recipe = classifier_recipe(job);
   Progress progress(context, "transport",
-                    transport_sample_passes(job.sign_mode, shots.size(), support.size(), in.test.size(), alphas.size(), !in.tau_b.empty(),
-                                            lr_count * few_shot_variants.size(), step_counts, !in.target_finetuned.empty()),
+                    transport_sample_passes(job.sign_mode, target.shots(), target.support(), in.test.size(), recipe.alpha.grid.size(),
+                                            !in.tau_b.empty(), target.finetune_runs(), target.finetune_steps(), !in.target_finetuned.empty()),
                     0, "samples");
   std::optional<CurrentProgress> current;
   if (report_progress) current.emplace(progress);
-  const Vectors statistics = descent_statistics(model, shots, job.sign_mode, VoteMethod::kFast, context, source);
-  // g, the mean gradient of B's loss on the shots: the mean-mode statistics are the summed
-  // -gradients (the same pass in mean mode, one more in max mode).
-  Vectors gradient = job.sign_mode == SignMode::kMean ? statistics : descent_statistics(model, shots, SignMode::kMean, VoteMethod::kFast, context, source);
-  for (auto& [name, values] : gradient)
-    for (auto& value : values) value = static_cast<float>(-static_cast<double>(value) / static_cast<double>(shots.size()));
-  // A row whose alpha is searched on the support set: B + alpha * delta on the test set, with
-  // <g, delta> and the alpha curve. Returns the alpha chosen.
-  auto add_searched_row = [&](const std::string& method, const Vectors& delta, double kept_fraction, double sign_agreement) {
-    std::vector<AlphaPoint> curve;
-    const double alpha = choose_alpha(model, base, delta, alphas, support, shots, curve);
-    add_row(method, evaluate_with(model, base, delta, alpha, in.test), alpha, kept_fraction, sign_agreement);
-    rows.back().directional_derivative = directional_derivative(gradient, delta);
-    rows.back().curve = curve;
-    return alpha;
-  };
-
-  add_row("B zero-shot", evaluate(model, in.test), -1, -1, -1);
-  add_searched_row("B + alpha tau_A (naive)", in.tau, 1.0, -1);
-
-  PairStats kept, agreement;
-  const Vectors masked = masked_vector(model, in.tau, statistics, job.mask_mode, job.mask, &kept);
-  if (!in.tau_b.empty())
-    for (const auto& [name, values] : statistics) agreement.add(values.data(), in.tau_b.at(name).data(), static_cast<long long>(values.size()));
-  const double kept_fraction = kept.nonzero_b > 0 ? static_cast<double>(kept.nonzero_a) / static_cast<double>(kept.nonzero_b) : 0.0;
-  const double gradfix_alpha = add_searched_row(std::string("GradFix (") + sign_mode_name(job.sign_mode) + ", " + mask_mode_name(job.mask_mode) + ")",
-                                                masked, kept_fraction, in.tau_b.empty() ? -1 : agreement.sign_agreement());
+  const ParameterVector tau_b = in.tau_b.empty() ? ParameterVector() : target.vector_of(in.tau_b);
+  const TransportOutcome outcome = run_transport_recipe(target, target.vector_of(in.tau), in.tau_b.empty() ? nullptr : &tau_b, recipe);
   if (transported != nullptr) {
-    *transported = base;
+    *transported = target.base();
+    const Vectors masked = target.vectors_of(outcome.masked);
     for (auto& [name, values] : *transported)
-      for (std::size_t i = 0; i < values.size(); ++i) values[i] += static_cast<float>(gradfix_alpha) * masked.at(name)[i];
-  }
-
-  if (!in.tau_b.empty()) {
-    Vectors oracle;
-    PairStats oracle_kept;
-    for (auto& [name, parameter] : model.parameters()) {
-      const std::vector<long long> shape(parameter.sizes().begin(), parameter.sizes().end());
-      oracle[name] = mask_tensor(MaskMode::kOracle, job.mask, in.tau.at(name), in.tau_b.at(name), shape, 0);
-      oracle_kept.add(oracle[name].data(), in.tau.at(name).data(), static_cast<long long>(oracle[name].size()));
-    }
-    add_searched_row("oracle mask sign(tau_B)", oracle, static_cast<double>(oracle_kept.nonzero_a) / std::max(1LL, oracle_kept.nonzero_b), 1.0);
-  }
-
-  for (const auto& [label, frozen] : few_shot_variants) {
-    // Few-shot fine-tuning of B on the same shots, learning rate and steps chosen on the support
-    // set; the frozen tensors are left out of the optimizer.
-    double best_accuracy = -1.0;
-    Vectors best = base;
-    const std::vector<double> lrs = job.finetune_lrs.empty() ? std::vector<double>{1e-4, 1e-3, 1e-2} : job.finetune_lrs;
-    for (double lr : lrs) {
-      set_parameter_values(model, base);
-      std::vector<torch::Tensor> parameters;
-      for (auto& [name, parameter] : model.parameters())
-        if (frozen.count(name) == 0) parameters.push_back(parameter);
-      torch::optim::Adam optimizer(parameters, torch::optim::AdamOptions(lr));
-      const torch::Tensor inputs = inputs_tensor(shots, model.device()), labels = labels_tensor(shots, model.device());
-      long long done = 0;
-      for (long long steps : step_counts) {
-        for (; done < steps; ++done) {
-          optimizer.zero_grad();
-          torch::nn::functional::cross_entropy(model.forward(inputs), labels).backward();
-          optimizer.step();
-          count_progress(shots.size());
-        }
-        const double accuracy = evaluate(model, support).accuracy;
-        if (accuracy > best_accuracy) {
-          best_accuracy = accuracy;
-          best = parameter_values(model);
-        }
-      }
-    }
-    set_parameter_values(model, best);
-    add_row(label, evaluate(model, in.test), -1, -1, -1);
-    set_parameter_values(model, base);
-  }
-
-  if (!in.target_finetuned.empty()) {
-    set_parameter_values(model, in.target_finetuned);
-    add_row("B fine-tuned (upper bound)", evaluate(model, in.test), -1, -1, -1);
-    set_parameter_values(model, base);
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] += static_cast<float>(outcome.gradfix_alpha) * masked.at(name)[i];
   }
   progress.finish();
-  return rows;
+  return outcome.rows;
 }
 
 }  // namespace
@@ -1116,16 +1127,18 @@ void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) 
         }
         return result;
       };
+      // One alpha per merge, by the transports' loss rule (AlphaPolicy) on the summed support losses.
+      AlphaPolicy policy;
+      policy.grid = job.alphas.empty() ? default_alphas() : job.alphas;
+      policy.metric = AlphaPolicy::Metric::kSupportLoss;
       auto score = [&](const std::string& label, const Vectors& delta) {
-        double best_loss = std::numeric_limits<double>::infinity(), best_alpha = job.alphas.front();
-        for (double alpha : job.alphas) {
+        std::vector<AlphaPoint> curve;
+        for (double alpha : policy.grid) {
           double loss = 0.0;
           for (const auto& support : supports) loss += evaluate_with(model, base, delta, alpha, support).loss;
-          if (std::isfinite(loss) && loss < best_loss) {
-            best_loss = loss;
-            best_alpha = alpha;
-          }
+          curve.push_back({alpha, loss, std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::quiet_NaN()});
         }
+        const double best_alpha = policy.grid[policy.choose(curve)];
         if (std::find(labels.begin(), labels.end(), label) == labels.end()) labels.push_back(label);
         for (auto& task : tasks)
           by_cell[{label, task.name}].push_back(evaluate_with(model, base, delta, best_alpha, task.in.test).accuracy / finetuned[task.name]);

@@ -326,45 +326,204 @@ Parameters ShardedWeights::gather_on_device(const std::vector<std::string>& name
   return parameters;
 }
 
-ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
-                                     const ShardedSignsOptions& options, const JobContext& context, const torch::Device& device) {
-  const bool votes = options.sign_mode == SignMode::kMax;
-  const bool loop = options.method == VoteMethod::kLoop;
-  const long long group_size = loop ? 1 : kSamplesPerGroup;
-  std::map<std::string, std::vector<int64_t>> shapes;
-  for (const auto& tensor : weights.layout()) shapes[tensor.name] = shape_of(tensor);
+namespace {
 
-  ShardedStatistics result;
-  result.samples = data.samples;
-  const DType reduce_type = votes ? vote_count_dtype(data.samples, context.stats()) : DType::kF64;
-  result.dtype = votes ? reduce_type : DType::kF32;
-  for (const auto& piece : weights.plan().pieces(context.rank()))
-    result.pieces.emplace_back(static_cast<std::size_t>(piece.count) * dtype_size(result.dtype), 0);
-  // Sums a step's statistics over the ranks, bucket by bucket in the narrowest type that holds
+torch::ScalarType scalar_type_of(DType dtype) {
+  return dtype == DType::kI8 ? torch::kInt8 : dtype == DType::kI16 ? torch::kInt16 : dtype == DType::kI32 ? torch::kInt32 : torch::kFloat64;
+}
+
+// One few-shot statistics pass (sharded_statistics), stage by stage:
+//   forward   every stage gathered in turn, each layer's input kept (the boundaries)
+//   output    the final stage per sample (its logits are the largest activations), the gradient
+//             reaching the last boundary kept as the next stage's incoming gradient
+//   layers    last first: recomputed from the kept boundary with autograd, the incoming gradient
+//             backpropagated, per-sample statistics formed from the recorded captures
+//   input     recomputed from the batch; a tied tensor's two uses are summed here
+// and after each stage reduce(): the stage's statistics summed over the ranks, each rank keeping
+// the pieces it owns.
+class StatisticsPass {
+ public:
+  StatisticsPass(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data, const ShardedSignsOptions& options,
+                 const JobContext& context, const torch::Device& device)
+      : model_(model), weights_(weights), data_(data), options_(options), context_(context), device_(device),
+        votes_(options.sign_mode == SignMode::kMax), loop_(options.method == VoteMethod::kLoop),
+        reduce_type_(votes_ ? vote_count_dtype(data.samples, context.stats()) : DType::kF64),
+        accumulators_(scalar_type_of(reduce_type_), device), input_names_(model.input_names()), output_names_(model.output_names()) {
+    for (const auto& tensor : weights.layout()) shapes_[tensor.name] = shape_of(tensor);
+    result_.samples = data.samples;
+    result_.dtype = votes_ ? reduce_type_ : DType::kF32;
+    for (const auto& piece : weights.plan().pieces(context.rank()))
+      result_.pieces.emplace_back(static_cast<std::size_t>(piece.count) * dtype_size(result_.dtype), 0);
+  }
+
+  ShardedStatistics run() {
+    groups_ = my_groups(data_, loop_ ? 1 : kSamplesPerGroup, context_, device_);
+    boundary_ = forward_groups(model_, weights_, groups_, device_, true);  // boundary_[l][g]
+    find_tied();
+    incoming_.resize(groups_.size());
+    output_stage();
+    for (long long l = model_.layers() - 1; l >= 0; --l) layer_stage(l);
+    input_stage();
+    return std::move(result_);
+  }
+
+ private:
+  // A tensor used by both the input and the output stage (a tied embedding and head) gets one
+  // per-sample gradient, the sum of both uses: the output stage's part waits for the input's.
+  void find_tied() {
+    for (const auto& name : output_names_)
+      if (std::find(input_names_.begin(), input_names_.end(), name) != input_names_.end()) tied_.insert(name);
+    for (const auto& name : tied_) {
+      tied_captures_[name].resize(groups_.size());
+      tied_gradients_[name].resize(groups_.size());
+    }
+  }
+
+  // Only this rank sees its samples: a non-finite loss (weights with NaN or Inf) must stop every
+  // rank before the collective steps that follow.
+  void refuse_nonfinite_losses(const Parameters& parameters) const {
+    context_.agree([&] {
+      torch::NoGradGuard no_gradients;
+      for (std::size_t g = 0; g < groups_.size(); ++g)
+        for (int64_t i = 0; i < static_cast<int64_t>(groups_[g].samples.size()); ++i) {
+          const double loss =
+              model_.losses(model_.output(parameters, boundary_.back()[g].slice(0, i, i + 1)), groups_[g].batch.slice(i, i + 1))[0].item<double>();
+          if (!std::isfinite(loss))
+            throw InputError(data_.name + ": selected sample " + std::to_string(groups_[g].samples[static_cast<std::size_t>(i)]) +
+                             " has a loss of " + std::to_string(loss) + ": check the model's weights");
+        }
+    });
+  }
+
+  // The output stage (final norm and head), from the last boundary, one sample at a time: the
+  // logits and their gradient ([T, V] each for a language model, the largest activations of the
+  // pass) then cost one sample's worth, whatever the group size.
+  void output_stage() {
+    Parameters parameters = weights_.gather(output_names_, device_);
+    if (options_.refuse_nonfinite) refuse_nonfinite_losses(parameters);
+    make_leaves(parameters);
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      std::vector<torch::Tensor> gradients;
+      std::map<std::string, std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>> tied_parts;
+      for (int64_t i = 0; i < static_cast<int64_t>(groups_[g].samples.size()); ++i) {
+        GradientRecorder recorder;
+        const torch::Tensor hidden = boundary_.back()[g].slice(0, i, i + 1).detach().requires_grad_(true);
+        const torch::Tensor logits = model_.output(parameters, hidden, &recorder);
+        model_.losses(logits, groups_[g].batch.slice(i, i + 1)).sum().backward();
+        gradients.push_back(hidden.grad());
+        if (loop_) {
+          zero_cancelled(parameters, recorder);
+          for (const auto& name : tied_) {
+            tied_gradients_[name][g] = parameters.at(name).grad().clone();
+            parameters.at(name).mutable_grad().reset();
+          }
+          add_leaf_gradients(parameters, tied_);
+          continue;
+        }
+        std::vector<Capture> captures;
+        for (const auto& capture : recorder.captures()) {
+          if (tied_.count(capture.parameter)) {
+            GRADFIX_CHECK(capture.kind == Capture::Kind::kLinearWeight, "a tied tensor's output use must be a linear weight: " + capture.parameter);
+            tied_parts[capture.parameter].first.push_back(capture.input);
+            tied_parts[capture.parameter].second.push_back(capture.output.grad());
+            continue;
+          }
+          captures.push_back(capture);
+        }
+        add_captures(captures, shapes_, options_.product_bytes, accumulators_);
+      }
+      incoming_[g] = torch::cat(gradients, 0);
+      for (auto& [name, parts] : tied_parts)
+        tied_captures_[name][g] = {name, Capture::Kind::kLinearWeight, torch::cat(parts.first, 0), torch::cat(parts.second, 0)};
+    }
+    std::vector<std::string> done;
+    for (const auto& name : output_names_)
+      if (!tied_.count(name)) done.push_back(name);
+    reduce(done);
+    boundary_.pop_back();
+    stage_done();
+  }
+
+  // Layer l: recomputed from its kept input, the incoming gradient backpropagated.
+  void layer_stage(long long l) {
+    const std::vector<std::string> names = model_.layer_names(l);
+    Parameters parameters = weights_.gather(names, device_);
+    make_leaves(parameters);
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      GradientRecorder recorder;
+      const torch::Tensor input = boundary_.back()[g].detach().requires_grad_(true);
+      const torch::Tensor output = model_.layer(l, parameters, input, groups_[g].batch, &recorder);
+      torch::autograd::backward({output}, {incoming_[g]});
+      incoming_[g] = input.grad();
+      if (loop_) {
+        zero_cancelled(parameters, recorder);
+        add_leaf_gradients(parameters, {});
+      } else {
+        add_captures(recorder.captures(), shapes_, options_.product_bytes, accumulators_);
+      }
+    }
+    reduce(names);
+    boundary_.pop_back();
+    stage_done();
+  }
+
+  // The input stage: recomputed from the batch, its output gradient is what reached the first
+  // layer's input. Gathered once on every rank: a gather is collective, and ranks hold different
+  // numbers of groups.
+  void input_stage() {
+    Parameters parameters = weights_.gather(input_names_, device_);
+    make_leaves(parameters);
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      GradientRecorder recorder;
+      const torch::Tensor output = model_.input(parameters, groups_[g].batch, loop_ ? nullptr : &recorder);
+      torch::autograd::backward({output}, {incoming_[g]});
+      if (loop_) {
+        for (const auto& name : tied_) parameters.at(name).mutable_grad().add_(tied_gradients_[name][g]);
+        add_leaf_gradients(parameters, {});
+        continue;
+      }
+      std::vector<Capture> captures;
+      for (const auto& capture : recorder.captures()) {
+        const auto deferred = tied_captures_.find(capture.parameter);
+        if (deferred == tied_captures_.end()) {
+          captures.push_back(capture);
+          continue;
+        }
+        GRADFIX_CHECK(capture.kind == Capture::Kind::kEmbedding, "a tied tensor's input use must be an embedding: " + capture.parameter);
+        const Capture& head = deferred->second[g];
+        const torch::Tensor gradient = capture.output.grad();
+        linear_weight(capture.parameter, shapes_.at(capture.parameter), head.input, head.output, options_.product_bytes, accumulators_,
+                      &capture.input, &gradient);
+      }
+      add_captures(captures, shapes_, options_.product_bytes, accumulators_);
+    }
+    for (const auto& name : input_names_) accumulators_.of(name, shapes_.at(name));
+    reduce(input_names_);
+    stage_done();
+  }
+
+  // Sums a stage's statistics over the ranks, bucket by bucket in the narrowest type that holds
   // them, and keeps the pieces this rank owns: memory for this is one bucket, whatever the size.
-  const torch::ScalarType accumulate_type = reduce_type == DType::kI8 ? torch::kInt8
-                                            : reduce_type == DType::kI16 ? torch::kInt16
-                                            : reduce_type == DType::kI32 ? torch::kInt32 : torch::kFloat64;
-  constexpr long long kBucket = 1LL << 22;
-  auto finish = [&](Accumulators& accumulators, const std::vector<std::string>& names) {
-    const auto& my_pieces = weights.plan().pieces(context.rank());
+  void reduce(const std::vector<std::string>& names) {
+    constexpr long long kBucket = 1LL << 22;
+    const auto& my_pieces = weights_.plan().pieces(context_.rank());
     for (const auto& name : names) {
-      const torch::Tensor values = accumulators.of(name, shapes.at(name)).to(torch::kCPU).contiguous().view({-1});
+      const torch::Tensor values = accumulators_.of(name, shapes_.at(name)).to(torch::kCPU).contiguous().view({-1});
       const long long count = values.numel();
-      const std::size_t item = dtype_size(reduce_type);
+      const std::size_t item = dtype_size(reduce_type_);
       std::vector<unsigned char> bucket;
       for (long long offset = 0; offset < count; offset += kBucket) {
         const long long length = std::min(kBucket, count - offset);
         bucket.assign(static_cast<const unsigned char*>(values.data_ptr()) + offset * static_cast<long long>(item),
                       static_cast<const unsigned char*>(values.data_ptr()) + (offset + length) * static_cast<long long>(item));
-        allreduce_statistics(context.stats(), bucket.data(), length, reduce_type);
+        allreduce_statistics(context_.stats(), bucket.data(), length, reduce_type_);
         for (std::size_t k = 0; k < my_pieces.size(); ++k) {
-          if (weights.layout()[my_pieces[k].tensor].name != name) continue;
+          if (weights_.layout()[my_pieces[k].tensor].name != name) continue;
           const long long first = std::max(offset, my_pieces[k].begin);
           const long long last = std::min(offset + length, my_pieces[k].begin + my_pieces[k].count);
           if (first >= last) continue;
-          unsigned char* target = result.pieces[k].data();
-          if (votes) {  // kept as reduced
+          unsigned char* target = result_.pieces[k].data();
+          if (votes_) {  // kept as reduced
             std::memcpy(target + static_cast<std::size_t>(first - my_pieces[k].begin) * item, bucket.data() + static_cast<std::size_t>(first - offset) * item,
                         static_cast<std::size_t>(last - first) * item);
           } else {  // float64 sums kept as float32
@@ -375,28 +534,26 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
           }
         }
       }
-      accumulators.values().erase(name);
+      accumulators_.values().erase(name);
     }
-  };
+  }
 
-  const std::vector<Group> groups = my_groups(data, group_size, context, device);
   // Progress: the backward stages (output, each layer, input) share the pass's samples.
-  const long long stages = model.layers() + 2;
-  long long stages_done = 0;
-  auto stage_done = [&] {
-    ++stages_done;
-    count_progress(data.samples * stages_done / stages - data.samples * (stages_done - 1) / stages);
-  };
-  // Forward, keeping each layer's input: boundary[l][g].
-  std::vector<std::vector<torch::Tensor>> boundary = forward_groups(model, weights, groups, device, true);
+  void stage_done() {
+    const long long stages = model_.layers() + 2;
+    ++stages_done_;
+    count_progress(data_.samples * stages_done_ / stages - data_.samples * (stages_done_ - 1) / stages);
+  }
 
-  auto make_leaves = [&](Parameters& parameters) {
-    if (!loop) return;
+  // Loop method: the gathered parameters are leaves whose own gradients are read.
+  void make_leaves(Parameters& parameters) const {
+    if (!loop_) return;
     for (auto& [name, tensor] : parameters) tensor.requires_grad_(true);
-  };
+  }
+
   // Loop method: the bias entries that cancel to rounding (see without_cancelled) count as 0 in
   // the leaf gradients too; the recorded outputs of one sample's pass tell which.
-  auto zero_cancelled = [&](Parameters& parameters, const GradientRecorder& recorder) {
+  static void zero_cancelled(Parameters& parameters, const GradientRecorder& recorder) {
     for (const auto& capture : recorder.captures()) {
       if (capture.kind != Capture::Kind::kBias) continue;
       torch::Tensor& gradient = parameters.at(capture.parameter).mutable_grad();
@@ -405,152 +562,49 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
       const torch::Tensor cancelled = without_cancelled(terms.sum(1), terms.abs().sum(1)).eq(0)[0];
       gradient.masked_fill_(cancelled, 0);
     }
-  };
+  }
+
   // Loop method: the parameters' own gradients after one sample's backward pass.
-  auto add_leaf_gradients = [&](Parameters& parameters, Accumulators& accumulators, const std::set<std::string>& skip) {
+  void add_leaf_gradients(Parameters& parameters, const std::set<std::string>& skip) {
     for (auto& [name, tensor] : parameters) {
       if (skip.count(name)) continue;
       if (tensor.grad().defined()) {
-        accumulators.add(name, shapes.at(name), tensor.grad().unsqueeze(0).clone());
+        accumulators_.add(name, shapes_.at(name), tensor.grad().unsqueeze(0).clone());
         tensor.mutable_grad().reset();
       } else {
-        accumulators.of(name, shapes.at(name));
+        accumulators_.of(name, shapes_.at(name));
       }
     }
-  };
-
-  // A tensor used by both the input and the output stage (a tied embedding and head) gets one
-  // per-sample gradient, the sum of both uses: the output stage's part waits for the input's.
-  const std::vector<std::string> input_names = model.input_names(), output_names = model.output_names();
-  std::set<std::string> tied;
-  for (const auto& name : output_names)
-    if (std::find(input_names.begin(), input_names.end(), name) != input_names.end()) tied.insert(name);
-  std::map<std::string, std::vector<Capture>> tied_captures;        // fast: the output stage's X and G, per group
-  std::map<std::string, std::vector<torch::Tensor>> tied_gradients;  // loop: the output stage's gradient, per group
-  for (const auto& name : tied) {
-    tied_captures[name].resize(groups.size());
-    tied_gradients[name].resize(groups.size());
   }
 
-  // The output stage (final norm and head), from the last boundary.
-  std::vector<torch::Tensor> incoming(groups.size());
-  Accumulators accumulators(accumulate_type, device);
-  {
-    Parameters parameters = weights.gather(output_names, device);
-    // Only this rank sees its samples: a non-finite loss (weights with NaN or Inf) must stop
-    // every rank before the collective steps below.
-    if (options.refuse_nonfinite) context.agree([&] {
-      torch::NoGradGuard no_gradients;
-      for (std::size_t g = 0; g < groups.size(); ++g)
-        for (int64_t i = 0; i < static_cast<int64_t>(groups[g].samples.size()); ++i) {
-          const double loss =
-              model.losses(model.output(parameters, boundary.back()[g].slice(0, i, i + 1)), groups[g].batch.slice(i, i + 1))[0].item<double>();
-          if (!std::isfinite(loss))
-            throw InputError(data.name + ": selected sample " + std::to_string(groups[g].samples[static_cast<std::size_t>(i)]) +
-                             " has a loss of " + std::to_string(loss) + ": check the model's weights");
-        }
-    });
-    make_leaves(parameters);
-    // One sample at a time: the logits and their gradient ([T, V] each for a language model, the
-    // largest activations of the pass) then cost one sample's worth, whatever the group size.
-    for (std::size_t g = 0; g < groups.size(); ++g) {
-      std::vector<torch::Tensor> gradients;
-      std::map<std::string, std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>> tied_parts;
-      for (int64_t i = 0; i < static_cast<int64_t>(groups[g].samples.size()); ++i) {
-        GradientRecorder recorder;
-        const torch::Tensor hidden = boundary.back()[g].slice(0, i, i + 1).detach().requires_grad_(true);
-        const torch::Tensor logits = model.output(parameters, hidden, &recorder);
-        model.losses(logits, groups[g].batch.slice(i, i + 1)).sum().backward();
-        gradients.push_back(hidden.grad());
-        if (loop) {
-          zero_cancelled(parameters, recorder);
-          for (const auto& name : tied) {
-            tied_gradients[name][g] = parameters.at(name).grad().clone();
-            parameters.at(name).mutable_grad().reset();
-          }
-          add_leaf_gradients(parameters, accumulators, tied);
-          continue;
-        }
-        std::vector<Capture> captures;
-        for (const auto& capture : recorder.captures()) {
-          if (tied.count(capture.parameter)) {
-            GRADFIX_CHECK(capture.kind == Capture::Kind::kLinearWeight, "a tied tensor's output use must be a linear weight: " + capture.parameter);
-            tied_parts[capture.parameter].first.push_back(capture.input);
-            tied_parts[capture.parameter].second.push_back(capture.output.grad());
-            continue;
-          }
-          captures.push_back(capture);
-        }
-        add_captures(captures, shapes, options.product_bytes, accumulators);
-      }
-      incoming[g] = torch::cat(gradients, 0);
-      for (auto& [name, parts] : tied_parts)
-        tied_captures[name][g] = {name, Capture::Kind::kLinearWeight, torch::cat(parts.first, 0), torch::cat(parts.second, 0)};
-    }
-    std::vector<std::string> done;
-    for (const auto& name : output_names)
-      if (!tied.count(name)) done.push_back(name);
-    finish(accumulators, done);
-    boundary.pop_back();
-    stage_done();
-  }
+  const LayeredModel& model_;
+  const ShardedWeights& weights_;
+  const SampleSource& data_;
+  const ShardedSignsOptions& options_;
+  const JobContext& context_;
+  const torch::Device& device_;
+  const bool votes_;
+  const bool loop_;
+  const DType reduce_type_;
+  Accumulators accumulators_;
+  const std::vector<std::string> input_names_;
+  const std::vector<std::string> output_names_;
+  std::map<std::string, std::vector<int64_t>> shapes_;
+  ShardedStatistics result_;
+  std::vector<Group> groups_;
+  std::vector<std::vector<torch::Tensor>> boundary_;  // each layer's input, per group; popped as the backward pass goes
+  std::vector<torch::Tensor> incoming_;                // the gradient reaching the current stage's output, per group
+  std::set<std::string> tied_;
+  std::map<std::string, std::vector<Capture>> tied_captures_;        // fast: the output stage's X and G, per group
+  std::map<std::string, std::vector<torch::Tensor>> tied_gradients_;  // loop: the output stage's gradient, per group
+  long long stages_done_ = 0;
+};
 
-  // The layers, last first: recompute from the kept input, backpropagate the incoming gradient.
-  for (long long l = model.layers() - 1; l >= 0; --l) {
-    const std::vector<std::string> names = model.layer_names(l);
-    Parameters parameters = weights.gather(names, device);
-    make_leaves(parameters);
-    for (std::size_t g = 0; g < groups.size(); ++g) {
-      GradientRecorder recorder;
-      const torch::Tensor input = boundary.back()[g].detach().requires_grad_(true);
-      const torch::Tensor output = model.layer(l, parameters, input, groups[g].batch, &recorder);
-      torch::autograd::backward({output}, {incoming[g]});
-      incoming[g] = input.grad();
-      if (loop) {
-        zero_cancelled(parameters, recorder);
-        add_leaf_gradients(parameters, accumulators, {});
-      } else {
-        add_captures(recorder.captures(), shapes, options.product_bytes, accumulators);
-      }
-    }
-    finish(accumulators, names);
-    boundary.pop_back();
-    stage_done();
-  }
+}  // namespace
 
-  // The input stage: recomputed from the batch, its output gradient is what reached the first
-  // layer's input. Gathered once on every rank: a gather is collective, and ranks hold different
-  // numbers of groups.
-  Parameters parameters = weights.gather(input_names, device);
-  make_leaves(parameters);
-  for (std::size_t g = 0; g < groups.size(); ++g) {
-    GradientRecorder recorder;
-    const torch::Tensor output = model.input(parameters, groups[g].batch, loop ? nullptr : &recorder);
-    torch::autograd::backward({output}, {incoming[g]});
-    if (loop) {
-      for (const auto& name : tied) parameters.at(name).mutable_grad().add_(tied_gradients[name][g]);
-      add_leaf_gradients(parameters, accumulators, {});
-      continue;
-    }
-    std::vector<Capture> captures;
-    for (const auto& capture : recorder.captures()) {
-      const auto deferred = tied_captures.find(capture.parameter);
-      if (deferred == tied_captures.end()) {
-        captures.push_back(capture);
-        continue;
-      }
-      GRADFIX_CHECK(capture.kind == Capture::Kind::kEmbedding, "a tied tensor's input use must be an embedding: " + capture.parameter);
-      const Capture& head = deferred->second[g];
-      const torch::Tensor gradient = capture.output.grad();
-      linear_weight(capture.parameter, shapes.at(capture.parameter), head.input, head.output, options.product_bytes, accumulators,
-                    &capture.input, &gradient);
-    }
-    add_captures(captures, shapes, options.product_bytes, accumulators);
-  }
-  for (const auto& name : input_names) accumulators.of(name, shapes.at(name));
-  finish(accumulators, input_names);
-  stage_done();
-  return result;
+ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
+                                     const ShardedSignsOptions& options, const JobContext& context, const torch::Device& device) {
+  return StatisticsPass(model, weights, data, options, context, device).run();
 }
 
 ShardedEvaluation sharded_evaluation(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,

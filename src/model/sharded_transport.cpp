@@ -20,17 +20,13 @@
 #include "gradfix/pipeline/jobs.hpp"
 #include "sharded_executor.hpp"
 #include "shots.hpp"
+#include "transport.hpp"
 #include "transport_rows.hpp"
 
 namespace gradfix {
 namespace {
 
 using Pieces = std::vector<std::vector<float>>;
-
-struct Score {
-  double loss = 0.0;      // mean over samples of the per-sample loss
-  double accuracy = 0.0;  // correct predictions over counted targets (tokens or samples)
-};
 
 // The weights as they are gathered now (with their offset) on `data`. A non-finite loss is
 // reported, not refused: an alpha that overshoots is a grid point to pass over.
@@ -42,32 +38,6 @@ Score score(const LayeredModel& model, const ShardedWeights& weights, const Samp
   result.loss /= static_cast<double>(evaluation.losses.size());
   result.accuracy = static_cast<double>(evaluation.hits) / static_cast<double>(std::max(1LL, evaluation.targets));
   return result;
-}
-
-// The alpha of the grid with the lowest mean loss of B + alpha * delta on the support set (ties:
-// the earlier in the grid); a grid point whose loss is not finite is never chosen. The test set
-// plays no part. `curve` gets every grid point's support loss and accuracy and the shots' own loss.
-double choose_alpha(const LayeredModel& model, ShardedWeights& weights, const Pieces& delta, const std::vector<double>& alphas,
-                    const SampleSource& support, const SampleSource& shots, const JobContext& context, const torch::Device& device,
-                    std::vector<AlphaPoint>& curve) {
-  double best_alpha = 0.0, best_loss = std::numeric_limits<double>::infinity();
-  bool found = false;
-  curve.clear();
-  for (double alpha : alphas) {
-    weights.set_offset(&delta, static_cast<float>(alpha));
-    const Score on_support = score(model, weights, support, context, device);
-    const double loss = on_support.loss;
-    // The support accuracy is reported (CLIP's accuracy, a decoder's next-token accuracy), not chosen by.
-    curve.push_back({alpha, loss, score(model, weights, shots, context, device).loss, on_support.accuracy});
-    if (std::isfinite(loss) && loss < best_loss) {
-      best_loss = loss;
-      best_alpha = alpha;
-      found = true;
-    }
-  }
-  weights.set_offset(nullptr, 0.0f);
-  if (!found) throw InputError("every alpha of the grid gives a non-finite loss on the support set; try smaller alphas");
-  return best_alpha;
 }
 
 // <g, d> summed over the ranks' pieces: g the mean gradient, d an update, both in plan order.
@@ -196,6 +166,73 @@ Pieces difference(const Pieces& a, const Pieces& b) {
   return out;
 }
 
+// A model whose parameters are sharded over the ranks, as a transport target (transport.hpp):
+// vectors are this rank's pieces of the shard plan; every score gathers one stage at a time; sums
+// over the model are completed over the ranks.
+class ShardedTarget final : public TransportTarget {
+ public:
+  ShardedTarget(const TransportJob& job, const LayeredModel& model, ShardedWeights& weights, const ShardedTransportData& data,
+                const torch::Device& device, const JobContext& context)
+      : job_(job), model_(model), weights_(weights), data_(data), device_(device), context_(context) {}
+
+  const FinetuneChoice& finetune_choice() const { return finetuned_; }
+  std::vector<double> finetune_lrs() const { return job_.finetune_lrs.empty() ? std::vector<double>{1e-5, 3e-5, 1e-4} : job_.finetune_lrs; }
+  std::vector<long long> finetune_steps() const { return job_.finetune_steps.empty() ? std::vector<long long>{5, 20, 50} : job_.finetune_steps; }
+
+  ParameterVector statistics(SignMode mode) override {
+    ShardedSignsOptions options;
+    options.sign_mode = mode;
+    return sharded_statistics(model_, weights_, data_.shots, options, context_, device_).to_f32();
+  }
+
+  ParameterVector mean_gradient(const ParameterVector* mean_statistics) override {
+    ParameterVector gradient = mean_statistics != nullptr ? *mean_statistics : statistics(SignMode::kMean);
+    const auto scale = static_cast<float>(-1.0 / static_cast<double>(data_.shots.samples));
+    for (auto& piece : gradient)
+      for (auto& value : piece) value *= scale;
+    return gradient;
+  }
+
+  ParameterVector mask(MaskMode mode, const MaskOptions& options, const ParameterVector& tau, const ParameterVector& statistics) override {
+    return mask_pieces(weights_.layout(), weights_.plan(), context_, mode, options, tau, statistics);
+  }
+
+  PairStats compare(const ParameterVector& a, const ParameterVector& b) override { return pair_stats(a, b, context_); }
+  double dot(const ParameterVector& a, const ParameterVector& b) override { return directional_derivative(a, b, context_); }
+
+  Score score(const ParameterVector* delta, double alpha, Split split) override {
+    const SampleSource& data = split == Split::kShots ? data_.shots : split == Split::kSupport ? data_.support : data_.test;
+    weights_.set_offset(delta, static_cast<float>(alpha));
+    const Score result = gradfix::score(model_, weights_, data, context_, device_);
+    weights_.set_offset(nullptr, 0.0f);
+    return result;
+  }
+
+  std::vector<TransportRow> finetune_rows(const ParameterVector& gradient) override {
+    const Pieces update = sharded_finetune(model_, weights_, data_.shots, data_.support, finetune_lrs(), finetune_steps(), context_, device_, finetuned_);
+    const Score test = score(&update, 1.0, Split::kTest);
+    TransportRow row = make_transport_row("few-shot fine-tuning of B", test.accuracy, test.loss, -1, -1, -1);
+    row.directional_derivative = dot(gradient, update);
+    return {row};
+  }
+
+  std::optional<Score> target_finetuned_score() override {
+    if (job_.target_finetuned.empty()) return std::nullopt;
+    std::unique_ptr<ShardedWeights> upper;
+    context_.agree([&] { upper = std::make_unique<ShardedWeights>(model_.layout(), job_.target_finetuned, context_); });
+    return gradfix::score(model_, *upper, data_.test, context_, device_);
+  }
+
+ private:
+  const TransportJob& job_;
+  const LayeredModel& model_;
+  ShardedWeights& weights_;
+  const ShardedTransportData& data_;
+  const torch::Device& device_;
+  const JobContext& context_;
+  FinetuneChoice finetuned_;
+};
+
 }  // namespace
 
 // The shots and the support set of a pool: the shots as every job draws them (shots.hpp: an
@@ -212,8 +249,11 @@ void split_pool(const ShotPool& pool, const TransportJob& job, std::vector<long 
   if (support.empty()) throw InputError(job.data.spec + ": no samples are left for the support set after the shots");
 }
 
-std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const LayeredModel& model, const ShardedTransportData& data,
-                                               const torch::Device& device, std::ostream& log, const JobContext& context) {
+namespace {
+
+// The task vector (or the source pair) and B's fine-tune must be tensors of this model: checked
+// before any is read.
+void check_transport_inputs(const TransportJob& job, const LayeredModel& model, const JobContext& context) {
   context.agree([&] {
     // The task vector and B's fine-tune must be tensors of this model: checked before any is read.
     if (!job.task_vector.empty()) {
@@ -226,178 +266,140 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
     }
     if (!job.target_finetuned.empty()) check_against_model(*open_reader(job.target_finetuned), model, false);
   });
-  // Every rank holds its pieces of B, tau and (with B_ft) tau_B; nothing whole.
+}
+
+// Every rank's pieces of B, tau and (with B_ft) tau_B; nothing whole.
+struct ShardedVectors {
   std::unique_ptr<ShardedWeights> weights;
-  Pieces tau, tau_b;
+  Pieces tau;
+  Pieces tau_b;  // empty without B_ft
+};
+
+ShardedVectors read_transport_vectors(const TransportJob& job, const LayeredModel& model, const JobContext& context) {
+  ShardedVectors out;
   context.agree([&] {
-    weights = std::make_unique<ShardedWeights>(model.layout(), model.directory(), context);
-    const auto& layout = weights->layout();
-    const auto& plan = weights->plan();
+    out.weights = std::make_unique<ShardedWeights>(model.layout(), model.directory(), context);
+    const auto& layout = out.weights->layout();
+    const auto& plan = out.weights->plan();
     if (!job.task_vector.empty())
-      tau = read_pieces(*open_reader(job.task_vector), layout, plan, context.rank());
+      out.tau = read_pieces(*open_reader(job.task_vector), layout, plan, context.rank());
     else
-      tau = difference(read_pieces(*open_reader(job.source_finetuned), layout, plan, context.rank()),
+      out.tau = difference(read_pieces(*open_reader(job.source_finetuned), layout, plan, context.rank()),
                        read_pieces(*open_reader(job.source_base), layout, plan, context.rank()));
     if (!job.target_finetuned.empty())
-      tau_b = difference(read_pieces(*open_reader(job.target_finetuned), layout, plan, context.rank()), weights->pieces());
+      out.tau_b = difference(read_pieces(*open_reader(job.target_finetuned), layout, plan, context.rank()), out.weights->pieces());
   });
-  const std::vector<double> alphas = job.alphas.empty() ? std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0} : job.alphas;
+  return out;
+}
 
-  const std::vector<double> finetune_lrs = job.finetune_lrs.empty() ? std::vector<double>{1e-5, 3e-5, 1e-4} : job.finetune_lrs;
-  const std::vector<long long> finetune_steps = job.finetune_steps.empty() ? std::vector<long long>{5, 20, 50} : job.finetune_steps;
+// B + alpha * masked tau, piece by piece, in B's dtypes and format, with B's model files.
+// B's tensors outside the model's layout (a CLIP text tower, a tied head stored anyway) are
+// copied as they are, so that the output is the whole model again.
+void write_transported_model(const TransportJob& job, const ShardedWeights& weights, const TransportOutcome& outcome, long long shots,
+                             std::ostream& log, const JobContext& context) {
+  const Pieces& masked = outcome.masked;
+  const double gradfix_alpha = outcome.gradfix_alpha;
+  std::unique_ptr<TensorReader> base;
+  std::vector<TensorInfo> layout = weights.layout();
+  const std::size_t transported_count = layout.size();
+  Metadata metadata;
+  context.agree([&] {
+    base = open_reader(job.target);
+    for (auto& tensor : layout) tensor.dtype = base->info(tensor.name).dtype;
+    std::set<std::string> names;
+    for (const auto& tensor : layout) names.insert(tensor.name);
+    for (const auto& tensor : base->tensors())
+      if (!names.count(tensor.name)) layout.push_back(tensor);
+    metadata = base->metadata();
+  });
+  metadata["gradfix.operation"] = "transport";
+  metadata["gradfix.alpha"] = std::to_string(gradfix_alpha);
+  metadata["gradfix.sign_mode"] = sign_mode_name(job.sign_mode);
+  metadata["gradfix.mask_mode"] = mask_mode_name(job.mask_mode);
+  metadata["gradfix.samples"] = std::to_string(shots);
+  auto writer = open_collective_writer(context, job.out, layout, metadata);
+  context.agree([&] {
+    const auto& pieces = weights.plan().pieces(context.rank());
+    const auto alpha = static_cast<float>(gradfix_alpha);
+    for (std::size_t k = 0; k < pieces.size(); ++k) {
+      std::vector<float> values = weights.pieces()[k];
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] += alpha * masked[k][i];
+      writer->write_f32(layout[pieces[k].tensor].name, pieces[k].begin, values.data(), pieces[k].count);
+    }
+    if (!context.is_root()) return;
+    constexpr long long kBlock = 1LL << 22;  // bytes per copied block
+    std::vector<unsigned char> block;
+    for (std::size_t t = transported_count; t < layout.size(); ++t) {
+      const TensorInfo& tensor = layout[t];
+      const long long step = std::max<long long>(1, kBlock / static_cast<long long>(dtype_size(tensor.dtype)));
+      for (long long begin = 0; begin < tensor.numel(); begin += step) {
+        const long long count = std::min(step, tensor.numel() - begin);
+        block.resize(static_cast<std::size_t>(count) * dtype_size(tensor.dtype));
+        base->read_raw(tensor.name, begin, count, block.data());
+        writer->write_raw(tensor.name, begin, count, block.data());
+      }
+    }
+  });
+  carry_model_files(context, job.target, *writer, OutputOptions{}, metadata);
+  commit_collectively(context, *writer);
+  if (context.is_root()) log << "transport: GradFix model (alpha " << gradfix_alpha << ") written to " << job.out << "\n";
+}
+
+void write_transport_results(const TransportJob& job, const LayeredModel& model, const ShardedTransportData& data,
+                             const TransportRecipe& recipe, const ShardedTarget& target, const std::vector<TransportRow>& rows,
+                             std::ostream& log, const JobContext& context) {
+  const std::vector<double>& alphas = recipe.alpha.grid;
+  const FinetuneChoice& finetuned = target.finetune_choice();
+  const std::vector<double> finetune_lrs = target.finetune_lrs();
+  const std::vector<long long> finetune_steps = target.finetune_steps();
+  context.agree([&] {
+    if (!context.is_root()) return;
+    nlohmann::json results = {{"model_type", model.model_type()}, {"shots", data.shots.samples},
+                               {"support_samples", data.support.samples}, {"test_samples", data.test.samples},
+                               {"seed", job.seed}, {"selection", job.selection.strategy}, {"sign_mode", sign_mode_name(job.sign_mode)},
+                               {"mask_mode", mask_mode_name(job.mask_mode)}, {"alphas", alphas},
+                               {"alpha_chosen_by", recipe.alpha.description()}, {"metric", data.metric_json},
+                               {"rows", transport_rows_json(rows)}};
+    add_derivative_summary(rows, results);
+    if (job.few_shot_baseline)
+      results["few_shot_finetuning"] = {{"optimizer", "adam"}, {"learning_rates", finetune_lrs}, {"step_counts", finetune_steps},
+                                        {"chosen_by", "support mean loss"}, {"learning_rate", finetuned.lr},
+                                        {"steps", finetuned.steps}, {"support_loss", finetuned.support_loss}};
+    write_text_file_atomically(job.results, results.dump(2) + "\n");
+  });
+  if (context.is_root()) log << "transport: results written to " << job.results << "\n";
+}
+
+}  // namespace
+
+std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const LayeredModel& model, const ShardedTransportData& data,
+                                               const torch::Device& device, std::ostream& log, const JobContext& context) {
+  check_transport_inputs(job, model, context);
+  const ShardedVectors vectors = read_transport_vectors(job, model, context);
+  ShardedTarget target(job, model, *vectors.weights, data, device, context);
+  const TransportRecipe recipe = transport_recipe(job, AlphaPolicy::Metric::kSupportLoss);
   Progress progress(context, "transport",
-                    transport_sample_passes(job.sign_mode, data.shots.samples, data.support.samples, data.test.samples, alphas.size(),
-                                            !tau_b.empty(), job.few_shot_baseline ? finetune_lrs.size() : 0, finetune_steps,
-                                            !job.target_finetuned.empty()),
+                    transport_sample_passes(job.sign_mode, data.shots.samples, data.support.samples, data.test.samples, recipe.alpha.grid.size(),
+                                            !vectors.tau_b.empty(), job.few_shot_baseline ? target.finetune_lrs().size() : 0,
+                                            target.finetune_steps(), !job.target_finetuned.empty()),
                     0, "samples");
   std::optional<CurrentProgress> current(progress);
-
-  std::vector<TransportRow> rows;
-  auto add_row = [&](const std::string& method, const Score& result, double alpha, double kept, double agreement) {
-    rows.push_back(make_transport_row(method, result.accuracy, result.loss, alpha, kept, agreement));
-  };
-  auto test_with = [&](const Pieces* delta, double alpha) {
-    weights->set_offset(delta, static_cast<float>(alpha));
-    const Score result = score(model, *weights, data.test, context, device);
-    weights->set_offset(nullptr, 0.0f);
-    return result;
-  };
-  // The few-shot statistics, and g, the mean gradient of B's loss on the shots: from the same
-  // pass in mean mode (the statistics are the summed -gradients), from one more in max mode.
-  ShardedSignsOptions options;
-  options.sign_mode = job.sign_mode;
-  Pieces masked, gradient;
-  double agreement = -1.0;
-  {
-    const ShardedStatistics statistics = sharded_statistics(model, *weights, data.shots, options, context, device);
-    const Pieces values = statistics.to_f32();
-    masked = mask_pieces(weights->layout(), weights->plan(), context, job.mask_mode, job.mask, tau, values);
-    if (!tau_b.empty()) agreement = pair_stats(values, tau_b, context).sign_agreement();
-    if (job.sign_mode == SignMode::kMean) {
-      gradient = values;
-    } else {
-      ShardedSignsOptions sums;
-      sums.sign_mode = SignMode::kMean;
-      gradient = sharded_statistics(model, *weights, data.shots, sums, context, device).to_f32();
-    }
-    const auto scale = static_cast<float>(-1.0 / static_cast<double>(data.shots.samples));
-    for (auto& piece : gradient)
-      for (auto& value : piece) value *= scale;
-  }
-  // A row whose alpha is searched on the support set: B + alpha * delta on the test set, with
-  // <g, delta> and the alpha curve. Returns the alpha chosen.
-  auto add_searched_row = [&](const std::string& method, const Pieces& delta, double kept, double sign_agreement) {
-    std::vector<AlphaPoint> curve;
-    const double alpha = choose_alpha(model, *weights, delta, alphas, data.support, data.shots, context, device, curve);
-    add_row(method, test_with(&delta, alpha), alpha, kept, sign_agreement);
-    rows.back().directional_derivative = directional_derivative(gradient, delta, context);
-    rows.back().curve = curve;
-    return alpha;
-  };
-  add_row("B zero-shot", test_with(nullptr, 0.0), -1, -1, -1);
-  add_searched_row("B + alpha tau_A (naive)", tau, 1.0, -1);
-
-  const PairStats kept = pair_stats(masked, tau, context);
-  const double kept_fraction = kept.nonzero_b > 0 ? static_cast<double>(kept.nonzero_a) / static_cast<double>(kept.nonzero_b) : 0.0;
-  const double gradfix_alpha = add_searched_row(std::string("GradFix (") + sign_mode_name(job.sign_mode) + ", " + mask_mode_name(job.mask_mode) + ")",
-                                                masked, kept_fraction, agreement);
-
-  FinetuneChoice finetuned;
-  if (job.few_shot_baseline) {
-    const Pieces update = sharded_finetune(model, *weights, data.shots, data.support, finetune_lrs, finetune_steps, context, device, finetuned);
-    add_row("few-shot fine-tuning of B", test_with(&update, 1.0), -1, -1, -1);
-    rows.back().directional_derivative = directional_derivative(gradient, update, context);
-  }
-
-  if (!tau_b.empty()) {
-    const Pieces oracle = mask_pieces(weights->layout(), weights->plan(), context, MaskMode::kOracle, job.mask, tau, tau_b);
-    const PairStats oracle_kept = pair_stats(oracle, tau, context);
-    add_searched_row("oracle mask sign(tau_B)", oracle,
-                     static_cast<double>(oracle_kept.nonzero_a) / static_cast<double>(std::max(1LL, oracle_kept.nonzero_b)), 1.0);
-    std::unique_ptr<ShardedWeights> upper;
-    context.agree([&] { upper = std::make_unique<ShardedWeights>(model.layout(), job.target_finetuned, context); });
-    add_row("B fine-tuned (upper bound)", score(model, *upper, data.test, context, device), -1, -1, -1);
-  }
+  const TransportOutcome outcome = run_transport_recipe(target, vectors.tau, vectors.tau_b.empty() ? nullptr : &vectors.tau_b, recipe);
   current.reset();
   progress.finish();
   if (context.is_root()) {
+    const FinetuneChoice& finetuned = target.finetune_choice();
     log << "transport: " << model.model_type() << ", " << data.shots.samples << " shots, " << data.support.samples << " support samples, "
         << data.test.samples << " test samples; alpha chosen on the support set's mean loss; parameters sharded over " << context.size()
         << " rank(s)\n";
-    print_transport_rows(rows, log, data.metric.c_str());
+    print_transport_rows(outcome.rows, log, data.metric.c_str());
     if (job.few_shot_baseline)
       log << "transport: few-shot fine-tuning: Adam, full batch on the shots, learning rate " << finetuned.lr << " and " << finetuned.steps
           << " steps chosen on the support set's mean loss (" << finetuned.support_loss << ")\n";
   }
-
-  if (!job.out.empty()) {
-    // B + alpha * masked tau, piece by piece, in B's dtypes and format, with B's model files.
-    // B's tensors outside the model's layout (a CLIP text tower, a tied head stored anyway) are
-    // copied as they are, so that the output is the whole model again.
-    std::unique_ptr<TensorReader> base;
-    std::vector<TensorInfo> layout = weights->layout();
-    const std::size_t transported_count = layout.size();
-    Metadata metadata;
-    context.agree([&] {
-      base = open_reader(job.target);
-      for (auto& tensor : layout) tensor.dtype = base->info(tensor.name).dtype;
-      std::set<std::string> names;
-      for (const auto& tensor : layout) names.insert(tensor.name);
-      for (const auto& tensor : base->tensors())
-        if (!names.count(tensor.name)) layout.push_back(tensor);
-      metadata = base->metadata();
-    });
-    metadata["gradfix.operation"] = "transport";
-    metadata["gradfix.alpha"] = std::to_string(gradfix_alpha);
-    metadata["gradfix.sign_mode"] = sign_mode_name(job.sign_mode);
-    metadata["gradfix.mask_mode"] = mask_mode_name(job.mask_mode);
-    metadata["gradfix.samples"] = std::to_string(data.shots.samples);
-    auto writer = open_collective_writer(context, job.out, layout, metadata);
-    context.agree([&] {
-      const auto& pieces = weights->plan().pieces(context.rank());
-      const auto alpha = static_cast<float>(gradfix_alpha);
-      for (std::size_t k = 0; k < pieces.size(); ++k) {
-        std::vector<float> values = weights->pieces()[k];
-        for (std::size_t i = 0; i < values.size(); ++i) values[i] += alpha * masked[k][i];
-        writer->write_f32(layout[pieces[k].tensor].name, pieces[k].begin, values.data(), pieces[k].count);
-      }
-      if (!context.is_root()) return;
-      constexpr long long kBlock = 1LL << 22;  // bytes per copied block
-      std::vector<unsigned char> block;
-      for (std::size_t t = transported_count; t < layout.size(); ++t) {
-        const TensorInfo& tensor = layout[t];
-        const long long step = std::max<long long>(1, kBlock / static_cast<long long>(dtype_size(tensor.dtype)));
-        for (long long begin = 0; begin < tensor.numel(); begin += step) {
-          const long long count = std::min(step, tensor.numel() - begin);
-          block.resize(static_cast<std::size_t>(count) * dtype_size(tensor.dtype));
-          base->read_raw(tensor.name, begin, count, block.data());
-          writer->write_raw(tensor.name, begin, count, block.data());
-        }
-      }
-    });
-    carry_model_files(context, job.target, *writer, OutputOptions{}, metadata);
-    commit_collectively(context, *writer);
-    if (context.is_root()) log << "transport: GradFix model (alpha " << gradfix_alpha << ") written to " << job.out << "\n";
-  }
-  if (!job.results.empty()) {
-    context.agree([&] {
-      if (!context.is_root()) return;
-      nlohmann::json results = {{"model_type", model.model_type()}, {"shots", data.shots.samples},
-                                 {"support_samples", data.support.samples}, {"test_samples", data.test.samples},
-                                 {"seed", job.seed}, {"selection", job.selection.strategy}, {"sign_mode", sign_mode_name(job.sign_mode)},
-                                 {"mask_mode", mask_mode_name(job.mask_mode)}, {"alphas", alphas},
-                                 {"alpha_chosen_by", "support mean loss"}, {"metric", data.metric_json},
-                                 {"rows", transport_rows_json(rows)}};
-      add_derivative_summary(rows, results);
-      if (job.few_shot_baseline)
-        results["few_shot_finetuning"] = {{"optimizer", "adam"}, {"learning_rates", finetune_lrs}, {"step_counts", finetune_steps},
-                                          {"chosen_by", "support mean loss"}, {"learning_rate", finetuned.lr},
-                                          {"steps", finetuned.steps}, {"support_loss", finetuned.support_loss}};
-      write_text_file_atomically(job.results, results.dump(2) + "\n");
-    });
-    if (context.is_root()) log << "transport: results written to " << job.results << "\n";
-  }
-  return rows;
+  if (!job.out.empty()) write_transported_model(job, *vectors.weights, outcome, data.shots.samples, log, context);
+  if (!job.results.empty()) write_transport_results(job, model, data, recipe, target, outcome.rows, log, context);
+  return outcome.rows;
 }
 
 }  // namespace gradfix

@@ -218,6 +218,11 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
 std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context = {});
 void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context = {});
 
+// The alpha grid a transport searches unless --alphas says otherwise: the CLI's default and every
+// job's that leaves `alphas` empty.
+constexpr const char* kDefaultAlphaGrid = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0";
+inline std::vector<double> default_alphas() { return {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0}; }
+
 // The index of the best support accuracy (ties: the earlier, i.e. smaller alpha); the test set
 // plays no part in the choice.
 inline std::size_t best_on_support(const std::vector<double>& support_accuracies) {
