@@ -12,12 +12,9 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
     if (!std::isfinite(job.alpha)) throw InputError("--alpha must be finite, got " + std::to_string(job.alpha));
     base = open_reader(job.base);
     tau = open_reader(job.task_vector);
-    const TensorSelector selector(job.output.include, job.output.exclude);
     // A task vector may cover part of a model (a vision tower, say): every tensor it has must be
     // in the base, and the base's other tensors are copied unchanged.
-    tau_names = selected_names(*tau, selector);
-    require_selection(tau_names, *tau);
-    require_matching(*tau, tau_names, *base);
+    tau_names = select_matching(*tau, *base, job.output);
     require_float(*tau, tau_names, "apply");
     require_float(*base, tau_names, "apply");
   });

@@ -18,14 +18,11 @@ JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContex
   ChunkedJob chunked(ranks, "convert", layout);
   const Metadata metadata =
       output_metadata("convert", {{"in", input_name(job.in)}, {"output", output_options_json(job.output)}}, {{"input", in.get()}});
-  JobSummary summary;
   chunked.write(job.out, metadata, job.output, [&](const Piece& chunk, const TensorInfo& out, TensorWriter& writer, NonFiniteResults& nonfinite) {
     copy_chunk(*in, out, chunk, writer, job.output.allow_nonfinite, nonfinite);
   });
   chunked.commit(job.in);
-  summary.tensors_written = static_cast<long long>(layout.size());
-  summary.bytes_written = chunked.bytes();
-  for (const auto& tensor : layout) summary.elements += tensor.numel();
+  const JobSummary summary = chunked.whole_output_summary();
   if (ranks.is_root())
     log << "convert: " << layout.size() << " tensors, " << summary.bytes_written << " bytes, written to " << job.out
         << rank_note(ranks) << "\n";

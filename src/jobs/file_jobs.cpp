@@ -82,6 +82,13 @@ void require_matching(const TensorReader& primary, const std::vector<std::string
   if (!shapes.empty()) throw InputError(shapes);
 }
 
+std::vector<std::string> select_matching(const TensorReader& primary, const TensorReader& other, const OutputOptions& output) {
+  const std::vector<std::string> names = selected_names(primary, TensorSelector(output.include, output.exclude));
+  require_selection(names, primary);
+  require_matching(primary, names, other);
+  return names;
+}
+
 void require_no_extra(const TensorReader& primary, const TensorReader& other, const TensorSelector& selector) {
   std::vector<std::string> extra;
   for (const auto& name : selected_names(other, selector))

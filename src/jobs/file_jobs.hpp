@@ -141,6 +141,10 @@ std::string exclude_hint(const std::string& name);
 
 std::vector<std::string> selected_names(const TensorReader& reader, const TensorSelector& selector);
 
+// The tensors --include and --exclude select in `primary` (at least one), each present in `other`
+// with the same shape.
+std::vector<std::string> select_matching(const TensorReader& primary, const TensorReader& other, const OutputOptions& output);
+
 // Every name must exist in `other` with the same shape; all missing names are reported together,
 // so one run tells the user everything that is wrong.
 void require_matching(const TensorReader& primary, const std::vector<std::string>& names, const TensorReader& other);
@@ -416,6 +420,14 @@ class ChunkedJob {
   void commit(const std::string& primary_input);
   // The bytes the output holds (every rank's), for the job's summary.
   long long bytes() const { return layout_bytes(layout_); }
+  // The summary of a job that writes every tensor of its layout whole (convert, generate).
+  JobSummary whole_output_summary() const {
+    JobSummary summary;
+    summary.tensors_written = static_cast<long long>(layout_.size());
+    summary.bytes_written = bytes();
+    for (const auto& tensor : layout_) summary.elements += tensor.numel();
+    return summary;
+  }
 
  private:
   const Ranks& ranks_;

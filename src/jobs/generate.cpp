@@ -61,7 +61,6 @@ JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobCont
   nlohmann::json options = {{"like", input_name(job.like)}, {"like_scale", job.like_scale}, {"noise", job.noise}, {"seed", job.seed},
                             {"output", output_options_json(job.output)}};
   const Metadata metadata = output_metadata("generate", options, like ? Inputs{{"like", like.get()}} : Inputs{});
-  JobSummary summary;
   chunked.write(job.out, metadata, job.output, [&](const Piece& chunk, const TensorInfo& tensor, TensorWriter& writer, NonFiniteResults& nonfinite) {
     // Integer tensors of the model (position ids, buffers) are not weights: kept as they are.
     if (like && !dtype_is_float(tensor.dtype)) {
@@ -79,9 +78,7 @@ JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobCont
     writer.write_f32(tensor.name, chunk.begin, values.data(), chunk.count);
   });
   chunked.commit(job.like);
-  summary.tensors_written = static_cast<long long>(layout.size());
-  summary.bytes_written = chunked.bytes();
-  for (const auto& tensor : layout) summary.elements += tensor.numel();
+  const JobSummary summary = chunked.whole_output_summary();
   if (ranks.is_root())
     log << "generate: " << layout.size() << " tensors, " << summary.elements << " elements, written to " << job.out
         << rank_note(ranks) << "\n";

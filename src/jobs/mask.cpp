@@ -11,10 +11,7 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
   ranks.agree([&] {
     tau = open_reader(job.task_vector);
     signs = open_reader(job.signs);
-    const TensorSelector selector(job.output.include, job.output.exclude);
-    names = selected_names(*tau, selector);
-    require_selection(names, *tau);
-    require_matching(*tau, names, *signs);
+    names = select_matching(*tau, *signs, job.output);
     require_float(*tau, names, "mask");
   });
   const std::set<std::string> changed(names.begin(), names.end());

@@ -11,11 +11,8 @@ JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const Job
   ranks.agree([&] {
     base = open_reader(job.base);
     finetuned = open_reader(job.finetuned);
-    const TensorSelector selector(job.output.include, job.output.exclude);
-    names = selected_names(*base, selector);
-    require_selection(names, *base);
-    require_matching(*base, names, *finetuned);
-    require_no_extra(*base, *finetuned, selector);
+    names = select_matching(*base, *finetuned, job.output);
+    require_no_extra(*base, *finetuned, TensorSelector(job.output.include, job.output.exclude));
     // Integer tensors (position ids, buffers) are not parameters: they stay out of the task
     // vector, and apply copies them from the base.
     std::vector<std::string> floats;
