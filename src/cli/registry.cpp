@@ -92,7 +92,7 @@ void parse_finetune_grid(const Options& values, TransportJob& job) {
   if (values.has("finetune-lrs") && !values.text("finetune-lrs").empty()) {
     job.finetune_lrs = parse_numbers(values.text("finetune-lrs"), "finetune-lrs");
     for (double lr : job.finetune_lrs)
-      if (!(lr > 0.0)) throw InputError("--finetune-lrs: every learning rate must be positive, got " + std::to_string(lr));
+      if (!(lr > 0.0)) throw InputError("--finetune-lrs: every learning rate must be positive, got " + format_number(lr));
   }
   if (values.has("finetune-steps") && !values.text("finetune-steps").empty()) {
     for (double steps : parse_numbers(values.text("finetune-steps"), "finetune-steps")) {

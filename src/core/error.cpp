@@ -1,5 +1,7 @@
 #include "gradfix/core/error.hpp"
 
+#include <charconv>
+
 namespace gradfix {
 
 namespace {
@@ -23,6 +25,12 @@ InternalError::InternalError(const char* file, int line, const char* condition, 
     : Error("internal error at " + source_location(file, line) + ": check '" + condition + "' failed: " + message +
                 " (please report this with the command line)",
             kExitRuntimeFailure) {}
+
+std::string format_number(double value) {
+  char text[32];
+  const auto result = std::to_chars(text, text + sizeof(text), value);
+  return std::string(text, result.ptr);
+}
 
 std::string format_shape(const std::vector<long long>& shape) {
   std::string text = "[";

@@ -1,5 +1,7 @@
 #include "gradfix/io/tensor_store.hpp"
 
+#include <sys/stat.h>
+
 #include <set>
 
 #include "gradfix/core/error.hpp"
@@ -128,14 +130,16 @@ void TensorWriter::finish() {
 StoreFormat format_of_path(const std::string& path) {
   if (ends_with(path, ".safetensors")) return StoreFormat::kSafetensors;
   if (ends_with(path, ".h5") || ends_with(path, ".hdf5")) return StoreFormat::kHdf5;
-  // A path without an extension names a directory: an existing sharded checkpoint, or the one
-  // a writer is to create.
-  const std::string last = path.substr(path.find_last_of('/') == std::string::npos ? 0 : path.find_last_of('/') + 1);
-  if (ends_with(path, ".index.json") || ends_with(path, "/") || is_directory(path) || last.find('.') == std::string::npos)
-    return StoreFormat::kShardedSafetensors;
-  throw InputError("'" + path +
-                   "': unknown checkpoint format; expected a .safetensors file, an .h5/.hdf5 file, or a directory "
-                   "holding " + kSafetensorsIndexName);
+  // Anything else names a directory: an existing sharded checkpoint, or the one a writer is to
+  // create. Model names carry dots (Llama-3.1-8B, out.v2), so a new path is a directory whatever
+  // its suffix; an existing file of another kind (pytorch_model.bin) keeps its kind and is refused.
+  if (ends_with(path, ".index.json") || ends_with(path, "/") || is_directory(path)) return StoreFormat::kShardedSafetensors;
+  struct stat status {};
+  if (::stat(path.c_str(), &status) == 0)
+    throw InputError("'" + path +
+                     "': unknown checkpoint format; expected a .safetensors file, an .h5/.hdf5 file, or a directory "
+                     "holding " + kSafetensorsIndexName + " or " + kSafetensorsSingleName);
+  return StoreFormat::kShardedSafetensors;
 }
 
 const std::vector<std::pair<std::string, std::string>>& TensorReader::unreadable() const {

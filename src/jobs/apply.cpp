@@ -9,7 +9,7 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
   Reader base, tau;
   std::vector<std::string> tau_names;
   ranks.agree([&] {
-    if (!std::isfinite(job.alpha)) throw InputError("--alpha must be finite, got " + std::to_string(job.alpha));
+    if (!std::isfinite(job.alpha)) throw InputError("--alpha must be finite, got " + format_number(job.alpha));
     base = open_reader(job.base);
     tau = open_reader(job.task_vector);
     // A task vector may cover part of a model (a vision tower, say): every tensor it has must be
@@ -33,7 +33,7 @@ JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& c
   nlohmann::json options = {
       {"base", input_name(job.base)}, {"task_vector", input_name(job.task_vector)}, {"alpha", job.alpha}, {"output", output_options_json(job.output)}};
   Metadata metadata = output_metadata("apply", options, {{"base", base.get()}, {"task_vector", tau.get()}});
-  metadata["gradfix.alpha"] = std::to_string(job.alpha);
+  metadata["gradfix.alpha"] = format_number(job.alpha);
   ChunkedJob chunked(ranks, "apply", layout);
   JobSummary summary;
   const bool allow = job.output.allow_nonfinite;

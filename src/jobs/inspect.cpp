@@ -66,14 +66,16 @@ void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& con
     }
     for (auto& stats : per_tensor) ranks.reduce_summary(stats);
     if (!ranks.is_root()) return;
-    out << std::left << std::setw(48) << "tensor" << std::right << std::setw(12) << "agree" << std::setw(10) << "cosine"
-        << std::setw(14) << "norm_a" << std::setw(14) << "norm_b" << "\n";
+    // Every column starts with a space, so that a value wider than its column (a long name, a
+    // norm in the millions) still stands apart from its neighbours.
+    out << std::left << std::setw(48) << "tensor" << std::right << " " << std::setw(11) << "agree" << " " << std::setw(9) << "cosine"
+        << " " << std::setw(15) << "norm_a" << " " << std::setw(15) << "norm_b" << "\n";
     PairStats overall;
     Json tensors = Json::array();
     auto row = [&](const std::string& label, const PairStats& stats) {
-      out << std::left << std::setw(48) << label << std::right << std::setw(12) << percent(stats.sign_agreement())
-          << std::setw(10) << std::fixed << std::setprecision(4) << stats.cosine() << std::setw(14) << std::setprecision(6)
-          << std::sqrt(stats.norm_a_squared) << std::setw(14) << std::sqrt(stats.norm_b_squared) << "\n";
+      out << std::left << std::setw(48) << label << std::right << " " << std::setw(11) << percent(stats.sign_agreement()) << " "
+          << std::setw(9) << std::fixed << std::setprecision(4) << stats.cosine() << " " << std::setw(15) << std::setprecision(6)
+          << std::sqrt(stats.norm_a_squared) << " " << std::setw(15) << std::sqrt(stats.norm_b_squared) << "\n";
       out.unsetf(std::ios::fixed);
     };
     for (std::size_t t = 0; t < layout.size(); ++t) {

@@ -313,7 +313,7 @@ void write_transported_model(const TransportJob& job, const ShardedWeights& weig
     metadata = base->metadata();
   });
   metadata["gradfix.operation"] = "transport";
-  metadata["gradfix.alpha"] = std::to_string(gradfix_alpha);
+  metadata["gradfix.alpha"] = format_number(gradfix_alpha);
   metadata["gradfix.sign_mode"] = sign_mode_name(job.sign_mode);
   metadata["gradfix.mask_mode"] = mask_mode_name(job.mask_mode);
   metadata["gradfix.samples"] = std::to_string(shots);

@@ -233,7 +233,9 @@ TEST_F(CliTest, UnknownModesAndMethods) {
   expect_bad_input("merge --task-vector " + f("ft.safetensors") + " --task-vector " + f("base.safetensors") + " --signs " +
                        f("signs.safetensors") + " --order mask-then-merge --out " + f("o.safetensors"),
                    {"one --signs per --task-vector", "got 1 --signs for 2"});
-  expect_bad_input("convert " + f("ft.safetensors") + " " + f("o.bin"), {"o.bin", "unknown checkpoint format"});
+  // An existing file of another kind is refused; a new path with a dot is a directory output.
+  std::ofstream(f("weights.bin")) << "not a checkpoint";
+  expect_bad_input("convert " + f("weights.bin") + " " + f("o.safetensors"), {"weights.bin", "unknown checkpoint format"});
 }
 
 TEST_F(CliTest, AlphaMustBeFinite) {

@@ -281,4 +281,37 @@ printf '[mask]\n%%invalid_line%%\n' >syntax.ini
 expect "%invalid_line% in a config file" 2 "syntax.ini: line 2 holds '%invalid_line%'" mask --config syntax.ini --task-vector a --signs b --out c
 printf '[sweep]\nout = o\nseed = 1\n[task.a]\ndata = %%option%%\n' >percent-sweep.ini
 expect "%option% in a sweep file" 2 "percent-sweep.ini: line 5 holds '%option%'" sweep --config percent-sweep.ini --count
+# The defects found with a real model (issue 28). 6: numbers in provenance keep every digit:
+# apply --alpha 1e-7 recorded "0.000000" before.
+"$gradfix" generate --shapes "w=3x2" --seed 1 --out small.safetensors >/dev/null
+"$gradfix" apply --base small.safetensors --task-vector small.safetensors --alpha 1e-7 --out alpha.safetensors >/dev/null
+"$gradfix" inspect alpha.safetensors >alpha.txt
+check "apply --alpha 1e-7 records gradfix.alpha = 1e-07 (the shortest text that reads back)" grep -qx 'metadata gradfix.alpha = 1e-07' alpha.txt
+"$gradfix" apply --base small.safetensors --task-vector small.safetensors --alpha 0.1 --out alpha_dir >/dev/null
+check "a model card records alpha 0.1 as 0.1" grep -q '| alpha | 0.1 |' alpha_dir/README.md
+# 3. Output names with a dot: a new path whose suffix is no checkpoint format is a directory
+# output (model names carry dots); an existing file of another kind keeps its kind and is refused.
+expect "convert --out Llama-3.1-8B-moved (a name with dots)" 0 "" convert small.safetensors out/Llama-3.1-8B-moved
+"$gradfix" convert small.safetensors out.v2 >/dev/null
+check "--out out.v2 writes a model directory" test -f out.v2/model.safetensors -a -f out.v2/README.md
+for job in "apply --base small.safetensors --task-vector small.safetensors --alpha 1" "taskvector --base small.safetensors --finetuned small.safetensors" \
+           "mask --task-vector small.safetensors --signs small.safetensors"; do
+  # shellcheck disable=SC2086
+  "$gradfix" $job --out "v1.2-${job%% *}" >/dev/null
+  check "${job%% *} --out v1.2-${job%% *} writes a directory" test -f "v1.2-${job%% *}/model.safetensors"
+done
+printf 'not a checkpoint' >pytorch_model.bin
+expect "an existing file of another kind" 2 "pytorch_model.bin': unknown checkpoint format" inspect pytorch_model.bin
+# 7. inspect A B: the columns of a row ran together when a value filled its column (norms in the millions).
+"$gradfix" generate --shapes "w=1000x1000" --noise 1000 --seed 1 --out wide_a.safetensors >/dev/null
+"$gradfix" generate --shapes "w=1000x1000" --noise 1000 --seed 2 --out wide_b.safetensors >/dev/null
+"$gradfix" inspect wide_a.safetensors wide_b.safetensors >columns.txt
+check "inspect A B: every row has its four values apart (label, agree, cosine, norm_a, norm_b)" python3 - columns.txt <<'PY'
+import sys
+rows = [line.split() for line in open(sys.argv[1]) if line.startswith(("w", "(overall"))]
+assert len(rows) == 2, rows
+for fields in rows:
+    agree, cosine, norm_a, norm_b = fields[-4:]
+    assert agree.endswith("%") and abs(float(cosine)) <= 1 and float(norm_a) > 9e5 and float(norm_b) > 9e5, fields
+PY
 finish

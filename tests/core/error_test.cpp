@@ -2,6 +2,9 @@
 // maps to exit code 3 like the other failures that are not the input's fault.
 #include <gtest/gtest.h>
 
+#include <limits>
+#include <string>
+
 #include "gradfix/core/error.hpp"
 
 namespace gradfix {
@@ -54,6 +57,18 @@ TEST(Errors, NamesFromFilesAreEscapedAndUtf8IsChecked) {
   EXPECT_FALSE(is_valid_utf8("\xf4\x90\x80\x80"));  // past U+10FFFF
   EXPECT_FALSE(is_valid_utf8("\xe2\x82"));          // truncated
   EXPECT_EQ(format_name_list({"\x1b"}), "'\\x1b'");
+}
+
+// Numbers in metadata and messages: the shortest text that reads back to the same double.
+TEST(Errors, NumbersKeepEveryDigitInTheShortestText) {
+  EXPECT_EQ(format_number(1e-7), "1e-07");
+  EXPECT_EQ(format_number(0.1), "0.1");
+  EXPECT_EQ(format_number(0.5), "0.5");
+  EXPECT_EQ(format_number(2.0), "2");
+  EXPECT_EQ(format_number(-1.25e300), "-1.25e+300");
+  EXPECT_EQ(format_number(std::numeric_limits<double>::infinity()), "inf");
+  for (double value : {0.1 + 0.2, 1.0 / 3.0, 123456.789e-20, 1.7976931348623157e308})
+    EXPECT_EQ(std::stod(format_number(value)), value) << format_number(value);
 }
 
 }  // namespace

@@ -78,6 +78,10 @@ class InternalError : public Error {
 // "[768, 3072]": the form every message uses for a shape.
 std::string format_shape(const std::vector<long long>& shape);
 
+// The shortest text that reads back to exactly `value` ("1e-07", "0.5", "inf"): how numbers are
+// recorded in metadata and messages, so that no digit a user gave is lost.
+std::string format_number(double value);
+
 // Whether `text` is valid UTF-8 (no overlong forms, no surrogates, nothing past U+10FFFF).
 bool is_valid_utf8(const std::string& text);
 // A name read from a file, safe to print and to put in JSON: valid UTF-8 is kept as it is, bytes
