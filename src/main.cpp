@@ -16,8 +16,8 @@
 
 #include "gradfix/cli/cli.hpp"
 #include "gradfix/cli/registry.hpp"
-#include "gradfix/comm/mpi.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/dist/mpi.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/model/jobs.hpp"
 

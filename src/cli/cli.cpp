@@ -13,9 +13,9 @@
 #include <sstream>
 
 #include "gradfix/cli/registry.hpp"
-#include "gradfix/comm/backend.hpp"
-#include "gradfix/comm/mpi.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/dist/backend.hpp"
+#include "gradfix/dist/mpi.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/hdf5_store.hpp"
 #include "gradfix/version.hpp"
 

@@ -5,7 +5,7 @@
 
 #include "gradfix/cli/cli.hpp"
 #include "gradfix/cli/yaml.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

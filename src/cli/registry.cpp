@@ -9,10 +9,10 @@
 #include "gradfix/cli/cli.hpp"
 #include "gradfix/cli/mergekit.hpp"
 #include "gradfix/cli/sweep.hpp"
-#include "gradfix/core/error.hpp"
-#include "gradfix/data/selection.hpp"
+#include "gradfix/io/error.hpp"
+#include "gradfix/io/selection.hpp"
 #include "gradfix/model/jobs.hpp"
-#include "gradfix/pipeline/jobs.hpp"
+#include "gradfix/jobs/jobs.hpp"
 
 namespace gradfix {
 namespace {

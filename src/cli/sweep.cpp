@@ -16,7 +16,7 @@
 
 #include "gradfix/cli/cli.hpp"
 #include "gradfix/cli/registry.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 
 namespace gradfix {

@@ -8,7 +8,7 @@
 #include <memory>
 #include <regex>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

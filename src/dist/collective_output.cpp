@@ -2,8 +2,8 @@
 
 #include <hdf5.h>
 
-#include "gradfix/comm/mpi.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/dist/mpi.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 
 namespace gradfix {

@@ -2,8 +2,8 @@
 
 #include <exception>
 
-#include "gradfix/comm/solo.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/dist/solo.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 

@@ -11,7 +11,7 @@
 #include <cstring>
 #include <fstream>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 

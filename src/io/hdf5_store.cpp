@@ -16,7 +16,7 @@
 #include <map>
 #include <vector>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 
 extern char** environ;

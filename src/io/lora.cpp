@@ -6,7 +6,7 @@
 #include <map>
 #include <set>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/safetensors.hpp"
 #include "json_input.hpp"

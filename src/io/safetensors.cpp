@@ -16,7 +16,7 @@
 #include <set>
 #include <unordered_set>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "json_input.hpp"
 

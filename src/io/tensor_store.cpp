@@ -4,7 +4,7 @@
 
 #include <set>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/hdf5_store.hpp"
 #include "gradfix/io/lora.hpp"

@@ -9,7 +9,7 @@
 #include <sstream>
 #include <thread>
 
-#include "gradfix/core/exact_sum.hpp"
+#include "gradfix/io/exact_sum.hpp"
 
 namespace gradfix::file_jobs {
 

@@ -18,17 +18,17 @@
 #include <utility>
 #include <vector>
 
-#include "gradfix/comm/backend.hpp"
-#include "gradfix/core/dtype.hpp"
-#include "gradfix/core/error.hpp"
-#include "gradfix/core/select.hpp"
+#include "gradfix/dist/backend.hpp"
+#include "gradfix/io/dtype.hpp"
+#include "gradfix/io/error.hpp"
+#include "gradfix/io/select.hpp"
 #include "gradfix/dist/collective_output.hpp"
 #include "gradfix/dist/progress.hpp"
-#include "gradfix/mask/compare.hpp"
-#include "gradfix/mask/mask.hpp"
-#include "gradfix/merge/merge.hpp"
-#include "gradfix/pipeline/jobs.hpp"
-#include "gradfix/shard/plan.hpp"
+#include "gradfix/algebra/compare.hpp"
+#include "gradfix/algebra/mask.hpp"
+#include "gradfix/algebra/merge.hpp"
+#include "gradfix/jobs/jobs.hpp"
+#include "gradfix/dist/plan.hpp"
 
 namespace gradfix::file_jobs {
 

@@ -1,7 +1,7 @@
 // gradfix merge --config: whole models merged by mergekit's rules (linear, task_arithmetic, ties,
 // dare_linear, dare_ties), with gradient-sign masks before or after.
 #include "file_jobs.hpp"
-#include "gradfix/core/exact_sum.hpp"
+#include "gradfix/io/exact_sum.hpp"
 
 namespace gradfix {
 using namespace file_jobs;

@@ -8,7 +8,7 @@
 #include <cmath>
 #include <sstream>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/dist/progress.hpp"
 
 namespace gradfix {

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "gradfix/data/dataset.hpp"
+#include "gradfix/io/dataset.hpp"
 #include "gradfix/io/tensor_store.hpp"
 
 namespace gradfix {

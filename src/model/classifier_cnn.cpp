@@ -5,7 +5,7 @@
 
 #include "classifier_builtin.hpp"
 #include "conv_votes.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

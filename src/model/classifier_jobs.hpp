@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "classifier.hpp"
-#include "gradfix/data/dataset.hpp"
+#include "gradfix/io/dataset.hpp"
 #include "gradfix/dist/job_context.hpp"
 #include "gradfix/model/jobs.hpp"
 #include "shots.hpp"

@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "classifier_builtin.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

@@ -5,7 +5,7 @@
 #include "classifier.hpp"
 #include "classifier_jobs.hpp"
 #include "gradfix/dist/progress.hpp"
-#include "gradfix/mask/mask.hpp"
+#include "gradfix/algebra/mask.hpp"
 #include "shots.hpp"
 #include "transport.hpp"
 #include "transport_rows.hpp"

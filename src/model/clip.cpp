@@ -6,7 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/tensor_store.hpp"
 
 namespace gradfix {

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "architecture.hpp"
-#include "gradfix/data/dataset.hpp"
+#include "gradfix/io/dataset.hpp"
 
 namespace gradfix {
 

@@ -8,7 +8,7 @@
 #include <mutex>
 #include <vector>
 
-#include "gradfix/core/cpu_clones.hpp"
+#include "gradfix/io/cpu_clones.hpp"
 
 namespace gradfix {
 

@@ -10,7 +10,7 @@
 #include <cstdlib>
 #include <limits>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

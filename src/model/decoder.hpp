@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "architecture.hpp"
-#include "gradfix/data/tokens.hpp"
+#include "gradfix/io/tokens.hpp"
 #include "gradfix/io/tensor_store.hpp"
 
 namespace gradfix {

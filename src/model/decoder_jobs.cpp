@@ -9,11 +9,11 @@
 
 #include "classifier.hpp"
 #include "decoder.hpp"
-#include "gradfix/data/dataset.hpp"
+#include "gradfix/io/dataset.hpp"
 #include "sharded_executor.hpp"
 #include "sharded_transport.hpp"
 #include "shots.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/dist/progress.hpp"
 

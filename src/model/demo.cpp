@@ -11,10 +11,10 @@
 
 #include "classifier.hpp"
 #include "classifier_jobs.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
-#include "gradfix/mask/mask.hpp"
-#include "gradfix/merge/merge.hpp"
+#include "gradfix/algebra/mask.hpp"
+#include "gradfix/algebra/merge.hpp"
 #include "gradfix/model/jobs.hpp"
 #include "shots.hpp"
 #include "transport.hpp"

@@ -6,7 +6,7 @@
 #include <cmath>
 
 #include "decoder.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

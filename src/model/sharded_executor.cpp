@@ -7,11 +7,11 @@
 
 #include <torch/cuda.h>
 
-#include "gradfix/comm/backend.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/dist/backend.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/dist/collective_output.hpp"
 #include "gradfix/dist/progress.hpp"
-#include "gradfix/signs/statistics.hpp"
+#include "gradfix/dist/statistics.hpp"
 
 namespace gradfix {
 namespace {

@@ -18,10 +18,10 @@
 #include <vector>
 
 #include "architecture.hpp"
-#include "gradfix/core/dtype.hpp"
+#include "gradfix/io/dtype.hpp"
 #include "gradfix/dist/job_context.hpp"
 #include "gradfix/model/jobs.hpp"
-#include "gradfix/shard/plan.hpp"
+#include "gradfix/dist/plan.hpp"
 
 namespace gradfix {
 

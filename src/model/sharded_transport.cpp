@@ -8,16 +8,16 @@
 #include <set>
 #include <nlohmann/json.hpp>
 
-#include "gradfix/comm/backend.hpp"
-#include "gradfix/core/error.hpp"
-#include "gradfix/core/exact_sum.hpp"
-#include "gradfix/data/dataset.hpp"
+#include "gradfix/dist/backend.hpp"
+#include "gradfix/io/error.hpp"
+#include "gradfix/io/exact_sum.hpp"
+#include "gradfix/io/dataset.hpp"
 #include "gradfix/dist/collective_output.hpp"
 #include "gradfix/dist/progress.hpp"
 #include "gradfix/io/atomic_file.hpp"
-#include "gradfix/mask/compare.hpp"
-#include "gradfix/mask/mask.hpp"
-#include "gradfix/pipeline/jobs.hpp"
+#include "gradfix/algebra/compare.hpp"
+#include "gradfix/algebra/mask.hpp"
+#include "gradfix/jobs/jobs.hpp"
 #include "sharded_executor.hpp"
 #include "shots.hpp"
 #include "transport.hpp"

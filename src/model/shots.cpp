@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <memory>
 
-#include "gradfix/core/error.hpp"
-#include "gradfix/data/dataset.hpp"
+#include "gradfix/io/error.hpp"
+#include "gradfix/io/dataset.hpp"
 
 namespace gradfix {
 

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "gradfix/data/selection.hpp"
+#include "gradfix/io/selection.hpp"
 #include "gradfix/dist/job_context.hpp"
 #include "gradfix/model/jobs.hpp"
 #include "sharded_executor.hpp"

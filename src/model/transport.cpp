@@ -4,7 +4,7 @@
 #include <cmath>
 #include <limits>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "transport_rows.hpp"
 
 namespace gradfix {

@@ -15,8 +15,8 @@
 #include <string>
 #include <vector>
 
-#include "gradfix/mask/compare.hpp"
-#include "gradfix/mask/mask.hpp"
+#include "gradfix/algebra/compare.hpp"
+#include "gradfix/algebra/mask.hpp"
 #include "gradfix/model/jobs.hpp"
 
 namespace gradfix {

@@ -1,5 +1,5 @@
 // The model subcommands in a build without LibTorch: each says so instead of doing nothing.
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/model/jobs.hpp"
 
 namespace gradfix {

@@ -13,8 +13,8 @@
 
 #include "bench_flags.hpp"
 #include "gradfix/cli/cli.hpp"
-#include "gradfix/comm/backend.hpp"
-#include "gradfix/comm/mpi.hpp"
+#include "gradfix/dist/backend.hpp"
+#include "gradfix/dist/mpi.hpp"
 
 namespace {
 

@@ -20,7 +20,7 @@
 #include "gradfix/cli/cli.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/tensor_store.hpp"
-#include "gradfix/pipeline/jobs.hpp"
+#include "gradfix/jobs/jobs.hpp"
 
 namespace {
 

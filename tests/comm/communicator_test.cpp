@@ -11,9 +11,9 @@
 #include <numeric>
 #include <vector>
 
-#include "gradfix/comm/backend.hpp"
-#include "gradfix/comm/mpi.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/dist/backend.hpp"
+#include "gradfix/dist/mpi.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/dist/collective_output.hpp"
 #include "gradfix/dist/job_context.hpp"
 #include "gradfix/io/atomic_file.hpp"

@@ -1,4 +1,4 @@
-#include "gradfix/core/dtype.hpp"
+#include "gradfix/io/dtype.hpp"
 
 #include <gtest/gtest.h>
 

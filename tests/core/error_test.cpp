@@ -5,7 +5,7 @@
 #include <limits>
 #include <string>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

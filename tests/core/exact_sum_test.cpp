@@ -1,5 +1,5 @@
 // ExactSum: order-independent, exact where double arithmetic is not.
-#include "gradfix/core/exact_sum.hpp"
+#include "gradfix/io/exact_sum.hpp"
 
 #include <gtest/gtest.h>
 

@@ -3,8 +3,8 @@
 // nested quantifier): RE2 answers them at once.
 #include <gtest/gtest.h>
 
-#include "gradfix/core/error.hpp"
-#include "gradfix/core/select.hpp"
+#include "gradfix/io/error.hpp"
+#include "gradfix/io/select.hpp"
 
 namespace gradfix {
 namespace {

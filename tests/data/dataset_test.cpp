@@ -1,4 +1,4 @@
-#include "gradfix/data/dataset.hpp"
+#include "gradfix/io/dataset.hpp"
 
 #include <gtest/gtest.h>
 #include <hdf5.h>
@@ -10,7 +10,7 @@
 #include <set>
 
 #include "../support/test_files.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

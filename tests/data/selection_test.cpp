@@ -1,14 +1,14 @@
-// The shot selection strategies (gradfix/data/selection.hpp) on small feature matrices whose
+// The shot selection strategies (gradfix/io/selection.hpp) on small feature matrices whose
 // answers were worked out by hand from the official definitions.
-#include "gradfix/data/selection.hpp"
+#include "gradfix/io/selection.hpp"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 
-#include "gradfix/core/error.hpp"
-#include "gradfix/data/dataset.hpp"
+#include "gradfix/io/error.hpp"
+#include "gradfix/io/dataset.hpp"
 
 namespace gradfix {
 namespace {

@@ -11,7 +11,7 @@
 #include <fstream>
 #include <string>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix_fuzz {
 

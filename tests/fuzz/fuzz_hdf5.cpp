@@ -2,7 +2,7 @@
 // unwritten storage), the metadata attributes, and reading a few elements. libhdf5 parses the
 // file itself: what this harness finds inside libhdf5 is reported as libhdf5's (docs/formats.md).
 #include "fuzz_common.hpp"
-#include "gradfix/data/dataset.hpp"
+#include "gradfix/io/dataset.hpp"
 #include "gradfix/io/tensor_store.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {

@@ -1,7 +1,7 @@
 // IDX images and labels (the MNIST format, gzipped or not): the first byte chooses which of the two
 // files gets the fuzzer's bytes; the other is a valid file of 2 samples.
 #include "fuzz_common.hpp"
-#include "gradfix/data/dataset.hpp"
+#include "gradfix/io/dataset.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size == 0) return 0;

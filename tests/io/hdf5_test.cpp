@@ -3,7 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "../support/test_files.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/tensor_store.hpp"
 
 namespace gradfix {

@@ -5,7 +5,7 @@
 #include <cstring>
 
 #include "../support/test_files.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/tensor_store.hpp"
 
 namespace gradfix {

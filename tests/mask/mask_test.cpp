@@ -1,12 +1,12 @@
-#include "gradfix/mask/mask.hpp"
+#include "gradfix/algebra/mask.hpp"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
 
 #include "../support/test_files.hpp"
-#include "gradfix/core/error.hpp"
-#include "gradfix/mask/compare.hpp"
+#include "gradfix/io/error.hpp"
+#include "gradfix/algebra/compare.hpp"
 
 namespace gradfix {
 namespace {

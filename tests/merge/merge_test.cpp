@@ -1,4 +1,4 @@
-#include "gradfix/merge/merge.hpp"
+#include "gradfix/algebra/merge.hpp"
 
 #include <gtest/gtest.h>
 
@@ -7,7 +7,7 @@
 #include <limits>
 
 #include "../support/test_files.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

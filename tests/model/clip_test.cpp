@@ -10,7 +10,7 @@
 
 #include "../../src/model/clip.hpp"
 #include "../support/test_files.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

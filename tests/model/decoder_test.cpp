@@ -13,7 +13,7 @@
 
 #include "../../src/model/decoder.hpp"
 #include "../support/test_files.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

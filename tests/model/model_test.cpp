@@ -9,7 +9,7 @@
 #include "../../src/model/classifier.hpp"
 #include "../../src/model/shots.hpp"
 #include "../support/test_files.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/model/jobs.hpp"
 
 namespace gradfix {

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "../../src/model/transport.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {

@@ -1,6 +1,6 @@
 // The jobs end to end on real files: values against direct computation with the pure
 // functions, in every output format.
-#include "gradfix/pipeline/jobs.hpp"
+#include "gradfix/jobs/jobs.hpp"
 
 #include <gtest/gtest.h>
 
@@ -9,7 +9,7 @@
 #include <sstream>
 
 #include "../support/test_files.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/tensor_store.hpp"
 
 namespace gradfix {

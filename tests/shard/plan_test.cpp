@@ -1,4 +1,4 @@
-#include "gradfix/shard/plan.hpp"
+#include "gradfix/dist/plan.hpp"
 
 #include <gtest/gtest.h>
 

@@ -1,14 +1,14 @@
 // Sign statistics between ranks under mpirun -np 1..4: the vote dtype, and bucketed
 // reduce-scatter and all-reduce against sums computed locally from the same formula.
-#include "gradfix/signs/statistics.hpp"
+#include "gradfix/dist/statistics.hpp"
 
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <limits>
 
-#include "gradfix/comm/mpi.hpp"
-#include "gradfix/core/error.hpp"
+#include "gradfix/dist/mpi.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 

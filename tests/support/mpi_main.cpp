@@ -2,7 +2,7 @@
 // every test; only rank 0 prints; the exit code is the worst of all ranks.
 #include <gtest/gtest.h>
 
-#include "gradfix/comm/mpi.hpp"
+#include "gradfix/dist/mpi.hpp"
 
 namespace gradfix {
 

@@ -9,7 +9,7 @@
 
 #include <string>
 
-#include "gradfix/pipeline/jobs.hpp"
+#include "gradfix/jobs/jobs.hpp"
 
 namespace gradfix {
 

@@ -9,7 +9,7 @@
 #include <functional>
 #include <string>
 
-#include "gradfix/comm/communicator.hpp"
+#include "gradfix/dist/communicator.hpp"
 
 namespace gradfix {
 

@@ -13,7 +13,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "gradfix/core/dtype.hpp"
+#include "gradfix/io/dtype.hpp"
 
 namespace gradfix {
 

@@ -10,9 +10,9 @@
 #include <string>
 #include <vector>
 
-#include "gradfix/core/error.hpp"
-#include "gradfix/mask/mask.hpp"
-#include "gradfix/pipeline/jobs.hpp"
+#include "gradfix/io/error.hpp"
+#include "gradfix/algebra/mask.hpp"
+#include "gradfix/jobs/jobs.hpp"
 
 namespace gradfix {
 

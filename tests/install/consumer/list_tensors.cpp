@@ -1,7 +1,7 @@
 // Lists the tensors of a checkpoint and sums each one's values, through gradfix::io alone.
 #include <iostream>
 
-#include "gradfix/core/error.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/io/tensor_store.hpp"
 #include "gradfix/version.hpp"
 

@@ -1,0 +1,167 @@
+#pragma once
+// The jobs behind each subcommand. Each is a short sequence over the parts: open the inputs,
+// check that they fit together (names, shapes, finite values), compute tensor by tensor in fp32,
+// write through an atomic writer, print a summary. Nothing here parses flags.
+
+#include <functional>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "gradfix/io/dtype.hpp"
+#include "gradfix/dist/job_context.hpp"
+#include "gradfix/io/tensor_store.hpp"
+#include "gradfix/algebra/compare.hpp"
+#include "gradfix/algebra/mask.hpp"
+#include "gradfix/algebra/merge.hpp"
+
+namespace gradfix {
+
+// Options every writing job shares.
+struct OutputOptions {
+  std::vector<std::string> include;  // regexes; empty selects every tensor
+  std::vector<std::string> exclude;
+  std::optional<DType> out_dtype;    // default: the dtype of the primary input
+  bool allow_nonfinite = false;      // accept NaN and Inf in inputs
+  long long max_shard_bytes = 5LL << 30;
+  bool force = false;                // replace an existing output directory that is not a checkpoint
+};
+
+struct TaskVectorJob {
+  std::string base;
+  std::string finetuned;
+  std::string out;
+  OutputOptions output;
+};
+
+struct ApplyJob {
+  std::string base;
+  std::string task_vector;
+  double alpha = 1.0;
+  std::string out;
+  OutputOptions output;
+};
+
+struct MaskJob {
+  std::string task_vector;
+  std::string signs;
+  MaskMode mode = MaskMode::kNormal;
+  MaskOptions mask;
+  std::string out;
+  OutputOptions output;
+};
+
+struct MergeJob {
+  std::vector<std::string> task_vectors;
+  std::vector<std::string> signs;  // one per task vector when order is not kNone
+  MergeMethod method = MergeMethod::kMean;
+  TiesOptions ties;
+  MergeOrder order = MergeOrder::kNone;
+  MaskMode mode = MaskMode::kNormal;
+  MaskOptions mask;
+  std::string out;
+  OutputOptions output;
+};
+
+// A merge of whole models as mergekit defines its methods (gradfix merge --config merge.yml):
+//   linear           sum_i w_i M_i, divided by sum_i w_i when normalize
+//   task_arithmetic  base + lambda * sum_i w_i (M_i - base) [/ sum_i w_i when normalize]
+//   ties             each delta M_i - base trimmed to its k = max(1, int(density_i * n)) largest
+//                    magnitudes (exactly k: ties at the threshold are kept in index order), times
+//                    w_i; a sign elected per entry from the sum (+ when it is 0); base + lambda *
+//                    the sum of the agreeing weighted deltas / the sum of their weights
+//   dare_linear,     each delta keeps each entry with probability density_i (DARE), rescaled to its
+//   dare_ties        L1 norm (rescale), then as task_arithmetic / ties. The draws come from
+//                    (seed, model, tensor, element) alone, so they do not depend on the ranks.
+// (mergekit's rules; docs/merging.md lists where gradfix's own `--method ties` differs.)
+enum class ModelMergeMethod { kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies };
+
+struct ModelMergeJob {
+  ModelMergeMethod method = ModelMergeMethod::kTies;
+  std::string base;                 // required except for linear
+  std::vector<std::string> models;
+  std::vector<double> weights;      // one per model
+  std::vector<double> densities;    // one per model; 1 keeps everything
+  bool normalize = true;
+  double lambda = 1.0;
+  bool rescale = true;              // DARE: rescale each kept delta to its L1 norm
+  std::uint64_t seed = 0;           // DARE's draws
+  // gradfix's addition: gradient-sign masks with each model's statistics (on the base), before
+  // the merge (each delta with its own) or after it (the merged delta with sum_i sign(s_i)).
+  MergeOrder order = MergeOrder::kNone;
+  MaskMode mode = MaskMode::kNormal;
+  MaskOptions mask;
+  std::vector<std::string> signs;   // one per model when order is not kNone
+  std::string config_json;          // the configuration as read, recorded in the metadata
+  std::string out;
+  OutputOptions output;
+};
+
+struct ConvertJob {
+  std::string in;
+  std::string out;
+  OutputOptions output;
+};
+
+struct InspectJob {
+  std::string file;
+  std::string other;  // empty: list the file alone
+  std::vector<std::string> include;
+  std::vector<std::string> exclude;
+  std::string json_out;  // optional JSON copy of the report
+};
+
+// Synthetic checkpoints, for trying gradfix without a model and for benchmarks: every value is
+// like_scale * (the same tensor of `like`) + noise * N(0, 1), seeded per tensor name so that the
+// result does not depend on tensor order.
+struct GenerateJob {
+  std::vector<TensorInfo> layout;  // ignored when `like` is given
+  std::string like;
+  double like_scale = 1.0;
+  double noise = 1.0;
+  std::uint64_t seed = 0;
+  std::string out;
+  OutputOptions output;
+};
+
+// "w=256x784,b=256" into tensors of `dtype`; throws InputError on malformed text.
+std::vector<TensorInfo> parse_shapes(const std::string& text, DType dtype);
+// The tensors of an MLP with these layer widths: layers.{i}.weight [out, in] and layers.{i}.bias.
+std::vector<TensorInfo> mlp_layout(const std::string& dims, DType dtype);
+
+// What a job did, for its summary line and for tests.
+struct JobSummary {
+  long long tensors_written = 0;
+  long long tensors_changed = 0;  // the selected tensors the operation acted on
+  long long elements = 0;         // elements of the changed tensors
+  long long bytes_written = 0;
+  PairStats stats;                // job-specific: input against statistics, or output against input
+};
+
+// The non-tensor files of a Hugging Face model directory (config.json, generation_config.json,
+// tokenizer files, the chat template) travel with its tensors: when the primary input is such a
+// directory and the output is a directory, the root adds them to it before it is published (in
+// the same step as the shards), so the output loads with from_pretrained like the input. With
+// --out-dtype, config.json's torch_dtype (and dtype) follow. Only regular files directly in the
+// directory are copied, never symbolic links (they could point anywhere), and none larger than
+// 256 MiB. The input's README.md is not copied: every directory output gets its own model card,
+// made from the output's metadata (model_card).
+void carry_model_files(const JobContext& context, const std::string& input, TensorWriter& output, const OutputOptions& options,
+                       const Metadata& metadata);
+// README.md for an output directory: Hugging Face front matter, the operation and its options,
+// and the operations that made its inputs, all read from the output's metadata.
+std::string model_card(const Metadata& metadata, bool transformers_model);
+
+// Each prints its summary on rank 0 only; the returned summary is the same on every rank.
+JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const JobContext& context = {});
+JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& context = {});
+JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& context = {});
+JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& context = {});
+JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const JobContext& context = {});
+const char* model_merge_method_name(ModelMergeMethod method);
+JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContext& context = {});
+void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& context = {});
+JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobContext& context = {});
+
+}  // namespace gradfix

@@ -1,0 +1,361 @@
+#include <unistd.h>
+
+#include <cctype>
+#include <chrono>
+#include <thread>
+#include <cstdint>
+#include <functional>
+#include <cstring>
+#include <vector>
+
+#include "gradfix/dist/mpi.hpp"
+#include "gradfix/io/error.hpp"
+
+namespace gradfix {
+namespace {
+
+// 16-bit floats have no MPI type: each gets a 2-byte type of its own and user-defined reductions
+// that widen to fp32, combine, and round back.
+struct HalfTypes {
+  MPI_Datatype f16 = MPI_DATATYPE_NULL;
+  MPI_Datatype bf16 = MPI_DATATYPE_NULL;
+  MPI_Op sum = MPI_OP_NULL;
+  MPI_Op max = MPI_OP_NULL;
+  MPI_Op min = MPI_OP_NULL;
+};
+
+template <typename Combine>
+void combine_halves(void* in, void* inout, int* length, MPI_Datatype* type, Combine combine);
+
+HalfTypes& half_types();
+
+template <typename Combine>
+void combine_halves(void* in, void* inout, int* length, MPI_Datatype* type, Combine combine) {
+  const bool brain = *type == half_types().bf16;
+  const auto* a = static_cast<const std::uint16_t*>(in);
+  auto* b = static_cast<std::uint16_t*>(inout);
+  for (int i = 0; i < *length; ++i) {
+    const float x = brain ? bf16_to_f32(a[i]) : f16_to_f32(a[i]);
+    const float y = brain ? bf16_to_f32(b[i]) : f16_to_f32(b[i]);
+    const float z = combine(x, y);
+    b[i] = brain ? f32_to_bf16(z) : f32_to_f16(z);
+  }
+}
+
+void half_sum(void* in, void* inout, int* length, MPI_Datatype* type) {
+  combine_halves(in, inout, length, type, [](float x, float y) { return x + y; });
+}
+void half_max(void* in, void* inout, int* length, MPI_Datatype* type) {
+  combine_halves(in, inout, length, type, [](float x, float y) { return x > y ? x : y; });
+}
+void half_min(void* in, void* inout, int* length, MPI_Datatype* type) {
+  combine_halves(in, inout, length, type, [](float x, float y) { return x < y ? x : y; });
+}
+
+HalfTypes& half_types() {
+  static HalfTypes types = [] {
+    HalfTypes made;
+    MPI_Type_contiguous(2, MPI_BYTE, &made.f16);
+    MPI_Type_commit(&made.f16);
+    MPI_Type_contiguous(2, MPI_BYTE, &made.bf16);
+    MPI_Type_commit(&made.bf16);
+    MPI_Op_create(&half_sum, 1, &made.sum);
+    MPI_Op_create(&half_max, 1, &made.max);
+    MPI_Op_create(&half_min, 1, &made.min);
+    return made;
+  }();
+  return types;
+}
+
+MPI_Datatype mpi_type(DType dtype) {
+  switch (dtype) {
+    case DType::kI8: return MPI_INT8_T;
+    case DType::kI16: return MPI_INT16_T;
+    case DType::kI32: return MPI_INT32_T;
+    case DType::kI64: return MPI_INT64_T;
+    case DType::kU8:
+    case DType::kBool: return MPI_UINT8_T;
+    case DType::kU16: return MPI_UINT16_T;
+    case DType::kU32: return MPI_UINT32_T;
+    case DType::kU64: return MPI_UINT64_T;
+    case DType::kF32: return MPI_FLOAT;
+    case DType::kF64: return MPI_DOUBLE;
+    case DType::kF16: return half_types().f16;
+    case DType::kBF16: return half_types().bf16;
+    case DType::kF8E4M3:
+    case DType::kF8E5M2: return MPI_UINT8_T;  // moved as bytes; mpi_op refuses to reduce them
+  }
+  return MPI_BYTE;
+}
+
+MPI_Op mpi_op(ReduceOp op, DType dtype) {
+  const bool half = dtype == DType::kF16 || dtype == DType::kBF16;
+  if (dtype == DType::kF8E4M3 || dtype == DType::kF8E5M2)
+    throw RuntimeFailure(std::string("MPI: gradfix does not reduce ") + dtype_name(dtype) + " values");
+  switch (op) {
+    case ReduceOp::kSum: return half ? half_types().sum : MPI_SUM;
+    case ReduceOp::kMax: return half ? half_types().max : MPI_MAX;
+    case ReduceOp::kMin: return half ? half_types().min : MPI_MIN;
+  }
+  return MPI_SUM;
+}
+
+// MPI counts are int: larger messages go in pieces of at most this many elements.
+constexpr std::size_t kMaxMpiCount = 1u << 30;
+
+}  // namespace
+
+std::string host_name() {
+  char name[256] = {};
+  ::gethostname(name, sizeof name - 1);
+  return name;
+}
+
+std::string describe_rank(const Communicator& comm) {
+  return "rank " + std::to_string(comm.rank()) + "/" + std::to_string(comm.size()) + " on " + host_name();
+}
+
+#define GRADFIX_MPI_CHECK(call, operation)                                                         \
+  do {                                                                                             \
+    const int gradfix_mpi_status = (call);                                                         \
+    if (gradfix_mpi_status != MPI_SUCCESS) {                                                       \
+      char gradfix_mpi_text[MPI_MAX_ERROR_STRING] = {};                                            \
+      int gradfix_mpi_length = 0;                                                                  \
+      MPI_Error_string(gradfix_mpi_status, gradfix_mpi_text, &gradfix_mpi_length);                 \
+      throw RuntimeFailure(std::string(operation) + " failed on " + describe_rank(*this) + ": " + \
+                           gradfix_mpi_text);                                                      \
+    }                                                                                              \
+  } while (0)
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+  // Errors come back as return codes, which the check macro turns into exceptions with context.
+  MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+  MPI_Comm_rank(comm_, &rank_);
+  MPI_Comm_size(comm_, &size_);
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized && comm_ != MPI_COMM_WORLD && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+}
+
+namespace {
+
+// The watchdog's limit on one wait in a collective (seconds, 0: none), for every communicator.
+double g_collective_timeout = 0.0;
+// Announcements of "I entered collective #n" go to rank 0 with their own tag; the values sent
+// stay in this ring until the (eager, tiny) sends complete.
+constexpr int kArrivalTag = 7001;
+constexpr std::size_t kArrivalRing = 256;
+
+}  // namespace
+
+void MpiCommunicator::set_collective_timeout(double seconds) { g_collective_timeout = seconds; }
+double MpiCommunicator::collective_timeout() { return g_collective_timeout; }
+
+void MpiCommunicator::enter(const char* operation) {
+  ++sequence_;
+  operation_ = operation;
+  if (g_collective_timeout <= 0.0 || size_ == 1) return;
+  if (rank_ == 0) {
+    if (arrived_.empty()) {
+      arrived_.assign(static_cast<std::size_t>(size_), 0);
+      heard_.assign(static_cast<std::size_t>(size_), std::chrono::steady_clock::now());
+    }
+    arrived_[0] = sequence_;
+    drain_arrivals();
+    return;
+  }
+  announce();
+}
+
+// Tells rank 0 "I am in collective #sequence_": on arrival, and every second while waiting, so
+// that a rank that arrived and then stopped (SIGSTOP, a hung GPU) falls silent.
+void MpiCommunicator::announce() {
+  if (ring_.empty()) ring_.assign(kArrivalRing, 0);
+  long long& slot = ring_[static_cast<std::size_t>(announcements_++) % kArrivalRing];
+  slot = sequence_;
+  MPI_Request request = MPI_REQUEST_NULL;
+  if (MPI_Isend(&slot, 1, MPI_LONG_LONG, 0, kArrivalTag, comm_, &request) == MPI_SUCCESS) MPI_Request_free(&request);
+}
+
+void MpiCommunicator::drain_arrivals() {
+  int waiting = 0;
+  MPI_Status status;
+  while (MPI_Iprobe(MPI_ANY_SOURCE, kArrivalTag, comm_, &waiting, &status) == MPI_SUCCESS && waiting) {
+    long long value = 0;
+    MPI_Recv(&value, 1, MPI_LONG_LONG, status.MPI_SOURCE, kArrivalTag, comm_, MPI_STATUS_IGNORE);
+    long long& last = arrived_[static_cast<std::size_t>(status.MPI_SOURCE)];
+    if (value > last) last = value;
+    heard_[static_cast<std::size_t>(status.MPI_SOURCE)] = std::chrono::steady_clock::now();
+  }
+}
+
+void MpiCommunicator::complete(MPI_Request& request) {
+  if (g_collective_timeout <= 0.0 || size_ == 1) {
+    GRADFIX_MPI_CHECK(MPI_Wait(&request, MPI_STATUS_IGNORE), operation_);
+    return;
+  }
+  // Rank 0 knows who has not arrived and says so; the others wait a little longer, so that its
+  // report comes first.
+  const double limit = g_collective_timeout + (rank_ == 0 ? 0.0 : 2.0);
+  const auto start = std::chrono::steady_clock::now();
+  double last_announced = 0.0;
+  for (long long polls = 0;; ++polls) {
+    int done = 0;
+    GRADFIX_MPI_CHECK(MPI_Test(&request, &done, MPI_STATUS_IGNORE), operation_);
+    if (done) return;
+    const auto now = std::chrono::steady_clock::now();
+    const double waited = std::chrono::duration<double>(now - start).count();
+    if (rank_ == 0) {
+      drain_arrivals();
+    } else if (waited - last_announced >= 1.0) {
+      announce();
+      last_announced = waited;
+    }
+    if (waited > limit) {
+      std::string message = std::string(operation_) + " (collective #" + std::to_string(sequence_) + ") did not complete within " +
+                            std::to_string(static_cast<long long>(g_collective_timeout)) + " s (--timeout) on " + describe_rank(*this) + ": ";
+      if (rank_ == 0) {
+        // A rank that waits in a collective announces itself every second, so one silent for
+        // longer is stopped or stuck (or computing far longer than the others); a rank still at
+        // an earlier collective but heard recently is alive and waiting too (a broadcast can
+        // reach it only through the silent one), so it is listed apart and not blamed.
+        std::string silent, behind;
+        for (int r = 1; r < size_; ++r) {
+          const double quiet = std::chrono::duration<double>(now - heard_[static_cast<std::size_t>(r)]).count();
+          const std::string last = std::to_string(arrived_[static_cast<std::size_t>(r)]);
+          if (quiet > 2.5)
+            silent += (silent.empty() ? "" : ", ") + std::to_string(r) + " (silent for " + std::to_string(static_cast<long long>(quiet)) +
+                      " s, last seen at #" + last + ")";
+          else if (arrived_[static_cast<std::size_t>(r)] < sequence_)
+            behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (alive, at #" + last + ")";
+        }
+        if (!silent.empty()) message += "rank(s) " + silent + " stopped answering (stopped, hung or stuck in I/O)";
+        if (!behind.empty()) message += (silent.empty() ? "" : "; ") + std::string("rank(s) ") + behind + " still waiting in an earlier collective";
+        if (silent.empty() && behind.empty()) message += "every rank arrived and answers, but the collective did not finish (a network or MPI failure)";
+      } else {
+        message += "another rank stopped answering (rank 0's message names it)";
+      }
+      throw CollectiveTimeout(message + "; stopping every rank");
+    }
+    // Spin for the first millisecond, then poll every 200 microseconds.
+    if (polls > 1000) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+void MpiCommunicator::collective(const char* operation, const std::function<int(MPI_Request*)>& post) {
+  enter(operation);
+  MPI_Request request = MPI_REQUEST_NULL;
+  GRADFIX_MPI_CHECK(post(&request), operation);
+  complete(request);
+}
+
+void MpiCommunicator::allreduce(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op) {
+  const std::size_t item = dtype_size(dtype);
+  for (std::size_t done = 0; done < count; done += kMaxMpiCount) {
+    const int chunk = static_cast<int>(std::min(kMaxMpiCount, count - done));
+    void* target = static_cast<char*>(recv) + done * item;
+    const void* source = send == recv ? MPI_IN_PLACE : static_cast<const char*>(send) + done * item;
+    collective("MPI_Allreduce", [&](MPI_Request* request) {
+      return MPI_Iallreduce(source, target, chunk, mpi_type(dtype), mpi_op(op, dtype), comm_, request);
+    });
+  }
+}
+
+void MpiCommunicator::reduce_scatter(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op) {
+  if (count > kMaxMpiCount) throw RuntimeFailure("reduce_scatter of more than 2^30 elements per rank on " + describe_rank(*this));
+  collective("MPI_Reduce_scatter_block", [&](MPI_Request* request) {
+    return MPI_Ireduce_scatter_block(send, recv, static_cast<int>(count), mpi_type(dtype), mpi_op(op, dtype), comm_, request);
+  });
+}
+
+void MpiCommunicator::broadcast(void* buffer, std::size_t count, DType dtype, int root) {
+  const std::size_t item = dtype_size(dtype);
+  for (std::size_t done = 0; done < count; done += kMaxMpiCount) {
+    const int chunk = static_cast<int>(std::min(kMaxMpiCount, count - done));
+    collective("MPI_Bcast", [&](MPI_Request* request) {
+      return MPI_Ibcast(static_cast<char*>(buffer) + done * item, chunk, mpi_type(dtype), root, comm_, request);
+    });
+  }
+}
+
+void MpiCommunicator::allgather(const void* send, void* recv, std::size_t count, DType dtype) {
+  if (count > kMaxMpiCount) throw RuntimeFailure("allgather of more than 2^30 elements per rank on " + describe_rank(*this));
+  collective("MPI_Allgather", [&](MPI_Request* request) {
+    return MPI_Iallgather(send, static_cast<int>(count), mpi_type(dtype), recv, static_cast<int>(count), mpi_type(dtype), comm_, request);
+  });
+}
+
+void MpiCommunicator::barrier() {
+  collective("MPI_Barrier", [&](MPI_Request* request) { return MPI_Ibarrier(comm_, request); });
+}
+
+void MpiCommunicator::send(const void* buffer, std::size_t count, DType dtype, int peer) {
+  const std::size_t item = dtype_size(dtype);
+  std::size_t done = 0;
+  do {  // at least one message, so that an empty send still pairs with its recv
+    const int chunk = static_cast<int>(std::min(kMaxMpiCount, count - done));
+    GRADFIX_MPI_CHECK(MPI_Send(static_cast<const char*>(buffer) + done * item, chunk, mpi_type(dtype), peer, 0, comm_), "MPI_Send");
+    done += static_cast<std::size_t>(chunk);
+  } while (done < count);
+}
+
+void MpiCommunicator::recv(void* buffer, std::size_t count, DType dtype, int peer) {
+  const std::size_t item = dtype_size(dtype);
+  std::size_t done = 0;
+  do {
+    const int chunk = static_cast<int>(std::min(kMaxMpiCount, count - done));
+    GRADFIX_MPI_CHECK(MPI_Recv(static_cast<char*>(buffer) + done * item, chunk, mpi_type(dtype), peer, 0, comm_, MPI_STATUS_IGNORE),
+                      "MPI_Recv");
+    done += static_cast<std::size_t>(chunk);
+  } while (done < count);
+}
+
+std::unique_ptr<Communicator> MpiCommunicator::split(int color, int key) {
+  MPI_Comm part = MPI_COMM_NULL;
+  GRADFIX_MPI_CHECK(MPI_Comm_split(comm_, color, key, &part), "MPI_Comm_split");
+  return std::make_unique<MpiCommunicator>(part);
+}
+
+void MpiCommunicator::abort(int exit_code) const {
+  MPI_Abort(comm_, exit_code);
+  std::_Exit(exit_code);
+}
+
+std::string mpi_library_version() {
+  char text[MPI_MAX_LIBRARY_VERSION_STRING] = {};
+  int length = 0;
+  MPI_Get_library_version(text, &length);
+  std::string version(text, static_cast<std::size_t>(length));
+  const auto line_end = version.find_first_of(std::string("\r\n\0", 3));
+  if (line_end != std::string::npos) version.resize(line_end);
+  while (!version.empty() && (version.back() == ',' || std::isspace(static_cast<unsigned char>(version.back())))) version.pop_back();
+  return version;
+}
+
+MpiRuntime::MpiRuntime(int* argc, char*** argv) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) {
+    int provided = 0;
+    if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
+      throw RuntimeFailure("MPI_Init_thread failed on " + host_name());
+  }
+  world_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
+  MPI_Comm node = MPI_COMM_NULL;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_->rank(), MPI_INFO_NULL, &node);
+  MPI_Comm_rank(node, &local_rank_);
+  MPI_Comm_size(node, &local_size_);
+  MPI_Comm_free(&node);
+}
+
+MpiRuntime::~MpiRuntime() {
+  world_.reset();
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Finalize();
+}
+
+}  // namespace gradfix
