@@ -145,7 +145,10 @@ std::map<std::size_t, std::vector<double>> dare_rescales(const ModelMergeJob& jo
                                                          const ChunksByTensor& tensors, const DeltaOf& delta) {
   std::map<std::size_t, std::vector<double>> rescales;  // by tensor
   const auto& plan = chunked.plan();
-  for (const auto& [t, mine] : tensors) {
+  for (const auto& entry : tensors) {
+    // Plain names, not a structured binding: C++17 lambdas (clang) cannot capture those.
+    const std::size_t t = entry.first;
+    const std::vector<Piece>& mine = entry.second;
     const std::uint64_t key = tensor_key_of(chunked.layout()[t].name);
     for (std::size_t m = 0; m < job.models.size(); ++m) {
       double factor = 1.0;
