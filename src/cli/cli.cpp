@@ -147,7 +147,7 @@ void store_config_file(const std::string& path, const SubcommandSpec& subcommand
   try {
     parsed = po::parse_config_file(file, options, true);
   } catch (const po::error& error) {
-    throw InputError(path + ": " + error.what());
+    throw InputError(path + ": " + escaped_name(error.what()));
   }
   po::parsed_options mine(&options);
   for (auto entry : parsed.options) {
@@ -172,7 +172,7 @@ void store_config_file(const std::string& path, const SubcommandSpec& subcommand
   try {
     po::store(mine, values);
   } catch (const po::error& error) {
-    throw InputError(path + ": " + error.what());
+    throw InputError(path + ": " + escaped_name(error.what()));
   }
 }
 

@@ -149,7 +149,7 @@ ModelMergeJob mergekit_job(const std::string& path) {
       try {
         return parse(text(extra[key], where + "." + key));
       } catch (const InputError& error) {
-        throw InputError(where + "." + key + ": " + error.what());
+        throw InputError(where + "." + key + ": " + escaped_name(error.what()));
       }
     };
     if (extra.contains("order")) job.order = prefixed("order", parse_merge_order);

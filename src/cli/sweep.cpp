@@ -155,7 +155,7 @@ SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string
   try {
     parsed = po::parse_config_file(file, po::options_description(), true);
   } catch (const po::error& error) {
-    throw InputError(path + ": " + error.what());
+    throw InputError(path + ": " + escaped_name(error.what()));
   }
   std::map<std::string, Section> sections;
   std::vector<std::string> task_order;

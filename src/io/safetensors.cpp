@@ -149,12 +149,12 @@ Json parse_json_without_duplicates(const std::string& text, const std::string& p
   const bool complete = Json::sax_parse(text, &check);
   if (check.too_deep())
     throw InputError(path + ": " + what + " nests deeper than " + std::to_string(kMaxJsonDepth) + " levels; a valid one needs three");
-  if (!complete) throw InputError(path + ": " + what + " is not valid JSON: " + check.error());
-  if (!check.duplicate().empty()) throw InputError(path + ": " + what + " names '" + check.duplicate() + "' twice");
+  if (!complete) throw InputError(path + ": " + what + " is not valid JSON: " + escaped_name(check.error()));
+  if (!check.duplicate().empty()) throw InputError(path + ": " + what + " names '" + escaped_name(check.duplicate()) + "' twice");
   try {
     return Json::parse(text);
   } catch (const Json::exception& error) {
-    throw InputError(path + ": " + what + " is not valid JSON: " + error.what());
+    throw InputError(path + ": " + what + " is not valid JSON: " + escaped_name(error.what()));
   }
 }
 

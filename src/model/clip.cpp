@@ -49,7 +49,7 @@ ClipConfig read_clip_config(const std::string& directory) {
   try {
     root = Json::parse(read_config_text(path), nullptr, true, false);
   } catch (const Json::exception& error) {
-    throw InputError(path + ": not valid JSON: " + error.what());
+    throw InputError(path + ": not valid JSON: " + escaped_name(error.what()));
   }
   if (!root.is_object() || !root.contains("model_type") || !root.at("model_type").is_string())
     throw InputError(path + ": \"model_type\" is missing");
@@ -280,7 +280,7 @@ ImagePreprocessing read_image_preprocessing(const ClipConfig& config) {
   try {
     root = Json::parse(read_config_text(path), nullptr, true, false);
   } catch (const Json::exception& error) {
-    throw InputError(path + ": not valid JSON: " + error.what());
+    throw InputError(path + ": not valid JSON: " + escaped_name(error.what()));
   }
   if (!root.is_object()) throw InputError(path + ": not a JSON object");
   // size: {"shortest_edge": N} or N; crop_size: {"height": N, "width": N} or N.

@@ -55,7 +55,7 @@ DecoderConfigReader::DecoderConfigReader(const std::string& text, std::string pa
   try {
     config_ = Json::parse(text, nullptr, true, false);
   } catch (const Json::exception& error) {
-    throw InputError(path_ + ": not valid JSON: " + error.what());
+    throw InputError(path_ + ": not valid JSON: " + escaped_name(error.what()));
   }
   if (!config_.is_object()) throw InputError(path_ + ": expected a JSON object");
   if (!config_.contains("model_type") || !config_.at("model_type").is_string()) throw InputError(path_ + ": \"model_type\" is missing");

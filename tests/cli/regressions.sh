@@ -302,6 +302,19 @@ for job in "apply --base small.safetensors --task-vector small.safetensors --alp
 done
 printf 'not a checkpoint' >pytorch_model.bin
 expect "an existing file of another kind" 2 "pytorch_model.bin': unknown checkpoint format" inspect pytorch_model.bin
+# 4. A parser's message quotes the bytes it stopped at: they are escaped like tensor names, so
+# invalid UTF-8 and control characters from a stranger's file never reach the terminal raw.
+python3 -c '
+import struct
+text = b"{\"t\": \xff\xfe\x1b[31m}"
+text += b" " * ((8 - len(text) % 8) % 8)
+open("raw_bytes.safetensors", "wb").write(struct.pack("<Q", len(text)) + text)'
+expect "a header that is not JSON, with invalid UTF-8 and an escape byte" 2 "is not valid JSON" inspect raw_bytes.safetensors
+"$gradfix" inspect raw_bytes.safetensors >raw.txt 2>&1 || true
+check "the parser's message is valid UTF-8 without an escape byte" python3 -c "
+text = open('raw.txt', 'rb').read()
+text.decode('utf-8')
+assert b'\x1b' not in text, text"
 # 7. inspect A B: the columns of a row ran together when a value filled its column (norms in the millions).
 "$gradfix" generate --shapes "w=1000x1000" --noise 1000 --seed 1 --out wide_a.safetensors >/dev/null
 "$gradfix" generate --shapes "w=1000x1000" --noise 1000 --seed 2 --out wide_b.safetensors >/dev/null
