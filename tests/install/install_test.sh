@@ -46,4 +46,12 @@ code=$?
 set -e
 check "a missing file is exit 2 through the library (got $code)" test "$code" -eq 2
 check "the library's message names the file" grep -q "missing.safetensors" "$work/error.txt"
+# The whole package (no COMPONENTS) from a C++-only project: MPI found without C enabled.
+check "find_package(gradfix CONFIG REQUIRED) configures in a project(x CXX)" \
+  cmake -S "$here/consumer_all" -B "$work/consumer_all" -DCMAKE_PREFIX_PATH="$work/prefix" -DCMAKE_BUILD_TYPE=Release
+check "the C++-only consumer links the installed gradfix::dist" cmake --build "$work/consumer_all"
+"$work/consumer_all/plan_pieces" >"$work/plan.txt"
+check "the C++-only consumer's plan covers the 18 elements over 3 ranks" python3 -c "
+rows = [line.split() for line in open('$work/plan.txt')]
+assert [r[1] for r in rows] == ['0', '1', '2'] and sum(int(r[2]) for r in rows) == 18, rows"
 finish
