@@ -1,6 +1,5 @@
 #include "gradfix/io/tensor_store.hpp"
 
-#include <sys/stat.h>
 
 #include <set>
 
@@ -134,8 +133,7 @@ StoreFormat format_of_path(const std::string& path) {
   // create. Model names carry dots (Llama-3.1-8B, out.v2), so a new path is a directory whatever
   // its suffix; an existing file of another kind (pytorch_model.bin) keeps its kind and is refused.
   if (ends_with(path, ".index.json") || ends_with(path, "/") || is_directory(path)) return StoreFormat::kShardedSafetensors;
-  struct stat status {};
-  if (::stat(path.c_str(), &status) == 0)
+  if (file_exists(path))
     throw InputError("'" + path +
                      "': unknown checkpoint format; expected a .safetensors file, an .h5/.hdf5 file, or a directory "
                      "holding " + kSafetensorsIndexName + " or " + kSafetensorsSingleName);

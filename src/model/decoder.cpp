@@ -153,10 +153,8 @@ void DecoderConfigReader::finish() const {
 
 void DecoderConfigReader::read_rope(DecoderConfig& out) {
   if (config_.contains("rope_theta")) out.rope_theta = positive_number(value("rope_theta"), path_, "rope_theta");
-  read_.insert("rope_theta");
   if (config_.contains("rope_scaling")) read_rope_object(value("rope_scaling"), "rope_scaling", out);
   if (config_.contains("rope_parameters")) read_rope_object(value("rope_parameters"), "rope_parameters", out);
-  read_.insert({"rope_scaling", "rope_parameters"});
 }
 
 // rope_scaling (transformers 4) or rope_parameters (transformers 5): default or llama3.
@@ -437,13 +435,18 @@ torch::Tensor Decoder::block(long long index, const Parameters& p, const torch::
                              GradientRecorder* recorder) const {
   check_window(hidden.size(1));
   const std::string prefix = layer_prefix(index);
+  const torch::Tensor x = norm(p, prefix + "input_layernorm.weight", hidden, recorder);
+  const torch::Tensor after_attention = hidden + attention(prefix + "self_attn.", p, x, attention_mask, attention_options(index), recorder);
+  const torch::Tensor y = norm(p, prefix + "post_attention_layernorm.weight", after_attention, recorder);
+  return after_attention + gated_mlp(prefix + "mlp.", p, y, Activation::kSilu, config_.mlp_bias, recorder);
+}
+
+AttentionOptions Decoder::attention_options(long long index) const {
+  (void)index;
   AttentionOptions options;
   options.qkv_bias = config_.qkv_bias;
   options.o_bias = config_.o_bias;
-  const torch::Tensor x = norm(p, prefix + "input_layernorm.weight", hidden, recorder);
-  const torch::Tensor after_attention = hidden + attention(prefix + "self_attn.", p, x, attention_mask, options, recorder);
-  const torch::Tensor y = norm(p, prefix + "post_attention_layernorm.weight", after_attention, recorder);
-  return after_attention + gated_mlp(prefix + "mlp.", p, y, Activation::kSilu, config_.mlp_bias, recorder);
+  return options;
 }
 
 torch::Tensor Decoder::head_logits(const Parameters& p, const torch::Tensor& normed, GradientRecorder* recorder) const {
@@ -479,21 +482,24 @@ torch::Tensor Decoder::forward(const Parameters& parameters, const TokenBatch& b
   return head(parameters, hidden);
 }
 
-std::unique_ptr<Decoder> decoder_from_config(const std::string& text, const std::string& path) {
-  std::unique_ptr<LayeredModel> model = layered_model_from_config({"", path, text});
+namespace {
+
+// The model `source` names, as a decoder; `where` names it in the refusal of any other kind.
+std::unique_ptr<Decoder> decoder_of(const ModelConfigSource& source, const std::string& where) {
+  std::unique_ptr<LayeredModel> model = layered_model_from_config(source);
   auto* decoder = dynamic_cast<Decoder*>(model.get());
-  if (decoder == nullptr) throw InputError(path + ": a " + model->model_type() + " model takes images, not token data; it is not a decoder");
+  if (decoder == nullptr) throw InputError(where + ": a " + model->model_type() + " model takes images, not token data; it is not a decoder");
   model.release();
   return std::unique_ptr<Decoder>(decoder);
 }
 
+}  // namespace
+
+std::unique_ptr<Decoder> decoder_from_config(const std::string& text, const std::string& path) { return decoder_of({"", path, text}, path); }
+
 std::unique_ptr<Decoder> open_decoder(const std::string& directory) {
   const std::string path = directory + "/config.json";
-  std::unique_ptr<LayeredModel> model = layered_model_from_config({directory, path, read_config_text(path)});
-  auto* decoder = dynamic_cast<Decoder*>(model.get());
-  if (decoder == nullptr) throw InputError(directory + ": a " + model->model_type() + " model takes images, not token data; it is not a decoder");
-  model.release();
-  return std::unique_ptr<Decoder>(decoder);
+  return decoder_of({directory, path, read_config_text(path)}, directory);
 }
 
 void check_decoder_checkpoint(const Decoder& decoder) { check_against_model(*open_reader(decoder.directory()), decoder, false); }

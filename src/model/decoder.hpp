@@ -202,6 +202,9 @@ class Decoder : public LayeredModel {
   // down(act(gate(x)) * up(x)).
   torch::Tensor gated_mlp(const std::string& prefix, const Parameters& parameters, const torch::Tensor& x, Activation activation,
                           bool bias, GradientRecorder* recorder) const;
+  // The Llama layer's attention options for layer `index`: the config's biases. A family whose
+  // attention differs only in its options (qwen3's q/k norms) overrides this, not the layer.
+  virtual AttentionOptions attention_options(long long index) const;
   // Refuses sequences longer than config().sliding_window (when set).
   void check_window(long long length) const;
   // The head's product with the normed hidden states, recorded for the head's per-sample gradients.

@@ -18,18 +18,11 @@ class Qwen3 final : public Decoder {
     return out;
   }
 
-  torch::Tensor block(long long index, const Parameters& p, const torch::Tensor& hidden, const torch::Tensor& attention_mask,
-                      GradientRecorder* recorder) const override {
-    check_window(hidden.size(1));
-    const std::string prefix = layer_prefix(index);
-    AttentionOptions options;
-    options.qkv_bias = options.o_bias = config().qkv_bias;
-    options.q_norm = prefix + "self_attn.q_norm.weight";
-    options.k_norm = prefix + "self_attn.k_norm.weight";
-    const torch::Tensor x = norm(p, prefix + "input_layernorm.weight", hidden, recorder);
-    const torch::Tensor after_attention = hidden + attention(prefix + "self_attn.", p, x, attention_mask, options, recorder);
-    const torch::Tensor y = norm(p, prefix + "post_attention_layernorm.weight", after_attention, recorder);
-    return after_attention + gated_mlp(prefix + "mlp.", p, y, Activation::kSilu, false, recorder);
+  AttentionOptions attention_options(long long index) const override {
+    AttentionOptions options = Decoder::attention_options(index);
+    options.q_norm = layer_prefix(index) + "self_attn.q_norm.weight";
+    options.k_norm = layer_prefix(index) + "self_attn.k_norm.weight";
+    return options;
   }
 };
 
