@@ -16,6 +16,7 @@
 #include "gradfix/dist/backend.hpp"
 #include "gradfix/dist/mpi.hpp"
 #include "gradfix/io/error.hpp"
+#include "gradfix/io/model_files.hpp"
 #include "gradfix/io/hdf5_store.hpp"
 #include "gradfix/version.hpp"
 
@@ -73,15 +74,29 @@ unsigned long long to_count(const std::string& name, const std::string& text) {
   }
 }
 
+// Options that name a model or checkpoint to read: each may also be a Hugging Face hub name
+// (ORG/NAME[@REV]) found in the local cache when no such path exists.
+const std::set<std::string> kModelInputOptions = {"weights", "target", "target-finetuned", "source-base", "source-finetuned", "task-vector",
+                                                  "base", "finetuned", "file", "other", "in", "like"};
+
 // The parsed values of one subcommand, typed.
 class ParsedOptions final : public Options {
  public:
   ParsedOptions(const po::variables_map& values, std::string subcommand) : values_(values), subcommand_(std::move(subcommand)) {}
 
   bool has(const std::string& name) const override { return values_.count(name) > 0; }
-  const std::string& text(const std::string& name) const override { return get<std::string>(name); }
+  const std::string& text(const std::string& name) const override {
+    const std::string& given = get<std::string>(name);
+    if (!kModelInputOptions.count(name)) return given;
+    const auto found = resolved_.find(name);
+    if (found != resolved_.end()) return found->second;
+    return resolved_.emplace(name, resolve_model_reference(given)).first->second;
+  }
   std::vector<std::string> texts(const std::string& name) const override {
-    return has(name) ? get<std::vector<std::string>>(name) : std::vector<std::string>{};
+    std::vector<std::string> values = has(name) ? get<std::vector<std::string>>(name) : std::vector<std::string>{};
+    if (kModelInputOptions.count(name))
+      for (auto& value : values) value = resolve_model_reference(value);
+    return values;
   }
   long long integer(const std::string& name) const override { return to_integer(name, get<std::string>(name)); }
   unsigned long long count(const std::string& name) const override { return to_count(name, get<std::string>(name)); }
@@ -105,6 +120,7 @@ class ParsedOptions final : public Options {
 
   const po::variables_map& values_;
   std::string subcommand_;
+  mutable std::map<std::string, std::string> resolved_;  // model inputs as resolved, once each
 };
 
 po::options_description describe(const std::string& title, const std::vector<OptionSpec>& options) {
@@ -304,6 +320,7 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
   }
   command.context.chunk_elements = chunk_elements;
   command.context.progress = !parsed.flag("quiet");
+  command.context.strict_config = parsed.flag("strict-config");
   command.context.device = device;
   return command;
 }

@@ -6,6 +6,7 @@
 #include "gradfix/cli/cli.hpp"
 #include "gradfix/cli/yaml.hpp"
 #include "gradfix/io/error.hpp"
+#include "gradfix/io/model_files.hpp"
 
 namespace gradfix {
 namespace {
@@ -51,7 +52,7 @@ std::string model_path(const Json& value, const std::string& where) {
   if (path.find('+') != std::string::npos)
     throw InputError(where + " '" + escaped_name(path) + "': mergekit's MODEL+LORA form is not read; apply the adapter first "
                      "(gradfix apply --task-vector ADAPTER_DIR)");
-  return path;
+  return resolve_model_reference(path);
 }
 
 }  // namespace

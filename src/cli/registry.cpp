@@ -108,6 +108,11 @@ void parse_finetune_grid(const Options& values, TransportJob& job) {
 
 SignMode checked_sign_mode(const Options& values) { return parse_sign_mode(values.text("sign-mode")); }
 
+// Shared by the model subcommands and init (which reads a decoder's config.json too).
+const OptionSpec kStrictConfig = {"strict-config", T::kFlag, "",
+                                  "refuse config.json keys gradfix does not know (default: name them in a notice and go on; keys that "
+                                  "change the math are always read or refused)"};
+
 // A TorchScript archive may carry its own parameters: then the weights are optional.
 std::string weights_of(const Options& values, const std::string& key) {
   const bool torchscript = values.text("model").rfind("torchscript:", 0) == 0;
@@ -298,7 +303,8 @@ std::vector<SubcommandSpec> make_table() {
                     {"dims", T::kText, "", "mlp layer widths, input first: 784,256,10 (cnn and vit: docs/cli.md)"},
                     {"config-file", T::kText, "", "decoders: the config.json to initialise from (docs/models.md)"},
                     {"seed", T::kCount, "0", "initialisation seed"},
-                    {"out", T::kText, "", "weights file to write (decoders: a model directory)"}},
+                    {"out", T::kText, "", "weights file to write (decoders: a model directory)"},
+                    kStrictConfig},
                    {},
                    [](const Options& values) {
                      InitJob job{values.text("arch"), values.has("dims") ? values.text("dims") : "", "", values.count("seed"), values.required("out")};
@@ -562,7 +568,8 @@ const std::vector<OptionSpec>& group_options(OptionGroup group) {
       {"seed", T::kCount, "0", "seed of the random mode"}};
   static const std::vector<OptionSpec> kModel = {
       {"model", T::kText, "builtin", "builtin (architecture from the weights' metadata) or torchscript:ARCHIVE"},
-      {"device", T::kText, "cpu", "cpu, cuda (the GPU of this rank on its node) or cuda:N"}};
+      {"device", T::kText, "cpu", "cpu, cuda (the GPU of this rank on its node) or cuda:N"},
+      kStrictConfig};
   switch (group) {
     case OptionGroup::kGeneral: return kGeneral;
     case OptionGroup::kOutput: return kOutput;

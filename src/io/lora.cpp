@@ -6,6 +6,7 @@
 #include <map>
 #include <set>
 
+#include "gradfix/io/model_files.hpp"
 #include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/safetensors.hpp"
@@ -39,8 +40,8 @@ struct Module {
 class LoraReader final : public TensorReader {
  public:
   explicit LoraReader(const std::string& directory) : directory_(directory) {
-    config_path_ = directory + "/adapter_config.json";
-    const std::string weights = directory + "/adapter_model.safetensors";
+    config_path_ = model_file(directory, "adapter_config.json");
+    const std::string weights = model_file(directory, "adapter_model.safetensors");
     if (!file_exists(weights))
       throw InputError(directory + ": a PEFT adapter without adapter_model.safetensors (gradfix does not read adapter_model.bin: "
                        "pickle files can run code; convert it with safetensors first)");
@@ -219,7 +220,7 @@ class LoraReader final : public TensorReader {
 
 }  // namespace
 
-bool is_lora_adapter(const std::string& path) { return is_directory(path) && file_exists(path + "/adapter_config.json"); }
+bool is_lora_adapter(const std::string& path) { return is_directory(path) && has_model_file(path, "adapter_config.json"); }
 
 std::unique_ptr<TensorReader> open_lora_reader(const std::string& directory) { return std::make_unique<LoraReader>(directory); }
 

@@ -16,6 +16,7 @@
 #include <set>
 #include <unordered_set>
 
+#include "gradfix/io/model_files.hpp"
 #include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "json_input.hpp"
@@ -312,7 +313,7 @@ class ShardedSafetensorsReader final : public TensorReader {
   explicit ShardedSafetensorsReader(const std::string& path) {
     const bool is_index = path.size() > 11 && path.compare(path.size() - 11, 11, ".index.json") == 0;
     directory_ = sharded_checkpoint_directory(path);
-    path_ = is_index ? path : directory_ + "/" + kSafetensorsIndexName;
+    path_ = is_index ? path : model_file(directory_, kSafetensorsIndexName);
     if (!file_exists(path_))
       throw InputError(directory_ + ": not a checkpoint directory (neither " + kSafetensorsIndexName + " nor model.safetensors)");
     const Json index = parse_json_without_duplicates(read_text(path_), path_, "index");
@@ -331,7 +332,7 @@ class ShardedSafetensorsReader final : public TensorReader {
     }
     check_shard_set(names_by_file);
     for (const auto& [file, names] : names_by_file) {
-      auto shard = open_safetensors_reader(directory_ + "/" + file);
+      auto shard = open_safetensors_reader(model_file(directory_, file));
       std::set<std::string> expected(names.begin(), names.end());
       std::vector<std::string> held;
       for (const auto& tensor : shard->tensors()) held.push_back(tensor.name);

@@ -3,6 +3,7 @@
 
 #include <set>
 
+#include "gradfix/io/model_files.hpp"
 #include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/hdf5_store.hpp"
@@ -150,10 +151,9 @@ std::unique_ptr<TensorReader> open_reader(const std::string& path) {
     case StoreFormat::kSafetensors: return open_safetensors_reader(path);
     case StoreFormat::kShardedSafetensors: {
       if (is_lora_adapter(path)) return open_lora_reader(path);
-      const std::string single = sharded_checkpoint_directory(path) + "/" + kSafetensorsSingleName;
-      if (is_directory(path) && !file_exists(sharded_checkpoint_directory(path) + "/" + kSafetensorsIndexName) &&
-          file_exists(single))
-        return open_safetensors_reader(single);
+      const std::string directory = sharded_checkpoint_directory(path);
+      if (is_directory(path) && !has_model_file(directory, kSafetensorsIndexName) && has_model_file(directory, kSafetensorsSingleName))
+        return open_safetensors_reader(model_file(directory, kSafetensorsSingleName));
       return open_sharded_safetensors_reader(path);
     }
     case StoreFormat::kHdf5: return open_hdf5_reader(path);

@@ -12,6 +12,7 @@
 
 #include "file_jobs.hpp"
 #include "gradfix/io/atomic_file.hpp"
+#include "gradfix/io/model_files.hpp"
 #include "gradfix/io/safetensors.hpp"
 
 namespace gradfix {
@@ -105,9 +106,11 @@ void carry_model_files(const JobContext& context, const std::string& input, Tens
     for (const auto& name : names) {
       const bool tensors = name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0;
       if (name.empty() || name[0] == '.' || tensors || name == kSafetensorsIndexName || name == "README.md") continue;
-      const std::string from = input + "/" + name;
+      // A link is followed where it stays inside the model (a Hugging Face cache snapshot is all
+      // links into ../../blobs/) and refused by name where it leads elsewhere.
+      const std::string from = model_file(input, name);
       struct stat status {};
-      if (::lstat(from.c_str(), &status) != 0 || !S_ISREG(status.st_mode)) continue;
+      if (::stat(from.c_str(), &status) != 0 || !S_ISREG(status.st_mode)) continue;
       if (status.st_size > (256LL << 20))
         throw InputError(from + ": " + std::to_string(status.st_size) + " bytes; model files beside the tensors are refused above 256 MiB");
       std::ifstream file(from, std::ios::binary);

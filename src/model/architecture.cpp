@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "gradfix/io/model_files.hpp"
 #include "gradfix/io/error.hpp"
 
 namespace gradfix {
@@ -132,14 +133,14 @@ std::unique_ptr<LayeredModel> layered_model_from_config(const ModelConfigSource&
   return found->second.factory(source);
 }
 
-std::unique_ptr<LayeredModel> open_layered_model(const std::string& directory) {
-  const std::string path = directory + "/config.json";
-  return layered_model_from_config({directory, path, read_config_text(path)});
+std::unique_ptr<LayeredModel> open_layered_model(const std::string& directory, bool strict_config) {
+  const std::string path = model_file(directory, "config.json");
+  return layered_model_from_config({directory, path, read_config_text(path), strict_config});
 }
 
 ModelInputs model_directory_inputs(const std::string& directory) {
   try {
-    const std::string path = directory + "/config.json";
+    const std::string path = model_file(directory, "config.json");
     const auto found = registry().find(config_model_type(read_config_text(path), path));
     return found == registry().end() ? ModelInputs::kTokens : found->second.inputs;
   } catch (const InputError&) {

@@ -121,6 +121,9 @@ class LayeredModel {
   }
   // "llama", "clip", ...: for messages.
   virtual std::string model_type() const = 0;
+  // Keys of config.json that gradfix does not know and took not to change the math (a job prints
+  // them in a one-line notice; --strict-config refuses them instead).
+  virtual std::vector<std::string> unknown_config_keys() const { return {}; }
 };
 
 // Tensors of `reader` (a checkpoint, a task vector, a fine-tuned release) against the model's
@@ -144,11 +147,13 @@ struct ModelConfigSource {
   std::string directory;
   std::string path;
   std::string text;
+  // Keys gradfix does not know are refused (--strict-config) instead of noticed.
+  bool strict = false;
 };
 
 // The model of a Hugging Face directory, by config.json's "model_type"; an InputError names the
 // directory and the types gradfix knows when none is registered for it.
-std::unique_ptr<LayeredModel> open_layered_model(const std::string& directory);
+std::unique_ptr<LayeredModel> open_layered_model(const std::string& directory, bool strict_config = false);
 // The same from a config's text (`source.directory` may be empty: the model is then a layout and
 // its math, with no checkpoint to read).
 std::unique_ptr<LayeredModel> layered_model_from_config(const ModelConfigSource& source);

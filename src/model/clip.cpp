@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "gradfix/io/model_files.hpp"
 #include "gradfix/io/error.hpp"
 #include "gradfix/io/tensor_store.hpp"
 
@@ -44,7 +45,7 @@ std::string layer_prefix(long long layer) { return "vision_model.encoder.layers.
 bool is_clip_model_type(const std::string& model_type) { return model_type == "clip" || model_type == "clip_vision_model"; }
 
 ClipConfig read_clip_config(const std::string& directory) {
-  const std::string path = directory + "/config.json";
+  const std::string path = model_file(directory, "config.json");
   Json root;
   try {
     root = Json::parse(read_config_text(path), nullptr, true, false);
@@ -273,7 +274,7 @@ ImagePreprocessing read_image_preprocessing(const ClipConfig& config) {
   out.shortest_edge = out.crop = config.image_size;
   out.mean = {0.48145466, 0.4578275, 0.40821073};  // CLIP's published statistics (OpenAI)
   out.std = {0.26862954, 0.26130258, 0.27577711};
-  const std::string path = config.directory + "/preprocessor_config.json";
+  const std::string path = model_file(config.directory, "preprocessor_config.json");
   struct stat info {};
   if (::lstat(path.c_str(), &info) != 0) return out;
   Json root;

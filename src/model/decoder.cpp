@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <limits>
 
+#include "gradfix/io/model_files.hpp"
 #include "gradfix/io/error.hpp"
 
 namespace gradfix {
@@ -19,10 +20,11 @@ using Json = nlohmann::json;
 
 constexpr double kPi = 3.14159265358979323846;
 
-// Keys that do not change the forward or backward math: ids, dtypes, bookkeeping, generation
-// defaults that older transformers versions saved into config.json.
+// Keys known not to change the forward or backward math: token ids, dtypes, bookkeeping,
+// generation defaults that older transformers versions saved into config.json, and flags of
+// other tools that transformers does not read for these families (nanotron's is_llama_config).
 const std::set<std::string> kHarmlessKeys = {
-    "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
+    "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "torch_dtype", "dtype",
     "transformers_version", "use_cache", "initializer_range", "attention_dropout", "max_window_layers", "pretraining_tp",
     "output_attentions", "output_hidden_states", "return_dict", "tokenizer_class", "max_length", "min_length",
     "do_sample", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty", "length_penalty",
@@ -32,7 +34,22 @@ const std::set<std::string> kHarmlessKeys = {
     "num_beam_groups", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "typical_p", "encoder_no_repeat_ngram_size",
     "finetuning_task", "torchscript", "tf_legacy_loss", "use_bfloat16", "pruned_heads", "cross_attention_hidden_size",
-    "output_scores", "return_dict_in_generate", "keys_to_ignore_at_inference"};
+    "output_scores", "return_dict_in_generate", "keys_to_ignore_at_inference", "is_llama_config", "cache_implementation",
+    "max_new_tokens", "transformers.js_config", "output_router_logits", "router_aux_loss_coef", "embd_pdrop", "resid_pdrop"};
+
+// Keys known to change the math where a family does not read them: other families' features,
+// mixtures of experts, quantization, scaled residuals. Null or false turns each of them off, so
+// only a set value is refused.
+const std::set<std::string> kMathKeys = {
+    "attention_bias", "mlp_bias", "hidden_act", "hidden_activation", "head_dim", "partial_rotary_factor", "rotary_pct",
+    "rope_interleaved", "use_mrope", "rope_scaling", "rope_parameters", "sliding_window", "use_sliding_window", "layer_types",
+    "sliding_window_pattern", "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "use_qk_norm",
+    "qk_layernorm", "quantization_config", "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob", "embedding_multiplier",
+    "logits_scaling", "residual_multiplier", "attention_multiplier", "use_parallel_residual", "layer_norm_eps", "norm_eps",
+    "no_rope_layers", "attention_chunk_size", "use_bidirectional_attention", "scale_embedding", "embed_scale",
+    "tie_word_embeddings", "rms_norm_eps", "rope_theta", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "attn_implementation"};
 
 [[noreturn]] void unsupported(const std::string& path, const std::string& key, const Json& value, const std::string& why) {
   throw InputError(path + ": \"" + key + "\": " + value.dump() + " is not supported: " + why);
@@ -51,7 +68,9 @@ torch::Tensor rotate_half(const torch::Tensor& x) {
 
 }  // namespace
 
-DecoderConfigReader::DecoderConfigReader(const std::string& text, std::string path) : path_(std::move(path)) {
+DecoderConfigReader::DecoderConfigReader(const ModelConfigSource& source) : DecoderConfigReader(source.text, source.path, source.strict) {}
+
+DecoderConfigReader::DecoderConfigReader(const std::string& text, std::string path, bool strict) : path_(std::move(path)), strict_(strict) {
   try {
     config_ = Json::parse(text, nullptr, true, false);
   } catch (const Json::exception& error) {
@@ -143,11 +162,20 @@ void DecoderConfigReader::refuse(const std::string& key, const std::string& why)
   unsupported(path_, key, config_.contains(key) ? config_.at(key) : Json(), why);
 }
 
-void DecoderConfigReader::finish() const {
+void DecoderConfigReader::finish(DecoderConfig& config) const {
+  config.unknown_keys.clear();
   for (const auto& [key, v] : config_.items()) {
     if (read_.count(key) || kHarmlessKeys.count(key) || (!key.empty() && key[0] == '_')) continue;
-    unsupported(path_, key, v, "gradfix does not know this key of a " + model_type_ +
-                                   " config, and it may change the model's math (docs/models.md lists the keys read)");
+    if (kMathKeys.count(key)) {
+      if (v.is_null() || v == false) continue;
+      unsupported(path_, key, v, "this key changes the model's math, and gradfix does not implement it for a " + model_type_ +
+                                     " config (docs/models.md lists the keys by class)");
+    }
+    if (strict_)
+      unsupported(path_, key, v, "gradfix does not know this key of a " + model_type_ +
+                                     " config, and --strict-config refuses unknown keys (without it they are named in a notice and taken "
+                                     "not to change the math)");
+    config.unknown_keys.push_back(key);
   }
 }
 
@@ -495,11 +523,13 @@ std::unique_ptr<Decoder> decoder_of(const ModelConfigSource& source, const std::
 
 }  // namespace
 
-std::unique_ptr<Decoder> decoder_from_config(const std::string& text, const std::string& path) { return decoder_of({"", path, text}, path); }
+std::unique_ptr<Decoder> decoder_from_config(const std::string& text, const std::string& path, bool strict_config) {
+  return decoder_of({"", path, text, strict_config}, path);
+}
 
-std::unique_ptr<Decoder> open_decoder(const std::string& directory) {
-  const std::string path = directory + "/config.json";
-  return decoder_of({directory, path, read_config_text(path)}, directory);
+std::unique_ptr<Decoder> open_decoder(const std::string& directory, bool strict_config) {
+  const std::string path = model_file(directory, "config.json");
+  return decoder_of({directory, path, read_config_text(path), strict_config}, directory);
 }
 
 void check_decoder_checkpoint(const Decoder& decoder) { check_against_model(*open_reader(decoder.directory()), decoder, false); }

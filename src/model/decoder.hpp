@@ -57,14 +57,20 @@ struct DecoderConfig {
   // transformers builds the embedding with padding_idx = pad_token_id: that row takes no gradient
   // from the lookups (a tied head's use of it still counts). -1: none.
   long long pad_token_id = -1;
+  // Keys of config.json that no class names (DecoderConfigReader::finish): taken not to change
+  // the math, and named in a notice.
+  std::vector<std::string> unknown_keys;
 };
 
 // Reads a decoder's config.json key by key and remembers which keys were read, so that a family's
-// file reads its own keys and finish() refuses any key that nobody read: a key gradfix does not
-// know may change the model's math. Every error names the file, the key and its value.
+// file reads its own keys and finish() sorts the rest into three classes: keys known not to
+// change the math (ignored), keys known to change it that this family does not read (refused by
+// name unless null or false), and keys gradfix does not know (a notice, or refused under
+// --strict-config). Every error names the file, the key and its value.
 class DecoderConfigReader {
  public:
-  DecoderConfigReader(const std::string& text, std::string path);
+  explicit DecoderConfigReader(const ModelConfigSource& source);
+  DecoderConfigReader(const std::string& text, std::string path, bool strict = false);
   const std::string& path() const { return path_; }
   const std::string& model_type() const { return model_type_; }
   // Present and not null.
@@ -87,8 +93,9 @@ class DecoderConfigReader {
   // The rotary settings (rope_theta, rope_scaling, rope_parameters) into `out`.
   void read_rope(DecoderConfig& out);
   [[noreturn]] void refuse(const std::string& key, const std::string& why) const;
-  // Refuses the first key that was neither read nor ignored.
-  void finish() const;
+  // Sorts the keys that were neither read nor ignored: refuses the first that changes the math
+  // (or, strict, that gradfix does not know) and lists the unknown ones in `config`.
+  void finish(DecoderConfig& config) const;
 
  private:
   const nlohmann::json& value(const std::string& key);
@@ -98,6 +105,7 @@ class DecoderConfigReader {
   std::string path_;
   std::string model_type_;
   std::set<std::string> read_;
+  bool strict_ = false;
 };
 
 // The keys every family reads the same way: sizes, heads, head_dim, positions, the norms'
@@ -165,6 +173,7 @@ class Decoder : public LayeredModel {
     return (name == "lm_head.weight" && config_.tie_word_embeddings) || name.find("rotary_emb.inv_freq") != std::string::npos;
   }
   std::string model_type() const override { return config_.model_type; }
+  std::vector<std::string> unknown_config_keys() const override { return config_.unknown_keys; }
 
   // What `init` fills the norms' scales with: 1 for w, 0 for (1 + w), so that a fresh norm is
   // the identity's scale either way.
@@ -220,9 +229,9 @@ class Decoder : public LayeredModel {
 
 // The decoder a directory's config.json names (any registered family), or an InputError naming
 // the directory when the model there is not a decoder.
-std::unique_ptr<Decoder> open_decoder(const std::string& directory);
+std::unique_ptr<Decoder> open_decoder(const std::string& directory, bool strict_config = false);
 // The same from a config file's text alone (`init`): a layout and its math, no checkpoint.
-std::unique_ptr<Decoder> decoder_from_config(const std::string& text, const std::string& path);
+std::unique_ptr<Decoder> decoder_from_config(const std::string& text, const std::string& path, bool strict_config = false);
 
 // Reads the tensors of `names` from the model directory as `dtype` on `device`, checking every
 // tensor of the layout against the checkpoint first: all missing, extra and misshapen tensors are

@@ -29,12 +29,22 @@ void refuse_image_options(const std::string& model, const DataOptions& data) {
     throw InputError("--model " + model + ": a Hugging Face model directory names its architecture in config.json");
 }
 
+// One line on rank 0 naming the config.json keys gradfix does not know: the job goes on taking
+// them not to change the math, and the user sees which they are (--strict-config refuses them).
+void notice_unknown_config_keys(const LayeredModel& model, const std::string& config_path, std::ostream& log, const JobContext& context) {
+  const std::vector<std::string> keys = model.unknown_config_keys();
+  if (keys.empty() || !context.is_root()) return;
+  log << "notice: " << config_path << ": " << keys.size() << " key(s) gradfix does not know, taken not to change the math: "
+      << format_name_list(keys) << " (--strict-config refuses them; docs/models.md lists the keys by class)\n";
+}
+
 // What eval and signs read first: the config, the checkpoint checked against it, the token data
 // checked against the vocabulary, and the device.
 void load_decoder_inputs(const std::string& model, const std::string& weights, const DataOptions& data_options, const JobContext& context,
-                         std::unique_ptr<Decoder>& decoder, TokenData& data, torch::Device& device) {
+                         std::unique_ptr<Decoder>& decoder, TokenData& data, torch::Device& device, std::ostream& log) {
   refuse_image_options(model, data_options);
-  decoder = open_decoder(weights);
+  decoder = open_decoder(weights, context.strict_config);
+  notice_unknown_config_keys(*decoder, weights + "/config.json", log, context);
   check_decoder_checkpoint(*decoder);
   data = load_token_data(data_options.spec);
   check_vocabulary(data, decoder->config().vocab_size);
@@ -49,7 +59,7 @@ void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& c
   std::unique_ptr<Decoder> decoder;
   TokenData data;
   torch::Device device = torch::kCPU;
-  context.agree([&] { load_decoder_inputs(job.model, job.weights, job.data, context, decoder, data, device); });
+  context.agree([&] { load_decoder_inputs(job.model, job.weights, job.data, context, decoder, data, device, log); });
   // The parameters stay sharded: each rank reads its pieces, layers are gathered one at a time.
   std::unique_ptr<ShardedWeights> weights;
   context.agree([&] { weights = std::make_unique<ShardedWeights>(decoder->layout(), decoder->directory(), context); });
@@ -81,7 +91,8 @@ void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& c
     text = read_config_text(job.config);
     const std::string type = config_model_type(text, job.config);
     if (type != job.arch) throw InputError(job.config + ": \"model_type\" is \"" + type + "\" but --arch is " + job.arch);
-    decoder = decoder_from_config(text, job.config);
+    decoder = decoder_from_config(text, job.config, context.strict_config);
+    notice_unknown_config_keys(*decoder, job.config, log, context);
     const auto parsed = nlohmann::json::parse(text, nullptr, false, false);
     if (parsed.contains("initializer_range") && parsed.at("initializer_range").is_number()) scale = parsed.at("initializer_range").get<double>();
     if (!(scale > 0.0) || !std::isfinite(scale)) throw InputError(job.config + ": \"initializer_range\" must be positive");
@@ -129,7 +140,7 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
   torch::Device device = torch::kCPU;
   context.agree([&] {
     if (job.selection.num_batches > 0) throw InputError("--num-batches is for image data; use --num-samples or --indices with token data");
-    load_decoder_inputs(job.model, job.weights, job.data, context, model, data, device);
+    load_decoder_inputs(job.model, job.weights, job.data, context, model, data, device, log);
   });
   std::shared_ptr<ShardedWeights> weights;
   context.agree([&] { weights = std::make_shared<ShardedWeights>(model->layout(), model->directory(), context); });
@@ -166,7 +177,7 @@ std::vector<TransportRow> run_decoder_transport(const TransportJob& job, std::os
   TokenData pool, test, shots, support;
   torch::Device device = torch::kCPU;
   context.agree([&] {
-    load_decoder_inputs(job.model, job.target, job.data, context, model, pool, device);
+    load_decoder_inputs(job.model, job.target, job.data, context, model, pool, device, log);
     refuse_image_options(job.model, job.test);
     if (job.test.spec.empty()) throw InputError("transport needs --test-data: token data read only for the final evaluation");
     test = load_token_data(job.test.spec);

@@ -70,7 +70,7 @@ class Gemma2 final : public Decoder {
 };
 
 std::unique_ptr<LayeredModel> read_gemma2(const ModelConfigSource& source) {
-  DecoderConfigReader reader(source.text, source.path);
+  DecoderConfigReader reader(source);
   DecoderConfig config = read_common_decoder_config(reader, source.directory);
   config.tie_word_embeddings = reader.boolean_or("tie_word_embeddings", true);
   reader.expect_one_of("hidden_activation", {"gelu_pytorch_tanh"}, "Gemma 2's GeGLU MLP uses gelu_pytorch_tanh");
@@ -96,7 +96,7 @@ std::unique_ptr<LayeredModel> read_gemma2(const ModelConfigSource& source) {
   }
   // A key-value cache layout for generation: no effect on one forward pass.
   reader.ignore({"cache_implementation"});
-  reader.finish();
+  reader.finish(config);
   return std::unique_ptr<LayeredModel>(new Gemma2(std::move(config), std::move(options)));
 }
 

@@ -7,7 +7,7 @@ namespace gradfix {
 namespace {
 
 DecoderConfig read_llama_family_config(const ModelConfigSource& source) {
-  DecoderConfigReader reader(source.text, source.path);
+  DecoderConfigReader reader(source);
   DecoderConfig config = read_common_decoder_config(reader, source.directory);
   reader.expect_one_of("hidden_act", {"silu"}, "the SwiGLU MLP of this family uses silu");
   if (config.model_type == "llama") {
@@ -20,7 +20,7 @@ DecoderConfig read_llama_family_config(const ModelConfigSource& source) {
     config.qkv_bias = config.model_type == "qwen2";  // Qwen2 has biases on q, k and v, none on o
   }
   read_refused_sliding_window(reader, config, config.model_type == "mistral");
-  reader.finish();
+  reader.finish(config);
   return config;
 }
 

@@ -27,12 +27,12 @@ class Qwen3 final : public Decoder {
 };
 
 DecoderConfig read_qwen3_config(const ModelConfigSource& source) {
-  DecoderConfigReader reader(source.text, source.path);
+  DecoderConfigReader reader(source);
   DecoderConfig config = read_common_decoder_config(reader, source.directory);
   reader.expect_one_of("hidden_act", {"silu"}, "Qwen3's SwiGLU MLP uses silu");
   config.qkv_bias = config.o_bias = reader.boolean_or("attention_bias", false);
   read_refused_sliding_window(reader, config, false);
-  reader.finish();
+  reader.finish(config);
   return config;
 }
 

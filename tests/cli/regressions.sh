@@ -327,4 +327,50 @@ for fields in rows:
     agree, cosine, norm_a, norm_b = fields[-4:]
     assert agree.endswith("%") and abs(float(cosine)) <= 1 and float(norm_a) > 9e5 and float(norm_b) > 9e5, fields
 PY
+# 2. Hugging Face cache snapshots: every file is a link into ../../blobs/; the links to
+# config.json and the tokenizer files were left out of outputs. A link that leads out of the
+# cache repository is refused by name; ORG/NAME is read from the cache.
+commit=89abcdef0123456789abcdef0123456789abcdef
+snapshot=hub/models--someone--Tiny-1.5/snapshots/$commit
+mkdir -p hub/models--someone--Tiny-1.5/blobs hub/models--someone--Tiny-1.5/refs "$snapshot"
+cp small.safetensors hub/models--someone--Tiny-1.5/blobs/aa01
+printf '{"model_type": "toy"}\n' >hub/models--someone--Tiny-1.5/blobs/aa02
+printf '{"version": "1.0"}\n' >hub/models--someone--Tiny-1.5/blobs/aa03
+ln -s ../../blobs/aa01 "$snapshot/model.safetensors"
+ln -s ../../blobs/aa02 "$snapshot/config.json"
+ln -s ../../blobs/aa03 "$snapshot/tokenizer.json"
+printf '%s' "$commit" >hub/models--someone--Tiny-1.5/refs/main
+HF_HUB_CACHE=$work/hub expect "apply --base ORG/NAME from the hub cache" 0 "" \
+  apply --base someone/Tiny-1.5 --task-vector small.safetensors --alpha 1 --out out/moved
+HF_HUB_CACHE=$work/hub "$gradfix" apply --base someone/Tiny-1.5 --task-vector small.safetensors --alpha 1 --out moved >/dev/null
+check "config.json and tokenizer.json of a cache snapshot are carried" test -f moved/config.json -a -f moved/tokenizer.json
+ln -s /etc/hostname "$snapshot/notes.txt"
+HF_HUB_CACHE=$work/hub expect "a snapshot link that leads out of the cache repository" 2 "notes.txt: a symbolic link to /etc/hostname, outside" \
+  apply --base someone/Tiny-1.5 --task-vector small.safetensors --out out/leak
+HF_HUB_CACHE=$work/hub expect "a hub name the cache does not hold" 2 "gradfix does not download models: run .huggingface-cli download someone/Other" \
+  inspect someone/Other
+if "$gradfix" --version | grep -q "libtorch  yes"; then
+  # 1. A real model's config.json was refused for "unk_token_id": 0. Keys that cannot change the
+  # math are ignored, unknown ones named in a notice (--strict-config refuses them), keys that
+  # change the math refused by name.
+  python3 - "$here/../fixtures/configs/published/SmolLM2-135M-Instruct.json" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config.update({"unk_token_id": 0, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96, "vocab_size": 128,
+               "num_attention_heads": 4, "num_key_value_heads": 2})
+json.dump(config, open("smol.json", "w"))
+config["a_new_setting"] = True
+json.dump(config, open("smol_unknown.json", "w"))
+config.pop("a_new_setting")
+config["num_local_experts"] = 8
+json.dump(config, open("smol_moe.json", "w"))
+PY
+  expect "init from a published config with unk_token_id" 0 "" init --arch llama --config-file smol.json --out out/smol
+  expect "an unknown key: a notice, and the job goes on" 0 "notice: smol_unknown.json: 1 key(s) gradfix does not know.*'a_new_setting'" \
+    init --arch llama --config-file smol_unknown.json --out out/smol
+  expect "an unknown key under --strict-config" 2 '"a_new_setting": true is not supported.*--strict-config' \
+    init --arch llama --config-file smol_unknown.json --out out/smol --strict-config
+  expect "a key that changes the math" 2 '"num_local_experts": 8 is not supported: this key changes the model.s math' \
+    init --arch llama --config-file smol_moe.json --out out/smol
+fi
 finish

@@ -98,7 +98,7 @@ TEST(DecoderConfig, RefusesWhatChangesTheMathNamingKeyAndValue) {
 
   const std::string mistral = copy_model(dir, "mistral");
   replace_in_file(mistral + "/config.json", "\"use_cache\": true", "\"use_cache\": true, \"quantization_config\": {\"bits\": 4}");
-  expect_input_error([&] { open_decoder(mistral); }, {"\"quantization_config\"", "may change the model's math"});
+  expect_input_error([&] { open_decoder(mistral); }, {"\"quantization_config\"", "changes the model's math"});
 
   const std::string gpt = copy_model(dir, "qwen2") + "_2";
   std::system(("cp -r '" + fixture("qwen2") + "/model' '" + gpt + "'").c_str());
@@ -130,7 +130,63 @@ TEST(DecoderConfig, EachFamilyReadsAndRefusesItsOwnKeys) {
   // mlp_bias is a llama key: Qwen3 does not know it, and it would change the math.
   const std::string qwen3 = copy_model(dir, "qwen3");
   replace_in_file(qwen3 + "/config.json", "\"use_cache\": true", "\"use_cache\": true, \"mlp_bias\": true");
-  expect_input_error([&] { open_decoder(qwen3); }, {"\"mlp_bias\"", "qwen3 config", "may change the model's math"});
+  expect_input_error([&] { open_decoder(qwen3); }, {"\"mlp_bias\"", "qwen3 config", "changes the model's math"});
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream file(path);
+  return std::string((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+}
+
+// The config.json of published releases (Llama 3.1/3.2, Qwen2.5, Qwen3, Mistral v0.3, SmolLM2,
+// TinyLlama, Gemma 2) and of each family as the transformers release writes it in full: every key
+// is read or known not to change the math, so nothing is refused and no notice is due.
+TEST(DecoderConfig, PublishedAndTransformersConfigsAreReadWithoutNotice) {
+  int read = 0;
+  for (const std::string folder : {"published", "transformers"}) {
+    const std::string root = std::string(GRADFIX_SOURCE_DIR) + "/tests/fixtures/configs/" + folder;
+    for (const std::string name : {"Llama-3.1-8B", "Llama-3.2-1B-Instruct", "Qwen2.5-7B", "Qwen2.5-0.5B-Instruct", "Qwen3-0.6B",
+                                   "Mistral-7B-v0.3", "SmolLM2-135M-Instruct", "TinyLlama-1.1B-Chat-v1.0", "gemma-2-2b", "llama",
+                                   "mistral", "qwen2", "qwen3", "gemma2"}) {
+      const std::string path = root + "/" + name + ".json";
+      if (!std::ifstream(path)) continue;
+      const std::unique_ptr<Decoder> decoder = decoder_from_config(read_text(path), path, true);
+      EXPECT_TRUE(decoder->unknown_config_keys().empty()) << path << ": " << format_name_list(decoder->unknown_config_keys());
+      ++read;
+    }
+  }
+  EXPECT_EQ(read, 14);
+  // Spot checks that the published values were read, not skipped.
+  const std::string root = std::string(GRADFIX_SOURCE_DIR) + "/tests/fixtures/configs/published/";
+  const DecoderConfig llama = decoder_from_config(read_text(root + "Llama-3.1-8B.json"), "llama")->config();
+  EXPECT_EQ(llama.rope.type, "llama3");
+  EXPECT_EQ(llama.rope.factor, 8.0);
+  EXPECT_EQ(llama.kv_heads, 8);
+  const DecoderConfig smol = decoder_from_config(read_text(root + "SmolLM2-135M-Instruct.json"), "smol")->config();
+  EXPECT_TRUE(smol.tie_word_embeddings);
+  EXPECT_EQ(smol.pad_token_id, 2);
+  EXPECT_EQ(smol.head_dim, 64);
+}
+
+// Three classes: a key gradfix does not know is named and the model is read (strict: refused);
+// a key known to change the math is refused whatever the strictness unless null or false.
+TEST(DecoderConfig, UnknownKeysAreNoticedOrRefusedStrictly) {
+  const std::string path = std::string(GRADFIX_SOURCE_DIR) + "/tests/fixtures/configs/published/TinyLlama-1.1B-Chat-v1.0.json";
+  const std::string text = read_text(path);
+  auto with = [&](const std::string& extra) {
+    std::string changed = text;
+    changed.replace(changed.find("\"use_cache\": true"), 17, "\"use_cache\": true, " + extra);
+    return changed;
+  };
+  const std::string unknown = with("\"my_tool_setting\": 3, \"another_note\": \"x\"");
+  EXPECT_EQ(decoder_from_config(unknown, path)->unknown_config_keys(), (std::vector<std::string>{"another_note", "my_tool_setting"}));
+  expect_input_error([&] { decoder_from_config(unknown, path, true); },
+                     {"TinyLlama-1.1B-Chat-v1.0.json", "\"another_note\": \"x\"", "--strict-config refuses unknown keys"});
+  for (const std::string math : {"\"num_experts\": 8", "\"use_mrope\": true", "\"rope_interleaved\": true", "\"logits_scaling\": 4.0"})
+    for (bool strict : {false, true})
+      expect_input_error([&] { decoder_from_config(with(math), path, strict); }, {math, "changes the model's math", "a llama config"});
+  for (const std::string off : {"\"use_mrope\": false", "\"rope_interleaved\": false", "\"final_logit_softcapping\": null", "\"unk_token_id\": 0"})
+    EXPECT_TRUE(decoder_from_config(with(off), path, true)->unknown_config_keys().empty()) << off;
 }
 
 // The Gemma 2 fixture's window (5) is shorter than its sequences (12): the logits match

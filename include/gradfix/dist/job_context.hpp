@@ -37,6 +37,7 @@ class JobContext {
   int local_rank = 0;                    // rank on this node: picks the GPU
   std::string device = "cpu";            // model jobs: cpu | cuda | cuda:N
   bool progress = true;                  // rank 0 reports progress on stderr (--quiet: off)
+  bool strict_config = false;            // model jobs: refuse config.json keys gradfix does not know
 
  private:
   Communicator* host_;
