@@ -373,10 +373,7 @@ class StatisticsPass {
   void find_tied() {
     for (const auto& name : output_names_)
       if (std::find(input_names_.begin(), input_names_.end(), name) != input_names_.end()) tied_.insert(name);
-    for (const auto& name : tied_) {
-      tied_captures_[name].resize(groups_.size());
-      tied_gradients_[name].resize(groups_.size());
-    }
+    for (const auto& name : tied_) tied_captures_[name].resize(groups_.size());
   }
 
   // Only this rank sees its samples: a non-finite loss (weights with NaN or Inf) must stop every
@@ -402,6 +399,10 @@ class StatisticsPass {
     Parameters parameters = weights_.gather(output_names_, device_);
     if (options_.refuse_nonfinite) refuse_nonfinite_losses(parameters);
     make_leaves(parameters);
+    // Loop method: a tied tensor's head gradient is formed in the input stage (below), so
+    // autograd need not form a [V, H] gradient per sample here.
+    if (loop_)
+      for (const auto& name : tied_) parameters.at(name).requires_grad_(false);
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       std::vector<torch::Tensor> gradients;
       std::map<std::string, std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>> tied_parts;
@@ -413,10 +414,11 @@ class StatisticsPass {
         gradients.push_back(hidden.grad());
         if (loop_) {
           zero_cancelled(parameters, recorder);
-          for (const auto& name : tied_) {
-            tied_gradients_[name][g] = parameters.at(name).grad().clone();
-            parameters.at(name).mutable_grad().reset();
-          }
+          // A tied tensor's head use is kept as its product's two factors (this sample's hidden
+          // states and logits' gradient, [T, H] and [T, V]) rather than as its [V, H] gradient:
+          // the input stage forms the product once the embedding use's gradient is there.
+          for (const auto& capture : recorder.captures())
+            if (tied_.count(capture.parameter)) tied_captures_[capture.parameter][g] = {capture.parameter, capture.kind, capture.input, capture.output.grad()};
           add_leaf_gradients(parameters, tied_);
           continue;
         }
@@ -478,7 +480,14 @@ class StatisticsPass {
       const torch::Tensor output = model_.input(parameters, groups_[g].batch, loop_ ? nullptr : &recorder);
       torch::autograd::backward({output}, {incoming_[g]});
       if (loop_) {
-        for (const auto& name : tied_) parameters.at(name).mutable_grad().add_(tied_gradients_[name][g]);
+        for (const auto& name : tied_) {
+          // The head use's gradient, as autograd forms a linear weight's: (X^T G)^T over tokens.
+          const Capture& head = tied_captures_.at(name)[g];
+          const torch::Tensor x = head.input.reshape({-1, head.input.size(-1)});
+          const torch::Tensor gradient = head.output.reshape({-1, head.output.size(-1)});
+          parameters.at(name).mutable_grad().add_(torch::mm(x.t(), gradient).t());
+          tied_captures_.at(name)[g] = Capture();
+        }
         add_leaf_gradients(parameters, {});
         continue;
       }
@@ -595,8 +604,7 @@ class StatisticsPass {
   std::vector<std::vector<torch::Tensor>> boundary_;  // each layer's input, per group; popped as the backward pass goes
   std::vector<torch::Tensor> incoming_;                // the gradient reaching the current stage's output, per group
   std::set<std::string> tied_;
-  std::map<std::string, std::vector<Capture>> tied_captures_;        // fast: the output stage's X and G, per group
-  std::map<std::string, std::vector<torch::Tensor>> tied_gradients_;  // loop: the output stage's gradient, per group
+  std::map<std::string, std::vector<Capture>> tied_captures_;  // the output stage's X and G of a tied tensor, per group
   long long stages_done_ = 0;
 };
 
