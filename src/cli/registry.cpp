@@ -468,6 +468,12 @@ std::vector<SubcommandSpec> make_table() {
                     {"no-selection-ablation", T::kFlag, "", "skip the table of GradFix under every shot selection strategy"},
                     {"no-mask-ablation", T::kFlag, "", "skip the table of GradFix under every mask mode"},
                     {"no-merging", T::kFlag, "", "skip the multi-task merging table"},
+                    {"shots", T::kText, "1,2,5,10", "K values (labelled shots per class), comma-separated: one table each"},
+                    {"seeds", T::kInteger, "3", "seeds of shot selection per K (0, 1, ...)"},
+                    {"pretrain-epochs", T::kInteger, "5", "epochs of each release's pre-training"},
+                    {"pretrain-limit", T::kInteger, "0", "training images per release (0: half the training set each)"},
+                    {"finetune-epochs", T::kInteger, "2", "epochs of the task fine-tunes of A and B"},
+                    {"finetune-limit", T::kInteger, "50000", "shifted training images of the task fine-tunes (the shots and support set come after them)"},
                     {"small-support", T::kInteger, "100", "support set size of the second K = 2 table (a few-shot user's labels); 0 skips it"},
                     {"alphas", T::kText, "0.1,0.25,0.5,0.75,1,1.5,2,3,4,5",
                      "alpha grid, searched on the support set (wider than transport's: a lazy fine-tune's task vector is short)"},
@@ -488,6 +494,24 @@ std::vector<SubcommandSpec> make_table() {
                      job.small_support_size = values.integer("small-support");
                      if (job.small_support_size < 0) throw InputError("--small-support must not be negative, got " + std::to_string(job.small_support_size));
                      if (values.has("results")) job.results = values.text("results");
+                     job.shots.clear();
+                     for (double k : parse_numbers(values.text("shots"), "shots")) {
+                       if (k < 1 || k > 1000 || k != std::floor(k)) throw InputError("--shots: every K must be a whole number from 1 to 1000, got " + format_number(k));
+                       job.shots.push_back(static_cast<long long>(k));
+                     }
+                     const long long seeds = values.integer("seeds");
+                     if (seeds < 1 || seeds > 100) throw InputError("--seeds must be from 1 to 100, got " + std::to_string(seeds));
+                     job.seeds.clear();
+                     for (long long seed = 0; seed < seeds; ++seed) job.seeds.push_back(static_cast<std::uint64_t>(seed));
+                     const long long pretrain_epochs = values.integer("pretrain-epochs"), finetune_epochs = values.integer("finetune-epochs");
+                     if (pretrain_epochs < 1 || pretrain_epochs > 1000 || finetune_epochs < 1 || finetune_epochs > 1000)
+                       throw InputError("--pretrain-epochs and --finetune-epochs must be from 1 to 1000");
+                     job.pretrain_epochs = static_cast<int>(pretrain_epochs);
+                     job.finetune_epochs = static_cast<int>(finetune_epochs);
+                     job.pretrain_limit = values.integer("pretrain-limit");
+                     job.finetune_limit = values.integer("finetune-limit");
+                     if (job.pretrain_limit < 0 || job.finetune_limit < 1)
+                       throw InputError("--pretrain-limit must not be negative and --finetune-limit must be positive");
                      if (values.flag("quick")) {
                        job.shots = {2};
                        job.seeds = {0};
