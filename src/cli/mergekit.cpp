@@ -79,9 +79,25 @@ ModelMergeJob mergekit_job(const std::string& path) {
   // mergekit's defaults: linear and ties normalise by the weights, the others do not; DARE
   // rescales what it keeps.
   job.normalize = job.method == ModelMergeMethod::kLinear || job.method == ModelMergeMethod::kTies;
+  job.rescale = job.method == ModelMergeMethod::kDareLinear || job.method == ModelMergeMethod::kDareTies;
   const bool sparsifies = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kDareTies ||
                           job.method == ModelMergeMethod::kDareLinear;
   if (config.contains("base_model")) job.base = model_path(config["base_model"], path + ": base_model");
+  // Top-level parameters: the merge's own, and defaults of the per-model ones (weight, density)
+  // for every model that does not set them, as mergekit resolves them.
+  Json defaults = Json::object();
+  if (config.contains("parameters")) {
+    const Json& parameters = config["parameters"];
+    if (!parameters.is_object()) throw InputError(path + ": parameters must be a mapping");
+    refuse_unknown(parameters, {"normalize", "lambda", "int8_mask", "rescale", "weight", "density"}, path + ": parameters");
+    if (parameters.contains("normalize")) job.normalize = boolean(parameters["normalize"], path + ": parameters.normalize");
+    if (parameters.contains("lambda")) job.lambda = number(parameters["lambda"], path + ": parameters.lambda");
+    if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], path + ": parameters.int8_mask");
+    if (parameters.contains("rescale")) job.rescale = boolean(parameters["rescale"], path + ": parameters.rescale");
+    for (const char* key : {"weight", "density"})
+      if (parameters.contains(key)) defaults[key] = parameters[key];
+  }
+  bool base_listed = false;
   if (!config.contains("models") || !config["models"].is_array() || config["models"].empty())
     throw InputError(path + ": models must be a non-empty list");
   for (std::size_t i = 0; i < config["models"].size(); ++i) {
@@ -90,13 +106,17 @@ ModelMergeJob mergekit_job(const std::string& path) {
     if (!entry.is_object() || !entry.contains("model")) throw InputError(where + " needs a 'model'");
     refuse_unknown(entry, {"model", "parameters", "gradfix"}, where);
     const std::string model = model_path(entry["model"], where + ".model");
-    const Json parameters = entry.contains("parameters") ? entry["parameters"] : Json::object();
+    Json parameters = entry.contains("parameters") ? entry["parameters"] : Json::object();
     if (!parameters.is_object()) throw InputError(where + ".parameters must be a mapping");
     refuse_unknown(parameters, {"weight", "density"}, where + ".parameters");
+    for (const auto& [key, value] : defaults.items())
+      if (!parameters.contains(key)) parameters[key] = value;
     // The base may be listed among the models (mergekit allows it): it adds nothing to a
     // task-arithmetic merge and is skipped there, as mergekit skips it.
+    base_listed = base_listed || model == job.base;
     if (model == job.base && job.method != ModelMergeMethod::kLinear) continue;
-    if (!parameters.contains("weight")) throw InputError(where + ".parameters.weight is missing (mergekit requires it)");
+    if (!parameters.contains("weight"))
+      throw InputError(where + ".parameters.weight is missing (mergekit requires it, here or in the top-level parameters)");
     job.models.push_back(model);
     job.weights.push_back(number(parameters["weight"], where + ".parameters.weight"));
     job.densities.push_back(parameters.contains("density") ? number(parameters["density"], where + ".parameters.density") : 1.0);
@@ -110,15 +130,12 @@ ModelMergeJob mergekit_job(const std::string& path) {
     if (!sparsifies && job.densities.back() != 1.0)
       throw InputError(where + ".parameters.density: " + method + " does not sparsify (density is a ties parameter)");
   }
-  if (config.contains("parameters")) {
-    const Json& parameters = config["parameters"];
-    if (!parameters.is_object()) throw InputError(path + ": parameters must be a mapping");
-    refuse_unknown(parameters, {"normalize", "lambda", "int8_mask", "rescale"}, path + ": parameters");
-    if (parameters.contains("normalize")) job.normalize = boolean(parameters["normalize"], path + ": parameters.normalize");
-    if (parameters.contains("lambda")) job.lambda = number(parameters["lambda"], path + ": parameters.lambda");
-    if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], path + ": parameters.int8_mask");
-    if (parameters.contains("rescale")) job.rescale = boolean(parameters["rescale"], path + ": parameters.rescale");
-  }
+  // A linear merge takes the base as one more model: mergekit then needs its weight, and refuses
+  // a base that is not listed among the models.
+  if (job.method == ModelMergeMethod::kLinear && !job.base.empty() && !base_listed)
+    throw InputError(path + ": base_model " + escaped_name(job.base) +
+                     " is not among the models of this linear merge; mergekit merges the base too and refuses it without a weight: "
+                     "list it under models with a weight, or leave base_model out");
   // mergekit computes in `dtype` and writes out_dtype, else dtype; gradfix computes in fp32 (fp64
   // for F64) and writes the same dtype mergekit would.
   for (const char* key : {"dtype", "out_dtype"}) {

@@ -137,29 +137,29 @@ bool dare_keeps(const ModelMergeJob& job, std::size_t m, std::uint64_t key, long
   return job.densities[m] >= 1.0 || uniform_at(job.seed ^ mix_bits(m + 1), key, index, 0) < job.densities[m];
 }
 
-// DARE's rescaling: per tensor and model, ||delta||_1 / ||kept delta||_1 (mergekit leaves the
-// kept delta as it is when either norm is below 1e-7). The norms are exact sums, so the factor
-// is the same at any number of ranks. `delta(m, chunk)` gives model m's delta there.
-template <typename DeltaOf>
-std::map<std::size_t, std::vector<double>> dare_rescales(const ModelMergeJob& job, const Ranks& ranks, const ChunkedJob& chunked,
-                                                         const ChunksByTensor& tensors, const DeltaOf& delta) {
+// mergekit's rescale (RescaleNorm.l1) of a sparsified delta: per tensor and model,
+// ||delta||_1 / ||kept delta||_1, left at 1 when either norm is below 1e-7 or nothing was dropped
+// (density 1). DARE rescales by default, TIES only with `rescale: true`. `sparsify(m, chunk,
+// values)` zeroes what the method drops. The norms are exact sums, so the factor is the same at
+// any number of ranks. `delta(m, chunk)` gives model m's delta there.
+template <typename DeltaOf, typename Sparsify>
+std::map<std::size_t, std::vector<double>> l1_rescales(const ModelMergeJob& job, const Ranks& ranks, const ChunkedJob& chunked,
+                                                       const ChunksByTensor& tensors, const DeltaOf& delta, const Sparsify& sparsify) {
   std::map<std::size_t, std::vector<double>> rescales;  // by tensor
   const auto& plan = chunked.plan();
   for (const auto& entry : tensors) {
     // Plain names, not a structured binding: C++17 lambdas (clang) cannot capture those.
     const std::size_t t = entry.first;
     const std::vector<Piece>& mine = entry.second;
-    const std::uint64_t key = tensor_key_of(chunked.layout()[t].name);
     for (std::size_t m = 0; m < job.models.size(); ++m) {
       double factor = 1.0;
       if (job.rescale && job.densities[m] < 1.0) {
         ExactSum before, after;
         for (const Piece& chunk : mine) {
-          const auto values = delta(m, chunk);
-          for (std::size_t i = 0; i < values.size(); ++i) {
-            before.add(std::fabs(values[i]));
-            if (dare_keeps(job, m, key, chunk.begin + static_cast<long long>(i))) after.add(std::fabs(values[i]));
-          }
+          auto values = delta(m, chunk);
+          for (const auto value : values) before.add(std::fabs(value));
+          sparsify(m, chunk, values);
+          for (const auto value : values) after.add(std::fabs(value));
         }
         auto total = [&](ExactSum& sum) { return plan.is_split(t) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value(); };
         const double b = total(before), a = total(after);
@@ -238,8 +238,18 @@ void merge_models(const ModelMergeJob& job, const Ranks& ranks, const ModelMerge
   };
 
   const ChunksByTensor tensors = merged_tensors_here(chunked, in.merged);
-  const auto rescales = dare ? dare_rescales(job, ranks, chunked, tensors, delta) : std::map<std::size_t, std::vector<double>>{};
-  const auto trims = job.method == ModelMergeMethod::kTies ? ties_trims(job, ranks, chunked, tensors, delta) : std::map<std::size_t, std::vector<Trim>>{};
+  const bool ties = job.method == ModelMergeMethod::kTies;
+  const auto trims = ties ? ties_trims(job, ranks, chunked, tensors, delta) : std::map<std::size_t, std::vector<Trim>>{};
+  std::map<std::size_t, std::vector<double>> rescales;
+  if (dare)
+    rescales = l1_rescales(job, ranks, chunked, tensors, delta, [&](std::size_t m, const Piece& chunk, std::vector<V>& values) {
+      const std::uint64_t key = tensor_key_of(layout[chunk.tensor].name);
+      for (std::size_t i = 0; i < values.size(); ++i)
+        if (!dare_keeps(job, m, key, chunk.begin + static_cast<long long>(i))) values[i] = 0;
+    });
+  if (ties)
+    rescales = l1_rescales(job, ranks, chunked, tensors, delta,
+                           [&](std::size_t m, const Piece& chunk, std::vector<V>& values) { trims.at(chunk.tensor)[m].apply(chunk, values); });
 
   double weight_sum = 0.0;
   for (double w : job.weights) weight_sum += w;
@@ -251,8 +261,10 @@ void merge_models(const ModelMergeJob& job, const Ranks& ranks, const ModelMerge
     const auto base_values = load<V>(*base, out.name, chunk.begin, chunk.count, allow);
     for (std::size_t m = 0; m < n; ++m) {
       auto values = delta(m, chunk, &base_values);
-      if (job.method == ModelMergeMethod::kTies) trims.at(chunk.tensor)[m].apply(chunk, values);
+      if (ties) trims.at(chunk.tensor)[m].apply(chunk, values);
       deltas[m].assign(values.begin(), values.end());
+      if (ties)
+        for (auto& value : deltas[m]) value *= rescales.at(chunk.tensor)[m];
       if (dare) {
         const std::uint64_t key = tensor_key_of(out.name);
         const double factor = rescales.at(chunk.tensor)[m];

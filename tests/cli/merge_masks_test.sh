@@ -124,7 +124,7 @@ bad no-signs "a model without statistics" "ft0 has no gradfix: {signs: FILE}" "$
 config no-order ties none normal 1 true "${models[@]}"
 sed -i 's/order: none, //' "$work/no-order.yml"
 bad no-order "statistics without an order" "gradfix.order is not set" "$gradfix" merge --config "$work/no-order.yml" --out "$work/no-order-out"
-config linear linear mask-then-merge normal 1 true ft0:1:1 ft1:1:1 ft2:1:1
+config linear linear mask-then-merge normal 1 true base:1:1 ft0:1:1 ft1:1:1  # a linear merge lists its base (mergekit)
 bad linear "masks in a linear merge" "linear merges whole weights" "$gradfix" merge --config "$work/linear.yml" --out "$work/linear-out"
 config mode ties mask-then-merge sharp 1 true "${models[@]}"
 bad mode "an unknown mask mode" "gradfix.mask_mode: unknown mask mode 'sharp'" "$gradfix" merge --config "$work/mode.yml" --out "$work/mode-out"

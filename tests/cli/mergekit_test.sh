@@ -2,7 +2,7 @@
 # mergekit merge configurations (issue 8): `gradfix merge --config MERGE.yml --out DIR` on the
 # configurations in tests/fixtures/mergekit equals mergekit-yaml's output on the same models
 # (linear, task_arithmetic with lambda, ties with per-model weights and densities, normalised or
-# not), at 1 to 3 ranks with the same bytes at every rank count; DARE (dare_ties, dare_linear)
+# not, rescaled, with top-level defaults of weight and density), at 1 to 3 ranks with the same bytes at every rank count; DARE (dare_ties, dare_linear)
 # independent of the rank count, equal to task arithmetic at density 1, keeping the density's
 # fraction of entries and each tensor's L1 norm; keeps the tensors mergekit's
 # architecture table leaves out (the Llama biases); carries config.json and writes a model card;
@@ -20,13 +20,14 @@ trap 'rm -rf "$work"' EXIT
 expect_output=$work/out.txt  # not in the source tree
 cd "$fixtures"  # the configurations name the models relative to their directory, as mergekit runs them
 
-for config in linear task_arithmetic ties ties_unnormalized; do
+for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names
   done
   check "$config: the same bytes at 1, 2 and 3 ranks" bash -c "'$same' '$work/$config-p1' '$work/$config-p2' && '$same' '$work/$config-p1' '$work/$config-p3'"
 done
+check "the comparison can fail: ties with rescale is not ties (it was ignored before)" bash -c "! '$close' '$work/ties_rescale-p1' reference/ties --reference-names 2>/dev/null"
 check "the comparison can fail: ties is not task arithmetic" bash -c "! '$close' '$work/ties-p1' reference/task_arithmetic --reference-names 2>/dev/null"
 check "the Llama biases mergekit leaves out are kept" bash -c "'$gradfix' inspect '$work/ties-p1' | grep -q '^model.layers.0.self_attn.q_proj.bias '"
 check "config.json is carried from the base" test -f "$work/ties-p1/config.json"
@@ -100,6 +101,8 @@ bad weight "a missing weight" "weight is missing" $'merge_method: ties\nbase_mod
 bad alias "a YAML alias" "does not expand YAML aliases" $'merge_method: ties\nbase_model: &b base\nmodels:\n  - model: *b\n    parameters: {weight: 1}'
 bad syntax "broken YAML" "line 2" $'merge_method: ties\n  models: [a\n'
 bad tokenizer "another tokenizer source" "tokenizer_source: base" $'merge_method: ties\nbase_model: base\ntokenizer_source: union\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
+bad linear_base "linear with a base_model that is not among the models (mergekit refuses it)" "base_model .*base is not among the models of this linear merge" $'merge_method: linear\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}'
+HF_HUB_CACHE=$work/empty-cache bad hub "a hub name the local cache does not hold" "'someorg/Some-Model-7B' is no path here.*huggingface-cli download someorg/Some-Model-7B" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: someorg/Some-Model-7B\n    parameters: {weight: 1}'
 expect_exit2 "a YAML config given to another subcommand" "only gradfix merge reads" "$gradfix" convert --config ties.yml base "$work/c.safetensors"
 expect_exit2 "--task-vector beside a YAML config" "do not go with it" "$gradfix" merge --config ties.yml --task-vector ft0 --out "$work/x"
 finish

@@ -70,7 +70,8 @@ struct MergeJob {
 //   ties             each delta M_i - base trimmed to its k = max(1, int(density_i * n)) largest
 //                    magnitudes (exactly k: ties at the threshold are kept in index order), times
 //                    w_i; a sign elected per entry from the sum (+ when it is 0); base + lambda *
-//                    the sum of the agreeing weighted deltas / the sum of their weights
+//                    the sum of the agreeing weighted deltas / the sum of their weights; with
+//                    rescale each trimmed delta is scaled back to its L1 norm first
 //   dare_linear,     each delta keeps each entry with probability density_i (DARE), rescaled to its
 //   dare_ties        L1 norm (rescale), then as task_arithmetic / ties. The draws come from
 //                    (seed, model, tensor, element) alone, so they do not depend on the ranks.
@@ -85,7 +86,7 @@ struct ModelMergeJob {
   std::vector<double> densities;    // one per model; 1 keeps everything
   bool normalize = true;
   double lambda = 1.0;
-  bool rescale = true;              // DARE: rescale each kept delta to its L1 norm
+  bool rescale = true;              // scale each sparsified delta back to its L1 norm (mergekit: on for DARE, off for ties)
   std::uint64_t seed = 0;           // DARE's draws
   // gradfix's addition: gradient-sign masks with each model's statistics (on the base), before
   // the merge (each delta with its own) or after it (the merged delta with sum_i sign(s_i)).
