@@ -73,9 +73,12 @@ ModelMergeJob mergekit_job(const std::string& path) {
   else if (method == "ties") job.method = ModelMergeMethod::kTies;
   else if (method == "dare_ties") job.method = ModelMergeMethod::kDareTies;
   else if (method == "dare_linear") job.method = ModelMergeMethod::kDareLinear;
+  else if (method == "slerp") job.method = ModelMergeMethod::kSlerp;
+  else if (method == "nuslerp") job.method = ModelMergeMethod::kNuslerp;
   else
     throw InputError(path + ": merge_method '" + escaped_name(method) +
-                     "' is not one gradfix has (linear, task_arithmetic, ties, dare_ties, dare_linear)");
+                     "' is not one gradfix has (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp, nuslerp)");
+  const bool spherical = job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNuslerp;
   // mergekit's defaults: linear and ties normalise by the weights, the others do not; DARE
   // rescales what it keeps.
   job.normalize = job.method == ModelMergeMethod::kLinear || job.method == ModelMergeMethod::kTies;
@@ -89,7 +92,22 @@ ModelMergeJob mergekit_job(const std::string& path) {
   if (config.contains("parameters")) {
     const Json& parameters = config["parameters"];
     if (!parameters.is_object()) throw InputError(path + ": parameters must be a mapping");
-    refuse_unknown(parameters, {"normalize", "lambda", "int8_mask", "rescale", "weight", "density"}, path + ": parameters");
+    refuse_unknown(parameters, {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "t", "nuslerp_flatten", "nuslerp_row_wise"},
+                   path + ": parameters");
+    // Each method's own parameters, and none of another's: a parameter that does nothing is refused.
+    auto only_for = [&](const char* key, bool applies, const char* methods) {
+      if (parameters.contains(key) && !applies)
+        throw InputError(path + ": parameters." + key + " is a parameter of " + methods + ", not of " + method);
+    };
+    only_for("t", job.method == ModelMergeMethod::kSlerp, "slerp");
+    for (const char* key : {"nuslerp_flatten", "nuslerp_row_wise"}) only_for(key, job.method == ModelMergeMethod::kNuslerp, "nuslerp");
+    for (const char* key : {"normalize", "lambda", "rescale", "int8_mask", "density"})
+      only_for(key, !spherical, "linear, task_arithmetic, ties and dare_*");
+    if (parameters.contains("t")) job.t = number(parameters["t"], path + ": parameters.t");
+    if (parameters.contains("nuslerp_flatten") && !boolean(parameters["nuslerp_flatten"], path + ": parameters.nuslerp_flatten"))
+      throw InputError(path + ": parameters.nuslerp_flatten: false (row- or column-wise nuslerp) is not implemented; gradfix "
+                       "interpolates each tensor as one vector, mergekit's default (nuslerp_flatten: true)");
+    if (parameters.contains("nuslerp_row_wise")) (void)boolean(parameters["nuslerp_row_wise"], path + ": parameters.nuslerp_row_wise");
     if (parameters.contains("normalize")) job.normalize = boolean(parameters["normalize"], path + ": parameters.normalize");
     if (parameters.contains("lambda")) job.lambda = number(parameters["lambda"], path + ": parameters.lambda");
     if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], path + ": parameters.int8_mask");
@@ -115,6 +133,11 @@ ModelMergeJob mergekit_job(const std::string& path) {
     // task-arithmetic merge and is skipped there, as mergekit skips it.
     base_listed = base_listed || model == job.base;
     if (model == job.base && job.method != ModelMergeMethod::kLinear) continue;
+    if (job.method == ModelMergeMethod::kSlerp) {
+      // slerp weighs by t alone.
+      if (parameters.contains("weight")) throw InputError(where + ".parameters.weight: slerp takes no weights; t (0: the base, 1: this model) is in the top-level parameters");
+      parameters["weight"] = 1.0;
+    }
     if (!parameters.contains("weight"))
       throw InputError(where + ".parameters.weight is missing (mergekit requires it, here or in the top-level parameters)");
     job.models.push_back(model);
@@ -196,6 +219,8 @@ ModelMergeJob mergekit_job(const std::string& path) {
     throw InputError(path + ": models name gradfix.signs but gradfix.order is not set (mask-then-merge or merge-then-mask)");
   }
   if (job.models.empty()) throw InputError(path + ": no model to merge besides the base");
+  if (job.method == ModelMergeMethod::kSlerp && !(config.contains("parameters") && config["parameters"].contains("t")))
+    throw InputError(path + ": slerp needs parameters.t (0: the base, 1: the other model), as mergekit requires it");
   return job;
 }
 

@@ -1,5 +1,5 @@
 // gradfix merge --config: whole models merged by mergekit's rules (linear, task_arithmetic, ties,
-// dare_linear, dare_ties), with gradient-sign masks before or after.
+// dare_linear, dare_ties, slerp, nuslerp), with gradient-sign masks before or after.
 #include "file_jobs.hpp"
 #include "gradfix/io/exact_sum.hpp"
 
@@ -13,6 +13,8 @@ const char* model_merge_method_name(ModelMergeMethod method) {
     case ModelMergeMethod::kTies: return "ties";
     case ModelMergeMethod::kDareLinear: return "dare_linear";
     case ModelMergeMethod::kDareTies: return "dare_ties";
+    case ModelMergeMethod::kSlerp: return "slerp";
+    case ModelMergeMethod::kNuslerp: return "nuslerp";
   }
   return "?";
 }
@@ -43,22 +45,29 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
         if (density != 1.0) throw InputError(std::string(model_merge_method_name(job.method)) + " does not sparsify: density must be 1");
     if (job.weights.size() != n || job.densities.size() != n)
       throw InputError("a merge needs one weight and one density per model");
-    if (!linear && job.base.empty()) throw InputError(std::string(model_merge_method_name(job.method)) + " needs a base_model");
+    if (!linear && job.method != ModelMergeMethod::kNuslerp && job.base.empty())
+      throw InputError(std::string(model_merge_method_name(job.method)) + " needs a base_model");
+    if (job.method == ModelMergeMethod::kSlerp && n != 1)
+      throw InputError("slerp interpolates between the base and one other model; got " + std::to_string(n) + " besides the base");
+    if (job.method == ModelMergeMethod::kSlerp && !std::isfinite(job.t)) throw InputError("slerp: t must be finite");
+    if (job.method == ModelMergeMethod::kNuslerp && n != 2)
+      throw InputError("nuslerp interpolates between two models; got " + std::to_string(n) + " besides the base");
     for (std::size_t m = 0; m < n; ++m) {
       if (!std::isfinite(job.weights[m])) throw InputError(job.models[m] + ": weight must be finite");
       if (!(job.densities[m] >= 0.0 && job.densities[m] <= 1.0))
         throw InputError(job.models[m] + ": density must be in [0, 1], got " + std::to_string(job.densities[m]));
     }
     if (!std::isfinite(job.lambda)) throw InputError("lambda must be finite");
-    if (job.order != MergeOrder::kNone && linear)
-      throw InputError("gradfix.order: linear merges whole weights, not deltas from a base; masks go with task_arithmetic, ties, "
+    if (job.order != MergeOrder::kNone && (linear || job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNuslerp))
+      throw InputError(std::string("gradfix.order: ") + model_merge_method_name(job.method) +
+                       " merges whole weights (or rotates them), not sums of deltas from a base; masks go with task_arithmetic, ties, "
                        "dare_linear and dare_ties");
     if (job.order != MergeOrder::kNone && job.signs.size() != n)
       throw InputError(std::string("gradfix.order ") + merge_order_name(job.order) + " needs sign statistics (gradfix: {signs: FILE}) "
                        "for every model: got " + std::to_string(job.signs.size()) + " for " + std::to_string(n) + " models");
     if (job.order == MergeOrder::kNone && !job.signs.empty())
       throw InputError("sign statistics given without gradfix.order (mask-then-merge or merge-then-mask)");
-    base = open_reader(linear && job.base.empty() ? job.models.front() : job.base);
+    base = open_reader(job.base.empty() ? job.models.front() : job.base);
     for (const auto& path : job.models) models.push_back(open_reader(path));
     const TensorSelector selector(job.output.include, job.output.exclude);
     for (const auto& name : selected_names(*base, selector))
@@ -92,6 +101,8 @@ Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& 
     options["rescale"] = job.rescale;
     options["seed"] = job.seed;
   }
+  if (job.method == ModelMergeMethod::kTies) options["rescale"] = job.rescale;
+  if (job.method == ModelMergeMethod::kSlerp) options["t"] = job.t;
   if (job.order != MergeOrder::kNone) {
     options["order"] = merge_order_name(job.order);
     options["signs"] = input_names(job.signs);
@@ -329,20 +340,112 @@ void merge_models(const ModelMergeJob& job, const Ranks& ranks, const ModelMerge
   });
 }
 
+// The coefficients (c0, c1) of a spherical interpolation of v0 and v1 by t, from their squared
+// norms and their dot product: mergekit's slerp (norms below `floor` count as 1, linear where
+// |cos| > 0.9995) or nuslerp (norms clamped to 1e-7 below, linear where 1 - cos^2 <= 1e-16).
+std::pair<double, double> spherical_coefficients(ModelMergeMethod method, double t, double s00, double s11, double s01) {
+  const bool slerp = method == ModelMergeMethod::kSlerp;
+  double n0 = std::sqrt(s00), n1 = std::sqrt(s11);
+  if (slerp) {
+    n0 = n0 > 1e-8 ? n0 : 1.0;
+    n1 = n1 > 1e-8 ? n1 : 1.0;
+  } else {
+    n0 = std::max(n0, 1e-7);
+    n1 = std::max(n1, 1e-7);
+  }
+  const double cosine = std::min(1.0, std::max(-1.0, s01 / (n0 * n1)));
+  const bool linear = slerp ? std::fabs(cosine) > 0.9995 : 1.0 - cosine * cosine <= 1e-16;
+  if (linear) return {1.0 - t, t};
+  const double theta = std::acos(cosine), sine = std::sin(theta);
+  return {std::sin((1.0 - t) * theta) / sine, std::sin(t * theta) / sine};
+}
+
+// slerp and nuslerp in the compute type V, each tensor as one vector: slerp rotates the base
+// towards the model, nuslerp rotates between the two models, or their deltas from the base,
+// which is then added back. A tensor's sums are exact and completed over the ranks when it is
+// split, so the result does not depend on the number of ranks.
+template <typename V>
+void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
+                     long long& elements) {
+  const bool slerp = job.method == ModelMergeMethod::kSlerp;
+  const bool with_base = !job.base.empty() && !slerp;
+  const auto& layout = chunked.layout();
+  const bool allow = job.output.allow_nonfinite;
+  const double t = slerp ? job.t : (std::fabs(job.weights[0] + job.weights[1]) < 1e-6 ? 0.5 : job.weights[1] / (job.weights[0] + job.weights[1]));
+  // The two vectors of a chunk: slerp's base and model; nuslerp's models, less the base if any.
+  auto pair_of = [&](const Piece& chunk, std::vector<V>& base_values) {
+    const std::string& name = layout[chunk.tensor].name;
+    std::pair<std::vector<V>, std::vector<V>> out;
+    if (slerp) {
+      out.first = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+      out.second = load<V>(*in.models[0], name, chunk.begin, chunk.count, allow);
+      return out;
+    }
+    out.first = load<V>(*in.models[0], name, chunk.begin, chunk.count, allow);
+    out.second = load<V>(*in.models[1], name, chunk.begin, chunk.count, allow);
+    if (with_base) {
+      base_values = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+      for (std::size_t i = 0; i < base_values.size(); ++i) {
+        out.first[i] -= base_values[i];
+        out.second[i] -= base_values[i];
+      }
+    }
+    return out;
+  };
+  // Each tensor's coefficients from its exact sums.
+  std::map<std::size_t, std::pair<double, double>> tensor_coefficients;
+  for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
+    ExactSum s00, s11, s01;
+    std::vector<V> unused;
+    for (const Piece& chunk : entry.second) {
+      const auto vectors = pair_of(chunk, unused);
+      for (std::size_t i = 0; i < vectors.first.size(); ++i) {
+        const double a = vectors.first[i], b = vectors.second[i];
+        s00.add(a * a);
+        s11.add(b * b);
+        s01.add(a * b);
+      }
+    }
+    auto total = [&](ExactSum& sum) { return chunked.plan().is_split(entry.first) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value(); };
+    const double a = total(s00), b = total(s11), c = total(s01);
+    tensor_coefficients[entry.first] = spherical_coefficients(job.method, t, a, b, c);
+  }
+  chunked.write(job.out, metadata, job.output, [&](const Piece& chunk, const TensorInfo& out, TensorWriter& writer, NonFiniteResults& nonfinite) {
+    if (!in.merged.count(out.name)) {
+      copy_chunk(*in.base, out, chunk, writer, true, nonfinite);
+      return;
+    }
+    std::vector<V> base_values;
+    const auto vectors = pair_of(chunk, base_values);
+    const auto count = static_cast<std::size_t>(chunk.count);
+    const auto c = tensor_coefficients.at(chunk.tensor);
+    std::vector<double> result(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      result[i] = c.first * vectors.first[i] + c.second * vectors.second[i];
+      if (with_base) result[i] += base_values[i];
+    }
+    store(writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
+    elements += chunk.count;
+  });
+}
+
 }  // namespace
 
 JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
   const ModelMergeInputs in = open_model_merge_inputs(job, ranks);
-  const bool linear = job.method == ModelMergeMethod::kLinear;
   std::vector<TensorInfo> layout;
   for (const auto& tensor : in.base->tensors()) layout.push_back(output_info(tensor, job.output));
   ChunkedJob chunked(ranks, "merge", layout);
   const Metadata metadata = model_merge_metadata(job, in);
   JobSummary summary;
-  if (model_merge_in_f64(layout, in)) merge_models<double>(job, ranks, in, chunked, metadata, summary.elements);
+  const bool spherical = job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNuslerp;
+  const bool f64 = model_merge_in_f64(layout, in);
+  if (spherical && f64) merge_spherical<double>(job, ranks, in, chunked, metadata, summary.elements);
+  else if (spherical) merge_spherical<float>(job, ranks, in, chunked, metadata, summary.elements);
+  else if (f64) merge_models<double>(job, ranks, in, chunked, metadata, summary.elements);
   else merge_models<float>(job, ranks, in, chunked, metadata, summary.elements);
-  chunked.commit(linear && job.base.empty() ? job.models.front() : job.base);
+  chunked.commit(job.base.empty() ? job.models.front() : job.base);
   std::vector<long long> elements = {summary.elements};
   ranks.reduce_statistics(elements);
   summary.elements = elements[0];

@@ -75,8 +75,13 @@ struct MergeJob {
 //   dare_linear,     each delta keeps each entry with probability density_i (DARE), rescaled to its
 //   dare_ties        L1 norm (rescale), then as task_arithmetic / ties. The draws come from
 //                    (seed, model, tensor, element) alone, so they do not depend on the ranks.
+//   slerp            spherical interpolation from the base (t = 0) to the one other model
+//                    (t = 1), each tensor as one vector, linear where the two are nearly
+//                    parallel (|cos| > 0.9995)
+//   nuslerp          spherical interpolation between two models (or their deltas from a base),
+//                    each tensor as one vector, t = w_2 / (w_1 + w_2)
 // (mergekit's rules; docs/merging.md lists where gradfix's own `--method ties` differs.)
-enum class ModelMergeMethod { kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies };
+enum class ModelMergeMethod { kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp };
 
 struct ModelMergeJob {
   ModelMergeMethod method = ModelMergeMethod::kTies;
@@ -88,6 +93,7 @@ struct ModelMergeJob {
   double lambda = 1.0;
   bool rescale = true;              // scale each sparsified delta back to its L1 norm (mergekit: on for DARE, off for ties)
   std::uint64_t seed = 0;           // DARE's draws
+  double t = 0.5;                   // slerp: 0 is the base, 1 the other model
   // gradfix's addition: gradient-sign masks with each model's statistics (on the base), before
   // the merge (each delta with its own) or after it (the merged delta with sum_i sign(s_i)).
   MergeOrder order = MergeOrder::kNone;
