@@ -75,16 +75,19 @@ ModelMergeJob mergekit_job(const std::string& path) {
   else if (method == "dare_linear") job.method = ModelMergeMethod::kDareLinear;
   else if (method == "slerp") job.method = ModelMergeMethod::kSlerp;
   else if (method == "nuslerp") job.method = ModelMergeMethod::kNuslerp;
+  else if (method == "breadcrumbs") job.method = ModelMergeMethod::kBreadcrumbs;
+  else if (method == "breadcrumbs_ties") job.method = ModelMergeMethod::kBreadcrumbsTies;
   else
     throw InputError(path + ": merge_method '" + escaped_name(method) +
-                     "' is not one gradfix has (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp, nuslerp)");
+                     "' is not one gradfix has (linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, slerp, nuslerp)");
   const bool spherical = job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNuslerp;
   // mergekit's defaults: linear and ties normalise by the weights, the others do not; DARE
   // rescales what it keeps.
   job.normalize = job.method == ModelMergeMethod::kLinear || job.method == ModelMergeMethod::kTies;
   job.rescale = job.method == ModelMergeMethod::kDareLinear || job.method == ModelMergeMethod::kDareTies;
+  const bool breadcrumbs = job.method == ModelMergeMethod::kBreadcrumbs || job.method == ModelMergeMethod::kBreadcrumbsTies;
   const bool sparsifies = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kDareTies ||
-                          job.method == ModelMergeMethod::kDareLinear;
+                          job.method == ModelMergeMethod::kDareLinear || breadcrumbs;
   if (config.contains("base_model")) job.base = model_path(config["base_model"], path + ": base_model");
   // Top-level parameters: the merge's own, and defaults of the per-model ones (weight, density)
   // for every model that does not set them, as mergekit resolves them.
@@ -92,7 +95,7 @@ ModelMergeJob mergekit_job(const std::string& path) {
   if (config.contains("parameters")) {
     const Json& parameters = config["parameters"];
     if (!parameters.is_object()) throw InputError(path + ": parameters must be a mapping");
-    refuse_unknown(parameters, {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "t", "nuslerp_flatten", "nuslerp_row_wise"},
+    refuse_unknown(parameters, {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "gamma", "t", "nuslerp_flatten", "nuslerp_row_wise"},
                    path + ": parameters");
     // Each method's own parameters, and none of another's: a parameter that does nothing is refused.
     auto only_for = [&](const char* key, bool applies, const char* methods) {
@@ -100,6 +103,7 @@ ModelMergeJob mergekit_job(const std::string& path) {
         throw InputError(path + ": parameters." + key + " is a parameter of " + methods + ", not of " + method);
     };
     only_for("t", job.method == ModelMergeMethod::kSlerp, "slerp");
+    only_for("gamma", breadcrumbs, "breadcrumbs and breadcrumbs_ties");
     for (const char* key : {"nuslerp_flatten", "nuslerp_row_wise"}) only_for(key, job.method == ModelMergeMethod::kNuslerp, "nuslerp");
     for (const char* key : {"normalize", "lambda", "rescale", "int8_mask", "density"})
       only_for(key, !spherical, "linear, task_arithmetic, ties and dare_*");
@@ -112,7 +116,7 @@ ModelMergeJob mergekit_job(const std::string& path) {
     if (parameters.contains("lambda")) job.lambda = number(parameters["lambda"], path + ": parameters.lambda");
     if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], path + ": parameters.int8_mask");
     if (parameters.contains("rescale")) job.rescale = boolean(parameters["rescale"], path + ": parameters.rescale");
-    for (const char* key : {"weight", "density"})
+    for (const char* key : {"weight", "density", "gamma"})
       if (parameters.contains(key)) defaults[key] = parameters[key];
   }
   bool base_listed = false;
@@ -126,7 +130,9 @@ ModelMergeJob mergekit_job(const std::string& path) {
     const std::string model = model_path(entry["model"], where + ".model");
     Json parameters = entry.contains("parameters") ? entry["parameters"] : Json::object();
     if (!parameters.is_object()) throw InputError(where + ".parameters must be a mapping");
-    refuse_unknown(parameters, {"weight", "density"}, where + ".parameters");
+    refuse_unknown(parameters, {"weight", "density", "gamma"}, where + ".parameters");
+    if (parameters.contains("gamma") && !breadcrumbs)
+      throw InputError(where + ".parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of " + method);
     for (const auto& [key, value] : defaults.items())
       if (!parameters.contains(key)) parameters[key] = value;
     // The base may be listed among the models (mergekit allows it): it adds nothing to a
@@ -143,6 +149,7 @@ ModelMergeJob mergekit_job(const std::string& path) {
     job.models.push_back(model);
     job.weights.push_back(number(parameters["weight"], where + ".parameters.weight"));
     job.densities.push_back(parameters.contains("density") ? number(parameters["density"], where + ".parameters.density") : 1.0);
+    if (breadcrumbs) job.gammas.push_back(parameters.contains("gamma") ? number(parameters["gamma"], where + ".parameters.gamma") : 0.01);
     // gradfix's per-model addition: the model's sign statistics on the base (gradfix signs).
     if (entry.contains("gradfix")) {
       const Json& extra = entry["gradfix"];

@@ -15,6 +15,8 @@ const char* model_merge_method_name(ModelMergeMethod method) {
     case ModelMergeMethod::kDareTies: return "dare_ties";
     case ModelMergeMethod::kSlerp: return "slerp";
     case ModelMergeMethod::kNuslerp: return "nuslerp";
+    case ModelMergeMethod::kBreadcrumbs: return "breadcrumbs";
+    case ModelMergeMethod::kBreadcrumbsTies: return "breadcrumbs_ties";
   }
   return "?";
 }
@@ -45,6 +47,10 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
         if (density != 1.0) throw InputError(std::string(model_merge_method_name(job.method)) + " does not sparsify: density must be 1");
     if (job.weights.size() != n || job.densities.size() != n)
       throw InputError("a merge needs one weight and one density per model");
+    if ((job.method == ModelMergeMethod::kBreadcrumbs || job.method == ModelMergeMethod::kBreadcrumbsTies) && job.gammas.size() != n)
+      throw InputError("breadcrumbs needs one gamma per model");
+    for (double gamma : job.gammas)
+      if (!(gamma >= 0.0 && gamma <= 1.0)) throw InputError("gamma must be in [0, 1], got " + format_number(gamma));
     if (!linear && job.method != ModelMergeMethod::kNuslerp && job.base.empty())
       throw InputError(std::string(model_merge_method_name(job.method)) + " needs a base_model");
     if (job.method == ModelMergeMethod::kSlerp && n != 1)
@@ -101,7 +107,9 @@ Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& 
     options["rescale"] = job.rescale;
     options["seed"] = job.seed;
   }
-  if (job.method == ModelMergeMethod::kTies) options["rescale"] = job.rescale;
+  if (job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kBreadcrumbs || job.method == ModelMergeMethod::kBreadcrumbsTies)
+    options["rescale"] = job.rescale;
+  if (job.method == ModelMergeMethod::kBreadcrumbs || job.method == ModelMergeMethod::kBreadcrumbsTies) options["gammas"] = job.gammas;
   if (job.method == ModelMergeMethod::kSlerp) options["t"] = job.t;
   if (job.order != MergeOrder::kNone) {
     options["order"] = merge_order_name(job.order);
@@ -182,18 +190,64 @@ std::map<std::size_t, std::vector<double>> l1_rescales(const ModelMergeJob& job,
   return rescales;
 }
 
-// TIES's trims: per tensor and model, exactly k entries of the delta survive (trim.hpp's Trim).
+// A magnitude sparsification of one delta within one tensor: TIES keeps its k largest
+// magnitudes; Model Breadcrumbs (mergekit's magnitude_outliers) keeps int(density * n) entries
+// after the n_bot = max(0, n - int(density * n) - int(gamma * n)) smallest, dropping the largest
+// (at most int(gamma * n) of them) above those.
+struct MagnitudeSparsification {
+  Trim keep;       // the k largest survive...
+  Trim outliers;   // ...less these (breadcrumbs)
+  bool drop_outliers = false;
+  bool drop_all = false;
+
+  template <typename V>
+  void apply(const Piece& chunk, std::vector<V>& values) const {
+    if (drop_all) {
+      std::fill(values.begin(), values.end(), V(0));
+      return;
+    }
+    std::vector<V> top;
+    if (drop_outliers) {
+      top = values;
+      outliers.apply(chunk, top);
+    }
+    keep.apply(chunk, values);
+    for (std::size_t i = 0; i < top.size(); ++i)
+      if (top[i] != V(0)) values[i] = V(0);
+  }
+};
+
+// The sparsifications of every model's delta, per tensor (trim.hpp's Trim: exact counts at any P).
 template <typename DeltaOf>
-std::map<std::size_t, std::vector<Trim>> ties_trims(const ModelMergeJob& job, const Ranks& ranks, const ChunkedJob& chunked,
-                                                    const ChunksByTensor& tensors, const DeltaOf& delta) {
-  std::map<std::size_t, std::vector<Trim>> trims;  // by tensor
+std::map<std::size_t, std::vector<MagnitudeSparsification>> magnitude_sparsifications(const ModelMergeJob& job, const Ranks& ranks,
+                                                                                     const ChunkedJob& chunked, const ChunksByTensor& tensors,
+                                                                                     const DeltaOf& delta) {
+  const bool breadcrumbs = job.method == ModelMergeMethod::kBreadcrumbs || job.method == ModelMergeMethod::kBreadcrumbsTies;
+  std::map<std::size_t, std::vector<MagnitudeSparsification>> out;  // by tensor
   for (const auto& [t, mine] : tensors) {
     const long long numel = chunked.layout()[t].numel();
-    for (std::size_t m = 0; m < job.models.size(); ++m)
-      trims[t].push_back(exact_trim(ranks, mergekit_keep_count(numel, job.densities[m]), numel, chunked.plan().is_split(t), mine,
-                                    [&](const Piece& chunk) { return delta(m, chunk); }));
+    const bool split = chunked.plan().is_split(t);
+    for (std::size_t m = 0; m < job.models.size(); ++m) {
+      auto values = [&](const Piece& chunk) { return delta(m, chunk); };
+      MagnitudeSparsification sparsification;
+      if (!breadcrumbs) {
+        sparsification.keep = exact_trim(ranks, mergekit_keep_count(numel, job.densities[m]), numel, split, mine, values);
+      } else if (job.densities[m] < 1.0) {
+        const auto target = static_cast<long long>(job.densities[m] * static_cast<double>(numel));
+        const auto top = static_cast<long long>(job.gammas[m] * static_cast<double>(numel));
+        const long long bottom = std::max(0LL, numel - target - top);
+        const long long above = numel - bottom - target;  // the largest, dropped
+        sparsification.drop_all = target <= 0;
+        if (!sparsification.drop_all) {
+          sparsification.keep = exact_trim(ranks, numel - bottom, numel, split, mine, values);
+          if (above > 0) sparsification.outliers = exact_trim(ranks, above, numel, split, mine, values);
+          sparsification.drop_outliers = above > 0;
+        }
+      }
+      out[t].push_back(std::move(sparsification));
+    }
   }
-  return trims;
+  return out;
 }
 
 // The merge of this rank's chunks in the compute type V (fp32 as mergekit computes a float32
@@ -203,7 +257,8 @@ void merge_models(const ModelMergeJob& job, const Ranks& ranks, const ModelMerge
                   long long& elements) {
   const bool linear = job.method == ModelMergeMethod::kLinear;
   const bool dare = job.method == ModelMergeMethod::kDareLinear || job.method == ModelMergeMethod::kDareTies;
-  const bool consensus = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kDareTies;
+  const bool consensus = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kDareTies ||
+                         job.method == ModelMergeMethod::kBreadcrumbsTies;
   const auto& base = in.base;
   const auto& models = in.models;
   const auto& signs = in.signs;
@@ -249,8 +304,11 @@ void merge_models(const ModelMergeJob& job, const Ranks& ranks, const ModelMerge
   };
 
   const ChunksByTensor tensors = merged_tensors_here(chunked, in.merged);
-  const bool ties = job.method == ModelMergeMethod::kTies;
-  const auto trims = ties ? ties_trims(job, ranks, chunked, tensors, delta) : std::map<std::size_t, std::vector<Trim>>{};
+  // TIES and Model Breadcrumbs sparsify by magnitude (`ties` below: either).
+  const bool ties = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kBreadcrumbs ||
+                    job.method == ModelMergeMethod::kBreadcrumbsTies;
+  const auto trims = ties ? magnitude_sparsifications(job, ranks, chunked, tensors, delta)
+                          : std::map<std::size_t, std::vector<MagnitudeSparsification>>{};
   std::map<std::size_t, std::vector<double>> rescales;
   if (dare)
     rescales = l1_rescales(job, ranks, chunked, tensors, delta, [&](std::size_t m, const Piece& chunk, std::vector<V>& values) {

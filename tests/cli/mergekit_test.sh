@@ -2,8 +2,8 @@
 # mergekit merge configurations (issue 8): `gradfix merge --config MERGE.yml --out DIR` on the
 # configurations in tests/fixtures/mergekit equals mergekit-yaml's output on the same models
 # (linear, task_arithmetic with lambda, ties with per-model weights and densities, normalised or
-# not, rescaled, with top-level defaults of weight and density; slerp; nuslerp with and without a
-# base), at 1 to 3 ranks with the same bytes at every rank count; DARE (dare_ties, dare_linear)
+# not, rescaled, with top-level defaults of weight and density; breadcrumbs and breadcrumbs_ties;
+# slerp; nuslerp with and without a base), at 1 to 3 ranks with the same bytes at every rank count; DARE (dare_ties, dare_linear)
 # independent of the rank count, equal to task arithmetic at density 1, keeping the density's
 # fraction of entries and each tensor's L1 norm; keeps the tensors mergekit's
 # architecture table leaves out (the Llama biases); carries config.json and writes a model card;
@@ -21,7 +21,7 @@ trap 'rm -rf "$work"' EXIT
 expect_output=$work/out.txt  # not in the source tree
 cd "$fixtures"  # the configurations name the models relative to their directory, as mergekit runs them
 
-for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults slerp nuslerp nuslerp_nobase; do
+for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults breadcrumbs breadcrumbs_ties slerp nuslerp nuslerp_nobase; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names
@@ -99,6 +99,7 @@ bad slerp_t "slerp without t" "slerp needs parameters.t" $'merge_method: slerp\n
 bad slerp_two "slerp of two models" "slerp interpolates between the base and one other model; got 2" $'merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {t: 0.5}'
 bad nuslerp_rows "row-wise nuslerp" "nuslerp_flatten: false (row- or column-wise nuslerp) is not implemented" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {nuslerp_flatten: false}'
 bad ties_t "a parameter of another method" "parameters.t is a parameter of slerp, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {t: 0.5}'
+bad ties_gamma "gamma in a ties merge" "parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, gamma: 0.1}'
 bad nuslerp_lambda "lambda in a nuslerp" "parameters.lambda is a parameter of linear, task_arithmetic, ties and dare_., not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {lambda: 2}'
 bad unknown "an unknown key" "does not read 'slices'" $'merge_method: ties\nslices: []\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
 bad layers "per-layer weights" "per-layer values" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: [0, 1]}'

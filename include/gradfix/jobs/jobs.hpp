@@ -81,7 +81,10 @@ struct MergeJob {
 //   nuslerp          spherical interpolation between two models (or their deltas from a base),
 //                    each tensor as one vector, t = w_2 / (w_1 + w_2)
 // (mergekit's rules; docs/merging.md lists where gradfix's own `--method ties` differs.)
-enum class ModelMergeMethod { kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp };
+//   breadcrumbs,     Model Breadcrumbs: each delta keeps int(density_i n) entries by magnitude
+//   breadcrumbs_ties after the n_bot = max(0, n - int(density_i n) - int(gamma_i n)) smallest
+//                    (the largest above them dropped), then as task_arithmetic / ties
+enum class ModelMergeMethod { kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies };
 
 struct ModelMergeJob {
   ModelMergeMethod method = ModelMergeMethod::kTies;
@@ -89,6 +92,7 @@ struct ModelMergeJob {
   std::vector<std::string> models;
   std::vector<double> weights;      // one per model
   std::vector<double> densities;    // one per model; 1 keeps everything
+  std::vector<double> gammas;       // breadcrumbs: one per model, the largest magnitudes dropped
   bool normalize = true;
   double lambda = 1.0;
   bool rescale = true;              // scale each sparsified delta back to its L1 norm (mergekit: on for DARE, off for ties)
