@@ -59,139 +59,175 @@ std::string model_path(const Json& value, const std::string& where) {
 
 bool is_yaml_path(const std::string& path) { return ends_with(path, ".yml") || ends_with(path, ".yaml"); }
 
-ModelMergeJob mergekit_job(const std::string& path) {
-  const Json config = parse_yaml(read_option_file(path, "merge configuration"), path);
-  if (!config.is_object()) throw InputError(path + ": a merge configuration is a mapping of keys");
-  refuse_unknown(config, {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "gradfix"}, path);
-  ModelMergeJob job;
-  job.config_json = config.dump();
-  std::vector<std::pair<std::size_t, std::string>> signs_by_model;
-  if (!config.contains("merge_method")) throw InputError(path + ": merge_method is missing");
-  const std::string method = text(config["merge_method"], path + ": merge_method");
-  if (method == "linear") job.method = ModelMergeMethod::kLinear;
-  else if (method == "task_arithmetic") job.method = ModelMergeMethod::kTaskArithmetic;
-  else if (method == "ties") job.method = ModelMergeMethod::kTies;
-  else if (method == "dare_ties") job.method = ModelMergeMethod::kDareTies;
-  else if (method == "dare_linear") job.method = ModelMergeMethod::kDareLinear;
-  else if (method == "slerp") job.method = ModelMergeMethod::kSlerp;
-  else if (method == "nuslerp") job.method = ModelMergeMethod::kNuslerp;
-  else if (method == "breadcrumbs") job.method = ModelMergeMethod::kBreadcrumbs;
-  else if (method == "breadcrumbs_ties") job.method = ModelMergeMethod::kBreadcrumbsTies;
-  else
-    throw InputError(path + ": merge_method '" + escaped_name(method) +
-                     "' is not one gradfix has (linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, slerp, nuslerp)");
-  const bool spherical = job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNuslerp;
-  // mergekit's defaults: linear and ties normalise by the weights, the others do not; DARE
-  // rescales what it keeps.
-  job.normalize = job.method == ModelMergeMethod::kLinear || job.method == ModelMergeMethod::kTies;
-  job.rescale = job.method == ModelMergeMethod::kDareLinear || job.method == ModelMergeMethod::kDareTies;
-  const bool breadcrumbs = job.method == ModelMergeMethod::kBreadcrumbs || job.method == ModelMergeMethod::kBreadcrumbsTies;
-  const bool sparsifies = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kDareTies ||
-                          job.method == ModelMergeMethod::kDareLinear || breadcrumbs;
-  if (config.contains("base_model")) job.base = model_path(config["base_model"], path + ": base_model");
-  // Top-level parameters: the merge's own, and defaults of the per-model ones (weight, density)
-  // for every model that does not set them, as mergekit resolves them.
-  Json defaults = Json::object();
-  if (config.contains("parameters")) {
-    const Json& parameters = config["parameters"];
-    if (!parameters.is_object()) throw InputError(path + ": parameters must be a mapping");
-    refuse_unknown(parameters, {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "gamma", "t", "nuslerp_flatten", "nuslerp_row_wise"},
-                   path + ": parameters");
-    // Each method's own parameters, and none of another's: a parameter that does nothing is refused.
-    auto only_for = [&](const char* key, bool applies, const char* methods) {
-      if (parameters.contains(key) && !applies)
-        throw InputError(path + ": parameters." + key + " is a parameter of " + methods + ", not of " + method);
-    };
-    only_for("t", job.method == ModelMergeMethod::kSlerp, "slerp");
-    only_for("gamma", breadcrumbs, "breadcrumbs and breadcrumbs_ties");
-    for (const char* key : {"nuslerp_flatten", "nuslerp_row_wise"}) only_for(key, job.method == ModelMergeMethod::kNuslerp, "nuslerp");
-    for (const char* key : {"normalize", "lambda", "rescale", "int8_mask", "density"})
-      only_for(key, !spherical, "linear, task_arithmetic, ties and dare_*");
-    if (parameters.contains("t")) job.t = number(parameters["t"], path + ": parameters.t");
-    if (parameters.contains("nuslerp_flatten") && !boolean(parameters["nuslerp_flatten"], path + ": parameters.nuslerp_flatten"))
-      throw InputError(path + ": parameters.nuslerp_flatten: false (row- or column-wise nuslerp) is not implemented; gradfix "
-                       "interpolates each tensor as one vector, mergekit's default (nuslerp_flatten: true)");
-    if (parameters.contains("nuslerp_row_wise")) (void)boolean(parameters["nuslerp_row_wise"], path + ": parameters.nuslerp_row_wise");
-    if (parameters.contains("normalize")) job.normalize = boolean(parameters["normalize"], path + ": parameters.normalize");
-    if (parameters.contains("lambda")) job.lambda = number(parameters["lambda"], path + ": parameters.lambda");
-    if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], path + ": parameters.int8_mask");
-    if (parameters.contains("rescale")) job.rescale = boolean(parameters["rescale"], path + ": parameters.rescale");
-    for (const char* key : {"weight", "density", "gamma"})
-      if (parameters.contains(key)) defaults[key] = parameters[key];
+namespace {
+
+// Reads a mergekit configuration section by section into a ModelMergeJob. Every key is read or
+// refused by name; a parameter of another method is refused too (it would do nothing).
+class MergeConfigReader {
+ public:
+  MergeConfigReader(Json config, std::string path) : config_(std::move(config)), path_(std::move(path)) {}
+
+  ModelMergeJob read() {
+    if (!config_.is_object()) throw InputError(path_ + ": a merge configuration is a mapping of keys");
+    refuse_unknown(config_, {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "gradfix"},
+                   path_);
+    job_.config_json = config_.dump();
+    read_method();
+    if (config_.contains("base_model")) job_.base = model_path(config_["base_model"], path_ + ": base_model");
+    read_parameters();
+    read_models();
+    read_dtypes();
+    if (config_.contains("tokenizer_source") && !config_["tokenizer_source"].is_null() &&
+        text(config_["tokenizer_source"], path_ + ": tokenizer_source") != "base")
+      throw InputError(path_ + ": tokenizer_source '" + escaped_name(config_["tokenizer_source"].get<std::string>()) +
+                       "': gradfix carries the base model's tokenizer only (tokenizer_source: base)");
+    read_gradfix_section();
+    assign_signs();
+    if (job_.models.empty()) throw InputError(path_ + ": no model to merge besides the base");
+    if (is(ModelMergeMethod::kSlerp) && !(config_.contains("parameters") && config_["parameters"].contains("t")))
+      throw InputError(path_ + ": slerp needs parameters.t (0: the base, 1: the other model), as mergekit requires it");
+    return job_;
   }
-  bool base_listed = false;
-  if (!config.contains("models") || !config["models"].is_array() || config["models"].empty())
-    throw InputError(path + ": models must be a non-empty list");
-  for (std::size_t i = 0; i < config["models"].size(); ++i) {
-    const Json& entry = config["models"][i];
-    const std::string where = path + ": models[" + std::to_string(i) + "]";
+
+ private:
+  bool is(ModelMergeMethod method) const { return job_.method == method; }
+  bool spherical() const { return is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNuslerp); }
+  bool breadcrumbs() const { return is(ModelMergeMethod::kBreadcrumbs) || is(ModelMergeMethod::kBreadcrumbsTies); }
+  bool sparsifies() const {
+    return is(ModelMergeMethod::kTies) || is(ModelMergeMethod::kDareTies) || is(ModelMergeMethod::kDareLinear) || breadcrumbs();
+  }
+
+  // merge_method, and mergekit's defaults that follow from it: linear and ties normalise by the
+  // weights, the others do not; DARE rescales what it keeps.
+  void read_method() {
+    if (!config_.contains("merge_method")) throw InputError(path_ + ": merge_method is missing");
+    method_ = text(config_["merge_method"], path_ + ": merge_method");
+    const ModelMergeMethod all[] = {ModelMergeMethod::kLinear,     ModelMergeMethod::kTaskArithmetic, ModelMergeMethod::kTies,
+                                    ModelMergeMethod::kDareTies,   ModelMergeMethod::kDareLinear,     ModelMergeMethod::kBreadcrumbs,
+                                    ModelMergeMethod::kBreadcrumbsTies, ModelMergeMethod::kSlerp,     ModelMergeMethod::kNuslerp};
+    std::string names;
+    bool found = false;
+    for (ModelMergeMethod method : all) {
+      names += std::string(names.empty() ? "" : ", ") + model_merge_method_name(method);
+      if (method_ == model_merge_method_name(method)) {
+        job_.method = method;
+        found = true;
+      }
+    }
+    if (!found) throw InputError(path_ + ": merge_method '" + escaped_name(method_) + "' is not one gradfix has (" + names + ")");
+    job_.normalize = is(ModelMergeMethod::kLinear) || is(ModelMergeMethod::kTies);
+    job_.rescale = is(ModelMergeMethod::kDareLinear) || is(ModelMergeMethod::kDareTies);
+  }
+
+  // Top-level parameters: the merge's own, and defaults of the per-model ones (weight, density,
+  // gamma) for every model that does not set them, as mergekit resolves them.
+  void read_parameters() {
+    if (!config_.contains("parameters")) return;
+    const Json& parameters = config_["parameters"];
+    const std::string where = path_ + ": parameters";
+    if (!parameters.is_object()) throw InputError(where + " must be a mapping");
+    refuse_unknown(parameters,
+                   {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "gamma", "t", "nuslerp_flatten", "nuslerp_row_wise"},
+                   where);
+    auto only_for = [&](const char* key, bool applies, const char* methods) {
+      if (parameters.contains(key) && !applies) throw InputError(where + "." + key + " is a parameter of " + methods + ", not of " + method_);
+    };
+    only_for("t", is(ModelMergeMethod::kSlerp), "slerp");
+    only_for("gamma", breadcrumbs(), "breadcrumbs and breadcrumbs_ties");
+    for (const char* key : {"nuslerp_flatten", "nuslerp_row_wise"}) only_for(key, is(ModelMergeMethod::kNuslerp), "nuslerp");
+    for (const char* key : {"normalize", "lambda", "rescale", "int8_mask", "density"}) only_for(key, !spherical(), "linear, task_arithmetic, ties and dare_*");
+    if (parameters.contains("t")) job_.t = number(parameters["t"], where + ".t");
+    if (parameters.contains("nuslerp_flatten") && !boolean(parameters["nuslerp_flatten"], where + ".nuslerp_flatten"))
+      throw InputError(where + ".nuslerp_flatten: false (row- or column-wise nuslerp) is not implemented; gradfix interpolates each "
+                       "tensor as one vector, mergekit's default (nuslerp_flatten: true)");
+    if (parameters.contains("nuslerp_row_wise")) (void)boolean(parameters["nuslerp_row_wise"], where + ".nuslerp_row_wise");
+    if (parameters.contains("normalize")) job_.normalize = boolean(parameters["normalize"], where + ".normalize");
+    if (parameters.contains("lambda")) job_.lambda = number(parameters["lambda"], where + ".lambda");
+    if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], where + ".int8_mask");
+    if (parameters.contains("rescale")) job_.rescale = boolean(parameters["rescale"], where + ".rescale");
+    for (const char* key : {"weight", "density", "gamma"})
+      if (parameters.contains(key)) defaults_[key] = parameters[key];
+  }
+
+  void read_models() {
+    if (!config_.contains("models") || !config_["models"].is_array() || config_["models"].empty())
+      throw InputError(path_ + ": models must be a non-empty list");
+    bool base_listed = false;
+    for (std::size_t i = 0; i < config_["models"].size(); ++i) base_listed = read_model(i) || base_listed;
+    // A linear merge takes the base as one more model: mergekit then needs its weight, and
+    // refuses a base that is not listed among the models.
+    if (is(ModelMergeMethod::kLinear) && !job_.base.empty() && !base_listed)
+      throw InputError(path_ + ": base_model " + escaped_name(job_.base) +
+                       " is not among the models of this linear merge; mergekit merges the base too and refuses it without a weight: "
+                       "list it under models with a weight, or leave base_model out");
+  }
+
+  // models[i]; returns whether it is the base.
+  bool read_model(std::size_t i) {
+    const Json& entry = config_["models"][i];
+    const std::string where = path_ + ": models[" + std::to_string(i) + "]";
     if (!entry.is_object() || !entry.contains("model")) throw InputError(where + " needs a 'model'");
     refuse_unknown(entry, {"model", "parameters", "gradfix"}, where);
     const std::string model = model_path(entry["model"], where + ".model");
     Json parameters = entry.contains("parameters") ? entry["parameters"] : Json::object();
     if (!parameters.is_object()) throw InputError(where + ".parameters must be a mapping");
     refuse_unknown(parameters, {"weight", "density", "gamma"}, where + ".parameters");
-    if (parameters.contains("gamma") && !breadcrumbs)
-      throw InputError(where + ".parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of " + method);
-    for (const auto& [key, value] : defaults.items())
+    if (parameters.contains("gamma") && !breadcrumbs())
+      throw InputError(where + ".parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of " + method_);
+    for (const auto& [key, value] : defaults_.items())
       if (!parameters.contains(key)) parameters[key] = value;
     // The base may be listed among the models (mergekit allows it): it adds nothing to a
     // task-arithmetic merge and is skipped there, as mergekit skips it.
-    base_listed = base_listed || model == job.base;
-    if (model == job.base && job.method != ModelMergeMethod::kLinear) continue;
-    if (job.method == ModelMergeMethod::kSlerp) {
-      // slerp weighs by t alone.
-      if (parameters.contains("weight")) throw InputError(where + ".parameters.weight: slerp takes no weights; t (0: the base, 1: this model) is in the top-level parameters");
+    const bool base = model == job_.base;
+    if (base && !is(ModelMergeMethod::kLinear)) return true;
+    if (is(ModelMergeMethod::kSlerp)) {
+      if (parameters.contains("weight"))
+        throw InputError(where + ".parameters.weight: slerp takes no weights; t (0: the base, 1: this model) is in the top-level parameters");
       parameters["weight"] = 1.0;
     }
     if (!parameters.contains("weight"))
       throw InputError(where + ".parameters.weight is missing (mergekit requires it, here or in the top-level parameters)");
-    job.models.push_back(model);
-    job.weights.push_back(number(parameters["weight"], where + ".parameters.weight"));
-    job.densities.push_back(parameters.contains("density") ? number(parameters["density"], where + ".parameters.density") : 1.0);
-    if (breadcrumbs) job.gammas.push_back(parameters.contains("gamma") ? number(parameters["gamma"], where + ".parameters.gamma") : 0.01);
+    job_.models.push_back(model);
+    job_.weights.push_back(number(parameters["weight"], where + ".parameters.weight"));
+    job_.densities.push_back(parameters.contains("density") ? number(parameters["density"], where + ".parameters.density") : 1.0);
+    if (breadcrumbs()) job_.gammas.push_back(parameters.contains("gamma") ? number(parameters["gamma"], where + ".parameters.gamma") : 0.01);
+    if (!sparsifies() && job_.densities.back() != 1.0)
+      throw InputError(where + ".parameters.density: " + method_ + " does not sparsify (density is a ties parameter)");
     // gradfix's per-model addition: the model's sign statistics on the base (gradfix signs).
     if (entry.contains("gradfix")) {
       const Json& extra = entry["gradfix"];
       if (!extra.is_object()) throw InputError(where + ".gradfix must be a mapping");
       refuse_unknown(extra, {"signs"}, where + ".gradfix");
-      if (extra.contains("signs")) signs_by_model.emplace_back(job.models.size() - 1, text(extra["signs"], where + ".gradfix.signs"));
+      if (extra.contains("signs")) signs_by_model_.emplace_back(job_.models.size() - 1, text(extra["signs"], where + ".gradfix.signs"));
     }
-    if (!sparsifies && job.densities.back() != 1.0)
-      throw InputError(where + ".parameters.density: " + method + " does not sparsify (density is a ties parameter)");
+    return base;
   }
-  // A linear merge takes the base as one more model: mergekit then needs its weight, and refuses
-  // a base that is not listed among the models.
-  if (job.method == ModelMergeMethod::kLinear && !job.base.empty() && !base_listed)
-    throw InputError(path + ": base_model " + escaped_name(job.base) +
-                     " is not among the models of this linear merge; mergekit merges the base too and refuses it without a weight: "
-                     "list it under models with a weight, or leave base_model out");
-  // mergekit computes in `dtype` and writes out_dtype, else dtype; gradfix computes in fp32 (fp64
-  // for F64) and writes the same dtype mergekit would.
-  for (const char* key : {"dtype", "out_dtype"}) {
-    if (!config.contains(key) || config[key].is_null()) continue;
-    const std::string name = text(config[key], path + ": " + key);
-    const auto dtype = parse_float_dtype(name);
-    if (!dtype) throw InputError(path + ": " + key + " '" + escaped_name(name) + "' is not a float dtype gradfix knows");
-    if (std::string(key) == "out_dtype" || !job.output.out_dtype) job.output.out_dtype = *dtype;
+
+  // mergekit computes in `dtype` and writes out_dtype, else dtype; gradfix computes in fp32
+  // (fp64 for F64) and writes the same dtype mergekit would.
+  void read_dtypes() {
+    for (const char* key : {"dtype", "out_dtype"}) {
+      if (!config_.contains(key) || config_[key].is_null()) continue;
+      const std::string name = text(config_[key], path_ + ": " + key);
+      const auto dtype = parse_float_dtype(name);
+      if (!dtype) throw InputError(path_ + ": " + key + " '" + escaped_name(name) + "' is not a float dtype gradfix knows");
+      if (std::string(key) == "out_dtype" || !job_.output.out_dtype) job_.output.out_dtype = *dtype;
+    }
   }
-  if (config.contains("tokenizer_source") && !config["tokenizer_source"].is_null() &&
-      text(config["tokenizer_source"], path + ": tokenizer_source") != "base")
-    throw InputError(path + ": tokenizer_source '" + escaped_name(config["tokenizer_source"].get<std::string>()) +
-                     "': gradfix carries the base model's tokenizer only (tokenizer_source: base)");
+
   // What mergekit lacks: the seed of DARE's draws (mergekit takes torch's global generator) and
   // gradient-sign masks, as gradfix merge's options name them.
-  if (config.contains("gradfix")) {
-    const Json& extra = config["gradfix"];
-    const std::string where = path + ": gradfix";
+  void read_gradfix_section() {
+    if (!config_.contains("gradfix")) return;
+    const Json& extra = config_["gradfix"];
+    const std::string where = path_ + ": gradfix";
     if (!extra.is_object()) throw InputError(where + " must be a mapping");
     refuse_unknown(extra, {"seed", "order", "mask_mode", "beta", "gamma", "soft_c", "soft_input"}, where);
     if (extra.contains("seed")) {
       const double seed = number(extra["seed"], where + ".seed");
-      if (!(seed >= 0 && seed <= 9007199254740992.0) || seed != std::floor(seed))
-        throw InputError(where + ".seed must be a non-negative integer");
-      job.seed = static_cast<std::uint64_t>(seed);
-      job.mask.seed = job.seed;
+      if (!(seed >= 0 && seed <= 9007199254740992.0) || seed != std::floor(seed)) throw InputError(where + ".seed must be a non-negative integer");
+      job_.seed = static_cast<std::uint64_t>(seed);
+      job_.mask.seed = job_.seed;
     }
     auto prefixed = [&](const std::string& key, auto parse) {
       try {
@@ -200,35 +236,49 @@ ModelMergeJob mergekit_job(const std::string& path) {
         throw InputError(where + "." + key + ": " + escaped_name(error.what()));
       }
     };
-    if (extra.contains("order")) job.order = prefixed("order", parse_merge_order);
-    if (extra.contains("mask_mode")) job.mode = prefixed("mask_mode", parse_mask_mode);
+    if (extra.contains("order")) job_.order = prefixed("order", parse_merge_order);
+    if (extra.contains("mask_mode")) job_.mode = prefixed("mask_mode", parse_mask_mode);
     for (const char* key : {"beta", "gamma", "soft_c"}) {
       if (!extra.contains(key)) continue;
       const double value = number(extra[key], where + "." + key);
       if (!std::isfinite(value)) throw InputError(where + "." + key + " must be finite");
-      (std::string(key) == "beta" ? job.mask.beta : std::string(key) == "gamma" ? job.mask.gamma : job.mask.c) = value;
+      (std::string(key) == "beta" ? job_.mask.beta : std::string(key) == "gamma" ? job_.mask.gamma : job_.mask.c) = value;
     }
-    if (!(job.mask.c > 0.0)) throw InputError(where + ".soft_c must be positive");
+    if (!(job_.mask.c > 0.0)) throw InputError(where + ".soft_c must be positive");
     if (extra.contains("soft_input")) {
       const std::string input = text(extra["soft_input"], where + ".soft_input");
       if (input != "sign" && input != "raw") throw InputError(where + ".soft_input '" + escaped_name(input) + "': valid: sign, raw");
-      job.mask.raw_soft_input = input == "raw";
+      job_.mask.raw_soft_input = input == "raw";
     }
   }
-  if (job.order != MergeOrder::kNone) {
-    job.signs.assign(job.models.size(), "");
-    for (const auto& [model, file] : signs_by_model) job.signs[model] = file;
-    for (std::size_t m = 0; m < job.models.size(); ++m)
-      if (job.signs[m].empty())
-        throw InputError(path + ": gradfix.order " + merge_order_name(job.order) + " needs sign statistics for every model: " +
-                         escaped_name(job.models[m]) + " has no gradfix: {signs: FILE}");
-  } else if (!signs_by_model.empty()) {
-    throw InputError(path + ": models name gradfix.signs but gradfix.order is not set (mask-then-merge or merge-then-mask)");
+
+  // Every model's statistics when an order is set, none otherwise.
+  void assign_signs() {
+    if (job_.order == MergeOrder::kNone) {
+      if (!signs_by_model_.empty())
+        throw InputError(path_ + ": models name gradfix.signs but gradfix.order is not set (mask-then-merge or merge-then-mask)");
+      return;
+    }
+    job_.signs.assign(job_.models.size(), "");
+    for (const auto& [model, file] : signs_by_model_) job_.signs[model] = file;
+    for (std::size_t m = 0; m < job_.models.size(); ++m)
+      if (job_.signs[m].empty())
+        throw InputError(path_ + ": gradfix.order " + merge_order_name(job_.order) + " needs sign statistics for every model: " +
+                         escaped_name(job_.models[m]) + " has no gradfix: {signs: FILE}");
   }
-  if (job.models.empty()) throw InputError(path + ": no model to merge besides the base");
-  if (job.method == ModelMergeMethod::kSlerp && !(config.contains("parameters") && config["parameters"].contains("t")))
-    throw InputError(path + ": slerp needs parameters.t (0: the base, 1: the other model), as mergekit requires it");
-  return job;
+
+  Json config_;
+  std::string path_;
+  std::string method_;
+  ModelMergeJob job_;
+  Json defaults_ = Json::object();
+  std::vector<std::pair<std::size_t, std::string>> signs_by_model_;
+};
+
+}  // namespace
+
+ModelMergeJob mergekit_job(const std::string& path) {
+  return MergeConfigReader(parse_yaml(read_option_file(path, "merge configuration"), path), path).read();
 }
 
 }  // namespace gradfix
