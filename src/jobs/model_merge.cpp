@@ -250,153 +250,184 @@ std::map<std::size_t, std::vector<MagnitudeSparsification>> magnitude_sparsifica
   return out;
 }
 
-// The merge of this rank's chunks in the compute type V (fp32 as mergekit computes a float32
-// merge; fp64 with F64), written through `chunked`; `elements` counts the merged entries.
+// The merges that sum models or their deltas (every method but slerp and nuslerp) of this rank's
+// chunks, in the compute type V (fp32 as mergekit computes a float32 merge; fp64 with F64),
+// written through `chunked`. Per model: the delta M_m - base, masked first with mask-then-merge,
+// sparsified (TIES's or Breadcrumbs' magnitude trims, DARE's drops) and rescaled, weighted; then
+// mixed (TIES's sign election or a plain sum, normalised), masked with merge-then-mask, and added
+// to the base times lambda.
 template <typename V>
-void merge_models(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
-                  long long& elements) {
-  const bool linear = job.method == ModelMergeMethod::kLinear;
-  const bool dare = job.method == ModelMergeMethod::kDareLinear || job.method == ModelMergeMethod::kDareTies;
-  const bool consensus = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kDareTies ||
-                         job.method == ModelMergeMethod::kBreadcrumbsTies;
-  const auto& base = in.base;
-  const auto& models = in.models;
-  const auto& signs = in.signs;
-  const auto& merged = in.merged;
-  const auto& layout = chunked.layout();
-  const auto& plan = chunked.plan();
-  const auto& chunks = chunked.chunks();
-  const bool allow = job.output.allow_nonfinite;
-  const std::size_t n = models.size();
-  // M_m - base in the compute type (fp32 as mergekit computes a float32 merge; fp64 with F64);
-  // `reference` is the base's chunk when the caller has it already.
-  auto raw_delta = [&](std::size_t m, const Piece& chunk, const std::vector<V>* reference = nullptr) {
-    const std::string& name = layout[chunk.tensor].name;
-    auto values = load<V>(*models[m], name, chunk.begin, chunk.count, allow);
-    const auto loaded = reference ? std::vector<V>() : load<V>(*base, name, chunk.begin, chunk.count, allow);
+class DeltaMerge {
+ public:
+  DeltaMerge(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked)
+      : job_(job), ranks_(ranks), in_(in), chunked_(chunked), layout_(chunked.layout()), allow_(job.output.allow_nonfinite) {
+    for (double w : job.weights) weight_sum_ += w;
+    for (const auto& chunk : chunked.chunks())
+      if (in.merged.count(layout_[chunk.tensor].name)) merged_chunks_.push_back(chunk);
+  }
+
+  // Returns the number of merged entries this rank wrote.
+  long long run(const Metadata& metadata) {
+    if (job_.order == MergeOrder::kMaskThenMerge) prepare_delta_masks();
+    prepare_sparsification();
+    if (job_.order == MergeOrder::kMergeThenMask)
+      merged_sums_ = mask_sums<V>(ranks_, chunked_.plan(), layout_, job_.mode, job_.mask, merged_chunks_,
+                                  [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
+                                    const auto mixed = mixed_of(chunk);
+                                    values.assign(mixed.begin(), mixed.end());
+                                    statistics = summed_signs(chunk);
+                                  });
+    long long elements = 0;
+    chunked_.write(job_.out, metadata, job_.output, [&](const Piece& chunk, const TensorInfo& out, TensorWriter& writer, NonFiniteResults& nonfinite) {
+      if (!in_.merged.count(out.name)) {
+        copy_chunk(*in_.base, out, chunk, writer, true, nonfinite);
+        return;
+      }
+      const std::vector<double> result = is(ModelMergeMethod::kLinear) ? linear_of(chunk) : merged_of(chunk);
+      store(writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
+      elements += chunk.count;
+    });
+    return elements;
+  }
+
+ private:
+  bool is(ModelMergeMethod method) const { return job_.method == method; }
+  bool dare() const { return is(ModelMergeMethod::kDareLinear) || is(ModelMergeMethod::kDareTies); }
+  // TIES and Model Breadcrumbs sparsify by magnitude.
+  bool trims() const { return is(ModelMergeMethod::kTies) || is(ModelMergeMethod::kBreadcrumbs) || is(ModelMergeMethod::kBreadcrumbsTies); }
+  bool consensus() const { return is(ModelMergeMethod::kTies) || is(ModelMergeMethod::kDareTies) || is(ModelMergeMethod::kBreadcrumbsTies); }
+  std::size_t models() const { return in_.models.size(); }
+
+  std::vector<V> load_of(const TensorReader& reader, const Piece& chunk) const {
+    return load<V>(reader, layout_[chunk.tensor].name, chunk.begin, chunk.count, allow_);
+  }
+
+  // M_m - base; `reference` is the base's chunk when the caller has it already.
+  std::vector<V> raw_delta(std::size_t m, const Piece& chunk, const std::vector<V>* reference = nullptr) const {
+    auto values = load_of(*in_.models[m], chunk);
+    const auto loaded = reference ? std::vector<V>() : load_of(*in_.base, chunk);
     const auto& base_values = reference ? *reference : loaded;
     for (std::size_t i = 0; i < values.size(); ++i) values[i] -= base_values[i];
     return values;
-  };
-  // This rank's chunks of the merged tensors (the others are copied from the base).
-  std::vector<Piece> merged_chunks;
-  for (const auto& chunk : chunks)
-    if (merged.count(layout[chunk.tensor].name)) merged_chunks.push_back(chunk);
-  auto statistics_of = [&](const TensorReader& reader, const Piece& chunk) {
-    return load<V>(reader, layout[chunk.tensor].name, chunk.begin, chunk.count, allow);
-  };
+  }
+
   // Mask-then-merge: each delta is masked with its own model's statistics before anything else
   // (DARE's drops, TIES's trims), as gradfix merge masks task vectors before merging them.
-  std::vector<SumsByTensor> delta_sums(n);
-  if (job.order == MergeOrder::kMaskThenMerge)
-    for (std::size_t m = 0; m < n; ++m)
-      delta_sums[m] = mask_sums<V>(ranks, plan, layout, job.mode, job.mask, merged_chunks,
-                                [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
-                                  values = raw_delta(m, chunk);
-                                  statistics = statistics_of(*signs[m], chunk);
-                                });
-  auto delta = [&](std::size_t m, const Piece& chunk, const std::vector<V>* reference = nullptr) {
+  void prepare_delta_masks() {
+    delta_sums_.resize(models());
+    for (std::size_t m = 0; m < models(); ++m)
+      delta_sums_[m] = mask_sums<V>(ranks_, chunked_.plan(), layout_, job_.mode, job_.mask, merged_chunks_,
+                                    [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
+                                      values = raw_delta(m, chunk);
+                                      statistics = load_of(*in_.signs[m], chunk);
+                                    });
+  }
+
+  std::vector<V> delta(std::size_t m, const Piece& chunk, const std::vector<V>* reference = nullptr) const {
     auto values = raw_delta(m, chunk, reference);
-    if (job.order != MergeOrder::kMaskThenMerge) return values;
+    if (job_.order != MergeOrder::kMaskThenMerge) return values;
     std::vector<V> masked;
-    mask_chunk(job.mode, job.mask, layout[chunk.tensor], chunk, values, statistics_of(*signs[m], chunk), delta_sums[m], masked);
+    mask_chunk(job_.mode, job_.mask, layout_[chunk.tensor], chunk, values, load_of(*in_.signs[m], chunk), delta_sums_[m], masked);
     return masked;
-  };
+  }
 
-  const ChunksByTensor tensors = merged_tensors_here(chunked, in.merged);
-  // TIES and Model Breadcrumbs sparsify by magnitude (`ties` below: either).
-  const bool ties = job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kBreadcrumbs ||
-                    job.method == ModelMergeMethod::kBreadcrumbsTies;
-  const auto trims = ties ? magnitude_sparsifications(job, ranks, chunked, tensors, delta)
-                          : std::map<std::size_t, std::vector<MagnitudeSparsification>>{};
-  std::map<std::size_t, std::vector<double>> rescales;
-  if (dare)
-    rescales = l1_rescales(job, ranks, chunked, tensors, delta, [&](std::size_t m, const Piece& chunk, std::vector<V>& values) {
-      const std::uint64_t key = tensor_key_of(layout[chunk.tensor].name);
-      for (std::size_t i = 0; i < values.size(); ++i)
-        if (!dare_keeps(job, m, key, chunk.begin + static_cast<long long>(i))) values[i] = 0;
-    });
-  if (ties)
-    rescales = l1_rescales(job, ranks, chunked, tensors, delta,
-                           [&](std::size_t m, const Piece& chunk, std::vector<V>& values) { trims.at(chunk.tensor)[m].apply(chunk, values); });
-
-  double weight_sum = 0.0;
-  for (double w : job.weights) weight_sum += w;
-  // The merged delta of a chunk of a merged tensor, before lambda (every method but linear).
-  auto mixed_of = [&](const Piece& chunk) {
-    const TensorInfo& out = layout[chunk.tensor];
-    const auto count = static_cast<std::size_t>(chunk.count);
-    std::vector<std::vector<double>> deltas(n);
-    const auto base_values = load<V>(*base, out.name, chunk.begin, chunk.count, allow);
-    for (std::size_t m = 0; m < n; ++m) {
-      auto values = delta(m, chunk, &base_values);
-      if (ties) trims.at(chunk.tensor)[m].apply(chunk, values);
-      deltas[m].assign(values.begin(), values.end());
-      if (ties)
-        for (auto& value : deltas[m]) value *= rescales.at(chunk.tensor)[m];
-      if (dare) {
-        const std::uint64_t key = tensor_key_of(out.name);
-        const double factor = rescales.at(chunk.tensor)[m];
-        for (std::size_t i = 0; i < count; ++i)
-          deltas[m][i] = dare_keeps(job, m, key, chunk.begin + static_cast<long long>(i)) ? deltas[m][i] * factor : 0.0;
-      }
-      for (auto& value : deltas[m]) value *= job.weights[m];
+  // Each tensor's trims (exact counts) and each sparsified delta's L1 rescale factor.
+  void prepare_sparsification() {
+    const ChunksByTensor tensors = merged_tensors_here(chunked_, in_.merged);
+    auto delta_of = [&](std::size_t m, const Piece& chunk) { return delta(m, chunk); };
+    if (trims()) {
+      trims_ = magnitude_sparsifications(job_, ranks_, chunked_, tensors, delta_of);
+      rescales_ = l1_rescales(job_, ranks_, chunked_, tensors, delta_of,
+                              [&](std::size_t m, const Piece& chunk, std::vector<V>& values) { trims_.at(chunk.tensor)[m].apply(chunk, values); });
     }
+    if (dare())
+      rescales_ = l1_rescales(job_, ranks_, chunked_, tensors, delta_of, [&](std::size_t m, const Piece& chunk, std::vector<V>& values) {
+        const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
+        for (std::size_t i = 0; i < values.size(); ++i)
+          if (!dare_keeps(job_, m, key, chunk.begin + static_cast<long long>(i))) values[i] = 0;
+      });
+  }
+
+  // Model m's delta on a chunk, sparsified, rescaled and weighted.
+  std::vector<double> weighted_delta(std::size_t m, const Piece& chunk, const std::vector<V>& base_values) const {
+    auto values = delta(m, chunk, &base_values);
+    if (trims()) trims_.at(chunk.tensor)[m].apply(chunk, values);
+    std::vector<double> out(values.begin(), values.end());
+    if (trims() || dare()) {
+      const double factor = rescales_.at(chunk.tensor)[m];
+      const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
+      for (std::size_t i = 0; i < out.size(); ++i)
+        out[i] = dare() && !dare_keeps(job_, m, key, chunk.begin + static_cast<long long>(i)) ? 0.0 : out[i] * factor;
+    }
+    for (auto& value : out) value *= job_.weights[m];
+    return out;
+  }
+
+  // The merged delta of a chunk, before lambda.
+  std::vector<double> mixed_of(const Piece& chunk) const {
+    const auto count = static_cast<std::size_t>(chunk.count);
+    const auto base_values = load_of(*in_.base, chunk);
+    std::vector<std::vector<double>> deltas;
+    for (std::size_t m = 0; m < models(); ++m) deltas.push_back(weighted_delta(m, chunk, base_values));
     std::vector<double> mixed(count, 0.0);
-    if (consensus) {
+    if (consensus()) {
       std::vector<const double*> pointers;
       for (const auto& values : deltas) pointers.push_back(values.data());
-      mergekit_consensus(pointers, job.weights, job.normalize, chunk.count, mixed.data());
-    } else {
-      const double divisor = std::fabs(weight_sum) < 1e-8 ? 1.0 : weight_sum;
-      for (std::size_t i = 0; i < count; ++i) {
-        for (std::size_t m = 0; m < n; ++m) mixed[i] += deltas[m][i];
-        if (job.normalize) mixed[i] /= divisor;
-      }
+      mergekit_consensus(pointers, job_.weights, job_.normalize, chunk.count, mixed.data());
+      return mixed;
+    }
+    const double divisor = std::fabs(weight_sum_) < 1e-8 ? 1.0 : weight_sum_;
+    for (std::size_t i = 0; i < count; ++i) {
+      for (std::size_t m = 0; m < models(); ++m) mixed[i] += deltas[m][i];
+      if (job_.normalize) mixed[i] /= divisor;
     }
     return mixed;
-  };
+  }
+
   // Merge-then-mask: the merged delta is masked with sum_m sign(s_m), as gradfix merge does for
   // task vectors.
-  auto summed_signs = [&](const Piece& chunk) { return sign_sum<V>(signs, layout[chunk.tensor].name, chunk, allow); };
-  SumsByTensor merged_sums;
-  if (job.order == MergeOrder::kMergeThenMask)
-    merged_sums = mask_sums<V>(ranks, plan, layout, job.mode, job.mask, merged_chunks,
-                               [&](const Piece& chunk, std::vector<V>& values, std::vector<V>& statistics) {
-                                 const auto mixed = mixed_of(chunk);
-                                 values.assign(mixed.begin(), mixed.end());
-                                 statistics = summed_signs(chunk);
-                               });
+  std::vector<V> summed_signs(const Piece& chunk) const { return sign_sum<V>(in_.signs, layout_[chunk.tensor].name, chunk, allow_); }
 
-  chunked.write(job.out, metadata, job.output, [&](const Piece& chunk, const TensorInfo& out, TensorWriter& writer, NonFiniteResults& nonfinite) {
-    if (!merged.count(out.name)) {
-      copy_chunk(*base, out, chunk, writer, true, nonfinite);
-      return;
+  // base + lambda * the mixed delta (masked with merge-then-mask).
+  std::vector<double> merged_of(const Piece& chunk) const {
+    auto mixed = mixed_of(chunk);
+    if (job_.order == MergeOrder::kMergeThenMask) {
+      const std::vector<V> unmasked(mixed.begin(), mixed.end());
+      std::vector<V> masked;
+      mask_chunk(job_.mode, job_.mask, layout_[chunk.tensor], chunk, unmasked, summed_signs(chunk), merged_sums_, masked);
+      mixed.assign(masked.begin(), masked.end());
     }
-    const auto count = static_cast<std::size_t>(chunk.count);
-    std::vector<double> result(count, 0.0);
-    if (linear) {
-      for (std::size_t m = 0; m < n; ++m) {
-        const auto values = load<V>(*models[m], out.name, chunk.begin, chunk.count, allow);
-        for (std::size_t i = 0; i < count; ++i) result[i] += job.weights[m] * values[i];
-      }
-      if (job.normalize && weight_sum != 0.0)
-        for (auto& value : result) value /= weight_sum;
-    } else {
-      auto mixed = mixed_of(chunk);
-      if (job.order == MergeOrder::kMergeThenMask) {
-        const std::vector<V> unmasked(mixed.begin(), mixed.end());
-        std::vector<V> masked;
-        mask_chunk(job.mode, job.mask, out, chunk, unmasked, summed_signs(chunk), merged_sums, masked);
-        mixed.assign(masked.begin(), masked.end());
-      }
-      const auto reference = load<V>(*base, out.name, chunk.begin, chunk.count, allow);
-      for (std::size_t i = 0; i < count; ++i) result[i] = reference[i] + job.lambda * mixed[i];
+    const auto reference = load_of(*in_.base, chunk);
+    std::vector<double> result(mixed.size());
+    for (std::size_t i = 0; i < result.size(); ++i) result[i] = reference[i] + job_.lambda * mixed[i];
+    return result;
+  }
+
+  // linear: sum_m w_m M_m, normalised by the weights.
+  std::vector<double> linear_of(const Piece& chunk) const {
+    std::vector<double> result(static_cast<std::size_t>(chunk.count), 0.0);
+    for (std::size_t m = 0; m < models(); ++m) {
+      const auto values = load_of(*in_.models[m], chunk);
+      for (std::size_t i = 0; i < result.size(); ++i) result[i] += job_.weights[m] * values[i];
     }
-    store(writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
-    elements += chunk.count;
-  });
-}
+    if (job_.normalize && weight_sum_ != 0.0)
+      for (auto& value : result) value /= weight_sum_;
+    return result;
+  }
+
+  const ModelMergeJob& job_;
+  const Ranks& ranks_;
+  const ModelMergeInputs& in_;
+  ChunkedJob& chunked_;
+  const std::vector<TensorInfo>& layout_;
+  const bool allow_;
+  double weight_sum_ = 0.0;
+  std::vector<Piece> merged_chunks_;  // this rank's chunks of the merged tensors (the others are copied from the base)
+  std::vector<SumsByTensor> delta_sums_;  // mask-then-merge: each model's mask sums
+  SumsByTensor merged_sums_;              // merge-then-mask
+  std::map<std::size_t, std::vector<MagnitudeSparsification>> trims_;  // by tensor, per model
+  std::map<std::size_t, std::vector<double>> rescales_;                 // by tensor, per model
+};
 
 // The coefficients (c0, c1) of a spherical interpolation of v0 and v1 by t, from their squared
 // norms and their dot product: mergekit's slerp (norms below `floor` count as 1, linear where
@@ -501,8 +532,8 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   const bool f64 = model_merge_in_f64(layout, in);
   if (spherical && f64) merge_spherical<double>(job, ranks, in, chunked, metadata, summary.elements);
   else if (spherical) merge_spherical<float>(job, ranks, in, chunked, metadata, summary.elements);
-  else if (f64) merge_models<double>(job, ranks, in, chunked, metadata, summary.elements);
-  else merge_models<float>(job, ranks, in, chunked, metadata, summary.elements);
+  else if (f64) summary.elements = DeltaMerge<double>(job, ranks, in, chunked).run(metadata);
+  else summary.elements = DeltaMerge<float>(job, ranks, in, chunked).run(metadata);
   chunked.commit(job.base.empty() ? job.models.front() : job.base);
   std::vector<long long> elements = {summary.elements};
   ranks.reduce_statistics(elements);
