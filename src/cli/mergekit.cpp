@@ -91,32 +91,28 @@ class MergeConfigReader {
 
  private:
   bool is(ModelMergeMethod method) const { return job_.method == method; }
-  bool spherical() const { return is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNuslerp); }
-  bool breadcrumbs() const { return is(ModelMergeMethod::kBreadcrumbs) || is(ModelMergeMethod::kBreadcrumbsTies); }
-  bool sparsifies() const {
-    return is(ModelMergeMethod::kTies) || is(ModelMergeMethod::kDareTies) || is(ModelMergeMethod::kDareLinear) || breadcrumbs();
-  }
+  const ModelMergeTraits& traits() const { return model_merge_traits(job_.method); }
+  bool spherical() const { return traits().spherical; }
+  bool breadcrumbs() const { return traits().sparsification == ModelMergeTraits::Sparsification::kOutliers; }
+  bool sparsifies() const { return traits().sparsification != ModelMergeTraits::Sparsification::kNone; }
 
-  // merge_method, and mergekit's defaults that follow from it: linear and ties normalise by the
-  // weights, the others do not; DARE rescales what it keeps.
+  // merge_method, and mergekit's defaults of normalize and rescale that follow from it
+  // (model_merge_methods: linear and ties normalise, DARE rescales).
   void read_method() {
     if (!config_.contains("merge_method")) throw InputError(path_ + ": merge_method is missing");
     method_ = text(config_["merge_method"], path_ + ": merge_method");
-    const ModelMergeMethod all[] = {ModelMergeMethod::kLinear,     ModelMergeMethod::kTaskArithmetic, ModelMergeMethod::kTies,
-                                    ModelMergeMethod::kDareTies,   ModelMergeMethod::kDareLinear,     ModelMergeMethod::kBreadcrumbs,
-                                    ModelMergeMethod::kBreadcrumbsTies, ModelMergeMethod::kSlerp,     ModelMergeMethod::kNuslerp};
     std::string names;
     bool found = false;
-    for (ModelMergeMethod method : all) {
-      names += std::string(names.empty() ? "" : ", ") + model_merge_method_name(method);
-      if (method_ == model_merge_method_name(method)) {
-        job_.method = method;
+    for (const auto& traits : model_merge_methods()) {
+      names += std::string(names.empty() ? "" : ", ") + traits.name;
+      if (method_ == traits.name) {
+        job_.method = traits.method;
         found = true;
       }
     }
     if (!found) throw InputError(path_ + ": merge_method '" + escaped_name(method_) + "' is not one gradfix has (" + names + ")");
-    job_.normalize = is(ModelMergeMethod::kLinear) || is(ModelMergeMethod::kTies);
-    job_.rescale = is(ModelMergeMethod::kDareLinear) || is(ModelMergeMethod::kDareTies);
+    job_.normalize = traits().default_normalize;
+    job_.rescale = traits().default_rescale;
   }
 
   // Top-level parameters: the merge's own, and defaults of the per-model ones (weight, density,

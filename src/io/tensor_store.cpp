@@ -1,6 +1,5 @@
 #include "gradfix/io/tensor_store.hpp"
 
-
 #include <set>
 
 #include "gradfix/io/model_files.hpp"

@@ -6,20 +6,30 @@
 namespace gradfix {
 using namespace file_jobs;
 
-const char* model_merge_method_name(ModelMergeMethod method) {
-  switch (method) {
-    case ModelMergeMethod::kLinear: return "linear";
-    case ModelMergeMethod::kTaskArithmetic: return "task_arithmetic";
-    case ModelMergeMethod::kTies: return "ties";
-    case ModelMergeMethod::kDareLinear: return "dare_linear";
-    case ModelMergeMethod::kDareTies: return "dare_ties";
-    case ModelMergeMethod::kSlerp: return "slerp";
-    case ModelMergeMethod::kNuslerp: return "nuslerp";
-    case ModelMergeMethod::kBreadcrumbs: return "breadcrumbs";
-    case ModelMergeMethod::kBreadcrumbsTies: return "breadcrumbs_ties";
-  }
-  return "?";
+const std::vector<ModelMergeTraits>& model_merge_methods() {
+  using M = ModelMergeMethod;
+  using S = ModelMergeTraits::Sparsification;
+  static const std::vector<ModelMergeTraits> kMethods = {
+      // method              name                sparsification  consensus spherical normalize rescale
+      {M::kLinear,           "linear",           S::kNone,       false,    false,    true,     false},
+      {M::kTaskArithmetic,   "task_arithmetic",  S::kNone,       false,    false,    false,    false},
+      {M::kTies,             "ties",             S::kMagnitude,  true,     false,    true,     false},
+      {M::kDareTies,         "dare_ties",        S::kRandom,     true,     false,    false,    true},
+      {M::kDareLinear,       "dare_linear",      S::kRandom,     false,    false,    false,    true},
+      {M::kBreadcrumbs,      "breadcrumbs",      S::kOutliers,   false,    false,    false,    false},
+      {M::kBreadcrumbsTies,  "breadcrumbs_ties", S::kOutliers,   true,     false,    false,    false},
+      {M::kSlerp,            "slerp",            S::kNone,       false,    true,     false,    false},
+      {M::kNuslerp,          "nuslerp",          S::kNone,       false,    true,     false,    false}};
+  return kMethods;
 }
+
+const ModelMergeTraits& model_merge_traits(ModelMergeMethod method) {
+  for (const auto& traits : model_merge_methods())
+    if (traits.method == method) return traits;
+  GRADFIX_CHECK(false, "a merge method without traits");
+}
+
+const char* model_merge_method_name(ModelMergeMethod method) { return model_merge_traits(method).name; }
 
 namespace {
 
@@ -33,6 +43,7 @@ struct ModelMergeInputs {
 
 // The models, the base and the statistics, checked against each other and the options.
 ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& ranks) {
+  const ModelMergeTraits& traits = model_merge_traits(job.method);
   const bool linear = job.method == ModelMergeMethod::kLinear;
   const std::size_t n = job.models.size();
   ModelMergeInputs in;
@@ -42,12 +53,12 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
   auto& names = in.names;
   ranks.agree([&] {
     if (n == 0) throw InputError("a merge needs at least one model");
-    if (job.method == ModelMergeMethod::kTaskArithmetic || job.method == ModelMergeMethod::kLinear)
+    if (traits.sparsification == ModelMergeTraits::Sparsification::kNone)
       for (double density : job.densities)
         if (density != 1.0) throw InputError(std::string(model_merge_method_name(job.method)) + " does not sparsify: density must be 1");
     if (job.weights.size() != n || job.densities.size() != n)
       throw InputError("a merge needs one weight and one density per model");
-    if ((job.method == ModelMergeMethod::kBreadcrumbs || job.method == ModelMergeMethod::kBreadcrumbsTies) && job.gammas.size() != n)
+    if (traits.sparsification == ModelMergeTraits::Sparsification::kOutliers && job.gammas.size() != n)
       throw InputError("breadcrumbs needs one gamma per model");
     for (double gamma : job.gammas)
       if (!(gamma >= 0.0 && gamma <= 1.0)) throw InputError("gamma must be in [0, 1], got " + format_number(gamma));
@@ -64,7 +75,7 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
         throw InputError(job.models[m] + ": density must be in [0, 1], got " + std::to_string(job.densities[m]));
     }
     if (!std::isfinite(job.lambda)) throw InputError("lambda must be finite");
-    if (job.order != MergeOrder::kNone && (linear || job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNuslerp))
+    if (job.order != MergeOrder::kNone && (linear || traits.spherical))
       throw InputError(std::string("gradfix.order: ") + model_merge_method_name(job.method) +
                        " merges whole weights (or rotates them), not sums of deltas from a base; masks go with task_arithmetic, ties, "
                        "dare_linear and dare_ties");
@@ -94,7 +105,8 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
 }
 
 Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& in) {
-  const bool dare = job.method == ModelMergeMethod::kDareLinear || job.method == ModelMergeMethod::kDareTies;
+  using S = ModelMergeTraits::Sparsification;
+  const S sparsification = model_merge_traits(job.method).sparsification;
   const auto& base = in.base;
   const auto& models = in.models;
   const auto& signs = in.signs;
@@ -103,13 +115,9 @@ Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& 
                             {"base", job.base.empty() ? "" : input_name(job.base)}, {"models", input_names(job.models)},
                             {"weights", job.weights}, {"densities", job.densities}, {"normalize", job.normalize},
                             {"lambda", job.lambda}, {"output", output_options_json(job.output)}};
-  if (dare) {
-    options["rescale"] = job.rescale;
-    options["seed"] = job.seed;
-  }
-  if (job.method == ModelMergeMethod::kTies || job.method == ModelMergeMethod::kBreadcrumbs || job.method == ModelMergeMethod::kBreadcrumbsTies)
-    options["rescale"] = job.rescale;
-  if (job.method == ModelMergeMethod::kBreadcrumbs || job.method == ModelMergeMethod::kBreadcrumbsTies) options["gammas"] = job.gammas;
+  if (sparsification != S::kNone) options["rescale"] = job.rescale;
+  if (sparsification == S::kRandom) options["seed"] = job.seed;
+  if (sparsification == S::kOutliers) options["gammas"] = job.gammas;
   if (job.method == ModelMergeMethod::kSlerp) options["t"] = job.t;
   if (job.order != MergeOrder::kNone) {
     options["order"] = merge_order_name(job.order);
@@ -222,7 +230,7 @@ template <typename DeltaOf>
 std::map<std::size_t, std::vector<MagnitudeSparsification>> magnitude_sparsifications(const ModelMergeJob& job, const Ranks& ranks,
                                                                                      const ChunkedJob& chunked, const ChunksByTensor& tensors,
                                                                                      const DeltaOf& delta) {
-  const bool breadcrumbs = job.method == ModelMergeMethod::kBreadcrumbs || job.method == ModelMergeMethod::kBreadcrumbsTies;
+  const bool breadcrumbs = model_merge_traits(job.method).sparsification == ModelMergeTraits::Sparsification::kOutliers;
   std::map<std::size_t, std::vector<MagnitudeSparsification>> out;  // by tensor
   for (const auto& [t, mine] : tensors) {
     const long long numel = chunked.layout()[t].numel();
@@ -260,7 +268,8 @@ template <typename V>
 class DeltaMerge {
  public:
   DeltaMerge(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked)
-      : job_(job), ranks_(ranks), in_(in), chunked_(chunked), layout_(chunked.layout()), allow_(job.output.allow_nonfinite) {
+      : job_(job), traits_(model_merge_traits(job.method)), ranks_(ranks), in_(in), chunked_(chunked), layout_(chunked.layout()),
+        allow_(job.output.allow_nonfinite) {
     for (double w : job.weights) weight_sum_ += w;
     for (const auto& chunk : chunked.chunks())
       if (in.merged.count(layout_[chunk.tensor].name)) merged_chunks_.push_back(chunk);
@@ -292,10 +301,11 @@ class DeltaMerge {
 
  private:
   bool is(ModelMergeMethod method) const { return job_.method == method; }
-  bool dare() const { return is(ModelMergeMethod::kDareLinear) || is(ModelMergeMethod::kDareTies); }
+  using Sparsification = ModelMergeTraits::Sparsification;
+  bool dare() const { return traits_.sparsification == Sparsification::kRandom; }
   // TIES and Model Breadcrumbs sparsify by magnitude.
-  bool trims() const { return is(ModelMergeMethod::kTies) || is(ModelMergeMethod::kBreadcrumbs) || is(ModelMergeMethod::kBreadcrumbsTies); }
-  bool consensus() const { return is(ModelMergeMethod::kTies) || is(ModelMergeMethod::kDareTies) || is(ModelMergeMethod::kBreadcrumbsTies); }
+  bool trims() const { return traits_.sparsification == Sparsification::kMagnitude || traits_.sparsification == Sparsification::kOutliers; }
+  bool consensus() const { return traits_.consensus; }
   std::size_t models() const { return in_.models.size(); }
 
   std::vector<V> load_of(const TensorReader& reader, const Piece& chunk) const {
@@ -416,6 +426,7 @@ class DeltaMerge {
   }
 
   const ModelMergeJob& job_;
+  const ModelMergeTraits& traits_;
   const Ranks& ranks_;
   const ModelMergeInputs& in_;
   ChunkedJob& chunked_;
@@ -528,7 +539,7 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   ChunkedJob chunked(ranks, "merge", layout);
   const Metadata metadata = model_merge_metadata(job, in);
   JobSummary summary;
-  const bool spherical = job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNuslerp;
+  const bool spherical = model_merge_traits(job.method).spherical;
   const bool f64 = model_merge_in_f64(layout, in);
   if (spherical && f64) merge_spherical<double>(job, ranks, in, chunked, metadata, summary.elements);
   else if (spherical) merge_spherical<float>(job, ranks, in, chunked, metadata, summary.elements);

@@ -171,6 +171,22 @@ JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& con
 JobSummary run_merge(const MergeJob& job, std::ostream& log, const JobContext& context = {});
 JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const JobContext& context = {});
 const char* model_merge_method_name(ModelMergeMethod method);
+
+// What each merge method is made of, as mergekit's registry describes its methods: the one place
+// the configuration reader (defaults, which parameters apply) and the merge itself ask.
+struct ModelMergeTraits {
+  enum class Sparsification { kNone, kMagnitude, kOutliers, kRandom };  // none, TIES, Breadcrumbs, DARE
+  ModelMergeMethod method;
+  const char* name;
+  Sparsification sparsification;
+  bool consensus;          // TIES's sign election
+  bool spherical;          // slerp, nuslerp: a rotation of whole tensors, no sum of deltas
+  bool default_normalize;  // mergekit's defaults of `normalize` and `rescale`
+  bool default_rescale;
+};
+// Every method, in the order messages list them.
+const std::vector<ModelMergeTraits>& model_merge_methods();
+const ModelMergeTraits& model_merge_traits(ModelMergeMethod method);
 JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContext& context = {});
 void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& context = {});
 JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobContext& context = {});
