@@ -15,6 +15,7 @@
 #include "gradfix/cli/registry.hpp"
 #include "gradfix/dist/backend.hpp"
 #include "gradfix/dist/mpi.hpp"
+#include "gradfix/dist/timing.hpp"
 #include "gradfix/io/error.hpp"
 #include "gradfix/io/model_files.hpp"
 #include "gradfix/io/hdf5_store.hpp"
@@ -244,6 +245,7 @@ struct CommandJob {
   std::shared_ptr<Communicator> stats;
   JobContext context;
   bool report_memory = false;
+  bool report_time = false;
   bool help_only = false;
 };
 
@@ -290,6 +292,7 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
   const ParsedOptions parsed(values, name);
   command.job = subcommand->prepare(parsed);
   command.report_memory = parsed.flag("report-memory");
+  command.report_time = parsed.flag("report-time");
 
   const double timeout = parsed.number("timeout");
   if (!(timeout >= 0.0) || !std::isfinite(timeout)) throw InputError("--timeout must be 0 (no limit) or a positive number of seconds");
@@ -418,8 +421,10 @@ int run_command_line(const std::vector<std::string>& args, std::ostream& out, Mp
   const JobContext world = runtime != nullptr ? JobContext(runtime->world(), runtime->world()) : JobContext();
   world.agree([&] { command = prepare(args, log, runtime); });
   if (command.help_only) return 0;
+  const auto start = std::chrono::steady_clock::now();
   command.job(log, command.context);
   if (command.report_memory) print_peak_memory(command.context.host(), log);
+  if (command.report_time) print_step_times(command.context.host(), start, log);
   return 0;
 }
 

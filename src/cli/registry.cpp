@@ -421,6 +421,8 @@ std::vector<SubcommandSpec> make_table() {
                                   {"finetune-freeze", T::kTexts, "", "few-shot fine-tuning of a classifier: regular expression over "
                                                                      "tensor names left frozen (repeatable), e.g. '^layers\\.2\\.' for an MLP's head"},
                                   {"save-support", T::kText, "", "classifiers: write the support set's indices here (one per line, as --save-indices)"},
+                                  {"statistics-cache", T::kText, "", "model directories: keep the few-shot statistics in this directory and "
+                                                                     "reuse them when B, the shots and the sign mode are the same (a sweep uses OUT/statistics)"},
                                   {"out", T::kText, "", "transported model (GradFix, best alpha) to write"},
                                   {"results", T::kText, "", "results.json to write"}})),
                    {},
@@ -450,6 +452,7 @@ std::vector<SubcommandSpec> make_table() {
                      if (!job.finetune_freeze.empty() && !job.few_shot_baseline)
                        throw InputError("--finetune-freeze configures the few-shot fine-tuning row, which --no-few-shot-baseline skips");
                      if (values.has("head")) job.head = values.text("head");
+                     if (values.has("statistics-cache")) job.statistics_cache = values.text("statistics-cache");
                      if (values.has("out")) job.out = values.text("out");
                      if (values.has("results")) job.results = values.text("results");
                      return job_of(job, [](const TransportJob& j, std::ostream& log, const JobContext& c) { run_transport(j, log, c); });
@@ -573,6 +576,7 @@ const std::vector<OptionSpec>& group_options(OptionGroup group) {
       {"backend", T::kText, "auto", "communicator for statistics: auto|mpi|nccl (auto: nccl when tensors are on CUDA devices, else mpi)"},
       {"chunk-elements", T::kInteger, "4194304", "elements per processing buffer (bounds memory per rank)"},
       {"report-memory", T::kFlag, "", "print each rank's peak resident memory at the end"},
+      {"report-time", T::kFlag, "", "print each rank's wall time and the time it waited on weight gathers and statistics reductions at the end"},
       {"quiet", T::kFlag, "", "no progress lines (rank 0 reports tensors and bytes done, rate and time left on stderr)"},
       {"timeout", T::kNumber, "900", "seconds a rank waits in one collective before it stops the job, naming the ranks that stopped answering (0: wait forever)"}};
   static const std::vector<OptionSpec> kOutput = {

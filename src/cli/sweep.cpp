@@ -18,6 +18,7 @@
 #include "gradfix/cli/registry.hpp"
 #include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
+#include "gradfix/io/model_files.hpp"
 
 namespace gradfix {
 namespace po = boost::program_options;
@@ -29,7 +30,7 @@ using Section = std::vector<std::pair<std::string, std::string>>;  // keys in fi
 
 // Options a point may not set: the sweep decides where results go, and the job's ranks, device
 // and communicators are the sweep's own (given on its command line).
-const std::set<std::string> kNotPerPoint = {"results", "out", "config", "help", "backend", "device", "chunk-elements", "report-memory"};
+const std::set<std::string> kNotPerPoint = {"results", "out", "config", "help", "backend", "device", "chunk-elements", "report-memory", "report-time"};
 // Transport options whose value is itself a list: never an axis.
 const std::set<std::string> kListOptions = {"alphas", "finetune-lrs", "finetune-steps", "finetune-freeze"};
 constexpr long long kMaxPoints = 100000;
@@ -54,6 +55,16 @@ void set_key(Section& section, const std::string& key, const std::string& value)
       return;
     }
   section.emplace_back(key, value);
+}
+
+// Whether a transport's --target names a model directory (a path, or a hub name in the local
+// cache) whose statistics a cache can keep; anything else is the transport's to refuse.
+bool is_model_directory_path(const std::string& target) {
+  try {
+    return has_model_file(resolve_model_reference(target), "config.json");
+  } catch (const Error&) {
+    return false;
+  }
 }
 
 const std::string* find_key(const Section& section, const std::string& key) {
@@ -270,6 +281,13 @@ SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string
       point.result = plan.out + "/points/" + point.name + ".json";
       point.args.push_back("--results");
       point.args.push_back(point.result);
+      // Points with the same model, shots and sign mode share one gradient pass: a transport of a
+      // model directory keeps its statistics under OUT/statistics unless the file names a cache.
+      const std::string* target = find_key(merged, "target");
+      if (find_key(merged, "statistics-cache") == nullptr && target != nullptr && is_model_directory_path(*target)) {
+        point.args.push_back("--statistics-cache");
+        point.args.push_back(plan.out + "/statistics");
+      }
       plan.points.push_back(std::move(point));
       std::size_t a = axes.size();
       while (a > 0 && ++at[a - 1] == axes[a - 1].second.size()) at[--a] = 0;
@@ -326,6 +344,18 @@ long long collect_sweep(const SweepPlan& plan, std::ostream& log) {
   table << "# gradfix sweep: " << plan.path << "\n\n"
         << "Test " << metric << " (%), mean +- std over the seeds; average: the mean of the tasks' means. " << records.size() << " of "
         << plan.points.size() << " points finished.\n";
+  // What the statistics cache saved: points whose statistics (some or all) were read, not computed.
+  long long cached = 0, reused = 0, computed = 0;
+  for (const auto& record : records)
+    if (record.result.contains("statistics_cache")) {
+      const Json& cache = record.result.at("statistics_cache");
+      ++cached;
+      reused += cache.value("hits", 0LL) > 0 ? 1 : 0;
+      computed += cache.value("misses", 0LL);
+    }
+  if (cached > 0)
+    table << "Statistics cache: " << reused << " of " << cached << " points reused cached statistics; " << computed
+          << " gradient passes ran.\n";
   if (!missing.empty()) {
     table << "Missing (" << missing.size() << "):";
     for (std::size_t i = 0; i < missing.size() && i < 20; ++i) table << " " << missing[i];

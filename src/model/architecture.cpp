@@ -1,5 +1,7 @@
 #include "architecture.hpp"
 
+#include <algorithm>
+
 #include <sys/stat.h>
 
 #include <fstream>
@@ -60,7 +62,15 @@ torch::Tensor recorded_linear(const Parameters& p, const std::string& name, cons
 
 Batch Batch::slice(int64_t begin, int64_t end) const {
   auto cut = [&](const torch::Tensor& tensor) { return tensor.defined() ? tensor.slice(0, begin, end) : tensor; };
-  return {cut(inputs), cut(labels), cut(mask)};
+  return {cut(inputs), cut(labels), cut(mask), token_rows};
+}
+
+int64_t Batch::input_index(int64_t token) const {
+  if (!token_rows.defined()) return token;
+  const int64_t* rows = token_rows.data_ptr<int64_t>();
+  const int64_t* end = rows + token_rows.numel();
+  const int64_t* found = std::lower_bound(rows, end, token);
+  return found != end && *found == token ? found - rows : -1;
 }
 
 ArchitectureRegistration::ArchitectureRegistration(const std::vector<std::string>& model_types, ModelInputs inputs, Factory factory) {

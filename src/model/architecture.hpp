@@ -73,8 +73,24 @@ struct Batch {
   torch::Tensor inputs;
   torch::Tensor labels;
   torch::Tensor mask;
+  // Set by the sharded executor for a model with a token embedding: the ascending token ids
+  // whose rows it gathered [U], int64 on the CPU. `inputs` then index these rows (0..U-1), not
+  // the vocabulary; `labels` keep the vocabulary's ids.
+  torch::Tensor token_rows;
   // Samples [begin, end) of this batch.
   Batch slice(int64_t begin, int64_t end) const;
+  // A token id as `inputs` holds it: its index in token_rows when set (-1 when absent).
+  int64_t input_index(int64_t token) const;
+};
+
+// A language model's head: logits = softcap * tanh(f @ weight^T / softcap) (no cap when softcap
+// is 0) of the output stage's features f [n, T, H], and a loss per sample that is the mean
+// cross-entropy over the positions that have a next token (LayeredModel::next_tokens). Described
+// this way, the executor never holds the head, nor a sample's [T, V] logits, whole: it gathers
+// the head block by block of the vocabulary and keeps a streaming log-sum-exp per position.
+struct VocabularyHead {
+  std::string weight;    // [V, H]: the token embedding's name when the head is tied to it
+  double softcap = 0.0;
 };
 
 // A data set as the executor reads it: its size, a name for messages, and any subset as a batch.
@@ -119,6 +135,26 @@ class LayeredModel {
     (void)batch;
     return {};
   }
+  // A language model's head (nullptr: output() gives the logits whole, as a classifier's few).
+  // With one, the output stage is head_features() then the head, and output_names() are the
+  // features' tensors and the head's weight.
+  virtual const VocabularyHead* vocabulary_head() const { return nullptr; }
+  // With a vocabulary head: the output stage up to it (the final norm), [n, T, H]; recorded like
+  // the other stages.
+  virtual torch::Tensor head_features(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const {
+    (void)parameters;
+    (void)recorder;
+    return hidden;
+  }
+  // With a vocabulary head: the token each position predicts [n, T] (int64), -1 where none counts.
+  virtual torch::Tensor next_tokens(const Batch& batch) const {
+    (void)batch;
+    return {};
+  }
+  // The input stage's tensor that is looked up by token id ([V, H]; "" for none). The executor
+  // then gathers only the rows of the tokens in the data (Batch::token_rows), never the whole
+  // vocabulary's.
+  virtual std::string token_embedding() const { return ""; }
   // "llama", "clip", ...: for messages.
   virtual std::string model_type() const = 0;
   // Keys of config.json that gradfix does not know and took not to change the math (a job prints

@@ -362,7 +362,7 @@ SampleSource image_samples(const Dataset& data, const ImagePreprocessing* prepro
                           .to(device);
             const torch::Tensor labels =
                 torch::from_blob(const_cast<long long*>(part.labels.data()), {static_cast<int64_t>(indices.size())}, torch::kInt64).to(device, false, true);
-            return Batch{inputs, labels, torch::Tensor()};
+            return Batch{inputs, labels, torch::Tensor(), torch::Tensor()};
           }};
 }
 

@@ -281,7 +281,7 @@ SampleSource token_samples(const TokenData& data) {
   const TokenData* held = &data;
   return {data.samples, data.source, [held](const std::vector<long long>& indices, const torch::Device& device) {
             const TokenBatch batch = token_batch(held->subset(indices), device);
-            return Batch{batch.input_ids, batch.labels, batch.attention_mask};
+            return Batch{batch.input_ids, batch.labels, batch.attention_mask, torch::Tensor()};
           }};
 }
 
@@ -293,6 +293,7 @@ TokenBatch token_batch(const TokenData& data, const torch::Device& device) {
 }
 
 Decoder::Decoder(DecoderConfig config) : config_(std::move(config)) {
+  vocabulary_head_.weight = head_name();
   const long long half = config_.head_dim / 2;
   std::vector<double> inverse(static_cast<std::size_t>(half));
   for (long long i = 0; i < half; ++i)
@@ -446,15 +447,15 @@ torch::Tensor Decoder::gated_mlp(const std::string& prefix, const Parameters& p,
   return recorded_linear(p, prefix + "down_proj", gated, bias, recorder);
 }
 
-torch::Tensor Decoder::embed(const Parameters& parameters, const torch::Tensor& input_ids, GradientRecorder* recorder) const {
+torch::Tensor Decoder::embed(const Parameters& parameters, const torch::Tensor& input_ids, int64_t pad, GradientRecorder* recorder) const {
   // padding_idx keeps the pad row's lookups out of the gradient, as nn.Embedding does.
-  torch::Tensor out = torch::embedding(parameters.at("model.embed_tokens.weight"), input_ids, config_.pad_token_id);
+  torch::Tensor out = torch::embedding(parameters.at("model.embed_tokens.weight"), input_ids, pad);
   if (recorder != nullptr) {
     out = out.detach().requires_grad_(true);
     recorder->add({"model.embed_tokens.weight", Capture::Kind::kEmbedding, input_ids, out});
     // The recorded rows take no gradient where the token is the pad token: the same values, with
     // the pad positions cut from the graph.
-    if (config_.pad_token_id >= 0) return torch::where(input_ids.eq(static_cast<int64_t>(config_.pad_token_id)).unsqueeze(-1), out.detach(), out);
+    if (pad >= 0) return torch::where(input_ids.eq(pad).unsqueeze(-1), out.detach(), out);
   }
   return out;
 }
@@ -488,8 +489,20 @@ torch::Tensor Decoder::head_logits(const Parameters& p, const torch::Tensor& nor
   return logits;
 }
 
+torch::Tensor Decoder::final_norm(const Parameters& p, const torch::Tensor& hidden, GradientRecorder* recorder) const {
+  return norm(p, "model.norm.weight", hidden, recorder);
+}
+
 torch::Tensor Decoder::head(const Parameters& p, const torch::Tensor& hidden, GradientRecorder* recorder) const {
-  return head_logits(p, norm(p, "model.norm.weight", hidden, recorder), recorder);
+  const torch::Tensor logits = head_logits(p, final_norm(p, hidden, recorder), recorder);
+  return vocabulary_head_.softcap > 0.0 ? soft_cap(logits, vocabulary_head_.softcap) : logits;
+}
+
+torch::Tensor Decoder::next_tokens(const Batch& batch) const {
+  // Position t predicts the label at t + 1; the last position and ignored labels predict none.
+  const torch::Tensor last = torch::full({batch.labels.size(0), 1}, static_cast<int64_t>(kIgnoredLabel), batch.labels.options());
+  const torch::Tensor next = torch::cat({batch.labels.slice(1, 1), last}, 1);
+  return next.masked_fill(next.eq(static_cast<int64_t>(kIgnoredLabel)), -1);
 }
 
 torch::Tensor Decoder::features(const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch) const {
@@ -505,7 +518,7 @@ std::pair<long long, long long> Decoder::hits(const torch::Tensor& logits, const
 std::string Decoder::head_name() const { return config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight"; }
 
 torch::Tensor Decoder::forward(const Parameters& parameters, const TokenBatch& batch) const {
-  torch::Tensor hidden = embed(parameters, batch.input_ids);
+  torch::Tensor hidden = embed(parameters, batch.input_ids, config_.pad_token_id);
   for (long long i = 0; i < config_.layers; ++i) hidden = block(i, parameters, hidden, batch.attention_mask);
   return head(parameters, hidden);
 }

@@ -154,7 +154,7 @@ class Decoder : public LayeredModel {
   std::vector<std::string> layer_names(long long layer) const override;
   std::vector<std::string> output_names() const override { return {"model.norm.weight", head_name()}; }
   torch::Tensor input(const Parameters& parameters, const Batch& batch, GradientRecorder* recorder = nullptr) const override {
-    return embed(parameters, batch.inputs, recorder);
+    return embed(parameters, batch.inputs, config_.pad_token_id < 0 ? -1 : batch.input_index(config_.pad_token_id), recorder);
   }
   torch::Tensor layer(long long index, const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch,
                       GradientRecorder* recorder = nullptr) const override {
@@ -168,6 +168,13 @@ class Decoder : public LayeredModel {
   long long feature_size() const override { return config_.hidden_size; }
   torch::Tensor features(const Parameters& parameters, const torch::Tensor& hidden, const Batch& batch) const override;
   std::pair<long long, long long> hits(const torch::Tensor& logits, const Batch& batch) const override;
+  // The head block by block of the vocabulary (architecture.hpp): the final norm, then the head.
+  const VocabularyHead* vocabulary_head() const override { return &vocabulary_head_; }
+  torch::Tensor head_features(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const override {
+    return final_norm(parameters, hidden, recorder);
+  }
+  torch::Tensor next_tokens(const Batch& batch) const override;
+  std::string token_embedding() const override { return "model.embed_tokens.weight"; }
   // transformers may store a tied head anyway, and rotary buffers in old checkpoints.
   bool ignores(const std::string& name) const override {
     return (name == "lm_head.weight" && config_.tie_word_embeddings) || name.find("rotary_emb.inv_freq") != std::string::npos;
@@ -180,15 +187,20 @@ class Decoder : public LayeredModel {
   virtual double initial_norm_scale() const { return 1.0; }
   // Layer i's tensors (names and shapes), in layout order.
   virtual std::vector<TensorInfo> layer_layout(long long layer) const;
-  // [N, T] token ids -> [N, T, H] hidden states. With a recorder the embedding's rows are a leaf
+  // [N, T] token ids -> [N, T, H] hidden states. `pad` is the padding row as input_ids index the
+  // embedding (-1: none): it takes no gradient. With a recorder the embedding's rows are a leaf
   // that requires grad, recorded for the embedding's per-sample gradients.
-  virtual torch::Tensor embed(const Parameters& parameters, const torch::Tensor& input_ids, GradientRecorder* recorder = nullptr) const;
+  virtual torch::Tensor embed(const Parameters& parameters, const torch::Tensor& input_ids, int64_t pad,
+                              GradientRecorder* recorder = nullptr) const;
   // One decoder layer on [N, T, H]; `attention_mask` [N, T] marks real tokens (right padding).
   // With a recorder (and `hidden` requiring grad) every parameter use is recorded.
   virtual torch::Tensor block(long long index, const Parameters& parameters, const torch::Tensor& hidden,
                               const torch::Tensor& attention_mask, GradientRecorder* recorder = nullptr) const;
-  // Final norm and the language-model head: [N, T, H] -> [N, T, V] logits.
-  virtual torch::Tensor head(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const;
+  // The final norm: [N, T, H] -> [N, T, H].
+  virtual torch::Tensor final_norm(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const;
+  // Final norm and the language-model head: [N, T, H] -> [N, T, V] logits (soft-capped when the
+  // family caps them).
+  torch::Tensor head(const Parameters& parameters, const torch::Tensor& hidden, GradientRecorder* recorder = nullptr) const;
   // The tensor the head multiplies by: lm_head.weight, or the embedding when tied.
   std::string head_name() const;
   // All of it, with every parameter in `parameters`.
@@ -218,12 +230,15 @@ class Decoder : public LayeredModel {
   void check_window(long long length) const;
   // The head's product with the normed hidden states, recorded for the head's per-sample gradients.
   torch::Tensor head_logits(const Parameters& parameters, const torch::Tensor& normed, GradientRecorder* recorder) const;
+  // Gemma 2 soft-caps its logits (0: no cap).
+  void set_final_softcap(double softcap) { vocabulary_head_.softcap = softcap; }
 
  private:
   // cos and sin [T, head_dim] for positions 0..T-1, in the dtype and on the device of `like`.
   std::pair<torch::Tensor, torch::Tensor> rotary(long long length, const torch::Tensor& like) const;
 
   DecoderConfig config_;
+  VocabularyHead vocabulary_head_;
   torch::Tensor inverse_frequencies_;  // [head_dim / 2], float32 on the CPU
 };
 

@@ -21,7 +21,9 @@ struct Gemma2Options {
 
 class Gemma2 final : public Decoder {
  public:
-  Gemma2(DecoderConfig config, Gemma2Options options) : Decoder(std::move(config)), options_(std::move(options)) {}
+  Gemma2(DecoderConfig config, Gemma2Options options) : Decoder(std::move(config)), options_(std::move(options)) {
+    set_final_softcap(options_.final_softcap);
+  }
 
   std::vector<TensorInfo> layer_layout(long long layer) const override {
     const std::string prefix = layer_prefix(layer);
@@ -37,9 +39,9 @@ class Gemma2 final : public Decoder {
 
   double initial_norm_scale() const override { return 0.0; }
 
-  torch::Tensor embed(const Parameters& parameters, const torch::Tensor& input_ids, GradientRecorder* recorder) const override {
+  torch::Tensor embed(const Parameters& parameters, const torch::Tensor& input_ids, int64_t pad, GradientRecorder* recorder) const override {
     // transformers keeps the scale as a float32 scalar and casts it to the weights' dtype.
-    const torch::Tensor embedded = Decoder::embed(parameters, input_ids, recorder);
+    const torch::Tensor embedded = Decoder::embed(parameters, input_ids, pad, recorder);
     const torch::Tensor scale = torch::tensor(static_cast<float>(std::sqrt(static_cast<double>(config().hidden_size)))).to(embedded.scalar_type());
     return embedded * scale.to(embedded.device());
   }
@@ -60,9 +62,8 @@ class Gemma2 final : public Decoder {
     return after_attention + norm(p, prefix + "post_feedforward_layernorm.weight", mlp, recorder, true);
   }
 
-  torch::Tensor head(const Parameters& p, const torch::Tensor& hidden, GradientRecorder* recorder) const override {
-    const torch::Tensor logits = head_logits(p, norm(p, "model.norm.weight", hidden, recorder, true), recorder);
-    return options_.final_softcap > 0.0 ? soft_cap(logits, options_.final_softcap) : logits;
+  torch::Tensor final_norm(const Parameters& p, const torch::Tensor& hidden, GradientRecorder* recorder) const override {
+    return norm(p, "model.norm.weight", hidden, recorder, true);
   }
 
  private:

@@ -396,6 +396,9 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
   if (is_image_model_directory(job.target)) return run_clip_transport(job, log, context);
   if (!job.head.empty()) throw InputError("--head is for CLIP models; " + job.target + " is not one");
   if (is_model_directory(job.target)) return run_decoder_transport(job, log, context);
+  if (!job.statistics_cache.empty())
+    throw InputError("--statistics-cache is for model directories (their sharded gradient pass); " + job.target +
+                     " is a built-in classifier's weights, whose statistics take seconds");
   if (job.num_samples > 0) throw InputError("--num-samples chooses the shots of a decoder; a classifier takes --shots-per-class");
   configure_allocator();
   TransportInputs in;

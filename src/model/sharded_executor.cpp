@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <numeric>
 #include <set>
 
 #include <torch/cuda.h>
@@ -12,6 +14,8 @@
 #include "gradfix/dist/collective_output.hpp"
 #include "gradfix/dist/progress.hpp"
 #include "gradfix/dist/statistics.hpp"
+#include "gradfix/dist/timing.hpp"
+#include "vocabulary_head.hpp"
 
 namespace gradfix {
 namespace {
@@ -22,31 +26,39 @@ constexpr long long kSamplesPerGroup = 8;
 
 std::vector<int64_t> shape_of(const TensorInfo& tensor) { return {tensor.shape.begin(), tensor.shape.end()}; }
 
+// Adds per-sample gradients `per_sample` [n, ...] to `target`'s statistics: vote counts (the
+// signs of -gradient summed) in an integer type, or sums of -gradients in float64. `per_sample`
+// is consumed (negated in place).
+void add_statistics(torch::Tensor target, torch::Tensor per_sample) {
+  per_sample.neg_();
+  // view_as: a convolution's per-sample gradients come as [n, rows, in] for its [rows, c, h, w].
+  if (target.scalar_type() == torch::kFloat64) {
+    target.add_(per_sample.sum(0, false, torch::kFloat64).view_as(target));
+  } else {
+    per_sample.sign_();
+    target.add_(per_sample.sum(0).to(target.scalar_type()).view_as(target));
+  }
+}
+
 // Running statistics of the tensors of one step (a layer, the head, the embedding), over this
-// rank's samples, full shape: vote counts in the narrowest integer type that holds them, or sums
-// of -gradients in float64.
+// rank's samples, in the type they are reduced in (add_statistics). A tensor's statistics may
+// cover some of its rows only (`shape` then names those): a token embedding's used rows.
 class Accumulators {
  public:
   Accumulators(torch::ScalarType type, const torch::Device& device) : type_(type), device_(device) {}
 
   torch::Tensor& of(const std::string& name, const std::vector<int64_t>& shape) {
     auto found = values_.find(name);
-    if (found == values_.end()) found = values_.emplace(name, torch::zeros(shape, torch::TensorOptions().dtype(type_).device(device_))).first;
+    if (found == values_.end()) found = values_.emplace(name, zeros(shape)).first;
     return found->second;
   }
+  torch::Tensor zeros(const std::vector<int64_t>& shape) const { return torch::zeros(shape, torch::TensorOptions().dtype(type_).device(device_)); }
   // Adds the per-sample gradients `per_sample` [n, ...] of rows [begin, begin + rows) (dim 0 of
-  // the parameter) to the statistics. `per_sample` is consumed (negated in place).
+  // the parameter) to the statistics; consumed.
   void add(const std::string& name, const std::vector<int64_t>& shape, torch::Tensor per_sample, int64_t begin = 0) {
     torch::Tensor target = of(name, shape);
     if (per_sample.dim() > 1 && per_sample.size(1) != target.size(0)) target = target.slice(0, begin, begin + per_sample.size(1));
-    per_sample.neg_();
-    // view_as: a convolution's per-sample gradients come as [n, rows, in] for its [rows, c, h, w].
-    if (type_ == torch::kFloat64) {
-      target.add_(per_sample.sum(0, false, torch::kFloat64).view_as(target));
-    } else {
-      per_sample.sign_();
-      target.add_(per_sample.sum(0).to(type_).view_as(target));
-    }
+    add_statistics(target, std::move(per_sample));
   }
   // Adds per-sample gradients of a few rows: `rows` [k] row indices, `values` [k, H] (one sample).
   void add_rows(const std::string& name, const std::vector<int64_t>& shape, const torch::Tensor& rows, torch::Tensor values) {
@@ -81,16 +93,112 @@ std::vector<Group> my_groups(const SampleSource& data, long long size, const Job
   return groups;
 }
 
+const TensorInfo& layout_entry(const ShardedWeights& weights, const std::string& name) {
+  const auto& layout = weights.layout();
+  const auto found = std::find_if(layout.begin(), layout.end(), [&](const TensorInfo& tensor) { return tensor.name == name; });
+  GRADFIX_CHECK(found != layout.end(), "no tensor '" + name + "' in the model's layout");
+  return *found;
+}
+
+// The rows of the model's token embedding that the tokens of every rank's groups use
+// (ascending), with each group's inputs rewritten to index them (Batch::token_rows): the input
+// stage then gathers these rows only, not the vocabulary. Collective.
+std::vector<int64_t> use_token_rows(const LayeredModel& model, const ShardedWeights& weights, std::vector<Group>& groups,
+                                    const JobContext& context) {
+  const std::string name = model.token_embedding();
+  if (name.empty()) return {};
+  const int64_t vocabulary = layout_entry(weights, name).shape.at(0);
+  std::vector<std::int8_t> used(static_cast<std::size_t>(vocabulary), 0);
+  for (const auto& group : groups) {
+    const torch::Tensor ids = group.batch.inputs.to(torch::kCPU, torch::kInt64).contiguous();
+    const int64_t* values = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < ids.numel(); ++i) {
+      GRADFIX_CHECK(values[i] >= 0 && values[i] < vocabulary, "token id " + std::to_string(values[i]) + " outside the vocabulary");
+      used[static_cast<std::size_t>(values[i])] = 1;
+    }
+  }
+  context.host().allreduce(used.data(), used.data(), used.size(), DType::kI8, ReduceOp::kMax);
+  std::vector<int64_t> rows;
+  torch::Tensor index = torch::full({vocabulary}, -1, torch::kInt64);
+  int64_t* position = index.data_ptr<int64_t>();
+  for (int64_t v = 0; v < vocabulary; ++v)
+    if (used[static_cast<std::size_t>(v)] != 0) {
+      position[v] = static_cast<int64_t>(rows.size());
+      rows.push_back(v);
+    }
+  const torch::Tensor token_rows = torch::tensor(rows, torch::kInt64);
+  for (auto& group : groups) {
+    const torch::Tensor& ids = group.batch.inputs;
+    group.batch.inputs = index.to(ids.device()).index_select(0, ids.reshape({-1}).to(torch::kInt64)).view_as(ids);
+    group.batch.token_rows = token_rows;
+  }
+  return rows;
+}
+
+// The input stage's tensors, the token embedding as the rows `token_rows` only.
+Parameters gather_input(const LayeredModel& model, const ShardedWeights& weights, const std::vector<int64_t>& token_rows,
+                        const torch::Device& device) {
+  const std::string embedding = model.token_embedding();
+  std::vector<std::string> names;
+  for (const auto& name : model.input_names())
+    if (name != embedding) names.push_back(name);
+  Parameters parameters = weights.gather(names, device);
+  if (!embedding.empty()) parameters[embedding] = weights.gather_rows(embedding, token_rows, device);
+  return parameters;
+}
+
+// The output stage's tensors but a vocabulary head's weight, which travels block by block.
+std::vector<std::string> feature_names(const LayeredModel& model) {
+  std::vector<std::string> names;
+  for (const auto& name : model.output_names())
+    if (model.vocabulary_head() == nullptr || name != model.vocabulary_head()->weight) names.push_back(name);
+  return names;
+}
+
+// The blocks of the model's vocabulary head for these groups: sized to the job's buffer bound
+// for the data's sequence length (the largest over the ranks, so every rank cuts alike).
+VocabularyBlocks head_blocks(const LayeredModel& model, const ShardedWeights& weights, const std::vector<Group>& groups,
+                             const JobContext& context) {
+  const TensorInfo& head = layout_entry(weights, model.vocabulary_head()->weight);
+  long long positions = 0;
+  for (const auto& group : groups) positions = std::max<long long>(positions, group.batch.inputs.size(1));
+  context.host().allreduce(&positions, &positions, 1, DType::kI64, ReduceOp::kMax);
+  return vocabulary_blocks(head.shape.at(0), head.numel() / head.shape.at(0), kSamplesPerGroup, positions, context.chunk_elements);
+}
+
+// Rows [begin, end) as a list.
+std::vector<int64_t> row_range(int64_t begin, int64_t end) {
+  std::vector<int64_t> rows(static_cast<std::size_t>(end - begin));
+  std::iota(rows.begin(), rows.end(), begin);
+  return rows;
+}
+
+// One StreamingLogits per group after every block of the head: the groups' log-sum-exp, losses
+// and predictions. Collective.
+std::vector<StreamingLogits> scan_head(const LayeredModel& model, const ShardedWeights& weights, const VocabularyBlocks& blocks,
+                                       const std::vector<torch::Tensor>& features, const std::vector<torch::Tensor>& next_tokens,
+                                       const torch::Device& device) {
+  torch::NoGradGuard no_gradients;
+  const VocabularyHead& head = *model.vocabulary_head();
+  std::vector<StreamingLogits> streams;
+  for (const auto& tokens : next_tokens) streams.emplace_back(tokens);
+  for (int64_t b = 0; b < blocks.count(); ++b) {
+    const torch::Tensor weight = weights.gather_rows(head.weight, row_range(blocks.begin(b), blocks.end(b)), device);
+    for (std::size_t g = 0; g < features.size(); ++g) streams[g].add(block_logits(head, features[g], weight), blocks.begin(b));
+  }
+  return streams;
+}
+
 // The forward pass without gradients, one gathered layer at a time. Returns each layer's input
 // per group and, last, the final hidden states ([layers + 1][group]); with `keep_inputs` false
 // only the final hidden states are kept (entry 0).
 std::vector<std::vector<torch::Tensor>> forward_groups(const LayeredModel& model, const ShardedWeights& weights, const std::vector<Group>& groups,
-                                                       const torch::Device& device, bool keep_inputs) {
+                                                       const std::vector<int64_t>& token_rows, const torch::Device& device, bool keep_inputs) {
   const long long layers = model.layers();
   torch::NoGradGuard no_gradients;
   std::vector<std::vector<torch::Tensor>> boundary(static_cast<std::size_t>(keep_inputs ? layers + 1 : 1));
   {  // the input stage's tensors are dropped before the layers are gathered
-    const Parameters input = weights.gather(model.input_names(), device);
+    const Parameters input = gather_input(model, weights, token_rows, device);
     for (const auto& group : groups) boundary[0].push_back(model.input(input, group.batch));
   }
   for (long long l = 0; l < layers; ++l) {
@@ -106,7 +214,7 @@ std::vector<std::vector<torch::Tensor>> forward_groups(const LayeredModel& model
 }
 
 // The per-sample gradient rows of an embedding (sample i: the rows of its token ids), added to
-// `dense` rows [begin, end) when given (a tied head), else straight into the statistics.
+// `dense` rows [begin, end) when given (a tied head's block), else straight into the statistics.
 void embedding_rows(const torch::Tensor& ids, const torch::Tensor& gradient, int64_t sample, torch::Tensor* dense, int64_t begin, int64_t end,
                     Accumulators* accumulators, const std::string& name, const std::vector<int64_t>& shape) {
   const torch::Tensor sample_ids = ids[sample];
@@ -124,20 +232,15 @@ void embedding_rows(const torch::Tensor& ids, const torch::Tensor& gradient, int
 }
 
 // Per-sample gradients of a Linear weight from its recorded input X [n, T, in] and output
-// gradient G [n, T, out], in blocks of rows sized to the memory bound; `tied` adds the
-// embedding's rows of the same tensor (a tied head) before the signs are taken.
+// gradient G [n, T, out], in blocks of rows sized to the memory bound.
 void linear_weight(const std::string& name, const std::vector<int64_t>& shape, const torch::Tensor& input, const torch::Tensor& output_gradient,
-                   long long product_bytes, Accumulators& accumulators, const torch::Tensor* tied_ids = nullptr,
-                   const torch::Tensor* tied_gradient = nullptr) {
+                   long long product_bytes, Accumulators& accumulators) {
   const int64_t n = input.size(0), out = output_gradient.size(2), in = input.size(2);
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(out, product_bytes / std::max<int64_t>(1, n * in * 4)));
   const torch::Tensor g = output_gradient.transpose(1, 2);  // [n, out, T]
   for (int64_t begin = 0; begin < out; begin += rows) {
     const int64_t end = std::min(out, begin + rows);
-    torch::Tensor per_sample = torch::bmm(g.slice(1, begin, end), input);  // [n, rows, in]
-    if (tied_ids != nullptr)
-      for (int64_t i = 0; i < n; ++i) embedding_rows(*tied_ids, *tied_gradient, i, &per_sample, begin, end, nullptr, name, shape);
-    accumulators.add(name, shape, per_sample, begin);
+    accumulators.add(name, shape, torch::bmm(g.slice(1, begin, end), input), begin);  // [n, rows, in]
   }
 }
 
@@ -149,9 +252,7 @@ void add_captures(const std::vector<Capture>& captures, const std::map<std::stri
     const torch::Tensor gradient = capture.output.grad();
     GRADFIX_CHECK(gradient.defined(), "no gradient reached the output of " + capture.parameter);
     switch (capture.kind) {
-      case Capture::Kind::kLinearWeight:
-        linear_weight(capture.parameter, shape, capture.input, gradient, product_bytes, accumulators);
-        break;
+      case Capture::Kind::kLinearWeight: linear_weight(capture.parameter, shape, capture.input, gradient, product_bytes, accumulators); break;
       case Capture::Kind::kBias:  // a new tensor: consumable
         accumulators.add(capture.parameter, shape, without_cancelled(gradient.sum(1), gradient.abs().sum(1)));
         break;
@@ -204,17 +305,84 @@ std::vector<Piece> ShardedWeights::pieces_of(int rank, const std::set<std::size_
   return pieces;
 }
 
-void ShardedWeights::own_values(std::size_t k, float* out) const {
-  const std::vector<float>& base = mine_[k];
+void ShardedWeights::own_values(std::size_t k, long long begin, long long count, float* out) const {
+  const float* base = mine_[k].data() + begin;
   if (offset_ == nullptr) {
-    std::memcpy(out, base.data(), base.size() * sizeof(float));
+    std::memcpy(out, base, static_cast<std::size_t>(count) * sizeof(float));
     return;
   }
-  const std::vector<float>& delta = (*offset_)[k];
-  for (std::size_t i = 0; i < base.size(); ++i) out[i] = base[i] + alpha_ * delta[i];
+  const float* delta = (*offset_)[k].data() + begin;
+  for (long long i = 0; i < count; ++i) out[i] = base[i] + alpha_ * delta[i];
+}
+
+torch::Tensor ShardedWeights::gather_rows(const std::string& name, const std::vector<int64_t>& rows, const torch::Device& device) const {
+  const StepTimer timer(TimedStep::kGather);
+  const std::size_t tensor = *indices_of({name}).begin();
+  std::vector<int64_t> shape = shape_of(layout_[tensor]);
+  const long long width = layout_[tensor].numel() / shape[0];
+  shape[0] = static_cast<int64_t>(rows.size());
+  // Runs of consecutive rows, as element ranges of the tensor and of the result.
+  struct Run {
+    long long begin, count, at;
+  };
+  std::vector<Run> runs;
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    if (!runs.empty() && runs.back().begin + runs.back().count == rows[i] * width) runs.back().count += width;
+    else runs.push_back({rows[i] * width, width, static_cast<long long>(i) * width});
+  }
+  // Over the device communicator (NCCL) the rows travel device to device; else through the host.
+  const bool on_device = !device.is_cpu() && context_.size() > 1 && context_.stats().memory() == MemorySpace::kDevice;
+  Communicator& transport = on_device ? context_.stats() : context_.host();
+  const auto staging = torch::TensorOptions().dtype(torch::kFloat32).device(on_device ? device : torch::Device(torch::kCPU));
+  torch::Tensor out = torch::empty(shape, staging);
+  torch::Tensor flat = out.view({-1});
+  for (int r = 0; r < context_.size(); ++r) {
+    // Rank r's part: each run cut by r's pieces of the tensor, in run order (every rank computes
+    // the same list), packed end to end.
+    struct Segment {
+      std::size_t piece;
+      long long source, at, count;
+    };
+    std::vector<Segment> segments;
+    long long total = 0;
+    const auto& theirs = plan_.pieces(r);
+    for (const auto& run : runs)
+      for (std::size_t k = 0; k < theirs.size(); ++k) {
+        if (theirs[k].tensor != tensor) continue;
+        const long long first = std::max(run.begin, theirs[k].begin), last = std::min(run.begin + run.count, theirs[k].begin + theirs[k].count);
+        if (first >= last) continue;
+        segments.push_back({k, first - theirs[k].begin, run.at + first - run.begin, last - first});
+        total += last - first;
+      }
+    if (total == 0) continue;
+    torch::Tensor packed;
+    if (r == context_.rank()) {
+      std::vector<float> values(static_cast<std::size_t>(total));
+      long long cursor = 0;
+      for (const auto& segment : segments) {
+        own_values(segment.piece, segment.source, segment.count, values.data() + cursor);
+        cursor += segment.count;
+      }
+      packed = torch::from_blob(values.data(), {total}, torch::kFloat32).to(staging.device(), false, true);
+    } else {
+      packed = torch::empty({total}, staging);
+    }
+    if (context_.size() > 1) {
+      if (on_device) torch::cuda::synchronize();
+      transport.broadcast(packed.data_ptr<float>(), static_cast<std::size_t>(total), DType::kF32, r);
+    }
+    long long cursor = 0;
+    for (const auto& segment : segments) {
+      flat.slice(0, segment.at, segment.at + segment.count).copy_(packed.slice(0, cursor, cursor + segment.count));
+      cursor += segment.count;
+    }
+  }
+  if (on_device) torch::cuda::synchronize();
+  return out.device() == device ? out : out.to(device);
 }
 
 Parameters ShardedWeights::gather(const std::vector<std::string>& names, const torch::Device& device) const {
+  const StepTimer timer(TimedStep::kGather);
   if (!device.is_cpu() && context_.size() > 1 && context_.stats().memory() == MemorySpace::kDevice) return gather_on_device(names, device);
   const std::set<std::size_t> wanted = indices_of(names);
   // Each rank that owns pieces of these tensors broadcasts them, packed in plan order, and every
@@ -332,15 +500,26 @@ torch::ScalarType scalar_type_of(DType dtype) {
   return dtype == DType::kI8 ? torch::kInt8 : dtype == DType::kI16 ? torch::kInt16 : dtype == DType::kI32 ? torch::kInt32 : torch::kFloat64;
 }
 
+// Elements [begin, begin + count) of a tensor, found at `at` in a buffer of statistics.
+struct Run {
+  long long begin = 0, count = 0, at = 0;
+};
+
 // One few-shot statistics pass (sharded_statistics), stage by stage:
-//   forward   every stage gathered in turn, each layer's input kept (the boundaries)
-//   output    the final stage per sample (its logits are the largest activations), the gradient
-//             reaching the last boundary kept as the next stage's incoming gradient
+//   forward   every stage gathered in turn (a token embedding as the rows of the data's tokens
+//             only), each layer's input kept (the boundaries)
+//   output    without a vocabulary head (a classifier's few logits): per sample, whole. With
+//             one: the features (final norm) of every group, then the head block by block
+//             (vocabulary_head.hpp): a scan for each position's log-sum-exp, then a pass that
+//             forms the gradient reaching the features and the head's per-sample products,
+//             reduced block by block
 //   layers    last first: recomputed from the kept boundary with autograd, the incoming gradient
 //             backpropagated, per-sample statistics formed from the recorded captures
-//   input     recomputed from the batch; a tied tensor's two uses are summed here
-// and after each stage reduce(): the stage's statistics summed over the ranks, each rank keeping
-// the pieces it owns.
+//   input     recomputed from the batch; a token embedding's statistics cover its used rows. A
+//             head tied to the embedding makes its products last, in one more pass over its
+//             blocks: each sample's embedding rows join its head block before the sign is taken.
+// and after each stage its statistics are summed over the ranks, each rank keeping the pieces it
+// owns.
 class StatisticsPass {
  public:
   StatisticsPass(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data, const ShardedSignsOptions& options,
@@ -348,8 +527,15 @@ class StatisticsPass {
       : model_(model), weights_(weights), data_(data), options_(options), context_(context), device_(device),
         votes_(options.sign_mode == SignMode::kMax), loop_(options.method == VoteMethod::kLoop),
         reduce_type_(votes_ ? vote_count_dtype(data.samples, context.stats()) : DType::kF64),
-        accumulators_(scalar_type_of(reduce_type_), device), input_names_(model.input_names()), output_names_(model.output_names()) {
+        accumulators_(scalar_type_of(reduce_type_), device), input_names_(model.input_names()), output_names_(model.output_names()),
+        head_(model.vocabulary_head()), token_embedding_(model.token_embedding()),
+        tied_(head_ != nullptr && head_->weight == token_embedding_) {
     for (const auto& tensor : weights.layout()) shapes_[tensor.name] = shape_of(tensor);
+    // Only a vocabulary head may share its tensor with the input stage (the pass sums the two
+    // uses of a tied head and embedding); any other sharing would be counted twice.
+    for (const auto& name : output_names_)
+      GRADFIX_CHECK(tied_ || std::find(input_names_.begin(), input_names_.end(), name) == input_names_.end(),
+                    "a tensor in both the input and the output stage that is not a tied vocabulary head: " + name);
     result_.samples = data.samples;
     result_.dtype = votes_ ? reduce_type_ : DType::kF32;
     for (const auto& piece : weights.plan().pieces(context.rank()))
@@ -358,54 +544,26 @@ class StatisticsPass {
 
   ShardedStatistics run() {
     groups_ = my_groups(data_, loop_ ? 1 : kSamplesPerGroup, context_, device_);
-    boundary_ = forward_groups(model_, weights_, groups_, device_, true);  // boundary_[l][g]
-    find_tied();
+    token_rows_ = use_token_rows(model_, weights_, groups_, context_);
+    boundary_ = forward_groups(model_, weights_, groups_, token_rows_, device_, true);  // boundary_[l][g]
     incoming_.resize(groups_.size());
-    output_stage();
+    if (head_ != nullptr) vocabulary_output_stage();
+    else output_stage();
     for (long long l = model_.layers() - 1; l >= 0; --l) layer_stage(l);
     input_stage();
+    if (tied_) head_pass(nullptr);
     return std::move(result_);
   }
 
  private:
-  // A tensor used by both the input and the output stage (a tied embedding and head) gets one
-  // per-sample gradient, the sum of both uses: the output stage's part waits for the input's.
-  void find_tied() {
-    for (const auto& name : output_names_)
-      if (std::find(input_names_.begin(), input_names_.end(), name) != input_names_.end()) tied_.insert(name);
-    for (const auto& name : tied_) tied_captures_[name].resize(groups_.size());
-  }
-
-  // Only this rank sees its samples: a non-finite loss (weights with NaN or Inf) must stop every
-  // rank before the collective steps that follow.
-  void refuse_nonfinite_losses(const Parameters& parameters) const {
-    context_.agree([&] {
-      torch::NoGradGuard no_gradients;
-      for (std::size_t g = 0; g < groups_.size(); ++g)
-        for (int64_t i = 0; i < static_cast<int64_t>(groups_[g].samples.size()); ++i) {
-          const double loss =
-              model_.losses(model_.output(parameters, boundary_.back()[g].slice(0, i, i + 1)), groups_[g].batch.slice(i, i + 1))[0].item<double>();
-          if (!std::isfinite(loss))
-            throw InputError(data_.name + ": selected sample " + std::to_string(groups_[g].samples[static_cast<std::size_t>(i)]) +
-                             " has a loss of " + std::to_string(loss) + ": check the model's weights");
-        }
-    });
-  }
-
-  // The output stage (final norm and head), from the last boundary, one sample at a time: the
-  // logits and their gradient ([T, V] each for a language model, the largest activations of the
-  // pass) then cost one sample's worth, whatever the group size.
+  // The output stage of a model without a vocabulary head, from the last boundary, one sample at
+  // a time: the gradient reaching the last boundary kept as the next stage's incoming gradient.
   void output_stage() {
     Parameters parameters = weights_.gather(output_names_, device_);
     if (options_.refuse_nonfinite) refuse_nonfinite_losses(parameters);
     make_leaves(parameters);
-    // Loop method: a tied tensor's head gradient is formed in the input stage (below), so
-    // autograd need not form a [V, H] gradient per sample here.
-    if (loop_)
-      for (const auto& name : tied_) parameters.at(name).requires_grad_(false);
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       std::vector<torch::Tensor> gradients;
-      std::map<std::string, std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>> tied_parts;
       for (int64_t i = 0; i < static_cast<int64_t>(groups_[g].samples.size()); ++i) {
         GradientRecorder recorder;
         const torch::Tensor hidden = boundary_.back()[g].slice(0, i, i + 1).detach().requires_grad_(true);
@@ -414,36 +572,108 @@ class StatisticsPass {
         gradients.push_back(hidden.grad());
         if (loop_) {
           zero_cancelled(parameters, recorder);
-          // A tied tensor's head use is kept as its product's two factors (this sample's hidden
-          // states and logits' gradient, [T, H] and [T, V]) rather than as its [V, H] gradient:
-          // the input stage forms the product once the embedding use's gradient is there.
-          for (const auto& capture : recorder.captures())
-            if (tied_.count(capture.parameter)) tied_captures_[capture.parameter][g] = {capture.parameter, capture.kind, capture.input, capture.output.grad()};
-          add_leaf_gradients(parameters, tied_);
-          continue;
+          add_leaf_gradients(parameters, {});
+        } else {
+          add_captures(recorder.captures(), shapes_, options_.product_bytes, accumulators_);
         }
-        std::vector<Capture> captures;
-        for (const auto& capture : recorder.captures()) {
-          if (tied_.count(capture.parameter)) {
-            GRADFIX_CHECK(capture.kind == Capture::Kind::kLinearWeight, "a tied tensor's output use must be a linear weight: " + capture.parameter);
-            tied_parts[capture.parameter].first.push_back(capture.input);
-            tied_parts[capture.parameter].second.push_back(capture.output.grad());
-            continue;
-          }
-          captures.push_back(capture);
-        }
-        add_captures(captures, shapes_, options_.product_bytes, accumulators_);
       }
       incoming_[g] = torch::cat(gradients, 0);
-      for (auto& [name, parts] : tied_parts)
-        tied_captures_[name][g] = {name, Capture::Kind::kLinearWeight, torch::cat(parts.first, 0), torch::cat(parts.second, 0)};
     }
-    std::vector<std::string> done;
-    for (const auto& name : output_names_)
-      if (!tied_.count(name)) done.push_back(name);
-    reduce(done);
+    reduce_whole(output_names_);
     boundary_.pop_back();
     stage_done();
+  }
+
+  // Only this rank sees its samples: a non-finite loss (weights with NaN or Inf) must stop every
+  // rank before the collective steps that follow.
+  void refuse_nonfinite_losses(const Parameters& parameters) const {
+    context_.agree([&] {
+      torch::NoGradGuard no_gradients;
+      for (std::size_t g = 0; g < groups_.size(); ++g)
+        for (int64_t i = 0; i < static_cast<int64_t>(groups_[g].samples.size()); ++i)
+          refuse_nonfinite(g, i,
+                           model_.losses(model_.output(parameters, boundary_.back()[g].slice(0, i, i + 1)), groups_[g].batch.slice(i, i + 1))[0]
+                               .item<double>());
+    });
+  }
+  void refuse_nonfinite(std::size_t g, int64_t i, double loss) const {
+    if (!std::isfinite(loss))
+      throw InputError(data_.name + ": selected sample " + std::to_string(groups_[g].samples[static_cast<std::size_t>(i)]) + " has a loss of " +
+                       std::to_string(loss) + ": check the model's weights");
+  }
+
+  // The output stage of a language model: the features (final norm) of every group, recorded,
+  // then the head block by block, never whole.
+  void vocabulary_output_stage() {
+    const std::vector<std::string> names = feature_names(model_);
+    Parameters parameters = weights_.gather(names, device_);
+    make_leaves(parameters);
+    std::vector<torch::Tensor> hidden(groups_.size()), features(groups_.size());
+    std::vector<GradientRecorder> recorders(groups_.size());
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      hidden[g] = boundary_.back()[g].detach().requires_grad_(true);
+      features[g] = model_.head_features(parameters, hidden[g], loop_ ? nullptr : &recorders[g]);
+      features_.push_back(features[g].detach());
+      next_tokens_.push_back(model_.next_tokens(groups_[g].batch));
+      position_weights_.push_back(position_weights(next_tokens_[g]));
+    }
+    blocks_ = head_blocks(model_, weights_, groups_, context_);
+    const std::vector<StreamingLogits> scans = scan_head(model_, weights_, blocks_, features_, next_tokens_, device_);
+    for (const auto& scan : scans) log_sum_exp_.push_back(scan.log_sum_exp());
+    if (options_.refuse_nonfinite)
+      context_.agree([&] {
+        for (std::size_t g = 0; g < groups_.size(); ++g) {
+          const torch::Tensor losses = scans[g].losses().to(torch::kCPU, torch::kFloat64);
+          for (int64_t i = 0; i < losses.size(0); ++i) refuse_nonfinite(g, i, losses[i].item<double>());
+        }
+      });
+    std::vector<torch::Tensor> feature_gradients(groups_.size());
+    head_pass(&feature_gradients);
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      torch::autograd::backward({features[g]}, {feature_gradients[g]});
+      incoming_[g] = hidden[g].grad();
+      if (loop_) {
+        zero_cancelled(parameters, recorders[g]);
+        add_leaf_gradients(parameters, {});
+      } else {
+        add_captures(recorders[g].captures(), shapes_, options_.product_bytes, accumulators_);
+      }
+    }
+    reduce_whole(names);
+    boundary_.pop_back();
+    stage_done();
+  }
+
+  // One pass over the head's blocks, each gathered once, its logits' gradient formed for every
+  // group from the kept features and log-sum-exp. The gradient reaching the features is summed
+  // into `feature_gradients` when given. The head's per-sample products [n, rows, H] become its
+  // statistics, reduced block by block, except in the output stage's pass of a tied head: the
+  // embedding's rows, which join them, are not known until the input stage.
+  void head_pass(std::vector<torch::Tensor>* feature_gradients) {
+    torch::NoGradGuard no_gradients;
+    const bool statistics = feature_gradients == nullptr || !tied_;
+    std::vector<int64_t> shape = shapes_.at(head_->weight);
+    for (int64_t b = 0; b < blocks_.count(); ++b) {
+      const int64_t begin = blocks_.begin(b), end = blocks_.end(b);
+      const torch::Tensor weight = weights_.gather_rows(head_->weight, row_range(begin, end), device_);
+      shape[0] = end - begin;
+      torch::Tensor block = statistics ? accumulators_.zeros(shape) : torch::Tensor();
+      for (std::size_t g = 0; g < groups_.size(); ++g) {
+        const torch::Tensor gradient =
+            block_logit_gradient(*head_, block_logits(*head_, features_[g], weight), log_sum_exp_[g], next_tokens_[g], position_weights_[g], begin);
+        if (feature_gradients != nullptr) {
+          torch::Tensor& sum = (*feature_gradients)[g];
+          sum = sum.defined() ? sum.add_(torch::matmul(gradient, weight)) : torch::matmul(gradient, weight);
+        }
+        if (!statistics) continue;
+        torch::Tensor per_sample = torch::bmm(gradient.transpose(1, 2), features_[g]);
+        if (tied_)
+          for (int64_t i = 0; i < per_sample.size(0); ++i)
+            embedding_rows(tied_ids_[g], tied_gradients_[g], i, &per_sample, begin, end, nullptr, head_->weight, shape);
+        add_statistics(block, std::move(per_sample));
+      }
+      if (statistics) reduce_runs(head_->weight, block, {{begin * (block.numel() / std::max<int64_t>(1, shape[0])), block.numel(), 0}});
+    }
   }
 
   // Layer l: recomputed from its kept input, the incoming gradient backpropagated.
@@ -464,7 +694,7 @@ class StatisticsPass {
         add_captures(recorder.captures(), shapes_, options_.product_bytes, accumulators_);
       }
     }
-    reduce(names);
+    reduce_whole(names);
     boundary_.pop_back();
     stage_done();
   }
@@ -473,77 +703,121 @@ class StatisticsPass {
   // layer's input. Gathered once on every rank: a gather is collective, and ranks hold different
   // numbers of groups.
   void input_stage() {
-    Parameters parameters = weights_.gather(input_names_, device_);
+    Parameters parameters = gather_input(model_, weights_, token_rows_, device_);
     make_leaves(parameters);
+    // A token embedding's statistics come from its recorded rows in both methods: as a leaf its
+    // gradient would span every gathered row.
+    if (!token_embedding_.empty()) parameters.at(token_embedding_).requires_grad_(false);
+    tied_ids_.resize(groups_.size());
+    tied_gradients_.resize(groups_.size());
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       GradientRecorder recorder;
-      const torch::Tensor output = model_.input(parameters, groups_[g].batch, loop_ ? nullptr : &recorder);
+      const torch::Tensor output = model_.input(parameters, groups_[g].batch, loop_ && token_embedding_.empty() ? nullptr : &recorder);
       torch::autograd::backward({output}, {incoming_[g]});
-      if (loop_) {
-        for (const auto& name : tied_) {
-          // The head use's gradient, as autograd forms a linear weight's: (X^T G)^T over tokens.
-          const Capture& head = tied_captures_.at(name)[g];
-          const torch::Tensor x = head.input.reshape({-1, head.input.size(-1)});
-          const torch::Tensor gradient = head.output.reshape({-1, head.output.size(-1)});
-          parameters.at(name).mutable_grad().add_(torch::mm(x.t(), gradient).t());
-          tied_captures_.at(name)[g] = Capture();
-        }
-        add_leaf_gradients(parameters, {});
-        continue;
-      }
       std::vector<Capture> captures;
       for (const auto& capture : recorder.captures()) {
-        const auto deferred = tied_captures_.find(capture.parameter);
-        if (deferred == tied_captures_.end()) {
-          captures.push_back(capture);
-          continue;
-        }
-        GRADFIX_CHECK(capture.kind == Capture::Kind::kEmbedding, "a tied tensor's input use must be an embedding: " + capture.parameter);
-        const Capture& head = deferred->second[g];
-        const torch::Tensor gradient = capture.output.grad();
-        linear_weight(capture.parameter, shapes_.at(capture.parameter), head.input, head.output, options_.product_bytes, accumulators_,
-                      &capture.input, &gradient);
+        if (capture.parameter == token_embedding_) token_embedding_rows(capture, g);
+        else if (!loop_) captures.push_back(capture);
       }
       add_captures(captures, shapes_, options_.product_bytes, accumulators_);
+      if (loop_) add_leaf_gradients(parameters, {token_embedding_});
     }
-    for (const auto& name : input_names_) accumulators_.of(name, shapes_.at(name));
-    reduce(input_names_);
+    std::vector<std::string> whole;
+    for (const auto& name : input_names_)
+      if (name != token_embedding_) {
+        accumulators_.of(name, shapes_.at(name));
+        whole.push_back(name);
+      }
+    reduce_whole(whole);
+    if (!token_embedding_.empty() && !tied_) reduce_token_rows();
     stage_done();
   }
 
-  // Sums a stage's statistics over the ranks, bucket by bucket in the narrowest type that holds
-  // them, and keeps the pieces this rank owns: memory for this is one bucket, whatever the size.
-  void reduce(const std::vector<std::string>& names) {
-    constexpr long long kBucket = 1LL << 22;
-    const auto& my_pieces = weights_.plan().pieces(context_.rank());
+  // A token embedding's per-sample rows, from its recorded lookup of group g: into its
+  // statistics of the used rows [U, H], or kept (as vocabulary ids) for a tied head's blocks.
+  void token_embedding_rows(const Capture& capture, std::size_t g) {
+    GRADFIX_CHECK(capture.kind == Capture::Kind::kEmbedding, "the token embedding's use must be an embedding lookup: " + capture.parameter);
+    const torch::Tensor gradient = capture.output.grad();
+    GRADFIX_CHECK(gradient.defined(), "no gradient reached the output of " + capture.parameter);
+    if (tied_) {
+      const torch::Tensor rows = groups_[g].batch.token_rows.to(capture.input.device());
+      tied_ids_[g] = rows.index_select(0, capture.input.reshape({-1})).view_as(capture.input);
+      tied_gradients_[g] = gradient;
+      return;
+    }
+    const std::vector<int64_t> shape = used_rows_shape();
+    for (int64_t i = 0; i < capture.input.size(0); ++i) embedding_rows(capture.input, gradient, i, nullptr, 0, 0, &accumulators_, token_embedding_, shape);
+  }
+  std::vector<int64_t> used_rows_shape() const {
+    std::vector<int64_t> shape = shapes_.at(token_embedding_);
+    shape[0] = static_cast<int64_t>(token_rows_.size());
+    return shape;
+  }
+
+  // The token embedding's statistics of its used rows, reduced into the owners' pieces: runs of
+  // consecutive token ids go together.
+  void reduce_token_rows() {
+    const std::vector<int64_t> shape = used_rows_shape();
+    const long long width = std::accumulate(shape.begin() + 1, shape.end(), 1LL, std::multiplies<long long>());
+    std::vector<Run> runs;
+    for (std::size_t u = 0; u < token_rows_.size(); ++u) {
+      const long long begin = token_rows_[u] * width, at = static_cast<long long>(u) * width;
+      if (!runs.empty() && runs.back().begin + runs.back().count == begin) runs.back().count += width;
+      else runs.push_back({begin, width, at});
+    }
+    reduce_runs(token_embedding_, accumulators_.of(token_embedding_, shape), runs);
+    accumulators_.values().erase(token_embedding_);
+  }
+
+  // Sums whole tensors' statistics over the ranks; each rank keeps the pieces it owns.
+  void reduce_whole(const std::vector<std::string>& names) {
     for (const auto& name : names) {
-      const torch::Tensor values = accumulators_.of(name, shapes_.at(name)).to(torch::kCPU).contiguous().view({-1});
-      const long long count = values.numel();
-      const std::size_t item = dtype_size(reduce_type_);
-      std::vector<unsigned char> bucket;
-      for (long long offset = 0; offset < count; offset += kBucket) {
-        const long long length = std::min(kBucket, count - offset);
-        bucket.assign(static_cast<const unsigned char*>(values.data_ptr()) + offset * static_cast<long long>(item),
-                      static_cast<const unsigned char*>(values.data_ptr()) + (offset + length) * static_cast<long long>(item));
-        allreduce_statistics(context_.stats(), bucket.data(), length, reduce_type_);
-        for (std::size_t k = 0; k < my_pieces.size(); ++k) {
-          if (weights_.layout()[my_pieces[k].tensor].name != name) continue;
-          const long long first = std::max(offset, my_pieces[k].begin);
-          const long long last = std::min(offset + length, my_pieces[k].begin + my_pieces[k].count);
-          if (first >= last) continue;
-          unsigned char* target = result_.pieces[k].data();
-          if (votes_) {  // kept as reduced
-            std::memcpy(target + static_cast<std::size_t>(first - my_pieces[k].begin) * item, bucket.data() + static_cast<std::size_t>(first - offset) * item,
-                        static_cast<std::size_t>(last - first) * item);
-          } else {  // float64 sums kept as float32
-            const auto* sums = reinterpret_cast<const double*>(bucket.data());
-            auto* out = reinterpret_cast<float*>(target);
-            for (long long i = first; i < last; ++i)
-              out[static_cast<std::size_t>(i - my_pieces[k].begin)] = static_cast<float>(sums[static_cast<std::size_t>(i - offset)]);
-          }
-        }
-      }
+      const torch::Tensor& values = accumulators_.of(name, shapes_.at(name));
+      reduce_runs(name, values, {{0, values.numel(), 0}});
       accumulators_.values().erase(name);
+    }
+  }
+
+  // Sums `values` (statistics of tensor `name` at the elements `runs` name) over the ranks, bucket
+  // by bucket in the narrowest type that holds them, and keeps the elements this rank owns:
+  // memory for this is one bucket, whatever the size. Collective: every rank passes the same runs.
+  void reduce_runs(const std::string& name, const torch::Tensor& values, const std::vector<Run>& runs) {
+    const StepTimer timer(TimedStep::kReduce);
+    constexpr long long kBucket = 1LL << 22;
+    const torch::Tensor flat = values.to(torch::kCPU).contiguous().view({-1});
+    const long long count = flat.numel();
+    const std::size_t item = dtype_size(reduce_type_);
+    const auto* data = static_cast<const unsigned char*>(flat.data_ptr());
+    std::vector<unsigned char> bucket;
+    for (long long offset = 0; offset < count; offset += kBucket) {
+      const long long length = std::min(kBucket, count - offset);
+      bucket.assign(data + offset * static_cast<long long>(item), data + (offset + length) * static_cast<long long>(item));
+      allreduce_statistics(context_.stats(), bucket.data(), length, reduce_type_);
+      for (const auto& run : runs) {
+        const long long first = std::max(offset, run.at), last = std::min(offset + length, run.at + run.count);
+        if (first < last) keep_owned(name, run.begin + first - run.at, bucket.data() + static_cast<std::size_t>(first - offset) * item, last - first);
+      }
+    }
+  }
+
+  // Copies reduced statistics of elements [begin, begin + count) of tensor `name` into the pieces
+  // this rank owns: vote counts as reduced, float64 sums as float32.
+  void keep_owned(const std::string& name, long long begin, const unsigned char* values, long long count) {
+    const auto& my_pieces = weights_.plan().pieces(context_.rank());
+    const std::size_t item = dtype_size(reduce_type_);
+    for (std::size_t k = 0; k < my_pieces.size(); ++k) {
+      if (weights_.layout()[my_pieces[k].tensor].name != name) continue;
+      const long long first = std::max(begin, my_pieces[k].begin), last = std::min(begin + count, my_pieces[k].begin + my_pieces[k].count);
+      if (first >= last) continue;
+      unsigned char* target = result_.pieces[k].data();
+      if (votes_) {
+        std::memcpy(target + static_cast<std::size_t>(first - my_pieces[k].begin) * item, values + static_cast<std::size_t>(first - begin) * item,
+                    static_cast<std::size_t>(last - first) * item);
+      } else {
+        const auto* sums = reinterpret_cast<const double*>(values);
+        auto* out = reinterpret_cast<float*>(target);
+        for (long long i = first; i < last; ++i) out[static_cast<std::size_t>(i - my_pieces[k].begin)] = static_cast<float>(sums[static_cast<std::size_t>(i - begin)]);
+      }
     }
   }
 
@@ -598,13 +872,21 @@ class StatisticsPass {
   Accumulators accumulators_;
   const std::vector<std::string> input_names_;
   const std::vector<std::string> output_names_;
+  const VocabularyHead* const head_;   // nullptr: the output stage is computed whole
+  const std::string token_embedding_;  // "" when the model has none
+  const bool tied_;                    // the head is the token embedding
   std::map<std::string, std::vector<int64_t>> shapes_;
   ShardedStatistics result_;
   std::vector<Group> groups_;
+  std::vector<int64_t> token_rows_;                   // the token embedding's rows that the data uses, over every rank
   std::vector<std::vector<torch::Tensor>> boundary_;  // each layer's input, per group; popped as the backward pass goes
   std::vector<torch::Tensor> incoming_;                // the gradient reaching the current stage's output, per group
-  std::set<std::string> tied_;
-  std::map<std::string, std::vector<Capture>> tied_captures_;  // the output stage's X and G of a tied tensor, per group
+  // The vocabulary head's blocks and, per group, what its passes need: the features, the next
+  // tokens, their weights in the loss and each position's log-sum-exp.
+  VocabularyBlocks blocks_;
+  std::vector<torch::Tensor> features_, next_tokens_, position_weights_, log_sum_exp_;
+  // A tied head: each group's embedding lookups (vocabulary ids) and their gradients.
+  std::vector<torch::Tensor> tied_ids_, tied_gradients_;
   long long stages_done_ = 0;
 };
 
@@ -616,27 +898,46 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
 }
 
 ShardedEvaluation sharded_evaluation(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& data,
-                                             const JobContext& context, const torch::Device& device, bool refuse_nonfinite) {
+                                     const JobContext& context, const torch::Device& device, bool refuse_nonfinite) {
   torch::NoGradGuard no_gradients;
-  const std::vector<Group> groups = my_groups(data, kSamplesPerGroup, context, device);
-  const std::vector<torch::Tensor> hidden = forward_groups(model, weights, groups, device, false)[0];
+  std::vector<Group> groups = my_groups(data, kSamplesPerGroup, context, device);
+  const std::vector<int64_t> token_rows = use_token_rows(model, weights, groups, context);
+  const std::vector<torch::Tensor> hidden = forward_groups(model, weights, groups, token_rows, device, false)[0];
   ShardedEvaluation result;
   result.losses.assign(static_cast<std::size_t>(data.samples), 0.0);
-  const Parameters head = weights.gather(model.output_names(), device);
+  const Parameters head = weights.gather(feature_names(model), device);
+  // Each group's per-sample losses and hits: from the head's blocks for a language model.
+  std::vector<torch::Tensor> losses(groups.size());
+  std::vector<std::pair<long long, long long>> hits(groups.size());
+  if (model.vocabulary_head() != nullptr) {
+    std::vector<torch::Tensor> features, next_tokens;
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      features.push_back(model.head_features(head, hidden[g]));
+      next_tokens.push_back(model.next_tokens(groups[g].batch));
+    }
+    const std::vector<StreamingLogits> scans = scan_head(model, weights, head_blocks(model, weights, groups, context), features, next_tokens, device);
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      losses[g] = scans[g].losses();
+      hits[g] = scans[g].hits();
+    }
+  }
   context.agree([&] {
     for (std::size_t g = 0; g < groups.size(); ++g) {
-      const torch::Tensor logits = model.output(head, hidden[g]);
-      const torch::Tensor losses = model.losses(logits, groups[g].batch).to(torch::kCPU, torch::kFloat64);
+      if (model.vocabulary_head() == nullptr) {
+        const torch::Tensor logits = model.output(head, hidden[g]);
+        losses[g] = model.losses(logits, groups[g].batch);
+        hits[g] = model.hits(logits, groups[g].batch);
+      }
+      const torch::Tensor values = losses[g].to(torch::kCPU, torch::kFloat64);
       for (std::size_t i = 0; i < groups[g].samples.size(); ++i) {
-        const double loss = losses[static_cast<int64_t>(i)].item<double>();
+        const double loss = values[static_cast<int64_t>(i)].item<double>();
         if (refuse_nonfinite && !std::isfinite(loss))
           throw InputError(data.name + ": sample " + std::to_string(groups[g].samples[i]) + " has a loss of " + std::to_string(loss) +
                            ": check the model's weights");
         result.losses[static_cast<std::size_t>(groups[g].samples[i])] = loss;
       }
-      const auto [right, counted] = model.hits(logits, groups[g].batch);
-      result.hits += right;
-      result.targets += counted;
+      result.hits += hits[g].first;
+      result.targets += hits[g].second;
     }
   });
   // Each loss has one contributor: the sum over ranks places them exactly.
@@ -653,9 +954,10 @@ torch::Tensor sharded_features(const LayeredModel& model, const ShardedWeights& 
                                const JobContext& context, const torch::Device& device) {
   GRADFIX_CHECK(model.feature_size() > 0, "sharded_features on a model without features");
   torch::NoGradGuard no_gradients;
-  const std::vector<Group> groups = my_groups(data, kSamplesPerGroup, context, device);
-  const std::vector<torch::Tensor> hidden = forward_groups(model, weights, groups, device, false)[0];
-  const Parameters head = weights.gather(model.output_names(), device);
+  std::vector<Group> groups = my_groups(data, kSamplesPerGroup, context, device);
+  const std::vector<int64_t> token_rows = use_token_rows(model, weights, groups, context);
+  const std::vector<torch::Tensor> hidden = forward_groups(model, weights, groups, token_rows, device, false)[0];
+  const Parameters head = weights.gather(feature_names(model), device);
   const long long width = model.feature_size();
   std::vector<double> rows(static_cast<std::size_t>(data.samples * width), 0.0);
   for (std::size_t g = 0; g < groups.size(); ++g) {
@@ -671,14 +973,16 @@ torch::Tensor sharded_features(const LayeredModel& model, const ShardedWeights& 
 }
 
 DType write_sharded_statistics(const JobContext& context, const ShardedWeights& weights, const ShardedStatistics& statistics,
-                               SignMode sign_mode, std::uint64_t seed, const std::string& model_type, const std::string& out) {
+                               SignMode sign_mode, std::uint64_t seed, const std::string& model_type, const std::string& out,
+                               const Metadata& extra_metadata) {
   const long long samples = statistics.samples;
   const DType dtype = sign_mode == SignMode::kMax ? (samples <= 127 ? DType::kI8 : samples <= 32767 ? DType::kI16 : DType::kI32) : DType::kF32;
   std::vector<TensorInfo> layout = weights.layout();
   for (auto& tensor : layout) tensor.dtype = dtype;
-  const Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", sign_mode_name(sign_mode)},
-                             {"gradfix.samples", std::to_string(samples)}, {"gradfix.seed", std::to_string(seed)},
-                             {"gradfix.model_type", model_type}};
+  Metadata metadata = {{"gradfix.operation", "signs"}, {"gradfix.sign_mode", sign_mode_name(sign_mode)},
+                       {"gradfix.samples", std::to_string(samples)}, {"gradfix.seed", std::to_string(seed)},
+                       {"gradfix.model_type", model_type}};
+  metadata.insert(extra_metadata.begin(), extra_metadata.end());
   auto writer = open_collective_writer(context, out, layout, metadata);
   context.agree([&] {
     const auto& pieces = weights.plan().pieces(context.rank());

@@ -38,7 +38,12 @@ class ShardedWeights {
   // On a GPU with a device communicator (--backend nccl) the pieces travel device to device;
   // otherwise through the host communicator (MPI).
   Parameters gather(const std::vector<std::string>& names, const torch::Device& device) const;
-  // From now on gather() returns weights + alpha * offset, elementwise in float32 as `apply`
+  // Rows `rows` (ascending, distinct indices of dim 0) of the tensor `name`, [rows, ...] float32
+  // on `device`: a block of a vocabulary head, the embedding rows of the data's tokens. Only
+  // these rows travel, from the ranks that own them. Collective: every rank passes the same name
+  // and rows.
+  torch::Tensor gather_rows(const std::string& name, const std::vector<int64_t>& rows, const torch::Device& device) const;
+  // From now on gather() and gather_rows() return weights + alpha * offset, elementwise in float32 as `apply`
   // computes it; `offset` holds pieces in plan order and must outlive its use; nullptr returns to
   // the weights themselves. This is how transport evaluates B + alpha * masked tau for every
   // alpha of the grid without a second copy of B. The owner of a piece adds, so the gathered
@@ -54,8 +59,10 @@ class ShardedWeights {
   std::set<std::size_t> indices_of(const std::vector<std::string>& names) const;
   // Rank `rank`'s pieces of the `wanted` tensors in plan order; their elements added to `count`.
   std::vector<Piece> pieces_of(int rank, const std::set<std::size_t>& wanted, long long& count) const;
-  // This rank's piece k as gathered: the weights, plus alpha * offset when one is set.
-  void own_values(std::size_t k, float* out) const;
+  // Elements [begin, begin + count) of this rank's piece k as gathered: the weights, plus alpha *
+  // offset when one is set.
+  void own_values(std::size_t k, long long begin, long long count, float* out) const;
+  void own_values(std::size_t k, float* out) const { own_values(k, 0, static_cast<long long>(mine_[k].size()), out); }
 
   const JobContext& context_;
   std::vector<TensorInfo> layout_;
@@ -128,6 +135,7 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
 // (vote counts in the narrowest integer type that holds them, mean-mode sums as F32), the same
 // layout whatever P. Collective. Returns the dtype written.
 DType write_sharded_statistics(const JobContext& context, const ShardedWeights& weights, const ShardedStatistics& statistics,
-                               SignMode sign_mode, std::uint64_t seed, const std::string& model_type, const std::string& out);
+                               SignMode sign_mode, std::uint64_t seed, const std::string& model_type, const std::string& out,
+                               const Metadata& extra_metadata = {});
 
 }  // namespace gradfix

@@ -6,6 +6,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "gradfix/dist/backend.hpp"
@@ -19,6 +20,7 @@
 #include "gradfix/algebra/mask.hpp"
 #include "gradfix/jobs/jobs.hpp"
 #include "sharded_executor.hpp"
+#include "statistics_cache.hpp"
 #include "shots.hpp"
 #include "transport.hpp"
 #include "transport_rows.hpp"
@@ -182,8 +184,28 @@ class ShardedTarget final : public TransportTarget {
   ParameterVector statistics(SignMode mode) override {
     ShardedSignsOptions options;
     options.sign_mode = mode;
-    return sharded_statistics(model_, weights_, data_.shots, options, context_, device_).to_f32();
+    if (job_.statistics_cache.empty()) return sharded_statistics(model_, weights_, data_.shots, options, context_, device_).to_f32();
+    // The same B, shots and sign mode give the same statistics: read them when an earlier run
+    // (another point of a sweep) kept them.
+    const StatisticsCache cache(job_.statistics_cache);
+    const StatisticsKey key = statistics_key(model_, weights_, data_.shots, mode, options.method, context_,
+                                             job_.head.empty() ? "" : "head " + file_digest(job_.head) + "\n");
+    if (auto cached = cache.read(key, weights_, data_.shots.samples, context_)) {
+      ++cache_hits_;
+      count_progress(data_.shots.samples);
+      if (context_.is_root()) cache_log_ << "transport: " << sign_mode_name(mode) << " statistics read from " << cache.path(key) << "\n";
+      return std::move(*cached);
+    }
+    ++cache_misses_;
+    const ShardedStatistics statistics = sharded_statistics(model_, weights_, data_.shots, options, context_, device_);
+    cache.write(key, weights_, statistics, mode, model_.model_type(), context_);
+    if (context_.is_root()) cache_log_ << "transport: " << sign_mode_name(mode) << " statistics computed, kept in " << cache.path(key) << "\n";
+    return statistics.to_f32();
   }
+  // Statistics read from the cache and computed, and what was said about each.
+  long long cache_hits() const { return cache_hits_; }
+  long long cache_misses() const { return cache_misses_; }
+  std::string cache_log() const { return cache_log_.str(); }
 
   ParameterVector mean_gradient(const ParameterVector* mean_statistics) override {
     ParameterVector gradient = mean_statistics != nullptr ? *mean_statistics : statistics(SignMode::kMean);
@@ -231,6 +253,8 @@ class ShardedTarget final : public TransportTarget {
   const torch::Device& device_;
   const JobContext& context_;
   FinetuneChoice finetuned_;
+  long long cache_hits_ = 0, cache_misses_ = 0;
+  std::ostringstream cache_log_;
 };
 
 }  // namespace
@@ -361,6 +385,8 @@ void write_transport_results(const TransportJob& job, const LayeredModel& model,
                                {"alpha_chosen_by", recipe.alpha.description()}, {"metric", data.metric_json},
                                {"rows", transport_rows_json(rows)}};
     add_derivative_summary(rows, results);
+    if (!job.statistics_cache.empty())
+      results["statistics_cache"] = {{"directory", job.statistics_cache}, {"hits", target.cache_hits()}, {"misses", target.cache_misses()}};
     if (job.few_shot_baseline)
       results["few_shot_finetuning"] = {{"optimizer", "adam"}, {"learning_rates", finetune_lrs}, {"step_counts", finetune_steps},
                                         {"chosen_by", "support mean loss"}, {"learning_rate", finetuned.lr},
@@ -392,6 +418,7 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
     log << "transport: " << model.model_type() << ", " << data.shots.samples << " shots, " << data.support.samples << " support samples, "
         << data.test.samples << " test samples; alpha chosen on the support set's mean loss; parameters sharded over " << context.size()
         << " rank(s)\n";
+    log << target.cache_log();
     print_transport_rows(outcome.rows, log, data.metric.c_str());
     if (job.few_shot_baseline)
       log << "transport: few-shot fine-tuning: Adam, full batch on the shots, learning rate " << finetuned.lr << " and " << finetuned.steps

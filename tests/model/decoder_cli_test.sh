@@ -44,6 +44,15 @@ assert len(got) == len(want) == 5, (got, want)
 assert all(abs(g - w) <= 1e-4 * abs(w) for g, w in zip(got, want)), (got, want)"
   mpirun "${mpirun_flags[@]}" -np 3 "$gradfix" eval --weights "$fixtures/$model/model" --data "$model.h5" --results "${model}_3.json" >/dev/null
   check "$model: results byte-identical at 1 and 3 ranks" cmp -s "$model.json" "${model}_3.json"
+  # A buffer bound of 64 elements cuts the head into blocks of one vocabulary row: the streaming
+  # log-sum-exp over 96 blocks gives the same losses and the same predictions.
+  mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" eval --weights "$fixtures/$model/model" --data "$model.h5" --chunk-elements 64 \
+    --results "${model}_blocks.json" >/dev/null
+  check "$model: the head in 96 blocks: losses within 1e-6 and the same hits" python3 -c "
+import json
+whole, blocks = json.load(open('$model.json')), json.load(open('${model}_blocks.json'))
+assert all(abs(g - w) <= 1e-6 * abs(w) for g, w in zip(blocks['per_sample_loss'], whole['per_sample_loss'])), (blocks, whole)
+assert blocks['token_accuracy'] == whole['token_accuracy'], (blocks, whole)"
 done
 
 # signs with the parameters sharded over 1-4 ranks: the votes equal transformers' float64
@@ -84,6 +93,12 @@ for model in llama qwen2 mistral qwen3 gemma2; do
       --out "${model}_votes$ranks.safetensors" >/dev/null
     check "$model: votes byte-identical at 1 and $ranks ranks" cmp -s "${model}_votes1.safetensors" "${model}_votes$ranks.safetensors"
   done
+  # The head in blocks of one row (and a tied head's embedding rows joining each block).
+  "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --chunk-elements 64 --out "${model}_blocks1.safetensors" >/dev/null
+  check "$model: votes with the head in 96 blocks equal transformers' reference" compare_votes "${model}_blocks1.safetensors" "$fixtures/$model/reference.safetensors"
+  mpirun "${mpirun_flags[@]}" -np 3 "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --chunk-elements 64 --method loop \
+    --out "${model}_blocks3.safetensors" >/dev/null
+  check "$model: with 96 blocks, the loop method at 3 ranks gives the same votes" cmp -s "${model}_blocks1.safetensors" "${model}_blocks3.safetensors"
 done
 # Two samples of a seeded shuffle; the votes are then at most 2 in magnitude.
 "$gradfix" signs --weights "$fixtures/qwen2/model" --data qwen2.h5 --num-samples 2 --seed 4 --out two.safetensors >signs.log

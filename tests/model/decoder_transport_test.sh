@@ -92,6 +92,77 @@ b = json.load(open('S1.json'))['rows']
 for r in a: r['sign_agreement_with_tau_b'] = -1
 assert a == b, (a, b)"
 
+# --statistics-cache: the first run computes both gradient passes (the votes, and the mean
+# gradient for <g, d>) and keeps them; later runs with the same B, shots and sign mode read them,
+# at any P and for any mask mode, and give the rows of a run without the cache. An entry that is
+# corrupt or of another key is recomputed, never trusted.
+cache_counts() {  # cache_counts RESULTS HITS MISSES
+  python3 -c "import json,sys; c = json.load(open('$1'))['statistics_cache']; sys.exit(0 if (c['hits'], c['misses']) == ($2, $3) else 1)"
+}
+same_rows() {  # same_rows A B: the results' rows are equal
+  python3 -c "import json,sys; sys.exit(0 if json.load(open('$1'))['rows'] == json.load(open('$2'))['rows'] else 1)"
+}
+"$gradfix" "${transport[@]}" --statistics-cache cache --results C1.json >c1.log
+check "a first run with a cache computes two passes" cache_counts C1.json 0 2
+check "a first run with a cache keeps two entries" test "$(ls cache/*.safetensors | wc -l)" -eq 2
+check "a first run with a cache gives the rows of a run without" same_rows C1.json R1.json
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" "${transport[@]}" --statistics-cache cache --results C2.json >c2.log
+check "a second run at 2 ranks reads both passes" cache_counts C2.json 2 0
+check "a second run says where it read them" grep -q "max statistics read from cache/[0-9a-f]*.safetensors" c2.log
+check "a second run gives the same rows" same_rows C2.json R1.json
+"$gradfix" "${transport[@]}" --statistics-cache cache --mask-mode soft3 --sign-mode max --results C3.json >/dev/null
+"$gradfix" "${transport[@]}" --mask-mode soft3 --results N3.json >/dev/null
+check "another mask mode reuses both passes" cache_counts C3.json 2 0
+check "another mask mode: the rows of a run without the cache" same_rows C3.json N3.json
+others=(--data pool.h5 --test-data test.safetensors --num-samples 4 --support-size 8 --alphas 0.5,1,2 --statistics-cache cache)
+"$gradfix" transport --target "$model" --task-vector tau.safetensors --target-finetuned B_ft --seed 4 "${others[@]}" --results C4.json >/dev/null
+check "other shots (another seed) are a miss" cache_counts C4.json 0 2
+"$gradfix" transport --target B_ft --task-vector tau.safetensors --seed 3 "${others[@]}" --results C5.json >/dev/null
+check "another B is a miss" cache_counts C5.json 0 2
+entries=(cache/*.safetensors)
+check "each pass of each run has its own entry" test "${#entries[@]}" -eq 6
+votes_entry=$(grep -o "max statistics read from cache/[0-9a-f]*.safetensors" c2.log | grep -o "cache/.*")
+truncate -s 200 "$votes_entry"
+"$gradfix" "${transport[@]}" --statistics-cache cache --results C6.json >/dev/null
+check "a truncated entry is recomputed" cache_counts C6.json 1 1
+check "a truncated entry: the same rows" same_rows C6.json R1.json
+mean_entry=$(ls cache/*.safetensors | grep -v "$votes_entry" | head -1)
+cp "$mean_entry" "$votes_entry"
+"$gradfix" "${transport[@]}" --statistics-cache cache --results C7.json >/dev/null
+check "an entry holding another key's statistics is recomputed" cache_counts C7.json 1 1
+check "an entry of another key: the same rows" same_rows C7.json R1.json
+
+# A sweep over two mask modes and two seeds runs the gradient passes once per seed (two passes
+# each) and reuses them in the other mask mode's points, with the rows of the runs above.
+cat >sweep.ini <<EOF
+[sweep]
+out = sweep
+tasks = count
+mask-mode = normal,soft3
+seed = 3,4
+[transport]
+target = $model
+task-vector = tau.safetensors
+target-finetuned = B_ft
+test-data = test.safetensors
+num-samples = 4
+support-size = 8
+alphas = 0.5,1,2
+[task.count]
+data = pool.h5
+EOF
+"$gradfix" sweep --config sweep.ini >sweep.log
+check "the sweep says 2 of 4 points reused cached statistics and 4 passes ran" \
+  grep -q "Statistics cache: 2 of 4 points reused cached statistics; 4 gradient passes ran." sweep/table.md
+check "the sweep's cache holds 4 entries" test "$(ls sweep/statistics/*.safetensors | wc -l)" -eq 4
+check "a sweep point's rows equal the single run's" python3 -c "
+import glob, json, sys
+found = glob.glob('sweep/points/count/mask-mode=soft3_seed=3-*.json')
+sys.exit(0 if len(found) == 1 and json.load(open(found[0]))['rows'] == json.load(open('N3.json'))['rows'] else 1)"
+"$gradfix" init --arch mlp --dims 784,16,10 --out mlp.safetensors >/dev/null
+expect_exit2 "--statistics-cache on a classifier" "statistics-cache is for model directories" "$gradfix" transport --target mlp.safetensors \
+  --task-vector mlp.safetensors --data pool.h5 --test-data test.safetensors --statistics-cache cache --results bad.json
+
 # Bad inputs: exit 2, what is wrong named, nothing published.
 expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...
   local description=$1 pattern=$2

@@ -149,6 +149,7 @@ struct TransportJob {
   std::string results;            // results.json
   std::string save_support;       // classifiers: write the support set's indices here
   std::string head;               // CLIP: the zero-shot head file
+  std::string statistics_cache;   // model directories: a directory of reusable few-shot statistics ("": none)
 };
 
 // One point of a row's alpha grid: the support set's mean loss (what alpha is chosen by) and the
