@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "gradfix/io/error.hpp"
+#include "gradfix/io/splitmix.hpp"
 
 namespace gradfix {
 namespace {
@@ -28,15 +29,6 @@ inline T sign_of(T value) { return value > T(0) ? T(1) : (value < T(0) ? T(-1) :
 constexpr long long kSoft1Block = 4096;
 
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-
-// splitmix64: a counter-based generator, so the sign of element i depends only on (seed, tensor,
-// i) and not on how the tensor was split into chunks or across ranks.
-inline std::uint64_t mix(std::uint64_t x) {
-  x += 0x9E3779B97F4A7C15ULL;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
 
 bool is_soft(MaskMode mode) {
   return mode == MaskMode::kSoft1 || mode == MaskMode::kSoft2 || mode == MaskMode::kSoft3 ||
@@ -166,7 +158,9 @@ void apply_mask(const MaskPlan& plan, const MaskOptions& options, const T* tau, 
       return;
     case MaskMode::kRandom:
       for (long long i = 0; i < count; ++i) {
-        const std::uint64_t bits = mix(options.seed ^ mix(tensor_key ^ mix(static_cast<std::uint64_t>(begin + i))));
+        // splitmix64 as a counter-based generator: element i's sign depends only on (seed, tensor,
+        // i), not on how the tensor was split into chunks or across ranks.
+        const std::uint64_t bits = splitmix64(options.seed ^ splitmix64(tensor_key ^ splitmix64(static_cast<std::uint64_t>(begin + i))));
         out[i] = (bits >> 63) != 0 ? -std::fabs(tau[i]) : std::fabs(tau[i]);
       }
       return;
@@ -244,9 +238,9 @@ std::vector<float> random_keep(const std::vector<float>& tau, long long keep, st
   // The first `keep` steps of a Fisher-Yates shuffle, each swap drawn from the counter-based
   // generator: the choice depends only on (seed, tensor, keep), on every platform.
   std::vector<float> out(tau.size(), 0.0f);
-  const std::uint64_t stream = mix(seed ^ mix(tensor_key));
+  const std::uint64_t stream = splitmix64(seed ^ splitmix64(tensor_key));
   for (std::size_t i = 0; i < static_cast<std::size_t>(keep); ++i) {
-    const std::size_t j = i + static_cast<std::size_t>(mix(stream ^ mix(i)) % (nonzero.size() - i));
+    const std::size_t j = i + static_cast<std::size_t>(splitmix64(stream ^ splitmix64(i)) % (nonzero.size() - i));
     std::swap(nonzero[i], nonzero[j]);
     out[nonzero[i]] = tau[nonzero[i]];
   }

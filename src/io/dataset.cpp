@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "gradfix/io/error.hpp"
+#include "gradfix/io/splitmix.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/tensor_store.hpp"
 
@@ -287,13 +288,7 @@ void blur(Dataset& data, double sigma, const std::string& name) {
 // A standard normal draw from (sample, element) alone (splitmix64 and Box-Muller), so that the
 // noise of a sample does not depend on which other samples were loaded with it.
 double normal_at(std::uint64_t sample, std::uint64_t element) {
-  auto mix = [](std::uint64_t x) {
-    x += 0x9e3779b97f4a7c15ULL;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-  };
-  const std::uint64_t a = mix(mix(sample * 2 + 0x6772616466697831ULL) ^ element), b = mix(a);
+  const std::uint64_t a = splitmix64(splitmix64(sample * 2 + 0x6772616466697831ULL) ^ element), b = splitmix64(a);
   const double u1 = (static_cast<double>(a >> 11) + 1.0) / 9007199254740993.0;  // (0, 1]
   const double u2 = static_cast<double>(b >> 11) / 9007199254740992.0;
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * 3.14159265358979323846 * u2);

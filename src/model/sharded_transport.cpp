@@ -188,8 +188,10 @@ class ShardedTarget final : public TransportTarget {
     // The same B, shots and sign mode give the same statistics: read them when an earlier run
     // (another point of a sweep) kept them.
     const StatisticsCache cache(job_.statistics_cache);
-    const StatisticsKey key = statistics_key(model_, weights_, data_.shots, mode, options.method, context_,
-                                             job_.head.empty() ? "" : "head " + file_digest(job_.head) + "\n");
+    // B, its config and the shots are digested once for both passes (votes and mean gradient).
+    if (cache_inputs_.empty())
+      cache_inputs_ = statistics_inputs(model_, weights_, data_.shots, context_, job_.head.empty() ? "" : "head " + file_digest(job_.head) + "\n");
+    const StatisticsKey key = statistics_key(cache_inputs_, mode, options.method);
     if (auto cached = cache.read(key, weights_, data_.shots.samples, context_)) {
       ++cache_hits_;
       count_progress(data_.shots.samples);
@@ -253,6 +255,7 @@ class ShardedTarget final : public TransportTarget {
   const torch::Device& device_;
   const JobContext& context_;
   FinetuneChoice finetuned_;
+  std::string cache_inputs_;  // statistics_inputs, once computed
   long long cache_hits_ = 0, cache_misses_ = 0;
   std::ostringstream cache_log_;
 };

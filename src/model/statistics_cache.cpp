@@ -11,6 +11,7 @@
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/error.hpp"
 #include "gradfix/io/model_files.hpp"
+#include "gradfix/io/splitmix.hpp"
 #include "gradfix/version.hpp"
 
 namespace gradfix {
@@ -19,13 +20,6 @@ namespace {
 // Bumped whenever what an entry holds, or how its key is formed, changes.
 constexpr int kCacheFormat = 1;
 
-// splitmix64's finaliser: a good 64-bit mixing of one word.
-std::uint64_t mix(std::uint64_t x) {
-  x += 0x9E3779B97F4A7C15ULL;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
 
 // A sequential 64-bit digest of bytes (not cryptographic: it tells stale entries apart).
 class Digest {
@@ -35,9 +29,9 @@ class Digest {
     for (std::size_t i = 0; i < size; i += 8) {
       std::uint64_t word = 0;
       std::memcpy(&word, bytes + i, std::min<std::size_t>(8, size - i));
-      state_ = mix(state_ ^ word) + static_cast<std::uint64_t>(size);
+      state_ = splitmix64(state_ ^ word) + static_cast<std::uint64_t>(size);
     }
-    state_ = mix(state_ ^ size);
+    state_ = splitmix64(state_ ^ size);
   }
   void add(const std::string& text) { add(text.data(), text.size()); }
   void add(const torch::Tensor& tensor) {
@@ -73,7 +67,7 @@ std::string weights_digest(const ShardedWeights& weights, const JobContext& cont
     for (std::size_t i = 0; i < values.size(); ++i) {
       std::uint32_t bits = 0;
       std::memcpy(&bits, &values[i], sizeof bits);
-      sum += mix((first + i) * 0xD1B54A32D192ED03ULL ^ bits);
+      sum += splitmix64((first + i) * 0xD1B54A32D192ED03ULL ^ bits);
     }
   }
   long long halves[2] = {static_cast<long long>(sum >> 32), static_cast<long long>(sum & 0xFFFFFFFFULL)};
@@ -110,15 +104,18 @@ std::string file_digest(const std::string& path) {
   return hex(digest.value());
 }
 
-StatisticsKey statistics_key(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& shots, SignMode sign_mode,
-                             VoteMethod method, const JobContext& context, const std::string& extra) {
+std::string statistics_inputs(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& shots, const JobContext& context,
+                              const std::string& extra) {
   Digest config;
   config.add(read_config_text(model_file(model.directory(), "config.json")));
+  return "gradfix statistics cache " + std::to_string(kCacheFormat) + "\ngradfix " + GRADFIX_VERSION_STRING + "\nmodel_type " + model.model_type() +
+         "\nconfig.json " + hex(config.value()) + "\nweights " + weights_digest(weights, context) + "\nshots " + std::to_string(shots.samples) +
+         " " + shots_digest(shots) + "\n" + extra;
+}
+
+StatisticsKey statistics_key(const std::string& inputs, SignMode sign_mode, VoteMethod method) {
   StatisticsKey key;
-  key.text = "gradfix statistics cache " + std::to_string(kCacheFormat) + "\ngradfix " + GRADFIX_VERSION_STRING + "\nmodel_type " +
-             model.model_type() + "\nconfig.json " + hex(config.value()) + "\nweights " + weights_digest(weights, context) + "\nshots " +
-             std::to_string(shots.samples) + " " + shots_digest(shots) + "\nsign_mode " + sign_mode_name(sign_mode) + "\nmethod " +
-             vote_method_name(method) + "\nprecision f32\n" + extra;
+  key.text = inputs + "sign_mode " + sign_mode_name(sign_mode) + "\nmethod " + vote_method_name(method) + "\nprecision f32\n";
   Digest name;
   name.add(key.text);
   key.digest = hex(name.value());

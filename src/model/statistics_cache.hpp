@@ -28,10 +28,14 @@ struct StatisticsKey {
   std::string digest;  // 16 hex digits: the entry's file name
 };
 
-// The key of the statistics of `shots` on `weights` (no offset set); `extra` adds lines for what
-// else the model's math depends on (a CLIP zero-shot head's digest). Collective.
-StatisticsKey statistics_key(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& shots, SignMode sign_mode,
-                             VoteMethod method, const JobContext& context, const std::string& extra = "");
+// What the statistics of `shots` on `weights` (no offset set) depend on besides their sign mode
+// and method: the first lines of their key. `extra` adds lines for what else the model's math
+// depends on (a CLIP zero-shot head's digest). A pass over B's pieces on every rank: a job
+// computes it once for all its keys. Collective.
+std::string statistics_inputs(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& shots, const JobContext& context,
+                              const std::string& extra = "");
+// The key of the statistics with `inputs`, `sign_mode` and `method`.
+StatisticsKey statistics_key(const std::string& inputs, SignMode sign_mode, VoteMethod method);
 // A digest of a file's bytes, as 16 hex digits (for `extra`).
 std::string file_digest(const std::string& path);
 
