@@ -26,6 +26,23 @@ constexpr long long kSamplesPerGroup = 8;
 
 std::vector<int64_t> shape_of(const TensorInfo& tensor) { return {tensor.shape.begin(), tensor.shape.end()}; }
 
+// Elements [begin, begin + count) of a tensor, found at `at` in a buffer that holds some of its
+// rows end to end.
+struct Run {
+  long long begin = 0, count = 0, at = 0;
+};
+
+// The runs of `rows` (ascending) of a tensor whose rows are `width` elements, packed end to end:
+// consecutive rows go together.
+std::vector<Run> row_runs(const std::vector<int64_t>& rows, long long width) {
+  std::vector<Run> runs;
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    if (!runs.empty() && runs.back().begin + runs.back().count == rows[i] * width) runs.back().count += width;
+    else runs.push_back({rows[i] * width, width, static_cast<long long>(i) * width});
+  }
+  return runs;
+}
+
 // Adds per-sample gradients `per_sample` [n, ...] to `target`'s statistics: vote counts (the
 // signs of -gradient summed) in an integer type, or sums of -gradients in float64. `per_sample`
 // is consumed (negated in place).
@@ -93,13 +110,6 @@ std::vector<Group> my_groups(const SampleSource& data, long long size, const Job
   return groups;
 }
 
-const TensorInfo& layout_entry(const ShardedWeights& weights, const std::string& name) {
-  const auto& layout = weights.layout();
-  const auto found = std::find_if(layout.begin(), layout.end(), [&](const TensorInfo& tensor) { return tensor.name == name; });
-  GRADFIX_CHECK(found != layout.end(), "no tensor '" + name + "' in the model's layout");
-  return *found;
-}
-
 // The rows of the model's token embedding that the tokens of every rank's groups use
 // (ascending), with each group's inputs rewritten to index them (Batch::token_rows): the input
 // stage then gathers these rows only, not the vocabulary. Collective.
@@ -107,7 +117,7 @@ std::vector<int64_t> use_token_rows(const LayeredModel& model, const ShardedWeig
                                     const JobContext& context) {
   const std::string name = model.token_embedding();
   if (name.empty()) return {};
-  const int64_t vocabulary = layout_entry(weights, name).shape.at(0);
+  const int64_t vocabulary = weights.info(name).shape.at(0);
   std::vector<std::int8_t> used(static_cast<std::size_t>(vocabulary), 0);
   for (const auto& group : groups) {
     const torch::Tensor ids = group.batch.inputs.to(torch::kCPU, torch::kInt64).contiguous();
@@ -159,7 +169,7 @@ std::vector<std::string> feature_names(const LayeredModel& model) {
 // for the data's sequence length (the largest over the ranks, so every rank cuts alike).
 VocabularyBlocks head_blocks(const LayeredModel& model, const ShardedWeights& weights, const std::vector<Group>& groups,
                              const JobContext& context) {
-  const TensorInfo& head = layout_entry(weights, model.vocabulary_head()->weight);
+  const TensorInfo& head = weights.info(model.vocabulary_head()->weight);
   long long positions = 0;
   for (const auto& group : groups) positions = std::max<long long>(positions, group.batch.inputs.size(1));
   context.host().allreduce(&positions, &positions, 1, DType::kI64, ReduceOp::kMax);
@@ -285,13 +295,15 @@ std::vector<std::vector<float>> read_pieces(const TensorReader& reader, const st
   return pieces;
 }
 
+std::size_t ShardedWeights::index_of(const std::string& name) const {
+  const auto found = index_.find(name);
+  GRADFIX_CHECK(found != index_.end(), "no tensor '" + name + "' in the model's layout");
+  return found->second;
+}
+
 std::set<std::size_t> ShardedWeights::indices_of(const std::vector<std::string>& names) const {
   std::set<std::size_t> indices;
-  for (const auto& name : names) {
-    const auto found = index_.find(name);
-    GRADFIX_CHECK(found != index_.end(), "no tensor '" + name + "' in the model's layout");
-    indices.insert(found->second);
-  }
+  for (const auto& name : names) indices.insert(index_of(name));
   return indices;
 }
 
@@ -317,19 +329,11 @@ void ShardedWeights::own_values(std::size_t k, long long begin, long long count,
 
 torch::Tensor ShardedWeights::gather_rows(const std::string& name, const std::vector<int64_t>& rows, const torch::Device& device) const {
   const StepTimer timer(TimedStep::kGather);
-  const std::size_t tensor = *indices_of({name}).begin();
+  const std::size_t tensor = index_of(name);
   std::vector<int64_t> shape = shape_of(layout_[tensor]);
   const long long width = layout_[tensor].numel() / shape[0];
   shape[0] = static_cast<int64_t>(rows.size());
-  // Runs of consecutive rows, as element ranges of the tensor and of the result.
-  struct Run {
-    long long begin, count, at;
-  };
-  std::vector<Run> runs;
-  for (std::size_t i = 0; i < rows.size(); ++i) {
-    if (!runs.empty() && runs.back().begin + runs.back().count == rows[i] * width) runs.back().count += width;
-    else runs.push_back({rows[i] * width, width, static_cast<long long>(i) * width});
-  }
+  const std::vector<Run> runs = row_runs(rows, width);
   // Over the device communicator (NCCL) the rows travel device to device; else through the host.
   const bool on_device = !device.is_cpu() && context_.size() > 1 && context_.stats().memory() == MemorySpace::kDevice;
   Communicator& transport = on_device ? context_.stats() : context_.host();
@@ -500,11 +504,6 @@ torch::ScalarType scalar_type_of(DType dtype) {
   return dtype == DType::kI8 ? torch::kInt8 : dtype == DType::kI16 ? torch::kInt16 : dtype == DType::kI32 ? torch::kInt32 : torch::kFloat64;
 }
 
-// Elements [begin, begin + count) of a tensor, found at `at` in a buffer of statistics.
-struct Run {
-  long long begin = 0, count = 0, at = 0;
-};
-
 // One few-shot statistics pass (sharded_statistics), stage by stage:
 //   forward   every stage gathered in turn (a token embedding as the rows of the data's tokens
 //             only), each layer's input kept (the boundaries)
@@ -655,7 +654,8 @@ class StatisticsPass {
     std::vector<int64_t> shape = shapes_.at(head_->weight);
     for (int64_t b = 0; b < blocks_.count(); ++b) {
       const int64_t begin = blocks_.begin(b), end = blocks_.end(b);
-      const torch::Tensor weight = weights_.gather_rows(head_->weight, row_range(begin, end), device_);
+      const std::vector<int64_t> rows = row_range(begin, end);
+      const torch::Tensor weight = weights_.gather_rows(head_->weight, rows, device_);
       shape[0] = end - begin;
       torch::Tensor block = statistics ? accumulators_.zeros(shape) : torch::Tensor();
       for (std::size_t g = 0; g < groups_.size(); ++g) {
@@ -672,7 +672,7 @@ class StatisticsPass {
             embedding_rows(tied_ids_[g], tied_gradients_[g], i, &per_sample, begin, end, nullptr, head_->weight, shape);
         add_statistics(block, std::move(per_sample));
       }
-      if (statistics) reduce_runs(head_->weight, block, {{begin * (block.numel() / std::max<int64_t>(1, shape[0])), block.numel(), 0}});
+      if (statistics) reduce_runs(head_->weight, block, row_runs(rows, block.numel() / shape[0]));
     }
   }
 
@@ -759,13 +759,7 @@ class StatisticsPass {
   void reduce_token_rows() {
     const std::vector<int64_t> shape = used_rows_shape();
     const long long width = std::accumulate(shape.begin() + 1, shape.end(), 1LL, std::multiplies<long long>());
-    std::vector<Run> runs;
-    for (std::size_t u = 0; u < token_rows_.size(); ++u) {
-      const long long begin = token_rows_[u] * width, at = static_cast<long long>(u) * width;
-      if (!runs.empty() && runs.back().begin + runs.back().count == begin) runs.back().count += width;
-      else runs.push_back({begin, width, at});
-    }
-    reduce_runs(token_embedding_, accumulators_.of(token_embedding_, shape), runs);
+    reduce_runs(token_embedding_, accumulators_.of(token_embedding_, shape), row_runs(token_rows_, width));
     accumulators_.values().erase(token_embedding_);
   }
 

@@ -31,6 +31,8 @@ class ShardedWeights {
   // (collective only in that every rank computes the same plan).
   ShardedWeights(std::vector<TensorInfo> layout, const std::string& path, const JobContext& context);
   const std::vector<TensorInfo>& layout() const { return layout_; }
+  // The layout's entry of the tensor `name` (it must be there).
+  const TensorInfo& info(const std::string& name) const { return layout_[index_of(name)]; }
   const ShardPlan& plan() const { return plan_; }
   // This rank's pieces of the weights, in plan order.
   const std::vector<std::vector<float>>& pieces() const { return mine_; }
@@ -55,7 +57,8 @@ class ShardedWeights {
 
  private:
   Parameters gather_on_device(const std::vector<std::string>& names, const torch::Device& device) const;
-  // The layout indices of `names` (each must be there).
+  // The layout index of `name`, and of each of `names` (each must be there).
+  std::size_t index_of(const std::string& name) const;
   std::set<std::size_t> indices_of(const std::vector<std::string>& names) const;
   // Rank `rank`'s pieces of the `wanted` tensors in plan order; their elements added to `count`.
   std::vector<Piece> pieces_of(int rank, const std::set<std::size_t>& wanted, long long& count) const;
