@@ -344,18 +344,6 @@ long long collect_sweep(const SweepPlan& plan, std::ostream& log) {
   table << "# gradfix sweep: " << plan.path << "\n\n"
         << "Test " << metric << " (%), mean +- std over the seeds; average: the mean of the tasks' means. " << records.size() << " of "
         << plan.points.size() << " points finished.\n";
-  // What the statistics cache saved: points whose statistics (some or all) were read, not computed.
-  long long cached = 0, reused = 0, computed = 0;
-  for (const auto& record : records)
-    if (record.result.contains("statistics_cache")) {
-      const Json& cache = record.result.at("statistics_cache");
-      ++cached;
-      reused += cache.value("hits", 0LL) > 0 ? 1 : 0;
-      computed += cache.value("misses", 0LL);
-    }
-  if (cached > 0)
-    table << "Statistics cache: " << reused << " of " << cached << " points reused cached statistics; " << computed
-          << " gradient passes ran.\n";
   if (!missing.empty()) {
     table << "Missing (" << missing.size() << "):";
     for (std::size_t i = 0; i < missing.size() && i < 20; ++i) table << " " << missing[i];
@@ -401,6 +389,20 @@ long long collect_sweep(const SweepPlan& plan, std::ostream& log) {
   write_text_file_atomically(plan.out + "/results.csv", csv.str());
   write_text_file_atomically(plan.out + "/table.md", table.str());
   log << table.str() << "\nsweep: " << plan.out << "/table.md and " << plan.out << "/results.csv written\n";
+  // What the statistics cache saved: points whose statistics (some or all) were read, not
+  // computed. Said in the log, not the table: which points of an array ran first, and so which
+  // reused, depends on the scheduler, and the table must not.
+  long long cached = 0, reused = 0, computed = 0;
+  for (const auto& record : records)
+    if (record.result.contains("statistics_cache")) {
+      const Json& cache = record.result.at("statistics_cache");
+      ++cached;
+      reused += cache.value("hits", 0LL) > 0 ? 1 : 0;
+      computed += cache.value("misses", 0LL);
+    }
+  if (cached > 0)
+    log << "sweep: statistics cache: " << reused << " of " << cached << " points reused cached statistics; " << computed
+        << " gradient passes ran\n";
   return static_cast<long long>(missing.size());
 }
 

@@ -71,10 +71,10 @@ run() {  # run OUT [--set ...]: prints the seconds
 }
 cached_time=$(run cached)
 plain_time=$(run plain --set transport.statistics-cache=)
-passes=$(grep -o "[0-9]* gradient passes ran" cached/table.md | grep -o "^[0-9]*")
-reused=$(grep -o "[0-9]* of [0-9]* points reused" cached/table.md | grep -o "^[0-9]*")
+passes=$(grep -o "[0-9]* gradient passes ran" cached.log | grep -o "^[0-9]*")
+reused=$(grep -o "[0-9]* of [0-9]* points reused" cached.log | grep -o "^[0-9]*")
 points=$(ls cached/points/random/*.json | wc -l)
-if ! diff <(grep -v "Statistics cache\|^# gradfix sweep" cached/table.md) <(grep -v "^# gradfix sweep" plain/table.md) >/dev/null; then
+if ! diff <(grep -v "^# gradfix sweep" cached/table.md) <(grep -v "^# gradfix sweep" plain/table.md) >/dev/null; then
   echo "error: the tables with and without the cache differ: the measurement means nothing" >&2
   exit 1
 fi
