@@ -3,9 +3,11 @@
 // 2 for bad input, 3 for runtime failures. A failure that the other ranks do not know of (it
 // happened between two collective steps) removes this job's temporary files and ends every
 // rank with MPI_Abort, so nothing waits forever and nothing half-written is published.
+#include <dlfcn.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <csignal>
+#include <cstdlib>
 #include <unistd.h>
 
 #include <exception>
@@ -37,6 +39,29 @@ int fail(gradfix::MpiRuntime& runtime, const std::string& message, int exit_code
   return exit_code;
 }
 
+// OpenBLAS names a CPU by its family and model. Where a hypervisor reports a generic model it
+// takes its Prescott (SSE3) kernel, which ran one core's float32 products 3-4x slower here than
+// its AVX-512 kernel. Sets OPENBLAS_CORETYPE to the kernel the CPU supports (SkylakeX with
+// AVX-512, Haswell with AVX2) when OpenBLAS, asked through `core_name`, picked Prescott; returns
+// whether it did. OpenBLAS reads the variable only when it is loaded, so this must run before.
+// A user's own OPENBLAS_CORETYPE is left alone.
+bool choose_blas_kernel(void* core_name) {
+  if (core_name == nullptr || std::getenv("OPENBLAS_CORETYPE") != nullptr) return false;
+  const char* picked = reinterpret_cast<char* (*)()>(core_name)();
+  if (picked == nullptr || std::string(picked) != "Prescott") return false;
+  __builtin_cpu_init();
+  const char* kernel = nullptr;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd"))
+    kernel = "SkylakeX";
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    kernel = "Haswell";
+  if (kernel == nullptr) return false;
+  ::setenv(gradfix::kReplacedBlasKernelVariable, picked, 1);
+  ::setenv("OPENBLAS_CORETYPE", kernel, 1);
+  return true;
+}
+
 #ifndef GRADFIX_TORCH_EXECUTABLE
 // The model subcommands run in gradfix-torch, beside this executable, which carries LibTorch.
 // Replacing this process before MPI starts keeps mpirun and srun launches working unchanged.
@@ -50,6 +75,8 @@ void hand_model_subcommands_to_torch_executable(char** argv) {
   std::string path(self, static_cast<std::size_t>(length));
   path = path.substr(0, path.find_last_of('/') + 1) + "gradfix-torch";
   if (::access(path.c_str(), X_OK) != 0) return;  // no LibTorch part: the stubs say so
+  // The BLAS that LibTorch loads, asked here so that gradfix-torch starts with the right kernel.
+  if (void* blas = ::dlopen("libblas.so.3", RTLD_NOW | RTLD_LOCAL)) choose_blas_kernel(::dlsym(blas, "openblas_get_corename"));
   ::execv(path.c_str(), argv);
 }
 #endif
@@ -59,12 +86,24 @@ void hand_model_subcommands_to_torch_executable(char** argv) {
 int main(int argc, char** argv) {
 #ifndef GRADFIX_TORCH_EXECUTABLE
   hand_model_subcommands_to_torch_executable(argv);
-#elif defined(__GLIBC__)
+#else
+  // Started directly (not through gradfix): OpenBLAS is loaded already, so a kernel chosen now
+  // needs a fresh start of this process (about 0.35 s).
+  if (choose_blas_kernel(::dlsym(RTLD_DEFAULT, "openblas_get_corename"))) {
+    ::execv("/proc/self/exe", argv);
+    ::unsetenv("OPENBLAS_CORETYPE");  // not restarted: say nothing false about the kernel
+    ::unsetenv(gradfix::kReplacedBlasKernelVariable);
+  }
+#endif
+#if defined(GRADFIX_TORCH_EXECUTABLE) && defined(__GLIBC__)
   // The model jobs allocate and free layer-sized tensors over and over. glibc raises its mmap
   // threshold after each large free, and then keeps tens of MiB per size class in its heap:
   // a fixed threshold returns every buffer over 1 MiB to the system when freed (measured: peak
   // resident memory of a sharded decoder pass at 4 ranks 1111 -> 928 MiB).
   ::mallopt(M_MMAP_THRESHOLD, 1 << 20);
+#endif
+#ifdef GRADFIX_TORCH_EXECUTABLE
+  gradfix::configure_tensor_memory();
 #endif
   // An interrupt while MPI starts (a few tenths of a second) must not be lost: the stop signals
   // are held back until gradfix's handlers are in place, then delivered to them.

@@ -18,6 +18,7 @@
 #include "gradfix/dist/timing.hpp"
 #include "gradfix/io/error.hpp"
 #include "gradfix/io/model_files.hpp"
+#include "gradfix/model/jobs.hpp"
 #include "gradfix/io/hdf5_store.hpp"
 #include "gradfix/version.hpp"
 
@@ -424,7 +425,10 @@ int run_command_line(const std::vector<std::string>& args, std::ostream& out, Mp
   const auto start = std::chrono::steady_clock::now();
   command.job(log, command.context);
   if (command.report_memory) print_peak_memory(command.context.host(), log);
-  if (command.report_time) print_step_times(command.context.host(), start, log);
+  if (command.report_time) {
+    print_step_times(command.context.host(), start, log);
+    if (torch_available()) log << blas_description() << "\n";
+  }
   return 0;
 }
 

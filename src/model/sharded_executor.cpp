@@ -15,6 +15,7 @@
 #include "gradfix/dist/progress.hpp"
 #include "gradfix/dist/statistics.hpp"
 #include "gradfix/dist/timing.hpp"
+#include "sample_statistics.hpp"
 #include "vocabulary_head.hpp"
 
 namespace gradfix {
@@ -42,55 +43,6 @@ std::vector<Run> row_runs(const std::vector<int64_t>& rows, long long width) {
   }
   return runs;
 }
-
-// Adds per-sample gradients `per_sample` [n, ...] to `target`'s statistics: vote counts (the
-// signs of -gradient summed) in an integer type, or sums of -gradients in float64. `per_sample`
-// is consumed (negated in place).
-void add_statistics(torch::Tensor target, torch::Tensor per_sample) {
-  per_sample.neg_();
-  // view_as: a convolution's per-sample gradients come as [n, rows, in] for its [rows, c, h, w].
-  if (target.scalar_type() == torch::kFloat64) {
-    target.add_(per_sample.sum(0, false, torch::kFloat64).view_as(target));
-  } else {
-    per_sample.sign_();
-    target.add_(per_sample.sum(0).to(target.scalar_type()).view_as(target));
-  }
-}
-
-// Running statistics of the tensors of one step (a layer, the head, the embedding), over this
-// rank's samples, in the type they are reduced in (add_statistics). A tensor's statistics may
-// cover some of its rows only (`shape` then names those): a token embedding's used rows.
-class Accumulators {
- public:
-  Accumulators(torch::ScalarType type, const torch::Device& device) : type_(type), device_(device) {}
-
-  torch::Tensor& of(const std::string& name, const std::vector<int64_t>& shape) {
-    auto found = values_.find(name);
-    if (found == values_.end()) found = values_.emplace(name, zeros(shape)).first;
-    return found->second;
-  }
-  torch::Tensor zeros(const std::vector<int64_t>& shape) const { return torch::zeros(shape, torch::TensorOptions().dtype(type_).device(device_)); }
-  // Adds the per-sample gradients `per_sample` [n, ...] of rows [begin, begin + rows) (dim 0 of
-  // the parameter) to the statistics; consumed.
-  void add(const std::string& name, const std::vector<int64_t>& shape, torch::Tensor per_sample, int64_t begin = 0) {
-    torch::Tensor target = of(name, shape);
-    if (per_sample.dim() > 1 && per_sample.size(1) != target.size(0)) target = target.slice(0, begin, begin + per_sample.size(1));
-    add_statistics(target, std::move(per_sample));
-  }
-  // Adds per-sample gradients of a few rows: `rows` [k] row indices, `values` [k, H] (one sample).
-  void add_rows(const std::string& name, const std::vector<int64_t>& shape, const torch::Tensor& rows, torch::Tensor values) {
-    torch::Tensor& target = of(name, shape);
-    values.neg_();
-    if (type_ != torch::kFloat64) values.sign_();
-    target.index_add_(0, rows, values.to(type_));
-  }
-  std::map<std::string, torch::Tensor>& values() { return values_; }
-
- private:
-  torch::ScalarType type_;
-  torch::Device device_;
-  std::map<std::string, torch::Tensor> values_;
-};
 
 struct Group {
   std::vector<long long> samples;
@@ -221,59 +173,6 @@ std::vector<std::vector<torch::Tensor>> forward_groups(const LayeredModel& model
     }
   }
   return boundary;
-}
-
-// The per-sample gradient rows of an embedding (sample i: the rows of its token ids), added to
-// `dense` rows [begin, end) when given (a tied head's block), else straight into the statistics.
-void embedding_rows(const torch::Tensor& ids, const torch::Tensor& gradient, int64_t sample, torch::Tensor* dense, int64_t begin, int64_t end,
-                    Accumulators* accumulators, const std::string& name, const std::vector<int64_t>& shape) {
-  const torch::Tensor sample_ids = ids[sample];
-  const torch::Tensor sample_gradient = gradient[sample];
-  if (dense != nullptr) {  // a tied head: into its dense block before any sign is taken
-    const torch::Tensor inside = sample_ids.ge(begin).logical_and(sample_ids.lt(end)).nonzero().squeeze(1);
-    if (inside.numel() == 0) return;
-    (*dense)[sample].index_add_(0, sample_ids.index_select(0, inside) - begin, sample_gradient.index_select(0, inside));
-    return;
-  }
-  // Rows of one sample summed per distinct token: that sample's gradient of each touched row.
-  const auto [unique, inverse] = torch::_unique(sample_ids, true, true);
-  torch::Tensor rows = torch::zeros({unique.size(0), sample_gradient.size(1)}, sample_gradient.options()).index_add_(0, inverse, sample_gradient);
-  accumulators->add_rows(name, shape, unique, rows);
-}
-
-// Per-sample gradients of a Linear weight from its recorded input X [n, T, in] and output
-// gradient G [n, T, out], in blocks of rows sized to the memory bound.
-void linear_weight(const std::string& name, const std::vector<int64_t>& shape, const torch::Tensor& input, const torch::Tensor& output_gradient,
-                   long long product_bytes, Accumulators& accumulators) {
-  const int64_t n = input.size(0), out = output_gradient.size(2), in = input.size(2);
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(out, product_bytes / std::max<int64_t>(1, n * in * 4)));
-  const torch::Tensor g = output_gradient.transpose(1, 2);  // [n, out, T]
-  for (int64_t begin = 0; begin < out; begin += rows) {
-    const int64_t end = std::min(out, begin + rows);
-    accumulators.add(name, shape, torch::bmm(g.slice(1, begin, end), input), begin);  // [n, rows, in]
-  }
-}
-
-// Statistics from the captures of one recomputation (fast method).
-void add_captures(const std::vector<Capture>& captures, const std::map<std::string, std::vector<int64_t>>& shapes, long long product_bytes,
-                  Accumulators& accumulators) {
-  for (const auto& capture : captures) {
-    const auto& shape = shapes.at(capture.parameter);
-    const torch::Tensor gradient = capture.output.grad();
-    GRADFIX_CHECK(gradient.defined(), "no gradient reached the output of " + capture.parameter);
-    switch (capture.kind) {
-      case Capture::Kind::kLinearWeight: linear_weight(capture.parameter, shape, capture.input, gradient, product_bytes, accumulators); break;
-      case Capture::Kind::kBias:  // a new tensor: consumable
-        accumulators.add(capture.parameter, shape, without_cancelled(gradient.sum(1), gradient.abs().sum(1)));
-        break;
-      case Capture::Kind::kScale: accumulators.add(capture.parameter, shape, (gradient * capture.input).sum(1)); break;
-      case Capture::Kind::kAdditive: accumulators.add(capture.parameter, shape, gradient.clone()); break;
-      case Capture::Kind::kEmbedding:
-        for (int64_t i = 0; i < capture.input.size(0); ++i)
-          embedding_rows(capture.input, gradient, i, nullptr, 0, 0, &accumulators, capture.parameter, shape);
-        break;
-    }
-  }
 }
 
 }  // namespace
@@ -551,6 +450,7 @@ class StatisticsPass {
     for (long long l = model_.layers() - 1; l >= 0; --l) layer_stage(l);
     input_stage();
     if (tied_) head_pass(nullptr);
+    release_kept_tensor_memory();  // the pass's working blocks are not needed for writing
     return std::move(result_);
   }
 
@@ -573,7 +473,7 @@ class StatisticsPass {
           zero_cancelled(parameters, recorder);
           add_leaf_gradients(parameters, {});
         } else {
-          add_captures(recorder.captures(), shapes_, options_.product_bytes, accumulators_);
+          add_captures(recorder.captures(), shapes_, accumulators_);
         }
       }
       incoming_[g] = torch::cat(gradients, 0);
@@ -635,7 +535,7 @@ class StatisticsPass {
         zero_cancelled(parameters, recorders[g]);
         add_leaf_gradients(parameters, {});
       } else {
-        add_captures(recorders[g].captures(), shapes_, options_.product_bytes, accumulators_);
+        add_captures(recorders[g].captures(), shapes_, accumulators_);
       }
     }
     reduce_whole(names);
@@ -666,11 +566,12 @@ class StatisticsPass {
           sum = sum.defined() ? sum.add_(torch::matmul(gradient, weight)) : torch::matmul(gradient, weight);
         }
         if (!statistics) continue;
-        torch::Tensor per_sample = torch::bmm(gradient.transpose(1, 2), features_[g]);
-        if (tied_)
-          for (int64_t i = 0; i < per_sample.size(0); ++i)
-            embedding_rows(tied_ids_[g], tied_gradients_[g], i, &per_sample, begin, end, nullptr, head_->weight, shape);
-        add_statistics(block, std::move(per_sample));
+        // A tied head's embedding rows join each tile of its products before the signs.
+        const TileHook tied_rows = [&](torch::Tensor& tile, int64_t tile_begin, int64_t tile_end) {
+          for (int64_t i = 0; i < tile.size(0); ++i)
+            embedding_rows(tied_ids_[g], tied_gradients_[g], i, &tile, begin + tile_begin, begin + tile_end, nullptr, head_->weight, shape);
+        };
+        accumulators_.add_products(block, gradient.transpose(1, 2), features_[g], tied_ ? tied_rows : TileHook());
       }
       if (statistics) reduce_runs(head_->weight, block, row_runs(rows, block.numel() / shape[0]));
     }
@@ -691,7 +592,7 @@ class StatisticsPass {
         zero_cancelled(parameters, recorder);
         add_leaf_gradients(parameters, {});
       } else {
-        add_captures(recorder.captures(), shapes_, options_.product_bytes, accumulators_);
+        add_captures(recorder.captures(), shapes_, accumulators_);
       }
     }
     reduce_whole(names);
@@ -719,7 +620,7 @@ class StatisticsPass {
         if (capture.parameter == token_embedding_) token_embedding_rows(capture, g);
         else if (!loop_) captures.push_back(capture);
       }
-      add_captures(captures, shapes_, options_.product_bytes, accumulators_);
+      add_captures(captures, shapes_, accumulators_);
       if (loop_) add_leaf_gradients(parameters, {token_embedding_});
     }
     std::vector<std::string> whole;

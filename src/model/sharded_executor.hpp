@@ -84,7 +84,6 @@ std::vector<std::vector<float>> read_pieces(const TensorReader& reader, const st
 struct ShardedSignsOptions {
   SignMode sign_mode = SignMode::kMax;
   VoteMethod method = VoteMethod::kFast;  // fast: batched per-sample products; loop: one backward per sample
-  long long product_bytes = 64LL << 20;  // bound on one block of per-sample gradients
   // false: a non-finite loss is not refused (few-shot fine-tuning at a learning rate that diverges
   // is a grid point to pass over, not broken weights).
   bool refuse_nonfinite = true;

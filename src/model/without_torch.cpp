@@ -16,6 +16,9 @@ namespace {
 bool torch_available() { return false; }
 int configure_threads(int) { return 0; }
 void configure_allocator() {}
+void configure_tensor_memory() {}
+void release_kept_tensor_memory() {}
+std::string blas_description() { return "no LibTorch"; }
 void run_init(const InitJob&, std::ostream&, const JobContext&) { no_torch("init"); }
 void run_train(const TrainJob&, std::ostream&, const JobContext&) { no_torch("train"); }
 void run_eval(const EvalJob&, std::ostream&, const JobContext&) { no_torch("eval"); }

@@ -104,6 +104,28 @@ done
 "$gradfix" signs --weights "$fixtures/qwen2/model" --data qwen2.h5 --num-samples 2 --seed 4 --out two.safetensors >signs.log
 check "--num-samples 2 takes two samples" grep -q "qwen2, 2 samples" signs.log
 
+# --report-time: every rank's wall time and waits, and the BLAS kernel that ran the products.
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" signs --weights "$fixtures/qwen2/model" --data qwen2.h5 --out timed.safetensors \
+  --report-time --quiet >timed.log
+check "--report-time reports both ranks' waits on gathers and reductions" \
+  test "$(grep -cE '^  rank [01]: [0-9.]+ wall, [0-9.]+ gathers \([0-9.]+%\), [0-9.]+ reductions' timed.log)" -eq 2
+check "--report-time names the BLAS" grep -q "^BLAS: " timed.log
+check "the timed votes are the untimed ones" cmp -s qwen2_votes1.safetensors timed.safetensors
+OPENBLAS_CORETYPE=Haswell "$gradfix" signs --weights "$fixtures/qwen2/model" --data qwen2.h5 --out timed.safetensors --report-time --quiet >timed.log
+if grep -q "^BLAS: OpenBLAS" timed.log; then
+  check "a user's OPENBLAS_CORETYPE is kept and named" grep -q "^BLAS: OpenBLAS, kernel Haswell (OPENBLAS_CORETYPE)" timed.log
+  # Where OpenBLAS's own choice is its generic Prescott kernel on a CPU with AVX-512 (a virtual
+  # machine that masks the CPU model, as here), gradfix asks for SkylakeX and says so.
+  env -u OPENBLAS_CORETYPE "$gradfix" signs --weights "$fixtures/qwen2/model" --data qwen2.h5 --out timed.safetensors --report-time --quiet >timed.log
+  if grep -q "OpenBLAS picked Prescott" timed.log; then
+    if grep -qw avx512f /proc/cpuinfo && grep -qw avx512bw /proc/cpuinfo && grep -qw avx512vl /proc/cpuinfo; then
+      check "OpenBLAS's Prescott is replaced by SkylakeX on an AVX-512 CPU" grep -q "^BLAS: OpenBLAS, kernel SkylakeX (chosen by gradfix" timed.log
+    fi
+  else
+    check "without a replacement, the kernel is OpenBLAS's own choice" bash -c "! grep -q 'chosen by gradfix' timed.log"
+  fi
+fi
+
 # The votes feed the file subcommands on model directories: a task vector between two
 # releases, masked by the votes, applied to the target.
 "$gradfix" generate --like "$fixtures/llama/model" --like-scale 1 --noise 0.01 --seed 5 --out llama_ft >/dev/null

@@ -31,6 +31,17 @@ int configure_threads(int ranks_on_node);
 // time, and memory per rank is what limits those jobs. Left alone when the user tunes malloc
 // (GLIBC_TUNABLES, MALLOC_*_ variables) and on other C libraries.
 void configure_allocator();
+// LibTorch's CPU tensors of 1 MiB and more come from a pool that keeps freed blocks for reuse,
+// bounded by the most the process had in use at once (src/model/runtime.cpp says why). Call once
+// in main.
+void configure_tensor_memory();
+// Returns the pool's kept blocks to the system: after a pass, before outputs are written.
+void release_kept_tensor_memory();
+// Set by main where it chose OpenBLAS's kernel (OPENBLAS_CORETYPE) for gradfix-torch: the kernel
+// OpenBLAS had picked itself.
+constexpr const char* kReplacedBlasKernelVariable = "GRADFIX_REPLACED_BLAS_KERNEL";
+// One line on the BLAS kernel that runs the products, for --report-time.
+std::string blas_description();
 
 // max: per-sample vote counts sum_n sign(-grad_n); mean: the sum of -grad_n.
 enum class SignMode { kMax, kMean };
