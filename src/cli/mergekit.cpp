@@ -86,13 +86,19 @@ class MergeConfigReader {
     if (job_.models.empty()) throw InputError(path_ + ": no model to merge besides the base");
     if (is(ModelMergeMethod::kSlerp) && !(config_.contains("parameters") && config_["parameters"].contains("t")))
       throw InputError(path_ + ": slerp needs parameters.t (0: the base, 1: the other model), as mergekit requires it");
+    if (is(ModelMergeMethod::kNearswap) && !(config_.contains("parameters") && config_["parameters"].contains("t")))
+      throw InputError(path_ + ": nearswap needs parameters.t (the difference below which an entry takes the model's value), as "
+                       "mergekit requires it");
     return job_;
   }
 
  private:
   bool is(ModelMergeMethod method) const { return job_.method == method; }
   const ModelMergeTraits& traits() const { return model_merge_traits(job_.method); }
-  bool spherical() const { return traits().spherical; }
+  // Only the sums of deltas (linear, task arithmetic, TIES, DARE, Breadcrumbs) take weights,
+  // densities, normalize, lambda and rescale.
+  bool sums_deltas() const { return traits().combination == ModelMergeTraits::Combination::kDeltas; }
+  bool weightless() const { return is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap) || is(ModelMergeMethod::kModelStock); }
   bool breadcrumbs() const { return traits().sparsification == ModelMergeTraits::Sparsification::kOutliers; }
   bool sparsifies() const { return traits().sparsification != ModelMergeTraits::Sparsification::kNone; }
 
@@ -123,15 +129,23 @@ class MergeConfigReader {
     const std::string where = path_ + ": parameters";
     if (!parameters.is_object()) throw InputError(where + " must be a mapping");
     refuse_unknown(parameters,
-                   {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "gamma", "t", "nuslerp_flatten", "nuslerp_row_wise"},
+                   {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "gamma", "t", "nuslerp_flatten", "nuslerp_row_wise",
+                    "filter_wise"},
                    where);
     auto only_for = [&](const char* key, bool applies, const char* methods) {
       if (parameters.contains(key) && !applies) throw InputError(where + "." + key + " is a parameter of " + methods + ", not of " + method_);
     };
-    only_for("t", is(ModelMergeMethod::kSlerp), "slerp");
+    only_for("t", is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap), "slerp and nearswap");
+    only_for("filter_wise", is(ModelMergeMethod::kModelStock), "model_stock");
+    if (parameters.contains("filter_wise") && boolean(parameters["filter_wise"], where + ".filter_wise"))
+      throw InputError(where + ".filter_wise: true (one interpolation per row) is not implemented; gradfix takes each tensor as one "
+                       "vector, mergekit's default (filter_wise: false)");
     only_for("gamma", breadcrumbs(), "breadcrumbs and breadcrumbs_ties");
     for (const char* key : {"nuslerp_flatten", "nuslerp_row_wise"}) only_for(key, is(ModelMergeMethod::kNuslerp), "nuslerp");
-    for (const char* key : {"normalize", "lambda", "rescale", "int8_mask", "density"}) only_for(key, !spherical(), "linear, task_arithmetic, ties and dare_*");
+    for (const char* key : {"normalize", "lambda", "rescale", "int8_mask", "density"})
+      only_for(key, sums_deltas(), "linear, task_arithmetic, ties, dare_*, breadcrumbs*");
+    if (parameters.contains("weight") && weightless())
+      throw InputError(where + ".weight: " + method_ + " takes no weights");
     if (parameters.contains("t")) job_.t = number(parameters["t"], where + ".t");
     if (parameters.contains("nuslerp_flatten") && !boolean(parameters["nuslerp_flatten"], where + ".nuslerp_flatten"))
       throw InputError(where + ".nuslerp_flatten: false (row- or column-wise nuslerp) is not implemented; gradfix interpolates each "
@@ -176,9 +190,11 @@ class MergeConfigReader {
     // task-arithmetic merge and is skipped there, as mergekit skips it.
     const bool base = model == job_.base;
     if (base && !is(ModelMergeMethod::kLinear)) return true;
-    if (is(ModelMergeMethod::kSlerp)) {
+    if (weightless()) {
       if (parameters.contains("weight"))
-        throw InputError(where + ".parameters.weight: slerp takes no weights; t (0: the base, 1: this model) is in the top-level parameters");
+        throw InputError(where + ".parameters.weight: " + method_ + " takes no weights" +
+                         (is(ModelMergeMethod::kModelStock) ? std::string(" (the deltas' angle sets the interpolation)")
+                                                            : std::string("; t is in the top-level parameters")));
       parameters["weight"] = 1.0;
     }
     if (!parameters.contains("weight"))

@@ -1,5 +1,6 @@
 // gradfix merge --config: whole models merged by mergekit's rules (linear, task_arithmetic, ties,
-// dare_linear, dare_ties, slerp, nuslerp), with gradient-sign masks before or after.
+// dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, slerp, nuslerp, nearswap, model_stock),
+// with gradient-sign masks before or after the sums of deltas.
 #include "file_jobs.hpp"
 #include "gradfix/io/exact_sum.hpp"
 
@@ -9,17 +10,20 @@ using namespace file_jobs;
 const std::vector<ModelMergeTraits>& model_merge_methods() {
   using M = ModelMergeMethod;
   using S = ModelMergeTraits::Sparsification;
+  using C = ModelMergeTraits::Combination;
   static const std::vector<ModelMergeTraits> kMethods = {
-      // method              name                sparsification  consensus spherical normalize rescale
-      {M::kLinear,           "linear",           S::kNone,       false,    false,    true,     false},
-      {M::kTaskArithmetic,   "task_arithmetic",  S::kNone,       false,    false,    false,    false},
-      {M::kTies,             "ties",             S::kMagnitude,  true,     false,    true,     false},
-      {M::kDareTies,         "dare_ties",        S::kRandom,     true,     false,    false,    true},
-      {M::kDareLinear,       "dare_linear",      S::kRandom,     false,    false,    false,    true},
-      {M::kBreadcrumbs,      "breadcrumbs",      S::kOutliers,   false,    false,    false,    false},
-      {M::kBreadcrumbsTies,  "breadcrumbs_ties", S::kOutliers,   true,     false,    false,    false},
-      {M::kSlerp,            "slerp",            S::kNone,       false,    true,     false,    false},
-      {M::kNuslerp,          "nuslerp",          S::kNone,       false,    true,     false,    false}};
+      // method              name                sparsification  consensus combination    normalize rescale
+      {M::kLinear,           "linear",           S::kNone,       false,    C::kDeltas,    true,     false},
+      {M::kTaskArithmetic,   "task_arithmetic",  S::kNone,       false,    C::kDeltas,    false,    false},
+      {M::kTies,             "ties",             S::kMagnitude,  true,     C::kDeltas,    true,     false},
+      {M::kDareTies,         "dare_ties",        S::kRandom,     true,     C::kDeltas,    false,    true},
+      {M::kDareLinear,       "dare_linear",      S::kRandom,     false,    C::kDeltas,    false,    true},
+      {M::kBreadcrumbs,      "breadcrumbs",      S::kOutliers,   false,    C::kDeltas,    false,    false},
+      {M::kBreadcrumbsTies,  "breadcrumbs_ties", S::kOutliers,   true,     C::kDeltas,    false,    false},
+      {M::kSlerp,            "slerp",            S::kNone,       false,    C::kSpherical, false,    false},
+      {M::kNuslerp,          "nuslerp",          S::kNone,       false,    C::kSpherical, false,    false},
+      {M::kNearswap,         "nearswap",         S::kNone,       false,    C::kNearswap,  false,    false},
+      {M::kModelStock,       "model_stock",      S::kNone,       false,    C::kModelStock, false,   false}};
   return kMethods;
 }
 
@@ -69,16 +73,23 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
     if (job.method == ModelMergeMethod::kSlerp && !std::isfinite(job.t)) throw InputError("slerp: t must be finite");
     if (job.method == ModelMergeMethod::kNuslerp && n != 2)
       throw InputError("nuslerp interpolates between two models; got " + std::to_string(n) + " besides the base");
+    if (job.method == ModelMergeMethod::kNearswap && n != 1)
+      throw InputError("nearswap moves the base towards one other model; got " + std::to_string(n) + " besides the base");
+    if (job.method == ModelMergeMethod::kNearswap && !(std::isfinite(job.t) && job.t >= 0.0))
+      throw InputError("nearswap: t must be a finite number >= 0, got " + format_number(job.t));
+    if (job.method == ModelMergeMethod::kModelStock && n < 2)
+      throw InputError("model_stock needs at least two models besides the base (their deltas' angle sets the interpolation); got " +
+                       std::to_string(n));
     for (std::size_t m = 0; m < n; ++m) {
       if (!std::isfinite(job.weights[m])) throw InputError(job.models[m] + ": weight must be finite");
       if (!(job.densities[m] >= 0.0 && job.densities[m] <= 1.0))
         throw InputError(job.models[m] + ": density must be in [0, 1], got " + std::to_string(job.densities[m]));
     }
     if (!std::isfinite(job.lambda)) throw InputError("lambda must be finite");
-    if (job.order != MergeOrder::kNone && (linear || traits.spherical))
+    if (job.order != MergeOrder::kNone && (linear || traits.combination != ModelMergeTraits::Combination::kDeltas))
       throw InputError(std::string("gradfix.order: ") + model_merge_method_name(job.method) +
-                       " merges whole weights (or rotates them), not sums of deltas from a base; masks go with task_arithmetic, ties, "
-                       "dare_linear and dare_ties");
+                       " merges whole weights (or interpolates them), not sums of deltas from a base; masks go with task_arithmetic, "
+                       "ties, dare_linear, dare_ties, breadcrumbs and breadcrumbs_ties");
     if (job.order != MergeOrder::kNone && job.signs.size() != n)
       throw InputError(std::string("gradfix.order ") + merge_order_name(job.order) + " needs sign statistics (gradfix: {signs: FILE}) "
                        "for every model: got " + std::to_string(job.signs.size()) + " for " + std::to_string(n) + " models");
@@ -118,7 +129,7 @@ Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& 
   if (sparsification != S::kNone) options["rescale"] = job.rescale;
   if (sparsification == S::kRandom) options["seed"] = job.seed;
   if (sparsification == S::kOutliers) options["gammas"] = job.gammas;
-  if (job.method == ModelMergeMethod::kSlerp) options["t"] = job.t;
+  if (job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNearswap) options["t"] = job.t;
   if (job.order != MergeOrder::kNone) {
     options["order"] = merge_order_name(job.order);
     options["signs"] = input_names(job.signs);
@@ -440,6 +451,27 @@ class DeltaMerge {
   std::map<std::size_t, std::vector<double>> rescales_;                 // by tensor, per model
 };
 
+// Writes every tensor: those not merged copied from the base, the merged ones chunk by chunk from
+// `merged(chunk)`, rounded once to the output type.
+template <typename Merged>
+void write_merged(const ModelMergeJob& job, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata, long long& elements,
+                  const Merged& merged) {
+  chunked.write(job.out, metadata, job.output, [&](const Piece& chunk, const TensorInfo& out, TensorWriter& writer, NonFiniteResults& nonfinite) {
+    if (!in.merged.count(out.name)) {
+      copy_chunk(*in.base, out, chunk, writer, true, nonfinite);
+      return;
+    }
+    const std::vector<double> result = merged(chunk);
+    store(writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
+    elements += chunk.count;
+  });
+}
+
+// A tensor's exact sum over its chunks, completed over the ranks when the tensor is split.
+double tensor_total(const Ranks& ranks, const ChunkedJob& chunked, std::size_t tensor, ExactSum& sum) {
+  return chunked.plan().is_split(tensor) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value();
+}
+
 // The coefficients (c0, c1) of a spherical interpolation of v0 and v1 by t, from their squared
 // norms and their dot product: mergekit's slerp (norms below `floor` count as 1, linear where
 // |cos| > 0.9995) or nuslerp (norms clamped to 1e-7 below, linear where 1 - cos^2 <= 1e-16).
@@ -506,15 +538,12 @@ void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMe
         s01.add(a * b);
       }
     }
-    auto total = [&](ExactSum& sum) { return chunked.plan().is_split(entry.first) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value(); };
-    const double a = total(s00), b = total(s11), c = total(s01);
-    tensor_coefficients[entry.first] = spherical_coefficients(job.method, t, a, b, c);
+    const std::size_t tensor = entry.first;
+    const double a = tensor_total(ranks, chunked, tensor, s00), b = tensor_total(ranks, chunked, tensor, s11),
+                 c = tensor_total(ranks, chunked, tensor, s01);
+    tensor_coefficients[tensor] = spherical_coefficients(job.method, t, a, b, c);
   }
-  chunked.write(job.out, metadata, job.output, [&](const Piece& chunk, const TensorInfo& out, TensorWriter& writer, NonFiniteResults& nonfinite) {
-    if (!in.merged.count(out.name)) {
-      copy_chunk(*in.base, out, chunk, writer, true, nonfinite);
-      return;
-    }
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
     std::vector<V> base_values;
     const auto vectors = pair_of(chunk, base_values);
     const auto count = static_cast<std::size_t>(chunk.count);
@@ -524,8 +553,99 @@ void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMe
       result[i] = c.first * vectors.first[i] + c.second * vectors.second[i];
       if (with_base) result[i] += base_values[i];
     }
-    store(writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
-    elements += chunk.count;
+    return result;
+  });
+}
+
+// NearSwap in the compute type V, entry by entry as mergekit computes it: w = clamp(t / max(|a -
+// b|, 1e-6), 0, 1) and w b + (1 - w) a, with a the base and b the other model.
+template <typename V>
+void merge_nearswap(const ModelMergeJob& job, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata, long long& elements) {
+  const bool allow = job.output.allow_nonfinite;
+  const V t = static_cast<V>(job.t), floor = static_cast<V>(1e-6);
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
+    const std::string& name = chunked.layout()[chunk.tensor].name;
+    const auto a = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+    const auto b = load<V>(*in.models[0], name, chunk.begin, chunk.count, allow);
+    std::vector<double> result(a.size());
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      // t / x is PyTorch's reciprocal(x) * t for a scalar t: the same rounding here.
+      const V reciprocal = V(1) / std::max(std::fabs(a[i] - b[i]), floor);
+      const V weight = std::min(V(1), std::max(V(0), reciprocal * t));
+      const V moved = weight * b[i] + (V(1) - weight) * a[i];
+      result[i] = moved;
+    }
+    return result;
+  });
+}
+
+// Model Stock's t from a tensor's deltas: the mean over pairs of their cosines (norm products
+// floored at 1e-6, cosines clamped to [-1, 1]), t = k c / (1 + (k - 1) c), 0 where the
+// denominator is within 1e-6 of 0 (no finite estimate: the base is kept).
+double model_stock_t(const std::vector<double>& squared_norms, const std::vector<std::vector<double>>& dots) {
+  const std::size_t k = squared_norms.size();
+  double cosine = 0.0;
+  std::size_t pairs = 0;
+  for (std::size_t a = 0; a < k; ++a)
+    for (std::size_t b = a + 1; b < k; ++b, ++pairs)
+      cosine += std::min(1.0, std::max(-1.0, dots[a][b] / std::max(std::sqrt(squared_norms[a]) * std::sqrt(squared_norms[b]), 1e-6)));
+  cosine /= static_cast<double>(pairs);
+  const double denominator = 1.0 + static_cast<double>(k - 1) * cosine;
+  return std::fabs(denominator) < 1e-6 ? 0.0 : static_cast<double>(k) * cosine / denominator;
+}
+
+// Model Stock in the compute type V, each tensor as one vector: t from the exact sums of its
+// deltas' squared norms and pairwise dot products (completed over the ranks, so t does not
+// depend on P), then t * mean(models) + (1 - t) * base entry by entry, the mean summed in model
+// order and divided by k as mergekit does.
+template <typename V>
+void merge_model_stock(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
+                       long long& elements) {
+  const bool allow = job.output.allow_nonfinite;
+  const std::size_t k = in.models.size();
+  auto load_all = [&](const Piece& chunk, std::vector<V>& base, std::vector<std::vector<V>>& models) {
+    const std::string& name = chunked.layout()[chunk.tensor].name;
+    base = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+    models.clear();
+    for (const auto& reader : in.models) models.push_back(load<V>(*reader, name, chunk.begin, chunk.count, allow));
+  };
+  std::map<std::size_t, V> tensor_t;
+  for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
+    std::vector<ExactSum> norms(k);
+    std::vector<std::vector<ExactSum>> dots(k, std::vector<ExactSum>(k));
+    std::vector<V> base;
+    std::vector<std::vector<V>> models;
+    for (const Piece& chunk : entry.second) {
+      load_all(chunk, base, models);
+      for (std::size_t i = 0; i < base.size(); ++i)
+        for (std::size_t a = 0; a < k; ++a) {
+          const double da = static_cast<V>(models[a][i] - base[i]);
+          norms[a].add(da * da);
+          for (std::size_t b = a + 1; b < k; ++b) dots[a][b].add(da * static_cast<V>(models[b][i] - base[i]));
+        }
+    }
+    std::vector<double> norm_totals(k);
+    std::vector<std::vector<double>> dot_totals(k, std::vector<double>(k, 0.0));
+    for (std::size_t a = 0; a < k; ++a) {
+      norm_totals[a] = tensor_total(ranks, chunked, entry.first, norms[a]);
+      for (std::size_t b = a + 1; b < k; ++b) dot_totals[a][b] = tensor_total(ranks, chunked, entry.first, dots[a][b]);
+    }
+    tensor_t[entry.first] = static_cast<V>(model_stock_t(norm_totals, dot_totals));
+  }
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
+    std::vector<V> base;
+    std::vector<std::vector<V>> models;
+    load_all(chunk, base, models);
+    const V t = tensor_t.at(chunk.tensor);
+    std::vector<double> result(base.size());
+    for (std::size_t i = 0; i < base.size(); ++i) {
+      V sum = models[0][i];
+      for (std::size_t m = 1; m < k; ++m) sum += models[m][i];
+      const V mean = sum / static_cast<V>(k);
+      const V merged = t * mean + (V(1) - t) * base[i];
+      result[i] = merged;
+    }
+    return result;
   });
 }
 
@@ -539,10 +659,15 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   ChunkedJob chunked(ranks, "merge", layout);
   const Metadata metadata = model_merge_metadata(job, in);
   JobSummary summary;
-  const bool spherical = model_merge_traits(job.method).spherical;
+  using C = ModelMergeTraits::Combination;
+  const C combination = model_merge_traits(job.method).combination;
   const bool f64 = model_merge_in_f64(layout, in);
-  if (spherical && f64) merge_spherical<double>(job, ranks, in, chunked, metadata, summary.elements);
-  else if (spherical) merge_spherical<float>(job, ranks, in, chunked, metadata, summary.elements);
+  if (combination == C::kSpherical && f64) merge_spherical<double>(job, ranks, in, chunked, metadata, summary.elements);
+  else if (combination == C::kSpherical) merge_spherical<float>(job, ranks, in, chunked, metadata, summary.elements);
+  else if (combination == C::kNearswap && f64) merge_nearswap<double>(job, in, chunked, metadata, summary.elements);
+  else if (combination == C::kNearswap) merge_nearswap<float>(job, in, chunked, metadata, summary.elements);
+  else if (combination == C::kModelStock && f64) merge_model_stock<double>(job, ranks, in, chunked, metadata, summary.elements);
+  else if (combination == C::kModelStock) merge_model_stock<float>(job, ranks, in, chunked, metadata, summary.elements);
   else if (f64) summary.elements = DeltaMerge<double>(job, ranks, in, chunked).run(metadata);
   else summary.elements = DeltaMerge<float>(job, ranks, in, chunked).run(metadata);
   chunked.commit(job.base.empty() ? job.models.front() : job.base);

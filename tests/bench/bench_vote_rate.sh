@@ -25,50 +25,7 @@ trap '[ -n "${GRADFIX_BENCH_KEEP:-}" ] || rm -rf "$work"' EXIT
 cd "$work"
 hidden=512 layers=4 inter=1408 vocab=8000 heads=8 kv=4 samples=32 tokens=128
 
-python3 - "$hidden" "$layers" "$inter" "$vocab" "$heads" "$kv" "$samples" "$tokens" <<'PY'
-import json, random, struct, sys
-hidden, layers, inter, vocab, heads, kv, samples, tokens = map(int, sys.argv[1:])
-d = hidden // heads
-config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
-          "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-          "num_key_value_heads": kv, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-          "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "float32"}
-shapes = ["model.embed_tokens.weight=%dx%d" % (vocab, hidden)]
-for i in range(layers):
-    p = "model.layers.%d." % i
-    shapes += [p + "input_layernorm.weight=%d" % hidden, p + "self_attn.q_proj.weight=%dx%d" % (heads * d, hidden),
-               p + "self_attn.k_proj.weight=%dx%d" % (kv * d, hidden), p + "self_attn.v_proj.weight=%dx%d" % (kv * d, hidden),
-               p + "self_attn.o_proj.weight=%dx%d" % (hidden, heads * d), p + "post_attention_layernorm.weight=%d" % hidden,
-               p + "mlp.gate_proj.weight=%dx%d" % (inter, hidden), p + "mlp.up_proj.weight=%dx%d" % (inter, hidden),
-               p + "mlp.down_proj.weight=%dx%d" % (hidden, inter)]
-shapes += ["model.norm.weight=%d" % hidden, "lm_head.weight=%dx%d" % (vocab, hidden)]
-json.dump(config, open("config.json", "w"), indent=2)
-open("shapes.txt", "w").write(",".join(shapes))
-rng = random.Random(1)
-ids = [rng.randrange(vocab) for _ in range(samples * tokens)]
-labels = [(-100 if t < 8 else ids[n * tokens + t]) for n in range(samples) for t in range(tokens)]
-header = {"input_ids": {"dtype": "I64", "shape": [samples, tokens], "data_offsets": [0, 8 * len(ids)]},
-          "labels": {"dtype": "I64", "shape": [samples, tokens], "data_offsets": [8 * len(ids), 16 * len(ids)]}}
-text = json.dumps(header).encode(); text += b" " * ((8 - len(text) % 8) % 8)
-open("tokens.safetensors", "wb").write(struct.pack("<Q", len(text)) + text + struct.pack("<%dq" % len(ids), *ids) +
-                                        struct.pack("<%dq" % len(labels), *labels))
-# The pass's products: (shape for gradfix_bench_matmul, floating-point operations in the pass).
-# Groups of 8 samples: a layer's products are [8 T, in] x [in, out] three times (forward,
-# recomputation, the input's gradient) and one per-sample product G_n^T X_n per sample; the
-# head's four times over the vocabulary (the log-sum-exp scan, the recomputed logits, the
-# features' gradient, the per-sample products). Attention adds 2 x 2 T^2 (heads x d) per sample
-# and layer forward, run twice, and twice that backward.
-groups, rows = samples // 8, 8 * tokens
-linear = [(heads * d, hidden), (kv * d, hidden), (kv * d, hidden), (hidden, heads * d), (inter, hidden), (inter, hidden), (hidden, inter)]
-terms = []
-for out, inp in linear:
-    terms.append(("%dx%dx%d" % (rows, inp, out), 3 * 2 * rows * inp * out * groups * layers))
-    terms.append(("8@%dx%dx%d" % (out, tokens, inp), 2 * out * tokens * inp * samples * layers))
-terms.append(("%dx%dx%d" % (rows, hidden, vocab), 3 * 2 * rows * hidden * vocab * groups))
-terms.append(("8@%dx%dx%d" % (vocab, tokens, hidden), 2 * vocab * tokens * hidden * samples))
-attention = (2 + 2 + 4) * 2 * tokens * tokens * heads * d * samples * layers
-json.dump({"terms": terms, "attention": attention}, open("flops.json", "w"))
-PY
+python3 "$root/tests/bench/vote_pass.py" write "$hidden" "$layers" "$inter" "$vocab" "$heads" "$kv" "$samples" "$tokens"
 
 "$build/gradfix" generate --shapes "$(cat shapes.txt)" --noise 0.02 --seed 1 --out model >/dev/null
 cp config.json model/

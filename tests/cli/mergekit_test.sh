@@ -21,13 +21,16 @@ trap 'rm -rf "$work"' EXIT
 expect_output=$work/out.txt  # not in the source tree
 cd "$fixtures"  # the configurations name the models relative to their directory, as mergekit runs them
 
-for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults breadcrumbs breadcrumbs_ties slerp nuslerp nuslerp_nobase; do
+for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults breadcrumbs breadcrumbs_ties slerp nuslerp nuslerp_nobase \
+  nearswap model_stock; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names
   done
   check "$config: the same bytes at 1, 2 and 3 ranks" bash -c "'$same' '$work/$config-p1' '$work/$config-p2' && '$same' '$work/$config-p1' '$work/$config-p3'"
 done
+check "nearswap: mergekit's bytes exactly (the same float32 operations)" "$close" "$work/nearswap-p1" reference/nearswap --reference-names --abs 0 --rel 0
+check "the comparison can fail: model_stock is not the models' mean" bash -c "! '$close' '$work/model_stock-p1' reference/linear --reference-names 2>/dev/null"
 check "the comparison can fail: ties with rescale is not ties (it was ignored before)" bash -c "! '$close' '$work/ties_rescale-p1' reference/ties --reference-names 2>/dev/null"
 check "the comparison can fail: ties is not task arithmetic" bash -c "! '$close' '$work/ties-p1' reference/task_arithmetic --reference-names 2>/dev/null"
 check "the Llama biases mergekit leaves out are kept" bash -c "'$gradfix' inspect '$work/ties-p1' | grep -q '^model.layers.0.self_attn.q_proj.bias '"
@@ -98,9 +101,16 @@ bad della "another method" "merge_method 'della' is not one gradfix has" $'merge
 bad slerp_t "slerp without t" "slerp needs parameters.t" $'merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft0'
 bad slerp_two "slerp of two models" "slerp interpolates between the base and one other model; got 2" $'merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {t: 0.5}'
 bad nuslerp_rows "row-wise nuslerp" "nuslerp_flatten: false (row- or column-wise nuslerp) is not implemented" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {nuslerp_flatten: false}'
-bad ties_t "a parameter of another method" "parameters.t is a parameter of slerp, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {t: 0.5}'
+bad nearswap_t "nearswap without t" "nearswap needs parameters.t" $'merge_method: nearswap\nbase_model: base\nmodels:\n  - model: ft0'
+bad nearswap_two "nearswap of two models" "nearswap moves the base towards one other model; got 2" $'merge_method: nearswap\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {t: 0.01}'
+bad nearswap_negative "a negative nearswap t" "nearswap: t must be a finite number >= 0, got -0.5" $'merge_method: nearswap\nbase_model: base\nmodels:\n  - model: ft0\nparameters: {t: -0.5}'
+bad stock_one "model_stock of one model" "model_stock needs at least two models besides the base" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0'
+bad stock_weight "a weight in model_stock" "parameters.weight: model_stock takes no weights" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 0.5}\n  - model: ft1'
+bad stock_rows "filter-wise model_stock" "filter_wise: true (one interpolation per row) is not implemented" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {filter_wise: true}'
+bad stock_order "a gradient-sign mask on model_stock" "model_stock merges whole weights .or interpolates them." $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n    gradfix: {signs: ft0}\n  - model: ft1\n    gradfix: {signs: ft1}\ngradfix: {order: merge-then-mask}'
+bad ties_t "a parameter of another method" "parameters.t is a parameter of slerp and nearswap, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {t: 0.5}'
 bad ties_gamma "gamma in a ties merge" "parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, gamma: 0.1}'
-bad nuslerp_lambda "lambda in a nuslerp" "parameters.lambda is a parameter of linear, task_arithmetic, ties and dare_., not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {lambda: 2}'
+bad nuslerp_lambda "lambda in a nuslerp" "parameters.lambda is a parameter of linear, task_arithmetic, ties, dare_., breadcrumbs., not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {lambda: 2}'
 bad unknown "an unknown key" "does not read 'slices'" $'merge_method: ties\nslices: []\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
 bad layers "per-layer weights" "per-layer values" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: [0, 1]}'
 bad lora "MODEL+LORA" "MODEL+LORA form is not read" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0+adapter\n    parameters: {weight: 1}'

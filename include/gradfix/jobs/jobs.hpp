@@ -84,7 +84,15 @@ struct MergeJob {
 //   breadcrumbs,     Model Breadcrumbs: each delta keeps int(density_i n) entries by magnitude
 //   breadcrumbs_ties after the n_bot = max(0, n - int(density_i n) - int(gamma_i n)) smallest
 //                    (the largest above them dropped), then as task_arithmetic / ties
-enum class ModelMergeMethod { kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies };
+//   nearswap         the base moved towards the one other model by w = clamp(t / |M - base|, 0,
+//                    1) per entry (|M - base| floored at 1e-6): entries that differ little take
+//                    the model's value, entries that differ much keep the base's
+//   model_stock      Model Stock: per tensor, the mean cosine c between the deltas of k >= 2
+//                    models, t = k c / (1 + (k - 1) c) (0 where the denominator is within 1e-6
+//                    of 0), and t * (the models' mean) + (1 - t) * base
+enum class ModelMergeMethod {
+  kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock
+};
 
 struct ModelMergeJob {
   ModelMergeMethod method = ModelMergeMethod::kTies;
@@ -97,7 +105,7 @@ struct ModelMergeJob {
   double lambda = 1.0;
   bool rescale = true;              // scale each sparsified delta back to its L1 norm (mergekit: on for DARE, off for ties)
   std::uint64_t seed = 0;           // DARE's draws
-  double t = 0.5;                   // slerp: 0 is the base, 1 the other model
+  double t = 0.5;                   // slerp: 0 is the base, 1 the other model; nearswap's threshold
   // gradfix's addition: gradient-sign masks with each model's statistics (on the base), before
   // the merge (each delta with its own) or after it (the merged delta with sum_i sign(s_i)).
   MergeOrder order = MergeOrder::kNone;
@@ -179,8 +187,12 @@ struct ModelMergeTraits {
   ModelMergeMethod method;
   const char* name;
   Sparsification sparsification;
+  // How the models combine: sums of (sparsified, weighted) deltas from the base; a rotation of
+  // whole tensors (slerp, nuslerp); Model Stock's interpolation by the deltas' cosines; NearSwap's
+  // interpolation entry by entry. Only the sums of deltas take weights, densities and masks.
+  enum class Combination { kDeltas, kSpherical, kModelStock, kNearswap };
   bool consensus;          // TIES's sign election
-  bool spherical;          // slerp, nuslerp: a rotation of whole tensors, no sum of deltas
+  Combination combination;
   bool default_normalize;  // mergekit's defaults of `normalize` and `rescale`
   bool default_rescale;
 };
