@@ -130,13 +130,16 @@ class MergeConfigReader {
     if (!parameters.is_object()) throw InputError(where + " must be a mapping");
     refuse_unknown(parameters,
                    {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "gamma", "t", "nuslerp_flatten", "nuslerp_row_wise",
-                    "filter_wise"},
+                    "filter_wise", "normalize_weights", "eps"},
                    where);
     auto only_for = [&](const char* key, bool applies, const char* methods) {
       if (parameters.contains(key) && !applies) throw InputError(where + "." + key + " is a parameter of " + methods + ", not of " + method_);
     };
     only_for("t", is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap), "slerp and nearswap");
     only_for("filter_wise", is(ModelMergeMethod::kModelStock), "model_stock");
+    for (const char* key : {"normalize_weights", "eps"}) only_for(key, is(ModelMergeMethod::kMultislerp), "multislerp");
+    if (parameters.contains("normalize_weights")) job_.normalize = boolean(parameters["normalize_weights"], where + ".normalize_weights");
+    if (parameters.contains("eps")) job_.eps = number(parameters["eps"], where + ".eps");
     if (parameters.contains("filter_wise") && boolean(parameters["filter_wise"], where + ".filter_wise"))
       throw InputError(where + ".filter_wise: true (one interpolation per row) is not implemented; gradfix takes each tensor as one "
                        "vector, mergekit's default (filter_wise: false)");

@@ -1,5 +1,6 @@
 // gradfix merge --config: whole models merged by mergekit's rules (linear, task_arithmetic, ties,
-// dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, slerp, nuslerp, nearswap, model_stock),
+// dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, slerp, nuslerp, nearswap, model_stock,
+// multislerp),
 // with gradient-sign masks before or after the sums of deltas.
 #include "file_jobs.hpp"
 #include "gradfix/io/exact_sum.hpp"
@@ -23,7 +24,8 @@ const std::vector<ModelMergeTraits>& model_merge_methods() {
       {M::kSlerp,            "slerp",            S::kNone,       false,    C::kSpherical, false,    false},
       {M::kNuslerp,          "nuslerp",          S::kNone,       false,    C::kSpherical, false,    false},
       {M::kNearswap,         "nearswap",         S::kNone,       false,    C::kNearswap,  false,    false},
-      {M::kModelStock,       "model_stock",      S::kNone,       false,    C::kModelStock, false,   false}};
+      {M::kModelStock,       "model_stock",      S::kNone,       false,    C::kModelStock, false,   false},
+      {M::kMultislerp,       "multislerp",       S::kNone,       false,    C::kMultislerp, true,    false}};
   return kMethods;
 }
 
@@ -66,7 +68,7 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
       throw InputError("breadcrumbs needs one gamma per model");
     for (double gamma : job.gammas)
       if (!(gamma >= 0.0 && gamma <= 1.0)) throw InputError("gamma must be in [0, 1], got " + format_number(gamma));
-    if (!linear && job.method != ModelMergeMethod::kNuslerp && job.base.empty())
+    if (!linear && job.method != ModelMergeMethod::kNuslerp && job.method != ModelMergeMethod::kMultislerp && job.base.empty())
       throw InputError(std::string(model_merge_method_name(job.method)) + " needs a base_model");
     if (job.method == ModelMergeMethod::kSlerp && n != 1)
       throw InputError("slerp interpolates between the base and one other model; got " + std::to_string(n) + " besides the base");
@@ -77,6 +79,8 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
       throw InputError("nearswap moves the base towards one other model; got " + std::to_string(n) + " besides the base");
     if (job.method == ModelMergeMethod::kNearswap && !(std::isfinite(job.t) && job.t >= 0.0))
       throw InputError("nearswap: t must be a finite number >= 0, got " + format_number(job.t));
+    if (job.method == ModelMergeMethod::kMultislerp && !(std::isfinite(job.eps) && job.eps >= 0.0))
+      throw InputError("multislerp: eps must be a finite number >= 0, got " + format_number(job.eps));
     if (job.method == ModelMergeMethod::kModelStock && n < 2)
       throw InputError("model_stock needs at least two models besides the base (their deltas' angle sets the interpolation); got " +
                        std::to_string(n));
@@ -130,6 +134,7 @@ Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& 
   if (sparsification == S::kRandom) options["seed"] = job.seed;
   if (sparsification == S::kOutliers) options["gammas"] = job.gammas;
   if (job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNearswap) options["t"] = job.t;
+  if (job.method == ModelMergeMethod::kMultislerp) options["eps"] = job.eps;
   if (job.order != MergeOrder::kNone) {
     options["order"] = merge_order_name(job.order);
     options["signs"] = input_names(job.signs);
@@ -649,6 +654,121 @@ void merge_model_stock(const ModelMergeJob& job, const Ranks& ranks, const Model
   });
 }
 
+// Multi-SLERP in double from the compute type V's values, each tensor as one vector, as mergekit
+// computes it: with d_m the models' deltas from the base (or the models, without one), w_m the
+// weights (divided by their sum with normalize_weights), n_m = |d_m| and u_m = d_m / (n_m + eps):
+// the mean m = sum_m w_m u_m and m^ = m / |m|; the tangent vectors u_m - (u_m . m^) m^, averaged
+// with the weights into g; the result (m^ cos|g| + g sin|g| / |g|) sum_m w_m n_m (+ the base),
+// |g| taken with eps added. Where |m| < eps two models are mixed linearly (more are refused). One
+// model is returned as it is. Three passes of exact sums per tensor (norms; |m| and u_m . m;
+// |g|), completed over the ranks, so the result does not depend on P.
+template <typename V>
+void merge_multislerp(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
+                      long long& elements) {
+  const bool allow = job.output.allow_nonfinite, with_base = !job.base.empty();
+  const std::size_t k = in.models.size();
+  std::vector<double> w(job.weights);
+  double weight_sum = 0.0;
+  for (double value : w) weight_sum += value;
+  if (job.normalize)
+    for (double& value : w) value /= weight_sum;
+  struct Tensor {
+    std::vector<double> norms, dots;  // |d_m|; u_m . m^
+    double mean_norm = 0.0, tangent_norm = 0.0;
+    bool linear = false;  // |m| < eps: two models mixed linearly
+  };
+  std::map<std::size_t, Tensor> tensors;
+  auto load_deltas = [&](const Piece& chunk, std::vector<V>& base) {
+    const std::string& name = chunked.layout()[chunk.tensor].name;
+    if (with_base) base = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+    std::vector<std::vector<double>> deltas;
+    for (const auto& reader : in.models) {
+      const auto values = load<V>(*reader, name, chunk.begin, chunk.count, allow);
+      deltas.emplace_back(values.size());
+      for (std::size_t i = 0; i < values.size(); ++i) deltas.back()[i] = with_base ? static_cast<double>(static_cast<V>(values[i] - base[i])) : values[i];
+    }
+    return deltas;
+  };
+  // mean_i (before division by |m|) and, for `tangent`, g_i, from the deltas at entry i.
+  auto mean_at = [&](const Tensor& t, const std::vector<std::vector<double>>& d, std::size_t i) {
+    double mean = 0.0;
+    for (std::size_t m = 0; m < k; ++m) mean += w[m] * d[m][i] / (t.norms[m] + job.eps);
+    return mean;
+  };
+  auto tangent_at = [&](const Tensor& t, const std::vector<std::vector<double>>& d, std::size_t i, double unit_mean) {
+    double tangent = 0.0;
+    for (std::size_t m = 0; m < k; ++m) tangent += w[m] * (d[m][i] / (t.norms[m] + job.eps) - t.dots[m] * unit_mean);
+    return tangent;
+  };
+  std::string refused;
+  for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
+    if (k == 1) break;
+    const std::size_t id = entry.first;
+    Tensor& t = tensors[id];
+    auto pass = [&](std::vector<ExactSum>& sums, const std::function<void(const std::vector<std::vector<double>>&, std::size_t)>& add) {
+      std::vector<V> base;
+      for (const Piece& chunk : entry.second) {
+        const auto d = load_deltas(chunk, base);
+        for (std::size_t i = 0; i < static_cast<std::size_t>(chunk.count); ++i) add(d, i);
+      }
+      std::vector<double> totals;
+      for (auto& sum : sums) totals.push_back(tensor_total(ranks, chunked, id, sum));
+      return totals;
+    };
+    std::vector<ExactSum> squares(k);
+    t.norms = pass(squares, [&](const std::vector<std::vector<double>>& d, std::size_t i) {
+      for (std::size_t m = 0; m < k; ++m) squares[m].add(d[m][i] * d[m][i]);
+    });
+    for (double& norm : t.norms) norm = std::sqrt(norm);
+    std::vector<ExactSum> means(k + 1);  // u_m . m for each model, then |m|^2
+    const std::vector<double> totals = pass(means, [&](const std::vector<std::vector<double>>& d, std::size_t i) {
+      const double mean = mean_at(t, d, i);
+      for (std::size_t m = 0; m < k; ++m) means[m].add(d[m][i] / (t.norms[m] + job.eps) * mean);
+      means[k].add(mean * mean);
+    });
+    t.mean_norm = std::sqrt(totals[k]);
+    if (t.mean_norm < job.eps) {
+      t.linear = k == 2;
+      if (k != 2 && refused.empty())
+        refused = "multislerp: the weighted mean of the unit deltas of " + chunked.layout()[id].name +
+                  " is zero (antipodal models with balancing weights); choose other weights";
+      continue;
+    }
+    for (std::size_t m = 0; m < k; ++m) t.dots.push_back(totals[m] / t.mean_norm);
+    std::vector<ExactSum> tangent(1);
+    t.tangent_norm = std::sqrt(pass(tangent, [&](const std::vector<std::vector<double>>& d, std::size_t i) {
+                                 const double g = tangent_at(t, d, i, mean_at(t, d, i) / t.mean_norm);
+                                 tangent[0].add(g * g);
+                               })[0]) + job.eps;
+  }
+  ranks.agree([&] {
+    if (!refused.empty()) throw InputError(refused);
+  });
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
+    std::vector<V> base;
+    const auto d = load_deltas(chunk, base);
+    std::vector<double> result(static_cast<std::size_t>(chunk.count));
+    if (k == 1) {  // the one model as it is, base or not
+      const auto values = load<V>(*in.models[0], chunked.layout()[chunk.tensor].name, chunk.begin, chunk.count, allow);
+      return std::vector<double>(values.begin(), values.end());
+    }
+    const Tensor& t = tensors.at(chunk.tensor);
+    double scale = 0.0;
+    for (std::size_t m = 0; m < k; ++m) scale += t.norms[m] * w[m];
+    for (std::size_t i = 0; i < result.size(); ++i) {
+      if (t.linear) {
+        result[i] = d[0][i] * w[0] + d[1][i] * w[1];
+      } else {
+        const double unit_mean = mean_at(t, d, i) / t.mean_norm;
+        const double g = tangent_at(t, d, i, unit_mean);
+        result[i] = (unit_mean * std::cos(t.tangent_norm) + g * (std::sin(t.tangent_norm) / t.tangent_norm)) * scale;
+      }
+      if (with_base) result[i] += base[i];
+    }
+    return result;
+  });
+}
+
 }  // namespace
 
 JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const JobContext& context) {
@@ -668,6 +788,8 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   else if (combination == C::kNearswap) merge_nearswap<float>(job, in, chunked, metadata, summary.elements);
   else if (combination == C::kModelStock && f64) merge_model_stock<double>(job, ranks, in, chunked, metadata, summary.elements);
   else if (combination == C::kModelStock) merge_model_stock<float>(job, ranks, in, chunked, metadata, summary.elements);
+  else if (combination == C::kMultislerp && f64) merge_multislerp<double>(job, ranks, in, chunked, metadata, summary.elements);
+  else if (combination == C::kMultislerp) merge_multislerp<float>(job, ranks, in, chunked, metadata, summary.elements);
   else if (f64) summary.elements = DeltaMerge<double>(job, ranks, in, chunked).run(metadata);
   else summary.elements = DeltaMerge<float>(job, ranks, in, chunked).run(metadata);
   chunked.commit(job.base.empty() ? job.models.front() : job.base);

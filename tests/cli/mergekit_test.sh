@@ -22,7 +22,7 @@ expect_output=$work/out.txt  # not in the source tree
 cd "$fixtures"  # the configurations name the models relative to their directory, as mergekit runs them
 
 for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults breadcrumbs breadcrumbs_ties slerp nuslerp nuslerp_nobase \
-  nearswap model_stock; do
+  nearswap model_stock multislerp multislerp_nobase; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names
@@ -108,6 +108,8 @@ bad stock_one "model_stock of one model" "model_stock needs at least two models 
 bad stock_weight "a weight in model_stock" "parameters.weight: model_stock takes no weights" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 0.5}\n  - model: ft1'
 bad stock_rows "filter-wise model_stock" "filter_wise: true (one interpolation per row) is not implemented" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {filter_wise: true}'
 bad stock_order "a gradient-sign mask on model_stock" "model_stock merges whole weights .or interpolates them." $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n    gradfix: {signs: ft0}\n  - model: ft1\n    gradfix: {signs: ft1}\ngradfix: {order: merge-then-mask}'
+bad multislerp_eps "a negative multislerp eps" "multislerp: eps must be a finite number >= 0, got -1" $'merge_method: multislerp\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {eps: -1}'
+bad ties_normalize_weights "normalize_weights in a ties merge" "parameters.normalize_weights is a parameter of multislerp, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {normalize_weights: true}'
 bad ties_t "a parameter of another method" "parameters.t is a parameter of slerp and nearswap, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {t: 0.5}'
 bad ties_gamma "gamma in a ties merge" "parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, gamma: 0.1}'
 bad nuslerp_lambda "lambda in a nuslerp" "parameters.lambda is a parameter of linear, task_arithmetic, ties, dare_., breadcrumbs., not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {lambda: 2}'

@@ -87,11 +87,14 @@ struct MergeJob {
 //   nearswap         the base moved towards the one other model by w = clamp(t / |M - base|, 0,
 //                    1) per entry (|M - base| floored at 1e-6): entries that differ little take
 //                    the model's value, entries that differ much keep the base's
+//   multislerp       barycentric interpolation on the sphere: each tensor's deltas (or the
+//                    models, without a base) as unit vectors, their weighted mean, the tangent
+//                    vectors there averaged and mapped back, scaled by the weighted mean norm
 //   model_stock      Model Stock: per tensor, the mean cosine c between the deltas of k >= 2
 //                    models, t = k c / (1 + (k - 1) c) (0 where the denominator is within 1e-6
 //                    of 0), and t * (the models' mean) + (1 - t) * base
 enum class ModelMergeMethod {
-  kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock
+  kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock, kMultislerp
 };
 
 struct ModelMergeJob {
@@ -106,6 +109,7 @@ struct ModelMergeJob {
   bool rescale = true;              // scale each sparsified delta back to its L1 norm (mergekit: on for DARE, off for ties)
   std::uint64_t seed = 0;           // DARE's draws
   double t = 0.5;                   // slerp: 0 is the base, 1 the other model; nearswap's threshold
+  double eps = 1e-8;                // multislerp: added to norms
   // gradfix's addition: gradient-sign masks with each model's statistics (on the base), before
   // the merge (each delta with its own) or after it (the merged delta with sum_i sign(s_i)).
   MergeOrder order = MergeOrder::kNone;
@@ -190,7 +194,7 @@ struct ModelMergeTraits {
   // How the models combine: sums of (sparsified, weighted) deltas from the base; a rotation of
   // whole tensors (slerp, nuslerp); Model Stock's interpolation by the deltas' cosines; NearSwap's
   // interpolation entry by entry. Only the sums of deltas take weights, densities and masks.
-  enum class Combination { kDeltas, kSpherical, kModelStock, kNearswap };
+  enum class Combination { kDeltas, kSpherical, kModelStock, kNearswap, kMultislerp };
   bool consensus;          // TIES's sign election
   Combination combination;
   bool default_normalize;  // mergekit's defaults of `normalize` and `rescale`
