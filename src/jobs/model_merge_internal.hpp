@@ -1,0 +1,35 @@
+#pragma once
+// Internal to the jobs layer: what the two halves of `gradfix merge --config` share.
+// model_merge.cpp reads and checks the inputs and runs the sums of deltas; model_merge_vectors.cpp
+// runs the methods that take each tensor as one vector (slerp, nuslerp, nearswap, model_stock,
+// multislerp).
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "file_jobs.hpp"
+
+namespace gradfix::file_jobs {
+
+struct ModelMergeInputs {
+  Reader base;  // the base model (linear without one: the first model, for the layout and copies)
+  std::vector<Reader> models;
+  std::vector<Reader> signs;
+  std::vector<std::string> names;  // the merged tensors: the base's selected float tensors
+  std::set<std::string> merged;    // the same, for lookups
+};
+
+// This rank's chunks of each merged tensor, for the passes before the merge (DARE's norms, TIES's
+// trims); a merged tensor split across ranks is listed even where this rank holds none of it, so
+// that every rank joins its reductions.
+using ChunksByTensor = std::map<std::size_t, std::vector<Piece>>;
+ChunksByTensor merged_tensors_here(const ChunkedJob& chunked, const std::set<std::string>& merged);
+
+// The methods whose combination is not a sum of deltas, in float64 when `f64` (an F64 input or
+// output) else float32: every tensor computed and written through `chunked`. Returns the number
+// of merged entries this rank wrote.
+long long merge_whole_tensors(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked,
+                              const Metadata& metadata, bool f64);
+
+}  // namespace gradfix::file_jobs

@@ -1,0 +1,357 @@
+// gradfix merge --config, the methods that take each tensor as one vector: slerp and nuslerp
+// (rotations), nearswap (entry by entry), model_stock and multislerp (by the deltas' angles). A
+// tensor's sums are exact and completed over the ranks when it is split, so the results do not
+// depend on the number of ranks.
+#include <cmath>
+#include <functional>
+
+#include "gradfix/io/exact_sum.hpp"
+#include "model_merge_internal.hpp"
+
+namespace gradfix {
+namespace file_jobs {
+namespace {
+
+// Writes every tensor: those not merged copied from the base, the merged ones chunk by chunk from
+// `merged(chunk)`, rounded once to the output type.
+template <typename Merged>
+void write_merged(const ModelMergeJob& job, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata, long long& elements,
+                  const Merged& merged) {
+  chunked.write(job.out, metadata, job.output, [&](const Piece& chunk, const TensorInfo& out, TensorWriter& writer, NonFiniteResults& nonfinite) {
+    if (!in.merged.count(out.name)) {
+      copy_chunk(*in.base, out, chunk, writer, true, nonfinite);
+      return;
+    }
+    const std::vector<double> result = merged(chunk);
+    store(writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
+    elements += chunk.count;
+  });
+}
+
+// A tensor's exact sum over its chunks, completed over the ranks when the tensor is split.
+double tensor_total(const Ranks& ranks, const ChunkedJob& chunked, std::size_t tensor, ExactSum& sum) {
+  return chunked.plan().is_split(tensor) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value();
+}
+
+// The coefficients (c0, c1) of a spherical interpolation of v0 and v1 by t, from their squared
+// norms and their dot product: mergekit's slerp (norms below `floor` count as 1, linear where
+// |cos| > 0.9995) or nuslerp (norms clamped to 1e-7 below, linear where 1 - cos^2 <= 1e-16).
+std::pair<double, double> spherical_coefficients(ModelMergeMethod method, double t, double s00, double s11, double s01) {
+  const bool slerp = method == ModelMergeMethod::kSlerp;
+  double n0 = std::sqrt(s00), n1 = std::sqrt(s11);
+  if (slerp) {
+    n0 = n0 > 1e-8 ? n0 : 1.0;
+    n1 = n1 > 1e-8 ? n1 : 1.0;
+  } else {
+    n0 = std::max(n0, 1e-7);
+    n1 = std::max(n1, 1e-7);
+  }
+  const double cosine = std::min(1.0, std::max(-1.0, s01 / (n0 * n1)));
+  const bool linear = slerp ? std::fabs(cosine) > 0.9995 : 1.0 - cosine * cosine <= 1e-16;
+  if (linear) return {1.0 - t, t};
+  const double theta = std::acos(cosine), sine = std::sin(theta);
+  return {std::sin((1.0 - t) * theta) / sine, std::sin(t * theta) / sine};
+}
+
+// slerp and nuslerp in the compute type V, each tensor as one vector: slerp rotates the base
+// towards the model, nuslerp rotates between the two models, or their deltas from the base,
+// which is then added back. A tensor's sums are exact and completed over the ranks when it is
+// split, so the result does not depend on the number of ranks.
+template <typename V>
+void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
+                     long long& elements) {
+  const bool slerp = job.method == ModelMergeMethod::kSlerp;
+  const bool with_base = !job.base.empty() && !slerp;
+  const auto& layout = chunked.layout();
+  const bool allow = job.output.allow_nonfinite;
+  const double t = slerp ? job.t : (std::fabs(job.weights[0] + job.weights[1]) < 1e-6 ? 0.5 : job.weights[1] / (job.weights[0] + job.weights[1]));
+  // The two vectors of a chunk: slerp's base and model; nuslerp's models, less the base if any.
+  auto pair_of = [&](const Piece& chunk, std::vector<V>& base_values) {
+    const std::string& name = layout[chunk.tensor].name;
+    std::pair<std::vector<V>, std::vector<V>> out;
+    if (slerp) {
+      out.first = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+      out.second = load<V>(*in.models[0], name, chunk.begin, chunk.count, allow);
+      return out;
+    }
+    out.first = load<V>(*in.models[0], name, chunk.begin, chunk.count, allow);
+    out.second = load<V>(*in.models[1], name, chunk.begin, chunk.count, allow);
+    if (with_base) {
+      base_values = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+      for (std::size_t i = 0; i < base_values.size(); ++i) {
+        out.first[i] -= base_values[i];
+        out.second[i] -= base_values[i];
+      }
+    }
+    return out;
+  };
+  // Each tensor's coefficients from its exact sums.
+  std::map<std::size_t, std::pair<double, double>> tensor_coefficients;
+  for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
+    ExactSum s00, s11, s01;
+    std::vector<V> unused;
+    for (const Piece& chunk : entry.second) {
+      const auto vectors = pair_of(chunk, unused);
+      for (std::size_t i = 0; i < vectors.first.size(); ++i) {
+        const double a = vectors.first[i], b = vectors.second[i];
+        s00.add(a * a);
+        s11.add(b * b);
+        s01.add(a * b);
+      }
+    }
+    const std::size_t tensor = entry.first;
+    const double a = tensor_total(ranks, chunked, tensor, s00), b = tensor_total(ranks, chunked, tensor, s11),
+                 c = tensor_total(ranks, chunked, tensor, s01);
+    tensor_coefficients[tensor] = spherical_coefficients(job.method, t, a, b, c);
+  }
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
+    std::vector<V> base_values;
+    const auto vectors = pair_of(chunk, base_values);
+    const auto count = static_cast<std::size_t>(chunk.count);
+    const auto c = tensor_coefficients.at(chunk.tensor);
+    std::vector<double> result(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      result[i] = c.first * vectors.first[i] + c.second * vectors.second[i];
+      if (with_base) result[i] += base_values[i];
+    }
+    return result;
+  });
+}
+
+// NearSwap in the compute type V, entry by entry as mergekit computes it: w = clamp(t / max(|a -
+// b|, 1e-6), 0, 1) and w b + (1 - w) a, with a the base and b the other model.
+template <typename V>
+void merge_nearswap(const ModelMergeJob& job, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata, long long& elements) {
+  const bool allow = job.output.allow_nonfinite;
+  const V t = static_cast<V>(job.t), floor = static_cast<V>(1e-6);
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
+    const std::string& name = chunked.layout()[chunk.tensor].name;
+    const auto a = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+    const auto b = load<V>(*in.models[0], name, chunk.begin, chunk.count, allow);
+    std::vector<double> result(a.size());
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      // t / x is PyTorch's reciprocal(x) * t for a scalar t: the same rounding here.
+      const V reciprocal = V(1) / std::max(std::fabs(a[i] - b[i]), floor);
+      const V weight = std::min(V(1), std::max(V(0), reciprocal * t));
+      const V moved = weight * b[i] + (V(1) - weight) * a[i];
+      result[i] = moved;
+    }
+    return result;
+  });
+}
+
+// Model Stock's t from a tensor's deltas: the mean over pairs of their cosines (norm products
+// floored at 1e-6, cosines clamped to [-1, 1]), t = k c / (1 + (k - 1) c), 0 where the
+// denominator is within 1e-6 of 0 (no finite estimate: the base is kept).
+double model_stock_t(const std::vector<double>& squared_norms, const std::vector<std::vector<double>>& dots) {
+  const std::size_t k = squared_norms.size();
+  double cosine = 0.0;
+  std::size_t pairs = 0;
+  for (std::size_t a = 0; a < k; ++a)
+    for (std::size_t b = a + 1; b < k; ++b, ++pairs)
+      cosine += std::min(1.0, std::max(-1.0, dots[a][b] / std::max(std::sqrt(squared_norms[a]) * std::sqrt(squared_norms[b]), 1e-6)));
+  cosine /= static_cast<double>(pairs);
+  const double denominator = 1.0 + static_cast<double>(k - 1) * cosine;
+  return std::fabs(denominator) < 1e-6 ? 0.0 : static_cast<double>(k) * cosine / denominator;
+}
+
+// Model Stock in the compute type V, each tensor as one vector: t from the exact sums of its
+// deltas' squared norms and pairwise dot products (completed over the ranks, so t does not
+// depend on P), then t * mean(models) + (1 - t) * base entry by entry, the mean summed in model
+// order and divided by k as mergekit does.
+template <typename V>
+void merge_model_stock(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
+                       long long& elements) {
+  const bool allow = job.output.allow_nonfinite;
+  const std::size_t k = in.models.size();
+  auto load_all = [&](const Piece& chunk, std::vector<V>& base, std::vector<std::vector<V>>& models) {
+    const std::string& name = chunked.layout()[chunk.tensor].name;
+    base = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+    models.clear();
+    for (const auto& reader : in.models) models.push_back(load<V>(*reader, name, chunk.begin, chunk.count, allow));
+  };
+  std::map<std::size_t, V> tensor_t;
+  for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
+    std::vector<ExactSum> norms(k);
+    std::vector<std::vector<ExactSum>> dots(k, std::vector<ExactSum>(k));
+    std::vector<V> base;
+    std::vector<std::vector<V>> models;
+    for (const Piece& chunk : entry.second) {
+      load_all(chunk, base, models);
+      for (std::size_t i = 0; i < base.size(); ++i)
+        for (std::size_t a = 0; a < k; ++a) {
+          const double da = static_cast<V>(models[a][i] - base[i]);
+          norms[a].add(da * da);
+          for (std::size_t b = a + 1; b < k; ++b) dots[a][b].add(da * static_cast<V>(models[b][i] - base[i]));
+        }
+    }
+    std::vector<double> norm_totals(k);
+    std::vector<std::vector<double>> dot_totals(k, std::vector<double>(k, 0.0));
+    for (std::size_t a = 0; a < k; ++a) {
+      norm_totals[a] = tensor_total(ranks, chunked, entry.first, norms[a]);
+      for (std::size_t b = a + 1; b < k; ++b) dot_totals[a][b] = tensor_total(ranks, chunked, entry.first, dots[a][b]);
+    }
+    tensor_t[entry.first] = static_cast<V>(model_stock_t(norm_totals, dot_totals));
+  }
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
+    std::vector<V> base;
+    std::vector<std::vector<V>> models;
+    load_all(chunk, base, models);
+    const V t = tensor_t.at(chunk.tensor);
+    std::vector<double> result(base.size());
+    for (std::size_t i = 0; i < base.size(); ++i) {
+      V sum = models[0][i];
+      for (std::size_t m = 1; m < k; ++m) sum += models[m][i];
+      const V mean = sum / static_cast<V>(k);
+      const V merged = t * mean + (V(1) - t) * base[i];
+      result[i] = merged;
+    }
+    return result;
+  });
+}
+
+// Multi-SLERP in double from the compute type V's values, each tensor as one vector, as mergekit
+// computes it: with d_m the models' deltas from the base (or the models, without one), w_m the
+// weights (divided by their sum with normalize_weights), n_m = |d_m| and u_m = d_m / (n_m + eps):
+// the mean m = sum_m w_m u_m and m^ = m / |m|; the tangent vectors u_m - (u_m . m^) m^, averaged
+// with the weights into g; the result (m^ cos|g| + g sin|g| / |g|) sum_m w_m n_m (+ the base),
+// |g| taken with eps added. Where |m| < eps two models are mixed linearly (more are refused). One
+// model is returned as it is. Three passes of exact sums per tensor (norms; |m| and u_m . m;
+// |g|), completed over the ranks, so the result does not depend on P.
+template <typename V>
+void merge_multislerp(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
+                      long long& elements) {
+  const bool allow = job.output.allow_nonfinite, with_base = !job.base.empty();
+  const std::size_t k = in.models.size();
+  std::vector<double> w(job.weights);
+  double weight_sum = 0.0;
+  for (double value : w) weight_sum += value;
+  if (job.normalize)
+    for (double& value : w) value /= weight_sum;
+  struct Tensor {
+    std::vector<double> norms, dots;  // |d_m|; u_m . m^
+    double mean_norm = 0.0, tangent_norm = 0.0;
+    bool linear = false;  // |m| < eps: two models mixed linearly
+  };
+  std::map<std::size_t, Tensor> tensors;
+  auto load_deltas = [&](const Piece& chunk, std::vector<V>& base) {
+    const std::string& name = chunked.layout()[chunk.tensor].name;
+    if (with_base) base = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+    std::vector<std::vector<double>> deltas;
+    for (const auto& reader : in.models) {
+      const auto values = load<V>(*reader, name, chunk.begin, chunk.count, allow);
+      deltas.emplace_back(values.size());
+      for (std::size_t i = 0; i < values.size(); ++i) deltas.back()[i] = with_base ? static_cast<double>(static_cast<V>(values[i] - base[i])) : values[i];
+    }
+    return deltas;
+  };
+  // mean_i (before division by |m|) and, for `tangent`, g_i, from the deltas at entry i.
+  auto mean_at = [&](const Tensor& t, const std::vector<std::vector<double>>& d, std::size_t i) {
+    double mean = 0.0;
+    for (std::size_t m = 0; m < k; ++m) mean += w[m] * d[m][i] / (t.norms[m] + job.eps);
+    return mean;
+  };
+  auto tangent_at = [&](const Tensor& t, const std::vector<std::vector<double>>& d, std::size_t i, double unit_mean) {
+    double tangent = 0.0;
+    for (std::size_t m = 0; m < k; ++m) tangent += w[m] * (d[m][i] / (t.norms[m] + job.eps) - t.dots[m] * unit_mean);
+    return tangent;
+  };
+  std::string refused;
+  for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
+    if (k == 1) break;
+    const std::size_t id = entry.first;
+    Tensor& t = tensors[id];
+    auto pass = [&](std::vector<ExactSum>& sums, const std::function<void(const std::vector<std::vector<double>>&, std::size_t)>& add) {
+      std::vector<V> base;
+      for (const Piece& chunk : entry.second) {
+        const auto d = load_deltas(chunk, base);
+        for (std::size_t i = 0; i < static_cast<std::size_t>(chunk.count); ++i) add(d, i);
+      }
+      std::vector<double> totals;
+      for (auto& sum : sums) totals.push_back(tensor_total(ranks, chunked, id, sum));
+      return totals;
+    };
+    std::vector<ExactSum> squares(k);
+    t.norms = pass(squares, [&](const std::vector<std::vector<double>>& d, std::size_t i) {
+      for (std::size_t m = 0; m < k; ++m) squares[m].add(d[m][i] * d[m][i]);
+    });
+    for (double& norm : t.norms) norm = std::sqrt(norm);
+    std::vector<ExactSum> means(k + 1);  // u_m . m for each model, then |m|^2
+    const std::vector<double> totals = pass(means, [&](const std::vector<std::vector<double>>& d, std::size_t i) {
+      const double mean = mean_at(t, d, i);
+      for (std::size_t m = 0; m < k; ++m) means[m].add(d[m][i] / (t.norms[m] + job.eps) * mean);
+      means[k].add(mean * mean);
+    });
+    t.mean_norm = std::sqrt(totals[k]);
+    if (t.mean_norm < job.eps) {
+      t.linear = k == 2;
+      if (k != 2 && refused.empty())
+        refused = "multislerp: the weighted mean of the unit deltas of " + chunked.layout()[id].name +
+                  " is zero (antipodal models with balancing weights); choose other weights";
+      continue;
+    }
+    for (std::size_t m = 0; m < k; ++m) t.dots.push_back(totals[m] / t.mean_norm);
+    std::vector<ExactSum> tangent(1);
+    t.tangent_norm = std::sqrt(pass(tangent, [&](const std::vector<std::vector<double>>& d, std::size_t i) {
+                                 const double g = tangent_at(t, d, i, mean_at(t, d, i) / t.mean_norm);
+                                 tangent[0].add(g * g);
+                               })[0]) + job.eps;
+  }
+  ranks.agree([&] {
+    if (!refused.empty()) throw InputError(refused);
+  });
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
+    std::vector<V> base;
+    const auto d = load_deltas(chunk, base);
+    std::vector<double> result(static_cast<std::size_t>(chunk.count));
+    if (k == 1) {  // the one model as it is, base or not
+      const auto values = load<V>(*in.models[0], chunked.layout()[chunk.tensor].name, chunk.begin, chunk.count, allow);
+      return std::vector<double>(values.begin(), values.end());
+    }
+    const Tensor& t = tensors.at(chunk.tensor);
+    double scale = 0.0;
+    for (std::size_t m = 0; m < k; ++m) scale += t.norms[m] * w[m];
+    for (std::size_t i = 0; i < result.size(); ++i) {
+      if (t.linear) {
+        result[i] = d[0][i] * w[0] + d[1][i] * w[1];
+      } else {
+        const double unit_mean = mean_at(t, d, i) / t.mean_norm;
+        const double g = tangent_at(t, d, i, unit_mean);
+        result[i] = (unit_mean * std::cos(t.tangent_norm) + g * (std::sin(t.tangent_norm) / t.tangent_norm)) * scale;
+      }
+      if (with_base) result[i] += base[i];
+    }
+    return result;
+  });
+}
+
+}  // namespace
+
+long long merge_whole_tensors(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked,
+                              const Metadata& metadata, bool f64) {
+  using C = ModelMergeTraits::Combination;
+  long long elements = 0;
+  switch (model_merge_traits(job.method).combination) {
+    case C::kSpherical:
+      if (f64) merge_spherical<double>(job, ranks, in, chunked, metadata, elements);
+      else merge_spherical<float>(job, ranks, in, chunked, metadata, elements);
+      break;
+    case C::kNearswap:
+      if (f64) merge_nearswap<double>(job, in, chunked, metadata, elements);
+      else merge_nearswap<float>(job, in, chunked, metadata, elements);
+      break;
+    case C::kModelStock:
+      if (f64) merge_model_stock<double>(job, ranks, in, chunked, metadata, elements);
+      else merge_model_stock<float>(job, ranks, in, chunked, metadata, elements);
+      break;
+    case C::kMultislerp:
+      if (f64) merge_multislerp<double>(job, ranks, in, chunked, metadata, elements);
+      else merge_multislerp<float>(job, ranks, in, chunked, metadata, elements);
+      break;
+    case C::kDeltas: GRADFIX_CHECK(false, "a sum of deltas is not a whole-tensor merge");
+  }
+  return elements;
+}
+
+}  // namespace file_jobs
+}  // namespace gradfix
