@@ -98,7 +98,9 @@ class MergeConfigReader {
   // Only the sums of deltas (linear, task arithmetic, TIES, DARE, Breadcrumbs) take weights,
   // densities, normalize, lambda and rescale.
   bool sums_deltas() const { return traits().combination == ModelMergeTraits::Combination::kDeltas; }
-  bool weightless() const { return is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap) || is(ModelMergeMethod::kModelStock); }
+  bool weightless() const {
+    return is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap) || is(ModelMergeMethod::kModelStock) || is(ModelMergeMethod::kSce);
+  }
   bool breadcrumbs() const { return traits().sparsification == ModelMergeTraits::Sparsification::kOutliers; }
   bool sparsifies() const { return traits().sparsification != ModelMergeTraits::Sparsification::kNone; }
 
@@ -130,7 +132,7 @@ class MergeConfigReader {
     if (!parameters.is_object()) throw InputError(where + " must be a mapping");
     refuse_unknown(parameters,
                    {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "gamma", "t", "nuslerp_flatten", "nuslerp_row_wise",
-                    "filter_wise", "normalize_weights", "eps"},
+                    "filter_wise", "normalize_weights", "eps", "select_topk"},
                    where);
     auto only_for = [&](const char* key, bool applies, const char* methods) {
       if (parameters.contains(key) && !applies) throw InputError(where + "." + key + " is a parameter of " + methods + ", not of " + method_);
@@ -138,6 +140,8 @@ class MergeConfigReader {
     only_for("t", is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap), "slerp and nearswap");
     only_for("filter_wise", is(ModelMergeMethod::kModelStock), "model_stock");
     for (const char* key : {"normalize_weights", "eps"}) only_for(key, is(ModelMergeMethod::kMultislerp), "multislerp");
+    only_for("select_topk", is(ModelMergeMethod::kSce), "sce");
+    if (parameters.contains("select_topk")) job_.select_topk = number(parameters["select_topk"], where + ".select_topk");
     if (parameters.contains("normalize_weights")) job_.normalize = boolean(parameters["normalize_weights"], where + ".normalize_weights");
     if (parameters.contains("eps")) job_.eps = number(parameters["eps"], where + ".eps");
     if (parameters.contains("filter_wise") && boolean(parameters["filter_wise"], where + ".filter_wise"))
@@ -145,8 +149,9 @@ class MergeConfigReader {
                        "vector, mergekit's default (filter_wise: false)");
     only_for("gamma", breadcrumbs(), "breadcrumbs and breadcrumbs_ties");
     for (const char* key : {"nuslerp_flatten", "nuslerp_row_wise"}) only_for(key, is(ModelMergeMethod::kNuslerp), "nuslerp");
-    for (const char* key : {"normalize", "lambda", "rescale", "int8_mask", "density"})
+    for (const char* key : {"normalize", "lambda", "rescale", "density"})
       only_for(key, sums_deltas(), "linear, task_arithmetic, ties, dare_*, breadcrumbs*");
+    only_for("int8_mask", sums_deltas() || is(ModelMergeMethod::kSce), "linear, task_arithmetic, ties, dare_*, breadcrumbs*, sce");
     if (parameters.contains("weight") && weightless())
       throw InputError(where + ".weight: " + method_ + " takes no weights");
     if (parameters.contains("t")) job_.t = number(parameters["t"], where + ".t");
@@ -196,8 +201,9 @@ class MergeConfigReader {
     if (weightless()) {
       if (parameters.contains("weight"))
         throw InputError(where + ".parameters.weight: " + method_ + " takes no weights" +
-                         (is(ModelMergeMethod::kModelStock) ? std::string(" (the deltas' angle sets the interpolation)")
-                                                            : std::string("; t is in the top-level parameters")));
+                         (is(ModelMergeMethod::kModelStock)   ? std::string(" (the deltas' angle sets the interpolation)")
+                          : is(ModelMergeMethod::kSce)        ? std::string(" (each delta's mean square sets its weight)")
+                                                              : std::string("; t is in the top-level parameters")));
       parameters["weight"] = 1.0;
     }
     if (!parameters.contains("weight"))

@@ -25,7 +25,8 @@ const std::vector<ModelMergeTraits>& model_merge_methods() {
       {M::kNuslerp,          "nuslerp",          S::kNone,       false,    C::kSpherical, false,    false},
       {M::kNearswap,         "nearswap",         S::kNone,       false,    C::kNearswap,  false,    false},
       {M::kModelStock,       "model_stock",      S::kNone,       false,    C::kModelStock, false,   false},
-      {M::kMultislerp,       "multislerp",       S::kNone,       false,    C::kMultislerp, true,    false}};
+      {M::kMultislerp,       "multislerp",       S::kNone,       false,    C::kMultislerp, true,    false},
+      {M::kSce,              "sce",              S::kNone,       false,    C::kSce,       false,    false}};
   return kMethods;
 }
 
@@ -87,6 +88,8 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
       throw InputError("nearswap: t must be a finite number >= 0, got " + format_number(job.t));
     if (job.method == ModelMergeMethod::kMultislerp && !(std::isfinite(job.eps) && job.eps >= 0.0))
       throw InputError("multislerp: eps must be a finite number >= 0, got " + format_number(job.eps));
+    if (job.method == ModelMergeMethod::kSce && !(job.select_topk >= 0.0 && job.select_topk <= 1.0))
+      throw InputError("sce: select_topk must be in [0, 1], got " + format_number(job.select_topk));
     if (job.method == ModelMergeMethod::kModelStock && n < 2)
       throw InputError("model_stock needs at least two models besides the base (their deltas' angle sets the interpolation); got " +
                        std::to_string(n));
@@ -141,6 +144,7 @@ Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& 
   if (sparsification == S::kOutliers) options["gammas"] = job.gammas;
   if (job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNearswap) options["t"] = job.t;
   if (job.method == ModelMergeMethod::kMultislerp) options["eps"] = job.eps;
+  if (job.method == ModelMergeMethod::kSce) options["select_topk"] = job.select_topk;
   if (job.order != MergeOrder::kNone) {
     options["order"] = merge_order_name(job.order);
     options["signs"] = input_names(job.signs);

@@ -1,5 +1,6 @@
 // gradfix merge --config, the methods that take each tensor as one vector: slerp and nuslerp
-// (rotations), nearswap (entry by entry), model_stock and multislerp (by the deltas' angles). A
+// (rotations), nearswap (entry by entry), model_stock and multislerp (by the deltas' angles), sce
+// (by the deltas' variance and mean squares). A
 // tensor's sums are exact and completed over the ranks when it is split, so the results do not
 // depend on the number of ranks.
 #include <cmath>
@@ -325,6 +326,112 @@ void merge_multislerp(const ModelMergeJob& job, const Ranks& ranks, const ModelM
   });
 }
 
+// SCE in double from the compute type V's deltas tau_m = M_m - base, per tensor: with select_topk
+// below 1, only the entries of the largest variance across the models (population variance) are
+// kept, int(select_topk x the non-zero variances) of them, exactly (ties in index order); each
+// delta's weight is its mean square over the tensor, divided by their sum (1 / k each where the
+// sum is below 1e-6); per entry the sign of the deltas' sum is elected (+ at 0), and the result is
+// base + sum_m w_m tau_m [sign agrees] / max(sum_m w_m [sign agrees], 1e-6).
+template <typename V>
+void merge_sce(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
+               long long& elements) {
+  const bool allow = job.output.allow_nonfinite;
+  const std::size_t k = in.models.size();
+  auto load_deltas = [&](const Piece& chunk, std::vector<V>& base) {
+    const std::string& name = chunked.layout()[chunk.tensor].name;
+    base = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+    std::vector<std::vector<V>> deltas;
+    for (const auto& reader : in.models) {
+      deltas.push_back(load<V>(*reader, name, chunk.begin, chunk.count, allow));
+      for (std::size_t i = 0; i < base.size(); ++i) deltas.back()[i] -= base[i];
+    }
+    return deltas;
+  };
+  // The variance across the models of each entry of a chunk, in V as mergekit's float32 result.
+  auto variances = [&](const Piece& chunk) {
+    std::vector<V> base;
+    const auto d = load_deltas(chunk, base);
+    std::vector<V> out(base.size());
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      double mean = 0.0, square = 0.0;
+      for (std::size_t m = 0; m < k; ++m) mean += d[m][i];
+      mean /= static_cast<double>(k);
+      for (std::size_t m = 0; m < k; ++m) square += (d[m][i] - mean) * (d[m][i] - mean);
+      out[i] = static_cast<V>(square / static_cast<double>(k));
+    }
+    return out;
+  };
+  struct Tensor {
+    Trim selection;  // keeps the selected entries' variances
+    bool none = false;
+    std::vector<double> weights;
+  };
+  std::map<std::size_t, Tensor> tensors;
+  // The deltas of a chunk with the unselected entries zeroed.
+  auto selected_deltas = [&](const Tensor& t, const Piece& chunk, std::vector<V>& base) {
+    auto d = load_deltas(chunk, base);
+    if (t.none) {
+      for (auto& delta : d) std::fill(delta.begin(), delta.end(), V(0));
+    } else if (!t.selection.keep_all) {
+      auto kept = variances(chunk);
+      t.selection.apply(chunk, kept);
+      for (std::size_t i = 0; i < kept.size(); ++i)
+        if (kept[i] == V(0))
+          for (auto& delta : d) delta[i] = V(0);
+    }
+    return d;
+  };
+  for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
+    const std::size_t id = entry.first;
+    const long long numel = chunked.layout()[id].numel();
+    const bool split = chunked.plan().is_split(id);
+    Tensor& t = tensors[id];
+    if (job.select_topk <= 0.0) t.none = true;
+    if (job.select_topk > 0.0 && job.select_topk < 1.0) {
+      ExactSum nonzero;
+      for (const Piece& chunk : entry.second)
+        for (const V variance : variances(chunk)) nonzero.add(variance != V(0) ? 1.0 : 0.0);
+      // mergekit: int(count_nonzero(var) * select_topk), the product in float32.
+      const auto keep = static_cast<long long>(static_cast<float>(tensor_total(ranks, chunked, id, nonzero)) * static_cast<float>(job.select_topk));
+      t.none = keep == 0;
+      if (!t.none) t.selection = exact_trim(ranks, keep, numel, split, entry.second, variances);
+    }
+    std::vector<ExactSum> squares(k);
+    std::vector<V> base;
+    for (const Piece& chunk : entry.second) {
+      const auto d = selected_deltas(t, chunk, base);
+      for (std::size_t m = 0; m < k; ++m)
+        for (const V value : d[m]) squares[m].add(static_cast<double>(value) * value);
+    }
+    double sum = 0.0;
+    for (std::size_t m = 0; m < k; ++m) {
+      t.weights.push_back(tensor_total(ranks, chunked, id, squares[m]) / static_cast<double>(numel));
+      sum += t.weights.back();
+    }
+    for (double& weight : t.weights) weight = std::fabs(sum) < 1e-6 ? 1.0 / static_cast<double>(k) : weight / sum;
+  }
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
+    const Tensor& t = tensors.at(chunk.tensor);
+    std::vector<V> base;
+    const auto d = selected_deltas(t, chunk, base);
+    std::vector<double> result(base.size());
+    for (std::size_t i = 0; i < result.size(); ++i) {
+      double total = 0.0;
+      for (std::size_t m = 0; m < k; ++m) total += d[m][i];
+      const double elected = total >= 0.0 ? 1.0 : -1.0;
+      double merged = 0.0, divisor = 0.0;
+      for (std::size_t m = 0; m < k; ++m) {
+        const double value = d[m][i], sign = value > 0.0 ? 1.0 : (value < 0.0 ? -1.0 : 0.0);
+        if (sign != elected) continue;
+        merged += value * t.weights[m];
+        divisor += t.weights[m];
+      }
+      result[i] = base[i] + merged / std::max(divisor, 1e-6);
+    }
+    return result;
+  });
+}
+
 }  // namespace
 
 long long merge_whole_tensors(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked,
@@ -347,6 +454,10 @@ long long merge_whole_tensors(const ModelMergeJob& job, const Ranks& ranks, cons
     case C::kMultislerp:
       if (f64) merge_multislerp<double>(job, ranks, in, chunked, metadata, elements);
       else merge_multislerp<float>(job, ranks, in, chunked, metadata, elements);
+      break;
+    case C::kSce:
+      if (f64) merge_sce<double>(job, ranks, in, chunked, metadata, elements);
+      else merge_sce<float>(job, ranks, in, chunked, metadata, elements);
       break;
     case C::kDeltas: GRADFIX_CHECK(false, "a sum of deltas is not a whole-tensor merge");
   }

@@ -90,11 +90,15 @@ struct MergeJob {
 //   multislerp       barycentric interpolation on the sphere: each tensor's deltas (or the
 //                    models, without a base) as unit vectors, their weighted mean, the tangent
 //                    vectors there averaged and mapped back, scaled by the weighted mean norm
+//   sce              SCE: per tensor, the deltas' entries of the largest variance across the
+//                    models kept (select_topk of the non-zero ones), each delta weighted by its
+//                    mean square over the tensor (normalised), a sign elected from the sum, and
+//                    the agreeing weighted deltas averaged onto the base
 //   model_stock      Model Stock: per tensor, the mean cosine c between the deltas of k >= 2
 //                    models, t = k c / (1 + (k - 1) c) (0 where the denominator is within 1e-6
 //                    of 0), and t * (the models' mean) + (1 - t) * base
 enum class ModelMergeMethod {
-  kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock, kMultislerp
+  kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock, kMultislerp, kSce
 };
 
 struct ModelMergeJob {
@@ -110,6 +114,7 @@ struct ModelMergeJob {
   std::uint64_t seed = 0;           // DARE's draws
   double t = 0.5;                   // slerp: 0 is the base, 1 the other model; nearswap's threshold
   double eps = 1e-8;                // multislerp: added to norms
+  double select_topk = 1.0;         // sce: the fraction of high-variance entries kept
   // gradfix's addition: gradient-sign masks with each model's statistics (on the base), before
   // the merge (each delta with its own) or after it (the merged delta with sum_i sign(s_i)).
   MergeOrder order = MergeOrder::kNone;
@@ -194,7 +199,7 @@ struct ModelMergeTraits {
   // How the models combine: sums of (sparsified, weighted) deltas from the base; a rotation of
   // whole tensors (slerp, nuslerp); Model Stock's interpolation by the deltas' cosines; NearSwap's
   // interpolation entry by entry. Only the sums of deltas take weights, densities and masks.
-  enum class Combination { kDeltas, kSpherical, kModelStock, kNearswap, kMultislerp };
+  enum class Combination { kDeltas, kSpherical, kModelStock, kNearswap, kMultislerp, kSce };
   bool consensus;          // TIES's sign election
   Combination combination;
   bool default_normalize;  // mergekit's defaults of `normalize` and `rescale`
