@@ -99,7 +99,8 @@ class MergeConfigReader {
   // densities, normalize, lambda and rescale.
   bool sums_deltas() const { return traits().combination == ModelMergeTraits::Combination::kDeltas; }
   bool weightless() const {
-    return is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap) || is(ModelMergeMethod::kModelStock) || is(ModelMergeMethod::kSce);
+    return is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap) || is(ModelMergeMethod::kModelStock) || is(ModelMergeMethod::kSce) ||
+           is(ModelMergeMethod::kKarcher);
   }
   bool breadcrumbs() const { return traits().sparsification == ModelMergeTraits::Sparsification::kOutliers; }
   bool sparsifies() const { return traits().sparsification != ModelMergeTraits::Sparsification::kNone; }
@@ -132,7 +133,7 @@ class MergeConfigReader {
     if (!parameters.is_object()) throw InputError(where + " must be a mapping");
     refuse_unknown(parameters,
                    {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "gamma", "t", "nuslerp_flatten", "nuslerp_row_wise",
-                    "filter_wise", "normalize_weights", "eps", "select_topk"},
+                    "filter_wise", "normalize_weights", "eps", "select_topk", "max_iter", "tol"},
                    where);
     auto only_for = [&](const char* key, bool applies, const char* methods) {
       if (parameters.contains(key) && !applies) throw InputError(where + "." + key + " is a parameter of " + methods + ", not of " + method_);
@@ -141,6 +142,14 @@ class MergeConfigReader {
     only_for("filter_wise", is(ModelMergeMethod::kModelStock), "model_stock");
     for (const char* key : {"normalize_weights", "eps"}) only_for(key, is(ModelMergeMethod::kMultislerp), "multislerp");
     only_for("select_topk", is(ModelMergeMethod::kSce), "sce");
+    for (const char* key : {"max_iter", "tol"}) only_for(key, is(ModelMergeMethod::kKarcher), "karcher");
+    if (parameters.contains("tol")) job_.tol = number(parameters["tol"], where + ".tol");
+    if (parameters.contains("max_iter")) {
+      const double iterations = number(parameters["max_iter"], where + ".max_iter");
+      if (iterations != std::floor(iterations) || iterations < 0 || iterations > 1e6)
+        throw InputError(where + ".max_iter is " + parameters["max_iter"].dump() + ", not a whole number from 0 to 1000000");
+      job_.max_iter = static_cast<int>(iterations);
+    }
     if (parameters.contains("select_topk")) job_.select_topk = number(parameters["select_topk"], where + ".select_topk");
     if (parameters.contains("normalize_weights")) job_.normalize = boolean(parameters["normalize_weights"], where + ".normalize_weights");
     if (parameters.contains("eps")) job_.eps = number(parameters["eps"], where + ".eps");
@@ -203,6 +212,7 @@ class MergeConfigReader {
         throw InputError(where + ".parameters.weight: " + method_ + " takes no weights" +
                          (is(ModelMergeMethod::kModelStock)   ? std::string(" (the deltas' angle sets the interpolation)")
                           : is(ModelMergeMethod::kSce)        ? std::string(" (each delta's mean square sets its weight)")
+                          : is(ModelMergeMethod::kKarcher)    ? std::string(" (the models weigh 1 / k each)")
                                                               : std::string("; t is in the top-level parameters")));
       parameters["weight"] = 1.0;
     }

@@ -26,7 +26,8 @@ const std::vector<ModelMergeTraits>& model_merge_methods() {
       {M::kNearswap,         "nearswap",         S::kNone,       false,    C::kNearswap,  false,    false},
       {M::kModelStock,       "model_stock",      S::kNone,       false,    C::kModelStock, false,   false},
       {M::kMultislerp,       "multislerp",       S::kNone,       false,    C::kMultislerp, true,    false},
-      {M::kSce,              "sce",              S::kNone,       false,    C::kSce,       false,    false}};
+      {M::kSce,              "sce",              S::kNone,       false,    C::kSce,       false,    false},
+      {M::kKarcher,          "karcher",          S::kNone,       false,    C::kKarcher,   false,    false}};
   return kMethods;
 }
 
@@ -75,7 +76,8 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
       throw InputError("breadcrumbs needs one gamma per model");
     for (double gamma : job.gammas)
       if (!(gamma >= 0.0 && gamma <= 1.0)) throw InputError("gamma must be in [0, 1], got " + format_number(gamma));
-    if (!linear && job.method != ModelMergeMethod::kNuslerp && job.method != ModelMergeMethod::kMultislerp && job.base.empty())
+    if (!linear && job.method != ModelMergeMethod::kNuslerp && job.method != ModelMergeMethod::kMultislerp &&
+        job.method != ModelMergeMethod::kKarcher && job.base.empty())
       throw InputError(std::string(model_merge_method_name(job.method)) + " needs a base_model");
     if (job.method == ModelMergeMethod::kSlerp && n != 1)
       throw InputError("slerp interpolates between the base and one other model; got " + std::to_string(n) + " besides the base");
@@ -90,6 +92,9 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
       throw InputError("multislerp: eps must be a finite number >= 0, got " + format_number(job.eps));
     if (job.method == ModelMergeMethod::kSce && !(job.select_topk >= 0.0 && job.select_topk <= 1.0))
       throw InputError("sce: select_topk must be in [0, 1], got " + format_number(job.select_topk));
+    if (job.method == ModelMergeMethod::kKarcher && (job.max_iter < 0 || !(std::isfinite(job.tol) && job.tol >= 0.0)))
+      throw InputError("karcher: max_iter must be >= 0 and tol a finite number >= 0, got " + std::to_string(job.max_iter) + " and " +
+                       format_number(job.tol));
     if (job.method == ModelMergeMethod::kModelStock && n < 2)
       throw InputError("model_stock needs at least two models besides the base (their deltas' angle sets the interpolation); got " +
                        std::to_string(n));
@@ -145,6 +150,10 @@ Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& 
   if (job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNearswap) options["t"] = job.t;
   if (job.method == ModelMergeMethod::kMultislerp) options["eps"] = job.eps;
   if (job.method == ModelMergeMethod::kSce) options["select_topk"] = job.select_topk;
+  if (job.method == ModelMergeMethod::kKarcher) {
+    options["max_iter"] = job.max_iter;
+    options["tol"] = job.tol;
+  }
   if (job.order != MergeOrder::kNone) {
     options["order"] = merge_order_name(job.order);
     options["signs"] = input_names(job.signs);

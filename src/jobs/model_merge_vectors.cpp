@@ -1,8 +1,9 @@
 // gradfix merge --config, the methods that take each tensor as one vector: slerp and nuslerp
 // (rotations), nearswap (entry by entry), model_stock and multislerp (by the deltas' angles), sce
-// (by the deltas' variance and mean squares). A
+// (by the deltas' variance and mean squares), karcher (the Riemannian mean of directions). A
 // tensor's sums are exact and completed over the ranks when it is split, so the results do not
 // depend on the number of ranks.
+#include <algorithm>
 #include <cmath>
 #include <functional>
 
@@ -432,6 +433,124 @@ void merge_sce(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInp
   });
 }
 
+// The Karcher mean's direction as coefficients over the models' unit vectors, from their Gram
+// matrix G (u_a . u_b): mergekit iterates on whole tensors, but every iterate is a combination
+// sum_m c_m u_m of the units, so dots and norms follow from G. `alphas` are the normalised
+// weights of the models whose norm exceeds tol (`valid`); the result's coefficients are over all.
+std::vector<double> karcher_coefficients(const std::vector<std::vector<double>>& gram, const std::vector<bool>& valid,
+                                         const std::vector<double>& alphas, int max_iter, double tol) {
+  const std::size_t k = gram.size();
+  auto apply = [&](const std::vector<double>& c) {  // G c
+    std::vector<double> out(k, 0.0);
+    for (std::size_t a = 0; a < k; ++a)
+      for (std::size_t b = 0; b < k; ++b) out[a] += gram[a][b] * c[b];
+    return out;
+  };
+  auto norm = [&](const std::vector<double>& c) {
+    const auto g = apply(c);
+    double square = 0.0;
+    for (std::size_t a = 0; a < k; ++a) square += c[a] * g[a];
+    return std::sqrt(std::max(0.0, square));
+  };
+  std::vector<double> mean(alphas);
+  const double mean_norm = norm(mean);
+  if (mean_norm < tol) {  // the first valid unit
+    std::fill(mean.begin(), mean.end(), 0.0);
+    mean[static_cast<std::size_t>(std::find(valid.begin(), valid.end(), true) - valid.begin())] = 1.0;
+  } else {
+    for (double& c : mean) c /= mean_norm;
+  }
+  for (int iteration = 0; iteration < max_iter; ++iteration) {
+    const auto dots = apply(mean);
+    std::vector<double> tangent(k, 0.0);
+    for (std::size_t m = 0; m < k; ++m) {
+      if (!valid[m]) continue;
+      const double dot = std::min(1.0, std::max(-1.0, dots[m])), theta = std::acos(dot);
+      if (theta < tol) continue;
+      const double step = alphas[m] * theta / std::sin(theta);
+      tangent[m] += step;
+      for (std::size_t a = 0; a < k; ++a) tangent[a] -= step * dot * mean[a];
+    }
+    const double tangent_norm = norm(tangent);
+    if (tangent_norm < tol) break;
+    for (std::size_t a = 0; a < k; ++a) mean[a] = std::cos(tangent_norm) * mean[a] + std::sin(tangent_norm) * tangent[a] / tangent_norm;
+    const double unit_norm = norm(mean);
+    if (unit_norm > tol)
+      for (double& c : mean) c /= unit_norm;
+  }
+  return mean;
+}
+
+// The Karcher mean of the models' tensors (a base_model joins them first, as in mergekit), each
+// tensor as one vector, weights 1 / k: with n_m the norms and u_m = t_m / n_m (0 where n_m is
+// 0), the direction by karcher_coefficients, scaled by sum_m n_m / k. All tensors' norms at or
+// below tol: zeros. One pass of exact sums per tensor (the Gram matrix), so the result does not
+// depend on P. One model is returned as it is.
+template <typename V>
+void merge_karcher(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
+                   long long& elements) {
+  const bool allow = job.output.allow_nonfinite;
+  std::vector<const TensorReader*> readers;  // mergekit takes a base_model as one more model, first
+  if (!job.base.empty()) readers.push_back(in.base.get());
+  for (const auto& reader : in.models) readers.push_back(reader.get());
+  const std::size_t k = readers.size();
+  auto load_models = [&](const Piece& chunk) {
+    std::vector<std::vector<V>> values;
+    for (const auto* reader : readers) values.push_back(load<V>(*reader, chunked.layout()[chunk.tensor].name, chunk.begin, chunk.count, allow));
+    return values;
+  };
+  struct Tensor {
+    std::vector<double> norms, coefficients;  // coefficients of the units, scale included
+  };
+  std::map<std::size_t, Tensor> tensors;
+  for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
+    if (k == 1) break;
+    const std::size_t id = entry.first;
+    std::vector<std::vector<ExactSum>> sums(k, std::vector<ExactSum>(k));
+    for (const Piece& chunk : entry.second) {
+      const auto t = load_models(chunk);
+      for (std::size_t i = 0; i < t[0].size(); ++i)
+        for (std::size_t a = 0; a < k; ++a)
+          for (std::size_t b = a; b < k; ++b) sums[a][b].add(static_cast<double>(t[a][i]) * t[b][i]);
+    }
+    std::vector<std::vector<double>> gram(k, std::vector<double>(k, 0.0));
+    for (std::size_t a = 0; a < k; ++a)
+      for (std::size_t b = a; b < k; ++b) gram[a][b] = gram[b][a] = tensor_total(ranks, chunked, id, sums[a][b]);
+    Tensor& t = tensors[id];
+    std::vector<bool> valid(k);
+    double valid_sum = 0.0, scale = 0.0;
+    for (std::size_t m = 0; m < k; ++m) {
+      t.norms.push_back(std::sqrt(gram[m][m]));
+      valid[m] = t.norms[m] > job.tol;
+      valid_sum += valid[m] ? 1.0 / static_cast<double>(k) : 0.0;
+      scale += t.norms[m] / static_cast<double>(k);
+    }
+    if (valid_sum == 0.0) {
+      t.coefficients.assign(k, 0.0);
+      continue;
+    }
+    for (std::size_t a = 0; a < k; ++a)  // the units' Gram matrix
+      for (std::size_t b = 0; b < k; ++b)
+        gram[a][b] = t.norms[a] > 0.0 && t.norms[b] > 0.0 ? gram[a][b] / (t.norms[a] * t.norms[b]) : 0.0;
+    std::vector<double> alphas(k, 0.0);
+    for (std::size_t m = 0; m < k; ++m) alphas[m] = valid[m] ? 1.0 / static_cast<double>(k) / valid_sum : 0.0;
+    t.coefficients = karcher_coefficients(gram, valid, alphas, job.max_iter, job.tol);
+    for (double& c : t.coefficients) c *= scale;
+  }
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
+    const auto values = load_models(chunk);
+    if (k == 1) return std::vector<double>(values[0].begin(), values[0].end());
+    const Tensor& t = tensors.at(chunk.tensor);
+    std::vector<double> result(values[0].size(), 0.0);
+    for (std::size_t m = 0; m < k; ++m) {
+      if (t.coefficients[m] == 0.0) continue;
+      const double factor = t.coefficients[m] / t.norms[m];
+      for (std::size_t i = 0; i < result.size(); ++i) result[i] += factor * values[m][i];
+    }
+    return result;
+  });
+}
+
 }  // namespace
 
 long long merge_whole_tensors(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked,
@@ -458,6 +577,10 @@ long long merge_whole_tensors(const ModelMergeJob& job, const Ranks& ranks, cons
     case C::kSce:
       if (f64) merge_sce<double>(job, ranks, in, chunked, metadata, elements);
       else merge_sce<float>(job, ranks, in, chunked, metadata, elements);
+      break;
+    case C::kKarcher:
+      if (f64) merge_karcher<double>(job, ranks, in, chunked, metadata, elements);
+      else merge_karcher<float>(job, ranks, in, chunked, metadata, elements);
       break;
     case C::kDeltas: GRADFIX_CHECK(false, "a sum of deltas is not a whole-tensor merge");
   }

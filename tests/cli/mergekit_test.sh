@@ -22,7 +22,7 @@ expect_output=$work/out.txt  # not in the source tree
 cd "$fixtures"  # the configurations name the models relative to their directory, as mergekit runs them
 
 for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults breadcrumbs breadcrumbs_ties slerp nuslerp nuslerp_nobase \
-  nearswap model_stock multislerp multislerp_nobase sce sce_all; do
+  nearswap model_stock multislerp multislerp_nobase sce sce_all karcher karcher_base; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names
@@ -113,6 +113,7 @@ bad multislerp_eps "a negative multislerp eps" "multislerp: eps must be a finite
 bad ties_normalize_weights "normalize_weights in a ties merge" "parameters.normalize_weights is a parameter of multislerp, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {normalize_weights: true}'
 bad sce_topk "an sce select_topk above 1" "sce: select_topk must be in .0, 1., got 1.5" $'merge_method: sce\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {select_topk: 1.5}'
 bad sce_weight "a weight in sce" "parameters.weight: sce takes no weights .each delta's mean square sets its weight." $'merge_method: sce\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 2}\n  - model: ft1'
+bad karcher_iterations "a fractional karcher max_iter" "parameters.max_iter is 2.5, not a whole number" $'merge_method: karcher\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {max_iter: 2.5}'
 bad ties_t "a parameter of another method" "parameters.t is a parameter of slerp and nearswap, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {t: 0.5}'
 bad ties_gamma "gamma in a ties merge" "parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, gamma: 0.1}'
 bad nuslerp_lambda "lambda in a nuslerp" "parameters.lambda is a parameter of linear, task_arithmetic, ties, dare_., breadcrumbs., not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {lambda: 2}'

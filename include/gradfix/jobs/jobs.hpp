@@ -94,11 +94,14 @@ struct MergeJob {
 //                    models kept (select_topk of the non-zero ones), each delta weighted by its
 //                    mean square over the tensor (normalised), a sign elected from the sum, and
 //                    the agreeing weighted deltas averaged onto the base
+//   karcher          the Karcher (Riemannian) mean of the models' tensors (a base among them)
+//                    as directions on the sphere, iterated up to max_iter times, scaled by their
+//                    mean norm
 //   model_stock      Model Stock: per tensor, the mean cosine c between the deltas of k >= 2
 //                    models, t = k c / (1 + (k - 1) c) (0 where the denominator is within 1e-6
 //                    of 0), and t * (the models' mean) + (1 - t) * base
 enum class ModelMergeMethod {
-  kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock, kMultislerp, kSce
+  kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock, kMultislerp, kSce, kKarcher
 };
 
 struct ModelMergeJob {
@@ -115,6 +118,8 @@ struct ModelMergeJob {
   double t = 0.5;                   // slerp: 0 is the base, 1 the other model; nearswap's threshold
   double eps = 1e-8;                // multislerp: added to norms
   double select_topk = 1.0;         // sce: the fraction of high-variance entries kept
+  int max_iter = 10;                // karcher: iterations at most
+  double tol = 1e-5;                // karcher: norms and steps below it end or skip
   // gradfix's addition: gradient-sign masks with each model's statistics (on the base), before
   // the merge (each delta with its own) or after it (the merged delta with sum_i sign(s_i)).
   MergeOrder order = MergeOrder::kNone;
@@ -199,7 +204,7 @@ struct ModelMergeTraits {
   // How the models combine: sums of (sparsified, weighted) deltas from the base; a rotation of
   // whole tensors (slerp, nuslerp); Model Stock's interpolation by the deltas' cosines; NearSwap's
   // interpolation entry by entry. Only the sums of deltas take weights, densities and masks.
-  enum class Combination { kDeltas, kSpherical, kModelStock, kNearswap, kMultislerp, kSce };
+  enum class Combination { kDeltas, kSpherical, kModelStock, kNearswap, kMultislerp, kSce, kKarcher };
   bool consensus;          // TIES's sign election
   Combination combination;
   bool default_normalize;  // mergekit's defaults of `normalize` and `rescale`
