@@ -21,36 +21,8 @@ work=$(mktemp -d "${GRADFIX_BENCH_DIR:-/tmp}/gradfix-bench-decoder-XXXXXX")
 trap '[ -n "${GRADFIX_BENCH_KEEP:-}" ] || rm -rf "$work"' EXIT
 cd "$work"
 
-# The config, the tensor list for `gradfix generate`, and the token data.
-python3 - "$hidden" "$layers" "$intermediate" "$vocab" "$samples" "$tokens" <<'PY'
-import json, random, struct, sys
-hidden, layers, inter, vocab, samples, tokens = map(int, sys.argv[1:])
-heads, kv = 16, 4
-head_dim = hidden // heads
-config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
-          "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-          "num_key_value_heads": kv, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-          "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "float32"}
-shapes = ["model.embed_tokens.weight=%dx%d" % (vocab, hidden)]
-for i in range(layers):
-    p = "model.layers.%d." % i
-    shapes += [p + "input_layernorm.weight=%d" % hidden, p + "self_attn.q_proj.weight=%dx%d" % (heads * head_dim, hidden),
-               p + "self_attn.k_proj.weight=%dx%d" % (kv * head_dim, hidden), p + "self_attn.v_proj.weight=%dx%d" % (kv * head_dim, hidden),
-               p + "self_attn.o_proj.weight=%dx%d" % (hidden, heads * head_dim), p + "post_attention_layernorm.weight=%d" % hidden,
-               p + "mlp.gate_proj.weight=%dx%d" % (inter, hidden), p + "mlp.up_proj.weight=%dx%d" % (inter, hidden),
-               p + "mlp.down_proj.weight=%dx%d" % (hidden, inter)]
-shapes += ["model.norm.weight=%d" % hidden, "lm_head.weight=%dx%d" % (vocab, hidden)]
-json.dump(config, open("config.json", "w"), indent=2)
-open("shapes.txt", "w").write(",".join(shapes))
-rng = random.Random(1)
-ids = [rng.randrange(vocab) for _ in range(samples * tokens)]
-labels = [(-100 if t < 8 else ids[n * tokens + t]) for n in range(samples) for t in range(tokens)]
-header = {"input_ids": {"dtype": "I64", "shape": [samples, tokens], "data_offsets": [0, 8 * len(ids)]},
-          "labels": {"dtype": "I64", "shape": [samples, tokens], "data_offsets": [8 * len(ids), 16 * len(ids)]}}
-text = json.dumps(header).encode(); text += b" " * ((8 - len(text) % 8) % 8)
-open("tokens.safetensors", "wb").write(struct.pack("<Q", len(text)) + text + struct.pack("<%dq" % len(ids), *ids) +
-                                        struct.pack("<%dq" % len(labels), *labels))
-PY
+# The config, the tensor list for `gradfix generate`, and the token data (16 heads, 4 of keys and values).
+python3 "$root/tests/bench/vote_pass.py" write "$hidden" "$layers" "$intermediate" "$vocab" 16 4 "$samples" "$tokens"
 mpirun "${flags[@]}" -np 2 "$gradfix" generate --shapes "$(cat shapes.txt)" --noise 0.02 --seed 1 --max-shard-size 500MB --out model >/dev/null
 cp config.json model/
 bytes=$(du -cb model/*.safetensors | tail -1 | cut -f1)
