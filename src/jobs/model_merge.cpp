@@ -51,6 +51,10 @@ ChunksByTensor merged_tensors_here(const ChunkedJob& chunked, const std::set<std
   return tensors;
 }
 
+double tensor_total(const Ranks& ranks, const ChunkedJob& chunked, std::size_t tensor, ExactSum& sum) {
+  return chunked.plan().is_split(tensor) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value();
+}
+
 }  // namespace file_jobs
 
 namespace {
@@ -194,7 +198,6 @@ template <typename DeltaOf, typename Sparsify>
 std::map<std::size_t, std::vector<double>> l1_rescales(const ModelMergeJob& job, const Ranks& ranks, const ChunkedJob& chunked,
                                                        const ChunksByTensor& tensors, const DeltaOf& delta, const Sparsify& sparsify) {
   std::map<std::size_t, std::vector<double>> rescales;  // by tensor
-  const auto& plan = chunked.plan();
   for (const auto& entry : tensors) {
     // Plain names, not a structured binding: C++17 lambdas (clang) cannot capture those.
     const std::size_t t = entry.first;
@@ -209,8 +212,7 @@ std::map<std::size_t, std::vector<double>> l1_rescales(const ModelMergeJob& job,
           sparsify(m, chunk, values);
           for (const auto value : values) after.add(std::fabs(value));
         }
-        auto total = [&](ExactSum& sum) { return plan.is_split(t) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value(); };
-        const double b = total(before), a = total(after);
+        const double b = tensor_total(ranks, chunked, t, before), a = tensor_total(ranks, chunked, t, after);
         if (b >= 1e-7 && a >= 1e-7) factor = b / a;
       }
       rescales[t].push_back(factor);
@@ -308,15 +310,8 @@ class DeltaMerge {
                                     statistics = summed_signs(chunk);
                                   });
     long long elements = 0;
-    chunked_.write(job_.out, metadata, job_.output, [&](const Piece& chunk, const TensorInfo& out, TensorWriter& writer, NonFiniteResults& nonfinite) {
-      if (!in_.merged.count(out.name)) {
-        copy_chunk(*in_.base, out, chunk, writer, true, nonfinite);
-        return;
-      }
-      const std::vector<double> result = is(ModelMergeMethod::kLinear) ? linear_of(chunk) : merged_of(chunk);
-      store(writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
-      elements += chunk.count;
-    });
+    write_merged(job_, in_, chunked_, metadata, elements,
+                 [&](const Piece& chunk) { return is(ModelMergeMethod::kLinear) ? linear_of(chunk) : merged_of(chunk); });
     return elements;
   }
 

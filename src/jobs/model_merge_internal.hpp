@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "file_jobs.hpp"
+#include "gradfix/io/exact_sum.hpp"
 
 namespace gradfix::file_jobs {
 
@@ -25,6 +26,26 @@ struct ModelMergeInputs {
 // that every rank joins its reductions.
 using ChunksByTensor = std::map<std::size_t, std::vector<Piece>>;
 ChunksByTensor merged_tensors_here(const ChunkedJob& chunked, const std::set<std::string>& merged);
+
+// Writes every tensor: those not merged copied from the base, the merged ones chunk by chunk from
+// `merged(chunk)`, rounded once to the output type.
+template <typename Merged>
+void write_merged(const ModelMergeJob& job, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata, long long& elements,
+                  const Merged& merged) {
+  chunked.write(job.out, metadata, job.output, [&](const Piece& chunk, const TensorInfo& out, TensorWriter& writer, NonFiniteResults& nonfinite) {
+    if (!in.merged.count(out.name)) {
+      copy_chunk(*in.base, out, chunk, writer, true, nonfinite);
+      return;
+    }
+    const std::vector<double> result = merged(chunk);
+    store(writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
+    elements += chunk.count;
+  });
+}
+
+// A tensor's exact sum over this rank's chunks, completed over the ranks when the tensor is split
+// (collective then: every rank with a piece of it calls).
+double tensor_total(const Ranks& ranks, const ChunkedJob& chunked, std::size_t tensor, ExactSum& sum);
 
 // The methods whose combination is not a sum of deltas, in float64 when `f64` (an F64 input or
 // output) else float32: every tensor computed and written through `chunked`. Returns the number

@@ -14,27 +14,6 @@ namespace gradfix {
 namespace file_jobs {
 namespace {
 
-// Writes every tensor: those not merged copied from the base, the merged ones chunk by chunk from
-// `merged(chunk)`, rounded once to the output type.
-template <typename Merged>
-void write_merged(const ModelMergeJob& job, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata, long long& elements,
-                  const Merged& merged) {
-  chunked.write(job.out, metadata, job.output, [&](const Piece& chunk, const TensorInfo& out, TensorWriter& writer, NonFiniteResults& nonfinite) {
-    if (!in.merged.count(out.name)) {
-      copy_chunk(*in.base, out, chunk, writer, true, nonfinite);
-      return;
-    }
-    const std::vector<double> result = merged(chunk);
-    store(writer, out, chunk.begin, result.data(), chunk.count, nonfinite);
-    elements += chunk.count;
-  });
-}
-
-// A tensor's exact sum over its chunks, completed over the ranks when the tensor is split.
-double tensor_total(const Ranks& ranks, const ChunkedJob& chunked, std::size_t tensor, ExactSum& sum) {
-  return chunked.plan().is_split(tensor) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value();
-}
-
 // The coefficients (c0, c1) of a spherical interpolation of v0 and v1 by t, from their squared
 // norms and their dot product: mergekit's slerp (norms below `floor` count as 1, linear where
 // |cos| > 0.9995) or nuslerp (norms clamped to 1e-7 below, linear where 1 - cos^2 <= 1e-16).
@@ -303,13 +282,13 @@ void merge_multislerp(const ModelMergeJob& job, const Ranks& ranks, const ModelM
     if (!refused.empty()) throw InputError(refused);
   });
   write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
-    std::vector<V> base;
-    const auto d = load_deltas(chunk, base);
-    std::vector<double> result(static_cast<std::size_t>(chunk.count));
     if (k == 1) {  // the one model as it is, base or not
       const auto values = load<V>(*in.models[0], chunked.layout()[chunk.tensor].name, chunk.begin, chunk.count, allow);
       return std::vector<double>(values.begin(), values.end());
     }
+    std::vector<V> base;
+    const auto d = load_deltas(chunk, base);
+    std::vector<double> result(static_cast<std::size_t>(chunk.count));
     const Tensor& t = tensors.at(chunk.tensor);
     double scale = 0.0;
     for (std::size_t m = 0; m < k; ++m) scale += t.norms[m] * w[m];

@@ -127,19 +127,17 @@ class TensorBlockPool {
     return data;
   }
 
-  void give_back(void* data) {
+  // Keeps a block this pool gave out for reuse; returns false (and does nothing) for any other.
+  bool give_back(void* data) {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto found = sizes_.find(data);
+    if (found == sizes_.end()) return false;
     const std::size_t size = found->second;
     sizes_.erase(found);
     in_use_ -= size;
     kept_.push_back({data, size});
     kept_bytes_ += size;
-  }
-
-  bool owns(void* data) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return sizes_.count(data) != 0;
+    return true;
   }
 
   void release_kept() {
@@ -192,8 +190,7 @@ class ReusingCpuAllocator final : public c10::Allocator {
   }
   // A raw block is freed by its pointer alone: small ones came from alloc_cpu.
   static void free_raw(void* data) {
-    if (!block_pool().owns(data)) c10::free_cpu(data);
-    else give_back_block(data);
+    if (!block_pool().give_back(data)) c10::free_cpu(data);
   }
 };
 

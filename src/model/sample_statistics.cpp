@@ -67,9 +67,9 @@ torch::Tensor& Accumulators::of(const std::string& name, const std::vector<int64
   return found->second;
 }
 
-void Accumulators::add(const std::string& name, const std::vector<int64_t>& shape, torch::Tensor per_sample, int64_t begin) {
+void Accumulators::add(const std::string& name, const std::vector<int64_t>& shape, torch::Tensor per_sample) {
   torch::Tensor target = of(name, shape);
-  if (per_sample.dim() > 1 && per_sample.size(1) != target.size(0)) target = target.slice(0, begin, begin + per_sample.size(1));
+  if (per_sample.dim() > 1 && per_sample.size(1) != target.size(0)) target = target.slice(0, 0, per_sample.size(1));
   add_statistics(target, std::move(per_sample));
 }
 

@@ -44,9 +44,10 @@ class Accumulators {
 
   torch::Tensor& of(const std::string& name, const std::vector<int64_t>& shape);
   torch::Tensor zeros(const std::vector<int64_t>& shape) const { return torch::zeros(shape, torch::TensorOptions().dtype(type_).device(device_)); }
-  // Adds the per-sample gradients `per_sample` [n, ...] of rows [begin, begin + rows) (dim 0 of
-  // the parameter) to the statistics; consumed.
-  void add(const std::string& name, const std::vector<int64_t>& shape, torch::Tensor per_sample, int64_t begin = 0);
+  // Adds the per-sample gradients `per_sample` [n, rows, ...] to the statistics of the
+  // parameter's first `rows` rows (all of them but for a position embedding longer than the
+  // data's sequences); consumed.
+  void add(const std::string& name, const std::vector<int64_t>& shape, torch::Tensor per_sample);
   // Adds per-sample gradients of a few rows: `rows` [k] row indices, `values` [k, H] (one sample).
   void add_rows(const std::string& name, const std::vector<int64_t>& shape, const torch::Tensor& rows, torch::Tensor values);
   // Adds the per-sample products left[n] x right[n] ([n, rows, k] x [n, k, cols]) to `target`
