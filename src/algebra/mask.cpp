@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <stdexcept>
+#include <utility>
 
 #include "gradfix/io/error.hpp"
 #include "gradfix/io/splitmix.hpp"
@@ -36,6 +37,13 @@ bool is_soft(MaskMode mode) {
 }
 
 }  // namespace
+
+void MaskOptions::validate() const {
+  for (const auto& [value, option] : {std::pair<double, const char*>{beta, "--beta"}, {gamma, "--gamma"}, {c, "--soft-c"}})
+    if (!std::isfinite(value)) throw InputError(std::string(option) + " must be finite");
+  // soft3 divides by |g| + c: a c of zero or below divides by zero where |g| = c's negative.
+  if (!(c > 0.0)) throw InputError("--soft-c must be positive, got " + std::to_string(c));
+}
 
 MaskMode parse_mask_mode(const std::string& name) {
   for (const auto& entry : kModeNames)

@@ -215,7 +215,11 @@ void print_peak_memory(Communicator& host, std::ostream& out) {
 void print_overview(std::ostream& out) {
   out << "gradfix " << GRADFIX_VERSION_STRING << ": transport and merge task vectors with gradient-sign masks\n\n"
       << "usage: gradfix SUBCOMMAND [options]   (gradfix SUBCOMMAND --help for its options)\n\n";
+  const SubcommandSpec* previous = nullptr;
   for (const auto& subcommand : subcommands()) {
+    if (previous == nullptr || previous->section != subcommand.section)
+      out << (previous == nullptr ? "" : "\n") << section_title(subcommand.section) << ":\n";
+    previous = &subcommand;
     std::string name = subcommand.name;
     name.resize(12, ' ');
     out << "  " << name << subcommand.summary << "\n";

@@ -406,7 +406,15 @@ long long collect_sweep(const SweepPlan& plan, std::ostream& log) {
   return static_cast<long long>(missing.size());
 }
 
+void SweepJob::validate() const {
+  if (config.empty()) throw InputError("gradfix sweep: --config SWEEP.ini is required");
+  if (point < -1) throw InputError("--point must be 0 or more, got " + std::to_string(point));
+  if (static_cast<int>(list) + static_cast<int>(count) + static_cast<int>(collect) + static_cast<int>(point >= 0) > 1)
+    throw InputError("give one of --point, --list, --count and --collect");
+}
+
 void run_sweep(const SweepJob& job, std::ostream& log, const JobContext& context, const SubcommandRunner& run) {
+  job.validate();
   SweepPlan plan;
   context.agree([&] { plan = read_sweep_plan(job.config, job.overrides); });
   const long long total = static_cast<long long>(plan.points.size());

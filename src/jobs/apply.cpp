@@ -4,12 +4,19 @@
 namespace gradfix {
 using namespace file_jobs;
 
+void ApplyJob::validate() const {
+  require_given(base, "--base");
+  require_given(task_vector, "--task-vector");
+  require_given(out, "--out");
+  if (!std::isfinite(alpha)) throw InputError("--alpha must be finite, got " + format_number(alpha));
+}
+
 JobSummary run_apply(const ApplyJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
   Reader base, tau;
   std::vector<std::string> tau_names;
   ranks.agree([&] {
-    if (!std::isfinite(job.alpha)) throw InputError("--alpha must be finite, got " + format_number(job.alpha));
+    job.validate();
     base = open_reader(job.base);
     tau = open_reader(job.task_vector);
     // A task vector may cover part of a model (a vision tower, say): every tensor it has must be

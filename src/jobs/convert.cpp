@@ -4,11 +4,17 @@
 namespace gradfix {
 using namespace file_jobs;
 
+void ConvertJob::validate() const {
+  require_given(in, "the input (IN)");
+  require_given(out, "the output (OUT)");
+}
+
 JobSummary run_convert(const ConvertJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
   Reader in;
   std::vector<std::string> names;
   ranks.agree([&] {
+    job.validate();
     in = open_reader(job.in);
     const TensorSelector selector(job.output.include, job.output.exclude);
     names = selected_names(*in, selector);

@@ -44,12 +44,18 @@ std::vector<TensorInfo> mlp_layout(const std::string& dims, DType dtype) {
   return layout;
 }
 
+void GenerateJob::validate() const {
+  require_given(out, "--out");
+  if (!std::isfinite(noise) || !std::isfinite(like_scale)) throw InputError("--noise and --like-scale must be finite");
+  if (!layout.empty() && !like.empty()) throw InputError("gradfix generate: give exactly one of --mlp, --shapes and --like");
+}
+
 JobSummary run_generate(const GenerateJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
   Reader like;
   std::vector<TensorInfo> layout = job.layout;
   ranks.agree([&] {
-    if (!std::isfinite(job.noise) || !std::isfinite(job.like_scale)) throw InputError("--noise and --like-scale must be finite");
+    job.validate();
     if (!job.like.empty()) {
       like = open_reader(job.like);
       layout.clear();

@@ -5,12 +5,15 @@
 namespace gradfix {
 using namespace file_jobs;
 
+void InspectJob::validate() const { require_given(file, "the checkpoint (FILE)"); }
+
 void run_inspect(const InspectJob& job, std::ostream& out, const JobContext& context) {
   using Json = nlohmann::json;
   const Ranks ranks(context);
   Reader file, other;
   std::vector<std::string> names, common, only_first, only_second;
   ranks.agree([&] {
+    job.validate();
     file = open_reader(job.file);
     const TensorSelector selector(job.include, job.exclude);
     // inspect lists tensors of unreadable dtypes rather than refusing them.

@@ -4,11 +4,19 @@
 namespace gradfix {
 using namespace file_jobs;
 
+void MaskJob::validate() const {
+  require_given(task_vector, "--task-vector");
+  require_given(signs, "--signs");
+  require_given(out, "--out");
+  mask.validate();
+}
+
 JobSummary run_mask(const MaskJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
   Reader tau, signs;
   std::vector<std::string> names;
   ranks.agree([&] {
+    job.validate();
     tau = open_reader(job.task_vector);
     signs = open_reader(job.signs);
     names = select_matching(*tau, *signs, job.output);

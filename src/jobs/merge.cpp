@@ -5,6 +5,24 @@
 
 namespace gradfix {
 using namespace file_jobs;
+
+void MergeJob::validate() const {
+  if (task_vectors.empty()) throw InputError("merge needs at least one --task-vector");
+  require_given(out, "--out");
+  if (order != MergeOrder::kNone && signs.size() != task_vectors.size())
+    throw InputError(std::string("--order ") + merge_order_name(order) + " needs one --signs per --task-vector: got " +
+                     std::to_string(signs.size()) + " --signs for " + std::to_string(task_vectors.size()) + " --task-vector");
+  if (order == MergeOrder::kNone && !signs.empty()) throw InputError("--signs given without --order mask-then-merge|merge-then-mask");
+  if (method == MergeMethod::kTies && !(ties.fraction > 0.0 && ties.fraction <= 1.0))
+    throw InputError("--ties-fraction must be in (0, 1], got " + std::to_string(ties.fraction));
+  const bool mergekit_ties = method == MergeMethod::kTies && ties.variant == TiesVariant::kMergekit;
+  if (mergekit_ties && ties.scope != TiesScope::kTensor)
+    throw InputError("--ties-variant mergekit trims within each tensor, as mergekit does; --ties-scope global does not go with it");
+  if (mergekit_ties && ties.elect != TiesElect::kMass)
+    throw InputError("--ties-variant mergekit elects the sign of the summed values (mass); --ties-elect count does not go with it");
+  mask.validate();
+}
+
 namespace {
 
 struct MergeInputs {
@@ -15,25 +33,12 @@ struct MergeInputs {
 
 // The task vectors and statistics, checked against each other and the options.
 MergeInputs open_merge_inputs(const MergeJob& job, const Ranks& ranks) {
-  const bool mergekit_ties = job.method == MergeMethod::kTies && job.ties.variant == TiesVariant::kMergekit;
   MergeInputs in;
   auto& vectors = in.vectors;
   auto& signs = in.signs;
   auto& names = in.names;
   ranks.agree([&] {
-    if (job.task_vectors.empty()) throw InputError("merge needs at least one --task-vector");
-    if (job.order != MergeOrder::kNone && job.signs.size() != job.task_vectors.size())
-      throw InputError(std::string("--order ") + merge_order_name(job.order) + " needs one --signs per --task-vector: got " +
-                       std::to_string(job.signs.size()) + " --signs for " + std::to_string(job.task_vectors.size()) +
-                       " --task-vector");
-    if (job.order == MergeOrder::kNone && !job.signs.empty())
-      throw InputError("--signs given without --order mask-then-merge|merge-then-mask");
-    if (job.method == MergeMethod::kTies && !(job.ties.fraction > 0.0 && job.ties.fraction <= 1.0))
-      throw InputError("--ties-fraction must be in (0, 1], got " + std::to_string(job.ties.fraction));
-    if (mergekit_ties && job.ties.scope != TiesScope::kTensor)
-      throw InputError("--ties-variant mergekit trims within each tensor, as mergekit does; --ties-scope global does not go with it");
-    if (mergekit_ties && job.ties.elect != TiesElect::kMass)
-      throw InputError("--ties-variant mergekit elects the sign of the summed values (mass); --ties-elect count does not go with it");
+    job.validate();
     for (const auto& path : job.task_vectors) vectors.push_back(open_reader(path));
     for (const auto& path : job.signs) signs.push_back(open_reader(path));
     const TensorSelector selector(job.output.include, job.output.exclude);

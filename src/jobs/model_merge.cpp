@@ -57,6 +57,61 @@ double tensor_total(const Ranks& ranks, const ChunkedJob& chunked, std::size_t t
 
 }  // namespace file_jobs
 
+void ModelMergeJob::validate() const {
+  const ModelMergeTraits& traits = model_merge_traits(method);
+  const bool linear = method == ModelMergeMethod::kLinear;
+  const std::size_t n = models.size();
+  require_given(out, "--out");
+  if (n == 0) throw InputError("a merge needs at least one model");
+  if (traits.sparsification == ModelMergeTraits::Sparsification::kNone)
+    for (double density : densities)
+      if (density != 1.0) throw InputError(std::string(model_merge_method_name(method)) + " does not sparsify: density must be 1");
+  if (weights.size() != n || densities.size() != n)
+    throw InputError("a merge needs one weight and one density per model");
+  if (traits.sparsification == ModelMergeTraits::Sparsification::kOutliers && gammas.size() != n)
+    throw InputError("breadcrumbs needs one gamma per model");
+  for (double gamma : gammas)
+    if (!(gamma >= 0.0 && gamma <= 1.0)) throw InputError("gamma must be in [0, 1], got " + format_number(gamma));
+  if (!linear && method != ModelMergeMethod::kNuslerp && method != ModelMergeMethod::kMultislerp &&
+      method != ModelMergeMethod::kKarcher && base.empty())
+    throw InputError(std::string(model_merge_method_name(method)) + " needs a base_model");
+  if (method == ModelMergeMethod::kSlerp && n != 1)
+    throw InputError("slerp interpolates between the base and one other model; got " + std::to_string(n) + " besides the base");
+  if (method == ModelMergeMethod::kSlerp && !std::isfinite(t)) throw InputError("slerp: t must be finite");
+  if (method == ModelMergeMethod::kNuslerp && n != 2)
+    throw InputError("nuslerp interpolates between two models; got " + std::to_string(n) + " besides the base");
+  if (method == ModelMergeMethod::kNearswap && n != 1)
+    throw InputError("nearswap moves the base towards one other model; got " + std::to_string(n) + " besides the base");
+  if (method == ModelMergeMethod::kNearswap && !(std::isfinite(t) && t >= 0.0))
+    throw InputError("nearswap: t must be a finite number >= 0, got " + format_number(t));
+  if (method == ModelMergeMethod::kMultislerp && !(std::isfinite(eps) && eps >= 0.0))
+    throw InputError("multislerp: eps must be a finite number >= 0, got " + format_number(eps));
+  if (method == ModelMergeMethod::kSce && !(select_topk >= 0.0 && select_topk <= 1.0))
+    throw InputError("sce: select_topk must be in [0, 1], got " + format_number(select_topk));
+  if (method == ModelMergeMethod::kKarcher && (max_iter < 0 || !(std::isfinite(tol) && tol >= 0.0)))
+    throw InputError("karcher: max_iter must be >= 0 and tol a finite number >= 0, got " + std::to_string(max_iter) + " and " +
+                     format_number(tol));
+  if (method == ModelMergeMethod::kModelStock && n < 2)
+    throw InputError("model_stock needs at least two models besides the base (their deltas' angle sets the interpolation); got " +
+                     std::to_string(n));
+  for (std::size_t m = 0; m < n; ++m) {
+    if (!std::isfinite(weights[m])) throw InputError(models[m] + ": weight must be finite");
+    if (!(densities[m] >= 0.0 && densities[m] <= 1.0))
+      throw InputError(models[m] + ": density must be in [0, 1], got " + std::to_string(densities[m]));
+  }
+  if (!std::isfinite(lambda)) throw InputError("lambda must be finite");
+  if (order != MergeOrder::kNone && (linear || traits.combination != ModelMergeTraits::Combination::kDeltas))
+    throw InputError(std::string("gradfix.order: ") + model_merge_method_name(method) +
+                     " merges whole weights (or interpolates them), not sums of deltas from a base; masks go with task_arithmetic, "
+                     "ties, dare_linear, dare_ties, breadcrumbs and breadcrumbs_ties");
+  if (order != MergeOrder::kNone && signs.size() != n)
+    throw InputError(std::string("gradfix.order ") + merge_order_name(order) + " needs sign statistics (gradfix: {signs: FILE}) "
+                     "for every model: got " + std::to_string(signs.size()) + " for " + std::to_string(n) + " models");
+  if (order == MergeOrder::kNone && !signs.empty())
+    throw InputError("sign statistics given without gradfix.order (mask-then-merge or merge-then-mask)");
+  mask.validate();
+}
+
 namespace {
 
 // The models, the base and the statistics, checked against each other and the options.
@@ -70,53 +125,7 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
   auto& signs = in.signs;
   auto& names = in.names;
   ranks.agree([&] {
-    if (n == 0) throw InputError("a merge needs at least one model");
-    if (traits.sparsification == ModelMergeTraits::Sparsification::kNone)
-      for (double density : job.densities)
-        if (density != 1.0) throw InputError(std::string(model_merge_method_name(job.method)) + " does not sparsify: density must be 1");
-    if (job.weights.size() != n || job.densities.size() != n)
-      throw InputError("a merge needs one weight and one density per model");
-    if (traits.sparsification == ModelMergeTraits::Sparsification::kOutliers && job.gammas.size() != n)
-      throw InputError("breadcrumbs needs one gamma per model");
-    for (double gamma : job.gammas)
-      if (!(gamma >= 0.0 && gamma <= 1.0)) throw InputError("gamma must be in [0, 1], got " + format_number(gamma));
-    if (!linear && job.method != ModelMergeMethod::kNuslerp && job.method != ModelMergeMethod::kMultislerp &&
-        job.method != ModelMergeMethod::kKarcher && job.base.empty())
-      throw InputError(std::string(model_merge_method_name(job.method)) + " needs a base_model");
-    if (job.method == ModelMergeMethod::kSlerp && n != 1)
-      throw InputError("slerp interpolates between the base and one other model; got " + std::to_string(n) + " besides the base");
-    if (job.method == ModelMergeMethod::kSlerp && !std::isfinite(job.t)) throw InputError("slerp: t must be finite");
-    if (job.method == ModelMergeMethod::kNuslerp && n != 2)
-      throw InputError("nuslerp interpolates between two models; got " + std::to_string(n) + " besides the base");
-    if (job.method == ModelMergeMethod::kNearswap && n != 1)
-      throw InputError("nearswap moves the base towards one other model; got " + std::to_string(n) + " besides the base");
-    if (job.method == ModelMergeMethod::kNearswap && !(std::isfinite(job.t) && job.t >= 0.0))
-      throw InputError("nearswap: t must be a finite number >= 0, got " + format_number(job.t));
-    if (job.method == ModelMergeMethod::kMultislerp && !(std::isfinite(job.eps) && job.eps >= 0.0))
-      throw InputError("multislerp: eps must be a finite number >= 0, got " + format_number(job.eps));
-    if (job.method == ModelMergeMethod::kSce && !(job.select_topk >= 0.0 && job.select_topk <= 1.0))
-      throw InputError("sce: select_topk must be in [0, 1], got " + format_number(job.select_topk));
-    if (job.method == ModelMergeMethod::kKarcher && (job.max_iter < 0 || !(std::isfinite(job.tol) && job.tol >= 0.0)))
-      throw InputError("karcher: max_iter must be >= 0 and tol a finite number >= 0, got " + std::to_string(job.max_iter) + " and " +
-                       format_number(job.tol));
-    if (job.method == ModelMergeMethod::kModelStock && n < 2)
-      throw InputError("model_stock needs at least two models besides the base (their deltas' angle sets the interpolation); got " +
-                       std::to_string(n));
-    for (std::size_t m = 0; m < n; ++m) {
-      if (!std::isfinite(job.weights[m])) throw InputError(job.models[m] + ": weight must be finite");
-      if (!(job.densities[m] >= 0.0 && job.densities[m] <= 1.0))
-        throw InputError(job.models[m] + ": density must be in [0, 1], got " + std::to_string(job.densities[m]));
-    }
-    if (!std::isfinite(job.lambda)) throw InputError("lambda must be finite");
-    if (job.order != MergeOrder::kNone && (linear || traits.combination != ModelMergeTraits::Combination::kDeltas))
-      throw InputError(std::string("gradfix.order: ") + model_merge_method_name(job.method) +
-                       " merges whole weights (or interpolates them), not sums of deltas from a base; masks go with task_arithmetic, "
-                       "ties, dare_linear, dare_ties, breadcrumbs and breadcrumbs_ties");
-    if (job.order != MergeOrder::kNone && job.signs.size() != n)
-      throw InputError(std::string("gradfix.order ") + merge_order_name(job.order) + " needs sign statistics (gradfix: {signs: FILE}) "
-                       "for every model: got " + std::to_string(job.signs.size()) + " for " + std::to_string(n) + " models");
-    if (job.order == MergeOrder::kNone && !job.signs.empty())
-      throw InputError("sign statistics given without gradfix.order (mask-then-merge or merge-then-mask)");
+    job.validate();
     base = open_reader(job.base.empty() ? job.models.front() : job.base);
     for (const auto& path : job.models) models.push_back(open_reader(path));
     const TensorSelector selector(job.output.include, job.output.exclude);

@@ -4,11 +4,18 @@
 namespace gradfix {
 using namespace file_jobs;
 
+void TaskVectorJob::validate() const {
+  require_given(base, "--base");
+  require_given(finetuned, "--finetuned");
+  require_given(out, "--out");
+}
+
 JobSummary run_taskvector(const TaskVectorJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
   Reader base, finetuned;
   std::vector<std::string> names, integers;
   ranks.agree([&] {
+    job.validate();
     base = open_reader(job.base);
     finetuned = open_reader(job.finetuned);
     names = select_matching(*base, *finetuned, job.output);

@@ -498,6 +498,7 @@ class Demo {
 }  // namespace
 
 void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context) {
+  job.validate();
   configure_allocator();
   Demo(job, log, context).run();
 }

@@ -256,6 +256,7 @@ std::unique_ptr<Classifier> load_on_device(const std::string& model_spec, const 
 }
 
 void run_init(const InitJob& job, std::ostream& log, const JobContext& context) {
+  job.validate();
   // A decoder is initialised from its config.json, whichever family registered its model_type.
   if (!job.config.empty() || is_registered_architecture(job.arch)) {
     if (job.config.empty()) throw InputError("gradfix init --arch " + job.arch + ": --config-file is required");
@@ -273,6 +274,7 @@ void run_init(const InitJob& job, std::ostream& log, const JobContext& context) 
 }
 
 void run_train(const TrainJob& job, std::ostream& log, const JobContext& context) {
+  job.validate();
   configure_allocator();
   std::unique_ptr<Classifier> model;
   Dataset data;
@@ -311,6 +313,7 @@ void run_train(const TrainJob& job, std::ostream& log, const JobContext& context
 }
 
 void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context) {
+  job.validate();
   if (is_image_model_directory(job.weights)) {
     run_clip_eval(job, log, context);
     return;
@@ -343,6 +346,7 @@ void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context) 
 }
 
 void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context) {
+  job.validate();
   if (is_image_model_directory(job.weights)) {
     run_clip_signs(job, log, context);
     return;
@@ -387,6 +391,7 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
 }
 
 std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context) {
+  job.validate();
   if (!job.finetune_freeze.empty() && is_model_directory(job.target))
     throw InputError("--finetune-freeze is for classifiers; " + job.target +
                      " is a model directory, whose few-shot fine-tuning tunes what the statistics cover (CLIP: never the head)");

@@ -41,6 +41,8 @@ struct MaskOptions {
   double c = 1.0;      // soft3 half-saturation constant
   std::uint64_t seed = 0;
   bool raw_soft_input = false;  // soft modes use s itself instead of sign(s)
+  // InputError unless beta, gamma and c are finite and c > 0.
+  void validate() const;
 };
 
 // How a mode reduces over a tensor of this shape.

@@ -1,9 +1,10 @@
 #pragma once
-// The one table of subcommands. Each entry declares a subcommand once: its name, usage line and
+// The one table of subcommands. Each subcommand declares itself once, in its own file under
+// src/cli/commands/ (a SubcommandRegistration at namespace scope): its name, usage line and
 // summary, the executable that runs it, its options (type, default, help, position), and the
-// function that turns parsed options into a typed job ready to run. The overview, `--help`,
-// parsing, config files, the hand-over from `gradfix` to `gradfix-torch`, and the test that
-// docs/cli.md documents every option all read this table: adding a subcommand touches one place.
+// function that turns parsed options into a typed job, checked by the job's validate(). The
+// overview, `--help`, parsing, config files, the hand-over from `gradfix` to `gradfix-torch`, and
+// the test that docs/cli.md documents every option all read this table.
 
 #include <functional>
 #include <ostream>
@@ -40,6 +41,9 @@ enum class OptionGroup {
 
 enum class Executable { kGradfix, kTorch };
 
+// Where the overview lists a subcommand (by name within its section).
+enum class Section { kCheckpoints, kModels, kRuns };
+
 // Typed access to the parsed options of one subcommand; the messages name the option.
 class Options {
  public:
@@ -70,9 +74,18 @@ struct SubcommandSpec {
   std::function<PreparedJob(const Options&)> prepare;
   // --config names the subcommand's own input (a sweep file), not a file of its options.
   bool config_is_input = false;
+  Section section = Section::kCheckpoints;
 };
 
+// Adds a subcommand to the table during static initialisation. gradfix_cli is an object library,
+// so every registration is linked into each program that links it.
+struct SubcommandRegistration {
+  SubcommandRegistration(Section section, SubcommandSpec spec);
+};
+
+// Every subcommand, by section and then by name.
 const std::vector<SubcommandSpec>& subcommands();
+const char* section_title(Section section);
 // nullptr for an unknown name.
 const SubcommandSpec* find_subcommand(const std::string& name);
 // The options of a group, as declared.

@@ -52,6 +52,7 @@ struct SweepJob {
   bool list = false;     // print the points and whether each is done
   bool count = false;    // print the number of points
   bool collect = false;  // only gather the finished points into the table
+  void validate() const;
 };
 
 // Runs one subcommand's command line ("transport", options...) on this job's ranks.

@@ -2,6 +2,11 @@
 // The jobs behind each subcommand. Each is a short sequence over the parts: open the inputs,
 // check that they fit together (names, shapes, finite values), compute tensor by tensor in fp32,
 // write through an atomic writer, print a summary. Nothing here parses flags.
+//
+// Every job type has validate(): it throws InputError for options that are out of range or do not
+// go together, naming the option, before any file is opened. The CLI calls it when it builds the
+// job from the command line; the run function calls it again, so a job built in code (a sweep, a
+// test, a program linking the library) is checked the same way. Files are checked as they open.
 
 #include <functional>
 #include <optional>
@@ -10,6 +15,7 @@
 #include <vector>
 
 #include "gradfix/io/dtype.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/dist/job_context.hpp"
 #include "gradfix/io/tensor_store.hpp"
 #include "gradfix/algebra/compare.hpp"
@@ -17,6 +23,11 @@
 #include "gradfix/algebra/merge.hpp"
 
 namespace gradfix {
+
+// InputError "OPTION is required" for a path a job cannot do without.
+inline void require_given(const std::string& value, const char* option) {
+  if (value.empty()) throw InputError(std::string(option) + " is required");
+}
 
 // Options every writing job shares.
 struct OutputOptions {
@@ -33,6 +44,7 @@ struct TaskVectorJob {
   std::string finetuned;
   std::string out;
   OutputOptions output;
+  void validate() const;
 };
 
 struct ApplyJob {
@@ -41,6 +53,7 @@ struct ApplyJob {
   double alpha = 1.0;
   std::string out;
   OutputOptions output;
+  void validate() const;
 };
 
 struct MaskJob {
@@ -50,6 +63,7 @@ struct MaskJob {
   MaskOptions mask;
   std::string out;
   OutputOptions output;
+  void validate() const;
 };
 
 struct MergeJob {
@@ -62,6 +76,7 @@ struct MergeJob {
   MaskOptions mask;
   std::string out;
   OutputOptions output;
+  void validate() const;
 };
 
 // A merge of whole models as mergekit defines its methods (gradfix merge --config merge.yml):
@@ -129,12 +144,14 @@ struct ModelMergeJob {
   std::string config_json;          // the configuration as read, recorded in the metadata
   std::string out;
   OutputOptions output;
+  void validate() const;
 };
 
 struct ConvertJob {
   std::string in;
   std::string out;
   OutputOptions output;
+  void validate() const;
 };
 
 struct InspectJob {
@@ -143,6 +160,7 @@ struct InspectJob {
   std::vector<std::string> include;
   std::vector<std::string> exclude;
   std::string json_out;  // optional JSON copy of the report
+  void validate() const;
 };
 
 // Synthetic checkpoints, for trying gradfix without a model and for benchmarks: every value is
@@ -156,6 +174,7 @@ struct GenerateJob {
   std::uint64_t seed = 0;
   std::string out;
   OutputOptions output;
+  void validate() const;
 };
 
 // "w=256x784,b=256" into tensors of `dtype`; throws InputError on malformed text.

@@ -3,6 +3,9 @@
 // statistics, transport a task vector end to end, and the built-in demo. The LibTorch code is
 // behind this header; nothing here includes <torch/torch.h>. The device (cpu, cuda, cuda:N) is
 // the context's, like the ranks and the communicators.
+//
+// Each job type's validate() checks its options alone, as the file jobs' do (gradfix/jobs/jobs.hpp);
+// job_options.cpp holds them, without LibTorch, so that a gradfix built without it checks them too.
 
 #include <cstdint>
 #include <ostream>
@@ -73,6 +76,7 @@ struct InitJob {
   std::string config;        // decoders: a config.json to initialise from
   std::uint64_t seed = 0;
   std::string out;           // decoders: a Hugging Face model directory
+  void validate() const;
 };
 
 struct ShotSelection {
@@ -82,6 +86,7 @@ struct ShotSelection {
   std::string strategy = "random";  // how K per class are picked: random|coreset|kmedoids|herding
   std::string features_file;        // features for the strategies ([N, D]); empty: the model's own
   std::string save_indices;         // where to write the chosen indices (empty: nowhere)
+  void validate() const;
 };
 
 struct TrainJob {
@@ -103,6 +108,7 @@ struct TrainJob {
   // Tensors not updated: names matching any of these regular expressions (partial match), e.g.
   // the classification head, as the paper fine-tunes with its zero-shot head frozen.
   std::vector<std::string> freeze;
+  void validate() const;
 };
 
 struct EvalJob {
@@ -111,6 +117,7 @@ struct EvalJob {
   DataOptions data;      // decoders: token data (input_ids, labels, attention_mask)
   std::string results;   // optional JSON: accuracy or token_accuracy, mean_loss, per_sample_loss
   std::string head;      // CLIP: the zero-shot head file [classes, projection_dim]
+  void validate() const;
 };
 
 // How the few labelled samples are chosen: K per class (seeded), an indices file, or the first
@@ -128,6 +135,7 @@ struct SignsJob {
   VoteMethod method = VoteMethod::kFast;
   std::string out;
   std::string head;               // CLIP: the zero-shot head file
+  void validate() const;
 };
 
 struct TransportJob {
@@ -161,6 +169,7 @@ struct TransportJob {
   std::string save_support;       // classifiers: write the support set's indices here
   std::string head;               // CLIP: the zero-shot head file
   std::string statistics_cache;   // model directories: a directory of reusable few-shot statistics ("": none)
+  void validate() const;
 };
 
 // One point of a row's alpha grid: the support set's mean loss (what alpha is chosen by) and the
@@ -221,6 +230,7 @@ struct DemoJob {
   bool merging = true;
   std::vector<double> alphas;  // default: the transport default
   std::string results;  // demo results JSON
+  void validate() const;
 };
 
 void run_init(const InitJob& job, std::ostream& log, const JobContext& context = {});
