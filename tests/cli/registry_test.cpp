@@ -8,6 +8,8 @@
 #include <sstream>
 
 #include "gradfix/cli/registry.hpp"
+#include "gradfix/cli/sweep.hpp"
+#include "gradfix/io/error.hpp"
 
 namespace gradfix {
 namespace {
@@ -56,6 +58,37 @@ TEST(Registry, NamesAndOptionsAreUnique) {
     EXPECT_NE(find_subcommand(subcommand.name), nullptr);
   }
   EXPECT_EQ(find_subcommand("frobnicate"), nullptr);
+}
+
+// Every file under src/cli/commands/ registered its subcommand (the object library keeps
+// registrations nothing calls), and the table is in overview order: by section, then by name.
+TEST(Registry, EverySubcommandFileRegisteredInOverviewOrder) {
+  std::vector<std::string> names;
+  for (const auto& subcommand : subcommands()) names.push_back(subcommand.name);
+  const std::vector<std::string> expected = {"apply", "convert", "generate", "inspect", "mask", "merge", "taskvector", "eval",
+                                             "init",  "signs",   "train",    "transport", "demo", "sweep"};
+  EXPECT_EQ(names, expected);
+  EXPECT_EQ(find_subcommand("transport")->section, HelpSection::kModels);
+  EXPECT_EQ(find_subcommand("transport")->executable, Executable::kTorch);
+}
+
+// Flags that go together only one at a time reach SweepJob::validate() from the command line.
+TEST(Registry, SweepOptionsAreValidated) {
+  SweepJob sweep;
+  auto message = [&] {
+    try {
+      sweep.validate();
+    } catch (const InputError& error) {
+      return std::string(error.what());
+    }
+    return std::string();
+  };
+  EXPECT_EQ(message(), "gradfix sweep: --config SWEEP.ini is required");
+  sweep.config = "sweep.ini";
+  EXPECT_EQ(message(), "");
+  sweep.list = true;
+  sweep.point = 3;
+  EXPECT_EQ(message(), "give one of --point, --list, --count and --collect");
 }
 
 TEST(Registry, DocsCliDocumentsEverySubcommandAndOption) {

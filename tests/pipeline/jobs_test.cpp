@@ -246,3 +246,71 @@ TEST(Jobs, InspectComparesTwoFiles) {
 
 }  // namespace
 }  // namespace gradfix
+
+namespace gradfix {
+namespace {
+
+// The message of the InputError `check` throws ("" when it throws none).
+template <typename Check>
+std::string input_error_of(Check check) {
+  try {
+    check();
+  } catch (const InputError& error) {
+    return error.what();
+  }
+  return "";
+}
+
+// validate() refuses options that are out of range or do not go together, naming the option,
+// for jobs built in code as for jobs built from flags; the run function checks before any file.
+TEST(JobValidation, FileJobsNameTheOffendingOption) {
+  ApplyJob apply{"base.safetensors", "tau.safetensors", 1.0, "out.safetensors", {}};
+  EXPECT_EQ(input_error_of([&] { apply.validate(); }), "");
+  apply.alpha = std::nan("");
+  EXPECT_NE(input_error_of([&] { apply.validate(); }).find("--alpha must be finite"), std::string::npos);
+  // The run function refuses it before it opens an input (neither file exists).
+  std::ostringstream log;
+  EXPECT_NE(input_error_of([&] { run_apply(apply, log); }).find("--alpha must be finite"), std::string::npos);
+
+  MergeJob merge;
+  merge.task_vectors = {"a.safetensors", "b.safetensors"};
+  merge.out = "m.safetensors";
+  EXPECT_EQ(input_error_of([&] { merge.validate(); }), "");
+  merge.method = MergeMethod::kTies;
+  merge.ties.fraction = 1.5;
+  EXPECT_NE(input_error_of([&] { merge.validate(); }).find("--ties-fraction must be in (0, 1], got 1.5"), std::string::npos);
+  merge.ties.fraction = 0.2;
+  merge.order = MergeOrder::kMaskThenMerge;
+  merge.signs = {"s.safetensors"};
+  EXPECT_NE(input_error_of([&] { merge.validate(); }).find("needs one --signs per --task-vector: got 1 --signs for 2"), std::string::npos);
+  merge.signs.push_back("t.safetensors");
+  merge.mask.c = 0.0;
+  EXPECT_NE(input_error_of([&] { merge.validate(); }).find("--soft-c must be positive"), std::string::npos);
+
+  MaskJob mask{"tau.safetensors", "", MaskMode::kNormal, {}, "out.safetensors", {}};
+  EXPECT_EQ(input_error_of([&] { mask.validate(); }), "--signs is required");
+  mask.signs = "s.safetensors";
+  mask.mask.beta = INFINITY;
+  EXPECT_EQ(input_error_of([&] { mask.validate(); }), "--beta must be finite");
+
+  ModelMergeJob model_merge;
+  model_merge.method = ModelMergeMethod::kSlerp;
+  model_merge.base = "base";
+  model_merge.models = {"a", "b"};
+  model_merge.weights = {1, 1};
+  model_merge.densities = {1, 1};
+  model_merge.out = "merged";
+  EXPECT_NE(input_error_of([&] { model_merge.validate(); }).find("slerp interpolates between the base and one other model; got 2"),
+            std::string::npos);
+  model_merge.method = ModelMergeMethod::kTies;
+  EXPECT_EQ(input_error_of([&] { model_merge.validate(); }), "");
+
+  GenerateJob generate;
+  generate.out = "g.safetensors";
+  generate.noise = INFINITY;
+  EXPECT_EQ(input_error_of([&] { generate.validate(); }), "--noise and --like-scale must be finite");
+  EXPECT_EQ(input_error_of([] { TaskVectorJob{"base", "", "out", {}}.validate(); }), "--finetuned is required");
+}
+
+}  // namespace
+}  // namespace gradfix
