@@ -22,7 +22,7 @@ std::vector<SubcommandSpec>& table() {
 
 }  // namespace
 
-SubcommandRegistration::SubcommandRegistration(Section section, SubcommandSpec spec) {
+SubcommandRegistration::SubcommandRegistration(HelpSection section, SubcommandSpec spec) {
   spec.section = section;
   auto& entries = table();
   const auto place = std::find_if(entries.begin(), entries.end(), [&](const SubcommandSpec& entry) {
@@ -31,11 +31,11 @@ SubcommandRegistration::SubcommandRegistration(Section section, SubcommandSpec s
   entries.insert(place, std::move(spec));
 }
 
-const char* section_title(Section section) {
+const char* section_title(HelpSection section) {
   switch (section) {
-    case Section::kCheckpoints: return "checkpoints and task vectors";
-    case Section::kModels: return "models (gradfix-torch)";
-    case Section::kRuns: return "runs of many jobs";
+    case HelpSection::kCheckpoints: return "checkpoints and task vectors";
+    case HelpSection::kModels: return "models (gradfix-torch)";
+    case HelpSection::kRuns: return "runs of many jobs";
   }
   return "?";
 }

@@ -158,9 +158,13 @@ std::string number(double value, int precision) {
   return text.str();
 }
 
-}  // namespace
+// The sweep file's sections with the --set overrides applied, and the tasks in file order.
+struct SweepFile {
+  std::map<std::string, Section> sections;
+  std::vector<std::string> task_order;
+};
 
-SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string>& overrides) {
+SweepFile read_sweep_file(const std::string& path, const std::vector<std::string>& overrides) {
   std::istringstream file(read_option_file(path, "the sweep file"));
   po::parsed_options parsed(nullptr);
   try {
@@ -168,8 +172,9 @@ SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string
   } catch (const po::error& error) {
     throw InputError(path + ": " + escaped_name(error.what()));
   }
-  std::map<std::string, Section> sections;
-  std::vector<std::string> task_order;
+  SweepFile read;
+  auto& sections = read.sections;
+  auto& task_order = read.task_order;
   auto add = [&](const std::string& full_key, const std::string& value, const std::string& origin) {
     const auto dot = full_key.rfind('.');
     if (dot == std::string::npos)
@@ -192,7 +197,55 @@ SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string
     if (equals == std::string::npos) throw InputError("--set '" + text + "': expected SECTION.KEY=VALUE, e.g. sweep.seed=0");
     add(text.substr(0, equals), text.substr(equals + 1), "--set " + text);
   }
+  return read;
+}
 
+// One point of the sweep: `options` ([transport] with the task's section over it) with the axes'
+// values at `at`, as the command line of a transport whose results go under plan.out.
+SweepPoint sweep_point(const SweepPlan& plan, const std::string& task, const Section& options,
+                       const std::vector<std::pair<std::string, std::vector<std::string>>>& axes, const std::vector<std::size_t>& at,
+                       const std::map<std::string, OptionType>& types) {
+  SweepPoint point;
+  point.task = task;
+  Section merged = options;
+  std::string label;
+  for (std::size_t a = 0; a < axes.size(); ++a) {
+    const std::string& value = axes[a].second[at[a]];
+    point.axes.emplace_back(axes[a].first, value);
+    set_key(merged, axes[a].first, value);
+    label += (label.empty() ? "" : "_") + axes[a].first + "=" + value;
+  }
+  point.args = {"transport"};
+  for (const auto& [key, value] : merged) {
+    if (types.at(key) == OptionType::kFlag) {
+      bool on = false;
+      if (!is_flag_value(value, on)) throw InputError(plan.path + ": " + key + " = " + value + ": a flag takes true or false");
+      if (on) point.args.push_back("--" + key);
+      continue;
+    }
+    point.args.push_back("--" + key);
+    point.args.push_back(value);
+  }
+  point.name = task + "/" + (label.empty() ? "point" : label) + "-" + digest(point.args);
+  point.result = plan.out + "/points/" + point.name + ".json";
+  point.args.push_back("--results");
+  point.args.push_back(point.result);
+  // Points with the same model, shots and sign mode share one gradient pass: a transport of a
+  // model directory keeps its statistics under OUT/statistics unless the file names a cache.
+  const std::string* target = find_key(merged, "target");
+  if (find_key(merged, "statistics-cache") == nullptr && target != nullptr && is_model_directory_path(*target)) {
+    point.args.push_back("--statistics-cache");
+    point.args.push_back(plan.out + "/statistics");
+  }
+  return point;
+}
+
+}  // namespace
+
+SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string>& overrides) {
+  SweepFile read = read_sweep_file(path, overrides);
+  auto& sections = read.sections;
+  const auto& task_order = read.task_order;
   const SubcommandSpec* transport = find_subcommand("transport");
   GRADFIX_CHECK(transport != nullptr, "no transport subcommand");
   std::map<std::string, OptionType> types;
@@ -256,39 +309,7 @@ SweepPlan read_sweep_plan(const std::string& path, const std::vector<std::string
     for (const auto& [key, value] : sections["task." + task]) set_key(options, key, value);
     std::vector<std::size_t> at(axes.size(), 0);
     while (true) {
-      SweepPoint point;
-      point.task = task;
-      Section merged = options;
-      std::string label;
-      for (std::size_t a = 0; a < axes.size(); ++a) {
-        const std::string& value = axes[a].second[at[a]];
-        point.axes.emplace_back(axes[a].first, value);
-        set_key(merged, axes[a].first, value);
-        label += (label.empty() ? "" : "_") + axes[a].first + "=" + value;
-      }
-      point.args = {"transport"};
-      for (const auto& [key, value] : merged) {
-        if (types.at(key) == OptionType::kFlag) {
-          bool on = false;
-          if (!is_flag_value(value, on)) throw InputError(path + ": " + key + " = " + value + ": a flag takes true or false");
-          if (on) point.args.push_back("--" + key);
-          continue;
-        }
-        point.args.push_back("--" + key);
-        point.args.push_back(value);
-      }
-      point.name = task + "/" + (label.empty() ? "point" : label) + "-" + digest(point.args);
-      point.result = plan.out + "/points/" + point.name + ".json";
-      point.args.push_back("--results");
-      point.args.push_back(point.result);
-      // Points with the same model, shots and sign mode share one gradient pass: a transport of a
-      // model directory keeps its statistics under OUT/statistics unless the file names a cache.
-      const std::string* target = find_key(merged, "target");
-      if (find_key(merged, "statistics-cache") == nullptr && target != nullptr && is_model_directory_path(*target)) {
-        point.args.push_back("--statistics-cache");
-        point.args.push_back(plan.out + "/statistics");
-      }
-      plan.points.push_back(std::move(point));
+      plan.points.push_back(sweep_point(plan, task, options, axes, at, types));
       std::size_t a = axes.size();
       while (a > 0 && ++at[a - 1] == axes[a - 1].second.size()) at[--a] = 0;
       if (a == 0) break;

@@ -116,9 +116,6 @@ namespace {
 
 // The models, the base and the statistics, checked against each other and the options.
 ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& ranks) {
-  const ModelMergeTraits& traits = model_merge_traits(job.method);
-  const bool linear = job.method == ModelMergeMethod::kLinear;
-  const std::size_t n = job.models.size();
   ModelMergeInputs in;
   auto& base = in.base;
   auto& models = in.models;

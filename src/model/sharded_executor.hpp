@@ -76,6 +76,25 @@ class ShardedWeights {
   float alpha_ = 0.0f;
 };
 
+inline std::vector<int64_t> shape_of(const TensorInfo& tensor) { return {tensor.shape.begin(), tensor.shape.end()}; }
+
+// Elements [begin, begin + count) of a tensor, found at `at` in a buffer that holds some of its
+// rows end to end.
+struct Run {
+  long long begin = 0, count = 0, at = 0;
+};
+
+// The runs of `rows` (ascending) of a tensor whose rows are `width` elements, packed end to end:
+// consecutive rows go together.
+inline std::vector<Run> row_runs(const std::vector<int64_t>& rows, long long width) {
+  std::vector<Run> runs;
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    if (!runs.empty() && runs.back().begin + runs.back().count == rows[i] * width) runs.back().count += width;
+    else runs.push_back({rows[i] * width, width, static_cast<long long>(i) * width});
+  }
+  return runs;
+}
+
 // This rank's pieces of the tensors of `layout` as stored in `reader`, in plan order, as
 // float32; a tensor the reader does not hold reads as zeros (a task vector of part of a model).
 std::vector<std::vector<float>> read_pieces(const TensorReader& reader, const std::vector<TensorInfo>& layout, const ShardPlan& plan,

@@ -42,7 +42,7 @@ enum class OptionGroup {
 enum class Executable { kGradfix, kTorch };
 
 // Where the overview lists a subcommand (by name within its section).
-enum class Section { kCheckpoints, kModels, kRuns };
+enum class HelpSection { kCheckpoints, kModels, kRuns };
 
 // Typed access to the parsed options of one subcommand; the messages name the option.
 class Options {
@@ -74,18 +74,18 @@ struct SubcommandSpec {
   std::function<PreparedJob(const Options&)> prepare;
   // --config names the subcommand's own input (a sweep file), not a file of its options.
   bool config_is_input = false;
-  Section section = Section::kCheckpoints;
+  HelpSection section = HelpSection::kCheckpoints;
 };
 
 // Adds a subcommand to the table during static initialisation. gradfix_cli is an object library,
 // so every registration is linked into each program that links it.
 struct SubcommandRegistration {
-  SubcommandRegistration(Section section, SubcommandSpec spec);
+  SubcommandRegistration(HelpSection section, SubcommandSpec spec);
 };
 
 // Every subcommand, by section and then by name.
 const std::vector<SubcommandSpec>& subcommands();
-const char* section_title(Section section);
+const char* section_title(HelpSection section);
 // nullptr for an unknown name.
 const SubcommandSpec* find_subcommand(const std::string& name);
 // The options of a group, as declared.

@@ -22,7 +22,7 @@ SubcommandSpec apply_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kCheckpoints, apply_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kCheckpoints, apply_subcommand());
 
 }  // namespace
 }  // namespace commands

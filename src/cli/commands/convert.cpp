@@ -20,7 +20,7 @@ SubcommandSpec convert_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kCheckpoints, convert_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kCheckpoints, convert_subcommand());
 
 }  // namespace
 }  // namespace commands

@@ -113,7 +113,7 @@ SubcommandSpec demo_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kRuns, demo_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kRuns, demo_subcommand());
 
 }  // namespace
 }  // namespace commands

@@ -23,7 +23,7 @@ SubcommandSpec eval_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kModels, eval_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kModels, eval_subcommand());
 
 }  // namespace
 }  // namespace commands

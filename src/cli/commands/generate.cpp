@@ -38,7 +38,7 @@ SubcommandSpec generate_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kCheckpoints, generate_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kCheckpoints, generate_subcommand());
 
 }  // namespace
 }  // namespace commands

@@ -26,7 +26,7 @@ SubcommandSpec init_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kModels, init_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kModels, init_subcommand());
 
 }  // namespace
 }  // namespace commands

@@ -28,7 +28,7 @@ SubcommandSpec inspect_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kCheckpoints, inspect_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kCheckpoints, inspect_subcommand());
 
 }  // namespace
 }  // namespace commands

@@ -28,7 +28,7 @@ SubcommandSpec mask_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kCheckpoints, mask_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kCheckpoints, mask_subcommand());
 
 }  // namespace
 }  // namespace commands

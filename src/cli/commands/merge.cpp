@@ -55,7 +55,7 @@ SubcommandSpec merge_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kCheckpoints, merge_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kCheckpoints, merge_subcommand());
 
 }  // namespace
 }  // namespace commands

@@ -38,7 +38,7 @@ SubcommandSpec signs_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kModels, signs_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kModels, signs_subcommand());
 
 }  // namespace
 }  // namespace commands

@@ -42,7 +42,7 @@ SubcommandSpec sweep_subcommand() {
   return sweep;
 }
 
-const SubcommandRegistration kRegistration(Section::kRuns, sweep_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kRuns, sweep_subcommand());
 
 }  // namespace
 }  // namespace commands

@@ -19,7 +19,7 @@ SubcommandSpec taskvector_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kCheckpoints, taskvector_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kCheckpoints, taskvector_subcommand());
 
 }  // namespace
 }  // namespace commands

@@ -46,7 +46,7 @@ SubcommandSpec train_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kModels, train_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kModels, train_subcommand());
 
 }  // namespace
 }  // namespace commands

@@ -94,7 +94,7 @@ SubcommandSpec transport_subcommand() {
   return spec;
 }
 
-const SubcommandRegistration kRegistration(Section::kModels, transport_subcommand());
+const SubcommandRegistration kRegistration(HelpSection::kModels, transport_subcommand());
 
 }  // namespace
 }  // namespace commands
