@@ -320,9 +320,13 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
     command.stats = make_communicator(backend, *runtime, on_device);
     command.context = JobContext(runtime->world(), *command.stats);
     command.context.local_rank = runtime->local_rank();
-    if (runtime->world().size() > 1 || backend != "auto")
+    if (runtime->world().size() > 1 || backend != "auto") {
       out << "gradfix: " << runtime->world().size() << " rank(s), statistics backend " << command.stats->backend()
           << (backend == "auto" ? (on_device ? " (auto: tensors are on CUDA devices)" : " (auto: tensors are in host memory)") : "") << "\n";
+      // Where each rank runs: what a user checks first when a job spans nodes.
+      const std::string placement = describe_placement(runtime->world(), runtime->local_rank());
+      out << "gradfix: " << placement << "\n";
+    }
   } else if (backend == "nccl") {
     throw InputError("--backend nccl needs the MPI runtime that the gradfix program starts");
   }

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <unistd.h>
 
 #include <cctype>
@@ -109,6 +110,44 @@ std::string host_name() {
   char name[256] = {};
   ::gethostname(name, sizeof name - 1);
   return name;
+}
+
+std::string describe_placement(Communicator& comm, int local_rank) {
+  // Host names as fixed-size fields, the node-local rank in the last 4 bytes: a name longer than
+  // the field (DNS allows 253) is cut, which only shortens the line.
+  constexpr std::size_t kField = 68, kName = kField - 4;
+  std::vector<char> mine(kField, '\0'), all(kField * static_cast<std::size_t>(comm.size()));
+  const std::string name = host_name();
+  std::copy_n(name.begin(), std::min(name.size(), kName - 1), mine.begin());
+  std::memcpy(mine.data() + kName, &local_rank, sizeof local_rank);
+  comm.allgather(mine.data(), all.data(), kField, DType::kU8);
+  std::vector<std::pair<std::string, std::vector<int>>> hosts;
+  bool grouped_alike = true;
+  for (int r = 0; r < comm.size(); ++r) {
+    const char* field = all.data() + kField * static_cast<std::size_t>(r);
+    const std::string host(field);
+    int local = 0;
+    std::memcpy(&local, field + kName, sizeof local);
+    auto found = std::find_if(hosts.begin(), hosts.end(), [&](const auto& entry) { return entry.first == host; });
+    if (found == hosts.end()) found = hosts.insert(hosts.end(), {host, {}});
+    // MPI's node-local ranks count 0, 1, ... over the ranks of one host when it groups by host.
+    grouped_alike = grouped_alike && local == static_cast<int>(found->second.size());
+    found->second.push_back(r);
+  }
+  std::string text = std::to_string(hosts.size()) + (hosts.size() == 1 ? " host:" : " hosts:");
+  for (std::size_t h = 0; h < hosts.size(); ++h) {
+    const std::vector<int>& ranks = hosts[h].second;
+    text += std::string(h == 0 ? " " : ", ") + hosts[h].first + (ranks.size() == 1 ? " rank " : " ranks ");
+    // Consecutive ranks as ranges: "0-3,8".
+    for (std::size_t i = 0; i < ranks.size();) {
+      std::size_t j = i;
+      while (j + 1 < ranks.size() && ranks[j + 1] == ranks[j] + 1) ++j;
+      text += (i == 0 ? "" : ",") + std::to_string(ranks[i]) + (j > i ? "-" + std::to_string(ranks[j]) : "");
+      i = j + 1;
+    }
+  }
+  if (!grouped_alike) text += " (MPI groups the ranks into nodes otherwise than by host name; GPUs and threads follow MPI's nodes)";
+  return text;
 }
 
 std::string describe_rank(const Communicator& comm) {
@@ -223,14 +262,15 @@ void MpiCommunicator::complete(MPI_Request& request) {
         // an earlier collective but heard recently is alive and waiting too (a broadcast can
         // reach it only through the silent one), so it is listed apart and not blamed.
         std::string silent, behind;
+        auto on_host = [&](int r) { return hosts_.empty() ? std::string() : " on " + hosts_[static_cast<std::size_t>(r)]; };
         for (int r = 1; r < size_; ++r) {
           const double quiet = std::chrono::duration<double>(now - heard_[static_cast<std::size_t>(r)]).count();
           const std::string last = std::to_string(arrived_[static_cast<std::size_t>(r)]);
           if (quiet > 2.5)
-            silent += (silent.empty() ? "" : ", ") + std::to_string(r) + " (silent for " + std::to_string(static_cast<long long>(quiet)) +
+            silent += (silent.empty() ? "" : ", ") + std::to_string(r) + on_host(r) + " (silent for " + std::to_string(static_cast<long long>(quiet)) +
                       " s, last seen at #" + last + ")";
           else if (arrived_[static_cast<std::size_t>(r)] < sequence_)
-            behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (alive, at #" + last + ")";
+            behind += (behind.empty() ? "" : ", ") + std::to_string(r) + on_host(r) + " (alive, at #" + last + ")";
         }
         if (!silent.empty()) message += "rank(s) " + silent + " stopped answering (stopped, hung or stuck in I/O)";
         if (!behind.empty()) message += (silent.empty() ? "" : "; ") + std::string("rank(s) ") + behind + " still waiting in an earlier collective";
@@ -344,6 +384,15 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
       throw RuntimeFailure("MPI_Init_thread failed on " + host_name());
   }
   world_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
+  // Every rank's host name, once, for messages about lost ranks (fixed fields: a longer name is cut).
+  constexpr int kField = 64;
+  std::vector<char> mine(kField, '\0'), all(static_cast<std::size_t>(kField) * static_cast<std::size_t>(world_->size()));
+  const std::string name = host_name();
+  std::copy_n(name.begin(), std::min<std::size_t>(name.size(), kField - 1), mine.begin());
+  MPI_Allgather(mine.data(), kField, MPI_CHAR, all.data(), kField, MPI_CHAR, MPI_COMM_WORLD);
+  std::vector<std::string> hosts;
+  for (int r = 0; r < world_->size(); ++r) hosts.emplace_back(all.data() + static_cast<std::size_t>(kField) * static_cast<std::size_t>(r));
+  world_->set_rank_hosts(std::move(hosts));
   MPI_Comm node = MPI_COMM_NULL;
   MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_->rank(), MPI_INFO_NULL, &node);
   MPI_Comm_rank(node, &local_rank_);

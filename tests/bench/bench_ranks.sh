@@ -21,14 +21,8 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 
 # Square 4096-row matrices of bf16, 16M elements (32 MB) each.
-elements=$((size / 2))
-shapes=""
-for ((i = 0; elements > 0; i++)); do
-  cols=$((elements >= 4096 * 4096 ? 4096 : elements / 4096))
-  [ "$cols" -gt 0 ] || break
-  shapes+="${shapes:+,}blocks.$i.weight=4096x$cols"
-  elements=$((elements - 4096 * cols))
-done
+source "$root/tests/bench/bench_common.sh"
+shapes=$(block_shapes $((size / 2)))
 mpirun "${flags[@]}" -np 2 "$gradfix" generate --shapes "$shapes" --dtype BF16 --noise 0.1 --seed 1 --out base.safetensors >/dev/null
 mpirun "${flags[@]}" -np 2 "$gradfix" generate --like base.safetensors --like-scale 0 --noise 0.01 --seed 2 --out tau.safetensors >/dev/null
 mpirun "${flags[@]}" -np 2 "$gradfix" generate --like base.safetensors --like-scale 0 --noise 1 --seed 3 --out signs.safetensors >/dev/null

@@ -15,27 +15,9 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 
 # Token data for a small task (each sequence counts upwards mod 96 from a random start, loss on
-# every next token), written as safetensors with Python's standard library.
-python3 - <<'PY'
-import json, random, struct
-def write(path, samples, length, seed):
-    rng = random.Random(seed)
-    ids, labels = [], []
-    for _ in range(samples):
-        start = rng.randrange(96)
-        row = [(start + k) % 96 for k in range(length)]
-        ids += row
-        labels += [-100] + row[1:]
-    size = 8 * samples * length
-    header = {"input_ids": {"dtype": "I64", "shape": [samples, length], "data_offsets": [0, size]},
-              "labels": {"dtype": "I64", "shape": [samples, length], "data_offsets": [size, 2 * size]}}
-    text = json.dumps(header).encode()
-    text += b" " * ((8 - len(text) % 8) % 8)
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(text)) + text + struct.pack("<%dq" % len(ids), *ids) + struct.pack("<%dq" % len(labels), *labels))
-write("pool.safetensors", 24, 8, 1)
-write("test.safetensors", 8, 8, 2)
-PY
+# every next token).
+"$repo/tests/support/token_data.py" pool.safetensors 24 8 1
+"$repo/tests/support/token_data.py" test.safetensors 8 8 2
 "$gradfix" convert pool.safetensors pool.h5 >/dev/null
 # A source task vector and B's own fine-tune: noisy copies of B stand in for real fine-tunes here
 # (the mechanics are under test, not the method's benefit).

@@ -57,7 +57,7 @@ elapsed=$(awk "BEGIN { print $(date +%s.%N) - $start }")
 check "rank 2 was found and stopped" test -n "$stopped"
 check "the job fails (exit $code)" test "$code" -ne 0
 check "the other ranks gave up within the timeout plus a few seconds (${elapsed} s after the stop)" awk "BEGIN { exit !($elapsed < 4 + 10) }"
-check "rank 0 names the stopped rank, and only it" grep -q "rank(s) 2 (silent for [0-9]* s, last seen at #[0-9]*) stopped answering" hung.log
+check "rank 0 names the stopped rank, and only it" grep -q "rank(s) 2 on $(hostname) (silent for [0-9]* s, last seen at #[0-9]*) stopped answering" hung.log
 check "nothing is published" test ! -e hung
 check "no temporary file is left" test -z "$(ls -A | grep '^\.' || true)"
 [ "$failed" -eq 0 ] || cat hung.log >&2

@@ -8,12 +8,8 @@ set -euo pipefail
 gradfix=$1
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 source "$repo/tests/mpi/common.sh"
-
-# slurm-wlm and munge come from launch/setup: tests install nothing.
-for command in slurmctld slurmd munged sbatch; do
-  command -v "$command" >/dev/null || { echo "slurm_test: $command is missing; run launch/setup (it installs slurm-wlm and munge)" >&2; exit 1; }
-done
-[ "$(id -u)" -eq 0 ] || { echo "slurm_test: slurmd must run as root" >&2; exit 1; }
+source "$repo/tests/slurm/slurm_common.sh"
+require_slurm
 
 work=$(mktemp -d /tmp/gradfix-slurm-XXXXXX)
 chmod 700 "$work"
@@ -33,11 +29,7 @@ stop_daemons() {
 }
 trap stop_daemons EXIT
 
-# munge: a fresh key and a private socket.
-dd if=/dev/urandom of="$work/munge.key" bs=1024 count=1 status=none
-chmod 400 "$work/munge.key"
-munged --force --key-file="$work/munge.key" --socket="$work/munge.socket" --pid-file="$work/munged.pid" \
-  --log-file="$work/munged.log" --seed-file="$work/munge.seed"
+start_munge "$work"
 
 mkdir -p "$work/state" "$work/spool" "$work/jobs"
 cat >"$work/slurm.conf" <<CONF
@@ -45,35 +37,16 @@ ClusterName=gradfixtest
 SlurmctldHost=$host
 SlurmctldPort=16817
 SlurmdPort=16818
-SlurmUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$work/munge.socket
-StateSaveLocation=$work/state
+$(slurm_conf_common "$work")
 SlurmdSpoolDir=$work/spool
 SlurmctldPidFile=$work/slurmctld.pid
 SlurmdPidFile=$work/slurmd.pid
 SlurmctldLogFile=$work/slurmctld.log
 SlurmdLogFile=$work/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-ReturnToService=2
-SchedulerType=sched/builtin
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-# The scripts ask for GPUs per node; this node declares four without device files.
-GresTypes=gpu
-JobCompType=jobcomp/none
-AccountingStorageType=accounting_storage/none
-# Accept the declared CPUs even where the machine has fewer cores.
-SlurmdParameters=config_overrides
 NodeName=$host CPUs=8 RealMemory=2000 Gres=gpu:4 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
-# Slurm counts GPUs by their device files; plain files stand in for /dev/nvidia0..3.
-touch "$work/gpu0" "$work/gpu1" "$work/gpu2" "$work/gpu3"
-echo "NodeName=$host Name=gpu File=$work/gpu[0-3]" >"$work/gres.conf"
+slurm_gpu_files "$work"
 export SLURM_CONF=$work/slurm.conf
 
 slurmctld -f "$SLURM_CONF"
@@ -86,10 +59,7 @@ done
 check "the node comes up idle (state '${state:-none}')" test "${state:-}" = "idle"
 
 cd "$work/jobs"
-"$gradfix" generate --shapes "embed=300x64,w=64x64,b=64,v=10000" --seed 1 --out base.safetensors >/dev/null
-"$gradfix" generate --like base.safetensors --like-scale 0 --noise 0.01 --seed 2 --out tau.safetensors >/dev/null
-"$gradfix" generate --like base.safetensors --like-scale 0 --noise 1 --seed 3 --out signs.h5 >/dev/null
-"$gradfix" mask --task-vector tau.safetensors --signs signs.h5 --mask-mode soft1 --out reference.safetensors >/dev/null
+mask_job_inputs "$gradfix"
 
 export GRADFIX_BIN=$gradfix
 small=(--time=5 --cpus-per-task=1)

@@ -46,6 +46,9 @@ class MpiCommunicator final : public Communicator {
   // Ends every rank of this communicator's job with `exit_code`: the way out of a failure that
   // happens while other ranks may be waiting in a collective.
   [[noreturn]] void abort(int exit_code) const;
+  // The host of each rank, for the watchdog's message ("rank(s) 2 on node17 ..."): a lost node
+  // shows as its ranks and its name. Set on the world communicator when MPI starts.
+  void set_rank_hosts(std::vector<std::string> hosts) { hosts_ = std::move(hosts); }
 
  private:
   // Every collective is posted non-blocking (`post` starts it and returns MPI's status) and
@@ -65,6 +68,7 @@ class MpiCommunicator final : public Communicator {
   std::vector<long long> ring_;       // other ranks: the announcements in flight
   long long announcements_ = 0;
   std::vector<std::chrono::steady_clock::time_point> heard_;  // rank 0: when each rank last announced
+  std::vector<std::string> hosts_;    // each rank's host name (empty: not known)
 };
 
 // The MPI library's own version line ("Open MPI v4.1.4, package: ..."); callable before MPI starts.
