@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <cstring>
+#include <set>
 #include <vector>
 
 #include "gradfix/dist/mpi.hpp"
@@ -112,27 +113,34 @@ std::string host_name() {
   return name;
 }
 
-std::string describe_placement(Communicator& comm, int local_rank) {
-  // Host names as fixed-size fields, the node-local rank in the last 4 bytes: a name longer than
-  // the field (DNS allows 253) is cut, which only shortens the line.
-  constexpr std::size_t kField = 68, kName = kField - 4;
+std::string describe_placement(Communicator& comm, int local_rank, int threads) {
+  // Host names as fixed-size fields, the node-local rank and the threads in the last 8 bytes: a
+  // name longer than the field (DNS allows 253) is cut, which only shortens the line.
+  constexpr std::size_t kField = 72, kName = kField - 8;
   std::vector<char> mine(kField, '\0'), all(kField * static_cast<std::size_t>(comm.size()));
   const std::string name = host_name();
   std::copy_n(name.begin(), std::min(name.size(), kName - 1), mine.begin());
   std::memcpy(mine.data() + kName, &local_rank, sizeof local_rank);
+  std::memcpy(mine.data() + kName + 4, &threads, sizeof threads);
   comm.allgather(mine.data(), all.data(), kField, DType::kU8);
   std::vector<std::pair<std::string, std::vector<int>>> hosts;
+  std::vector<std::set<int>> host_threads;
   bool grouped_alike = true;
   for (int r = 0; r < comm.size(); ++r) {
     const char* field = all.data() + kField * static_cast<std::size_t>(r);
     const std::string host(field);
-    int local = 0;
+    int local = 0, rank_threads = 0;
     std::memcpy(&local, field + kName, sizeof local);
+    std::memcpy(&rank_threads, field + kName + 4, sizeof rank_threads);
     auto found = std::find_if(hosts.begin(), hosts.end(), [&](const auto& entry) { return entry.first == host; });
-    if (found == hosts.end()) found = hosts.insert(hosts.end(), {host, {}});
+    if (found == hosts.end()) {
+      found = hosts.insert(hosts.end(), {host, {}});
+      host_threads.emplace_back();
+    }
     // MPI's node-local ranks count 0, 1, ... over the ranks of one host when it groups by host.
     grouped_alike = grouped_alike && local == static_cast<int>(found->second.size());
     found->second.push_back(r);
+    host_threads[static_cast<std::size_t>(found - hosts.begin())].insert(rank_threads);
   }
   std::string text = std::to_string(hosts.size()) + (hosts.size() == 1 ? " host:" : " hosts:");
   for (std::size_t h = 0; h < hosts.size(); ++h) {
@@ -144,6 +152,13 @@ std::string describe_placement(Communicator& comm, int local_rank) {
       while (j + 1 < ranks.size() && ranks[j + 1] == ranks[j] + 1) ++j;
       text += (i == 0 ? "" : ",") + std::to_string(ranks[i]) + (j > i ? "-" + std::to_string(ranks[j]) : "");
       i = j + 1;
+    }
+    const std::set<int>& counts = host_threads[h];
+    if (*counts.rbegin() > 0) {
+      text += " (";
+      for (int count : counts) text += (count == *counts.begin() ? "" : "/") + std::to_string(count);
+      text += counts.size() == 1 && *counts.begin() == 1 ? " thread" : " threads";
+      text += ranks.size() == 1 ? ")" : " each)";
     }
   }
   if (!grouped_alike) text += " (MPI groups the ranks into nodes otherwise than by host name; GPUs and threads follow MPI's nodes)";

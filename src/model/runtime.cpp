@@ -23,6 +23,12 @@ namespace gradfix {
 
 bool torch_available() { return true; }
 
+namespace {
+int g_configured_threads = 0;
+}  // namespace
+
+int configured_threads() { return g_configured_threads; }
+
 int configure_threads(int ranks_on_node) {
   int threads = 0;
   if (const char* forced = std::getenv("GRADFIX_THREADS")) {
@@ -41,6 +47,7 @@ int configure_threads(int ranks_on_node) {
     threads = std::max(1, usable);
   }
   torch::set_num_threads(threads);
+  g_configured_threads = threads;
   // LibTorch parallelises around its BLAS calls with its own OpenMP pool. A pthreads OpenBLAS
   // (Debian's default) keeps a second pool of one thread per core, and the OpenMP threads spin
   // while they wait, so the two pools fight over the rank's cores: an MLP trained 2.1x slower with

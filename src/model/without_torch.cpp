@@ -15,6 +15,7 @@ namespace {
 
 bool torch_available() { return false; }
 int configure_threads(int) { return 0; }
+int configured_threads() { return 0; }
 void configure_allocator() {}
 void configure_tensor_memory() {}
 void release_kept_tensor_memory() {}

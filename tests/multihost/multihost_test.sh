@@ -53,9 +53,9 @@ run_all() {  # run_all OUTPUT_DIR [LAUNCHER...]: every job, outputs under OUTPUT
 
 run_all reference
 mpirun_hosts 2 2
-run_all two_by_two mpirun "${mpirun_flags[@]}" -np 4 "${mpirun_host_flags[@]}"
+run_all two_by_two mpirun "${mpirun_flags[@]}" -np 4 --bind-to none "${mpirun_host_flags[@]}"
 mpirun_hosts 1 1 1
-run_all three_by_one mpirun "${mpirun_flags[@]}" -np 3 "${mpirun_host_flags[@]}"
+run_all three_by_one mpirun "${mpirun_flags[@]}" -np 3 --bind-to none "${mpirun_host_flags[@]}"
 
 for layout in two_by_two three_by_one; do
   count=0
@@ -65,10 +65,17 @@ for layout in two_by_two three_by_one; do
   done < <(cd reference && find . -type f | sort)
   check "$layout: every output was written ($count files)" test "$count" -ge 12
 done
-check "2 hosts x 2 ranks: each job names both hosts and their ranks" \
-  test "$(grep -c '^gradfix: 2 hosts: host1 ranks 0-1, host2 ranks 2-3$' two_by_two.log)" -eq 7
-check "3 hosts x 1 rank: each job names the three hosts" \
-  test "$(grep -c '^gradfix: 3 hosts: host1 rank 0, host2 rank 1, host3 rank 2$' three_by_one.log)" -eq 7
+check "2 hosts x 2 ranks: each file job names both hosts and their ranks" \
+  test "$(grep -c '^gradfix: 2 hosts: host1 ranks 0-1, host2 ranks 2-3$' two_by_two.log)" -eq 5
+check "3 hosts x 1 rank: each file job names the three hosts" \
+  test "$(grep -c '^gradfix: 3 hosts: host1 rank 0, host2 rank 1, host3 rank 2$' three_by_one.log)" -eq 5
+# The model jobs' LibTorch threads: the launcher binds nothing (--bind-to none), so each rank
+# takes its host's cores divided among the ranks on that host (docs/cluster.md, GRADFIX_THREADS).
+threads() { local n=$(( $(nproc) / $1 )); [ "$n" -ge 1 ] || n=1; [ "$n" -eq 1 ] && echo "1 thread" || echo "$n threads"; }
+check "2 hosts x 2 ranks: signs and transport divide each host's cores between its two ranks" \
+  test "$(grep -c "^gradfix: 2 hosts: host1 ranks 0-1 ($(threads 2) each), host2 ranks 2-3 ($(threads 2) each)$" two_by_two.log)" -eq 2
+check "3 hosts x 1 rank: signs and transport give each rank its host's cores" \
+  test "$(grep -c "^gradfix: 3 hosts: host1 rank 0 ($(threads 1)), host2 rank 1 ($(threads 1)), host3 rank 2 ($(threads 1))$" three_by_one.log)" -eq 2
 check "MPI's nodes are the hosts (node-local ranks count per host)" bash -c "! grep -q 'MPI groups the ranks' two_by_two.log three_by_one.log"
 check "no temporary file was left" test -z "$(find . -name '.*.tmp-*')"
 for i in 1 2 3; do

@@ -25,6 +25,8 @@ bool torch_available();
 // on (its affinity mask), divided among the ranks of its node when the mask is the whole node
 // (an unbound launch), so that P ranks on a node do not run P times its cores. Returns the count.
 int configure_threads(int ranks_on_node);
+// What configure_threads set (0 before it ran, and without LibTorch): the first lines of a job say it.
+int configured_threads();
 // glibc's allocator for the classifier jobs (train, eval, signs, transport and demo on
 // built-in or TorchScript classifiers call it): blocks under 32 MiB come from the heap and up to
 // 64 MiB of freed heap is kept. glibc maps fresh pages for every block above 128 KiB at first
