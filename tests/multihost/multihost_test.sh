@@ -77,6 +77,25 @@ check "2 hosts x 2 ranks: signs and transport divide each host's cores between i
 check "3 hosts x 1 rank: signs and transport give each rank its host's cores" \
   test "$(grep -c "^gradfix: 3 hosts: host1 rank 0 ($(threads 1)), host2 rank 1 ($(threads 1)), host3 rank 2 ($(threads 1))$" three_by_one.log)" -eq 2
 check "MPI's nodes are the hosts (node-local ranks count per host)" bash -c "! grep -q 'MPI groups the ranks' two_by_two.log three_by_one.log"
+# An error only the last rank sees (a NaN in the last element, in its shard) is reported by that
+# rank, naming its own host; nothing is published.
+cp base.safetensors nan.safetensors
+size=$(stat -c %s nan.safetensors)
+printf '\xff\xff' | dd of=nan.safetensors bs=1 seek=$((size - 2)) conv=notrunc 2>/dev/null
+for layout in "4 2 2 3/4 host2" "3 1 1 1 2/3 host3"; do
+  read -r ranks slots_and_rest <<<"$layout"
+  set -- $slots_and_rest
+  rank=${*: -2:1} host=${*: -1}
+  mpirun_hosts "${@:1:$(($# - 2))}"
+  set +e
+  mpirun "${mpirun_flags[@]}" -np "$ranks" "${mpirun_host_flags[@]}" "$gradfix" apply --base base.safetensors --task-vector nan.safetensors \
+    --out "nan_$ranks.safetensors" >nan.log 2>&1
+  code=$?
+  set -e
+  check "$ranks ranks: a NaN only rank $rank reads fails the job (exit $code)" test "$code" -ne 0
+  check "$ranks ranks: the error names rank $rank and its host $host" grep -q "\[rank $rank on $host\] .*nan.safetensors: tensor 'scale'" nan.log
+  check "$ranks ranks: nothing is published" test ! -e "nan_$ranks.safetensors"
+done
 check "no temporary file was left" test -z "$(find . -name '.*.tmp-*')"
 for i in 1 2 3; do
   check "no process is left on host$i" test -z "$(ip netns pids "${host_netns[$i]}")"
