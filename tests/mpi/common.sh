@@ -29,6 +29,16 @@ expect_exit2() {
   check "$description: message" grep -q -- "$pattern" "$output"
 }
 
+# file_job_inputs GRADFIX SHAPES: the inputs of the file jobs in the current directory: a BF16
+# base of these tensors, a fine-tune of it, a second task vector, and two statistics files.
+file_job_inputs() {
+  "$1" generate --shapes "$2" --dtype BF16 --noise 0.1 --seed 1 --out base.safetensors >/dev/null
+  "$1" generate --like base.safetensors --noise 0.01 --seed 2 --out ft.safetensors >/dev/null
+  "$1" generate --like base.safetensors --like-scale 0 --noise 1 --seed 3 --out signs.h5 >/dev/null
+  "$1" generate --like base.safetensors --like-scale 0 --noise 0.01 --seed 4 --out tau2.safetensors >/dev/null
+  "$1" generate --like base.safetensors --like-scale 0 --noise 1 --seed 5 --out signs2.safetensors >/dev/null
+}
+
 finish() {
   echo "$passed passed, $failed failed"
   [ "$failed" -eq 0 ]

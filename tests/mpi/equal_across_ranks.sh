@@ -12,11 +12,7 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 
 shapes="embed=300x64,block.0.weight=64x64,block.0.bias=64,block.1.weight=32x64,long_vector=10000,scale=,empty=0x4"
-"$gradfix" generate --shapes "$shapes" --dtype BF16 --noise 0.1 --seed 1 --out base.safetensors >/dev/null
-"$gradfix" generate --like base.safetensors --noise 0.01 --seed 2 --out ft.safetensors >/dev/null
-"$gradfix" generate --like base.safetensors --like-scale 0 --noise 1 --seed 3 --out signs.h5 >/dev/null
-"$gradfix" generate --like base.safetensors --like-scale 0 --noise 0.01 --seed 4 --out tau2.safetensors >/dev/null
-"$gradfix" generate --like base.safetensors --like-scale 0 --noise 1 --seed 5 --out signs2.safetensors >/dev/null
+file_job_inputs "$gradfix" "$shapes"
 
 run_all() {  # run_all OUTPUT_DIR [LAUNCHER...]
   local out=$1

@@ -21,11 +21,7 @@ cd "$work"
 
 # Inputs: tensors cut across ranks (rows split, a long vector), BF16 like a real checkpoint.
 shapes="embed=300x64,block.0.weight=64x64,block.0.bias=64,block.1.weight=32x64,long_vector=10000,scale="
-"$gradfix" generate --shapes "$shapes" --dtype BF16 --noise 0.1 --seed 1 --out base.safetensors >/dev/null
-"$gradfix" generate --like base.safetensors --noise 0.01 --seed 2 --out ft.safetensors >/dev/null
-"$gradfix" generate --like base.safetensors --like-scale 0 --noise 1 --seed 3 --out signs.h5 >/dev/null
-"$gradfix" generate --like base.safetensors --like-scale 0 --noise 0.01 --seed 4 --out tau2.safetensors >/dev/null
-"$gradfix" generate --like base.safetensors --like-scale 0 --noise 1 --seed 5 --out signs2.safetensors >/dev/null
+file_job_inputs "$gradfix" "$shapes"
 # Token data for the decoder (each sequence counts upwards mod 96 from a random start).
 "$repo/tests/support/token_data.py" pool.safetensors 24 8 1
 "$repo/tests/support/token_data.py" test.safetensors 8 8 2
