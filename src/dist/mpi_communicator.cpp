@@ -113,25 +113,29 @@ std::string host_name() {
   return name;
 }
 
-std::string describe_placement(Communicator& comm, int local_rank, int threads) {
-  // Host names as fixed-size fields, the node-local rank and the threads in the last 8 bytes: a
-  // name longer than the field (DNS allows 253) is cut, which only shortens the line.
-  constexpr std::size_t kField = 72, kName = kField - 8;
+std::vector<std::string> gather_host_names(Communicator& comm) {
+  // Fixed-size fields: a name longer than one (DNS allows 253) is cut, which only shortens messages.
+  constexpr std::size_t kField = 64;
   std::vector<char> mine(kField, '\0'), all(kField * static_cast<std::size_t>(comm.size()));
   const std::string name = host_name();
-  std::copy_n(name.begin(), std::min(name.size(), kName - 1), mine.begin());
-  std::memcpy(mine.data() + kName, &local_rank, sizeof local_rank);
-  std::memcpy(mine.data() + kName + 4, &threads, sizeof threads);
+  std::copy_n(name.begin(), std::min(name.size(), kField - 1), mine.begin());
   comm.allgather(mine.data(), all.data(), kField, DType::kU8);
+  std::vector<std::string> names;
+  for (int r = 0; r < comm.size(); ++r) names.emplace_back(all.data() + kField * static_cast<std::size_t>(r));
+  return names;
+}
+
+std::string describe_placement(Communicator& comm, int local_rank, int threads) {
+  const std::vector<std::string> names = gather_host_names(comm);
+  const int mine[2] = {local_rank, threads};
+  std::vector<int> all(2 * static_cast<std::size_t>(comm.size()));
+  comm.allgather(mine, all.data(), 2, DType::kI32);
   std::vector<std::pair<std::string, std::vector<int>>> hosts;
   std::vector<std::set<int>> host_threads;
   bool grouped_alike = true;
   for (int r = 0; r < comm.size(); ++r) {
-    const char* field = all.data() + kField * static_cast<std::size_t>(r);
-    const std::string host(field);
-    int local = 0, rank_threads = 0;
-    std::memcpy(&local, field + kName, sizeof local);
-    std::memcpy(&rank_threads, field + kName + 4, sizeof rank_threads);
+    const std::string& host = names[static_cast<std::size_t>(r)];
+    const int local = all[2 * static_cast<std::size_t>(r)], rank_threads = all[2 * static_cast<std::size_t>(r) + 1];
     auto found = std::find_if(hosts.begin(), hosts.end(), [&](const auto& entry) { return entry.first == host; });
     if (found == hosts.end()) {
       found = hosts.insert(hosts.end(), {host, {}});
@@ -399,15 +403,8 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
       throw RuntimeFailure("MPI_Init_thread failed on " + host_name());
   }
   world_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
-  // Every rank's host name, once, for messages about lost ranks (fixed fields: a longer name is cut).
-  constexpr int kField = 64;
-  std::vector<char> mine(kField, '\0'), all(static_cast<std::size_t>(kField) * static_cast<std::size_t>(world_->size()));
-  const std::string name = host_name();
-  std::copy_n(name.begin(), std::min<std::size_t>(name.size(), kField - 1), mine.begin());
-  MPI_Allgather(mine.data(), kField, MPI_CHAR, all.data(), kField, MPI_CHAR, MPI_COMM_WORLD);
-  std::vector<std::string> hosts;
-  for (int r = 0; r < world_->size(); ++r) hosts.emplace_back(all.data() + static_cast<std::size_t>(kField) * static_cast<std::size_t>(r));
-  world_->set_rank_hosts(std::move(hosts));
+  // Every rank's host name, once, for messages about lost ranks.
+  world_->set_rank_hosts(gather_host_names(*world_));
   MPI_Comm node = MPI_COMM_NULL;
   MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_->rank(), MPI_INFO_NULL, &node);
   MPI_Comm_rank(node, &local_rank_);

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "gradfix/io/dtype.hpp"
 
@@ -45,6 +46,9 @@ std::string describe_rank(const Communicator& comm);
 
 // The host name of this process.
 std::string host_name();
+
+// Every rank's host name, by rank. Collective.
+std::vector<std::string> gather_host_names(Communicator& comm);
 
 // Where the ranks run, for the first lines of a job: "2 hosts: node1 ranks 0-1, node2 ranks 2-3"
 // (hosts in the order of their first rank), with ", 4 threads each" per host where `threads` (this

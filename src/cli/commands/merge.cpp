@@ -1,4 +1,5 @@
-// gradfix merge: its options, and the step from them to its job (the job itself: src/jobs/merge.cpp and, for a mergekit configuration, src/jobs/model_merge.cpp).
+// gradfix merge: its options, and the step from them to its job (the job itself: src/jobs/merge.cpp
+// and, for a mergekit configuration, src/jobs/model_merge.cpp).
 #include "common.hpp"
 #include "gradfix/cli/mergekit.hpp"
 
