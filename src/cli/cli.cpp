@@ -324,8 +324,8 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
       out << "gradfix: " << runtime->world().size() << " rank(s), statistics backend " << command.stats->backend()
           << (backend == "auto" ? (on_device ? " (auto: tensors are on CUDA devices)" : " (auto: tensors are in host memory)") : "") << "\n";
       // Where each rank runs: what a user checks first when a job spans nodes.
-      const std::string placement = describe_placement(runtime->world(), runtime->local_rank(), configured_threads());
-      out << "gradfix: " << placement << "\n";
+      MpiCommunicator& world = runtime->world();
+      out << "gradfix: " << describe_placement(world, world.rank_hosts(), runtime->local_rank(), configured_threads()) << "\n";
     }
   } else if (backend == "nccl") {
     throw InputError("--backend nccl needs the MPI runtime that the gradfix program starts");

@@ -125,8 +125,7 @@ std::vector<std::string> gather_host_names(Communicator& comm) {
   return names;
 }
 
-std::string describe_placement(Communicator& comm, int local_rank, int threads) {
-  const std::vector<std::string> names = gather_host_names(comm);
+std::string describe_placement(Communicator& comm, const std::vector<std::string>& names, int local_rank, int threads) {
   const int mine[2] = {local_rank, threads};
   std::vector<int> all(2 * static_cast<std::size_t>(comm.size()));
   comm.allgather(mine, all.data(), 2, DType::kI32);

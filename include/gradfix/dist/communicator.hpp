@@ -51,10 +51,11 @@ std::string host_name();
 std::vector<std::string> gather_host_names(Communicator& comm);
 
 // Where the ranks run, for the first lines of a job: "2 hosts: node1 ranks 0-1, node2 ranks 2-3"
-// (hosts in the order of their first rank), with ", 4 threads each" per host where `threads` (this
-// rank's compute threads) is positive. `local_rank` is this rank's place among the ranks MPI
-// counts as its node's (they pick GPUs and divide threads): where that grouping is not the host
-// names' grouping, the text says so. Collective; every rank gets the text.
-std::string describe_placement(Communicator& comm, int local_rank, int threads = 0);
+// (hosts in the order of their first rank), with " (4 threads each)" per host where `threads`
+// (this rank's compute threads) is positive. `hosts` is each rank's host name
+// (gather_host_names). `local_rank` is this rank's place among the ranks MPI counts as its node's
+// (they pick GPUs and divide threads): where that grouping is not the host names' grouping, the
+// text says so. Collective; every rank gets the text.
+std::string describe_placement(Communicator& comm, const std::vector<std::string>& hosts, int local_rank, int threads = 0);
 
 }  // namespace gradfix

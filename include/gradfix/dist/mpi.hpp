@@ -49,6 +49,7 @@ class MpiCommunicator final : public Communicator {
   // The host of each rank, for the watchdog's message ("rank(s) 2 on node17 ..."): a lost node
   // shows as its ranks and its name. Set on the world communicator when MPI starts.
   void set_rank_hosts(std::vector<std::string> hosts) { hosts_ = std::move(hosts); }
+  const std::vector<std::string>& rank_hosts() const { return hosts_; }
 
  private:
   // Every collective is posted non-blocking (`post` starts it and returns MPI's status) and
