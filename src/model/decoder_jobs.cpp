@@ -159,15 +159,17 @@ void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext&
   ShardedSignsOptions options;
   options.sign_mode = job.sign_mode;
   options.method = job.method;
+  options.precision = job.vote_precision;
   Progress progress(context, "signs", shots.samples, 0, "samples");
   std::optional<CurrentProgress> current(progress);
   const ShardedStatistics statistics = sharded_statistics(decoder, *weights, token_samples(shots), options, context, device);
   current.reset();
   progress.finish();
 
-  const DType dtype = write_sharded_statistics(context, *weights, statistics, job.sign_mode, job.seed, decoder.model_type(), job.out);
+  const DType dtype = write_sharded_statistics(context, *weights, statistics, job.sign_mode, job.seed, decoder.model_type(), job.out,
+                                               vote_precision_metadata(job.vote_precision));
   if (context.is_root())
-    log << "signs " << sign_mode_name(job.sign_mode) << ": " << decoder.model_type() << ", " << shots.samples << " samples, "
+    log << "signs " << sign_mode_name(job.sign_mode) << (job.vote_precision == VotePrecision::kF32 ? "" : " (bf16 products)") << ": " << decoder.model_type() << ", " << shots.samples << " samples, "
         << weights->layout().size() << " tensors as " << dtype_name(dtype) << ", parameters sharded over " << context.size()
         << " rank(s), written to " << job.out << "\n";
 }

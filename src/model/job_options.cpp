@@ -37,6 +37,12 @@ void SignsJob::validate() const {
   require_given(out, "--out");
   if (num_samples < 0) throw InputError("--num-samples must not be negative");
   selection.validate();
+  if (vote_precision == VotePrecision::kBF16 && sign_mode != SignMode::kMax)
+    throw InputError("--vote-precision bf16 narrows the products of per-sample votes (--sign-mode max); a mean gradient sums "
+                     "magnitudes, which it would round");
+  if (vote_precision == VotePrecision::kBF16 && method != VoteMethod::kFast)
+    throw InputError("--vote-precision bf16 narrows the fast method's per-sample products; --method loop has none (it asks autograd for "
+                     "each sample's gradient)");
 }
 
 void TransportJob::validate() const {
@@ -45,6 +51,9 @@ void TransportJob::validate() const {
   if (num_samples < 0) throw InputError("--num-samples must not be negative");
   selection.validate();
   mask.validate();
+  if (vote_precision == VotePrecision::kBF16 && sign_mode != SignMode::kMax)
+    throw InputError("--vote-precision bf16 narrows the products of per-sample votes (--sign-mode max); a mean gradient sums "
+                     "magnitudes, which it would round");
   for (double lr : finetune_lrs)
     if (!(lr > 0.0) || !std::isfinite(lr)) throw InputError("--finetune-lrs: every learning rate must be positive, got " + format_number(lr));
   for (std::size_t i = 0; i < finetune_steps.size(); ++i) {

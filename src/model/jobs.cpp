@@ -356,6 +356,10 @@ void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context
     run_decoder_signs(job, log, context);
     return;
   }
+  if (job.vote_precision != VotePrecision::kF32)
+    throw InputError("--vote-precision " + std::string(vote_precision_name(job.vote_precision)) +
+                     " is for model directories (decoders, CLIP), whose votes are batched products; " + job.weights +
+                     " is a built-in classifier's weights, voted in float32");
   configure_allocator();
   std::unique_ptr<Classifier> model;
   Dataset shots;
@@ -405,6 +409,10 @@ std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& l
     throw InputError("--statistics-cache is for model directories (their sharded gradient pass); " + job.target +
                      " is a built-in classifier's weights, whose statistics take seconds");
   if (job.num_samples > 0) throw InputError("--num-samples chooses the shots of a decoder; a classifier takes --shots-per-class");
+  if (job.vote_precision != VotePrecision::kF32)
+    throw InputError("--vote-precision " + std::string(vote_precision_name(job.vote_precision)) +
+                     " is for model directories (decoders, CLIP), whose votes are batched products; " + job.target +
+                     " is a built-in classifier's weights, voted in float32");
   configure_allocator();
   TransportInputs in;
   std::unique_ptr<Classifier> model;

@@ -1,6 +1,7 @@
 #include "sample_statistics.hpp"
 
 #include <algorithm>
+#include <cstdint>
 
 #include "gradfix/io/error.hpp"
 
@@ -15,6 +16,19 @@ void count_signs(const float* products, int64_t n, int64_t size, Count* counts) 
   for (int64_t i = 0; i < n; ++i) {
     const float* p = products + i * size;
     for (int64_t j = 0; j < size; ++j) counts[j] = static_cast<Count>(counts[j] + (p[j] < 0.0f) - (p[j] > 0.0f));
+  }
+}
+
+// The same on bfloat16 products, read as their bits: the sign bit, and a magnitude that is not
+// zero (a product that rounded to a signed zero casts no vote, as 0.0f does).
+template <typename Count>
+void count_signs_bf16(const std::uint16_t* products, int64_t n, int64_t size, Count* counts) {
+  for (int64_t i = 0; i < n; ++i) {
+    const std::uint16_t* p = products + i * size;
+    for (int64_t j = 0; j < size; ++j) {
+      const int nonzero = (p[j] & 0x7fffu) != 0, negative = p[j] >> 15;
+      counts[j] = static_cast<Count>(counts[j] + nonzero * (2 * negative - 1));
+    }
   }
 }
 
@@ -34,10 +48,20 @@ void sum_descents(const float* products, int64_t n, int64_t size, double* sums) 
   }
 }
 
-// One tile of products [n, ...] into `target` (its rows, contiguous on the CPU).
+// One tile of products [n, ...] into `target` (its rows, contiguous on the CPU): float32 products
+// for every statistics type, bfloat16 products for vote counts.
 void add_tile(torch::Tensor target, const torch::Tensor& tile) {
   const int64_t n = tile.size(0), size = tile.numel() / std::max<int64_t>(1, n);
   GRADFIX_CHECK(target.numel() == size, "a tile of per-sample products does not match its statistics");
+  if (tile.scalar_type() == torch::kBFloat16) {
+    const auto* bits = reinterpret_cast<const std::uint16_t*>(tile.data_ptr());
+    switch (target.scalar_type()) {
+      case torch::kChar: count_signs_bf16(bits, n, size, target.data_ptr<int8_t>()); return;
+      case torch::kShort: count_signs_bf16(bits, n, size, target.data_ptr<int16_t>()); return;
+      case torch::kInt: count_signs_bf16(bits, n, size, target.data_ptr<int32_t>()); return;
+      default: GRADFIX_CHECK(false, "bfloat16 products are for vote counts only");
+    }
+  }
   const float* products = tile.data_ptr<float>();
   switch (target.scalar_type()) {
     case torch::kChar: count_signs(products, n, size, target.data_ptr<int8_t>()); break;
@@ -47,6 +71,11 @@ void add_tile(torch::Tensor target, const torch::Tensor& tile) {
     default: add_statistics(target, tile); break;
   }
 }
+
+// Multiply-adds per sample below which a bfloat16 product is formed from its rounded factors in
+// float32 (LibTorch 1.13 sends products of fewer than 400 to a loop that accumulates in the
+// element type; some margin above that).
+constexpr int64_t kSmallestBfloat16Product = 4096;
 
 }  // namespace
 
@@ -80,18 +109,49 @@ void Accumulators::add_rows(const std::string& name, const std::vector<int64_t>&
   target.index_add_(0, rows, values.to(type_));
 }
 
+Accumulators::Accumulators(torch::ScalarType type, const torch::Device& device, long long tile_bytes, torch::ScalarType products)
+    : type_(type), device_(device), tile_bytes_(tile_bytes), products_(products) {
+  GRADFIX_CHECK(products == torch::kFloat32 || (products == torch::kBFloat16 && type != torch::kFloat64),
+                "per-sample products are float32, or bfloat16 for vote counts");
+}
+
 void Accumulators::add_products(torch::Tensor target, const torch::Tensor& left, const torch::Tensor& right, const TileHook& hook) {
   const int64_t n = left.size(0), rows = left.size(1), cols = right.size(2);
-  const int64_t tile_rows = std::clamp<int64_t>(tile_bytes_ / std::max<int64_t>(1, n * cols * 4), 1, std::max<int64_t>(1, rows));
+  // Narrowed once per call, not per tile (a transposed factor stays a transposed view).
+  const bool narrow = products_ == torch::kBFloat16 && left.scalar_type() == torch::kFloat32;
+  const torch::Tensor a = narrow ? left.to(torch::kBFloat16) : left, b = narrow ? right.to(torch::kBFloat16) : right;
+  const int64_t element_bytes = static_cast<int64_t>(a.element_size());
+  const int64_t tile_rows = std::clamp<int64_t>(tile_bytes_ / std::max<int64_t>(1, n * cols * element_bytes), 1, std::max<int64_t>(1, rows));
   const int64_t tile_elements = n * tile_rows * cols;
-  if (!tile_.defined() || tile_.numel() < tile_elements || tile_.device() != left.device() || tile_.scalar_type() != left.scalar_type())
-    tile_ = torch::empty({tile_elements}, left.options());
-  // The fused count reads the products in place on the CPU; a GPU takes LibTorch's operations.
-  const bool fused = target.device().is_cpu() && target.is_contiguous() && left.scalar_type() == torch::kFloat32;
+  if (!tile_.defined() || tile_.numel() < tile_elements || tile_.device() != a.device() || tile_.scalar_type() != a.scalar_type())
+    tile_ = torch::empty({tile_elements}, a.options());
+  // The fused count reads the products in place on the CPU; a GPU, and a hook on bfloat16 products
+  // (a tied head adds its embedding rows, which bfloat16 would round), take float32 products and
+  // LibTorch's operations.
+  const bool widen = a.scalar_type() == torch::kBFloat16 && (hook || !target.device().is_cpu());
+  const bool fused = target.device().is_cpu() && target.is_contiguous() && (a.scalar_type() == torch::kFloat32 || !widen);
+  torch::Tensor a_wide, b_wide;  // the rounded factors in float32, for products too small for a fast kernel
   for (int64_t begin = 0; begin < rows; begin += tile_rows) {
     const int64_t end = std::min(rows, begin + tile_rows);
     torch::Tensor tile = tile_.narrow(0, 0, n * (end - begin) * cols).view({n, end - begin, cols});
-    torch::bmm_out(tile, left.slice(1, begin, end), right);
+    if (a.scalar_type() == torch::kBFloat16 && (end - begin) * cols * a.size(2) < kSmallestBfloat16Product) {
+      // LibTorch forms very small bfloat16 products in a loop that accumulates in bfloat16; the
+      // rounded factors' products in float32 are what a fast kernel computes, exactly summed.
+      if (!a_wide.defined()) {
+        a_wide = a.to(torch::kFloat32);
+        b_wide = b.to(torch::kFloat32);
+      }
+      tile.copy_(torch::bmm(a_wide.slice(1, begin, end), b_wide));
+    } else {
+      torch::bmm_out(tile, a.slice(1, begin, end), b);
+    }
+    if (widen) {
+      if (!tile_f32_.defined() || tile_f32_.numel() < tile_elements || tile_f32_.device() != a.device())
+        tile_f32_ = torch::empty({tile_elements}, a.options().dtype(torch::kFloat32));
+      torch::Tensor wide = tile_f32_.narrow(0, 0, tile.numel()).view(tile.sizes());
+      wide.copy_(tile);
+      tile = wide;
+    }
     if (hook) hook(tile, begin, end);
     if (fused) add_tile(target.slice(0, begin, end), tile);
     else add_statistics(target.slice(0, begin, end), tile);

@@ -38,9 +38,12 @@ using TileHook = std::function<void(torch::Tensor& tile, int64_t begin, int64_t 
 // rows only (`shape` then names those): a token embedding's used rows.
 class Accumulators {
  public:
-  // `tile_bytes` bounds one tile of per-sample products (tests use small tiles).
-  Accumulators(torch::ScalarType type, const torch::Device& device, long long tile_bytes = kProductTileBytes)
-      : type_(type), device_(device), tile_bytes_(tile_bytes) {}
+  // `tile_bytes` bounds one tile of per-sample products (tests use small tiles). `products` is
+  // the type the per-sample products are formed in: float32, or bfloat16 (--vote-precision bf16:
+  // both factors rounded to bfloat16, the products accumulated in float32 and rounded once to
+  // bfloat16, whose sign is the float32 sum's; for vote counts only).
+  Accumulators(torch::ScalarType type, const torch::Device& device, long long tile_bytes = kProductTileBytes,
+               torch::ScalarType products = torch::kFloat32);
 
   torch::Tensor& of(const std::string& name, const std::vector<int64_t>& shape);
   torch::Tensor zeros(const std::vector<int64_t>& shape) const { return torch::zeros(shape, torch::TensorOptions().dtype(type_).device(device_)); }
@@ -60,8 +63,10 @@ class Accumulators {
   torch::ScalarType type_;
   torch::Device device_;
   long long tile_bytes_;
+  torch::ScalarType products_;
   std::map<std::string, torch::Tensor> values_;
-  torch::Tensor tile_;  // reused for every tile of products
+  torch::Tensor tile_;       // reused for every tile of products
+  torch::Tensor tile_f32_;   // bfloat16 products widened for a hook or LibTorch's operations
 };
 
 // The per-sample gradient rows of an embedding (sample i: the rows of its token ids), added to

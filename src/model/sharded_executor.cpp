@@ -186,7 +186,9 @@ class StatisticsPass {
       : model_(model), weights_(weights), data_(data), options_(options), context_(context), device_(device),
         votes_(options.sign_mode == SignMode::kMax), loop_(options.method == VoteMethod::kLoop),
         reduce_type_(votes_ ? vote_count_dtype(data.samples, context.stats()) : DType::kF64),
-        accumulators_(scalar_type_of(reduce_type_), device), input_names_(model.input_names()), output_names_(model.output_names()),
+        accumulators_(scalar_type_of(reduce_type_), device, kProductTileBytes,
+                      options.precision == VotePrecision::kBF16 ? torch::kBFloat16 : torch::kFloat32),
+        input_names_(model.input_names()), output_names_(model.output_names()),
         head_(model.vocabulary_head()), token_embedding_(model.token_embedding()),
         tied_(head_ != nullptr && head_->weight == token_embedding_) {
     for (const auto& tensor : weights.layout()) shapes_[tensor.name] = shape_of(tensor);
@@ -195,6 +197,9 @@ class StatisticsPass {
     for (const auto& name : output_names_)
       GRADFIX_CHECK(tied_ || std::find(input_names_.begin(), input_names_.end(), name) == input_names_.end(),
                     "a tensor in both the input and the output stage that is not a tied vocabulary head: " + name);
+    if (options.precision != VotePrecision::kF32 && (loop_ || !votes_))
+      throw InputError(std::string("--vote-precision ") + vote_precision_name(options.precision) +
+                       " narrows the fast method's per-sample vote products (sign mode max, --method fast)");
     result_.samples = data.samples;
     result_.dtype = votes_ ? reduce_type_ : DType::kF32;
     for (const auto& piece : weights.plan().pieces(context.rank()))

@@ -103,6 +103,7 @@ std::vector<std::vector<float>> read_pieces(const TensorReader& reader, const st
 struct ShardedSignsOptions {
   SignMode sign_mode = SignMode::kMax;
   VoteMethod method = VoteMethod::kFast;  // fast: batched per-sample products; loop: one backward per sample
+  VotePrecision precision = VotePrecision::kF32;  // the type of the fast method's per-sample products (votes only)
   // false: a non-finite loss is not refused (few-shot fine-tuning at a learning rate that diverges
   // is a grid point to pass over, not broken weights).
   bool refuse_nonfinite = true;
@@ -155,6 +156,13 @@ ShardedStatistics sharded_statistics(const LayeredModel& model, const ShardedWei
 // Writes every rank's pieces of the statistics as one checkpoint under the model's tensor names
 // (vote counts in the narrowest integer type that holds them, mean-mode sums as F32), the same
 // layout whatever P. Collective. Returns the dtype written.
+// The metadata that records the votes' precision in a statistics file: none for f32 (the files
+// of earlier releases), gradfix.vote_precision otherwise.
+inline Metadata vote_precision_metadata(VotePrecision precision) {
+  if (precision == VotePrecision::kF32) return {};
+  return {{"gradfix.vote_precision", vote_precision_name(precision)}};
+}
+
 DType write_sharded_statistics(const JobContext& context, const ShardedWeights& weights, const ShardedStatistics& statistics,
                                SignMode sign_mode, std::uint64_t seed, const std::string& model_type, const std::string& out,
                                const Metadata& extra_metadata = {});

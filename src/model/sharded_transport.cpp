@@ -184,6 +184,8 @@ class ShardedTarget final : public TransportTarget {
   ParameterVector statistics(SignMode mode) override {
     ShardedSignsOptions options;
     options.sign_mode = mode;
+    // The votes' products may be narrowed; the mean gradient (<g, d>) stays float32.
+    if (mode == SignMode::kMax) options.precision = job_.vote_precision;
     if (job_.statistics_cache.empty()) return sharded_statistics(model_, weights_, data_.shots, options, context_, device_).to_f32();
     // The same B, shots and sign mode give the same statistics: read them when an earlier run
     // (another point of a sweep) kept them.
@@ -191,7 +193,7 @@ class ShardedTarget final : public TransportTarget {
     // B, its config and the shots are digested once for both passes (votes and mean gradient).
     if (cache_inputs_.empty())
       cache_inputs_ = statistics_inputs(model_, weights_, data_.shots, context_, job_.head.empty() ? "" : "head " + file_digest(job_.head) + "\n");
-    const StatisticsKey key = statistics_key(cache_inputs_, mode, options.method);
+    const StatisticsKey key = statistics_key(cache_inputs_, mode, options.method, options.precision);
     if (auto cached = cache.read(key, weights_, data_.shots.samples, context_)) {
       ++cache_hits_;
       count_progress(data_.shots.samples);

@@ -113,9 +113,10 @@ std::string statistics_inputs(const LayeredModel& model, const ShardedWeights& w
          " " + shots_digest(shots) + "\n" + extra;
 }
 
-StatisticsKey statistics_key(const std::string& inputs, SignMode sign_mode, VoteMethod method) {
+StatisticsKey statistics_key(const std::string& inputs, SignMode sign_mode, VoteMethod method, VotePrecision precision) {
   StatisticsKey key;
-  key.text = inputs + "sign_mode " + sign_mode_name(sign_mode) + "\nmethod " + vote_method_name(method) + "\nprecision f32\n";
+  key.text = inputs + "sign_mode " + sign_mode_name(sign_mode) + "\nmethod " + vote_method_name(method) + "\nprecision " +
+             vote_precision_name(precision) + "\n";
   Digest name;
   name.add(key.text);
   key.digest = hex(name.value());

@@ -35,7 +35,7 @@ struct StatisticsKey {
 std::string statistics_inputs(const LayeredModel& model, const ShardedWeights& weights, const SampleSource& shots, const JobContext& context,
                               const std::string& extra = "");
 // The key of the statistics with `inputs`, `sign_mode` and `method`.
-StatisticsKey statistics_key(const std::string& inputs, SignMode sign_mode, VoteMethod method);
+StatisticsKey statistics_key(const std::string& inputs, SignMode sign_mode, VoteMethod method, VotePrecision precision);
 // A digest of a file's bytes, as 16 hex digits (for `extra`).
 std::string file_digest(const std::string& path);
 

@@ -134,14 +134,16 @@ void run_clip_signs(const SignsJob& job, std::ostream& log, const JobContext& co
   ShardedSignsOptions options;
   options.sign_mode = job.sign_mode;
   options.method = job.method;
+  options.precision = job.vote_precision;
   Progress progress(context, "signs", shots.size(), 0, "samples");
   std::optional<CurrentProgress> current(progress);
   const ShardedStatistics statistics = sharded_statistics(model, *weights, image_samples(shots, &in.preprocessing), options, context, in.device);
   current.reset();
   progress.finish();
-  const DType dtype = write_sharded_statistics(context, *weights, statistics, job.sign_mode, job.seed, in.config.model_type, job.out);
+  const DType dtype = write_sharded_statistics(context, *weights, statistics, job.sign_mode, job.seed, in.config.model_type, job.out,
+                                               vote_precision_metadata(job.vote_precision));
   if (context.is_root())
-    log << "signs " << sign_mode_name(job.sign_mode) << ": " << in.config.model_type << " vision tower, " << shots.size() << " images, "
+    log << "signs " << sign_mode_name(job.sign_mode) << (job.vote_precision == VotePrecision::kF32 ? "" : " (bf16 products)") << ": " << in.config.model_type << " vision tower, " << shots.size() << " images, "
         << weights->layout().size() << " tensors as " << dtype_name(dtype) << ", parameters sharded over " << context.size()
         << " rank(s), written to " << job.out << "\n";
 }

@@ -45,12 +45,14 @@ Shape parse_shape(const std::string& text) {
 }
 
 // Seconds per product: the best of 5 timings, each of enough repeats to last about 0.1 s.
-double seconds_per_product(const Shape& shape) {
+double seconds_per_product(const Shape& shape, torch::ScalarType type) {
   torch::manual_seed(1);
   const long long batch = std::max(1LL, shape.batch);
-  const torch::Tensor left = shape.batch > 0 ? torch::randn({batch, shape.k, shape.m}).transpose(1, 2) : torch::randn({shape.m, shape.k});
-  const torch::Tensor right = shape.batch > 0 ? torch::randn({batch, shape.k, shape.n}) : torch::randn({shape.k, shape.n});
-  torch::Tensor out = shape.batch > 0 ? torch::empty({batch, shape.m, shape.n}) : torch::empty({shape.m, shape.n});
+  const auto options = torch::TensorOptions().dtype(type);
+  const torch::Tensor left =
+      shape.batch > 0 ? torch::randn({batch, shape.k, shape.m}).to(type).transpose(1, 2) : torch::randn({shape.m, shape.k}).to(type);
+  const torch::Tensor right = shape.batch > 0 ? torch::randn({batch, shape.k, shape.n}).to(type) : torch::randn({shape.k, shape.n}).to(type);
+  torch::Tensor out = shape.batch > 0 ? torch::empty({batch, shape.m, shape.n}, options) : torch::empty({shape.m, shape.n}, options);
   auto run = [&] {
     if (shape.batch > 0) torch::bmm_out(out, left, right);
     else torch::mm_out(out, left, right);
@@ -71,25 +73,31 @@ double seconds_per_product(const Shape& shape) {
 
 int main(int argc, char** argv) {
   gradfix::configure_tensor_memory();
-  const gradfix::bench::Flags flags(argc, argv, {{"shapes", "1024x512x1408,8@1408x128x512"}, {"threads", "1"}, {"json", "bench_matmul.json"}},
-                                    "gradfix_bench_matmul [--shapes MxKxN,B@MxKxN,...] [--threads 1] [--json bench_matmul.json]");
+  const gradfix::bench::Flags flags(argc, argv, {{"shapes", "1024x512x1408,8@1408x128x512"}, {"threads", "1"}, {"dtype", "f32"}, {"json", "bench_matmul.json"}},
+                                    "gradfix_bench_matmul [--shapes MxKxN,B@MxKxN,...] [--threads 1] [--dtype f32|bf16] [--json bench_matmul.json]");
   // The threads as gradfix's model subcommands set them, OpenBLAS's own pool included.
   ::setenv("GRADFIX_THREADS", flags["threads"].c_str(), 1);
   gradfix::configure_threads(1);
+  if (flags["dtype"] != "f32" && flags["dtype"] != "bf16") {
+    std::fprintf(stderr, "gradfix_bench_matmul: --dtype is f32 or bf16, not '%s'\n", flags["dtype"].c_str());
+    return 2;
+  }
+  const torch::ScalarType type = flags["dtype"] == "bf16" ? torch::kBFloat16 : torch::kFloat32;
   std::vector<Shape> shapes;
   std::stringstream list(flags["shapes"]);
   for (std::string item; std::getline(list, item, ',');) shapes.push_back(parse_shape(item));
   const std::string blas = gradfix::blas_description();
-  std::printf("# gradfix bench_matmul: float32 products, %d thread(s); %s\n", torch::get_num_threads(), blas.c_str());
+  std::printf("# gradfix bench_matmul: %s products, %d thread(s); %s\n", type == torch::kFloat32 ? "float32" : "bfloat16 (float32 accumulation)",
+              torch::get_num_threads(), blas.c_str());
   std::printf("# %22s %12s %10s\n", "shape", "time(ms)", "GFLOP/s");
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& shape : shapes) {
-    const double seconds = seconds_per_product(shape);
+    const double seconds = seconds_per_product(shape, type);
     const double gflops = 2.0 * static_cast<double>(std::max(1LL, shape.batch) * shape.m * shape.k * shape.n) / seconds / 1e9;
     std::printf("  %22s %12.3f %10.1f\n", shape.text.c_str(), seconds * 1e3, gflops);
     rows.push_back({{"shape", shape.text}, {"seconds", seconds}, {"gflops", gflops}});
   }
-  std::ofstream(flags["json"]) << nlohmann::json{{"benchmark", "bench_matmul"}, {"threads", torch::get_num_threads()}, {"blas", blas}, {"rows", rows}}.dump(2)
+  std::ofstream(flags["json"]) << nlohmann::json{{"benchmark", "bench_matmul"}, {"threads", torch::get_num_threads()}, {"dtype", flags["dtype"]}, {"blas", blas}, {"rows", rows}}.dump(2)
                                << "\n";
   std::printf("# JSON copy: %s\n", flags["json"].c_str());
   return 0;

@@ -29,16 +29,23 @@ python3 "$root/tests/bench/vote_pass.py" write "$hidden" "$layers" "$inter" "$vo
 
 "$build/gradfix" generate --shapes "$(cat shapes.txt)" --noise 0.02 --seed 1 --out model >/dev/null
 cp config.json model/
-best=""
-for run in 1 2; do  # the faster of two runs, wall time of the whole process
-  start=$(date +%s.%N)
-  GRADFIX_THREADS=$threads "$build/gradfix" signs --weights model --data tokens.safetensors --sign-mode max --out votes.safetensors \
-    --report-time --quiet >signs.log 2>&1 || { cat signs.log >&2; exit 1; }
-  end=$(date +%s.%N)
-  seconds=$(awk "BEGIN { print $end - $start }")
-  inside=$(awk '/rank 0:/ { print $3 }' signs.log)
-  if [ -z "$best" ] || awk "BEGIN { exit !($seconds < ${best%% *}) }"; then best="$seconds $inside"; fi
-done
+timed_signs() {  # timed_signs VOTES [OPTIONS...]: "process-seconds pass-seconds", the faster of two runs
+  local votes=$1 best="" start end seconds inside
+  shift
+  for run in 1 2; do
+    start=$(date +%s.%N)
+    GRADFIX_THREADS=$threads "$build/gradfix" signs --weights model --data tokens.safetensors --sign-mode max --out "$votes" \
+      --report-time --quiet "$@" >signs.log 2>&1 || { cat signs.log >&2; exit 1; }
+    end=$(date +%s.%N)
+    seconds=$(awk "BEGIN { print $end - $start }")
+    inside=$(awk '/rank 0:/ { print $3 }' signs.log)
+    if [ -z "$best" ] || awk "BEGIN { exit !($seconds < ${best%% *}) }"; then best="$seconds $inside"; fi
+  done
+  echo "$best"
+}
+# --vote-precision bf16 first, so that signs.log is the float32 run's.
+best_bf16=$(timed_signs votes_bf16.safetensors --vote-precision bf16)
+best=$(timed_signs votes.safetensors)
 blas=$(grep "^BLAS" signs.log || echo "BLAS: unknown")
 # The products on the kernel that gradfix ran on.
 kernel=$(sed -n 's/^BLAS: OpenBLAS, kernel \([A-Za-z0-9]*\).*/\1/p' signs.log)
@@ -52,10 +59,20 @@ if [ -n "$python" ]; then
   torch_rows=$(python3 -c 'import json; print(json.dumps(json.load(open("torch.json"))["rows"]))')
 fi
 
-python3 - "$best" "$threads" "$blas" "$torch_rows" "$json" <<'PY'
-import json, sys
+python3 - "$best" "$threads" "$blas" "$torch_rows" "$json" "$best_bf16" <<'PY'
+import json, struct, sys
 best, threads, blas, torch_rows, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
 process, inside = map(float, best.split())
+process_bf16, inside_bf16 = map(float, sys.argv[6].split())
+
+def vote_bytes(path):  # the I8 votes of every tensor, in name order
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
+    return b"".join(raw[8 + n + e["data_offsets"][0]:8 + n + e["data_offsets"][1]] for _, e in sorted(header.items()))
+f32_votes, bf16_votes = vote_bytes("votes.safetensors"), vote_bytes("votes_bf16.safetensors")
+changed = sum(1 for a, b in zip(f32_votes, bf16_votes) if a != b)
+by_one = sum(1 for a, b in zip(f32_votes, bf16_votes) if a != b and abs(((a + 128) % 256) - ((b + 128) % 256)) <= 2)
 flops = json.load(open("flops.json"))
 rates = {row["shape"]: row["gflops"] for row in json.load(open("matmul.json"))["rows"]}
 total = sum(f for _, f in flops["terms"]) + flops["attention"]
@@ -69,9 +86,14 @@ print("# %-34s %10s %10s %14s" % ("way", "time(s)", "GFLOP/s", "vs gradfix"))
 print("  %-34s %10.2f %10.1f %14s" % ("matmul ceiling, the pass's products", ceiling_seconds, ceiling, "%.2f" % (ceiling_seconds / inside)))
 print("  %-34s %10.2f %10.1f %14s" % ("gradfix signs, the pass", inside, rate, "1.00"))
 print("  %-34s %10.2f %10s %14s" % ("gradfix signs, whole process", process, "", "%.2f" % (process / inside)))
+print("  %-34s %10.2f %10.1f %14s" % ("gradfix signs, bf16 products, pass", inside_bf16, total / inside_bf16 / 1e9, "%.2f" % (inside_bf16 / inside)))
+print("    (votes equal float32's on %.5f of entries; of the %d that differ, %d by one sample's vote)"
+      % (1 - changed / len(f32_votes), changed, by_one))
 rows = [{"way": "matmul", "seconds": ceiling_seconds, "gflops": ceiling},
         {"way": "gradfix pass", "seconds": inside, "gflops": rate, "fraction_of_matmul": rate / ceiling},
-        {"way": "gradfix process", "seconds": process}]
+        {"way": "gradfix process", "seconds": process},
+        {"way": "gradfix pass, bf16 products", "seconds": inside_bf16, "gflops": total / inside_bf16 / 1e9, "process_seconds": process_bf16,
+         "entries": len(f32_votes), "votes_changed": changed, "votes_changed_by_one_sample": by_one}]
 for row in torch_rows:
     print("  %-34s %10.2f %10s %14s" % ("PyTorch " + row["way"], row["seconds"], "", "%.2f" % (row["seconds"] / inside)))
     print("    (votes equal gradfix's on %.5f of entries)" % row["agreement_with_gradfix"])
@@ -79,7 +101,8 @@ for row in torch_rows:
 print("# the pass runs at %.0f%% of the matmul rate of its shapes" % (100 * rate / ceiling))
 if torch_rows:
     fastest = min(r["seconds"] for r in torch_rows)
-    print("# fastest PyTorch way / gradfix's pass: %.2fx (whole process: %.2fx)" % (fastest / inside, fastest / process))
+    print("# fastest PyTorch way / gradfix's pass: %.2fx (whole process: %.2fx); with bf16 products: %.2fx (%.2fx)"
+          % (fastest / inside, fastest / process, fastest / inside_bf16, fastest / process_bf16))
 json.dump({"benchmark": "bench_vote_rate", "threads": threads, "blas": blas, "gflop": total / 1e9, "rows": rows,
            "matmul_shapes": json.load(open("matmul.json"))["rows"]}, open(out, "w"), indent=2)
 print("# JSON copy: %s" % out)

@@ -45,8 +45,8 @@ got = json.load(open('eval1.json'))['per_sample_loss']; want = json.loads('$expe
 assert len(got) == len(want) == 6, (got, want)
 assert all(abs(g - w) <= 1e-4 * abs(w) + 1e-6 for g, w in zip(got, want)), (got, want)"
 
-compare_votes() {  # compare_votes VOTES: against the reference, the key biases aside
-  python3 - "$1" "$fixtures/reference.safetensors" <<'PY'
+compare_votes() {  # compare_votes VOTES [MARGIN]: against the reference where its margin is >= MARGIN (1e-4), the key biases aside
+  python3 - "$1" "$fixtures/reference.safetensors" "${2:-1e-4}" <<'PY'
 import json, struct, sys
 def tensors(path):
     raw = open(path, "rb").read()
@@ -68,7 +68,7 @@ for name in names:
         # Zero in theory: every query's scores shift alike. No votes, whatever the reference's noise.
         assert all(v == 0 for v in votes[name]), (name, votes[name])
         continue
-    differ += sum(1 for v, r, m in zip(votes[name], reference["votes." + name], reference["margin." + name]) if v != r and m >= 1e-4)
+    differ += sum(1 for v, r, m in zip(votes[name], reference["votes." + name], reference["margin." + name]) if v != r and m >= float(sys.argv[3]))
 nonzero = sum(1 for name in names for v in votes[name] if v != 0)
 print(differ, nonzero)
 sys.exit(0 if differ == 0 and nonzero > 0 else 1)
@@ -85,6 +85,13 @@ for ranks in 2 3 4; do
   mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" eval "${clip[@]}" --results "eval$ranks.json" >/dev/null
   check "eval results byte-identical at 1 and $ranks ranks" cmp -s eval1.json "eval$ranks.json"
 done
+# --vote-precision bf16 (the decoders' test says more): equal to the reference where its margin is
+# >= 0.02, the same bytes at 1 and 2 ranks.
+"$gradfix" signs "${clip[@]}" --num-samples 6 --vote-precision bf16 --out bf16_1.safetensors >signs.log
+check "bf16 votes are said" grep -q "signs max (bf16 products): clip vision tower, 6 images" signs.log
+check "bf16 votes equal transformers' reference where its margin is >= 0.02" compare_votes bf16_1.safetensors 0.02
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" signs "${clip[@]}" --num-samples 6 --vote-precision bf16 --out bf16_2.safetensors >/dev/null
+check "bf16 votes byte-identical at 1 and 2 ranks" cmp -s bf16_1.safetensors bf16_2.safetensors
 "$gradfix" signs "${clip[@]}" --num-samples 3 --seed 2 --sign-mode mean --out mean.safetensors >mean.log
 check "mean mode on 3 shots of a seeded shuffle" grep -q "signs mean: clip vision tower, 3 images, 40 tensors as F32" mean.log
 mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" signs "${clip[@]}" --num-samples 3 --seed 2 --sign-mode mean --out mean2.safetensors >/dev/null

@@ -59,8 +59,8 @@ done
 # reference (one backward per sample) wherever the gradient is not within rounding of zero
 # (the reference's relative margin below 1e-4), the fast and loop methods agree, and the vote
 # files are byte-identical for every rank count.
-compare_votes() {  # compare_votes VOTES REFERENCE
-  python3 - "$1" "$2" <<'PY'
+compare_votes() {  # compare_votes VOTES REFERENCE [MARGIN]: equal where the reference's margin is >= MARGIN (1e-4)
+  python3 - "$1" "$2" "${3:-1e-4}" <<'PY'
 import json, struct, sys
 def tensors(path):
     raw = open(path, "rb").read()
@@ -76,7 +76,8 @@ def tensors(path):
 votes, reference = tensors(sys.argv[1]), tensors(sys.argv[2])
 names = [k[len("votes."):] for k in reference if k.startswith("votes.")]
 assert sorted(names) == sorted(votes), (sorted(names), sorted(votes))
-differ = sum(1 for name in names for v, r, m in zip(votes[name], reference["votes." + name], reference["margin." + name]) if v != r and m >= 1e-4)
+margin = float(sys.argv[3])
+differ = sum(1 for name in names for v, r, m in zip(votes[name], reference["votes." + name], reference["margin." + name]) if v != r and m >= margin)
 nonzero = sum(1 for name in names for v in votes[name] if v != 0)
 print(differ, nonzero)
 sys.exit(0 if differ == 0 and nonzero > 0 else 1)
@@ -99,7 +100,22 @@ for model in llama qwen2 mistral qwen3 gemma2; do
   mpirun "${mpirun_flags[@]}" -np 3 "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --chunk-elements 64 --method loop \
     --out "${model}_blocks3.safetensors" >/dev/null
   check "$model: with 96 blocks, the loop method at 3 ranks gives the same votes" cmp -s "${model}_blocks1.safetensors" "${model}_blocks3.safetensors"
+  # --vote-precision bf16: votes from bfloat16 products change only where a sample's gradient is
+  # within bfloat16's rounding of zero (here: every differing entry's margin is below 0.0013 on
+  # these fixtures; 0.02 is the bound asserted), the same bytes at any P, recorded in the file.
+  "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --vote-precision bf16 --out "${model}_bf16.safetensors" >signs.log
+  check "$model: bf16 votes are said" grep -q "signs max (bf16 products): $model" signs.log
+  check "$model: bf16 votes equal transformers' reference where its margin is >= 0.02" \
+    compare_votes "${model}_bf16.safetensors" "$fixtures/$model/reference.safetensors" 0.02
+  check "$model: bf16 votes are recorded as such" grep -aq '"gradfix.vote_precision":"bf16"' "${model}_bf16.safetensors"
+  mpirun "${mpirun_flags[@]}" -np 3 "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --vote-precision bf16 \
+    --out "${model}_bf16_3.safetensors" >/dev/null
+  check "$model: bf16 votes byte-identical at 1 and 3 ranks" cmp -s "${model}_bf16.safetensors" "${model}_bf16_3.safetensors"
 done
+expect_bad "--vote-precision bf16 with --method loop" "vote-precision bf16 narrows the fast method's per-sample products; --method loop" \
+  signs --weights "$fixtures/llama/model" --data llama.h5 --method loop --vote-precision bf16 --out bad.json
+expect_bad "--vote-precision bf16 with --sign-mode mean" "vote-precision bf16 narrows the products of per-sample votes" \
+  signs --weights "$fixtures/llama/model" --data llama.h5 --sign-mode mean --vote-precision bf16 --out bad.json
 # Two samples of a seeded shuffle; the votes are then at most 2 in magnitude.
 "$gradfix" signs --weights "$fixtures/qwen2/model" --data qwen2.h5 --num-samples 2 --seed 4 --out two.safetensors >signs.log
 check "--num-samples 2 takes two samples" grep -q "qwen2, 2 samples" signs.log

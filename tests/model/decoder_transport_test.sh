@@ -113,6 +113,13 @@ cp "$mean_entry" "$votes_entry"
 "$gradfix" "${transport[@]}" --statistics-cache cache --results C7.json >/dev/null
 check "an entry holding another key's statistics is recomputed" cache_counts C7.json 1 1
 check "an entry of another key: the same rows" same_rows C7.json R1.json
+# --vote-precision bf16: the votes' products in bfloat16 are another entry; the mean gradient's
+# pass (<g, d>) stays float32 and is read from the cache.
+"$gradfix" "${transport[@]}" --statistics-cache cache --vote-precision bf16 --results C8.json >c8.log
+check "bf16 votes are a miss, the float32 mean gradient a hit" cache_counts C8.json 1 1
+check "the bf16 votes' entry is a new one" test "$(ls cache/*.safetensors | wc -l)" -eq 7
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" "${transport[@]}" --vote-precision bf16 --results C9.json >/dev/null
+check "bf16 votes: the rows at 2 ranks without the cache equal the cached run's" same_rows C9.json C8.json
 
 # A sweep over two mask modes and two seeds runs the gradient passes once per seed (two passes
 # each) and reuses them in the other mask mode's points, with the rows of the runs above.
@@ -145,6 +152,13 @@ sys.exit(0 if len(found) == 1 and json.load(open(found[0]))['rows'] == json.load
 "$gradfix" init --arch mlp --dims 784,16,10 --out mlp.safetensors >/dev/null
 expect_exit2 "--statistics-cache on a classifier" "statistics-cache is for model directories" "$gradfix" transport --target mlp.safetensors \
   --task-vector mlp.safetensors --data pool.h5 --test-data test.safetensors --statistics-cache cache --results bad.json
+expect_exit2 "--vote-precision bf16 on a classifier" "vote-precision bf16 is for model directories (decoders, CLIP), .*mlp.safetensors is a built-in" \
+  "$gradfix" transport --target mlp.safetensors --task-vector mlp.safetensors --data pool.h5 --test-data test.safetensors --vote-precision bf16 \
+  --results bad.json
+expect_exit2 "--vote-precision bf16 with --sign-mode mean" "vote-precision bf16 narrows the products of per-sample votes (--sign-mode max)" \
+  "$gradfix" "${transport[@]}" --sign-mode mean --vote-precision bf16 --results bad.json
+expect_exit2 "an unknown --vote-precision" "unknown --vote-precision 'fp8'; valid: f32|bf16" "$gradfix" "${transport[@]}" --vote-precision fp8 \
+  --results bad.json
 
 # Bad inputs: exit 2, what is wrong named, nothing published.
 expect_bad() {  # expect_bad DESCRIPTION PATTERN ARGS...

@@ -6,9 +6,11 @@
 // tensor blocks (src/model/runtime.cpp): a freed block is reused for the same size.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <vector>
 
 #include "../../src/model/sample_statistics.hpp"
+#include "gradfix/io/error.hpp"
 #include "gradfix/model/jobs.hpp"
 
 namespace gradfix {
@@ -87,6 +89,70 @@ TEST(SampleStatistics, HookSeesEveryTileBeforeItsSigns) {
   torch::Tensor products = torch::bmm(f.left, f.right);
   products[0][4] += 1000.0f;
   EXPECT_TRUE(torch::equal(target, (-products).sign().sum(0).to(torch::kInt)));
+}
+
+// --vote-precision bf16: both factors rounded to bfloat16, the products accumulated in float32;
+// the votes are the signs of those products, so they equal float32 votes of the rounded factors
+// (products this small are formed so; larger ones by the fast kernel, tested below by their bound).
+TEST(SampleStatistics, Bfloat16ProductsVoteAsTheirRoundedFactorsDo) {
+  const Factors f = make_factors();
+  const torch::Tensor rounded = torch::bmm(f.left.to(torch::kBFloat16).to(torch::kFloat32), f.right.to(torch::kBFloat16).to(torch::kFloat32));
+  for (const auto type : {torch::kChar, torch::kShort, torch::kInt}) {
+    Accumulators accumulators(type, torch::kCPU, kTileBytes, torch::kBFloat16);
+    torch::Tensor& target = accumulators.of("w", {kRows, kCols});
+    target.copy_(torch::randint(-3, 4, {kRows, kCols}));
+    const torch::Tensor expected = target.to(torch::kInt64) + (-rounded).sign().sum(0).to(torch::kInt64);
+    accumulators.add_products(target, f.left, f.right);
+    EXPECT_TRUE(torch::equal(target.to(torch::kInt64), expected)) << "count type " << c10::toString(type);
+  }
+  // Sample 1's zero row casts no vote in bfloat16 either.
+  Accumulators accumulators(torch::kChar, torch::kCPU, kTileBytes, torch::kBFloat16);
+  torch::Tensor& target = accumulators.of("w", {kRows, kCols});
+  accumulators.add_products(target, f.left, f.right);
+  EXPECT_LE(target[4].abs().max().item<int>(), kSamples - 1);
+}
+
+// Against float32 votes, a sample's vote may change only where its product is within bfloat16's
+// rounding of zero: |p| <= 2^-7 * sum_k |left_k| |right_k| (each factor's relative error is at
+// most 2^-9, the float32 sum's is far smaller).
+TEST(SampleStatistics, Bfloat16VotesChangeOnlyWithinRoundingOfZero) {
+  torch::manual_seed(11);
+  constexpr int64_t kN = 6, kM = 40, kK = 96, kC = 24;
+  const torch::Tensor left = torch::randn({kN, kK, kM}).transpose(1, 2), right = torch::randn({kN, kK, kC});
+  const torch::Tensor exact = torch::bmm(left.to(torch::kFloat64), right.to(torch::kFloat64));
+  const torch::Tensor bound = std::ldexp(1.0, -7) * torch::bmm(left.abs().to(torch::kFloat64), right.abs().to(torch::kFloat64));
+  long long changed = 0;
+  for (int64_t i = 0; i < kN; ++i) {
+    Accumulators narrow(torch::kInt, torch::kCPU, kTileBytes, torch::kBFloat16);
+    torch::Tensor& votes = narrow.of("w", {kM, kC});
+    narrow.add_products(votes, left.slice(0, i, i + 1), right.slice(0, i, i + 1));
+    const torch::Tensor reference = (-exact[i]).sign().to(torch::kInt);
+    const torch::Tensor differs = votes.ne(reference);
+    changed += differs.sum().item<int64_t>();
+    EXPECT_TRUE(exact[i].abs().le(bound[i]).logical_or(differs.logical_not()).all().item<bool>()) << "sample " << i;
+  }
+  EXPECT_LT(changed, kN * kM * kC / 20);  // most products are far from zero
+}
+
+// A hook (a tied head's embedding rows) sees float32 tiles: bfloat16 products are widened before
+// it, so what it adds is not rounded to bfloat16.
+TEST(SampleStatistics, HookSeesFloat32TilesOfBfloat16Products) {
+  const Factors f = make_factors();
+  Accumulators accumulators(torch::kInt, torch::kCPU, kTileBytes, torch::kBFloat16);
+  torch::Tensor& target = accumulators.of("w", {kRows, kCols});
+  torch::Tensor rounded = torch::bmm(f.left.to(torch::kBFloat16).to(torch::kFloat32), f.right.to(torch::kBFloat16).to(torch::kFloat32));
+  // A value that bfloat16 would round to zero beside the product decides the sign of entry 0.
+  const float tiny = 1e-3f * rounded[0][0][0].abs().item<float>();
+  accumulators.add_products(target, f.left, f.right, [&](torch::Tensor& tile, int64_t begin, int64_t) {
+    EXPECT_EQ(tile.scalar_type(), torch::kFloat32);
+    if (begin == 0) tile[0][0][0] = tiny;
+  });
+  rounded[0][0][0] = tiny;
+  EXPECT_TRUE(torch::equal(target, (-rounded).sign().sum(0).to(torch::kInt)));
+}
+
+TEST(SampleStatistics, Bfloat16ProductsAreForVoteCountsOnly) {
+  EXPECT_THROW(Accumulators(torch::kDouble, torch::kCPU, kTileBytes, torch::kBFloat16), Error);
 }
 
 TEST(TensorMemory, FreedBlockIsReusedForTheSameSize) {

@@ -52,9 +52,15 @@ std::string blas_description();
 enum class SignMode { kMax, kMean };
 // fast: per-sample gradients from one batched pass; loop: one backward pass per sample.
 enum class VoteMethod { kFast, kLoop };
+// The type of the per-sample products whose signs are the votes: f32, or bf16 inputs with float32
+// accumulation (--vote-precision bf16: several times the rate on CPUs with AMX or AVX512-BF16
+// and on GPU tensor cores; a sample's vote may change only where its product is within bf16's
+// rounding of zero). Only the fast method's votes (sign mode max) have products to narrow.
+enum class VotePrecision { kF32, kBF16 };
 
 inline const char* sign_mode_name(SignMode mode) { return mode == SignMode::kMax ? "max" : "mean"; }
 inline const char* vote_method_name(VoteMethod method) { return method == VoteMethod::kFast ? "fast" : "loop"; }
+inline const char* vote_precision_name(VotePrecision precision) { return precision == VotePrecision::kF32 ? "f32" : "bf16"; }
 // InputError naming the option and the valid values for anything else.
 inline SignMode parse_sign_mode(const std::string& text) {
   if (text == "max") return SignMode::kMax;
@@ -65,6 +71,11 @@ inline VoteMethod parse_vote_method(const std::string& text) {
   if (text == "fast") return VoteMethod::kFast;
   if (text == "loop") return VoteMethod::kLoop;
   throw InputError("unknown --method '" + text + "'; valid: fast|loop");
+}
+inline VotePrecision parse_vote_precision(const std::string& text) {
+  if (text == "f32") return VotePrecision::kF32;
+  if (text == "bf16") return VotePrecision::kBF16;
+  throw InputError("unknown --vote-precision '" + text + "'; valid: f32|bf16");
 }
 
 struct DataOptions {
@@ -135,6 +146,7 @@ struct SignsJob {
   std::uint64_t seed = 0;
   SignMode sign_mode = SignMode::kMax;
   VoteMethod method = VoteMethod::kFast;
+  VotePrecision vote_precision = VotePrecision::kF32;
   std::string out;
   std::string head;               // CLIP: the zero-shot head file
   void validate() const;
@@ -155,6 +167,7 @@ struct TransportJob {
   long long support_size = 1000;
   std::uint64_t seed = 0;
   SignMode sign_mode = SignMode::kMax;
+  VotePrecision vote_precision = VotePrecision::kF32;  // the votes' products (model directories; sign mode max)
   MaskMode mask_mode = MaskMode::kNormal;
   MaskOptions mask;
   std::vector<double> alphas;     // default 0.1 ... 1.0

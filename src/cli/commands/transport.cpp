@@ -45,6 +45,9 @@ SubcommandSpec transport_subcommand() {
                     {{"support-size", T::kInteger, "1000", "support samples for choosing alpha (disjoint from the shots)"},
                      {"seed", T::kCount, "0", "sampling seed"},
                      {"sign-mode", T::kText, "max", "max|mean"},
+                     {"vote-precision", T::kText, "f32",
+                      "model directories, sign mode max: f32, or bf16 products of the votes (float32 accumulation; faster on "
+                      "AMX/AVX512-BF16 CPUs and GPU tensor cores)"},
                      {"mask-mode", T::kText, "normal", "mask rule: " + mask_mode_names()},
                      {"alphas", T::kText, kDefaultAlphaGrid, "alpha grid, searched on the support set"},
                      {"no-few-shot-baseline", T::kFlag, "", "skip the few-shot fine-tuning baseline"},
@@ -79,6 +82,7 @@ SubcommandSpec transport_subcommand() {
     job.support_size = values.integer("support-size");
     job.seed = values.count("seed");
     job.sign_mode = parse_sign_mode(values.text("sign-mode"));
+    job.vote_precision = parse_vote_precision(values.text("vote-precision"));
     job.mask_mode = parse_mask_mode(values.text("mask-mode"));
     job.alphas = parse_numbers(values.text("alphas"), "alphas");
     job.few_shot_baseline = !values.flag("no-few-shot-baseline");
