@@ -248,6 +248,11 @@ void print_version(std::ostream& out) {
 struct CommandJob {
   PreparedJob job;
   std::shared_ptr<Communicator> stats;
+  // The helper thread's twins of the world and of stats (--prefetch), made once every rank has
+  // prepared the job.
+  bool gathers_ahead = false;
+  std::unique_ptr<Communicator> ahead_host;
+  std::unique_ptr<Communicator> ahead_stats;
   JobContext context;
   bool report_memory = false;
   bool report_time = false;
@@ -304,6 +309,8 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
   MpiCommunicator::set_collective_timeout(timeout);
   const long long chunk_elements = parsed.integer("chunk-elements");
   if (chunk_elements < 1) throw InputError("--chunk-elements must be positive");
+  const std::string prefetch = parsed.text("prefetch");
+  if (prefetch != "on" && prefetch != "off") throw InputError("unknown --prefetch '" + prefetch + "'; valid: on|off");
   const std::string backend = parsed.text("backend");
   if (backend != "auto" && backend != "mpi" && backend != "nccl") throw InputError("unknown --backend '" + backend + "'; valid: auto|mpi|nccl");
   const std::string device = parsed.has("device") ? parsed.text("device") : "cpu";
@@ -326,6 +333,12 @@ CommandJob prepare(const std::vector<std::string>& args, std::ostream& out, MpiR
       // Where each rank runs: what a user checks first when a job spans nodes.
       MpiCommunicator& world = runtime->world();
       out << "gradfix: " << describe_placement(world, world.rank_hosts(), runtime->local_rank(), configured_threads()) << "\n";
+    }
+    if (runtime->world().size() > 1 && subcommand->executable == Executable::kTorch && prefetch == "on") {
+      command.gathers_ahead = runtime->thread_multiple();
+      if (!command.gathers_ahead)
+        out << "gradfix: --prefetch on, but this MPI has no MPI_THREAD_MULTIPLE: every gather waits for its stage (" << mpi_library_version()
+            << ")\n";
     }
   } else if (backend == "nccl") {
     throw InputError("--backend nccl needs the MPI runtime that the gradfix program starts");
@@ -430,6 +443,12 @@ int run_command_line(const std::vector<std::string>& args, std::ostream& out, Mp
   const JobContext world = runtime != nullptr ? JobContext(runtime->world(), runtime->world()) : JobContext();
   world.agree([&] { command = prepare(args, log, runtime); });
   if (command.help_only) return 0;
+  if (command.gathers_ahead) {
+    // Made here, not in prepare: every rank has prepared the job, so every rank is here to make them.
+    command.ahead_host = runtime->world().duplicate();
+    if (command.stats.get() != &runtime->world()) command.ahead_stats = command.stats->split(0, command.stats->rank());
+    command.context.set_ahead(command.ahead_host.get(), command.ahead_stats.get());
+  }
   const auto start = std::chrono::steady_clock::now();
   command.job(log, command.context);
   if (command.report_memory) print_peak_memory(command.context.host(), log);

@@ -46,6 +46,9 @@ const std::vector<OptionSpec>& group_options(OptionGroup group) {
       {"config", T::kText, "", "INI file of options (top-level keys and a [SUBCOMMAND] section); flags win"},
       {"backend", T::kText, "auto", "communicator for statistics: auto|mpi|nccl (auto: nccl when tensors are on CUDA devices, else mpi)"},
       {"chunk-elements", T::kInteger, "4194304", "elements per processing buffer (bounds memory per rank)"},
+      {"prefetch", T::kText, "on",
+       "model jobs on several ranks: gather the next stage's weights on a helper thread while this one computes (on|off; one "
+       "stage ahead, so a rank holds two at most)"},
       {"report-memory", T::kFlag, "", "print each rank's peak resident memory at the end"},
       {"report-time", T::kFlag, "", "print each rank's wall time and the time it waited on weight gathers and statistics reductions at the end"},
       {"quiet", T::kFlag, "", "no progress lines (rank 0 reports tensors and bytes done, rate and time left on stderr)"},

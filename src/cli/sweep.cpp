@@ -30,7 +30,7 @@ using Section = std::vector<std::pair<std::string, std::string>>;  // keys in fi
 
 // Options a point may not set: the sweep decides where results go, and the job's ranks, device
 // and communicators are the sweep's own (given on its command line).
-const std::set<std::string> kNotPerPoint = {"results", "out", "config", "help", "backend", "device", "chunk-elements", "report-memory", "report-time"};
+const std::set<std::string> kNotPerPoint = {"results", "out", "config", "help", "backend", "device", "chunk-elements", "prefetch", "report-memory", "report-time"};
 // Transport options whose value is itself a list: never an axis.
 const std::set<std::string> kListOptions = {"alphas", "finetune-lrs", "finetune-steps", "finetune-freeze"};
 constexpr long long kMaxPoints = 100000;

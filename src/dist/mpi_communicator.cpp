@@ -377,6 +377,14 @@ std::unique_ptr<Communicator> MpiCommunicator::split(int color, int key) {
   return std::make_unique<MpiCommunicator>(part);
 }
 
+std::unique_ptr<MpiCommunicator> MpiCommunicator::duplicate() const {
+  MPI_Comm copy = MPI_COMM_NULL;
+  GRADFIX_MPI_CHECK(MPI_Comm_dup(comm_, &copy), "MPI_Comm_dup");
+  auto twin = std::make_unique<MpiCommunicator>(copy);
+  twin->set_rank_hosts(hosts_);
+  return twin;
+}
+
 void MpiCommunicator::abort(int exit_code) const {
   MPI_Abort(comm_, exit_code);
   std::_Exit(exit_code);
@@ -396,11 +404,16 @@ std::string mpi_library_version() {
 MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   int initialized = 0;
   MPI_Initialized(&initialized);
+  int provided = MPI_THREAD_SINGLE;
   if (!initialized) {
-    int provided = 0;
-    if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
+    // MULTIPLE: the model jobs gather the next stage's weights on a helper thread, over a
+    // communicator of its own, while the main thread computes and reduces.
+    if (MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided) != MPI_SUCCESS)
       throw RuntimeFailure("MPI_Init_thread failed on " + host_name());
+  } else {
+    MPI_Query_thread(&provided);
   }
+  thread_multiple_ = provided >= MPI_THREAD_MULTIPLE;
   world_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
   // Every rank's host name, once, for messages about lost ranks.
   world_->set_rank_hosts(gather_host_names(*world_));

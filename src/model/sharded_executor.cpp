@@ -125,8 +125,10 @@ std::vector<StreamingLogits> scan_head(const LayeredModel& model, const ShardedW
   const VocabularyHead& head = *model.vocabulary_head();
   std::vector<StreamingLogits> streams;
   for (const auto& tokens : next_tokens) streams.emplace_back(tokens);
+  Pending<torch::Tensor> next = weights.gather_rows_ahead(head.weight, row_range(blocks.begin(0), blocks.end(0)), device);
   for (int64_t b = 0; b < blocks.count(); ++b) {
-    const torch::Tensor weight = weights.gather_rows(head.weight, row_range(blocks.begin(b), blocks.end(b)), device);
+    const torch::Tensor weight = next.take();
+    if (b + 1 < blocks.count()) next = weights.gather_rows_ahead(head.weight, row_range(blocks.begin(b + 1), blocks.end(b + 1)), device);
     for (std::size_t g = 0; g < features.size(); ++g) streams[g].add(block_logits(head, features[g], weight), blocks.begin(b));
   }
   return streams;
@@ -140,12 +142,16 @@ std::vector<std::vector<torch::Tensor>> forward_groups(const LayeredModel& model
   const long long layers = model.layers();
   torch::NoGradGuard no_gradients;
   std::vector<std::vector<torch::Tensor>> boundary(static_cast<std::size_t>(keep_inputs ? layers + 1 : 1));
-  {  // the input stage's tensors are dropped before the layers are gathered
+  // Each layer's gather starts while the stage before it computes (one stage ahead).
+  Pending<Parameters> next;
+  {  // the input stage's tensors are dropped before the second layer is gathered
     const Parameters input = gather_input(model, weights, token_rows, device);
+    if (layers > 0) next = weights.gather_ahead(model.layer_names(0), device);
     for (const auto& group : groups) boundary[0].push_back(model.input(input, group.batch));
   }
   for (long long l = 0; l < layers; ++l) {
-    const Parameters layer = weights.gather(model.layer_names(l), device);
+    const Parameters layer = next.take();
+    if (l + 1 < layers) next = weights.gather_ahead(model.layer_names(l + 1), device);
     const std::size_t in = keep_inputs ? static_cast<std::size_t>(l) : 0, out = keep_inputs ? in + 1 : 0;
     for (std::size_t g = 0; g < groups.size(); ++g) {
       torch::Tensor next = model.layer(l, layer, boundary[in][g], groups[g].batch);
@@ -213,7 +219,14 @@ class StatisticsPass {
     incoming_.resize(groups_.size());
     if (head_ != nullptr) vocabulary_output_stage();
     else output_stage();
-    for (long long l = model_.layers() - 1; l >= 0; --l) layer_stage(l);
+    // Last layer first, each layer's gather started while the one after it computes.
+    Pending<Parameters> next;
+    if (model_.layers() > 0) next = weights_.gather_ahead(model_.layer_names(model_.layers() - 1), device_);
+    for (long long l = model_.layers() - 1; l >= 0; --l) {
+      Parameters parameters = next.take();
+      if (l > 0) next = weights_.gather_ahead(model_.layer_names(l - 1), device_);
+      layer_stage(l, std::move(parameters));
+    }
     input_stage();
     if (tied_) head_pass(nullptr);
     release_kept_tensor_memory();  // the pass's working blocks are not needed for writing
@@ -318,10 +331,12 @@ class StatisticsPass {
     torch::NoGradGuard no_gradients;
     const bool statistics = feature_gradients == nullptr || !tied_;
     std::vector<int64_t> shape = shapes_.at(head_->weight);
+    Pending<torch::Tensor> next = weights_.gather_rows_ahead(head_->weight, row_range(blocks_.begin(0), blocks_.end(0)), device_);
     for (int64_t b = 0; b < blocks_.count(); ++b) {
       const int64_t begin = blocks_.begin(b), end = blocks_.end(b);
       const std::vector<int64_t> rows = row_range(begin, end);
-      const torch::Tensor weight = weights_.gather_rows(head_->weight, rows, device_);
+      const torch::Tensor weight = next.take();
+      if (b + 1 < blocks_.count()) next = weights_.gather_rows_ahead(head_->weight, row_range(blocks_.begin(b + 1), blocks_.end(b + 1)), device_);
       shape[0] = end - begin;
       torch::Tensor block = statistics ? accumulators_.zeros(shape) : torch::Tensor();
       for (std::size_t g = 0; g < groups_.size(); ++g) {
@@ -343,10 +358,10 @@ class StatisticsPass {
     }
   }
 
-  // Layer l: recomputed from its kept input, the incoming gradient backpropagated.
-  void layer_stage(long long l) {
+  // Layer l, its gathered `parameters`: recomputed from its kept input, the incoming gradient
+  // backpropagated.
+  void layer_stage(long long l, Parameters parameters) {
     const std::vector<std::string> names = model_.layer_names(l);
-    Parameters parameters = weights_.gather(names, device_);
     make_leaves(parameters);
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       GradientRecorder recorder;

@@ -12,6 +12,7 @@
 //   reduce    sum the layer's statistics over the ranks; each rank keeps the pieces it owns
 //   write     every rank writes its pieces into one statistics checkpoint (model's names)
 
+#include <future>
 #include <memory>
 #include <set>
 #include <string>
@@ -24,6 +25,23 @@
 #include "gradfix/dist/plan.hpp"
 
 namespace gradfix {
+
+// A gather started ahead of its use (ShardedWeights::gather_ahead): on the helper thread where
+// the context has communicators for it, else on the calling thread when taken. Take it once;
+// a gather not taken is waited for on destruction (every rank started it, so it completes).
+template <typename Result>
+class Pending {
+ public:
+  Pending() = default;
+  Pending(std::future<Result> result, torch::Device device) : result_(std::move(result)), device_(device) {}
+  bool valid() const { return result_.valid(); }
+  // The gathered tensors; the wait is timed as a gather wait (--report-time).
+  Result take();
+
+ private:
+  std::future<Result> result_;
+  torch::Device device_ = torch::kCPU;
+};
 
 class ShardedWeights {
  public:
@@ -45,6 +63,13 @@ class ShardedWeights {
   // these rows travel, from the ranks that own them. Collective: every rank passes the same name
   // and rows.
   torch::Tensor gather_rows(const std::string& name, const std::vector<int64_t>& rows, const torch::Device& device) const;
+  // The same gathers started now and taken later, so that the next stage's weights travel while
+  // this one computes (the prefetch of fully sharded data parallelism, one stage ahead: a loop
+  // takes stage i, starts i + 1, then computes i). Every rank starts the same gathers in the same
+  // order. They run on a helper thread over the context's ahead communicators (MPI on a twin of
+  // the world; NCCL on a twin of stats, on a side stream); without those, when taken.
+  Pending<Parameters> gather_ahead(std::vector<std::string> names, const torch::Device& device) const;
+  Pending<torch::Tensor> gather_rows_ahead(std::string name, std::vector<int64_t> rows, const torch::Device& device) const;
   // From now on gather() and gather_rows() return weights + alpha * offset, elementwise in float32 as `apply`
   // computes it; `offset` holds pieces in plan order and must outlive its use; nullptr returns to
   // the weights themselves. This is how transport evaluates B + alpha * masked tau for every
@@ -56,7 +81,14 @@ class ShardedWeights {
   }
 
  private:
-  Parameters gather_on_device(const std::vector<std::string>& names, const torch::Device& device) const;
+  // The gathers over `host` (MPI) or `stats` (a device communicator), untimed.
+  Parameters gather_over(Communicator& host, Communicator& stats, const std::vector<std::string>& names, const torch::Device& device) const;
+  torch::Tensor gather_rows_over(Communicator& host, Communicator& stats, const std::string& name, const std::vector<int64_t>& rows,
+                                 const torch::Device& device) const;
+  Parameters gather_on_device(Communicator& transport, const std::vector<std::string>& names, const torch::Device& device) const;
+  // Runs `gather` on the helper thread over the ahead communicators, or deferred to its take().
+  template <typename Result, typename Gather>
+  Pending<Result> start(Gather gather, const torch::Device& device) const;
   // The layout index of `name`, and of each of `names` (each must be there).
   std::size_t index_of(const std::string& name) const;
   std::set<std::size_t> indices_of(const std::vector<std::string>& names) const;

@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <cstdint>
 #include <numeric>
+#include <thread>
 #include <vector>
 
 #include "gradfix/dist/backend.hpp"
@@ -127,6 +128,40 @@ TEST(MpiCommunicator, SendRecvRingAndSplit) {
   int one = 1, count = 0;
   half->allreduce(&one, &count, 1, DType::kI32, ReduceOp::kSum);
   EXPECT_EQ(count, half->size());
+}
+
+// The helper thread's twin (--prefetch): MPI_THREAD_MULTIPLE was granted, and a sequence of
+// broadcasts on the twin in a second thread runs while the main thread all-reduces on the world,
+// neither seeing the other's messages.
+TEST(MpiCommunicator, TwinRunsItsOwnSequenceOnAnotherThread) {
+  MpiCommunicator& comm = world();
+  const int p = comm.size(), r = comm.rank();
+  ASSERT_TRUE(g_runtime->thread_multiple()) << mpi_library_version();
+  const auto twin = comm.duplicate();
+  EXPECT_EQ(twin->size(), p);
+  EXPECT_EQ(twin->rank(), r);
+  EXPECT_EQ(twin->rank_hosts(), comm.rank_hosts());
+  constexpr int kRounds = 50;
+  std::vector<std::vector<float>> received(kRounds);
+  std::thread helper([&] {
+    for (int round = 0; round < kRounds; ++round) {
+      std::vector<float>& buffer = received[static_cast<std::size_t>(round)];
+      const int root = round % p;
+      buffer.assign(20000, r == root ? static_cast<float>(1000 * round + root) : -1.0f);
+      twin->broadcast(buffer.data(), buffer.size(), DType::kF32, root);
+    }
+  });
+  long long total = 0;
+  for (int round = 0; round < kRounds; ++round) {
+    long long mine = r + round, sum = 0;
+    comm.allreduce(&mine, &sum, 1, DType::kI64, ReduceOp::kSum);
+    total += sum;
+  }
+  helper.join();
+  // sum over rounds of (sum_r r + p * round) = kRounds * p (p - 1) / 2 + p * kRounds (kRounds - 1) / 2
+  EXPECT_EQ(total, static_cast<long long>(kRounds) * p * (p - 1) / 2 + static_cast<long long>(p) * kRounds * (kRounds - 1) / 2);
+  for (int round = 0; round < kRounds; ++round)
+    EXPECT_EQ(received[static_cast<std::size_t>(round)], std::vector<float>(20000, static_cast<float>(1000 * round + round % p))) << round;
 }
 
 TEST(Backend, ChoosesByNameAndNeverFallsBackSilently) {

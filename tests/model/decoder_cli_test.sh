@@ -127,6 +127,17 @@ check "--report-time reports both ranks' waits on gathers and reductions" \
   test "$(grep -cE '^  rank [01]: [0-9.]+ wall, [0-9.]+ gathers \([0-9.]+%\), [0-9.]+ reductions' timed.log)" -eq 2
 check "--report-time names the BLAS" grep -q "^BLAS: " timed.log
 check "the timed votes are the untimed ones" cmp -s qwen2_votes1.safetensors timed.safetensors
+# --prefetch (on by default): at 2 ranks each layer's and head block's gather runs ahead on the
+# helper thread (its time reported as "ahead"); off, every gather waits for its stage. The votes
+# are the same bytes either way.
+check "--prefetch on: gathers ran ahead on both ranks" \
+  test "$(grep -cE '^  rank [01]: .* reductions \([0-9.]+%\); [0-9.]+ ahead \([1-9][0-9]* gathers\)$' timed.log)" -eq 2
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" signs --weights "$fixtures/qwen2/model" --data qwen2.h5 --out unfetched.safetensors \
+  --prefetch off --report-time --quiet >unfetched.log
+check "--prefetch off: no gather ran ahead" test "$(grep -cE '^  rank [01]: .*; 0.00 ahead \(0 gathers\)$' unfetched.log)" -eq 2
+check "--prefetch off: the same votes" cmp -s qwen2_votes1.safetensors unfetched.safetensors
+expect_bad "an unknown --prefetch" "unknown --prefetch 'maybe'; valid: on|off" \
+  signs --weights "$fixtures/qwen2/model" --data qwen2.h5 --prefetch maybe --out bad.json
 OPENBLAS_CORETYPE=Haswell "$gradfix" signs --weights "$fixtures/qwen2/model" --data qwen2.h5 --out timed.safetensors --report-time --quiet >timed.log
 if grep -q "^BLAS: OpenBLAS" timed.log; then
   check "a user's OPENBLAS_CORETYPE is kept and named" grep -q "^BLAS: OpenBLAS, kernel Haswell (OPENBLAS_CORETYPE)" timed.log

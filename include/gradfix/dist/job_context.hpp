@@ -22,6 +22,15 @@ class JobContext {
 
   Communicator& host() const { return *host_; }
   Communicator& stats() const { return *stats_; }
+  // Communicators of their own for gathers that run ahead of compute on a helper thread
+  // (--prefetch): twins of host and stats (stats' twin only where stats is not host). Both null:
+  // every gather runs on the calling thread when its result is needed.
+  void set_ahead(Communicator* host, Communicator* stats) {
+    ahead_host_ = host;
+    ahead_stats_ = stats != nullptr ? stats : host;
+  }
+  Communicator* ahead_host() const { return ahead_host_; }
+  Communicator* ahead_stats() const { return ahead_stats_; }
   int rank() const { return host_->rank(); }
   int size() const { return host_->size(); }
   bool is_root() const { return rank() == 0; }
@@ -42,6 +51,8 @@ class JobContext {
  private:
   Communicator* host_;
   Communicator* stats_;
+  Communicator* ahead_host_ = nullptr;
+  Communicator* ahead_stats_ = nullptr;
 };
 
 // The same as context.agree(work).

@@ -36,6 +36,10 @@ class MpiCommunicator final : public Communicator {
   void send(const void* buffer, std::size_t count, DType dtype, int peer) override;
   void recv(void* buffer, std::size_t count, DType dtype, int peer) override;
   std::unique_ptr<Communicator> split(int color, int key) override;
+  // The same ranks on a communicator of their own (MPI_Comm_dup), with the same host names:
+  // collectives on it never match this one's, so another thread can run its own sequence.
+  // Collective.
+  std::unique_ptr<MpiCommunicator> duplicate() const;
 
   MPI_Comm native() const { return comm_; }
   // The watchdog (--timeout): a rank that waits longer than this in one collective throws
@@ -86,11 +90,15 @@ class MpiRuntime {
   // The rank among the processes on this node (from MPI_Comm_split_type SHARED): picks the GPU.
   int local_rank() const { return local_rank_; }
   int local_size() const { return local_size_; }
+  // Whether MPI lets two threads call it at once (MPI_THREAD_MULTIPLE): gathers ahead of compute
+  // (--prefetch) run on a helper thread.
+  bool thread_multiple() const { return thread_multiple_; }
 
  private:
   std::unique_ptr<MpiCommunicator> world_;
   int local_rank_ = 0;
   int local_size_ = 1;
+  bool thread_multiple_ = false;
 };
 
 }  // namespace gradfix
