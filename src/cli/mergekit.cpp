@@ -1,6 +1,9 @@
 #include "gradfix/cli/mergekit.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <map>
+#include <optional>
 #include <set>
 
 #include "gradfix/cli/cli.hpp"
@@ -33,9 +36,49 @@ void refuse_unknown(const Json& object, const std::set<std::string>& known, cons
 double number(const Json& value, const std::string& where) {
   if (value.is_number()) return value.get<double>();
   if (value.is_array() || value.is_object())
-    throw InputError(where + ": per-layer values (lists or filters) are not supported; give one number");
+    throw InputError(where + ": gradfix takes one number here (per-layer lists and filters apply to weight, density, gamma, t and lambda)");
   throw InputError(where + " is " + value.dump() + ", not a number");
 }
+
+// A parameter's value as mergekit allows it (ParameterSetting): a number, a list of numbers
+// interpolated over the layers, or conditions [{filter: TEXT, value: ...}, ..., {value: ...}].
+ParameterSetting setting(const Json& value, const std::string& where) {
+  ParameterSetting out;
+  if (value.is_number()) {
+    out.number = value.get<double>();
+    return out;
+  }
+  const std::string forms = ": a parameter is a number, a list of numbers (interpolated over the layers) or a list of {filter, value}";
+  if (!value.is_array() || value.empty()) throw InputError(where + " is " + value.dump() + forms);
+  bool numbers = true, conditions = true;
+  for (const auto& item : value) {
+    numbers = numbers && item.is_number();
+    conditions = conditions && item.is_object();
+  }
+  if (numbers) {
+    out.kind = ParameterSetting::Kind::kGradient;
+    for (const auto& item : value) out.gradient.push_back(item.get<double>());
+    return out;
+  }
+  if (!conditions) throw InputError(where + " is " + value.dump() + forms);
+  out.kind = ParameterSetting::Kind::kConditions;
+  for (std::size_t i = 0; i < value.size(); ++i) {
+    const Json& item = value[i];
+    const std::string at = where + "[" + std::to_string(i) + "]";
+    refuse_unknown(item, {"filter", "value"}, at);
+    if (!item.contains("value")) throw InputError(at + " needs a value");
+    ParameterSetting::Condition condition;
+    if (item.contains("filter") && !item["filter"].is_null()) {
+      if (!item["filter"].is_string()) throw InputError(at + ".filter is " + item["filter"].dump() + ", not text");
+      condition.filter = item["filter"].get<std::string>();
+    }
+    condition.value = std::make_shared<ParameterSetting>(setting(item["value"], at + ".value"));
+    out.conditions.push_back(std::move(condition));
+  }
+  return out;
+}
+
+bool is_number(const ParameterSetting& value) { return value.kind == ParameterSetting::Kind::kNumber; }
 
 bool boolean(const Json& value, const std::string& where) {
   if (!value.is_boolean()) throw InputError(where + " is " + value.dump() + ", not true or false");
@@ -163,17 +206,42 @@ class MergeConfigReader {
     only_for("int8_mask", sums_deltas() || is(ModelMergeMethod::kSce), "linear, task_arithmetic, ties, dare_*, breadcrumbs*, sce");
     if (parameters.contains("weight") && weightless())
       throw InputError(where + ".weight: " + method_ + " takes no weights");
-    if (parameters.contains("t")) job_.t = number(parameters["t"], where + ".t");
+    if (parameters.contains("t")) read_merge_setting(parameters["t"], "t", where, job_.t, std::nullopt);
     if (parameters.contains("nuslerp_flatten") && !boolean(parameters["nuslerp_flatten"], where + ".nuslerp_flatten"))
       throw InputError(where + ".nuslerp_flatten: false (row- or column-wise nuslerp) is not implemented; gradfix interpolates each "
                        "tensor as one vector, mergekit's default (nuslerp_flatten: true)");
     if (parameters.contains("nuslerp_row_wise")) (void)boolean(parameters["nuslerp_row_wise"], where + ".nuslerp_row_wise");
     if (parameters.contains("normalize")) job_.normalize = boolean(parameters["normalize"], where + ".normalize");
-    if (parameters.contains("lambda")) job_.lambda = number(parameters["lambda"], where + ".lambda");
+    if (parameters.contains("lambda")) read_merge_setting(parameters["lambda"], "lambda", where, job_.lambda, 1.0);
     if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], where + ".int8_mask");
     if (parameters.contains("rescale")) job_.rescale = boolean(parameters["rescale"], where + ".rescale");
     for (const char* key : {"weight", "density", "gamma"})
-      if (parameters.contains(key)) defaults_[key] = parameters[key];
+      if (parameters.contains(key)) defaults_[key] = setting(parameters[key], where + "." + key);
+  }
+
+  // One of the merge's own parameters that may vary by tensor (t, lambda): a number goes into
+  // `scalar`, another form into the job's varying parameters, with `fallback` where none matches.
+  void read_merge_setting(const Json& value, const std::string& key, const std::string& where, double& scalar, std::optional<double> fallback) {
+    ParameterSetting parsed = setting(value, where + "." + key);
+    if (is_number(parsed)) {
+      scalar = parsed.number;
+      return;
+    }
+    job_.varying.push_back({key, -1, {std::move(parsed)}, fallback});
+  }
+
+  // A model's weight, density or gamma: its own setting, then the top-level one (mergekit's order;
+  // a setting that gives no value for a tensor falls through to the next), then `fallback`.
+  // Numbers only: the value, the same for every tensor. Otherwise a varying parameter; nullopt
+  // returned. Neither given: the fallback.
+  std::optional<double> model_parameter(const Json& own, const std::string& key, const std::string& where, std::optional<double> fallback) {
+    std::vector<ParameterSetting> chain;
+    if (own.contains(key)) chain.push_back(setting(own[key], where + "." + key));
+    if (defaults_.count(key)) chain.push_back(defaults_.at(key));
+    if (chain.empty()) return fallback;
+    if (is_number(chain.front())) return chain.front().number;
+    job_.varying.push_back({key, static_cast<int>(job_.models.size()), std::move(chain), fallback});
+    return std::nullopt;
   }
 
   void read_models() {
@@ -201,29 +269,33 @@ class MergeConfigReader {
     refuse_unknown(parameters, {"weight", "density", "gamma"}, where + ".parameters");
     if (parameters.contains("gamma") && !breadcrumbs())
       throw InputError(where + ".parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of " + method_);
-    for (const auto& [key, value] : defaults_.items())
-      if (!parameters.contains(key)) parameters[key] = value;
     // The base may be listed among the models (mergekit allows it): it adds nothing to a
     // task-arithmetic merge and is skipped there, as mergekit skips it.
     const bool base = model == job_.base;
     if (base && !is(ModelMergeMethod::kLinear)) return true;
-    if (weightless()) {
-      if (parameters.contains("weight"))
-        throw InputError(where + ".parameters.weight: " + method_ + " takes no weights" +
-                         (is(ModelMergeMethod::kModelStock)   ? std::string(" (the deltas' angle sets the interpolation)")
-                          : is(ModelMergeMethod::kSce)        ? std::string(" (each delta's mean square sets its weight)")
-                          : is(ModelMergeMethod::kKarcher)    ? std::string(" (the models weigh 1 / k each)")
-                                                              : std::string("; t is in the top-level parameters")));
-      parameters["weight"] = 1.0;
-    }
-    if (!parameters.contains("weight"))
-      throw InputError(where + ".parameters.weight is missing (mergekit requires it, here or in the top-level parameters)");
+    if (weightless() && parameters.contains("weight"))
+      throw InputError(where + ".parameters.weight: " + method_ + " takes no weights" +
+                       (is(ModelMergeMethod::kModelStock)   ? std::string(" (the deltas' angle sets the interpolation)")
+                        : is(ModelMergeMethod::kSce)        ? std::string(" (each delta's mean square sets its weight)")
+                        : is(ModelMergeMethod::kKarcher)    ? std::string(" (the models weigh 1 / k each)")
+                                                            : std::string("; t is in the top-level parameters")));
+    const std::string at = where + ".parameters";
+    const std::size_t varying_before = job_.varying.size();
+    const std::optional<double> weight = weightless() ? 1.0 : model_parameter(parameters, "weight", at, std::nullopt);
+    if (!weight && job_.varying.size() == varying_before)
+      throw InputError(at + ".weight is missing (mergekit requires it, here or in the top-level parameters)");
+    const std::optional<double> density = model_parameter(parameters, "density", at, 1.0);
+    const std::optional<double> gamma = breadcrumbs() ? model_parameter(parameters, "gamma", at, 0.01) : std::optional<double>(0.01);
     job_.models.push_back(model);
-    job_.weights.push_back(number(parameters["weight"], where + ".parameters.weight"));
-    job_.densities.push_back(parameters.contains("density") ? number(parameters["density"], where + ".parameters.density") : 1.0);
-    if (breadcrumbs()) job_.gammas.push_back(parameters.contains("gamma") ? number(parameters["gamma"], where + ".parameters.gamma") : 0.01);
-    if (!sparsifies() && job_.densities.back() != 1.0)
-      throw InputError(where + ".parameters.density: " + method_ + " does not sparsify (density is a ties parameter)");
+    // A parameter that varies by tensor keeps its fallback here (the job's parameters_for gives
+    // each tensor its value); the metadata records the configuration itself.
+    job_.weights.push_back(weight.value_or(0.0));
+    job_.densities.push_back(density.value_or(1.0));
+    if (breadcrumbs()) job_.gammas.push_back(gamma.value_or(0.01));
+    const bool density_varies =
+        std::any_of(job_.varying.begin() + static_cast<long>(varying_before), job_.varying.end(), [](const VaryingParameter& p) { return p.name == "density"; });
+    if (!sparsifies() && (job_.densities.back() != 1.0 || density_varies))
+      throw InputError(at + ".density: " + method_ + " does not sparsify (density is a ties parameter)");
     // gradfix's per-model addition: the model's sign statistics on the base (gradfix signs).
     if (entry.contains("gradfix")) {
       const Json& extra = entry["gradfix"];
@@ -302,7 +374,7 @@ class MergeConfigReader {
   std::string path_;
   std::string method_;
   ModelMergeJob job_;
-  Json defaults_ = Json::object();
+  std::map<std::string, ParameterSetting> defaults_;  // top-level weight, density, gamma
   std::vector<std::pair<std::size_t, std::string>> signs_by_model_;
 };
 

@@ -2,6 +2,9 @@
 // methods that sum (sparsified, weighted) deltas from a base (linear, task_arithmetic, ties,
 // dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties), with gradient-sign masks before or after
 // the merge; model_merge_vectors.cpp: those that take each tensor as one vector.
+#include <regex>
+#include <set>
+
 #include "gradfix/io/exact_sum.hpp"
 #include "model_merge_internal.hpp"
 
@@ -57,6 +60,52 @@ double tensor_total(const Ranks& ranks, const ChunkedJob& chunked, std::size_t t
 
 }  // namespace file_jobs
 
+std::optional<double> ParameterSetting::at(const std::string& tensor, double fraction) const {
+  switch (kind) {
+    case Kind::kNumber: return number;
+    case Kind::kGradient: {
+      // mergekit's evaluate_setting: the point t (n - 1) of the list, between its neighbours.
+      const double scaled = fraction * static_cast<double>(gradient.size() - 1);
+      const auto low = static_cast<std::size_t>(scaled);
+      const std::size_t high = std::min(gradient.size() - 1, low + 1);
+      const double part = scaled - static_cast<double>(low);
+      return (1.0 - part) * gradient[low] + part * gradient[high];
+    }
+    case Kind::kConditions:
+      for (const auto& condition : conditions)
+        if (condition.filter.empty() || condition.filter == "*" || tensor.find(condition.filter) != std::string::npos)
+          return condition.value->at(tensor, fraction);
+      return std::nullopt;
+  }
+  return std::nullopt;
+}
+
+MergeParameters ModelMergeJob::parameters_for(const std::string& name, double fraction) const {
+  MergeParameters out{weights, densities, gammas, t, lambda};
+  for (const auto& parameter : varying) {
+    std::optional<double> value;
+    for (const auto& setting : parameter.settings)
+      if ((value = setting.at(name, fraction))) break;
+    if (!value) value = parameter.fallback;
+    const std::string owner = parameter.model >= 0 ? models[static_cast<std::size_t>(parameter.model)] + ": " : std::string();
+    if (!value)
+      throw InputError(owner + parameter.name + " has no value for tensor " + escaped_name(name) +
+                       " (no filter matches it and no default applies; mergekit requires one)");
+    if (!std::isfinite(*value)) throw InputError(owner + parameter.name + " for tensor " + escaped_name(name) + " must be finite");
+    const bool fraction_parameter = parameter.name == "density" || parameter.name == "gamma";
+    if (fraction_parameter && !(*value >= 0.0 && *value <= 1.0))
+      throw InputError(owner + parameter.name + " for tensor " + escaped_name(name) + " must be in [0, 1], got " + format_number(*value));
+    const auto m = static_cast<std::size_t>(std::max(0, parameter.model));
+    if (parameter.name == "weight") out.weights.at(m) = *value;
+    else if (parameter.name == "density") out.densities.at(m) = *value;
+    else if (parameter.name == "gamma") out.gammas.at(m) = *value;
+    else if (parameter.name == "t") out.t = *value;
+    else if (parameter.name == "lambda") out.lambda = *value;
+    else throw InputError("a per-tensor value of " + parameter.name + ", which gradfix takes as one number");
+  }
+  return out;
+}
+
 void ModelMergeJob::validate() const {
   const ModelMergeTraits& traits = model_merge_traits(method);
   const bool linear = method == ModelMergeMethod::kLinear;
@@ -100,6 +149,18 @@ void ModelMergeJob::validate() const {
       throw InputError(models[m] + ": density must be in [0, 1], got " + std::to_string(densities[m]));
   }
   if (!std::isfinite(lambda)) throw InputError("lambda must be finite");
+  static const std::set<std::string> kPerModel = {"weight", "density", "gamma"}, kOwn = {"t", "lambda"};
+  for (const auto& parameter : varying) {
+    const bool per_model = kPerModel.count(parameter.name) != 0;
+    if (!per_model && !kOwn.count(parameter.name))
+      throw InputError("a per-tensor value of " + parameter.name + ", which gradfix takes as one number");
+    if (per_model != (parameter.model >= 0) || parameter.model >= static_cast<int>(n))
+      throw InputError("a per-tensor " + parameter.name + " for model index " + std::to_string(parameter.model) + " of " + std::to_string(n));
+    if (parameter.settings.empty()) throw InputError("a per-tensor " + parameter.name + " without a setting");
+    for (const auto& setting : parameter.settings)
+      if (setting.kind == ParameterSetting::Kind::kGradient && setting.gradient.empty())
+        throw InputError("a per-layer list of " + parameter.name + " without values");
+  }
   if (order != MergeOrder::kNone && (linear || traits.combination != ModelMergeTraits::Combination::kDeltas))
     throw InputError(std::string("gradfix.order: ") + model_merge_method_name(method) +
                      " merges whole weights (or interpolates them), not sums of deltas from a base; masks go with task_arithmetic, "
@@ -110,6 +171,25 @@ void ModelMergeJob::validate() const {
   if (order == MergeOrder::kNone && !signs.empty())
     throw InputError("sign statistics given without gradfix.order (mask-then-merge or merge-then-mask)");
   mask.validate();
+}
+
+std::map<std::string, double> file_jobs::layer_fractions(const std::vector<std::string>& names) {
+  static const std::regex kLayer(R"((?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.)");
+  std::map<std::string, long long> index;
+  long long layers = 0;
+  for (const auto& name : names) {
+    std::smatch match;
+    if (!std::regex_search(name, match, kLayer) || match[1].length() > 9) continue;
+    index[name] = std::stoll(match[1].str());
+    layers = std::max(layers, index[name] + 1);
+  }
+  std::map<std::string, double> fractions;
+  for (const auto& name : names) {
+    const auto found = index.find(name);
+    if (found == index.end()) fractions[name] = 0.0;
+    else fractions[name] = layers > 1 ? static_cast<double>(found->second) / static_cast<double>(layers - 1) : 1.0;
+  }
+  return fractions;
 }
 
 namespace {
@@ -138,6 +218,8 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
       require_matching(*base, names, *signs.back());
       require_float(*signs.back(), names, "merge");
     }
+    const std::map<std::string, double> fractions = layer_fractions(names);
+    for (const auto& name : names) in.parameters[name] = job.parameters_for(name, fractions.at(name));
   });
   in.merged.insert(names.begin(), names.end());
   return in;
@@ -159,6 +241,10 @@ Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& 
   if (sparsification == S::kOutliers) options["gammas"] = job.gammas;
   if (job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNearswap) options["t"] = job.t;
   if (job.method == ModelMergeMethod::kMultislerp) options["eps"] = job.eps;
+  // Parameters that vary by tensor: their settings are in the configuration (gradfix.merge_config).
+  for (const auto& parameter : job.varying)
+    options["per_tensor"].push_back(parameter.model >= 0 ? parameter.name + " of " + input_name(job.models[static_cast<std::size_t>(parameter.model)])
+                                                         : parameter.name);
   if (job.method == ModelMergeMethod::kSce) options["select_topk"] = job.select_topk;
   if (job.method == ModelMergeMethod::kKarcher) {
     options["max_iter"] = job.max_iter;
@@ -190,9 +276,9 @@ bool model_merge_in_f64(const std::vector<TensorInfo>& layout, const ModelMergeI
   return f64;
 }
 
-// DARE keeps entry i of model m's delta when its draw falls below the model's density.
-bool dare_keeps(const ModelMergeJob& job, std::size_t m, std::uint64_t key, long long index) {
-  return job.densities[m] >= 1.0 || uniform_at(job.seed ^ mix_bits(m + 1), key, index, 0) < job.densities[m];
+// DARE keeps entry i of model m's delta when its draw falls below the model's density there.
+bool dare_keeps(const ModelMergeJob& job, double density, std::size_t m, std::uint64_t key, long long index) {
+  return density >= 1.0 || uniform_at(job.seed ^ mix_bits(m + 1), key, index, 0) < density;
 }
 
 // mergekit's rescale (RescaleNorm.l1) of a sparsified delta: per tensor and model,
@@ -201,16 +287,18 @@ bool dare_keeps(const ModelMergeJob& job, std::size_t m, std::uint64_t key, long
 // values)` zeroes what the method drops. The norms are exact sums, so the factor is the same at
 // any number of ranks. `delta(m, chunk)` gives model m's delta there.
 template <typename DeltaOf, typename Sparsify>
-std::map<std::size_t, std::vector<double>> l1_rescales(const ModelMergeJob& job, const Ranks& ranks, const ChunkedJob& chunked,
-                                                       const ChunksByTensor& tensors, const DeltaOf& delta, const Sparsify& sparsify) {
+std::map<std::size_t, std::vector<double>> l1_rescales(const ModelMergeJob& job, const ModelMergeInputs& in, const Ranks& ranks,
+                                                       const ChunkedJob& chunked, const ChunksByTensor& tensors, const DeltaOf& delta,
+                                                       const Sparsify& sparsify) {
   std::map<std::size_t, std::vector<double>> rescales;  // by tensor
   for (const auto& entry : tensors) {
     // Plain names, not a structured binding: C++17 lambdas (clang) cannot capture those.
     const std::size_t t = entry.first;
     const std::vector<Piece>& mine = entry.second;
+    const MergeParameters& parameters = in.of(chunked.layout()[t].name);
     for (std::size_t m = 0; m < job.models.size(); ++m) {
       double factor = 1.0;
-      if (job.rescale && job.densities[m] < 1.0) {
+      if (job.rescale && parameters.densities[m] < 1.0) {
         ExactSum before, after;
         for (const Piece& chunk : mine) {
           auto values = delta(m, chunk);
@@ -256,22 +344,24 @@ struct MagnitudeSparsification {
 
 // The sparsifications of every model's delta, per tensor (trim.hpp's Trim: exact counts at any P).
 template <typename DeltaOf>
-std::map<std::size_t, std::vector<MagnitudeSparsification>> magnitude_sparsifications(const ModelMergeJob& job, const Ranks& ranks,
-                                                                                     const ChunkedJob& chunked, const ChunksByTensor& tensors,
-                                                                                     const DeltaOf& delta) {
+std::map<std::size_t, std::vector<MagnitudeSparsification>> magnitude_sparsifications(const ModelMergeJob& job, const ModelMergeInputs& in,
+                                                                                     const Ranks& ranks, const ChunkedJob& chunked,
+                                                                                     const ChunksByTensor& tensors, const DeltaOf& delta) {
   const bool breadcrumbs = model_merge_traits(job.method).sparsification == ModelMergeTraits::Sparsification::kOutliers;
   std::map<std::size_t, std::vector<MagnitudeSparsification>> out;  // by tensor
   for (const auto& [t, mine] : tensors) {
     const long long numel = chunked.layout()[t].numel();
     const bool split = chunked.plan().is_split(t);
+    const MergeParameters& parameters = in.of(chunked.layout()[t].name);
     for (std::size_t m = 0; m < job.models.size(); ++m) {
       auto values = [&](const Piece& chunk) { return delta(m, chunk); };
       MagnitudeSparsification sparsification;
+      const double density = parameters.densities[m];
       if (!breadcrumbs) {
-        sparsification.keep = exact_trim(ranks, mergekit_keep_count(numel, job.densities[m]), numel, split, mine, values);
-      } else if (job.densities[m] < 1.0) {
-        const auto target = static_cast<long long>(job.densities[m] * static_cast<double>(numel));
-        const auto top = static_cast<long long>(job.gammas[m] * static_cast<double>(numel));
+        sparsification.keep = exact_trim(ranks, mergekit_keep_count(numel, density), numel, split, mine, values);
+      } else if (density < 1.0) {
+        const auto target = static_cast<long long>(density * static_cast<double>(numel));
+        const auto top = static_cast<long long>(parameters.gammas[m] * static_cast<double>(numel));
         const long long bottom = std::max(0LL, numel - target - top);
         const long long above = numel - bottom - target;  // the largest, dropped
         sparsification.drop_all = target <= 0;
@@ -299,7 +389,6 @@ class DeltaMerge {
   DeltaMerge(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked)
       : job_(job), traits_(model_merge_traits(job.method)), ranks_(ranks), in_(in), chunked_(chunked), layout_(chunked.layout()),
         allow_(job.output.allow_nonfinite) {
-    for (double w : job.weights) weight_sum_ += w;
     for (const auto& chunk : chunked.chunks())
       if (in.merged.count(layout_[chunk.tensor].name)) merged_chunks_.push_back(chunk);
   }
@@ -368,15 +457,16 @@ class DeltaMerge {
     const ChunksByTensor tensors = merged_tensors_here(chunked_, in_.merged);
     auto delta_of = [&](std::size_t m, const Piece& chunk) { return delta(m, chunk); };
     if (trims()) {
-      trims_ = magnitude_sparsifications(job_, ranks_, chunked_, tensors, delta_of);
-      rescales_ = l1_rescales(job_, ranks_, chunked_, tensors, delta_of,
+      trims_ = magnitude_sparsifications(job_, in_, ranks_, chunked_, tensors, delta_of);
+      rescales_ = l1_rescales(job_, in_, ranks_, chunked_, tensors, delta_of,
                               [&](std::size_t m, const Piece& chunk, std::vector<V>& values) { trims_.at(chunk.tensor)[m].apply(chunk, values); });
     }
     if (dare())
-      rescales_ = l1_rescales(job_, ranks_, chunked_, tensors, delta_of, [&](std::size_t m, const Piece& chunk, std::vector<V>& values) {
+      rescales_ = l1_rescales(job_, in_, ranks_, chunked_, tensors, delta_of, [&](std::size_t m, const Piece& chunk, std::vector<V>& values) {
         const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
+        const double density = parameters(chunk).densities[m];
         for (std::size_t i = 0; i < values.size(); ++i)
-          if (!dare_keeps(job_, m, key, chunk.begin + static_cast<long long>(i))) values[i] = 0;
+          if (!dare_keeps(job_, density, m, key, chunk.begin + static_cast<long long>(i))) values[i] = 0;
       });
   }
 
@@ -388,11 +478,20 @@ class DeltaMerge {
     if (trims() || dare()) {
       const double factor = rescales_.at(chunk.tensor)[m];
       const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
+      const double density = parameters(chunk).densities[m];
       for (std::size_t i = 0; i < out.size(); ++i)
-        out[i] = dare() && !dare_keeps(job_, m, key, chunk.begin + static_cast<long long>(i)) ? 0.0 : out[i] * factor;
+        out[i] = dare() && !dare_keeps(job_, density, m, key, chunk.begin + static_cast<long long>(i)) ? 0.0 : out[i] * factor;
     }
-    for (auto& value : out) value *= job_.weights[m];
+    for (auto& value : out) value *= parameters(chunk).weights[m];
     return out;
+  }
+
+  // The weights, densities, gammas and lambda of the chunk's tensor.
+  const MergeParameters& parameters(const Piece& chunk) const { return in_.of(layout_[chunk.tensor].name); }
+  double weight_sum(const Piece& chunk) const {
+    double sum = 0.0;
+    for (double w : parameters(chunk).weights) sum += w;
+    return sum;
   }
 
   // The merged delta of a chunk, before lambda.
@@ -405,10 +504,11 @@ class DeltaMerge {
     if (consensus()) {
       std::vector<const double*> pointers;
       for (const auto& values : deltas) pointers.push_back(values.data());
-      mergekit_consensus(pointers, job_.weights, job_.normalize, chunk.count, mixed.data());
+      mergekit_consensus(pointers, parameters(chunk).weights, job_.normalize, chunk.count, mixed.data());
       return mixed;
     }
-    const double divisor = std::fabs(weight_sum_) < 1e-8 ? 1.0 : weight_sum_;
+    const double weight_sum = this->weight_sum(chunk);
+    const double divisor = std::fabs(weight_sum) < 1e-8 ? 1.0 : weight_sum;
     for (std::size_t i = 0; i < count; ++i) {
       for (std::size_t m = 0; m < models(); ++m) mixed[i] += deltas[m][i];
       if (job_.normalize) mixed[i] /= divisor;
@@ -431,19 +531,22 @@ class DeltaMerge {
     }
     const auto reference = load_of(*in_.base, chunk);
     std::vector<double> result(mixed.size());
-    for (std::size_t i = 0; i < result.size(); ++i) result[i] = reference[i] + job_.lambda * mixed[i];
+    const double lambda = parameters(chunk).lambda;
+    for (std::size_t i = 0; i < result.size(); ++i) result[i] = reference[i] + lambda * mixed[i];
     return result;
   }
 
   // linear: sum_m w_m M_m, normalised by the weights.
   std::vector<double> linear_of(const Piece& chunk) const {
     std::vector<double> result(static_cast<std::size_t>(chunk.count), 0.0);
+    const std::vector<double>& weights = parameters(chunk).weights;
     for (std::size_t m = 0; m < models(); ++m) {
       const auto values = load_of(*in_.models[m], chunk);
-      for (std::size_t i = 0; i < result.size(); ++i) result[i] += job_.weights[m] * values[i];
+      for (std::size_t i = 0; i < result.size(); ++i) result[i] += weights[m] * values[i];
     }
-    if (job_.normalize && weight_sum_ != 0.0)
-      for (auto& value : result) value /= weight_sum_;
+    const double weight_sum = this->weight_sum(chunk);
+    if (job_.normalize && weight_sum != 0.0)
+      for (auto& value : result) value /= weight_sum;
     return result;
   }
 
@@ -454,7 +557,6 @@ class DeltaMerge {
   ChunkedJob& chunked_;
   const std::vector<TensorInfo>& layout_;
   const bool allow_;
-  double weight_sum_ = 0.0;
   std::vector<Piece> merged_chunks_;  // this rank's chunks of the merged tensors (the others are copied from the base)
   std::vector<SumsByTensor> delta_sums_;  // mask-then-merge: each model's mask sums
   SumsByTensor merged_sums_;              // merge-then-mask

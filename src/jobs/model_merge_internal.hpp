@@ -19,7 +19,17 @@ struct ModelMergeInputs {
   std::vector<Reader> signs;
   std::vector<std::string> names;  // the merged tensors: the base's selected float tensors
   std::set<std::string> merged;    // the same, for lookups
+  // Each merged tensor's weights, densities, gammas, t and lambda (ModelMergeJob::parameters_for
+  // at its layer fraction): the same for every tensor unless the configuration varies them.
+  std::map<std::string, MergeParameters> parameters;
+  const MergeParameters& of(const std::string& name) const { return parameters.at(name); }
 };
+
+// mergekit's layer fraction of each tensor, for per-layer parameter lists: layer / (layers - 1)
+// for a tensor of a numbered layer (a name part "layers.N", "h.N", "blocks.N" or "layer.N"),
+// 1 where there is one layer, 0 for every other tensor (embeddings, final norm, head). `layers`
+// is one more than the largest layer number among `names`.
+std::map<std::string, double> layer_fractions(const std::vector<std::string>& names);
 
 // This rank's chunks of each merged tensor, for the passes before the merge (DARE's norms, TIES's
 // trims); a merged tensor split across ranks is listed even where this rank holds none of it, so

@@ -45,7 +45,11 @@ void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMe
   const bool with_base = !job.base.empty() && !slerp;
   const auto& layout = chunked.layout();
   const bool allow = job.output.allow_nonfinite;
-  const double t = slerp ? job.t : (std::fabs(job.weights[0] + job.weights[1]) < 1e-6 ? 0.5 : job.weights[1] / (job.weights[0] + job.weights[1]));
+  // t per tensor: slerp's own; nuslerp's from the two weights.
+  auto t_of = [&](std::size_t tensor) {
+    const MergeParameters& p = in.of(layout[tensor].name);
+    return slerp ? p.t : (std::fabs(p.weights[0] + p.weights[1]) < 1e-6 ? 0.5 : p.weights[1] / (p.weights[0] + p.weights[1]));
+  };
   // The two vectors of a chunk: slerp's base and model; nuslerp's models, less the base if any.
   auto pair_of = [&](const Piece& chunk, std::vector<V>& base_values) {
     const std::string& name = layout[chunk.tensor].name;
@@ -83,7 +87,7 @@ void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMe
     const std::size_t tensor = entry.first;
     const double a = tensor_total(ranks, chunked, tensor, s00), b = tensor_total(ranks, chunked, tensor, s11),
                  c = tensor_total(ranks, chunked, tensor, s01);
-    tensor_coefficients[tensor] = spherical_coefficients(job.method, t, a, b, c);
+    tensor_coefficients[tensor] = spherical_coefficients(job.method, t_of(tensor), a, b, c);
   }
   write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
     std::vector<V> base_values;
@@ -104,9 +108,10 @@ void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMe
 template <typename V>
 void merge_nearswap(const ModelMergeJob& job, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata, long long& elements) {
   const bool allow = job.output.allow_nonfinite;
-  const V t = static_cast<V>(job.t), floor = static_cast<V>(1e-6);
+  const V floor = static_cast<V>(1e-6);
   write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
     const std::string& name = chunked.layout()[chunk.tensor].name;
+    const V t = static_cast<V>(in.of(name).t);
     const auto a = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
     const auto b = load<V>(*in.models[0], name, chunk.begin, chunk.count, allow);
     std::vector<double> result(a.size());
@@ -204,12 +209,8 @@ void merge_multislerp(const ModelMergeJob& job, const Ranks& ranks, const ModelM
                       long long& elements) {
   const bool allow = job.output.allow_nonfinite, with_base = !job.base.empty();
   const std::size_t k = in.models.size();
-  std::vector<double> w(job.weights);
-  double weight_sum = 0.0;
-  for (double value : w) weight_sum += value;
-  if (job.normalize)
-    for (double& value : w) value /= weight_sum;
   struct Tensor {
+    std::vector<double> w;            // the tensor's weights, divided by their sum with normalize_weights
     std::vector<double> norms, dots;  // |d_m|; u_m . m^
     double mean_norm = 0.0, tangent_norm = 0.0;
     bool linear = false;  // |m| < eps: two models mixed linearly
@@ -229,12 +230,12 @@ void merge_multislerp(const ModelMergeJob& job, const Ranks& ranks, const ModelM
   // mean_i (before division by |m|) and, for `tangent`, g_i, from the deltas at entry i.
   auto mean_at = [&](const Tensor& t, const std::vector<std::vector<double>>& d, std::size_t i) {
     double mean = 0.0;
-    for (std::size_t m = 0; m < k; ++m) mean += w[m] * d[m][i] / (t.norms[m] + job.eps);
+    for (std::size_t m = 0; m < k; ++m) mean += t.w[m] * d[m][i] / (t.norms[m] + job.eps);
     return mean;
   };
   auto tangent_at = [&](const Tensor& t, const std::vector<std::vector<double>>& d, std::size_t i, double unit_mean) {
     double tangent = 0.0;
-    for (std::size_t m = 0; m < k; ++m) tangent += w[m] * (d[m][i] / (t.norms[m] + job.eps) - t.dots[m] * unit_mean);
+    for (std::size_t m = 0; m < k; ++m) tangent += t.w[m] * (d[m][i] / (t.norms[m] + job.eps) - t.dots[m] * unit_mean);
     return tangent;
   };
   std::string refused;
@@ -242,6 +243,11 @@ void merge_multislerp(const ModelMergeJob& job, const Ranks& ranks, const ModelM
     if (k == 1) break;
     const std::size_t id = entry.first;
     Tensor& t = tensors[id];
+    t.w = in.of(chunked.layout()[id].name).weights;
+    double weight_sum = 0.0;
+    for (double value : t.w) weight_sum += value;
+    if (job.normalize)
+      for (double& value : t.w) value /= weight_sum;
     auto pass = [&](std::vector<ExactSum>& sums, const std::function<void(const std::vector<std::vector<double>>&, std::size_t)>& add) {
       std::vector<V> base;
       for (const Piece& chunk : entry.second) {
@@ -291,10 +297,10 @@ void merge_multislerp(const ModelMergeJob& job, const Ranks& ranks, const ModelM
     std::vector<double> result(static_cast<std::size_t>(chunk.count));
     const Tensor& t = tensors.at(chunk.tensor);
     double scale = 0.0;
-    for (std::size_t m = 0; m < k; ++m) scale += t.norms[m] * w[m];
+    for (std::size_t m = 0; m < k; ++m) scale += t.norms[m] * t.w[m];
     for (std::size_t i = 0; i < result.size(); ++i) {
       if (t.linear) {
-        result[i] = d[0][i] * w[0] + d[1][i] * w[1];
+        result[i] = d[0][i] * t.w[0] + d[1][i] * t.w[1];
       } else {
         const double unit_mean = mean_at(t, d, i) / t.mean_norm;
         const double g = tangent_at(t, d, i, unit_mean);

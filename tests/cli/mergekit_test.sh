@@ -22,7 +22,7 @@ expect_output=$work/out.txt  # not in the source tree
 cd "$fixtures"  # the configurations name the models relative to their directory, as mergekit runs them
 
 for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults breadcrumbs breadcrumbs_ties slerp nuslerp nuslerp_nobase \
-  nearswap model_stock multislerp multislerp_nobase sce sce_all karcher karcher_base; do
+  nearswap model_stock multislerp multislerp_nobase sce sce_all karcher karcher_base ties_gradient slerp_gradient task_arithmetic_filters; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names
@@ -34,6 +34,15 @@ check "the comparison can fail: sce's selection of half the entries matters" bas
 check "the comparison can fail: model_stock is not the models' mean" bash -c "! '$close' '$work/model_stock-p1' reference/linear --reference-names 2>/dev/null"
 check "the comparison can fail: ties with rescale is not ties (it was ignored before)" bash -c "! '$close' '$work/ties_rescale-p1' reference/ties --reference-names 2>/dev/null"
 check "the comparison can fail: ties is not task arithmetic" bash -c "! '$close' '$work/ties-p1' reference/task_arithmetic --reference-names 2>/dev/null"
+# Parameters that vary by layer and tensor name (the *_gradient and *_filters configurations on
+# a five-layer model, equal to mergekit above): the same merge with one value everywhere differs.
+sed 's/^    - value: 0.5$/    - value: 0.5/; /filter: self_attn/,/value: \[1, 0.5/d' slerp_gradient.yml >"$work/slerp_flat.yml"
+check "the flat slerp has no filter left" bash -c "! grep -q filter '$work/slerp_flat.yml' && grep -q 'value: 0.5' '$work/slerp_flat.yml'"
+"$gradfix" merge --config "$work/slerp_flat.yml" --out "$work/slerp_flat" >/dev/null
+check "the comparison can fail: slerp with t = 0.5 everywhere is not slerp_gradient" \
+  bash -c "! '$close' '$work/slerp_flat' reference/slerp_gradient --reference-names 2>/dev/null"
+check "a varying parameter is named in the model card's options" \
+  bash -c "'$gradfix' inspect '$work/ties_gradient-p1' | grep -q '\"per_tensor\":\\[\"density of .*ft0\",\"weight of .*ft1\",\"weight of .*ft2\"\\]'"
 check "the Llama biases mergekit leaves out are kept" bash -c "'$gradfix' inspect '$work/ties-p1' | grep -q '^model.layers.0.self_attn.q_proj.bias '"
 check "config.json is carried from the base" test -f "$work/ties-p1/config.json"
 check "the model card names the method and the variant" bash -c "grep -q '| method | ties |' '$work/ties-p1/README.md' && grep -q '| variant | mergekit |' '$work/ties-p1/README.md'"
@@ -118,7 +127,14 @@ bad ties_t "a parameter of another method" "parameters.t is a parameter of slerp
 bad ties_gamma "gamma in a ties merge" "parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, gamma: 0.1}'
 bad nuslerp_lambda "lambda in a nuslerp" "parameters.lambda is a parameter of linear, task_arithmetic, ties, dare_., breadcrumbs., not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {lambda: 2}'
 bad unknown "an unknown key" "does not read 'slices'" $'merge_method: ties\nslices: []\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
-bad layers "per-layer weights" "per-layer values" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: [0, 1]}'
+bad layers "a per-layer list of a parameter that takes one number" "parameters.select_topk: gradfix takes one number here" $'merge_method: sce\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {select_topk: [0.5, 1]}'
+bad empty_list "an empty per-layer list" "weight is \\[\\]: a parameter is a number, a list of numbers" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: []}'
+bad mixed_list "a list of numbers and conditions" "weight is \\[0.5,{\"value\":1}\\]: a parameter is" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters:\n      weight: [0.5, {value: 1}]'
+bad no_match "a filtered weight that no tensor's fallback covers" "ft0: weight has no value for tensor model.embed_tokens.weight .no filter matches it" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters:\n      weight: [{filter: mlp, value: 1}]'
+bad filter_type "a filter that is not text" "weight.0..filter is 3, not text" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters:\n      weight: [{filter: 3, value: 1}]'
+bad condition_key "a condition with another key" "gradfix does not read 'when'" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters:\n      weight: [{when: mlp, value: 1}]'
+bad density_range "a per-layer density above 1" "ft0: density for tensor model.embed_tokens.weight must be in .0, 1., got 1.5" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: [1.5, 0.5]}'
+bad linear_density "a per-layer density in a merge that does not sparsify" "density: linear does not sparsify" $'merge_method: linear\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: [0.5, 1]}'
 bad lora "MODEL+LORA" "MODEL+LORA form is not read" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0+adapter\n    parameters: {weight: 1}'
 bad weight "a missing weight" "weight is missing" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0'
 bad alias "a YAML alias" "does not expand YAML aliases" $'merge_method: ties\nbase_model: &b base\nmodels:\n  - model: *b\n    parameters: {weight: 1}'

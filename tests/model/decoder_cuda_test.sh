@@ -49,10 +49,19 @@ PY
   "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --out "${model}_cpu.safetensors" >/dev/null
   "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --device cuda --out "${model}_cuda.safetensors" >/dev/null
   check "$model: cuda votes agree with the cpu votes on 99.9% of entries" agree "${model}_cpu.safetensors" "${model}_cuda.safetensors"
+  # bf16 products on tensor cores against float32 products on the GPU.
+  "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --device cuda --vote-precision bf16 \
+    --out "${model}_cuda_bf16.safetensors" >/dev/null
+  check "$model: bf16 votes on the GPU agree with its float32 votes on 99.9% of entries" agree "${model}_cuda.safetensors" "${model}_cuda_bf16.safetensors"
   if [ "$devices" -ge 2 ]; then
     mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --device cuda --backend nccl \
       --out "${model}_nccl.safetensors" >/dev/null
     check "$model: votes at 2 GPUs (NCCL gathers) agree with 1 GPU" agree "${model}_cuda.safetensors" "${model}_nccl.safetensors"
+    # Gathers ahead on the helper thread's NCCL twin and side stream (--prefetch on, the default
+    # above) give the bytes of gathers in line.
+    mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" signs --weights "$fixtures/$model/model" --data "$model.h5" --device cuda --backend nccl \
+      --prefetch off --out "${model}_nccl_inline.safetensors" >/dev/null
+    check "$model: 2 GPUs, --prefetch off: the same bytes" cmp -s "${model}_nccl.safetensors" "${model}_nccl_inline.safetensors"
   fi
 done
 [ "$devices" -ge 2 ] || echo "SKIPPED: the 2-GPU NCCL checks (one device here)"

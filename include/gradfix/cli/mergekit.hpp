@@ -1,11 +1,11 @@
 #pragma once
-// mergekit's YAML merge configuration, for the methods gradfix has: linear, task_arithmetic, ties,
-// dare_ties and dare_linear (mergekit's rules, see ModelMergeJob). Read: merge_method, base_model,
-// models (each `model` with `parameters: {weight, density}`), parameters (normalize, lambda,
-// rescale; int8_mask accepted and ignored), dtype, out_dtype, tokenizer_source (base, or absent),
-// and a `gradfix:` section for what mergekit lacks (seed: DARE's draws). Anything
-// else (another method, slices, per-layer parameter lists, filters, LoRA "model+adapter" names,
-// an unknown key) is refused with an error naming it.
+// mergekit's YAML merge configuration (docs/merging.md has every key and method). Read:
+// merge_method, base_model, models (each `model` with its parameters), parameters (the merge's,
+// and the models' defaults), dtype, out_dtype, tokenizer_source (base, or absent), and a `gradfix:`
+// section for what mergekit lacks (seed: DARE's draws; masks). weight, density, gamma, t and
+// lambda may vary by tensor as mergekit allows (per-layer lists, filters). Anything else
+// (another method, slices, LoRA "model+adapter" names, an unknown key) is refused with an error
+// naming it.
 
 #include <string>
 

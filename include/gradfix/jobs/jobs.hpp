@@ -9,6 +9,7 @@
 // test, a program linking the library) is checked the same way. Files are checked as they open.
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -119,6 +120,42 @@ enum class ModelMergeMethod {
   kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock, kMultislerp, kSce, kKarcher
 };
 
+// A mergekit parameter's value for each tensor: one number; a list of numbers interpolated over
+// the model's layers (mergekit's "gradient": at layer fraction t = layer / (layers - 1), the
+// list's point t (n - 1), linearly between its neighbours; t = 0 outside the layers); or
+// conditions tried in order, the first whose filter is a substring of the tensor's name (or that
+// has none, or "*") giving the value. No condition matching gives no value.
+struct ParameterSetting {
+  struct Condition;
+  enum class Kind { kNumber, kGradient, kConditions };
+  Kind kind = Kind::kNumber;
+  double number = 0.0;
+  std::vector<double> gradient;
+  std::vector<Condition> conditions;
+  std::optional<double> at(const std::string& tensor, double fraction) const;
+};
+struct ParameterSetting::Condition {
+  std::string filter;  // "" or "*": every tensor
+  std::shared_ptr<ParameterSetting> value;
+};
+
+// A parameter whose value depends on the tensor: the settings to try in order (the model's own,
+// then the merge's top-level one), and the value when none gives one (none: mergekit's "missing
+// required parameter").
+struct VaryingParameter {
+  std::string name;  // weight, density, gamma (per model), t, lambda (the merge's)
+  int model = -1;    // the model's index, or -1 for the merge's own parameters
+  std::vector<ParameterSetting> settings;
+  std::optional<double> fallback;
+};
+
+// The per-model and merge parameters that mergekit lets vary by tensor, as they hold for one.
+struct MergeParameters {
+  std::vector<double> weights, densities, gammas;
+  double t = 0.5;
+  double lambda = 1.0;
+};
+
 struct ModelMergeJob {
   ModelMergeMethod method = ModelMergeMethod::kTies;
   std::string base;                 // required except for linear
@@ -142,9 +179,16 @@ struct ModelMergeJob {
   MaskOptions mask;
   std::vector<std::string> signs;   // one per model when order is not kNone
   std::string config_json;          // the configuration as read, recorded in the metadata
+  // mergekit's per-layer lists and filters where the configuration has them: these parameters
+  // take their values per tensor (parameters_for) instead of from the fields above.
+  std::vector<VaryingParameter> varying;
   std::string out;
   OutputOptions output;
   void validate() const;
+  // weights, densities, gammas, t and lambda for the tensor `name` at layer fraction `fraction`:
+  // the fields above, but where `varying` gives another value. InputError naming the parameter,
+  // the model and the tensor for a value that none of its settings give, or out of its range.
+  MergeParameters parameters_for(const std::string& name, double fraction) const;
 };
 
 struct ConvertJob {
