@@ -36,7 +36,7 @@ void refuse_unknown(const Json& object, const std::set<std::string>& known, cons
 double number(const Json& value, const std::string& where) {
   if (value.is_number()) return value.get<double>();
   if (value.is_array() || value.is_object())
-    throw InputError(where + ": gradfix takes one number here (per-layer lists and filters apply to weight, density, gamma, t and lambda)");
+    throw InputError(where + ": gradfix takes one number here (per-layer lists and filters apply to weight, density, gamma, epsilon, t and lambda)");
   throw InputError(where + " is " + value.dump() + ", not a number");
 }
 
@@ -127,6 +127,14 @@ class MergeConfigReader {
     read_gradfix_section();
     assign_signs();
     if (job_.models.empty()) throw InputError(path_ + ": no model to merge besides the base");
+    if (is(ModelMergeMethod::kPassthrough)) {
+      // mergekit merges the base as one more source, and passthrough takes exactly one.
+      if (job_.models.size() != 1 || (!job_.base.empty() && job_.base != job_.models.front()))
+        throw InputError(path_ + ": passthrough copies exactly one model (mergekit: \"Passthrough merge expects exactly one tensor\"); got " +
+                         std::to_string(job_.models.size() + (!job_.base.empty() && job_.base != job_.models.front() ? 1 : 0)) +
+                         " with the base_model");
+      job_.base.clear();
+    }
     if (is(ModelMergeMethod::kSlerp) && !(config_.contains("parameters") && config_["parameters"].contains("t")))
       throw InputError(path_ + ": slerp needs parameters.t (0: the base, 1: the other model), as mergekit requires it");
     if (is(ModelMergeMethod::kNearswap) && !(config_.contains("parameters") && config_["parameters"].contains("t")))
@@ -146,6 +154,7 @@ class MergeConfigReader {
            is(ModelMergeMethod::kKarcher);
   }
   bool breadcrumbs() const { return traits().sparsification == ModelMergeTraits::Sparsification::kOutliers; }
+  bool della() const { return traits().sparsification == ModelMergeTraits::Sparsification::kRankedRandom; }
   bool sparsifies() const { return traits().sparsification != ModelMergeTraits::Sparsification::kNone; }
 
   // merge_method, and mergekit's defaults of normalize and rescale that follow from it
@@ -175,9 +184,14 @@ class MergeConfigReader {
     const std::string where = path_ + ": parameters";
     if (!parameters.is_object()) throw InputError(where + " must be a mapping");
     refuse_unknown(parameters,
-                   {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "gamma", "t", "nuslerp_flatten", "nuslerp_row_wise",
+                   {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "gamma", "epsilon", "t", "nuslerp_flatten", "nuslerp_row_wise",
                     "filter_wise", "normalize_weights", "eps", "select_topk", "max_iter", "tol"},
                    where);
+    if (is(ModelMergeMethod::kPassthrough)) {
+      refuse_unknown(parameters, {"scale"}, where);
+      if (parameters.contains("scale")) defaults_["scale"] = setting(parameters["scale"], where + ".scale");
+      return;
+    }
     auto only_for = [&](const char* key, bool applies, const char* methods) {
       if (parameters.contains(key) && !applies) throw InputError(where + "." + key + " is a parameter of " + methods + ", not of " + method_);
     };
@@ -200,10 +214,11 @@ class MergeConfigReader {
       throw InputError(where + ".filter_wise: true (one interpolation per row) is not implemented; gradfix takes each tensor as one "
                        "vector, mergekit's default (filter_wise: false)");
     only_for("gamma", breadcrumbs(), "breadcrumbs and breadcrumbs_ties");
+    only_for("epsilon", della(), "della and della_linear");
     for (const char* key : {"nuslerp_flatten", "nuslerp_row_wise"}) only_for(key, is(ModelMergeMethod::kNuslerp), "nuslerp");
     for (const char* key : {"normalize", "lambda", "rescale", "density"})
-      only_for(key, sums_deltas(), "linear, task_arithmetic, ties, dare_*, breadcrumbs*");
-    only_for("int8_mask", sums_deltas() || is(ModelMergeMethod::kSce), "linear, task_arithmetic, ties, dare_*, breadcrumbs*, sce");
+      only_for(key, sums_deltas(), "linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*");
+    only_for("int8_mask", sums_deltas() || is(ModelMergeMethod::kSce), "linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*, sce");
     if (parameters.contains("weight") && weightless())
       throw InputError(where + ".weight: " + method_ + " takes no weights");
     if (parameters.contains("t")) read_merge_setting(parameters["t"], "t", where, job_.t, std::nullopt);
@@ -215,7 +230,7 @@ class MergeConfigReader {
     if (parameters.contains("lambda")) read_merge_setting(parameters["lambda"], "lambda", where, job_.lambda, 1.0);
     if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], where + ".int8_mask");
     if (parameters.contains("rescale")) job_.rescale = boolean(parameters["rescale"], where + ".rescale");
-    for (const char* key : {"weight", "density", "gamma"})
+    for (const char* key : {"weight", "density", "gamma", "epsilon"})
       if (parameters.contains(key)) defaults_[key] = setting(parameters[key], where + "." + key);
   }
 
@@ -266,13 +281,17 @@ class MergeConfigReader {
     const std::string model = model_path(entry["model"], where + ".model");
     Json parameters = entry.contains("parameters") ? entry["parameters"] : Json::object();
     if (!parameters.is_object()) throw InputError(where + ".parameters must be a mapping");
-    refuse_unknown(parameters, {"weight", "density", "gamma"}, where + ".parameters");
+    refuse_unknown(parameters, {"weight", "density", "gamma", "epsilon", "scale"}, where + ".parameters");
+    if (parameters.contains("scale") && !is(ModelMergeMethod::kPassthrough))
+      throw InputError(where + ".parameters.scale is a parameter of passthrough, not of " + method_);
     if (parameters.contains("gamma") && !breadcrumbs())
       throw InputError(where + ".parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of " + method_);
+    if (parameters.contains("epsilon") && !della())
+      throw InputError(where + ".parameters.epsilon is a parameter of della and della_linear, not of " + method_);
     // The base may be listed among the models (mergekit allows it): it adds nothing to a
     // task-arithmetic merge and is skipped there, as mergekit skips it.
     const bool base = model == job_.base;
-    if (base && !is(ModelMergeMethod::kLinear)) return true;
+    if (base && !is(ModelMergeMethod::kLinear) && !is(ModelMergeMethod::kPassthrough)) return true;
     if (weightless() && parameters.contains("weight"))
       throw InputError(where + ".parameters.weight: " + method_ + " takes no weights" +
                        (is(ModelMergeMethod::kModelStock)   ? std::string(" (the deltas' angle sets the interpolation)")
@@ -281,17 +300,30 @@ class MergeConfigReader {
                                                             : std::string("; t is in the top-level parameters")));
     const std::string at = where + ".parameters";
     const std::size_t varying_before = job_.varying.size();
+    if (is(ModelMergeMethod::kPassthrough)) {
+      // Its one tensor times `scale` (default 1), as a weight that is never normalised.
+      refuse_unknown(parameters, {"scale"}, at);
+      const std::optional<double> scale = model_parameter(parameters, "scale", at, 1.0);
+      if (job_.varying.size() > varying_before) job_.varying.back().name = "weight";
+      job_.models.push_back(model);
+      job_.weights.push_back(scale.value_or(1.0));
+      job_.densities.push_back(1.0);
+      return base;
+    }
     const std::optional<double> weight = weightless() ? 1.0 : model_parameter(parameters, "weight", at, std::nullopt);
     if (!weight && job_.varying.size() == varying_before)
       throw InputError(at + ".weight is missing (mergekit requires it, here or in the top-level parameters)");
     const std::optional<double> density = model_parameter(parameters, "density", at, 1.0);
     const std::optional<double> gamma = breadcrumbs() ? model_parameter(parameters, "gamma", at, 0.01) : std::optional<double>(0.01);
+    // mergekit's default epsilon for DELLA.
+    const std::optional<double> epsilon = della() ? model_parameter(parameters, "epsilon", at, 0.15) : std::optional<double>(0.15);
     job_.models.push_back(model);
     // A parameter that varies by tensor keeps its fallback here (the job's parameters_for gives
     // each tensor its value); the metadata records the configuration itself.
     job_.weights.push_back(weight.value_or(0.0));
     job_.densities.push_back(density.value_or(1.0));
     if (breadcrumbs()) job_.gammas.push_back(gamma.value_or(0.01));
+    if (della()) job_.epsilons.push_back(epsilon.value_or(0.15));
     const bool density_varies =
         std::any_of(job_.varying.begin() + static_cast<long>(varying_before), job_.varying.end(), [](const VaryingParameter& p) { return p.name == "density"; });
     if (!sparsifies() && (job_.densities.back() != 1.0 || density_varies))

@@ -1,7 +1,9 @@
 // gradfix merge --config: whole models merged by mergekit's rules. This file: the inputs, and the
 // methods that sum (sparsified, weighted) deltas from a base (linear, task_arithmetic, ties,
-// dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties), with gradient-sign masks before or after
+// dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear), with gradient-sign masks before or after
 // the merge; model_merge_vectors.cpp: those that take each tensor as one vector.
+#include <algorithm>
+#include <numeric>
 #include <regex>
 #include <set>
 
@@ -24,6 +26,9 @@ const std::vector<ModelMergeTraits>& model_merge_methods() {
       {M::kDareLinear,       "dare_linear",      S::kRandom,     false,    C::kDeltas,    false,    true},
       {M::kBreadcrumbs,      "breadcrumbs",      S::kOutliers,   false,    C::kDeltas,    false,    false},
       {M::kBreadcrumbsTies,  "breadcrumbs_ties", S::kOutliers,   true,     C::kDeltas,    false,    false},
+      {M::kDella,            "della",            S::kRankedRandom, true,   C::kDeltas,    true,     true},
+      {M::kDellaLinear,      "della_linear",     S::kRankedRandom, false,  C::kDeltas,    false,    true},
+      {M::kPassthrough,      "passthrough",      S::kNone,       false,    C::kDeltas,    false,    false},
       {M::kSlerp,            "slerp",            S::kNone,       false,    C::kSpherical, false,    false},
       {M::kNuslerp,          "nuslerp",          S::kNone,       false,    C::kSpherical, false,    false},
       {M::kNearswap,         "nearswap",         S::kNone,       false,    C::kNearswap,  false,    false},
@@ -81,7 +86,7 @@ std::optional<double> ParameterSetting::at(const std::string& tensor, double fra
 }
 
 MergeParameters ModelMergeJob::parameters_for(const std::string& name, double fraction) const {
-  MergeParameters out{weights, densities, gammas, t, lambda};
+  MergeParameters out{weights, densities, gammas, epsilons, t, lambda};
   for (const auto& parameter : varying) {
     std::optional<double> value;
     for (const auto& setting : parameter.settings)
@@ -95,20 +100,32 @@ MergeParameters ModelMergeJob::parameters_for(const std::string& name, double fr
     const bool fraction_parameter = parameter.name == "density" || parameter.name == "gamma";
     if (fraction_parameter && !(*value >= 0.0 && *value <= 1.0))
       throw InputError(owner + parameter.name + " for tensor " + escaped_name(name) + " must be in [0, 1], got " + format_number(*value));
+    if (parameter.name == "epsilon" && !(*value >= 0.0))
+      throw InputError(owner + "epsilon for tensor " + escaped_name(name) + " must be >= 0, got " + format_number(*value));
     const auto m = static_cast<std::size_t>(std::max(0, parameter.model));
     if (parameter.name == "weight") out.weights.at(m) = *value;
     else if (parameter.name == "density") out.densities.at(m) = *value;
     else if (parameter.name == "gamma") out.gammas.at(m) = *value;
+    else if (parameter.name == "epsilon") out.epsilons.at(m) = *value;
     else if (parameter.name == "t") out.t = *value;
     else if (parameter.name == "lambda") out.lambda = *value;
     else throw InputError("a per-tensor value of " + parameter.name + ", which gradfix takes as one number");
   }
+  // DELLA's keep probabilities density -/+ epsilon must lie in (0, 1), as mergekit requires
+  // (where the delta is sparsified at all: density below 1 and above 0).
+  if (model_merge_traits(method).sparsification == ModelMergeTraits::Sparsification::kRankedRandom)
+    for (std::size_t m = 0; m < out.densities.size(); ++m) {
+      const double density = out.densities[m], epsilon = out.epsilons.at(m);
+      if (density < 1.0 && density > 0.0 && !(density - epsilon > 0.0 && density + epsilon < 1.0))
+        throw InputError(models[m] + ": della's epsilon " + format_number(epsilon) + " with density " + format_number(density) + " for tensor " +
+                         escaped_name(name) + ": density +/- epsilon must lie in (0, 1), as mergekit requires");
+    }
   return out;
 }
 
 void ModelMergeJob::validate() const {
   const ModelMergeTraits& traits = model_merge_traits(method);
-  const bool linear = method == ModelMergeMethod::kLinear;
+  const bool linear = method == ModelMergeMethod::kLinear || method == ModelMergeMethod::kPassthrough;
   const std::size_t n = models.size();
   require_given(out, "--out");
   if (n == 0) throw InputError("a merge needs at least one model");
@@ -121,9 +138,14 @@ void ModelMergeJob::validate() const {
     throw InputError("breadcrumbs needs one gamma per model");
   for (double gamma : gammas)
     if (!(gamma >= 0.0 && gamma <= 1.0)) throw InputError("gamma must be in [0, 1], got " + format_number(gamma));
+  if (traits.sparsification == ModelMergeTraits::Sparsification::kRankedRandom && epsilons.size() != n)
+    throw InputError("della needs one epsilon per model");
   if (!linear && method != ModelMergeMethod::kNuslerp && method != ModelMergeMethod::kMultislerp &&
       method != ModelMergeMethod::kKarcher && base.empty())
     throw InputError(std::string(model_merge_method_name(method)) + " needs a base_model");
+  if (method == ModelMergeMethod::kPassthrough && (n != 1 || !base.empty() || normalize))
+    throw InputError("passthrough copies one model (times its scale), without a base_model or normalisation; got " + std::to_string(n) +
+                     " model(s)" + (base.empty() ? "" : " and a base_model"));
   if (method == ModelMergeMethod::kSlerp && n != 1)
     throw InputError("slerp interpolates between the base and one other model; got " + std::to_string(n) + " besides the base");
   if (method == ModelMergeMethod::kSlerp && !std::isfinite(t)) throw InputError("slerp: t must be finite");
@@ -149,7 +171,7 @@ void ModelMergeJob::validate() const {
       throw InputError(models[m] + ": density must be in [0, 1], got " + std::to_string(densities[m]));
   }
   if (!std::isfinite(lambda)) throw InputError("lambda must be finite");
-  static const std::set<std::string> kPerModel = {"weight", "density", "gamma"}, kOwn = {"t", "lambda"};
+  static const std::set<std::string> kPerModel = {"weight", "density", "gamma", "epsilon"}, kOwn = {"t", "lambda"};
   for (const auto& parameter : varying) {
     const bool per_model = kPerModel.count(parameter.name) != 0;
     if (!per_model && !kOwn.count(parameter.name))
@@ -237,8 +259,9 @@ Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& 
                             {"weights", job.weights}, {"densities", job.densities}, {"normalize", job.normalize},
                             {"lambda", job.lambda}, {"output", output_options_json(job.output)}};
   if (sparsification != S::kNone) options["rescale"] = job.rescale;
-  if (sparsification == S::kRandom) options["seed"] = job.seed;
+  if (sparsification == S::kRandom || sparsification == S::kRankedRandom) options["seed"] = job.seed;
   if (sparsification == S::kOutliers) options["gammas"] = job.gammas;
+  if (sparsification == S::kRankedRandom) options["epsilons"] = job.epsilons;
   if (job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNearswap) options["t"] = job.t;
   if (job.method == ModelMergeMethod::kMultislerp) options["eps"] = job.eps;
   // Parameters that vary by tensor: their settings are in the configuration (gradfix.merge_config).
@@ -406,7 +429,7 @@ class DeltaMerge {
                                   });
     long long elements = 0;
     write_merged(job_, in_, chunked_, metadata, elements,
-                 [&](const Piece& chunk) { return is(ModelMergeMethod::kLinear) ? linear_of(chunk) : merged_of(chunk); });
+                 [&](const Piece& chunk) { return is(ModelMergeMethod::kLinear) || is(ModelMergeMethod::kPassthrough) ? linear_of(chunk) : merged_of(chunk); });
     return elements;
   }
 
@@ -414,6 +437,7 @@ class DeltaMerge {
   bool is(ModelMergeMethod method) const { return job_.method == method; }
   using Sparsification = ModelMergeTraits::Sparsification;
   bool dare() const { return traits_.sparsification == Sparsification::kRandom; }
+  bool della() const { return traits_.sparsification == Sparsification::kRankedRandom; }
   // TIES and Model Breadcrumbs sparsify by magnitude.
   bool trims() const { return traits_.sparsification == Sparsification::kMagnitude || traits_.sparsification == Sparsification::kOutliers; }
   bool consensus() const { return traits_.consensus; }
@@ -461,6 +485,12 @@ class DeltaMerge {
       rescales_ = l1_rescales(job_, in_, ranks_, chunked_, tensors, delta_of,
                               [&](std::size_t m, const Piece& chunk, std::vector<V>& values) { trims_.at(chunk.tensor)[m].apply(chunk, values); });
     }
+    if (della())
+      rescales_ = l1_rescales(job_, in_, ranks_, chunked_, tensors, delta_of, [&](std::size_t m, const Piece& chunk, std::vector<V>& values) {
+        const std::vector<char> keep = della_keeps(m, chunk);
+        for (std::size_t i = 0; i < values.size(); ++i)
+          if (keep[i] == 0) values[i] = 0;
+      });
     if (dare())
       rescales_ = l1_rescales(job_, in_, ranks_, chunked_, tensors, delta_of, [&](std::size_t m, const Piece& chunk, std::vector<V>& values) {
         const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
@@ -475,15 +505,55 @@ class DeltaMerge {
     auto values = delta(m, chunk, &base_values);
     if (trims()) trims_.at(chunk.tensor)[m].apply(chunk, values);
     std::vector<double> out(values.begin(), values.end());
-    if (trims() || dare()) {
+    if (trims() || dare() || della()) {
       const double factor = rescales_.at(chunk.tensor)[m];
       const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
       const double density = parameters(chunk).densities[m];
-      for (std::size_t i = 0; i < out.size(); ++i)
-        out[i] = dare() && !dare_keeps(job_, density, m, key, chunk.begin + static_cast<long long>(i)) ? 0.0 : out[i] * factor;
+      const std::vector<char> keep = della() ? della_keeps(m, chunk) : std::vector<char>();
+      for (std::size_t i = 0; i < out.size(); ++i) {
+        const bool dropped = dare() ? !dare_keeps(job_, density, m, key, chunk.begin + static_cast<long long>(i)) : della() && keep[i] == 0;
+        out[i] = dropped ? 0.0 : out[i] * factor;
+      }
     }
     for (auto& value : out) value *= parameters(chunk).weights[m];
     return out;
+  }
+
+  // DELLA's MAGPRUNE: whether each entry of model m's delta on `chunk` is kept. The delta's
+  // entries are ranked by magnitude within their fiber along dim 1 (a matrix's row; a vector is
+  // one fiber; ties in index order), rank r of n kept with probability density - epsilon + 2
+  // epsilon (r - 1) / (n - 1) (density where n = 1), drawn as DARE draws: from (seed, model,
+  // tensor, element) alone, so at any number of ranks. The fibers that reach into the chunk are
+  // read whole. Density 1 keeps everything, as mergekit leaves such a delta alone.
+  std::vector<char> della_keeps(std::size_t m, const Piece& chunk) const {
+    const TensorInfo& info = layout_[chunk.tensor];
+    const double density = parameters(chunk).densities[m], epsilon = parameters(chunk).epsilons[m];
+    std::vector<char> keep(static_cast<std::size_t>(chunk.count), 1);
+    if (density >= 1.0 || chunk.count == 0) return keep;
+    const long long numel = info.numel();
+    const long long fiber = info.shape.size() < 2 ? numel : info.shape[1];
+    const long long stride = info.shape.size() < 2 ? 1 : numel / (info.shape[0] * fiber);
+    const long long block = fiber * stride;  // one index along dim 0: `stride` fibers, interleaved
+    const long long first = chunk.begin / block * block, last = (chunk.begin + chunk.count + block - 1) / block * block;
+    const std::vector<V> values = delta(m, Piece{chunk.tensor, first, last - first});
+    const std::uint64_t key = tensor_key_of(info.name), seed = job_.seed ^ mix_bits(m + 1);
+    std::vector<long long> order(static_cast<std::size_t>(fiber));
+    for (long long b = first; b < last; b += block)
+      for (long long r = 0; r < stride; ++r) {
+        auto at = [&](long long j) { return b + r + j * stride; };
+        std::iota(order.begin(), order.end(), 0LL);
+        std::stable_sort(order.begin(), order.end(), [&](long long x, long long y) {
+          return std::fabs(values[static_cast<std::size_t>(at(x) - first)]) < std::fabs(values[static_cast<std::size_t>(at(y) - first)]);
+        });
+        for (long long rank = 0; rank < fiber; ++rank) {
+          const long long index = at(order[static_cast<std::size_t>(rank)]);
+          if (index < chunk.begin || index >= chunk.begin + chunk.count) continue;
+          const double probability =
+              fiber > 1 ? density - epsilon + 2.0 * epsilon * static_cast<double>(rank) / static_cast<double>(fiber - 1) : density;
+          keep[static_cast<std::size_t>(index - chunk.begin)] = uniform_at(seed, key, index, 0) < probability ? 1 : 0;
+        }
+      }
+    return keep;
   }
 
   // The weights, densities, gammas and lambda of the chunk's tensor.
@@ -536,7 +606,8 @@ class DeltaMerge {
     return result;
   }
 
-  // linear: sum_m w_m M_m, normalised by the weights.
+  // linear: sum_m w_m M_m, normalised by the weights; passthrough: its one model times its scale
+  // (held as its weight, never normalised).
   std::vector<double> linear_of(const Piece& chunk) const {
     std::vector<double> result(static_cast<std::size_t>(chunk.count), 0.0);
     const std::vector<double>& weights = parameters(chunk).weights;

@@ -22,7 +22,8 @@ expect_output=$work/out.txt  # not in the source tree
 cd "$fixtures"  # the configurations name the models relative to their directory, as mergekit runs them
 
 for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults breadcrumbs breadcrumbs_ties slerp nuslerp nuslerp_nobase \
-  nearswap model_stock multislerp multislerp_nobase sce sce_all karcher karcher_base ties_gradient slerp_gradient task_arithmetic_filters; do
+  nearswap model_stock multislerp multislerp_nobase sce sce_all karcher karcher_base ties_gradient slerp_gradient task_arithmetic_filters \
+  passthrough_bf16 passthrough_scale; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names
@@ -33,6 +34,10 @@ check "nearswap: mergekit's bytes exactly (the same float32 operations)" "$close
 check "the comparison can fail: sce's selection of half the entries matters" bash -c "! '$close' '$work/sce-p1' reference/sce_all --reference-names 2>/dev/null"
 check "the comparison can fail: model_stock is not the models' mean" bash -c "! '$close' '$work/model_stock-p1' reference/linear --reference-names 2>/dev/null"
 check "the comparison can fail: ties with rescale is not ties (it was ignored before)" bash -c "! '$close' '$work/ties_rescale-p1' reference/ties --reference-names 2>/dev/null"
+check "the comparison can fail: the scaled passthrough is not the model" bash -c "! '$close' '$work/passthrough_scale-p1' ft0 --reference-names 2>/dev/null"
+sed 's/bfloat16/float32/' passthrough_bf16.yml >"$work/copy.yml"
+"$gradfix" merge --config "$work/copy.yml" --out "$work/copy" >/dev/null
+check "the plain passthrough in float32 is the model's bytes" "$same" "$work/copy" ft1
 check "the comparison can fail: ties is not task arithmetic" bash -c "! '$close' '$work/ties-p1' reference/task_arithmetic --reference-names 2>/dev/null"
 # Parameters that vary by layer and tensor name (the *_gradient and *_filters configurations on
 # a five-layer model, equal to mergekit above): the same merge with one value everywhere differs.
@@ -100,6 +105,69 @@ print("dare_linear: kept %.4f of %d entries" % (fraction, total))
 sys.exit(0 if abs(fraction - 0.3) < 0.015 else 1)
 PY
 
+# DELLA (MAGPRUNE): the DARE draws with a keep probability that rises with the entry's magnitude
+# rank in its row, density - epsilon to density + epsilon. At density 1 della_linear is task
+# arithmetic (mergekit's output); the same bytes at 1-3 ranks with chunks that cut rows; with one
+# model at density 0.5 and epsilon 0.2, half the entries kept, the top half of each row's ranks
+# at 0.6 and the bottom half at 0.4, each tensor's L1 norm kept; another seed, other draws.
+della() {  # della NAME METHOD DENSITY EPSILON SEED [MODELS...]
+  local name=$1 method=$2 density=$3 epsilon=$4 seed=$5
+  shift 5
+  {
+    printf 'merge_method: %s\nbase_model: base\nmodels:\n' "$method"
+    for model in "$@"; do printf '  - model: %s\n    parameters: {weight: %s, density: %s}\n' "${model%%:*}" "${model#*:}" "$density"; done
+    printf 'parameters: {lambda: 0.7, epsilon: %s}\ndtype: float32\ngradfix: {seed: %s}\n' "$epsilon" "$seed"
+  } >"$work/$name.yml"
+}
+della della_dense della_linear 1.0 0.1 0 ft0:1.0 ft1:0.5 ft2:0.8
+"$gradfix" merge --config "$work/della_dense.yml" --out "$work/della_dense" >/dev/null
+check "della_linear at density 1 equals mergekit's task arithmetic" "$close" "$work/della_dense" reference/task_arithmetic --reference-names
+della della_sparse della 0.4 0.1 7 ft0:1.0 ft1:0.5 ft2:0.8
+for ranks in 1 2 3; do
+  mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$work/della_sparse.yml" --out "$work/della_sparse-p$ranks" --chunk-elements 300 >/dev/null
+done
+check "della: the same bytes at 1, 2 and 3 ranks" bash -c "'$same' '$work/della_sparse-p1' '$work/della_sparse-p2' && '$same' '$work/della_sparse-p1' '$work/della_sparse-p3'"
+check "the comparison can fail: della is not dare_ties at the same seed" bash -c "! '$same' '$work/della_sparse-p1' '$work/sparse-p1'"
+della della_other della 0.4 0.1 8 ft0:1.0 ft1:0.5 ft2:0.8
+"$gradfix" merge --config "$work/della_other.yml" --out "$work/della_other" >/dev/null
+check "della: another seed draws otherwise" bash -c "! '$same' '$work/della_sparse-p1' '$work/della_other'"
+della della_single della_linear 0.5 0.2 3 ft0:1.0
+sed -i 's/lambda: 0.7/lambda: 1.0/' "$work/della_single.yml"
+mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" merge --config "$work/della_single.yml" --out "$work/della_single.safetensors" --chunk-elements 300 >/dev/null
+check "della_linear: kept 0.5, ranks in each row's top half 0.6 and bottom half 0.4, each tensor's L1 norm kept" \
+  python3 - "$work/della_single.safetensors" base ft0 <<'PY'
+import json, os, struct, sys
+def load(path):
+    files = [path] if path.endswith(".safetensors") else [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+    out = {}
+    for name in files:
+        raw = open(name, "rb").read(); n = struct.unpack("<Q", raw[:8])[0]; header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
+        for key, e in header.items():
+            data = raw[8 + n + e["data_offsets"][0]:8 + n + e["data_offsets"][1]]
+            out[key] = (e["shape"], struct.unpack("<%df" % (len(data) // 4), data))
+    return out
+merged, base, tuned = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
+counts = {"top": [0, 0], "bottom": [0, 0]}
+for key, (shape, values) in base.items():
+    before = [t - b for t, b in zip(tuned[key][1], values)]
+    after = [m - b for m, b in zip(merged[key][1], values)]
+    width = shape[1] if len(shape) == 2 else len(values)
+    for row in range(len(values) // width):
+        entries = list(range(row * width, (row + 1) * width))
+        ranked = sorted(entries, key=lambda i: abs(before[i]))
+        for rank, i in enumerate(ranked):
+            half = "top" if rank >= width / 2 else "bottom"
+            counts[half][0] += after[i] != 0
+            counts[half][1] += 1
+    l1_before, l1_after = sum(map(abs, before)), sum(map(abs, after))
+    if l1_before > 1e-3 and abs(l1_after - l1_before) > 1e-4 * l1_before:
+        sys.exit("%s: L1 %g after, %g before" % (key, l1_after, l1_before))
+top, bottom = counts["top"][0] / counts["top"][1], counts["bottom"][0] / counts["bottom"][1]
+total = (counts["top"][0] + counts["bottom"][0]) / (counts["top"][1] + counts["bottom"][1])
+print("della_linear: kept %.4f (top half %.4f, bottom half %.4f)" % (total, top, bottom))
+sys.exit(0 if abs(total - 0.5) < 0.02 and abs(top - 0.6) < 0.03 and abs(bottom - 0.4) < 0.03 else 1)
+PY
+
 # What gradfix does not read is refused, naming it; nothing is written.
 bad() {  # bad NAME DESCRIPTION PATTERN YAML
   printf '%s\n' "$4" >"$work/$1.yml"
@@ -107,7 +175,13 @@ bad() {  # bad NAME DESCRIPTION PATTERN YAML
   check "$2: nothing written" test ! -e "$work/$1-out"
 }
 bad seed "a bad seed" "gradfix.seed must be a non-negative integer" $'merge_method: dare_ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\ngradfix: {seed: -1}'
-bad della "another method" "merge_method 'della' is not one gradfix has" $'merge_method: della\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
+bad ram "another method" "merge_method 'ram' is not one gradfix has" $'merge_method: ram\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
+bad della_epsilon "della's epsilon past density's room (mergekit's test_della_invalid_epsilon)" "della's epsilon 1.35 with density 0.66 for tensor .*: density ./- epsilon must lie in .0, 1." $'merge_method: della\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.66}\nparameters: {epsilon: 1.35, lambda: 0.5}'
+bad passthrough_two "passthrough of two models" "passthrough copies exactly one model .* got 2" $'merge_method: passthrough\nmodels:\n  - model: ft0\n  - model: ft1'
+bad passthrough_base "passthrough with another base_model" "passthrough copies exactly one model .* got 2 with the base_model" $'merge_method: passthrough\nbase_model: base\nmodels:\n  - model: ft0'
+bad passthrough_weight "a weight in passthrough" "parameters: gradfix does not read 'weight' .it reads scale." $'merge_method: passthrough\nmodels:\n  - model: ft0\n    parameters: {weight: 2}'
+bad ties_scale "scale in a ties merge" "parameters.scale is a parameter of passthrough, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, scale: 2}'
+bad ties_epsilon "epsilon in a ties merge" "parameters.epsilon is a parameter of della and della_linear, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, epsilon: 0.1}'
 bad slerp_t "slerp without t" "slerp needs parameters.t" $'merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft0'
 bad slerp_two "slerp of two models" "slerp interpolates between the base and one other model; got 2" $'merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {t: 0.5}'
 bad nuslerp_rows "row-wise nuslerp" "nuslerp_flatten: false (row- or column-wise nuslerp) is not implemented" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {nuslerp_flatten: false}'
@@ -125,7 +199,7 @@ bad sce_weight "a weight in sce" "parameters.weight: sce takes no weights .each 
 bad karcher_iterations "a fractional karcher max_iter" "parameters.max_iter is 2.5, not a whole number" $'merge_method: karcher\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {max_iter: 2.5}'
 bad ties_t "a parameter of another method" "parameters.t is a parameter of slerp and nearswap, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {t: 0.5}'
 bad ties_gamma "gamma in a ties merge" "parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, gamma: 0.1}'
-bad nuslerp_lambda "lambda in a nuslerp" "parameters.lambda is a parameter of linear, task_arithmetic, ties, dare_., breadcrumbs., not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {lambda: 2}'
+bad nuslerp_lambda "lambda in a nuslerp" "parameters.lambda is a parameter of linear, task_arithmetic, ties, dare_., breadcrumbs., della., not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {lambda: 2}'
 bad unknown "an unknown key" "does not read 'slices'" $'merge_method: ties\nslices: []\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
 bad layers "a per-layer list of a parameter that takes one number" "parameters.select_topk: gradfix takes one number here" $'merge_method: sce\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {select_topk: [0.5, 1]}'
 bad empty_list "an empty per-layer list" "weight is \\[\\]: a parameter is a number, a list of numbers" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: []}'

@@ -16,8 +16,10 @@ require_slurm
 # Under the hosts' shared directory: each host has its own /tmp.
 work=$(mktemp -d "$shared_dir"/gradfix-slurm-hosts-XXXXXX)
 chmod 755 "$work"
-# hosts_down kills every process in the hosts (slurmctld, slurmd, job steps); munged runs outside.
-hosts_cleanup_extra="[ -f '$work/munged.pid' ] && kill \$(cat '$work/munged.pid') 2>/dev/null; [ \"\${failed:-0}\" -ne 0 ] && tail -n 15 '$work'/*.log >&2; rm -rf '$work'"
+# hosts_down kills every process in the hosts (slurmctld, slurmd, job steps); munged runs outside
+# and is waited for, as it writes its log on the way out. Each step may fail without stopping the
+# rest of the clean-up.
+hosts_cleanup_extra="stop_munge '$work' || true; if [ \"\${failed:-0}\" -ne 0 ]; then tail -n 15 '$work'/*.log >&2 || true; fi; rm -rf '$work' || true"
 hosts_up 3
 
 start_munge "$work"

@@ -16,6 +16,16 @@ start_munge() {  # start_munge WORK: a fresh key and a private socket under WORK
     --log-file="$1/munged.log" --seed-file="$1/munge.seed"
 }
 
+stop_munge() {  # stop_munge WORK: ends start_munge's daemon and waits for it, so that nothing writes under WORK after
+  local pid
+  [ -f "$1/munged.pid" ] && pid=$(cat "$1/munged.pid" 2>/dev/null) || return 0
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+}
+
 # slurm_conf_common WORK: the lines of slurm.conf that do not depend on the nodes. The scripts ask
 # for GPUs per node; the nodes declare four each, with plain files for device files
 # (slurm_gpu_files), and the CPUs they declare are accepted where the machine has fewer cores.

@@ -113,11 +113,18 @@ struct MergeJob {
 //   karcher          the Karcher (Riemannian) mean of the models' tensors (a base among them)
 //                    as directions on the sphere, iterated up to max_iter times, scaled by their
 //                    mean norm
+//   della,           DELLA (MAGPRUNE): within each row (dim 1 of a tensor; a vector is one row)
+//   della_linear     the delta's entries ranked by magnitude, entry of rank r (1..n) kept with
+//                    probability density - epsilon + 2 epsilon (r - 1) / (n - 1), rescaled to the
+//                    L1 norm (rescale), then as ties (della) or task_arithmetic (della_linear).
+//                    The draws come from (seed, model, tensor, element), as DARE's.
+//   passthrough      one model's tensors as they are, each times its `scale` (default 1)
 //   model_stock      Model Stock: per tensor, the mean cosine c between the deltas of k >= 2
 //                    models, t = k c / (1 + (k - 1) c) (0 where the denominator is within 1e-6
 //                    of 0), and t * (the models' mean) + (1 - t) * base
 enum class ModelMergeMethod {
-  kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock, kMultislerp, kSce, kKarcher
+  kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock, kMultislerp, kSce, kKarcher,
+  kDella, kDellaLinear, kPassthrough
 };
 
 // A mergekit parameter's value for each tensor: one number; a list of numbers interpolated over
@@ -143,7 +150,7 @@ struct ParameterSetting::Condition {
 // then the merge's top-level one), and the value when none gives one (none: mergekit's "missing
 // required parameter").
 struct VaryingParameter {
-  std::string name;  // weight, density, gamma (per model), t, lambda (the merge's)
+  std::string name;  // weight, density, gamma, epsilon (per model), t, lambda (the merge's)
   int model = -1;    // the model's index, or -1 for the merge's own parameters
   std::vector<ParameterSetting> settings;
   std::optional<double> fallback;
@@ -151,7 +158,7 @@ struct VaryingParameter {
 
 // The per-model and merge parameters that mergekit lets vary by tensor, as they hold for one.
 struct MergeParameters {
-  std::vector<double> weights, densities, gammas;
+  std::vector<double> weights, densities, gammas, epsilons;
   double t = 0.5;
   double lambda = 1.0;
 };
@@ -163,6 +170,7 @@ struct ModelMergeJob {
   std::vector<double> weights;      // one per model
   std::vector<double> densities;    // one per model; 1 keeps everything
   std::vector<double> gammas;       // breadcrumbs: one per model, the largest magnitudes dropped
+  std::vector<double> epsilons;     // della: one per model, the spread of the keep probabilities
   bool normalize = true;
   double lambda = 1.0;
   bool rescale = true;              // scale each sparsified delta back to its L1 norm (mergekit: on for DARE, off for ties)
@@ -185,7 +193,7 @@ struct ModelMergeJob {
   std::string out;
   OutputOptions output;
   void validate() const;
-  // weights, densities, gammas, t and lambda for the tensor `name` at layer fraction `fraction`:
+  // weights, densities, gammas, epsilons, t and lambda for the tensor `name` at layer fraction `fraction`:
   // the fields above, but where `varying` gives another value. InputError naming the parameter,
   // the model and the tensor for a value that none of its settings give, or out of its range.
   MergeParameters parameters_for(const std::string& name, double fraction) const;
@@ -260,7 +268,7 @@ const char* model_merge_method_name(ModelMergeMethod method);
 // What each merge method is made of, as mergekit's registry describes its methods: the one place
 // the configuration reader (defaults, which parameters apply) and the merge itself ask.
 struct ModelMergeTraits {
-  enum class Sparsification { kNone, kMagnitude, kOutliers, kRandom };  // none, TIES, Breadcrumbs, DARE
+  enum class Sparsification { kNone, kMagnitude, kOutliers, kRandom, kRankedRandom };  // none, TIES, Breadcrumbs, DARE, DELLA
   ModelMergeMethod method;
   const char* name;
   Sparsification sparsification;
