@@ -151,10 +151,11 @@ class MergeConfigReader {
   bool sums_deltas() const { return traits().combination == ModelMergeTraits::Combination::kDeltas; }
   bool weightless() const {
     return is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap) || is(ModelMergeMethod::kModelStock) || is(ModelMergeMethod::kSce) ||
-           is(ModelMergeMethod::kKarcher);
+           is(ModelMergeMethod::kKarcher) || ram();
   }
   bool breadcrumbs() const { return traits().sparsification == ModelMergeTraits::Sparsification::kOutliers; }
   bool della() const { return traits().sparsification == ModelMergeTraits::Sparsification::kRankedRandom; }
+  bool ram() const { return is(ModelMergeMethod::kRam) || is(ModelMergeMethod::kRamplusTl); }
   bool sparsifies() const { return traits().sparsification != ModelMergeTraits::Sparsification::kNone; }
 
   // merge_method, and mergekit's defaults of normalize and rescale that follow from it
@@ -185,7 +186,7 @@ class MergeConfigReader {
     if (!parameters.is_object()) throw InputError(where + " must be a mapping");
     refuse_unknown(parameters,
                    {"normalize", "lambda", "int8_mask", "rescale", "weight", "density", "gamma", "epsilon", "t", "nuslerp_flatten", "nuslerp_row_wise",
-                    "filter_wise", "normalize_weights", "eps", "select_topk", "max_iter", "tol"},
+                    "filter_wise", "normalize_weights", "eps", "select_topk", "max_iter", "tol", "r", "alpha"},
                    where);
     if (is(ModelMergeMethod::kPassthrough)) {
       refuse_unknown(parameters, {"scale"}, where);
@@ -214,7 +215,14 @@ class MergeConfigReader {
       throw InputError(where + ".filter_wise: true (one interpolation per row) is not implemented; gradfix takes each tensor as one "
                        "vector, mergekit's default (filter_wise: false)");
     only_for("gamma", breadcrumbs(), "breadcrumbs and breadcrumbs_ties");
-    only_for("epsilon", della(), "della and della_linear");
+    only_for("epsilon", della() || ram(), "della, della_linear, ram and ramplus_tl");
+    for (const char* key : {"r", "alpha"}) only_for(key, is(ModelMergeMethod::kRamplusTl), "ramplus_tl");
+    if (ram()) {
+      // RAM's own parameters: the merge's, one number each.
+      if (parameters.contains("epsilon")) job_.ram_epsilon = number(parameters["epsilon"], where + ".epsilon");
+      if (parameters.contains("r")) job_.ram_r = number(parameters["r"], where + ".r");
+      if (parameters.contains("alpha")) job_.ram_alpha = number(parameters["alpha"], where + ".alpha");
+    }
     for (const char* key : {"nuslerp_flatten", "nuslerp_row_wise"}) only_for(key, is(ModelMergeMethod::kNuslerp), "nuslerp");
     for (const char* key : {"normalize", "lambda", "rescale", "density"})
       only_for(key, sums_deltas(), "linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*");
@@ -231,7 +239,7 @@ class MergeConfigReader {
     if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], where + ".int8_mask");
     if (parameters.contains("rescale")) job_.rescale = boolean(parameters["rescale"], where + ".rescale");
     for (const char* key : {"weight", "density", "gamma", "epsilon"})
-      if (parameters.contains(key)) defaults_[key] = setting(parameters[key], where + "." + key);
+      if (parameters.contains(key) && !(ram() && std::string(key) == "epsilon")) defaults_[key] = setting(parameters[key], where + "." + key);
   }
 
   // One of the merge's own parameters that may vary by tensor (t, lambda): a number goes into
@@ -297,6 +305,7 @@ class MergeConfigReader {
                        (is(ModelMergeMethod::kModelStock)   ? std::string(" (the deltas' angle sets the interpolation)")
                         : is(ModelMergeMethod::kSce)        ? std::string(" (each delta's mean square sets its weight)")
                         : is(ModelMergeMethod::kKarcher)    ? std::string(" (the models weigh 1 / k each)")
+                        : ram()                             ? std::string(" (each entry's deltas are kept or averaged)")
                                                             : std::string("; t is in the top-level parameters")));
     const std::string at = where + ".parameters";
     const std::size_t varying_before = job_.varying.size();

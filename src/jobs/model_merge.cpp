@@ -29,6 +29,8 @@ const std::vector<ModelMergeTraits>& model_merge_methods() {
       {M::kDella,            "della",            S::kRankedRandom, true,   C::kDeltas,    true,     true},
       {M::kDellaLinear,      "della_linear",     S::kRankedRandom, false,  C::kDeltas,    false,    true},
       {M::kPassthrough,      "passthrough",      S::kNone,       false,    C::kDeltas,    false,    false},
+      {M::kRam,              "ram",              S::kNone,       false,    C::kRam,       false,    false},
+      {M::kRamplusTl,        "ramplus_tl",       S::kNone,       false,    C::kRam,       false,    false},
       {M::kSlerp,            "slerp",            S::kNone,       false,    C::kSpherical, false,    false},
       {M::kNuslerp,          "nuslerp",          S::kNone,       false,    C::kSpherical, false,    false},
       {M::kNearswap,         "nearswap",         S::kNone,       false,    C::kNearswap,  false,    false},
@@ -162,6 +164,9 @@ void ModelMergeJob::validate() const {
   if (method == ModelMergeMethod::kKarcher && (max_iter < 0 || !(std::isfinite(tol) && tol >= 0.0)))
     throw InputError("karcher: max_iter must be >= 0 and tol a finite number >= 0, got " + std::to_string(max_iter) + " and " +
                      format_number(tol));
+  if ((method == ModelMergeMethod::kRam || method == ModelMergeMethod::kRamplusTl) &&
+      !(std::isfinite(ram_epsilon) && ram_epsilon >= 0.0 && std::isfinite(ram_r) && std::isfinite(ram_alpha)))
+    throw InputError(std::string(model_merge_method_name(method)) + ": epsilon must be a finite number >= 0, r and alpha finite");
   if (method == ModelMergeMethod::kModelStock && n < 2)
     throw InputError("model_stock needs at least two models besides the base (their deltas' angle sets the interpolation); got " +
                      std::to_string(n));
@@ -264,6 +269,11 @@ Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& 
   if (sparsification == S::kRankedRandom) options["epsilons"] = job.epsilons;
   if (job.method == ModelMergeMethod::kSlerp || job.method == ModelMergeMethod::kNearswap) options["t"] = job.t;
   if (job.method == ModelMergeMethod::kMultislerp) options["eps"] = job.eps;
+  if (job.method == ModelMergeMethod::kRam || job.method == ModelMergeMethod::kRamplusTl) options["epsilon"] = job.ram_epsilon;
+  if (job.method == ModelMergeMethod::kRamplusTl) {
+    options["r"] = job.ram_r;
+    options["alpha"] = job.ram_alpha;
+  }
   // Parameters that vary by tensor: their settings are in the configuration (gradfix.merge_config).
   for (const auto& parameter : job.varying)
     options["per_tensor"].push_back(parameter.model >= 0 ? parameter.name + " of " + input_name(job.models[static_cast<std::size_t>(parameter.model)])

@@ -418,6 +418,77 @@ void merge_sce(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInp
   });
 }
 
+// RAM and RAM+ (tensor-local), entry by entry in the compute type V with mergekit's operations
+// in their order (so float32 merges give its bytes): d_m = M_m - base, counted where |d_m| >
+// epsilon; c the count at the entry; each model's term is d_m lambda_m where it alone counts
+// (c = 1), d_m / c where several do, 0 where it does not count; the terms summed in model order
+// and added to the base. lambda_m is 1 for RAM; for RAM+ 1 + r clamp(shared_m / max(unique_m,
+// epsilon), 0, alpha), with shared_m and unique_m the tensor's entries where model m counts
+// together with others and alone: integer counts completed over the ranks, so the result does
+// not depend on P.
+template <typename V>
+void merge_ram(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
+               long long& elements) {
+  const bool allow = job.output.allow_nonfinite, plus = job.method == ModelMergeMethod::kRamplusTl;
+  const std::size_t k = in.models.size();
+  const V epsilon = static_cast<V>(job.ram_epsilon);
+  struct Entries {
+    std::vector<V> base;
+    std::vector<std::vector<V>> deltas;
+    std::vector<int> counts;  // models counting at each entry
+  };
+  auto entries_of = [&](const Piece& chunk) {
+    const std::string& name = chunked.layout()[chunk.tensor].name;
+    Entries e;
+    e.base = load<V>(*in.base, name, chunk.begin, chunk.count, allow);
+    e.counts.assign(e.base.size(), 0);
+    for (const auto& reader : in.models) {
+      auto values = load<V>(*reader, name, chunk.begin, chunk.count, allow);
+      for (std::size_t i = 0; i < values.size(); ++i) {
+        values[i] -= e.base[i];
+        e.counts[i] += std::fabs(values[i]) > epsilon ? 1 : 0;
+      }
+      e.deltas.push_back(std::move(values));
+    }
+    return e;
+  };
+  std::map<std::size_t, std::vector<V>> lambdas;  // RAM+: by tensor, per model
+  for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
+    if (!plus) break;
+    std::vector<ExactSum> shared(k), unique(k);
+    for (const Piece& chunk : entry.second) {
+      const Entries e = entries_of(chunk);
+      for (std::size_t m = 0; m < k; ++m)
+        for (std::size_t i = 0; i < e.counts.size(); ++i) {
+          if (!(std::fabs(e.deltas[m][i]) > epsilon)) continue;
+          (e.counts[i] > 1 ? shared[m] : unique[m]).add(1.0);
+        }
+    }
+    for (std::size_t m = 0; m < k; ++m) {
+      // mergekit: shared_counts / unique_counts.clamp(min=epsilon), the counts as float32.
+      const auto s = static_cast<float>(tensor_total(ranks, chunked, entry.first, shared[m]));
+      const auto u = static_cast<float>(tensor_total(ranks, chunked, entry.first, unique[m]));
+      const float rho = s / std::max(u, static_cast<float>(job.ram_epsilon));
+      const float boost = static_cast<float>(job.ram_r) * std::clamp(rho, 0.0f, static_cast<float>(job.ram_alpha));
+      lambdas[entry.first].push_back(static_cast<V>(1.0f + boost));
+    }
+  }
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
+    const Entries e = entries_of(chunk);
+    std::vector<double> result(e.base.size());
+    for (std::size_t i = 0; i < result.size(); ++i) {
+      const V count = static_cast<V>(std::max(e.counts[i], 1));
+      V merged = 0;
+      for (std::size_t m = 0; m < k; ++m) {
+        const V value = std::fabs(e.deltas[m][i]) > epsilon ? e.deltas[m][i] : V(0);
+        merged += e.counts[i] == 1 ? (plus ? value * lambdas.at(chunk.tensor)[m] : value) : value / count;
+      }
+      result[i] = static_cast<V>(e.base[i] + merged);
+    }
+    return result;
+  });
+}
+
 // The Karcher mean's direction as coefficients over the models' unit vectors, from their Gram
 // matrix G (u_a . u_b): mergekit iterates on whole tensors, but every iterate is a combination
 // sum_m c_m u_m of the units, so dots and norms follow from G. `alphas` are the normalised
@@ -566,6 +637,10 @@ long long merge_whole_tensors(const ModelMergeJob& job, const Ranks& ranks, cons
     case C::kKarcher:
       if (f64) merge_karcher<double>(job, ranks, in, chunked, metadata, elements);
       else merge_karcher<float>(job, ranks, in, chunked, metadata, elements);
+      break;
+    case C::kRam:
+      if (f64) merge_ram<double>(job, ranks, in, chunked, metadata, elements);
+      else merge_ram<float>(job, ranks, in, chunked, metadata, elements);
       break;
     case C::kDeltas: GRADFIX_CHECK(false, "a sum of deltas is not a whole-tensor merge");
   }

@@ -23,7 +23,7 @@ cd "$fixtures"  # the configurations name the models relative to their directory
 
 for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults breadcrumbs breadcrumbs_ties slerp nuslerp nuslerp_nobase \
   nearswap model_stock multislerp multislerp_nobase sce sce_all karcher karcher_base ties_gradient slerp_gradient task_arithmetic_filters \
-  passthrough_bf16 passthrough_scale; do
+  passthrough_bf16 passthrough_scale ram ramplus_tl; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names
@@ -34,6 +34,10 @@ check "nearswap: mergekit's bytes exactly (the same float32 operations)" "$close
 check "the comparison can fail: sce's selection of half the entries matters" bash -c "! '$close' '$work/sce-p1' reference/sce_all --reference-names 2>/dev/null"
 check "the comparison can fail: model_stock is not the models' mean" bash -c "! '$close' '$work/model_stock-p1' reference/linear --reference-names 2>/dev/null"
 check "the comparison can fail: ties with rescale is not ties (it was ignored before)" bash -c "! '$close' '$work/ties_rescale-p1' reference/ties --reference-names 2>/dev/null"
+for config in ram ramplus_tl; do
+  check "$config: mergekit's bytes exactly (the same float32 operations)" "$close" "$work/$config-p1" "reference/$config" --reference-names --abs 0 --rel 0
+done
+check "the comparison can fail: RAM+ boosts what RAM keeps" bash -c "! '$close' '$work/ramplus_tl-p1' reference/ram --reference-names 2>/dev/null"
 check "the comparison can fail: the scaled passthrough is not the model" bash -c "! '$close' '$work/passthrough_scale-p1' ft0 --reference-names 2>/dev/null"
 sed 's/bfloat16/float32/' passthrough_bf16.yml >"$work/copy.yml"
 "$gradfix" merge --config "$work/copy.yml" --out "$work/copy" >/dev/null
@@ -175,12 +179,15 @@ bad() {  # bad NAME DESCRIPTION PATTERN YAML
   check "$2: nothing written" test ! -e "$work/$1-out"
 }
 bad seed "a bad seed" "gradfix.seed must be a non-negative integer" $'merge_method: dare_ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\ngradfix: {seed: -1}'
-bad ram "another method" "merge_method 'ram' is not one gradfix has" $'merge_method: ram\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
+bad arcee "another method" "merge_method 'arcee_fusion' is not one gradfix has" $'merge_method: arcee_fusion\nbase_model: base\nmodels:\n  - model: ft0\n  - model: base'
 bad della_epsilon "della's epsilon past density's room (mergekit's test_della_invalid_epsilon)" "della's epsilon 1.35 with density 0.66 for tensor .*: density ./- epsilon must lie in .0, 1." $'merge_method: della\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.66}\nparameters: {epsilon: 1.35, lambda: 0.5}'
 bad passthrough_two "passthrough of two models" "passthrough copies exactly one model .* got 2" $'merge_method: passthrough\nmodels:\n  - model: ft0\n  - model: ft1'
 bad passthrough_base "passthrough with another base_model" "passthrough copies exactly one model .* got 2 with the base_model" $'merge_method: passthrough\nbase_model: base\nmodels:\n  - model: ft0'
 bad passthrough_weight "a weight in passthrough" "parameters: gradfix does not read 'weight' .it reads scale." $'merge_method: passthrough\nmodels:\n  - model: ft0\n    parameters: {weight: 2}'
 bad ties_scale "scale in a ties merge" "parameters.scale is a parameter of passthrough, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, scale: 2}'
+bad ram_weight "a weight in ram" "parameters.weight: ram takes no weights" $'merge_method: ram\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 2}\n  - model: ft1'
+bad ram_r "r in a ram merge" "parameters.r is a parameter of ramplus_tl, not of ram" $'merge_method: ram\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {r: 0.5}'
+bad ram_epsilon "a negative ram epsilon" "ram: epsilon must be a finite number >= 0" $'merge_method: ram\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {epsilon: -1}'
 bad ties_epsilon "epsilon in a ties merge" "parameters.epsilon is a parameter of della and della_linear, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, epsilon: 0.1}'
 bad slerp_t "slerp without t" "slerp needs parameters.t" $'merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft0'
 bad slerp_two "slerp of two models" "slerp interpolates between the base and one other model; got 2" $'merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {t: 0.5}'

@@ -119,12 +119,17 @@ struct MergeJob {
 //                    L1 norm (rescale), then as ties (della) or task_arithmetic (della_linear).
 //                    The draws come from (seed, model, tensor, element), as DARE's.
 //   passthrough      one model's tensors as they are, each times its `scale` (default 1)
+//   ram              RAM: per entry, the deltas larger than epsilon in magnitude; one such delta
+//                    is kept as it is, several are averaged (base + sum / count)
+//   ramplus_tl       RAM+ (tensor-local): the same, each model's unique deltas scaled by
+//                    1 + r clamp(shared / unique, 0, alpha), its counts of entries it shares with
+//                    other models and has alone within the tensor
 //   model_stock      Model Stock: per tensor, the mean cosine c between the deltas of k >= 2
 //                    models, t = k c / (1 + (k - 1) c) (0 where the denominator is within 1e-6
 //                    of 0), and t * (the models' mean) + (1 - t) * base
 enum class ModelMergeMethod {
   kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock, kMultislerp, kSce, kKarcher,
-  kDella, kDellaLinear, kPassthrough
+  kDella, kDellaLinear, kPassthrough, kRam, kRamplusTl
 };
 
 // A mergekit parameter's value for each tensor: one number; a list of numbers interpolated over
@@ -180,6 +185,9 @@ struct ModelMergeJob {
   double select_topk = 1.0;         // sce: the fraction of high-variance entries kept
   int max_iter = 10;                // karcher: iterations at most
   double tol = 1e-5;                // karcher: norms and steps below it end or skip
+  double ram_epsilon = 1e-5;        // ram, ramplus_tl: a delta counts where its magnitude exceeds it
+  double ram_r = 0.1;               // ramplus_tl: the unique deltas' boost, r clamp(rho, 0, alpha)
+  double ram_alpha = 0.2;
   // gradfix's addition: gradient-sign masks with each model's statistics (on the base), before
   // the merge (each delta with its own) or after it (the merged delta with sum_i sign(s_i)).
   MergeOrder order = MergeOrder::kNone;
@@ -275,7 +283,7 @@ struct ModelMergeTraits {
   // How the models combine: sums of (sparsified, weighted) deltas from the base; a rotation of
   // whole tensors (slerp, nuslerp); Model Stock's interpolation by the deltas' cosines; NearSwap's
   // interpolation entry by entry. Only the sums of deltas take weights, densities and masks.
-  enum class Combination { kDeltas, kSpherical, kModelStock, kNearswap, kMultislerp, kSce, kKarcher };
+  enum class Combination { kDeltas, kSpherical, kModelStock, kNearswap, kMultislerp, kSce, kKarcher, kRam };
   bool consensus;          // TIES's sign election
   Combination combination;
   bool default_normalize;  // mergekit's defaults of `normalize` and `rescale`
