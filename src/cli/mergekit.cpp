@@ -151,7 +151,7 @@ class MergeConfigReader {
   bool sums_deltas() const { return traits().combination == ModelMergeTraits::Combination::kDeltas; }
   bool weightless() const {
     return is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap) || is(ModelMergeMethod::kModelStock) || is(ModelMergeMethod::kSce) ||
-           is(ModelMergeMethod::kKarcher) || ram();
+           is(ModelMergeMethod::kKarcher) || ram() || is(ModelMergeMethod::kArceeFusion);
   }
   bool breadcrumbs() const { return traits().sparsification == ModelMergeTraits::Sparsification::kOutliers; }
   bool della() const { return traits().sparsification == ModelMergeTraits::Sparsification::kRankedRandom; }
@@ -306,6 +306,7 @@ class MergeConfigReader {
                         : is(ModelMergeMethod::kSce)        ? std::string(" (each delta's mean square sets its weight)")
                         : is(ModelMergeMethod::kKarcher)    ? std::string(" (the models weigh 1 / k each)")
                         : ram()                             ? std::string(" (each entry's deltas are kept or averaged)")
+                        : is(ModelMergeMethod::kArceeFusion) ? std::string(" (the importance of each entry decides)")
                                                             : std::string("; t is in the top-level parameters")));
     const std::string at = where + ".parameters";
     const std::size_t varying_before = job_.varying.size();

@@ -31,6 +31,7 @@ const std::vector<ModelMergeTraits>& model_merge_methods() {
       {M::kPassthrough,      "passthrough",      S::kNone,       false,    C::kDeltas,    false,    false},
       {M::kRam,              "ram",              S::kNone,       false,    C::kRam,       false,    false},
       {M::kRamplusTl,        "ramplus_tl",       S::kNone,       false,    C::kRam,       false,    false},
+      {M::kArceeFusion,      "arcee_fusion",     S::kNone,       false,    C::kArceeFusion, false,  false},
       {M::kSlerp,            "slerp",            S::kNone,       false,    C::kSpherical, false,    false},
       {M::kNuslerp,          "nuslerp",          S::kNone,       false,    C::kSpherical, false,    false},
       {M::kNearswap,         "nearswap",         S::kNone,       false,    C::kNearswap,  false,    false},
@@ -153,6 +154,8 @@ void ModelMergeJob::validate() const {
   if (method == ModelMergeMethod::kSlerp && !std::isfinite(t)) throw InputError("slerp: t must be finite");
   if (method == ModelMergeMethod::kNuslerp && n != 2)
     throw InputError("nuslerp interpolates between two models; got " + std::to_string(n) + " besides the base");
+  if (method == ModelMergeMethod::kArceeFusion && n != 1)
+    throw InputError("arcee_fusion fuses one model into the base; got " + std::to_string(n) + " besides the base");
   if (method == ModelMergeMethod::kNearswap && n != 1)
     throw InputError("nearswap moves the base towards one other model; got " + std::to_string(n) + " besides the base");
   if (method == ModelMergeMethod::kNearswap && !(std::isfinite(t) && t >= 0.0))

@@ -489,6 +489,82 @@ void merge_ram(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInp
   });
 }
 
+// Arcee Fusion, a the base and b the one model: each entry's importance is |b - a| times the KL
+// divergence sum_j p_j log(p_j / q_j) of its row (the last dimension; a vector is one row), p =
+// softmax(b) + 1e-8 and q = softmax(a) + 1e-8; the tensor's threshold is median + 1.5 (q3 - q1)
+// of the importances, each quantile the sorted value at floor(q (n - 1)); the result is a + (b -
+// a) where the importance reaches the threshold, else a (in the compute type V). The divergence
+// of two nearly equal rows is a small difference of larger terms, so it is computed in float64
+// (mergekit's float32 value is off by about 1e-4 relative, which moves a few entries across the
+// threshold); the importances are then rounded to float32 and their quantiles are exact order
+// statistics over the whole tensor, counted across the ranks (mergekit samples a million entries
+// at random from larger tensors). The rows that reach into a chunk are read whole.
+template <typename V>
+void merge_arcee_fusion(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
+                        long long& elements) {
+  const bool allow = job.output.allow_nonfinite;
+  const auto& layout = chunked.layout();
+  struct Rows {
+    std::vector<V> a, b;            // the chunk's entries
+    std::vector<float> importance;
+  };
+  auto rows_of = [&](const Piece& chunk) {
+    const TensorInfo& info = layout[chunk.tensor];
+    const long long width = info.shape.empty() ? 1 : std::max<long long>(1, info.shape.back());
+    const long long first = chunk.begin / width * width, last = (chunk.begin + chunk.count + width - 1) / width * width;
+    const auto a = load<V>(*in.base, info.name, first, last - first, allow), b = load<V>(*in.models[0], info.name, first, last - first, allow);
+    Rows out;
+    const auto offset = static_cast<long>(chunk.begin - first);
+    out.a.assign(a.begin() + offset, a.begin() + offset + static_cast<long>(chunk.count));
+    out.b.assign(b.begin() + offset, b.begin() + offset + static_cast<long>(chunk.count));
+    out.importance.resize(static_cast<std::size_t>(chunk.count));
+    std::vector<double> p(static_cast<std::size_t>(width)), q(static_cast<std::size_t>(width));
+    auto softmax = [&](const V* x, std::vector<double>& values) {
+      double largest = x[0];
+      for (long long j = 1; j < width; ++j) largest = std::max(largest, static_cast<double>(x[j]));
+      double sum = 0.0;
+      for (long long j = 0; j < width; ++j) sum += (values[static_cast<std::size_t>(j)] = std::exp(static_cast<double>(x[j]) - largest));
+      for (auto& value : values) value = value / sum + 1e-8;
+    };
+    for (long long row = first; row < last; row += width) {
+      const auto at = static_cast<std::size_t>(row - first);
+      softmax(b.data() + at, p);
+      softmax(a.data() + at, q);
+      double divergence = 0.0;
+      for (std::size_t j = 0; j < p.size(); ++j) divergence += p[j] * std::log(p[j] / q[j]);
+      for (long long j = 0; j < width; ++j) {
+        const long long index = row + j;
+        if (index < chunk.begin || index >= chunk.begin + chunk.count) continue;
+        const auto i = static_cast<std::size_t>(index - chunk.begin);
+        out.importance[i] = static_cast<float>(std::fabs(static_cast<double>(out.b[i]) - static_cast<double>(out.a[i])) * divergence);
+      }
+    }
+    return out;
+  };
+  std::map<std::size_t, double> thresholds;
+  for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
+    const long long numel = layout[entry.first].numel();
+    const bool split = chunked.plan().is_split(entry.first);
+    auto importances = [&](const Piece& chunk) { return rows_of(chunk).importance; };
+    // The value at sorted position floor(q (n - 1)) is the (n - position)-th largest (the
+    // importances are not negative: |b - a| times a divergence).
+    auto quantile = [&](double q) {
+      const auto position = static_cast<long long>(q * static_cast<double>(numel - 1));
+      return static_cast<double>(distributed_threshold(ranks, numel - position, split, entry.second, importances));
+    };
+    const double median = quantile(0.5), q1 = quantile(0.25), q3 = quantile(0.75);
+    thresholds[entry.first] = median + 1.5 * (q3 - q1);
+  }
+  write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
+    const Rows rows = rows_of(chunk);
+    const double threshold = thresholds.at(chunk.tensor);
+    std::vector<double> result(rows.a.size());
+    for (std::size_t i = 0; i < result.size(); ++i)
+      result[i] = static_cast<double>(rows.importance[i]) >= threshold ? static_cast<V>(rows.a[i] + (rows.b[i] - rows.a[i])) : rows.a[i];
+    return result;
+  });
+}
+
 // The Karcher mean's direction as coefficients over the models' unit vectors, from their Gram
 // matrix G (u_a . u_b): mergekit iterates on whole tensors, but every iterate is a combination
 // sum_m c_m u_m of the units, so dots and norms follow from G. `alphas` are the normalised
@@ -637,6 +713,10 @@ long long merge_whole_tensors(const ModelMergeJob& job, const Ranks& ranks, cons
     case C::kKarcher:
       if (f64) merge_karcher<double>(job, ranks, in, chunked, metadata, elements);
       else merge_karcher<float>(job, ranks, in, chunked, metadata, elements);
+      break;
+    case C::kArceeFusion:
+      if (f64) merge_arcee_fusion<double>(job, ranks, in, chunked, metadata, elements);
+      else merge_arcee_fusion<float>(job, ranks, in, chunked, metadata, elements);
       break;
     case C::kRam:
       if (f64) merge_ram<double>(job, ranks, in, chunked, metadata, elements);

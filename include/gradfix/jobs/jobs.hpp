@@ -119,6 +119,10 @@ struct MergeJob {
 //                    L1 norm (rescale), then as ties (della) or task_arithmetic (della_linear).
 //                    The draws come from (seed, model, tensor, element), as DARE's.
 //   passthrough      one model's tensors as they are, each times its `scale` (default 1)
+//   arcee_fusion     Arcee Fusion: the base and one model; each entry's importance |b - a|
+//                    times the KL divergence of its row's softmax (b's from a's), and the model's
+//                    delta kept where the importance reaches median + 1.5 IQR of the tensor's
+//                    importances
 //   ram              RAM: per entry, the deltas larger than epsilon in magnitude; one such delta
 //                    is kept as it is, several are averaged (base + sum / count)
 //   ramplus_tl       RAM+ (tensor-local): the same, each model's unique deltas scaled by
@@ -129,7 +133,7 @@ struct MergeJob {
 //                    of 0), and t * (the models' mean) + (1 - t) * base
 enum class ModelMergeMethod {
   kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock, kMultislerp, kSce, kKarcher,
-  kDella, kDellaLinear, kPassthrough, kRam, kRamplusTl
+  kDella, kDellaLinear, kPassthrough, kRam, kRamplusTl, kArceeFusion
 };
 
 // A mergekit parameter's value for each tensor: one number; a list of numbers interpolated over
@@ -283,7 +287,7 @@ struct ModelMergeTraits {
   // How the models combine: sums of (sparsified, weighted) deltas from the base; a rotation of
   // whole tensors (slerp, nuslerp); Model Stock's interpolation by the deltas' cosines; NearSwap's
   // interpolation entry by entry. Only the sums of deltas take weights, densities and masks.
-  enum class Combination { kDeltas, kSpherical, kModelStock, kNearswap, kMultislerp, kSce, kKarcher, kRam };
+  enum class Combination { kDeltas, kSpherical, kModelStock, kNearswap, kMultislerp, kSce, kKarcher, kRam, kArceeFusion };
   bool consensus;          // TIES's sign election
   Combination combination;
   bool default_normalize;  // mergekit's defaults of `normalize` and `rescale`
