@@ -14,6 +14,7 @@ gradfix=$1
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 source "$repo/tests/mpi/common.sh"
 fixtures=$repo/tests/fixtures/mergekit
+export PYTHONPATH=$repo/tests/support${PYTHONPATH:+:$PYTHONPATH}  # safetensors_files for the checks below
 close=$repo/tests/support/close_tensors.py
 same=$repo/tests/support/same_tensors.py
 work=$(mktemp -d /tmp/gradfix-mergekit-XXXXXX)
@@ -84,16 +85,10 @@ dare single dare_linear 0.3 3 ft0:1.0
 sed -i 's/lambda: 0.7/lambda: 1.0/' "$work/single.yml"
 mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" merge --config "$work/single.yml" --out "$work/single.safetensors" >/dev/null
 check "dare_linear: kept fraction 0.3 and each tensor's L1 norm kept" python3 - "$work/single.safetensors" base ft0 <<'PY'
-import json, os, struct, sys
+import sys
+from safetensors_files import f32
 def load(path):
-    files = [path] if path.endswith(".safetensors") else [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
-    out = {}
-    for name in files:
-        raw = open(name, "rb").read(); n = struct.unpack("<Q", raw[:8])[0]; header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
-        for key, e in header.items():
-            data = raw[8 + n + e["data_offsets"][0]:8 + n + e["data_offsets"][1]]
-            out[key] = struct.unpack("<%df" % (len(data) // 4), data)
-    return out
+    return {key: values for key, (shape, values) in f32(path).items()}
 merged, base, tuned = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
 kept = total = 0
 for key in base:
@@ -140,16 +135,8 @@ sed -i 's/lambda: 0.7/lambda: 1.0/' "$work/della_single.yml"
 mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" merge --config "$work/della_single.yml" --out "$work/della_single.safetensors" --chunk-elements 300 >/dev/null
 check "della_linear: kept 0.5, ranks in each row's top half 0.6 and bottom half 0.4, each tensor's L1 norm kept" \
   python3 - "$work/della_single.safetensors" base ft0 <<'PY'
-import json, os, struct, sys
-def load(path):
-    files = [path] if path.endswith(".safetensors") else [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
-    out = {}
-    for name in files:
-        raw = open(name, "rb").read(); n = struct.unpack("<Q", raw[:8])[0]; header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
-        for key, e in header.items():
-            data = raw[8 + n + e["data_offsets"][0]:8 + n + e["data_offsets"][1]]
-            out[key] = (e["shape"], struct.unpack("<%df" % (len(data) // 4), data))
-    return out
+import sys
+from safetensors_files import f32 as load
 merged, base, tuned = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
 counts = {"top": [0, 0], "bottom": [0, 0]}
 for key, (shape, values) in base.items():
@@ -182,15 +169,10 @@ for ranks in 1 2 3; do
 done
 check "arcee_fusion: the same bytes at 1, 2 and 3 ranks" bash -c "'$same' '$work/arcee-p1' '$work/arcee-p2' && '$same' '$work/arcee-p1' '$work/arcee-p3'"
 check "arcee_fusion equals mergekit's output but for at most 5 entries at the threshold" python3 - "$work/arcee-p1" reference/arcee_fusion base ft0 <<'PY'
-import json, os, struct, sys
+import sys
+from safetensors_files import f32
 def load(path):
-    out = {}
-    for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
-        raw = open(os.path.join(path, name), "rb").read(); n = struct.unpack("<Q", raw[:8])[0]; header = json.loads(raw[8:8 + n]); header.pop("__metadata__", None)
-        for key, e in header.items():
-            data = raw[8 + n + e["data_offsets"][0]:8 + n + e["data_offsets"][1]]
-            out[key] = struct.unpack("<%df" % (len(data) // 4), data)
-    return out
+    return {key: values for key, (shape, values) in f32(path).items()}
 ours, reference, base, model = (load(p) for p in sys.argv[1:5])
 flips = kept = total = 0
 for key, expected in reference.items():

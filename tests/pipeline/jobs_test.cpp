@@ -244,66 +244,6 @@ TEST(Jobs, InspectComparesTwoFiles) {
   EXPECT_EQ(json["overall"]["elements"].get<long long>(), 57);
 }
 
-// mergekit's per-tensor parameter forms, evaluated by hand: a list over the layers is read at
-// t (n - 1) between its neighbours; conditions take the first filter found in the name.
-TEST(MergeParameters, GradientsAndConditionsAsMergekitEvaluatesThem) {
-  ParameterSetting gradient;
-  gradient.kind = ParameterSetting::Kind::kGradient;
-  gradient.gradient = {0.0, 0.3, 0.7, 1.0};
-  EXPECT_DOUBLE_EQ(*gradient.at("x", 0.0), 0.0);
-  EXPECT_DOUBLE_EQ(*gradient.at("x", 0.5), 0.5);    // 1.5: halfway between 0.3 and 0.7
-  EXPECT_DOUBLE_EQ(*gradient.at("x", 0.25), 0.225);  // 0.75: three quarters of the way to 0.3
-  EXPECT_DOUBLE_EQ(*gradient.at("x", 1.0), 1.0);
-  ParameterSetting conditions;
-  conditions.kind = ParameterSetting::Kind::kConditions;
-  ParameterSetting half, rest;
-  half.number = 0.5;
-  rest.number = 0.0;
-  conditions.conditions.push_back({"mlp", std::make_shared<ParameterSetting>(half)});
-  EXPECT_DOUBLE_EQ(*conditions.at("model.layers.1.mlp.up_proj.weight", 0.5), 0.5);
-  EXPECT_FALSE(conditions.at("model.layers.1.self_attn.q_proj.weight", 0.5).has_value());
-  conditions.conditions.push_back({"", std::make_shared<ParameterSetting>(rest)});
-  EXPECT_DOUBLE_EQ(*conditions.at("model.layers.1.self_attn.q_proj.weight", 0.5), 0.0);
-}
-
-// A model's setting that gives no value falls through to the merge's, then to the fallback; a
-// value out of range names the model, the parameter and the tensor.
-TEST(MergeParameters, ChainFallsThroughAndRangesAreChecked) {
-  ModelMergeJob job;
-  job.method = ModelMergeMethod::kTies;
-  job.base = "base";
-  job.models = {"a", "b"};
-  job.weights = {1.0, 2.0};
-  job.densities = {1.0, 1.0};
-  job.out = "out";
-  ParameterSetting attention;
-  attention.kind = ParameterSetting::Kind::kConditions;
-  ParameterSetting three;
-  three.number = 3.0;
-  attention.conditions.push_back({"self_attn", std::make_shared<ParameterSetting>(three)});
-  ParameterSetting layers;
-  layers.kind = ParameterSetting::Kind::kGradient;
-  layers.gradient = {0.2, 0.6};
-  job.varying.push_back({"weight", 0, {attention, layers}, std::nullopt});
-  job.varying.push_back({"density", 1, {layers}, 1.0});
-  job.validate();
-  MergeParameters p = job.parameters_for("model.layers.0.self_attn.k_proj.weight", 0.0);
-  EXPECT_EQ(p.weights, (std::vector<double>{3.0, 2.0}));
-  EXPECT_DOUBLE_EQ(p.densities[1], 0.2);
-  p = job.parameters_for("model.layers.3.mlp.down_proj.weight", 0.75);
-  EXPECT_DOUBLE_EQ(p.weights[0], 0.5);  // 0.2 + 0.75 x 0.4
-  EXPECT_DOUBLE_EQ(p.densities[1], 0.5);
-  job.varying[1].settings[0].gradient = {0.5, 1.5};
-  try {
-    (void)job.parameters_for("model.layers.3.mlp.down_proj.weight", 1.0);
-    FAIL() << "a density of 1.5 was accepted";
-  } catch (const InputError& error) {
-    EXPECT_NE(std::string(error.what()).find("b: density for tensor model.layers.3.mlp.down_proj.weight must be in [0, 1], got 1.5"),
-              std::string::npos)
-        << error.what();
-  }
-}
-
 }  // namespace
 }  // namespace gradfix
 
@@ -370,6 +310,61 @@ TEST(JobValidation, FileJobsNameTheOffendingOption) {
   generate.noise = INFINITY;
   EXPECT_EQ(input_error_of([&] { generate.validate(); }), "--noise and --like-scale must be finite");
   EXPECT_EQ(input_error_of([] { TaskVectorJob{"base", "", "out", {}}.validate(); }), "--finetuned is required");
+}
+
+// mergekit's per-tensor parameter forms, evaluated by hand: a list over the layers is read at
+// t (n - 1) between its neighbours; conditions take the first filter found in the name.
+TEST(MergeParameters, GradientsAndConditionsAsMergekitEvaluatesThem) {
+  ParameterSetting gradient;
+  gradient.kind = ParameterSetting::Kind::kGradient;
+  gradient.gradient = {0.0, 0.3, 0.7, 1.0};
+  EXPECT_DOUBLE_EQ(*gradient.at("x", 0.0), 0.0);
+  EXPECT_DOUBLE_EQ(*gradient.at("x", 0.5), 0.5);    // 1.5: halfway between 0.3 and 0.7
+  EXPECT_DOUBLE_EQ(*gradient.at("x", 0.25), 0.225);  // 0.75: three quarters of the way to 0.3
+  EXPECT_DOUBLE_EQ(*gradient.at("x", 1.0), 1.0);
+  ParameterSetting conditions;
+  conditions.kind = ParameterSetting::Kind::kConditions;
+  ParameterSetting half, rest;
+  half.number = 0.5;
+  rest.number = 0.0;
+  conditions.conditions.push_back({"mlp", std::make_shared<ParameterSetting>(half)});
+  EXPECT_DOUBLE_EQ(*conditions.at("model.layers.1.mlp.up_proj.weight", 0.5), 0.5);
+  EXPECT_FALSE(conditions.at("model.layers.1.self_attn.q_proj.weight", 0.5).has_value());
+  conditions.conditions.push_back({"", std::make_shared<ParameterSetting>(rest)});
+  EXPECT_DOUBLE_EQ(*conditions.at("model.layers.1.self_attn.q_proj.weight", 0.5), 0.0);
+}
+
+// A model's setting that gives no value falls through to the merge's, then to the fallback; a
+// value out of range names the model, the parameter and the tensor.
+TEST(MergeParameters, ChainFallsThroughAndRangesAreChecked) {
+  ModelMergeJob job;
+  job.method = ModelMergeMethod::kTies;
+  job.base = "base";
+  job.models = {"a", "b"};
+  job.weights = {1.0, 2.0};
+  job.densities = {1.0, 1.0};
+  job.out = "out";
+  ParameterSetting attention;
+  attention.kind = ParameterSetting::Kind::kConditions;
+  ParameterSetting three;
+  three.number = 3.0;
+  attention.conditions.push_back({"self_attn", std::make_shared<ParameterSetting>(three)});
+  ParameterSetting layers;
+  layers.kind = ParameterSetting::Kind::kGradient;
+  layers.gradient = {0.2, 0.6};
+  job.varying.push_back({"weight", 0, {attention, layers}, std::nullopt});
+  job.varying.push_back({"density", 1, {layers}, 1.0});
+  job.validate();
+  MergeParameters p = job.parameters_for("model.layers.0.self_attn.k_proj.weight", 0.0);
+  EXPECT_EQ(p.weights, (std::vector<double>{3.0, 2.0}));
+  EXPECT_DOUBLE_EQ(p.densities[1], 0.2);
+  p = job.parameters_for("model.layers.3.mlp.down_proj.weight", 0.75);
+  EXPECT_DOUBLE_EQ(p.weights[0], 0.5);  // 0.2 + 0.75 x 0.4
+  EXPECT_DOUBLE_EQ(p.densities[1], 0.5);
+  job.varying[1].settings[0].gradient = {0.5, 1.5};
+  EXPECT_NE(input_error_of([&] { (void)job.parameters_for("model.layers.3.mlp.down_proj.weight", 1.0); })
+                .find("b: density for tensor model.layers.3.mlp.down_proj.weight must be in [0, 1], got 1.5"),
+            std::string::npos);
 }
 
 }  // namespace
