@@ -528,7 +528,8 @@ class DeltaMerge {
         out[i] = dropped ? 0.0 : out[i] * factor;
       }
     }
-    for (auto& value : out) value *= parameters(chunk).weights[m];
+    const double weight = parameters(chunk).weights[m];
+    for (auto& value : out) value *= weight;
     return out;
   }
 

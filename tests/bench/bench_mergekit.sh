@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # gradfix against mergekit on the same merges: a generated Llama-type model (~110M parameters,
 # F32, a Hugging Face directory) and three fine-tunes of it (the base plus seeded noise), merged
-# with ties (densities 0.5/0.7/0.3, weights 1/0.5/0.8) and linear, from one mergekit YAML each:
+# with ties (densities 0.5/0.7/0.3, weights 1/0.5/0.8), linear, and slerp (the base towards the
+# first fine-tune, t = 0.3), from one mergekit YAML each:
 # `gradfix merge --config` at P = 1 and 2 against `mergekit-yaml` (CPU, its defaults, no card or
 # tokenizer) on the same file. Wall time and peak resident memory (the largest rank, from
 # /usr/bin/time), ratios to mergekit in the same run; the outputs must agree (close_tensors.py)
@@ -48,6 +49,7 @@ models = "".join("  - model: ft%d\n    parameters: {weight: %s, density: %s}\n" 
 open("ties.yml", "w").write("merge_method: ties\nbase_model: base\nmodels:\n%sdtype: float32\n" % models)
 plain = "".join("  - model: ft%d\n    parameters: {weight: %s}\n" % (i, w) for i, w in enumerate([1.0, 0.5, 0.8]))
 open("linear.yml", "w").write("merge_method: linear\nmodels:\n%sdtype: float32\n" % plain)
+open("slerp.yml", "w").write("merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft0\nparameters: {t: 0.3}\ndtype: float32\n")
 PY
 "$gradfix" generate --shapes "$(cat shapes.txt)" --noise 0.02 --seed 1 --out base/model.safetensors --quiet >/dev/null
 for i in 0 1 2; do
@@ -67,7 +69,7 @@ measure() {
   echo "$end - $start" | bc >"$name.wall"
 }
 rows=()
-for method in ties linear; do
+for method in ties linear slerp; do
   measure "mergekit-$method" env HF_HUB_OFFLINE=1 "$mergekit" "$method.yml" "out-mergekit-$method" --no-write-model-card --no-copy-tokenizer --allow-crimes
   for ranks in 1 2; do
     # /usr/bin/time on mpirun sees mpirun itself: each rank reports its own peak instead.
