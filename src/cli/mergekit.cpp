@@ -211,9 +211,7 @@ class MergeConfigReader {
     if (parameters.contains("select_topk")) job_.select_topk = number(parameters["select_topk"], where + ".select_topk");
     if (parameters.contains("normalize_weights")) job_.normalize = boolean(parameters["normalize_weights"], where + ".normalize_weights");
     if (parameters.contains("eps")) job_.eps = number(parameters["eps"], where + ".eps");
-    if (parameters.contains("filter_wise") && boolean(parameters["filter_wise"], where + ".filter_wise"))
-      throw InputError(where + ".filter_wise: true (one interpolation per row) is not implemented; gradfix takes each tensor as one "
-                       "vector, mergekit's default (filter_wise: false)");
+    if (parameters.contains("filter_wise") && boolean(parameters["filter_wise"], where + ".filter_wise")) job_.vectors = MergeVectors::kRows;
     only_for("gamma", breadcrumbs(), "breadcrumbs and breadcrumbs_ties");
     only_for("epsilon", della() || ram(), "della, della_linear, ram and ramplus_tl");
     for (const char* key : {"r", "alpha"}) only_for(key, is(ModelMergeMethod::kRamplusTl), "ramplus_tl");
@@ -230,10 +228,11 @@ class MergeConfigReader {
     if (parameters.contains("weight") && weightless())
       throw InputError(where + ".weight: " + method_ + " takes no weights");
     if (parameters.contains("t")) read_merge_setting(parameters["t"], "t", where, job_.t, std::nullopt);
-    if (parameters.contains("nuslerp_flatten") && !boolean(parameters["nuslerp_flatten"], where + ".nuslerp_flatten"))
-      throw InputError(where + ".nuslerp_flatten: false (row- or column-wise nuslerp) is not implemented; gradfix interpolates each "
-                       "tensor as one vector, mergekit's default (nuslerp_flatten: true)");
-    if (parameters.contains("nuslerp_row_wise")) (void)boolean(parameters["nuslerp_row_wise"], where + ".nuslerp_row_wise");
+    // mergekit's nuslerp: flatten (the default) takes each tensor as one vector whatever row_wise
+    // says; otherwise row_wise picks the vectors along the first dimension, else the last.
+    const bool flatten = !parameters.contains("nuslerp_flatten") || boolean(parameters["nuslerp_flatten"], where + ".nuslerp_flatten");
+    const bool row_wise = parameters.contains("nuslerp_row_wise") && boolean(parameters["nuslerp_row_wise"], where + ".nuslerp_row_wise");
+    if (!flatten) job_.vectors = row_wise ? MergeVectors::kColumns : MergeVectors::kRows;
     if (parameters.contains("normalize")) job_.normalize = boolean(parameters["normalize"], where + ".normalize");
     if (parameters.contains("lambda")) read_merge_setting(parameters["lambda"], "lambda", where, job_.lambda, 1.0);
     if (parameters.contains("int8_mask")) (void)boolean(parameters["int8_mask"], where + ".int8_mask");

@@ -1,5 +1,6 @@
 #include "gradfix/dist/backend.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -96,6 +97,22 @@ double allreduce_exact_sum(Communicator& comm, ExactSum& sum) {
   total.limbs() = sum.carried();
   if (comm.size() > 1) allreduce_host(comm, total.limbs().data(), ExactSum::kLimbs, DType::kI64, ReduceOp::kSum);
   return total.value();
+}
+
+std::vector<double> allreduce_exact_sums(Communicator& comm, std::vector<ExactSum>& sums) {
+  std::vector<std::int64_t> limbs(sums.size() * ExactSum::kLimbs);
+  for (std::size_t i = 0; i < sums.size(); ++i) {
+    const auto& carried = sums[i].carried();
+    std::copy(carried.begin(), carried.end(), limbs.begin() + static_cast<std::ptrdiff_t>(i * ExactSum::kLimbs));
+  }
+  if (comm.size() > 1) allreduce_host(comm, limbs.data(), limbs.size(), DType::kI64, ReduceOp::kSum);
+  std::vector<double> totals(sums.size());
+  for (std::size_t i = 0; i < sums.size(); ++i) {
+    ExactSum total;
+    std::copy_n(limbs.begin() + static_cast<std::ptrdiff_t>(i * ExactSum::kLimbs), ExactSum::kLimbs, total.limbs().begin());
+    totals[i] = total.value();
+  }
+  return totals;
 }
 
 void allreduce_host(Communicator& comm, void* buffer, std::size_t count, DType dtype, ReduceOp op) {

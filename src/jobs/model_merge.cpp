@@ -66,6 +66,13 @@ double tensor_total(const Ranks& ranks, const ChunkedJob& chunked, std::size_t t
   return chunked.plan().is_split(tensor) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value();
 }
 
+std::vector<double> tensor_totals(const Ranks& ranks, const ChunkedJob& chunked, std::size_t tensor, std::vector<ExactSum>& sums) {
+  if (chunked.plan().is_split(tensor)) return allreduce_exact_sums(ranks.context().stats(), sums);
+  std::vector<double> totals;
+  for (ExactSum& sum : sums) totals.push_back(sum.value());
+  return totals;
+}
+
 }  // namespace file_jobs
 
 std::optional<double> ParameterSetting::at(const std::string& tensor, double fraction) const {
@@ -152,6 +159,10 @@ void ModelMergeJob::validate() const {
   if (method == ModelMergeMethod::kSlerp && n != 1)
     throw InputError("slerp interpolates between the base and one other model; got " + std::to_string(n) + " besides the base");
   if (method == ModelMergeMethod::kSlerp && !std::isfinite(t)) throw InputError("slerp: t must be finite");
+  if (vectors != MergeVectors::kTensor && method != ModelMergeMethod::kNuslerp &&
+      !(method == ModelMergeMethod::kModelStock && vectors == MergeVectors::kRows))
+    throw InputError(std::string(model_merge_method_name(method)) + " takes each tensor as one vector; rows or columns are for nuslerp "
+                     "(and rows for model_stock)");
   if (method == ModelMergeMethod::kNuslerp && n != 2)
     throw InputError("nuslerp interpolates between two models; got " + std::to_string(n) + " besides the base");
   if (method == ModelMergeMethod::kArceeFusion && n != 1)

@@ -56,6 +56,8 @@ void write_merged(const ModelMergeJob& job, const ModelMergeInputs& in, ChunkedJ
 // A tensor's exact sum over this rank's chunks, completed over the ranks when the tensor is split
 // (collective then: every rank with a piece of it calls).
 double tensor_total(const Ranks& ranks, const ChunkedJob& chunked, std::size_t tensor, ExactSum& sum);
+// The same for many sums of one tensor at once.
+std::vector<double> tensor_totals(const Ranks& ranks, const ChunkedJob& chunked, std::size_t tensor, std::vector<ExactSum>& sums);
 
 // The methods whose combination is not a sum of deltas, in float64 when `f64` (an F64 input or
 // output) else float32: every tensor computed and written through `chunked`. Returns the number

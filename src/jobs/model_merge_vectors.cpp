@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <stdexcept>
 
 #include "gradfix/io/exact_sum.hpp"
 #include "model_merge_internal.hpp"
@@ -34,10 +35,33 @@ std::pair<double, double> spherical_coefficients(ModelMergeMethod method, double
   return {std::sin((1.0 - t) * theta) / sine, std::sin(t * theta) / sine};
 }
 
-// slerp and nuslerp in the compute type V, each tensor as one vector: slerp rotates the base
-// towards the model, nuslerp rotates between the two models, or their deltas from the base,
-// which is then added back. A tensor's sums are exact and completed over the ranks when it is
-// split, so the result does not depend on the number of ranks.
+// How nuslerp and model_stock cut a tensor into the vectors they take angles between: one
+// vector, rows of `width` entries (a row is never split between chunks or ranks: the plan cuts
+// on rows) or `width` columns, entry g in column g % width (a column runs through every chunk).
+struct VectorCut {
+  MergeVectors form = MergeVectors::kTensor;
+  long long width = 1;
+
+  VectorCut(MergeVectors wanted, const TensorInfo& tensor) {
+    if (tensor.shape.size() < 2 || tensor.numel() == 0 || wanted == MergeVectors::kTensor) return;
+    form = wanted;
+    width = wanted == MergeVectors::kRows ? tensor.shape.back() : tensor.numel() / tensor.shape[0];
+  }
+  // The vectors whose sums are completed over every chunk of the tensor: one, or the columns.
+  std::size_t tensor_vectors() const { return form == MergeVectors::kColumns ? static_cast<std::size_t>(width) : 1; }
+  std::size_t column_of(long long entry) const { return form == MergeVectors::kColumns ? static_cast<std::size_t>(entry % width) : 0; }
+  // Rows: the chunk's entries [begin, begin + count) as whole rows, else an internal error.
+  void check_rows(const Piece& chunk, const std::string& name) const {
+    if (form == MergeVectors::kRows && (chunk.begin % width != 0 || chunk.count % width != 0))
+      throw std::logic_error("a chunk of " + name + " splits a row of " + std::to_string(width) + " entries");
+  }
+};
+
+// slerp and nuslerp in the compute type V: slerp rotates the base towards the model, each tensor
+// as one vector; nuslerp rotates between the two models, or their deltas from the base (added
+// back), each tensor, row or column as one vector (job.vectors). The sums of a tensor or a
+// column are exact and completed over the ranks when the tensor is split, a row's are its
+// chunk's, so the result does not depend on the number of ranks.
 template <typename V>
 void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
                      long long& elements) {
@@ -70,32 +94,52 @@ void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMe
     }
     return out;
   };
-  // Each tensor's coefficients from its exact sums.
-  std::map<std::size_t, std::pair<double, double>> tensor_coefficients;
+  // Adds entry i of a chunk's two vectors to the three sums at `sums` (s00, s11, s01).
+  auto add_sums = [](const std::pair<std::vector<V>, std::vector<V>>& vectors, std::size_t i, ExactSum* sums) {
+    const double a = vectors.first[i], b = vectors.second[i];
+    sums[0].add(a * a);
+    sums[1].add(b * b);
+    sums[2].add(a * b);
+  };
+  // Each tensor's (or each of its columns') coefficients from their exact sums; rows get theirs
+  // chunk by chunk below.
+  std::map<std::size_t, std::vector<std::pair<double, double>>> tensor_coefficients;
   for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
-    ExactSum s00, s11, s01;
+    const std::size_t tensor = entry.first;
+    const VectorCut cut(job.vectors, layout[tensor]);
+    if (cut.form == MergeVectors::kRows) continue;
+    std::vector<ExactSum> sums(3 * cut.tensor_vectors());
     std::vector<V> unused;
     for (const Piece& chunk : entry.second) {
       const auto vectors = pair_of(chunk, unused);
-      for (std::size_t i = 0; i < vectors.first.size(); ++i) {
-        const double a = vectors.first[i], b = vectors.second[i];
-        s00.add(a * a);
-        s11.add(b * b);
-        s01.add(a * b);
-      }
+      for (std::size_t i = 0; i < vectors.first.size(); ++i)
+        add_sums(vectors, i, &sums[3 * cut.column_of(chunk.begin + static_cast<long long>(i))]);
     }
-    const std::size_t tensor = entry.first;
-    const double a = tensor_total(ranks, chunked, tensor, s00), b = tensor_total(ranks, chunked, tensor, s11),
-                 c = tensor_total(ranks, chunked, tensor, s01);
-    tensor_coefficients[tensor] = spherical_coefficients(job.method, t_of(tensor), a, b, c);
+    const std::vector<double> totals = tensor_totals(ranks, chunked, tensor, sums);
+    auto& coefficients = tensor_coefficients[tensor];
+    for (std::size_t v = 0; v < cut.tensor_vectors(); ++v)
+      coefficients.push_back(spherical_coefficients(job.method, t_of(tensor), totals[3 * v], totals[3 * v + 1], totals[3 * v + 2]));
   }
   write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
     std::vector<V> base_values;
     const auto vectors = pair_of(chunk, base_values);
     const auto count = static_cast<std::size_t>(chunk.count);
-    const auto c = tensor_coefficients.at(chunk.tensor);
+    const VectorCut cut(job.vectors, layout[chunk.tensor]);
+    cut.check_rows(chunk, layout[chunk.tensor].name);
+    std::vector<std::pair<double, double>> row_coefficients;
+    if (cut.form == MergeVectors::kRows) {
+      const auto width = static_cast<std::size_t>(cut.width);
+      for (std::size_t row = 0; row < count / width; ++row) {
+        ExactSum sums[3];
+        for (std::size_t i = row * width; i < (row + 1) * width; ++i) add_sums(vectors, i, sums);
+        row_coefficients.push_back(spherical_coefficients(job.method, t_of(chunk.tensor), sums[0].value(), sums[1].value(), sums[2].value()));
+      }
+    }
+    const auto& coefficients = cut.form == MergeVectors::kRows ? row_coefficients : tensor_coefficients.at(chunk.tensor);
     std::vector<double> result(count);
     for (std::size_t i = 0; i < count; ++i) {
+      const auto& c = cut.form == MergeVectors::kRows ? coefficients[i / static_cast<std::size_t>(cut.width)]
+                                                      : coefficients[cut.column_of(chunk.begin + static_cast<long long>(i))];
       result[i] = c.first * vectors.first[i] + c.second * vectors.second[i];
       if (with_base) result[i] += base_values[i];
     }
@@ -141,10 +185,10 @@ double model_stock_t(const std::vector<double>& squared_norms, const std::vector
   return std::fabs(denominator) < 1e-6 ? 0.0 : static_cast<double>(k) * cosine / denominator;
 }
 
-// Model Stock in the compute type V, each tensor as one vector: t from the exact sums of its
-// deltas' squared norms and pairwise dot products (completed over the ranks, so t does not
-// depend on P), then t * mean(models) + (1 - t) * base entry by entry, the mean summed in model
-// order and divided by k as mergekit does.
+// Model Stock in the compute type V: t from the exact sums of the deltas' squared norms and
+// pairwise dot products, over each tensor as one vector (completed over the ranks, so t does not
+// depend on P) or over each row (filter_wise), then t * mean(models) + (1 - t) * base entry by
+// entry, the mean summed in model order and divided by k as mergekit does.
 template <typename V>
 void merge_model_stock(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked, const Metadata& metadata,
                        long long& elements) {
@@ -156,41 +200,62 @@ void merge_model_stock(const ModelMergeJob& job, const Ranks& ranks, const Model
     models.clear();
     for (const auto& reader : in.models) models.push_back(load<V>(*reader, name, chunk.begin, chunk.count, allow));
   };
+  // The sums of entries [from, to): k squared norms, then the k (k - 1) / 2 dot products a < b.
+  const std::size_t pairs = k * (k - 1) / 2;
+  auto add_sums = [&](const std::vector<V>& base, const std::vector<std::vector<V>>& models, std::size_t from, std::size_t to,
+                      std::vector<ExactSum>& sums) {
+    for (std::size_t i = from; i < to; ++i)
+      for (std::size_t a = 0, pair = k; a < k; ++a) {
+        const double da = static_cast<V>(models[a][i] - base[i]);
+        sums[a].add(da * da);
+        for (std::size_t b = a + 1; b < k; ++b, ++pair) sums[pair].add(da * static_cast<V>(models[b][i] - base[i]));
+      }
+  };
+  auto t_from = [&](const std::vector<double>& totals) {
+    std::vector<double> norms(totals.begin(), totals.begin() + static_cast<std::ptrdiff_t>(k));
+    std::vector<std::vector<double>> dots(k, std::vector<double>(k, 0.0));
+    for (std::size_t a = 0, pair = k; a < k; ++a)
+      for (std::size_t b = a + 1; b < k; ++b, ++pair) dots[a][b] = totals[pair];
+    return static_cast<V>(model_stock_t(norms, dots));
+  };
   std::map<std::size_t, V> tensor_t;
   for (const auto& entry : merged_tensors_here(chunked, in.merged)) {
-    std::vector<ExactSum> norms(k);
-    std::vector<std::vector<ExactSum>> dots(k, std::vector<ExactSum>(k));
+    if (VectorCut(job.vectors, chunked.layout()[entry.first]).form == MergeVectors::kRows) continue;
+    std::vector<ExactSum> sums(k + pairs);
     std::vector<V> base;
     std::vector<std::vector<V>> models;
     for (const Piece& chunk : entry.second) {
       load_all(chunk, base, models);
-      for (std::size_t i = 0; i < base.size(); ++i)
-        for (std::size_t a = 0; a < k; ++a) {
-          const double da = static_cast<V>(models[a][i] - base[i]);
-          norms[a].add(da * da);
-          for (std::size_t b = a + 1; b < k; ++b) dots[a][b].add(da * static_cast<V>(models[b][i] - base[i]));
-        }
+      add_sums(base, models, 0, base.size(), sums);
     }
-    std::vector<double> norm_totals(k);
-    std::vector<std::vector<double>> dot_totals(k, std::vector<double>(k, 0.0));
-    for (std::size_t a = 0; a < k; ++a) {
-      norm_totals[a] = tensor_total(ranks, chunked, entry.first, norms[a]);
-      for (std::size_t b = a + 1; b < k; ++b) dot_totals[a][b] = tensor_total(ranks, chunked, entry.first, dots[a][b]);
-    }
-    tensor_t[entry.first] = static_cast<V>(model_stock_t(norm_totals, dot_totals));
+    tensor_t[entry.first] = t_from(tensor_totals(ranks, chunked, entry.first, sums));
   }
   write_merged(job, in, chunked, metadata, elements, [&](const Piece& chunk) {
     std::vector<V> base;
     std::vector<std::vector<V>> models;
     load_all(chunk, base, models);
-    const V t = tensor_t.at(chunk.tensor);
+    const VectorCut cut(job.vectors, chunked.layout()[chunk.tensor]);
+    cut.check_rows(chunk, chunked.layout()[chunk.tensor].name);
+    const auto width = cut.form == MergeVectors::kRows ? static_cast<std::size_t>(cut.width) : base.size();
     std::vector<double> result(base.size());
-    for (std::size_t i = 0; i < base.size(); ++i) {
-      V sum = models[0][i];
-      for (std::size_t m = 1; m < k; ++m) sum += models[m][i];
-      const V mean = sum / static_cast<V>(k);
-      const V merged = t * mean + (V(1) - t) * base[i];
-      result[i] = merged;
+    for (std::size_t row = 0; row * width < base.size(); ++row) {
+      V t;
+      if (cut.form == MergeVectors::kRows) {
+        std::vector<ExactSum> sums(k + pairs);
+        add_sums(base, models, row * width, (row + 1) * width, sums);
+        std::vector<double> totals;
+        for (ExactSum& sum : sums) totals.push_back(sum.value());
+        t = t_from(totals);
+      } else {
+        t = tensor_t.at(chunk.tensor);
+      }
+      for (std::size_t i = row * width; i < (row + 1) * width; ++i) {
+        V sum = models[0][i];
+        for (std::size_t m = 1; m < k; ++m) sum += models[m][i];
+        const V mean = sum / static_cast<V>(k);
+        const V merged = t * mean + (V(1) - t) * base[i];
+        result[i] = merged;
+      }
     }
     return result;
   });

@@ -3,7 +3,8 @@
 # configurations in tests/fixtures/mergekit equals mergekit-yaml's output on the same models
 # (linear, task_arithmetic with lambda, ties with per-model weights and densities, normalised or
 # not, rescaled, with top-level defaults of weight and density; breadcrumbs and breadcrumbs_ties;
-# slerp; nuslerp with and without a base), at 1 to 3 ranks with the same bytes at every rank count; DARE (dare_ties, dare_linear)
+# slerp; nuslerp with and without a base, by tensor, row or column; model_stock by tensor or row),
+# at 1 to 3 ranks with the same bytes at every rank count; DARE (dare_ties, dare_linear)
 # independent of the rank count, equal to task arithmetic at density 1, keeping the density's
 # fraction of entries and each tensor's L1 norm; keeps the tensors mergekit's
 # architecture table leaves out (the Llama biases); carries config.json and writes a model card;
@@ -24,7 +25,8 @@ cd "$fixtures"  # the configurations name the models relative to their directory
 
 for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults breadcrumbs breadcrumbs_ties slerp nuslerp nuslerp_nobase \
   nearswap model_stock multislerp multislerp_nobase sce sce_all karcher karcher_base ties_gradient slerp_gradient task_arithmetic_filters \
-  passthrough_bf16 passthrough_scale ram ramplus_tl; do
+  passthrough_bf16 passthrough_scale ram ramplus_tl nuslerp_rows nuslerp_columns nuslerp_rows_nobase nuslerp_columns_nobase nuslerp_zero_sum \
+  model_stock_rows; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names
@@ -33,6 +35,11 @@ for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_de
 done
 check "nearswap: mergekit's bytes exactly (the same float32 operations)" "$close" "$work/nearswap-p1" reference/nearswap --reference-names --abs 0 --rel 0
 check "the comparison can fail: sce's selection of half the entries matters" bash -c "! '$close' '$work/sce-p1' reference/sce_all --reference-names 2>/dev/null"
+# Row- and column-wise forms (a row is never split, a column's sums run through every rank).
+check "the comparison can fail: nuslerp row by row is not nuslerp of whole tensors" bash -c "! '$close' '$work/nuslerp_rows-p1' reference/nuslerp --reference-names 2>/dev/null"
+check "the comparison can fail: nuslerp column by column is not row by row" bash -c "! '$close' '$work/nuslerp_columns-p1' reference/nuslerp_rows --reference-names 2>/dev/null"
+check "the comparison can fail: weights that sum to zero interpolate half-way" bash -c "! '$close' '$work/nuslerp_zero_sum-p1' reference/nuslerp_rows --reference-names 2>/dev/null"
+check "the comparison can fail: model_stock row by row is not by tensor" bash -c "! '$close' '$work/model_stock_rows-p1' reference/model_stock --reference-names 2>/dev/null"
 check "the comparison can fail: model_stock is not the models' mean" bash -c "! '$close' '$work/model_stock-p1' reference/linear --reference-names 2>/dev/null"
 check "the comparison can fail: ties with rescale is not ties (it was ignored before)" bash -c "! '$close' '$work/ties_rescale-p1' reference/ties --reference-names 2>/dev/null"
 for config in ram ramplus_tl; do
@@ -211,13 +218,14 @@ bad ram_epsilon "a negative ram epsilon" "ram: epsilon must be a finite number >
 bad ties_epsilon "epsilon in a ties merge" "parameters.epsilon is a parameter of della and della_linear, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, epsilon: 0.1}'
 bad slerp_t "slerp without t" "slerp needs parameters.t" $'merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft0'
 bad slerp_two "slerp of two models" "slerp interpolates between the base and one other model; got 2" $'merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {t: 0.5}'
-bad nuslerp_rows "row-wise nuslerp" "nuslerp_flatten: false (row- or column-wise nuslerp) is not implemented" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {nuslerp_flatten: false}'
 bad nearswap_t "nearswap without t" "nearswap needs parameters.t" $'merge_method: nearswap\nbase_model: base\nmodels:\n  - model: ft0'
 bad nearswap_two "nearswap of two models" "nearswap moves the base towards one other model; got 2" $'merge_method: nearswap\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {t: 0.01}'
 bad nearswap_negative "a negative nearswap t" "nearswap: t must be a finite number >= 0, got -0.5" $'merge_method: nearswap\nbase_model: base\nmodels:\n  - model: ft0\nparameters: {t: -0.5}'
 bad stock_one "model_stock of one model" "model_stock needs at least two models besides the base" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0'
 bad stock_weight "a weight in model_stock" "parameters.weight: model_stock takes no weights" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 0.5}\n  - model: ft1'
-bad stock_rows "filter-wise model_stock" "filter_wise: true (one interpolation per row) is not implemented" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {filter_wise: true}'
+bad nuslerp_row_text "a nuslerp_row_wise that is no boolean" "parameters.nuslerp_row_wise is \"yes\", not true or false" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {nuslerp_flatten: false, nuslerp_row_wise: "yes"}'
+bad stock_rows_text "a filter_wise that is no boolean" "parameters.filter_wise is 1, not true or false" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {filter_wise: 1}'
+bad filter_wise_nuslerp "filter_wise in a nuslerp" "parameters.filter_wise is a parameter of model_stock, not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {filter_wise: true}'
 bad stock_order "a gradient-sign mask on model_stock" "model_stock merges whole weights .or interpolates them." $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n    gradfix: {signs: ft0}\n  - model: ft1\n    gradfix: {signs: ft1}\ngradfix: {order: merge-then-mask}'
 bad multislerp_eps "a negative multislerp eps" "multislerp: eps must be a finite number >= 0, got -1" $'merge_method: multislerp\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {eps: -1}'
 bad ties_normalize_weights "normalize_weights in a ties merge" "parameters.normalize_weights is a parameter of multislerp, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {normalize_weights: true}'

@@ -32,6 +32,8 @@ void allreduce_host(Communicator& comm, void* buffer, std::size_t count, DType d
 // The total of every rank's ExactSum (their limbs added as integers), read as a double: the same
 // value whatever the number of ranks and wherever the ranks' pieces begin.
 double allreduce_exact_sum(Communicator& comm, ExactSum& sum);
+// The same for many sums at once (one collective): their totals in order.
+std::vector<double> allreduce_exact_sums(Communicator& comm, std::vector<ExactSum>& sums);
 
 // reduce_scatter of host buffers through a communicator of either memory space.
 void reduce_scatter_host(Communicator& comm, const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op);

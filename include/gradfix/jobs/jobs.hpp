@@ -95,7 +95,8 @@ struct MergeJob {
 //                    (t = 1), each tensor as one vector, linear where the two are nearly
 //                    parallel (|cos| > 0.9995)
 //   nuslerp          spherical interpolation between two models (or their deltas from a base),
-//                    each tensor as one vector, t = w_2 / (w_1 + w_2)
+//                    each tensor as one vector, t = w_2 / (w_1 + w_2) (or each row, or each
+//                    column: `vectors`)
 // (mergekit's rules; docs/merging.md lists where gradfix's own `--method ties` differs.)
 //   breadcrumbs,     Model Breadcrumbs: each delta keeps int(density_i n) entries by magnitude
 //   breadcrumbs_ties after the n_bot = max(0, n - int(density_i n) - int(gamma_i n)) smallest
@@ -130,7 +131,7 @@ struct MergeJob {
 //                    other models and has alone within the tensor
 //   model_stock      Model Stock: per tensor, the mean cosine c between the deltas of k >= 2
 //                    models, t = k c / (1 + (k - 1) c) (0 where the denominator is within 1e-6
-//                    of 0), and t * (the models' mean) + (1 - t) * base
+//                    of 0), and t * (the models' mean) + (1 - t) * base (or each row: `vectors`)
 enum class ModelMergeMethod {
   kLinear, kTaskArithmetic, kTies, kDareLinear, kDareTies, kSlerp, kNuslerp, kBreadcrumbs, kBreadcrumbsTies, kNearswap, kModelStock, kMultislerp, kSce, kKarcher,
   kDella, kDellaLinear, kPassthrough, kRam, kRamplusTl, kArceeFusion
@@ -172,6 +173,13 @@ struct MergeParameters {
   double lambda = 1.0;
 };
 
+// The vectors that nuslerp and model_stock take their angles between: each tensor as one vector
+// (mergekit's nuslerp_flatten: true, filter_wise: false), each row along the last dimension
+// (nuslerp_flatten: false; filter_wise: true) or each column, the vectors along the first
+// dimension (nuslerp_flatten: false with nuslerp_row_wise: true). A tensor of one dimension is
+// one vector in every form.
+enum class MergeVectors { kTensor, kRows, kColumns };
+
 struct ModelMergeJob {
   ModelMergeMethod method = ModelMergeMethod::kTies;
   std::string base;                 // required except for linear
@@ -192,6 +200,7 @@ struct ModelMergeJob {
   double ram_epsilon = 1e-5;        // ram, ramplus_tl: a delta counts where its magnitude exceeds it
   double ram_r = 0.1;               // ramplus_tl: the unique deltas' boost, r clamp(rho, 0, alpha)
   double ram_alpha = 0.2;
+  MergeVectors vectors = MergeVectors::kTensor;  // nuslerp (every form) and model_stock (tensor, rows)
   // gradfix's addition: gradient-sign masks with each model's statistics (on the base), before
   // the merge (each delta with its own) or after it (the merged delta with sum_i sign(s_i)).
   MergeOrder order = MergeOrder::kNone;
