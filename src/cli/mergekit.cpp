@@ -112,13 +112,14 @@ class MergeConfigReader {
 
   ModelMergeJob read() {
     if (!config_.is_object()) throw InputError(path_ + ": a merge configuration is a mapping of keys");
-    refuse_unknown(config_, {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "gradfix"},
+    refuse_unknown(config_, {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "gradfix"},
                    path_);
     job_.config_json = config_.dump();
     read_method();
     if (config_.contains("base_model")) job_.base = model_path(config_["base_model"], path_ + ": base_model");
     read_parameters();
-    read_models();
+    if (config_.contains("slices")) read_slices();
+    else read_models();
     read_dtypes();
     if (config_.contains("tokenizer_source") && !config_["tokenizer_source"].is_null() &&
         text(config_["tokenizer_source"], path_ + ": tokenizer_source") != "base")
@@ -135,9 +136,9 @@ class MergeConfigReader {
                          " with the base_model");
       job_.base.clear();
     }
-    if (is(ModelMergeMethod::kSlerp) && !(config_.contains("parameters") && config_["parameters"].contains("t")))
+    if (is(ModelMergeMethod::kSlerp) && !has_t())
       throw InputError(path_ + ": slerp needs parameters.t (0: the base, 1: the other model), as mergekit requires it");
-    if (is(ModelMergeMethod::kNearswap) && !(config_.contains("parameters") && config_["parameters"].contains("t")))
+    if (is(ModelMergeMethod::kNearswap) && !has_t())
       throw InputError(path_ + ": nearswap needs parameters.t (the difference below which an entry takes the model's value), as "
                        "mergekit requires it");
     return job_;
@@ -260,6 +261,7 @@ class MergeConfigReader {
     std::vector<ParameterSetting> chain;
     if (own.contains(key)) chain.push_back(setting(own[key], where + "." + key));
     if (defaults_.count(key)) chain.push_back(defaults_.at(key));
+    if (slice_defaults_.count(key)) chain.insert(chain.begin() + (own.contains(key) ? 1 : 0), slice_defaults_.at(key));
     if (chain.empty()) return fallback;
     if (is_number(chain.front())) return chain.front().number;
     job_.varying.push_back({key, static_cast<int>(job_.models.size()), std::move(chain), fallback});
@@ -268,9 +270,14 @@ class MergeConfigReader {
 
   void read_models() {
     if (!config_.contains("models") || !config_["models"].is_array() || config_["models"].empty())
-      throw InputError(path_ + ": models must be a non-empty list");
+      throw InputError(path_ + ": models must be a non-empty list (or slices)");
     bool base_listed = false;
-    for (std::size_t i = 0; i < config_["models"].size(); ++i) base_listed = read_model(i) || base_listed;
+    for (std::size_t i = 0; i < config_["models"].size(); ++i) {
+      const Json& entry = config_["models"][i];
+      const std::string where = path_ + ": models[" + std::to_string(i) + "]";
+      if (entry.is_object()) refuse_unknown(entry, {"model", "parameters", "gradfix"}, where);
+      base_listed = read_model(entry, where) || base_listed;
+    }
     // A linear merge takes the base as one more model: mergekit then needs its weight, and
     // refuses a base that is not listed among the models.
     if (is(ModelMergeMethod::kLinear) && !job_.base.empty() && !base_listed)
@@ -279,12 +286,96 @@ class MergeConfigReader {
                        "list it under models with a weight, or leave base_model out");
   }
 
-  // models[i]; returns whether it is the base.
-  bool read_model(std::size_t i) {
-    const Json& entry = config_["models"][i];
-    const std::string where = path_ + ": models[" + std::to_string(i) + "]";
+  // Whether t is given for every tensor: at the top level, or in every slice.
+  bool has_t() const {
+    if (config_.contains("parameters") && config_["parameters"].is_object() && config_["parameters"].contains("t")) return true;
+    if (!config_.contains("slices")) return false;
+    for (const auto& slice : config_["slices"])
+      if (!(slice.contains("parameters") && slice["parameters"].is_object() && slice["parameters"].contains("t"))) return false;
+    return true;
+  }
+
+  // slices: each slice's sources read as the models of a merge of their own (the same rules, with
+  // the slice's parameters between a source's and the top-level ones), in the job's model order;
+  // the job's own models and parameters are the first slice's.
+  void read_slices() {
+    const Json& slices = config_["slices"];
+    if (config_.contains("models")) throw InputError(path_ + ": models and slices are both given; mergekit takes exactly one of them");
+    if (!slices.is_array() || slices.empty()) throw InputError(path_ + ": slices must be a non-empty list");
+    const ModelMergeJob outside = job_;
+    std::vector<MergeSlice> read;
+    ModelMergeJob first;
+    for (std::size_t s = 0; s < slices.size(); ++s) {
+      const Json& slice = slices[s];
+      const std::string where = path_ + ": slices[" + std::to_string(s) + "]";
+      if (!slice.is_object() || !slice.contains("sources") || !slice["sources"].is_array() || slice["sources"].empty())
+        throw InputError(where + " needs 'sources', a non-empty list");
+      refuse_unknown(slice, {"sources", "parameters", "base_model"}, where);
+      if (slice.contains("base_model") && model_path(slice["base_model"], where + ".base_model") != job_.base)
+        throw InputError(where + ".base_model differs from the top-level base_model; gradfix takes one base for every slice");
+      job_ = outside;
+      slice_defaults_.clear();
+      std::vector<VaryingParameter> own;  // the slice's t and lambda
+      if (slice.contains("parameters")) {
+        const Json& parameters = slice["parameters"];
+        const std::string at = where + ".parameters";
+        if (!parameters.is_object()) throw InputError(at + " must be a mapping");
+        refuse_unknown(parameters, {"weight", "density", "gamma", "epsilon", "scale", "t", "lambda"}, at);
+        for (const char* key : {"weight", "density", "gamma", "epsilon", "scale"})
+          if (parameters.contains(key)) slice_defaults_[key] = setting(parameters[key], at + "." + key);
+        if (parameters.contains("t") && !(is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap)))
+          throw InputError(at + ".t is a parameter of slerp and nearswap, not of " + method_);
+        if (parameters.contains("lambda") && !sums_deltas())
+          throw InputError(at + ".lambda is a parameter of linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*, not of " + method_);
+        // The slice's own t or lambda first, then the top-level one.
+        for (const char* key : {"t", "lambda"}) {
+          if (!parameters.contains(key)) continue;
+          std::vector<ParameterSetting> chain = {setting(parameters[key], at + "." + key)};
+          if (config_.contains("parameters") && config_["parameters"].contains(key))
+            chain.push_back(setting(config_["parameters"][key], path_ + ": parameters." + key));
+          own.push_back({key, -1, std::move(chain), std::string(key) == "lambda" ? std::optional<double>(1.0) : std::nullopt});
+        }
+      }
+      MergeSlice out;
+      bool base_listed = false;
+      for (std::size_t i = 0; i < slice["sources"].size(); ++i) {
+        const Json& entry = slice["sources"][i];
+        const std::string at = where + ".sources[" + std::to_string(i) + "]";
+        if (entry.is_object()) refuse_unknown(entry, {"model", "layer_range", "parameters"}, at);
+        const std::size_t models_before = job_.models.size();
+        const bool base = read_model(entry, at);
+        base_listed = base_listed || base;
+        if (!entry.contains("layer_range") || !entry["layer_range"].is_array() || entry["layer_range"].size() != 2)
+          throw InputError(at + " needs a layer_range [begin, end]");
+        MergeSliceSource source{model_path(entry["model"], at + ".model"), 0, 0};
+        for (std::size_t end = 0; end < 2; ++end) {
+          const double value = number(entry["layer_range"][end], at + ".layer_range");
+          if (value != std::floor(value) || value < 0 || value > 1e6)
+            throw InputError(at + ".layer_range holds " + entry["layer_range"][end].dump() + ", not a layer number");
+          (end == 0 ? source.begin : source.end) = static_cast<long long>(value);
+        }
+        if (job_.models.size() > models_before) out.models.push_back(source);
+        else out.base = source;
+      }
+      if (!base_listed && !job_.base.empty() && !is(ModelMergeMethod::kPassthrough))
+        throw InputError(where + " has no source from the base_model " + escaped_name(job_.base) +
+                         " (mergekit merges only a slice's sources: list the base's layers among them)");
+      out.defaults = {job_.weights, job_.densities, job_.gammas, job_.epsilons, job_.t, job_.lambda};
+      out.varying = job_.varying;
+      out.varying.insert(out.varying.end(), own.begin(), own.end());
+      read.push_back(std::move(out));
+      if (s == 0) first = job_;
+    }
+    slice_defaults_.clear();
+    job_ = first;
+    job_.slices = std::move(read);
+    // A linear merge takes the base as one of its models (above): no separate base part.
+    if (is(ModelMergeMethod::kLinear)) job_.base.clear();
+  }
+
+  // One model of `models` (or a source of a slice); returns whether it is the base.
+  bool read_model(const Json& entry, const std::string& where) {
     if (!entry.is_object() || !entry.contains("model")) throw InputError(where + " needs a 'model'");
-    refuse_unknown(entry, {"model", "parameters", "gradfix"}, where);
     const std::string model = model_path(entry["model"], where + ".model");
     Json parameters = entry.contains("parameters") ? entry["parameters"] : Json::object();
     if (!parameters.is_object()) throw InputError(where + ".parameters must be a mapping");
@@ -398,6 +489,7 @@ class MergeConfigReader {
 
   // Every model's statistics when an order is set, none otherwise.
   void assign_signs() {
+    job_.validate_slices();  // masks with slices refused here, before the missing statistics are named
     if (job_.order == MergeOrder::kNone) {
       if (!signs_by_model_.empty())
         throw InputError(path_ + ": models name gradfix.signs but gradfix.order is not set (mask-then-merge or merge-then-mask)");
@@ -416,6 +508,7 @@ class MergeConfigReader {
   std::string method_;
   ModelMergeJob job_;
   std::map<std::string, ParameterSetting> defaults_;  // top-level weight, density, gamma
+  std::map<std::string, ParameterSetting> slice_defaults_;  // the same of the slice being read
   std::vector<std::pair<std::size_t, std::string>> signs_by_model_;
 };
 

@@ -296,10 +296,10 @@ void ChunkedJob::write(const std::string& path, const Metadata& metadata, const 
   progress.finish();
 }
 
-void ChunkedJob::commit(const std::string& primary_input) {
+void ChunkedJob::commit(const std::string& primary_input, std::optional<long long> layers) {
   GRADFIX_CHECK(writer_ != nullptr, operation_ + ": commit before write");
   nonfinite_.refuse(ranks_, path_, output_.allow_nonfinite);
-  carry_model_files(ranks_.context(), primary_input, *writer_, output_, metadata_);
+  carry_model_files(ranks_.context(), primary_input, *writer_, output_, metadata_, layers);
   commit_collectively(ranks_.context(), *writer_);
 }
 

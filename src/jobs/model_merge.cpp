@@ -95,9 +95,9 @@ std::optional<double> ParameterSetting::at(const std::string& tensor, double fra
   return std::nullopt;
 }
 
-MergeParameters ModelMergeJob::parameters_for(const std::string& name, double fraction) const {
-  MergeParameters out{weights, densities, gammas, epsilons, t, lambda};
-  for (const auto& parameter : varying) {
+MergeParameters ModelMergeJob::parameters_for(const std::string& name, double fraction, const MergeSlice* slice) const {
+  MergeParameters out = slice ? slice->defaults : MergeParameters{weights, densities, gammas, epsilons, t, lambda};
+  for (const auto& parameter : slice ? slice->varying : varying) {
     std::optional<double> value;
     for (const auto& setting : parameter.settings)
       if ((value = setting.at(name, fraction))) break;
@@ -191,7 +191,12 @@ void ModelMergeJob::validate() const {
   }
   if (!std::isfinite(lambda)) throw InputError("lambda must be finite");
   static const std::set<std::string> kPerModel = {"weight", "density", "gamma", "epsilon"}, kOwn = {"t", "lambda"};
-  for (const auto& parameter : varying) {
+  std::vector<const VaryingParameter*> all_varying;
+  for (const auto& parameter : varying) all_varying.push_back(&parameter);
+  for (const auto& slice : slices)
+    for (const auto& parameter : slice.varying) all_varying.push_back(&parameter);
+  for (const VaryingParameter* each : all_varying) {
+    const VaryingParameter& parameter = *each;
     const bool per_model = kPerModel.count(parameter.name) != 0;
     if (!per_model && !kOwn.count(parameter.name))
       throw InputError("a per-tensor value of " + parameter.name + ", which gradfix takes as one number");
@@ -212,6 +217,38 @@ void ModelMergeJob::validate() const {
   if (order == MergeOrder::kNone && !signs.empty())
     throw InputError("sign statistics given without gradfix.order (mask-then-merge or merge-then-mask)");
   mask.validate();
+  validate_slices();
+}
+
+void ModelMergeJob::validate_slices() const {
+  if (slices.empty()) return;
+  if (order != MergeOrder::kNone)
+    throw InputError("gradfix.order with slices: gradient-sign masks need statistics of each stacked model; merge without slices, or "
+                     "mask each source first (gradfix transport) and stack the results");
+  const bool with_base = !slices.front().base.model.empty();
+  for (std::size_t s = 0; s < slices.size(); ++s) {
+    const MergeSlice& slice = slices[s];
+    const std::string where = "slices[" + std::to_string(s) + "]";
+    if (slice.models.size() != models.size())
+      throw InputError(where + " merges " + std::to_string(slice.models.size()) + " model(s) besides the base, slices[0] " +
+                       std::to_string(models.size()) + ": gradfix merges the same number in every slice");
+    if (slice.base.model.empty() == with_base)
+      throw InputError(where + (with_base ? " has no source from the base_model" : " has a base source and slices[0] none"));
+    if (slice.defaults.weights.size() != models.size() || slice.defaults.densities.size() != models.size())
+      throw InputError(where + ": one weight and one density per model are needed");
+    std::vector<const MergeSliceSource*> sources;
+    if (with_base) sources.push_back(&slice.base);
+    for (const auto& source : slice.models) sources.push_back(&source);
+    for (const MergeSliceSource* source : sources) {
+      if (!(source->begin >= 0 && source->end > source->begin))
+        throw InputError(where + ": " + escaped_name(source->model) + " layer_range [" + std::to_string(source->begin) + ", " +
+                         std::to_string(source->end) + "] is not a range of layers (0 <= begin < end)");
+      if (source->end - source->begin != sources.front()->end - sources.front()->begin)
+        throw InputError(where + ": " + escaped_name(source->model) + " takes " + std::to_string(source->end - source->begin) + " layers and " +
+                         escaped_name(sources.front()->model) + " " + std::to_string(sources.front()->end - sources.front()->begin) +
+                         " (mergekit: \"All inputs to a slice must contain the same number of layers\")");
+    }
+  }
 }
 
 std::map<std::string, double> file_jobs::layer_fractions(const std::vector<std::string>& names) {
@@ -242,10 +279,20 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
   auto& models = in.models;
   auto& signs = in.signs;
   auto& names = in.names;
+  std::map<std::string, std::pair<std::size_t, double>> positions;  // with slices
   ranks.agree([&] {
     job.validate();
-    base = open_reader(job.base.empty() ? job.models.front() : job.base);
-    for (const auto& path : job.models) models.push_back(open_reader(path));
+    if (job.slices.empty()) {
+      base = open_reader(job.base.empty() ? job.models.front() : job.base);
+      for (const auto& path : job.models) models.push_back(open_reader(path));
+    } else {
+      StackedModels stacked = stack_slices(job);
+      in.sources = std::move(stacked.sources);
+      base = std::move(stacked.base);
+      models = std::move(stacked.models);
+      positions = std::move(stacked.positions);
+      in.layers = stacked.layers;
+    }
     const TensorSelector selector(job.output.include, job.output.exclude);
     for (const auto& name : selected_names(*base, selector))
       if (dtype_is_float(base->info(name).dtype)) names.push_back(name);
@@ -259,8 +306,15 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
       require_matching(*base, names, *signs.back());
       require_float(*signs.back(), names, "merge");
     }
-    const std::map<std::string, double> fractions = layer_fractions(names);
-    for (const auto& name : names) in.parameters[name] = job.parameters_for(name, fractions.at(name));
+    if (job.slices.empty()) {
+      const std::map<std::string, double> fractions = layer_fractions(names);
+      for (const auto& name : names) in.parameters[name] = job.parameters_for(name, fractions.at(name));
+    } else {
+      for (const auto& name : names) {
+        const auto& [slice, fraction] = positions.at(name);
+        in.parameters[name] = job.parameters_for(name, fraction, &job.slices[slice]);
+      }
+    }
   });
   in.merged.insert(names.begin(), names.end());
   return in;
@@ -292,6 +346,7 @@ Metadata model_merge_metadata(const ModelMergeJob& job, const ModelMergeInputs& 
   for (const auto& parameter : job.varying)
     options["per_tensor"].push_back(parameter.model >= 0 ? parameter.name + " of " + input_name(job.models[static_cast<std::size_t>(parameter.model)])
                                                          : parameter.name);
+  if (!job.slices.empty()) options["slices"] = slices_json(job);
   if (job.method == ModelMergeMethod::kSce) options["select_topk"] = job.select_topk;
   if (job.method == ModelMergeMethod::kKarcher) {
     options["max_iter"] = job.max_iter;
@@ -675,7 +730,7 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
     summary.elements = merge_whole_tensors(job, ranks, in, chunked, metadata, f64);
   else if (f64) summary.elements = DeltaMerge<double>(job, ranks, in, chunked).run(metadata);
   else summary.elements = DeltaMerge<float>(job, ranks, in, chunked).run(metadata);
-  chunked.commit(job.base.empty() ? job.models.front() : job.base);
+  chunked.commit(job.base.empty() ? job.models.front() : job.base, in.layers);
   std::vector<long long> elements = {summary.elements};
   ranks.reduce_statistics(elements);
   summary.elements = elements[0];

@@ -4,6 +4,7 @@
 // runs the methods that take each tensor as one vector (slerp, nuslerp, nearswap, model_stock,
 // multislerp).
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@
 namespace gradfix::file_jobs {
 
 struct ModelMergeInputs {
+  std::vector<Reader> sources;  // with slices: the models the parts below are stacked from
   Reader base;  // the base model (linear without one: the first model, for the layout and copies)
   std::vector<Reader> models;
   std::vector<Reader> signs;
@@ -23,7 +25,22 @@ struct ModelMergeInputs {
   // at its layer fraction): the same for every tensor unless the configuration varies them.
   std::map<std::string, MergeParameters> parameters;
   const MergeParameters& of(const std::string& name) const { return parameters.at(name); }
+  std::optional<long long> layers;  // with slices: the output's layer count, for config.json
 };
+
+// The parts of a merge with slices, each one model stacked from its sources' layers under the
+// output's names (stack_slices).
+struct StackedModels {
+  std::vector<Reader> sources;  // each source model, opened once
+  Reader base;                  // the base; without one, the first model again (the layout)
+  std::vector<Reader> models;   // each model of the job
+  // Each output tensor's slice and mergekit's layer fraction within it (0 outside the layers).
+  std::map<std::string, std::pair<std::size_t, double>> positions;
+  long long layers = 0;  // the output's layer count
+};
+StackedModels stack_slices(const ModelMergeJob& job);
+// The slices as the metadata records them: "name[begin:end]" per source.
+nlohmann::json slices_json(const ModelMergeJob& job);
 
 // mergekit's layer fraction of each tensor, for per-layer parameter lists: layer / (layers - 1)
 // for a tensor of a numbered layer (a name part "layers.N", "h.N", "blocks.N" or "layer.N"),

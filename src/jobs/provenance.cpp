@@ -87,7 +87,7 @@ std::string model_card(const Metadata& metadata, bool transformers_model) {
 }
 
 void carry_model_files(const JobContext& context, const std::string& input, TensorWriter& output, const OutputOptions& options,
-                       const Metadata& metadata) {
+                       const Metadata& metadata, std::optional<long long> layers) {
   if (!output.takes_files()) return;
   context.agree([&] {
     if (!context.is_root()) return;
@@ -116,15 +116,19 @@ void carry_model_files(const JobContext& context, const std::string& input, Tens
       std::ifstream file(from, std::ios::binary);
       std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
       if (!file.good() && !file.eof()) throw RuntimeFailure(from + ": read failed");
-      if (name == "config.json" && options.out_dtype) {
-        const char* torch_name = torch_dtype_name(*options.out_dtype);
+      if (name == "config.json" && (options.out_dtype || layers)) {
         auto config = nlohmann::json::parse(text, nullptr, false);
-        if (config.is_object()) {
+        if (config.is_object() && options.out_dtype) {
+          const char* torch_name = torch_dtype_name(*options.out_dtype);
           for (const char* key : {"torch_dtype", "dtype"})
             if (config.contains(key)) config[key] = torch_name;
           if (!config.contains("torch_dtype") && !config.contains("dtype")) config["torch_dtype"] = torch_name;
-          text = config.dump(2) + "\n";
         }
+        // Stacked layers: every key transformers families use for the layer count.
+        if (config.is_object() && layers)
+          for (const char* key : {"num_hidden_layers", "n_layer", "num_layers", "n_layers"})
+            if (config.contains(key)) config[key] = *layers;
+        if (config.is_object()) text = config.dump(2) + "\n";
       }
       if (name == "config.json") transformers_model = true;
       output.add_file(name, text);

@@ -26,7 +26,7 @@ cd "$fixtures"  # the configurations name the models relative to their directory
 for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_defaults breadcrumbs breadcrumbs_ties slerp nuslerp nuslerp_nobase \
   nearswap model_stock multislerp multislerp_nobase sce sce_all karcher karcher_base ties_gradient slerp_gradient task_arithmetic_filters \
   passthrough_bf16 passthrough_scale ram ramplus_tl nuslerp_rows nuslerp_columns nuslerp_rows_nobase nuslerp_columns_nobase nuslerp_zero_sum \
-  model_stock_rows; do
+  model_stock_rows passthrough_stack passthrough_repeat slerp_slices slerp_slice_t ties_slices; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names
@@ -35,6 +35,12 @@ for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_de
 done
 check "nearswap: mergekit's bytes exactly (the same float32 operations)" "$close" "$work/nearswap-p1" reference/nearswap --reference-names --abs 0 --rel 0
 check "the comparison can fail: sce's selection of half the entries matters" bash -c "! '$close' '$work/sce-p1' reference/sce_all --reference-names 2>/dev/null"
+# Slices: the output's layer count in config.json; the slices form of a merge equals its models form.
+check "a stack of 3 + 3 layers has 6 in config.json" bash -c "grep -q '\"num_hidden_layers\": 6' '$work/passthrough_stack-p1/config.json'"
+check "a model's 5 layers twice have 10 in config.json, bfloat16" bash -c "grep -q '\"num_hidden_layers\": 10' '$work/passthrough_repeat-p2/config.json' && grep -q '\"dtype\": \"bfloat16\"' '$work/passthrough_repeat-p2/config.json'"
+check "slerp over one slice of every layer equals the models form (gradient-slerp.yml both ways)" "$close" "$work/slerp_slices-p1" reference/slerp_gradient --reference-names
+check "the comparison can fail: a slice's own t matters" bash -c "! '$close' '$work/slerp_slice_t-p1' reference/slerp_slices --reference-names 2>/dev/null"
+check "the metadata records each slice's sources" bash -c "'$gradfix' inspect '$work/ties_slices-p1' | grep -q '\"slices\":\[{\"base\":\"base\[0:2\]\",\"models\":\[\"ft0\[0:2\]\",\"ft1\[0:2\]\"\]}'"
 # Row- and column-wise forms (a row is never split, a column's sums run through every rank).
 check "the comparison can fail: nuslerp row by row is not nuslerp of whole tensors" bash -c "! '$close' '$work/nuslerp_rows-p1' reference/nuslerp --reference-names 2>/dev/null"
 check "the comparison can fail: nuslerp column by column is not row by row" bash -c "! '$close' '$work/nuslerp_columns-p1' reference/nuslerp_rows --reference-names 2>/dev/null"
@@ -235,7 +241,31 @@ bad karcher_iterations "a fractional karcher max_iter" "parameters.max_iter is 2
 bad ties_t "a parameter of another method" "parameters.t is a parameter of slerp and nearswap, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {t: 0.5}'
 bad ties_gamma "gamma in a ties merge" "parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, gamma: 0.1}'
 bad nuslerp_lambda "lambda in a nuslerp" "parameters.lambda is a parameter of linear, task_arithmetic, ties, dare_., breadcrumbs., della., not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {lambda: 2}'
-bad unknown "an unknown key" "does not read 'slices'" $'merge_method: ties\nslices: []\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
+bad unknown "an unknown key" "does not read 'modules'" $'merge_method: ties\nmodules: {}\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
+# Slices: what mergekit refuses, and what gradfix does not take, named.
+slice=$'  - sources:\n      - model: layered/base\n        layer_range: [0, 2]\n      - model: layered/ft0\n        layer_range: [0, 2]\n        parameters: {weight: 1}'
+bad slices_and_models "both models and slices" "models and slices are both given" $'merge_method: ties\nbase_model: layered/base\nmodels:\n  - model: layered/ft0\n    parameters: {weight: 1}\nslices:\n'"$slice"
+bad slices_empty "an empty slices list" "slices must be a non-empty list" $'merge_method: ties\nbase_model: layered/base\nslices: []'
+bad slice_lengths "sources of different lengths (mergekit's own error)" "slices.0.: .*ft0 takes 3 layers and .*base 2 .mergekit: \"All inputs to a slice must contain the same number of layers" \
+  $'merge_method: ties\nbase_model: layered/base\nslices:\n  - sources:\n      - model: layered/base\n        layer_range: [0, 2]\n      - model: layered/ft0\n        layer_range: [0, 3]\n        parameters: {weight: 1}'
+bad slice_past "a layer_range past the model's layers" "layered/ft0.*: slices.0. takes layer_range .3, 6. of a model with 5 layers" \
+  $'merge_method: passthrough\nslices:\n  - sources:\n      - model: layered/ft0\n        layer_range: [3, 6]'
+bad slice_backwards "a layer_range that is no range" "layer_range .3, 1. is not a range of layers" \
+  $'merge_method: passthrough\nslices:\n  - sources:\n      - model: layered/ft0\n        layer_range: [3, 1]'
+bad slice_no_range "a source without a layer_range" "slices.0..sources.0. needs a layer_range .begin, end." \
+  $'merge_method: passthrough\nslices:\n  - sources:\n      - model: layered/ft0'
+bad slice_no_base "a ties slice without the base's layers" "slices.1. has no source from the base_model .*layered/base" \
+  $'merge_method: ties\nbase_model: layered/base\nslices:\n'"$slice"$'\n  - sources:\n      - model: layered/ft0\n        layer_range: [2, 5]\n        parameters: {weight: 1}'
+bad slice_counts "slices that merge different numbers of models" "slices.1. merges 2 model.s. besides the base, slices.0. 1" \
+  $'merge_method: ties\nbase_model: layered/base\nslices:\n'"$slice"$'\n  - sources:\n      - model: layered/base\n        layer_range: [2, 5]\n      - model: layered/ft0\n        layer_range: [2, 5]\n        parameters: {weight: 1}\n      - model: layered/ft1\n        layer_range: [2, 5]\n        parameters: {weight: 1}'
+bad slice_base "a slice with another base_model" "slices.0..base_model differs from the top-level base_model" \
+  $'merge_method: ties\nbase_model: layered/base\nslices:\n'"$slice"$'\n    base_model: layered/ft1'
+bad slice_parameter "a slice parameter gradfix does not take per slice" "slices.0..parameters: gradfix does not read 'normalize'" \
+  $'merge_method: ties\nbase_model: layered/base\nslices:\n'"$slice"$'\n    parameters: {normalize: false}'
+bad slice_masks "gradient-sign masks with slices" "gradfix.order with slices" \
+  $'merge_method: ties\nbase_model: layered/base\nslices:\n'"$slice"$'\ngradfix: {order: mask-then-merge}'
+bad slice_residual "a slice's residual_weight" "slices.0.: gradfix does not read 'residual_weight'" \
+  $'merge_method: passthrough\nslices:\n  - sources:\n      - model: layered/ft0\n        layer_range: [0, 2]\n    residual_weight: 0.5'
 bad layers "a per-layer list of a parameter that takes one number" "parameters.select_topk: gradfix takes one number here" $'merge_method: sce\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {select_topk: [0.5, 1]}'
 bad empty_list "an empty per-layer list" "weight is \\[\\]: a parameter is a number, a list of numbers" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: []}'
 bad mixed_list "a list of numbers and conditions" "weight is \\[0.5,{\"value\":1}\\]: a parameter is" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters:\n      weight: [0.5, {value: 1}]'

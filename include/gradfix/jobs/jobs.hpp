@@ -173,6 +173,22 @@ struct MergeParameters {
   double lambda = 1.0;
 };
 
+// mergekit's slices (layer stacking): the output's layers in order, slice by slice. A slice takes
+// layers [begin, end) of each of its sources (the same count each), renumbered from the first
+// layer after the slices before it. The tensors outside the layers come from the first slice's
+// sources (embeddings) or the last slice's (everything else: final norm, head).
+struct MergeSliceSource {
+  std::string model;
+  long long begin = 0, end = 0;
+};
+struct MergeSlice {
+  MergeSliceSource base;                 // model empty where the merge has no separate base
+  std::vector<MergeSliceSource> models;  // one per model of the job, in its order
+  // The slice's parameters: its sources' own, then the slice's, then the top-level ones.
+  MergeParameters defaults;
+  std::vector<VaryingParameter> varying;
+};
+
 // The vectors that nuslerp and model_stock take their angles between: each tensor as one vector
 // (mergekit's nuslerp_flatten: true, filter_wise: false), each row along the last dimension
 // (nuslerp_flatten: false; filter_wise: true) or each column, the vectors along the first
@@ -211,13 +227,20 @@ struct ModelMergeJob {
   // mergekit's per-layer lists and filters where the configuration has them: these parameters
   // take their values per tensor (parameters_for) instead of from the fields above.
   std::vector<VaryingParameter> varying;
+  // Layer stacking (mergekit's slices); empty: every layer of the models, as they are. `models`
+  // and `base` then name the first slice's sources (they give the carried files and the names in
+  // the metadata), the parameters above are unused (each slice has its own).
+  std::vector<MergeSlice> slices;
   std::string out;
   OutputOptions output;
   void validate() const;
-  // weights, densities, gammas, epsilons, t and lambda for the tensor `name` at layer fraction `fraction`:
-  // the fields above, but where `varying` gives another value. InputError naming the parameter,
-  // the model and the tensor for a value that none of its settings give, or out of its range.
-  MergeParameters parameters_for(const std::string& name, double fraction) const;
+  // weights, densities, gammas, epsilons, t and lambda for the tensor `name` at layer fraction
+  // `fraction` (within its slice, where there are slices): the fields above (or the slice's), but
+  // where `varying` gives another value. InputError naming the parameter, the model and the
+  // tensor for a value that none of its settings give, or out of its range.
+  MergeParameters parameters_for(const std::string& name, double fraction, const MergeSlice* slice = nullptr) const;
+  // The part of validate() that checks the slices (and refuses masks with them).
+  void validate_slices() const;
 };
 
 struct ConvertJob {
@@ -271,9 +294,10 @@ struct JobSummary {
 // --out-dtype, config.json's torch_dtype (and dtype) follow. Only regular files directly in the
 // directory are copied, never symbolic links (they could point anywhere), and none larger than
 // 256 MiB. The input's README.md is not copied: every directory output gets its own model card,
-// made from the output's metadata (model_card).
+// made from the output's metadata (model_card). `layers`: a merge that stacked layers sets
+// config.json's layer count (num_hidden_layers, n_layer, ...) to the output's.
 void carry_model_files(const JobContext& context, const std::string& input, TensorWriter& output, const OutputOptions& options,
-                       const Metadata& metadata);
+                       const Metadata& metadata, std::optional<long long> layers = std::nullopt);
 // README.md for an output directory: Hugging Face front matter, the operation and its options,
 // and the operations that made its inputs, all read from the output's metadata.
 std::string model_card(const Metadata& metadata, bool transformers_model);
