@@ -112,7 +112,8 @@ class MergeConfigReader {
 
   ModelMergeJob read() {
     if (!config_.is_object()) throw InputError(path_ + ": a merge configuration is a mapping of keys");
-    refuse_unknown(config_, {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "gradfix"},
+    refuse_unknown(config_, {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
+                             "chat_template", "gradfix"},
                    path_);
     job_.config_json = config_.dump();
     read_method();
@@ -121,10 +122,7 @@ class MergeConfigReader {
     if (config_.contains("slices")) read_slices();
     else read_models();
     read_dtypes();
-    if (config_.contains("tokenizer_source") && !config_["tokenizer_source"].is_null() &&
-        text(config_["tokenizer_source"], path_ + ": tokenizer_source") != "base")
-      throw InputError(path_ + ": tokenizer_source '" + escaped_name(config_["tokenizer_source"].get<std::string>()) +
-                       "': gradfix carries the base model's tokenizer only (tokenizer_source: base)");
+    read_tokenizer();
     read_gradfix_section();
     assign_signs();
     if (job_.models.empty()) throw InputError(path_ + ": no model to merge besides the base");
@@ -284,6 +282,81 @@ class MergeConfigReader {
       throw InputError(path_ + ": base_model " + escaped_name(job_.base) +
                        " is not among the models of this linear merge; mergekit merges the base too and refuses it without a weight: "
                        "list it under models with a weight, or leave base_model out");
+  }
+
+  // tokenizer_source (base, union or a model) or the tokenizer: section (its source, default
+  // union, the tokens' embedding sources, pad_to_multiple_of), and chat_template.
+  void read_tokenizer() {
+    auto source_of = [&](const Json& value, const std::string& where) {
+      const std::string source = text(value, where);
+      return source == "base" || source == "union" ? source : model_path(value, where);
+    };
+    const bool flat = config_.contains("tokenizer_source") && !config_["tokenizer_source"].is_null();
+    const bool section = config_.contains("tokenizer") && !config_["tokenizer"].is_null();
+    if (flat && section) throw InputError(path_ + ": tokenizer_source and tokenizer are both given; mergekit takes one of them");
+    if (flat) job_.vocabulary.source = source_of(config_["tokenizer_source"], path_ + ": tokenizer_source");
+    if (section) {
+      const Json& tokenizer = config_["tokenizer"];
+      const std::string where = path_ + ": tokenizer";
+      if (!tokenizer.is_object()) throw InputError(where + " must be a mapping");
+      refuse_unknown(tokenizer, {"source", "tokens", "pad_to_multiple_of"}, where);
+      job_.vocabulary.source = tokenizer.contains("source") ? source_of(tokenizer["source"], where + ".source") : "union";
+      if (tokenizer.contains("pad_to_multiple_of") && !tokenizer["pad_to_multiple_of"].is_null()) {
+        const double multiple = number(tokenizer["pad_to_multiple_of"], where + ".pad_to_multiple_of");
+        if (multiple != std::floor(multiple) || multiple < 1 || multiple > (1 << 20))
+          throw InputError(where + ".pad_to_multiple_of is " + tokenizer["pad_to_multiple_of"].dump() + ", not a whole number from 1 to 2^20");
+        job_.vocabulary.pad_to_multiple_of = static_cast<long long>(multiple);
+      }
+      if (tokenizer.contains("tokens") && !tokenizer["tokens"].is_null()) {
+        if (!tokenizer["tokens"].is_object()) throw InputError(where + ".tokens must be a mapping of tokens");
+        for (const auto& [token, entry] : tokenizer["tokens"].items()) job_.vocabulary.tokens.push_back(read_token(token, entry, where + ".tokens." + token));
+      }
+    }
+    if (config_.contains("chat_template") && !config_["chat_template"].is_null()) {
+      const std::string chat = text(config_["chat_template"], path_ + ": chat_template");
+      // mergekit's rule: a name it knows, auto, or a template (20 characters or more, with '{').
+      if (chat != "auto" && !chat_template_text(chat) && (chat.size() < 20 || chat.find('{') == std::string::npos))
+        throw InputError(path_ + ": chat_template '" + escaped_name(chat) + "' is neither a template nor a name gradfix knows (" +
+                         chat_template_names() + ", auto)");
+      job_.chat_template = chat;
+    }
+  }
+
+  // One token of the tokenizer section: {source: MODEL | {kind: model_token, model, token_id |
+  // token} | {kind: zero}, force}.
+  TokenSetting read_token(const std::string& token, const Json& entry, const std::string& where) {
+    if (!entry.is_object() || !entry.contains("source")) throw InputError(where + " needs a source (a model, or {kind: model_token, ...} or {kind: zero})");
+    refuse_unknown(entry, {"source", "force"}, where);
+    TokenSetting out;
+    out.token = token;
+    if (entry.contains("force")) out.force = boolean(entry["force"], where + ".force");
+    const Json& source = entry["source"];
+    if (source.is_string()) {
+      out.source.model = model_path(source, where + ".source");
+      return out;
+    }
+    if (!source.is_object() || !source.contains("kind")) throw InputError(where + ".source is neither a model nor a mapping with a kind");
+    const std::string kind = text(source["kind"], where + ".source.kind");
+    if (kind == "zero") {
+      refuse_unknown(source, {"kind"}, where + ".source");
+      out.source.kind = TokenEmbeddingSource::Kind::kZero;
+      return out;
+    }
+    if (kind != "model_token") throw InputError(where + ".source.kind '" + escaped_name(kind) + "': valid: model_token, zero");
+    refuse_unknown(source, {"kind", "model", "token_id", "token"}, where + ".source");
+    if (!source.contains("model")) throw InputError(where + ".source needs a model");
+    out.source.kind = TokenEmbeddingSource::Kind::kModelToken;
+    out.source.model = model_path(source["model"], where + ".source.model");
+    if (source.contains("token_id") == source.contains("token"))
+      throw InputError(where + ".source needs one of token_id and token (mergekit: \"token_id or token must be specified\", \"only one\")");
+    if (source.contains("token_id")) {
+      const double id = number(source["token_id"], where + ".source.token_id");
+      if (id != std::floor(id) || id < 0 || id > (1 << 24)) throw InputError(where + ".source.token_id is " + source["token_id"].dump() + ", not a token id");
+      out.source.token_id = static_cast<long long>(id);
+    } else {
+      out.source.token = text(source["token"], where + ".source.token");
+    }
+    return out;
   }
 
   // Whether t is given for every tensor: at the top level, or in every slice.

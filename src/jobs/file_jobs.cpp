@@ -296,10 +296,10 @@ void ChunkedJob::write(const std::string& path, const Metadata& metadata, const 
   progress.finish();
 }
 
-void ChunkedJob::commit(const std::string& primary_input, std::optional<long long> layers) {
+void ChunkedJob::commit(const std::string& primary_input, const CarriedFileChanges& changes) {
   GRADFIX_CHECK(writer_ != nullptr, operation_ + ": commit before write");
   nonfinite_.refuse(ranks_, path_, output_.allow_nonfinite);
-  carry_model_files(ranks_.context(), primary_input, *writer_, output_, metadata_, layers);
+  carry_model_files(ranks_.context(), primary_input, *writer_, output_, metadata_, changes);
   commit_collectively(ranks_.context(), *writer_);
 }
 

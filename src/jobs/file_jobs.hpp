@@ -417,8 +417,8 @@ class ChunkedJob {
   // This rank's chunks, in plan order.
   const std::vector<Piece>& chunks() const { return chunks_; }
   void write(const std::string& path, const Metadata& metadata, const OutputOptions& output, const Kernel& kernel);
-  // `layers`: the output's layer count where a merge stacked layers (config.json is rewritten).
-  void commit(const std::string& primary_input, std::optional<long long> layers = std::nullopt);
+  // `changes`: what a merge changes in the files carried from the primary input.
+  void commit(const std::string& primary_input, const CarriedFileChanges& changes = {});
   // The bytes the output holds (every rank's), for the job's summary.
   long long bytes() const { return layout_bytes(layout_); }
   // The summary of a job that writes every tensor of its layout whole (convert, generate).

@@ -218,6 +218,15 @@ void ModelMergeJob::validate() const {
     throw InputError("sign statistics given without gradfix.order (mask-then-merge or merge-then-mask)");
   mask.validate();
   validate_slices();
+  const std::string& source = vocabulary.source;
+  if (source.empty() && (!vocabulary.tokens.empty() || vocabulary.pad_to_multiple_of != 0))
+    throw InputError("tokenizer tokens or pad_to_multiple_of without a tokenizer source");
+  if (!source.empty() && !slices.empty())
+    throw InputError("a tokenizer source with slices is not implemented: gradfix aligns vocabularies of a merge of whole models");
+  if (!source.empty() && order != MergeOrder::kNone)
+    throw InputError("gradfix.order with a tokenizer source: the sign statistics have the base's vocabulary rows, not the output's");
+  if (vocabulary.pad_to_multiple_of < 0 || vocabulary.pad_to_multiple_of > (1LL << 20))
+    throw InputError("tokenizer.pad_to_multiple_of must be from 1 to 2^20, got " + std::to_string(vocabulary.pad_to_multiple_of));
 }
 
 void ModelMergeJob::validate_slices() const {
@@ -291,8 +300,11 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
       base = std::move(stacked.base);
       models = std::move(stacked.models);
       positions = std::move(stacked.positions);
-      in.layers = stacked.layers;
+      in.files.layers = stacked.layers;
     }
+    if (!job.vocabulary.source.empty()) align_vocabularies(job, in);
+    else require_same_vocabulary(in);
+    set_chat_template(job, in);
     const TensorSelector selector(job.output.include, job.output.exclude);
     for (const auto& name : selected_names(*base, selector))
       if (dtype_is_float(base->info(name).dtype)) names.push_back(name);
@@ -730,7 +742,7 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
     summary.elements = merge_whole_tensors(job, ranks, in, chunked, metadata, f64);
   else if (f64) summary.elements = DeltaMerge<double>(job, ranks, in, chunked).run(metadata);
   else summary.elements = DeltaMerge<float>(job, ranks, in, chunked).run(metadata);
-  chunked.commit(job.base.empty() ? job.models.front() : job.base, in.layers);
+  chunked.commit(job.base.empty() ? job.models.front() : job.base, in.files);
   std::vector<long long> elements = {summary.elements};
   ranks.reduce_statistics(elements);
   summary.elements = elements[0];

@@ -25,8 +25,17 @@ struct ModelMergeInputs {
   // at its layer fraction): the same for every tensor unless the configuration varies them.
   std::map<std::string, MergeParameters> parameters;
   const MergeParameters& of(const std::string& name) const { return parameters.at(name); }
-  std::optional<long long> layers;  // with slices: the output's layer count, for config.json
+  CarriedFileChanges files;  // config.json's counts, the tokenizer and chat template where they change
 };
+
+// mergekit's tokenizer_source / tokenizer: section: replaces `in`'s base and models by readers whose
+// vocabulary tensors (embeddings and head) are aligned to the output's vocabulary, and sets the
+// output's tokenizer files and config.json's vocab_size in `in.files`. Also the chat template.
+void align_vocabularies(const ModelMergeJob& job, ModelMergeInputs& in);
+void set_chat_template(const ModelMergeJob& job, ModelMergeInputs& in);
+// Without alignment: an embedding or head whose row count differs between the base and a model
+// is refused, saying how to align the vocabularies.
+void require_same_vocabulary(const ModelMergeInputs& in);
 
 // The parts of a merge with slices, each one model stacked from its sources' layers under the
 // output's names (stack_slices).

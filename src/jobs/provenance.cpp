@@ -87,7 +87,7 @@ std::string model_card(const Metadata& metadata, bool transformers_model) {
 }
 
 void carry_model_files(const JobContext& context, const std::string& input, TensorWriter& output, const OutputOptions& options,
-                       const Metadata& metadata, std::optional<long long> layers) {
+                       const Metadata& metadata, const CarriedFileChanges& changes) {
   if (!output.takes_files()) return;
   context.agree([&] {
     if (!context.is_root()) return;
@@ -106,6 +106,7 @@ void carry_model_files(const JobContext& context, const std::string& input, Tens
     for (const auto& name : names) {
       const bool tensors = name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0;
       if (name.empty() || name[0] == '.' || tensors || name == kSafetensorsIndexName || name == "README.md") continue;
+      if (changes.dropped.count(name) || changes.files.count(name)) continue;
       // A link is followed where it stays inside the model (a Hugging Face cache snapshot is all
       // links into ../../blobs/) and refused by name where it leads elsewhere.
       const std::string from = model_file(input, name);
@@ -116,7 +117,7 @@ void carry_model_files(const JobContext& context, const std::string& input, Tens
       std::ifstream file(from, std::ios::binary);
       std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
       if (!file.good() && !file.eof()) throw RuntimeFailure(from + ": read failed");
-      if (name == "config.json" && (options.out_dtype || layers)) {
+      if (name == "config.json" && (options.out_dtype || changes.layers || changes.vocab_size)) {
         auto config = nlohmann::json::parse(text, nullptr, false);
         if (config.is_object() && options.out_dtype) {
           const char* torch_name = torch_dtype_name(*options.out_dtype);
@@ -125,14 +126,16 @@ void carry_model_files(const JobContext& context, const std::string& input, Tens
           if (!config.contains("torch_dtype") && !config.contains("dtype")) config["torch_dtype"] = torch_name;
         }
         // Stacked layers: every key transformers families use for the layer count.
-        if (config.is_object() && layers)
+        if (config.is_object() && changes.layers)
           for (const char* key : {"num_hidden_layers", "n_layer", "num_layers", "n_layers"})
-            if (config.contains(key)) config[key] = *layers;
+            if (config.contains(key)) config[key] = *changes.layers;
+        if (config.is_object() && changes.vocab_size) config["vocab_size"] = *changes.vocab_size;
         if (config.is_object()) text = config.dump(2) + "\n";
       }
       if (name == "config.json") transformers_model = true;
       output.add_file(name, text);
     }
+    for (const auto& [name, text] : changes.files) output.add_file(name, text);
     output.add_file("README.md", model_card(metadata, transformers_model));
   });
 }

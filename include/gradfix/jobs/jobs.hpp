@@ -10,7 +10,9 @@
 
 #include <functional>
 #include <memory>
+#include <map>
 #include <optional>
+#include <set>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -38,6 +40,17 @@ struct OutputOptions {
   bool allow_nonfinite = false;      // accept NaN and Inf in inputs
   long long max_shard_bytes = 5LL << 30;
   bool force = false;                // replace an existing output directory that is not a checkpoint
+};
+
+// What a job changes in the files it carries from its primary input into a directory output
+// (carry_model_files): config.json's counts where a merge stacked layers or aligned
+// vocabularies, files written in place of the input's (a tokenizer, a chat template), input
+// files left out.
+struct CarriedFileChanges {
+  std::optional<long long> layers;      // num_hidden_layers, n_layer, num_layers or n_layers, whichever config.json has
+  std::optional<long long> vocab_size;  // config.json's vocab_size
+  std::map<std::string, std::string> files;
+  std::set<std::string> dropped;
 };
 
 struct TaskVectorJob {
@@ -189,6 +202,27 @@ struct MergeSlice {
   std::vector<VaryingParameter> varying;
 };
 
+// mergekit's tokenizer_source and tokenizer: section: the output's vocabulary (the base's, the
+// union of every model's, or one model's) and, per token, where a model that lacks it (or every
+// model, where forced) takes its embedding rows from.
+struct TokenEmbeddingSource {
+  enum class Kind { kModel, kModelToken, kZero };
+  Kind kind = Kind::kModel;
+  std::string model;                  // kModel, kModelToken
+  std::optional<long long> token_id;  // kModelToken: the model's row by id...
+  std::string token;                  // ...or by its token
+};
+struct TokenSetting {
+  std::string token;
+  TokenEmbeddingSource source;
+  bool force = false;
+};
+struct MergeVocabulary {
+  std::string source;  // empty: none (the vocabularies must match); "base", "union", or a model's path
+  std::vector<TokenSetting> tokens;
+  long long pad_to_multiple_of = 0;  // 0: no padding
+};
+
 // The vectors that nuslerp and model_stock take their angles between: each tensor as one vector
 // (mergekit's nuslerp_flatten: true, filter_wise: false), each row along the last dimension
 // (nuslerp_flatten: false; filter_wise: true) or each column, the vectors along the first
@@ -231,6 +265,10 @@ struct ModelMergeJob {
   // and `base` then name the first slice's sources (they give the carried files and the names in
   // the metadata), the parameters above are unused (each slice has its own).
   std::vector<MergeSlice> slices;
+  MergeVocabulary vocabulary;
+  // The output's chat template (chat_template.jinja): empty for none (the base's is carried), a
+  // template, or one of the names chat_template_text knows, or "auto" (the models' most common).
+  std::string chat_template;
   std::string out;
   OutputOptions output;
   void validate() const;
@@ -242,6 +280,11 @@ struct ModelMergeJob {
   // The part of validate() that checks the slices (and refuses masks with them).
   void validate_slices() const;
 };
+
+// The chat templates a merge configuration may name (chat_template: chatml, ...): gradfix's own
+// text of each format mergekit names; nullopt for another name.
+std::optional<std::string> chat_template_text(const std::string& name);
+std::string chat_template_names();
 
 struct ConvertJob {
   std::string in;
@@ -294,10 +337,9 @@ struct JobSummary {
 // --out-dtype, config.json's torch_dtype (and dtype) follow. Only regular files directly in the
 // directory are copied, never symbolic links (they could point anywhere), and none larger than
 // 256 MiB. The input's README.md is not copied: every directory output gets its own model card,
-// made from the output's metadata (model_card). `layers`: a merge that stacked layers sets
-// config.json's layer count (num_hidden_layers, n_layer, ...) to the output's.
+// made from the output's metadata (model_card). `changes`: what a merge changes in them.
 void carry_model_files(const JobContext& context, const std::string& input, TensorWriter& output, const OutputOptions& options,
-                       const Metadata& metadata, std::optional<long long> layers = std::nullopt);
+                       const Metadata& metadata, const CarriedFileChanges& changes = {});
 // README.md for an output directory: Hugging Face front matter, the operation and its options,
 // and the operations that made its inputs, all read from the output's metadata.
 std::string model_card(const Metadata& metadata, bool transformers_model);
