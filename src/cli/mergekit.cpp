@@ -224,8 +224,7 @@ class MergeConfigReader {
     for (const char* key : {"normalize", "lambda", "rescale", "density"})
       only_for(key, sums_deltas(), "linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*");
     only_for("int8_mask", sums_deltas() || is(ModelMergeMethod::kSce), "linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*, sce");
-    if (parameters.contains("weight") && weightless())
-      throw InputError(where + ".weight: " + method_ + " takes no weights");
+    if (parameters.contains("weight") && weightless()) ignore_weight(where + ".weight");
     if (parameters.contains("t")) read_merge_setting(parameters["t"], "t", where, job_.t, std::nullopt);
     // mergekit's nuslerp: flatten (the default) takes each tensor as one vector whatever row_wise
     // says; otherwise row_wise picks the vectors along the first dimension, else the last.
@@ -396,6 +395,7 @@ class MergeConfigReader {
         refuse_unknown(parameters, {"weight", "density", "gamma", "epsilon", "scale", "t", "lambda"}, at);
         for (const char* key : {"weight", "density", "gamma", "epsilon", "scale"})
           if (parameters.contains(key)) slice_defaults_[key] = setting(parameters[key], at + "." + key);
+        if (parameters.contains("weight") && weightless()) ignore_weight(at + ".weight");
         if (parameters.contains("t") && !(is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap)))
           throw InputError(at + ".t is a parameter of slerp and nearswap, not of " + method_);
         if (parameters.contains("lambda") && !sums_deltas())
@@ -446,6 +446,19 @@ class MergeConfigReader {
     if (is(ModelMergeMethod::kLinear)) job_.base.clear();
   }
 
+  // A weight given to a method that takes none: mergekit ignores it (its own tests give every
+  // model a weight, whatever the method), and so does gradfix, saying so in the job's notes.
+  void ignore_weight(const std::string& where) {
+    job_.notes.push_back(where + " is ignored: " + method_ + " takes no weights" +
+                         (is(ModelMergeMethod::kModelStock)    ? std::string(" (the deltas' angle sets the interpolation)")
+                          : is(ModelMergeMethod::kSce)         ? std::string(" (each delta's mean square sets its weight)")
+                          : is(ModelMergeMethod::kKarcher)     ? std::string(" (the models weigh 1 / k each)")
+                          : ram()                              ? std::string(" (each entry's deltas are kept or averaged)")
+                          : is(ModelMergeMethod::kArceeFusion) ? std::string(" (the importance of each entry decides)")
+                                                               : std::string(" (t sets the interpolation)")) +
+                         ", as mergekit ignores it");
+  }
+
   // One model of `models` (or a source of a slice); returns whether it is the base.
   bool read_model(const Json& entry, const std::string& where) {
     if (!entry.is_object() || !entry.contains("model")) throw InputError(where + " needs a 'model'");
@@ -463,14 +476,7 @@ class MergeConfigReader {
     // task-arithmetic merge and is skipped there, as mergekit skips it.
     const bool base = model == job_.base;
     if (base && !is(ModelMergeMethod::kLinear) && !is(ModelMergeMethod::kPassthrough)) return true;
-    if (weightless() && parameters.contains("weight"))
-      throw InputError(where + ".parameters.weight: " + method_ + " takes no weights" +
-                       (is(ModelMergeMethod::kModelStock)   ? std::string(" (the deltas' angle sets the interpolation)")
-                        : is(ModelMergeMethod::kSce)        ? std::string(" (each delta's mean square sets its weight)")
-                        : is(ModelMergeMethod::kKarcher)    ? std::string(" (the models weigh 1 / k each)")
-                        : ram()                             ? std::string(" (each entry's deltas are kept or averaged)")
-                        : is(ModelMergeMethod::kArceeFusion) ? std::string(" (the importance of each entry decides)")
-                                                            : std::string("; t is in the top-level parameters")));
+    if (weightless() && parameters.contains("weight")) ignore_weight(where + ".parameters.weight");
     const std::string at = where + ".parameters";
     const std::size_t varying_before = job_.varying.size();
     if (is(ModelMergeMethod::kPassthrough)) {

@@ -731,6 +731,8 @@ class DeltaMerge {
 
 JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const JobContext& context) {
   const Ranks ranks(context);
+  if (ranks.is_root())
+    for (const auto& note : job.notes) log << "merge: " << note << "\n";
   const ModelMergeInputs in = open_model_merge_inputs(job, ranks);
   std::vector<TensorInfo> layout;
   for (const auto& tensor : in.base->tensors()) layout.push_back(output_info(tensor, job.output));

@@ -234,7 +234,6 @@ bad passthrough_two "passthrough of two models" "passthrough copies exactly one 
 bad passthrough_base "passthrough with another base_model" "passthrough copies exactly one model .* got 2 with the base_model" $'merge_method: passthrough\nbase_model: base\nmodels:\n  - model: ft0'
 bad passthrough_weight "a weight in passthrough" "parameters: gradfix does not read 'weight' .it reads scale." $'merge_method: passthrough\nmodels:\n  - model: ft0\n    parameters: {weight: 2}'
 bad ties_scale "scale in a ties merge" "parameters.scale is a parameter of passthrough, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, scale: 2}'
-bad ram_weight "a weight in ram" "parameters.weight: ram takes no weights" $'merge_method: ram\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 2}\n  - model: ft1'
 bad ram_r "r in a ram merge" "parameters.r is a parameter of ramplus_tl, not of ram" $'merge_method: ram\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {r: 0.5}'
 bad ram_epsilon "a negative ram epsilon" "ram: epsilon must be a finite number >= 0" $'merge_method: ram\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {epsilon: -1}'
 bad ties_epsilon "epsilon in a ties merge" "parameters.epsilon is a parameter of della and della_linear, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, epsilon: 0.1}'
@@ -244,7 +243,6 @@ bad nearswap_t "nearswap without t" "nearswap needs parameters.t" $'merge_method
 bad nearswap_two "nearswap of two models" "nearswap moves the base towards one other model; got 2" $'merge_method: nearswap\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {t: 0.01}'
 bad nearswap_negative "a negative nearswap t" "nearswap: t must be a finite number >= 0, got -0.5" $'merge_method: nearswap\nbase_model: base\nmodels:\n  - model: ft0\nparameters: {t: -0.5}'
 bad stock_one "model_stock of one model" "model_stock needs at least two models besides the base" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0'
-bad stock_weight "a weight in model_stock" "parameters.weight: model_stock takes no weights" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 0.5}\n  - model: ft1'
 bad nuslerp_row_text "a nuslerp_row_wise that is no boolean" "parameters.nuslerp_row_wise is \"yes\", not true or false" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {nuslerp_flatten: false, nuslerp_row_wise: "yes"}'
 bad stock_rows_text "a filter_wise that is no boolean" "parameters.filter_wise is 1, not true or false" $'merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {filter_wise: 1}'
 bad filter_wise_nuslerp "filter_wise in a nuslerp" "parameters.filter_wise is a parameter of model_stock, not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {filter_wise: true}'
@@ -252,12 +250,22 @@ bad stock_order "a gradient-sign mask on model_stock" "model_stock merges whole 
 bad multislerp_eps "a negative multislerp eps" "multislerp: eps must be a finite number >= 0, got -1" $'merge_method: multislerp\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {eps: -1}'
 bad ties_normalize_weights "normalize_weights in a ties merge" "parameters.normalize_weights is a parameter of multislerp, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {normalize_weights: true}'
 bad sce_topk "an sce select_topk above 1" "sce: select_topk must be in .0, 1., got 1.5" $'merge_method: sce\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {select_topk: 1.5}'
-bad sce_weight "a weight in sce" "parameters.weight: sce takes no weights .each delta's mean square sets its weight." $'merge_method: sce\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 2}\n  - model: ft1'
 bad karcher_iterations "a fractional karcher max_iter" "parameters.max_iter is 2.5, not a whole number" $'merge_method: karcher\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {max_iter: 2.5}'
 bad ties_t "a parameter of another method" "parameters.t is a parameter of slerp and nearswap, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5}\nparameters: {t: 0.5}'
 bad ties_gamma "gamma in a ties merge" "parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of ties" $'merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1, density: 0.5, gamma: 0.1}'
 bad nuslerp_lambda "lambda in a nuslerp" "parameters.lambda is a parameter of linear, task_arithmetic, ties, dare_., breadcrumbs., della., not of nuslerp" $'merge_method: nuslerp\nmodels:\n  - model: ft0\n    parameters: {weight: 1}\n  - model: ft1\n    parameters: {weight: 1}\nparameters: {lambda: 2}'
 bad unknown "an unknown key" "does not read 'modules'" $'merge_method: ties\nmodules: {}\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 1}'
+# A weight given to a method that takes none (mergekit's tests give every model one): ignored, as
+# mergekit ignores it, and said so; the result is the merge without it.
+for method in model_stock sce ram; do
+  printf 'merge_method: %s\nbase_model: base\nmodels:\n  - model: ft0\n    parameters: {weight: 0.6}\n  - model: ft1\n    parameters: {weight: 0.4}\n  - model: ft2\ndtype: float32\n' \
+    "$method" >"$work/${method}_weights.yml"
+  "$gradfix" merge --config "$work/${method}_weights.yml" --out "$work/${method}_weights" >"$work/${method}_weights.txt"
+  check "$method: a model's weight is ignored and said so" grep -q "models.0..parameters.weight is ignored: $method takes no weights" "$work/${method}_weights.txt"
+done
+check "model_stock with ignored weights equals mergekit's model_stock" "$close" "$work/model_stock_weights" reference/model_stock --reference-names
+check "sce with ignored weights equals mergekit's sce" "$close" "$work/sce_weights" reference/sce_all --reference-names
+check "ram with ignored weights equals mergekit's ram" "$close" "$work/ram_weights" reference/ram --reference-names
 # Vocabularies: what mergekit refuses, and what gradfix does not take, named.
 two=$'merge_method: linear\nbase_model: vocab/base\nmodels:\n  - model: vocab/base\n    parameters: {weight: 1}\n  - model: vocab/chatml\n    parameters: {weight: 1}'
 bad vocab_mismatch "vocabularies of different sizes without a tokenizer source (mergekit 0.1.5 refuses it too)" \

@@ -258,6 +258,7 @@ struct ModelMergeJob {
   MaskOptions mask;
   std::vector<std::string> signs;   // one per model when order is not kNone
   std::string config_json;          // the configuration as read, recorded in the metadata
+  std::vector<std::string> notes;   // what the configuration gives that the merge ignores (printed)
   // mergekit's per-layer lists and filters where the configuration has them: these parameters
   // take their values per tensor (parameters_for) instead of from the fields above.
   std::vector<VaryingParameter> varying;
