@@ -526,6 +526,7 @@ class MergeConfigReader {
       const auto dtype = parse_float_dtype(name);
       if (!dtype) throw InputError(path_ + ": " + key + " '" + escaped_name(name) + "' is not a float dtype gradfix knows");
       if (std::string(key) == "out_dtype" || !job_.output.out_dtype) job_.output.out_dtype = *dtype;
+      if (std::string(key) == "dtype") job_.input_dtype = *dtype;
     }
   }
 
@@ -536,7 +537,12 @@ class MergeConfigReader {
     const Json& extra = config_["gradfix"];
     const std::string where = path_ + ": gradfix";
     if (!extra.is_object()) throw InputError(where + " must be a mapping");
-    refuse_unknown(extra, {"seed", "order", "mask_mode", "beta", "gamma", "soft_c", "soft_input"}, where);
+    refuse_unknown(extra, {"seed", "order", "mask_mode", "beta", "gamma", "soft_c", "soft_input", "inputs"}, where);
+    if (extra.contains("inputs")) {
+      const std::string inputs = text(extra["inputs"], where + ".inputs");
+      if (inputs != "dtype" && inputs != "stored") throw InputError(where + ".inputs '" + escaped_name(inputs) + "': valid: dtype, stored");
+      job_.stored_inputs = inputs == "stored";
+    }
     if (extra.contains("seed")) {
       const double seed = number(extra["seed"], where + ".seed");
       if (!(seed >= 0 && seed <= 9007199254740992.0) || seed != std::floor(seed)) throw InputError(where + ".seed must be a non-negative integer");

@@ -281,6 +281,34 @@ std::map<std::string, double> file_jobs::layer_fractions(const std::vector<std::
 
 namespace {
 
+// A model whose float tensors read as another float dtype (mergekit's `dtype`: it loads every
+// input in it before merging).
+class CastReader : public TensorReader {
+ public:
+  CastReader(std::unique_ptr<TensorReader> own, DType dtype) : own_(std::move(own)), dtype_(dtype) {
+    for (TensorInfo tensor : own_->tensors()) {
+      if (dtype_is_float(tensor.dtype)) tensor.dtype = dtype_;
+      tensors_.push_back(tensor);
+    }
+  }
+  const std::string& path() const override { return own_->path(); }
+  const std::vector<TensorInfo>& tensors() const override { return tensors_; }
+  const Metadata& metadata() const override { return own_->metadata(); }
+  const std::vector<std::pair<std::string, std::string>>& unreadable() const override { return own_->unreadable(); }
+  void read_raw(const std::string& name, long long begin, long long count, void* target) const override {
+    const DType stored = own_->info(name).dtype;
+    if (!dtype_is_float(stored) || stored == dtype_) return own_->read_raw(name, begin, count, target);
+    std::vector<unsigned char> raw(static_cast<std::size_t>(count) * dtype_size(stored));
+    own_->read_raw(name, begin, count, raw.data());
+    convert_float(stored, raw.data(), dtype_, target, static_cast<std::size_t>(count));
+  }
+
+ private:
+  std::unique_ptr<TensorReader> own_;
+  DType dtype_;
+  std::vector<TensorInfo> tensors_;
+};
+
 // The models, the base and the statistics, checked against each other and the options.
 ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& ranks) {
   ModelMergeInputs in;
@@ -301,6 +329,12 @@ ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& 
       models = std::move(stacked.models);
       positions = std::move(stacked.positions);
       in.files.layers = stacked.layers;
+    }
+    // Inputs rounded to mergekit's `dtype`, as mergekit loads them (before it aligns
+    // vocabularies); float64 holds every stored value already.
+    if (job.input_dtype && *job.input_dtype != DType::kF64 && !job.stored_inputs) {
+      in.base = std::make_unique<CastReader>(std::move(in.base), *job.input_dtype);
+      for (auto& model : in.models) model = std::make_unique<CastReader>(std::move(model), *job.input_dtype);
     }
     if (!job.vocabulary.source.empty()) align_vocabularies(job, in);
     else require_same_vocabulary(in);

@@ -30,17 +30,22 @@ for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_de
   vocab_slerp_union vocab_force vocab_model_token vocab_pad chat_chatml chat_literal; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
-    # bfloat16 merges: mergekit rounds the inputs to bfloat16 and computes in it, gradfix computes
-    # in float32 and rounds once: apart by the inputs' rounding (2^-9 of values below 1, where the
-    # weighted sum cancels) and an ulp of the result.
+    # bfloat16 merges (linear, passthrough): both round the inputs to bfloat16, and the weighted
+    # sums then round once, so the bytes are mergekit's.
     tolerance=()
-    if grep -q '^dtype: bfloat16' "$config.yml"; then tolerance=(--abs 0.004 --rel 0.008); fi
+    if grep -q '^dtype: bfloat16' "$config.yml"; then tolerance=(--abs 0 --rel 0); fi
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names "${tolerance[@]}"
   done
   check "$config: the same bytes at 1, 2 and 3 ranks" bash -c "'$same' '$work/$config-p1' '$work/$config-p2' && '$same' '$work/$config-p1' '$work/$config-p3'"
 done
 check "nearswap: mergekit's bytes exactly (the same float32 operations)" "$close" "$work/nearswap-p1" reference/nearswap --reference-names --abs 0 --rel 0
 check "the comparison can fail: sce's selection of half the entries matters" bash -c "! '$close' '$work/sce-p1' reference/sce_all --reference-names 2>/dev/null"
+# gradfix: {inputs: stored} reads the inputs at their stored precision instead of rounding them to dtype first.
+printf 'gradfix: {inputs: stored}\n' | cat chat_chatml.yml - >"$work/chat_stored.yml"
+"$gradfix" merge --config "$work/chat_stored.yml" --out "$work/chat_stored" >/dev/null
+check "the comparison can fail: inputs at their stored precision are not mergekit's bfloat16 inputs" \
+  bash -c "! '$close' '$work/chat_stored' reference/chat_chatml --reference-names --abs 0 --rel 0 >/dev/null 2>&1"
+check "inputs at their stored precision stay within bfloat16's rounding of them" "$close" "$work/chat_stored" reference/chat_chatml --reference-names --abs 0.004 --rel 0.008
 # Vocabularies: the output's tokens, ids and vocab_size equal mergekit's; the chat template is written.
 for config in vocab_base vocab_union vocab_model vocab_slerp_union vocab_force vocab_model_token vocab_pad; do
   check "$config: mergekit's vocabulary and vocab_size" python3 "$repo/tests/support/vocabulary.py" "$work/$config-p2" "reference/$config"
@@ -270,6 +275,7 @@ check "ram with ignored weights equals mergekit's ram" "$close" "$work/ram_weigh
 two=$'merge_method: linear\nbase_model: vocab/base\nmodels:\n  - model: vocab/base\n    parameters: {weight: 1}\n  - model: vocab/chatml\n    parameters: {weight: 1}'
 bad vocab_mismatch "vocabularies of different sizes without a tokenizer source (mergekit 0.1.5 refuses it too)" \
   "tensor 'lm_head.weight' has 64 rows in vocab/base.* and 66 in vocab/chatml.*: the vocabularies differ. Align them with tokenizer_source" "$two"
+bad inputs_other "another gradfix.inputs" "gradfix.inputs 'float32': valid: dtype, stored" "$two"$'\ngradfix: {inputs: float32}'
 bad vocab_both "tokenizer_source and a tokenizer section" "tokenizer_source and tokenizer are both given" "$two"$'\ntokenizer_source: union\ntokenizer: {source: base}'
 bad vocab_no_tokenizer "a base without tokenizer.json" "layered/base: no tokenizer.json" \
   $'merge_method: linear\nbase_model: layered/base\nmodels:\n  - model: layered/base\n    parameters: {weight: 1}\n  - model: layered/ft0\n    parameters: {weight: 1}\ntokenizer_source: union'

@@ -259,6 +259,11 @@ struct ModelMergeJob {
   std::vector<std::string> signs;   // one per model when order is not kNone
   std::string config_json;          // the configuration as read, recorded in the metadata
   std::vector<std::string> notes;   // what the configuration gives that the merge ignores (printed)
+  // mergekit's `dtype`: the inputs' float tensors are rounded to it before the merge, as mergekit
+  // loads them (the arithmetic then runs in float32, rounded once to the output dtype), unless
+  // stored_inputs (gradfix: {inputs: stored}) keeps them at their stored precision.
+  std::optional<DType> input_dtype;
+  bool stored_inputs = false;
   // mergekit's per-layer lists and filters where the configuration has them: these parameters
   // take their values per tensor (parameters_for) instead of from the fields above.
   std::vector<VaryingParameter> varying;
