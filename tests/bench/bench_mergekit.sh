@@ -5,8 +5,9 @@
 # first fine-tune, t = 0.3), from one mergekit YAML each:
 # `gradfix merge --config` at P = 1 and 2 against `mergekit-yaml` (CPU, its defaults, no card or
 # tokenizer) on the same file. Wall time and peak resident memory (the largest rank, from
-# /usr/bin/time), ratios to mergekit in the same run; the outputs must agree (close_tensors.py)
-# or the run stops. Prints a table and writes a JSON copy.
+# /usr/bin/time), ratios to mergekit and to the I/O floor (every input read once, the output
+# written once with fsync) in the same run; the outputs must agree (close_tensors.py) or the run
+# stops. Prints a table and writes a JSON copy.
 #   tests/bench/bench_mergekit.sh MERGEKIT_YAML_BINARY [GRADFIX_BINARY] [JSON] [HIDDEN LAYERS INTERMEDIATE VOCAB]
 set -euo pipefail
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
@@ -68,9 +69,27 @@ measure() {
   end=$(date +%s.%N)
   echo "$end - $start" | bc >"$name.wall"
 }
+# io_limit METHOD INPUT...: the I/O floor of a merge: every input read once (from the page
+# cache, as the tools read them here) and the output's bytes written once with fsync.
+io_limit() {
+  local method=$1
+  shift
+  local bytes start end
+  bytes=$(cat out-mergekit-"$method"/*.safetensors | wc -c)
+  start=$(date +%s.%N)
+  cat "$@" >/dev/null
+  dd if=/dev/zero of="io-$method.bin" bs=1M count=$(((bytes + 1048575) / 1048576)) conv=fsync status=none
+  end=$(date +%s.%N)
+  rm -f "io-$method.bin"
+  echo "$end - $start" | bc >"io-$method.wall"
+}
+declare -A inputs=([ties]="base ft0 ft1 ft2" [linear]="ft0 ft1 ft2" [slerp]="base ft0")
 rows=()
 for method in ties linear slerp; do
   measure "mergekit-$method" env HF_HUB_OFFLINE=1 "$mergekit" "$method.yml" "out-mergekit-$method" --no-write-model-card --no-copy-tokenizer --allow-crimes
+  files=()
+  for model in ${inputs[$method]}; do files+=("$model/model.safetensors"); done
+  io_limit "$method" "${files[@]}"
   for ranks in 1 2; do
     # /usr/bin/time on mpirun sees mpirun itself: each rank reports its own peak instead.
     measure "gradfix-$method-p$ranks" mpirun "${flags[@]}" -np "$ranks" "$gradfix" merge --config "$method.yml" --out "out-gradfix-$method-p$ranks" --report-memory --quiet
@@ -94,18 +113,21 @@ def rss_gradfix(name):
     return max(peaks) if peaks else float("nan")
 rows = []
 print("# gradfix merge --config against mergekit-yaml, %d parameters (F32), 3 fine-tunes" % parameters)
-print("#%9s %8s %6s %10s %9s %10s %10s" % ("method", "tool", "ranks", "time(s)", "peak(MiB)", "time/mk", "peak/mk"))
+print("#   io-limit: every input read once from the page cache and the output written once with fsync")
+print("#%9s %8s %6s %10s %9s %10s %10s %10s" % ("method", "tool", "ranks", "time(s)", "peak(MiB)", "time/mk", "peak/mk", "time/io"))
 for method in methods:
-    mk_t, mk_m = wall("mergekit-" + method), rss_mergekit("mergekit-" + method)
-    print(" %9s %8s %6s %10.2f %9.0f %10s %10s" % (method, "mergekit", 1, mk_t, mk_m, "1.00", "1.00"))
-    rows.append({"method": method, "tool": "mergekit", "ranks": 1, "seconds": mk_t, "peak_mib": mk_m})
+    mk_t, mk_m, io_t = wall("mergekit-" + method), rss_mergekit("mergekit-" + method), wall("io-" + method)
+    print(" %9s %8s %6s %10.2f %9s %10.2f %10s %10s" % (method, "io-limit", "", io_t, "", io_t / mk_t, "", "1.00"))
+    rows.append({"method": method, "tool": "io-limit", "seconds": io_t})
+    print(" %9s %8s %6s %10.2f %9.0f %10s %10s %10.2f" % (method, "mergekit", 1, mk_t, mk_m, "1.00", "1.00", mk_t / io_t))
+    rows.append({"method": method, "tool": "mergekit", "ranks": 1, "seconds": mk_t, "peak_mib": mk_m, "io_ratio": mk_t / io_t})
     for ranks in (1, 2):
         name = "gradfix-%s-p%d" % (method, ranks)
         t, m = wall(name), rss_gradfix(name)
-        print(" %9s %8s %6d %10.2f %9.0f %10.2f %10.3f" % (method, "gradfix", ranks, t, m, t / mk_t, m / mk_m))
+        print(" %9s %8s %6d %10.2f %9.0f %10.2f %10.3f %10.2f" % (method, "gradfix", ranks, t, m, t / mk_t, m / mk_m, t / io_t))
         agreement = open("agree-%s-p%d.txt" % (method, ranks)).read().strip()
         rows.append({"method": method, "tool": "gradfix", "ranks": ranks, "seconds": t, "peak_mib": m,
-                     "time_ratio": t / mk_t, "peak_ratio": m / mk_m, "agreement_with_mergekit": agreement})
+                     "time_ratio": t / mk_t, "peak_ratio": m / mk_m, "io_ratio": t / io_t, "agreement_with_mergekit": agreement})
         print("#   against mergekit: " + agreement)
 json.dump({"parameters": parameters, "rows": rows}, open(out, "w"), indent=2)
 print("# JSON copy: " + out)

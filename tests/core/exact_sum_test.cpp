@@ -24,6 +24,15 @@ TEST(ExactSum, CancellationThatDoubleArithmeticLoses) {
   negative.add(1e300);
   negative.add(-1e300);
   EXPECT_EQ(negative.value(), -2.5);
+  // Across the subnormal boundary: the smallest normal less the smallest subnormal is the largest
+  // subnormal; the largest double twice, less once, is itself.
+  ExactSum boundary;
+  boundary.add(2.2250738585072014e-308);
+  boundary.add(-4.9406564584124654e-324);
+  EXPECT_EQ(boundary.value(), 2.2250738585072009e-308);
+  ExactSum huge;
+  for (double value : {1.7976931348623157e308, 1.7976931348623157e308, -1.7976931348623157e308, -0.0}) huge.add(value);
+  EXPECT_EQ(huge.value(), 1.7976931348623157e308);
 }
 
 TEST(ExactSum, AnyOrderAndAnySplitGiveTheSameBits) {
