@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "gradfix/io/error.hpp"
 
@@ -105,19 +106,27 @@ template void merge_values<double>(MergeMethod, TiesElect, const std::vector<con
 
 void mergekit_consensus(const std::vector<const double*>& weighted, const std::vector<double>& weights, bool normalize,
                         long long count, double* out) {
-  for (long long i = 0; i < count; ++i) {
-    double sum = 0.0;
-    for (const double* delta : weighted) sum += delta[i];
-    const int elected = sum >= 0.0 ? 1 : -1;
-    double mixed = 0.0, divisor = 0.0;
-    for (std::size_t m = 0; m < weighted.size(); ++m) {
-      const double value = weighted[m][i];
-      if ((value > 0.0 ? 1 : value < 0.0 ? -1 : 0) != elected) continue;
-      mixed += value;
-      divisor += weights[m];
+  // Model by model over the whole chunk, so that each loop is a vector operation; each entry's
+  // sums still run over the models in order, as one loop per entry would add them.
+  const auto n = static_cast<std::size_t>(count);
+  std::vector<double> sum(n, 0.0), mixed(n, 0.0), divisor(n, 0.0);
+  for (const double* delta : weighted)
+    for (std::size_t i = 0; i < n; ++i) sum[i] += delta[i];
+  // The elected sign: + where the sum is >= 0 (as a factor, so that the loops below have no branch).
+  for (std::size_t i = 0; i < n; ++i) sum[i] = sum[i] >= 0.0 ? 1.0 : -1.0;
+  for (std::size_t m = 0; m < weighted.size(); ++m) {
+    const double* delta = weighted[m];
+    const double weight = weights[m];
+    for (std::size_t i = 0; i < n; ++i) {
+      // A delta agrees when its sign is the elected one; a zero (or NaN) delta agrees with neither.
+      const bool agrees = delta[i] * sum[i] > 0.0;
+      mixed[i] += agrees ? delta[i] : 0.0;
+      divisor[i] += agrees ? weight : 0.0;
     }
-    if (divisor == 0.0) divisor = 1.0;
-    out[i] = normalize ? mixed / divisor : mixed;
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    const double by = divisor[i] == 0.0 ? 1.0 : divisor[i];
+    out[i] = normalize ? mixed[i] / by : mixed[i];
   }
 }
 

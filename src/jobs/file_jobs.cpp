@@ -198,10 +198,11 @@ std::unique_ptr<TensorWriter> open_output(const Ranks& ranks, const std::string&
   return open_collective_writer(ranks.context(), path, layout, metadata, output.max_shard_bytes, output.force);
 }
 
-std::vector<Piece> my_chunks(const Ranks& ranks, const ShardPlan& plan, const std::vector<TensorInfo>& layout) {
+std::vector<Piece> my_chunks(const Ranks& ranks, const ShardPlan& plan, const std::vector<TensorInfo>& layout, long long most) {
+  const long long limit = most > 0 ? std::min(most, ranks.chunk_elements()) : ranks.chunk_elements();
   std::vector<Piece> chunks;
   for (const auto& piece : plan.pieces(ranks.rank()))
-    for (const auto& chunk : chunks_of(piece, split_unit(layout[piece.tensor]), ranks.chunk_elements())) chunks.push_back(chunk);
+    for (const auto& chunk : chunks_of(piece, split_unit(layout[piece.tensor]), limit)) chunks.push_back(chunk);
   return chunks;
 }
 
@@ -278,9 +279,9 @@ void notice_mixed_dtypes(const Ranks& ranks, std::ostream& log, const std::strin
       << "\n";
 }
 
-ChunkedJob::ChunkedJob(const Ranks& ranks, std::string operation, std::vector<TensorInfo> layout)
+ChunkedJob::ChunkedJob(const Ranks& ranks, std::string operation, std::vector<TensorInfo> layout, long long most)
     : ranks_(ranks), operation_(std::move(operation)), layout_(std::move(layout)), plan_(layout_, ranks.size()),
-      chunks_(my_chunks(ranks, plan_, layout_)) {}
+      chunks_(my_chunks(ranks, plan_, layout_, most)) {}
 
 void ChunkedJob::write(const std::string& path, const Metadata& metadata, const OutputOptions& output, const Kernel& kernel) {
   path_ = path;

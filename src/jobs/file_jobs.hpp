@@ -229,7 +229,7 @@ class NonFiniteResults {
 };
 
 // This rank's chunks of the layout, in plan order.
-std::vector<Piece> my_chunks(const Ranks& ranks, const ShardPlan& plan, const std::vector<TensorInfo>& layout);
+std::vector<Piece> my_chunks(const Ranks& ranks, const ShardPlan& plan, const std::vector<TensorInfo>& layout, long long most = 0);
 
 // Bytes of output a rank's chunks hold, for its progress line.
 long long chunk_bytes(const std::vector<Piece>& chunks, const std::vector<TensorInfo>& layout);
@@ -351,6 +351,11 @@ struct Trim {
   void apply(const Piece& chunk, std::vector<V>& values) const {
     if (keep_all) return;
     long long ties_left = tied_to_keep.at(chunk.begin);
+    if (ties_left == 0) {
+      // No tie to keep here (the usual case): a plain comparison, which vectorises.
+      for (auto& value : values) value = trim_magnitude(value) > threshold ? value : V(0);
+      return;
+    }
     for (auto& value : values) {
       const float magnitude = trim_magnitude(value);
       if (!(magnitude > threshold || (magnitude == threshold && ties_left-- > 0))) value = V(0);
@@ -411,7 +416,8 @@ class ChunkedJob {
  public:
   using Kernel = std::function<void(const Piece& chunk, const TensorInfo& tensor, TensorWriter& writer, NonFiniteResults& nonfinite)>;
 
-  ChunkedJob(const Ranks& ranks, std::string operation, std::vector<TensorInfo> layout);
+  // `most`: a job's own bound on a chunk's elements, below --chunk-elements (0: that option's).
+  ChunkedJob(const Ranks& ranks, std::string operation, std::vector<TensorInfo> layout, long long most = 0);
   const std::vector<TensorInfo>& layout() const { return layout_; }
   const ShardPlan& plan() const { return plan_; }
   // This rank's chunks, in plan order.

@@ -630,17 +630,23 @@ class DeltaMerge {
     auto values = delta(m, chunk, &base_values);
     if (trims()) trims_.at(chunk.tensor)[m].apply(chunk, values);
     std::vector<double> out(values.begin(), values.end());
-    if (trims() || dare() || della()) {
+    const double weight = parameters(chunk).weights[m];
+    if (trims()) {
+      // Rescaled, then weighted: (delta * factor) * weight, entry by entry.
+      const double factor = rescales_.at(chunk.tensor)[m];
+      for (auto& value : out) value = value * factor * weight;
+      return out;
+    }
+    if (dare() || della()) {
       const double factor = rescales_.at(chunk.tensor)[m];
       const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
       const double density = parameters(chunk).densities[m];
       const std::vector<char> keep = della() ? della_keeps(m, chunk) : std::vector<char>();
       for (std::size_t i = 0; i < out.size(); ++i) {
-        const bool dropped = dare() ? !dare_keeps(job_, density, m, key, chunk.begin + static_cast<long long>(i)) : della() && keep[i] == 0;
+        const bool dropped = dare() ? !dare_keeps(job_, density, m, key, chunk.begin + static_cast<long long>(i)) : keep[i] == 0;
         out[i] = dropped ? 0.0 : out[i] * factor;
       }
     }
-    const double weight = parameters(chunk).weights[m];
     for (auto& value : out) value *= weight;
     return out;
   }
@@ -770,7 +776,11 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   const ModelMergeInputs in = open_model_merge_inputs(job, ranks);
   std::vector<TensorInfo> layout;
   for (const auto& tensor : in.base->tensors()) layout.push_back(output_info(tensor, job.output));
-  ChunkedJob chunked(ranks, "merge", layout);
+  // Chunks of at most 64K entries: a merge keeps several buffers of a chunk per model, and at this
+  // size they stay in the caches (a 100M-parameter TIES merge: 5.1 s against 7.5 s with chunks of
+  // 4M, and less memory).
+  constexpr long long kMergeChunkElements = 1LL << 16;
+  ChunkedJob chunked(ranks, "merge", layout, kMergeChunkElements);
   const Metadata metadata = model_merge_metadata(job, in);
   JobSummary summary;
   const bool f64 = model_merge_in_f64(layout, in);
