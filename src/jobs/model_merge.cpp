@@ -207,10 +207,17 @@ void ModelMergeJob::validate() const {
       if (setting.kind == ParameterSetting::Kind::kGradient && setting.gradient.empty())
         throw InputError("a per-layer list of " + parameter.name + " without values");
   }
-  if (order != MergeOrder::kNone && (linear || traits.combination != ModelMergeTraits::Combination::kDeltas))
+  // Mask-then-merge masks each model's delta from the base before any method sees it: every
+  // method with a base and deltas from it. Merge-then-mask masks a sum of deltas: the methods
+  // that form one.
+  if (order == MergeOrder::kMaskThenMerge && (linear || method == ModelMergeMethod::kKarcher || base.empty()))
+    throw InputError(std::string("gradfix.order mask-then-merge: ") + model_merge_method_name(method) +
+                     (base.empty() ? std::string(" without a base_model") : std::string("")) +
+                     " merges whole weights, not deltas from a base model, so there is no task vector to mask");
+  if (order == MergeOrder::kMergeThenMask && (linear || traits.combination != ModelMergeTraits::Combination::kDeltas))
     throw InputError(std::string("gradfix.order: ") + model_merge_method_name(method) +
-                     " merges whole weights (or interpolates them), not sums of deltas from a base; masks go with task_arithmetic, "
-                     "ties, dare_linear, dare_ties, breadcrumbs and breadcrumbs_ties");
+                     " merges whole weights (or interpolates them), not sums of deltas from a base; merge-then-mask goes with "
+                     "task_arithmetic, ties, dare_*, breadcrumbs* and della* (mask-then-merge with every method that has a base)");
   if (order != MergeOrder::kNone && signs.size() != n)
     throw InputError(std::string("gradfix.order ") + merge_order_name(order) + " needs sign statistics (gradfix: {signs: FILE}) "
                      "for every model: got " + std::to_string(signs.size()) + " for " + std::to_string(n) + " models");
@@ -308,6 +315,70 @@ class CastReader : public TensorReader {
   DType dtype_;
   std::vector<TensorInfo> tensors_;
 };
+
+// Mask-then-merge for the methods that do not sum deltas themselves: a model presented as base +
+// its delta masked with its own statistics, in float64 (so that the method's delta from the
+// base is the masked delta, exactly).
+class MaskedReader : public TensorReader {
+ public:
+  MaskedReader(std::unique_ptr<TensorReader> own, const TensorReader& base, const TensorReader& signs, const ModelMergeJob& job,
+               const std::vector<TensorInfo>& layout, const std::set<std::string>& merged, SumsByTensor sums)
+      : own_(std::move(own)), base_(base), signs_(signs), job_(job), layout_(layout), sums_(std::move(sums)) {
+    for (std::size_t t = 0; t < layout.size(); ++t)
+      if (merged.count(layout[t].name)) index_[layout[t].name] = t;
+    for (TensorInfo tensor : own_->tensors()) {
+      if (index_.count(tensor.name)) tensor.dtype = DType::kF64;
+      tensors_.push_back(tensor);
+    }
+  }
+  const std::string& path() const override { return own_->path(); }
+  const std::vector<TensorInfo>& tensors() const override { return tensors_; }
+  const Metadata& metadata() const override { return own_->metadata(); }
+  void read_raw(const std::string& name, long long begin, long long count, void* target) const override {
+    const auto found = index_.find(name);
+    if (found == index_.end()) return own_->read_raw(name, begin, count, target);
+    const bool allow = job_.output.allow_nonfinite;
+    const auto base = load<double>(base_, name, begin, count, allow);
+    auto tau = load<double>(*own_, name, begin, count, allow);
+    for (std::size_t i = 0; i < tau.size(); ++i) tau[i] -= base[i];
+    std::vector<double> masked;
+    mask_chunk(job_.mode, job_.mask, layout_[found->second], Piece{found->second, begin, count}, tau, load<double>(signs_, name, begin, count, allow),
+               sums_, masked);
+    auto* out = static_cast<double*>(target);
+    for (std::size_t i = 0; i < masked.size(); ++i) out[i] = base[i] + masked[i];
+  }
+
+ private:
+  std::unique_ptr<TensorReader> own_;
+  const TensorReader& base_;
+  const TensorReader& signs_;
+  const ModelMergeJob& job_;
+  const std::vector<TensorInfo>& layout_;
+  SumsByTensor sums_;
+  std::map<std::string, std::size_t> index_;
+  std::vector<TensorInfo> tensors_;
+};
+
+// Wraps every model in a MaskedReader, its mask's sums (where the mode needs any) taken first over
+// the ranks.
+void mask_models_first(const ModelMergeJob& job, const Ranks& ranks, ModelMergeInputs& in, const ChunkedJob& chunked) {
+  const auto& layout = chunked.layout();
+  std::vector<Piece> merged;
+  for (const auto& chunk : chunked.chunks())
+    if (in.merged.count(layout[chunk.tensor].name)) merged.push_back(chunk);
+  const bool allow = job.output.allow_nonfinite;
+  for (std::size_t m = 0; m < in.models.size(); ++m) {
+    SumsByTensor sums = mask_sums<double>(ranks, chunked.plan(), layout, job.mode, job.mask, merged,
+                                          [&](const Piece& chunk, std::vector<double>& tau, std::vector<double>& statistics) {
+                                            const std::string& name = layout[chunk.tensor].name;
+                                            const auto base = load<double>(*in.base, name, chunk.begin, chunk.count, allow);
+                                            tau = load<double>(*in.models[m], name, chunk.begin, chunk.count, allow);
+                                            for (std::size_t i = 0; i < tau.size(); ++i) tau[i] -= base[i];
+                                            statistics = load<double>(*in.signs[m], name, chunk.begin, chunk.count, allow);
+                                          });
+    in.models[m] = std::make_unique<MaskedReader>(std::move(in.models[m]), *in.base, *in.signs[m], job, layout, in.merged, std::move(sums));
+  }
+}
 
 // The models, the base and the statistics, checked against each other and the options.
 ModelMergeInputs open_model_merge_inputs(const ModelMergeJob& job, const Ranks& ranks) {
@@ -773,7 +844,7 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   const Ranks ranks(context);
   if (ranks.is_root())
     for (const auto& note : job.notes) log << "merge: " << note << "\n";
-  const ModelMergeInputs in = open_model_merge_inputs(job, ranks);
+  ModelMergeInputs in = open_model_merge_inputs(job, ranks);
   std::vector<TensorInfo> layout;
   for (const auto& tensor : in.base->tensors()) layout.push_back(output_info(tensor, job.output));
   // Chunks of at most 64K entries: a merge keeps several buffers of a chunk per model, and at this
@@ -782,6 +853,8 @@ JobSummary run_model_merge(const ModelMergeJob& job, std::ostream& log, const Jo
   constexpr long long kMergeChunkElements = 1LL << 16;
   ChunkedJob chunked(ranks, "merge", layout, kMergeChunkElements);
   const Metadata metadata = model_merge_metadata(job, in);
+  if (job.order == MergeOrder::kMaskThenMerge && model_merge_traits(job.method).combination != ModelMergeTraits::Combination::kDeltas)
+    mask_models_first(job, ranks, in, chunked);
   JobSummary summary;
   const bool f64 = model_merge_in_f64(layout, in);
   if (model_merge_traits(job.method).combination != ModelMergeTraits::Combination::kDeltas)

@@ -91,6 +91,52 @@ for name in ties-soft dare-masked; do
   check "$name: the same bytes at 1 and 3 ranks" "$same" "$work/$name-p1" "$work/$name-p3"
 done
 
+# Mask-then-merge with the methods that do not sum deltas themselves (each model's delta from the
+# base masked first): equal to the plain merge of models masked beforehand (each task vector
+# masked alone with `merge --method sum`, applied to the base), at 1 and 2 ranks.
+for m in 0 1 2; do
+  "$gradfix" merge --method sum --order mask-then-merge --mask-mode normal --task-vector "$work/tau$m.safetensors" \
+    --signs "$work/s$m.safetensors" --out "$work/masked-tau$m.safetensors" >/dev/null
+  "$gradfix" apply --base base --task-vector "$work/masked-tau$m.safetensors" --alpha 1 --out "$work/masked-ft$m" >/dev/null
+done
+whole() {  # whole NAME METHOD PARAMETERS MODEL[:WEIGHT]...
+  local name=$1 method=$2 parameters=$3 spec model weight
+  shift 3
+  for form in masked manual; do
+    {
+      printf 'merge_method: %s\nbase_model: base\nmodels:\n' "$method"
+      for spec in "$@"; do
+        IFS=: read -r model weight <<<"$spec"
+        if [ "$form" = masked ]; then printf '  - model: ft%s\n' "$model"; else printf '  - model: %s\n' "$work/masked-ft$model"; fi
+        if [ -n "$weight" ]; then printf '    parameters: {weight: %s}\n' "$weight"; fi
+        if [ "$form" = masked ]; then printf '    gradfix: {signs: %s}\n' "$work/s$model.safetensors"; fi
+      done
+      if [ -n "$parameters" ]; then printf 'parameters: %s\n' "$parameters"; fi
+      printf 'dtype: float32\n'
+      if [ "$form" = masked ]; then printf 'gradfix: {order: mask-then-merge, mask_mode: normal}\n'; fi
+    } >"$work/$name-$form.yml"
+  done
+  for ranks in 1 2; do
+    mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$work/$name-masked.yml" --out "$work/$name-masked-p$ranks" \
+      --chunk-elements 300 --quiet >/dev/null
+  done
+  "$gradfix" merge --config "$work/$name-manual.yml" --out "$work/$name-manual" --quiet >/dev/null
+  check "$name, mask-then-merge: equals the merge of models masked first" "$close" "$work/$name-masked-p1" "$work/$name-manual"
+  check "$name, mask-then-merge: the same bytes at 1 and 2 ranks" "$same" "$work/$name-masked-p1" "$work/$name-masked-p2"
+}
+whole slerp slerp '{t: 0.3}' 0
+whole nuslerp nuslerp '' 0:0.4 1:0.6
+whole nearswap nearswap '{t: 0.01}' 0
+whole model_stock model_stock '' 0 1 2
+whole multislerp multislerp '' 0:1.0 1:0.5 2:0.8
+whole sce sce '' 0 1 2
+whole ram ram '' 0 1 2
+whole ramplus_tl ramplus_tl '{r: 0.3, alpha: 0.5}' 0 1 2
+whole arcee_fusion arcee_fusion '' 0
+sed -i 's#'"$work"'/masked-ft#ft#' "$work/model_stock-manual.yml"
+"$gradfix" merge --config "$work/model_stock-manual.yml" --out "$work/model_stock-plain" --quiet >/dev/null
+check "the comparison can fail: the masked model_stock is not the plain one" bash -c "! '$close' '$work/model_stock-masked-p1' '$work/model_stock-plain' >/dev/null 2>&1"
+
 # mergekit's TIES over task vectors, applied to the base, is the whole-model merge with unit
 # weights; gradfix's own TIES rules give another result.
 printf 'merge_method: ties\nbase_model: base\nmodels:\n' >"$work/unit.yml"
@@ -126,6 +172,13 @@ sed -i 's/order: none, //' "$work/no-order.yml"
 bad no-order "statistics without an order" "gradfix.order is not set" "$gradfix" merge --config "$work/no-order.yml" --out "$work/no-order-out"
 config linear linear mask-then-merge normal 1 true base:1:1 ft0:1:1 ft1:1:1  # a linear merge lists its base (mergekit)
 bad linear "masks in a linear merge" "linear merges whole weights" "$gradfix" merge --config "$work/linear.yml" --out "$work/linear-out"
+printf 'merge_method: karcher\nmodels:\n  - model: ft0\n    gradfix: {signs: %s}\n  - model: ft1\n    gradfix: {signs: %s}\ngradfix: {order: mask-then-merge}\n' \
+  "$work/s0.safetensors" "$work/s1.safetensors" >"$work/karcher.yml"
+bad karcher "masks in a karcher merge" "mask-then-merge: karcher without a base_model merges whole weights, not deltas from a base model" \
+  "$gradfix" merge --config "$work/karcher.yml" --out "$work/karcher-out"
+sed 's/mask-then-merge/merge-then-mask/' "$work/slerp-masked.yml" >"$work/slerp-after.yml"
+bad slerp-after "merge-then-mask with slerp (no sum of deltas)" "slerp merges whole weights .or interpolates them.*mask-then-merge with every method that has a base" \
+  "$gradfix" merge --config "$work/slerp-after.yml" --out "$work/slerp-after-out"
 config mode ties mask-then-merge sharp 1 true "${models[@]}"
 bad mode "an unknown mask mode" "gradfix.mask_mode: unknown mask mode 'sharp'" "$gradfix" merge --config "$work/mode.yml" --out "$work/mode-out"
 config wrong ties merge-then-mask normal 1 true "${models[@]}"
