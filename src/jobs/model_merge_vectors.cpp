@@ -110,10 +110,29 @@ void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMe
     if (cut.form == MergeVectors::kRows) continue;
     std::vector<ExactSum> sums(3 * cut.tensor_vectors());
     std::vector<V> unused;
+    // One vector: each split unit's sums (a row, or a block of a vector: never split between
+    // chunks or ranks) in double, in order, then added exactly, which costs one exact addition
+    // a row instead of one an entry and still gives the same bits at any P. Columns: entry by entry.
+    const long long unit = split_unit(layout[tensor]);
     for (const Piece& chunk : entry.second) {
       const auto vectors = pair_of(chunk, unused);
-      for (std::size_t i = 0; i < vectors.first.size(); ++i)
-        add_sums(vectors, i, &sums[3 * cut.column_of(chunk.begin + static_cast<long long>(i))]);
+      if (cut.form == MergeVectors::kColumns) {
+        for (std::size_t i = 0; i < vectors.first.size(); ++i)
+          add_sums(vectors, i, &sums[3 * cut.column_of(chunk.begin + static_cast<long long>(i))]);
+        continue;
+      }
+      double partial[3] = {0.0, 0.0, 0.0};
+      for (std::size_t i = 0; i < vectors.first.size(); ++i) {
+        const double a = vectors.first[i], b = vectors.second[i];
+        partial[0] += a * a;
+        partial[1] += b * b;
+        partial[2] += a * b;
+        if ((chunk.begin + static_cast<long long>(i) + 1) % unit == 0 || i + 1 == vectors.first.size())
+          for (int k = 0; k < 3; ++k) {
+            sums[static_cast<std::size_t>(k)].add(partial[k]);
+            partial[k] = 0.0;
+          }
+      }
     }
     const std::vector<double> totals = tensor_totals(ranks, chunked, tensor, sums);
     auto& coefficients = tensor_coefficients[tensor];
@@ -129,10 +148,16 @@ void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMe
     std::vector<std::pair<double, double>> row_coefficients;
     if (cut.form == MergeVectors::kRows) {
       const auto width = static_cast<std::size_t>(cut.width);
+      // A row is never split: its sums in double, in order, are the same at any P.
       for (std::size_t row = 0; row < count / width; ++row) {
-        ExactSum sums[3];
-        for (std::size_t i = row * width; i < (row + 1) * width; ++i) add_sums(vectors, i, sums);
-        row_coefficients.push_back(spherical_coefficients(job.method, t_of(chunk.tensor), sums[0].value(), sums[1].value(), sums[2].value()));
+        double sums[3] = {0.0, 0.0, 0.0};
+        for (std::size_t i = row * width; i < (row + 1) * width; ++i) {
+          const double a = vectors.first[i], b = vectors.second[i];
+          sums[0] += a * a;
+          sums[1] += b * b;
+          sums[2] += a * b;
+        }
+        row_coefficients.push_back(spherical_coefficients(job.method, t_of(chunk.tensor), sums[0], sums[1], sums[2]));
       }
     }
     const auto& coefficients = cut.form == MergeVectors::kRows ? row_coefficients : tensor_coefficients.at(chunk.tensor);
