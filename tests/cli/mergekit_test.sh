@@ -27,7 +27,7 @@ for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_de
   nearswap model_stock multislerp multislerp_nobase sce sce_all karcher karcher_base ties_gradient slerp_gradient task_arithmetic_filters \
   passthrough_bf16 passthrough_scale ram ramplus_tl nuslerp_rows nuslerp_columns nuslerp_rows_nobase nuslerp_columns_nobase nuslerp_zero_sum \
   model_stock_rows passthrough_stack passthrough_repeat slerp_slices slerp_slice_t ties_slices vocab_base vocab_union vocab_model \
-  vocab_slerp_union vocab_force vocab_model_token vocab_pad chat_chatml chat_literal; do
+  vocab_slerp_union vocab_force vocab_model_token vocab_pad chat_chatml chat_literal gpt2_stack; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
     # bfloat16 merges (linear, passthrough): both round the inputs to bfloat16, and the weighted
@@ -59,6 +59,7 @@ check "padding rows: 80 rows for 66 tokens" bash -c "'$gradfix' inspect '$work/v
 # Slices: the output's layer count in config.json; the slices form of a merge equals its models form.
 check "a stack of 3 + 3 layers has 6 in config.json" bash -c "grep -q '\"num_hidden_layers\": 6' '$work/passthrough_stack-p1/config.json'"
 check "a model's 5 layers twice have 10 in config.json, bfloat16" bash -c "grep -q '\"num_hidden_layers\": 10' '$work/passthrough_repeat-p2/config.json' && grep -q '\"dtype\": \"bfloat16\"' '$work/passthrough_repeat-p2/config.json'"
+check "GPT-2's 3 layers twice have 6 in config.json's n_layer" bash -c "grep -q '\"n_layer\": 6' '$work/gpt2_stack-p3/config.json'"
 check "slerp over one slice of every layer equals the models form (gradient-slerp.yml both ways)" "$close" "$work/slerp_slices-p1" reference/slerp_gradient --reference-names
 check "the comparison can fail: a slice's own t matters" bash -c "! '$close' '$work/slerp_slice_t-p1' reference/slerp_slices --reference-names 2>/dev/null"
 check "the metadata records each slice's sources" bash -c "'$gradfix' inspect '$work/ties_slices-p1' | grep -q '\"slices\":\[{\"base\":\"base\[0:2\]\",\"models\":\[\"ft0\[0:2\]\",\"ft1\[0:2\]\"\]}'"
