@@ -376,6 +376,7 @@ class MergeConfigReader {
     if (!slices.is_array() || slices.empty()) throw InputError(path_ + ": slices must be a non-empty list");
     const ModelMergeJob outside = job_;
     std::vector<MergeSlice> read;
+    std::vector<std::string> notes = outside.notes;  // every slice's, in order
     ModelMergeJob first;
     for (std::size_t s = 0; s < slices.size(); ++s) {
       const Json& slice = slices[s];
@@ -437,11 +438,13 @@ class MergeConfigReader {
       out.varying = job_.varying;
       out.varying.insert(out.varying.end(), own.begin(), own.end());
       read.push_back(std::move(out));
+      notes.insert(notes.end(), job_.notes.begin() + static_cast<std::ptrdiff_t>(outside.notes.size()), job_.notes.end());
       if (s == 0) first = job_;
     }
     slice_defaults_.clear();
     job_ = first;
     job_.slices = std::move(read);
+    job_.notes = std::move(notes);
     // A linear merge takes the base as one of its models (above): no separate base part.
     if (is(ModelMergeMethod::kLinear)) job_.base.clear();
   }

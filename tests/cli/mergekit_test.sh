@@ -272,6 +272,11 @@ done
 check "model_stock with ignored weights equals mergekit's model_stock" "$close" "$work/model_stock_weights" reference/model_stock --reference-names
 check "sce with ignored weights equals mergekit's sce" "$close" "$work/sce_weights" reference/sce_all --reference-names
 check "ram with ignored weights equals mergekit's ram" "$close" "$work/ram_weights" reference/ram --reference-names
+sed 's#^      - model: layered/ft0$#      - model: layered/ft0\n        parameters: {weight: 0.7}#' slerp_slice_t.yml >"$work/slice_weights.yml"
+"$gradfix" merge --config "$work/slice_weights.yml" --out "$work/slice_weights" >"$work/slice_weights.txt"
+check "a weight in a later slice of a slerp is ignored and said so" \
+  grep -q "slices.1..sources.1..parameters.weight is ignored: slerp takes no weights" "$work/slice_weights.txt"
+check "the slerp with ignored slice weights equals mergekit's" "$close" "$work/slice_weights" reference/slerp_slice_t --reference-names
 # Vocabularies: what mergekit refuses, and what gradfix does not take, named.
 two=$'merge_method: linear\nbase_model: vocab/base\nmodels:\n  - model: vocab/base\n    parameters: {weight: 1}\n  - model: vocab/chatml\n    parameters: {weight: 1}'
 bad vocab_mismatch "vocabularies of different sizes without a tokenizer source (mergekit 0.1.5 refuses it too)" \
