@@ -397,6 +397,9 @@ class MergeConfigReader {
         for (const char* key : {"weight", "density", "gamma", "epsilon", "scale"})
           if (parameters.contains(key)) slice_defaults_[key] = setting(parameters[key], at + "." + key);
         if (parameters.contains("weight") && weightless()) ignore_weight(at + ".weight");
+        if (parameters.contains("gamma") && !breadcrumbs()) throw InputError(at + ".gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of " + method_);
+        if (parameters.contains("epsilon") && !della()) throw InputError(at + ".epsilon is a parameter of della and della_linear, not of " + method_);
+        if (parameters.contains("scale") && !is(ModelMergeMethod::kPassthrough)) throw InputError(at + ".scale is a parameter of passthrough, not of " + method_);
         if (parameters.contains("t") && !(is(ModelMergeMethod::kSlerp) || is(ModelMergeMethod::kNearswap)))
           throw InputError(at + ".t is a parameter of slerp and nearswap, not of " + method_);
         if (parameters.contains("lambda") && !sums_deltas())

@@ -290,56 +290,40 @@ namespace {
 
 // A model whose float tensors read as another float dtype (mergekit's `dtype`: it loads every
 // input in it before merging).
-class CastReader : public TensorReader {
+class CastReader : public WrappedReader {
  public:
-  CastReader(std::unique_ptr<TensorReader> own, DType dtype) : own_(std::move(own)), dtype_(dtype) {
-    for (TensorInfo tensor : own_->tensors()) {
-      if (dtype_is_float(tensor.dtype)) tensor.dtype = dtype_;
-      tensors_.push_back(tensor);
-    }
-  }
-  const std::string& path() const override { return own_->path(); }
-  const std::vector<TensorInfo>& tensors() const override { return tensors_; }
-  const Metadata& metadata() const override { return own_->metadata(); }
-  const std::vector<std::pair<std::string, std::string>>& unreadable() const override { return own_->unreadable(); }
+  CastReader(std::unique_ptr<TensorReader> own, DType dtype)
+      : WrappedReader(std::move(own), [dtype](TensorInfo& tensor) { if (dtype_is_float(tensor.dtype)) tensor.dtype = dtype; }), dtype_(dtype) {}
   void read_raw(const std::string& name, long long begin, long long count, void* target) const override {
-    const DType stored = own_->info(name).dtype;
-    if (!dtype_is_float(stored) || stored == dtype_) return own_->read_raw(name, begin, count, target);
+    const DType stored = own().info(name).dtype;
+    if (!dtype_is_float(stored) || stored == dtype_) return own().read_raw(name, begin, count, target);
     std::vector<unsigned char> raw(static_cast<std::size_t>(count) * dtype_size(stored));
-    own_->read_raw(name, begin, count, raw.data());
+    own().read_raw(name, begin, count, raw.data());
     convert_float(stored, raw.data(), dtype_, target, static_cast<std::size_t>(count));
   }
 
  private:
-  std::unique_ptr<TensorReader> own_;
   DType dtype_;
-  std::vector<TensorInfo> tensors_;
 };
 
 // Mask-then-merge for the methods that do not sum deltas themselves: a model presented as base +
 // its delta masked with its own statistics, in float64 (so that the method's delta from the
 // base is the masked delta, exactly).
-class MaskedReader : public TensorReader {
+class MaskedReader : public WrappedReader {
  public:
   MaskedReader(std::unique_ptr<TensorReader> own, const TensorReader& base, const TensorReader& signs, const ModelMergeJob& job,
                const std::vector<TensorInfo>& layout, const std::set<std::string>& merged, SumsByTensor sums)
-      : own_(std::move(own)), base_(base), signs_(signs), job_(job), layout_(layout), sums_(std::move(sums)) {
+      : WrappedReader(std::move(own), [&merged](TensorInfo& tensor) { if (merged.count(tensor.name)) tensor.dtype = DType::kF64; }),
+        base_(base), signs_(signs), job_(job), layout_(layout), sums_(std::move(sums)) {
     for (std::size_t t = 0; t < layout.size(); ++t)
       if (merged.count(layout[t].name)) index_[layout[t].name] = t;
-    for (TensorInfo tensor : own_->tensors()) {
-      if (index_.count(tensor.name)) tensor.dtype = DType::kF64;
-      tensors_.push_back(tensor);
-    }
   }
-  const std::string& path() const override { return own_->path(); }
-  const std::vector<TensorInfo>& tensors() const override { return tensors_; }
-  const Metadata& metadata() const override { return own_->metadata(); }
   void read_raw(const std::string& name, long long begin, long long count, void* target) const override {
     const auto found = index_.find(name);
-    if (found == index_.end()) return own_->read_raw(name, begin, count, target);
+    if (found == index_.end()) return own().read_raw(name, begin, count, target);
     const bool allow = job_.output.allow_nonfinite;
     const auto base = load<double>(base_, name, begin, count, allow);
-    auto tau = load<double>(*own_, name, begin, count, allow);
+    auto tau = load<double>(own(), name, begin, count, allow);
     for (std::size_t i = 0; i < tau.size(); ++i) tau[i] -= base[i];
     std::vector<double> masked;
     mask_chunk(job_.mode, job_.mask, layout_[found->second], Piece{found->second, begin, count}, tau, load<double>(signs_, name, begin, count, allow),
@@ -349,14 +333,12 @@ class MaskedReader : public TensorReader {
   }
 
  private:
-  std::unique_ptr<TensorReader> own_;
   const TensorReader& base_;
   const TensorReader& signs_;
   const ModelMergeJob& job_;
   const std::vector<TensorInfo>& layout_;
   SumsByTensor sums_;
   std::map<std::string, std::size_t> index_;
-  std::vector<TensorInfo> tensors_;
 };
 
 // Wraps every model in a MaskedReader, its mask's sums (where the mode needs any) taken first over

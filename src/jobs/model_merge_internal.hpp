@@ -3,7 +3,9 @@
 // model_merge.cpp reads and checks the inputs and runs the sums of deltas; model_merge_vectors.cpp
 // runs the methods that take each tensor as one vector (slerp, nuslerp, nearswap, model_stock,
 // multislerp).
+#include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -36,6 +38,30 @@ void set_chat_template(const ModelMergeJob& job, ModelMergeInputs& in);
 // Without alignment: an embedding or head whose row count differs between the base and a model
 // is refused, saying how to align the vocabularies.
 void require_same_vocabulary(const ModelMergeInputs& in);
+
+// A model presented through another: its tensors, each as `change` alters it (a dtype, a row
+// count), read through the subclass's read_raw; everything else forwarded. The merge's reader
+// adapters (dtype casts, aligned vocabularies, masked deltas) are these.
+class WrappedReader : public TensorReader {
+ public:
+  WrappedReader(std::unique_ptr<TensorReader> own, const std::function<void(TensorInfo&)>& change) : own_(std::move(own)) {
+    for (TensorInfo tensor : own_->tensors()) {
+      change(tensor);
+      tensors_.push_back(std::move(tensor));
+    }
+  }
+  const std::string& path() const override { return own_->path(); }
+  const std::vector<TensorInfo>& tensors() const override { return tensors_; }
+  const Metadata& metadata() const override { return own_->metadata(); }
+  const std::vector<std::pair<std::string, std::string>>& unreadable() const override { return own_->unreadable(); }
+
+ protected:
+  const TensorReader& own() const { return *own_; }
+
+ private:
+  std::unique_ptr<TensorReader> own_;
+  std::vector<TensorInfo> tensors_;
+};
 
 // The parts of a merge with slices, each one model stacked from its sources' layers under the
 // output's names (stack_slices).

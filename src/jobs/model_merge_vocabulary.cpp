@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <mutex>
 #include <type_traits>
 
@@ -37,23 +38,14 @@ struct VocabularyPlan {
 };
 
 // A model with its vocabulary tensors aligned to the output's vocabulary (plan).
-class AlignedReader : public TensorReader {
+class AlignedReader : public WrappedReader {
  public:
   AlignedReader(std::unique_ptr<TensorReader> own, std::size_t model, std::shared_ptr<const VocabularyPlan> plan)
-      : own_(std::move(own)), model_(model), plan_(std::move(plan)) {
-    for (TensorInfo tensor : own_->tensors()) {
-      if (plan_->tensors.count(tensor.name)) tensor.shape[0] = plan_->rows;
-      tensors_.push_back(tensor);
-    }
-  }
-
-  const std::string& path() const override { return own_->path(); }
-  const std::vector<TensorInfo>& tensors() const override { return tensors_; }
-  const Metadata& metadata() const override { return own_->metadata(); }
-  const std::vector<std::pair<std::string, std::string>>& unreadable() const override { return own_->unreadable(); }
+      : WrappedReader(std::move(own), [&plan](TensorInfo& tensor) { if (plan->tensors.count(tensor.name)) tensor.shape[0] = plan->rows; }),
+        model_(model), plan_(std::move(plan)) {}
 
   void read_raw(const std::string& name, long long begin, long long count, void* target) const override {
-    if (!plan_->tensors.count(name)) return own_->read_raw(name, begin, count, target);
+    if (!plan_->tensors.count(name)) return own().read_raw(name, begin, count, target);
     const TensorInfo& tensor = info(name);
     if (begin < 0 || count < 0 || begin + count > tensor.numel())
       throw InputError(path() + ": tensor '" + escaped_name(name) + "': elements [" + std::to_string(begin) + ", " + std::to_string(begin + count) +
@@ -112,7 +104,7 @@ class AlignedReader : public TensorReader {
       return;
     }
     const long long own = plan.permutation[model_][static_cast<std::size_t>(row)];
-    if (own >= 0 && !plan.forced[static_cast<std::size_t>(row)]) return source_row(*own_, name, own, width, out);
+    if (own >= 0 && !plan.forced[static_cast<std::size_t>(row)]) return source_row(this->own(), name, own, width, out);
     const DefaultRow& fallback = plan.defaults[static_cast<std::size_t>(row)];
     out.assign(static_cast<std::size_t>(width), V(0));
     switch (fallback.kind) {
@@ -136,10 +128,8 @@ class AlignedReader : public TensorReader {
     }
   }
 
-  std::unique_ptr<TensorReader> own_;
   std::size_t model_;
   std::shared_ptr<const VocabularyPlan> plan_;
-  std::vector<TensorInfo> tensors_;
   mutable std::mutex mutex_;
   mutable std::map<std::string, std::vector<double>> padding_;
 };
@@ -301,7 +291,8 @@ void align_vocabularies(const ModelMergeJob& job, ModelMergeInputs& in) {
   auto model_index = [&](const std::string& path, const std::string& token) {
     const auto found = std::find(paths.begin(), paths.end(), path);
     if (found == paths.end())
-      throw InputError("tokenizer.tokens." + token + ": model " + escaped_name(path) + " is not one of the merge's models");
+      throw InputError("tokenizer.tokens." + token + ": model " + escaped_name(path) + " is not one of the merge's models (mergekit: "
+                       "\"referenced but not part of merge\")");
     return static_cast<std::size_t>(found - paths.begin());
   };
   std::map<std::string, const TokenSetting*> settings;
@@ -366,7 +357,9 @@ void align_vocabularies(const ModelMergeJob& job, ModelMergeInputs& in) {
       if (has_model_file(wanted.source, name)) in.files.files[name] = read_model_text(wanted.source, name);
       else if (has_model_file(carried, name)) in.files.dropped.insert(name);
     }
-    if (!appended.empty()) in.files.files["tokenizer.json"] = tokenizer_json_with(wanted.source, output.rows, appended);
+    // The model's tokenizer as it is (mergekit does not strip a named source), plus the tokens appended.
+    if (!appended.empty())
+      in.files.files["tokenizer.json"] = tokenizer_json_with(wanted.source, std::numeric_limits<long long>::max(), appended);
   }
 }
 

@@ -317,6 +317,8 @@ bad slice_base "a slice with another base_model" "slices.0..base_model differs f
   $'merge_method: ties\nbase_model: layered/base\nslices:\n'"$slice"$'\n    base_model: layered/ft1'
 bad slice_parameter "a slice parameter gradfix does not take per slice" "slices.0..parameters: gradfix does not read 'normalize'" \
   $'merge_method: ties\nbase_model: layered/base\nslices:\n'"$slice"$'\n    parameters: {normalize: false}'
+bad slice_gamma "a slice's gamma in a ties merge" "slices.0..parameters.gamma is a parameter of breadcrumbs and breadcrumbs_ties, not of ties" \
+  $'merge_method: ties\nbase_model: layered/base\nslices:\n'"$slice"$'\n    parameters: {gamma: 0.1}'
 bad slice_masks "gradient-sign masks with slices" "gradfix.order with slices" \
   $'merge_method: ties\nbase_model: layered/base\nslices:\n'"$slice"$'\ngradfix: {order: mask-then-merge}'
 bad slice_residual "a slice's residual_weight" "slices.0.: gradfix does not read 'residual_weight'" \
