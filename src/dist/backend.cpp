@@ -93,10 +93,8 @@ void copy(void* target, const void* source, std::size_t bytes, cudaMemcpyKind ki
 }  // namespace
 
 double allreduce_exact_sum(Communicator& comm, ExactSum& sum) {
-  ExactSum total;
-  total.limbs() = sum.carried();
-  if (comm.size() > 1) allreduce_host(comm, total.limbs().data(), ExactSum::kLimbs, DType::kI64, ReduceOp::kSum);
-  return total.value();
+  std::vector<ExactSum> one = {sum};
+  return allreduce_exact_sums(comm, one).front();
 }
 
 std::vector<double> allreduce_exact_sums(Communicator& comm, std::vector<ExactSum>& sums) {

@@ -62,16 +62,18 @@ ChunksByTensor merged_tensors_here(const ChunkedJob& chunked, const std::set<std
   return tensors;
 }
 
-double tensor_total(const Ranks& ranks, const ChunkedJob& chunked, std::size_t tensor, ExactSum& sum) {
-  return chunked.plan().is_split(tensor) ? allreduce_exact_sum(ranks.context().stats(), sum) : sum.value();
-}
-
 std::vector<double> tensor_totals(const Ranks& ranks, const ChunkedJob& chunked, std::size_t tensor, std::vector<ExactSum>& sums) {
   if (chunked.plan().is_split(tensor)) return allreduce_exact_sums(ranks.context().stats(), sums);
   std::vector<double> totals;
   for (ExactSum& sum : sums) totals.push_back(sum.value());
   return totals;
 }
+
+double tensor_total(const Ranks& ranks, const ChunkedJob& chunked, std::size_t tensor, ExactSum& sum) {
+  std::vector<ExactSum> one = {sum};
+  return tensor_totals(ranks, chunked, tensor, one).front();
+}
+
 
 }  // namespace file_jobs
 
@@ -267,15 +269,26 @@ void ModelMergeJob::validate_slices() const {
   }
 }
 
-std::map<std::string, double> file_jobs::layer_fractions(const std::vector<std::string>& names) {
+file_jobs::LayerName file_jobs::layer_name(const std::string& name) {
   static const std::regex kLayer(R"((?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.)");
+  LayerName out;
+  std::smatch match;
+  if (!std::regex_search(name, match, kLayer) || match[1].length() > 9) return out;
+  out.at = static_cast<std::size_t>(match.position(1));
+  out.length = static_cast<std::size_t>(match[1].length());
+  out.stack = name.substr(0, out.at);
+  out.layer = std::stoll(match[1].str());
+  return out;
+}
+
+std::map<std::string, double> file_jobs::layer_fractions(const std::vector<std::string>& names) {
   std::map<std::string, long long> index;
   long long layers = 0;
   for (const auto& name : names) {
-    std::smatch match;
-    if (!std::regex_search(name, match, kLayer) || match[1].length() > 9) continue;
-    index[name] = std::stoll(match[1].str());
-    layers = std::max(layers, index[name] + 1);
+    const long long layer = layer_name(name).layer;
+    if (layer < 0) continue;
+    index[name] = layer;
+    layers = std::max(layers, layer + 1);
   }
   std::map<std::string, double> fractions;
   for (const auto& name : names) {

@@ -77,6 +77,17 @@ StackedModels stack_slices(const ModelMergeJob& job);
 // The slices as the metadata records them: "name[begin:end]" per source.
 nlohmann::json slices_json(const ModelMergeJob& job);
 
+// Where a tensor's name holds its layer number ("model.layers.7.mlp.up_proj.weight",
+// "transformer.h.7.attn.c_attn.weight": a name part "layers.N", "h.N", "blocks.N" or "layer.N"):
+// the stack's prefix ("model.layers."), the number's position and length; layer -1 outside the
+// layers (or a number of more than 9 digits).
+struct LayerName {
+  std::string stack;
+  std::size_t at = 0, length = 0;
+  long long layer = -1;
+};
+LayerName layer_name(const std::string& name);
+
 // mergekit's layer fraction of each tensor, for per-layer parameter lists: layer / (layers - 1)
 // for a tensor of a numbered layer (a name part "layers.N", "h.N", "blocks.N" or "layer.N"),
 // 1 where there is one layer, 0 for every other tensor (embeddings, final norm, head). `layers`

@@ -3,34 +3,12 @@
 // output's layer numbers, so that every merge method runs on it unchanged and reads each source
 // tensor where it lies.
 #include <functional>
-#include <regex>
 #include <unordered_map>
 
 #include "model_merge_internal.hpp"
 
 namespace gradfix::file_jobs {
 namespace {
-
-// Where a tensor's name holds its layer number ("model.layers.7.mlp.up_proj.weight",
-// "transformer.h.7.attn.c_attn.weight"): the stack's prefix ("model.layers."), the number's
-// position and length; layer -1 outside the layers. The same patterns as layer_fractions.
-struct LayerName {
-  std::string stack;
-  std::size_t at = 0, length = 0;
-  long long layer = -1;
-};
-
-LayerName layer_name(const std::string& name) {
-  static const std::regex kLayer(R"((?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.)");
-  LayerName out;
-  std::smatch match;
-  if (!std::regex_search(name, match, kLayer) || match[1].length() > 9) return out;
-  out.at = static_cast<std::size_t>(match.position(1));
-  out.length = static_cast<std::size_t>(match[1].length());
-  out.stack = name.substr(0, out.at);
-  out.layer = std::stoll(match[1].str());
-  return out;
-}
 
 std::string renumbered(const std::string& name, long long layer) {
   const LayerName where = layer_name(name);

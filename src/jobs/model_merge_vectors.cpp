@@ -4,6 +4,7 @@
 // tensor's sums are exact and completed over the ranks when it is split, so the results do not
 // depend on the number of ranks.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <functional>
 #include <stdexcept>
@@ -101,6 +102,18 @@ void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMe
     sums[1].add(b * b);
     sums[2].add(a * b);
   };
+  // The three sums of entries [from, to) of a chunk's two vectors, in double, in order: for a
+  // span never split between chunks or ranks (a row, a block of a vector), the same at any P.
+  auto span_sums = [](const std::pair<std::vector<V>, std::vector<V>>& vectors, std::size_t from, std::size_t to) {
+    std::array<double, 3> sums = {0.0, 0.0, 0.0};
+    for (std::size_t i = from; i < to; ++i) {
+      const double a = vectors.first[i], b = vectors.second[i];
+      sums[0] += a * a;
+      sums[1] += b * b;
+      sums[2] += a * b;
+    }
+    return sums;
+  };
   // Each tensor's (or each of its columns') coefficients from their exact sums; rows get theirs
   // chunk by chunk below.
   std::map<std::size_t, std::vector<std::pair<double, double>>> tensor_coefficients;
@@ -121,17 +134,12 @@ void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMe
           add_sums(vectors, i, &sums[3 * cut.column_of(chunk.begin + static_cast<long long>(i))]);
         continue;
       }
-      double partial[3] = {0.0, 0.0, 0.0};
-      for (std::size_t i = 0; i < vectors.first.size(); ++i) {
-        const double a = vectors.first[i], b = vectors.second[i];
-        partial[0] += a * a;
-        partial[1] += b * b;
-        partial[2] += a * b;
-        if ((chunk.begin + static_cast<long long>(i) + 1) % unit == 0 || i + 1 == vectors.first.size())
-          for (int k = 0; k < 3; ++k) {
-            sums[static_cast<std::size_t>(k)].add(partial[k]);
-            partial[k] = 0.0;
-          }
+      for (std::size_t from = 0, to = 0; from < vectors.first.size(); from = to) {
+        // To the end of the unit `from` lies in, or of the chunk.
+        const long long end = (chunk.begin + static_cast<long long>(from)) / unit * unit + unit;
+        to = std::min(vectors.first.size(), static_cast<std::size_t>(end - chunk.begin));
+        const auto partial = span_sums(vectors, from, to);
+        for (std::size_t k = 0; k < 3; ++k) sums[k].add(partial[k]);
       }
     }
     const std::vector<double> totals = tensor_totals(ranks, chunked, tensor, sums);
@@ -150,13 +158,7 @@ void merge_spherical(const ModelMergeJob& job, const Ranks& ranks, const ModelMe
       const auto width = static_cast<std::size_t>(cut.width);
       // A row is never split: its sums in double, in order, are the same at any P.
       for (std::size_t row = 0; row < count / width; ++row) {
-        double sums[3] = {0.0, 0.0, 0.0};
-        for (std::size_t i = row * width; i < (row + 1) * width; ++i) {
-          const double a = vectors.first[i], b = vectors.second[i];
-          sums[0] += a * a;
-          sums[1] += b * b;
-          sums[2] += a * b;
-        }
+        const auto sums = span_sums(vectors, row * width, (row + 1) * width);
         row_coefficients.push_back(spherical_coefficients(job.method, t_of(chunk.tensor), sums[0], sums[1], sums[2]));
       }
     }

@@ -134,12 +134,15 @@ class AlignedReader : public WrappedReader {
   mutable std::map<std::string, std::vector<double>> padding_;
 };
 
-// The vocabulary tensors of a model: two-dimensional, one row per token of its vocabulary (rows),
-// named as embeddings or a head.
+// Named as embeddings or a head: where a model's vocabulary tensors may be.
+bool vocabulary_name(const std::string& name) {
+  return name.find("embed") != std::string::npos || name.find("lm_head") != std::string::npos || name.find("wte.") != std::string::npos;
+}
+
+// The vocabulary tensors of a model: so named, two-dimensional, one row per token of its
+// vocabulary (rows).
 bool vocabulary_tensor(const TensorInfo& tensor, long long rows) {
-  const bool named = tensor.name.find("embed") != std::string::npos || tensor.name.find("lm_head") != std::string::npos ||
-                     tensor.name.find("wte.") != std::string::npos;
-  return named && tensor.shape.size() == 2 && tensor.shape[0] == rows && dtype_is_float(tensor.dtype);
+  return vocabulary_name(tensor.name) && tensor.shape.size() == 2 && tensor.shape[0] == rows && dtype_is_float(tensor.dtype);
 }
 
 // mergekit's named chat templates, written here from the formats they produce.
@@ -206,7 +209,8 @@ void align_vocabularies(const ModelMergeJob& job, ModelMergeInputs& in) {
   }
   const bool with_base = !job.base.empty();
   std::vector<TokenizerVocabulary> vocabularies(paths.size());
-  vocabularies[base] = stripped(read_tokenizer_vocabulary(paths[base]));
+  const TokenizerVocabulary base_whole = read_tokenizer_vocabulary(paths[base]);  // read once: real ones are tens of MB
+  vocabularies[base] = stripped(base_whole);
   for (std::size_t m = 0; m < paths.size(); ++m) {
     if (m == base) continue;
     if (has_model_file(paths[m], "tokenizer.json")) {
@@ -348,8 +352,7 @@ void align_vocabularies(const ModelMergeJob& job, ModelMergeInputs& in) {
   // The output's tokenizer and config.json.
   in.files.vocab_size = plan->rows;
   if (wanted.source == "base" || wanted.source == "union") {
-    const TokenizerVocabulary full = read_tokenizer_vocabulary(paths[base]);
-    if (!appended.empty() || full.ids.size() != vocabularies[base].ids.size())
+    if (!appended.empty() || base_whole.ids.size() != vocabularies[base].ids.size())
       in.files.files["tokenizer.json"] = tokenizer_json_with(paths[base], vocabularies[base].rows, appended);
   } else {
     const std::string carried = job.base.empty() ? job.models.front() : job.base;
@@ -365,9 +368,7 @@ void align_vocabularies(const ModelMergeJob& job, ModelMergeInputs& in) {
 
 void require_same_vocabulary(const ModelMergeInputs& in) {
   for (const auto& tensor : in.base->tensors()) {
-    const bool named = tensor.name.find("embed") != std::string::npos || tensor.name.find("lm_head") != std::string::npos ||
-                       tensor.name.find("wte.") != std::string::npos;
-    if (!named || tensor.shape.size() != 2) continue;
+    if (!vocabulary_name(tensor.name) || tensor.shape.size() != 2) continue;
     for (const auto& model : in.models) {
       const TensorInfo* other = model->find(tensor.name);
       if (other == nullptr || other->shape.size() != 2 || other->shape[0] == tensor.shape[0] || other->shape[1] != tensor.shape[1]) continue;
