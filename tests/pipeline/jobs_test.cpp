@@ -261,6 +261,18 @@ std::string input_error_of(Check check) {
   return "";
 }
 
+// A merge of models "a" and "b" onto "base" with these weights, densities 1, written to "out".
+ModelMergeJob two_model_merge(ModelMergeMethod method, std::vector<double> weights) {
+  ModelMergeJob job;
+  job.method = method;
+  job.base = "base";
+  job.models = {"a", "b"};
+  job.weights = std::move(weights);
+  job.densities = {1.0, 1.0};
+  job.out = "out";
+  return job;
+}
+
 // validate() refuses options that are out of range or do not go together, naming the option,
 // for jobs built in code as for jobs built from flags; the run function checks before any file.
 TEST(JobValidation, FileJobsNameTheOffendingOption) {
@@ -293,13 +305,7 @@ TEST(JobValidation, FileJobsNameTheOffendingOption) {
   mask.mask.beta = INFINITY;
   EXPECT_EQ(input_error_of([&] { mask.validate(); }), "--beta must be finite");
 
-  ModelMergeJob model_merge;
-  model_merge.method = ModelMergeMethod::kSlerp;
-  model_merge.base = "base";
-  model_merge.models = {"a", "b"};
-  model_merge.weights = {1, 1};
-  model_merge.densities = {1, 1};
-  model_merge.out = "merged";
+  ModelMergeJob model_merge = two_model_merge(ModelMergeMethod::kSlerp, {1, 1});
   EXPECT_NE(input_error_of([&] { model_merge.validate(); }).find("slerp interpolates between the base and one other model; got 2"),
             std::string::npos);
   model_merge.method = ModelMergeMethod::kTies;
@@ -337,13 +343,7 @@ TEST(MergeParameters, GradientsAndConditionsAsMergekitEvaluatesThem) {
 // A model's setting that gives no value falls through to the merge's, then to the fallback; a
 // value out of range names the model, the parameter and the tensor.
 TEST(MergeParameters, ChainFallsThroughAndRangesAreChecked) {
-  ModelMergeJob job;
-  job.method = ModelMergeMethod::kTies;
-  job.base = "base";
-  job.models = {"a", "b"};
-  job.weights = {1.0, 2.0};
-  job.densities = {1.0, 1.0};
-  job.out = "out";
+  ModelMergeJob job = two_model_merge(ModelMergeMethod::kTies, {1.0, 2.0});
   ParameterSetting attention;
   attention.kind = ParameterSetting::Kind::kConditions;
   ParameterSetting three;
