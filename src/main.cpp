@@ -101,6 +101,14 @@ int main(int argc, char** argv) {
   // a fixed threshold returns every buffer over 1 MiB to the system when freed (measured: peak
   // resident memory of a sharded decoder pass at 4 ranks 1111 -> 928 MiB).
   ::mallopt(M_MMAP_THRESHOLD, 1 << 20);
+#elif defined(__GLIBC__)
+  // The file jobs allocate and free chunk buffers of up to a few MiB for every chunk. With glibc's
+  // defaults each free returns the top of the heap to the system and the next chunk faults the
+  // same pages in again (a quarter of a TIES merge's time, measured): buffers under 32 MiB come
+  // from the heap, and up to 128 MiB of freed heap is kept for the next chunk. The peak is the
+  // same, since the next chunk needs as much again (measured: 126 -> 128 MiB, 4.84 -> 3.93 s).
+  ::mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  ::mallopt(M_TRIM_THRESHOLD, 128 << 20);
 #endif
 #ifdef GRADFIX_TORCH_EXECUTABLE
   gradfix::configure_tensor_memory();

@@ -106,27 +106,40 @@ template void merge_values<double>(MergeMethod, TiesElect, const std::vector<con
 
 void mergekit_consensus(const std::vector<const double*>& weighted, const std::vector<double>& weights, bool normalize,
                         long long count, double* out) {
-  // Model by model over the whole chunk, so that each loop is a vector operation; each entry's
-  // sums still run over the models in order, as one loop per entry would add them.
+  // In blocks that stay in the first-level cache, model by model within a block, so that each
+  // loop is a vector operation and nothing is allocated; each entry's sums still run over the
+  // models in order, as one loop per entry would add them.
+  constexpr std::size_t kBlock = 512;
+  alignas(64) double sign[kBlock], mixed[kBlock], divisor[kBlock];
   const auto n = static_cast<std::size_t>(count);
-  std::vector<double> sum(n, 0.0), mixed(n, 0.0), divisor(n, 0.0);
-  for (const double* delta : weighted)
-    for (std::size_t i = 0; i < n; ++i) sum[i] += delta[i];
-  // The elected sign: + where the sum is >= 0 (as a factor, so that the loops below have no branch).
-  for (std::size_t i = 0; i < n; ++i) sum[i] = sum[i] >= 0.0 ? 1.0 : -1.0;
-  for (std::size_t m = 0; m < weighted.size(); ++m) {
-    const double* delta = weighted[m];
-    const double weight = weights[m];
-    for (std::size_t i = 0; i < n; ++i) {
-      // A delta agrees when its sign is the elected one; a zero (or NaN) delta agrees with neither.
-      const bool agrees = delta[i] * sum[i] > 0.0;
-      mixed[i] += agrees ? delta[i] : 0.0;
-      divisor[i] += agrees ? weight : 0.0;
+  for (std::size_t first = 0; first < n; first += kBlock) {
+    const std::size_t size = std::min(kBlock, n - first);
+    for (std::size_t i = 0; i < size; ++i) sign[i] = mixed[i] = divisor[i] = 0.0;
+    for (const double* delta : weighted) {
+      const double* __restrict block = delta + first;
+#pragma omp simd
+      for (std::size_t i = 0; i < size; ++i) sign[i] += block[i];
     }
-  }
-  for (std::size_t i = 0; i < n; ++i) {
-    const double by = divisor[i] == 0.0 ? 1.0 : divisor[i];
-    out[i] = normalize ? mixed[i] / by : mixed[i];
+    // The elected sign: + where the sum is >= 0 (as a factor, so that the loops below have no branch).
+#pragma omp simd
+    for (std::size_t i = 0; i < size; ++i) sign[i] = sign[i] >= 0.0 ? 1.0 : -1.0;
+    for (std::size_t m = 0; m < weighted.size(); ++m) {
+      const double* __restrict block = weighted[m] + first;
+      const double weight = weights[m];
+#pragma omp simd
+      for (std::size_t i = 0; i < size; ++i) {
+        // A delta agrees when its sign is the elected one; a zero (or NaN) delta agrees with neither.
+        const bool agrees = block[i] * sign[i] > 0.0;
+        mixed[i] += agrees ? block[i] : 0.0;
+        divisor[i] += agrees ? weight : 0.0;
+      }
+    }
+    double* __restrict target = out + first;
+#pragma omp simd
+    for (std::size_t i = 0; i < size; ++i) {
+      const double by = divisor[i] == 0.0 ? 1.0 : divisor[i];
+      target[i] = normalize ? mixed[i] / by : mixed[i];
+    }
   }
 }
 
