@@ -18,6 +18,8 @@ inline std::uint32_t magnitude_bits(float value) {
 }
 
 constexpr std::size_t kBuckets = 1u << 16;
+// The 32-bit lanes are folded into the histogram before any could overflow.
+constexpr long long kFoldEvery = 1LL << 31;
 
 }  // namespace
 
@@ -43,7 +45,23 @@ KthLargestMagnitude::KthLargestMagnitude(long long k) : k_(k), histogram_(kBucke
 void KthLargestMagnitude::add(const float* values, long long n) {
   if (!needs_pass()) return;
   if (pass_ == 0) {
-    for (long long i = 0; i < n; ++i) ++histogram_[magnitude_bits(values[i]) >> 16];
+    // Deltas cluster in few buckets, so one histogram's increments wait on each other; four
+    // interleaved 32-bit histograms, folded in before they could overflow, run about twice as fast.
+    if (lanes_.empty()) lanes_.assign(4 * kBuckets, 0);
+    std::uint32_t* lanes = lanes_.data();
+    for (long long first = 0; first < n; first += kFoldEvery) {
+      const long long stop = std::min(n, first + kFoldEvery);
+      long long i = first;
+      for (; i + 4 <= stop; i += 4) {
+        ++lanes[magnitude_bits(values[i]) >> 16];
+        ++lanes[kBuckets + (magnitude_bits(values[i + 1]) >> 16)];
+        ++lanes[2 * kBuckets + (magnitude_bits(values[i + 2]) >> 16)];
+        ++lanes[3 * kBuckets + (magnitude_bits(values[i + 3]) >> 16)];
+      }
+      for (; i < stop; ++i) ++lanes[magnitude_bits(values[i]) >> 16];
+      pending_ += stop - first;
+      if (pending_ >= kFoldEvery) fold_lanes();
+    }
   } else {
     for (long long i = 0; i < n; ++i) {
       const std::uint32_t bits = magnitude_bits(values[i]);
@@ -52,8 +70,21 @@ void KthLargestMagnitude::add(const float* values, long long n) {
   }
 }
 
+void KthLargestMagnitude::fold_lanes() {
+  for (std::size_t lane = 0; lane < lanes_.size(); lane += kBuckets)
+    for (std::size_t b = 0; b < kBuckets; ++b) histogram_[b] += lanes_[lane + b];
+  std::fill(lanes_.begin(), lanes_.end(), 0u);
+  pending_ = 0;
+}
+
+std::vector<long long>& KthLargestMagnitude::histogram() {
+  if (pending_ > 0) fold_lanes();
+  return histogram_;
+}
+
 void KthLargestMagnitude::next_pass() {
   if (!needs_pass()) return;
+  if (pending_ > 0) fold_lanes();
   const long long wanted = pass_ == 0 ? k_ : k_ - above_;
   long long seen = 0;
   long long chosen = -1;

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -320,22 +321,69 @@ std::vector<V> sign_sum(const std::vector<Reader>& signs, const std::string& nam
   return summed;
 }
 
-// Exact k-th largest magnitude over chunks spread across ranks: the histograms are all-reduced
-// between the passes when the values live on several ranks.
-// `values(chunk)` gives a std::vector of float or double; doubles are ranked as fp32 (trim_magnitude).
+// A tensor's values on this rank (`values(chunk)` for each of `chunks`) for a selection's passes:
+// computed once and kept when they fit in kKeptBytes, so that the passes after the first read
+// memory instead of the inputs again (a TIES merge computed each delta three times); computed
+// again for every pass otherwise, so that memory stays bounded by a chunk on any tensor.
 template <typename Values>
-float distributed_threshold(const Ranks& ranks, long long k, bool across_ranks, const std::vector<Piece>& chunks, Values values) {
+class PassValues {
+ public:
+  using Vector = std::decay_t<std::invoke_result_t<const Values&, const Piece&>>;
+  static constexpr long long kKeptBytes = 64LL << 20;
+
+  PassValues(const std::vector<Piece>& chunks, const Values& values) : chunks_(chunks), values_(values) {
+    long long count = 0;
+    for (const auto& chunk : chunks) count += chunk.count;
+    keep_ = count * static_cast<long long>(sizeof(typename Vector::value_type)) <= kKeptBytes;
+    if (!keep_) return;
+    kept_.reserve(chunks.size());
+    for (const auto& chunk : chunks) kept_.push_back(values(chunk));
+  }
+  std::size_t size() const { return chunks_.size(); }
+  const Piece& chunk(std::size_t j) const { return chunks_[j]; }
+  // Chunk j's values; valid until the next call.
+  const Vector& operator[](std::size_t j) {
+    if (keep_) return kept_[j];
+    current_ = values_(chunks_[j]);
+    return current_;
+  }
+
+ private:
+  const std::vector<Piece>& chunks_;
+  const Values& values_;
+  bool keep_ = false;
+  std::vector<Vector> kept_;
+  Vector current_;
+};
+
+// Exact k-th largest magnitude over chunks spread across ranks: the histograms are all-reduced
+// between the passes when the values live on several ranks. Doubles are ranked as fp32
+// (trim_magnitude).
+template <typename Values>
+float distributed_threshold(const Ranks& ranks, long long k, bool across_ranks, PassValues<Values>& values) {
   KthLargestMagnitude selection(k);
+  std::vector<float> narrow;
   while (selection.needs_pass()) {
-    for (const auto& chunk : chunks) {
-      const auto data = values(chunk);
-      const std::vector<float> narrow(data.begin(), data.end());
-      selection.add(narrow.data(), static_cast<long long>(narrow.size()));
+    for (std::size_t j = 0; j < values.size(); ++j) {
+      const auto& data = values[j];
+      if constexpr (std::is_same_v<typename PassValues<Values>::Vector, std::vector<float>>) {
+        selection.add(data.data(), static_cast<long long>(data.size()));
+      } else {
+        narrow.assign(data.begin(), data.end());
+        selection.add(narrow.data(), static_cast<long long>(narrow.size()));
+      }
     }
     if (across_ranks) ranks.reduce_statistics(selection.histogram());
     selection.next_pass();
   }
   return selection.threshold();
+}
+
+// As above, `values(chunk)` giving a std::vector of float or double for each of `chunks`.
+template <typename Values>
+float distributed_threshold(const Ranks& ranks, long long k, bool across_ranks, const std::vector<Piece>& chunks, const Values& values) {
+  PassValues<Values> passes(chunks, values);
+  return distributed_threshold(ranks, k, across_ranks, passes);
 }
 
 // mergekit's trim of one vector within one tensor: exactly k entries survive, those above the
@@ -366,20 +414,24 @@ struct Trim {
 // Collective over the ranks that hold part of the tensor when it is split: `mine` are this
 // rank's chunks of it, `values(chunk)` the vector's values there.
 template <typename Values>
-Trim exact_trim(const Ranks& ranks, long long k, long long numel, bool split, const std::vector<Piece>& mine, Values values) {
+Trim exact_trim(const Ranks& ranks, long long k, long long numel, bool split, const std::vector<Piece>& mine, const Values& values) {
   Trim trim;
   trim.keep_all = k >= numel;
   if (trim.keep_all) return trim;
-  trim.threshold = distributed_threshold(ranks, k, split, mine, values);
+  PassValues<Values> passes(mine, values);
+  trim.threshold = distributed_threshold(ranks, k, split, passes);
   // Counts above and at the threshold; the ties to keep go to the earliest entries.
   std::vector<long long> tied(mine.size(), 0);
   std::vector<long long> totals(1 + static_cast<std::size_t>(ranks.size()), 0);  // above, then tied per rank
   for (std::size_t j = 0; j < mine.size(); ++j) {
-    for (auto value : values(mine[j])) {
+    long long above = 0, at = 0;
+    for (auto value : passes[j]) {
       const float magnitude = trim_magnitude(value);
-      totals[0] += magnitude > trim.threshold;
-      tied[j] += magnitude == trim.threshold;
+      above += magnitude > trim.threshold;
+      at += magnitude == trim.threshold;
     }
+    totals[0] += above;
+    tied[j] = at;
     totals[1 + static_cast<std::size_t>(ranks.rank())] += tied[j];
   }
   if (split) ranks.reduce_statistics(totals);

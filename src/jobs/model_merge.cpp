@@ -763,9 +763,10 @@ class DeltaMerge {
   }
 
   // The merged delta of a chunk, before lambda.
-  std::vector<double> mixed_of(const Piece& chunk) const {
+  std::vector<double> mixed_of(const Piece& chunk) const { return mixed_of(chunk, load_of(*in_.base, chunk)); }
+  // The same with the base's values on the chunk.
+  std::vector<double> mixed_of(const Piece& chunk, const std::vector<V>& base_values) const {
     const auto count = static_cast<std::size_t>(chunk.count);
-    const auto base_values = load_of(*in_.base, chunk);
     std::vector<std::vector<double>> deltas;
     for (std::size_t m = 0; m < models(); ++m) deltas.push_back(weighted_delta(m, chunk, base_values));
     std::vector<double> mixed(count, 0.0);
@@ -790,14 +791,14 @@ class DeltaMerge {
 
   // base + lambda * the mixed delta (masked with merge-then-mask).
   std::vector<double> merged_of(const Piece& chunk) const {
-    auto mixed = mixed_of(chunk);
+    const auto reference = load_of(*in_.base, chunk);
+    auto mixed = mixed_of(chunk, reference);
     if (job_.order == MergeOrder::kMergeThenMask) {
       const std::vector<V> unmasked(mixed.begin(), mixed.end());
       std::vector<V> masked;
       mask_chunk(job_.mode, job_.mask, layout_[chunk.tensor], chunk, unmasked, summed_signs(chunk), merged_sums_, masked);
       mixed.assign(masked.begin(), masked.end());
     }
-    const auto reference = load_of(*in_.base, chunk);
     std::vector<double> result(mixed.size());
     const double lambda = parameters(chunk).lambda;
     for (std::size_t i = 0; i < result.size(); ++i) result[i] = reference[i] + lambda * mixed[i];

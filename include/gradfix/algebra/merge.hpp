@@ -15,6 +15,7 @@
 // to the earliest entries), the sign of the summed values elected (+ when the sum is 0).
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -87,7 +88,8 @@ class KthLargestMagnitude {
   // True while another pass over all values is needed.
   bool needs_pass() const { return pass_ < 2 && k_ > 0; }
   void add(const float* values, long long n);
-  std::vector<long long>& histogram() { return histogram_; }
+  // This pass's counts so far (to be summed across ranks before next_pass).
+  std::vector<long long>& histogram();
   // Closes the current pass.
   void next_pass();
   float threshold() const;
@@ -100,6 +102,9 @@ class KthLargestMagnitude {
   long long above_ = 0;  // values strictly above the chosen bucket
   bool keep_all_ = false;
   std::vector<long long> histogram_;
+  std::vector<std::uint32_t> lanes_;  // the first pass's counts not yet folded into histogram_
+  long long pending_ = 0;             // values counted in lanes_
+  void fold_lanes();
 };
 
 }  // namespace gradfix
