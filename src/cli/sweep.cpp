@@ -337,15 +337,19 @@ long long collect_sweep(const SweepPlan& plan, std::ostream& log) {
   std::ostringstream csv;
   csv << "task";
   for (const auto& axis : plan.axis_names) csv << "," << csv_field(axis);
-  csv << ",method,accuracy,loss,alpha,kept,sign_agreement,directional_derivative\n";
+  csv << ",method,accuracy,loss,alpha,kept,sign_agreement,directional_derivative,forward_samples,backward_samples\n";
   for (const auto& record : records) {
     if (record.result.contains("metric") && record.result.at("metric").is_string()) metric = record.result.at("metric").get<std::string>();
     for (const auto& row : record.result.at("rows")) {
       csv << csv_field(record.point->task);
       for (const auto& axis : record.point->axes) csv << "," << csv_field(axis.second);
       auto value = [&](const char* key) { return row.contains(key) && row.at(key).is_number() ? number(row.at(key).get<double>(), 6) : ""; };
+      auto count = [&](const char* key) {
+        return row.contains(key) && row.at(key).is_number_integer() ? std::to_string(row.at(key).get<long long>()) : std::string();
+      };
       csv << "," << csv_field(row.value("method", "")) << "," << value("test_accuracy") << "," << value("test_loss") << "," << value("alpha")
-          << "," << value("kept") << "," << value("sign_agreement_with_tau_b") << "," << value("directional_derivative") << "\n";
+          << "," << value("kept") << "," << value("sign_agreement_with_tau_b") << "," << value("directional_derivative") << ","
+          << count("forward_samples") << "," << count("backward_samples") << "\n";
     }
   }
 

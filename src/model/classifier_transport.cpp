@@ -46,12 +46,12 @@ class ReplicatedTarget final : public TransportTarget {
     for (const auto& entry : base_) names_.push_back(entry.first);
     // The few-shot fine-tuning rows: every tensor tuned, or some frozen (--finetune-freeze), or both.
     if (job.few_shot_baseline) {
-      if (job.finetune_freeze.empty() || job.few_shot_unfrozen_too) few_shot_variants_.push_back({"few-shot fine-tuning of B", {}});
+      if (job.finetune_freeze.empty() || job.few_shot_unfrozen_too) few_shot_variants_.push_back({"", {}});
       if (!job.finetune_freeze.empty()) {
         std::string patterns;
         // The user's own patterns, as given (a label, not a name read from a file).
         for (const auto& pattern : job.finetune_freeze) patterns += (patterns.empty() ? "" : " ") + pattern;
-        few_shot_variants_.push_back({"few-shot fine-tuning of B (" + (job.finetune_freeze_label.empty() ? "frozen: " + patterns : job.finetune_freeze_label) + ")",
+        few_shot_variants_.push_back({" (" + (job.finetune_freeze_label.empty() ? "frozen: " + patterns : job.finetune_freeze_label) + ")",
                                       frozen_tensors(model_, job.finetune_freeze, "--finetune-freeze", job.target.empty() ? "B" : job.target)});
       }
     }
@@ -112,17 +112,31 @@ class ReplicatedTarget final : public TransportTarget {
     return as_score(evaluate_with(model_, base_, vectors_of(*delta), alpha, data));
   }
 
-  std::vector<TransportRow> finetune_rows(const ParameterVector& gradient) override {
+  std::vector<TransportRow> finetune_rows(const ParameterVector& gradient, const FinetuneStart& start) override {
     (void)gradient;  // the classifiers' few-shot rows report no <g, d>
+    // B + alpha * delta as score() sets it, so that fine-tuning starts from the model GradFix scored.
+    Vectors begin = base_;
+    if (start.delta != nullptr) {
+      set_moved_parameters(model_, base_, vectors_of(*start.delta), start.alpha);
+      begin = parameter_values(model_);
+      set_parameter_values(model_, base_);
+    }
     std::vector<TransportRow> rows;
-    for (const auto& [label, frozen] : few_shot_variants_) {
-      set_parameter_values(model_, finetuned(frozen));
+    for (const auto& [variant, frozen] : few_shot_variants_) {
+      TransportRow row;
+      set_parameter_values(model_, finetuned(frozen, begin, row));
       const Evaluation test = evaluate(model_, in_.test);
-      rows.push_back(make_transport_row(label, test.accuracy, test.loss, -1, -1, -1));
+      const long long forward = row.forward_samples, backward = row.backward_samples;
+      row = make_transport_row(start.label + variant, test.accuracy, test.loss, -1, -1, -1);
+      row.forward_samples = forward;
+      row.backward_samples = backward;
+      rows.push_back(row);
       set_parameter_values(model_, base_);
     }
     return rows;
   }
+  long long shot_count() const override { return shots_.size(); }
+  long long support_count() const override { return support_.size(); }
 
   std::optional<Score> target_finetuned_score() override {
     if (in_.target_finetuned.empty()) return std::nullopt;
@@ -135,14 +149,16 @@ class ReplicatedTarget final : public TransportTarget {
  private:
   static Score as_score(const Evaluation& evaluation) { return {evaluation.loss, evaluation.accuracy}; }
 
-  // Few-shot fine-tuning of B on the shots, learning rate and steps chosen on the support set's
-  // accuracy; the frozen tensors are left out of the optimizer. Returns the chosen parameters.
-  Vectors finetuned(const std::set<std::string>& frozen) {
+  // Few-shot fine-tuning from `start` on the shots, learning rate and steps chosen on the support
+  // set's accuracy; the frozen tensors are left out of the optimizer. Returns the chosen
+  // parameters; `compute` gets the samples passed forward and backward.
+  Vectors finetuned(const std::set<std::string>& frozen, const Vectors& start, TransportRow& compute) {
     double best_accuracy = -1.0;
-    Vectors best = base_;
+    Vectors best = start;
+    compute.forward_samples = compute.backward_samples = 0;
     const std::vector<long long> step_counts = finetune_steps();
     for (double lr : finetune_lrs()) {
-      set_parameter_values(model_, base_);
+      set_parameter_values(model_, start);
       std::vector<torch::Tensor> parameters;
       for (auto& [name, parameter] : model_.parameters())
         if (frozen.count(name) == 0) parameters.push_back(parameter);
@@ -155,8 +171,11 @@ class ReplicatedTarget final : public TransportTarget {
           torch::nn::functional::cross_entropy(model_.forward(inputs), labels).backward();
           optimizer.step();
           count_progress(shots_.size());
+          compute.forward_samples += shots_.size();
+          compute.backward_samples += shots_.size();
         }
         const double accuracy = evaluate(model_, support_).accuracy;
+        compute.forward_samples += support_.size();
         if (accuracy > best_accuracy) {
           best_accuracy = accuracy;
           best = parameter_values(model_);
@@ -204,7 +223,8 @@ std::vector<TransportRow> transport_core(TransportInputs& in, const TransportJob
   const TransportRecipe recipe = classifier_recipe(job);
   Progress progress(context, "transport",
                     transport_sample_passes(job.sign_mode, target.shots(), target.support(), in.test.size(), recipe.alpha.grid.size(),
-                                            !in.tau_b.empty(), target.finetune_runs(), target.finetune_steps(), !in.target_finetuned.empty()),
+                                            !in.tau_b.empty(), target.finetune_runs(), target.finetune_steps(), !in.target_finetuned.empty(),
+                                            job.gradfix_finetune ? 2 : 1),
                     0, "samples");
   std::optional<CurrentProgress> current;
   if (report_progress) current.emplace(progress);

@@ -237,15 +237,18 @@ class Demo {
                       std::map<std::pair<std::string, std::string>, std::vector<TransportRow>>& by_cell) {
     // What each method did, averaged over the tasks_ and seeds.
     out_ << std::left << std::setw(42) << "  (averages over tasks and seeds)" << std::right << std::setw(10) << "alpha" << std::setw(10) << "kept"
-        << std::setw(12) << "agree(B)" << std::setw(12) << "<g,d>" << "\n";
+        << std::setw(12) << "agree(B)" << std::setw(12) << "<g,d>" << std::setw(10) << "fwd" << std::setw(10) << "bwd" << "\n";
     for (const auto& method : order) {
       double alpha = 0, kept = 0, agree = 0, derivative = 0, n = 0;
+      double forward = 0, backward = 0;  // negative where the row's compute is not known
       for (const auto& task : task_names_)
         for (const auto& row : by_cell[{method, task}]) {
           alpha += row.alpha;
           kept += row.kept;
           agree += row.sign_agreement;
           derivative += row.directional_derivative;
+          forward += static_cast<double>(row.forward_samples);
+          backward += static_cast<double>(row.backward_samples);
           n += 1;
         }
       auto optional = [](double value, int precision, bool percent) {
@@ -256,10 +259,11 @@ class Demo {
       };
       out_ << std::left << std::setw(42) << ("  " + method) << std::right << std::setw(10) << optional(alpha / n, 2, false) << std::setw(10)
           << optional(kept / n, 1, true) << std::setw(12) << optional(agree / n, 1, true) << std::setw(12) << derivative_cell(derivative / n)
-          << "\n";
+          << std::setw(10) << samples_cell(forward < 0 ? -1 : std::llround(forward / n)) << std::setw(10)
+          << samples_cell(backward < 0 ? -1 : std::llround(backward / n)) << "\n";
       for (const auto& task : task_names_) {
         std::vector<double> accuracies;
-        double task_alpha = 0, task_derivative = 0, task_kept = 0, task_agreement = 0;
+        double task_alpha = 0, task_derivative = 0, task_kept = 0, task_agreement = 0, task_forward = 0, task_backward = 0;
         std::vector<AlphaPoint> curve;  // the support set's loss per alpha, summed over the seeds
         for (const auto& row : by_cell[{method, task}]) {
           accuracies.push_back(row.accuracy);
@@ -267,6 +271,8 @@ class Demo {
           task_derivative += row.directional_derivative;
           task_kept += row.kept;
           task_agreement += row.sign_agreement;
+          task_forward += static_cast<double>(row.forward_samples);
+          task_backward += static_cast<double>(row.backward_samples);
           if (curve.empty()) curve.resize(row.curve.size());
           for (std::size_t i = 0; i < row.curve.size() && i < curve.size(); ++i) {
             curve[i].alpha = row.curve[i].alpha;
@@ -283,6 +289,10 @@ class Demo {
         if (!std::isnan(task_derivative)) entry["directional_derivative_mean"] = task_derivative / count;
         if (task_kept >= 0) entry["kept_mean"] = task_kept / count;
         if (task_agreement >= 0) entry["sign_agreement_mean"] = task_agreement / count;
+        if (task_forward >= 0) {
+          entry["forward_samples_mean"] = task_forward / count;
+          entry["backward_samples_mean"] = task_backward / count;
+        }
         if (!curve.empty()) {
           nlohmann::json points = nlohmann::json::array();
           for (const auto& point : curve)

@@ -100,6 +100,9 @@ struct FinetuneChoice {
   double lr = 0.0;
   long long steps = 0;
   double support_loss = 0.0;
+  // Samples passed forward and backward over every run (the row's compute).
+  long long forward_samples = 0;
+  long long backward_samples = 0;
 };
 
 // Few-shot fine-tuning of B with the parameters sharded: full-batch Adam on the shots (the mean
@@ -109,10 +112,11 @@ struct FinetuneChoice {
 // pieces: the gradient is the mean-mode statistic (summed -gradients, reduced over the ranks like
 // the votes), and the Adam moments live beside the pieces, so the optimiser's memory is sharded
 // too (the update, two moments and the best update so far: four float32 copies of a rank's
-// pieces). Returns the chosen update, to be evaluated as B + 1 * update.
+// pieces). `start` (null: B itself) is where every run starts, as B + 1 * start. Returns the
+// chosen update, to be evaluated as B + 1 * update.
 Pieces sharded_finetune(const LayeredModel& model, ShardedWeights& weights, const SampleSource& shots, const SampleSource& support,
                         const std::vector<double>& lrs, const std::vector<long long>& step_counts, const JobContext& context,
-                        const torch::Device& device, FinetuneChoice& choice) {
+                        const torch::Device& device, const Pieces* start, FinetuneChoice& choice) {
   constexpr double kBeta1 = 0.9, kBeta2 = 0.999, kEpsilon = 1e-8;
   ShardedSignsOptions options;
   options.sign_mode = SignMode::kMean;
@@ -125,12 +129,14 @@ Pieces sharded_finetune(const LayeredModel& model, ShardedWeights& weights, cons
   Pieces best;
   choice.support_loss = std::numeric_limits<double>::infinity();
   for (double lr : lrs) {
-    Pieces update = zeros(), first = zeros(), second = zeros();
+    Pieces update = start != nullptr ? *start : zeros(), first = zeros(), second = zeros();
     weights.set_offset(&update, 1.0f);
     long long done = 0;
     for (long long steps : step_counts) {
       for (; done < steps; ++done) {
         const ShardedStatistics statistics = sharded_statistics(model, weights, shots, options, context, device);
+        choice.forward_samples += shots.samples;
+        choice.backward_samples += shots.samples;
         const double scale = -1.0 / static_cast<double>(statistics.samples);  // summed -gradients -> mean gradient
         const double correct1 = 1.0 - std::pow(kBeta1, static_cast<double>(done + 1));
         const double correct2 = 1.0 - std::pow(kBeta2, static_cast<double>(done + 1));
@@ -149,9 +155,12 @@ Pieces sharded_finetune(const LayeredModel& model, ShardedWeights& weights, cons
         }
       }
       const double loss = score(model, weights, support, context, device).loss;
+      choice.forward_samples += support.samples;
       if (!std::isfinite(loss)) break;  // diverged: later steps at this rate are not candidates
       if (loss < choice.support_loss) {
-        choice = {lr, steps, loss};
+        choice.lr = lr;
+        choice.steps = steps;
+        choice.support_loss = loss;
         best = update;
       }
     }
@@ -178,6 +187,7 @@ class ShardedTarget final : public TransportTarget {
       : job_(job), model_(model), weights_(weights), data_(data), device_(device), context_(context) {}
 
   const FinetuneChoice& finetune_choice() const { return finetuned_; }
+  const FinetuneChoice& gradfix_finetune_choice() const { return gradfix_finetuned_; }
   std::vector<double> finetune_lrs() const { return job_.finetune_lrs.empty() ? std::vector<double>{1e-5, 3e-5, 1e-4} : job_.finetune_lrs; }
   std::vector<long long> finetune_steps() const { return job_.finetune_steps.empty() ? std::vector<long long>{5, 20, 50} : job_.finetune_steps; }
 
@@ -234,13 +244,26 @@ class ShardedTarget final : public TransportTarget {
     return result;
   }
 
-  std::vector<TransportRow> finetune_rows(const ParameterVector& gradient) override {
-    const Pieces update = sharded_finetune(model_, weights_, data_.shots, data_.support, finetune_lrs(), finetune_steps(), context_, device_, finetuned_);
+  std::vector<TransportRow> finetune_rows(const ParameterVector& gradient, const FinetuneStart& start) override {
+    FinetuneChoice& choice = start.delta == nullptr ? finetuned_ : gradfix_finetuned_;
+    choice = FinetuneChoice{};
+    Pieces begin;
+    if (start.delta != nullptr) {
+      begin = *start.delta;
+      for (auto& piece : begin)
+        for (auto& value : piece) value *= static_cast<float>(start.alpha);
+    }
+    const Pieces update = sharded_finetune(model_, weights_, data_.shots, data_.support, finetune_lrs(), finetune_steps(), context_, device_,
+                                           start.delta == nullptr ? nullptr : &begin, choice);
     const Score test = score(&update, 1.0, Split::kTest);
-    TransportRow row = make_transport_row("few-shot fine-tuning of B", test.accuracy, test.loss, -1, -1, -1);
+    TransportRow row = make_transport_row(start.label, test.accuracy, test.loss, -1, -1, -1);
     row.directional_derivative = dot(gradient, update);
+    row.forward_samples = choice.forward_samples;
+    row.backward_samples = choice.backward_samples;
     return {row};
   }
+  long long shot_count() const override { return data_.shots.samples; }
+  long long support_count() const override { return data_.support.samples; }
 
   std::optional<Score> target_finetuned_score() override {
     if (job_.target_finetuned.empty()) return std::nullopt;
@@ -256,7 +279,8 @@ class ShardedTarget final : public TransportTarget {
   const ShardedTransportData& data_;
   const torch::Device& device_;
   const JobContext& context_;
-  FinetuneChoice finetuned_;
+  FinetuneChoice finetuned_;          // from B
+  FinetuneChoice gradfix_finetuned_;  // from GradFix's transported model
   std::string cache_inputs_;  // statistics_inputs, once computed
   long long cache_hits_ = 0, cache_misses_ = 0;
   std::ostringstream cache_log_;
@@ -396,6 +420,11 @@ void write_transport_results(const TransportJob& job, const LayeredModel& model,
       results["few_shot_finetuning"] = {{"optimizer", "adam"}, {"learning_rates", finetune_lrs}, {"step_counts", finetune_steps},
                                         {"chosen_by", "support mean loss"}, {"learning_rate", finetuned.lr},
                                         {"steps", finetuned.steps}, {"support_loss", finetuned.support_loss}};
+    if (job.few_shot_baseline && job.gradfix_finetune) {
+      const FinetuneChoice& chosen = target.gradfix_finetune_choice();
+      results["gradfix_finetuning"] = {{"start", "B + alpha * masked tau at GradFix's alpha"}, {"learning_rate", chosen.lr},
+                                       {"steps", chosen.steps}, {"support_loss", chosen.support_loss}};
+    }
     write_text_file_atomically(job.results, results.dump(2) + "\n");
   });
   if (context.is_root()) log << "transport: results written to " << job.results << "\n";
@@ -412,7 +441,7 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
   Progress progress(context, "transport",
                     transport_sample_passes(job.sign_mode, data.shots.samples, data.support.samples, data.test.samples, recipe.alpha.grid.size(),
                                             !vectors.tau_b.empty(), job.few_shot_baseline ? target.finetune_lrs().size() : 0,
-                                            target.finetune_steps(), !job.target_finetuned.empty()),
+                                            target.finetune_steps(), !job.target_finetuned.empty(), job.gradfix_finetune ? 2 : 1),
                     0, "samples");
   std::optional<CurrentProgress> current(progress);
   const TransportOutcome outcome = run_transport_recipe(target, vectors.tau, vectors.tau_b.empty() ? nullptr : &vectors.tau_b, recipe);
@@ -428,6 +457,11 @@ std::vector<TransportRow> run_sharded_transport(const TransportJob& job, const L
     if (job.few_shot_baseline)
       log << "transport: few-shot fine-tuning: Adam, full batch on the shots, learning rate " << finetuned.lr << " and " << finetuned.steps
           << " steps chosen on the support set's mean loss (" << finetuned.support_loss << ")\n";
+    if (job.few_shot_baseline && job.gradfix_finetune) {
+      const FinetuneChoice& chosen = target.gradfix_finetune_choice();
+      log << "transport: the same from GradFix's model: learning rate " << chosen.lr << " and " << chosen.steps << " steps (support loss "
+          << chosen.support_loss << ")\n";
+    }
   }
   if (!job.out.empty()) write_transported_model(job, *vectors.weights, outcome, data.shots.samples, log, context);
   if (!job.results.empty()) write_transport_results(job, model, data, recipe, target, outcome.rows, log, context);

@@ -38,6 +38,7 @@ TransportRecipe transport_recipe(const TransportJob& job, AlphaPolicy::Metric me
   recipe.alpha.grid = job.alphas.empty() ? default_alphas() : job.alphas;
   recipe.alpha.metric = metric;
   recipe.few_shot = job.few_shot_baseline;
+  recipe.gradfix_finetune = job.gradfix_finetune;
   return recipe;
 }
 
@@ -52,7 +53,9 @@ double kept_fraction(const PairStats& kept) {
 }
 
 // B + alpha * delta for every alpha of the grid on the support set (and the shots' own loss, for
-// the curve), the alpha the policy chooses, then that alpha once on the test set.
+// the curve), the alpha the policy chooses, then that alpha once on the test set. Its compute: the
+// grid's forward passes over the support set and the shots (the test set, which every row reads
+// once, is not counted).
 TransportRow searched_row(TransportTarget& target, const AlphaPolicy& policy, const std::string& method, const ParameterVector& delta,
                           double kept, double agreement) {
   std::vector<AlphaPoint> curve;
@@ -64,7 +67,16 @@ TransportRow searched_row(TransportTarget& target, const AlphaPolicy& policy, co
   const Score test = target.score(&delta, alpha, Split::kTest);
   TransportRow row = make_transport_row(method, test.accuracy, test.loss, alpha, kept, agreement);
   row.curve = curve;
+  row.forward_samples = static_cast<long long>(policy.grid.size()) * (target.support_count() + target.shot_count());
+  row.backward_samples = 0;
   return row;
+}
+
+// GradFix's statistics: one forward and one backward pass of every shot (per-sample votes cost the
+// same passes as their mean).
+void add_statistics_compute(TransportTarget& target, TransportRow& row) {
+  row.forward_samples += target.shot_count();
+  row.backward_samples += target.shot_count();
 }
 
 }  // namespace
@@ -84,6 +96,7 @@ TransportOutcome run_transport_recipe(TransportTarget& target, const ParameterVe
 
   const Score zero_shot = target.score(nullptr, 0.0, Split::kTest);
   rows.push_back(make_transport_row("B zero-shot", zero_shot.accuracy, zero_shot.loss, -1, -1, -1));
+  rows.back().forward_samples = rows.back().backward_samples = 0;
   add_searched("B + alpha tau_A (naive)", tau, 1.0, -1);
 
   out.masked = target.mask(recipe.mask_mode, recipe.mask, tau, statistics);
@@ -91,6 +104,8 @@ TransportOutcome run_transport_recipe(TransportTarget& target, const ParameterVe
   const double agreement = tau_b != nullptr ? target.compare(statistics, *tau_b).sign_agreement() : -1;
   out.gradfix_alpha = add_searched(gradfix_label(recipe.sign_mode, recipe.mask_mode), out.masked,
                                    kept_fraction(target.compare(out.masked, tau)), agreement);
+  add_statistics_compute(target, rows.back());
+  const TransportRow gradfix = rows.back();
 
   if (tau_b != nullptr) {
     const ParameterVector oracle = target.mask(MaskMode::kOracle, recipe.mask, tau, *tau_b);
@@ -98,8 +113,16 @@ TransportOutcome run_transport_recipe(TransportTarget& target, const ParameterVe
     add_searched("oracle mask sign(tau_B)", oracle, static_cast<double>(kept.nonzero_a) / static_cast<double>(std::max(1LL, kept.nonzero_b)),
                  1.0);
   }
-  if (recipe.few_shot)
-    for (auto& row : target.finetune_rows(gradient)) rows.push_back(std::move(row));
+  if (recipe.few_shot) {
+    for (auto& row : target.finetune_rows(gradient, FinetuneStart{})) rows.push_back(std::move(row));
+    // The same fine-tuning from B + alpha * masked tau: it costs GradFix's passes and the few-shot row's.
+    if (recipe.gradfix_finetune)
+      for (auto& row : target.finetune_rows(gradient, FinetuneStart{"GradFix + few-shot fine-tuning", &out.masked, out.gradfix_alpha})) {
+        row.forward_samples += gradfix.forward_samples;
+        row.backward_samples += gradfix.backward_samples;
+        rows.push_back(std::move(row));
+      }
+  }
   if (const auto upper = target.target_finetuned_score())
     rows.push_back(make_transport_row("B fine-tuned (upper bound)", upper->accuracy, upper->loss, -1, -1, -1));
   return out;
@@ -109,8 +132,10 @@ TransportRow gradfix_row(TransportTarget& target, const ParameterVector& tau, co
   const ParameterVector statistics = target.statistics(recipe.sign_mode);
   ParameterVector masked = target.mask(recipe.mask_mode, recipe.mask, tau, statistics);
   if (recipe.control) masked = recipe.control(masked);
-  return searched_row(target, recipe.alpha, gradfix_label(recipe.sign_mode, recipe.mask_mode), masked,
-                      kept_fraction(target.compare(masked, tau)), -1);
+  TransportRow row = searched_row(target, recipe.alpha, gradfix_label(recipe.sign_mode, recipe.mask_mode), masked,
+                                  kept_fraction(target.compare(masked, tau)), -1);
+  add_statistics_compute(target, row);
+  return row;
 }
 
 }  // namespace gradfix

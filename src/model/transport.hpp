@@ -50,6 +50,15 @@ struct Score {
   double accuracy = 0.0;  // correct predictions over counted targets (samples or tokens)
 };
 
+// Where few-shot fine-tuning starts: B, or B + alpha * delta (GradFix's transported model, the
+// same shots and the same learning-rate and step search after it). `label` begins each row's
+// method; a variant of the target's adds its own words after it.
+struct FinetuneStart {
+  std::string label = "few-shot fine-tuning of B";
+  const ParameterVector* delta = nullptr;  // null: B itself
+  double alpha = 0.0;
+};
+
 class TransportTarget {
  public:
   virtual ~TransportTarget() = default;
@@ -67,9 +76,13 @@ class TransportTarget {
   virtual double dot(const ParameterVector& a, const ParameterVector& b) = 0;
   // B + alpha * delta (B itself when `delta` is null) on a split.
   virtual Score score(const ParameterVector* delta, double alpha, Split split) = 0;
-  // The few-shot fine-tuning rows (every variant the target runs), each on the test set; `gradient`
-  // is g, for the rows' <g, d> where the target reports it.
-  virtual std::vector<TransportRow> finetune_rows(const ParameterVector& gradient) = 0;
+  // The few-shot fine-tuning rows (every variant the target runs), each on the test set, each
+  // with the samples its fine-tuning passed forward and backward; `gradient` is g, for the rows'
+  // <g, d> where the target reports it. Fine-tuning starts at `start`.
+  virtual std::vector<TransportRow> finetune_rows(const ParameterVector& gradient, const FinetuneStart& start) = 0;
+  // The samples of the shots and of the support set, for the rows' compute.
+  virtual long long shot_count() const = 0;
+  virtual long long support_count() const = 0;
   // B's own fine-tune on the test set, when the job gave one.
   virtual std::optional<Score> target_finetuned_score() = 0;
 };
@@ -80,6 +93,8 @@ struct TransportRecipe {
   MaskOptions mask;
   AlphaPolicy alpha;
   bool few_shot = true;  // the few-shot fine-tuning rows
+  // With few_shot: the same fine-tuning again from GradFix's transported model.
+  bool gradfix_finetune = true;
   // Replaces the masked vector before its alpha is searched (the demo's random control at the
   // mask's kept count); null: none.
   std::function<ParameterVector(const ParameterVector& masked)> control;

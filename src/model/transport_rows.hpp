@@ -19,6 +19,8 @@ nlohmann::json transport_rows_json(const std::vector<TransportRow>& rows);
 void add_derivative_summary(const std::vector<TransportRow>& rows, nlohmann::json& results);
 // <g, d> as a table cell: scientific notation, or "-" where the row has none.
 std::string derivative_cell(double derivative);
+// A sample count as a table cell: "4800", "250.0k", "1.2M", or "-" where it is not known.
+std::string samples_cell(long long samples);
 
 // A row of the table; the directional derivative and the alpha curve are set after, where they exist.
 inline TransportRow make_transport_row(const std::string& method, double accuracy, double loss, double alpha, double kept, double agreement) {
@@ -36,15 +38,16 @@ inline TransportRow make_transport_row(const std::string& method, double accurac
 // shots (a second pass for the mean gradient in max mode), the zero-shot test, each row whose
 // alpha is searched (naive, GradFix, and the oracle with tau_B: the grid on the support set and
 // the shots, then the test), few-shot fine-tuning (every step on the shots, every step count
-// scored on the support set, per learning rate, then the test) and the upper bound's test.
+// scored on the support set, per learning rate, then the test; once from B and, with
+// `finetune_starts` 2, again from GradFix's model) and the upper bound's test.
 inline long long transport_sample_passes(SignMode sign_mode, long long shots, long long support, long long test, std::size_t alphas,
                                          bool oracle, std::size_t finetune_lrs, const std::vector<long long>& finetune_steps,
-                                         bool upper_bound) {
+                                         bool upper_bound, int finetune_starts) {
   long long total = shots * (sign_mode == SignMode::kMax ? 2 : 1) + test;
   total += (oracle ? 3 : 2) * (static_cast<long long>(alphas) * (support + shots) + test);
   if (finetune_lrs > 0) {
     const long long steps = finetune_steps.empty() ? 0 : finetune_steps.back();
-    total += static_cast<long long>(finetune_lrs) * (steps * shots + static_cast<long long>(finetune_steps.size()) * support) + test;
+    total += finetune_starts * (static_cast<long long>(finetune_lrs) * (steps * shots + static_cast<long long>(finetune_steps.size()) * support) + test);
   }
   return total + (upper_bound ? test : 0);
 }

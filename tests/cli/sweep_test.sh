@@ -68,22 +68,36 @@ lines = open("table-once.md").read().splitlines()
 header = [l for l in lines if l.startswith("| method")][0]
 assert header == "| method | eurosat | svhn | gtsrb | resisc45 | dtd | average |", header
 rows = [l.split("|")[1].strip() for l in lines if l.startswith("| ") and not l.startswith("| method")]
-assert rows == ["zero-shot", "naive (B + alpha tau_A)", "few-shot fine-tuning", "GradFix (max, normal)", "oracle (sign(tau_B) mask)", "fine-tuned B"], rows
+assert rows == ["zero-shot", "naive (B + alpha tau_A)", "few-shot fine-tuning", "GradFix (max, normal)", "GradFix + few-shot fine-tuning",
+                "oracle (sign(tau_B) mask)", "fine-tuned B"], rows
 for l in lines:
     if l.startswith("| zero-shot"):
         cells = [c.strip() for c in l.split("|")[2:-1]]
         assert all("+-" in c for c in cells[:5]) and cells[5] != "-", cells
 PY
-check "results.csv: a header and 6 rows per point" test "$(wc -l <results-once.csv)" -eq 61
+check "results.csv: a header and 7 rows per point" test "$(wc -l <results-once.csv)" -eq 71
+check "results.csv: each row's compute; fine-tuning from GradFix costs GradFix's and fine-tuning's" python3 - <<'PY'
+import csv, collections
+rows = list(csv.DictReader(open("results-once.csv")))
+by_point = collections.defaultdict(dict)
+for row in rows:
+    by_point[(row["task"], row.get("seed", ""))][row["method"]] = row
+for methods in by_point.values():
+    cost = lambda m: (int(methods[m]["forward_samples"]), int(methods[m]["backward_samples"]))
+    gradfix, tuned, both = cost("GradFix (max, normal)"), cost("few-shot fine-tuning of B"), cost("GradFix + few-shot fine-tuning")
+    assert both == (gradfix[0] + tuned[0], gradfix[1] + tuned[1]) and tuned[1] > 0 and gradfix[1] > 0, (gradfix, tuned, both)
+    assert methods["B fine-tuned (upper bound)"]["forward_samples"] == "", methods["B fine-tuned (upper bound)"]
+PY
 
 # Plots of the finished sweep (launch/plot): each as PNG and SVG, the methods in the legends.
 "$repo/launch/plot" out/paper-table1 --out plots >plot.log
-for name in accuracy_vs_shots accuracy_by_task sign_agreement accuracy_vs_alpha alpha_curves; do
+for name in accuracy_vs_shots accuracy_vs_compute accuracy_by_task sign_agreement accuracy_vs_alpha alpha_curves; do
   check "launch/plot: $name.png is a PNG" bash -c "head -c 4 plots/$name.png | od -An -tx1 | grep -q '89 50 4e 47'"
   check "launch/plot: $name.svg is an SVG" grep -q "<svg" "plots/$name.svg"
 done
 check "launch/plot: every method in the accuracy plot" bash -c "grep -q 'GradFix (max, normal)' plots/accuracy_vs_shots.svg &&
   grep -q 'few-shot fine-tuning of B' plots/accuracy_vs_shots.svg && grep -q 'oracle mask sign(tau_B)' plots/accuracy_vs_shots.svg"
+check "launch/plot: fine-tuning from GradFix against compute" grep -q 'GradFix + few-shot fine-tuning' plots/accuracy_vs_compute.svg
 check "launch/plot: the alpha curves of the searched rows only" bash -c "grep -q 'B + alpha tau_A (naive)' plots/alpha_curves.svg &&
   ! grep -q 'B zero-shot' plots/alpha_curves.svg"
 check "launch/plot: nothing skipped" bash -c "! grep -q skipped plot.log"

@@ -198,6 +198,29 @@ check "few-shot fine-tuning picks the grid point of lowest support loss (3 steps
 import json
 chosen = json.load(open('ft-grid.json'))['few_shot_finetuning']
 assert chosen['learning_rate'] == 0.001 and chosen['steps'] == 3, chosen"
+
+# Fine-tuning from GradFix's model with the parameters sharded (issue 27): at alpha 0 it starts
+# at B and equals the few-shot row; at a learning rate of 1e-30 it stays at GradFix's model. Each
+# row's compute: 1 alpha x (3 support + 3 shots) forward per search, the votes one pass of the 3
+# shots, fine-tuning 3 steps of 3 shots and 2 scores of the 3 support images.
+for case in "0 0.001" "1 1e-30"; do
+  read -r alpha lr <<<"$case"
+  mpirun "${mpirun_flags[@]}" -np 2 "$gradfix" transport --target "$fixtures/model" --head "$fixtures/head.safetensors" \
+    --task-vector tau.safetensors --data images.h5 --test-data images.h5 --indices shots.txt --support-size 3 --alphas "$alpha" \
+    --finetune-lrs "$lr" --finetune-steps 1,3 --results "ft-from-gradfix-$alpha.json" >/dev/null
+done
+check "fine-tuning from GradFix at 2 ranks: B's row at alpha 0, GradFix's model at a still learning rate, compute counted" python3 -c "
+import json
+def rows(name): return {r['method']: r for r in json.load(open(name))['rows']}
+zero, still = rows('ft-from-gradfix-0.json'), rows('ft-from-gradfix-1.json')
+a, b = zero['GradFix + few-shot fine-tuning'], zero['few-shot fine-tuning of B']
+assert (a['test_accuracy'], a['test_loss']) == (b['test_accuracy'], b['test_loss']), (a, b)
+a, g = still['GradFix + few-shot fine-tuning'], still['GradFix (max, normal)']
+assert abs(a['test_loss'] - g['test_loss']) <= 1e-6 * abs(g['test_loss']), (a, g)
+compute = {m: (r['forward_samples'], r['backward_samples']) for m, r in still.items() if 'forward_samples' in r}
+assert compute == {'B zero-shot': (0, 0), 'B + alpha tau_A (naive)': (6, 0), 'GradFix (max, normal)': (9, 3),
+                   'few-shot fine-tuning of B': (15, 9), 'GradFix + few-shot fine-tuning': (24, 12)}, compute
+assert json.load(open('ft-from-gradfix-1.json'))['gradfix_finetuning']['learning_rate'] == 1e-30"
 expect_bad "a learning rate of zero" "every learning rate must be positive" transport --target "$fixtures/model" \
   --head "$fixtures/head.safetensors" --task-vector tau.safetensors --data images.h5 --test-data images.h5 --finetune-lrs 0 --results bad.json
 expect_bad "step counts that decrease" "--finetune-steps must increase, got 2 after 5" transport --target "$fixtures/model" \

@@ -110,6 +110,31 @@ check "transport's progress counts every sample it passes through the model" \
 "$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" \
   --transform invert --shots-per-class 2 --support-size 500 --alphas 1 --finetune-lrs 1e-3 --finetune-steps 2,4 --quiet >quiet.log 2>quiet.err
 check "--quiet: no progress lines" bash -c "! grep -q 'samples (' quiet.err && grep -q 'few-shot fine-tuning of B' quiet.log"
+# Fine-tuning from GradFix's model (issue 27): the same search as the few-shot row, started at
+# B + alpha * masked tau. At alpha 0 that start is B, so the two rows must be equal; with a
+# learning rate of 1e-30 Adam cannot move the start, so the row must score as GradFix's model.
+# Each row's compute, counted: 2 alphas x (500 support + 20 shots) forward for a searched row,
+# GradFix's votes one pass of the 20 shots more, fine-tuning 4 steps of 20 shots and 2 scores of
+# the support set, and from GradFix both.
+ft_args=(--target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set"
+  --transform invert --shots-per-class 2 --support-size 500 --finetune-steps 2,4 --quiet)
+"$gradfix" transport "${ft_args[@]}" --alphas 0,0 --finetune-lrs 1e-3 --results ft-alpha0.json >ft-alpha0.log
+"$gradfix" transport "${ft_args[@]}" --alphas 0.5,1 --finetune-lrs 1e-30 --results ft-still.json >ft-still.log
+"$gradfix" transport "${ft_args[@]}" --alphas 0.5,1 --finetune-lrs 1e-3 --no-gradfix-finetune --results ft-none.json >ft-none.log
+check "fine-tuning from GradFix: the row is printed" grep -q "^GradFix + few-shot fine-tuning  " ft-alpha0.log
+check "fine-tuning from GradFix: equal to fine-tuning B at alpha 0, GradFix's model at a still learning rate, compute counted" python3 -c "
+import json
+def rows(name): return {r['method']: r for r in json.load(open(name))['rows']}
+zero, still, none = rows('ft-alpha0.json'), rows('ft-still.json'), rows('ft-none.json')
+a, b = zero['GradFix + few-shot fine-tuning'], zero['few-shot fine-tuning of B']
+assert (a['test_accuracy'], a['test_loss']) == (b['test_accuracy'], b['test_loss']), (a, b)
+a, g = still['GradFix + few-shot fine-tuning'], still['GradFix (max, normal)']
+assert a['test_accuracy'] == g['test_accuracy'] and abs(a['test_loss'] - g['test_loss']) <= 1e-6 * abs(g['test_loss']), (a, g)
+compute = {m: (r['forward_samples'], r['backward_samples']) for m, r in still.items() if 'forward_samples' in r}
+assert compute == {'B zero-shot': (0, 0), 'B + alpha tau_A (naive)': (1040, 0), 'GradFix (max, normal)': (1060, 20),
+                   'few-shot fine-tuning of B': (1080, 80), 'GradFix + few-shot fine-tuning': (2140, 100)}, compute
+assert 'GradFix + few-shot fine-tuning' not in none and 'few-shot fine-tuning of B' in none, list(none)"
+
 # --finetune-freeze: the few-shot row leaves the head out of Adam. Both rows run the same
 # deterministic steps on the same shots, so they could only agree exactly if the freeze did nothing.
 "$gradfix" transport --target a_trained.safetensors --task-vector tau_b.safetensors --data "$train_set" --test-data "$test_set" \
@@ -226,7 +251,9 @@ rows = demo["rows"]
 assert {r["support_size"] for r in rows} == {300, 50}, {r["support_size"] for r in rows}
 for size in (300, 50):
     methods = {r["method"] for r in rows if r["support_size"] == size}
-    assert {"few-shot fine-tuning of B", "few-shot fine-tuning of B (head frozen)", "GradFix (max, normal)"} <= methods, methods
+    assert {"few-shot fine-tuning of B", "few-shot fine-tuning of B (head frozen)", "GradFix (max, normal)",
+            "GradFix + few-shot fine-tuning", "GradFix + few-shot fine-tuning (head frozen)"} <= methods, methods
+    assert all(r["forward_samples_mean"] > 0 for r in rows if r["support_size"] == size and "fine-tuning" in r["method"])
 def accuracy(task, method, size=300):
     return [r["test_accuracy_mean"] for r in rows if r["task"] == task and r["method"] == method and r["support_size"] == size]
 assert any(accuracy(t, "few-shot fine-tuning of B") != accuracy(t, "few-shot fine-tuning of B (head frozen)") for t in tasks)
@@ -244,7 +271,7 @@ PY
 # launch/plot draws the demo's JSON: every plot, the mask modes and merges by name, and the same
 # bytes from the same results (no dates or random ids in the files).
 "$repo/launch/plot" demo.json --out plots >plot.log
-for name in accuracy_vs_shots accuracy_by_task sign_agreement accuracy_vs_alpha alpha_curves mask_modes merging; do
+for name in accuracy_vs_shots accuracy_vs_compute accuracy_by_task sign_agreement accuracy_vs_alpha alpha_curves mask_modes merging; do
   check "launch/plot of the demo: $name.png is a PNG" bash -c "head -c 4 plots/$name.png | od -An -tx1 | grep -q '89 50 4e 47'"
   check "launch/plot of the demo: $name.svg is an SVG" grep -q "<svg" "plots/$name.svg"
 done

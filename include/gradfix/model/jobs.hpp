@@ -172,6 +172,8 @@ struct TransportJob {
   MaskOptions mask;
   std::vector<double> alphas;     // default 0.1 ... 1.0
   bool few_shot_baseline = true;
+  // With the few-shot baseline: the same fine-tuning from B + alpha * masked tau (GradFix's model).
+  bool gradfix_finetune = true;
   std::vector<double> finetune_lrs;        // few-shot fine-tuning's Adam learning rates (empty: the model's default)
   std::vector<long long> finetune_steps;   // steps after which the support set is scored (empty: 5, 20, 50)
   // Classifiers: the tensors (regexes over their names) few-shot fine-tuning leaves as they are,
@@ -209,6 +211,11 @@ struct TransportRow {
   // row has no such update (zero-shot, fine-tuned B).
   double directional_derivative = std::numeric_limits<double>::quiet_NaN();
   std::vector<AlphaPoint> curve;  // the alpha grid, for the rows that search one
+  // The row's compute: samples passed forward and backward through the network on the shots and
+  // the support set (its alpha search, statistics, fine-tuning steps and their scores; the one
+  // read of the test set every row makes is not counted). Negative: not known (B fine-tuned).
+  long long forward_samples = -1;
+  long long backward_samples = -1;
 };
 
 // The demo's defaults are the misaligned regime of the paper at Fashion-MNIST scale (docs/demo.md):

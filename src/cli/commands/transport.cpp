@@ -50,7 +50,9 @@ SubcommandSpec transport_subcommand() {
                       "AMX/AVX512-BF16 CPUs and GPU tensor cores)"},
                      {"mask-mode", T::kText, "normal", "mask rule: " + mask_mode_names()},
                      {"alphas", T::kText, kDefaultAlphaGrid, "alpha grid, searched on the support set"},
-                     {"no-few-shot-baseline", T::kFlag, "", "skip the few-shot fine-tuning baseline"},
+                     {"no-few-shot-baseline", T::kFlag, "", "skip the few-shot fine-tuning baseline (and fine-tuning from GradFix)"},
+                     {"no-gradfix-finetune", T::kFlag, "",
+                      "skip the row that runs the same few-shot fine-tuning from GradFix's transported model"},
                      {"finetune-lrs", T::kText, "",
                       "few-shot fine-tuning: Adam learning rates tried (default: built-in "
                       "classifiers 1e-4,1e-3,1e-2; decoders and CLIP 1e-5,3e-5,1e-4)"},
@@ -86,6 +88,7 @@ SubcommandSpec transport_subcommand() {
     job.mask_mode = parse_mask_mode(values.text("mask-mode"));
     job.alphas = parse_numbers(values.text("alphas"), "alphas");
     job.few_shot_baseline = !values.flag("no-few-shot-baseline");
+    job.gradfix_finetune = !values.flag("no-gradfix-finetune");
     parse_finetune_grid(values, job);
     job.finetune_freeze = values.texts("finetune-freeze");
     if (values.has("save-support")) job.save_support = values.text("save-support");
