@@ -67,13 +67,17 @@ std::string mean_cell(const std::vector<double>& values, bool spread = true) {
 }
 
 // One table: a row per label, a column per task and their average (of the per-task means).
+// The label column of the demo's tables: the longest method, "  GradFix + few-shot fine-tuning
+// (head frozen)" indented, and two spaces.
+constexpr int kLabelWidth = 48;
+
 void print_task_table(std::ostream& out, const std::string& first, const std::vector<std::string>& labels,
                       const std::vector<std::string>& tasks, const std::function<std::vector<double>(const std::string&, const std::string&)>& values) {
-  out << std::left << std::setw(42) << first << std::right;
+  out << std::left << std::setw(kLabelWidth) << first << std::right;
   for (const auto& task : tasks) out << std::setw(18) << task;
   out << std::setw(10) << "average" << "\n";
   for (const auto& label : labels) {
-    out << std::left << std::setw(42) << label << std::right;
+    out << std::left << std::setw(kLabelWidth) << label << std::right;
     std::vector<double> means;
     for (const auto& task : tasks) {
       const std::vector<double> cell = values(label, task);
@@ -236,7 +240,7 @@ class Demo {
   void report_methods(long long shots, long long support_size, const std::vector<std::string>& order,
                       std::map<std::pair<std::string, std::string>, std::vector<TransportRow>>& by_cell) {
     // What each method did, averaged over the tasks_ and seeds.
-    out_ << std::left << std::setw(42) << "  (averages over tasks and seeds)" << std::right << std::setw(10) << "alpha" << std::setw(10) << "kept"
+    out_ << std::left << std::setw(kLabelWidth) << "  (averages over tasks and seeds)" << std::right << std::setw(10) << "alpha" << std::setw(10) << "kept"
         << std::setw(12) << "agree(B)" << std::setw(12) << "<g,d>" << std::setw(10) << "fwd" << std::setw(10) << "bwd" << "\n";
     for (const auto& method : order) {
       double alpha = 0, kept = 0, agree = 0, derivative = 0, n = 0;
@@ -257,7 +261,7 @@ class Demo {
         else text << std::fixed << std::setprecision(precision) << (percent ? 100 * value : value) << (percent ? "%" : "");
         return text.str();
       };
-      out_ << std::left << std::setw(42) << ("  " + method) << std::right << std::setw(10) << optional(alpha / n, 2, false) << std::setw(10)
+      out_ << std::left << std::setw(kLabelWidth) << ("  " + method) << std::right << std::setw(10) << optional(alpha / n, 2, false) << std::setw(10)
           << optional(kept / n, 1, true) << std::setw(12) << optional(agree / n, 1, true) << std::setw(12) << derivative_cell(derivative / n)
           << std::setw(10) << samples_cell(forward < 0 ? -1 : std::llround(forward / n)) << std::setw(10)
           << samples_cell(backward < 0 ? -1 : std::llround(backward / n)) << "\n";

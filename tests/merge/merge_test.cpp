@@ -98,6 +98,27 @@ TEST(KthLargestMagnitude, MatchesSorting) {
   EXPECT_EQ(none.threshold(), std::numeric_limits<float>::infinity());
 }
 
+// The same past the first pass's direct counts (2^18 values), where it counts in four interleaved
+// lanes: 700,001 values clustered in few buckets (as deltas are), fed in chunks of 65,536 and a
+// ragged tail, the lanes folded in before the second pass.
+TEST(KthLargestMagnitude, MatchesSortingPastTheLaneThreshold) {
+  const std::size_t n = 700001;
+  auto values = testing::random_values(static_cast<long long>(n), 22);
+  for (std::size_t i = 0; i < n; ++i) values[i] = std::round(values[i] * 64.0f) / 64.0f + (i % 3 == 0 ? 1e-3f : 0.0f);
+  std::vector<float> sorted(n);
+  std::transform(values.begin(), values.end(), sorted.begin(), [](float v) { return std::fabs(v); });
+  std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+  for (long long k : {1LL, 262144LL, 262145LL, 350000LL, 699999LL, 700001LL}) {
+    KthLargestMagnitude selection(k);
+    while (selection.needs_pass()) {
+      for (std::size_t first = 0; first < n; first += 65536)
+        selection.add(values.data() + first, static_cast<long long>(std::min<std::size_t>(65536, n - first)));
+      selection.next_pass();
+    }
+    EXPECT_EQ(selection.threshold(), sorted[static_cast<std::size_t>(k - 1)]) << "k = " << k;
+  }
+}
+
 // TIES against a brute-force loop: trim by sorting, elect, average, for random vectors.
 TEST(MergeAgainstReference, TiesRandomVectors) {
   const long long n = 300;

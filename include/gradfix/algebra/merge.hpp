@@ -104,6 +104,7 @@ class KthLargestMagnitude {
   std::vector<long long> histogram_;
   std::vector<std::uint32_t> lanes_;  // the first pass's counts not yet folded into histogram_
   long long pending_ = 0;             // values counted in lanes_
+  long long counted_ = 0;             // values the first pass counted straight into histogram_
   void fold_lanes();
 };
 
