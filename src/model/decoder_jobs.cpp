@@ -83,6 +83,53 @@ void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& c
   log.unsetf(std::ios::fixed);
 }
 
+void run_decoder_train(const TrainJob& job, std::ostream& log, const JobContext& context) {
+  job.validate();
+  std::unique_ptr<Decoder> decoder;
+  TokenData data;
+  torch::Device device = torch::kCPU;
+  context.agree([&] {
+    // The classifiers' options have no meaning for a decoder: refused rather than ignored.
+    if (job.shots_per_class > 0 || !job.selection.indices_file.empty() || job.selection.num_batches > 0 || !job.freeze.empty())
+      throw InputError("gradfix train on a model directory trains on every sample of --data (after --skip and --limit): --shots-per-class, "
+                       "--indices, --num-batches and --freeze apply to the built-in classifiers");
+    if (format_of_path(job.out) != StoreFormat::kShardedSafetensors)
+      throw InputError("--out " + job.out + ": a trained decoder is written as a Hugging Face model directory (a path without an extension)");
+    load_decoder_inputs(job.model, job.weights, job.data, context, decoder, data, device, log);
+    if (job.skip < 0 || job.limit < 0) throw InputError("--skip and --limit must not be negative");
+    if (job.skip >= data.samples)
+      throw InputError(job.data.spec + ": --skip " + std::to_string(job.skip) + " leaves none of its " + std::to_string(data.samples) + " samples");
+    const long long end = job.limit > 0 ? std::min(data.samples, job.skip + job.limit) : data.samples;
+    std::vector<long long> kept;
+    for (long long i = job.skip; i < end; ++i) kept.push_back(i);
+    if (job.skip > 0 || end < data.samples) data = data.subset(kept);
+  });
+  std::unique_ptr<ShardedWeights> weights;
+  context.agree([&] { weights = std::make_unique<ShardedWeights>(decoder->layout(), decoder->directory(), context); });
+  const SampleSource samples = token_samples(data);
+  auto mean_loss = [&] {
+    const ShardedEvaluation evaluation = sharded_evaluation(*decoder, *weights, samples, context, device);
+    double sum = 0.0;
+    for (double loss : evaluation.losses) sum += loss;
+    return sum / static_cast<double>(evaluation.losses.size());
+  };
+  const double before = mean_loss();
+  const auto update = sharded_train(*decoder, *weights, samples, job.epochs, job.batch, job.lr, job.seed, context, device);
+  weights->set_offset(&update, 1.0f);
+  const double after = mean_loss();
+  weights->set_offset(nullptr, 0.0f);
+  const long long steps = static_cast<long long>(job.epochs) * ((data.samples + job.batch - 1) / job.batch);
+  Metadata metadata = {{"gradfix.operation", "train"}, {"gradfix.epochs", std::to_string(job.epochs)}, {"gradfix.lr", format_number(job.lr)},
+                       {"gradfix.batch", std::to_string(job.batch)}, {"gradfix.seed", std::to_string(job.seed)},
+                       {"gradfix.samples", std::to_string(data.samples)}};
+  write_moved_model(job.weights, job.out, *weights, update, 1.0, metadata, context);
+  if (context.is_root())
+    log << "train: " << decoder->model_type() << ", " << data.samples << " samples, " << job.epochs << " epoch(s) of " << steps / job.epochs
+        << " Adam step(s) (batch " << job.batch << ", lr " << format_number(job.lr) << "), mean loss " << std::fixed << std::setprecision(4)
+        << before << " -> " << after << ", parameters sharded over " << context.size() << " rank(s), written to " << job.out << "\n";
+  log.unsetf(std::ios::fixed);
+}
+
 void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& context) {
   std::unique_ptr<Decoder> decoder;
   std::string text;

@@ -21,6 +21,11 @@ void run_decoder_init(const InitJob& job, std::ostream& log, const JobContext& c
 // statistics checkpoint under the model's tensor names, byte-identical (max) at any P.
 void run_decoder_signs(const SignsJob& job, std::ostream& log, const JobContext& context);
 
+// train on token data with the parameters sharded: minibatch Adam (sharded_train), the trained
+// model written as a directory in the input's format with its model files, the same bytes at any
+// P; the data's mean loss before and after is printed.
+void run_decoder_train(const TrainJob& job, std::ostream& log, const JobContext& context);
+
 // transport on token data with the parameters sharded (no rank holds B, tau or the transported
 // model whole): zero-shot, naive and GradFix rows (oracle and upper bound with B fine-tuned), the
 // alpha of each chosen on the support set's mean loss, the GradFix model written as B's format.

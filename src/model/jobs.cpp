@@ -274,6 +274,7 @@ void run_init(const InitJob& job, std::ostream& log, const JobContext& context) 
 }
 
 void run_train(const TrainJob& job, std::ostream& log, const JobContext& context) {
+  if (is_model_directory(job.weights)) return run_decoder_train(job, log, context);
   job.validate();
   configure_allocator();
   std::unique_ptr<Classifier> model;

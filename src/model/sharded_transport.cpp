@@ -105,54 +105,89 @@ struct FinetuneChoice {
   long long backward_samples = 0;
 };
 
+}  // namespace
+
+ShardedAdam::ShardedAdam(const Pieces& shape, const Pieces* start) {
+  update_.resize(shape.size());
+  for (std::size_t k = 0; k < shape.size(); ++k) update_[k].assign(shape[k].size(), 0.0f);
+  first_ = second_ = update_;
+  if (start != nullptr) update_ = *start;
+}
+
+void ShardedAdam::step(const ShardedStatistics& statistics, long long samples, double lr) {
+  constexpr double kBeta1 = 0.9, kBeta2 = 0.999, kEpsilon = 1e-8;
+  ++steps_;
+  const double scale = -1.0 / static_cast<double>(samples);  // summed -gradients -> mean gradient
+  const double correct1 = 1.0 - std::pow(kBeta1, static_cast<double>(steps_));
+  const double correct2 = 1.0 - std::pow(kBeta2, static_cast<double>(steps_));
+  std::vector<float> gradient;
+  for (std::size_t k = 0; k < update_.size(); ++k) {
+    gradient.resize(update_[k].size());
+    statistics.read_f32(k, 0, static_cast<long long>(gradient.size()), gradient.data());
+    for (std::size_t i = 0; i < gradient.size(); ++i) {
+      const double g = scale * static_cast<double>(gradient[i]);
+      const double m = kBeta1 * first_[k][i] + (1.0 - kBeta1) * g;
+      const double v = kBeta2 * second_[k][i] + (1.0 - kBeta2) * g * g;
+      first_[k][i] = static_cast<float>(m);
+      second_[k][i] = static_cast<float>(v);
+      update_[k][i] -= static_cast<float>(lr * (m / correct1) / (std::sqrt(v / correct2) + kEpsilon));
+    }
+  }
+}
+
+std::vector<std::vector<float>> sharded_train(const LayeredModel& model, ShardedWeights& weights, const SampleSource& data, int epochs,
+                                              long long batch, double lr, std::uint64_t seed, const JobContext& context,
+                                              const torch::Device& device) {
+  ShardedSignsOptions options;
+  options.sign_mode = SignMode::kMean;
+  ShardedAdam adam(weights.pieces(), nullptr);
+  weights.set_offset(&adam.update(), 1.0f);
+  for (int epoch = 0; epoch < epochs; ++epoch) {
+    const std::vector<long long> order = shuffled_indices(data.samples, seed * 1000003ULL + static_cast<std::uint64_t>(epoch));
+    for (long long first = 0; first < data.samples; first += batch) {
+      // This step's samples: a view of `data` that maps a step's indices to the shuffled order.
+      const std::vector<long long> chosen(order.begin() + first, order.begin() + std::min(data.samples, first + batch));
+      SampleSource step;
+      step.samples = static_cast<long long>(chosen.size());
+      step.name = data.name;
+      step.batch = [&data, chosen](const std::vector<long long>& indices, const torch::Device& where) {
+        std::vector<long long> mapped;
+        for (long long index : indices) mapped.push_back(chosen[static_cast<std::size_t>(index)]);
+        return data.batch(mapped, where);
+      };
+      adam.step(sharded_statistics(model, weights, step, options, context, device), step.samples, lr);
+    }
+  }
+  weights.set_offset(nullptr, 0.0f);
+  return adam.update();
+}
+
+namespace {
+
 // Few-shot fine-tuning of B with the parameters sharded: full-batch Adam on the shots (the mean
 // cross-entropy, as torch.optim.Adam with its defaults would take it), one run per learning rate,
 // the support set scored after each step count of the grid; the (learning rate, steps) with the
 // lowest support mean loss wins, the same rule that chooses alpha. Each rank updates only its own
-// pieces: the gradient is the mean-mode statistic (summed -gradients, reduced over the ranks like
-// the votes), and the Adam moments live beside the pieces, so the optimiser's memory is sharded
-// too (the update, two moments and the best update so far: four float32 copies of a rank's
-// pieces). `start` (null: B itself) is where every run starts, as B + 1 * start. Returns the
-// chosen update, to be evaluated as B + 1 * update.
+// pieces (ShardedAdam), so the optimiser's memory is sharded too (the update, two moments and the
+// best update so far: four float32 copies of a rank's pieces). `start` (null: B itself) is where
+// every run starts, as B + 1 * start. Returns the chosen update, to be evaluated as B + 1 * update.
 Pieces sharded_finetune(const LayeredModel& model, ShardedWeights& weights, const SampleSource& shots, const SampleSource& support,
                         const std::vector<double>& lrs, const std::vector<long long>& step_counts, const JobContext& context,
                         const torch::Device& device, const Pieces* start, FinetuneChoice& choice) {
-  constexpr double kBeta1 = 0.9, kBeta2 = 0.999, kEpsilon = 1e-8;
   ShardedSignsOptions options;
   options.sign_mode = SignMode::kMean;
   options.refuse_nonfinite = false;
-  auto zeros = [&] {
-    Pieces out(weights.pieces().size());
-    for (std::size_t k = 0; k < out.size(); ++k) out[k].assign(weights.pieces()[k].size(), 0.0f);
-    return out;
-  };
   Pieces best;
   choice.support_loss = std::numeric_limits<double>::infinity();
   for (double lr : lrs) {
-    Pieces update = start != nullptr ? *start : zeros(), first = zeros(), second = zeros();
-    weights.set_offset(&update, 1.0f);
+    ShardedAdam adam(weights.pieces(), start);
+    weights.set_offset(&adam.update(), 1.0f);
     long long done = 0;
     for (long long steps : step_counts) {
       for (; done < steps; ++done) {
-        const ShardedStatistics statistics = sharded_statistics(model, weights, shots, options, context, device);
+        adam.step(sharded_statistics(model, weights, shots, options, context, device), shots.samples, lr);
         choice.forward_samples += shots.samples;
         choice.backward_samples += shots.samples;
-        const double scale = -1.0 / static_cast<double>(statistics.samples);  // summed -gradients -> mean gradient
-        const double correct1 = 1.0 - std::pow(kBeta1, static_cast<double>(done + 1));
-        const double correct2 = 1.0 - std::pow(kBeta2, static_cast<double>(done + 1));
-        std::vector<float> gradient;
-        for (std::size_t k = 0; k < update.size(); ++k) {
-          gradient.resize(update[k].size());
-          statistics.read_f32(k, 0, static_cast<long long>(gradient.size()), gradient.data());
-          for (std::size_t i = 0; i < gradient.size(); ++i) {
-            const double g = scale * static_cast<double>(gradient[i]);
-            const double m = kBeta1 * first[k][i] + (1.0 - kBeta1) * g;
-            const double v = kBeta2 * second[k][i] + (1.0 - kBeta2) * g * g;
-            first[k][i] = static_cast<float>(m);
-            second[k][i] = static_cast<float>(v);
-            update[k][i] -= static_cast<float>(lr * (m / correct1) / (std::sqrt(v / correct2) + kEpsilon));
-          }
-        }
       }
       const double loss = score(model, weights, support, context, device).loss;
       choice.forward_samples += support.samples;
@@ -161,7 +196,7 @@ Pieces sharded_finetune(const LayeredModel& model, ShardedWeights& weights, cons
         choice.lr = lr;
         choice.steps = steps;
         choice.support_loss = loss;
-        best = update;
+        best = adam.update();
       }
     }
   }
@@ -345,19 +380,19 @@ ShardedVectors read_transport_vectors(const TransportJob& job, const LayeredMode
   return out;
 }
 
-// B + alpha * masked tau, piece by piece, in B's dtypes and format, with B's model files.
-// B's tensors outside the model's layout (a CLIP text tower, a tied head stored anyway) are
-// copied as they are, so that the output is the whole model again.
-void write_transported_model(const TransportJob& job, const ShardedWeights& weights, const TransportOutcome& outcome, long long shots,
-                             std::ostream& log, const JobContext& context) {
-  const Pieces& masked = outcome.masked;
-  const double gradfix_alpha = outcome.gradfix_alpha;
+}  // namespace
+
+// B + alpha * delta, piece by piece, in B's dtypes and format, with B's model files. B's tensors
+// outside the model's layout (a CLIP text tower, a tied head stored anyway) are copied as they
+// are, so that the output is the whole model again.
+void write_moved_model(const std::string& source, const std::string& out, const ShardedWeights& weights, const Pieces& delta, double alpha,
+                       const Metadata& extra, const JobContext& context) {
   std::unique_ptr<TensorReader> base;
   std::vector<TensorInfo> layout = weights.layout();
   const std::size_t transported_count = layout.size();
   Metadata metadata;
   context.agree([&] {
-    base = open_reader(job.target);
+    base = open_reader(source);
     for (auto& tensor : layout) tensor.dtype = base->info(tensor.name).dtype;
     std::set<std::string> names;
     for (const auto& tensor : layout) names.insert(tensor.name);
@@ -365,18 +400,14 @@ void write_transported_model(const TransportJob& job, const ShardedWeights& weig
       if (!names.count(tensor.name)) layout.push_back(tensor);
     metadata = base->metadata();
   });
-  metadata["gradfix.operation"] = "transport";
-  metadata["gradfix.alpha"] = format_number(gradfix_alpha);
-  metadata["gradfix.sign_mode"] = sign_mode_name(job.sign_mode);
-  metadata["gradfix.mask_mode"] = mask_mode_name(job.mask_mode);
-  metadata["gradfix.samples"] = std::to_string(shots);
-  auto writer = open_collective_writer(context, job.out, layout, metadata);
+  for (const auto& [key, value] : extra) metadata[key] = value;
+  auto writer = open_collective_writer(context, out, layout, metadata);
   context.agree([&] {
     const auto& pieces = weights.plan().pieces(context.rank());
-    const auto alpha = static_cast<float>(gradfix_alpha);
+    const auto scale = static_cast<float>(alpha);
     for (std::size_t k = 0; k < pieces.size(); ++k) {
       std::vector<float> values = weights.pieces()[k];
-      for (std::size_t i = 0; i < values.size(); ++i) values[i] += alpha * masked[k][i];
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] += scale * delta[k][i];
       writer->write_f32(layout[pieces[k].tensor].name, pieces[k].begin, values.data(), pieces[k].count);
     }
     if (!context.is_root()) return;
@@ -393,9 +424,22 @@ void write_transported_model(const TransportJob& job, const ShardedWeights& weig
       }
     }
   });
-  carry_model_files(context, job.target, *writer, OutputOptions{}, metadata);
+  carry_model_files(context, source, *writer, OutputOptions{}, metadata);
   commit_collectively(context, *writer);
-  if (context.is_root()) log << "transport: GradFix model (alpha " << gradfix_alpha << ") written to " << job.out << "\n";
+}
+
+namespace {
+
+void write_transported_model(const TransportJob& job, const ShardedWeights& weights, const TransportOutcome& outcome, long long shots,
+                             std::ostream& log, const JobContext& context) {
+  Metadata metadata;
+  metadata["gradfix.operation"] = "transport";
+  metadata["gradfix.alpha"] = format_number(outcome.gradfix_alpha);
+  metadata["gradfix.sign_mode"] = sign_mode_name(job.sign_mode);
+  metadata["gradfix.mask_mode"] = mask_mode_name(job.mask_mode);
+  metadata["gradfix.samples"] = std::to_string(shots);
+  write_moved_model(job.target, job.out, weights, outcome.masked, outcome.gradfix_alpha, metadata, context);
+  if (context.is_root()) log << "transport: GradFix model (alpha " << outcome.gradfix_alpha << ") written to " << job.out << "\n";
 }
 
 void write_transport_results(const TransportJob& job, const LayeredModel& model, const ShardedTransportData& data,

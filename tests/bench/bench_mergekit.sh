@@ -91,8 +91,11 @@ for method in ties linear slerp; do
   for model in ${inputs[$method]}; do files+=("$model/model.safetensors"); done
   io_limit "$method" "${files[@]}"
   for ranks in 1 2; do
-    # /usr/bin/time on mpirun sees mpirun itself: each rank reports its own peak instead.
-    measure "gradfix-$method-p$ranks" mpirun "${flags[@]}" -np "$ranks" "$gradfix" merge --config "$method.yml" --out "out-gradfix-$method-p$ranks" --report-memory --quiet
+    # One rank as a user runs it, without a launcher; two through mpirun. /usr/bin/time on
+    # mpirun sees mpirun itself: each rank reports its own peak instead.
+    launcher=()
+    [ "$ranks" -gt 1 ] && launcher=(mpirun "${flags[@]}" -np "$ranks")
+    measure "gradfix-$method-p$ranks" "${launcher[@]}" "$gradfix" merge --config "$method.yml" --out "out-gradfix-$method-p$ranks" --report-memory --quiet
     # TIES: entries tied in magnitude at a threshold (frequent: an F32 difference of nearby values
     # takes few distinct values) are chosen differently by the two tools (docs/merging.md); the
     # count is recorded, and must stay below 1%.
