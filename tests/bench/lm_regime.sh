@@ -2,8 +2,8 @@
 # The language-model regime probe (issue 27), through gradfix's own commands only: two releases
 # of a tiny Llama (hidden 64, 2 layers, vocabulary 64) initialised independently and pretrained
 # with `gradfix train` on different mixes and orders of a synthetic language (lm_tasks.py); A and
-# B fine-tuned on three downstream tasks (reverse four letters, the parity of four digits, a
-# digit sum mod 10); then `gradfix transport` of each tau_A to B at N = 8, 16, 32 shots, three
+# B fine-tuned on three downstream tasks (reverse four letters, the parity of the last of four
+# digits, a digit sum mod 10); then `gradfix transport` of each tau_A to B at N = 8, 16, 32 shots, three
 # seeds, P = 2. Prints one table (token accuracy on the answers, %, mean over seeds) and writes
 # the transports' results under the work directory.
 #   tests/bench/lm_regime.sh [GRADFIX] [WORKDIR]
@@ -17,6 +17,10 @@ mkdir -p "$work"
 cd "$work"
 tasks=(reverse parity add)
 steps=${GRADFIX_LM_PRETRAIN_EPOCHS:-4}
+# The fine-tunes' learning rate (small: lazy fine-tunes, as the vision demo's) and the alpha grid.
+ft_lr=${GRADFIX_LM_FINETUNE_LR:-3e-3}
+alphas=${GRADFIX_LM_ALPHAS:-0.05,0.1,0.25,0.5,1,1.5,2,3}
+sign_mode=${GRADFIX_LM_SIGN_MODE:-max}
 
 cat >config.json <<'JSON'
 {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 64,
@@ -41,7 +45,7 @@ for task in "${tasks[@]}"; do
   python3 "$root/tests/bench/lm_tasks.py" task "$task" "test_$task.safetensors" 512 13
   for name in A B; do
     [ -d "${name}_ft_$task" ] && continue
-    mpirun "${flags[@]}" -np 2 "$gradfix" train --weights "${name}_base" --data "ft_$task.safetensors" --epochs 4 --batch 32 --lr 3e-3 \
+    mpirun "${flags[@]}" -np 2 "$gradfix" train --weights "${name}_base" --data "ft_$task.safetensors" --epochs 4 --batch 32 --lr "$ft_lr" \
       --seed 7 --out "${name}_ft_$task" | grep '^train:'
   done
   [ -f "tau_$task.safetensors" ] || "$gradfix" taskvector --base A_base --finetuned "A_ft_$task" --out "tau_$task.safetensors" >/dev/null
@@ -54,7 +58,7 @@ for task in "${tasks[@]}"; do
       [ -f "$out" ] && continue
       mpirun "${flags[@]}" -np 2 "$gradfix" transport --target B_base --task-vector "tau_$task.safetensors" \
         --target-finetuned "B_ft_$task" --data "pool_$task.safetensors" --test-data "test_$task.safetensors" --num-samples "$n" \
-        --seed "$seed" --support-size 64 --alphas 0.25,0.5,1,1.5,2,3 --finetune-lrs 1e-3,3e-3 --finetune-steps 5,20 \
+        --seed "$seed" --support-size 64 --alphas "$alphas" --sign-mode "$sign_mode" --finetune-lrs 1e-3,3e-3 --finetune-steps 5,20 \
         --results "$out" --quiet >/dev/null
     done
   done

@@ -9,8 +9,9 @@ completions scored token by token. Standard library only; written as gradfix's t
                                                  copy-like kinds against the counting ones
     lm_tasks.py task NAME PATH SAMPLES SEED      a downstream task, loss on the answer only:
                                                  reverse (four letters, reversed after '>'),
-                                                 parity (four digits, E or O for the parity of
-                                                 their sum after '?'), add (a + b = (a + b) mod 10)
+                                                 parity (four digits, E or O after '?' for the
+                                                 parity of the last: a lookup answered by one
+                                                 token), add (a + b = (a + b) mod 10)
 
 The vocabulary (64 ids): 0 padding, 1-10 the digits, 11-36 the letters a-z, 37 '>', 38 '?',
 39 '+', 40 '=', 41 '|' (a separator), 42 'E', 43 'O'; the rest unused."""
@@ -75,7 +76,7 @@ def example(name, rng):
         prompt, answer = letters + [GT], letters[::-1]
     elif name == "parity":
         digits = [rng.randrange(10) for _ in range(4)]
-        prompt, answer = [DIGIT + d for d in digits] + [QUESTION], [EVEN if sum(digits) % 2 == 0 else ODD]
+        prompt, answer = [DIGIT + d for d in digits] + [QUESTION], [EVEN if digits[-1] % 2 == 0 else ODD]
     elif name == "add":
         a, b = rng.randrange(10), rng.randrange(10)
         prompt, answer = [DIGIT + a, PLUS, DIGIT + b, EQUALS], [DIGIT + (a + b) % 10]
