@@ -21,6 +21,7 @@ steps=${GRADFIX_LM_PRETRAIN_EPOCHS:-4}
 ft_lr=${GRADFIX_LM_FINETUNE_LR:-3e-3}
 alphas=${GRADFIX_LM_ALPHAS:-0.05,0.1,0.25,0.5,1,1.5,2,3}
 sign_mode=${GRADFIX_LM_SIGN_MODE:-max}
+mask_mode=${GRADFIX_LM_MASK_MODE:-normal}
 
 cat >config.json <<'JSON'
 {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 64,
@@ -58,7 +59,7 @@ for task in "${tasks[@]}"; do
       [ -f "$out" ] && continue
       mpirun "${flags[@]}" -np 2 "$gradfix" transport --target B_base --task-vector "tau_$task.safetensors" \
         --target-finetuned "B_ft_$task" --data "pool_$task.safetensors" --test-data "test_$task.safetensors" --num-samples "$n" \
-        --seed "$seed" --support-size 64 --alphas "$alphas" --sign-mode "$sign_mode" --finetune-lrs 1e-3,3e-3 --finetune-steps 5,20 \
+        --seed "$seed" --support-size 64 --alphas "$alphas" --sign-mode "$sign_mode" --mask-mode "$mask_mode" --finetune-lrs 1e-3,3e-3 --finetune-steps 5,20 \
         --results "$out" --quiet >/dev/null
     done
   done
