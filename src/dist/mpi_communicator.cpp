@@ -412,14 +412,14 @@ bool started_by_launcher() {
   return false;
 }
 
-// Open MPI 4 spends about 0.2 s of a singleton's start in probing UCX for a transport and another
-// 0.07 s in starting a helper daemon, although a world of one talks to no one and gradfix never
-// spawns processes: 0.28 s of every one-rank command, measured here, against 0.01 s with the
-// built-in transport and no daemon. A user's own setting of either parameter is kept.
+// Open MPI 4 spends about 0.2 s of a singleton's start in probing UCX for a transport, although a
+// world of one talks to no one: 0.28 s of every one-rank command, measured here, against 0.08 s
+// with its built-in transport. A user's own setting is kept. (Its helper daemon costs the other
+// 0.07 s, but singletons without one all take job family 0 and race on one session directory:
+// one start in 120 failed with four started at once.)
 void choose_singleton_transport() {
   if (started_by_launcher()) return;
   ::setenv("OMPI_MCA_pml", "ob1", 0);
-  ::setenv("OMPI_MCA_ess_singleton_isolated", "1", 0);
 }
 
 }  // namespace
