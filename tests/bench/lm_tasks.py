@@ -15,10 +15,12 @@ completions scored token by token. Standard library only; written as gradfix's t
 
 The vocabulary (64 ids): 0 padding, 1-10 the digits, 11-36 the letters a-z, 37 '>', 38 '?',
 39 '+', 40 '=', 41 '|' (a separator), 42 'E', 43 'O'; the rest unused."""
-import json
+import os
 import random
-import struct
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+from token_data import write_token_file  # noqa: E402 (tests/support, beside the test scripts)
 
 LENGTH = 16
 DIGIT, LETTER = 1, 11
@@ -32,14 +34,7 @@ def write(path, rows):
         pad = LENGTH - len(row_ids)
         ids += row_ids + [0] * pad
         labels += row_labels + [-100] * pad
-    n = len(rows)
-    size = 8 * n * LENGTH
-    header = {"input_ids": {"dtype": "I64", "shape": [n, LENGTH], "data_offsets": [0, size]},
-              "labels": {"dtype": "I64", "shape": [n, LENGTH], "data_offsets": [size, 2 * size]}}
-    text = json.dumps(header).encode()
-    text += b" " * ((8 - len(text) % 8) % 8)
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(text)) + text + struct.pack("<%dq" % len(ids), *ids) + struct.pack("<%dq" % len(labels), *labels))
+    write_token_file(path, ids, labels, len(rows), LENGTH)
 
 
 def sentence(rng, mix):

@@ -29,6 +29,11 @@ def main(argv):
             row = [rng.randrange(vocabulary) for _ in range(length)]
         ids += row
         labels += [-100] + row[1:]
+    write_token_file(path, ids, labels, samples, length)
+
+
+def write_token_file(path, ids, labels, samples, length):
+    """Writes flat input_ids and labels (SAMPLES x LENGTH each, row by row) as I64 safetensors."""
     size = 8 * samples * length
     header = {"input_ids": {"dtype": "I64", "shape": [samples, length], "data_offsets": [0, size]},
               "labels": {"dtype": "I64", "shape": [samples, length], "data_offsets": [size, 2 * size]}}
