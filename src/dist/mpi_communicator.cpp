@@ -8,6 +8,9 @@
 #include <functional>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <string>
+#include <system_error>
 #include <set>
 #include <vector>
 
@@ -412,14 +415,23 @@ bool started_by_launcher() {
   return false;
 }
 
-// Open MPI 4 spends about 0.2 s of a singleton's start in probing UCX for a transport, although a
-// world of one talks to no one: 0.28 s of every one-rank command, measured here, against 0.08 s
-// with its built-in transport. A user's own setting is kept. (Its helper daemon costs the other
-// 0.07 s, but singletons without one all take job family 0 and race on one session directory:
-// one start in 120 failed with four started at once.)
-void choose_singleton_transport() {
-  if (started_by_launcher()) return;
+// Open MPI 4 spends about 0.2 s of a singleton's start in probing UCX for a transport, and 0.07 s
+// in starting a helper daemon, although a world of one talks to no one and gradfix never spawns
+// processes: 0.28 s of every one-rank command, measured here, against 0.01 s with its built-in
+// transport and no daemon. Without the daemon every singleton takes job family 0, so concurrent
+// ones would race on one session directory (one start in 120 failed with four at once): each
+// gets a session directory of its own, removed at the end. A user's own settings are kept (and a
+// user's own session directory keeps the daemon). Returns the directory made, or "".
+std::string choose_singleton_transport() {
+  if (started_by_launcher()) return "";
   ::setenv("OMPI_MCA_pml", "ob1", 0);
+  if (std::getenv("OMPI_MCA_orte_tmpdir_base") != nullptr || std::getenv("OMPI_MCA_ess_singleton_isolated") != nullptr) return "";
+  const char* tmp = std::getenv("TMPDIR");
+  std::string path = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/gradfix-mpi-XXXXXX";
+  if (::mkdtemp(path.data()) == nullptr) return "";  // the daemon then keeps the starts apart
+  ::setenv("OMPI_MCA_orte_tmpdir_base", path.c_str(), 1);
+  ::setenv("OMPI_MCA_ess_singleton_isolated", "1", 1);
+  return path;
 }
 
 }  // namespace
@@ -429,7 +441,7 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   MPI_Initialized(&initialized);
   int provided = MPI_THREAD_SINGLE;
   if (!initialized) {
-    choose_singleton_transport();
+    session_directory_ = choose_singleton_transport();
     // MULTIPLE: the model jobs gather the next stage's weights on a helper thread, over a
     // communicator of its own, while the main thread computes and reduces.
     if (MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided) != MPI_SUCCESS)
@@ -453,6 +465,11 @@ MpiRuntime::~MpiRuntime() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized) MPI_Finalize();
+  // Open MPI removes its own session files at MPI_Finalize; what is left is the directory made for it.
+  if (!session_directory_.empty()) {
+    std::error_code ignored;
+    std::filesystem::remove_all(session_directory_, ignored);
+  }
 }
 
 }  // namespace gradfix

@@ -99,6 +99,7 @@ class MpiRuntime {
   int local_rank_ = 0;
   int local_size_ = 1;
   bool thread_multiple_ = false;
+  std::string session_directory_;  // a singleton's own Open MPI session directory, removed at the end
 };
 
 }  // namespace gradfix
