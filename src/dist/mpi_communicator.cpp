@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "gradfix/dist/mpi.hpp"
+#include "gradfix/io/atomic_file.hpp"
 #include "gradfix/io/error.hpp"
 
 namespace gradfix {
@@ -450,6 +451,15 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
     MPI_Query_thread(&provided);
   }
   thread_multiple_ = provided >= MPI_THREAD_MULTIPLE;
+  // A stop signal ends the process before the destructor runs: the session directory's folders,
+  // parents first, are registered as temporaries, which the signal handler removes newest first.
+  if (!session_directory_.empty()) {
+    session_folders_.push_back(session_directory_);
+    std::error_code error;
+    for (std::filesystem::recursive_directory_iterator it(session_directory_, error), end; !error && it != end; it.increment(error))
+      if (it->is_directory(error)) session_folders_.push_back(it->path().string());
+    for (const auto& folder : session_folders_) register_temporary(folder);
+  }
   world_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
   // Every rank's host name, once, for messages about lost ranks.
   world_->set_rank_hosts(gather_host_names(*world_));
@@ -467,6 +477,7 @@ MpiRuntime::~MpiRuntime() {
   if (!finalized) MPI_Finalize();
   // Open MPI removes its own session files at MPI_Finalize; what is left is the directory made for it.
   if (!session_directory_.empty()) {
+    for (const auto& folder : session_folders_) unregister_temporary(folder);
     std::error_code ignored;
     std::filesystem::remove_all(session_directory_, ignored);
   }

@@ -133,9 +133,10 @@ expect "a shard of another set lying beside the index" 2 "does not name 'model-0
 # the run as the default action does.
 "$gradfix" generate --shapes "a=512x512,b=512x512" --seed 1 --out slow.safetensors >/dev/null
 set -m
+mkdir -p signal-tmp
 for delay in 0.02 0.1 0.3; do
   rm -rf out && mkdir out
-  GRADFIX_TEST_PAUSE_MS=100 "$gradfix" apply --base slow.safetensors --task-vector slow.safetensors \
+  GRADFIX_TEST_PAUSE_MS=100 TMPDIR=$work/signal-tmp "$gradfix" apply --base slow.safetensors --task-vector slow.safetensors \
     --chunk-elements 16384 --out out/interrupted.safetensors >/dev/null 2>&1 &
   pid=$!
   sleep "$delay"
@@ -146,6 +147,7 @@ for delay in 0.02 0.1 0.3; do
   set -e
   check "SIGINT after $delay s stops the run with 130 (got $code)" test "$code" -eq 130
   check "SIGINT after $delay s leaves nothing" test -z "$(ls -A out)"
+  check "SIGINT after $delay s leaves no MPI session directory" test -z "$(ls -A signal-tmp)"
 done
 set +m
 rm -rf out && mkdir out
@@ -373,4 +375,23 @@ PY
   expect "a key that changes the math" 2 '"num_local_experts": 8 is not supported: this key changes the model.s math' \
     init --arch llama --config-file smol_moe.json --out out/smol
 fi
+# A one-rank start without a launcher runs as an MPI singleton without Open MPI's daemon, in a
+# session directory of its own (docs/cluster.md): concurrent starts must not race on a shared one
+# (session 16's first CI run lost one start in 120 that way), and the directory goes when the
+# command ends, after an error too.
+mkdir -p private-tmp
+for i in 1 2 3 4 5 6 7 8; do
+  (code=0; TMPDIR=$work/private-tmp "$gradfix" inspect --timeout '%value%' x.safetensors >"concurrent-$i.txt" 2>&1 || code=$?
+   echo "$code" >"concurrent-$i.code") &
+done
+wait
+check "eight concurrent one-rank starts all run (exit 2 for their bad option, none failing in MPI_Init)" \
+  bash -c "cat concurrent-*.code | sort -u | tr -d '\n' | grep -qx 2 && ! grep -q MPI_Init concurrent-*.txt"
+TMPDIR=$work/private-tmp "$gradfix" --version >/dev/null
+check "one-rank starts leave no session directory behind, after success or error" bash -c "test -z \"\$(ls -A private-tmp)\""
+# (A start whose MPI_Init fails leaves its empty session directory: Open MPI ends the process
+# itself then. Hence a private TMPDIR here too.)
+mkdir -p failed-tmp
+OMPI_MCA_pml=no-such-pml TMPDIR=$work/failed-tmp "$gradfix" --version >pml.txt 2>&1 && pml_code=0 || pml_code=$?
+check "a user's own OMPI_MCA_pml is kept (a transport that does not exist stops MPI_Init)" test "$pml_code" -ne 0
 finish

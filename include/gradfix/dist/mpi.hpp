@@ -100,6 +100,7 @@ class MpiRuntime {
   int local_size_ = 1;
   bool thread_multiple_ = false;
   std::string session_directory_;  // a singleton's own Open MPI session directory, removed at the end
+  std::vector<std::string> session_folders_;  // it and its folders, parents first, as temporaries
 };
 
 }  // namespace gradfix
