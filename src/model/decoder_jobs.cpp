@@ -65,9 +65,7 @@ void run_decoder_eval(const EvalJob& job, std::ostream& log, const JobContext& c
   context.agree([&] { weights = std::make_unique<ShardedWeights>(decoder->layout(), decoder->directory(), context); });
   const ShardedEvaluation evaluation = sharded_evaluation(*decoder, *weights, token_samples(data), context, device);
   const std::vector<double>& losses = evaluation.losses;
-  double mean = 0.0;
-  for (double loss : losses) mean += loss;
-  mean /= static_cast<double>(losses.size());
+  const double mean = evaluation.mean_loss();
   const double accuracy = static_cast<double>(evaluation.hits) / static_cast<double>(std::max(1LL, evaluation.targets));
   if (!job.results.empty())
     context.agree([&] {
@@ -107,24 +105,19 @@ void run_decoder_train(const TrainJob& job, std::ostream& log, const JobContext&
   std::unique_ptr<ShardedWeights> weights;
   context.agree([&] { weights = std::make_unique<ShardedWeights>(decoder->layout(), decoder->directory(), context); });
   const SampleSource samples = token_samples(data);
-  auto mean_loss = [&] {
-    const ShardedEvaluation evaluation = sharded_evaluation(*decoder, *weights, samples, context, device);
-    double sum = 0.0;
-    for (double loss : evaluation.losses) sum += loss;
-    return sum / static_cast<double>(evaluation.losses.size());
-  };
+  auto mean_loss = [&] { return sharded_evaluation(*decoder, *weights, samples, context, device).mean_loss(); };
   const double before = mean_loss();
   const auto update = sharded_train(*decoder, *weights, samples, job.epochs, job.batch, job.lr, job.seed, context, device);
   weights->set_offset(&update, 1.0f);
   const double after = mean_loss();
   weights->set_offset(nullptr, 0.0f);
-  const long long steps = static_cast<long long>(job.epochs) * ((data.samples + job.batch - 1) / job.batch);
+  const long long steps_per_epoch = (data.samples + job.batch - 1) / job.batch;
   Metadata metadata = {{"gradfix.operation", "train"}, {"gradfix.epochs", std::to_string(job.epochs)}, {"gradfix.lr", format_number(job.lr)},
                        {"gradfix.batch", std::to_string(job.batch)}, {"gradfix.seed", std::to_string(job.seed)},
                        {"gradfix.samples", std::to_string(data.samples)}};
   write_moved_model(job.weights, job.out, *weights, update, 1.0, metadata, context);
   if (context.is_root())
-    log << "train: " << decoder->model_type() << ", " << data.samples << " samples, " << job.epochs << " epoch(s) of " << steps / job.epochs
+    log << "train: " << decoder->model_type() << ", " << data.samples << " samples, " << job.epochs << " epoch(s) of " << steps_per_epoch
         << " Adam step(s) (batch " << job.batch << ", lr " << format_number(job.lr) << "), mean loss " << std::fixed << std::setprecision(4)
         << before << " -> " << after << ", parameters sharded over " << context.size() << " rank(s), written to " << job.out << "\n";
   log.unsetf(std::ios::fixed);

@@ -169,6 +169,12 @@ struct ShardedEvaluation {
   std::vector<double> losses;
   long long hits = 0;
   long long targets = 0;
+  // The mean of the per-sample losses, added in data order.
+  double mean_loss() const {
+    double sum = 0.0;
+    for (double loss : losses) sum += loss;
+    return sum / static_cast<double>(losses.size());
+  }
 };
 // With `refuse_nonfinite` false a non-finite loss is reported as it is (a transport's alpha that
 // overshoots) instead of refused as broken weights.

@@ -36,8 +36,7 @@ Score score(const LayeredModel& model, const ShardedWeights& weights, const Samp
             const torch::Device& device) {
   const ShardedEvaluation evaluation = sharded_evaluation(model, weights, data, context, device, false);
   Score result;
-  for (double loss : evaluation.losses) result.loss += loss;
-  result.loss /= static_cast<double>(evaluation.losses.size());
+  result.loss = evaluation.mean_loss();
   result.accuracy = static_cast<double>(evaluation.hits) / static_cast<double>(std::max(1LL, evaluation.targets));
   return result;
 }
@@ -114,10 +113,10 @@ ShardedAdam::ShardedAdam(const Pieces& shape, const Pieces* start) {
   if (start != nullptr) update_ = *start;
 }
 
-void ShardedAdam::step(const ShardedStatistics& statistics, long long samples, double lr) {
+void ShardedAdam::step(const ShardedStatistics& statistics, double lr) {
   constexpr double kBeta1 = 0.9, kBeta2 = 0.999, kEpsilon = 1e-8;
   ++steps_;
-  const double scale = -1.0 / static_cast<double>(samples);  // summed -gradients -> mean gradient
+  const double scale = -1.0 / static_cast<double>(statistics.samples);  // summed -gradients -> mean gradient
   const double correct1 = 1.0 - std::pow(kBeta1, static_cast<double>(steps_));
   const double correct2 = 1.0 - std::pow(kBeta2, static_cast<double>(steps_));
   std::vector<float> gradient;
@@ -155,7 +154,7 @@ std::vector<std::vector<float>> sharded_train(const LayeredModel& model, Sharded
         for (long long index : indices) mapped.push_back(chosen[static_cast<std::size_t>(index)]);
         return data.batch(mapped, where);
       };
-      adam.step(sharded_statistics(model, weights, step, options, context, device), step.samples, lr);
+      adam.step(sharded_statistics(model, weights, step, options, context, device), lr);
     }
   }
   weights.set_offset(nullptr, 0.0f);
@@ -185,7 +184,7 @@ Pieces sharded_finetune(const LayeredModel& model, ShardedWeights& weights, cons
     long long done = 0;
     for (long long steps : step_counts) {
       for (; done < steps; ++done) {
-        adam.step(sharded_statistics(model, weights, shots, options, context, device), shots.samples, lr);
+        adam.step(sharded_statistics(model, weights, shots, options, context, device), lr);
         choice.forward_samples += shots.samples;
         choice.backward_samples += shots.samples;
       }

@@ -35,8 +35,8 @@ class ShardedAdam {
   // `shape`: pieces of the sizes to update (this rank's weights); `start`: the update to begin
   // from (null: zeros, B itself).
   ShardedAdam(const std::vector<std::vector<float>>& shape, const std::vector<std::vector<float>>* start);
-  // One step on the mean gradient of `samples` samples, from their summed -gradients.
-  void step(const ShardedStatistics& statistics, long long samples, double lr);
+  // One step on the mean gradient of the statistics' samples, from their summed -gradients.
+  void step(const ShardedStatistics& statistics, double lr);
   // The update so far; its storage stays in place, so it can be the weights' offset.
   const std::vector<std::vector<float>>& update() const { return update_; }
 

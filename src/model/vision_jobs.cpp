@@ -78,9 +78,7 @@ void run_clip_eval(const EvalJob& job, std::ostream& log, const JobContext& cont
   context.agree([&] { weights = std::make_unique<ShardedWeights>(clip_vision_layout(in.config), in.config.directory, context); });
   const ClipVision model(in.config, in.head.weight, in.scale);
   const ShardedEvaluation evaluation = sharded_evaluation(model, *weights, image_samples(in.data, &in.preprocessing), context, in.device);
-  double mean = 0.0;
-  for (double loss : evaluation.losses) mean += loss;
-  mean /= static_cast<double>(evaluation.losses.size());
+  const double mean = evaluation.mean_loss();
   const double accuracy = static_cast<double>(evaluation.hits) / static_cast<double>(std::max(1LL, evaluation.targets));
   if (!job.results.empty())
     context.agree([&] {
