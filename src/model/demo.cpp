@@ -11,6 +11,7 @@
 
 #include "classifier.hpp"
 #include "classifier_jobs.hpp"
+#include "demo_report.hpp"
 #include "gradfix/io/error.hpp"
 #include "gradfix/io/atomic_file.hpp"
 #include "gradfix/algebra/mask.hpp"
@@ -23,15 +24,6 @@
 namespace gradfix {
 
 namespace {
-
-// The mean and the sample standard deviation (0 for one value).
-std::pair<double, double> mean_and_spread(const std::vector<double>& values) {
-  double mean = 0.0, squares = 0.0;
-  for (double v : values) mean += v;
-  mean /= static_cast<double>(values.size());
-  for (double v : values) squares += (v - mean) * (v - mean);
-  return {mean, values.size() > 1 ? std::sqrt(squares / static_cast<double>(values.size() - 1)) : 0.0};
-}
 
 // One transport of the demo: K shots per class drawn by `selection` with `seed`.
 TransportJob demo_transport(const DemoJob& job, long long shots, std::uint64_t seed, const std::string& selection, bool few_shot_baseline) {
@@ -46,46 +38,12 @@ TransportJob demo_transport(const DemoJob& job, long long shots, std::uint64_t s
   return transport;
 }
 
-}  // namespace
-
-namespace {
-
 // A task's transform as a file name part: "noise:0.5:14" -> "noise_0.5_14".
 std::string file_part(const std::string& text) {
   std::string out = text;
   for (char& c : out)
     if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '-') c = '_';
   return out;
-}
-
-std::string mean_cell(const std::vector<double>& values, bool spread = true) {
-  const auto [mean, std] = mean_and_spread(values);
-  std::ostringstream cell;
-  cell << std::fixed << std::setprecision(2) << 100 * mean;
-  if (spread && values.size() > 1) cell << " +- " << 100 * std;
-  return cell.str();
-}
-
-// One table: a row per label, a column per task and their average (of the per-task means).
-// The label column of the demo's tables: the longest method, "  GradFix + few-shot fine-tuning
-// (head frozen)" indented, and two spaces.
-constexpr int kLabelWidth = 48;
-
-void print_task_table(std::ostream& out, const std::string& first, const std::vector<std::string>& labels,
-                      const std::vector<std::string>& tasks, const std::function<std::vector<double>(const std::string&, const std::string&)>& values) {
-  out << std::left << std::setw(kLabelWidth) << first << std::right;
-  for (const auto& task : tasks) out << std::setw(18) << task;
-  out << std::setw(10) << "average" << "\n";
-  for (const auto& label : labels) {
-    out << std::left << std::setw(kLabelWidth) << label << std::right;
-    std::vector<double> means;
-    for (const auto& task : tasks) {
-      const std::vector<double> cell = values(label, task);
-      out << std::setw(18) << (cell.empty() ? "-" : mean_cell(cell));
-      if (!cell.empty()) means.push_back(mean_and_spread(cell).first);
-    }
-    out << std::setw(10) << (means.size() == tasks.size() ? mean_cell(means, false) : "-") << "\n";
-  }
 }
 
 // The demo as a sequence of steps over shared state: the two releases and their tasks are made
@@ -210,7 +168,7 @@ class Demo {
   // The main tables: every method on every task, per K, mean +- std over the seeds. Few-shot
   // fine-tuning runs twice: every tensor tuned, and with the head frozen as the paper's baseline.
   void method_table(long long shots, long long support_size) {
-    std::map<std::pair<std::string, std::string>, std::vector<TransportRow>> by_cell;  // (method, task)
+    RowsByCell by_cell;
     std::vector<std::string> order;
     for (auto& task : tasks_)
       for (std::uint64_t seed : job_.seeds) {
@@ -233,80 +191,8 @@ class Demo {
       for (const auto& row : by_cell[{method, task}]) accuracies.push_back(row.accuracy);
       return accuracies;
     });
-    report_methods(shots, support_size, order, by_cell);
-  }
-
-  // What each method did, averaged over the tasks and seeds, and its entries of the results.
-  void report_methods(long long shots, long long support_size, const std::vector<std::string>& order,
-                      std::map<std::pair<std::string, std::string>, std::vector<TransportRow>>& by_cell) {
-    // What each method did, averaged over the tasks_ and seeds.
-    out_ << std::left << std::setw(kLabelWidth) << "  (averages over tasks and seeds)" << std::right << std::setw(10) << "alpha" << std::setw(10) << "kept"
-        << std::setw(12) << "agree(B)" << std::setw(12) << "<g,d>" << std::setw(10) << "fwd" << std::setw(10) << "bwd" << "\n";
-    for (const auto& method : order) {
-      double alpha = 0, kept = 0, agree = 0, derivative = 0, n = 0;
-      double forward = 0, backward = 0;  // negative where the row's compute is not known
-      for (const auto& task : task_names_)
-        for (const auto& row : by_cell[{method, task}]) {
-          alpha += row.alpha;
-          kept += row.kept;
-          agree += row.sign_agreement;
-          derivative += row.directional_derivative;
-          forward += static_cast<double>(row.forward_samples);
-          backward += static_cast<double>(row.backward_samples);
-          n += 1;
-        }
-      auto optional = [](double value, int precision, bool percent) {
-        std::ostringstream text;
-        if (value < 0) text << "-";
-        else text << std::fixed << std::setprecision(precision) << (percent ? 100 * value : value) << (percent ? "%" : "");
-        return text.str();
-      };
-      out_ << std::left << std::setw(kLabelWidth) << ("  " + method) << std::right << std::setw(10) << optional(alpha / n, 2, false) << std::setw(10)
-          << optional(kept / n, 1, true) << std::setw(12) << optional(agree / n, 1, true) << std::setw(12) << derivative_cell(derivative / n)
-          << std::setw(10) << samples_cell(forward < 0 ? -1 : std::llround(forward / n)) << std::setw(10)
-          << samples_cell(backward < 0 ? -1 : std::llround(backward / n)) << "\n";
-      for (const auto& task : task_names_) {
-        std::vector<double> accuracies;
-        double task_alpha = 0, task_derivative = 0, task_kept = 0, task_agreement = 0, task_forward = 0, task_backward = 0;
-        std::vector<AlphaPoint> curve;  // the support set's loss per alpha, summed over the seeds
-        for (const auto& row : by_cell[{method, task}]) {
-          accuracies.push_back(row.accuracy);
-          task_alpha += row.alpha;
-          task_derivative += row.directional_derivative;
-          task_kept += row.kept;
-          task_agreement += row.sign_agreement;
-          task_forward += static_cast<double>(row.forward_samples);
-          task_backward += static_cast<double>(row.backward_samples);
-          if (curve.empty()) curve.resize(row.curve.size());
-          for (std::size_t i = 0; i < row.curve.size() && i < curve.size(); ++i) {
-            curve[i].alpha = row.curve[i].alpha;
-            curve[i].support_loss += row.curve[i].support_loss;
-            curve[i].shots_loss += row.curve[i].shots_loss;
-            curve[i].support_accuracy = (std::isfinite(curve[i].support_accuracy) ? curve[i].support_accuracy : 0.0) + row.curve[i].support_accuracy;
-          }
-        }
-        const double count = static_cast<double>(accuracies.size());
-        const auto [mean, spread] = mean_and_spread(accuracies);
-        nlohmann::json entry = {{"task", task}, {"shots_per_class", shots}, {"support_size", support_size}, {"method", method},
-                                {"test_accuracy_mean", mean}, {"test_accuracy_std", spread}, {"test_accuracies", accuracies},
-                                {"alpha_mean", task_alpha / count}, {"seeds", job_.seeds}, {"selection", job_.selection}};
-        if (!std::isnan(task_derivative)) entry["directional_derivative_mean"] = task_derivative / count;
-        if (task_kept >= 0) entry["kept_mean"] = task_kept / count;
-        if (task_agreement >= 0) entry["sign_agreement_mean"] = task_agreement / count;
-        if (task_forward >= 0) {
-          entry["forward_samples_mean"] = task_forward / count;
-          entry["backward_samples_mean"] = task_backward / count;
-        }
-        if (!curve.empty()) {
-          nlohmann::json points = nlohmann::json::array();
-          for (const auto& point : curve)
-            points.push_back({{"alpha", point.alpha}, {"support_loss_mean", point.support_loss / count}, {"shots_loss_mean", point.shots_loss / count},
-                              {"support_accuracy_mean", point.support_accuracy / count}});
-          entry["alpha_curve_mean"] = points;
-        }
-        results_.push_back(entry);
-      }
-    }
+    report_methods(out_, order, task_names_, by_cell,
+                   {{"shots_per_class", shots}, {"support_size", support_size}, {"seeds", job_.seeds}, {"selection", job_.selection}}, results_);
   }
 
   // The mask modes (the paper's ablation): GradFix's row with each mode at one K.

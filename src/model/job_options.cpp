@@ -79,4 +79,23 @@ void DemoJob::validate() const {
   if (transforms.empty()) throw InputError("--transform is empty");
 }
 
+void LmDemoJob::validate() const {
+  static const std::vector<std::string> kTasks = {"reverse", "parity", "add"};
+  if (tasks.empty()) throw InputError("--lm-tasks is empty");
+  for (const auto& task : tasks) {
+    if (std::find(kTasks.begin(), kTasks.end(), task) == kTasks.end())
+      throw InputError("--lm-tasks: unknown task '" + task + "' (reverse, parity or add)");
+    if (std::count(tasks.begin(), tasks.end(), task) > 1) throw InputError("--lm-tasks: task '" + task + "' twice");
+  }
+  if (samples.empty()) throw InputError("--samples is empty");
+  for (long long n : samples)
+    if (n < 1 || n > pool_samples - support_size)
+      throw InputError("--samples: every N must be from 1 to " + std::to_string(pool_samples - support_size) + " (the pool of " +
+                       std::to_string(pool_samples) + " less the support set of " + std::to_string(support_size) + "), got " + std::to_string(n));
+  if (seeds.empty() || seeds.size() > 100) throw InputError("--seeds must be from 1 to 100, got " + std::to_string(seeds.size()));
+  if (pretrain_epochs < 1 || pretrain_epochs > 1000 || finetune_epochs < 1 || finetune_epochs > 1000)
+    throw InputError("--pretrain-epochs and --finetune-epochs must be from 1 to 1000");
+  if (alphas.empty()) throw InputError("--alphas is empty");
+}
+
 }  // namespace gradfix

@@ -26,5 +26,6 @@ void run_eval(const EvalJob&, std::ostream&, const JobContext&) { no_torch("eval
 void run_signs(const SignsJob&, std::ostream&, const JobContext&) { no_torch("signs"); }
 std::vector<TransportRow> run_transport(const TransportJob&, std::ostream&, const JobContext&) { no_torch("transport"); }
 void run_demo(const DemoJob&, std::ostream&, const JobContext&) { no_torch("demo"); }
+void run_lm_demo(const LmDemoJob&, std::ostream&, const JobContext&) { no_torch("demo --lm"); }
 
 }  // namespace gradfix

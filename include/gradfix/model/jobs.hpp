@@ -255,12 +255,39 @@ struct DemoJob {
   void validate() const;
 };
 
+// The language-model demo (gradfix demo --lm, docs/demo.md): two releases of a small Llama-type
+// decoder pretrained here from independent initialisations on different mixes of a synthetic
+// language, each fine-tuned on small tasks scored on their answers' tokens, and every row of
+// transport through the sharded decoder path at N shots per task.
+struct LmDemoJob {
+  std::string cache = "out/demo-lm";
+  std::vector<std::string> tasks = {"reverse", "parity", "add"};
+  std::vector<long long> samples = {8, 16, 32};  // N: labelled samples per transport (one table each)
+  std::vector<std::uint64_t> seeds = {0, 1, 2};
+  int pretrain_epochs = 4;
+  long long pretrain_samples = 4096;  // sentences per release
+  int finetune_epochs = 4;
+  long long finetune_samples = 1024;  // task examples per fine-tune of A and B
+  double finetune_lr = 5e-4;          // lazy task fine-tunes, as the vision demo's
+  long long pool_samples = 512;       // the few-shot pool: shots and the support set
+  long long test_samples = 512;
+  long long support_size = 64;
+  SignMode sign_mode = SignMode::kMax;
+  std::vector<double> alphas = {0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3};
+  std::vector<double> finetune_lrs = {1e-3, 3e-3};        // few-shot fine-tuning's grid
+  std::vector<long long> finetune_steps = {5, 20};
+  bool mask_ablation = true;  // GradFix with the force and random masks at the middle N
+  std::string results;
+  void validate() const;
+};
+
 void run_init(const InitJob& job, std::ostream& log, const JobContext& context = {});
 void run_train(const TrainJob& job, std::ostream& log, const JobContext& context = {});
 void run_eval(const EvalJob& job, std::ostream& log, const JobContext& context = {});
 void run_signs(const SignsJob& job, std::ostream& log, const JobContext& context = {});
 std::vector<TransportRow> run_transport(const TransportJob& job, std::ostream& log, const JobContext& context = {});
 void run_demo(const DemoJob& job, std::ostream& log, const JobContext& context = {});
+void run_lm_demo(const LmDemoJob& job, std::ostream& log, const JobContext& context = {});
 
 // The alpha grid a transport searches unless --alphas says otherwise: the CLI's default and every
 // job's that leaves `alphas` empty.
