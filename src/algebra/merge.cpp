@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "gradfix/io/cpu_clones.hpp"
 #include "gradfix/io/error.hpp"
 
 namespace gradfix {
@@ -104,7 +105,7 @@ template void merge_values<float>(MergeMethod, TiesElect, const std::vector<cons
 template void merge_values<double>(MergeMethod, TiesElect, const std::vector<const double*>&, long long, const std::vector<float>&,
                                    double*);
 
-void mergekit_consensus(const std::vector<const double*>& weighted, const std::vector<double>& weights, bool normalize,
+GRADFIX_AVX2_CLONE void mergekit_consensus(const std::vector<const double*>& weighted, const std::vector<double>& weights, bool normalize,
                         long long count, double* out) {
   // In blocks that stay in the first-level cache, model by model within a block, so that each
   // loop is a vector operation and nothing is allocated; each entry's sums still run over the

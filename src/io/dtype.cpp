@@ -367,7 +367,7 @@ std::size_t count_bad(const void* values, std::size_t count, IsBad is_bad) {
   return bad;
 }
 
-std::size_t count_nonfinite(DType dtype, const void* values, std::size_t count) {
+GRADFIX_AVX2_CLONE std::size_t count_nonfinite(DType dtype, const void* values, std::size_t count) {
   switch (dtype) {
     case DType::kF64: return count_bad<std::uint64_t>(values, count, [](std::uint64_t v) { return (v & 0x7FF0000000000000ull) == 0x7FF0000000000000ull; });
     case DType::kF32: return count_bad<std::uint32_t>(values, count, [](std::uint32_t v) { return (v & 0x7F800000u) == 0x7F800000u; });
