@@ -523,8 +523,9 @@ class MergeConfigReader {
     return base;
   }
 
-  // mergekit computes in `dtype` and writes out_dtype, else dtype; gradfix computes in fp32
-  // (fp64 for F64) and writes the same dtype mergekit would.
+  // mergekit computes in `dtype` and writes out_dtype, else dtype; gradfix rounds each operation
+  // of a 16-bit delta merge to `dtype` as well, computes the rest in fp32 (fp64 for F64), and
+  // writes the same dtype mergekit would.
   void read_dtypes() {
     for (const char* key : {"dtype", "out_dtype"}) {
       if (!config_.contains(key) || config_[key].is_null()) continue;
@@ -543,7 +544,14 @@ class MergeConfigReader {
     const Json& extra = config_["gradfix"];
     const std::string where = path_ + ": gradfix";
     if (!extra.is_object()) throw InputError(where + " must be a mapping");
-    refuse_unknown(extra, {"seed", "order", "mask_mode", "beta", "gamma", "soft_c", "soft_input", "inputs"}, where);
+    refuse_unknown(extra, {"seed", "order", "mask_mode", "beta", "gamma", "soft_c", "soft_input", "inputs", "arithmetic"}, where);
+    if (extra.contains("arithmetic")) {
+      const std::string arithmetic = text(extra["arithmetic"], where + ".arithmetic");
+      if (arithmetic != "dtype" && arithmetic != "float32")
+        throw InputError(where + ".arithmetic '" + escaped_name(arithmetic) + "': valid: dtype (each operation rounded to `dtype`, as mergekit "
+                         "computes), float32 (computed in float32 or better, rounded once)");
+      job_.arithmetic_in_dtype = arithmetic == "dtype";
+    }
     if (extra.contains("inputs")) {
       const std::string inputs = text(extra["inputs"], where + ".inputs");
       if (inputs != "dtype" && inputs != "stored") throw InputError(where + ".inputs '" + escaped_name(inputs) + "': valid: dtype, stored");

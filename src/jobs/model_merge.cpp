@@ -495,6 +495,14 @@ bool dare_keeps(const ModelMergeJob& job, double density, std::size_t m, std::ui
   return density >= 1.0 || uniform_at(job.seed ^ mix_bits(m + 1), key, index, 0) < density;
 }
 
+// One operation's result as torch gives it in a 16-bit float dtype: computed in float32 (the
+// double result of one +, -, * or / on float32 operands rounds to float32 as float32 arithmetic
+// would), then rounded to `dtype` (BF16 or F16).
+double round_in(DType dtype, double value) {
+  const float single = static_cast<float>(value);
+  return dtype == DType::kBF16 ? bf16_to_f32(f32_to_bf16(single)) : f16_to_f32(f32_to_f16(single));
+}
+
 // mergekit's rescale (RescaleNorm.l1) of a sparsified delta: per tensor and model,
 // ||delta||_1 / ||kept delta||_1, left at 1 when either norm is below 1e-7 or nothing was dropped
 // (density 1). DARE rescales by default, TIES only with `rescale: true`. `sparsify(m, chunk,
@@ -503,7 +511,7 @@ bool dare_keeps(const ModelMergeJob& job, double density, std::size_t m, std::ui
 template <typename DeltaOf, typename Sparsify>
 std::map<std::size_t, std::vector<double>> l1_rescales(const ModelMergeJob& job, const ModelMergeInputs& in, const Ranks& ranks,
                                                        const ChunkedJob& chunked, const ChunksByTensor& tensors, const DeltaOf& delta,
-                                                       const Sparsify& sparsify) {
+                                                       const Sparsify& sparsify, DType rounding = DType::kF64) {
   std::map<std::size_t, std::vector<double>> rescales;  // by tensor
   for (const auto& entry : tensors) {
     // Plain names, not a structured binding: C++17 lambdas (clang) cannot capture those.
@@ -520,8 +528,10 @@ std::map<std::size_t, std::vector<double>> l1_rescales(const ModelMergeJob& job,
           sparsify(m, chunk, values);
           for (const auto value : values) after.add(std::fabs(value));
         }
-        const double b = tensor_total(ranks, chunked, t, before), a = tensor_total(ranks, chunked, t, after);
-        if (b >= 1e-7 && a >= 1e-7) factor = b / a;
+        double b = tensor_total(ranks, chunked, t, before), a = tensor_total(ranks, chunked, t, after);
+        // In a 16-bit dtype mergekit's two norms and their ratio are tensors of it, each rounded.
+        if (rounding != DType::kF64) b = round_in(rounding, b), a = round_in(rounding, a);
+        if (b >= 1e-7 && a >= 1e-7) factor = rounding != DType::kF64 ? round_in(rounding, b / a) : b / a;
       }
       rescales[t].push_back(factor);
     }
@@ -602,7 +612,7 @@ class DeltaMerge {
  public:
   DeltaMerge(const ModelMergeJob& job, const Ranks& ranks, const ModelMergeInputs& in, ChunkedJob& chunked)
       : job_(job), traits_(model_merge_traits(job.method)), ranks_(ranks), in_(in), chunked_(chunked), layout_(chunked.layout()),
-        allow_(job.output.allow_nonfinite) {
+        allow_(job.output.allow_nonfinite), rounding_(operation_rounding(job)) {
     for (const auto& chunk : chunked.chunks())
       if (in.merged.count(layout_[chunk.tensor].name)) merged_chunks_.push_back(chunk);
   }
@@ -643,6 +653,10 @@ class DeltaMerge {
     auto values = load_of(*in_.models[m], chunk);
     const auto loaded = reference ? std::vector<V>() : load_of(*in_.base, chunk);
     const auto& base_values = reference ? *reference : loaded;
+    if (rounds()) {
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] = static_cast<V>(round(static_cast<double>(values[i]) - base_values[i]));
+      return values;
+    }
     for (std::size_t i = 0; i < values.size(); ++i) values[i] -= base_values[i];
     return values;
   }
@@ -673,8 +687,9 @@ class DeltaMerge {
     auto delta_of = [&](std::size_t m, const Piece& chunk) { return delta(m, chunk); };
     if (trims()) {
       trims_ = magnitude_sparsifications(job_, in_, ranks_, chunked_, tensors, delta_of);
-      rescales_ = l1_rescales(job_, in_, ranks_, chunked_, tensors, delta_of,
-                              [&](std::size_t m, const Piece& chunk, std::vector<V>& values) { trims_.at(chunk.tensor)[m].apply(chunk, values); });
+      rescales_ = l1_rescales(
+          job_, in_, ranks_, chunked_, tensors, delta_of,
+          [&](std::size_t m, const Piece& chunk, std::vector<V>& values) { trims_.at(chunk.tensor)[m].apply(chunk, values); }, rounding_);
     }
     if (della())
       rescales_ = l1_rescales(job_, in_, ranks_, chunked_, tensors, delta_of, [&](std::size_t m, const Piece& chunk, std::vector<V>& values) {
@@ -697,6 +712,7 @@ class DeltaMerge {
     if (trims()) trims_.at(chunk.tensor)[m].apply(chunk, values);
     std::vector<double> out(values.begin(), values.end());
     const double weight = parameters(chunk).weights[m];
+    if (rounds()) return rounded_weighted(m, chunk, std::move(out));
     if (trims()) {
       // Rescaled, then weighted: (delta * factor) * weight, entry by entry.
       const double factor = rescales_.at(chunk.tensor)[m];
@@ -714,6 +730,30 @@ class DeltaMerge {
       }
     }
     for (auto& value : out) value *= weight;
+    return out;
+  }
+
+  // weighted_delta in the 16-bit `rounding_`, each operation rounded as mergekit's tensors in it
+  // are: the rescale factor and the weight are tensors of that dtype, DARE's division by the
+  // factor runs in float32 (mergekit draws its mask in float32) and is rounded once.
+  std::vector<double> rounded_weighted(std::size_t m, const Piece& chunk, std::vector<double> out) const {
+    const double weight = round(parameters(chunk).weights[m]);
+    if (trims()) {
+      const double factor = rescales_.at(chunk.tensor)[m];
+      if (factor != 1.0)
+        for (auto& value : out) value = round(value * factor);
+    }
+    if (dare() || della()) {
+      const double factor = rescales_.at(chunk.tensor)[m];
+      const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
+      const double density = parameters(chunk).densities[m];
+      const std::vector<char> keep = della() ? della_keeps(m, chunk) : std::vector<char>();
+      for (std::size_t i = 0; i < out.size(); ++i) {
+        const bool dropped = dare() ? !dare_keeps(job_, density, m, key, chunk.begin + static_cast<long long>(i)) : keep[i] == 0;
+        out[i] = dropped ? 0.0 : round(out[i] * factor);
+      }
+    }
+    for (auto& value : out) value = round(value * weight);
     return out;
   }
 
@@ -770,6 +810,10 @@ class DeltaMerge {
     std::vector<std::vector<double>> deltas;
     for (std::size_t m = 0; m < models(); ++m) deltas.push_back(weighted_delta(m, chunk, base_values));
     std::vector<double> mixed(count, 0.0);
+    if (rounds()) {
+      rounded_mix(chunk, deltas, mixed);
+      return mixed;
+    }
     if (consensus()) {
       std::vector<const double*> pointers;
       for (const auto& values : deltas) pointers.push_back(values.data());
@@ -783,6 +827,40 @@ class DeltaMerge {
       if (job_.normalize) mixed[i] /= divisor;
     }
     return mixed;
+  }
+
+  // The mix of the weighted deltas in the 16-bit `rounding_`, as mergekit's tensors in it give
+  // it: sums over the models accumulate in float32 (torch's accumulation type for 16-bit
+  // floats) and are rounded once; the weights are tensors of that dtype; TIES elects the sign of
+  // the rounded sum (+ where it is 0) and sums the agreeing deltas and their weights.
+  void rounded_mix(const Piece& chunk, const std::vector<std::vector<double>>& deltas, std::vector<double>& mixed) const {
+    std::vector<float> weights;
+    for (double w : parameters(chunk).weights) weights.push_back(static_cast<float>(round(w)));
+    float weight_sum = 0.0f;
+    for (float w : weights) weight_sum += w;
+    const double all_weights = round(weight_sum);
+    for (std::size_t i = 0; i < mixed.size(); ++i) {
+      float sum = 0.0f, divisor_sum = 0.0f;
+      if (consensus()) {
+        float elected = 0.0f;
+        for (const auto& delta : deltas) elected += static_cast<float>(delta[i]);
+        const float sign = elected >= 0.0f ? 1.0f : -1.0f;
+        for (std::size_t m = 0; m < deltas.size(); ++m)
+          if (static_cast<float>(deltas[m][i]) * sign > 0.0f) {
+            sum += static_cast<float>(deltas[m][i]);
+            divisor_sum += weights[m];
+          }
+      } else {
+        for (const auto& delta : deltas) sum += static_cast<float>(delta[i]);
+      }
+      double value = round(sum);
+      if (job_.normalize) {
+        double divisor = consensus() ? round(divisor_sum) : all_weights;
+        if (consensus() ? divisor == 0.0 : std::fabs(divisor) < 1e-8) divisor = 1.0;
+        value = round(value / divisor);
+      }
+      mixed[i] = value;
+    }
   }
 
   // Merge-then-mask: the merged delta is masked with sum_m sign(s_m), as gradfix merge does for
@@ -801,6 +879,13 @@ class DeltaMerge {
     }
     std::vector<double> result(mixed.size());
     const double lambda = parameters(chunk).lambda;
+    if (rounds()) {
+      // mergekit multiplies by lambda only when it is not 1, by a float32 scalar.
+      const double factor = static_cast<float>(lambda);
+      for (std::size_t i = 0; i < result.size(); ++i)
+        result[i] = round(reference[i] + (lambda != 1.0 ? round(factor * mixed[i]) : mixed[i]));
+      return result;
+    }
     for (std::size_t i = 0; i < result.size(); ++i) result[i] = reference[i] + lambda * mixed[i];
     return result;
   }
@@ -808,6 +893,7 @@ class DeltaMerge {
   // linear: sum_m w_m M_m, normalised by the weights; passthrough: its one model times its scale
   // (held as its weight, never normalised).
   std::vector<double> linear_of(const Piece& chunk) const {
+    if (rounds() && is(ModelMergeMethod::kPassthrough)) return rounded_passthrough_of(chunk);
     std::vector<double> result(static_cast<std::size_t>(chunk.count), 0.0);
     const std::vector<double>& weights = parameters(chunk).weights;
     for (std::size_t m = 0; m < models(); ++m) {
@@ -820,6 +906,28 @@ class DeltaMerge {
     return result;
   }
 
+  // passthrough in the 16-bit `rounding_`: its model times its scale as a float32 scalar,
+  // rounded (linear computes in float32 and rounds once, as linear_of does).
+  std::vector<double> rounded_passthrough_of(const Piece& chunk) const {
+    const double scale = static_cast<float>(parameters(chunk).weights[0]);
+    const auto values = load_of(*in_.models[0], chunk);
+    std::vector<double> result(values.size());
+    for (std::size_t i = 0; i < values.size(); ++i) result[i] = round(scale * values[i]);
+    return result;
+  }
+
+  // mergekit computes a merge in its `dtype`: with a 16-bit one every operation's result is
+  // rounded to it. `rounding_` is that dtype where gradfix does the same (the delta merges of a
+  // bfloat16 or float16 merge without gradient-sign masks, unless gradfix: {arithmetic: float32}
+  // or {inputs: stored}), else F64, which rounds nothing.
+  static DType operation_rounding(const ModelMergeJob& job) {
+    if (!job.arithmetic_in_dtype || job.stored_inputs || !job.input_dtype || job.order != MergeOrder::kNone || sizeof(V) != 4) return DType::kF64;
+    return *job.input_dtype == DType::kBF16 || *job.input_dtype == DType::kF16 ? *job.input_dtype : DType::kF64;
+  }
+  bool rounds() const { return rounding_ != DType::kF64; }
+  // One operation's result as torch gives it in `rounding_` (round_in).
+  double round(double value) const { return round_in(rounding_, value); }
+
   const ModelMergeJob& job_;
   const ModelMergeTraits& traits_;
   const Ranks& ranks_;
@@ -827,6 +935,7 @@ class DeltaMerge {
   ChunkedJob& chunked_;
   const std::vector<TensorInfo>& layout_;
   const bool allow_;
+  const DType rounding_;
   std::vector<Piece> merged_chunks_;  // this rank's chunks of the merged tensors (the others are copied from the base)
   std::vector<SumsByTensor> delta_sums_;  // mask-then-merge: each model's mask sums
   SumsByTensor merged_sums_;              // merge-then-mask

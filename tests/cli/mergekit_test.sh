@@ -27,19 +27,32 @@ for config in linear task_arithmetic ties ties_unnormalized ties_rescale ties_de
   nearswap model_stock multislerp multislerp_nobase sce sce_all karcher karcher_base ties_gradient slerp_gradient task_arithmetic_filters \
   passthrough_bf16 passthrough_scale ram ramplus_tl nuslerp_rows nuslerp_columns nuslerp_rows_nobase nuslerp_columns_nobase nuslerp_zero_sum \
   model_stock_rows passthrough_stack passthrough_repeat slerp_slices slerp_slice_t ties_slices vocab_base vocab_union vocab_model \
-  vocab_slerp_union vocab_force vocab_model_token vocab_pad chat_chatml chat_literal gpt2_stack; do
+  vocab_slerp_union vocab_force vocab_model_token vocab_pad chat_chatml chat_literal gpt2_stack task_arithmetic_bf16 task_arithmetic_f16 ties_bf16; do
   for ranks in 1 2 3; do
     mpirun "${mpirun_flags[@]}" -np "$ranks" "$gradfix" merge --config "$config.yml" --out "$work/$config-p$ranks" --chunk-elements 500 >/dev/null
-    # bfloat16 merges (linear, passthrough): both round the inputs to bfloat16, and the weighted
-    # sums then round once, so the bytes are mergekit's.
+    # 16-bit merges: both round the inputs to the dtype; linear then computes in float32 and
+    # rounds once, the delta merges round every operation, in both tools: mergekit's bytes.
     tolerance=()
-    if grep -q '^dtype: bfloat16' "$config.yml"; then tolerance=(--abs 0 --rel 0); fi
+    if grep -qE '^dtype: (bfloat16|float16)' "$config.yml"; then tolerance=(--abs 0 --rel 0); fi
     check "$config at P=$ranks equals mergekit's output" "$close" "$work/$config-p$ranks" "reference/$config" --reference-names "${tolerance[@]}"
   done
   check "$config: the same bytes at 1, 2 and 3 ranks" bash -c "'$same' '$work/$config-p1' '$work/$config-p2' && '$same' '$work/$config-p1' '$work/$config-p3'"
 done
 check "nearswap: mergekit's bytes exactly (the same float32 operations)" "$close" "$work/nearswap-p1" reference/nearswap --reference-names --abs 0 --rel 0
 check "the comparison can fail: sce's selection of half the entries matters" bash -c "! '$close' '$work/sce-p1' reference/sce_all --reference-names 2>/dev/null"
+# gradfix: {arithmetic: float32} computes a 16-bit merge in float32 and rounds once: not mergekit's bytes.
+for config in task_arithmetic_bf16 ties_bf16; do
+  printf 'gradfix: {arithmetic: float32}\n' | cat $config.yml - >"$work/${config}_f32.yml"
+  "$gradfix" merge --config "$work/${config}_f32.yml" --out "$work/${config}_f32" >/dev/null
+  check "the comparison can fail: $config computed in float32 and rounded once is not mergekit's bytes" \
+    bash -c "! '$close' '$work/${config}_f32' reference/$config --reference-names --abs 0 --rel 0 >/dev/null 2>&1"
+done
+# (TIES's elected signs can flip where the sum of the deltas is near 0, so only task arithmetic
+# stays within bfloat16's rounding.)
+check "task_arithmetic_bf16 computed in float32 stays within bfloat16's rounding of mergekit's" \
+  "$close" "$work/task_arithmetic_bf16_f32" reference/task_arithmetic_bf16 --reference-names --abs 0.004 --rel 0.008
+printf 'gradfix: {arithmetic: bfloat16}\n' | cat task_arithmetic_bf16.yml - >"$work/arithmetic_bad.yml"
+expect_exit2 "gradfix.arithmetic takes dtype or float32" "gradfix.arithmetic 'bfloat16': valid: dtype" "$gradfix" merge --config "$work/arithmetic_bad.yml" --out "$work/arithmetic_bad"
 # gradfix: {inputs: stored} reads the inputs at their stored precision instead of rounding them to dtype first.
 printf 'gradfix: {inputs: stored}\n' | cat chat_chatml.yml - >"$work/chat_stored.yml"
 "$gradfix" merge --config "$work/chat_stored.yml" --out "$work/chat_stored" >/dev/null

@@ -260,10 +260,14 @@ struct ModelMergeJob {
   std::string config_json;          // the configuration as read, recorded in the metadata
   std::vector<std::string> notes;   // what the configuration gives that the merge ignores (printed)
   // mergekit's `dtype`: the inputs' float tensors are rounded to it before the merge, as mergekit
-  // loads them (the arithmetic then runs in float32, rounded once to the output dtype), unless
+  // loads them (the arithmetic then as arithmetic_in_dtype below says), unless
   // stored_inputs (gradfix: {inputs: stored}) keeps them at their stored precision.
   std::optional<DType> input_dtype;
   bool stored_inputs = false;
+  // With a bfloat16 or float16 `dtype` and no masks, the delta merges (task_arithmetic, TIES,
+  // DARE, Breadcrumbs, DELLA, passthrough) round every operation to it, as mergekit computes in
+  // it; false (gradfix: {arithmetic: float32}): computed in float32 or better, rounded once.
+  bool arithmetic_in_dtype = true;
   // mergekit's per-layer lists and filters where the configuration has them: these parameters
   // take their values per tensor (parameters_for) instead of from the fields above.
   std::vector<VaryingParameter> varying;
