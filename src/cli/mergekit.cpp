@@ -547,9 +547,9 @@ class MergeConfigReader {
     refuse_unknown(extra, {"seed", "order", "mask_mode", "beta", "gamma", "soft_c", "soft_input", "inputs", "arithmetic"}, where);
     if (extra.contains("arithmetic")) {
       const std::string arithmetic = text(extra["arithmetic"], where + ".arithmetic");
-      if (arithmetic != "dtype" && arithmetic != "float32")
+      if (arithmetic != "dtype" && arithmetic != "double")
         throw InputError(where + ".arithmetic '" + escaped_name(arithmetic) + "': valid: dtype (each operation rounded to `dtype`, as mergekit "
-                         "computes), float32 (computed in float32 or better, rounded once)");
+                         "computes), double (computed in double, rounded once)");
       job_.arithmetic_in_dtype = arithmetic == "dtype";
     }
     if (extra.contains("inputs")) {

@@ -3,6 +3,8 @@
 // dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear), with gradient-sign masks before or after
 // the merge; model_merge_vectors.cpp: those that take each tensor as one vector.
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <numeric>
 #include <regex>
 #include <set>
@@ -495,11 +497,22 @@ bool dare_keeps(const ModelMergeJob& job, double density, std::size_t m, std::ui
   return density >= 1.0 || uniform_at(job.seed ^ mix_bits(m + 1), key, index, 0) < density;
 }
 
-// One operation's result as torch gives it in a 16-bit float dtype: computed in float32 (the
-// double result of one +, -, * or / on float32 operands rounds to float32 as float32 arithmetic
-// would), then rounded to `dtype` (BF16 or F16).
+// sums[i] += values[i] * weight with one rounding (a fused multiply-add), as torch's float32
+// addcmul_ kernel computes it. In an FMA copy as well, chosen at start-up: without the
+// instruction std::fma is a library call, correctly rounded too, so the result is the same.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("fma", "default")))
+#endif
+void add_products(float* sums, const float* values, float weight, std::size_t count) {
+  for (std::size_t i = 0; i < count; ++i) sums[i] = std::fma(values[i], weight, sums[i]);
+}
+
+// One operation's result as torch gives it in `dtype` (F32, BF16 or F16): computed in float32
+// (the double result of one +, -, * or / on float32 operands rounds to float32 as float32
+// arithmetic would), then, for a 16-bit dtype, rounded to it.
 double round_in(DType dtype, double value) {
   const float single = static_cast<float>(value);
+  if (dtype == DType::kF32) return single;
   return dtype == DType::kBF16 ? bf16_to_f32(f32_to_bf16(single)) : f16_to_f32(f32_to_f16(single));
 }
 
@@ -654,7 +667,10 @@ class DeltaMerge {
     const auto loaded = reference ? std::vector<V>() : load_of(*in_.base, chunk);
     const auto& base_values = reference ? *reference : loaded;
     if (rounds()) {
-      for (std::size_t i = 0; i < values.size(); ++i) values[i] = static_cast<V>(round(static_cast<double>(values[i]) - base_values[i]));
+      if constexpr (sizeof(V) == 4) {  // rounds() only for float
+        for (std::size_t i = 0; i < values.size(); ++i) values[i] -= base_values[i];
+        round_all(values.data(), values.size());
+      }
       return values;
     }
     for (std::size_t i = 0; i < values.size(); ++i) values[i] -= base_values[i];
@@ -737,23 +753,29 @@ class DeltaMerge {
   // are: the rescale factor and the weight are tensors of that dtype, DARE's division by the
   // factor runs in float32 (mergekit draws its mask in float32) and is rounded once.
   std::vector<double> rounded_weighted(std::size_t m, const Piece& chunk, std::vector<double> out) const {
-    const double weight = round(parameters(chunk).weights[m]);
+    std::vector<float> values(out.begin(), out.end());
+    const float weight = static_cast<float>(round(parameters(chunk).weights[m]));
     if (trims()) {
-      const double factor = rescales_.at(chunk.tensor)[m];
-      if (factor != 1.0)
-        for (auto& value : out) value = round(value * factor);
+      const auto factor = static_cast<float>(rescales_.at(chunk.tensor)[m]);
+      if (factor != 1.0f) {
+        for (auto& value : values) value *= factor;
+        round_all(values.data(), values.size());
+      }
     }
     if (dare() || della()) {
-      const double factor = rescales_.at(chunk.tensor)[m];
+      const auto factor = static_cast<float>(rescales_.at(chunk.tensor)[m]);
       const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
       const double density = parameters(chunk).densities[m];
       const std::vector<char> keep = della() ? della_keeps(m, chunk) : std::vector<char>();
-      for (std::size_t i = 0; i < out.size(); ++i) {
+      for (std::size_t i = 0; i < values.size(); ++i) {
         const bool dropped = dare() ? !dare_keeps(job_, density, m, key, chunk.begin + static_cast<long long>(i)) : keep[i] == 0;
-        out[i] = dropped ? 0.0 : round(out[i] * factor);
+        values[i] = dropped ? 0.0f : values[i] * factor;
       }
+      round_all(values.data(), values.size());
     }
-    for (auto& value : out) value = round(value * weight);
+    for (auto& value : values) value *= weight;
+    round_all(values.data(), values.size());
+    std::copy(values.begin(), values.end(), out.begin());
     return out;
   }
 
@@ -838,29 +860,41 @@ class DeltaMerge {
     for (double w : parameters(chunk).weights) weights.push_back(static_cast<float>(round(w)));
     float weight_sum = 0.0f;
     for (float w : weights) weight_sum += w;
-    const double all_weights = round(weight_sum);
-    for (std::size_t i = 0; i < mixed.size(); ++i) {
-      float sum = 0.0f, divisor_sum = 0.0f;
-      if (consensus()) {
-        float elected = 0.0f;
-        for (const auto& delta : deltas) elected += static_cast<float>(delta[i]);
-        const float sign = elected >= 0.0f ? 1.0f : -1.0f;
-        for (std::size_t m = 0; m < deltas.size(); ++m)
-          if (static_cast<float>(deltas[m][i]) * sign > 0.0f) {
-            sum += static_cast<float>(deltas[m][i]);
-            divisor_sum += weights[m];
-          }
-      } else {
-        for (const auto& delta : deltas) sum += static_cast<float>(delta[i]);
-      }
-      double value = round(sum);
-      if (job_.normalize) {
-        double divisor = consensus() ? round(divisor_sum) : all_weights;
-        if (consensus() ? divisor == 0.0 : std::fabs(divisor) < 1e-8) divisor = 1.0;
-        value = round(value / divisor);
-      }
-      mixed[i] = value;
+    const float all_weights = round(weight_sum);
+    const std::size_t count = mixed.size();
+    // Model by model over the chunk, so that each loop is a vector operation; each entry's sums
+    // still run over the models in order.
+    std::vector<float> sum(count, 0.0f), divisor(count, 0.0f), sign(count, 0.0f), delta(count);
+    if (consensus()) {
+      for (const auto& values : deltas)
+        for (std::size_t i = 0; i < count; ++i) sign[i] += static_cast<float>(values[i]);
+      for (std::size_t i = 0; i < count; ++i) sign[i] = sign[i] >= 0.0f ? 1.0f : -1.0f;
     }
+    for (std::size_t m = 0; m < deltas.size(); ++m) {
+      for (std::size_t i = 0; i < count; ++i) delta[i] = static_cast<float>(deltas[m][i]);
+      if (!consensus()) {
+        for (std::size_t i = 0; i < count; ++i) sum[i] += delta[i];
+        continue;
+      }
+      const float weight = weights[m];
+      for (std::size_t i = 0; i < count; ++i) {
+        const bool agrees = delta[i] * sign[i] > 0.0f;
+        sum[i] += agrees ? delta[i] : 0.0f;
+        divisor[i] += agrees ? weight : 0.0f;
+      }
+    }
+    round_all(sum.data(), count);
+    if (job_.normalize) {
+      if (consensus()) {
+        round_all(divisor.data(), count);
+        for (std::size_t i = 0; i < count; ++i) sum[i] /= divisor[i] == 0.0f ? 1.0f : divisor[i];
+      } else {
+        const float by = std::fabs(all_weights) < 1e-8f ? 1.0f : all_weights;
+        for (std::size_t i = 0; i < count; ++i) sum[i] /= by;
+      }
+      round_all(sum.data(), count);
+    }
+    std::copy(sum.begin(), sum.end(), mixed.begin());
   }
 
   // Merge-then-mask: the merged delta is masked with sum_m sign(s_m), as gradfix merge does for
@@ -881,9 +915,15 @@ class DeltaMerge {
     const double lambda = parameters(chunk).lambda;
     if (rounds()) {
       // mergekit multiplies by lambda only when it is not 1, by a float32 scalar.
-      const double factor = static_cast<float>(lambda);
-      for (std::size_t i = 0; i < result.size(); ++i)
-        result[i] = round(reference[i] + (lambda != 1.0 ? round(factor * mixed[i]) : mixed[i]));
+      const auto factor = static_cast<float>(lambda);
+      std::vector<float> values(mixed.begin(), mixed.end());
+      if (lambda != 1.0) {
+        for (auto& value : values) value *= factor;
+        round_all(values.data(), values.size());
+      }
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] += static_cast<float>(reference[i]);
+      round_all(values.data(), values.size());
+      std::copy(values.begin(), values.end(), result.begin());
       return result;
     }
     for (std::size_t i = 0; i < result.size(); ++i) result[i] = reference[i] + lambda * mixed[i];
@@ -893,7 +933,7 @@ class DeltaMerge {
   // linear: sum_m w_m M_m, normalised by the weights; passthrough: its one model times its scale
   // (held as its weight, never normalised).
   std::vector<double> linear_of(const Piece& chunk) const {
-    if (rounds() && is(ModelMergeMethod::kPassthrough)) return rounded_passthrough_of(chunk);
+    if (rounds()) return is(ModelMergeMethod::kPassthrough) ? rounded_passthrough_of(chunk) : float32_linear_of(chunk);
     std::vector<double> result(static_cast<std::size_t>(chunk.count), 0.0);
     const std::vector<double>& weights = parameters(chunk).weights;
     for (std::size_t m = 0; m < models(); ++m) {
@@ -906,27 +946,74 @@ class DeltaMerge {
     return result;
   }
 
-  // passthrough in the 16-bit `rounding_`: its model times its scale as a float32 scalar,
-  // rounded (linear computes in float32 and rounds once, as linear_of does).
+  // linear as mergekit computes it in every dtype but float64: in float32, the weights as float32
+  // values, each model's product added to the sum in turn (torch's addcmul_, whose vector kernel
+  // fuses the multiply and the add), the sum divided by the float32 sum of the weights; the
+  // output dtype's rounding comes once, when it is written.
+  std::vector<double> float32_linear_of(const Piece& chunk) const {
+    const std::vector<double>& weights = parameters(chunk).weights;
+    std::vector<float> sums(static_cast<std::size_t>(chunk.count), 0.0f);
+    float weight_sum = 0.0f;
+    for (std::size_t m = 0; m < models(); ++m) {
+      const float weight = static_cast<float>(weights[m]);
+      weight_sum += weight;
+      const auto values = load_of(*in_.models[m], chunk);
+      if constexpr (sizeof(V) == 4) add_products(sums.data(), values.data(), weight, sums.size());  // rounds() only for float
+    }
+    if (job_.normalize && weight_sum != 0.0f)
+      for (auto& sum : sums) sum /= weight_sum;
+    return std::vector<double>(sums.begin(), sums.end());
+  }
+
+  // passthrough in `rounding_`: its model times its scale as a float32 scalar, rounded.
   std::vector<double> rounded_passthrough_of(const Piece& chunk) const {
     const double scale = static_cast<float>(parameters(chunk).weights[0]);
     const auto values = load_of(*in_.models[0], chunk);
     std::vector<double> result(values.size());
-    for (std::size_t i = 0; i < values.size(); ++i) result[i] = round(scale * values[i]);
+    for (std::size_t i = 0; i < values.size(); ++i) result[i] = round(static_cast<float>(scale) * static_cast<float>(values[i]));
     return result;
   }
 
-  // mergekit computes a merge in its `dtype`: with a 16-bit one every operation's result is
-  // rounded to it. `rounding_` is that dtype where gradfix does the same (the delta merges of a
-  // bfloat16 or float16 merge without gradient-sign masks, unless gradfix: {arithmetic: float32}
-  // or {inputs: stored}), else F64, which rounds nothing.
+  // mergekit computes a merge in its `dtype`: every operation's result is rounded to it.
+  // `rounding_` is that dtype where gradfix does the same (the delta merges of a float32,
+  // bfloat16 or float16 merge without gradient-sign masks, unless gradfix: {arithmetic: double}
+  // or {inputs: stored}), else F64, which rounds nothing (computed in double, rounded once).
   static DType operation_rounding(const ModelMergeJob& job) {
     if (!job.arithmetic_in_dtype || job.stored_inputs || !job.input_dtype || job.order != MergeOrder::kNone || sizeof(V) != 4) return DType::kF64;
-    return *job.input_dtype == DType::kBF16 || *job.input_dtype == DType::kF16 ? *job.input_dtype : DType::kF64;
+    return *job.input_dtype == DType::kBF16 || *job.input_dtype == DType::kF16 || *job.input_dtype == DType::kF32 ? *job.input_dtype : DType::kF64;
   }
   bool rounds() const { return rounding_ != DType::kF64; }
   // One operation's result as torch gives it in `rounding_` (round_in).
   double round(double value) const { return round_in(rounding_, value); }
+  // The same for a float32 result (an operation on float32 operands computed in float32): the
+  // hot loops' form, branch-free for float32 and bfloat16 so that they vectorise.
+  float round(float value) const {
+    if (rounding_ == DType::kF32) return value;
+    if (rounding_ == DType::kBF16) {
+      // Round to nearest even on the upper 16 bits (finite values; a NaN stays NaN, and the
+      // merge refuses non-finite results later).
+      std::uint32_t bits;
+      std::memcpy(&bits, &value, sizeof bits);
+      bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+      std::memcpy(&value, &bits, sizeof bits);
+      return value;
+    }
+    return f16_to_f32(f32_to_f16(value));
+  }
+  // round() over an array, the dtype chosen once so that the loop vectorises.
+  void round_all(float* values, std::size_t count) const {
+    if (rounding_ == DType::kF32) return;
+    if (rounding_ == DType::kBF16) {
+      for (std::size_t i = 0; i < count; ++i) {
+        std::uint32_t bits;
+        std::memcpy(&bits, values + i, sizeof bits);
+        bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+        std::memcpy(values + i, &bits, sizeof bits);
+      }
+      return;
+    }
+    for (std::size_t i = 0; i < count; ++i) values[i] = f16_to_f32(f32_to_f16(values[i]));
+  }
 
   const ModelMergeJob& job_;
   const ModelMergeTraits& traits_;

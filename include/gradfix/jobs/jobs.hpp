@@ -264,9 +264,10 @@ struct ModelMergeJob {
   // stored_inputs (gradfix: {inputs: stored}) keeps them at their stored precision.
   std::optional<DType> input_dtype;
   bool stored_inputs = false;
-  // With a bfloat16 or float16 `dtype` and no masks, the delta merges (task_arithmetic, TIES,
-  // DARE, Breadcrumbs, DELLA, passthrough) round every operation to it, as mergekit computes in
-  // it; false (gradfix: {arithmetic: float32}): computed in float32 or better, rounded once.
+  // With a float32, bfloat16 or float16 `dtype` and no masks, the delta merges (task_arithmetic,
+  // TIES, DARE, Breadcrumbs, DELLA, passthrough) round every operation to it and linear computes
+  // in float32 as mergekit does; false (gradfix: {arithmetic: double}): computed in double,
+  // rounded once.
   bool arithmetic_in_dtype = true;
   // mergekit's per-layer lists and filters where the configuration has them: these parameters
   // take their values per tensor (parameters_for) instead of from the fields above.
