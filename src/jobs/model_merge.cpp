@@ -737,21 +737,30 @@ class DeltaMerge {
     }
     if (dare() || della()) {
       const double factor = rescales_.at(chunk.tensor)[m];
-      const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
-      const double density = parameters(chunk).densities[m];
-      const std::vector<char> keep = della() ? della_keeps(m, chunk) : std::vector<char>();
-      for (std::size_t i = 0; i < out.size(); ++i) {
-        const bool dropped = dare() ? !dare_keeps(job_, density, m, key, chunk.begin + static_cast<long long>(i)) : keep[i] == 0;
-        out[i] = dropped ? 0.0 : out[i] * factor;
-      }
+      const std::vector<char> dropped = dropped_entries(m, chunk);
+      for (std::size_t i = 0; i < out.size(); ++i) out[i] = dropped[i] ? 0.0 : out[i] * factor;
     }
     for (auto& value : out) value *= weight;
     return out;
   }
 
-  // weighted_delta in the 16-bit `rounding_`, each operation rounded as mergekit's tensors in it
-  // are: the rescale factor and the weight are tensors of that dtype, DARE's division by the
-  // factor runs in float32 (mergekit draws its mask in float32) and is rounded once.
+  // Whether DARE's draws or DELLA's ranked draws drop each entry of model m's delta on `chunk`.
+  std::vector<char> dropped_entries(std::size_t m, const Piece& chunk) const {
+    std::vector<char> dropped(static_cast<std::size_t>(chunk.count));
+    if (della()) {
+      const std::vector<char> keep = della_keeps(m, chunk);
+      for (std::size_t i = 0; i < dropped.size(); ++i) dropped[i] = keep[i] == 0;
+      return dropped;
+    }
+    const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
+    const double density = parameters(chunk).densities[m];
+    for (std::size_t i = 0; i < dropped.size(); ++i) dropped[i] = !dare_keeps(job_, density, m, key, chunk.begin + static_cast<long long>(i));
+    return dropped;
+  }
+
+  // weighted_delta in `rounding_`, each operation rounded as mergekit's tensors in that dtype
+  // are: the rescale factor and the weight are tensors of it, DARE's division by the factor runs
+  // in float32 (mergekit draws its mask in float32) and is rounded once.
   std::vector<double> rounded_weighted(std::size_t m, const Piece& chunk, std::vector<double> out) const {
     std::vector<float> values(out.begin(), out.end());
     const float weight = static_cast<float>(round(parameters(chunk).weights[m]));
@@ -764,13 +773,8 @@ class DeltaMerge {
     }
     if (dare() || della()) {
       const auto factor = static_cast<float>(rescales_.at(chunk.tensor)[m]);
-      const std::uint64_t key = tensor_key_of(layout_[chunk.tensor].name);
-      const double density = parameters(chunk).densities[m];
-      const std::vector<char> keep = della() ? della_keeps(m, chunk) : std::vector<char>();
-      for (std::size_t i = 0; i < values.size(); ++i) {
-        const bool dropped = dare() ? !dare_keeps(job_, density, m, key, chunk.begin + static_cast<long long>(i)) : keep[i] == 0;
-        values[i] = dropped ? 0.0f : values[i] * factor;
-      }
+      const std::vector<char> dropped = dropped_entries(m, chunk);
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] = dropped[i] ? 0.0f : values[i] * factor;
       round_all(values.data(), values.size());
     }
     for (auto& value : values) value *= weight;
