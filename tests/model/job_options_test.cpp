@@ -74,6 +74,18 @@ TEST(ModelJobOptions, TrainSignsAndDemo) {
   demo.shots = {2};
   demo.seeds.clear();
   EXPECT_EQ(input_error_of(demo), "--seeds must be from 1 to 100, got 0");
+  // The vision demo searches a wider grid than transport's default.
+  EXPECT_EQ(DemoJob().alphas, (std::vector<double>{0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5}));
+
+  LmDemoJob lm;
+  EXPECT_EQ(input_error_of(lm), "");
+  lm.samples = {16, 449};
+  EXPECT_EQ(input_error_of(lm), "--samples: every N must be from 1 to 448 (the pool of 512 less the support set of 64), got 449");
+  lm.samples = {16};
+  lm.tasks = {"reverse", "reverse"};
+  EXPECT_EQ(input_error_of(lm), "--lm-tasks: task 'reverse' twice");
+  lm.tasks = {"sort"};
+  EXPECT_EQ(input_error_of(lm), "--lm-tasks: unknown task 'sort' (reverse, parity or add)");
 }
 
 }  // namespace

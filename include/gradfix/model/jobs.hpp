@@ -250,7 +250,9 @@ struct DemoJob {
   long long ablation_shots = 2;
   // Multi-task merging of the tasks' vectors (mean, TIES; masks before or after) at ablation_shots.
   bool merging = true;
-  std::vector<double> alphas;  // default: the transport default
+  // The alpha grid, searched on the support set: wider than transport's default, as a lazy
+  // fine-tune's task vector is short.
+  std::vector<double> alphas = {0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5};
   std::string results;  // demo results JSON
   void validate() const;
 };
