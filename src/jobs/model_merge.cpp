@@ -666,14 +666,9 @@ class DeltaMerge {
     auto values = load_of(*in_.models[m], chunk);
     const auto loaded = reference ? std::vector<V>() : load_of(*in_.base, chunk);
     const auto& base_values = reference ? *reference : loaded;
-    if (rounds()) {
-      if constexpr (sizeof(V) == 4) {  // rounds() only for float
-        for (std::size_t i = 0; i < values.size(); ++i) values[i] -= base_values[i];
-        round_all(values.data(), values.size());
-      }
-      return values;
-    }
     for (std::size_t i = 0; i < values.size(); ++i) values[i] -= base_values[i];
+    if constexpr (sizeof(V) == 4)  // rounds() only for float
+      if (rounds()) round_all(values.data(), values.size());
     return values;
   }
 
@@ -726,9 +721,9 @@ class DeltaMerge {
   std::vector<double> weighted_delta(std::size_t m, const Piece& chunk, const std::vector<V>& base_values) const {
     auto values = delta(m, chunk, &base_values);
     if (trims()) trims_.at(chunk.tensor)[m].apply(chunk, values);
+    if (rounds()) return rounded_weighted(m, chunk, std::vector<float>(values.begin(), values.end()));
     std::vector<double> out(values.begin(), values.end());
     const double weight = parameters(chunk).weights[m];
-    if (rounds()) return rounded_weighted(m, chunk, std::move(out));
     if (trims()) {
       // Rescaled, then weighted: (delta * factor) * weight, entry by entry.
       const double factor = rescales_.at(chunk.tensor)[m];
@@ -761,8 +756,7 @@ class DeltaMerge {
   // weighted_delta in `rounding_`, each operation rounded as mergekit's tensors in that dtype
   // are: the rescale factor and the weight are tensors of it, DARE's division by the factor runs
   // in float32 (mergekit draws its mask in float32) and is rounded once.
-  std::vector<double> rounded_weighted(std::size_t m, const Piece& chunk, std::vector<double> out) const {
-    std::vector<float> values(out.begin(), out.end());
+  std::vector<double> rounded_weighted(std::size_t m, const Piece& chunk, std::vector<float> values) const {
     const float weight = static_cast<float>(round(parameters(chunk).weights[m]));
     if (trims()) {
       const auto factor = static_cast<float>(rescales_.at(chunk.tensor)[m]);
@@ -779,8 +773,7 @@ class DeltaMerge {
     }
     for (auto& value : values) value *= weight;
     round_all(values.data(), values.size());
-    std::copy(values.begin(), values.end(), out.begin());
-    return out;
+    return std::vector<double>(values.begin(), values.end());
   }
 
   // DELLA's MAGPRUNE: whether each entry of model m's delta on `chunk` is kept. The delta's
@@ -855,16 +848,16 @@ class DeltaMerge {
     return mixed;
   }
 
-  // The mix of the weighted deltas in the 16-bit `rounding_`, as mergekit's tensors in it give
-  // it: sums over the models accumulate in float32 (torch's accumulation type for 16-bit
-  // floats) and are rounded once; the weights are tensors of that dtype; TIES elects the sign of
+  // The mix of the weighted deltas in `rounding_`, as mergekit's tensors in it give it: sums
+  // over the models accumulate in float32 (torch's accumulation type for 16-bit floats, and
+  // float32's own) and are rounded once; the weights are tensors of that dtype; TIES elects the sign of
   // the rounded sum (+ where it is 0) and sums the agreeing deltas and their weights.
   void rounded_mix(const Piece& chunk, const std::vector<std::vector<double>>& deltas, std::vector<double>& mixed) const {
     std::vector<float> weights;
     for (double w : parameters(chunk).weights) weights.push_back(static_cast<float>(round(w)));
     float weight_sum = 0.0f;
     for (float w : weights) weight_sum += w;
-    const float all_weights = round(weight_sum);
+    const auto all_weights = static_cast<float>(round(weight_sum));
     const std::size_t count = mixed.size();
     // Model by model over the chunk, so that each loop is a vector operation; each entry's sums
     // still run over the models in order.
@@ -974,7 +967,7 @@ class DeltaMerge {
     const double scale = static_cast<float>(parameters(chunk).weights[0]);
     const auto values = load_of(*in_.models[0], chunk);
     std::vector<double> result(values.size());
-    for (std::size_t i = 0; i < values.size(); ++i) result[i] = round(static_cast<float>(scale) * static_cast<float>(values[i]));
+    for (std::size_t i = 0; i < values.size(); ++i) result[i] = round(scale * values[i]);
     return result;
   }
 
@@ -989,21 +982,6 @@ class DeltaMerge {
   bool rounds() const { return rounding_ != DType::kF64; }
   // One operation's result as torch gives it in `rounding_` (round_in).
   double round(double value) const { return round_in(rounding_, value); }
-  // The same for a float32 result (an operation on float32 operands computed in float32): the
-  // hot loops' form, branch-free for float32 and bfloat16 so that they vectorise.
-  float round(float value) const {
-    if (rounding_ == DType::kF32) return value;
-    if (rounding_ == DType::kBF16) {
-      // Round to nearest even on the upper 16 bits (finite values; a NaN stays NaN, and the
-      // merge refuses non-finite results later).
-      std::uint32_t bits;
-      std::memcpy(&bits, &value, sizeof bits);
-      bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-      std::memcpy(&value, &bits, sizeof bits);
-      return value;
-    }
-    return f16_to_f32(f32_to_f16(value));
-  }
   // round() over an array, the dtype chosen once so that the loop vectorises.
   void round_all(float* values, std::size_t count) const {
     if (rounding_ == DType::kF32) return;
